@@ -1,0 +1,1 @@
+"""Small pieces shared by server, agent, CLI and simulator: backoff, serving, addresses."""

@@ -1,0 +1,47 @@
+"""Parsing of ``HOST:PORT`` listen addresses and the loopback rule for plain-HTTP URLs."""
+
+from __future__ import annotations
+
+import ipaddress
+from urllib.parse import urlsplit
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``127.0.0.1:8443``, ``[::1]:8443`` or ``:8443`` -> (host, port). Port 0 picks a free port."""
+    text = value.strip()
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"listen address {value!r} is not HOST:PORT")
+    return (host or "127.0.0.1"), int(port)
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_fetch_url(url: str, what: str) -> str:
+    """URLs we fetch keys from must be https; plain http is allowed only to a loopback
+    address (as RFC 8252 §7.3 allows for loopback redirects), never across a network."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ValueError(f"{what} {url!r} is not an absolute http(s) URL")
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+        raise ValueError(f"{what} {url!r} must use https (plain http is allowed only on loopback)")
+    if parts.username or parts.password:
+        raise ValueError(f"{what} {url!r} must not carry credentials")
+    return url
+
+
+def url_for(host: str, port: int) -> str:
+    shown = f"[{host}]" if ":" in host else host
+    if host in ("0.0.0.0", "::"):
+        shown = "127.0.0.1"
+    return f"http://{shown}:{port}"

@@ -1,0 +1,97 @@
+"""Running an ASGI app on uvicorn: in the foreground for ``trustmesh server|agent``
+(one ready line, clean stop on SIGTERM) or in a background thread (simulated clusters,
+the demo, tests)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import uvicorn
+
+from trustmesh.common.addresses import url_for
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _config(app: Any, **kwargs: Any) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+        server_header=False,
+        date_header=False,
+        **kwargs,
+    )
+
+
+def serve_foreground(
+    app: Any, host: str, port: int, on_ready: Callable[[str], None]
+) -> None:
+    """Serve until SIGINT/SIGTERM (uvicorn installs the handlers and drains connections).
+    ``on_ready`` gets the base URL once the socket accepts connections and startup ran."""
+    sock = bind_socket(host, port)
+    bound_port = sock.getsockname()[1]
+    server = uvicorn.Server(_config(app))
+
+    async def run() -> None:
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started and not task.done():
+            await asyncio.sleep(0.01)
+        if server.started:
+            on_ready(url_for(host, bound_port))
+        await task
+
+    asyncio.run(run())
+
+
+class BackgroundServer:
+    """An ASGI app served by uvicorn on its own thread and event loop."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._sock = bind_socket(host, port)
+        self.host = host
+        self.port: int = self._sock.getsockname()[1]
+        self.url = url_for(host, self.port)
+        self._server = uvicorn.Server(_config(app))
+        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._thread = threading.Thread(target=self._run, name=f"serve-{self.port}", daemon=True)
+
+    def _run(self) -> None:
+        asyncio.run(self._server.serve(sockets=[self._sock]))
+
+    def start(self, timeout: float = 10.0) -> BackgroundServer:
+        self._thread.start()
+        waited = 0.0
+        while not self._server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError(f"server on {self.url} failed to start")
+            if waited > timeout:
+                raise TimeoutError(f"server on {self.url} did not start in {timeout} s")
+            threading.Event().wait(0.01)
+            waited += 0.01
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+        self._sock.close()
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
