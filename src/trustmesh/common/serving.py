@@ -5,6 +5,7 @@ the demo, tests)."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import threading
 from collections.abc import Callable
@@ -43,8 +44,12 @@ def serve_foreground(
 ) -> None:
     """Serve until SIGINT/SIGTERM (uvicorn installs the handlers and drains connections).
     ``on_ready`` gets the base URL once the socket accepts connections and startup ran."""
-    sock = bind_socket(host, port)
-    bound_port = sock.getsockname()[1]
+    serve_socket(app, bind_socket(host, port), on_ready)
+
+
+def serve_socket(app: Any, sock: socket.socket, on_ready: Callable[[str], None]) -> None:
+    """As serve_foreground, on a socket bound beforehand (so the app can know its URL)."""
+    host, bound_port = sock.getsockname()[:2]
     server = uvicorn.Server(_config(app))
 
     async def run() -> None:
@@ -55,7 +60,18 @@ def serve_foreground(
             on_ready(url_for(host, bound_port))
         await task
 
-    asyncio.run(run())
+    # uvicorn (>= 0.29) drains, restores the handlers it found and then re-raises the
+    # signal that stopped it: with the default handlers that kills the process with
+    # SIGTERM (exit 143) or raises KeyboardInterrupt. Stopping on a signal is the clean,
+    # normal end here, so the handlers it finds (and re-raises into) are its own
+    # handle_exit, which is idempotent; signals before it takes over also stop it.
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, server.handle_exit) for sig in handled}
+    try:
+        asyncio.run(run())
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class BackgroundServer:
@@ -67,7 +83,6 @@ class BackgroundServer:
         self.port: int = self._sock.getsockname()[1]
         self.url = url_for(host, self.port)
         self._server = uvicorn.Server(_config(app))
-        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self._thread = threading.Thread(target=self._run, name=f"serve-{self.port}", daemon=True)
 
     def _run(self) -> None:

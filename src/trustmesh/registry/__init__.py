@@ -1,1 +1,7 @@
-"""registry"""
+"""The registry of clusters and workloads: an immutable in-memory index built from the
+stored manifests, plus the checks that span documents (references, conflicts)."""
+
+from trustmesh.registry.index import Registry, RegistryConflict, build_registry
+from trustmesh.registry.store import AppliedChange, RegistryStore
+
+__all__ = ["AppliedChange", "Registry", "RegistryConflict", "RegistryStore", "build_registry"]

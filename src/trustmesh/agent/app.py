@@ -1,0 +1,126 @@
+"""The agent's HTTP surface. ``/v1/authorize`` answers, for now, with the verified
+identity or an authentication failure; policy decisions arrive with issue 3."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from trustmesh.agent.authn import Authenticator
+from trustmesh.agent.sync import Synchronizer
+from trustmesh.identity.svid import InvalidToken, VerifiedIdentity
+from trustmesh.server.http import EXCEPTION_HANDLERS, BadRequest, read_json
+
+MAX_AUTHORIZE_BODY = 64 * 1024
+
+
+def identity_json(identity: VerifiedIdentity) -> dict[str, Any]:
+    claims = identity.claims
+    return {
+        "spiffe_id": identity.spiffe_id,
+        "workload_id": claims.get("workload_id"),
+        "cluster": claims.get("cluster"),
+        "namespace": claims.get("namespace"),
+        "service_account": claims.get("service_account"),
+        "jti": identity.jti,
+        "kid": identity.kid,
+        "expires_at": identity.expires_at,
+        "claims": claims,
+    }
+
+
+class AgentMetrics:
+    def __init__(self, authn: Authenticator, sync: Synchronizer) -> None:
+        self.registry = CollectorRegistry()
+        self.authentications = Counter(
+            "trustmesh_agent_authentications_total", "Token authentications by result", ["result"],
+            registry=self.registry,
+        )
+        Gauge("trustmesh_agent_cache_entries", "Verified-token cache entries", registry=self.registry).set_function(
+            lambda: len(authn.cache)
+        )
+        Gauge(
+            "trustmesh_agent_state_age_seconds", "Seconds since the last successful sync with the control plane",
+            registry=self.registry,
+        ).set_function(lambda: time.monotonic() - sync.last_success if sync.last_success else float("inf"))
+
+
+def build_agent_app(
+    authn: Authenticator, sync: Synchronizer, on_start: Callable[[], Any], on_stop: Callable[[], Any]
+) -> Starlette:
+    metrics = AgentMetrics(authn, sync)
+
+    async def authenticate(token: str) -> VerifiedIdentity:
+        try:
+            return authn.authenticate(token)
+        except InvalidToken as exc:
+            if exc.reason != "unknown_kid" or not await sync.request_refresh():
+                raise
+        return authn.authenticate(token)  # once more, with the refreshed key set
+
+    async def authorize(request: Request) -> Response:
+        document = await read_json(request, MAX_AUTHORIZE_BODY)
+        token = document.get("token")
+        if not isinstance(token, str) or not token:
+            raise BadRequest(400, "invalid_request", "body needs a string field token")
+        if not isinstance(document.get("request", {}), dict):
+            raise BadRequest(400, "invalid_request", "field request must be an object")
+        try:
+            identity = await authenticate(token)
+        except InvalidToken as exc:
+            metrics.authentications.labels(exc.reason).inc()
+            return JSONResponse(
+                {"authenticated": False, "allowed": False, "error": "invalid_token",
+                 "reason": exc.reason, "error_description": exc.description},
+                401,
+                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+            )
+        metrics.authentications.labels("ok").inc()
+        return JSONResponse({"authenticated": True, "identity": identity_json(identity)})
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"ok": True})
+
+    async def readyz(request: Request) -> Response:
+        state = sync.state
+        ready = authn.configured
+        detail = {
+            "ready": ready,
+            "cluster": authn.cluster,
+            "keys": len(authn.keys),
+            "bundle_sequence": state.sequence if state else None,
+            "control_plane": state.server if state else None,
+            "last_sync_age_seconds": round(time.monotonic() - sync.last_success, 3) if sync.last_success else None,
+            "last_error": sync.last_error,
+        }
+        return JSONResponse(detail, 200 if ready else 503)
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await on_start()
+        try:
+            yield
+        finally:
+            await on_stop()
+
+    return Starlette(
+        routes=[
+            Route("/v1/authorize", authorize, methods=["POST"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", metrics_endpoint, methods=["GET"]),
+        ],
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=lifespan,
+    )

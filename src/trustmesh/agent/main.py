@@ -1,0 +1,75 @@
+"""``trustmesh agent``: restore persisted state, serve, sync; one line once ready."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trustmesh.agent.app import build_agent_app
+from trustmesh.agent.authn import Authenticator
+from trustmesh.agent.sync import ControlPlaneClient, ControlPlaneState, Synchronizer
+from trustmesh.common.addresses import parse_listen, url_for
+from trustmesh.common.serving import bind_socket, serve_socket
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    cluster: str
+    servers: list[str]
+    data_dir: Path
+    credential: str
+    leeway: float = 10.0
+    cache_size: int = 100_000
+    max_sync_interval: float = 30.0
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def read_credential(path: Path) -> str:
+    try:
+        secret = path.read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read token file {path}: {exc.strerror}") from None
+    if not secret:
+        raise ValueError(f"token file {path} is empty")
+    return secret
+
+
+def run_agent(config: AgentConfig, listen: str) -> None:
+    host, port = parse_listen(listen)
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(config.data_dir, 0o700)
+    sock = bind_socket(host, port)
+    url = url_for(host, sock.getsockname()[1])
+    authn = Authenticator(cluster=config.cluster, leeway=config.leeway, cache_size=config.cache_size)
+    client = ControlPlaneClient(config.servers, config.credential, config.cluster)
+
+    def apply(state: ControlPlaneState) -> None:
+        authn.configure(issuer=state.issuer, trust_domain=state.trust_domain, jwks=state.jwks)
+
+    sync = Synchronizer(client, config.data_dir, apply, max_interval=config.max_sync_interval)
+    announced = False
+
+    def announce(source: str) -> None:
+        nonlocal announced
+        if not announced:
+            announced = True
+            print(f"trustmesh agent for cluster {config.cluster} ready on {url} ({source})", flush=True)
+
+    tasks: list[asyncio.Task[None]] = []
+
+    async def on_start() -> None:
+        restored = sync.restore()
+        tasks.append(asyncio.create_task(sync.run(lambda: announce("synced with the control plane"))))
+        if restored:
+            announce("state restored from the data dir; syncing")
+
+    async def on_stop() -> None:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await client.aclose()
+
+    app = build_agent_app(authn, sync, on_start, on_stop)
+    serve_socket(app, sock, lambda _url: None)

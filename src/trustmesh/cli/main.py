@@ -1,0 +1,363 @@
+"""The ``trustmesh`` command (DESIGN §7)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from trustmesh import __version__
+from trustmesh.cli._common import (
+    ApiClient,
+    CliError,
+    Output,
+    OutputOption,
+    ServerOption,
+    TokenFileOption,
+    err_console,
+    fail,
+    print_json,
+    print_table,
+    resolve_server,
+    resolve_token,
+)
+
+app = typer.Typer(
+    name="trustmesh",
+    help="Federated workload identity, local authorization and tamper-evident audit across Kubernetes clusters.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+get_app = typer.Typer(help="List registered objects.", no_args_is_help=True)
+keys_app = typer.Typer(help="Signing keys: list and rotate.", no_args_is_help=True)
+cluster_app = typer.Typer(help="Cluster operations.", no_args_is_help=True)
+token_app = typer.Typer(help="Federated tokens for people and scripts.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks (side by side with their physical limits).", no_args_is_help=True)
+app.add_typer(get_app, name="get")
+app.add_typer(keys_app, name="keys")
+app.add_typer(cluster_app, name="cluster")
+app.add_typer(token_app, name="token")
+app.add_typer(bench_app, name="bench")
+
+
+def _sim_app() -> typer.Typer:
+    from trustmesh.sim.cli import sim_app
+
+    return sim_app
+
+
+app.add_typer(_sim_app(), name="sim")
+
+
+def admin_client(server: str | None, token_file: Path | None) -> ApiClient:
+    return ApiClient(resolve_server(server), resolve_token(token_file))
+
+
+@app.command()
+def version() -> None:
+    """Print the trustmesh version."""
+    typer.echo(__version__)
+
+
+# -- processes ----------------------------------------------------------------------------
+@app.command()
+def server(
+    data_dir: Path = typer.Option(..., "--data-dir", help="Directory for the database, master key and admin.token."),
+    listen: str = typer.Option("127.0.0.1:8443", "--listen", help="HOST:PORT to listen on (port 0 picks one)."),
+    trust_domain: str = typer.Option(..., "--trust-domain", help="The federation's trust domain, e.g. corp.example."),
+    issuer: str | None = typer.Option(None, "--issuer", help="Issuer URL in tokens and discovery (default: the listen URL)."),
+    db: str | None = typer.Option(None, "--db", help="postgresql://… for PostgreSQL (default: SQLite in the data dir)."),
+    signing_alg: str = typer.Option("ES256", "--signing-alg", help="JWT-SVID signing algorithm: ES256, ES384, RS256, PS256."),
+    default_ttl: int = typer.Option(300, "--default-ttl", min=1, max=3600, help="Default token lifetime in seconds."),
+    key_rotation_interval: float = typer.Option(
+        7 * 86400.0, "--key-rotation-interval", min=60.0, help="Rotate the signing key automatically after this many seconds."
+    ),
+) -> None:
+    """Run the control plane."""
+    from trustmesh.server.controlplane import ServerConfig
+    from trustmesh.server.main import run_server
+
+    config = ServerConfig(
+        data_dir=data_dir,
+        trust_domain=trust_domain,
+        db=db,
+        issuer=issuer,
+        signing_alg=signing_alg,
+        default_ttl=default_ttl,
+        key_rotation_interval=key_rotation_interval,
+    )
+    run_server(config, listen)
+
+
+@app.command()
+def agent(
+    cluster: str = typer.Option(..., "--cluster", help="The cluster this agent serves."),
+    server: str = typer.Option(
+        None, "--server", envvar="TRUSTMESH_SERVER", help="Control-plane URL(s), comma-separated, tried in order."
+    ),
+    listen: str = typer.Option("127.0.0.1:8181", "--listen", help="HOST:PORT to listen on."),
+    data_dir: Path = typer.Option(..., "--data-dir", help="Directory for the agent's persisted state."),
+    token_file: Path = typer.Option(..., "--token-file", help="File with the cluster credential (trustmesh cluster credential)."),
+    cache_size: int = typer.Option(100_000, "--cache-size", min=1, help="Verified-token cache entries."),
+) -> None:
+    """Run the agent of one cluster."""
+    from trustmesh.agent.main import AgentConfig, read_credential, run_agent
+
+    if not server:
+        fail("no control plane given: pass --server URL[,URL…] or set TRUSTMESH_SERVER")
+    try:
+        credential = read_credential(token_file)
+    except ValueError as exc:
+        fail(str(exc))
+    servers = [s.strip() for s in server.split(",") if s.strip()]
+    run_agent(
+        AgentConfig(cluster=cluster, servers=servers, data_dir=data_dir, credential=credential, cache_size=cache_size),
+        listen,
+    )
+
+
+@app.command()
+def demo(
+    duration: float = typer.Option(0.0, "--duration", help="Stop after this many seconds (0: run until Ctrl-C)."),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="Keep the demo's state here (default: a temporary dir)."),
+    plain: bool = typer.Option(False, "--plain", help="Print events line by line instead of a live table."),
+) -> None:
+    """Start a control plane, three simulated clusters with agents, and cross-cluster traffic."""
+    from trustmesh.sim.demo import run_demo
+
+    run_demo(duration=duration, data_dir=data_dir, plain=plain)
+
+
+# -- registry -----------------------------------------------------------------------------
+def _collect_files(paths: list[Path]) -> list[dict[str, str]]:
+    files = []
+    for path in paths:
+        if path.is_dir():
+            children = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml", ".json") and p.is_file())
+            if not children:
+                fail(f"{path} holds no .yaml, .yml or .json files")
+        elif path.exists():
+            children = [path]
+        else:
+            fail(f"{path} does not exist")
+        for child in children:
+            try:
+                files.append({"path": str(child), "content": child.read_text()})
+            except (OSError, UnicodeDecodeError) as exc:
+                fail(f"cannot read {child}: {exc}")
+    return files
+
+
+@app.command()
+def apply(
+    filename: list[Path] = typer.Option(..., "--filename", "-f", help="Manifest file or directory (repeatable)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and show what would change; change nothing."),
+    server: str | None = ServerOption,
+    token_file: Path | None = TokenFileOption,
+    output: Output = OutputOption,
+) -> None:
+    """Create or update Cluster and Workload objects; all or nothing."""
+    files = _collect_files(filename)
+    result = admin_client(server, token_file).request("POST", "/v1/apply", json={"files": files, "dryRun": dry_run})
+    if output is Output.json:
+        print_json(result)
+        return
+    suffix = " (dry run)" if dry_run else ""
+    for change in result["changes"]:
+        typer.echo(f"{change['kind'].lower()}/{change['name']} {change['action']}{suffix}")
+    if not dry_run:
+        typer.echo(f"registry revision {result['revision']}")
+
+
+def _labels(labels: dict[str, str] | None) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted((labels or {}).items()))
+
+
+@get_app.command("clusters")
+def get_clusters(
+    server: str | None = ServerOption, token_file: Path | None = TokenFileOption, output: Output = OutputOption
+) -> None:
+    """List registered clusters."""
+    items = admin_client(server, token_file).request("GET", "/v1/clusters")["items"]
+    if output is Output.json:
+        print_json(items)
+        return
+    rows = []
+    for item in items:
+        spec = item["spec"]
+        keys = "inline jwks" if spec.get("jwks") else ("jwksUri" if spec.get("jwksUri") else "discovery")
+        rows.append([item["metadata"]["name"], spec["issuer"], keys, spec["audience"], _labels(spec.get("labels"))])
+    print_table(["NAME", "ISSUER", "KEYS FROM", "AUDIENCE", "LABELS"], rows)
+
+
+@get_app.command("workloads")
+def get_workloads(
+    server: str | None = ServerOption, token_file: Path | None = TokenFileOption, output: Output = OutputOption
+) -> None:
+    """List registered workloads."""
+    items = admin_client(server, token_file).request("GET", "/v1/workloads")["items"]
+    if output is Output.json:
+        print_json(items)
+        return
+    rows = []
+    for item in items:
+        spec, sel = item["spec"], item["spec"]["selector"]
+        rows.append(
+            [
+                item["metadata"]["name"],
+                sel["cluster"],
+                sel["namespace"],
+                sel["serviceAccount"],
+                item.get("status", {}).get("spiffeId", spec.get("spiffeId")),
+                _labels(spec.get("claims")),
+                spec.get("maxTokenTTL") or "",
+            ]
+        )
+    print_table(["NAME", "CLUSTER", "NAMESPACE", "SERVICE ACCOUNT", "SPIFFE ID", "CLAIMS", "MAX TTL"], rows)
+
+
+# -- keys and credentials -------------------------------------------------------------------
+def _print_keys(keys: list[dict[str, Any]], output: Output) -> None:
+    if output is Output.json:
+        print_json(keys)
+        return
+    from datetime import UTC, datetime
+
+    def when(ts: float | None) -> str:
+        return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ") if ts else ""
+
+    print_table(
+        ["KID", "ALG", "STATE", "CREATED", "ACTIVATED", "RETIRED", "REMOVED AFTER"],
+        [
+            [k["kid"], k["alg"], k["state"], when(k["created_at"]), when(k["activated_at"]),
+             when(k["retired_at"]), when(k["remove_after"])]
+            for k in keys
+        ],
+    )
+
+
+@keys_app.command("list")
+def keys_list(
+    server: str | None = ServerOption, token_file: Path | None = TokenFileOption, output: Output = OutputOption
+) -> None:
+    """List signing keys and their life-cycle state."""
+    _print_keys(admin_client(server, token_file).request("GET", "/v1/keys")["keys"], output)
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    server: str | None = ServerOption, token_file: Path | None = TokenFileOption, output: Output = OutputOption
+) -> None:
+    """Activate the prepared key, retire the active one, prepare the next."""
+    result = admin_client(server, token_file).request("POST", "/v1/keys/rotate")
+    if output is Output.json:
+        print_json(result)
+        return
+    typer.echo(f"active signing key is now {result['active']['kid']}")
+    _print_keys(result["keys"], output)
+
+
+@cluster_app.command("credential")
+def cluster_credential(
+    name: str = typer.Argument(..., help="Registered cluster name."),
+    server: str | None = ServerOption,
+    token_file: Path | None = TokenFileOption,
+    output: Output = OutputOption,
+) -> None:
+    """Print a new credential that lets NAME's agent act for that cluster only."""
+    result = admin_client(server, token_file).request("POST", f"/v1/clusters/{name}/credentials")
+    if output is Output.json:
+        print_json(result)
+    else:
+        typer.echo(result["token"])
+
+
+@token_app.command("exchange")
+def token_exchange(
+    subject_token_file: Path = typer.Option(
+        ..., "--subject-token-file", help="File with the Kubernetes service-account token ('-' for stdin)."
+    ),
+    audience: list[str] = typer.Option(..., "--audience", "-a", help="Target audience (repeatable), e.g. spiffe://TD/cluster/B."),
+    lifetime: int | None = typer.Option(None, "--lifetime", min=1, max=3600, help="Requested lifetime in seconds."),
+    server: str | None = ServerOption,
+    output: Output = OutputOption,
+) -> None:
+    """Trade a service-account token for a federated JWT-SVID (RFC 8693)."""
+    if str(subject_token_file) == "-":
+        subject_token = sys.stdin.read().strip()
+    else:
+        try:
+            subject_token = subject_token_file.read_text().strip()
+        except OSError as exc:
+            fail(f"cannot read {subject_token_file}: {exc.strerror}")
+    form: dict[str, Any] = {
+        "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+        "subject_token": subject_token,
+        "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+        "audience": audience,
+    }
+    if lifetime is not None:
+        form["lifetime"] = str(lifetime)
+    result = ApiClient(resolve_server(server), None).request("POST", "/oauth2/token", data=form)
+    if output is Output.json:
+        print_json(result)
+    else:
+        typer.echo(result["access_token"])
+
+
+# -- benchmarks -----------------------------------------------------------------------------
+@bench_app.command("exchange")
+def bench_exchange(
+    seconds: float = typer.Option(10.0, "--seconds", help="Duration of the HTTP load."),
+    concurrency: int = typer.Option(16, "--concurrency", help="Concurrent connections of the load generator."),
+    output: Output = OutputOption,
+) -> None:
+    """Token exchanges per second over HTTP, next to one verify + one sign in a loop."""
+    from trustmesh.bench.exchange import run
+
+    result = run(seconds=seconds, concurrency=concurrency)
+    print_json(result) if output is Output.json else _print_bench(result)
+
+
+@bench_app.command("verify")
+def bench_verify(
+    iterations: int = typer.Option(20000, "--iterations", help="Verifications per measurement."),
+    output: Output = OutputOption,
+) -> None:
+    """Agent verification: uncached and cached, next to a bare cryptography verify."""
+    from trustmesh.bench.verify import run
+
+    result = run(iterations=iterations)
+    print_json(result) if output is Output.json else _print_bench(result)
+
+
+def _print_bench(result: dict[str, Any]) -> None:
+    rows = [[r["name"], *[r.get(c, "") for c in ("p50_us", "p99_us", "per_s", "note")]] for r in result["results"]]
+    print_table(["MEASUREMENT", "P50 µs", "P99 µs", "PER SECOND", "NOTE"], rows, title=result.get("title"))
+    for line in result.get("summary", []):
+        typer.echo(line)
+
+
+def main() -> None:
+    try:
+        app()
+    except CliError as exc:
+        err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:  # the last line of defence: one line, never a traceback
+        if os.environ.get("TRUSTMESH_DEBUG"):
+            raise
+        message = str(exc) or exc.__class__.__name__
+        err_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

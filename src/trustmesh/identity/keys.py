@@ -1,0 +1,271 @@
+"""JWT-SVID signing keys and their life cycle (DESIGN §2).
+
+    prepared --rotate--> active --rotate--> retired --(expiry of its last token)--> removed
+
+A *prepared* key is published in JWKS before it signs anything, so agents know it by
+the time it becomes *active*; a *retired* key stays published until every token it may
+have signed has expired (retirement + the maximum TTL + clock skew); then it is
+*removed*: unpublished and its sealed private key erased. JWKS therefore always holds
+every key a still-valid token may carry. Rotation is a compare-and-set transaction on
+the database, so several replicas rotating at once produce one rotation."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+from sqlalchemy import Connection, select, update
+
+from trustmesh.identity.sealing import CHECK_AAD, MasterKey, MasterKeyError
+from trustmesh.storage import Database
+from trustmesh.storage import meta as meta_store
+from trustmesh.storage.schema import signing_keys
+
+MAX_TOKEN_TTL = 3600  # DESIGN §2: never above 3600 s
+CLOCK_SKEW = 60
+SUPPORTED_ALGS = ("ES256", "ES384", "RS256", "PS256")
+
+PREPARED, ACTIVE, RETIRED, REMOVED = "prepared", "active", "retired", "removed"
+
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def jwk_thumbprint(jwk: dict[str, Any]) -> str:
+    """RFC 7638 §3: SHA-256 over the required members in lexicographic order."""
+    required = {"EC": ("crv", "kty", "x", "y"), "RSA": ("e", "kty", "n")}[jwk["kty"]]
+    canonical = json.dumps({k: jwk[k] for k in required}, separators=(",", ":"), sort_keys=True)
+    return _b64(hashlib.sha256(canonical.encode()).digest())
+
+
+def generate_private_key(alg: str) -> PrivateKey:
+    if alg == "ES256":
+        return ec.generate_private_key(ec.SECP256R1())
+    if alg == "ES384":
+        return ec.generate_private_key(ec.SECP384R1())
+    if alg in ("RS256", "PS256"):
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    raise ValueError(f"signing algorithm {alg} is not supported (use one of {SUPPORTED_ALGS})")
+
+
+def public_jwk(private_key: PrivateKey, alg: str) -> dict[str, Any]:
+    public = private_key.public_key()
+    if isinstance(public, ec.EllipticCurvePublicKey):
+        jwk: dict[str, Any] = json.loads(ECAlgorithm.to_jwk(public))
+    else:
+        jwk = json.loads(RSAAlgorithm.to_jwk(public))
+    jwk = {k: v for k, v in jwk.items() if k in ("kty", "crv", "x", "y", "n", "e")}
+    jwk["kid"] = jwk_thumbprint(jwk)
+    jwk["alg"] = alg
+    jwk["use"] = "sig"
+    return jwk
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    kid: str
+    alg: str
+    state: str
+    public_jwk: dict[str, Any]
+    created_at: float
+    activated_at: float | None
+    retired_at: float | None
+    remove_after: float | None
+
+
+@dataclass(frozen=True)
+class ActiveKey:
+    kid: str
+    alg: str
+    private_key: PrivateKey
+
+
+@dataclass(frozen=True)
+class KeySet:
+    """What one replica signs with and publishes; rebuilt when ``keys_revision`` moves."""
+
+    revision: int
+    active: ActiveKey
+    published: tuple[KeyRecord, ...]  # prepared, active and retired keys
+
+    def jwks(self, use: str | None = None) -> dict[str, Any]:
+        keys = []
+        for record in self.published:
+            jwk = dict(record.public_jwk)
+            if use is not None:
+                jwk["use"] = use
+            keys.append(jwk)
+        return {"keys": keys}
+
+
+def _record(row: Any) -> KeyRecord:
+    return KeyRecord(
+        kid=row.kid,
+        alg=row.alg,
+        state=row.state,
+        public_jwk=json.loads(row.public_jwk),
+        created_at=row.created_at,
+        activated_at=row.activated_at,
+        retired_at=row.retired_at,
+        remove_after=row.remove_after,
+    )
+
+
+class KeyManager:
+    """Owns the ``signing_keys`` table. Every write bumps ``keys_revision``."""
+
+    def __init__(self, db: Database, master: MasterKey, alg: str = "ES256") -> None:
+        if alg not in SUPPORTED_ALGS:
+            raise ValueError(f"signing algorithm {alg} is not supported (use one of {SUPPORTED_ALGS})")
+        self.db = db
+        self.master = master
+        self.alg = alg
+
+    # -- set-up -------------------------------------------------------------------------
+    def check_master_key(self) -> None:
+        """Fail fast (with a clear message) if this replica's master key differs from the
+        one that sealed the keys already in the database."""
+        with self.db.engine.begin() as conn:
+            stored = meta_store.insert_if_absent(
+                conn, "master_key_check", self.master.seal(b"ok", CHECK_AAD)
+            )
+        self.master.open(stored, CHECK_AAD)
+
+    def ensure_keys(self, now: float | None = None) -> None:
+        """First start: one active and one prepared key."""
+        now = time.time() if now is None else now
+        with self.db.engine.begin() as conn:
+            states = set(conn.execute(select(signing_keys.c.state)).scalars())
+            if ACTIVE not in states:
+                self._insert(conn, ACTIVE, now)
+            if PREPARED not in states:
+                self._insert(conn, PREPARED, now)
+            if not {ACTIVE, PREPARED} <= states:
+                meta_store.bump(conn, meta_store.KEYS_REVISION)
+
+    def _insert(self, conn: Connection, state: str, now: float) -> str:
+        private_key = generate_private_key(self.alg)
+        jwk = public_jwk(private_key, self.alg)
+        der = private_key.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        conn.execute(
+            signing_keys.insert().values(
+                kid=jwk["kid"],
+                alg=self.alg,
+                state=state,
+                public_jwk=json.dumps(jwk, sort_keys=True),
+                private_key=self.master.seal(der, jwk["kid"].encode()),
+                created_at=now,
+                activated_at=now if state == ACTIVE else None,
+            )
+        )
+        return str(jwk["kid"])
+
+    # -- reading ------------------------------------------------------------------------
+    def list_keys(self, include_removed: bool = False) -> list[KeyRecord]:
+        query = select(signing_keys).order_by(signing_keys.c.created_at)
+        if not include_removed:
+            query = query.where(signing_keys.c.state != REMOVED)
+        with self.db.engine.connect() as conn:
+            return [_record(row) for row in conn.execute(query)]
+
+    def load(self) -> KeySet:
+        with self.db.engine.connect() as conn:
+            revision = int(meta_store.get(conn, meta_store.KEYS_REVISION) or 0)
+            rows = list(
+                conn.execute(
+                    select(signing_keys)
+                    .where(signing_keys.c.state != REMOVED)
+                    .order_by(signing_keys.c.created_at)
+                )
+            )
+        active_rows = [row for row in rows if row.state == ACTIVE]
+        if not active_rows:
+            raise MasterKeyError("no active signing key in the database")
+        row = active_rows[-1]
+        der = self.master.open(row.private_key, row.kid.encode())
+        private_key = serialization.load_der_private_key(der, password=None)
+        assert isinstance(private_key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey)
+        active = ActiveKey(kid=row.kid, alg=row.alg, private_key=private_key)
+        return KeySet(revision=revision, active=active, published=tuple(_record(r) for r in rows))
+
+    # -- life cycle ---------------------------------------------------------------------
+    def rotate(self, now: float | None = None, expected_active: str | None = None) -> KeyRecord:
+        """Prepared -> active, active -> retired, and a new prepared key. With
+        ``expected_active``, rotate only if that key is still the active one (used by
+        automatic rotation so that concurrent replicas rotate once). Returns the new
+        active key."""
+        now = time.time() if now is None else now
+        with self.db.engine.begin() as conn:
+            active = conn.execute(
+                select(signing_keys.c.kid).where(signing_keys.c.state == ACTIVE)
+            ).scalars().all()
+            if expected_active is not None and list(active) != [expected_active]:
+                row = conn.execute(select(signing_keys).where(signing_keys.c.state == ACTIVE)).first()
+                assert row is not None
+                return _record(row)
+            retired = conn.execute(
+                update(signing_keys)
+                .where(signing_keys.c.state == ACTIVE)
+                .values(state=RETIRED, retired_at=now, remove_after=now + MAX_TOKEN_TTL + CLOCK_SKEW)
+            )
+            del retired
+            prepared = conn.execute(
+                select(signing_keys.c.kid)
+                .where(signing_keys.c.state == PREPARED)
+                .order_by(signing_keys.c.created_at)
+            ).scalars().first()
+            if prepared is None:
+                prepared = self._insert(conn, PREPARED, now)
+            conn.execute(
+                update(signing_keys)
+                .where(signing_keys.c.kid == prepared)
+                .values(state=ACTIVE, activated_at=now)
+            )
+            self._insert(conn, PREPARED, now)
+            meta_store.bump(conn, meta_store.KEYS_REVISION)
+            row = conn.execute(select(signing_keys).where(signing_keys.c.kid == prepared)).first()
+            assert row is not None
+            return _record(row)
+
+    def rotate_if_older_than(self, max_age: float, now: float | None = None) -> KeyRecord | None:
+        now = time.time() if now is None else now
+        with self.db.engine.connect() as conn:
+            row = conn.execute(select(signing_keys).where(signing_keys.c.state == ACTIVE)).first()
+        if row is None or now - (row.activated_at or row.created_at) < max_age:
+            return None
+        return self.rotate(now, expected_active=row.kid)
+
+    def remove_expired(self, now: float | None = None) -> list[str]:
+        """Retired keys whose last possible token has expired leave JWKS; their sealed
+        private key is erased."""
+        now = time.time() if now is None else now
+        with self.db.engine.begin() as conn:
+            kids = list(
+                conn.execute(
+                    select(signing_keys.c.kid).where(
+                        signing_keys.c.state == RETIRED, signing_keys.c.remove_after <= now
+                    )
+                ).scalars()
+            )
+            if kids:
+                conn.execute(
+                    update(signing_keys)
+                    .where(signing_keys.c.kid.in_(kids))
+                    .values(state=REMOVED, removed_at=now, private_key="")
+                )
+                meta_store.bump(conn, meta_store.KEYS_REVISION)
+        return kids

@@ -1,0 +1,28 @@
+"""RFC 7662 OAuth 2.0 Token Introspection for the JWT-SVIDs we issue.
+
+§2.1: the request is form-encoded with ``token`` (and an optional, ignored
+``token_type_hint``); the caller must be authenticated (§2.1, "MUST require some form of
+authorization"), which the HTTP layer does. §2.2: ``active`` is false for anything we
+would not accept — expired, not yet valid, badly signed, signed by a removed key, or not
+ours — and then nothing else is disclosed."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from trustmesh.identity.rfc8693 import OAuthError
+from trustmesh.identity.svid import InvalidToken, SvidVerifier
+
+
+def introspect(form: Mapping[str, list[str]], verifier: SvidVerifier) -> dict[str, Any]:
+    values = form.get("token")
+    if not values or not values[0]:
+        raise OAuthError("invalid_request", "missing required parameter token")
+    if len(values) > 1:
+        raise OAuthError("invalid_request", "parameter token must not be repeated (RFC 6749 §3.2)")
+    try:
+        identity = verifier.verify(values[0])
+    except InvalidToken:
+        return {"active": False}
+    return {"active": True, "token_type": "N_A", **identity.claims}

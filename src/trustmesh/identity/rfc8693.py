@@ -1,0 +1,226 @@
+"""RFC 8693 OAuth 2.0 Token Exchange: a Kubernetes projected service-account token in,
+a JWT-SVID out (DESIGN §2).
+
+Request (§2.1, form-encoded): ``grant_type`` = token-exchange, ``subject_token``,
+``subject_token_type`` = ``urn:ietf:params:oauth:token-type:jwt``, ``audience``
+(repeatable, required here), optional ``requested_token_type`` (only the JWT type) and
+``lifetime`` (seconds; clamped to the workload's ``maxTokenTTL``). Parameters other
+than ``audience`` must not repeat (RFC 6749 §3.2). Errors (§2.2.2, RFC 6749 §5.2):
+``invalid_request`` for a malformed request, ``unsupported_grant_type``,
+``invalid_grant`` for a subject token that fails verification, ``unauthorized_client``
+when no Workload entry matches the verified service account, ``invalid_target`` for an
+audience we cannot issue for, and ``temporarily_unavailable`` (503) when the origin
+cluster's keys cannot be fetched."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs
+
+from trustmesh.identity.keys import MAX_TOKEN_TTL, KeySet
+from trustmesh.identity.kubernetes_sa import (
+    ClusterKeyCache,
+    ClusterKeysUnavailable,
+    ServiceAccountToken,
+    unverified_issuer,
+    verify_service_account_token,
+)
+from trustmesh.identity.spiffe import cluster_audience
+from trustmesh.identity.svid import InvalidToken, mint_svid
+from trustmesh.registry import Registry
+
+GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
+JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"
+DEFAULT_TTL = 300
+MAX_AUDIENCES = 16
+MAX_AUDIENCE_LENGTH = 512
+MAX_FORM_FIELDS = 40
+SINGLE_PARAMS = ("grant_type", "subject_token", "subject_token_type", "requested_token_type", "lifetime")
+KNOWN_PARAMS = frozenset((*SINGLE_PARAMS, "audience", "resource", "scope", "actor_token", "actor_token_type"))
+SA_TOKEN_LEEWAY = 30.0
+
+
+class OAuthError(Exception):
+    """An RFC 6749 §5.2 error response. ``description`` never contains a token."""
+
+    def __init__(self, error: str, description: str, status: int = 400) -> None:
+        super().__init__(description)
+        self.error = error
+        self.description = description
+        self.status = status
+
+    def body(self) -> dict[str, str]:
+        return {"error": self.error, "error_description": self.description}
+
+
+@dataclass(frozen=True)
+class Exchanged:
+    """The response body plus what audit and metrics need to know (never the token)."""
+
+    response: dict[str, Any]
+    spiffe_id: str
+    workload: str
+    cluster: str
+    sa_token: ServiceAccountToken
+    jti: str
+    kid: str
+
+
+def parse_form(body: bytes) -> dict[str, list[str]]:
+    """Parse an ``application/x-www-form-urlencoded`` body strictly."""
+    try:
+        text = body.decode("utf-8")
+        form = parse_qs(text, keep_blank_values=True, strict_parsing=bool(text), max_num_fields=MAX_FORM_FIELDS)
+    except (UnicodeDecodeError, ValueError):
+        raise OAuthError("invalid_request", "request body is not a valid form-encoded parameter list") from None
+    return form
+
+
+def _single(form: Mapping[str, list[str]], name: str, required: bool = True) -> str | None:
+    values = form.get(name)
+    if not values or values == [""]:
+        if required:
+            raise OAuthError("invalid_request", f"missing required parameter {name}")
+        return None
+    if len(values) > 1:
+        raise OAuthError("invalid_request", f"parameter {name} must not be repeated (RFC 6749 §3.2)")
+    return values[0]
+
+
+class TokenExchange:
+    """The exchange itself, over an immutable registry snapshot and key set supplied by
+    the caller (the control plane swaps them when their revisions move)."""
+
+    def __init__(
+        self,
+        *,
+        issuer: str,
+        trust_domain: str,
+        cluster_keys: ClusterKeyCache,
+        registry: Callable[[], Registry],
+        keyset: Callable[[], KeySet],
+        default_ttl: int = DEFAULT_TTL,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.issuer = issuer
+        self.trust_domain = trust_domain
+        self.cluster_keys = cluster_keys
+        self.registry = registry
+        self.keyset = keyset
+        self.default_ttl = default_ttl
+        self.clock = clock
+        self._cluster_prefix = cluster_audience(trust_domain, "")
+
+    def _check_request(self, form: Mapping[str, list[str]]) -> tuple[str, list[str], int | None]:
+        grant_type = _single(form, "grant_type")
+        if grant_type != GRANT_TYPE:
+            raise OAuthError("unsupported_grant_type", f"grant_type must be {GRANT_TYPE}")
+        unknown = sorted(set(form) - KNOWN_PARAMS)
+        if unknown:
+            raise OAuthError("invalid_request", f"unknown parameter {unknown[0][:64]!r}")
+        if form.get("actor_token") or form.get("actor_token_type"):
+            raise OAuthError("invalid_request", "actor_token (delegation, RFC 8693 §1.1) is not supported")
+        if form.get("scope"):
+            raise OAuthError("invalid_scope", "scope is not supported: authorization is decided by policy at each cluster")
+        subject_token = _single(form, "subject_token")
+        assert subject_token is not None
+        token_type = _single(form, "subject_token_type")
+        if token_type != JWT_TOKEN_TYPE:
+            raise OAuthError("invalid_request", f"subject_token_type must be {JWT_TOKEN_TYPE}")
+        requested = _single(form, "requested_token_type", required=False)
+        if requested is not None and requested != JWT_TOKEN_TYPE:
+            raise OAuthError("invalid_request", f"requested_token_type must be {JWT_TOKEN_TYPE} (JWT-SVID) when given")
+        audiences = [a for a in form.get("audience", []) + form.get("resource", []) if a]
+        if not audiences:
+            raise OAuthError("invalid_request", "missing required parameter audience (the target, e.g. spiffe://TD/cluster/NAME)")
+        lifetime_text = _single(form, "lifetime", required=False)
+        lifetime = None
+        if lifetime_text is not None:
+            if not lifetime_text.isdigit() or not 0 < int(lifetime_text) <= 86400:
+                raise OAuthError("invalid_request", "lifetime must be a positive number of seconds")
+            lifetime = int(lifetime_text)
+        return subject_token, audiences, lifetime
+
+    def _check_audiences(self, audiences: list[str], registry: Registry) -> list[str]:
+        if len(audiences) > MAX_AUDIENCES:
+            raise OAuthError("invalid_target", f"at most {MAX_AUDIENCES} audiences per token")
+        unique: list[str] = []
+        for audience in audiences:
+            if len(audience) > MAX_AUDIENCE_LENGTH:
+                raise OAuthError("invalid_target", f"an audience is longer than {MAX_AUDIENCE_LENGTH} characters")
+            if audience.startswith(self._cluster_prefix):
+                cluster = audience[len(self._cluster_prefix) :]
+                if cluster not in registry.clusters:
+                    raise OAuthError("invalid_target", f"audience {audience} names no registered cluster")
+            elif audience.startswith("spiffe://"):
+                raise OAuthError(
+                    "invalid_target",
+                    f"audience {audience[:100]} is a SPIFFE ID but not a cluster of trust domain {self.trust_domain}",
+                )
+            if audience not in unique:
+                unique.append(audience)
+        return unique
+
+    async def exchange(self, form: Mapping[str, list[str]]) -> Exchanged:
+        subject_token, audiences, lifetime = self._check_request(form)
+        registry = self.registry()
+        audiences = self._check_audiences(audiences, registry)
+        try:
+            issuer, kid = unverified_issuer(subject_token)
+        except InvalidToken as exc:
+            raise OAuthError("invalid_request", f"subject_token: {exc.description}") from None
+        cluster_name = registry.cluster_by_issuer.get(issuer)
+        if cluster_name is None:
+            raise OAuthError("invalid_grant", f"subject_token issuer {issuer[:200]!r} is not a registered cluster")
+        cluster = registry.clusters[cluster_name]
+        try:
+            keys = await self.cluster_keys.keys_for(cluster_name, cluster, kid)
+            sa = verify_service_account_token(subject_token, keys, cluster, SA_TOKEN_LEEWAY)
+        except ClusterKeysUnavailable as exc:
+            raise OAuthError("temporarily_unavailable", str(exc), status=503) from None
+        except InvalidToken as exc:
+            raise OAuthError("invalid_grant", f"subject_token from cluster {cluster_name}: {exc.description}") from None
+        workload_name = registry.workload_by_selector.get((cluster_name, sa.namespace, sa.service_account))
+        if workload_name is None:
+            raise OAuthError(
+                "unauthorized_client",
+                f"no Workload selects service account {sa.namespace}/{sa.service_account} in cluster {cluster_name}",
+            )
+        workload = registry.workloads[workload_name]
+        max_ttl = min(workload.max_token_ttl or MAX_TOKEN_TTL, MAX_TOKEN_TTL)
+        ttl = min(lifetime or min(self.default_ttl, max_ttl), max_ttl)
+        now = int(self.clock())
+        spiffe_id = registry.spiffe_id_of(workload_name)
+        claims: dict[str, Any] = {
+            "iss": self.issuer,
+            "sub": spiffe_id,
+            "aud": audiences,
+            "iat": now,
+            "nbf": now,
+            "exp": now + ttl,
+            "jti": secrets.token_urlsafe(16),
+            **workload.claims,
+            "cluster": cluster_name,
+            "namespace": sa.namespace,
+            "service_account": sa.service_account,
+        }
+        key = self.keyset().active
+        token = mint_svid(key, claims)
+        return Exchanged(
+            response={
+                "access_token": token,
+                "issued_token_type": JWT_TOKEN_TYPE,
+                "token_type": "N_A",
+                "expires_in": ttl,
+            },
+            spiffe_id=spiffe_id,
+            workload=workload_name,
+            cluster=cluster_name,
+            sa_token=sa,
+            jti=claims["jti"],
+            kid=key.kid,
+        )

@@ -1,0 +1,30 @@
+"""``trustmesh server``: open state, bind, serve, print one ready line."""
+
+from __future__ import annotations
+
+import sys
+
+from trustmesh.common.addresses import parse_listen, url_for
+from trustmesh.common.serving import bind_socket, serve_socket
+from trustmesh.server.app import build_app
+from trustmesh.server.controlplane import ControlPlane, ServerConfig
+
+
+def run_server(config: ServerConfig, listen: str) -> None:
+    host, port = parse_listen(listen)
+    sock = bind_socket(host, port)
+    issuer = config.issuer or url_for(host, sock.getsockname()[1])
+    plane = ControlPlane(config, issuer)
+    plane.open()
+    app = build_app(plane)
+
+    def ready(url: str) -> None:
+        note = f"; admin credential written to {config.data_dir / 'admin.token'}" if plane.admin_token_created else ""
+        print(
+            f"trustmesh server listening on {url} (issuer {plane.issuer}, trust domain "
+            f"spiffe://{plane.trust_domain}, {plane.db.dialect}){note}",
+            flush=True,
+        )
+
+    serve_socket(app, sock, ready)
+    sys.stdout.flush()

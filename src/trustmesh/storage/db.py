@@ -1,0 +1,68 @@
+"""Opening the database: SQLite in the data dir by default, PostgreSQL by URL."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from trustmesh.storage.migrations import migrate
+
+
+class DatabaseUrlError(ValueError):
+    pass
+
+
+def engine_url(db: str | None, data_dir: Path) -> str:
+    """``None`` -> SQLite file in the data dir; ``postgresql://…`` -> psycopg 3 driver."""
+    if not db:
+        return f"sqlite:///{(data_dir / 'trustmesh.db').resolve()}"
+    for prefix in ("postgresql://", "postgres://"):
+        if db.startswith(prefix):
+            return "postgresql+psycopg://" + db[len(prefix) :]
+    if db.startswith(("postgresql+psycopg://", "sqlite:///")):
+        return db
+    raise DatabaseUrlError(
+        f"--db {db.split('://')[0]}://… is not supported: use postgresql://… or leave it out for SQLite"
+    )
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+    cur.execute("PRAGMA synchronous=NORMAL")  # durable at every checkpoint of the WAL
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+@dataclass
+class Database:
+    engine: Engine
+    url: str
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def open_database(db: str | None, data_dir: Path) -> Database:
+    url = engine_url(db, data_dir)
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise DatabaseUrlError(f"--db is not a valid database URL: {exc}") from None
+    if parsed.get_backend_name() == "sqlite":
+        engine = create_engine(url, connect_args={"timeout": 10})
+        event.listen(engine, "connect", _sqlite_pragmas)
+    else:
+        engine = create_engine(url, pool_size=5, max_overflow=10, pool_pre_ping=True)
+    migrate(engine)
+    return Database(engine=engine, url=parsed.render_as_string(hide_password=True))

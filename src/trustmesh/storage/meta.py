@@ -1,0 +1,50 @@
+"""Named values and revision counters in the ``meta`` table."""
+
+from __future__ import annotations
+
+from sqlalchemy import Connection, Integer, Text, select, update
+
+from trustmesh.storage.schema import meta
+
+REGISTRY_REVISION = "registry_revision"
+KEYS_REVISION = "keys_revision"
+
+
+def get(conn: Connection, name: str) -> str | None:
+    value: str | None = conn.execute(select(meta.c.value).where(meta.c.name == name)).scalar()
+    return value
+
+
+def put(conn: Connection, name: str, value: str) -> None:
+    if conn.execute(update(meta).where(meta.c.name == name).values(value=value)).rowcount == 0:
+        conn.execute(meta.insert().values(name=name, value=value))
+
+
+def insert_if_absent(conn: Connection, name: str, value: str) -> str:
+    """Store ``value`` unless the name exists; return what is stored. Safe under races:
+    the loser of a concurrent insert fails its transaction and retries from the top."""
+    current = get(conn, name)
+    if current is not None:
+        return current
+    conn.execute(meta.insert().values(name=name, value=value))
+    return value
+
+
+def bump(conn: Connection, name: str) -> int:
+    """Increment a revision counter inside the caller's transaction; returns the new value.
+    The UPDATE takes the row lock, so concurrent replicas get distinct revisions."""
+    result = conn.execute(
+        update(meta).where(meta.c.name == name).values(value=(meta.c.value.cast(Integer) + 1).cast(Text))
+    )
+    if result.rowcount == 0:
+        conn.execute(meta.insert().values(name=name, value="1"))
+        return 1
+    return int(get(conn, name) or 0)
+
+
+def revisions(conn: Connection) -> dict[str, int]:
+    rows = conn.execute(
+        select(meta.c.name, meta.c.value).where(meta.c.name.in_([REGISTRY_REVISION, KEYS_REVISION]))
+    )
+    return {name: int(value) for name, value in rows}
+

@@ -1,0 +1,69 @@
+"""Versioned schema migrations.
+
+Each migration is a numbered function run once, in order, inside one transaction
+together with its row in ``schema_migrations``. On PostgreSQL a transaction-scoped
+advisory lock serialises replicas that start at the same moment; SQLite serialises
+writers by itself. Append new migrations; never edit an applied one."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from sqlalchemy import Connection, Engine, inspect, select, text
+
+from trustmesh.storage import schema
+
+Migration = tuple[int, str, Callable[[Connection], None]]
+
+_MIGRATION_LOCK_ID = 0x7472_7573_746D  # "trustm"
+
+
+def _v1_initial(conn: Connection) -> None:
+    for table in (
+        schema.meta,
+        schema.signing_keys,
+        schema.registry_objects,
+        schema.credentials,
+    ):
+        table.create(conn, checkfirst=True)
+
+
+MIGRATIONS: list[Migration] = [
+    (1, "initial schema: meta, signing keys, registry, credentials", _v1_initial),
+]
+
+LATEST = MIGRATIONS[-1][0]
+
+
+def migrate(engine: Engine) -> int:
+    """Bring the schema to the latest version; returns that version."""
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_ID})
+        schema.schema_migrations.create(conn, checkfirst=True)
+        applied = set(conn.execute(select(schema.schema_migrations.c.version)).scalars())
+        newer = max(applied, default=0)
+        if newer > LATEST:
+            raise RuntimeError(
+                f"database schema version {newer} is newer than this trustmesh ({LATEST}); "
+                "upgrade trustmesh"
+            )
+        for version, description, apply in MIGRATIONS:
+            if version in applied:
+                continue
+            apply(conn)
+            conn.execute(
+                schema.schema_migrations.insert().values(
+                    version=version, description=description, applied_at=time.time()
+                )
+            )
+    return LATEST
+
+
+def current_version(engine: Engine) -> int:
+    if not inspect(engine).has_table("schema_migrations"):
+        return 0
+    with engine.connect() as conn:
+        versions = conn.execute(select(schema.schema_migrations.c.version)).scalars()
+        return max(versions, default=0)

@@ -1,0 +1,80 @@
+"""The one schema, used unchanged on SQLite and PostgreSQL.
+
+Times are float seconds since the epoch (UTC); JSON documents are stored as text so
+both engines hold byte-identical values."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    Column,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+# Small named values: trust domain, revision counters, the master-key check value.
+meta = Table(
+    "meta",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+# Applied migrations (see migrations.py).
+schema_migrations = Table(
+    "schema_migrations",
+    metadata,
+    Column("version", Integer, primary_key=True),
+    Column("description", String(200), nullable=False),
+    Column("applied_at", Float, nullable=False),
+)
+
+# JWT-SVID signing keys and their life cycle: prepared -> active -> retired -> removed.
+signing_keys = Table(
+    "signing_keys",
+    metadata,
+    Column("kid", String(64), primary_key=True),
+    Column("alg", String(16), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("public_jwk", Text, nullable=False),
+    Column("private_key", Text, nullable=False),  # AES-256-GCM sealed PKCS#8, see identity/keys.py
+    Column("created_at", Float, nullable=False),
+    Column("activated_at", Float),
+    Column("retired_at", Float),
+    Column("remove_after", Float),
+    Column("removed_at", Float),
+)
+
+# Registry objects (Cluster, Workload): the canonical manifest body as JSON.
+registry_objects = Table(
+    "registry_objects",
+    metadata,
+    Column("kind", String(32), primary_key=True),
+    Column("name", String(253), primary_key=True),
+    Column("body", Text, nullable=False),
+    Column("generation", Integer, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("updated_by", String(200), nullable=False),
+)
+
+# Bearer credentials: the admin credential and per-cluster agent credentials.
+# Only a SHA-256 of the secret is stored.
+credentials = Table(
+    "credentials",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("kind", String(16), nullable=False),  # "admin" | "cluster"
+    Column("cluster", String(253)),
+    Column("secret_hash", String(64), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("created_by", String(200), nullable=False),
+    Column("revoked_at", Float),
+    UniqueConstraint("secret_hash", name="uq_credentials_secret_hash"),
+)
