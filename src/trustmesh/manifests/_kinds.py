@@ -1,0 +1,266 @@
+"""The manifest kinds and their field tables (DESIGN §3).
+
+Each kind is one :class:`KindSpec` entry in :data:`KINDS`: a declarative ``spec``
+checker built from field tables, an optional ``finalize`` hook for defaults that
+depend on ``metadata`` and a ``build`` function from the canonical body to the typed
+spec. Adding a kind (GlobalRole, RoleBinding, PolicyTest) means adding a table, a
+dataclass and an entry here.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from trustmesh.common.addresses import check_fetch_url
+from trustmesh.identity.spiffe import parse_spiffe_id
+
+from ._errors import Sink
+from ._jwks import JWKS
+from ._nodes import Node, ScalarNode
+from ._schema import (
+    INVALID,
+    Checker,
+    Field,
+    exclusive,
+    in_range,
+    is_int,
+    map_of,
+    obj,
+    refused,
+    string,
+    string_map,
+    type_problem,
+)
+
+API_VERSION = "trustmesh.io/v1alpha1"
+
+# --- value rules -------------------------------------------------------------------
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+def dns_label(value: str) -> None:
+    """RFC 1123 label as Kubernetes uses it for names and namespaces."""
+    if len(value) > 63 or not _DNS_LABEL.match(value):
+        raise ValueError(
+            f"{value!r} is not a DNS-1123 label: use at most 63 lowercase letters, digits "
+            "and '-', starting and ending with a letter or digit"
+        )
+
+
+def dns_subdomain(value: str) -> None:
+    """RFC 1123 subdomain as Kubernetes uses it for service-account names."""
+    if len(value) > 253 or not _DNS_SUBDOMAIN.match(value):
+        raise ValueError(
+            f"{value!r} is not a DNS-1123 subdomain: use at most 253 lowercase letters, "
+            "digits, '-' and '.', each part starting and ending with a letter or digit"
+        )
+
+
+def fetch_url(what: str) -> Callable[[str], None]:
+    """https (http only to loopback), no credentials, query or fragment."""
+
+    def validate(value: str) -> None:
+        if any(c.isspace() for c in value):
+            raise ValueError(f"{what} {value!r} must not contain whitespace")
+        check_fetch_url(value, what)
+        parts = urlsplit(value)
+        _ = parts.port  # raises ValueError for a port out of range
+        if parts.query or parts.fragment or value.endswith(("?", "#")):
+            raise ValueError(f"{what} {value!r} must not have a query or fragment")
+
+    return validate
+
+
+_DURATION = re.compile(r"^(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s)?$")
+_DURATION_HINT = "an integer number of seconds or a duration such as '300s', '5m' or '1h30m'"
+
+
+def duration(minimum: int, maximum: int) -> Checker:
+    """Seconds as an integer, or a string of h/m/s parts; canonical form is int seconds."""
+
+    def check_duration(node: Node, path: str, sink: Sink) -> Any:
+        if not isinstance(node, ScalarNode) or not (
+            is_int(node.value) or isinstance(node.value, str)
+        ):
+            return type_problem(node, path, sink, _DURATION_HINT)
+        if isinstance(node.value, str):
+            match = _DURATION.match(node.value)
+            if not node.value or match is None:
+                sink.add(node.line, path, f"{node.value!r} is not {_DURATION_HINT}")
+                return INVALID
+            hours, minutes, seconds = (int(g or 0) for g in match.groups())
+            total = hours * 3600 + minutes * 60 + seconds
+        else:
+            total = int(node.value)
+        return in_range(total, minimum, maximum, node, path, sink, " seconds")
+
+    return check_duration
+
+
+KNOWN_CLAIMS = ("workload_id", "project", "environment", "tier")
+RESERVED_CLAIMS = frozenset(
+    [
+        "iss",
+        "sub",
+        "aud",
+        "exp",
+        "nbf",
+        "iat",
+        "jti",
+        "cluster",
+        "namespace",
+        "service_account",
+        "kid",
+        "typ",
+        "alg",
+    ]
+)
+_CLAIM_KEY = re.compile(r"^[a-z][a-z0-9_.-]{0,62}$")
+
+
+def claim_key(key: str) -> None:
+    if key in RESERVED_CLAIMS:
+        raise ValueError(f"{key!r} is a reserved token claim and cannot be set as a workload claim")
+    if not _CLAIM_KEY.match(key):
+        raise ValueError(
+            f"claim name {key!r} must match {_CLAIM_KEY.pattern} (lowercase, at most 63 characters)"
+        )
+
+
+def spiffe_id(value: str) -> None:
+    parse_spiffe_id(value)
+
+
+# --- metadata ----------------------------------------------------------------------
+
+METADATA = obj(
+    Field("name", string(dns_label), required=True),
+    Field("labels", string_map()),
+    Field("annotations", string_map()),
+)
+
+# --- Cluster -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    issuer: str
+    jwks: dict[str, Any] | None
+    jwks_uri: str | None
+    audience: str
+    labels: dict[str, str]
+
+
+CLUSTER_SPEC = obj(
+    Field("issuer", string(fetch_url("issuer")), required=True),
+    Field("jwks", JWKS),
+    Field("jwksUri", string(fetch_url("jwksUri"))),
+    Field("audience", string(), default=lambda: "trustmesh"),
+    Field("labels", string_map(), default=dict),
+    rules=(exclusive("jwks", "jwksUri", hint="; give one, or neither to use OIDC discovery"),),
+)
+
+
+def _build_cluster(spec: dict[str, Any]) -> ClusterSpec:
+    return ClusterSpec(
+        issuer=spec["issuer"],
+        jwks=copy.deepcopy(spec.get("jwks")),
+        jwks_uri=spec.get("jwksUri"),
+        audience=spec["audience"],
+        labels=dict(spec["labels"]),
+    )
+
+
+# --- Workload ----------------------------------------------------------------------
+
+POD_LABELS_REFUSED = (
+    "pod-label selectors need pod attestation, which this version does not have; "
+    "select by namespace and serviceAccount"
+)
+
+
+@dataclass(frozen=True)
+class WorkloadSelector:
+    cluster: str
+    namespace: str
+    service_account: str
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    selector: WorkloadSelector
+    spiffe_id: str | None
+    claims: dict[str, str]
+    max_token_ttl: int | None
+
+
+WORKLOAD_SPEC = obj(
+    Field(
+        "selector",
+        obj(
+            Field("cluster", string(dns_label), required=True),
+            Field("namespace", string(dns_label), required=True),
+            Field("serviceAccount", string(dns_subdomain), required=True),
+            # A projected service-account token does not carry pod labels.
+            refused("podLabels", POD_LABELS_REFUSED),
+        ),
+        required=True,
+    ),
+    Field("spiffeId", string(spiffe_id)),
+    Field("claims", map_of(string(max_length=253), claim_key), default=dict),
+    Field("maxTokenTTL", duration(1, 3600)),
+)
+
+
+def _finalize_workload(spec: dict[str, Any], name: str) -> None:
+    """``claims.workload_id`` defaults to ``metadata.name``."""
+    claims = spec["claims"]
+    claims.setdefault("workload_id", name)
+    spec["claims"] = dict(sorted(claims.items()))
+
+
+def _build_workload(spec: dict[str, Any]) -> WorkloadSpec:
+    selector = spec["selector"]
+    return WorkloadSpec(
+        selector=WorkloadSelector(
+            cluster=selector["cluster"],
+            namespace=selector["namespace"],
+            service_account=selector["serviceAccount"],
+        ),
+        spiffe_id=spec.get("spiffeId"),
+        claims=dict(spec["claims"]),
+        max_token_ttl=spec.get("maxTokenTTL"),
+    )
+
+
+# --- the table ---------------------------------------------------------------------
+
+Spec = ClusterSpec | WorkloadSpec
+
+
+def _no_finalize(spec: dict[str, Any], name: str) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class KindSpec:
+    kind: str
+    spec: Checker
+    build: Callable[[dict[str, Any]], Spec]
+    finalize: Callable[[dict[str, Any], str], None] = _no_finalize
+
+
+KINDS: dict[str, KindSpec] = {
+    k.kind: k
+    for k in (
+        KindSpec("Cluster", CLUSTER_SPEC, _build_cluster),
+        KindSpec("Workload", WORKLOAD_SPEC, _build_workload, _finalize_workload),
+    )
+}
