@@ -204,42 +204,46 @@ class KeyManager:
 
     # -- life cycle ---------------------------------------------------------------------
     def rotate(self, now: float | None = None, expected_active: str | None = None) -> KeyRecord:
-        """Prepared -> active, active -> retired, and a new prepared key. With
-        ``expected_active``, rotate only if that key is still the active one (used by
-        automatic rotation so that concurrent replicas rotate once). Returns the new
-        active key."""
+        """Prepared -> active, active -> retired, and a new prepared key. Returns the new
+        active key. With ``expected_active``, rotate only if that key is still active
+        (automatic rotation: concurrent replicas then rotate once).
+
+        The retirement is a compare-and-set (``UPDATE … WHERE kid = K AND state =
+        'active'``): of two concurrent rotations of K one updates the row and the other
+        updates nothing and starts over, so there is always exactly one active key."""
         now = time.time() if now is None else now
-        with self.db.engine.begin() as conn:
-            active = conn.execute(
-                select(signing_keys.c.kid).where(signing_keys.c.state == ACTIVE)
-            ).scalars().all()
-            if expected_active is not None and list(active) != [expected_active]:
-                row = conn.execute(select(signing_keys).where(signing_keys.c.state == ACTIVE)).first()
+        while True:
+            with self.db.engine.begin() as conn:
+                current = conn.execute(select(signing_keys).where(signing_keys.c.state == ACTIVE)).first()
+                if current is None:
+                    raise MasterKeyError("no active signing key in the database")
+                if expected_active is not None and current.kid != expected_active:
+                    return _record(current)
+                retired = conn.execute(
+                    update(signing_keys)
+                    .where(signing_keys.c.kid == current.kid, signing_keys.c.state == ACTIVE)
+                    .values(state=RETIRED, retired_at=now, remove_after=now + MAX_TOKEN_TTL + CLOCK_SKEW)
+                )
+                if retired.rowcount != 1:
+                    conn.rollback()
+                    continue  # another replica rotated first; look again
+                prepared = conn.execute(
+                    select(signing_keys.c.kid)
+                    .where(signing_keys.c.state == PREPARED)
+                    .order_by(signing_keys.c.created_at)
+                ).scalars().first()
+                if prepared is None:
+                    prepared = self._insert(conn, PREPARED, now)
+                conn.execute(
+                    update(signing_keys)
+                    .where(signing_keys.c.kid == prepared)
+                    .values(state=ACTIVE, activated_at=now)
+                )
+                self._insert(conn, PREPARED, now)
+                meta_store.bump(conn, meta_store.KEYS_REVISION)
+                row = conn.execute(select(signing_keys).where(signing_keys.c.kid == prepared)).first()
                 assert row is not None
                 return _record(row)
-            retired = conn.execute(
-                update(signing_keys)
-                .where(signing_keys.c.state == ACTIVE)
-                .values(state=RETIRED, retired_at=now, remove_after=now + MAX_TOKEN_TTL + CLOCK_SKEW)
-            )
-            del retired
-            prepared = conn.execute(
-                select(signing_keys.c.kid)
-                .where(signing_keys.c.state == PREPARED)
-                .order_by(signing_keys.c.created_at)
-            ).scalars().first()
-            if prepared is None:
-                prepared = self._insert(conn, PREPARED, now)
-            conn.execute(
-                update(signing_keys)
-                .where(signing_keys.c.kid == prepared)
-                .values(state=ACTIVE, activated_at=now)
-            )
-            self._insert(conn, PREPARED, now)
-            meta_store.bump(conn, meta_store.KEYS_REVISION)
-            row = conn.execute(select(signing_keys).where(signing_keys.c.kid == prepared)).first()
-            assert row is not None
-            return _record(row)
 
     def rotate_if_older_than(self, max_age: float, now: float | None = None) -> KeyRecord | None:
         now = time.time() if now is None else now

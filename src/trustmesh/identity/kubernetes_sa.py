@@ -132,7 +132,7 @@ class ClusterKeyCache:
         self,
         client: httpx.AsyncClient,
         *,
-        min_refresh_interval: float = 5.0,
+        min_refresh_interval: float = 1.0,
         default_max_age: float = 300.0,
         max_max_age: float = 3600.0,
         min_max_age: float = 30.0,

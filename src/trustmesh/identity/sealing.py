@@ -53,8 +53,10 @@ class MasterKey:
         if path.exists():
             try:
                 key = _unb64(path.read_text().strip())
-            except (ValueError, OSError) as exc:
-                raise MasterKeyError(f"cannot read master key {path}: {exc}") from None
+            except OSError as exc:
+                raise MasterKeyError(f"cannot read master key {path}: {exc.strerror}") from None
+            except ValueError:
+                key = b""
             if len(key) != 32:
                 raise MasterKeyError(f"master key {path} is not 32 base64url-encoded bytes")
             return cls(key)

@@ -54,7 +54,7 @@ class ServerConfig:
     key_rotation_interval: float = 7 * 86400.0
     refresh_interval: float = 1.0
     maintenance_interval: float = 30.0
-    cluster_jwks_min_refresh: float = 5.0
+    cluster_jwks_min_refresh: float = 1.0
     master_key_file: Path | None = None
 
 

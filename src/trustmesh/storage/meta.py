@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from sqlalchemy import Connection, Integer, Text, select, update
+from sqlalchemy.exc import IntegrityError
 
 from trustmesh.storage.schema import meta
 
 REGISTRY_REVISION = "registry_revision"
 KEYS_REVISION = "keys_revision"
+COUNTERS = (REGISTRY_REVISION, KEYS_REVISION)
 
 
 def get(conn: Connection, name: str) -> str | None:
@@ -26,25 +28,31 @@ def insert_if_absent(conn: Connection, name: str, value: str) -> str:
     current = get(conn, name)
     if current is not None:
         return current
-    conn.execute(meta.insert().values(name=name, value=value))
+    try:
+        with conn.begin_nested():  # a savepoint: losing the race leaves the transaction usable
+            conn.execute(meta.insert().values(name=name, value=value))
+    except IntegrityError:
+        stored = get(conn, name)
+        assert stored is not None
+        return stored
     return value
 
 
 def bump(conn: Connection, name: str) -> int:
     """Increment a revision counter inside the caller's transaction; returns the new value.
-    The UPDATE takes the row lock, so concurrent replicas get distinct revisions."""
+    The UPDATE takes the row lock, so concurrent replicas get distinct revisions. The
+    counters' rows are created by the first migration."""
     result = conn.execute(
         update(meta).where(meta.c.name == name).values(value=(meta.c.value.cast(Integer) + 1).cast(Text))
     )
-    if result.rowcount == 0:
-        conn.execute(meta.insert().values(name=name, value="1"))
-        return 1
+    if result.rowcount != 1:
+        raise LookupError(f"revision counter {name} does not exist")
     return int(get(conn, name) or 0)
 
 
 def revisions(conn: Connection) -> dict[str, int]:
     rows = conn.execute(
-        select(meta.c.name, meta.c.value).where(meta.c.name.in_([REGISTRY_REVISION, KEYS_REVISION]))
+        select(meta.c.name, meta.c.value).where(meta.c.name.in_(COUNTERS))
     )
     return {name: int(value) for name, value in rows}
 

@@ -27,6 +27,8 @@ def _v1_initial(conn: Connection) -> None:
         schema.credentials,
     ):
         table.create(conn, checkfirst=True)
+    for counter in ("registry_revision", "keys_revision"):
+        conn.execute(schema.meta.insert().values(name=counter, value="0"))
 
 
 MIGRATIONS: list[Migration] = [

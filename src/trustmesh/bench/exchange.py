@@ -1,0 +1,419 @@
+"""``trustmesh bench exchange``: RFC 8693 token exchanges per second over HTTP, side by
+side with the physical limit of one core.
+
+What runs, and why the comparison is fair:
+
+- ``trustmesh server`` runs as its own process, exactly as deployed (uvicorn, one
+  process, one event loop, SQLite in a temporary data dir, ES256 signing key), so
+  the figure is what one server process serves.
+- The origin cluster is a simulated kube-apiserver issuer (RSA-2048, RS256, like
+  kube-apiserver's own keys) in another process, registered by issuer URL only: the
+  server finds its keys through OIDC discovery, as in production. Its keys are fetched
+  once during the warm-up and cached; it sits idle during the measurement.
+- The requests carry a pool of distinct projected service-account tokens (distinct
+  ``jti`` and pod names, spread over several Workloads), minted beforehand, with the
+  form bodies encoded beforehand, so the load generator does no crypto and no
+  encoding while it measures. It is a lean asyncio client on raw keep-alive sockets
+  (see ``_load``), in this process, not the server's; both processes' CPU time is
+  reported so it can be seen that the client was not the bottleneck.
+- The limit is the work an exchange cannot avoid: one RS256 verification of the
+  subject token plus one ES256 signature of the JWT-SVID, with ``cryptography``
+  (OpenSSL) directly, in a loop on one core of this machine. It is measured in rounds
+  before and after the load (with the server idle), and the median round is used, so a
+  noisy neighbour moves both figures rather than one. ``ratio`` is HTTP exchanges/s
+  divided by that limit: the fraction of one core's crypto capacity the whole HTTP
+  path (HTTP parsing, routing, form and JSON, claim checks, metrics) lets through.
+
+Goals (DESIGN): at least 1,000 exchanges/s with p99 under 20 ms. In a closed loop the
+mean latency is ``concurrency / throughput`` (Little's law), so with 16 connections a
+p99 under 20 ms already needs well over 800 exchanges/s."""
+
+from __future__ import annotations
+
+import base64
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+import httpx
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.padding import PKCS1v15
+from cryptography.hazmat.primitives.hashes import SHA256
+from jwt.algorithms import RSAAlgorithm
+
+from trustmesh.bench._load import LoadResult, run_load
+from trustmesh.bench._procs import Child, cpu_seconds, start, stop
+from trustmesh.bench._stats import Distribution, median, row, summarise
+from trustmesh.identity.keys import ActiveKey, generate_private_key, public_jwk
+from trustmesh.identity.svid import mint_svid
+from trustmesh.sim.cluster import SimulatedCluster
+
+__all__ = ["run"]
+
+TRUST_DOMAIN = "bench.example"
+ORIGIN = "bench"
+TARGET = "peer"
+AUDIENCE = f"spiffe://{TRUST_DOMAIN}/cluster/{TARGET}"
+GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
+JWT_TYPE = "urn:ietf:params:oauth:token-type:jwt"
+GOAL_PER_S = 1000.0
+GOAL_P99_MS = 20.0
+
+
+def _b64decode(segment: str) -> bytes:
+    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+
+
+def _manifests(issuer: str, workloads: int) -> str:
+    """The origin cluster by issuer only (keys through discovery), a peer cluster as the
+    audience (never contacted: no token comes from it), and ``workloads`` Workloads."""
+    docs: list[dict[str, Any]] = [
+        {
+            "apiVersion": "trustmesh.io/v1alpha1",
+            "kind": "Cluster",
+            "metadata": {"name": ORIGIN},
+            "spec": {"issuer": issuer},
+        },
+        {
+            "apiVersion": "trustmesh.io/v1alpha1",
+            "kind": "Cluster",
+            "metadata": {"name": TARGET},
+            "spec": {"issuer": "https://peer.bench.example"},
+        },
+    ]
+    for i in range(workloads):
+        docs.append(
+            {
+                "apiVersion": "trustmesh.io/v1alpha1",
+                "kind": "Workload",
+                "metadata": {"name": f"svc-{i}"},
+                "spec": {
+                    "selector": {"cluster": ORIGIN, "namespace": f"ns-{i}", "serviceAccount": f"sa-{i}"},
+                    "claims": {"project": f"project-{i % 4}", "environment": "prod", "tier": "gold"},
+                },
+            }
+        )
+    return "\n---\n".join(json.dumps(doc) for doc in docs) + "\n"
+
+
+def _request_bytes(host: str, port: int, token: str) -> bytes:
+    body = urlencode(
+        {
+            "grant_type": GRANT_TYPE,
+            "subject_token": token,
+            "subject_token_type": JWT_TYPE,
+            "audience": AUDIENCE,
+        }
+    ).encode()
+    head = (
+        f"POST /oauth2/token HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        "Content-Type: application/x-www-form-urlencoded\r\nAccept: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    return head + body
+
+
+def _check_exchange(url: str, token: str) -> None:
+    """One exchange through a real HTTP client before the load: the set-up works and
+    the answer is a JWT-SVID for the target cluster."""
+    response = httpx.post(
+        url + "/oauth2/token",
+        data={
+            "grant_type": GRANT_TYPE,
+            "subject_token": token,
+            "subject_token_type": JWT_TYPE,
+            "audience": AUDIENCE,
+        },
+        timeout=30,
+        trust_env=False,
+    )
+    if response.status_code != 200:
+        raise RuntimeError(f"sanity exchange failed: HTTP {response.status_code} {response.text[:300]}")
+    svid = response.json()["access_token"]
+    claims = json.loads(_b64decode(svid.split(".")[1]))
+    if not str(claims.get("sub", "")).startswith(f"spiffe://{TRUST_DOMAIN}/") or AUDIENCE not in claims.get(
+        "aud", []
+    ):
+        raise RuntimeError(f"sanity exchange returned unexpected claims: {claims}")
+
+
+# -- the single-core limit ------------------------------------------------------------
+
+
+class _Limit:
+    """RS256 verification of real SA tokens and ES256 signing of a realistic JWT-SVID
+    signing input, with every argument object built once outside the loops."""
+
+    def __init__(self, jwks: dict[str, Any], tokens: list[str]) -> None:
+        public = RSAAlgorithm.from_jwk(jwks["keys"][-1])
+        if not isinstance(public, rsa.RSAPublicKey):
+            raise TypeError("the simulated cluster's signing key is not an RSA public key")
+        self.public = public
+        self.inputs = [
+            (_b64decode(t.rsplit(".", 1)[1]), t.rsplit(".", 1)[0].encode()) for t in tokens[:64]
+        ]
+        private = generate_private_key("ES256")
+        assert isinstance(private, ec.EllipticCurvePrivateKey)
+        self.private = private
+        jwk = public_jwk(private, "ES256")
+        now = int(time.time())
+        svid = mint_svid(
+            ActiveKey(kid=jwk["kid"], alg="ES256", private_key=private),
+            {
+                "iss": "http://127.0.0.1:8443",
+                "sub": f"spiffe://{TRUST_DOMAIN}/cluster/{ORIGIN}/ns/ns-0/sa/sa-0",
+                "aud": [AUDIENCE],
+                "iat": now,
+                "nbf": now,
+                "exp": now + 300,
+                "jti": "b" * 22,
+                "environment": "prod",
+                "project": "project-0",
+                "tier": "gold",
+                "workload_id": "svc-0",
+                "cluster": ORIGIN,
+                "namespace": "ns-0",
+                "service_account": "sa-0",
+            },
+        )
+        self.svid_input = svid.rsplit(".", 1)[0].encode()
+        self.padding = PKCS1v15()
+        self.hash = SHA256()
+        self.ecdsa = ec.ECDSA(SHA256())
+
+    def _timed(self, op: Callable[[int], None], n: int) -> Distribution:
+        clock = time.perf_counter_ns
+        out = [0] * n
+        started = clock()
+        for i in range(n):
+            t0 = clock()
+            op(i)
+            out[i] = clock() - t0
+        return summarise(out, clock() - started)
+
+    def verify(self, i: int) -> None:
+        signature, signing_input = self.inputs[i % len(self.inputs)]
+        self.public.verify(signature, signing_input, self.padding, self.hash)
+
+    def sign(self, i: int) -> None:
+        self.private.sign(self.svid_input, self.ecdsa)
+
+    def both(self, i: int) -> None:
+        signature, signing_input = self.inputs[i % len(self.inputs)]
+        self.public.verify(signature, signing_input, self.padding, self.hash)
+        self.private.sign(self.svid_input, self.ecdsa)
+
+    def round(self, budget_s: float) -> dict[str, Distribution]:
+        """One round: verify alone, sign alone, then both in one loop, each sized to
+        about a third of ``budget_s`` from a short calibration."""
+        probe = self._timed(self.both, 20)
+        per_op_s = max(probe.mean_ns / 1e9, 1e-6)
+        n = max(50, int(budget_s / 3 / per_op_s))
+        return {
+            "verify": self._timed(self.verify, 2 * n),
+            "sign": self._timed(self.sign, 2 * n),
+            "both": self._timed(self.both, n),
+        }
+
+
+def _median_of(rounds: list[dict[str, Distribution]], key: str) -> tuple[float, float, float]:
+    """(p50 µs, p99 µs, per_s), each the median over the rounds."""
+    return (
+        median([r[key].p50_us for r in rounds]),
+        median([r[key].p99_us for r in rounds]),
+        median([r[key].per_s for r in rounds]),
+    )
+
+
+# -- the run --------------------------------------------------------------------------
+
+
+def run(
+    seconds: float = 10.0,
+    concurrency: int = 16,
+    *,
+    workloads: int = 20,
+    pool_size: int = 2000,
+    warmup: int = 300,
+    limit_rounds: int = 4,
+) -> dict[str, Any]:
+    """Measure exchanges/s, p50 and p99 over HTTP for ``seconds`` with ``concurrency``
+    keep-alive connections, next to the single-core crypto limit (see the module
+    docstring). Starts and always stops its own server and cluster processes."""
+    if seconds <= 0 or concurrency < 1 or workloads < 1 or pool_size < 1 or limit_rounds < 1:
+        raise ValueError("seconds, concurrency, workloads, pool_size and limit_rounds must be positive")
+    with tempfile.TemporaryDirectory(prefix="trustmesh-bench-") as tmp:
+        root = Path(tmp)
+        cluster_dir, server_dir, logs = root / "cluster", root / "server", root / "logs"
+        sim: Child | None = None
+        server: Child | None = None
+        try:
+            sim = start(
+                "cluster",
+                [sys.executable, "-m", "trustmesh.sim.cli", "cluster", "--name", ORIGIN,
+                 "--listen", "127.0.0.1:0", "--data-dir", str(cluster_dir)],
+                logs,
+            )  # fmt: skip
+            server = start(
+                "server",
+                [sys.executable, "-m", "trustmesh.cli.main", "server", "--data-dir", str(server_dir),
+                 "--listen", "127.0.0.1:0", "--trust-domain", TRUST_DOMAIN],
+                logs,
+            )  # fmt: skip
+            sim.wait_ready(f"simulated cluster {ORIGIN} issuer ")
+            url = server.wait_ready("trustmesh server listening on ").split()[4]
+            return _measure(
+                url, server, cluster_dir, server_dir, seconds, concurrency, workloads, pool_size, warmup, limit_rounds
+            )
+        finally:
+            stop(server)
+            stop(sim)
+
+
+def _measure(
+    url: str,
+    server: Child,
+    cluster_dir: Path,
+    server_dir: Path,
+    seconds: float,
+    concurrency: int,
+    workloads: int,
+    pool_size: int,
+    warmup: int,
+    limit_rounds: int,
+) -> dict[str, Any]:
+    cluster = SimulatedCluster.from_data_dir(cluster_dir)
+    admin = (server_dir / "admin.token").read_text(encoding="utf-8").strip()
+    applied = httpx.post(
+        url + "/v1/apply",
+        json={"files": [{"path": "bench.yaml", "content": _manifests(cluster.issuer, workloads)}]},
+        headers={"Authorization": f"Bearer {admin}"},
+        timeout=30,
+        trust_env=False,
+    )
+    if applied.status_code != 200:
+        raise RuntimeError(f"applying the bench manifests failed: HTTP {applied.status_code} {applied.text[:300]}")
+
+    minted_at = time.perf_counter()
+    tokens = [cluster.mint(f"ns-{i % workloads}", f"sa-{i % workloads}") for i in range(pool_size)]
+    mint_s = time.perf_counter() - minted_at
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    requests = [_request_bytes(host, port, token) for token in tokens]
+    _check_exchange(url, tokens[0])
+
+    limit = _Limit(cluster.jwks(), tokens)
+    budget = max(0.2, min(1.0, seconds / 10))
+    before = [limit.round(budget) for _ in range((limit_rounds + 1) // 2)]
+    load, loop_name = run_load(
+        host,
+        port,
+        requests,
+        seconds=seconds,
+        concurrency=concurrency,
+        warmup=warmup,
+        server_cpu=lambda: cpu_seconds(server.proc.pid),
+    )
+    after = [limit.round(budget) for _ in range(limit_rounds // 2)]
+    if server.proc.poll() is not None:
+        raise RuntimeError(f"the server exited during the load: {server.tail()}")
+    return _report(load, loop_name, before + after, seconds, concurrency, workloads, pool_size, mint_s)
+
+
+def _report(
+    load: LoadResult,
+    loop_name: str,
+    rounds: list[dict[str, Distribution]],
+    seconds: float,
+    concurrency: int,
+    workloads: int,
+    pool_size: int,
+    mint_s: float,
+) -> dict[str, Any]:
+    if not load.latencies_ns:
+        raise RuntimeError(f"no exchange completed in the measurement window ({load.first_error})")
+    http = summarise(load.latencies_ns, load.window_ns)
+    window_s = load.window_ns / 1e9
+    both_p50, both_p99, limit_per_s = _median_of(rounds, "both")
+    verify_p50, verify_p99, verify_per_s = _median_of(rounds, "verify")
+    sign_p50, sign_p99, sign_per_s = _median_of(rounds, "sign")
+    limits = sorted(r["both"].per_s for r in rounds)
+    ratio = http.per_s / limit_per_s
+    server_cpu = None if load.server_cpu_s is None else 100.0 * load.server_cpu_s / window_s
+    client_cpu = 100.0 * load.client_cpu_s / window_s
+    p99_ms = http.p99_us / 1000.0
+    rate_ok, p99_ok = http.per_s >= GOAL_PER_S, p99_ms < GOAL_P99_MS
+    errors = load.non_200 + load.connection_errors
+
+    cpu_note = "" if server_cpu is None else f", server CPU {server_cpu:.0f}% of a core"
+    results = [
+        row(
+            "exchange over HTTP",
+            p50_us=http.p50_us,
+            p99_us=http.p99_us,
+            per_s=http.per_s,
+            note=f"{concurrency} conns, {http.n} reqs, {errors} errors{cpu_note}",
+        ),
+        row(
+            "limit: RS256 verify + ES256 sign",
+            p50_us=both_p50,
+            p99_us=both_p99,
+            per_s=limit_per_s,
+            note=f"one core, median of {len(rounds)} rounds ({limits[0]:,.0f}–{limits[-1]:,.0f}/s)",
+        ),
+        row("  RS256 verify (SA token)", p50_us=verify_p50, p99_us=verify_p99, per_s=verify_per_s,
+            note="cryptography, RSA-2048 PKCS#1 v1.5"),  # fmt: skip
+        row("  ES256 sign (JWT-SVID)", p50_us=sign_p50, p99_us=sign_p99, per_s=sign_per_s,
+            note="cryptography, P-256 ECDSA"),  # fmt: skip
+    ]
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
+    summary = [
+        f"exchanges/s over HTTP: {http.per_s:,.0f} (p50 {http.p50_us / 1000:.2f} ms, p99 {p99_ms:.2f} ms; "
+        f"{http.n:,} requests in {window_s:.1f} s over {concurrency} keep-alive connections)",
+        f"errors: {load.non_200} non-200 answers, {load.connection_errors} connection errors"
+        + (f" (first: {load.first_error})" if load.first_error else ""),
+        f"single-core limit (one RS256 verify + one ES256 sign): {limit_per_s:,.0f}/s, "
+        f"{1e6 / limit_per_s:.1f} µs per exchange; HTTP reaches {ratio:.1%} of it (ratio {ratio:.3f})",
+        (f"server process: {server_cpu:.0f}% of one core; " if server_cpu is not None else "")
+        + f"load generator ({loop_name}): {client_cpu:.0f}% of one core",
+        f"goal ≥ {GOAL_PER_S:,.0f} exchanges/s: {verdict(rate_ok)}; goal p99 < {GOAL_P99_MS:.0f} ms: {verdict(p99_ok)}",
+    ]
+    return {
+        "title": "Token exchange (RFC 8693) over HTTP vs. one core's crypto limit",
+        "results": results,
+        "summary": summary,
+        "exchanges_per_s": round(http.per_s, 1),
+        "p50_us": round(http.p50_us, 1),
+        "p99_us": round(http.p99_us, 1),
+        "mean_us": round(http.mean_ns / 1000, 1),
+        "requests": http.n,
+        "window_s": round(window_s, 3),
+        "non_200": load.non_200,
+        "connection_errors": load.connection_errors,
+        "statuses": {str(k): v for k, v in load.statuses.items()},
+        "first_error": load.first_error,
+        "warmup_requests": load.warmup_requests,
+        "limit_per_s": round(limit_per_s, 1),
+        "limit_us_per_exchange": round(1e6 / limit_per_s, 2),
+        "limit_rounds_per_s": [round(x, 1) for x in limits],
+        "rs256_verify_us": round(verify_p50, 2),
+        "es256_sign_us": round(sign_p50, 2),
+        "ratio": round(ratio, 4),
+        "server_cpu_percent": None if server_cpu is None else round(server_cpu, 1),
+        "client_cpu_percent": round(client_cpu, 1),
+        "event_loop": loop_name,
+        "seconds": seconds,
+        "concurrency": concurrency,
+        "workloads": workloads,
+        "pool_size": pool_size,
+        "mint_seconds": round(mint_s, 2),
+        "goals": {"per_s": GOAL_PER_S, "p99_ms": GOAL_P99_MS, "per_s_met": rate_ok, "p99_met": p99_ok},
+    }

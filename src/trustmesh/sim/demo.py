@@ -1,0 +1,931 @@
+"""``trustmesh demo``: the whole federation on one machine, in one command.
+
+What it shows, with real processes and real HTTP, no test-only code paths:
+
+1. A control plane (``trustmesh server``, embedded SQLite) starts as a subprocess.
+2. Three simulated Kubernetes clusters -- ``eu-west``, ``us-east`` and ``ap-south`` --
+   each serve their own OIDC service-account issuer (discovery + JWKS). They are
+   registered with their issuer URL only, so the control plane finds their keys by
+   OIDC discovery, exactly as it would for EKS, GKE or a kube-apiserver. Two workloads
+   per cluster are registered with project, environment and tier claims.
+3. One agent per cluster (``trustmesh agent``) starts with a credential that lets it act
+   for that cluster only.
+4. Traffic: every workload mints a projected service-account token from its own cluster
+   (kept until near expiry, as the kubelet does), trades it at ``POST /oauth2/token``
+   (RFC 8693) for a short-lived JWT-SVID per *other* cluster (renewed at ~80 % of its
+   lifetime), and presents it to that cluster's agent at ``POST /v1/authorize``.
+5. An intruder tries, every round, a service-account token from a cluster nobody
+   registered (the exchange answers ``invalid_grant``) and a JWT-SVID whose payload it
+   rewrote to claim another workload (the agent answers 401).
+6. Midway the control plane's signing key rotates; traffic keeps verifying, first with
+   the retired key (still published in JWKS), then with the new one.
+
+A live table (or, with ``--plain`` or without a terminal, one line per notable event and
+a periodic summary) shows it all. Ctrl-C or the end of ``--duration`` stops agents, then
+the control plane, then the simulated clusters, prints a final summary and removes the
+temporary data dir. No process outlives the demo, even when start-up fails halfway.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, Protocol
+
+import httpx
+import yaml
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from trustmesh.sim.cluster import SimulatedCluster
+
+__all__ = ["CLUSTERS", "TRUST_DOMAIN", "WORKLOADS", "DemoError", "run_demo"]
+
+TRUST_DOMAIN = "demo.trustmesh.io"
+TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
+JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"
+
+ROUND_INTERVAL = 0.3  # seconds between traffic rounds (~3 rounds per second)
+SUMMARY_INTERVAL = 2.0  # seconds between summary lines in plain mode
+READY_TIMEOUT = 30.0  # seconds a subprocess may take to print its ready line
+STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL
+HTTP_TIMEOUT = 3.0
+SA_TOKEN_TTL = 3600  # projected service-account tokens, as the kubelet requests them
+RENEW_AT = 0.8  # renew tokens at 80 % of their lifetime
+INTERACTIVE_ROTATION = 10.0  # seconds into the traffic when running until Ctrl-C
+
+SERVER_READY = re.compile(r"trustmesh server listening on (\S+) \(")
+AGENT_READY = re.compile(r"trustmesh agent for cluster (\S+) ready on (\S+) \(")
+
+
+class DemoError(RuntimeError):
+    """The demo could not start, or its traffic did not behave as it should."""
+
+
+# -- the federation ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    name: str
+    region: str
+    environment: str
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    name: str
+    cluster: str
+    namespace: str
+    service_account: str
+    project: str
+    environment: str
+    tier: str
+
+    @property
+    def spiffe_id(self) -> str:
+        """The default SPIFFE ID of an entry that names none (DESIGN §2)."""
+        return (
+            f"spiffe://{TRUST_DOMAIN}/cluster/{self.cluster}"
+            f"/ns/{self.namespace}/sa/{self.service_account}"
+        )
+
+
+CLUSTERS = (
+    ClusterSpec("eu-west", "eu-west-1", "production"),
+    ClusterSpec("us-east", "us-east-1", "production"),
+    ClusterSpec("ap-south", "ap-south-1", "staging"),
+)
+WORKLOADS = (
+    WorkloadSpec("payments", "eu-west", "shop", "payments", "shop", "production", "critical"),
+    WorkloadSpec("checkout", "eu-west", "shop", "checkout", "shop", "production", "frontend"),
+    WorkloadSpec("inventory", "us-east", "warehouse", "inventory", "warehouse", "production", "backend"),
+    WorkloadSpec("search", "us-east", "catalog", "search", "catalog", "production", "frontend"),
+    WorkloadSpec("ledger", "ap-south", "finance", "ledger", "finance", "staging", "critical"),
+    WorkloadSpec("reports", "ap-south", "finance", "reports", "finance", "staging", "batch"),
+)
+ROGUE_CLUSTER = "rogue"
+
+
+def cluster_audience(cluster: str) -> str:
+    return f"spiffe://{TRUST_DOMAIN}/cluster/{cluster}"
+
+
+def manifest(issuers: dict[str, str]) -> str:
+    """Cluster (issuer only: keys by OIDC discovery) and Workload documents."""
+    documents: list[dict[str, Any]] = []
+    for spec in CLUSTERS:
+        labels = {"region": spec.region, "environment": spec.environment}
+        documents.append(_document("Cluster", spec.name, {"issuer": issuers[spec.name], "labels": labels}))
+    for wl in WORKLOADS:
+        selector = {"cluster": wl.cluster, "namespace": wl.namespace, "serviceAccount": wl.service_account}
+        claims = {"project": wl.project, "environment": wl.environment, "tier": wl.tier}
+        documents.append(_document("Workload", wl.name, {"selector": selector, "claims": claims}))
+    return yaml.safe_dump_all(documents, sort_keys=False)
+
+
+def _document(kind: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": "trustmesh.io/v1alpha1", "kind": kind, "metadata": {"name": name}, "spec": spec}
+
+
+# -- subprocesses --------------------------------------------------------------------------
+
+
+class Child:
+    """A ``trustmesh`` subprocess whose stdout and stderr go to files in ``log_dir``.
+
+    It runs in its own process group, so a Ctrl-C in the terminal reaches the demo only
+    and the demo stops its children in order (agents first, then the control plane)."""
+
+    def __init__(self, name: str, argv: list[str], log_dir: Path) -> None:
+        self.name = name
+        self.stdout_path = log_dir / f"{name}.out"
+        self.stderr_path = log_dir / f"{name}.err"
+        with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, process_group=0
+            )
+
+    def wait_ready(self, pattern: re.Pattern[str], deadline: float) -> re.Match[str]:
+        """Wait for the first stdout line and match it; a clear error if the process
+        dies or stays silent (with the end of its stderr)."""
+        while True:
+            text = self.stdout_path.read_text(encoding="utf-8", errors="replace")
+            if "\n" in text:
+                line = text.split("\n", 1)[0]
+                match = pattern.search(line)
+                if match is None:
+                    raise DemoError(f"{self.name} printed an unexpected first line: {line!r}")
+                return match
+            code = self.proc.poll()
+            if code is not None:
+                raise DemoError(f"{self.name} exited with code {code} before it was ready{self._stderr_tail()}")
+            if time.monotonic() > deadline:
+                raise DemoError(f"{self.name} was not ready within {READY_TIMEOUT:.0f} s{self._stderr_tail()}")
+            time.sleep(0.05)
+
+    def _stderr_tail(self) -> str:
+        try:
+            lines = self.stderr_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return f": {lines[-1].strip()}" if lines else ""
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait_stopped(self, timeout: float = STOP_TIMEOUT) -> None:
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def stop_children(children: list[Child]) -> None:
+    """SIGTERM to all of them at once, then wait for each (SIGKILL after a timeout)."""
+    for child in children:
+        child.terminate()
+    for child in children:
+        child.wait_stopped()
+
+
+def trustmesh_argv(*args: str | Path) -> list[str]:
+    return [sys.executable, "-m", "trustmesh.cli.main", *(str(arg) for arg in args)]
+
+
+def write_secret(path: Path, secret: str) -> None:
+    """Write a credential readable by its owner only (0600)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(secret + "\n")
+
+
+# -- the control plane's admin API -----------------------------------------------------------
+
+
+class Admin:
+    """The few admin calls the demo needs, with the admin credential."""
+
+    def __init__(self, http: httpx.Client, url: str, token: str) -> None:
+        self.http, self.url = http, url
+        self.headers = {"Authorization": f"Bearer {token}"}
+
+    def call(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        try:
+            response = self.http.post(self.url + path, json=body, headers=self.headers)
+        except httpx.HTTPError as exc:
+            raise DemoError(f"POST {path} failed: {exc}") from None
+        try:
+            document: dict[str, Any] = response.json()
+        except ValueError:
+            document = {}
+        if response.status_code != 200:
+            detail = document.get("error_description") or response.text[:200]
+            raise DemoError(f"POST {path} answered {response.status_code}: {detail}")
+        return document
+
+    def apply(self, content: str) -> int:
+        files = [{"path": "demo.yaml", "content": content}]
+        return int(self.call("/v1/apply", {"files": files, "author": "trustmesh demo"})["revision"])
+
+    def cluster_credential(self, cluster: str) -> str:
+        return str(self.call(f"/v1/clusters/{cluster}/credentials")["token"])
+
+    def rotate_keys(self) -> tuple[str, str]:
+        """-> (the retired kid, the new active kid)."""
+        result = self.call("/v1/keys/rotate")
+        active = str(result["active"]["kid"])
+        retired = [k for k in result["keys"] if k["state"] == "retired"]
+        latest = max(retired, key=lambda k: k.get("retired_at") or 0, default={"kid": "?"})
+        return str(latest["kid"]), active
+
+
+# -- scoreboard ----------------------------------------------------------------------------
+
+
+@dataclass
+class PairStats:
+    """One (workload -> target cluster) flow."""
+
+    workload: WorkloadSpec
+    target: str
+    spiffe_id: str
+    exchanges: int = 0
+    authenticated: int = 0
+    refused: int = 0
+    errors: int = 0
+    last_latency_ms: float | None = None
+    last_kid: str = ""
+    outcome: str = ""  # the last outcome, to report changes only
+
+
+@dataclass
+class IntruderStats:
+    label: str
+    target: str
+    attempts: int = 0
+    refused: int = 0
+    accepted: int = 0
+    errors: int = 0
+    last_reason: str = ""
+
+
+@dataclass
+class Rotation:
+    at: float  # seconds into the traffic
+    old_kid: str
+    new_kid: str
+    old_key_calls: int = 0  # authenticated after the rotation with the retired key
+    new_key_calls: int = 0
+
+
+@dataclass
+class Scoreboard:
+    server_url: str
+    agent_urls: dict[str, str]
+    data_dir: Path
+    temporary: bool
+    duration: float
+    pairs: list[PairStats]
+    forged: IntruderStats
+    tampered: IntruderStats
+    started: float = field(default_factory=time.monotonic)
+    rotation: Rotation | None = None
+    rotation_error: str = ""
+    interrupted: bool = False
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def totals(self) -> dict[str, int]:
+        return {
+            "exchanges": sum(p.exchanges for p in self.pairs),
+            "authenticated": sum(p.authenticated for p in self.pairs),
+            "refused": sum(p.refused for p in self.pairs),
+            "errors": sum(p.errors for p in self.pairs),
+            "intruder_attempts": self.forged.attempts + self.tampered.attempts,
+            "intruder_refused": self.forged.refused + self.tampered.refused,
+            "intruder_accepted": self.forged.accepted + self.tampered.accepted,
+        }
+
+    def problems(self) -> list[str]:
+        """What went wrong, in words; empty when every legitimate call was authenticated
+        and every intruder attempt refused."""
+        t = self.totals()
+        problems = []
+        if t["refused"] or t["errors"]:
+            problems.append(f"{t['refused']} legitimate calls refused, {t['errors']} failed")
+        if t["intruder_accepted"]:
+            problems.append(f"{t['intruder_accepted']} intruder attempts were ACCEPTED")
+        if t["authenticated"] == 0 and not self.interrupted:
+            problems.append("no legitimate call was authenticated")
+        silent = [f"{p.workload.name}->{p.target}" for p in self.pairs if p.authenticated == 0]
+        if silent and not self.interrupted and t["authenticated"]:
+            problems.append("no authenticated call for " + ", ".join(silent))
+        if self.rotation_error:
+            problems.append(self.rotation_error)
+        return problems
+
+
+# -- traffic -------------------------------------------------------------------------------
+
+
+@dataclass
+class Lease:
+    token: str
+    renew_at: float  # time.time() after which a new one is fetched
+
+
+class Refused(Exception):
+    """The control plane or an agent said no (as opposed to a transport failure)."""
+
+    def __init__(self, status: int, error: str, description: str) -> None:
+        super().__init__(f"{status} {error}: {description}")
+        self.status, self.error, self.description = status, error, description
+
+
+class Events(Protocol):
+    def event(self, text: str) -> None: ...
+
+
+class Traffic:
+    """Workloads minting, exchanging and presenting tokens; and the intruder."""
+
+    def __init__(
+        self,
+        board: Scoreboard,
+        http: httpx.Client,
+        clusters: dict[str, SimulatedCluster],
+        rogue: SimulatedCluster,
+        events: Events,
+        lease_seconds: int,
+    ) -> None:
+        self.board, self.http, self.clusters, self.rogue = board, http, clusters, rogue
+        self.events, self.lease_seconds = events, lease_seconds
+        self.sa_tokens: dict[str, Lease] = {}
+        self.svids: dict[tuple[str, str], Lease] = {}
+        self.round = 0
+        self.new_key_seen = False
+
+    # -- legitimate traffic
+
+    def run_round(self) -> None:
+        for pair in self.board.pairs:
+            self.call(pair)
+        self.forge_exchange()
+        self.tamper()
+        self.round += 1
+
+    def sa_token(self, wl: WorkloadSpec) -> str:
+        lease = self.sa_tokens.get(wl.name)
+        if lease is None or time.time() >= lease.renew_at:
+            token = self.clusters[wl.cluster].mint(wl.namespace, wl.service_account, ttl=SA_TOKEN_TTL)
+            lease = Lease(token, time.time() + RENEW_AT * SA_TOKEN_TTL)
+            self.sa_tokens[wl.name] = lease
+        return lease.token
+
+    def svid(self, pair: PairStats) -> str:
+        key = (pair.workload.name, pair.target)
+        lease = self.svids.get(key)
+        if lease is None or time.time() >= lease.renew_at:
+            token, expires_in = self.exchange(self.sa_token(pair.workload), pair.target)
+            pair.exchanges += 1
+            lease = Lease(token, time.time() + RENEW_AT * expires_in)
+            self.svids[key] = lease
+        return lease.token
+
+    def exchange(self, subject_token: str, target: str) -> tuple[str, float]:
+        form = {
+            "grant_type": TOKEN_EXCHANGE,
+            "subject_token": subject_token,
+            "subject_token_type": JWT_TOKEN_TYPE,
+            "audience": cluster_audience(target),
+            "lifetime": str(self.lease_seconds),
+        }
+        response = self.http.post(self.board.server_url + "/oauth2/token", data=form)
+        body = _json(response)
+        if response.status_code != 200:
+            raise Refused(response.status_code, str(body.get("error")), str(body.get("error_description")))
+        return str(body["access_token"]), float(body["expires_in"])
+
+    def authorize(self, target: str, token: str, host: str) -> dict[str, Any]:
+        request = {"service": {"host": host, "path": "/api", "method": "GET"}}
+        response = self.http.post(
+            self.board.agent_urls[target] + "/v1/authorize", json={"token": token, "request": request}
+        )
+        body = _json(response)
+        if response.status_code != 200 or not body.get("authenticated"):
+            reason = str(body.get("reason") or body.get("error_description") or "")
+            raise Refused(response.status_code, str(body.get("error") or "denied"), reason)
+        return body
+
+    def call(self, pair: PairStats) -> None:
+        name = f"{pair.workload.name}@{pair.workload.cluster} -> {pair.target}"
+        try:
+            token = self.svid(pair)
+            started = time.perf_counter()
+            body = self.authorize(pair.target, token, f"api.{pair.target}.internal")
+            pair.last_latency_ms = (time.perf_counter() - started) * 1000
+        except Refused as exc:
+            pair.refused += 1
+            self.svids.pop((pair.workload.name, pair.target), None)
+            self.outcome(pair, f"refused: {exc}", f"{name}: REFUSED ({exc})")
+            return
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            pair.errors += 1
+            self.outcome(pair, f"error: {type(exc).__name__}", f"{name}: request failed ({exc!r})")
+            return
+        self.authenticated(pair, name, body["identity"])
+
+    def authenticated(self, pair: PairStats, name: str, identity: dict[str, Any]) -> None:
+        pair.authenticated += 1
+        pair.spiffe_id = str(identity.get("spiffe_id") or pair.spiffe_id)
+        pair.last_kid = str(identity.get("kid") or "")
+        ms = pair.last_latency_ms or 0.0
+        self.outcome(
+            pair, "ok", f"{name}: authenticated as {pair.spiffe_id} (kid {_short(pair.last_kid)}, {ms:.1f} ms)"
+        )
+        rotation = self.board.rotation
+        if rotation is None:
+            return
+        if pair.last_kid == rotation.new_kid:
+            rotation.new_key_calls += 1
+            if not self.new_key_seen:
+                self.new_key_seen = True
+                self.events.event(
+                    f"{name}: first call verified with the new key (kid {_short(rotation.new_kid)}); "
+                    "tokens signed before the rotation keep verifying with the retired key"
+                )
+        else:
+            rotation.old_key_calls += 1
+
+    def outcome(self, pair: PairStats, outcome: str, text: str) -> None:
+        """Report a flow's outcome when it changes: the first success, a failure, a recovery."""
+        if outcome != pair.outcome:
+            pair.outcome = outcome
+            self.events.event(text)
+
+    # -- the intruder
+
+    def forge_exchange(self) -> None:
+        """A token for shop/payments from a cluster nobody registered."""
+        stats = self.board.forged
+        stats.attempts += 1
+        forged = self.rogue.mint("shop", "payments", ttl=600)
+        try:
+            self.exchange(forged, stats.target)
+        except Refused as exc:
+            self.intruder_refused(stats, f"{exc.error}", f"refused at exchange: {exc}")
+            return
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            stats.errors += 1
+            self.events.event(f"intruder: forged exchange failed in transport ({exc!r})")
+            return
+        stats.accepted += 1
+        self.events.event("intruder: forged SA token was ACCEPTED by the control plane")
+
+    def tamper(self) -> None:
+        """Rewrite a legitimate JWT-SVID's payload to claim another workload."""
+        stolen = self.steal()
+        if stolen is None:
+            return
+        target, token = stolen
+        stats = self.board.tampered
+        stats.target = target
+        stats.attempts += 1
+        try:
+            self.authorize(target, swap_payload(token, WORKLOADS[0]), f"api.{target}.internal")
+        except Refused as exc:
+            self.intruder_refused(stats, exc.description or exc.error, f"refused by agent {target}: {exc}")
+            return
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            stats.errors += 1
+            self.events.event(f"intruder: tampered call failed in transport ({exc!r})")
+            return
+        stats.accepted += 1
+        self.events.event(f"intruder: tampered JWT-SVID was ACCEPTED by agent {target}")
+
+    def steal(self) -> tuple[str, str] | None:
+        """A current JWT-SVID of some workload other than the one impersonated."""
+        candidates = sorted(
+            (key, lease.token) for key, lease in self.svids.items() if key[0] != WORKLOADS[0].name
+        )
+        if not candidates:
+            return None
+        (_, target), token = candidates[self.round % len(candidates)]
+        return target, token
+
+    def intruder_refused(self, stats: IntruderStats, reason: str, text: str) -> None:
+        stats.refused += 1
+        if reason != stats.last_reason:
+            stats.last_reason = reason
+            self.events.event(f"intruder: {stats.label} {text}")
+
+    # -- key rotation
+
+    def rotate(self, admin: Admin) -> None:
+        try:
+            old, new = admin.rotate_keys()
+        except DemoError as exc:
+            self.board.rotation_error = f"key rotation failed: {exc}"
+            self.events.event(self.board.rotation_error)
+            return
+        self.board.rotation = Rotation(self.board.elapsed(), old, new)
+        self.events.event(
+            f"signing key rotated: kid {_short(old)} retired (still in JWKS), kid {_short(new)} active; "
+            "agents verify the new kid from their key set or refresh it on first sight"
+        )
+
+
+def swap_payload(token: str, victim: WorkloadSpec) -> str:
+    """The same header and signature over a payload rewritten to claim ``victim``."""
+    header, payload, signature = token.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    claims.update(
+        sub=victim.spiffe_id,
+        workload_id=victim.name,
+        namespace=victim.namespace,
+        service_account=victim.service_account,
+        tier=victim.tier,
+    )
+    raw = json.dumps(claims, separators=(",", ":")).encode()
+    forged = base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+    return f"{header}.{forged}.{signature}"
+
+
+def _json(response: httpx.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _short(kid: str) -> str:
+    return kid[:10] if kid else "-"
+
+
+# -- display -------------------------------------------------------------------------------
+
+
+def stats_table(board: Scoreboard, title: str | None = None) -> Table:
+    table = Table(title=title, expand=False, title_justify="left")
+    for column in ("FROM", "WORKLOAD", "SPIFFE ID", "TO", "EXCHANGES", "AUTHENTICATED", "REFUSED"):
+        table.add_column(column, justify="right" if column.isupper() and column[0] in "EAR" else "left")
+    table.add_column("KEY")
+    table.add_column("LAST MS", justify="right")
+    for p in board.pairs:
+        refused = p.refused + p.errors
+        table.add_row(
+            p.workload.cluster, p.workload.name, p.spiffe_id, p.target, str(p.exchanges),
+            Text(str(p.authenticated), style="green" if p.authenticated else ""),
+            Text(str(refused), style="bold red" if refused else ""),
+            _short(p.last_kid), "-" if p.last_latency_ms is None else f"{p.last_latency_ms:.1f}",
+        )  # fmt: skip
+    for intruder in (board.forged, board.tampered):
+        table.add_row(
+            ROGUE_CLUSTER, Text("intruder", style="red"), intruder.label, intruder.target,
+            str(intruder.attempts),
+            Text(str(intruder.accepted), style="bold red" if intruder.accepted else ""),
+            Text(f"{intruder.refused} refused", style="yellow"), "", intruder.last_reason[:40],
+        )  # fmt: skip
+    return table
+
+
+def rotation_line(board: Scoreboard) -> str:
+    rotation = board.rotation
+    if board.rotation_error:
+        return board.rotation_error
+    if rotation is None:
+        return "signing key: not rotated yet"
+    return (
+        f"signing key rotated at {rotation.at:.1f} s: {_short(rotation.old_kid)} -> "
+        f"{_short(rotation.new_kid)}; since then {rotation.old_key_calls} calls verified with the "
+        f"retired key, {rotation.new_key_calls} with the new one"
+    )
+
+
+def header_lines(board: Scoreboard) -> list[str]:
+    agents = ", ".join(f"{name} {url}" for name, url in board.agent_urls.items())
+    kept = "removed at the end" if board.temporary else "kept"
+    return [
+        f"control plane {board.server_url} (trust domain spiffe://{TRUST_DOMAIN})",
+        f"agents: {agents}",
+        f"data dir: {board.data_dir} ({kept})",
+    ]
+
+
+def summary_line(board: Scoreboard) -> str:
+    t = board.totals()
+    return (
+        f"summary at {board.elapsed():.1f} s: {t['exchanges']} exchanges, "
+        f"{t['authenticated']} authenticated calls, {t['refused']} refused legitimate calls, "
+        f"{t['errors']} errors, {t['intruder_refused']}/{t['intruder_attempts']} intruder attempts refused"
+    )
+
+
+class PlainDisplay:
+    """One line per notable event and a summary line every few seconds."""
+
+    def __init__(self, console: Console, board: Scoreboard) -> None:
+        self.console, self.board = console, board
+        self.next_summary = SUMMARY_INTERVAL
+
+    def __enter__(self) -> PlainDisplay:
+        for line in header_lines(self.board):
+            self.say(line)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.say(summary_line(self.board))
+
+    def say(self, text: str) -> None:
+        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    def event(self, text: str) -> None:
+        self.say(f"[{self.board.elapsed():6.1f}s] {text}")
+
+    def tick(self) -> None:
+        if self.board.elapsed() >= self.next_summary:
+            self.next_summary += SUMMARY_INTERVAL
+            self.event(summary_line(self.board))
+
+
+class LiveDisplay:
+    """A live table, refreshed four times a second, with the last few events below it."""
+
+    def __init__(self, console: Console, board: Scoreboard) -> None:
+        self.console, self.board = console, board
+        self.events: deque[str] = deque(maxlen=6)
+        self.live = Live(console=console, refresh_per_second=4, get_renderable=self.render)
+
+    def __enter__(self) -> LiveDisplay:
+        self.live.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.live.stop()
+
+    def event(self, text: str) -> None:
+        self.events.append(f"[{self.board.elapsed():6.1f}s] {text}")
+
+    def tick(self) -> None:
+        pass  # Live refreshes on its own thread
+
+    def render(self) -> RenderableType:
+        board = self.board
+        head = Text("\n".join(header_lines(board)), style="bold")
+        stop = f"stops after {board.duration:.0f} s; " if board.duration else ""
+        foot = Text.assemble(
+            (rotation_line(board) + "\n", "cyan"),
+            (summary_line(board) + "\n", ""),
+            ("\n".join(self.events) + "\n", "dim"),
+            (f"{stop}Ctrl-C to stop", "bold"),
+        )
+        return Group(head, stats_table(board), foot)
+
+
+class Display(Events, Protocol):
+    def tick(self) -> None: ...
+    def __enter__(self) -> Display: ...
+    def __exit__(self, *exc: object) -> None: ...
+
+
+def print_final(console: Console, board: Scoreboard) -> None:
+    console.print(stats_table(board, title="trustmesh demo: final summary"))
+    console.print(rotation_line(board), markup=False, highlight=False, soft_wrap=True)
+    t = board.totals()
+    problems = board.problems()
+    if problems:
+        console.print("PROBLEMS: " + "; ".join(problems), markup=False, style="bold red", soft_wrap=True)
+        return
+    console.print(
+        f"OK: every legitimate call was authenticated ({t['authenticated']} calls after "
+        f"{t['exchanges']} token exchanges); all {t['intruder_attempts']} intruder attempts were refused",
+        markup=False, highlight=False, style="bold green", soft_wrap=True,
+    )  # fmt: skip
+
+
+# -- start-up ------------------------------------------------------------------------------
+
+
+@dataclass
+class Federation:
+    """Everything the start-up brought up; the ExitStack owns stopping it."""
+
+    server_url: str
+    admin: Admin
+    clusters: dict[str, SimulatedCluster]
+    rogue: SimulatedCluster
+    agent_urls: dict[str, str]
+
+
+def start_federation(stack: ExitStack, root: Path, http: httpx.Client, say: Callable[[str], None]) -> Federation:
+    logs = root / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    server_url = start_server(stack, root, logs)
+    say(f"control plane listening on {server_url}")
+    token = (root / "control-plane" / "admin.token").read_text(encoding="utf-8").strip()
+    admin = Admin(http, server_url, token)
+    clusters = start_clusters(stack, root)
+    for name, cluster in clusters.items():
+        say(f"simulated cluster {name}: service-account issuer {cluster.issuer}")
+    rogue = SimulatedCluster(ROGUE_CLUSTER)  # never registered: the intruder's cluster
+    stack.enter_context(rogue.serve())
+    revision = admin.apply(manifest({name: c.issuer for name, c in clusters.items()}))
+    say(f"registered {len(clusters)} clusters (keys by OIDC discovery) and {len(WORKLOADS)} workloads: revision {revision}")
+    agent_urls = start_agents(stack, root, logs, admin, server_url)
+    for name, url in agent_urls.items():
+        say(f"agent for {name} ready on {url}")
+    return Federation(server_url, admin, clusters, rogue, agent_urls)
+
+
+def start_server(stack: ExitStack, root: Path, logs: Path) -> str:
+    argv = trustmesh_argv(
+        "server", "--data-dir", root / "control-plane", "--listen", "127.0.0.1:0",
+        "--trust-domain", TRUST_DOMAIN,
+    )  # fmt: skip
+    server = Child("control-plane", argv, logs)
+    stack.callback(stop_children, [server])
+    return server.wait_ready(SERVER_READY, time.monotonic() + READY_TIMEOUT).group(1)
+
+
+def start_clusters(stack: ExitStack, root: Path) -> dict[str, SimulatedCluster]:
+    clusters = {}
+    for spec in CLUSTERS:
+        cluster = SimulatedCluster(spec.name, data_dir=root / "clusters" / spec.name)
+        stack.enter_context(cluster.serve())
+        clusters[spec.name] = cluster
+    return clusters
+
+
+def start_agents(stack: ExitStack, root: Path, logs: Path, admin: Admin, server_url: str) -> dict[str, str]:
+    """Start every agent, then wait for all of them (they start in parallel)."""
+    agents: list[Child] = []
+    stack.callback(stop_children, agents)  # all at once, before the control plane stops
+    for spec in CLUSTERS:
+        data_dir = root / "agents" / spec.name
+        data_dir.mkdir(parents=True, exist_ok=True)
+        token_file = root / "agents" / f"{spec.name}.token"
+        write_secret(token_file, admin.cluster_credential(spec.name))
+        argv = trustmesh_argv(
+            "agent", "--cluster", spec.name, "--server", server_url, "--listen", "127.0.0.1:0",
+            "--data-dir", data_dir, "--token-file", token_file,
+        )  # fmt: skip
+        agents.append(Child(f"agent-{spec.name}", argv, logs))
+    deadline = time.monotonic() + READY_TIMEOUT
+    return {spec.name: agent.wait_ready(AGENT_READY, deadline).group(2) for spec, agent in zip(CLUSTERS, agents, strict=True)}
+
+
+def data_root(stack: ExitStack, data_dir: Path | None) -> tuple[Path, bool]:
+    """The demo's data dir, and whether it is a temporary one (removed at the end)."""
+    if data_dir is not None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        return data_dir.resolve(), False
+    root = Path(tempfile.mkdtemp(prefix="trustmesh-demo-"))
+    stack.callback(shutil.rmtree, root, ignore_errors=True)
+    return root, True
+
+
+# -- signals ---------------------------------------------------------------------------------
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM ends the demo as Ctrl-C does (KeyboardInterrupt), so cleanup runs."""
+    if not _in_main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def signals_ignored() -> Iterator[None]:
+    """While shutting down, a second Ctrl-C must not cut the shutdown short."""
+    if not _in_main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# -- the demo --------------------------------------------------------------------------------
+
+
+def lease_seconds(duration: float) -> int:
+    """JWT-SVID lifetime the workloads ask for: short enough that renewals (and tokens
+    signed by the new key after the rotation) show within the demo."""
+    return 15 if duration <= 0 else max(2, min(15, int(duration / 3)))
+
+
+def rotation_time(duration: float) -> float:
+    return INTERACTIVE_ROTATION if duration <= 0 else duration / 2
+
+
+def drive(traffic: Traffic, display: Display, admin: Admin, duration: float) -> None:
+    """Traffic rounds until ``duration`` (0: until Ctrl-C); rotate the key midway."""
+    board = traffic.board
+    rotate_at = rotation_time(duration)
+    while duration <= 0 or board.elapsed() < duration:
+        began = time.monotonic()
+        if board.rotation is None and not board.rotation_error and board.elapsed() >= rotate_at:
+            traffic.rotate(admin)
+        traffic.run_round()
+        display.tick()
+        time.sleep(max(0.0, ROUND_INTERVAL - (time.monotonic() - began)))
+
+
+def make_board(fed: Federation, root: Path, temporary: bool, duration: float) -> Scoreboard:
+    pairs = [
+        PairStats(wl, target.name, wl.spiffe_id)
+        for wl in WORKLOADS
+        for target in CLUSTERS
+        if target.name != wl.cluster
+    ]
+    return Scoreboard(
+        server_url=fed.server_url,
+        agent_urls=fed.agent_urls,
+        data_dir=root,
+        temporary=temporary,
+        duration=duration,
+        pairs=pairs,
+        forged=IntruderStats(f"forged SA token from unregistered cluster {ROGUE_CLUSTER!r}", "control plane"),
+        tampered=IntruderStats("JWT-SVID with rewritten payload (claims payments)", "-"),
+    )
+
+
+def make_console(plain: bool) -> Console:
+    console = Console()
+    if plain and not console.is_terminal:
+        return Console(width=max(console.width, 160))
+    return console
+
+
+def run_demo(duration: float = 0.0, data_dir: Path | None = None, plain: bool = False) -> None:
+    """Run the demo for ``duration`` seconds (0: until Ctrl-C). Returns normally when every
+    legitimate call was authenticated and every intruder attempt refused; raises
+    DemoError with one line otherwise, or when start-up failed."""
+    console = make_console(plain)
+    plain = plain or not console.is_terminal
+    say: Callable[[str], None] = lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
+    board: Scoreboard | None = None
+    stack = ExitStack()
+    with sigterm_interrupts():
+        try:
+            root, temporary = data_root(stack, data_dir)
+            http = stack.enter_context(httpx.Client(timeout=HTTP_TIMEOUT))
+            fed = start_federation(stack, root, http, say)
+            board = make_board(fed, root, temporary, duration)
+            traffic_display: Display = PlainDisplay(console, board) if plain else LiveDisplay(console, board)
+            traffic = Traffic(board, http, fed.clusters, fed.rogue, traffic_display, lease_seconds(duration))
+            with traffic_display:
+                drive(traffic, traffic_display, fed.admin, duration)
+        except KeyboardInterrupt:
+            if board is not None:
+                board.interrupted = True
+            say("interrupted: stopping agents, control plane and simulated clusters")
+        finally:
+            with signals_ignored():
+                stack.close()
+    if board is None:
+        say("stopped during start-up; nothing left running")
+        return
+    print_final(console, board)
+    problems = board.problems()
+    if problems:
+        raise DemoError("demo finished with problems: " + "; ".join(problems))

