@@ -148,6 +148,7 @@ class Agent:
     process: Process
     url: str
     cluster: str
+    ready_line: str
 
     def authorize(self, token: str, request: dict[str, Any] | None = None) -> httpx.Response:
         return httpx.post(self.url + "/v1/authorize", json={"token": token, "request": request or {}}, timeout=10)
@@ -169,7 +170,7 @@ def start_agent(cluster: str, servers: list[str], data_dir: Path, credential: st
         data_dir.parent / f"{data_dir.name}.agent.log",
     )
     line = process.wait_line("trustmesh agent for cluster ")
-    return Agent(process=process, url=line.split()[7], cluster=cluster)
+    return Agent(process=process, url=line.split()[7], cluster=cluster, ready_line=line)
 
 
 def cluster_yaml(name: str, issuer: str, **spec: Any) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,10 @@ class AgentConfig:
     cache_size: int = 100_000
     max_sync_interval: float = 30.0
     extra: dict[str, str] = field(default_factory=dict)
+
+
+class AgentFailed(RuntimeError):
+    """The agent stopped because it can never become ready (e.g. its credential is refused)."""
 
 
 def read_credential(path: Path) -> str:
@@ -59,9 +64,14 @@ def run_agent(config: AgentConfig, listen: str) -> None:
 
     tasks: list[asyncio.Task[None]] = []
 
+    def stop_on_fatal(_reason: str) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)  # the normal, draining shutdown path
+
     async def on_start() -> None:
         restored = sync.restore()
-        tasks.append(asyncio.create_task(sync.run(lambda: announce("synced with the control plane"))))
+        tasks.append(
+            asyncio.create_task(sync.run(lambda: announce("synced with the control plane"), stop_on_fatal))
+        )
         if restored:
             announce("state restored from the data dir; syncing")
 
@@ -73,3 +83,5 @@ def run_agent(config: AgentConfig, listen: str) -> None:
 
     app = build_agent_app(authn, sync, on_start, on_stop)
     serve_socket(app, sock, lambda _url: None)
+    if sync.fatal is not None:
+        raise AgentFailed(sync.fatal)

@@ -195,7 +195,14 @@ class Synchronizer:
             return False
         return True
 
-    async def run(self, on_first_sync: Callable[[], None] | None = None) -> None:
+    async def run(
+        self,
+        on_first_sync: Callable[[], None] | None = None,
+        on_fatal: Callable[[str], None] | None = None,
+    ) -> None:
+        """Sync forever. A credential refused before any state was known is fatal (the
+        agent could never become ready: fail fast and say why); refused later, the agent
+        keeps serving what it has and keeps asking."""
         first = True
         while True:
             try:
@@ -206,7 +213,11 @@ class Synchronizer:
                 first = False
                 delay = min(self.max_interval, max(1.0, state.refresh_hint))
             except CredentialRejected as exc:
-                self.last_error = self.fatal = str(exc)
+                self.last_error = str(exc)
+                if self.state is None and on_fatal is not None:
+                    self.fatal = str(exc)
+                    on_fatal(str(exc))
+                    return
                 log.error("%s", exc)
                 delay = self.backoff.cap
             except Unreachable as exc:

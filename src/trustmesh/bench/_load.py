@@ -82,9 +82,7 @@ async def _exchange(
     return status, body, b"\r\nconnection: close\r\n" in lowered
 
 
-async def _worker(
-    host: str, port: int, next_request: Callable[[], bytes], state: _State
-) -> None:
+async def _worker(host: str, port: int, next_request: Callable[[], bytes], state: _State) -> None:
     clock = time.perf_counter_ns
     latencies = state.latencies
     statuses = state.statuses
@@ -135,8 +133,7 @@ async def _drive(
     pool = itertools.cycle(requests)
     next_request = pool.__next__  # one shared cycle: consecutive requests differ
     tasks = [
-        asyncio.create_task(_worker(host, port, next_request, state))
-        for _ in range(concurrency)
+        asyncio.create_task(_worker(host, port, next_request, state)) for _ in range(concurrency)
     ]
     try:
         deadline = time.monotonic() + max(30.0, 10 * seconds)

@@ -47,7 +47,9 @@ class Child:
                     return line.strip()
             code = self.proc.poll()
             if code is not None:
-                raise RuntimeError(f"{self.name} exited with {code} before it was ready: {self.tail()}")
+                raise RuntimeError(
+                    f"{self.name} exited with {code} before it was ready: {self.tail()}"
+                )
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{self.name} printed no ready line within {timeout:.0f} s")
             time.sleep(0.02)

@@ -93,8 +93,16 @@ def _manifests(issuer: str, workloads: int) -> str:
                 "kind": "Workload",
                 "metadata": {"name": f"svc-{i}"},
                 "spec": {
-                    "selector": {"cluster": ORIGIN, "namespace": f"ns-{i}", "serviceAccount": f"sa-{i}"},
-                    "claims": {"project": f"project-{i % 4}", "environment": "prod", "tier": "gold"},
+                    "selector": {
+                        "cluster": ORIGIN,
+                        "namespace": f"ns-{i}",
+                        "serviceAccount": f"sa-{i}",
+                    },
+                    "claims": {
+                        "project": f"project-{i % 4}",
+                        "environment": "prod",
+                        "tier": "gold",
+                    },
                 },
             }
         )
@@ -133,12 +141,14 @@ def _check_exchange(url: str, token: str) -> None:
         trust_env=False,
     )
     if response.status_code != 200:
-        raise RuntimeError(f"sanity exchange failed: HTTP {response.status_code} {response.text[:300]}")
+        raise RuntimeError(
+            f"sanity exchange failed: HTTP {response.status_code} {response.text[:300]}"
+        )
     svid = response.json()["access_token"]
     claims = json.loads(_b64decode(svid.split(".")[1]))
-    if not str(claims.get("sub", "")).startswith(f"spiffe://{TRUST_DOMAIN}/") or AUDIENCE not in claims.get(
-        "aud", []
-    ):
+    if not str(claims.get("sub", "")).startswith(
+        f"spiffe://{TRUST_DOMAIN}/"
+    ) or AUDIENCE not in claims.get("aud", []):
         raise RuntimeError(f"sanity exchange returned unexpected claims: {claims}")
 
 
@@ -246,7 +256,9 @@ def run(
     keep-alive connections, next to the single-core crypto limit (see the module
     docstring). Starts and always stops its own server and cluster processes."""
     if seconds <= 0 or concurrency < 1 or workloads < 1 or pool_size < 1 or limit_rounds < 1:
-        raise ValueError("seconds, concurrency, workloads, pool_size and limit_rounds must be positive")
+        raise ValueError(
+            "seconds, concurrency, workloads, pool_size and limit_rounds must be positive"
+        )
     with tempfile.TemporaryDirectory(prefix="trustmesh-bench-") as tmp:
         root = Path(tmp)
         cluster_dir, server_dir, logs = root / "cluster", root / "server", root / "logs"
@@ -261,14 +273,24 @@ def run(
             )  # fmt: skip
             server = start(
                 "server",
-                [sys.executable, "-m", "trustmesh.cli.main", "server", "--data-dir", str(server_dir),
+                [sys.executable, "-m", "trustmesh.cli.main", "server",
+                 "--data-dir", str(server_dir),
                  "--listen", "127.0.0.1:0", "--trust-domain", TRUST_DOMAIN],
                 logs,
             )  # fmt: skip
             sim.wait_ready(f"simulated cluster {ORIGIN} issuer ")
             url = server.wait_ready("trustmesh server listening on ").split()[4]
             return _measure(
-                url, server, cluster_dir, server_dir, seconds, concurrency, workloads, pool_size, warmup, limit_rounds
+                url,
+                server,
+                cluster_dir,
+                server_dir,
+                seconds,
+                concurrency,
+                workloads,
+                pool_size,
+                warmup,
+                limit_rounds,
             )
         finally:
             stop(server)
@@ -297,7 +319,9 @@ def _measure(
         trust_env=False,
     )
     if applied.status_code != 200:
-        raise RuntimeError(f"applying the bench manifests failed: HTTP {applied.status_code} {applied.text[:300]}")
+        raise RuntimeError(
+            f"applying the bench manifests failed: HTTP {applied.status_code} {applied.text[:300]}"
+        )
 
     minted_at = time.perf_counter()
     tokens = [cluster.mint(f"ns-{i % workloads}", f"sa-{i % workloads}") for i in range(pool_size)]
@@ -322,7 +346,9 @@ def _measure(
     after = [limit.round(budget) for _ in range(limit_rounds // 2)]
     if server.proc.poll() is not None:
         raise RuntimeError(f"the server exited during the load: {server.tail()}")
-    return _report(load, loop_name, before + after, seconds, concurrency, workloads, pool_size, mint_s)
+    return _report(
+        load, loop_name, before + after, seconds, concurrency, workloads, pool_size, mint_s
+    )
 
 
 def _report(
@@ -364,27 +390,41 @@ def _report(
             p50_us=both_p50,
             p99_us=both_p99,
             per_s=limit_per_s,
-            note=f"one core, median of {len(rounds)} rounds ({limits[0]:,.0f}–{limits[-1]:,.0f}/s)",
+            note=f"one core, median of {len(rounds)} rounds "
+            f"({limits[0]:,.0f} to {limits[-1]:,.0f}/s)",
         ),
-        row("  RS256 verify (SA token)", p50_us=verify_p50, p99_us=verify_p99, per_s=verify_per_s,
-            note="cryptography, RSA-2048 PKCS#1 v1.5"),  # fmt: skip
-        row("  ES256 sign (JWT-SVID)", p50_us=sign_p50, p99_us=sign_p99, per_s=sign_per_s,
-            note="cryptography, P-256 ECDSA"),  # fmt: skip
+        row(
+            "  RS256 verify (SA token)",
+            p50_us=verify_p50,
+            p99_us=verify_p99,
+            per_s=verify_per_s,
+            note="cryptography, RSA-2048 PKCS#1 v1.5",
+        ),
+        row(
+            "  ES256 sign (JWT-SVID)",
+            p50_us=sign_p50,
+            p99_us=sign_p99,
+            per_s=sign_per_s,
+            note="cryptography, P-256 ECDSA",
+        ),
     ]
 
     def verdict(ok: bool) -> str:
         return "met" if ok else "MISSED"
 
     summary = [
-        f"exchanges/s over HTTP: {http.per_s:,.0f} (p50 {http.p50_us / 1000:.2f} ms, p99 {p99_ms:.2f} ms; "
+        f"exchanges/s over HTTP: {http.per_s:,.0f} "
+        f"(p50 {http.p50_us / 1000:.2f} ms, p99 {p99_ms:.2f} ms; "
         f"{http.n:,} requests in {window_s:.1f} s over {concurrency} keep-alive connections)",
         f"errors: {load.non_200} non-200 answers, {load.connection_errors} connection errors"
         + (f" (first: {load.first_error})" if load.first_error else ""),
         f"single-core limit (one RS256 verify + one ES256 sign): {limit_per_s:,.0f}/s, "
-        f"{1e6 / limit_per_s:.1f} µs per exchange; HTTP reaches {ratio:.1%} of it (ratio {ratio:.3f})",
+        f"{1e6 / limit_per_s:.1f} µs per exchange; "
+        f"HTTP reaches {ratio:.1%} of it (ratio {ratio:.3f})",
         (f"server process: {server_cpu:.0f}% of one core; " if server_cpu is not None else "")
         + f"load generator ({loop_name}): {client_cpu:.0f}% of one core",
-        f"goal ≥ {GOAL_PER_S:,.0f} exchanges/s: {verdict(rate_ok)}; goal p99 < {GOAL_P99_MS:.0f} ms: {verdict(p99_ok)}",
+        f"goal ≥ {GOAL_PER_S:,.0f} exchanges/s: {verdict(rate_ok)}; "
+        f"goal p99 < {GOAL_P99_MS:.0f} ms: {verdict(p99_ok)}",
     ]
     return {
         "title": "Token exchange (RFC 8693) over HTTP vs. one core's crypto limit",
@@ -415,5 +455,10 @@ def _report(
         "workloads": workloads,
         "pool_size": pool_size,
         "mint_seconds": round(mint_s, 2),
-        "goals": {"per_s": GOAL_PER_S, "p99_ms": GOAL_P99_MS, "per_s_met": rate_ok, "p99_met": p99_ok},
+        "goals": {
+            "per_s": GOAL_PER_S,
+            "p99_ms": GOAL_P99_MS,
+            "per_s_met": rate_ok,
+            "p99_met": p99_ok,
+        },
     }

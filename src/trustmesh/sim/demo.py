@@ -59,8 +59,8 @@ from trustmesh.sim.cluster import SimulatedCluster
 __all__ = ["CLUSTERS", "TRUST_DOMAIN", "WORKLOADS", "DemoError", "run_demo"]
 
 TRUST_DOMAIN = "demo.trustmesh.io"
-TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
-JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"
+TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"  # noqa: S105
+JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"  # noqa: S105
 
 ROUND_INTERVAL = 0.3  # seconds between traffic rounds (~3 rounds per second)
 SUMMARY_INTERVAL = 2.0  # seconds between summary lines in plain mode
@@ -116,7 +116,9 @@ CLUSTERS = (
 WORKLOADS = (
     WorkloadSpec("payments", "eu-west", "shop", "payments", "shop", "production", "critical"),
     WorkloadSpec("checkout", "eu-west", "shop", "checkout", "shop", "production", "frontend"),
-    WorkloadSpec("inventory", "us-east", "warehouse", "inventory", "warehouse", "production", "backend"),
+    WorkloadSpec(
+        "inventory", "us-east", "warehouse", "inventory", "warehouse", "production", "backend"
+    ),
     WorkloadSpec("search", "us-east", "catalog", "search", "catalog", "production", "frontend"),
     WorkloadSpec("ledger", "ap-south", "finance", "ledger", "finance", "staging", "critical"),
     WorkloadSpec("reports", "ap-south", "finance", "reports", "finance", "staging", "batch"),
@@ -133,16 +135,27 @@ def manifest(issuers: dict[str, str]) -> str:
     documents: list[dict[str, Any]] = []
     for spec in CLUSTERS:
         labels = {"region": spec.region, "environment": spec.environment}
-        documents.append(_document("Cluster", spec.name, {"issuer": issuers[spec.name], "labels": labels}))
+        documents.append(
+            _document("Cluster", spec.name, {"issuer": issuers[spec.name], "labels": labels})
+        )
     for wl in WORKLOADS:
-        selector = {"cluster": wl.cluster, "namespace": wl.namespace, "serviceAccount": wl.service_account}
+        selector = {
+            "cluster": wl.cluster,
+            "namespace": wl.namespace,
+            "serviceAccount": wl.service_account,
+        }
         claims = {"project": wl.project, "environment": wl.environment, "tier": wl.tier}
         documents.append(_document("Workload", wl.name, {"selector": selector, "claims": claims}))
     return yaml.safe_dump_all(documents, sort_keys=False)
 
 
 def _document(kind: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
-    return {"apiVersion": "trustmesh.io/v1alpha1", "kind": kind, "metadata": {"name": name}, "spec": spec}
+    return {
+        "apiVersion": "trustmesh.io/v1alpha1",
+        "kind": kind,
+        "metadata": {"name": name},
+        "spec": spec,
+    }
 
 
 # -- subprocesses --------------------------------------------------------------------------
@@ -176,14 +189,20 @@ class Child:
                 return match
             code = self.proc.poll()
             if code is not None:
-                raise DemoError(f"{self.name} exited with code {code} before it was ready{self._stderr_tail()}")
+                raise DemoError(
+                    f"{self.name} exited with code {code} before it was ready{self._stderr_tail()}"
+                )
             if time.monotonic() > deadline:
-                raise DemoError(f"{self.name} was not ready within {READY_TIMEOUT:.0f} s{self._stderr_tail()}")
+                raise DemoError(
+                    f"{self.name} was not ready within {READY_TIMEOUT:.0f} s{self._stderr_tail()}"
+                )
             time.sleep(0.05)
 
     def _stderr_tail(self) -> str:
         try:
-            lines = self.stderr_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+            lines = (
+                self.stderr_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+            )
         except OSError:
             return ""
         return f": {lines[-1].strip()}" if lines else ""
@@ -398,7 +417,9 @@ class Traffic:
     def sa_token(self, wl: WorkloadSpec) -> str:
         lease = self.sa_tokens.get(wl.name)
         if lease is None or time.time() >= lease.renew_at:
-            token = self.clusters[wl.cluster].mint(wl.namespace, wl.service_account, ttl=SA_TOKEN_TTL)
+            token = self.clusters[wl.cluster].mint(
+                wl.namespace, wl.service_account, ttl=SA_TOKEN_TTL
+            )
             lease = Lease(token, time.time() + RENEW_AT * SA_TOKEN_TTL)
             self.sa_tokens[wl.name] = lease
         return lease.token
@@ -424,13 +445,16 @@ class Traffic:
         response = self.http.post(self.board.server_url + "/oauth2/token", data=form)
         body = _json(response)
         if response.status_code != 200:
-            raise Refused(response.status_code, str(body.get("error")), str(body.get("error_description")))
+            raise Refused(
+                response.status_code, str(body.get("error")), str(body.get("error_description"))
+            )
         return str(body["access_token"]), float(body["expires_in"])
 
     def authorize(self, target: str, token: str, host: str) -> dict[str, Any]:
         request = {"service": {"host": host, "path": "/api", "method": "GET"}}
         response = self.http.post(
-            self.board.agent_urls[target] + "/v1/authorize", json={"token": token, "request": request}
+            self.board.agent_urls[target] + "/v1/authorize",
+            json={"token": token, "request": request},
         )
         body = _json(response)
         if response.status_code != 200 or not body.get("authenticated"):
@@ -462,7 +486,9 @@ class Traffic:
         pair.last_kid = str(identity.get("kid") or "")
         ms = pair.last_latency_ms or 0.0
         self.outcome(
-            pair, "ok", f"{name}: authenticated as {pair.spiffe_id} (kid {_short(pair.last_kid)}, {ms:.1f} ms)"
+            pair,
+            "ok",
+            f"{name}: authenticated as {pair.spiffe_id} (kid {_short(pair.last_kid)}, {ms:.1f} ms)",
         )
         rotation = self.board.rotation
         if rotation is None:
@@ -472,7 +498,8 @@ class Traffic:
             if not self.new_key_seen:
                 self.new_key_seen = True
                 self.events.event(
-                    f"{name}: first call verified with the new key (kid {_short(rotation.new_kid)}); "
+                    f"{name}: first call verified with the new key "
+                    f"(kid {_short(rotation.new_kid)}); "
                     "tokens signed before the rotation keep verifying with the retired key"
                 )
         else:
@@ -515,7 +542,9 @@ class Traffic:
         try:
             self.authorize(target, swap_payload(token, WORKLOADS[0]), f"api.{target}.internal")
         except Refused as exc:
-            self.intruder_refused(stats, exc.description or exc.error, f"refused by agent {target}: {exc}")
+            self.intruder_refused(
+                stats, exc.description or exc.error, f"refused by agent {target}: {exc}"
+            )
             return
         except (httpx.HTTPError, ValueError, KeyError) as exc:
             stats.errors += 1
@@ -551,7 +580,8 @@ class Traffic:
             return
         self.board.rotation = Rotation(self.board.elapsed(), old, new)
         self.events.event(
-            f"signing key rotated: kid {_short(old)} retired (still in JWKS), kid {_short(new)} active; "
+            f"signing key rotated: kid {_short(old)} retired (still in JWKS), "
+            f"kid {_short(new)} active; "
             "agents verify the new kid from their key set or refresh it on first sight"
         )
 
@@ -589,10 +619,20 @@ def _short(kid: str) -> str:
 
 def stats_table(board: Scoreboard, title: str | None = None) -> Table:
     table = Table(title=title, expand=False, title_justify="left")
-    for column in ("FROM", "WORKLOAD", "SPIFFE ID", "TO", "EXCHANGES", "AUTHENTICATED", "REFUSED"):
-        table.add_column(column, justify="right" if column.isupper() and column[0] in "EAR" else "left")
-    table.add_column("KEY")
-    table.add_column("LAST MS", justify="right")
+    columns = (
+        "FROM",
+        "WORKLOAD",
+        "SPIFFE ID",
+        "TO",
+        "EXCHANGES",
+        "AUTHENTICATED",
+        "REFUSED",
+        "KEY",
+        "LAST MS",
+    )
+    numeric = {"EXCHANGES", "AUTHENTICATED", "REFUSED", "LAST MS"}
+    for column in columns:
+        table.add_column(column, justify="right" if column in numeric else "left")
     for p in board.pairs:
         refused = p.refused + p.errors
         table.add_row(
@@ -639,7 +679,8 @@ def summary_line(board: Scoreboard) -> str:
     return (
         f"summary at {board.elapsed():.1f} s: {t['exchanges']} exchanges, "
         f"{t['authenticated']} authenticated calls, {t['refused']} refused legitimate calls, "
-        f"{t['errors']} errors, {t['intruder_refused']}/{t['intruder_attempts']} intruder attempts refused"
+        f"{t['errors']} errors, "
+        f"{t['intruder_refused']}/{t['intruder_attempts']} intruder attempts refused"
     )
 
 
@@ -716,11 +757,14 @@ def print_final(console: Console, board: Scoreboard) -> None:
     t = board.totals()
     problems = board.problems()
     if problems:
-        console.print("PROBLEMS: " + "; ".join(problems), markup=False, style="bold red", soft_wrap=True)
+        console.print(
+            "PROBLEMS: " + "; ".join(problems), markup=False, style="bold red", soft_wrap=True
+        )
         return
     console.print(
         f"OK: every legitimate call was authenticated ({t['authenticated']} calls after "
-        f"{t['exchanges']} token exchanges); all {t['intruder_attempts']} intruder attempts were refused",
+        f"{t['exchanges']} token exchanges); "
+        f"all {t['intruder_attempts']} intruder attempts were refused",
         markup=False, highlight=False, style="bold green", soft_wrap=True,
     )  # fmt: skip
 
@@ -739,7 +783,9 @@ class Federation:
     agent_urls: dict[str, str]
 
 
-def start_federation(stack: ExitStack, root: Path, http: httpx.Client, say: Callable[[str], None]) -> Federation:
+def start_federation(
+    stack: ExitStack, root: Path, http: httpx.Client, say: Callable[[str], None]
+) -> Federation:
     logs = root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     server_url = start_server(stack, root, logs)
@@ -752,7 +798,10 @@ def start_federation(stack: ExitStack, root: Path, http: httpx.Client, say: Call
     rogue = SimulatedCluster(ROGUE_CLUSTER)  # never registered: the intruder's cluster
     stack.enter_context(rogue.serve())
     revision = admin.apply(manifest({name: c.issuer for name, c in clusters.items()}))
-    say(f"registered {len(clusters)} clusters (keys by OIDC discovery) and {len(WORKLOADS)} workloads: revision {revision}")
+    say(
+        f"registered {len(clusters)} clusters (keys by OIDC discovery) "
+        f"and {len(WORKLOADS)} workloads: revision {revision}"
+    )
     agent_urls = start_agents(stack, root, logs, admin, server_url)
     for name, url in agent_urls.items():
         say(f"agent for {name} ready on {url}")
@@ -764,9 +813,10 @@ def start_server(stack: ExitStack, root: Path, logs: Path) -> str:
         "server", "--data-dir", root / "control-plane", "--listen", "127.0.0.1:0",
         "--trust-domain", TRUST_DOMAIN,
     )  # fmt: skip
-    server = Child("control-plane", argv, logs)
-    stack.callback(stop_children, [server])
-    return server.wait_ready(SERVER_READY, time.monotonic() + READY_TIMEOUT).group(1)
+    children: list[Child] = []
+    stack.callback(stop_children, children)
+    children.append(Child("control-plane", argv, logs))
+    return children[0].wait_ready(SERVER_READY, time.monotonic() + READY_TIMEOUT).group(1)
 
 
 def start_clusters(stack: ExitStack, root: Path) -> dict[str, SimulatedCluster]:
@@ -778,7 +828,9 @@ def start_clusters(stack: ExitStack, root: Path) -> dict[str, SimulatedCluster]:
     return clusters
 
 
-def start_agents(stack: ExitStack, root: Path, logs: Path, admin: Admin, server_url: str) -> dict[str, str]:
+def start_agents(
+    stack: ExitStack, root: Path, logs: Path, admin: Admin, server_url: str
+) -> dict[str, str]:
     """Start every agent, then wait for all of them (they start in parallel)."""
     agents: list[Child] = []
     stack.callback(stop_children, agents)  # all at once, before the control plane stops
@@ -793,7 +845,10 @@ def start_agents(stack: ExitStack, root: Path, logs: Path, admin: Admin, server_
         )  # fmt: skip
         agents.append(Child(f"agent-{spec.name}", argv, logs))
     deadline = time.monotonic() + READY_TIMEOUT
-    return {spec.name: agent.wait_ready(AGENT_READY, deadline).group(2) for spec, agent in zip(CLUSTERS, agents, strict=True)}
+    return {
+        spec.name: agent.wait_ready(AGENT_READY, deadline).group(2)
+        for spec, agent in zip(CLUSTERS, agents, strict=True)
+    }
 
 
 def data_root(stack: ExitStack, data_dir: Path | None) -> tuple[Path, bool]:
@@ -884,7 +939,9 @@ def make_board(fed: Federation, root: Path, temporary: bool, duration: float) ->
         temporary=temporary,
         duration=duration,
         pairs=pairs,
-        forged=IntruderStats(f"forged SA token from unregistered cluster {ROGUE_CLUSTER!r}", "control plane"),
+        forged=IntruderStats(
+            f"forged SA token from unregistered cluster {ROGUE_CLUSTER!r}", "control plane"
+        ),
         tampered=IntruderStats("JWT-SVID with rewritten payload (claims payments)", "-"),
     )
 
@@ -902,7 +959,10 @@ def run_demo(duration: float = 0.0, data_dir: Path | None = None, plain: bool = 
     DemoError with one line otherwise, or when start-up failed."""
     console = make_console(plain)
     plain = plain or not console.is_terminal
-    say: Callable[[str], None] = lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
+
+    def say(text: str) -> None:
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
+
     board: Scoreboard | None = None
     stack = ExitStack()
     with sigterm_interrupts():
@@ -911,8 +971,12 @@ def run_demo(duration: float = 0.0, data_dir: Path | None = None, plain: bool = 
             http = stack.enter_context(httpx.Client(timeout=HTTP_TIMEOUT))
             fed = start_federation(stack, root, http, say)
             board = make_board(fed, root, temporary, duration)
-            traffic_display: Display = PlainDisplay(console, board) if plain else LiveDisplay(console, board)
-            traffic = Traffic(board, http, fed.clusters, fed.rogue, traffic_display, lease_seconds(duration))
+            traffic_display: Display = (
+                PlainDisplay(console, board) if plain else LiveDisplay(console, board)
+            )
+            traffic = Traffic(
+                board, http, fed.clusters, fed.rogue, traffic_display, lease_seconds(duration)
+            )
             with traffic_display:
                 drive(traffic, traffic_display, fed.admin, duration)
         except KeyboardInterrupt:
