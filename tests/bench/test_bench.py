@@ -1,0 +1,83 @@
+"""The benchmarks run end to end with tiny parameters: structure, positive figures and no
+errors. Nothing here asserts speed (these machines are shared and noisy)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from typing import Any
+
+import pytest
+
+from trustmesh.bench import exchange, verify
+from trustmesh.bench._stats import percentile, row, summarise
+
+ROW_KEYS = {"name", "p50_us", "p99_us", "per_s", "note"}
+
+
+def check_shape(result: dict[str, Any]) -> None:
+    assert isinstance(result["title"], str) and result["title"]
+    assert result["results"] and all(set(r) >= ROW_KEYS for r in result["results"])
+    assert result["summary"] and all(isinstance(line, str) for line in result["summary"])
+    json.dumps(result)  # -o json must be able to print it
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = list(range(1, 101))
+    assert percentile(values, 50) == 50
+    assert percentile(values, 99) == 99
+    assert percentile([7], 99) == 7
+    dist = summarise([3000, 1000, 2000], wall_ns=6000)
+    assert (dist.p50_ns, dist.p99_ns, dist.n) == (2000, 3000, 3)
+    assert dist.per_s == pytest.approx(3 / 6e-6)
+    assert row("x")["p50_us"] == ""
+
+
+def test_verify_bench_small() -> None:
+    result = verify.run(iterations=500, rounds=2)
+    check_shape(result)
+    names = [r["name"] for r in result["results"]]
+    assert names[:3] == ["bare", "uncached", "cached"]
+    for r in result["results"][:3]:
+        assert r["p50_us"] > 0 and r["p99_us"] >= r["p50_us"] and r["per_s"] > 0
+    assert result["errors"] == 0
+    assert result["cached_p50_us"] > 0 and result["uncached_p50_us"] > 0
+    assert result["overhead_us"] == pytest.approx(
+        result["uncached_p50_us"] - result["bare_p50_us"], abs=0.02
+    )
+    assert result["timer_overhead_ns"] > 0
+    # every uncached call missed, every cached one hit (plus the set-up calls)
+    assert result["cache_misses"] >= 2 * 500
+    assert result["cache_hits"] >= 2 * 500
+
+
+def _children() -> set[int]:
+    try:
+        with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as f:
+            return {int(pid) for pid in f.read().split()}
+    except OSError:
+        return set()
+
+
+def test_exchange_bench_small() -> None:
+    before = _children()
+    result = exchange.run(seconds=1.5, concurrency=4, pool_size=100, warmup=20, limit_rounds=2)
+    check_shape(result)
+    assert result["non_200"] == 0 and result["connection_errors"] == 0
+    assert result["statuses"] == {"200": result["requests"]}
+    assert result["requests"] > 0 and result["exchanges_per_s"] > 0
+    assert 0 < result["p50_us"] <= result["p99_us"]
+    assert (
+        result["limit_per_s"] > 0 and result["rs256_verify_us"] > 0 and result["es256_sign_us"] > 0
+    )
+    assert result["ratio"] == pytest.approx(
+        result["exchanges_per_s"] / result["limit_per_s"], rel=0.01
+    )
+    http, limit = result["results"][0], result["results"][1]
+    assert http["per_s"] > 0 and limit["per_s"] > 0
+    # the server and the simulated cluster were stopped and reaped
+    leftovers = _children() - before
+    for pid in leftovers:
+        os.kill(pid, signal.SIGKILL)
+    assert not leftovers
