@@ -191,3 +191,13 @@ def test_body_is_not_shared_with_spec() -> None:
     doc.body["spec"]["jwks"]["keys"].clear()
     assert isinstance(doc.spec, ClusterSpec) and doc.spec.jwks is not None
     assert len(doc.spec.jwks["keys"]) == 1
+
+
+def test_shipped_examples_are_valid() -> None:
+    from pathlib import Path
+
+    from trustmesh.manifests import load_paths
+
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    kinds = sorted(doc.kind for doc in load_paths([str(examples)]))
+    assert kinds == ["Cluster", "Cluster", "Workload"]

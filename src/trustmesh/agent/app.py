@@ -8,7 +8,13 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    generate_latest,
+)
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -41,20 +47,28 @@ class AgentMetrics:
     def __init__(self, authn: Authenticator, sync: Synchronizer) -> None:
         self.registry = CollectorRegistry()
         self.authentications = Counter(
-            "trustmesh_agent_authentications_total", "Token authentications by result", ["result"],
+            "trustmesh_agent_authentications_total",
+            "Token authentications by result",
+            ["result"],
             registry=self.registry,
-        )
-        Gauge("trustmesh_agent_cache_entries", "Verified-token cache entries", registry=self.registry).set_function(
-            lambda: len(authn.cache)
         )
         Gauge(
-            "trustmesh_agent_state_age_seconds", "Seconds since the last successful sync with the control plane",
+            "trustmesh_agent_cache_entries", "Verified-token cache entries", registry=self.registry
+        ).set_function(lambda: len(authn.cache))
+        Gauge(
+            "trustmesh_agent_state_age_seconds",
+            "Seconds since the last successful sync with the control plane",
             registry=self.registry,
-        ).set_function(lambda: time.monotonic() - sync.last_success if sync.last_success else float("inf"))
+        ).set_function(
+            lambda: time.monotonic() - sync.last_success if sync.last_success else float("inf")
+        )
 
 
 def build_agent_app(
-    authn: Authenticator, sync: Synchronizer, on_start: Callable[[], Any], on_stop: Callable[[], Any]
+    authn: Authenticator,
+    sync: Synchronizer,
+    on_start: Callable[[], Any],
+    on_stop: Callable[[], Any],
 ) -> Starlette:
     metrics = AgentMetrics(authn, sync)
 
@@ -78,8 +92,13 @@ def build_agent_app(
         except InvalidToken as exc:
             metrics.authentications.labels(exc.reason).inc()
             return JSONResponse(
-                {"authenticated": False, "allowed": False, "error": "invalid_token",
-                 "reason": exc.reason, "error_description": exc.description},
+                {
+                    "authenticated": False,
+                    "allowed": False,
+                    "error": "invalid_token",
+                    "reason": exc.reason,
+                    "error_description": exc.description,
+                },
                 401,
                 headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
             )
@@ -98,7 +117,9 @@ def build_agent_app(
             "keys": len(authn.keys),
             "bundle_sequence": state.sequence if state else None,
             "control_plane": state.server if state else None,
-            "last_sync_age_seconds": round(time.monotonic() - sync.last_success, 3) if sync.last_success else None,
+            "last_sync_age_seconds": round(time.monotonic() - sync.last_success, 3)
+            if sync.last_success
+            else None,
             "last_error": sync.last_error,
         }
         return JSONResponse(detail, 200 if ready else 503)

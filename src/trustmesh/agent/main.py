@@ -47,7 +47,9 @@ def run_agent(config: AgentConfig, listen: str) -> None:
     os.chmod(config.data_dir, 0o700)
     sock = bind_socket(host, port)
     url = url_for(host, sock.getsockname()[1])
-    authn = Authenticator(cluster=config.cluster, leeway=config.leeway, cache_size=config.cache_size)
+    authn = Authenticator(
+        cluster=config.cluster, leeway=config.leeway, cache_size=config.cache_size
+    )
     client = ControlPlaneClient(config.servers, config.credential, config.cluster)
 
     def apply(state: ControlPlaneState) -> None:
@@ -60,7 +62,10 @@ def run_agent(config: AgentConfig, listen: str) -> None:
         nonlocal announced
         if not announced:
             announced = True
-            print(f"trustmesh agent for cluster {config.cluster} ready on {url} ({source})", flush=True)
+            print(
+                f"trustmesh agent for cluster {config.cluster} ready on {url} ({source})",
+                flush=True,
+            )
 
     tasks: list[asyncio.Task[None]] = []
 
@@ -70,7 +75,9 @@ def run_agent(config: AgentConfig, listen: str) -> None:
     async def on_start() -> None:
         restored = sync.restore()
         tasks.append(
-            asyncio.create_task(sync.run(lambda: announce("synced with the control plane"), stop_on_fatal))
+            asyncio.create_task(
+                sync.run(lambda: announce("synced with the control plane"), stop_on_fatal)
+            )
         )
         if restored:
             announce("state restored from the data dir; syncing")

@@ -6,6 +6,7 @@ persisted in the data dir, so a restarted agent verifies tokens before it reconn
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -52,7 +53,9 @@ class ControlPlaneState:
 
 
 class ControlPlaneClient:
-    def __init__(self, servers: list[str], credential: str, cluster: str, timeout: float = 3.0) -> None:
+    def __init__(
+        self, servers: list[str], credential: str, cluster: str, timeout: float = 3.0
+    ) -> None:
         if not servers:
             raise ValueError("at least one control-plane URL is needed")
         self.servers = [s.rstrip("/") for s in servers]
@@ -73,7 +76,9 @@ class ControlPlaneClient:
                 reason = response.json().get("error_description", "")
             except ValueError:
                 reason = ""
-            raise CredentialRejected(f"{base} refused the agent credential: {reason or response.status_code}")
+            raise CredentialRejected(
+                f"{base} refused the agent credential: {reason or response.status_code}"
+            )
         response.raise_for_status()
         document = response.json()
         if not isinstance(document, dict):
@@ -172,7 +177,10 @@ class Synchronizer:
         state = await self.client.fetch()
         if self.state is None or state != self.state:
             self.apply(state)
-            if self.state is None or (state.jwks, state.issuer) != (self.state.jwks, self.state.issuer):
+            if self.state is None or (state.jwks, state.issuer) != (
+                self.state.jwks,
+                self.state.issuer,
+            ):
                 await asyncio.to_thread(save_state, self.data_dir, state)
         self.state = state
         self.last_success = time.monotonic()
@@ -229,7 +237,5 @@ class Synchronizer:
                 log.exception("sync failed")
                 delay = self.backoff.next_delay()
             self._wake.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
-            except TimeoutError:
-                pass

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -22,7 +22,7 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-class Output(str, Enum):
+class Output(StrEnum):
     table = "table"
     json = "json"
 
@@ -101,7 +101,9 @@ class ApiClient:
                 if len(problems) > 1:
                     for problem in problems:
                         err_console.print(f"  {problem}", markup=False, highlight=False)
-                fail(f"{body.get('error_description') or body['error']} ({body['error']}, HTTP {response.status_code})")
+                fail(
+                    f"{body.get('error_description') or body['error']} ({body['error']}, HTTP {response.status_code})"
+                )
             fail(f"{method} {path} failed with HTTP {response.status_code}")
         return body
 
@@ -119,8 +121,12 @@ def print_table(columns: list[str], rows: list[list[Any]], title: str | None = N
     console.print(table)
 
 
-ServerOption = typer.Option(None, "--server", help="Control-plane URL (or TRUSTMESH_SERVER, or the config file).")
+ServerOption = typer.Option(
+    None, "--server", help="Control-plane URL (or TRUSTMESH_SERVER, or the config file)."
+)
 TokenFileOption = typer.Option(
     None, "--token-file", help="File holding the admin credential (or TRUSTMESH_TOKEN)."
 )
-OutputOption = typer.Option(Output.table, "--output", "-o", help="table for people, json for scripts.")
+OutputOption = typer.Option(
+    Output.table, "--output", "-o", help="table for people, json for scripts."
+)

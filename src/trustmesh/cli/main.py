@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -37,7 +36,9 @@ get_app = typer.Typer(help="List registered objects.", no_args_is_help=True)
 keys_app = typer.Typer(help="Signing keys: list and rotate.", no_args_is_help=True)
 cluster_app = typer.Typer(help="Cluster operations.", no_args_is_help=True)
 token_app = typer.Typer(help="Federated tokens for people and scripts.", no_args_is_help=True)
-bench_app = typer.Typer(help="Benchmarks (side by side with their physical limits).", no_args_is_help=True)
+bench_app = typer.Typer(
+    help="Benchmarks (side by side with their physical limits).", no_args_is_help=True
+)
 app.add_typer(get_app, name="get")
 app.add_typer(keys_app, name="keys")
 app.add_typer(cluster_app, name="cluster")
@@ -67,15 +68,32 @@ def version() -> None:
 # -- processes ----------------------------------------------------------------------------
 @app.command()
 def server(
-    data_dir: Path = typer.Option(..., "--data-dir", help="Directory for the database, master key and admin.token."),
-    listen: str = typer.Option("127.0.0.1:8443", "--listen", help="HOST:PORT to listen on (port 0 picks one)."),
-    trust_domain: str = typer.Option(..., "--trust-domain", help="The federation's trust domain, e.g. corp.example."),
-    issuer: str | None = typer.Option(None, "--issuer", help="Issuer URL in tokens and discovery (default: the listen URL)."),
-    db: str | None = typer.Option(None, "--db", help="postgresql://… for PostgreSQL (default: SQLite in the data dir)."),
-    signing_alg: str = typer.Option("ES256", "--signing-alg", help="JWT-SVID signing algorithm: ES256, ES384, RS256, PS256."),
-    default_ttl: int = typer.Option(300, "--default-ttl", min=1, max=3600, help="Default token lifetime in seconds."),
+    data_dir: Path = typer.Option(
+        ..., "--data-dir", help="Directory for the database, master key and admin.token."
+    ),
+    listen: str = typer.Option(
+        "127.0.0.1:8443", "--listen", help="HOST:PORT to listen on (port 0 picks one)."
+    ),
+    trust_domain: str = typer.Option(
+        ..., "--trust-domain", help="The federation's trust domain, e.g. corp.example."
+    ),
+    issuer: str | None = typer.Option(
+        None, "--issuer", help="Issuer URL in tokens and discovery (default: the listen URL)."
+    ),
+    db: str | None = typer.Option(
+        None, "--db", help="postgresql://… for PostgreSQL (default: SQLite in the data dir)."
+    ),
+    signing_alg: str = typer.Option(
+        "ES256", "--signing-alg", help="JWT-SVID signing algorithm: ES256, ES384, RS256, PS256."
+    ),
+    default_ttl: int = typer.Option(
+        300, "--default-ttl", min=1, max=3600, help="Default token lifetime in seconds."
+    ),
     key_rotation_interval: float = typer.Option(
-        7 * 86400.0, "--key-rotation-interval", min=60.0, help="Rotate the signing key automatically after this many seconds."
+        7 * 86400.0,
+        "--key-rotation-interval",
+        min=60.0,
+        help="Rotate the signing key automatically after this many seconds.",
     ),
 ) -> None:
     """Run the control plane."""
@@ -98,12 +116,21 @@ def server(
 def agent(
     cluster: str = typer.Option(..., "--cluster", help="The cluster this agent serves."),
     server: str = typer.Option(
-        None, "--server", envvar="TRUSTMESH_SERVER", help="Control-plane URL(s), comma-separated, tried in order."
+        None,
+        "--server",
+        envvar="TRUSTMESH_SERVER",
+        help="Control-plane URL(s), comma-separated, tried in order.",
     ),
     listen: str = typer.Option("127.0.0.1:8181", "--listen", help="HOST:PORT to listen on."),
-    data_dir: Path = typer.Option(..., "--data-dir", help="Directory for the agent's persisted state."),
-    token_file: Path = typer.Option(..., "--token-file", help="File with the cluster credential (trustmesh cluster credential)."),
-    cache_size: int = typer.Option(100_000, "--cache-size", min=1, help="Verified-token cache entries."),
+    data_dir: Path = typer.Option(
+        ..., "--data-dir", help="Directory for the agent's persisted state."
+    ),
+    token_file: Path = typer.Option(
+        ..., "--token-file", help="File with the cluster credential (trustmesh cluster credential)."
+    ),
+    cache_size: int = typer.Option(
+        100_000, "--cache-size", min=1, help="Verified-token cache entries."
+    ),
 ) -> None:
     """Run the agent of one cluster."""
     from trustmesh.agent.main import AgentConfig, read_credential, run_agent
@@ -116,16 +143,28 @@ def agent(
         fail(str(exc))
     servers = [s.strip() for s in server.split(",") if s.strip()]
     run_agent(
-        AgentConfig(cluster=cluster, servers=servers, data_dir=data_dir, credential=credential, cache_size=cache_size),
+        AgentConfig(
+            cluster=cluster,
+            servers=servers,
+            data_dir=data_dir,
+            credential=credential,
+            cache_size=cache_size,
+        ),
         listen,
     )
 
 
 @app.command()
 def demo(
-    duration: float = typer.Option(0.0, "--duration", help="Stop after this many seconds (0: run until Ctrl-C)."),
-    data_dir: Path | None = typer.Option(None, "--data-dir", help="Keep the demo's state here (default: a temporary dir)."),
-    plain: bool = typer.Option(False, "--plain", help="Print events line by line instead of a live table."),
+    duration: float = typer.Option(
+        0.0, "--duration", help="Stop after this many seconds (0: run until Ctrl-C)."
+    ),
+    data_dir: Path | None = typer.Option(
+        None, "--data-dir", help="Keep the demo's state here (default: a temporary dir)."
+    ),
+    plain: bool = typer.Option(
+        False, "--plain", help="Print events line by line instead of a live table."
+    ),
 ) -> None:
     """Start a control plane, three simulated clusters with agents, and cross-cluster traffic."""
     from trustmesh.sim.demo import run_demo
@@ -138,7 +177,9 @@ def _collect_files(paths: list[Path]) -> list[dict[str, str]]:
     files = []
     for path in paths:
         if path.is_dir():
-            children = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml", ".json") and p.is_file())
+            children = sorted(
+                p for p in path.iterdir() if p.suffix in (".yaml", ".yml", ".json") and p.is_file()
+            )
             if not children:
                 fail(f"{path} holds no .yaml, .yml or .json files")
         elif path.exists():
@@ -155,15 +196,21 @@ def _collect_files(paths: list[Path]) -> list[dict[str, str]]:
 
 @app.command()
 def apply(
-    filename: list[Path] = typer.Option(..., "--filename", "-f", help="Manifest file or directory (repeatable)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and show what would change; change nothing."),
+    filename: list[Path] = typer.Option(
+        ..., "--filename", "-f", help="Manifest file or directory (repeatable)."
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Validate and show what would change; change nothing."
+    ),
     server: str | None = ServerOption,
     token_file: Path | None = TokenFileOption,
     output: Output = OutputOption,
 ) -> None:
     """Create or update Cluster and Workload objects; all or nothing."""
     files = _collect_files(filename)
-    result = admin_client(server, token_file).request("POST", "/v1/apply", json={"files": files, "dryRun": dry_run})
+    result = admin_client(server, token_file).request(
+        "POST", "/v1/apply", json={"files": files, "dryRun": dry_run}
+    )
     if output is Output.json:
         print_json(result)
         return
@@ -180,7 +227,9 @@ def _labels(labels: dict[str, str] | None) -> str:
 
 @get_app.command("clusters")
 def get_clusters(
-    server: str | None = ServerOption, token_file: Path | None = TokenFileOption, output: Output = OutputOption
+    server: str | None = ServerOption,
+    token_file: Path | None = TokenFileOption,
+    output: Output = OutputOption,
 ) -> None:
     """List registered clusters."""
     items = admin_client(server, token_file).request("GET", "/v1/clusters")["items"]
@@ -190,14 +239,28 @@ def get_clusters(
     rows = []
     for item in items:
         spec = item["spec"]
-        keys = "inline jwks" if spec.get("jwks") else ("jwksUri" if spec.get("jwksUri") else "discovery")
-        rows.append([item["metadata"]["name"], spec["issuer"], keys, spec["audience"], _labels(spec.get("labels"))])
+        keys = (
+            "inline jwks"
+            if spec.get("jwks")
+            else ("jwksUri" if spec.get("jwksUri") else "discovery")
+        )
+        rows.append(
+            [
+                item["metadata"]["name"],
+                spec["issuer"],
+                keys,
+                spec["audience"],
+                _labels(spec.get("labels")),
+            ]
+        )
     print_table(["NAME", "ISSUER", "KEYS FROM", "AUDIENCE", "LABELS"], rows)
 
 
 @get_app.command("workloads")
 def get_workloads(
-    server: str | None = ServerOption, token_file: Path | None = TokenFileOption, output: Output = OutputOption
+    server: str | None = ServerOption,
+    token_file: Path | None = TokenFileOption,
+    output: Output = OutputOption,
 ) -> None:
     """List registered workloads."""
     items = admin_client(server, token_file).request("GET", "/v1/workloads")["items"]
@@ -218,7 +281,9 @@ def get_workloads(
                 spec.get("maxTokenTTL") or "",
             ]
         )
-    print_table(["NAME", "CLUSTER", "NAMESPACE", "SERVICE ACCOUNT", "SPIFFE ID", "CLAIMS", "MAX TTL"], rows)
+    print_table(
+        ["NAME", "CLUSTER", "NAMESPACE", "SERVICE ACCOUNT", "SPIFFE ID", "CLAIMS", "MAX TTL"], rows
+    )
 
 
 # -- keys and credentials -------------------------------------------------------------------
@@ -234,8 +299,15 @@ def _print_keys(keys: list[dict[str, Any]], output: Output) -> None:
     print_table(
         ["KID", "ALG", "STATE", "CREATED", "ACTIVATED", "RETIRED", "REMOVED AFTER"],
         [
-            [k["kid"], k["alg"], k["state"], when(k["created_at"]), when(k["activated_at"]),
-             when(k["retired_at"]), when(k["remove_after"])]
+            [
+                k["kid"],
+                k["alg"],
+                k["state"],
+                when(k["created_at"]),
+                when(k["activated_at"]),
+                when(k["retired_at"]),
+                when(k["remove_after"]),
+            ]
             for k in keys
         ],
     )
@@ -243,7 +315,9 @@ def _print_keys(keys: list[dict[str, Any]], output: Output) -> None:
 
 @keys_app.command("list")
 def keys_list(
-    server: str | None = ServerOption, token_file: Path | None = TokenFileOption, output: Output = OutputOption
+    server: str | None = ServerOption,
+    token_file: Path | None = TokenFileOption,
+    output: Output = OutputOption,
 ) -> None:
     """List signing keys and their life-cycle state."""
     _print_keys(admin_client(server, token_file).request("GET", "/v1/keys")["keys"], output)
@@ -251,7 +325,9 @@ def keys_list(
 
 @keys_app.command("rotate")
 def keys_rotate(
-    server: str | None = ServerOption, token_file: Path | None = TokenFileOption, output: Output = OutputOption
+    server: str | None = ServerOption,
+    token_file: Path | None = TokenFileOption,
+    output: Output = OutputOption,
 ) -> None:
     """Activate the prepared key, retire the active one, prepare the next."""
     result = admin_client(server, token_file).request("POST", "/v1/keys/rotate")
@@ -280,10 +356,16 @@ def cluster_credential(
 @token_app.command("exchange")
 def token_exchange(
     subject_token_file: Path = typer.Option(
-        ..., "--subject-token-file", help="File with the Kubernetes service-account token ('-' for stdin)."
+        ...,
+        "--subject-token-file",
+        help="File with the Kubernetes service-account token ('-' for stdin).",
     ),
-    audience: list[str] = typer.Option(..., "--audience", "-a", help="Target audience (repeatable), e.g. spiffe://TD/cluster/B."),
-    lifetime: int | None = typer.Option(None, "--lifetime", min=1, max=3600, help="Requested lifetime in seconds."),
+    audience: list[str] = typer.Option(
+        ..., "--audience", "-a", help="Target audience (repeatable), e.g. spiffe://TD/cluster/B."
+    ),
+    lifetime: int | None = typer.Option(
+        None, "--lifetime", min=1, max=3600, help="Requested lifetime in seconds."
+    ),
     server: str | None = ServerOption,
     output: Output = OutputOption,
 ) -> None:
@@ -314,7 +396,9 @@ def token_exchange(
 @bench_app.command("exchange")
 def bench_exchange(
     seconds: float = typer.Option(10.0, "--seconds", help="Duration of the HTTP load."),
-    concurrency: int = typer.Option(16, "--concurrency", help="Concurrent connections of the load generator."),
+    concurrency: int = typer.Option(
+        16, "--concurrency", help="Concurrent connections of the load generator."
+    ),
     output: Output = OutputOption,
 ) -> None:
     """Token exchanges per second over HTTP, next to one verify + one sign in a loop."""
@@ -337,8 +421,13 @@ def bench_verify(
 
 
 def _print_bench(result: dict[str, Any]) -> None:
-    rows = [[r["name"], *[r.get(c, "") for c in ("p50_us", "p99_us", "per_s", "note")]] for r in result["results"]]
-    print_table(["MEASUREMENT", "P50 µs", "P99 µs", "PER SECOND", "NOTE"], rows, title=result.get("title"))
+    rows = [
+        [r["name"], *[r.get(c, "") for c in ("p50_us", "p99_us", "per_s", "note")]]
+        for r in result["results"]
+    ]
+    print_table(
+        ["MEASUREMENT", "P50 µs", "P99 µs", "PER SECOND", "NOTE"], rows, title=result.get("title")
+    )
     for line in result.get("summary", []):
         typer.echo(line)
 

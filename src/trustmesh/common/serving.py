@@ -39,9 +39,7 @@ def _config(app: Any, **kwargs: Any) -> uvicorn.Config:
     )
 
 
-def serve_foreground(
-    app: Any, host: str, port: int, on_ready: Callable[[str], None]
-) -> None:
+def serve_foreground(app: Any, host: str, port: int, on_ready: Callable[[str], None]) -> None:
     """Serve until SIGINT/SIGTERM (uvicorn installs the handlers and drains connections).
     ``on_ready`` gets the base URL once the socket accepts connections and startup ran."""
     serve_socket(app, bind_socket(host, port), on_ready)

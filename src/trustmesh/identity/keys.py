@@ -126,7 +126,9 @@ class KeyManager:
 
     def __init__(self, db: Database, master: MasterKey, alg: str = "ES256") -> None:
         if alg not in SUPPORTED_ALGS:
-            raise ValueError(f"signing algorithm {alg} is not supported (use one of {SUPPORTED_ALGS})")
+            raise ValueError(
+                f"signing algorithm {alg} is not supported (use one of {SUPPORTED_ALGS})"
+            )
         self.db = db
         self.master = master
         self.alg = alg
@@ -214,7 +216,9 @@ class KeyManager:
         now = time.time() if now is None else now
         while True:
             with self.db.engine.begin() as conn:
-                current = conn.execute(select(signing_keys).where(signing_keys.c.state == ACTIVE)).first()
+                current = conn.execute(
+                    select(signing_keys).where(signing_keys.c.state == ACTIVE)
+                ).first()
                 if current is None:
                     raise MasterKeyError("no active signing key in the database")
                 if expected_active is not None and current.kid != expected_active:
@@ -222,16 +226,22 @@ class KeyManager:
                 retired = conn.execute(
                     update(signing_keys)
                     .where(signing_keys.c.kid == current.kid, signing_keys.c.state == ACTIVE)
-                    .values(state=RETIRED, retired_at=now, remove_after=now + MAX_TOKEN_TTL + CLOCK_SKEW)
+                    .values(
+                        state=RETIRED, retired_at=now, remove_after=now + MAX_TOKEN_TTL + CLOCK_SKEW
+                    )
                 )
                 if retired.rowcount != 1:
                     conn.rollback()
                     continue  # another replica rotated first; look again
-                prepared = conn.execute(
-                    select(signing_keys.c.kid)
-                    .where(signing_keys.c.state == PREPARED)
-                    .order_by(signing_keys.c.created_at)
-                ).scalars().first()
+                prepared = (
+                    conn.execute(
+                        select(signing_keys.c.kid)
+                        .where(signing_keys.c.state == PREPARED)
+                        .order_by(signing_keys.c.created_at)
+                    )
+                    .scalars()
+                    .first()
+                )
                 if prepared is None:
                     prepared = self._insert(conn, PREPARED, now)
                 conn.execute(
@@ -241,7 +251,9 @@ class KeyManager:
                 )
                 self._insert(conn, PREPARED, now)
                 meta_store.bump(conn, meta_store.KEYS_REVISION)
-                row = conn.execute(select(signing_keys).where(signing_keys.c.kid == prepared)).first()
+                row = conn.execute(
+                    select(signing_keys).where(signing_keys.c.kid == prepared)
+                ).first()
                 assert row is not None
                 return _record(row)
 

@@ -24,7 +24,13 @@ import httpx
 import jwt
 
 from trustmesh.common.addresses import check_fetch_url
-from trustmesh.identity.svid import InvalidToken, KeyRing, check_signed_header, read_header, translate_pyjwt_error
+from trustmesh.identity.svid import (
+    InvalidToken,
+    KeyRing,
+    check_signed_header,
+    read_header,
+    translate_pyjwt_error,
+)
 from trustmesh.manifests import ClusterSpec
 
 log = logging.getLogger("trustmesh.identity.kubernetes_sa")
@@ -63,7 +69,9 @@ def unverified_issuer(token: str) -> tuple[str, str | None]:
     try:
         claims = jwt.decode(token, options={"verify_signature": False})
     except jwt.PyJWTError:
-        raise InvalidToken("malformed", "subject_token payload is not base64url-encoded JSON") from None
+        raise InvalidToken(
+            "malformed", "subject_token payload is not base64url-encoded JSON"
+        ) from None
     issuer = claims.get("iss")
     if not isinstance(issuer, str) or not issuer:
         raise InvalidToken("missing_claim", "subject_token has no iss claim")
@@ -88,16 +96,29 @@ def verify_service_account_token(
         raise translate_pyjwt_error(exc) from None
     k8s = claims.get("kubernetes.io")
     if not isinstance(k8s, dict):
-        raise InvalidToken("missing_claim", "subject_token has no kubernetes.io claim (not a projected service-account token)")
+        raise InvalidToken(
+            "missing_claim",
+            "subject_token has no kubernetes.io claim (not a projected service-account token)",
+        )
     namespace = k8s.get("namespace")
     account = k8s.get("serviceaccount")
-    if not isinstance(namespace, str) or not isinstance(account, dict) or not isinstance(account.get("name"), str):
-        raise InvalidToken("missing_claim", "subject_token kubernetes.io claim lacks namespace or serviceaccount.name")
+    if (
+        not isinstance(namespace, str)
+        or not isinstance(account, dict)
+        or not isinstance(account.get("name"), str)
+    ):
+        raise InvalidToken(
+            "missing_claim",
+            "subject_token kubernetes.io claim lacks namespace or serviceaccount.name",
+        )
     name = account["name"]
     if claims["sub"] != f"system:serviceaccount:{namespace}:{name}":
-        raise InvalidToken("bad_subject", "subject_token sub does not match its kubernetes.io namespace and service account")
-    pod = k8s.get("pod") if isinstance(k8s.get("pod"), dict) else {}
-    node = k8s.get("node") if isinstance(k8s.get("node"), dict) else {}
+        raise InvalidToken(
+            "bad_subject",
+            "subject_token sub does not match its kubernetes.io namespace and service account",
+        )
+    pod = _mapping(k8s.get("pod"))
+    node = _mapping(k8s.get("node"))
     return ServiceAccountToken(
         issuer=claims["iss"],
         namespace=namespace,
@@ -110,6 +131,10 @@ def verify_service_account_token(
         kid=kid,
         expires_at=float(claims["exp"]),
     )
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 def _str_or_none(value: Any) -> str | None:

@@ -34,13 +34,21 @@ from trustmesh.identity.svid import InvalidToken, mint_svid
 from trustmesh.registry import Registry
 
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
-JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"
+JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"  # noqa: S105 (a URN, not a secret)
 DEFAULT_TTL = 300
 MAX_AUDIENCES = 16
 MAX_AUDIENCE_LENGTH = 512
 MAX_FORM_FIELDS = 40
-SINGLE_PARAMS = ("grant_type", "subject_token", "subject_token_type", "requested_token_type", "lifetime")
-KNOWN_PARAMS = frozenset((*SINGLE_PARAMS, "audience", "resource", "scope", "actor_token", "actor_token_type"))
+SINGLE_PARAMS = (
+    "grant_type",
+    "subject_token",
+    "subject_token_type",
+    "requested_token_type",
+    "lifetime",
+)
+KNOWN_PARAMS = frozenset(
+    (*SINGLE_PARAMS, "audience", "resource", "scope", "actor_token", "actor_token_type")
+)
 SA_TOKEN_LEEWAY = 30.0
 
 
@@ -74,9 +82,13 @@ def parse_form(body: bytes) -> dict[str, list[str]]:
     """Parse an ``application/x-www-form-urlencoded`` body strictly."""
     try:
         text = body.decode("utf-8")
-        form = parse_qs(text, keep_blank_values=True, strict_parsing=bool(text), max_num_fields=MAX_FORM_FIELDS)
+        form = parse_qs(
+            text, keep_blank_values=True, strict_parsing=bool(text), max_num_fields=MAX_FORM_FIELDS
+        )
     except (UnicodeDecodeError, ValueError):
-        raise OAuthError("invalid_request", "request body is not a valid form-encoded parameter list") from None
+        raise OAuthError(
+            "invalid_request", "request body is not a valid form-encoded parameter list"
+        ) from None
     return form
 
 
@@ -87,7 +99,9 @@ def _single(form: Mapping[str, list[str]], name: str, required: bool = True) -> 
             raise OAuthError("invalid_request", f"missing required parameter {name}")
         return None
     if len(values) > 1:
-        raise OAuthError("invalid_request", f"parameter {name} must not be repeated (RFC 6749 §3.2)")
+        raise OAuthError(
+            "invalid_request", f"parameter {name} must not be repeated (RFC 6749 §3.2)"
+        )
     return values[0]
 
 
@@ -123,9 +137,14 @@ class TokenExchange:
         if unknown:
             raise OAuthError("invalid_request", f"unknown parameter {unknown[0][:64]!r}")
         if form.get("actor_token") or form.get("actor_token_type"):
-            raise OAuthError("invalid_request", "actor_token (delegation, RFC 8693 §1.1) is not supported")
+            raise OAuthError(
+                "invalid_request", "actor_token (delegation, RFC 8693 §1.1) is not supported"
+            )
         if form.get("scope"):
-            raise OAuthError("invalid_scope", "scope is not supported: authorization is decided by policy at each cluster")
+            raise OAuthError(
+                "invalid_scope",
+                "scope is not supported: authorization is decided by policy at each cluster",
+            )
         subject_token = _single(form, "subject_token")
         assert subject_token is not None
         token_type = _single(form, "subject_token_type")
@@ -133,10 +152,16 @@ class TokenExchange:
             raise OAuthError("invalid_request", f"subject_token_type must be {JWT_TOKEN_TYPE}")
         requested = _single(form, "requested_token_type", required=False)
         if requested is not None and requested != JWT_TOKEN_TYPE:
-            raise OAuthError("invalid_request", f"requested_token_type must be {JWT_TOKEN_TYPE} (JWT-SVID) when given")
+            raise OAuthError(
+                "invalid_request",
+                f"requested_token_type must be {JWT_TOKEN_TYPE} (JWT-SVID) when given",
+            )
         audiences = [a for a in form.get("audience", []) + form.get("resource", []) if a]
         if not audiences:
-            raise OAuthError("invalid_request", "missing required parameter audience (the target, e.g. spiffe://TD/cluster/NAME)")
+            raise OAuthError(
+                "invalid_request",
+                "missing required parameter audience (the target, e.g. spiffe://TD/cluster/NAME)",
+            )
         lifetime_text = _single(form, "lifetime", required=False)
         lifetime = None
         if lifetime_text is not None:
@@ -151,11 +176,15 @@ class TokenExchange:
         unique: list[str] = []
         for audience in audiences:
             if len(audience) > MAX_AUDIENCE_LENGTH:
-                raise OAuthError("invalid_target", f"an audience is longer than {MAX_AUDIENCE_LENGTH} characters")
+                raise OAuthError(
+                    "invalid_target", f"an audience is longer than {MAX_AUDIENCE_LENGTH} characters"
+                )
             if audience.startswith(self._cluster_prefix):
                 cluster = audience[len(self._cluster_prefix) :]
                 if cluster not in registry.clusters:
-                    raise OAuthError("invalid_target", f"audience {audience} names no registered cluster")
+                    raise OAuthError(
+                        "invalid_target", f"audience {audience} names no registered cluster"
+                    )
             elif audience.startswith("spiffe://"):
                 raise OAuthError(
                     "invalid_target",
@@ -175,7 +204,10 @@ class TokenExchange:
             raise OAuthError("invalid_request", f"subject_token: {exc.description}") from None
         cluster_name = registry.cluster_by_issuer.get(issuer)
         if cluster_name is None:
-            raise OAuthError("invalid_grant", f"subject_token issuer {issuer[:200]!r} is not a registered cluster")
+            raise OAuthError(
+                "invalid_grant",
+                f"subject_token issuer {issuer[:200]!r} is not a registered cluster",
+            )
         cluster = registry.clusters[cluster_name]
         try:
             keys = await self.cluster_keys.keys_for(cluster_name, cluster, kid)
@@ -183,8 +215,12 @@ class TokenExchange:
         except ClusterKeysUnavailable as exc:
             raise OAuthError("temporarily_unavailable", str(exc), status=503) from None
         except InvalidToken as exc:
-            raise OAuthError("invalid_grant", f"subject_token from cluster {cluster_name}: {exc.description}") from None
-        workload_name = registry.workload_by_selector.get((cluster_name, sa.namespace, sa.service_account))
+            raise OAuthError(
+                "invalid_grant", f"subject_token from cluster {cluster_name}: {exc.description}"
+            ) from None
+        workload_name = registry.workload_by_selector.get(
+            (cluster_name, sa.namespace, sa.service_account)
+        )
         if workload_name is None:
             raise OAuthError(
                 "unauthorized_client",

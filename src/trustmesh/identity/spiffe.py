@@ -40,7 +40,9 @@ def parse_spiffe_id(value: str) -> tuple[str, str]:
     return domain, "/" + path
 
 
-def workload_spiffe_id(trust_domain: str, cluster: str, namespace: str, service_account: str) -> str:
+def workload_spiffe_id(
+    trust_domain: str, cluster: str, namespace: str, service_account: str
+) -> str:
     """The default SPIFFE ID of a workload (DESIGN §2)."""
     return f"spiffe://{trust_domain}/cluster/{cluster}/ns/{namespace}/sa/{service_account}"
 

@@ -55,7 +55,9 @@ class VerifiedIdentity:
 
 
 def mint_svid(key: ActiveKey, claims: dict[str, Any]) -> str:
-    return jwt.encode(claims, key.private_key, algorithm=key.alg, headers={"kid": key.kid, "typ": "JWT"})
+    return jwt.encode(
+        claims, key.private_key, algorithm=key.alg, headers={"kid": key.kid, "typ": "JWT"}
+    )
 
 
 def _b64decode(segment: str) -> bytes:
@@ -80,7 +82,9 @@ def read_header(token: str, max_bytes: int = MAX_TOKEN_BYTES) -> dict[str, Any]:
 class KeyRing:
     """Public keys by ``kid``, each pinned to its own algorithm."""
 
-    def __init__(self, jwks: dict[str, Any] | None = None, allowed_algs: Iterable[str] = ALLOWED_ALGS):
+    def __init__(
+        self, jwks: dict[str, Any] | None = None, allowed_algs: Iterable[str] = ALLOWED_ALGS
+    ):
         self.allowed_algs = frozenset(allowed_algs)
         self._keys: dict[str, jwt.PyJWK] = {}
         if jwks:
@@ -122,7 +126,10 @@ def check_signed_header(header: dict[str, Any], keys: KeyRing) -> tuple[str, jwt
     if key is None:
         raise InvalidToken("unknown_kid", f"token key id {kid[:64]!r} is not a known signing key")
     if key.algorithm_name != alg:
-        raise InvalidToken("unsupported_alg", f"token algorithm {alg} does not match its key ({key.algorithm_name})")
+        raise InvalidToken(
+            "unsupported_alg",
+            f"token algorithm {alg} does not match its key ({key.algorithm_name})",
+        )
     return kid, key
 
 
@@ -162,7 +169,7 @@ class SvidVerifier:
         self.audience = audience
         self.keys = keys
         self.leeway = leeway
-        self._options: dict[str, Any] = {
+        self._options: Any = {
             "require": list(REQUIRED_CLAIMS),
             "verify_aud": audience is not None,
         }
@@ -187,7 +194,9 @@ class SvidVerifier:
         except (SpiffeIdError, TypeError):
             raise InvalidToken("bad_subject", "token sub is not a SPIFFE ID") from None
         if domain != self.trust_domain:
-            raise InvalidToken("bad_subject", f"token sub is not in trust domain {self.trust_domain}")
+            raise InvalidToken(
+                "bad_subject", f"token sub is not in trust domain {self.trust_domain}"
+            )
         for name in FEDERATION_CLAIMS:
             if not isinstance(claims[name], str):
                 raise InvalidToken("missing_claim", f"token claim {name} is not a string")
@@ -198,4 +207,3 @@ class SvidVerifier:
             kid=kid,
             expires_at=float(claims["exp"]),
         )
-

@@ -15,7 +15,9 @@ class RegistryConflict(ValueError):
     ``problems`` lists one line per problem, each naming the object."""
 
     def __init__(self, problems: list[str]) -> None:
-        super().__init__(problems[0] + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""))
+        super().__init__(
+            problems[0] + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else "")
+        )
         self.problems = problems
 
 
@@ -33,7 +35,9 @@ class Registry:
         if spec.spiffe_id:
             return spec.spiffe_id
         sel = spec.selector
-        return workload_spiffe_id(self.trust_domain, sel.cluster, sel.namespace, sel.service_account)
+        return workload_spiffe_id(
+            self.trust_domain, sel.cluster, sel.namespace, sel.service_account
+        )
 
 
 def build_registry(trust_domain: str, revision: int, documents: Iterable[Document]) -> Registry:
@@ -63,7 +67,9 @@ def build_registry(trust_domain: str, revision: int, documents: Iterable[Documen
         sel = workload.selector
         at = f"{where[('Workload', name)]}: Workload {name}"
         if sel.cluster not in clusters:
-            problems.append(f"{at}: spec.selector.cluster {sel.cluster!r} is not a registered Cluster")
+            problems.append(
+                f"{at}: spec.selector.cluster {sel.cluster!r} is not a registered Cluster"
+            )
         key = (sel.cluster, sel.namespace, sel.service_account)
         other = by_selector.setdefault(key, name)
         if other != name:
@@ -75,10 +81,14 @@ def build_registry(trust_domain: str, revision: int, documents: Iterable[Documen
         if workload.spiffe_id:
             domain, _ = parse_spiffe_id(workload.spiffe_id)
             if domain != trust_domain:
-                problems.append(f"{at}: spec.spiffeId {workload.spiffe_id} is outside trust domain {trust_domain}")
+                problems.append(
+                    f"{at}: spec.spiffeId {workload.spiffe_id} is outside trust domain {trust_domain}"
+                )
         other = by_spiffe.setdefault(spiffe_id, name)
         if other != name:
-            problems.append(f"{at}: SPIFFE ID {spiffe_id} is already the identity of Workload {other}")
+            problems.append(
+                f"{at}: SPIFFE ID {spiffe_id} is already the identity of Workload {other}"
+            )
     if problems:
         raise RegistryConflict(problems)
     return Registry(

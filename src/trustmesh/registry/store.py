@@ -41,7 +41,11 @@ class RegistryStore:
         self.trust_domain = trust_domain
 
     def _documents(self, conn: Connection) -> list[Document]:
-        rows = conn.execute(select(registry_objects.c.body).order_by(registry_objects.c.kind, registry_objects.c.name))
+        rows = conn.execute(
+            select(registry_objects.c.body).order_by(
+                registry_objects.c.kind, registry_objects.c.name
+            )
+        )
         return [document_from_body(json.loads(body)) for (body,) in rows]
 
     def load(self) -> Registry:
@@ -52,7 +56,9 @@ class RegistryStore:
     def list_bodies(self, kind: str) -> list[dict[str, Any]]:
         with self.db.engine.connect() as conn:
             rows = conn.execute(
-                select(registry_objects).where(registry_objects.c.kind == kind).order_by(registry_objects.c.name)
+                select(registry_objects)
+                .where(registry_objects.c.kind == kind)
+                .order_by(registry_objects.c.name)
             )
             out = []
             for row in rows:
@@ -65,7 +71,9 @@ class RegistryStore:
                 out.append(body)
             return out
 
-    def apply(self, documents: Sequence[Document], actor: str, dry_run: bool = False) -> tuple[int, list[AppliedChange]]:
+    def apply(
+        self, documents: Sequence[Document], actor: str, dry_run: bool = False
+    ) -> tuple[int, list[AppliedChange]]:
         """Apply the documents; returns (registry revision, changes). Raises
         RegistryConflict (nothing written) when the result would be inconsistent."""
         now = time.time()
@@ -93,15 +101,27 @@ class RegistryStore:
                 if change.action == "created":
                     conn.execute(
                         registry_objects.insert().values(
-                            kind=doc.kind, name=doc.name, body=body, generation=1,
-                            created_at=now, updated_at=now, updated_by=actor,
+                            kind=doc.kind,
+                            name=doc.name,
+                            body=body,
+                            generation=1,
+                            created_at=now,
+                            updated_at=now,
+                            updated_by=actor,
                         )
                     )
                 elif change.action == "configured":
                     conn.execute(
                         update(registry_objects)
-                        .where(registry_objects.c.kind == doc.kind, registry_objects.c.name == doc.name)
-                        .values(body=body, generation=registry_objects.c.generation + 1, updated_at=now, updated_by=actor)
+                        .where(
+                            registry_objects.c.kind == doc.kind, registry_objects.c.name == doc.name
+                        )
+                        .values(
+                            body=body,
+                            generation=registry_objects.c.generation + 1,
+                            updated_at=now,
+                            updated_by=actor,
+                        )
                     )
             revision = meta_store.bump(conn, meta_store.REGISTRY_REVISION)
             return revision, changes

@@ -9,7 +9,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -42,7 +48,10 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.exchanges = Counter(
-            "trustmesh_token_exchanges_total", "Token exchanges by result", ["result"], registry=self.registry
+            "trustmesh_token_exchanges_total",
+            "Token exchanges by result",
+            ["result"],
+            registry=self.registry,
         )
         self.exchange_seconds = Histogram(
             "trustmesh_token_exchange_seconds",
@@ -118,7 +127,9 @@ def build_app(plane: ControlPlane) -> Starlette:
         document = await read_json(request)
         files = document.get("files")
         if not isinstance(files, list) or not files:
-            raise BadRequest(400, "invalid_request", 'body must be {"files": [{"path": …, "content": …}, …]}')
+            raise BadRequest(
+                400, "invalid_request", 'body must be {"files": [{"path": …, "content": …}, …]}'
+            )
         pairs = []
         for item in files:
             if not isinstance(item, dict) or not isinstance(item.get("content"), str):
@@ -134,7 +145,9 @@ def build_app(plane: ControlPlane) -> Starlette:
             )
         except RegistryConflict as exc:
             return error_response(409, "conflict", str(exc), problems=exc.problems)
-        return JSONResponse({"revision": revision, "dryRun": dry_run, "changes": [c.as_dict() for c in changes]})
+        return JSONResponse(
+            {"revision": revision, "dryRun": dry_run, "changes": [c.as_dict() for c in changes]}
+        )
 
     def lister(kind: str) -> Callable[[Request], Awaitable[Response]]:
         async def handler(request: Request) -> Response:
@@ -152,7 +165,9 @@ def build_app(plane: ControlPlane) -> Starlette:
     async def rotate_keys(request: Request) -> Response:
         await authenticate(request)
         record = await run_in_threadpool(plane.rotate_keys)
-        return JSONResponse({"active": _key_json(record), "keys": [_key_json(r) for r in plane.list_keys()]})
+        return JSONResponse(
+            {"active": _key_json(record), "keys": [_key_json(r) for r in plane.list_keys()]}
+        )
 
     async def cluster_credential(request: Request) -> Response:
         principal = await authenticate(request)

@@ -93,7 +93,9 @@ class ControlPlane:
         master_path = self.config.master_key_file or Path(
             os.environ.get("TRUSTMESH_MASTER_KEY_FILE") or data_dir / "master.key"
         )
-        self.keys = KeyManager(self.db, MasterKey.load_or_create(master_path), self.config.signing_alg)
+        self.keys = KeyManager(
+            self.db, MasterKey.load_or_create(master_path), self.config.signing_alg
+        )
         self.keys.check_master_key()
         self.keys.ensure_keys()
         self.credentials = CredentialStore(self.db)
@@ -108,7 +110,9 @@ class ControlPlane:
         self.exchange = TokenExchange(
             issuer=self.issuer,
             trust_domain=self.trust_domain,
-            cluster_keys=ClusterKeyCache(self._http, min_refresh_interval=self.config.cluster_jwks_min_refresh),
+            cluster_keys=ClusterKeyCache(
+                self._http, min_refresh_interval=self.config.cluster_jwks_min_refresh
+            ),
             registry=lambda: self._registry,
             keyset=lambda: self._keyset,
             default_ttl=self.config.default_ttl,
@@ -205,7 +209,9 @@ class ControlPlane:
             "grant_types_supported": ["urn:ietf:params:oauth:grant-type:token-exchange"],
             "token_endpoint_auth_methods_supported": ["none"],
             "introspection_endpoint_auth_methods_supported": ["bearer"],
-            "id_token_signing_alg_values_supported": sorted({k.alg for k in self._keyset.published}),
+            "id_token_signing_alg_values_supported": sorted(
+                {k.alg for k in self._keyset.published}
+            ),
             "response_types_supported": ["id_token"],
             "subject_types_supported": ["public"],
             "trust_domain": f"spiffe://{self.trust_domain}",
@@ -222,7 +228,9 @@ class ControlPlane:
         return bundle
 
     # -- admin operations (blocking; the HTTP layer runs them in a thread) ----------------
-    def apply(self, files: list[tuple[str, str]], actor: str, dry_run: bool = False) -> tuple[int, list[AppliedChange]]:
+    def apply(
+        self, files: list[tuple[str, str]], actor: str, dry_run: bool = False
+    ) -> tuple[int, list[AppliedChange]]:
         documents = []
         problems = []
         for path, content in files:
@@ -266,7 +274,9 @@ class ControlPlane:
     def agent_config(self, principal: Principal, cluster: str | None) -> dict[str, Any]:
         name = principal.cluster if cluster is None else cluster
         if name is None:
-            raise NotFound("name the cluster (?cluster=NAME) when calling with the admin credential")
+            raise NotFound(
+                "name the cluster (?cluster=NAME) when calling with the admin credential"
+            )
         if not principal.may_act_for(name):
             raise PermissionError(f"this credential is for cluster {principal.cluster}, not {name}")
         if name not in self._registry.clusters:
@@ -287,6 +297,11 @@ def _duplicates(documents: list[Document]) -> list[Problem]:
         first = seen.setdefault((doc.kind, doc.name), doc)
         if first is not doc:
             problems.append(
-                Problem(doc.path, doc.line, "metadata.name", f"{doc.kind} {doc.name} is also defined at {first.path}:{first.line}")
+                Problem(
+                    doc.path,
+                    doc.line,
+                    "metadata.name",
+                    f"{doc.kind} {doc.name} is also defined at {first.path}:{first.line}",
+                )
             )
     return problems

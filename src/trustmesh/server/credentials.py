@@ -87,7 +87,9 @@ class CredentialStore:
         """On first start, create the admin credential and write it (mode 0600). Returns
         whether one was created. Later starts (and other replicas) leave it alone."""
         with self.db.engine.connect() as conn:
-            exists = conn.execute(select(credentials.c.id).where(credentials.c.kind == ADMIN)).first()
+            exists = conn.execute(
+                select(credentials.c.id).where(credentials.c.kind == ADMIN)
+            ).first()
         if exists is not None:
             return False
         write_secret_file(token_path, self.create(ADMIN, created_by="first start") + "\n")

@@ -27,7 +27,9 @@ def error_response(status: int, error: str, description: str, **extra: Any) -> J
     headers = {"Cache-Control": "no-store"}
     if status == 401:
         headers["WWW-Authenticate"] = f'Bearer error="{error}"'
-    return JSONResponse({"error": error, "error_description": description, **extra}, status, headers=headers)
+    return JSONResponse(
+        {"error": error, "error_description": description, **extra}, status, headers=headers
+    )
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -76,11 +78,15 @@ def bearer_token(request: Request) -> str | None:
 
 
 async def not_found(request: Request, exc: Exception) -> Response:
-    return error_response(404, "not_found", f"no such endpoint: {request.method} {request.url.path}")
+    return error_response(
+        404, "not_found", f"no such endpoint: {request.method} {request.url.path}"
+    )
 
 
 async def method_not_allowed(request: Request, exc: Exception) -> Response:
-    return error_response(405, "method_not_allowed", f"{request.method} is not allowed on {request.url.path}")
+    return error_response(
+        405, "method_not_allowed", f"{request.method} is not allowed on {request.url.path}"
+    )
 
 
 async def bad_request(request: Request, exc: Exception) -> Response:

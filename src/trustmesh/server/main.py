@@ -19,7 +19,11 @@ def run_server(config: ServerConfig, listen: str) -> None:
     app = build_app(plane)
 
     def ready(url: str) -> None:
-        note = f"; admin credential written to {config.data_dir / 'admin.token'}" if plane.admin_token_created else ""
+        note = (
+            f"; admin credential written to {config.data_dir / 'admin.token'}"
+            if plane.admin_token_created
+            else ""
+        )
         print(
             f"trustmesh server listening on {url} (issuer {plane.issuer}, trust domain "
             f"spiffe://{plane.trust_domain}, {plane.db.dialect}){note}",

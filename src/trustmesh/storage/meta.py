@@ -43,7 +43,9 @@ def bump(conn: Connection, name: str) -> int:
     The UPDATE takes the row lock, so concurrent replicas get distinct revisions. The
     counters' rows are created by the first migration."""
     result = conn.execute(
-        update(meta).where(meta.c.name == name).values(value=(meta.c.value.cast(Integer) + 1).cast(Text))
+        update(meta)
+        .where(meta.c.name == name)
+        .values(value=(meta.c.value.cast(Integer) + 1).cast(Text))
     )
     if result.rowcount != 1:
         raise LookupError(f"revision counter {name} does not exist")
@@ -51,8 +53,5 @@ def bump(conn: Connection, name: str) -> int:
 
 
 def revisions(conn: Connection) -> dict[str, int]:
-    rows = conn.execute(
-        select(meta.c.name, meta.c.value).where(meta.c.name.in_(COUNTERS))
-    )
+    rows = conn.execute(select(meta.c.name, meta.c.value).where(meta.c.name.in_(COUNTERS)))
     return {name: int(value) for name, value in rows}
-
