@@ -28,7 +28,9 @@ def parts(token: str) -> tuple[dict[str, Any], dict[str, Any], str]:
 
 
 def assemble(header: dict[str, Any], payload: dict[str, Any], signature: str) -> str:
-    return ".".join([b64(json.dumps(header).encode()), b64(json.dumps(payload).encode()), signature])
+    return ".".join(
+        [b64(json.dumps(header).encode()), b64(json.dumps(payload).encode()), signature]
+    )
 
 
 def alg_none(token: str) -> str:
@@ -40,7 +42,9 @@ def hs256_with_public_key(token: str, public_jwk: dict[str, Any]) -> str:
     """The classic key-confusion attack: HMAC-sign with the verifier's public key bytes."""
     header, payload, _ = parts(token)
     public = jwt.PyJWK(public_jwk).key
-    secret = public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    secret = public.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     forged_header = {**header, "alg": "HS256"}
     signing_input = f"{b64(json.dumps(forged_header).encode())}.{b64(json.dumps(payload).encode())}"
     mac = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
@@ -62,7 +66,9 @@ def signed_by_stranger(token: str, alg: str = "ES256") -> str:
     """The same claims and kid, signed by a key nobody published."""
     header, payload, _ = parts(token)
     key = ec.generate_private_key(ec.SECP256R1())
-    return jwt.encode(payload, key, algorithm="ES256", headers={"kid": header.get("kid"), "typ": "JWT"})
+    return jwt.encode(
+        payload, key, algorithm="ES256", headers={"kid": header.get("kid"), "typ": "JWT"}
+    )
 
 
 GARBAGE = ["", "not-a-jwt", "a.b.c", "....", "eyJhbGciOiJFUzI1NiJ9.e30", "%00%ff", "😀.😀.😀"]

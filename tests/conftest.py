@@ -34,7 +34,9 @@ def new_postgres_database(base_url: str) -> str:
     """A fresh, empty database on the test server, so tests never share state."""
     name = f"tm_{secrets.token_hex(6)}"
     url = make_url(base_url)
-    with psycopg.connect(base_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as conn:
+    with psycopg.connect(
+        base_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True
+    ) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     return url.set(database=name).render_as_string(hide_password=False)
 
@@ -48,7 +50,9 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str | None:
 
 
 @pytest.fixture(scope="session", params=ENGINES)
-def shared_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def shared_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
     """One control plane per engine for tests that only add their own uniquely named
     objects; tests that change global state (keys) start their own."""
     db = None

@@ -33,7 +33,7 @@ class Process:
     def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
         self.args = args
         self.log_path = log_path
-        self._stderr = open(log_path, "w")
+        self._stderr = open(log_path, "w")  # noqa: SIM115 (lives as long as the process)
         self.proc = subprocess.Popen(
             args,
             stdout=subprocess.PIPE,
@@ -56,13 +56,17 @@ class Process:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(f"{self.args[3:5]} printed no {prefix!r} line; stderr:\n{self.stderr()}")
+                raise TimeoutError(
+                    f"{self.args[3:5]} printed no {prefix!r} line; stderr:\n{self.stderr()}"
+                )
             try:
                 line = self.lines.get(timeout=remaining)
             except queue.Empty:
                 continue
             if line is None:
-                raise RuntimeError(f"{self.args[3:5]} exited ({self.proc.wait()}) before {prefix!r}; stderr:\n{self.stderr()}")
+                raise RuntimeError(
+                    f"{self.args[3:5]} exited ({self.proc.wait()}) before {prefix!r}; stderr:\n{self.stderr()}"
+                )
             if line.startswith(prefix):
                 return line
 
@@ -100,12 +104,16 @@ class Server:
     def admin(self) -> httpx.Client:
         if self._client is None:
             self._client = httpx.Client(
-                base_url=self.url, headers={"Authorization": f"Bearer {self.admin_token}"}, timeout=10
+                base_url=self.url,
+                headers={"Authorization": f"Bearer {self.admin_token}"},
+                timeout=10,
             )
         return self._client
 
     def apply(self, yaml_text: str, path: str = "test.yaml", expect: int = 200) -> dict[str, Any]:
-        response = self.admin.post("/v1/apply", json={"files": [{"path": path, "content": yaml_text}]})
+        response = self.admin.post(
+            "/v1/apply", json={"files": [{"path": path, "content": yaml_text}]}
+        )
         assert response.status_code == expect, response.text
         body: dict[str, Any] = response.json()
         return body
@@ -115,7 +123,9 @@ class Server:
         assert response.status_code == 200, response.text
         return str(response.json()["token"])
 
-    def exchange(self, subject_token: str, audience: str | list[str], **extra: str) -> httpx.Response:
+    def exchange(
+        self, subject_token: str, audience: str | list[str], **extra: str
+    ) -> httpx.Response:
         form: dict[str, Any] = {
             "grant_type": EXCHANGE_GRANT,
             "subject_token": subject_token,
@@ -131,12 +141,24 @@ class Server:
         return self.process.stop()
 
 
-def start_server(data_dir: Path, db: str | None = None, *extra: str, env: dict[str, str] | None = None) -> Server:
-    args = ["server", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0", "--trust-domain", TRUST_DOMAIN]
+def start_server(
+    data_dir: Path, db: str | None = None, *extra: str, env: dict[str, str] | None = None
+) -> Server:
+    args = [
+        "server",
+        "--data-dir",
+        str(data_dir),
+        "--listen",
+        "127.0.0.1:0",
+        "--trust-domain",
+        TRUST_DOMAIN,
+    ]
     if db:
         args += ["--db", db]
     data_dir.mkdir(parents=True, exist_ok=True)
-    process = Process(trustmesh_cmd(*args, *extra), data_dir.parent / f"{data_dir.name}.server.log", env)
+    process = Process(
+        trustmesh_cmd(*args, *extra), data_dir.parent / f"{data_dir.name}.server.log", env
+    )
     line = process.wait_line("trustmesh server listening on ")
     url = line.split()[4]
     token = (data_dir / "admin.token").read_text().strip()
@@ -151,7 +173,9 @@ class Agent:
     ready_line: str
 
     def authorize(self, token: str, request: dict[str, Any] | None = None) -> httpx.Response:
-        return httpx.post(self.url + "/v1/authorize", json={"token": token, "request": request or {}}, timeout=10)
+        return httpx.post(
+            self.url + "/v1/authorize", json={"token": token, "request": request or {}}, timeout=10
+        )
 
     def stop(self) -> int:
         return self.process.stop()
@@ -164,8 +188,17 @@ def start_agent(cluster: str, servers: list[str], data_dir: Path, credential: st
     token_file.chmod(0o600)
     process = Process(
         trustmesh_cmd(
-            "agent", "--cluster", cluster, "--server", ",".join(servers), "--listen", "127.0.0.1:0",
-            "--data-dir", str(data_dir), "--token-file", str(token_file),
+            "agent",
+            "--cluster",
+            cluster,
+            "--server",
+            ",".join(servers),
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(data_dir),
+            "--token-file",
+            str(token_file),
         ),
         data_dir.parent / f"{data_dir.name}.agent.log",
     )
@@ -184,7 +217,9 @@ spec:
 """
 
 
-def workload_yaml(name: str, cluster: str, namespace: str, service_account: str, extra: str = "") -> str:
+def workload_yaml(
+    name: str, cluster: str, namespace: str, service_account: str, extra: str = ""
+) -> str:
     return f"""apiVersion: trustmesh.io/v1alpha1
 kind: Workload
 metadata:
@@ -233,7 +268,9 @@ class Federation:
         return str(response.json()["access_token"])
 
 
-def register_federation(server: Server, origin: SimulatedCluster, target: SimulatedCluster | None = None) -> Federation:
+def register_federation(
+    server: Server, origin: SimulatedCluster, target: SimulatedCluster | None = None
+) -> Federation:
     """Register ``origin`` (and a target cluster) with one workload in ``origin``."""
     origin_name, target_name, workload = unique("origin-"), unique("target-"), unique("wl-")
     target_issuer = target.issuer if target is not None else f"http://127.0.0.1:9/{target_name}"

@@ -25,7 +25,11 @@ from trustmesh.sim import SimulatedCluster
 
 def spec_for(cluster: SimulatedCluster, **overrides: object) -> ClusterSpec:
     values: dict[str, object] = {
-        "issuer": cluster.issuer, "jwks": None, "jwks_uri": None, "audience": "trustmesh", "labels": {}
+        "issuer": cluster.issuer,
+        "jwks": None,
+        "jwks_uri": None,
+        "audience": "trustmesh",
+        "labels": {},
     }
     values.update(overrides)
     return ClusterSpec(**values)  # type: ignore[arg-type]
@@ -66,7 +70,9 @@ def test_unknown_kid_flood_is_rate_limited(sim_cluster: SimulatedCluster) -> Non
             cache = ClusterKeyCache(client, min_refresh_interval=60.0)
             spec = spec_for(sim_cluster)
             await cache.keys_for("c", spec, sim_cluster.signing_kid)
-            results = await asyncio.gather(*(cache.keys_for("c", spec, f"garbage-{i}") for i in range(200)))
+            results = await asyncio.gather(
+                *(cache.keys_for("c", spec, f"garbage-{i}") for i in range(200))
+            )
             assert all(r.kids() == [sim_cluster.signing_kid] for r in results)
             assert cache.fetches == 1  # 200 unknown kids, no extra fetch within the interval
 
@@ -86,7 +92,9 @@ def test_stale_keys_survive_an_outage_and_nothing_cached_is_unavailable() -> Non
             # The cluster is down: an unknown kid triggers a failed fetch, the known keys stay.
             assert await keys(cache, "c", spec, "new-kid") == [kid]
             with pytest.raises(ClusterKeysUnavailable, match="could not be fetched"):
-                await cache.keys_for("other", spec_for(cluster, issuer="http://127.0.0.1:9/nothing"), kid)
+                await cache.keys_for(
+                    "other", spec_for(cluster, issuer="http://127.0.0.1:9/nothing"), kid
+                )
 
     run(scenario())
 
@@ -96,7 +104,9 @@ def hostile() -> Iterator[BackgroundServer]:
     """An 'issuer' that lies in its discovery document or answers junk."""
 
     async def discovery(request: object) -> Response:
-        return JSONResponse({"issuer": "https://someone-else.example", "jwks_uri": "http://127.0.0.1:1/jwks"})
+        return JSONResponse(
+            {"issuer": "https://someone-else.example", "jwks_uri": "http://127.0.0.1:1/jwks"}
+        )
 
     async def huge(request: object) -> Response:
         return Response(b"{" + b" " * (300 * 1024) + b"}", media_type="application/json")
@@ -124,7 +134,12 @@ def hostile() -> Iterator[BackgroundServer]:
         ({"jwks_uri": "http://192.0.2.1/jwks"}, "must use https"),
     ],
 )
-def test_refusals(hostile: BackgroundServer, sim_cluster: SimulatedCluster, overrides: dict[str, str], message: str) -> None:
+def test_refusals(
+    hostile: BackgroundServer,
+    sim_cluster: SimulatedCluster,
+    overrides: dict[str, str],
+    message: str,
+) -> None:
     spec = spec_for(sim_cluster, **{k: v.format(url=hostile.url) for k, v in overrides.items()})
 
     async def scenario() -> None:
@@ -145,7 +160,9 @@ def test_inline_jwks_needs_no_network(sim_cluster: SimulatedCluster) -> None:
             assert cache.fetches == 0
             verify_service_account_token(sim_cluster.mint("a", "b"), ring, spec, leeway=30)
             with pytest.raises(InvalidToken) as caught:
-                verify_service_account_token(sim_cluster.mint("a", "b", audience="other"), ring, spec, 30)
+                verify_service_account_token(
+                    sim_cluster.mint("a", "b", audience="other"), ring, spec, 30
+                )
             assert caught.value.reason == "wrong_audience"
 
     run(scenario())

@@ -64,7 +64,9 @@ def test_rotation_walks_prepared_active_retired_removed(manager: KeyManager) -> 
     # Not removed while a token it signed (max TTL) may still be valid ...
     assert manager.remove_expired(now=2000.0 + MAX_TOKEN_TTL) == []
     # ... removed afterwards: unpublished and its sealed private key erased.
-    assert manager.remove_expired(now=2000.0 + MAX_TOKEN_TTL + CLOCK_SKEW + 1) == [before.active.kid]
+    assert manager.remove_expired(now=2000.0 + MAX_TOKEN_TTL + CLOCK_SKEW + 1) == [
+        before.active.kid
+    ]
     assert before.active.kid not in {j["kid"] for j in manager.load().jwks()["keys"]}
     with manager.db.engine.connect() as conn:
         sealed = conn.execute(
@@ -111,7 +113,9 @@ def test_sealed_key_moved_to_another_row_does_not_open(manager: KeyManager) -> N
         sealed = conn.execute(
             select(signing_keys.c.private_key).where(signing_keys.c.kid == prepared.kid)
         ).scalar_one()
-        conn.execute(update(signing_keys).where(signing_keys.c.kid == active.kid).values(private_key=sealed))
+        conn.execute(
+            update(signing_keys).where(signing_keys.c.kid == active.kid).values(private_key=sealed)
+        )
     with pytest.raises(MasterKeyError):
         manager.load()
 

@@ -8,7 +8,14 @@ from typing import Any
 import jwt
 import pytest
 
-from attacks import GARBAGE, alg_none, hs256_with_public_key, signed_by_stranger, swapped_payload, with_kid
+from attacks import (
+    GARBAGE,
+    alg_none,
+    hs256_with_public_key,
+    signed_by_stranger,
+    swapped_payload,
+    with_kid,
+)
 from trustmesh.identity.keys import ActiveKey, generate_private_key, public_jwk
 from trustmesh.identity.svid import InvalidToken, KeyRing, SvidVerifier, mint_svid
 
@@ -48,7 +55,10 @@ def claims(**overrides: Any) -> dict[str, Any]:
 @pytest.fixture
 def verifier(signer: tuple[ActiveKey, dict[str, Any]]) -> SvidVerifier:
     return SvidVerifier(
-        issuer=ISSUER, trust_domain="corp.example", audience=AUDIENCE, keys=KeyRing({"keys": [signer[1]]})
+        issuer=ISSUER,
+        trust_domain="corp.example",
+        audience=AUDIENCE,
+        keys=KeyRing({"keys": [signer[1]]}),
     )
 
 
@@ -59,7 +69,9 @@ def reason(verifier: SvidVerifier, token: str) -> str:
     return caught.value.reason
 
 
-def test_valid_token_verifies(signer: tuple[ActiveKey, dict[str, Any]], verifier: SvidVerifier) -> None:
+def test_valid_token_verifies(
+    signer: tuple[ActiveKey, dict[str, Any]], verifier: SvidVerifier
+) -> None:
     token = mint_svid(signer[0], claims())
     assert jwt.get_unverified_header(token) == {"alg": "ES256", "kid": signer[0].kid, "typ": "JWT"}
     identity = verifier.verify(token)
@@ -68,11 +80,16 @@ def test_valid_token_verifies(signer: tuple[ActiveKey, dict[str, Any]], verifier
     assert identity.claims["tier"] == "gold"
 
 
-def test_attacks_are_refused(signer: tuple[ActiveKey, dict[str, Any]], verifier: SvidVerifier) -> None:
+def test_attacks_are_refused(
+    signer: tuple[ActiveKey, dict[str, Any]], verifier: SvidVerifier
+) -> None:
     good = mint_svid(signer[0], claims())
     assert reason(verifier, alg_none(good)) == "unsupported_alg"
     assert reason(verifier, hs256_with_public_key(good, signer[1])) == "unsupported_alg"
-    assert reason(verifier, swapped_payload(good, sub="spiffe://corp.example/admin")) == "bad_signature"
+    assert (
+        reason(verifier, swapped_payload(good, sub="spiffe://corp.example/admin"))
+        == "bad_signature"
+    )
     assert reason(verifier, signed_by_stranger(good)) == "bad_signature"
     assert reason(verifier, with_kid(good, "../../../etc/passwd")) == "unknown_kid"
     assert reason(verifier, with_kid(good, "")) == "unknown_kid"
@@ -97,17 +114,24 @@ def test_attacks_are_refused(signer: tuple[ActiveKey, dict[str, Any]], verifier:
     ],
 )
 def test_claim_checks(
-    signer: tuple[ActiveKey, dict[str, Any]], verifier: SvidVerifier, overrides: dict[str, Any], expected: str
+    signer: tuple[ActiveKey, dict[str, Any]],
+    verifier: SvidVerifier,
+    overrides: dict[str, Any],
+    expected: str,
 ) -> None:
     assert reason(verifier, mint_svid(signer[0], claims(**overrides))) == expected
 
 
-def test_small_clock_skew_is_tolerated(signer: tuple[ActiveKey, dict[str, Any]], verifier: SvidVerifier) -> None:
+def test_small_clock_skew_is_tolerated(
+    signer: tuple[ActiveKey, dict[str, Any]], verifier: SvidVerifier
+) -> None:
     now = int(time.time())
     verifier.verify(mint_svid(signer[0], claims(exp=now - 5, nbf=now + 5)))
 
 
-def test_keyring_pins_algorithm_and_skips_unusable_keys(signer: tuple[ActiveKey, dict[str, Any]]) -> None:
+def test_keyring_pins_algorithm_and_skips_unusable_keys(
+    signer: tuple[ActiveKey, dict[str, Any]],
+) -> None:
     rsa_jwk = public_jwk(generate_private_key("RS256"), "RS256")
     ring = KeyRing(
         {
@@ -115,7 +139,14 @@ def test_keyring_pins_algorithm_and_skips_unusable_keys(signer: tuple[ActiveKey,
                 signer[1],
                 {**rsa_jwk, "alg": "HS256"},  # not allowed
                 {"kty": "oct", "k": "c2VjcmV0", "kid": "sym", "alg": "HS256"},
-                {"kty": "EC", "kid": "broken", "alg": "ES256", "crv": "P-256", "x": "AA", "y": "AA"},
+                {
+                    "kty": "EC",
+                    "kid": "broken",
+                    "alg": "ES256",
+                    "crv": "P-256",
+                    "x": "AA",
+                    "y": "AA",
+                },
                 {k: v for k, v in rsa_jwk.items() if k != "kid"},
             ]
         }
@@ -124,6 +155,8 @@ def test_keyring_pins_algorithm_and_skips_unusable_keys(signer: tuple[ActiveKey,
     removed = ring.replace({"keys": [rsa_jwk]})
     assert removed == {signer[0].kid} and ring.kids() == [rsa_jwk["kid"]]
     # An ES256 token whose kid names the RS256 key fails before any signature work.
-    verifier = SvidVerifier(issuer=ISSUER, trust_domain="corp.example", audience=AUDIENCE, keys=ring)
+    verifier = SvidVerifier(
+        issuer=ISSUER, trust_domain="corp.example", audience=AUDIENCE, keys=ring
+    )
     forged = with_kid(mint_svid(signer[0], claims()), rsa_jwk["kid"])
     assert reason(verifier, forged) == "unsupported_alg"

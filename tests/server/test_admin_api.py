@@ -8,7 +8,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers import TRUST_DOMAIN, Server, cluster_yaml, register_federation, start_server, unique, workload_yaml
+from helpers import (
+    TRUST_DOMAIN,
+    Server,
+    cluster_yaml,
+    register_federation,
+    start_server,
+    unique,
+    workload_yaml,
+)
 from trustmesh.sim import SimulatedCluster
 
 
@@ -27,25 +35,41 @@ def test_apply_is_all_or_nothing(shared_server: Server) -> None:
     good, bad = unique("good-"), unique("bad-")
     before = shared_server.admin.get("/v1/clusters").json()["items"]
     text = "---\n".join(
-        [cluster_yaml(good, f"http://127.0.0.1:9/{good}"), workload_yaml(bad, "no-such-cluster", "ns", "sa")]
+        [
+            cluster_yaml(good, f"http://127.0.0.1:9/{good}"),
+            workload_yaml(bad, "no-such-cluster", "ns", "sa"),
+        ]
     )
     body = shared_server.apply(text, expect=409)
     assert body["error"] == "conflict"
-    assert "no-such-cluster" in body["error_description"] and "is not a registered Cluster" in body["error_description"]
+    assert (
+        "no-such-cluster" in body["error_description"]
+        and "is not a registered Cluster" in body["error_description"]
+    )
     assert shared_server.admin.get("/v1/clusters").json()["items"] == before
 
     # Two workloads for one service account are a conflict too, and so is a shared issuer.
     cluster = unique("c-")
     shared_server.apply(cluster_yaml(cluster, f"http://127.0.0.1:9/{cluster}"))
-    text = "---\n".join([workload_yaml(unique("w-"), cluster, "ns", "sa"), workload_yaml(unique("w-"), cluster, "ns", "sa")])
+    text = "---\n".join(
+        [
+            workload_yaml(unique("w-"), cluster, "ns", "sa"),
+            workload_yaml(unique("w-"), cluster, "ns", "sa"),
+        ]
+    )
     assert "already selects" in shared_server.apply(text, expect=409)["error_description"]
     text = cluster_yaml(unique("c-"), f"http://127.0.0.1:9/{cluster}")
     assert "already the issuer" in shared_server.apply(text, expect=409)["error_description"]
     # Duplicates across files of one apply are named with both places.
-    files = [{"path": "a.yaml", "content": cluster_yaml(cluster + "x", "http://127.0.0.1:9/a")},
-             {"path": "b.yaml", "content": cluster_yaml(cluster + "x", "http://127.0.0.1:9/b")}]
+    files = [
+        {"path": "a.yaml", "content": cluster_yaml(cluster + "x", "http://127.0.0.1:9/a")},
+        {"path": "b.yaml", "content": cluster_yaml(cluster + "x", "http://127.0.0.1:9/b")},
+    ]
     response = shared_server.admin.post("/v1/apply", json={"files": files})
-    assert response.status_code == 400 and "also defined at a.yaml" in response.json()["error_description"]
+    assert (
+        response.status_code == 400
+        and "also defined at a.yaml" in response.json()["error_description"]
+    )
 
 
 def test_apply_reports_created_configured_unchanged_and_dry_run(shared_server: Server) -> None:
@@ -56,19 +80,32 @@ def test_apply_reports_created_configured_unchanged_and_dry_run(shared_server: S
     again = shared_server.apply(text)
     assert again["changes"][0]["action"] == "unchanged" and again["revision"] == first["revision"]
     changed = text.replace("issuer:", "labels: {region: eu}\n  issuer:")
-    dry = shared_server.admin.post("/v1/apply", json={"files": [{"path": "x", "content": changed}], "dryRun": True}).json()
+    dry = shared_server.admin.post(
+        "/v1/apply", json={"files": [{"path": "x", "content": changed}], "dryRun": True}
+    ).json()
     assert dry["changes"][0]["action"] == "configured" and dry["dryRun"] is True
-    assert shared_server.apply(text)["changes"][0]["action"] == "unchanged"  # dry run changed nothing
+    assert (
+        shared_server.apply(text)["changes"][0]["action"] == "unchanged"
+    )  # dry run changed nothing
     configured = shared_server.apply(changed)
-    assert configured["changes"][0]["action"] == "configured" and configured["revision"] > first["revision"]
-    items = {i["metadata"]["name"]: i for i in shared_server.admin.get("/v1/clusters").json()["items"]}
+    assert (
+        configured["changes"][0]["action"] == "configured"
+        and configured["revision"] > first["revision"]
+    )
+    items = {
+        i["metadata"]["name"]: i for i in shared_server.admin.get("/v1/clusters").json()["items"]
+    }
     assert items[name]["spec"]["labels"] == {"region": "eu"}
     assert items[name]["status"]["generation"] == 2
 
 
-def test_workload_listing_shows_spiffe_id(shared_server: Server, sim_cluster: SimulatedCluster) -> None:
+def test_workload_listing_shows_spiffe_id(
+    shared_server: Server, sim_cluster: SimulatedCluster
+) -> None:
     fed = register_federation(shared_server, sim_cluster)
-    items = {i["metadata"]["name"]: i for i in shared_server.admin.get("/v1/workloads").json()["items"]}
+    items = {
+        i["metadata"]["name"]: i for i in shared_server.admin.get("/v1/workloads").json()["items"]
+    }
     expected = f"spiffe://{TRUST_DOMAIN}/cluster/{fed.origin_name}/ns/shop/sa/payments"
     assert items[fed.workload]["status"]["spiffeId"] == expected
     assert items[fed.workload]["spec"]["claims"]["workload_id"] == fed.workload
@@ -77,7 +114,12 @@ def test_workload_listing_shows_spiffe_id(shared_server: Server, sim_cluster: Si
 def test_authentication_and_scoping(shared_server: Server, sim_cluster: SimulatedCluster) -> None:
     fed = register_federation(shared_server, sim_cluster)
     url = shared_server.url
-    for method, path in [("GET", "/v1/clusters"), ("POST", "/v1/apply"), ("GET", "/v1/keys"), ("POST", "/v1/keys/rotate")]:
+    for method, path in [
+        ("GET", "/v1/clusters"),
+        ("POST", "/v1/apply"),
+        ("GET", "/v1/keys"),
+        ("POST", "/v1/keys/rotate"),
+    ]:
         response = httpx.request(method, url + path)
         assert response.status_code == 401 and response.json()["error"] == "invalid_token"
         assert response.headers["www-authenticate"].startswith("Bearer")
@@ -86,7 +128,12 @@ def test_authentication_and_scoping(shared_server: Server, sim_cluster: Simulate
     credential = shared_server.credential(fed.origin_name)
     as_cluster = {"Authorization": f"Bearer {credential}"}
     assert httpx.get(url + "/v1/clusters", headers=as_cluster).status_code == 403
-    assert httpx.post(url + f"/v1/clusters/{fed.target_name}/credentials", headers=as_cluster).status_code == 403
+    assert (
+        httpx.post(
+            url + f"/v1/clusters/{fed.target_name}/credentials", headers=as_cluster
+        ).status_code
+        == 403
+    )
     config = httpx.get(url + "/v1/agent/config", headers=as_cluster)
     assert config.status_code == 200
     assert config.json() == {
@@ -96,7 +143,9 @@ def test_authentication_and_scoping(shared_server: Server, sim_cluster: Simulate
         "audience": f"spiffe://{TRUST_DOMAIN}/cluster/{fed.origin_name}",
     }
     other = httpx.get(url + f"/v1/agent/config?cluster={fed.target_name}", headers=as_cluster)
-    assert other.status_code == 403 and "not " + fed.target_name in other.json()["error_description"]
+    assert (
+        other.status_code == 403 and "not " + fed.target_name in other.json()["error_description"]
+    )
     missing = shared_server.admin.post("/v1/clusters/no-such-cluster/credentials")
     assert missing.status_code == 404 and "not registered" in missing.json()["error_description"]
 
@@ -108,7 +157,9 @@ def test_introspection(shared_server: Server, sim_cluster: SimulatedCluster) -> 
     assert httpx.post(endpoint, data={"token": token}).status_code == 401
     credential = shared_server.credential(fed.origin_name)
     for auth in (shared_server.admin_token, credential):
-        answer = httpx.post(endpoint, data={"token": token}, headers={"Authorization": f"Bearer {auth}"}).json()
+        answer = httpx.post(
+            endpoint, data={"token": token}, headers={"Authorization": f"Bearer {auth}"}
+        ).json()
         assert answer["active"] is True and answer["sub"].endswith("/ns/shop/sa/payments")
         assert answer["aud"] == [fed.audience]
     head, payload, sig = token.split(".")
@@ -122,9 +173,18 @@ def test_introspection(shared_server: Server, sim_cluster: SimulatedCluster) -> 
 def test_bad_bodies_and_routes_answer_json(shared_server: Server) -> None:
     admin = shared_server.admin
     for kwargs, fragment in [
-        ({"content": b"{not json", "headers": {"content-type": "application/json"}}, "not valid JSON"),
+        (
+            {"content": b"{not json", "headers": {"content-type": "application/json"}},
+            "not valid JSON",
+        ),
         ({"content": b"[1, 2]", "headers": {"content-type": "application/json"}}, "JSON object"),
-        ({"content": b"files=1", "headers": {"content-type": "application/x-www-form-urlencoded"}}, "Content-Type"),
+        (
+            {
+                "content": b"files=1",
+                "headers": {"content-type": "application/x-www-form-urlencoded"},
+            },
+            "Content-Type",
+        ),
         ({"json": {"files": []}}, "files"),
         ({"json": {"files": [{"path": "x"}]}}, "content"),
         ({"json": {"files": [{"path": "x", "content": "{{{{"}]}}, "x:1"),
@@ -132,7 +192,9 @@ def test_bad_bodies_and_routes_answer_json(shared_server: Server) -> None:
         response = admin.post("/v1/apply", **kwargs)
         assert response.status_code == 400, response.text
         assert fragment in response.json()["error_description"], response.text
-    huge = admin.post("/v1/apply", content=b"x" * (5 * 1024 * 1024), headers={"content-type": "application/json"})
+    huge = admin.post(
+        "/v1/apply", content=b"x" * (5 * 1024 * 1024), headers={"content-type": "application/json"}
+    )
     assert huge.status_code == 413
     assert admin.get("/v1/nothing").json()["error"] == "not_found"
     assert admin.delete("/oauth2/token").status_code == 405
@@ -151,7 +213,10 @@ def test_key_rotation_keeps_old_tokens_verifiable(tmp_path: Path, db_url: str | 
         prepared = next(k["kid"] for k in before if k["state"] == "prepared")
         assert rotated["active"]["kid"] == prepared
         states = {k["kid"]: k["state"] for k in rotated["keys"]}
-        assert list(states.values()).count("retired") == 1 and list(states.values()).count("prepared") == 1
+        assert (
+            list(states.values()).count("retired") == 1
+            and list(states.values()).count("prepared") == 1
+        )
         jwks = {k["kid"] for k in httpx.get(server.url + "/.well-known/jwks.json").json()["keys"]}
         assert set(states) == jwks  # every key a valid token may carry, and the next one
         new_token = fed.svid()
@@ -167,7 +232,9 @@ def test_key_rotation_keeps_old_tokens_verifiable(tmp_path: Path, db_url: str | 
         assert server.stop() == 0
 
 
-def test_state_survives_restart_and_trust_domain_is_fixed(tmp_path: Path, db_url: str | None) -> None:
+def test_state_survives_restart_and_trust_domain_is_fixed(
+    tmp_path: Path, db_url: str | None
+) -> None:
     issuer = ("--issuer", "https://tm.corp.example")  # the listen port changes; the issuer must not
     server = start_server(tmp_path / "cp", db_url, *issuer)
     cluster = SimulatedCluster("restart").serve()
@@ -182,7 +249,15 @@ def test_state_survives_restart_and_trust_domain_is_fixed(tmp_path: Path, db_url
         assert server.stop() == 0
         from helpers import Process, trustmesh_cmd
 
-        args = ["server", "--data-dir", str(tmp_path / "cp"), "--listen", "127.0.0.1:0", "--trust-domain", "other.example"]
+        args = [
+            "server",
+            "--data-dir",
+            str(tmp_path / "cp"),
+            "--listen",
+            "127.0.0.1:0",
+            "--trust-domain",
+            "other.example",
+        ]
         if db_url:
             args += ["--db", db_url]
         proc = Process(trustmesh_cmd(*args), tmp_path / "wrong.log")
@@ -196,7 +271,9 @@ def test_state_survives_restart_and_trust_domain_is_fixed(tmp_path: Path, db_url
 
 
 @pytest.mark.parametrize("interval", [0.5])
-def test_replicas_share_state_through_the_database(tmp_path: Path, postgres_base_url: str, interval: float) -> None:
+def test_replicas_share_state_through_the_database(
+    tmp_path: Path, postgres_base_url: str, interval: float
+) -> None:
     """Two stateless replicas on one PostgreSQL database: a change through one is seen by
     the other within the refresh interval, and both sign with the same active key."""
     from conftest import new_postgres_database
@@ -220,8 +297,12 @@ def test_replicas_share_state_through_the_database(tmp_path: Path, postgres_base
         assert response.status_code == 200, response.text
         second.admin.post("/v1/keys/rotate")
         time.sleep(2.5)
-        kid_first = first.exchange(fed.sa_token(), fed.audience).json()["access_token"].split(".")[0]
-        kid_second = second.exchange(fed.sa_token(), fed.audience).json()["access_token"].split(".")[0]
+        kid_first = (
+            first.exchange(fed.sa_token(), fed.audience).json()["access_token"].split(".")[0]
+        )
+        kid_second = (
+            second.exchange(fed.sa_token(), fed.audience).json()["access_token"].split(".")[0]
+        )
         assert kid_first == kid_second
     finally:
         cluster.stop()
@@ -234,9 +315,21 @@ def start_server_without_admin(data_dir: Path, db: str, admin_token: str) -> Ser
     it writes no admin.token of its own."""
     from helpers import Process, trustmesh_cmd
 
-    args = ["server", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0", "--trust-domain", TRUST_DOMAIN, "--db", db]
+    args = [
+        "server",
+        "--data-dir",
+        str(data_dir),
+        "--listen",
+        "127.0.0.1:0",
+        "--trust-domain",
+        TRUST_DOMAIN,
+        "--db",
+        db,
+    ]
     process = Process(trustmesh_cmd(*args), data_dir.parent / "replica.log")
     line = process.wait_line("trustmesh server listening on ")
     assert "admin credential written" not in line
     assert not (data_dir / "admin.token").exists()
-    return Server(process=process, url=line.split()[4], data_dir=data_dir, admin_token=admin_token, db=db)
+    return Server(
+        process=process, url=line.split()[4], data_dir=data_dir, admin_token=admin_token, db=db
+    )

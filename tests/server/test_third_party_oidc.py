@@ -13,7 +13,9 @@ from helpers import Server, register_federation
 from trustmesh.sim import SimulatedCluster
 
 
-def test_joserfc_verifies_a_token_from_discovery_alone(shared_server: Server, sim_cluster: SimulatedCluster) -> None:
+def test_joserfc_verifies_a_token_from_discovery_alone(
+    shared_server: Server, sim_cluster: SimulatedCluster
+) -> None:
     fed = register_federation(shared_server, sim_cluster)
     token = fed.svid()
 
@@ -31,7 +33,9 @@ def test_joserfc_verifies_a_token_from_discovery_alone(shared_server: Server, si
     ).validate(verified.claims)
     trust_domain = discovery["trust_domain"].removeprefix("spiffe://")
     assert verified.claims["sub"].startswith(f"spiffe://{trust_domain}/cluster/{fed.origin_name}/")
-    assert verified.header["kid"] in {k["kid"] for k in httpx.get(discovery["jwks_uri"]).json()["keys"]}
+    assert verified.header["kid"] in {
+        k["kid"] for k in httpx.get(discovery["jwks_uri"]).json()["keys"]
+    }
     assert discovery["token_endpoint"] == discovery["issuer"] + "/oauth2/token"
     assert "urn:ietf:params:oauth:grant-type:token-exchange" in discovery["grant_types_supported"]
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import insert, inspect
 
-from trustmesh.storage import open_database
 from trustmesh.storage import meta as meta_store
+from trustmesh.storage import open_database
 from trustmesh.storage.db import DatabaseUrlError, engine_url
 from trustmesh.storage.migrations import LATEST, current_version, migrate
 from trustmesh.storage.schema import schema_migrations
@@ -20,7 +20,13 @@ def test_migrations_create_schema_and_are_idempotent(db_url: str | None, tmp_pat
     try:
         assert current_version(db.engine) == LATEST
         tables = set(inspect(db.engine).get_table_names())
-        assert {"meta", "signing_keys", "registry_objects", "credentials", "schema_migrations"} <= tables
+        assert {
+            "meta",
+            "signing_keys",
+            "registry_objects",
+            "credentials",
+            "schema_migrations",
+        } <= tables
         assert migrate(db.engine) == LATEST  # a second run changes nothing
         assert current_version(db.engine) == LATEST
     finally:
@@ -30,13 +36,19 @@ def test_migrations_create_schema_and_are_idempotent(db_url: str | None, tmp_pat
 def test_database_newer_than_code_is_refused(db_url: str | None, tmp_path: Path) -> None:
     db = open_database(db_url, tmp_path)
     with db.engine.begin() as conn:
-        conn.execute(insert(schema_migrations).values(version=LATEST + 1, description="future", applied_at=0.0))
+        conn.execute(
+            insert(schema_migrations).values(
+                version=LATEST + 1, description="future", applied_at=0.0
+            )
+        )
     with pytest.raises(RuntimeError, match="newer than this trustmesh"):
         migrate(db.engine)
     db.dispose()
 
 
-def test_revision_counters_are_distinct_under_concurrency(db_url: str | None, tmp_path: Path) -> None:
+def test_revision_counters_are_distinct_under_concurrency(
+    db_url: str | None, tmp_path: Path
+) -> None:
     db = open_database(db_url, tmp_path)
     seen: list[int] = []
     lock = threading.Lock()
