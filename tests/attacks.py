@@ -33,9 +33,10 @@ def assemble(header: dict[str, Any], payload: dict[str, Any], signature: str) ->
     )
 
 
-def alg_none(token: str) -> str:
-    header, payload, _ = parts(token)
-    return assemble({**header, "alg": "none"}, payload, "")
+def alg_none(token: str, keep_signature: bool = False) -> str:
+    """An unsecured JWS (RFC 7515 §A.5): empty signature, or the old one kept."""
+    header, payload, signature = parts(token)
+    return assemble({**header, "alg": "none"}, payload, signature if keep_signature else "")
 
 
 def hs256_with_public_key(token: str, public_jwk: dict[str, Any]) -> str:

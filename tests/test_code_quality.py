@@ -33,5 +33,7 @@ def tool(name: str) -> str:
     ids=["ruff-check", "ruff-format", "mypy"],
 )
 def test_tool_is_clean(command: list[str]) -> None:
-    result = subprocess.run([tool(command[0]), *command[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [tool(command[0]), *command[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stdout + result.stderr

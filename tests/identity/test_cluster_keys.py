@@ -16,6 +16,7 @@ from trustmesh.common.serving import BackgroundServer
 from trustmesh.identity.kubernetes_sa import (
     ClusterKeyCache,
     ClusterKeysUnavailable,
+    parse_unverified,
     verify_service_account_token,
 )
 from trustmesh.identity.svid import InvalidToken
@@ -58,7 +59,7 @@ def test_discovery_fetch_cache_and_refresh_on_new_kid(sim_cluster: SimulatedClus
             assert cache.fetches == 2
             token = sim_cluster.mint("shop", "payments")
             ring = await cache.keys_for("c", spec, new)
-            verified = verify_service_account_token(token, ring, spec, leeway=30)
+            verified = verify_service_account_token(parse_unverified(token), ring, spec, leeway=30)
             assert (verified.namespace, verified.service_account) == ("shop", "payments")
 
     run(scenario())
@@ -158,10 +159,12 @@ def test_inline_jwks_needs_no_network(sim_cluster: SimulatedCluster) -> None:
             cache = ClusterKeyCache(client)
             ring = await cache.keys_for("c", spec, "whatever")
             assert cache.fetches == 0
-            verify_service_account_token(sim_cluster.mint("a", "b"), ring, spec, leeway=30)
+            verify_service_account_token(
+                parse_unverified(sim_cluster.mint("a", "b")), ring, spec, leeway=30
+            )
             with pytest.raises(InvalidToken) as caught:
                 verify_service_account_token(
-                    sim_cluster.mint("a", "b", audience="other"), ring, spec, 30
+                    parse_unverified(sim_cluster.mint("a", "b", audience="other")), ring, spec, 30
                 )
             assert caught.value.reason == "wrong_audience"
 

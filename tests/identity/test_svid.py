@@ -84,7 +84,8 @@ def test_attacks_are_refused(
     signer: tuple[ActiveKey, dict[str, Any]], verifier: SvidVerifier
 ) -> None:
     good = mint_svid(signer[0], claims())
-    assert reason(verifier, alg_none(good)) == "unsupported_alg"
+    assert reason(verifier, alg_none(good)) == "malformed"  # no signature: not a JWS we take
+    assert reason(verifier, alg_none(good, keep_signature=True)) == "unsupported_alg"
     assert reason(verifier, hs256_with_public_key(good, signer[1])) == "unsupported_alg"
     assert (
         reason(verifier, swapped_payload(good, sub="spiffe://corp.example/admin"))

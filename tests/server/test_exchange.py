@@ -133,7 +133,12 @@ def test_bad_subject_tokens_are_refused(
             "invalid_grant",
             "bad signature",
         ),
-        "alg none": (alg_none(good), "invalid_grant", "not allowed"),
+        "alg none": (alg_none(good), "invalid_request", "not a compact JWS"),
+        "alg none, signature kept": (
+            alg_none(good, keep_signature=True),
+            "invalid_grant",
+            "not allowed",
+        ),
         "HS256 with public key": (
             hs256_with_public_key(good, sim_cluster.jwks()["keys"][0]),
             "invalid_grant",

@@ -426,6 +426,12 @@ def _report(
         f"goal ≥ {GOAL_PER_S:,.0f} exchanges/s: {verdict(rate_ok)}; "
         f"goal p99 < {GOAL_P99_MS:.0f} ms: {verdict(p99_ok)}",
     ]
+    if server_cpu is not None and server_cpu < 60.0 and http.p50_us > 30_000:
+        summary.append(
+            f"hint: the server was {100 - server_cpu:.0f}% idle while requests took "
+            f"{http.p50_us / 1000:.0f} ms: the signature of Nagle's algorithm meeting delayed "
+            "ACKs (responses written in two sends on sockets without TCP_NODELAY)"
+        )
     return {
         "title": "Token exchange (RFC 8693) over HTTP vs. one core's crypto limit",
         "results": results,

@@ -21,16 +21,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-import jwt
 
 from trustmesh.common.addresses import check_fetch_url
-from trustmesh.identity.svid import (
+from trustmesh.identity.jws import (
     InvalidToken,
-    KeyRing,
-    check_signed_header,
-    read_header,
-    translate_pyjwt_error,
+    check_registered_claims,
+    decode_json_segment,
+    split_compact,
+    verify_compact,
 )
+from trustmesh.identity.svid import KeyRing
 from trustmesh.manifests import ClusterSpec
 
 log = logging.getLogger("trustmesh.identity.kubernetes_sa")
@@ -62,38 +62,46 @@ class ServiceAccountToken:
     expires_at: float
 
 
-def unverified_issuer(token: str) -> tuple[str, str | None]:
-    """Read ``iss`` (and the header's ``kid``) before verification, only to choose which
-    cluster's keys to use. Size and shape are checked first, before any parsing work."""
-    kid = read_header(token, MAX_SA_TOKEN_BYTES).get("kid")
-    try:
-        claims = jwt.decode(token, options={"verify_signature": False})
-    except jwt.PyJWTError:
-        raise InvalidToken(
-            "malformed", "subject_token payload is not base64url-encoded JSON"
-        ) from None
-    issuer = claims.get("iss")
-    if not isinstance(issuer, str) or not issuer:
-        raise InvalidToken("missing_claim", "subject_token has no iss claim")
-    return issuer, kid if isinstance(kid, str) else None
+@dataclass(frozen=True)
+class UnverifiedToken:
+    """A size- and shape-checked token, its header and claims parsed but not trusted:
+    ``iss`` and ``kid`` only choose which cluster's keys to verify it with."""
+
+    parts: list[str]
+    kid: str | None
+    claims: dict[str, Any]
+
+    @property
+    def issuer(self) -> str:
+        issuer = self.claims.get("iss")
+        if not isinstance(issuer, str) or not issuer:
+            raise InvalidToken("missing_claim", "subject_token has no iss claim")
+        return issuer
+
+
+def parse_unverified(token: str) -> UnverifiedToken:
+    parts = split_compact(token, MAX_SA_TOKEN_BYTES)
+    kid = decode_json_segment(parts[0], "header").get("kid")
+    claims = decode_json_segment(parts[1], "payload")
+    return UnverifiedToken(parts, kid if isinstance(kid, str) else None, claims)
 
 
 def verify_service_account_token(
-    token: str, keys: KeyRing, cluster: ClusterSpec, leeway: float
+    token: UnverifiedToken, keys: KeyRing, cluster: ClusterSpec, leeway: float
 ) -> ServiceAccountToken:
-    kid, key = check_signed_header(read_header(token, MAX_SA_TOKEN_BYTES), keys)
-    try:
-        claims: dict[str, Any] = jwt.decode(
-            token,
-            key,
-            algorithms=[key.algorithm_name],
-            audience=cluster.audience,
-            issuer=cluster.issuer,
-            leeway=leeway,
-            options={"require": ["iss", "sub", "aud", "exp", "iat"]},
-        )
-    except jwt.PyJWTError as exc:
-        raise translate_pyjwt_error(exc) from None
+    """Verify the signature over the token's exact bytes with the key its header names
+    (pinned algorithm), then the claims: ``iss``, ``aud`` containing the cluster's
+    audience, ``exp``/``nbf``/``iat`` within ``leeway``, and the ``kubernetes.io`` layout."""
+    key = keys.key_for_header(token.parts[0])
+    claims = verify_compact(token.parts, key)
+    check_registered_claims(
+        claims,
+        now=time.time(),
+        leeway=leeway,
+        issuer=cluster.issuer,
+        audience=cluster.audience,
+        required=("iss", "sub", "aud", "exp", "iat"),
+    )
     k8s = claims.get("kubernetes.io")
     if not isinstance(k8s, dict):
         raise InvalidToken(
@@ -128,7 +136,7 @@ def verify_service_account_token(
         pod_uid=_str_or_none(pod.get("uid")),
         node_name=_str_or_none(node.get("name")),
         jti=_str_or_none(claims.get("jti")),
-        kid=kid,
+        kid=key.kid,
         expires_at=float(claims["exp"]),
     )
 
@@ -144,6 +152,7 @@ def _str_or_none(value: Any) -> str | None:
 @dataclass
 class _Entry:
     source: str  # what the keys were loaded from; a changed manifest invalidates the entry
+    spec: ClusterSpec
     keys: KeyRing
     fetched_at: float
     expires_at: float
@@ -171,20 +180,26 @@ class ClusterKeyCache:
         self.fetches = 0
 
     async def keys_for(self, cluster_name: str, spec: ClusterSpec, kid: str | None) -> KeyRing:
-        source = _source_of(spec)
         entry = self._entries.get(cluster_name)
-        if entry is not None and entry.source != source:
-            entry = None
+        if entry is not None and entry.spec is not spec:
+            # A new registry snapshot: keep the entry unless the key source changed.
+            if entry.source != _source_of(spec):
+                entry = None
+            else:
+                entry.spec = spec
+        source = entry.source if entry is not None else _source_of(spec)
         if spec.jwks is not None:
             if entry is None:
-                entry = _Entry(source, KeyRing(spec.jwks, SA_TOKEN_ALGS), time.time(), float("inf"))
+                entry = _Entry(
+                    source, spec, KeyRing(spec.jwks, SA_TOKEN_ALGS), time.time(), float("inf")
+                )
                 self._entries[cluster_name] = entry
             return entry.keys
         now = time.monotonic()
         if entry is not None and now < entry.expires_at and (kid is None or entry.keys.get(kid)):
             return entry.keys
         if entry is None:
-            entry = _Entry(source, KeyRing(None, SA_TOKEN_ALGS), float("-inf"), float("-inf"))
+            entry = _Entry(source, spec, KeyRing(None, SA_TOKEN_ALGS), float("-inf"), float("-inf"))
             self._entries[cluster_name] = entry
         async with entry.lock:  # one fetch at a time per cluster
             now = time.monotonic()

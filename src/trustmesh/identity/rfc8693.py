@@ -26,7 +26,7 @@ from trustmesh.identity.kubernetes_sa import (
     ClusterKeyCache,
     ClusterKeysUnavailable,
     ServiceAccountToken,
-    unverified_issuer,
+    parse_unverified,
     verify_service_account_token,
 )
 from trustmesh.identity.spiffe import cluster_audience
@@ -199,7 +199,8 @@ class TokenExchange:
         registry = self.registry()
         audiences = self._check_audiences(audiences, registry)
         try:
-            issuer, kid = unverified_issuer(subject_token)
+            unverified = parse_unverified(subject_token)
+            issuer = unverified.issuer
         except InvalidToken as exc:
             raise OAuthError("invalid_request", f"subject_token: {exc.description}") from None
         cluster_name = registry.cluster_by_issuer.get(issuer)
@@ -210,8 +211,8 @@ class TokenExchange:
             )
         cluster = registry.clusters[cluster_name]
         try:
-            keys = await self.cluster_keys.keys_for(cluster_name, cluster, kid)
-            sa = verify_service_account_token(subject_token, keys, cluster, SA_TOKEN_LEEWAY)
+            keys = await self.cluster_keys.keys_for(cluster_name, cluster, unverified.kid)
+            sa = verify_service_account_token(unverified, keys, cluster, SA_TOKEN_LEEWAY)
         except ClusterKeysUnavailable as exc:
             raise OAuthError("temporarily_unavailable", str(exc), status=503) from None
         except InvalidToken as exc:
