@@ -13,10 +13,17 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
-from helpers import Server, start_server
+from helpers import Process, Server, start_server
 from trustmesh.sim import SimulatedCluster
 
 ENGINES = ["sqlite", "postgresql"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_behind() -> Iterator[None]:
+    yield
+    for process in Process.started:
+        process.kill()
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,10 @@ def trustmesh_cmd(*args: str) -> list[str]:
 
 
 class Process:
-    """A child process whose stdout is read line by line on a thread."""
+    """A child process whose stdout is read line by line on a thread. Every one started
+    is remembered so the session can kill what a failed test left running."""
+
+    started: list[Process] = []
 
     def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
         self.args = args
@@ -41,6 +44,7 @@ class Process:
             text=True,
             env={**os.environ, **(env or {})},
         )
+        Process.started.append(self)
         self.lines: queue.Queue[str | None] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

@@ -227,6 +227,20 @@ def test_configuration_errors(tmp_path: Path, cli_env: dict[str, str]) -> None:
     )
     one_line_error(
         run(
+            "server",
+            "--data-dir",
+            str(tmp_path / "d3"),
+            "--trust-domain",
+            "ok.example",
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+            "postgresql://nobody@127.0.0.1:9/x",
+        ),
+        "cannot use the database",
+    )
+    one_line_error(
+        run(
             "agent",
             "--cluster",
             "a",

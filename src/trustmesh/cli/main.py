@@ -443,7 +443,8 @@ def main() -> None:
     except Exception as exc:  # the last line of defence: one line, never a traceback
         if os.environ.get("TRUSTMESH_DEBUG"):
             raise
-        message = str(exc) or exc.__class__.__name__
+        lines = str(exc).strip().splitlines()
+        message = lines[0] if lines else exc.__class__.__name__
         err_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(1)
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import sys
 
+from sqlalchemy.exc import DBAPIError
+
 from trustmesh.common.addresses import parse_listen, url_for
 from trustmesh.common.serving import bind_socket, serve_socket
 from trustmesh.server.app import build_app
-from trustmesh.server.controlplane import ControlPlane, ServerConfig
+from trustmesh.server.controlplane import ConfigError, ControlPlane, ServerConfig
 
 
 def run_server(config: ServerConfig, listen: str) -> None:
@@ -15,7 +17,11 @@ def run_server(config: ServerConfig, listen: str) -> None:
     sock = bind_socket(host, port)
     issuer = config.issuer or url_for(host, sock.getsockname()[1])
     plane = ControlPlane(config, issuer)
-    plane.open()
+    try:
+        plane.open()
+    except DBAPIError as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else exc.__class__.__name__
+        raise ConfigError(f"cannot use the database: {reason}") from None
     app = build_app(plane)
 
     def ready(url: str) -> None:

@@ -124,6 +124,7 @@ WORKLOADS = (
     WorkloadSpec("reports", "ap-south", "finance", "reports", "finance", "staging", "batch"),
 )
 ROGUE_CLUSTER = "rogue"
+FORGED_AUDIENCE = "us-east"  # where the intruder's forged token wants to go
 
 
 def cluster_audience(cluster: str) -> str:
@@ -177,16 +178,14 @@ class Child:
             )
 
     def wait_ready(self, pattern: re.Pattern[str], deadline: float) -> re.Match[str]:
-        """Wait for the first stdout line and match it; a clear error if the process
-        dies or stays silent (with the end of its stderr)."""
+        """Wait for the ready line on stdout; a clear error if the process dies or stays
+        silent (with the end of its stderr)."""
         while True:
             text = self.stdout_path.read_text(encoding="utf-8", errors="replace")
-            if "\n" in text:
-                line = text.split("\n", 1)[0]
+            for line in text.splitlines(keepends=True):
                 match = pattern.search(line)
-                if match is None:
-                    raise DemoError(f"{self.name} printed an unexpected first line: {line!r}")
-                return match
+                if match is not None and line.endswith("\n"):
+                    return match
             code = self.proc.poll()
             if code is not None:
                 raise DemoError(
@@ -301,7 +300,9 @@ class PairStats:
 class IntruderStats:
     label: str
     target: str
+    expected_error: str  # the OAuth error the refusal must carry
     attempts: int = 0
+    unexpected: int = 0  # refused, but not with expected_error
     refused: int = 0
     accepted: int = 0
     errors: int = 0
@@ -355,6 +356,12 @@ class Scoreboard:
             problems.append(f"{t['refused']} legitimate calls refused, {t['errors']} failed")
         if t["intruder_accepted"]:
             problems.append(f"{t['intruder_accepted']} intruder attempts were ACCEPTED")
+        for intruder in (self.forged, self.tampered):
+            if intruder.unexpected:
+                problems.append(
+                    f"{intruder.unexpected} intruder attempts refused without "
+                    f"{intruder.expected_error} (last: {intruder.last_reason})"
+                )
         if t["authenticated"] == 0 and not self.interrupted:
             problems.append("no legitimate call was authenticated")
         silent = [f"{p.workload.name}->{p.target}" for p in self.pairs if p.authenticated == 0]
@@ -519,9 +526,9 @@ class Traffic:
         stats.attempts += 1
         forged = self.rogue.mint("shop", "payments", ttl=600)
         try:
-            self.exchange(forged, stats.target)
+            self.exchange(forged, FORGED_AUDIENCE)
         except Refused as exc:
-            self.intruder_refused(stats, f"{exc.error}", f"refused at exchange: {exc}")
+            self.intruder_refused(stats, exc, exc.error, f"refused at exchange: {exc}")
             return
         except (httpx.HTTPError, ValueError, KeyError) as exc:
             stats.errors += 1
@@ -542,9 +549,8 @@ class Traffic:
         try:
             self.authorize(target, swap_payload(token, WORKLOADS[0]), f"api.{target}.internal")
         except Refused as exc:
-            self.intruder_refused(
-                stats, exc.description or exc.error, f"refused by agent {target}: {exc}"
-            )
+            reason = exc.description or exc.error
+            self.intruder_refused(stats, exc, reason, f"refused by agent {target}: {exc}")
             return
         except (httpx.HTTPError, ValueError, KeyError) as exc:
             stats.errors += 1
@@ -563,8 +569,10 @@ class Traffic:
         (_, target), token = candidates[self.round % len(candidates)]
         return target, token
 
-    def intruder_refused(self, stats: IntruderStats, reason: str, text: str) -> None:
+    def intruder_refused(self, stats: IntruderStats, exc: Refused, reason: str, text: str) -> None:
         stats.refused += 1
+        if exc.error != stats.expected_error:
+            stats.unexpected += 1
         if reason != stats.last_reason:
             stats.last_reason = reason
             self.events.event(f"intruder: {stats.label} {text}")
@@ -690,6 +698,7 @@ class PlainDisplay:
     def __init__(self, console: Console, board: Scoreboard) -> None:
         self.console, self.board = console, board
         self.next_summary = SUMMARY_INTERVAL
+        self.last_summary = -SUMMARY_INTERVAL
 
     def __enter__(self) -> PlainDisplay:
         for line in header_lines(self.board):
@@ -697,7 +706,8 @@ class PlainDisplay:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.say(summary_line(self.board))
+        if self.board.elapsed() - self.last_summary > 0.5:
+            self.event(summary_line(self.board))
 
     def say(self, text: str) -> None:
         self.console.print(text, markup=False, highlight=False, soft_wrap=True)
@@ -708,6 +718,7 @@ class PlainDisplay:
     def tick(self) -> None:
         if self.board.elapsed() >= self.next_summary:
             self.next_summary += SUMMARY_INTERVAL
+            self.last_summary = self.board.elapsed()
             self.event(summary_line(self.board))
 
 
@@ -717,7 +728,9 @@ class LiveDisplay:
     def __init__(self, console: Console, board: Scoreboard) -> None:
         self.console, self.board = console, board
         self.events: deque[str] = deque(maxlen=6)
-        self.live = Live(console=console, refresh_per_second=4, get_renderable=self.render)
+        self.live = Live(
+            console=console, refresh_per_second=4, get_renderable=self.render, transient=True
+        )
 
     def __enter__(self) -> LiveDisplay:
         self.live.start()
@@ -940,9 +953,13 @@ def make_board(fed: Federation, root: Path, temporary: bool, duration: float) ->
         duration=duration,
         pairs=pairs,
         forged=IntruderStats(
-            f"forged SA token from unregistered cluster {ROGUE_CLUSTER!r}", "control plane"
+            f"forged SA token from unregistered cluster {ROGUE_CLUSTER!r} (claims shop/payments)",
+            "control plane",
+            "invalid_grant",
         ),
-        tampered=IntruderStats("JWT-SVID with rewritten payload (claims payments)", "-"),
+        tampered=IntruderStats(
+            "JWT-SVID with rewritten payload (claims payments)", "-", "invalid_token"
+        ),
     )
 
 
