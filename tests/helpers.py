@@ -21,6 +21,7 @@ from trustmesh.sim import SimulatedCluster
 TRUST_DOMAIN = "corp.example"
 EXCHANGE_GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
 JWT_TYPE = "urn:ietf:params:oauth:token-type:jwt"
+DEFAULT_REQUEST = {"host": "api.test", "path": "/", "method": "GET"}
 
 
 def trustmesh_cmd(*args: str) -> list[str]:
@@ -178,7 +179,9 @@ class Agent:
 
     def authorize(self, token: str, request: dict[str, Any] | None = None) -> httpx.Response:
         return httpx.post(
-            self.url + "/v1/authorize", json={"token": token, "request": request or {}}, timeout=10
+            self.url + "/v1/authorize",
+            json={"token": token, "request": request or DEFAULT_REQUEST},
+            timeout=10,
         )
 
     def stop(self) -> int:

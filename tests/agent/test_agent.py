@@ -96,9 +96,7 @@ def refused(agent: Agent, token: str) -> str:
 def test_verifies_a_federated_token_and_caches_it(federation: Federation, agent: Agent) -> None:
     token = federation.svid()
     for _ in range(3):
-        response = agent.authorize(
-            token, {"service": {"host": "api", "path": "/x", "method": "GET"}}
-        )
+        response = agent.authorize(token, {"host": "api", "path": "/x", "method": "GET"})
         assert response.status_code == 200, response.text
     identity = response.json()["identity"]
     assert (

@@ -1,5 +1,6 @@
-"""The agent's HTTP surface. ``/v1/authorize`` answers, for now, with the verified
-identity or an authentication failure; policy decisions arrive with issue 3."""
+"""The agent's HTTP surface (DESIGN §4): the JSON authorize API, Envoy ext_authz and
+the Kubernetes webhooks share one path — authenticate the token (identity), then ask
+the engine (decision). Nothing else crosses between the two."""
 
 from __future__ import annotations
 
@@ -21,9 +22,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from trustmesh.agent.authn import Authenticator
+from trustmesh.agent.policy import PolicyHolder
 from trustmesh.agent.sync import Synchronizer
 from trustmesh.identity.svid import InvalidToken, VerifiedIdentity
-from trustmesh.server.http import EXCEPTION_HANDLERS, BadRequest, read_json
+from trustmesh.policy.request import RequestError, parse_request
+from trustmesh.server.http import EXCEPTION_HANDLERS, BadRequest, error_response, read_json
 
 MAX_AUTHORIZE_BODY = 64 * 1024
 
@@ -52,6 +55,12 @@ class AgentMetrics:
             ["result"],
             registry=self.registry,
         )
+        self.decisions = Counter(
+            "trustmesh_agent_decisions_total",
+            "Authorization decisions by outcome",
+            ["outcome"],
+            registry=self.registry,
+        )
         Gauge(
             "trustmesh_agent_cache_entries", "Verified-token cache entries", registry=self.registry
         ).set_function(lambda: len(authn.cache))
@@ -67,6 +76,7 @@ class AgentMetrics:
 def build_agent_app(
     authn: Authenticator,
     sync: Synchronizer,
+    policy: PolicyHolder,
     on_start: Callable[[], Any],
     on_stop: Callable[[], Any],
 ) -> Starlette:
@@ -80,39 +90,55 @@ def build_agent_app(
                 raise
         return authn.authenticate(token)  # once more, with the refreshed key set
 
+    def unauthenticated(exc: InvalidToken) -> Response:
+        metrics.authentications.labels(exc.reason).inc()
+        return JSONResponse(
+            {
+                "authenticated": False,
+                "allowed": False,
+                "error": "invalid_token",
+                "reason": exc.reason,
+                "error_description": exc.description,
+            },
+            401,
+            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+        )
+
     async def authorize(request: Request) -> Response:
+        """DESIGN §4: ``{token, request}`` -> the decision (200 whether allowed or
+        denied), 401 when the token does not authenticate, 503 before a bundle."""
         document = await read_json(request, MAX_AUTHORIZE_BODY)
         token = document.get("token")
         if not isinstance(token, str) or not token:
             raise BadRequest(400, "invalid_request", "body needs a string field token")
-        if not isinstance(document.get("request", {}), dict):
-            raise BadRequest(400, "invalid_request", "field request must be an object")
+        try:
+            attributes = parse_request(document.get("request"))
+        except RequestError as exc:
+            raise BadRequest(400, "invalid_request", str(exc)) from None
+        engine = policy.engine
+        if engine is None:
+            return error_response(503, "not_ready", "the agent has no verified policy bundle yet")
         try:
             identity = await authenticate(token)
         except InvalidToken as exc:
-            metrics.authentications.labels(exc.reason).inc()
-            return JSONResponse(
-                {
-                    "authenticated": False,
-                    "allowed": False,
-                    "error": "invalid_token",
-                    "reason": exc.reason,
-                    "error_description": exc.description,
-                },
-                401,
-                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
-            )
+            return unauthenticated(exc)
         metrics.authentications.labels("ok").inc()
-        return JSONResponse({"authenticated": True, "identity": identity_json(identity)})
+        decision = engine.decide(identity.spiffe_id, identity.claims, attributes)
+        metrics.decisions.labels("allow" if decision.allowed else "deny").inc()
+        body = decision.to_json()
+        body["authenticated"] = True
+        body["identity"] = identity_json(identity)
+        return JSONResponse(body)
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"ok": True})
 
     async def readyz(request: Request) -> Response:
         state = sync.state
-        ready = authn.configured
+        ready = authn.configured and policy.engine is not None
         detail = {
             "ready": ready,
+            **policy.status(),
             "cluster": authn.cluster,
             "keys": len(authn.keys),
             "bundle_sequence": state.sequence if state else None,

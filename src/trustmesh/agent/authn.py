@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from trustmesh.agent.cache import VerifiedTokenCache, token_digest
 from trustmesh.identity.spiffe import cluster_audience
-from trustmesh.identity.svid import InvalidToken, KeyRing, SvidVerifier, VerifiedIdentity
+from trustmesh.identity.svid import SVID_TYPS, InvalidToken, KeyRing, SvidVerifier, VerifiedIdentity
 
 
 class Authenticator:
@@ -26,7 +26,7 @@ class Authenticator:
         self.leeway = leeway
         self.clock = clock
         self.cache = VerifiedTokenCache(cache_size, leeway)
-        self.keys = KeyRing()
+        self.keys = KeyRing(accepted_typs=SVID_TYPS)
         self._verifier: SvidVerifier | None = None
 
     @property

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from trustmesh.agent.app import build_agent_app
 from trustmesh.agent.authn import Authenticator
+from trustmesh.agent.policy import PolicyHolder, agent_id, run_bundle_sync
 from trustmesh.agent.sync import ControlPlaneClient, ControlPlaneState, Synchronizer
 from trustmesh.common.addresses import parse_listen, url_for
 from trustmesh.common.serving import bind_socket, serve_socket
@@ -56,6 +57,8 @@ def run_agent(config: AgentConfig, listen: str) -> None:
         authn.configure(issuer=state.issuer, trust_domain=state.trust_domain, jwks=state.jwks)
 
     sync = Synchronizer(client, config.data_dir, apply, max_interval=config.max_sync_interval)
+    policy = PolicyHolder(config.cluster, config.data_dir, authn)
+    instance = agent_id(config.data_dir)
     announced = False
 
     def announce(source: str) -> None:
@@ -73,14 +76,19 @@ def run_agent(config: AgentConfig, listen: str) -> None:
         os.kill(os.getpid(), signal.SIGTERM)  # the normal, draining shutdown path
 
     async def on_start() -> None:
-        restored = sync.restore()
-        tasks.append(
-            asyncio.create_task(
-                sync.run(lambda: announce("synced with the control plane"), stop_on_fatal)
-            )
-        )
+        restored = sync.restore() and policy.restore()
+
+        async def announce_when_ready() -> None:
+            while policy.version is None or not authn.configured:
+                await asyncio.sleep(0.02)
+            announce(f"synced with the control plane, policy revision {policy.version[0]}")
+
+        tasks.append(asyncio.create_task(sync.run(None, stop_on_fatal)))
+        tasks.append(asyncio.create_task(run_bundle_sync(client, policy, sync, instance)))
         if restored:
             announce("state restored from the data dir; syncing")
+        else:
+            tasks.append(asyncio.create_task(announce_when_ready()))
 
     async def on_stop() -> None:
         for task in tasks:
@@ -88,7 +96,7 @@ def run_agent(config: AgentConfig, listen: str) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
         await client.aclose()
 
-    app = build_agent_app(authn, sync, on_start, on_stop)
+    app = build_agent_app(authn, sync, policy, on_start, on_stop)
     serve_socket(app, sock, lambda _url: None)
     if sync.fatal is not None:
         raise AgentFailed(sync.fatal)

@@ -85,6 +85,34 @@ class ControlPlaneClient:
             raise ValueError(f"{base}{path} did not answer a JSON object")
         return document
 
+    async def fetch_bundle(self, after: str | None, wait: float, agent: str) -> str | None:
+        """Long-poll the servers in order for a bundle newer than ``after``; None when
+        nothing changed within ``wait`` seconds (HTTP 304)."""
+        params = {"wait": str(wait), "agent": agent}
+        if after is not None:
+            params["after"] = after
+        failures = []
+        for base in self.servers:
+            try:
+                response = await self._http.get(
+                    base + "/v1/agent/bundle", params=params, timeout=httpx.Timeout(wait + 10.0)
+                )
+            except httpx.HTTPError as exc:
+                failures.append(f"{base}: {exc.__class__.__name__}: {exc}")
+                continue
+            if response.status_code == 304:
+                return None
+            if response.status_code in (401, 403):
+                raise CredentialRejected(f"{base} refused the agent credential")
+            if response.status_code != 200:
+                failures.append(f"{base}: HTTP {response.status_code}")
+                continue
+            token = response.json().get("bundle")
+            if not isinstance(token, str):
+                raise ValueError(f"{base} answered no bundle")
+            return token
+        raise httpx.ConnectError("; ".join(failures))
+
     async def fetch(self) -> ControlPlaneState:
         """One round over the servers in order; the first that answers wins."""
         failures = []

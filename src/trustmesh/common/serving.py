@@ -56,7 +56,12 @@ def serve_foreground(app: Any, host: str, port: int, on_ready: Callable[[str], N
     serve_socket(app, bind_socket(host, port), on_ready)
 
 
-def serve_socket(app: Any, sock: socket.socket, on_ready: Callable[[str], None]) -> None:
+def serve_socket(
+    app: Any,
+    sock: socket.socket,
+    on_ready: Callable[[str], None],
+    on_stopping: Callable[[], None] | None = None,
+) -> None:
     """As serve_foreground, on a socket bound beforehand (so the app can know its URL)."""
     host, bound_port = sock.getsockname()[:2]
     server = uvicorn.Server(_config(app))
@@ -67,6 +72,10 @@ def serve_socket(app: Any, sock: socket.socket, on_ready: Callable[[str], None])
             await asyncio.sleep(0.01)
         if server.started:
             on_ready(url_for(host, bound_port))
+        if on_stopping is not None:
+            while not task.done() and not server.should_exit:
+                await asyncio.wait({task}, timeout=0.1)
+            on_stopping()  # e.g. let long polls end now instead of at the drain timeout
         await task
 
     # uvicorn (>= 0.29) drains, restores the handlers it found and then re-raises the

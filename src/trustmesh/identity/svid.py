@@ -28,6 +28,7 @@ from trustmesh.identity.spiffe import SpiffeIdError, parse_spiffe_id
 
 __all__ = [
     "ALLOWED_ALGS",
+    "SVID_TYPS",
     "InvalidToken",
     "KeyRing",
     "SvidVerifier",
@@ -74,9 +75,13 @@ class KeyRing:
     HEADER_CACHE_SIZE = 256
 
     def __init__(
-        self, jwks: dict[str, Any] | None = None, allowed_algs: Iterable[str] = ALLOWED_ALGS
+        self,
+        jwks: dict[str, Any] | None = None,
+        allowed_algs: Iterable[str] = ALLOWED_ALGS,
+        accepted_typs: frozenset[str | None] | None = None,
     ):
         self.allowed_algs = frozenset(allowed_algs)
+        self.accepted_typs = accepted_typs
         self._keys: dict[str, VerificationKey] = {}
         self._by_header: dict[str, VerificationKey] = {}
         if jwks:
@@ -112,15 +117,25 @@ class KeyRing:
         key = self._by_header.get(segment)
         if key is not None:
             return key
-        key = check_signed_header(decode_json_segment(segment, "header"), self)
+        key = check_signed_header(decode_json_segment(segment, "header"), self, self.accepted_typs)
         if len(self._by_header) >= self.HEADER_CACHE_SIZE:
             self._by_header = {}  # only well-formed headers naming our keys get here
         self._by_header[segment] = key
         return key
 
 
-def check_signed_header(header: dict[str, Any], keys: KeyRing) -> VerificationKey:
-    """RFC 8725 §3.1: the algorithm is the key's, never the token's choice."""
+SVID_TYPS: frozenset[str | None] = frozenset({None, "JWT", "JOSE"})  # JWT-SVID profile §2.3
+
+
+def check_signed_header(
+    header: dict[str, Any], keys: KeyRing, typs: frozenset[str | None] | None = None
+) -> VerificationKey:
+    """RFC 8725 §3.1: the algorithm is the key's, never the token's choice; §3.11: with
+    ``typs``, the token's type must be one of them."""
+    if typs is not None and header.get("typ") not in typs:
+        raise InvalidToken(
+            "malformed", f"token type {str(header.get('typ'))[:40]!r} is not accepted here"
+        )
     alg, kid = header.get("alg"), header.get("kid")
     if not isinstance(alg, str) or alg not in keys.allowed_algs:
         raise InvalidToken("unsupported_alg", f"token algorithm {str(alg)[:20]!r} is not allowed")

@@ -7,13 +7,38 @@
 from ._errors import ManifestError, Problem
 from ._kinds import API_VERSION, ClusterSpec, WorkloadSelector, WorkloadSpec
 from ._load import Document, document_from_body, load_paths, parse_text
+from ._policy_kinds import (
+    ClusterScope,
+    Expression,
+    GlobalRoleSpec,
+    PolicyRule,
+    PolicyTestCase,
+    PolicyTestSpec,
+    RoleBindingSpec,
+    SubjectSpec,
+    TestSubject,
+)
+
+REGISTRY_KINDS = ("Cluster", "Workload")
+POLICY_KINDS = ("GlobalRole", "RoleBinding", "PolicyTest")
 
 __all__ = [
     "API_VERSION",
+    "POLICY_KINDS",
+    "REGISTRY_KINDS",
+    "ClusterScope",
     "ClusterSpec",
     "Document",
+    "Expression",
+    "GlobalRoleSpec",
     "ManifestError",
+    "PolicyRule",
+    "PolicyTestCase",
+    "PolicyTestSpec",
     "Problem",
+    "RoleBindingSpec",
+    "SubjectSpec",
+    "TestSubject",
     "WorkloadSelector",
     "WorkloadSpec",
     "document_from_body",

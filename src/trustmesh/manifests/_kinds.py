@@ -242,7 +242,19 @@ def _build_workload(spec: dict[str, Any]) -> WorkloadSpec:
 
 # --- the table ---------------------------------------------------------------------
 
-Spec = ClusterSpec | WorkloadSpec
+from ._policy_kinds import (  # noqa: E402  (the policy kinds reuse the helpers above)
+    GLOBAL_ROLE_SPEC,
+    POLICY_TEST_SPEC,
+    ROLE_BINDING_SPEC,
+    GlobalRoleSpec,
+    PolicyTestSpec,
+    RoleBindingSpec,
+    build_global_role,
+    build_policy_test,
+    build_role_binding,
+)
+
+Spec = ClusterSpec | WorkloadSpec | GlobalRoleSpec | RoleBindingSpec | PolicyTestSpec
 
 
 def _no_finalize(spec: dict[str, Any], name: str) -> None:
@@ -262,5 +274,8 @@ KINDS: dict[str, KindSpec] = {
     for k in (
         KindSpec("Cluster", CLUSTER_SPEC, _build_cluster),
         KindSpec("Workload", WORKLOAD_SPEC, _build_workload, _finalize_workload),
+        KindSpec("GlobalRole", GLOBAL_ROLE_SPEC, build_global_role),
+        KindSpec("RoleBinding", ROLE_BINDING_SPEC, build_role_binding),
+        KindSpec("PolicyTest", POLICY_TEST_SPEC, build_policy_test),
     )
 }

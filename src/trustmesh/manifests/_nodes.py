@@ -247,3 +247,14 @@ def from_value(value: Any, sink: Sink, path: str = "", depth: int = 0) -> Node:
         return ScalarNode(0, value, json.dumps(value))
     sink.add(0, path, f"{describe(value)} is not a JSON value")
     return BadNode(0)
+
+
+def to_python(node: Node) -> Any:
+    """A located tree -> plain values (for free-form fields checked by another module)."""
+    if isinstance(node, MapNode):
+        return {key: to_python(child) for key, child in node.entries.items()}
+    if isinstance(node, SeqNode):
+        return [to_python(child) for child in node.items]
+    if isinstance(node, ScalarNode):
+        return node.value
+    return None

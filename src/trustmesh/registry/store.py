@@ -1,6 +1,7 @@
-"""Reading and writing the registry in the database. An apply is all-or-nothing: every
-document is validated, the would-be registry is rebuilt and checked as a whole, and
-only then written in one transaction that bumps ``registry_revision``."""
+"""Reading and writing the registry in the database. Writing is split into ``plan``
+(compare the documents with what is stored) and ``write`` (inside the caller's
+transaction), so one apply can change the registry and the policy together, after
+every check has passed."""
 
 from __future__ import annotations
 
@@ -12,13 +13,11 @@ from typing import Any
 
 from sqlalchemy import Connection, select, update
 
-from trustmesh.manifests import Document, document_from_body
+from trustmesh.manifests import REGISTRY_KINDS, Document, document_from_body
 from trustmesh.registry.index import Registry, build_registry
 from trustmesh.storage import Database
 from trustmesh.storage import meta as meta_store
 from trustmesh.storage.schema import registry_objects
-
-REGISTRY_KINDS = ("Cluster", "Workload")
 
 
 @dataclass(frozen=True)
@@ -31,8 +30,35 @@ class AppliedChange:
         return {"kind": self.kind, "name": self.name, "action": self.action}
 
 
-def _canonical(body: dict[str, Any]) -> str:
+def canonical(body: dict[str, Any]) -> str:
     return json.dumps(body, sort_keys=True, separators=(",", ":"))
+
+
+def plan_changes(
+    current: dict[tuple[str, str], Document], documents: Sequence[Document]
+) -> list[AppliedChange]:
+    changes = []
+    for doc in documents:
+        old = current.get((doc.kind, doc.name))
+        if old is None:
+            action = "created"
+        elif canonical(old.body) == canonical(doc.body):
+            action = "unchanged"
+        else:
+            action = "configured"
+        changes.append(AppliedChange(doc.kind, doc.name, action))
+    return changes
+
+
+@dataclass(frozen=True)
+class RegistryPlan:
+    documents: list[Document]  # the ones being applied
+    changes: list[AppliedChange]
+    merged: list[Document]  # the whole registry after the apply
+
+    @property
+    def changed(self) -> bool:
+        return any(c.action != "unchanged" for c in self.changes)
 
 
 class RegistryStore:
@@ -40,7 +66,7 @@ class RegistryStore:
         self.db = db
         self.trust_domain = trust_domain
 
-    def _documents(self, conn: Connection) -> list[Document]:
+    def documents(self, conn: Connection) -> list[Document]:
         rows = conn.execute(
             select(registry_objects.c.body).order_by(
                 registry_objects.c.kind, registry_objects.c.name
@@ -48,10 +74,12 @@ class RegistryStore:
         )
         return [document_from_body(json.loads(body)) for (body,) in rows]
 
-    def load(self) -> Registry:
-        with self.db.engine.connect() as conn:
-            revision = int(meta_store.get(conn, meta_store.REGISTRY_REVISION) or 0)
-            return build_registry(self.trust_domain, revision, self._documents(conn))
+    def load(self, conn: Connection | None = None) -> Registry:
+        if conn is None:
+            with self.db.engine.connect() as own:
+                return self.load(own)
+        revision = int(meta_store.get(conn, meta_store.REGISTRY_REVISION) or 0)
+        return build_registry(self.trust_domain, revision, self.documents(conn))
 
     def list_bodies(self, kind: str) -> list[dict[str, Any]]:
         with self.db.engine.connect() as conn:
@@ -71,57 +99,50 @@ class RegistryStore:
                 out.append(body)
             return out
 
-    def apply(
-        self, documents: Sequence[Document], actor: str, dry_run: bool = False
-    ) -> tuple[int, list[AppliedChange]]:
-        """Apply the documents; returns (registry revision, changes). Raises
-        RegistryConflict (nothing written) when the result would be inconsistent."""
+    def plan(
+        self, conn: Connection, documents: Sequence[Document]
+    ) -> tuple[RegistryPlan, Registry]:
+        """What the apply would change and the registry it would produce (checked as a
+        whole: raises RegistryConflict)."""
+        assert all(d.kind in REGISTRY_KINDS for d in documents)
+        current = {(d.kind, d.name): d for d in self.documents(conn)}
+        changes = plan_changes(current, documents)
+        merged = dict(current)
+        for doc in documents:
+            merged[(doc.kind, doc.name)] = doc  # keeps the new source location for errors
+        plan = RegistryPlan(list(documents), changes, list(merged.values()))
+        revision = int(meta_store.get(conn, meta_store.REGISTRY_REVISION) or 0)
+        candidate = build_registry(
+            self.trust_domain, revision + (1 if plan.changed else 0), plan.merged
+        )
+        return plan, candidate
+
+    def write(self, conn: Connection, plan: RegistryPlan, actor: str) -> int:
+        """Write a plan inside the caller's transaction; returns the new revision."""
         now = time.time()
-        with self.db.engine.begin() as conn:
-            current = {(d.kind, d.name): d for d in self._documents(conn)}
-            merged = dict(current)
-            changes: list[AppliedChange] = []
-            for doc in documents:
-                old = current.get((doc.kind, doc.name))
-                if old is None:
-                    action = "created"
-                elif _canonical(old.body) == _canonical(doc.body):
-                    action = "unchanged"
-                else:
-                    action = "configured"
-                changes.append(AppliedChange(doc.kind, doc.name, action))
-                # Keep the new document's source location for error messages.
-                merged[(doc.kind, doc.name)] = doc
-            build_registry(self.trust_domain, 0, merged.values())  # raises on conflicts
-            revision = int(meta_store.get(conn, meta_store.REGISTRY_REVISION) or 0)
-            if dry_run or all(c.action == "unchanged" for c in changes):
-                return revision, changes
-            for doc, change in zip(documents, changes, strict=True):
-                body = _canonical(doc.body)
-                if change.action == "created":
-                    conn.execute(
-                        registry_objects.insert().values(
-                            kind=doc.kind,
-                            name=doc.name,
-                            body=body,
-                            generation=1,
-                            created_at=now,
-                            updated_at=now,
-                            updated_by=actor,
-                        )
+        for doc, change in zip(plan.documents, plan.changes, strict=True):
+            body = canonical(doc.body)
+            if change.action == "created":
+                conn.execute(
+                    registry_objects.insert().values(
+                        kind=doc.kind,
+                        name=doc.name,
+                        body=body,
+                        generation=1,
+                        created_at=now,
+                        updated_at=now,
+                        updated_by=actor,
                     )
-                elif change.action == "configured":
-                    conn.execute(
-                        update(registry_objects)
-                        .where(
-                            registry_objects.c.kind == doc.kind, registry_objects.c.name == doc.name
-                        )
-                        .values(
-                            body=body,
-                            generation=registry_objects.c.generation + 1,
-                            updated_at=now,
-                            updated_by=actor,
-                        )
+                )
+            elif change.action == "configured":
+                conn.execute(
+                    update(registry_objects)
+                    .where(registry_objects.c.kind == doc.kind, registry_objects.c.name == doc.name)
+                    .values(
+                        body=body,
+                        generation=registry_objects.c.generation + 1,
+                        updated_at=now,
+                        updated_by=actor,
                     )
-            revision = meta_store.bump(conn, meta_store.REGISTRY_REVISION)
-            return revision, changes
+                )
+        return meta_store.bump(conn, meta_store.REGISTRY_REVISION)

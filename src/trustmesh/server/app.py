@@ -3,7 +3,10 @@ ControlPlane method, renders; errors are JSON, never stack traces."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -25,8 +28,9 @@ from starlette.routing import Route
 from trustmesh.identity.rfc7662 import introspect
 from trustmesh.identity.rfc8693 import OAuthError, parse_form
 from trustmesh.manifests import ManifestError
+from trustmesh.policy.compiler import PolicyError
 from trustmesh.registry import RegistryConflict
-from trustmesh.server.controlplane import ControlPlane, NotFound
+from trustmesh.server.controlplane import ControlPlane, NotFound, PolicyTestFailed
 from trustmesh.server.credentials import Principal
 from trustmesh.server.http import (
     EXCEPTION_HANDLERS,
@@ -135,19 +139,97 @@ def build_app(plane: ControlPlane) -> Starlette:
             if not isinstance(item, dict) or not isinstance(item.get("content"), str):
                 raise BadRequest(400, "invalid_request", "each file needs a string content")
             pairs.append((str(item.get("path") or "<request>"), item["content"]))
-        actor = str(document.get("author") or principal.name)[:200]
+        actor = _actor(document, principal)
+        message = str(document.get("message") or "")[:2000]
         dry_run = bool(document.get("dryRun", False))
         try:
-            revision, changes = await run_in_threadpool(plane.apply, pairs, actor, dry_run)
+            result = await run_in_threadpool(plane.apply, pairs, actor, dry_run, message)
         except ManifestError as exc:
             return error_response(
                 400, "invalid_manifest", str(exc), problems=[str(p) for p in exc.problems]
             )
-        except RegistryConflict as exc:
+        except (RegistryConflict, PolicyError) as exc:
             return error_response(409, "conflict", str(exc), problems=exc.problems)
-        return JSONResponse(
-            {"revision": revision, "dryRun": dry_run, "changes": [c.as_dict() for c in changes]}
-        )
+        except PolicyTestFailed as exc:
+            return _tests_failed(exc)
+        plane.notify_changes()
+        return JSONResponse(result.to_json())
+
+    async def policy_versions(request: Request) -> Response:
+        await authenticate(request)
+        versions = await run_in_threadpool(plane.catalog.history)
+        return JSONResponse({"versions": [v.summary() for v in versions]})
+
+    async def policy_version(request: Request) -> Response:
+        await authenticate(request)
+        wanted = request.path_params["revision"]
+        if wanted == "current":
+            version = await run_in_threadpool(plane.catalog.current)
+        elif wanted.isdigit():
+            found = await run_in_threadpool(plane.catalog.get, int(wanted))
+            if found is None:
+                return error_response(404, "not_found", f"policy revision {wanted} does not exist")
+            version = found
+        else:
+            return error_response(400, "invalid_request", "revision must be a number or 'current'")
+        return JSONResponse(version.to_json())
+
+    async def policy_rollback(request: Request) -> Response:
+        principal = await authenticate(request)
+        document = await read_json(request)
+        revision = document.get("revision")
+        if not isinstance(revision, int) or isinstance(revision, bool) or revision < 0:
+            raise BadRequest(400, "invalid_request", "revision must be a non-negative integer")
+        try:
+            result = await run_in_threadpool(
+                plane.rollback,
+                revision,
+                _actor(document, principal),
+                str(document.get("message") or "")[:2000],
+            )
+        except NotFound as exc:
+            return error_response(404, "not_found", str(exc))
+        except PolicyError as exc:
+            return error_response(409, "conflict", str(exc), problems=exc.problems)
+        except PolicyTestFailed as exc:
+            return _tests_failed(exc)
+        plane.notify_changes()
+        return JSONResponse(result.to_json())
+
+    async def agent_bundle(request: Request) -> Response:
+        """Long poll: answers at once if the cluster's bundle is newer than ``after``,
+        else when it changes, else 304 after ``wait`` seconds (at most 30)."""
+        principal = await authenticate(request, admin_only=False)
+        query = request.query_params
+        cluster = principal.cluster or query.get("cluster") or ""
+        if not principal.may_act_for(cluster):
+            return error_response(
+                403, "insufficient_scope", f"this credential is for cluster {principal.cluster}"
+            )
+        after = _parse_version(query.get("after"))
+        try:
+            wait = min(max(float(query.get("wait", "0")), 0.0), 30.0)
+        except ValueError:
+            raise BadRequest(400, "invalid_request", "wait must be a number of seconds") from None
+        agent_id = query.get("agent", "")
+        if after is not None and agent_id:
+            if not _AGENT_ID.match(agent_id):
+                raise BadRequest(
+                    400, "invalid_request", "agent must be 1-64 letters, digits or '-'"
+                )
+            await run_in_threadpool(plane.record_agent, cluster, agent_id, after)
+        deadline = time.monotonic() + wait
+        while after is not None and plane.bundle_version() <= after:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or plane.stopping:
+                return Response(status_code=304)
+            with contextlib.suppress(TimeoutError):  # slices, so a shutdown ends the poll
+                await asyncio.wait_for(plane.wait_for_change().wait(), min(remaining, 0.5))
+        try:
+            version, token = await run_in_threadpool(plane.signed_bundle, cluster)
+        except NotFound as exc:
+            return error_response(404, "not_found", str(exc))
+        return JSONResponse({"version": list(version), "bundle": token})
 
     def lister(kind: str) -> Callable[[Request], Awaitable[Response]]:
         async def handler(request: Request) -> Response:
@@ -165,6 +247,7 @@ def build_app(plane: ControlPlane) -> Starlette:
     async def rotate_keys(request: Request) -> Response:
         await authenticate(request)
         record = await run_in_threadpool(plane.rotate_keys)
+        plane.notify_changes()
         return JSONResponse(
             {"active": _key_json(record), "keys": [_key_json(r) for r in plane.list_keys()]}
         )
@@ -211,8 +294,40 @@ def build_app(plane: ControlPlane) -> Starlette:
         Route("/v1/keys/rotate", rotate_keys, methods=["POST"]),
         Route("/v1/clusters/{name}/credentials", cluster_credential, methods=["POST"]),
         Route("/v1/agent/config", agent_config, methods=["GET"]),
+        Route("/v1/agent/bundle", agent_bundle, methods=["GET"]),
+        Route("/v1/policy/versions", policy_versions, methods=["GET"]),
+        Route("/v1/policy/versions/{revision}", policy_version, methods=["GET"]),
+        Route("/v1/policy/rollback", policy_rollback, methods=["POST"]),
     ]
     return Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+
+
+_AGENT_ID = re.compile(r"^[A-Za-z0-9-]{1,64}$")
+
+
+def _actor(document: dict[str, Any], principal: Principal) -> str:
+    return str(document.get("author") or principal.name)[:200]
+
+
+def _parse_version(value: str | None) -> tuple[int, int] | None:
+    if not value:
+        return None
+    policy, _, registry = value.partition(".")
+    if not policy.isdigit() or not registry.isdigit():
+        raise BadRequest(
+            400, "invalid_request", "after must be POLICY.REGISTRY revisions, e.g. 4.12"
+        )
+    return int(policy), int(registry)
+
+
+def _tests_failed(exc: PolicyTestFailed) -> Response:
+    return error_response(
+        422,
+        "policy_test_failed",
+        str(exc),
+        problems=[r.describe() for r in exc.failed],
+        failed=[r.to_json() for r in exc.failed],
+    )
 
 
 def _key_json(record: Any) -> dict[str, Any]:

@@ -17,22 +17,66 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from sqlalchemy import select, update
 
 from trustmesh.identity.keys import KeyManager, KeyRecord, KeySet
 from trustmesh.identity.kubernetes_sa import ClusterKeyCache
 from trustmesh.identity.rfc8693 import DEFAULT_TTL, TokenExchange
 from trustmesh.identity.sealing import MasterKey
 from trustmesh.identity.spiffe import cluster_audience, normalize_trust_domain
-from trustmesh.identity.svid import KeyRing, SvidVerifier
-from trustmesh.manifests import Document, ManifestError, Problem, parse_text
+from trustmesh.identity.svid import SVID_TYPS, KeyRing, SvidVerifier
+from trustmesh.manifests import (
+    POLICY_KINDS,
+    REGISTRY_KINDS,
+    Document,
+    ManifestError,
+    Problem,
+    parse_text,
+)
+from trustmesh.policy.bundle import sign_bundle
+from trustmesh.policy.compiler import PolicySet, compile_all, compile_bundle, flatten_roles
+from trustmesh.policy.testing import CaseResult, run_policy_tests
 from trustmesh.registry import AppliedChange, Registry, RegistryStore
+from trustmesh.server.catalog import PolicyCatalog, documents_of
 from trustmesh.server.credentials import CLUSTER, CredentialStore, Principal
 from trustmesh.storage import Database, open_database
 from trustmesh.storage import meta as meta_store
+from trustmesh.storage.schema import agent_status
 
 log = logging.getLogger("trustmesh.server")
 
 SPIFFE_REFRESH_HINT = 60
+AGENT_STALE_AFTER = 90.0  # an agent that has not polled for this long is not counted
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    registry_revision: int
+    policy_revision: int
+    changes: list[AppliedChange]
+    tests: list[CaseResult]
+    dry_run: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "revision": self.registry_revision,
+            "registryRevision": self.registry_revision,
+            "policyRevision": self.policy_revision,
+            "dryRun": self.dry_run,
+            "changes": [c.as_dict() for c in self.changes],
+            "tests": {"passed": sum(r.passed for r in self.tests), "total": len(self.tests)},
+        }
+
+
+class PolicyTestFailed(Exception):
+    """A candidate policy failed PolicyTest cases; the current version stays in force."""
+
+    def __init__(self, failed: list[CaseResult], total: int) -> None:
+        super().__init__(
+            f"{len(failed)} of {total} policy test cases failed; first: {failed[0].describe()}"
+        )
+        self.failed = failed
+        self.total = total
 
 
 class ConfigError(ValueError):
@@ -75,6 +119,15 @@ class ControlPlane:
         self._tasks: list[asyncio.Task[None]] = []
         self.last_refresh = 0.0
         self.admin_token_created = False
+        self.catalog: PolicyCatalog
+        self._policy = PolicySet()
+        self._policy_revision = 0
+        self._bundles: dict[tuple[int, int, int, str], str] = {}
+        self._flat_roles: dict[str, list[dict[str, Any]]] | None = None
+        self._flat_for = -1
+        self._changed = asyncio.Event()
+        self._notified_version = (0, 0)
+        self.stopping = False
 
     # -- start-up -----------------------------------------------------------------------
     def open(self) -> None:
@@ -103,6 +156,11 @@ class ControlPlane:
         self.registry_store = RegistryStore(self.db, self.trust_domain)
         self._swap_keys(self.keys.load())
         self._registry = self.registry_store.load()
+        self.catalog = PolicyCatalog(self.db)
+        version = self.catalog.current()
+        self._policy = PolicySet.from_documents(documents_of(version))
+        self._policy_revision = version.revision
+        self._notified_version = self.bundle_version()
         self.last_refresh = time.monotonic()
 
     async def start(self) -> None:
@@ -149,7 +207,7 @@ class ControlPlane:
             issuer=self.issuer,
             trust_domain=self.trust_domain,
             audience=None,
-            keys=KeyRing(keyset.jwks()),
+            keys=KeyRing(keyset.jwks(), accepted_typs=SVID_TYPS),
         )
 
     def refresh(self) -> None:
@@ -160,6 +218,10 @@ class ControlPlane:
             self._swap_keys(self.keys.load())
         if revisions.get(meta_store.REGISTRY_REVISION, 0) != self._registry.revision:
             self._registry = self.registry_store.load()
+        if revisions.get(meta_store.POLICY_REVISION, 0) != self._policy_revision:
+            version = self.catalog.current()
+            self._policy = PolicySet.from_documents(documents_of(version))
+            self._policy_revision = version.revision
         self.last_refresh = time.monotonic()
 
     async def _refresh_loop(self) -> None:
@@ -169,6 +231,7 @@ class ControlPlane:
                 await asyncio.to_thread(self.refresh)
             except Exception:  # keep serving from the last snapshot; /readyz reports it
                 log.exception("refreshing state from the database failed")
+            self.notify_changes()
 
     async def _maintenance_loop(self) -> None:
         while True:
@@ -229,8 +292,17 @@ class ControlPlane:
 
     # -- admin operations (blocking; the HTTP layer runs them in a thread) ----------------
     def apply(
-        self, files: list[tuple[str, str]], actor: str, dry_run: bool = False
-    ) -> tuple[int, list[AppliedChange]]:
+        self,
+        files: list[tuple[str, str]],
+        actor: str,
+        dry_run: bool = False,
+        message: str = "",
+    ) -> ApplyResult:
+        """Validate every document, plan the registry and the policy together, compile
+        every cluster's bundle and run every PolicyTest on the candidate; only if all
+        of that passes, write both in one transaction (a policy change becomes a new
+        version). Raises ManifestError, RegistryConflict, PolicyError or
+        PolicyTestFailed, having written nothing."""
         documents = []
         problems = []
         for path, content in files:
@@ -243,13 +315,156 @@ class ControlPlane:
         duplicates = _duplicates(documents)
         if duplicates:
             raise ManifestError(duplicates)
-        revision, changes = self.registry_store.apply(documents, actor, dry_run)
-        if not dry_run:
-            self.refresh()
-        return revision, changes
+        registry_docs = [d for d in documents if d.kind in REGISTRY_KINDS]
+        policy_docs = [d for d in documents if d.kind in POLICY_KINDS]
+        with self.db.engine.begin() as conn:
+            registry_plan, candidate = self.registry_store.plan(conn, registry_docs)
+            policy_plan = self.catalog.plan(conn, policy_docs)
+            next_policy = self.catalog.current(conn).revision + (1 if policy_plan.changed else 0)
+            tests: list[CaseResult] = []
+            if registry_plan.changed or policy_plan.changed:
+                tests = self._gate(policy_plan.policy, candidate, next_policy)
+            result = ApplyResult(
+                registry_revision=candidate.revision,
+                policy_revision=next_policy,
+                changes=registry_plan.changes + policy_plan.changes,
+                tests=tests,
+                dry_run=dry_run,
+            )
+            if dry_run:
+                conn.rollback()
+                return result
+            if registry_plan.changed:
+                self.registry_store.write(conn, registry_plan, actor)
+            if policy_plan.changed:
+                self.catalog.write(conn, policy_plan, actor, message)
+        self.refresh()
+        return result
+
+    def _gate(self, policy: PolicySet, registry: Registry, revision: int) -> list[CaseResult]:
+        bundles = compile_all(policy, registry, revision)  # raises PolicyError
+        results = run_policy_tests(policy, registry, revision, bundles)
+        failed = [r for r in results if not r.passed]
+        if failed:
+            raise PolicyTestFailed(failed, len(results))
+        return results
+
+    def rollback(self, revision: int, actor: str, message: str) -> ApplyResult:
+        """A new version equal to ``revision`` (tests run again, on today's registry)."""
+        target = self.catalog.get(revision)
+        if target is None:
+            raise NotFound(f"policy revision {revision} does not exist")
+        with self.db.engine.begin() as conn:
+            plan = self.catalog.plan(conn, documents_of(target), replace=True)
+            registry = self.registry_store.load(conn)
+            current = self.catalog.current(conn).revision
+            if not plan.changed:
+                return ApplyResult(registry.revision, current, [], [], False)
+            tests = self._gate(plan.policy, registry, current + 1)
+            new_revision = self.catalog.write(
+                conn,
+                plan,
+                actor,
+                message or f"rollback to revision {revision}",
+                f"rollback:{revision}",
+            )
+        self.refresh()
+        changes = [AppliedChange(c["kind"], c["name"], c["action"]) for c in plan.diff]
+        return ApplyResult(registry.revision, new_revision, changes, tests, False)
+
+    # -- bundles and agents ---------------------------------------------------------------
+    def bundle_version(self) -> tuple[int, int]:
+        return (self._policy_revision, self._registry.revision)
+
+    def signed_bundle(self, cluster: str) -> tuple[tuple[int, int], str]:
+        """The current bundle of ``cluster``, signed with the active key (cached per
+        policy and registry revision)."""
+        version = self.bundle_version()
+        key = (*version, self._keyset.revision, cluster)  # re-signed after a key rotation
+        cached = self._bundles.get(key)
+        if cached is not None:
+            return version, cached
+        registry, policy = self._registry, self._policy
+        if cluster not in registry.clusters:
+            raise NotFound(f"cluster {cluster} is not registered")
+        flat = self._flat_roles
+        if flat is None or self._flat_for != self._policy_revision:
+            flat, _ = flatten_roles(policy.roles)
+            self._flat_roles, self._flat_for = flat, self._policy_revision
+        bundle = compile_bundle(policy, registry, cluster, self._policy_revision, flat)
+        token = sign_bundle(bundle, self._keyset.active)
+        if len(self._bundles) > 4 * max(1, len(registry.clusters)):
+            self._bundles.clear()
+        self._bundles[key] = token
+        return version, token
+
+    def record_agent(self, cluster: str, agent_id: str, applied: tuple[int, int]) -> None:
+        now = time.time()
+        with self.db.engine.begin() as conn:
+            updated = conn.execute(
+                update(agent_status)
+                .where(agent_status.c.cluster == cluster, agent_status.c.agent_id == agent_id)
+                .values(policy_revision=applied[0], registry_revision=applied[1], last_seen=now)
+            )
+            if updated.rowcount == 0:
+                conn.execute(
+                    agent_status.insert().values(
+                        cluster=cluster,
+                        agent_id=agent_id,
+                        policy_revision=applied[0],
+                        registry_revision=applied[1],
+                        last_seen=now,
+                    )
+                )
+
+    def agent_states(self) -> dict[str, list[dict[str, Any]]]:
+        with self.db.engine.connect() as conn:
+            rows = conn.execute(
+                select(agent_status).order_by(agent_status.c.cluster, agent_status.c.agent_id)
+            )
+            out: dict[str, list[dict[str, Any]]] = {}
+            for row in rows:
+                out.setdefault(row.cluster, []).append(
+                    {
+                        "agentId": row.agent_id,
+                        "appliedRevision": row.policy_revision,
+                        "appliedRegistryRevision": row.registry_revision,
+                        "lastSeen": row.last_seen,
+                    }
+                )
+            return out
+
+    def wait_for_change(self) -> asyncio.Event:
+        return self._changed
+
+    def begin_stopping(self) -> None:
+        """Called from the signal handler: long polls answer at once from now on."""
+        self.stopping = True
+
+    def notify_changes(self) -> None:
+        """Wake long-polling agents if a revision moved (call on the event loop)."""
+        version = self.bundle_version()
+        if version != self._notified_version:
+            self._notified_version = version
+            event, self._changed = self._changed, asyncio.Event()
+            event.set()
 
     def list_objects(self, kind: str) -> list[dict[str, Any]]:
         items = self.registry_store.list_bodies(kind)
+        if kind == "Cluster":
+            agents = self.agent_states()
+            now = time.time()
+            for item in items:
+                reports = agents.get(item["metadata"]["name"], [])
+                fresh = [a for a in reports if now - a["lastSeen"] < AGENT_STALE_AFTER]
+                applied = sorted({a["appliedRevision"] for a in fresh})
+                item["status"]["policy"] = {
+                    "desiredRevision": self._policy_revision,
+                    "appliedRevisions": applied,
+                    "agents": reports,
+                    "drift": bool(fresh) and applied != [self._policy_revision],
+                    "agentsReporting": len(fresh),
+                }
         if kind == "Workload":
             registry = self._registry
             for item in items:

@@ -36,5 +36,5 @@ def run_server(config: ServerConfig, listen: str) -> None:
             flush=True,
         )
 
-    serve_socket(app, sock, ready)
+    serve_socket(app, sock, ready, plane.begin_stopping)
     sys.stdout.flush()

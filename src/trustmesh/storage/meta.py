@@ -9,7 +9,8 @@ from trustmesh.storage.schema import meta
 
 REGISTRY_REVISION = "registry_revision"
 KEYS_REVISION = "keys_revision"
-COUNTERS = (REGISTRY_REVISION, KEYS_REVISION)
+POLICY_REVISION = "policy_revision"
+COUNTERS = (REGISTRY_REVISION, KEYS_REVISION, POLICY_REVISION)
 
 
 def get(conn: Connection, name: str) -> str | None:

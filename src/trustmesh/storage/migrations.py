@@ -31,8 +31,15 @@ def _v1_initial(conn: Connection) -> None:
         conn.execute(schema.meta.insert().values(name=counter, value="0"))
 
 
+def _v2_policy(conn: Connection) -> None:
+    schema.policy_versions.create(conn, checkfirst=True)
+    schema.agent_status.create(conn, checkfirst=True)
+    conn.execute(schema.meta.insert().values(name="policy_revision", value="0"))
+
+
 MIGRATIONS: list[Migration] = [
     (1, "initial schema: meta, signing keys, registry, credentials", _v1_initial),
+    (2, "policy versions and agent status", _v2_policy),
 ]
 
 LATEST = MIGRATIONS[-1][0]

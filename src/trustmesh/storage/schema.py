@@ -78,3 +78,28 @@ credentials = Table(
     Column("revoked_at", Float),
     UniqueConstraint("secret_hash", name="uq_credentials_secret_hash"),
 )
+
+# Policy versions: each is the complete set of policy documents at that revision.
+policy_versions = Table(
+    "policy_versions",
+    metadata,
+    Column("revision", Integer, primary_key=True, autoincrement=False),
+    Column("content_hash", String(64), nullable=False),
+    Column("author", String(200), nullable=False),
+    Column("message", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("source", String(64), nullable=False),  # "apply" | "rollback:<rev>"
+    Column("documents", Text, nullable=False),  # JSON list of manifest bodies
+    Column("diff", Text, nullable=False),  # JSON list of {kind, name, action, before, after}
+)
+
+# What each agent last reported it enforces (for drift).
+agent_status = Table(
+    "agent_status",
+    metadata,
+    Column("cluster", String(253), primary_key=True),
+    Column("agent_id", String(64), primary_key=True),
+    Column("policy_revision", Integer, nullable=False),
+    Column("registry_revision", Integer, nullable=False),
+    Column("last_seen", Float, nullable=False),
+)

@@ -1,0 +1,127 @@
+"""The agent's policy: the verified bundle of its cluster and the engine built from it.
+
+Bundles arrive by long poll (``GET /v1/agent/bundle?after=P.R&wait=25``): the control
+plane answers as soon as a newer revision exists, so a change reaches agents within
+about a second of being applied; a poll that times out is simply repeated, which makes
+the long poll also the periodic pull. A bundle is used only if its signature verifies
+with the agent's key set, it names this cluster, and its (policy revision, registry
+revision) moves forward; then the new engine is swapped in with one assignment.
+The last accepted bundle is kept in the data dir so a restarted agent enforces it
+before reconnecting."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from trustmesh.agent.authn import Authenticator
+from trustmesh.agent.sync import ControlPlaneClient, CredentialRejected, Synchronizer
+from trustmesh.common.backoff import Backoff
+from trustmesh.identity.jws import InvalidToken
+from trustmesh.policy.bundle import bundle_version, verify_bundle
+from trustmesh.policy.engine import Engine
+
+log = logging.getLogger("trustmesh.agent")
+
+BUNDLE_FILE = "bundle.jws"
+AGENT_ID_FILE = "agent-id"
+LONG_POLL_SECONDS = 25.0
+
+
+def agent_id(data_dir: Path) -> str:
+    """A stable id for this agent instance (its data dir), reported with each poll."""
+    path = data_dir / AGENT_ID_FILE
+    try:
+        value = path.read_text().strip()
+        if value:
+            return value
+    except FileNotFoundError:
+        pass
+    value = secrets.token_hex(8)
+    path.write_text(value + "\n")
+    return value
+
+
+class PolicyHolder:
+    """Owns the agent's current engine. Readers take ``engine`` once per decision."""
+
+    def __init__(self, cluster: str, data_dir: Path, authn: Authenticator) -> None:
+        self.cluster = cluster
+        self.data_dir = data_dir
+        self.authn = authn
+        self.engine: Engine | None = None
+        self.version: tuple[int, int] | None = None
+        self.last_error: str | None = None
+        self.received_at = 0.0
+
+    def install(self, token: str, persist: bool = True) -> bool:
+        """Verify and install a bundle; returns whether it replaced the current one."""
+        bundle = verify_bundle(token, self.authn.keys, self.cluster)
+        version = bundle_version(bundle)
+        if self.version is not None and version <= self.version:
+            return False  # revisions only move forward
+        engine = Engine(bundle)
+        self.engine, self.version = engine, version
+        self.received_at = time.time()
+        if persist:
+            tmp = self.data_dir / (BUNDLE_FILE + ".tmp")
+            with open(tmp, "w") as handle:
+                handle.write(token)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.data_dir / BUNDLE_FILE)
+        log.info("policy revision %s (registry %s) in force", *version)
+        return True
+
+    def restore(self) -> bool:
+        path = self.data_dir / BUNDLE_FILE
+        if not path.exists():
+            return False
+        try:
+            return self.install(path.read_text(), persist=False)
+        except (InvalidToken, OSError, KeyError, ValueError) as exc:
+            log.warning("ignoring the persisted bundle: %s", exc)
+            return False
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "policy_revision": self.version[0] if self.version else None,
+            "registry_revision": self.version[1] if self.version else None,
+            "bundle_error": self.last_error,
+        }
+
+
+async def run_bundle_sync(
+    client: ControlPlaneClient, holder: PolicyHolder, keys_sync: Synchronizer, agent: str
+) -> None:
+    backoff = Backoff(base=0.2, cap=10.0)
+    while True:
+        after = f"{holder.version[0]}.{holder.version[1]}" if holder.version else None
+        try:
+            token = await client.fetch_bundle(after, LONG_POLL_SECONDS, agent)
+            if token is not None:
+                try:
+                    holder.install(token)
+                except InvalidToken as exc:
+                    if exc.reason == "unknown_kid" and await keys_sync.request_refresh():
+                        holder.install(token)  # signed by a key we just learned
+                    else:
+                        raise
+            holder.last_error = None
+            backoff.reset()
+            continue
+        except CredentialRejected as exc:
+            holder.last_error = str(exc)
+        except InvalidToken as exc:
+            holder.last_error = f"bundle refused: {exc.description}"
+            log.error("%s", holder.last_error)
+        except (httpx.HTTPError, ValueError, OSError) as exc:
+            holder.last_error = f"bundle fetch failed: {exc.__class__.__name__}: {exc}"
+        await asyncio.sleep(backoff.next_delay())

@@ -1,0 +1,145 @@
+"""``trustmesh policy diff A B`` and ``trustmesh policy export-rbac --cluster C``
+(DESIGN §3, §4): reports computed locally from the documents of stored policy versions
+and today's registry, both fetched from the control plane's admin API."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from trustmesh.cli._common import (
+    ApiClient,
+    Output,
+    OutputOption,
+    ServerOption,
+    TokenFileOption,
+    fail,
+    print_json,
+    print_table,
+    resolve_server,
+    resolve_token,
+)
+from trustmesh.manifests import ManifestError, document_from_body
+from trustmesh.policy.compiler import PolicyError, PolicySet
+from trustmesh.registry import Registry, RegistryConflict, build_registry
+
+_REVISION = re.compile(r"^(current|0|[1-9][0-9]{0,17})$")
+
+
+def _revision(value: str) -> str:
+    if not _REVISION.match(value):
+        fail(f"revision {value!r} is not a number (0 = empty policy) or 'current'")
+    return value
+
+
+def _documents(what: str, bodies: Any) -> list[Any]:
+    if not isinstance(bodies, list):
+        fail(f"{what}: the control plane answered no list of manifests")
+    documents = []
+    for body in bodies:
+        if isinstance(body, dict):
+            body = {k: v for k, v in body.items() if k != "status"}
+        try:
+            documents.append(document_from_body(body))
+        except ManifestError as exc:
+            fail(f"{what}: a stored manifest is not valid: {exc}")
+    return documents
+
+
+def fetch_policy(client: ApiClient, revision: str) -> tuple[int | str, PolicySet]:
+    """(the revision the server resolved, its policy) for ``GET /v1/policy/versions/R``."""
+    body = client.request("GET", f"/v1/policy/versions/{revision}")
+    if not isinstance(body, dict):
+        fail(f"policy revision {revision}: the control plane answered no JSON object")
+    documents = _documents(f"policy revision {revision}", body.get("documents"))
+    return body.get("revision", revision), PolicySet.from_documents(documents)
+
+
+def fetch_registry(client: ApiClient) -> Registry:
+    """Today's registry from ``GET /v1/clusters`` and ``/v1/workloads``, in the trust
+    domain discovery announces."""
+    discovery = client.request("GET", "/.well-known/openid-configuration")
+    trust_domain = str((discovery or {}).get("trust_domain", "")).removeprefix("spiffe://")
+    if not trust_domain:
+        fail("the control plane's discovery document names no trust_domain")
+    documents = []
+    for kind in ("clusters", "workloads"):
+        items = (client.request("GET", f"/v1/{kind}") or {}).get("items")
+        documents += _documents(kind, items)
+    try:
+        return build_registry(trust_domain, 0, documents)
+    except RegistryConflict as exc:
+        fail(f"the registry does not fit together: {exc}")
+
+
+def _client(server: str | None, token_file: Path | None) -> ApiClient:
+    return ApiClient(resolve_server(server), resolve_token(token_file))
+
+
+def register(policy_app: typer.Typer) -> None:
+    """Add ``diff`` and ``export-rbac`` to the ``trustmesh policy`` sub-app."""
+
+    @policy_app.command("diff")
+    def diff(
+        old: str = typer.Argument(..., help="Policy revision to compare from (0 = empty)."),
+        new: str = typer.Argument(..., help="Policy revision to compare to, or 'current'."),
+        server: str | None = ServerOption,
+        token_file: Path | None = TokenFileOption,
+        output: Output = OutputOption,
+    ) -> None:
+        """Effective grants that appear (+) or disappear (-) between two policy
+        revisions over the registered inventory, with escalation flags."""
+        from trustmesh.policy.diff import diff_policies
+
+        client = _client(server, token_file)
+        old_rev, old_policy = fetch_policy(client, _revision(old))
+        new_rev, new_policy = fetch_policy(client, _revision(new))
+        registry = fetch_registry(client)
+        try:
+            result = diff_policies(old_policy, new_policy, registry)
+        except PolicyError as exc:
+            fail(f"cannot compile the policy: {exc}")
+        if output is Output.json:
+            print_json({"from": old_rev, "to": new_rev, **result.to_json()})
+            return
+        if result.empty:
+            typer.echo(f"no effective change from revision {old_rev} to {new_rev}")
+            return
+        flagged = {grant: flags for grant, flags in result.escalations}
+        rows = [["+", *grant, ",".join(flagged.get(grant, ()))] for grant in result.appeared] + [
+            ["-", *grant, ""] for grant in result.disappeared
+        ]
+        print_table(
+            ["", "WORKLOAD", "CLUSTER", "NAMESPACE", "ACTION", "TARGET", "KIND", "FLAGS"],
+            rows,
+            title=f"policy revision {old_rev} -> {new_rev}: {len(result.appeared)} appeared, "
+            f"{len(result.disappeared)} disappeared, {len(result.escalations)} flagged",
+        )
+
+    @policy_app.command("export-rbac")
+    def export_rbac_command(
+        cluster: str = typer.Option(..., "--cluster", help="The cluster to export for."),
+        revision: str = typer.Option(
+            "current", "--revision", help="Policy revision (default: the current one)."
+        ),
+        server: str | None = ServerOption,
+        token_file: Path | None = TokenFileOption,
+    ) -> None:
+        """Print the native Kubernetes RBAC (ClusterRoles and bindings over the
+        TokenReview groups) equivalent to the policy on one cluster, as YAML."""
+        from trustmesh.policy.rbac import export_rbac, render_yaml
+
+        client = _client(server, token_file)
+        _, policy = fetch_policy(client, _revision(revision))
+        registry = fetch_registry(client)
+        if cluster not in registry.clusters:
+            fail(f"cluster {cluster!r} is not a registered Cluster")
+        try:
+            manifests = export_rbac(policy, registry, cluster)
+        except PolicyError as exc:
+            fail(f"cannot compile the policy: {exc}")
+        sys.stdout.write(render_yaml(manifests, manifests.warnings))

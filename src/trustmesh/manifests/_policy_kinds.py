@@ -1,0 +1,423 @@
+"""The policy kinds (DESIGN §3): GlobalRole, RoleBinding, PolicyTest."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from trustmesh.policy.request import Request, RequestError, parse_request
+
+from ._errors import Sink
+from ._nodes import MapNode, Node, join
+from ._schema import (
+    INVALID,
+    Checker,
+    Field,
+    Rule,
+    choice,
+    exclusive,
+    list_of,
+    obj,
+    string,
+    string_map,
+    type_problem,
+)
+
+_VERB = re.compile(r"^(\*|[a-z][a-z0-9-]{0,62})$")
+_METHOD = re.compile(r"^(\*|[A-Z][A-Z0-9-]{0,31})$")
+_HOST = re.compile(r"^(\*|(\*\.)?[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?)$")
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+
+
+def _pattern(rule: re.Pattern[str], what: str) -> Any:
+    def validate(value: str) -> None:
+        if not rule.match(value):
+            raise ValueError(f"{value!r} is not a valid {what}")
+
+    return validate
+
+
+def _path_glob(value: str) -> None:
+    if value == "*":
+        return
+    if not value.startswith("/"):
+        raise ValueError(f"path {value!r} must start with / (or be * for any path)")
+    for segment in value.split("/")[1:]:
+        if "**" in segment and segment != "**":
+            raise ValueError(f"path {value!r}: ** must be a whole segment (/**/)")
+
+
+def _url_pattern(value: str) -> None:
+    if not value.startswith("/") and value != "*":
+        raise ValueError(
+            f"nonResourceURL {value!r} must start with / (a trailing * matches a prefix)"
+        )
+    if "*" in value[:-1]:
+        raise ValueError(f"nonResourceURL {value!r}: * is allowed only at the end")
+
+
+def _resource(value: str) -> None:
+    if value != "*" and not re.match(r"^(\*|[a-z][a-z0-9.-]*)(/(\*|[a-z][a-z0-9.-]*))?$", value):
+        raise ValueError(f"{value!r} is not a resource (e.g. pods, pods/log, */scale or *)")
+
+
+def strings(*validators: Any) -> Checker:
+    return list_of(string(*validators), min_items=1)
+
+
+def _one_rule_family(node: MapNode, result: dict[str, Any], path: str, sink: Sink) -> bool:
+    """A rule is a Kubernetes resource rule, a non-resource rule or a service rule."""
+    has = set(result) | set(node.entries)
+    families = {
+        "resource": {"apiGroups", "resources", "resourceNames"} & has,
+        "nonResource": {"nonResourceURLs"} & has,
+        "service": {"services", "paths", "methods"} & has,
+    }
+    present = [name for name, fields in families.items() if fields]
+    if len(present) != 1:
+        sink.add(
+            node.line,
+            path,
+            "a rule is exactly one of: apiGroups+resources+verbs (optional resourceNames), "
+            "nonResourceURLs+verbs, or services+paths+methods",
+        )
+        return False
+    needed = {
+        "resource": ("apiGroups", "resources", "verbs"),
+        "nonResource": ("nonResourceURLs", "verbs"),
+        "service": ("services", "paths", "methods"),
+    }[present[0]]
+    ok = True
+    for name in needed:
+        if name not in node.entries:
+            sink.add(
+                node.line, join(path, name), f"required field is missing in a {present[0]} rule"
+            )
+            ok = False
+    if present[0] == "service" and "verbs" in node.entries:
+        sink.add(
+            node.entries["verbs"].line, join(path, "verbs"), "a service rule has methods, not verbs"
+        )
+        ok = False
+    return ok
+
+
+RULE = obj(
+    Field("apiGroups", list_of(string(allow_empty=True), min_items=1)),
+    Field("resources", strings(_resource)),
+    Field("resourceNames", strings()),
+    Field("nonResourceURLs", strings(_url_pattern)),
+    Field("verbs", strings(_pattern(_VERB, "verb (lowercase, or *)"))),
+    Field("services", strings(_pattern(_HOST, "service host (name, *.suffix or *)"))),
+    Field("paths", strings(_path_glob)),
+    Field("methods", strings(_pattern(_METHOD, "HTTP method (uppercase, or *)"))),
+    rules=(_one_rule_family,),
+)
+
+
+@dataclass(frozen=True)
+class PolicyRule:
+    """One rule, canonical: absent lists are empty tuples."""
+
+    api_groups: tuple[str, ...] = ()
+    resources: tuple[str, ...] = ()
+    resource_names: tuple[str, ...] = ()
+    non_resource_urls: tuple[str, ...] = ()
+    verbs: tuple[str, ...] = ()
+    services: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ()
+
+    @property
+    def family(self) -> str:
+        if self.services:
+            return "service"
+        if self.non_resource_urls:
+            return "nonResource"
+        return "resource"
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> PolicyRule:
+        return cls(
+            api_groups=tuple(body.get("apiGroups", ())),
+            resources=tuple(body.get("resources", ())),
+            resource_names=tuple(body.get("resourceNames", ())),
+            non_resource_urls=tuple(body.get("nonResourceURLs", ())),
+            verbs=tuple(body.get("verbs", ())),
+            services=tuple(body.get("services", ())),
+            paths=tuple(body.get("paths", ())),
+            methods=tuple(body.get("methods", ())),
+        )
+
+
+@dataclass(frozen=True)
+class GlobalRoleSpec:
+    rules: tuple[PolicyRule, ...]
+    include: tuple[str, ...]
+
+
+GLOBAL_ROLE_SPEC = obj(
+    Field("rules", list_of(RULE), default=list),
+    Field("include", list_of(string(_pattern(_NAME, "role name"))), default=list),
+)
+
+
+def build_global_role(spec: dict[str, Any]) -> GlobalRoleSpec:
+    return GlobalRoleSpec(
+        rules=tuple(PolicyRule.from_body(r) for r in spec["rules"]),
+        include=tuple(spec["include"]),
+    )
+
+
+# --- selectors ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Expression:
+    """A Kubernetes label-selector requirement."""
+
+    key: str
+    operator: str
+    values: tuple[str, ...]
+
+
+def _values_fit_operator(node: MapNode, result: dict[str, Any], path: str, sink: Sink) -> bool:
+    operator = result.get("operator")
+    values = result.get("values", [])
+    if operator in ("In", "NotIn") and not values:
+        sink.add(node.line, join(path, "values"), f"operator {operator} needs at least one value")
+        return False
+    if operator in ("Exists", "DoesNotExist") and values:
+        sink.add(node.line, join(path, "values"), f"operator {operator} takes no values")
+        return False
+    return True
+
+
+EXPRESSION = obj(
+    Field("key", string(), required=True),
+    Field("operator", string(choice("In", "NotIn", "Exists", "DoesNotExist")), required=True),
+    Field("values", list_of(string(allow_empty=True)), default=list),
+    rules=(_values_fit_operator,),
+)
+
+
+def _expressions(body: list[dict[str, Any]]) -> tuple[Expression, ...]:
+    return tuple(Expression(e["key"], e["operator"], tuple(e["values"])) for e in body)
+
+
+@dataclass(frozen=True)
+class SubjectSpec:
+    """All given conditions must hold."""
+
+    spiffe_id: str | None
+    workload: str | None
+    claims: dict[str, str]
+    match_expressions: tuple[Expression, ...]
+
+
+def _some_condition(node: MapNode, result: dict[str, Any], path: str, sink: Sink) -> bool:
+    if not ({"spiffeId", "workload", "claims", "matchExpressions"} & set(node.entries)):
+        sink.add(node.line, path, "a subject needs spiffeId, workload, claims or matchExpressions")
+        return False
+    if "claims" in result and not result["claims"]:
+        sink.add(node.line, join(path, "claims"), "claims must list at least one claim")
+        return False
+    return True
+
+
+def _spiffe(value: str) -> None:
+    from trustmesh.identity.spiffe import parse_spiffe_id
+
+    parse_spiffe_id(value)
+
+
+SUBJECT = obj(
+    Field("spiffeId", string(_spiffe)),
+    Field("workload", string(_pattern(_NAME, "workload name"))),
+    Field("claims", string_map()),
+    Field("matchExpressions", list_of(EXPRESSION)),
+    rules=(exclusive("spiffeId", "workload"), _some_condition),
+)
+
+
+def build_subject(body: dict[str, Any]) -> SubjectSpec:
+    return SubjectSpec(
+        spiffe_id=body.get("spiffeId"),
+        workload=body.get("workload"),
+        claims=dict(body.get("claims", {})),
+        match_expressions=_expressions(body.get("matchExpressions", [])),
+    )
+
+
+@dataclass(frozen=True)
+class ClusterScope:
+    names: tuple[str, ...]
+    match_labels: dict[str, str]
+    match_expressions: tuple[Expression, ...]
+    has_selector: bool
+
+
+CLUSTERS = obj(
+    Field("names", strings(_pattern(_NAME, "cluster name"))),
+    Field(
+        "selector",
+        obj(Field("matchLabels", string_map()), Field("matchExpressions", list_of(EXPRESSION))),
+    ),
+)
+
+
+@dataclass(frozen=True)
+class RoleBindingSpec:
+    role: str
+    effect: str
+    subjects: tuple[SubjectSpec, ...]
+    clusters: ClusterScope | None
+    namespaces: tuple[str, ...] | None
+
+
+ROLE_BINDING_SPEC = obj(
+    Field("role", string(_pattern(_NAME, "role name")), required=True),
+    Field("effect", string(choice("allow", "deny")), default=lambda: "allow"),
+    Field("subjects", list_of(SUBJECT, min_items=1), required=True),
+    Field("clusters", CLUSTERS),
+    Field("namespaces", strings(_pattern(_NAME, "namespace"))),
+)
+
+
+def build_role_binding(spec: dict[str, Any]) -> RoleBindingSpec:
+    clusters = spec.get("clusters")
+    scope = None
+    if clusters is not None:
+        selector = clusters.get("selector") or {}
+        scope = ClusterScope(
+            names=tuple(clusters.get("names", ())),
+            match_labels=dict(selector.get("matchLabels", {})),
+            match_expressions=_expressions(selector.get("matchExpressions", [])),
+            has_selector="selector" in clusters,
+        )
+    namespaces = spec.get("namespaces")
+    return RoleBindingSpec(
+        role=spec["role"],
+        effect=spec["effect"],
+        subjects=tuple(build_subject(s) for s in spec["subjects"]),
+        clusters=scope,
+        namespaces=tuple(namespaces) if namespaces is not None else None,
+    )
+
+
+# --- PolicyTest --------------------------------------------------------------------------
+
+
+def _request(node: Node, path: str, sink: Sink) -> Any:
+    from ._nodes import to_python
+
+    if not isinstance(node, MapNode):
+        return type_problem(node, path, sink, "a mapping")
+    value = to_python(node)
+    try:
+        parse_request(value)
+    except RequestError as exc:
+        sink.add(
+            node.line,
+            path,
+            str(exc).replace("request.", "field ", 1)
+            if str(exc).startswith("request.")
+            else str(exc),
+        )
+        return INVALID
+    return value
+
+
+@dataclass(frozen=True)
+class TestSubject:
+    workload: str | None
+    spiffe_id: str | None
+    claims: dict[str, str]
+
+
+@dataclass(frozen=True)
+class PolicyTestCase:
+    name: str
+    subject: TestSubject
+    cluster: str
+    request: Request
+    expect: str
+
+
+@dataclass(frozen=True)
+class PolicyTestSpec:
+    cases: tuple[PolicyTestCase, ...]
+
+
+def _workload_or_claims(node: MapNode, result: dict[str, Any], path: str, sink: Sink) -> bool:
+    if "workload" not in node.entries and "claims" not in node.entries:
+        sink.add(
+            node.line, path, "a test subject needs workload, or claims (with an optional spiffeId)"
+        )
+        return False
+    return True
+
+
+TEST_CASE = obj(
+    Field("name", string()),
+    Field(
+        "subject",
+        obj(
+            Field("workload", string(_pattern(_NAME, "workload name"))),
+            Field("spiffeId", string(_spiffe)),
+            Field("claims", string_map()),
+            rules=(
+                exclusive("workload", "claims"),
+                exclusive("workload", "spiffeId"),
+                _workload_or_claims,
+            ),
+        ),
+        required=True,
+    ),
+    Field("cluster", string(_pattern(_NAME, "cluster name")), required=True),
+    Field("request", _request, required=True),
+    Field("expect", string(choice("allow", "deny")), required=True),
+)
+
+POLICY_TEST_SPEC = obj(Field("cases", list_of(TEST_CASE, min_items=1), required=True))
+
+
+def build_policy_test(spec: dict[str, Any]) -> PolicyTestSpec:
+    cases = []
+    for index, case in enumerate(spec["cases"]):
+        subject = case["subject"]
+        cases.append(
+            PolicyTestCase(
+                name=case.get("name") or f"case {index + 1}",
+                subject=TestSubject(
+                    workload=subject.get("workload"),
+                    spiffe_id=subject.get("spiffeId"),
+                    claims=dict(subject.get("claims", {})),
+                ),
+                cluster=case["cluster"],
+                request=parse_request(case["request"]),
+                expect=case["expect"],
+            )
+        )
+    return PolicyTestSpec(cases=tuple(cases))
+
+
+__all__ = [
+    "GLOBAL_ROLE_SPEC",
+    "POLICY_TEST_SPEC",
+    "ROLE_BINDING_SPEC",
+    "ClusterScope",
+    "Expression",
+    "GlobalRoleSpec",
+    "PolicyRule",
+    "PolicyTestCase",
+    "PolicyTestSpec",
+    "RoleBindingSpec",
+    "Rule",
+    "SubjectSpec",
+    "TestSubject",
+    "build_global_role",
+    "build_policy_test",
+    "build_role_binding",
+]

@@ -1,0 +1,258 @@
+"""From global roles and bindings to one bundle per cluster (DESIGN §3).
+
+A bundle holds only what applies to its cluster: the bindings whose ``clusters`` scope
+selects it (by name or label selector; absent = every cluster), each binding's
+``workload`` subjects resolved to SPIFFE IDs, the flattened rules of the roles those
+bindings use (``include`` expanded), and the inventory of registered identities (for
+SubjectAccessReview and the effective diff). The bundle is plain JSON; the agent
+builds its indexes from it (``engine.Engine``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from trustmesh.manifests import (
+    ClusterScope,
+    Document,
+    Expression,
+    GlobalRoleSpec,
+    PolicyTestSpec,
+    RoleBindingSpec,
+    SubjectSpec,
+)
+from trustmesh.policy.matching import expression_matches
+from trustmesh.registry import Registry
+
+BUNDLE_KIND = "PolicyBundle"
+
+
+class PolicyError(ValueError):
+    """Policy documents that are each valid but do not fit together; ``problems`` has
+    one line per problem, each naming the object."""
+
+    def __init__(self, problems: list[str]) -> None:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        super().__init__(problems[0] + more)
+        self.problems = problems
+
+
+@dataclass
+class PolicySet:
+    roles: dict[str, GlobalRoleSpec] = field(default_factory=dict)
+    bindings: dict[str, RoleBindingSpec] = field(default_factory=dict)
+    tests: dict[str, PolicyTestSpec] = field(default_factory=dict)
+    bodies: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def from_documents(cls, documents: Iterable[Document]) -> PolicySet:
+        policy = cls()
+        for doc in documents:
+            if isinstance(doc.spec, GlobalRoleSpec):
+                policy.roles[doc.name] = doc.spec
+            elif isinstance(doc.spec, RoleBindingSpec):
+                policy.bindings[doc.name] = doc.spec
+            elif isinstance(doc.spec, PolicyTestSpec):
+                policy.tests[doc.name] = doc.spec
+            else:
+                continue
+            policy.bodies.append(doc.body)
+        policy.bodies.sort(key=lambda b: (b["kind"], b["metadata"]["name"]))
+        return policy
+
+    def content_hash(self) -> str:
+        canonical = json.dumps(self.bodies, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _rule_body(rule: Any) -> dict[str, Any]:
+    pairs = (
+        ("apiGroups", rule.api_groups),
+        ("resources", rule.resources),
+        ("resourceNames", rule.resource_names),
+        ("nonResourceURLs", rule.non_resource_urls),
+        ("verbs", rule.verbs),
+        ("services", rule.services),
+        ("paths", rule.paths),
+        ("methods", rule.methods),
+    )
+    return {key: list(value) for key, value in pairs if value}
+
+
+def flatten_roles(
+    roles: dict[str, GlobalRoleSpec],
+) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
+    """Each role's own rules plus those of the roles it includes, transitively.
+    Returns (rules by role, problems: unknown includes and cycles)."""
+    problems: list[str] = []
+    flat: dict[str, list[dict[str, Any]]] = {}
+    reported_cycles: set[frozenset[str]] = set()
+
+    def expand(name: str, stack: tuple[str, ...]) -> list[dict[str, Any]]:
+        if name in flat:
+            return flat[name]
+        rules = [_rule_body(r) for r in roles[name].rules]
+        for included in roles[name].include:
+            if included not in roles:
+                problems.append(f"GlobalRole {name}: include {included!r} is not a GlobalRole")
+                continue
+            if included in stack or included == name:
+                cycle = (
+                    (*stack[stack.index(included) :], included)
+                    if included in stack
+                    else (name, name)
+                )
+                key = frozenset(cycle)
+                if key not in reported_cycles:
+                    reported_cycles.add(key)
+                    problems.append(f"GlobalRole {name}: include cycle {' -> '.join(cycle)}")
+                continue
+            rules.extend(expand(included, (*stack, included)))
+        unique: list[dict[str, Any]] = []
+        for rule in rules:
+            if rule not in unique:
+                unique.append(rule)
+        flat[name] = unique
+        return unique
+
+    for name in sorted(roles):
+        expand(name, (name,))
+    return flat, problems
+
+
+def _expressions(expressions: tuple[Expression, ...]) -> list[dict[str, Any]]:
+    return [{"key": e.key, "operator": e.operator, "values": list(e.values)} for e in expressions]
+
+
+def cluster_selected(scope: ClusterScope | None, name: str, labels: dict[str, str]) -> bool:
+    """Absent scope: every cluster. Names and selector: either selects it."""
+    if scope is None:
+        return True
+    if name in scope.names:
+        return True
+    if not scope.has_selector:
+        return False
+    if any(labels.get(k) != v for k, v in scope.match_labels.items()):
+        return False
+    return all(expression_matches(e, labels) for e in _expressions(scope.match_expressions))
+
+
+def check_policy(policy: PolicySet, registry: Registry) -> list[str]:
+    """Problems across documents: unknown roles, include cycles, unknown workloads or
+    clusters named by bindings and tests."""
+    _, problems = flatten_roles(policy.roles)
+    for name, binding in sorted(policy.bindings.items()):
+        if binding.role not in policy.roles:
+            problems.append(f"RoleBinding {name}: role {binding.role!r} is not a GlobalRole")
+        for subject in binding.subjects:
+            if subject.workload and subject.workload not in registry.workloads:
+                problems.append(
+                    f"RoleBinding {name}: subject workload {subject.workload!r} is not a registered Workload"
+                )
+        if binding.clusters is not None:
+            for cluster in binding.clusters.names:
+                if cluster not in registry.clusters:
+                    problems.append(
+                        f"RoleBinding {name}: cluster {cluster!r} is not a registered Cluster"
+                    )
+    for name, test in sorted(policy.tests.items()):
+        for case in test.cases:
+            if case.cluster not in registry.clusters:
+                problems.append(
+                    f"PolicyTest {name} {case.name}: cluster {case.cluster!r} is not a registered Cluster"
+                )
+            if case.subject.workload and case.subject.workload not in registry.workloads:
+                problems.append(
+                    f"PolicyTest {name} {case.name}: workload {case.subject.workload!r} is not a registered Workload"
+                )
+    return problems
+
+
+def identity_claims(registry: Registry, workload: str) -> dict[str, str]:
+    """The claims a token of this workload carries (as the exchange mints them)."""
+    spec = registry.workloads[workload]
+    return {
+        **spec.claims,
+        "cluster": spec.selector.cluster,
+        "namespace": spec.selector.namespace,
+        "service_account": spec.selector.service_account,
+    }
+
+
+def inventory(registry: Registry) -> dict[str, dict[str, Any]]:
+    return {
+        registry.spiffe_id_of(name): {"workload": name, "claims": identity_claims(registry, name)}
+        for name in sorted(registry.workloads)
+    }
+
+
+def _subject_body(subject: SubjectSpec, registry: Registry) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    if subject.workload:
+        body["spiffeId"] = registry.spiffe_id_of(subject.workload)
+    elif subject.spiffe_id:
+        body["spiffeId"] = subject.spiffe_id
+    if subject.claims:
+        body["claims"] = dict(subject.claims)
+    if subject.match_expressions:
+        body["matchExpressions"] = _expressions(subject.match_expressions)
+    return body
+
+
+def compile_bundle(
+    policy: PolicySet,
+    registry: Registry,
+    cluster: str,
+    revision: int,
+    flat_roles: dict[str, list[dict[str, Any]]] | None = None,
+    identities: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The bundle for one cluster. ``flat_roles``/``identities`` may be passed in when
+    compiling many clusters from one policy."""
+    if flat_roles is None:
+        flat_roles, problems = flatten_roles(policy.roles)
+        if problems:
+            raise PolicyError(problems)
+    labels = registry.clusters[cluster].labels
+    bindings = []
+    used_roles: set[str] = set()
+    for name, binding in sorted(policy.bindings.items()):
+        if not cluster_selected(binding.clusters, cluster, labels):
+            continue
+        used_roles.add(binding.role)
+        bindings.append(
+            {
+                "name": name,
+                "role": binding.role,
+                "effect": binding.effect,
+                "subjects": [_subject_body(s, registry) for s in binding.subjects],
+                "namespaces": list(binding.namespaces) if binding.namespaces is not None else None,
+            }
+        )
+    return {
+        "apiVersion": "trustmesh.io/v1alpha1",
+        "kind": BUNDLE_KIND,
+        "cluster": cluster,
+        "revision": revision,
+        "registryRevision": registry.revision,
+        "policyHash": policy.content_hash(),
+        "roles": {name: flat_roles[name] for name in sorted(used_roles)},
+        "bindings": bindings,
+        "identities": identities if identities is not None else inventory(registry),
+    }
+
+
+def compile_all(policy: PolicySet, registry: Registry, revision: int) -> dict[str, dict[str, Any]]:
+    """Every cluster's bundle; raises PolicyError for problems across documents."""
+    problems = check_policy(policy, registry)
+    if problems:
+        raise PolicyError(problems)
+    flat, _ = flatten_roles(policy.roles)
+    identities = inventory(registry)
+    return {
+        name: compile_bundle(policy, registry, name, revision, flat, identities)
+        for name in sorted(registry.clusters)
+    }
