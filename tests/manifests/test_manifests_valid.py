@@ -200,4 +200,5 @@ def test_shipped_examples_are_valid() -> None:
 
     examples = Path(__file__).resolve().parents[2] / "examples"
     kinds = sorted(doc.kind for doc in load_paths([str(examples)]))
-    assert kinds == ["Cluster", "Cluster", "Workload"]
+    assert kinds.count("Cluster") == 2 and kinds.count("Workload") == 1
+    assert {"GlobalRole", "RoleBinding", "PolicyTest"} <= set(kinds)

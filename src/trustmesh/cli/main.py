@@ -46,6 +46,15 @@ app.add_typer(token_app, name="token")
 app.add_typer(bench_app, name="bench")
 
 
+def _policy_app() -> typer.Typer:
+    from trustmesh.cli.policy import policy_app
+
+    return policy_app
+
+
+app.add_typer(_policy_app(), name="policy")
+
+
 def _sim_app() -> typer.Typer:
     from trustmesh.sim.cli import sim_app
 
@@ -200,25 +209,38 @@ def apply(
         ..., "--filename", "-f", help="Manifest file or directory (repeatable)."
     ),
     dry_run: bool = typer.Option(
-        False, "--dry-run", help="Validate and show what would change; change nothing."
+        False,
+        "--dry-run",
+        help="Validate, run the policy tests, show what would change; change nothing.",
     ),
+    author: str | None = typer.Option(
+        None, "--author", help="Author recorded in the policy version (default: the credential)."
+    ),
+    message: str = typer.Option("", "--message", "-m", help="Why: recorded in the policy version."),
     server: str | None = ServerOption,
     token_file: Path | None = TokenFileOption,
     output: Output = OutputOption,
 ) -> None:
-    """Create or update Cluster and Workload objects; all or nothing."""
+    """Create or update clusters, workloads and policy; all or nothing. A policy change
+    becomes a new version only if every PolicyTest passes."""
     files = _collect_files(filename)
-    result = admin_client(server, token_file).request(
-        "POST", "/v1/apply", json={"files": files, "dryRun": dry_run}
-    )
+    body: dict[str, Any] = {"files": files, "dryRun": dry_run, "message": message}
+    if author:
+        body["author"] = author
+    result = admin_client(server, token_file).request("POST", "/v1/apply", json=body)
     if output is Output.json:
         print_json(result)
         return
     suffix = " (dry run)" if dry_run else ""
     for change in result["changes"]:
         typer.echo(f"{change['kind'].lower()}/{change['name']} {change['action']}{suffix}")
+    tests = result.get("tests") or {}
+    if tests.get("total"):
+        typer.echo(f"policy tests: {tests['passed']}/{tests['total']} passed")
     if not dry_run:
-        typer.echo(f"registry revision {result['revision']}")
+        typer.echo(
+            f"registry revision {result['registryRevision']}, policy revision {result['policyRevision']}"
+        )
 
 
 def _labels(labels: dict[str, str] | None) -> str:
@@ -244,16 +266,22 @@ def get_clusters(
             if spec.get("jwks")
             else ("jwksUri" if spec.get("jwksUri") else "discovery")
         )
+        policy = item.get("status", {}).get("policy", {})
+        applied = policy.get("appliedRevisions") or []
         rows.append(
             [
                 item["metadata"]["name"],
                 spec["issuer"],
                 keys,
-                spec["audience"],
                 _labels(spec.get("labels")),
+                ",".join(str(r) for r in applied) if applied else "-",
+                policy.get("desiredRevision", ""),
+                "DRIFT"
+                if policy.get("drift")
+                else ("no agent" if not policy.get("agentsReporting") else "in sync"),
             ]
         )
-    print_table(["NAME", "ISSUER", "KEYS FROM", "AUDIENCE", "LABELS"], rows)
+    print_table(["NAME", "ISSUER", "KEYS FROM", "LABELS", "APPLIED", "DESIRED", "POLICY"], rows)
 
 
 @get_app.command("workloads")
