@@ -448,6 +448,19 @@ def bench_verify(
     print_json(result) if output is Output.json else _print_bench(result)
 
 
+@bench_app.command("authorize")
+def bench_authorize(
+    seconds: float = typer.Option(10.0, "--seconds", help="Duration of each HTTP load."),
+    concurrency: int = typer.Option(16, "--concurrency", help="Concurrent connections."),
+    output: Output = OutputOption,
+) -> None:
+    """Decisions per second through /v1/authorize and ext_authz at a real agent."""
+    from trustmesh.bench.authorize import run
+
+    result = run(seconds=seconds, concurrency=concurrency)
+    print_json(result) if output is Output.json else _print_bench(result)
+
+
 def _print_bench(result: dict[str, Any]) -> None:
     rows = [
         [r["name"], *[r.get(c, "") for c in ("p50_us", "p99_us", "per_s", "note")]]
