@@ -150,13 +150,11 @@ def test(
         documents = load_paths([str(p) for p in paths])
     except ManifestError as exc:
         fail(str(exc))
+    from trustmesh.identity.spiffe import SpiffeIdError, normalize_trust_domain
+
     registry_docs = [d for d in documents if d.kind in ("Cluster", "Workload")]
-    spiffe_domains = {
-        d.spec.spiffe_id.split("/")[2] for d in registry_docs if getattr(d.spec, "spiffe_id", None)
-    }
-    trust_domain = next(iter(spiffe_domains), "local.test")
     try:
-        registry = build_registry(trust_domain, 0, registry_docs)
+        registry = build_registry(normalize_trust_domain(trust_domain), 0, registry_docs)
         policy = PolicySet.from_documents(documents)
         results = run_policy_tests(policy, registry, 0, compile_all(policy, registry, 0))
     except (RegistryConflict, PolicyError, SpiffeIdError) as exc:
