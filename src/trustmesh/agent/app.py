@@ -65,6 +65,21 @@ class AgentMetrics:
             "trustmesh_agent_cache_entries", "Verified-token cache entries", registry=self.registry
         ).set_function(lambda: len(authn.cache))
         Gauge(
+            "trustmesh_agent_revocation_age_seconds",
+            "Seconds since the revocation list was last confirmed with the control plane",
+            registry=self.registry,
+        ).set_function(lambda: authn.revocations.age() if authn.revocations else float("inf"))
+        Gauge(
+            "trustmesh_agent_revocation_stale",
+            "1 when the revocation list is older than its staleness bound",
+            registry=self.registry,
+        ).set_function(lambda: 1.0 if authn.revocations and authn.revocations.stale() else 0.0)
+        Gauge(
+            "trustmesh_agent_revocation_fail_open",
+            "1 when the agent keeps answering from a stale revocation list",
+            registry=self.registry,
+        ).set_function(lambda: 1.0 if authn.revocations and authn.revocations.fail_open else 0.0)
+        Gauge(
             "trustmesh_agent_state_age_seconds",
             "Seconds since the last successful sync with the control plane",
             registry=self.registry,
@@ -135,10 +150,16 @@ def build_agent_app(
 
     async def readyz(request: Request) -> Response:
         state = sync.state
-        ready = authn.configured and policy.engine is not None
+        holder = authn.revocations
+        ready = (
+            authn.configured
+            and policy.engine is not None
+            and (holder is None or (holder.synced_at is not None and not holder.enforcing_denial()))
+        )
         detail = {
             "ready": ready,
             **policy.status(),
+            **(holder.status() if holder is not None else {}),
             "cluster": authn.cluster,
             "keys": len(authn.keys),
             "bundle_sequence": state.sequence if state else None,

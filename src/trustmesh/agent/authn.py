@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 
 from trustmesh.agent.cache import VerifiedTokenCache, token_digest
+from trustmesh.agent.revocations import RevocationHolder
 from trustmesh.identity.spiffe import cluster_audience
 from trustmesh.identity.svid import SVID_TYPS, InvalidToken, KeyRing, SvidVerifier, VerifiedIdentity
 
@@ -27,6 +28,7 @@ class Authenticator:
         self.clock = clock
         self.cache = VerifiedTokenCache(cache_size, leeway)
         self.keys = KeyRing(accepted_typs=SVID_TYPS)
+        self.revocations: RevocationHolder | None = None
         self._verifier: SvidVerifier | None = None
 
     @property
@@ -51,12 +53,33 @@ class Authenticator:
             self.cache.clear()
 
     def authenticate(self, token: str) -> VerifiedIdentity:
+        """A verified identity, or InvalidToken. The revocation check runs on every
+        call, cached or not (four O(1) lookups), and refuses everything when the list is
+        staler than its bound in strict mode."""
         digest = token_digest(token)
         identity = self.cache.get(digest, self.clock())
-        if identity is not None:
-            return identity
-        if self._verifier is None:
-            raise InvalidToken("not_ready", "agent has no keys from the control plane yet")
-        identity = self._verifier.verify(token)
-        self.cache.put(digest, identity)
+        if identity is None:
+            if self._verifier is None:
+                raise InvalidToken("not_ready", "agent has no keys from the control plane yet")
+            identity = self._verifier.verify(token)
+            self.cache.put(digest, identity)
+        holder = self.revocations
+        if holder is not None:
+            if holder.enforcing_denial():
+                raise InvalidToken(
+                    "revocation_state_stale",
+                    f"the revocation list is {holder.age():.0f} s old, beyond its {holder.bound:.0f} s bound "
+                    "(strict mode refuses until the control plane is reachable again)",
+                )
+            entry = holder.revocations.revoked(
+                jti=identity.jti,
+                subject=identity.spiffe_id,
+                cluster=identity.cluster,
+                kid=identity.kid,
+                issued_at=identity.claims["iat"],
+            )
+            if entry is not None:
+                raise InvalidToken(
+                    "revoked", f"token revoked ({entry.kind} revocation {entry.revision})"
+                )
         return identity

@@ -11,6 +11,11 @@ from pathlib import Path
 from trustmesh.agent.app import build_agent_app
 from trustmesh.agent.authn import Authenticator
 from trustmesh.agent.policy import PolicyHolder, agent_id, run_bundle_sync
+from trustmesh.agent.revocations import (
+    DEFAULT_STALENESS_BOUND,
+    RevocationHolder,
+    run_revocation_sync,
+)
 from trustmesh.agent.sync import ControlPlaneClient, ControlPlaneState, Synchronizer
 from trustmesh.common.addresses import parse_listen, url_for
 from trustmesh.common.serving import bind_socket, serve_socket
@@ -25,6 +30,8 @@ class AgentConfig:
     leeway: float = 10.0
     cache_size: int = 100_000
     max_sync_interval: float = 30.0
+    staleness_bound: float = DEFAULT_STALENESS_BOUND
+    fail_open: bool = False
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -58,6 +65,8 @@ def run_agent(config: AgentConfig, listen: str) -> None:
 
     sync = Synchronizer(client, config.data_dir, apply, max_interval=config.max_sync_interval)
     policy = PolicyHolder(config.cluster, config.data_dir, authn)
+    revocations = RevocationHolder(config.data_dir, config.staleness_bound, config.fail_open)
+    authn.revocations = revocations
     instance = agent_id(config.data_dir)
     announced = False
 
@@ -76,15 +85,16 @@ def run_agent(config: AgentConfig, listen: str) -> None:
         os.kill(os.getpid(), signal.SIGTERM)  # the normal, draining shutdown path
 
     async def on_start() -> None:
-        restored = sync.restore() and policy.restore()
+        restored = sync.restore() and policy.restore() and revocations.restore()
 
         async def announce_when_ready() -> None:
-            while policy.version is None or not authn.configured:
+            while policy.version is None or not authn.configured or revocations.synced_at is None:
                 await asyncio.sleep(0.02)
             announce(f"synced with the control plane, policy revision {policy.version[0]}")
 
         tasks.append(asyncio.create_task(sync.run(None, stop_on_fatal)))
         tasks.append(asyncio.create_task(run_bundle_sync(client, policy, sync, instance)))
+        tasks.append(asyncio.create_task(run_revocation_sync(client, revocations)))
         if restored:
             announce("state restored from the data dir; syncing")
         else:
@@ -97,6 +107,7 @@ def run_agent(config: AgentConfig, listen: str) -> None:
         await client.aclose()
 
     app = build_agent_app(authn, sync, policy, on_start, on_stop)
+    app.state.revocations = revocations
     serve_socket(app, sock, lambda _url: None)
     if sync.fatal is not None:
         raise AgentFailed(sync.fatal)

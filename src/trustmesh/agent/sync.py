@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 
 from trustmesh.common.backoff import Backoff
+from trustmesh.revocation import Revocation
 
 log = logging.getLogger("trustmesh.agent")
 
@@ -84,6 +85,33 @@ class ControlPlaneClient:
         if not isinstance(document, dict):
             raise ValueError(f"{base}{path} did not answer a JSON object")
         return document
+
+    async def fetch_revocations(self, since: int, wait: float) -> tuple[int, list[Revocation]]:
+        """``GET /v1/revocations?since=R&wait=S`` on the servers in order."""
+        from trustmesh.agent.revocations import ResyncNeeded
+
+        failures = []
+        for base in self.servers:
+            try:
+                response = await self._http.get(
+                    base + "/v1/revocations",
+                    params={"since": str(since), "wait": str(wait)},
+                    timeout=httpx.Timeout(wait + 10.0),
+                )
+            except httpx.HTTPError as exc:
+                failures.append(f"{base}: {exc.__class__.__name__}: {exc}")
+                continue
+            if response.status_code in (401, 403):
+                raise CredentialRejected(f"{base} refused the agent credential")
+            if response.status_code == 400 and since > 0:
+                raise ResyncNeeded(response.text[:200])
+            if response.status_code != 200:
+                failures.append(f"{base}: HTTP {response.status_code}")
+                continue
+            document = response.json()
+            entries = [Revocation.from_json(e) for e in document["entries"]]
+            return int(document["revision"]), entries
+        raise httpx.ConnectError("; ".join(failures))
 
     async def fetch_bundle(self, after: str | None, wait: float, agent: str) -> str | None:
         """Long-poll the servers in order for a bundle newer than ``after``; None when

@@ -140,6 +140,17 @@ def agent(
     cache_size: int = typer.Option(
         100_000, "--cache-size", min=1, help="Verified-token cache entries."
     ),
+    staleness_bound: float = typer.Option(
+        300.0,
+        "--staleness-bound",
+        min=1.0,
+        help="Seconds without news from the control plane after which the revocation list is stale.",
+    ),
+    fail_open: bool = typer.Option(
+        False,
+        "--fail-open",
+        help="When the revocation list is stale, keep answering from it (default: refuse tokens).",
+    ),
 ) -> None:
     """Run the agent of one cluster."""
     from trustmesh.agent.main import AgentConfig, read_credential, run_agent
@@ -158,6 +169,8 @@ def agent(
             data_dir=data_dir,
             credential=credential,
             cache_size=cache_size,
+            staleness_bound=staleness_bound,
+            fail_open=fail_open,
         ),
         listen,
     )
@@ -339,6 +352,68 @@ def _print_keys(keys: list[dict[str, Any]], output: Output) -> None:
             for k in keys
         ],
     )
+
+
+@app.command()
+def revoke(
+    jti: str | None = typer.Option(None, "--jti", help="One token, by its jti."),
+    spiffe_id: str | None = typer.Option(
+        None, "--spiffe-id", help="Every token of this SPIFFE ID issued before now."
+    ),
+    workload: str | None = typer.Option(
+        None, "--workload", help="Every token of this Workload issued before now."
+    ),
+    cluster: str | None = typer.Option(
+        None, "--cluster", help="Every token that originated in this cluster before now."
+    ),
+    key: str | None = typer.Option(
+        None, "--key", help="A signing key (kid): its tokens, and the key leaves JWKS."
+    ),
+    reason: str = typer.Option("", "--reason", help="Why (recorded with the actor)."),
+    server: str | None = ServerOption,
+    token_file: Path | None = TokenFileOption,
+    output: Output = OutputOption,
+) -> None:
+    """Revoke a token, a subject, a cluster or a signing key everywhere (DESIGN §5)."""
+    given = [(k, v) for k, v in (("jti", jti), ("subject", spiffe_id), ("workload", workload),
+                                 ("cluster", cluster), ("key", key)) if v is not None]  # fmt: skip
+    if len(given) != 1:
+        fail("give exactly one of --jti, --spiffe-id, --workload, --cluster, --key")
+    kind, value = given[0]
+    result = admin_client(server, token_file).request(
+        "POST", "/v1/revocations", json={"kind": kind, "value": value, "reason": reason}
+    )
+    if output is Output.json:
+        print_json(result)
+        return
+    entry = result["revocation"]
+    verb = "revoked" if result["created"] else "already revoked"
+    typer.echo(
+        f"{verb}: {entry['kind']} {entry['value']} (revision {entry['revision']}, by {entry['actor']})"
+    )
+
+
+@get_app.command("revocations")
+def get_revocations(
+    server: str | None = ServerOption,
+    token_file: Path | None = TokenFileOption,
+    output: Output = OutputOption,
+) -> None:
+    """List the revocations in force."""
+    result = admin_client(server, token_file).request("GET", "/v1/revocations")
+    if output is Output.json:
+        print_json(result)
+        return
+    from datetime import UTC, datetime
+
+    def when(ts: float) -> str:
+        return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+    print_table(
+        ["REV", "KIND", "VALUE", "REVOKED", "EXPIRES", "ACTOR", "REASON"],
+        [[e["revision"], e["kind"], e["value"], when(e["revoked_at"]), when(e["expires_at"]), e["actor"], e["reason"]]
+         for e in result["entries"]],
+    )  # fmt: skip
 
 
 @keys_app.command("list")

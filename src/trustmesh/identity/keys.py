@@ -33,6 +33,8 @@ CLOCK_SKEW = 60
 SUPPORTED_ALGS = ("ES256", "ES384", "RS256", "PS256")
 
 PREPARED, ACTIVE, RETIRED, REMOVED = "prepared", "active", "retired", "removed"
+REVOKED = "revoked"  # removed at once, out of turn (DESIGN §5 key revocation)
+UNPUBLISHED = (REMOVED, REVOKED)
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
@@ -180,7 +182,7 @@ class KeyManager:
     def list_keys(self, include_removed: bool = False) -> list[KeyRecord]:
         query = select(signing_keys).order_by(signing_keys.c.created_at)
         if not include_removed:
-            query = query.where(signing_keys.c.state != REMOVED)
+            query = query.where(signing_keys.c.state.not_in(UNPUBLISHED))
         with self.db.engine.connect() as conn:
             return [_record(row) for row in conn.execute(query)]
 
@@ -190,7 +192,7 @@ class KeyManager:
             rows = list(
                 conn.execute(
                     select(signing_keys)
-                    .where(signing_keys.c.state != REMOVED)
+                    .where(signing_keys.c.state.not_in(UNPUBLISHED))
                     .order_by(signing_keys.c.created_at)
                 )
             )
@@ -256,6 +258,49 @@ class KeyManager:
                 ).first()
                 assert row is not None
                 return _record(row)
+
+    def revoke(self, kid: str, now: float | None = None) -> KeyRecord:
+        """Unpublish ``kid`` now and erase its private key. If it was the active key, the
+        prepared key (already in every agent's JWKS) becomes active first. Returns the
+        revoked key's record; LookupError if there is no such published key."""
+        now = time.time() if now is None else now
+        while True:
+            with self.db.engine.begin() as conn:
+                row = conn.execute(select(signing_keys).where(signing_keys.c.kid == kid)).first()
+                if row is None or row.state in UNPUBLISHED:
+                    raise LookupError(f"no published signing key {kid!r}")
+                if row.state == ACTIVE:
+                    prepared = (
+                        conn.execute(
+                            select(signing_keys.c.kid)
+                            .where(signing_keys.c.state == PREPARED)
+                            .order_by(signing_keys.c.created_at)
+                        )
+                        .scalars()
+                        .first()
+                    )
+                    if prepared is None:
+                        prepared = self._insert(conn, PREPARED, now)
+                    conn.execute(
+                        update(signing_keys)
+                        .where(signing_keys.c.kid == prepared)
+                        .values(state=ACTIVE, activated_at=now)
+                    )
+                    self._insert(conn, PREPARED, now)
+                elif row.state == PREPARED:
+                    self._insert(conn, PREPARED, now)
+                revoked = conn.execute(
+                    update(signing_keys)
+                    .where(signing_keys.c.kid == kid, signing_keys.c.state == row.state)
+                    .values(state=REVOKED, removed_at=now, private_key="")
+                )
+                if revoked.rowcount != 1:
+                    conn.rollback()
+                    continue  # changed under us (a concurrent rotation); look again
+                meta_store.bump(conn, meta_store.KEYS_REVISION)
+                final = conn.execute(select(signing_keys).where(signing_keys.c.kid == kid)).first()
+                assert final is not None
+                return _record(final)
 
     def rotate_if_older_than(self, max_age: float, now: float | None = None) -> KeyRecord | None:
         now = time.time() if now is None else now

@@ -3,19 +3,23 @@
 §2.1: the request is form-encoded with ``token`` (and an optional, ignored
 ``token_type_hint``); the caller must be authenticated (§2.1, "MUST require some form of
 authorization"), which the HTTP layer does. §2.2: ``active`` is false for anything we
-would not accept — expired, not yet valid, badly signed, signed by a removed key, or not
-ours — and then nothing else is disclosed."""
+would not accept — expired, not yet valid, badly signed, signed by a removed key,
+revoked, or not ours — and then nothing else is disclosed."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from trustmesh.identity.rfc8693 import OAuthError
-from trustmesh.identity.svid import InvalidToken, SvidVerifier
+from trustmesh.identity.svid import InvalidToken, SvidVerifier, VerifiedIdentity
 
 
-def introspect(form: Mapping[str, list[str]], verifier: SvidVerifier) -> dict[str, Any]:
+def introspect(
+    form: Mapping[str, list[str]],
+    verifier: SvidVerifier,
+    is_revoked: Callable[[VerifiedIdentity], object] = lambda identity: None,
+) -> dict[str, Any]:
     values = form.get("token")
     if not values or not values[0]:
         raise OAuthError("invalid_request", "missing required parameter token")
@@ -24,5 +28,7 @@ def introspect(form: Mapping[str, list[str]], verifier: SvidVerifier) -> dict[st
     try:
         identity = verifier.verify(values[0])
     except InvalidToken:
+        return {"active": False}
+    if is_revoked(identity):
         return {"active": False}
     return {"active": True, "token_type": "N_A", **identity.claims}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import time
@@ -22,13 +23,14 @@ from prometheus_client import (
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from trustmesh.identity.rfc7662 import introspect
 from trustmesh.identity.rfc8693 import OAuthError, parse_form
 from trustmesh.manifests import ManifestError
 from trustmesh.policy.compiler import PolicyError
+from trustmesh.revocation import RevocationError
 from trustmesh.registry import RegistryConflict
 from trustmesh.server.controlplane import ControlPlane, NotFound, PolicyTestFailed
 from trustmesh.server.credentials import Principal
@@ -101,7 +103,9 @@ def build_app(plane: ControlPlane) -> Starlette:
         require_content_type(request, "application/x-www-form-urlencoded")
         try:
             form = parse_form(await read_body(request, MAX_FORM_BODY))
-            return JSONResponse(introspect(form, plane.verifier), headers=NO_STORE)
+            return JSONResponse(
+                introspect(form, plane.verifier, plane.revocation_of), headers=NO_STORE
+            )
         except OAuthError as exc:
             return JSONResponse(exc.body(), exc.status, headers=NO_STORE)
 
@@ -195,6 +199,106 @@ def build_app(plane: ControlPlane) -> Starlette:
             return _tests_failed(exc)
         plane.notify_changes()
         return JSONResponse(result.to_json())
+
+    async def create_revocation(request: Request) -> Response:
+        principal = await authenticate(request)
+        document = await read_json(request, 64 * 1024)
+        kind, value, reason = (
+            document.get("kind"),
+            document.get("value"),
+            document.get("reason", ""),
+        )
+        kind = {"spiffeId": "subject", "spiffe_id": "subject"}.get(str(kind), kind)
+        if kind not in ("jti", "subject", "workload", "cluster", "key"):
+            raise BadRequest(
+                400,
+                "invalid_request",
+                "kind must be jti, subject (or spiffeId), workload, cluster or key",
+            )
+        if not isinstance(value, str) or not value:
+            raise BadRequest(400, "invalid_request", "value must be a non-empty string")
+        if not isinstance(reason, str):
+            raise BadRequest(400, "invalid_request", "reason must be a string")
+        try:
+            entry, created = await run_in_threadpool(
+                plane.revoke, kind, value, reason, principal.name
+            )
+        except NotFound as exc:
+            return error_response(404, "not_found", str(exc))
+        except RevocationError as exc:
+            return error_response(400, "invalid_request", str(exc))
+        plane.notify_changes()
+        return JSONResponse(
+            {"created": created, "revocation": entry.to_json()}, 201 if created else 200
+        )
+
+    def _since(request: Request) -> int:
+        raw = request.query_params.get("since", "0")
+        if not raw.isdigit() or len(raw) > 18:
+            raise BadRequest(
+                400,
+                "invalid_request",
+                "since must be a revocation revision (a non-negative integer)",
+            )
+        since = int(raw)
+        current = plane.revocations.revision
+        if since > current:
+            raise BadRequest(
+                400,
+                "invalid_request",
+                f"since={since} is ahead of this control plane's revocation revision {current}; resync with since=0",
+            )
+        return since
+
+    async def list_revocations(request: Request) -> Response:
+        """Entries after ``since`` (all in force for 0). With ``wait``, a long poll:
+        answers as soon as there is something newer, else empty after ``wait`` s."""
+        await authenticate(request, admin_only=False)
+        since = _since(request)
+        try:
+            wait = min(max(float(request.query_params.get("wait", "0")), 0.0), 30.0)
+        except ValueError:
+            raise BadRequest(400, "invalid_request", "wait must be a number of seconds") from None
+        deadline = time.monotonic() + wait
+        while plane.revocations.revision <= since and not plane.stopping:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(plane.wait_for_change().wait(), min(remaining, 0.5))
+        current, entries = await run_in_threadpool(plane.revocation_store.since, since)
+        return JSONResponse(
+            {"revision": current, "since": since, "entries": [e.to_json() for e in entries]},
+            headers=NO_STORE,
+        )
+
+    async def revocation_stream(request: Request) -> Response:
+        """Server-sent events (text/event-stream): one ``revocation`` event per entry,
+        its ``id`` the revision, so ``Last-Event-ID`` (or ``since``) resumes."""
+        await authenticate(request, admin_only=False)
+        last_event = request.headers.get("last-event-id")
+        since = int(last_event) if last_event and last_event.isdigit() else _since(request)
+
+        async def events() -> AsyncIterator[bytes]:
+            cursor = since
+            yield b": trustmesh revocations\n\n"
+            while not plane.stopping:
+                if plane.revocations.revision > cursor:
+                    _, entries = await run_in_threadpool(plane.revocation_store.since, cursor)
+                    for entry in entries:
+                        data = json.dumps(entry.to_json())
+                        yield f"id: {entry.revision}\nevent: revocation\ndata: {data}\n\n".encode()
+                        cursor = max(cursor, entry.revision)
+                    cursor = max(cursor, plane.revocations.revision)
+                    continue
+                try:
+                    await asyncio.wait_for(plane.wait_for_change().wait(), 15.0)
+                except TimeoutError:
+                    yield b": keep-alive\n\n"
+
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"}
+        )
 
     async def agent_bundle(request: Request) -> Response:
         """Long poll: answers at once if the cluster's bundle is newer than ``after``,
@@ -295,6 +399,9 @@ def build_app(plane: ControlPlane) -> Starlette:
         Route("/v1/clusters/{name}/credentials", cluster_credential, methods=["POST"]),
         Route("/v1/agent/config", agent_config, methods=["GET"]),
         Route("/v1/agent/bundle", agent_bundle, methods=["GET"]),
+        Route("/v1/revocations", list_revocations, methods=["GET"]),
+        Route("/v1/revocations", create_revocation, methods=["POST"]),
+        Route("/v1/revocations/stream", revocation_stream, methods=["GET"]),
         Route("/v1/policy/versions", policy_versions, methods=["GET"]),
         Route("/v1/policy/versions/{revision}", policy_version, methods=["GET"]),
         Route("/v1/policy/rollback", policy_rollback, methods=["POST"]),

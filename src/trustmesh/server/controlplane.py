@@ -23,8 +23,13 @@ from trustmesh.identity.keys import KeyManager, KeyRecord, KeySet
 from trustmesh.identity.kubernetes_sa import ClusterKeyCache
 from trustmesh.identity.rfc8693 import DEFAULT_TTL, TokenExchange
 from trustmesh.identity.sealing import MasterKey
-from trustmesh.identity.spiffe import cluster_audience, normalize_trust_domain
-from trustmesh.identity.svid import SVID_TYPS, KeyRing, SvidVerifier
+from trustmesh.identity.spiffe import (
+    SpiffeIdError,
+    cluster_audience,
+    normalize_trust_domain,
+    parse_spiffe_id,
+)
+from trustmesh.identity.svid import SVID_TYPS, KeyRing, SvidVerifier, VerifiedIdentity
 from trustmesh.manifests import (
     POLICY_KINDS,
     REGISTRY_KINDS,
@@ -40,6 +45,8 @@ from trustmesh.registry import AppliedChange, Registry, RegistryStore
 from trustmesh.server.catalog import PolicyCatalog, documents_of
 from trustmesh.server.credentials import CLUSTER, CredentialStore, Principal
 from trustmesh.storage import Database, open_database
+from trustmesh.revocation import Revocation, RevocationError, RevocationSet
+from trustmesh.server.revocations import RevocationStore
 from trustmesh.storage import meta as meta_store
 from trustmesh.storage.schema import agent_status
 
@@ -126,7 +133,8 @@ class ControlPlane:
         self._flat_roles: dict[str, list[dict[str, Any]]] | None = None
         self._flat_for = -1
         self._changed = asyncio.Event()
-        self._notified_version = (0, 0)
+        self._notified_version = (0, 0, 0)
+        self._revocations = RevocationSet()
         self.stopping = False
 
     # -- start-up -----------------------------------------------------------------------
@@ -156,11 +164,13 @@ class ControlPlane:
         self.registry_store = RegistryStore(self.db, self.trust_domain)
         self._swap_keys(self.keys.load())
         self._registry = self.registry_store.load()
+        self.revocation_store = RevocationStore(self.db)
+        self._revocations = self.revocation_store.load()
         self.catalog = PolicyCatalog(self.db)
         version = self.catalog.current()
         self._policy = PolicySet.from_documents(documents_of(version))
         self._policy_revision = version.revision
-        self._notified_version = self.bundle_version()
+        self._notified_version = self.change_marker()
         self.last_refresh = time.monotonic()
 
     async def start(self) -> None:
@@ -173,6 +183,7 @@ class ControlPlane:
             ),
             registry=lambda: self._registry,
             keyset=lambda: self._keyset,
+            revoked_until=self.revoked_until,
             default_ttl=self.config.default_ttl,
         )
         self._tasks = [
@@ -218,6 +229,8 @@ class ControlPlane:
             self._swap_keys(self.keys.load())
         if revisions.get(meta_store.REGISTRY_REVISION, 0) != self._registry.revision:
             self._registry = self.registry_store.load()
+        if revisions.get(meta_store.REVOCATION_REVISION, 0) != self._revocations.revision:
+            self._revocations = self.revocation_store.load()
         if revisions.get(meta_store.POLICY_REVISION, 0) != self._policy_revision:
             version = self.catalog.current()
             self._policy = PolicySet.from_documents(documents_of(version))
@@ -244,6 +257,8 @@ class ControlPlane:
     def maintain(self, now: float | None = None) -> None:
         rotated = self.keys.rotate_if_older_than(self.config.key_rotation_interval, now)
         removed = self.keys.remove_expired(now)
+        self.revocation_store.remove_expired(now)
+        self._revocations.expire(time.time() if now is None else now)
         if rotated is not None or removed:
             if rotated is not None:
                 log.warning("signing key rotated automatically: %s is active", rotated.kid)
@@ -269,6 +284,8 @@ class ControlPlane:
             "token_endpoint": f"{base}/oauth2/token",
             "introspection_endpoint": f"{base}/oauth2/introspect",
             "spiffe_bundle_endpoint": f"{base}/.well-known/spiffe-bundle",
+            "revocation_list_endpoint": f"{base}/v1/revocations",
+            "revocation_stream_endpoint": f"{base}/v1/revocations/stream",
             "grant_types_supported": ["urn:ietf:params:oauth:grant-type:token-exchange"],
             "token_endpoint_auth_methods_supported": ["none"],
             "introspection_endpoint_auth_methods_supported": ["bearer"],
@@ -376,6 +393,9 @@ class ControlPlane:
     def bundle_version(self) -> tuple[int, int]:
         return (self._policy_revision, self._registry.revision)
 
+    def change_marker(self) -> tuple[int, int, int]:
+        return (*self.bundle_version(), self._revocations.revision)
+
     def signed_bundle(self, cluster: str) -> tuple[tuple[int, int], str]:
         """The current bundle of ``cluster``, signed with the active key (cached per
         policy and registry revision)."""
@@ -434,6 +454,61 @@ class ControlPlane:
                 )
             return out
 
+    # -- revocation -----------------------------------------------------------------------
+    @property
+    def revocations(self) -> RevocationSet:
+        return self._revocations
+
+    def revoked_until(self, subject: str, cluster: str) -> float | None:
+        """The latest second up to which tokens of this subject or cluster are revoked."""
+        latest = [
+            entry.revoked_at
+            for entry in (
+                self._revocations.latest("subject", subject),
+                self._revocations.latest("cluster", cluster),
+            )
+            if entry is not None
+        ]
+        return max(latest) if latest else None
+
+    def revocation_of(self, identity: VerifiedIdentity) -> Revocation | None:
+        return self._revocations.revoked(
+            jti=identity.jti,
+            subject=identity.spiffe_id,
+            cluster=identity.cluster,
+            kid=identity.kid,
+            issued_at=float(identity.claims.get("iat", 0)),
+        )
+
+    def revoke(self, kind: str, value: str, reason: str, actor: str) -> tuple[Revocation, bool]:
+        """DESIGN §5. ``kind``: jti, subject (a SPIFFE ID of the trust domain), workload
+        (its SPIFFE ID is revoked), cluster (registered), key (a published kid: it also
+        leaves JWKS, and if it was active the prepared key takes over)."""
+        if kind == "workload":
+            if value not in self._registry.workloads:
+                raise NotFound(f"workload {value} is not registered")
+            kind, value = "subject", self._registry.spiffe_id_of(value)
+        elif kind == "subject":
+            try:
+                domain, _ = parse_spiffe_id(value)
+            except SpiffeIdError as exc:
+                raise RevocationError(str(exc)) from None
+            if domain != self.trust_domain:
+                raise RevocationError(f"{value} is not in trust domain {self.trust_domain}")
+        elif kind == "cluster":
+            if value not in self._registry.clusters:
+                raise NotFound(f"cluster {value} is not registered")
+        elif kind == "key":
+            existing = self._revocations.latest("key", value)
+            if existing is None:
+                try:
+                    self.keys.revoke(value)
+                except LookupError:
+                    raise NotFound(f"no published signing key {value}") from None
+        entry, created = self.revocation_store.revoke(kind, value, reason, actor)
+        self.refresh()
+        return entry, created
+
     def wait_for_change(self) -> asyncio.Event:
         return self._changed
 
@@ -443,7 +518,7 @@ class ControlPlane:
 
     def notify_changes(self) -> None:
         """Wake long-polling agents if a revision moved (call on the event loop)."""
-        version = self.bundle_version()
+        version = self.change_marker()
         if version != self._notified_version:
             self._notified_version = version
             event, self._changed = self._changed, asyncio.Event()

@@ -10,7 +10,8 @@ from trustmesh.storage.schema import meta
 REGISTRY_REVISION = "registry_revision"
 KEYS_REVISION = "keys_revision"
 POLICY_REVISION = "policy_revision"
-COUNTERS = (REGISTRY_REVISION, KEYS_REVISION, POLICY_REVISION)
+REVOCATION_REVISION = "revocation_revision"
+COUNTERS = (REGISTRY_REVISION, KEYS_REVISION, POLICY_REVISION, REVOCATION_REVISION)
 
 
 def get(conn: Connection, name: str) -> str | None:

@@ -37,9 +37,15 @@ def _v2_policy(conn: Connection) -> None:
     conn.execute(schema.meta.insert().values(name="policy_revision", value="0"))
 
 
+def _v3_revocations(conn: Connection) -> None:
+    schema.revocations.create(conn, checkfirst=True)
+    conn.execute(schema.meta.insert().values(name="revocation_revision", value="0"))
+
+
 MIGRATIONS: list[Migration] = [
     (1, "initial schema: meta, signing keys, registry, credentials", _v1_initial),
     (2, "policy versions and agent status", _v2_policy),
+    (3, "revocations", _v3_revocations),
 ]
 
 LATEST = MIGRATIONS[-1][0]

@@ -103,3 +103,16 @@ agent_status = Table(
     Column("registry_revision", Integer, nullable=False),
     Column("last_seen", Float, nullable=False),
 )
+
+# Revocations (DESIGN §5); rows past ``expires_at`` cover no valid token and are deleted.
+revocations = Table(
+    "revocations",
+    metadata,
+    Column("revision", Integer, primary_key=True, autoincrement=False),
+    Column("kind", String(16), nullable=False),
+    Column("value", String(512), nullable=False),
+    Column("revoked_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("actor", String(200), nullable=False),
+)

@@ -1,0 +1,151 @@
+"""The agent's revocation list and how fresh it is (DESIGN §5).
+
+Entries arrive by long poll (``GET /v1/revocations?since=R&wait=25``): the control
+plane answers the moment a revocation is recorded, so every agent enforces it well
+within a second; every ``full_resync`` seconds the agent re-reads the whole list as a
+backstop. The list is persisted (write, fsync, rename) together with the wall-clock
+time of the last successful sync, so a restarted agent enforces what it knew before it
+has even reconnected — and knows how old that knowledge is.
+
+**Staleness bound.** If the agent has not heard from the control plane for longer than
+``bound`` seconds (default: the default token lifetime, 300 s), its list may miss a
+revocation. In strict mode (the default) it then refuses every token — authentication
+fails with reason ``revocation_state_stale``, so every surface denies; with fail-open
+it keeps answering from what it has and says so in ``/readyz`` and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from trustmesh.agent.sync import ControlPlaneClient, CredentialRejected
+from trustmesh.common.backoff import Backoff
+from trustmesh.revocation import Revocation, RevocationSet
+
+log = logging.getLogger("trustmesh.agent")
+
+REVOCATIONS_FILE = "revocations.json"
+DEFAULT_STALENESS_BOUND = 300.0
+LONG_POLL_SECONDS = 25.0
+FULL_RESYNC_SECONDS = 600.0
+
+
+class RevocationHolder:
+    def __init__(
+        self, data_dir: Path, bound: float = DEFAULT_STALENESS_BOUND, fail_open: bool = False
+    ) -> None:
+        self.data_dir = data_dir
+        self.bound = bound
+        self.fail_open = fail_open
+        self.revocations = RevocationSet()
+        self.synced_at: float | None = None  # wall clock of the last successful sync
+        self.last_error: str | None = None
+
+    # -- freshness -------------------------------------------------------------------
+    def age(self, now: float | None = None) -> float:
+        if self.synced_at is None:
+            return float("inf")
+        return max(0.0, (time.time() if now is None else now) - self.synced_at)
+
+    def stale(self, now: float | None = None) -> bool:
+        return self.age(now) > self.bound
+
+    def enforcing_denial(self) -> bool:
+        """True when strict mode must refuse tokens because the list is too old."""
+        return not self.fail_open and self.stale()
+
+    def status(self) -> dict[str, Any]:
+        age = self.age()
+        return {
+            "revocation_revision": self.revocations.revision,
+            "revocations": len(self.revocations),
+            "revocation_age_seconds": None if age == float("inf") else round(age, 3),
+            "revocation_bound_seconds": self.bound,
+            "revocation_stale": self.stale(),
+            "revocation_mode": "fail-open" if self.fail_open else "strict",
+            "revocation_error": self.last_error,
+        }
+
+    # -- state -------------------------------------------------------------------------
+    def apply(self, revision: int, entries: list[Revocation], full: bool) -> bool:
+        """Install what the control plane sent; returns whether the set changed."""
+        now = time.time()
+        if full:
+            replacement = RevocationSet(entries)
+            replacement.revision = revision
+            changed = [e.revision for e in replacement.entries()] != [
+                e.revision for e in self.revocations.entries()
+            ]
+            self.revocations = replacement
+        else:
+            changed = self.revocations.apply(entries) > 0
+            self.revocations.revision = max(self.revocations.revision, revision)
+        self.revocations.expire(now)
+        self.synced_at = now
+        self.persist()
+        return changed
+
+    def persist(self) -> None:
+        path = self.data_dir / REVOCATIONS_FILE
+        tmp = path.with_suffix(".tmp")
+        document = json.loads(self.revocations.to_json())
+        document["synced_at"] = self.synced_at
+        with open(tmp, "w") as handle:
+            json.dump(document, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+
+    def restore(self) -> bool:
+        path = self.data_dir / REVOCATIONS_FILE
+        try:
+            document = json.loads(path.read_text())
+            revocations = RevocationSet(Revocation.from_json(e) for e in document["entries"])
+            revocations.revision = int(document["revision"])
+            synced_at = document.get("synced_at")
+        except FileNotFoundError:
+            return False
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring unreadable %s: %s", path, exc)
+            return False
+        revocations.expire(time.time())
+        self.revocations = revocations
+        self.synced_at = float(synced_at) if synced_at is not None else None
+        return True
+
+
+async def run_revocation_sync(client: ControlPlaneClient, holder: RevocationHolder) -> None:
+    backoff = Backoff(base=0.2, cap=10.0)
+    last_full = 0.0
+    while True:
+        full = time.monotonic() - last_full > FULL_RESYNC_SECONDS
+        since = 0 if full else holder.revocations.revision
+        try:
+            revision, entries = await client.fetch_revocations(
+                since, 0.0 if full else LONG_POLL_SECONDS
+            )
+            holder.apply(revision, entries, full)
+            if full:
+                last_full = time.monotonic()
+            holder.last_error = None
+            backoff.reset()
+            continue
+        except CredentialRejected as exc:
+            holder.last_error = str(exc)
+        except ResyncNeeded:
+            last_full = 0.0
+            continue
+        except (httpx.HTTPError, ValueError, KeyError, OSError) as exc:
+            holder.last_error = f"revocation sync failed: {exc.__class__.__name__}: {exc}"
+        await asyncio.sleep(backoff.next_delay())
+
+
+class ResyncNeeded(Exception):
+    """The control plane does not know our resume point (e.g. a restored database)."""

@@ -1,0 +1,102 @@
+"""The revocation list in the database (DESIGN §5): one row per revocation, numbered by
+the ``revocation_revision`` counter so agents can resume with ``since=R``. Rows whose
+``expires_at`` has passed cover no valid token and are deleted by maintenance."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sqlalchemy import Connection, delete, select
+
+from trustmesh.revocation import Revocation, RevocationSet, revocation_expiry
+from trustmesh.revocation.model import check_request, whole_second
+from trustmesh.storage import Database
+from trustmesh.storage import meta as meta_store
+from trustmesh.storage.schema import revocations
+
+
+def _entry(row: Any) -> Revocation:
+    return Revocation(
+        revision=row.revision,
+        kind=row.kind,
+        value=row.value,
+        revoked_at=row.revoked_at,
+        expires_at=row.expires_at,
+        reason=row.reason,
+        actor=row.actor,
+    )
+
+
+class RevocationStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def current_revision(self, conn: Connection | None = None) -> int:
+        if conn is None:
+            with self.db.engine.connect() as own:
+                return self.current_revision(own)
+        return int(meta_store.get(conn, meta_store.REVOCATION_REVISION) or 0)
+
+    def revoke(
+        self, kind: str, value: str, reason: str, actor: str, now: float | None = None
+    ) -> tuple[Revocation, bool]:
+        """Record a revocation; returns (entry, created). Repeating a revocation is
+        idempotent: the same jti or key, or the same subject or cluster within the same
+        second, returns the entry in force; a later subject or cluster revocation
+        replaces the earlier one (it covers more tokens)."""
+        check_request(kind, value, reason)
+        now = time.time() if now is None else now
+        revoked_at = whole_second(now)
+        with self.db.engine.begin() as conn:
+            existing = conn.execute(
+                select(revocations)
+                .where(
+                    revocations.c.kind == kind,
+                    revocations.c.value == value,
+                    revocations.c.expires_at > now,
+                )
+                .order_by(revocations.c.revision.desc())
+                .limit(1)
+            ).first()
+            if existing is not None and (
+                kind in ("jti", "key") or existing.revoked_at >= revoked_at
+            ):
+                return _entry(existing), False
+            revision = meta_store.bump(conn, meta_store.REVOCATION_REVISION)
+            entry = Revocation(
+                revision=revision,
+                kind=kind,
+                value=value,
+                revoked_at=revoked_at,
+                expires_at=revocation_expiry(revoked_at),
+                reason=reason,
+                actor=actor,
+            )
+            conn.execute(revocations.insert().values(**entry.to_json()))
+            return entry, True
+
+    def since(self, revision: int, now: float | None = None) -> tuple[int, list[Revocation]]:
+        """(current revision, entries in force added after ``revision``)."""
+        now = time.time() if now is None else now
+        with self.db.engine.connect() as conn:
+            current = self.current_revision(conn)
+            rows = conn.execute(
+                select(revocations)
+                .where(revocations.c.revision > revision, revocations.c.expires_at > now)
+                .order_by(revocations.c.revision)
+            )
+            return current, [_entry(r) for r in rows]
+
+    def load(self) -> RevocationSet:
+        current, entries = self.since(0)
+        loaded = RevocationSet(entries)
+        loaded.revision = current
+        return loaded
+
+    def remove_expired(self, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        with self.db.engine.begin() as conn:
+            return int(
+                conn.execute(delete(revocations).where(revocations.c.expires_at <= now)).rowcount
+            )
