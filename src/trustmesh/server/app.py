@@ -30,8 +30,8 @@ from trustmesh.identity.rfc7662 import introspect
 from trustmesh.identity.rfc8693 import OAuthError, parse_form
 from trustmesh.manifests import ManifestError
 from trustmesh.policy.compiler import PolicyError
-from trustmesh.revocation import RevocationError
 from trustmesh.registry import RegistryConflict
+from trustmesh.revocation import RevocationError
 from trustmesh.server.controlplane import ControlPlane, NotFound, PolicyTestFailed
 from trustmesh.server.credentials import Principal
 from trustmesh.server.http import (

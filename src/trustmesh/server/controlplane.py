@@ -42,11 +42,11 @@ from trustmesh.policy.bundle import sign_bundle
 from trustmesh.policy.compiler import PolicySet, compile_all, compile_bundle, flatten_roles
 from trustmesh.policy.testing import CaseResult, run_policy_tests
 from trustmesh.registry import AppliedChange, Registry, RegistryStore
+from trustmesh.revocation import Revocation, RevocationError, RevocationSet
 from trustmesh.server.catalog import PolicyCatalog, documents_of
 from trustmesh.server.credentials import CLUSTER, CredentialStore, Principal
-from trustmesh.storage import Database, open_database
-from trustmesh.revocation import Revocation, RevocationError, RevocationSet
 from trustmesh.server.revocations import RevocationStore
+from trustmesh.storage import Database, open_database
 from trustmesh.storage import meta as meta_store
 from trustmesh.storage.schema import agent_status
 
