@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from attacks import parts, swapped_payload
+from attacks import swapped_payload
 from trustmesh.agent.authn import Authenticator
 from trustmesh.agent.policy import PolicyHolder
 from trustmesh.identity.jws import InvalidToken
@@ -74,7 +74,6 @@ def test_forged_bundles_are_refused(holder: tuple[PolicyHolder, ActiveKey]) -> N
     policy, signer = holder
     stranger, _ = key()
     good = sign_bundle(bundle(3), signer)
-    header, payload, signature = parts(good)
     cases = {
         "tampered": (swapped_payload(good, revision=99), "bad_signature"),
         "unknown key": (sign_bundle(bundle(3), stranger), "unknown_kid"),
