@@ -213,16 +213,6 @@ def test_a_partial_deny_leaves_a_wildcard_namespace_grant_listed() -> None:
             "{apiGroups: [''], resources: [pods/scale], verbs: [get]}",
             False,
         ),
-        (
-            "{apiGroups: [''], resources: [pods/*], verbs: [get]}",
-            "{apiGroups: [''], resources: ['*'], verbs: [get]}",
-            True,
-        ),
-        (
-            "{apiGroups: [''], resources: [pods/*], verbs: [get]}",
-            "{apiGroups: [''], resources: [pods/log], verbs: [get]}",
-            False,
-        ),
         # object names: a deny naming objects does not cover a grant on all of them
         (
             "{apiGroups: [''], resources: [secrets], verbs: [get]}",

@@ -220,15 +220,12 @@ def test_deny_bindings_are_warnings_not_manifests() -> None:
     assert warning.startswith("RoleBinding no-ci (deny, role reader) is not exported")
 
 
-def test_resource_star_subresources_are_flagged_as_unsupported_by_rbac() -> None:
-    text = role(
-        "logs", "{apiGroups: [''], resources: [pods/*, '*/scale'], verbs: [get]}"
-    ) + binding("l", "logs", "[{workload: payments}]")
-    manifests = export_rbac(policy(text), registry(), "prod-eu")
-    assert "pods/*" in manifests[0]["metadata"]["annotations"][UNSUPPORTED_RESOURCES]
-    assert "*/scale" not in manifests[0]["metadata"]["annotations"][UNSUPPORTED_RESOURCES]
-    [warning] = manifests.warnings
-    assert "GlobalRole logs" in warning and "pods/*" in warning
+def test_resource_star_subresources_are_refused_as_not_rbac() -> None:
+    from trustmesh.manifests import ManifestError
+
+    text = role("logs", "{apiGroups: [''], resources: [pods/*, '*/scale'], verbs: [get]}")
+    with pytest.raises(ManifestError, match="RBAC has no res/\\* form"):
+        policy(text)
 
 
 # --- subjects -------------------------------------------------------------------------------

@@ -523,6 +523,19 @@ def bench_verify(
     print_json(result) if output is Output.json else _print_bench(result)
 
 
+@bench_app.command("engine")
+def bench_engine(
+    requests: int = typer.Option(100_000, "--requests", min=1, help="Requests to decide."),
+    seed: int = typer.Option(7, "--seed", help="Seed of the generated policy and requests."),
+    output: Output = OutputOption,
+) -> None:
+    """The policy engine in-process next to Cedar (cedarpy) and Casbin, same semantics."""
+    from trustmesh.bench.engine import run
+
+    result = run(requests=requests, seed=seed)
+    print_json(result) if output is Output.json else _print_bench(result)
+
+
 @bench_app.command("authorize")
 def bench_authorize(
     seconds: float = typer.Option(10.0, "--seconds", help="Duration of each HTTP load."),

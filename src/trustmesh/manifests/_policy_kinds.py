@@ -58,7 +58,13 @@ def _url_pattern(value: str) -> None:
 
 
 def _resource(value: str) -> None:
-    if value != "*" and not re.match(r"^(\*|[a-z][a-z0-9.-]*)(/(\*|[a-z][a-z0-9.-]*))?$", value):
+    """RBAC resource names: ``pods``, ``pods/log``, ``*/scale``, ``*``. There is no
+    ``pods/*`` in Kubernetes RBAC, so it is refused rather than given a meaning."""
+    if value.endswith("/*"):
+        raise ValueError(
+            f"{value!r}: RBAC has no res/* form; list the subresources (e.g. pods/log) or use */sub"
+        )
+    if value != "*" and not re.match(r"^(\*|[a-z][a-z0-9.-]*)(/[a-z][a-z0-9.-]*)?$", value):
         raise ValueError(f"{value!r} is not a resource (e.g. pods, pods/log, */scale or *)")
 
 

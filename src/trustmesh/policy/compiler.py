@@ -209,6 +209,7 @@ def compile_bundle(
     revision: int,
     flat_roles: dict[str, list[dict[str, Any]]] | None = None,
     identities: dict[str, dict[str, Any]] | None = None,
+    policy_hash: str | None = None,
 ) -> dict[str, Any]:
     """The bundle for one cluster. ``flat_roles``/``identities`` may be passed in when
     compiling many clusters from one policy."""
@@ -238,7 +239,7 @@ def compile_bundle(
         "cluster": cluster,
         "revision": revision,
         "registryRevision": registry.revision,
-        "policyHash": policy.content_hash(),
+        "policyHash": policy_hash or policy.content_hash(),
         "roles": {name: flat_roles[name] for name in sorted(used_roles)},
         "bindings": bindings,
         "identities": identities if identities is not None else inventory(registry),
@@ -252,7 +253,8 @@ def compile_all(policy: PolicySet, registry: Registry, revision: int) -> dict[st
         raise PolicyError(problems)
     flat, _ = flatten_roles(policy.roles)
     identities = inventory(registry)
+    policy_hash = policy.content_hash()
     return {
-        name: compile_bundle(policy, registry, name, revision, flat, identities)
+        name: compile_bundle(policy, registry, name, revision, flat, identities, policy_hash)
         for name in sorted(registry.clusters)
     }

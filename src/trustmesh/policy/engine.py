@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import itertools
 import secrets
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from trustmesh.policy.matching import CompiledRule, compile_rule, expression_matches, family_of
+from trustmesh.policy.matching import CompiledRule, compile_rule, family_of, requirement_matches
 from trustmesh.policy.request import Request
 
 _FAMILIES = ("resource", "nonResource", "service")
@@ -53,7 +54,10 @@ class _Subject:
     def __init__(self, body: dict[str, Any]) -> None:
         self.spiffe_id: str | None = body.get("spiffeId")
         self.claims: tuple[tuple[str, str], ...] = tuple(sorted(body.get("claims", {}).items()))
-        self.expressions: tuple[dict[str, Any], ...] = tuple(body.get("matchExpressions", ()))
+        self.expressions: tuple[tuple[str, str, frozenset[str]], ...] = tuple(
+            (e["key"], e["operator"], frozenset(e.get("values", ())))
+            for e in body.get("matchExpressions", ())
+        )
 
     def matches(self, spiffe_id: str, claims: Mapping[str, Any]) -> bool:
         if self.spiffe_id is not None and self.spiffe_id != spiffe_id:
@@ -61,7 +65,10 @@ class _Subject:
         for key, value in self.claims:
             if claims.get(key) != value:
                 return False
-        return all(expression_matches(e, claims) for e in self.expressions)
+        for key, operator, values in self.expressions:
+            if not requirement_matches(key, operator, values, claims):
+                return False
+        return True
 
 
 class _Binding:
@@ -82,7 +89,13 @@ class _Binding:
     def covers(self, request: Request, family: str) -> bool:
         if self.namespaces is not None and request.namespace not in self.namespaces:
             return False
-        return any(rule.matches(request) for rule in self.rules[family])  # type: ignore[arg-type]
+        for rule in self.rules[family]:
+            if rule.matches(request):  # type: ignore[arg-type]
+                return True
+        return False
+
+
+_Entry = tuple[_Binding, _Subject]
 
 
 class Engine:
@@ -97,57 +110,80 @@ class Engine:
         self.identities: dict[str, dict[str, Any]] = dict(bundle.get("identities", {}))
         roles = bundle["roles"]
         self.bindings = tuple(_Binding(b, roles[b["role"]]) for b in bundle["bindings"])
-        self._by_spiffe: dict[str, list[_Binding]] = {}
-        self._by_claim: dict[tuple[str, str], list[_Binding]] = {}
-        self._unindexed: list[_Binding] = []
+        # Each index entry is (binding, the subject indexed there): a subject can only
+        # match identities that carry its index key, so only that subject is checked.
+        self._by_spiffe: dict[str, list[_Entry]] = {}
+        self._by_claim: dict[tuple[str, str], list[_Entry]] = {}
+        self._unindexed: list[_Entry] = []
+        # How many registered identities carry each claim value: a subject is indexed
+        # under its most selective condition, so an identity meets few candidates.
+        frequency: Counter[tuple[str, str]] = Counter(
+            (key, value)
+            for identity in self.identities.values()
+            for key, value in identity.get("claims", {}).items()
+            if isinstance(value, str)
+        )
         claim_keys: set[str] = set()
         for binding in self.bindings:
             for subject in binding.subjects:
                 claim_keys.update(k for k, _ in subject.claims)
-                claim_keys.update(e["key"] for e in subject.expressions)
-                if subject.spiffe_id is not None:
-                    bucket = self._by_spiffe.setdefault(subject.spiffe_id, [])
-                elif subject.claims:
-                    bucket = self._by_claim.setdefault(subject.claims[0], [])
-                else:
-                    bucket = self._unindexed
-                if binding not in bucket:
-                    bucket.append(binding)
+                claim_keys.update(e[0] for e in subject.expressions)
+                for bucket in self._buckets_for(subject, frequency):
+                    bucket.append((binding, subject))
         self._claim_keys = tuple(sorted(claim_keys))
         self._index_keys = tuple(sorted({key for key, _ in self._by_claim}))
         self._memo: dict[tuple[Any, ...], tuple[tuple[_Binding, ...], tuple[_Binding, ...]]] = {}
         self._ids = itertools.count(1)
         self._id_prefix = f"{secrets.token_hex(4)}-{self.revision}-"
 
+    def _buckets_for(
+        self, subject: _Subject, frequency: Counter[tuple[str, str]]
+    ) -> list[list[_Entry]]:
+        """Index keys such that every identity the subject matches has one of them."""
+        if subject.spiffe_id is not None:
+            return [self._by_spiffe.setdefault(subject.spiffe_id, [])]
+        options: list[list[tuple[str, str]]] = [[claim] for claim in subject.claims]
+        options.extend(
+            [(key, value) for value in sorted(values)]
+            for key, operator, values in subject.expressions
+            if operator == "In"
+        )
+        if not options:
+            return [self._unindexed]
+        best = min(options, key=lambda keys: sum(frequency.get(k, 0) for k in keys))
+        return [self._by_claim.setdefault(k, []) for k in best]
+
     def applicable(
         self, spiffe_id: str, claims: Mapping[str, Any]
     ) -> tuple[tuple[_Binding, ...], tuple[_Binding, ...]]:
         """(deny bindings, allow bindings) that name this identity, memoised."""
-        key = (spiffe_id, *(claims.get(k) for k in self._claim_keys))
-        found = self._memo.get(key)
+        key = (spiffe_id, tuple(map(claims.get, self._claim_keys)))
+        memo_key: tuple[Any, ...] | None = key
+        try:
+            found = self._memo.get(key)
+        except TypeError:  # a non-hashable claim value named by a binding: no memo
+            memo_key, found = None, None
         if found is not None:
             return found
-        candidates = list(self._by_spiffe.get(spiffe_id, ()))
-        for key in self._index_keys:
-            value = claims.get(key)
+        buckets = [self._by_spiffe.get(spiffe_id), self._unindexed]
+        by_claim = self._by_claim
+        for claim_key in self._index_keys:
+            value = claims.get(claim_key)
             if isinstance(value, str):
-                bucket = self._by_claim.get((key, value))
-                if bucket:
-                    candidates.extend(bucket)
-        candidates.extend(self._unindexed)
-        seen: set[int] = set()
-        denies: list[_Binding] = []
-        allows: list[_Binding] = []
-        for binding in candidates:
-            if id(binding) in seen:
-                continue
-            seen.add(id(binding))
-            if any(s.matches(spiffe_id, claims) for s in binding.subjects):
-                (denies if binding.deny else allows).append(binding)
+                buckets.append(by_claim.get((claim_key, value)))
+        matched: dict[_Binding, None] = {}
+        for bucket in buckets:
+            if bucket:
+                for binding, subject in bucket:
+                    if binding not in matched and subject.matches(spiffe_id, claims):
+                        matched[binding] = None
+        denies = [b for b in matched if b.deny]
+        allows = [b for b in matched if not b.deny]
         found = (tuple(denies), tuple(allows))
-        if len(self._memo) >= self.MEMO_SIZE:
-            self._memo.clear()
-        self._memo[key] = found
+        if memo_key is not None:
+            if len(self._memo) >= self.MEMO_SIZE:
+                self._memo.clear()
+            self._memo[memo_key] = found
         return found
 
     def decide(self, spiffe_id: str, claims: Mapping[str, Any], request: Request) -> Decision:

@@ -10,6 +10,7 @@ one segment, ``**`` any number of segments, ``*`` alone any path) and the method
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -64,11 +65,7 @@ class ResourceRule:
             if request.subresource:
                 combined = f"{request.resource}/{request.subresource}"
                 names = resources.names
-                if (
-                    combined not in names
-                    and f"*/{request.subresource}" not in names
-                    and f"{request.resource}/*" not in names
-                ):
+                if combined not in names and f"*/{request.subresource}" not in names:
                     return False
             elif request.resource not in resources.names:
                 return False
@@ -111,7 +108,7 @@ class ServiceRule:
         bare = host.rsplit(":", 1)[0] if ":" in host else host
         if bare in self.hosts:
             return True
-        return any(bare.endswith(suffix) for suffix in self.suffixes)
+        return any(host.endswith(suffix) or bare.endswith(suffix) for suffix in self.suffixes)
 
     def matches(self, request: ServiceRequest) -> bool:
         if request.method not in self.methods or not self._host_matches(request.host):
@@ -125,7 +122,22 @@ class ServiceRule:
 CompiledRule = ResourceRule | NonResourceRule | ServiceRule
 
 
+_COMPILED: dict[str, CompiledRule] = {}
+
+
 def compile_rule(body: dict[str, Any]) -> CompiledRule:
+    """Compiled rules are immutable, so engines share them (bundles of many clusters
+    repeat the same roles)."""
+    key = json.dumps(body, sort_keys=True)
+    found = _COMPILED.get(key)
+    if found is None:
+        if len(_COMPILED) > 100_000:
+            _COMPILED.clear()
+        found = _COMPILED[key] = _compile_rule(body)
+    return found
+
+
+def _compile_rule(body: dict[str, Any]) -> CompiledRule:
     if body.get("services"):
         return ServiceRule(body)
     if body.get("nonResourceURLs"):
@@ -141,13 +153,20 @@ def family_of(request: Request) -> str:
     return "service"
 
 
-def expression_matches(expression: dict[str, Any], labels: Any) -> bool:
-    """Kubernetes label-selector requirement semantics (NotIn matches an absent key)."""
-    key, operator = expression["key"], expression["operator"]
+def requirement_matches(key: str, operator: str, values: frozenset[str], labels: Any) -> bool:
+    """Kubernetes label-selector requirement semantics (NotIn matches an absent key);
+    only string values can be In a set of strings."""
     present = key in labels
     if operator == "Exists":
         return present
     if operator == "DoesNotExist":
         return not present
-    inside = present and labels[key] in expression["values"]
+    value = labels.get(key) if present else None
+    inside = isinstance(value, str) and value in values
     return inside if operator == "In" else not inside
+
+
+def expression_matches(expression: dict[str, Any], labels: Any) -> bool:
+    return requirement_matches(
+        expression["key"], expression["operator"], frozenset(expression.get("values", ())), labels
+    )

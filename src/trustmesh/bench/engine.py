@@ -1,0 +1,456 @@
+"""``trustmesh bench engine``: our decision engine against Cedar (cedarpy) and casbin on
+one generated federation, each given the same policy with the same semantics.
+
+The workload (``_policygen``): 50 clusters, 10,000 workloads, 500 global roles (resource,
+non-resource and service rules, wildcards, ``*/sub`` subresources, ``*``/``**`` path
+globs), 2,000 role bindings (allow and deny; subjects by claims, workload, SPIFFE ID and
+matchExpressions; cluster scopes by name, label selector or none; some namespaces), all
+loaded through the manifest schema, the registry and the compiler; and 100,000 requests
+(mostly things a binding naming the identity covers, near misses of those, and random
+ones), each evaluated on the identity's own cluster (85%) or another one.
+
+What is measured:
+
+- **compile**: ``compile_all`` over every cluster plus building one ``Engine`` per
+  cluster (what all agents together do for a new revision);
+- **trustmesh**: ``Engine.decide`` per request, each call timed alone with
+  ``perf_counter_ns`` (the timer's own cost is reported, not subtracted), on engines
+  fresh from compilation: an identity's first request on a cluster pays for finding the
+  bindings that name it (then memoised), as an agent after a new bundle does. A second
+  pass over the same requests (every memo warm) is reported next to it;
+- **cedar**: ``cedarpy.is_authorized_batch`` on batches of up to ``batch_size`` requests
+  of one cluster and family; a decision's latency is its batch's time divided by the
+  batch's size, so its p50/p99 are those of batch averages;
+- **casbin**: ``Enforcer.enforce`` per request, timed alone.
+
+A peer too slow for every request is timed on a deterministic subset (every k-th
+request); its agreement — the fraction of requests on which it decides as we do — is
+over the requests it decided, which the output states. A race on different answers
+proves nothing: agreement must be 1.0."""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from trustmesh.bench import _casbin, _cedar
+from trustmesh.bench._policygen import (
+    BenchRequest,
+    Identity,
+    Sizes,
+    World,
+    generate_bodies,
+    generate_requests,
+    load_world,
+)
+from trustmesh.bench._stats import Distribution, row, summarise, timer_overhead
+from trustmesh.bench._translate import peer_bindings
+from trustmesh.policy.compiler import compile_all
+from trustmesh.policy.engine import Engine
+from trustmesh.policy.request import Request
+
+__all__ = ["PEERS", "Query", "decide_all", "run"]
+
+PEERS = ("cedar", "casbin")
+GOAL_P99_US = 50.0
+GOAL_RATIO = 20.0
+GOAL_COMPILE_S = 2.0
+CASBIN_SAMPLE = 10_000  # casbin is timed on about this many requests (every k-th)
+
+
+@dataclass(frozen=True)
+class Query:
+    """One question for every engine: who, on which cluster, what."""
+
+    identity: Identity
+    cluster: str
+    request: Request
+
+
+def _roles(world: World) -> dict[str, dict[str, Any]]:
+    return {doc.name: doc.body["spec"] for doc in world.documents if doc.kind == "GlobalRole"}
+
+
+def _build_cedar(world: World, extra: Sequence[Identity] = ()) -> _cedar.CedarPeer:
+    roles = _roles(world)
+    texts = {
+        cluster: _cedar.translate(
+            peer_bindings(roles, world.binding_bodies, world.registry, cluster)
+        )
+        for cluster in sorted(world.registry.clusters)
+    }
+    principals = {i.spiffe_id: i.claims for i in (*world.identities, *extra)}
+    return _cedar.CedarPeer(texts, principals.items())
+
+
+def _build_casbin(world: World) -> _casbin.CasbinPeer:
+    roles = _roles(world)
+    lines = {
+        cluster: _casbin.policy_lines(
+            peer_bindings(roles, world.binding_bodies, world.registry, cluster)
+        )
+        for cluster in sorted(world.registry.clusters)
+    }
+    return _casbin.CasbinPeer(lines)
+
+
+def decide_all(
+    world: World, queries: Sequence[Query], peers: Sequence[str] = PEERS
+) -> dict[str, list[bool]]:
+    """Every engine's answer (allowed?) to every query, untimed: for tests of agreement."""
+    bundles = compile_all(world.policy, world.registry, 1)
+    engines = {name: Engine(bundle) for name, bundle in bundles.items()}
+    out = {
+        "trustmesh": [
+            engines[q.cluster].decide(q.identity.spiffe_id, q.identity.claims, q.request).allowed
+            for q in queries
+        ]
+    }
+    if "cedar" in peers:
+        cedar = _build_cedar(world, [q.identity for q in queries])
+        answers = []
+        for q in queries:
+            request = _cedar.cedar_request(q.identity.spiffe_id, q.request)
+            (result,) = cedar.decide_batch(q.cluster, request["action"]["id"], [request])
+            if result.diagnostics.errors:
+                raise RuntimeError(f"Cedar evaluation errors: {result.diagnostics.errors}")
+            answers.append(result.allowed)
+        out["cedar"] = answers
+    if "casbin" in peers:
+        casbin = _build_casbin(world)
+        out["casbin"] = [
+            casbin.decide(
+                q.cluster, casbin.arguments(q.identity.spiffe_id, q.identity.claims, q.request)
+            )
+            for q in queries
+        ]
+    return out
+
+
+# --- measurement -------------------------------------------------------------------------
+
+
+@dataclass
+class _Measured:
+    dist: Distribution
+    allowed: dict[int, bool]  # request index -> decision
+    note: str
+    build_seconds: float = 0.0
+    extra: dict[str, Any] | None = None
+
+
+def _time_ours(
+    engines: dict[str, Engine], requests: Sequence[BenchRequest]
+) -> tuple[Distribution, list[bool]]:
+    calls = [
+        (engines[r.cluster].decide, r.identity.spiffe_id, r.identity.claims, r.request)
+        for r in requests
+    ]
+    clock = time.perf_counter_ns
+    latencies = [0] * len(calls)
+    allowed = [False] * len(calls)
+    gc.collect()
+    started = clock()
+    for i, (decide, spiffe_id, claims, request) in enumerate(calls):
+        t0 = clock()
+        decision = decide(spiffe_id, claims, request)
+        latencies[i] = clock() - t0
+        allowed[i] = decision.allowed
+    return summarise(latencies, clock() - started), allowed
+
+
+def _time_cedar(
+    world: World, requests: Sequence[BenchRequest], every: int, batch_size: int
+) -> _Measured:
+    t0 = time.perf_counter()
+    cedar = _build_cedar(world)
+    build = time.perf_counter() - t0
+    groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for i in range(0, len(requests), every):
+        r = requests[i]
+        groups[(r.cluster, r.family)].append(i)
+    batches = []
+    for (cluster, family), indexes in sorted(groups.items()):
+        for start in range(0, len(indexes), batch_size):
+            chunk = indexes[start : start + batch_size]
+            payload = [
+                _cedar.cedar_request(requests[i].identity.spiffe_id, requests[i].request)
+                for i in chunk
+            ]
+            batches.append((cluster, family, chunk, payload))
+    clock = time.perf_counter_ns
+    latencies: list[int] = []
+    outcomes = []
+    gc.collect()
+    started = clock()
+    for cluster, family, chunk, payload in batches:
+        b0 = clock()
+        results = cedar.decide_batch(cluster, family, payload)
+        elapsed = clock() - b0
+        latencies.extend([elapsed // len(chunk)] * len(chunk))
+        outcomes.append((chunk, results))
+    dist = summarise(latencies, clock() - started)
+    allowed: dict[int, bool] = {}
+    errors = 0
+    for chunk, results in outcomes:
+        for i, result in zip(chunk, results, strict=True):
+            allowed[i] = result.allowed
+            errors += bool(result.diagnostics.errors)
+    per_cluster = sum(cedar.policy_counts.values()) / max(1, len(cedar.policy_counts))
+    note = (
+        f"cedarpy.is_authorized_batch, batches of ≤{batch_size:,} requests of one cluster and family; "
+        f"per decision = batch time / batch size; {per_cluster:,.0f} policies per cluster"
+    )
+    return _Measured(
+        dist,
+        allowed,
+        note,
+        build,
+        {"evaluation_errors": errors, "policies_per_cluster": round(per_cluster)},
+    )
+
+
+def _time_casbin(world: World, requests: Sequence[BenchRequest], every: int) -> _Measured:
+    t0 = time.perf_counter()
+    casbin = _build_casbin(world)
+    build = time.perf_counter() - t0
+    indexes = list(range(0, len(requests), every))
+    calls = [
+        (
+            casbin.enforcers[requests[i].cluster].enforce,
+            casbin.arguments(
+                requests[i].identity.spiffe_id, requests[i].identity.claims, requests[i].request
+            ),
+        )
+        for i in indexes
+    ]
+    clock = time.perf_counter_ns
+    latencies = [0] * len(calls)
+    answers = [False] * len(calls)
+    gc.collect()
+    started = clock()
+    for n, (enforce, arguments) in enumerate(calls):
+        t0_ns = clock()
+        answer = enforce(*arguments)
+        latencies[n] = clock() - t0_ns
+        answers[n] = bool(answer)
+    dist = summarise(latencies, clock() - started)
+    per_cluster = sum(casbin.line_counts.values()) / max(1, len(casbin.line_counts))
+    note = f"Enforcer.enforce per request, one enforcer per cluster, {per_cluster:,.0f} policy lines per cluster"
+    return _Measured(
+        dist,
+        dict(zip(indexes, answers, strict=True)),
+        note,
+        build,
+        {"policy_lines_per_cluster": round(per_cluster)},
+    )
+
+
+def _workload(
+    sizes: Sizes,
+    world: World,
+    requests: Sequence[BenchRequest],
+    bundles: dict[str, dict[str, Any]],
+    ours: list[bool],
+) -> dict[str, Any]:
+    families = Counter(r.family for r in requests)
+    origins = Counter(r.origin for r in requests)
+    n = len(requests)
+    bindings = [len(b["bindings"]) for b in bundles.values()]
+    rules = sum(len(rules) for rules in world.role_rules.values())
+    denies = sum(1 for spec in world.binding_bodies.values() if spec.get("effect") == "deny")
+    return {
+        **sizes.to_json(),
+        "rules": rules,
+        "deny_bindings": denies,
+        "bindings_per_cluster": round(sum(bindings) / len(bindings), 1),
+        "requests": n,
+        "families": {k: round(v / n, 3) for k, v in sorted(families.items())},
+        "generated_as": {k: round(v / n, 3) for k, v in sorted(origins.items())},
+        "allow_fraction": round(sum(ours) / n, 3),
+        "distinct_identities": len({r.identity.spiffe_id for r in requests}),
+        "distinct_identity_cluster_pairs": len(
+            {(r.identity.spiffe_id, r.cluster) for r in requests}
+        ),
+    }
+
+
+def _agreement(ours: list[bool], theirs: dict[int, bool]) -> tuple[float, list[int]]:
+    differ = [i for i, answer in theirs.items() if answer != ours[i]]
+    return (1.0 - len(differ) / len(theirs) if theirs else math.nan), differ
+
+
+def run(
+    requests: int = 100_000,
+    seed: int = 7,
+    peers: tuple[str, ...] = PEERS,
+    *,
+    clusters: int = 50,
+    workloads: int = 10_000,
+    projects: int = 100,
+    roles: int = 500,
+    bindings: int = 2_000,
+    batch_size: int = 1_000,
+    cedar_every: int = 1,
+    casbin_every: int | None = None,
+) -> dict[str, Any]:
+    """Generate the federation and the requests, measure every engine, compare answers.
+    ``casbin_every`` (default: so that about 10,000 requests are timed) and
+    ``cedar_every`` (default: all) pick every k-th request for a peer."""
+    unknown = set(peers) - set(PEERS)
+    if unknown:
+        raise ValueError(f"unknown peer {sorted(unknown)[0]!r}; peers are {', '.join(PEERS)}")
+    if (
+        requests < 1
+        or batch_size < 1
+        or cedar_every < 1
+        or (casbin_every is not None and casbin_every < 1)
+    ):
+        raise ValueError("requests, batch_size and the sampling steps must be positive")
+    if casbin_every is None:
+        casbin_every = max(1, requests // CASBIN_SAMPLE)
+    sizes = Sizes(
+        clusters=clusters, workloads=workloads, projects=projects, roles=roles, bindings=bindings
+    )
+    t0 = time.perf_counter()
+    world = load_world(generate_bodies(sizes, seed))
+    load_seconds = time.perf_counter() - t0
+    bench_requests = generate_requests(world, requests, seed, sizes)
+
+    gc.collect()
+    t0 = time.perf_counter()
+    bundles = compile_all(world.policy, world.registry, 1)
+    t1 = time.perf_counter()
+    engines = {name: Engine(bundle) for name, bundle in bundles.items()}
+    t2 = time.perf_counter()
+    compile_seconds, compile_all_seconds, engines_seconds = t2 - t0, t1 - t0, t2 - t1
+
+    cold, ours = _time_ours(engines, bench_requests)
+    warm, again = _time_ours(engines, bench_requests)
+    if again != ours:  # pragma: no cover - the memo must not change answers
+        raise RuntimeError("the engine answered differently with a warm memo")
+    timer = timer_overhead()
+
+    measured: dict[str, _Measured] = {}
+    if "cedar" in peers:
+        measured["cedar"] = _time_cedar(world, bench_requests, cedar_every, batch_size)
+    if "casbin" in peers:
+        measured["casbin"] = _time_casbin(world, bench_requests, casbin_every)
+
+    workload = _workload(sizes, world, bench_requests, bundles, ours)
+    results = [
+        row(
+            "trustmesh",
+            p50_us=cold.p50_us,
+            p99_us=cold.p99_us,
+            per_s=cold.per_s,
+            note=(
+                f"Engine.decide, fresh engines: {workload['distinct_identity_cluster_pairs']:,} first "
+                f"(identity, cluster) lookups memoised; warm memo p50 {warm.p50_us:.1f} µs, p99 {warm.p99_us:.1f} µs"
+            ),
+            decisions_per_s=round(cold.per_s),
+            allow_fraction=round(sum(ours) / len(ours), 4),
+            decided=len(ours),
+            warm_p50_us=round(warm.p50_us, 2),
+            warm_p99_us=round(warm.p99_us, 2),
+            warm_decisions_per_s=round(warm.per_s),
+        )
+    ]
+    agreement: dict[str, float] = {}
+    disagreements: dict[str, list[dict[str, Any]]] = {}
+    peer_counts: dict[str, dict[str, Any]] = {}
+    for name, m in measured.items():
+        fraction, differ = _agreement(ours, m.allowed)
+        agreement[name] = fraction
+        every = cedar_every if name == "cedar" else casbin_every
+        over = "all requests" if every == 1 else f"every {every}th request ({len(m.allowed):,})"
+        peer_counts[name] = {"decided": len(m.allowed), "every": every, "agreement_over": over}
+        disagreements[name] = [
+            {
+                "cluster": bench_requests[i].cluster,
+                "spiffe_id": bench_requests[i].identity.spiffe_id,
+                "request": bench_requests[i].request.to_json(),
+                "trustmesh": ours[i],
+                name: m.allowed[i],
+            }
+            for i in differ[:5]
+        ]
+        results.append(
+            row(
+                name,
+                p50_us=m.dist.p50_us,
+                p99_us=m.dist.p99_us,
+                per_s=m.dist.per_s,
+                note=f"{m.note}; timed and compared on {over}",
+                decisions_per_s=round(m.dist.per_s),
+                allow_fraction=round(sum(m.allowed.values()) / len(m.allowed), 4),
+                decided=len(m.allowed),
+                build_seconds=round(m.build_seconds, 2),
+                **(m.extra or {}),
+            )
+        )
+
+    fastest = min((m.dist.p50_us for m in measured.values()), default=math.nan)
+    ratio = fastest / cold.p50_us if measured else math.nan
+    fastest_name = min(measured, key=lambda k: measured[k].dist.p50_us) if measured else ""
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
+    summary = [
+        f"compile: {compile_seconds:.2f} s for {clusters} clusters (compile_all {compile_all_seconds:.2f} s + "
+        f"{clusters} engines {engines_seconds:.2f} s); goal ≤ {GOAL_COMPILE_S:.0f} s: "
+        f"{verdict(compile_seconds <= GOAL_COMPILE_S)}",
+        f"trustmesh p99 {cold.p99_us:.1f} µs per decision (p50 {cold.p50_us:.1f} µs, fresh engines; warm memo "
+        f"p99 {warm.p99_us:.1f} µs); goal ≤ {GOAL_P99_US:.0f} µs: {verdict(cold.p99_us <= GOAL_P99_US)}",
+    ]
+    if measured:
+        summary.append(
+            f"fastest peer ({fastest_name}) median {fastest:.1f} µs = {ratio:.1f}x ours; goal ≥ {GOAL_RATIO:.0f}x: "
+            f"{verdict(ratio >= GOAL_RATIO)}"
+        )
+        summary.append(
+            "agreement with trustmesh: "
+            + ", ".join(
+                f"{k} {v:.4f} ({peer_counts[k]['agreement_over']})" for k, v in agreement.items()
+            )
+            + (
+                ""
+                if all(v == 1.0 for v in agreement.values())
+                else " — NOT 1.0: the race proves nothing"
+            )
+        )
+    summary.append(
+        f"{requests:,} requests, {workload['allow_fraction']:.0%} allowed, over {workload['distinct_identities']:,} "
+        f"identities ({workload['distinct_identity_cluster_pairs']:,} identityxcluster pairs); timer overhead "
+        f"{timer.p50_ns} ns per call, not subtracted"
+    )
+    return {
+        "title": "Authorization decisions: trustmesh engine vs. Cedar (cedarpy) and casbin, same policy",
+        "workload": workload,
+        "results": results,
+        "agreement": agreement,
+        "summary": summary,
+        "compile_seconds": round(compile_seconds, 3),
+        "compile_all_seconds": round(compile_all_seconds, 3),
+        "engines_seconds": round(engines_seconds, 3),
+        "load_seconds": round(load_seconds, 3),
+        "ratio_vs_fastest_peer": round(ratio, 2) if measured else None,
+        "timer_overhead_ns": timer.p50_ns,
+        "peers": peer_counts,
+        "disagreements": disagreements,
+        "seed": seed,
+        "goals": {
+            "p99_us": GOAL_P99_US,
+            "ratio": GOAL_RATIO,
+            "compile_s": GOAL_COMPILE_S,
+            "p99_met": cold.p99_us <= GOAL_P99_US,
+            "ratio_met": bool(measured) and ratio >= GOAL_RATIO,
+            "compile_met": compile_seconds <= GOAL_COMPILE_S,
+        },
+    }
