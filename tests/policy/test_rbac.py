@@ -16,7 +16,6 @@ from trustmesh.policy.compiler import PolicyError, identity_claims
 from trustmesh.policy.rbac import (
     EXPANDED_SUBJECTS,
     SKIPPED_SERVICE_RULES,
-    UNSUPPORTED_RESOURCES,
     export_rbac,
     groups_for_claims,
     render_yaml,
