@@ -536,6 +536,21 @@ def bench_engine(
     print_json(result) if output is Output.json else _print_bench(result)
 
 
+@bench_app.command("revocation")
+def bench_revocation(
+    agents: int = typer.Option(20, "--agents", min=1, help="Agents on loopback."),
+    trials: int = typer.Option(
+        20, "--trials", min=1, help="Trials per revocation kind (jti, workload)."
+    ),
+    output: Output = OutputOption,
+) -> None:
+    """Time from a revocation until every agent denies, and the per-decision check cost."""
+    from trustmesh.bench.revocation import run
+
+    result = run(agents=agents, trials=trials)
+    print_json(result) if output is Output.json else _print_bench(result)
+
+
 @bench_app.command("authorize")
 def bench_authorize(
     seconds: float = typer.Option(10.0, "--seconds", help="Duration of each HTTP load."),
