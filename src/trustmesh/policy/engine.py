@@ -74,14 +74,13 @@ class _Subject:
 class _Binding:
     __slots__ = ("deny", "name", "namespaces", "role", "rules", "subjects")
 
-    def __init__(self, body: dict[str, Any], role_rules: list[dict[str, Any]]) -> None:
+    def __init__(self, body: dict[str, Any], compiled: list[CompiledRule]) -> None:
         self.name: str = body["name"]
         self.role: str = body["role"]
         self.deny = body["effect"] == "deny"
         self.subjects = tuple(_Subject(s) for s in body["subjects"])
         namespaces = body.get("namespaces")
         self.namespaces = frozenset(namespaces) if namespaces is not None else None
-        compiled = [compile_rule(r) for r in role_rules]
         self.rules: dict[str, tuple[CompiledRule, ...]] = {
             family: tuple(r for r in compiled if r.family == family) for family in _FAMILIES
         }
@@ -109,7 +108,8 @@ class Engine:
         self.registry_revision: int = int(bundle.get("registryRevision", 0))
         self.identities: dict[str, dict[str, Any]] = dict(bundle.get("identities", {}))
         roles = bundle["roles"]
-        self.bindings = tuple(_Binding(b, roles[b["role"]]) for b in bundle["bindings"])
+        compiled = {name: [compile_rule(rule) for rule in rules] for name, rules in roles.items()}
+        self.bindings = tuple(_Binding(b, compiled[b["role"]]) for b in bundle["bindings"])
         # Each index entry is (binding, the subject indexed there): a subject can only
         # match identities that carry its index key, so only that subject is checked.
         self._by_spiffe: dict[str, list[_Entry]] = {}
@@ -117,11 +117,20 @@ class Engine:
         self._unindexed: list[_Entry] = []
         # How many registered identities carry each claim value: a subject is indexed
         # under its most selective condition, so an identity meets few candidates.
+        indexable = {
+            key
+            for binding in self.bindings
+            for subject in binding.subjects
+            for key in (
+                *(k for k, _ in subject.claims),
+                *(e[0] for e in subject.expressions if e[1] == "In"),
+            )
+        }
         frequency: Counter[tuple[str, str]] = Counter(
             (key, value)
             for identity in self.identities.values()
             for key, value in identity.get("claims", {}).items()
-            if isinstance(value, str)
+            if key in indexable and isinstance(value, str)
         )
         claim_keys: set[str] = set()
         for binding in self.bindings:

@@ -10,10 +10,11 @@ one segment, ``**`` any number of segments, ``*`` alone any path) and the method
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from trustmesh.policy.request import KubernetesRequest, NonResourceRequest, Request, ServiceRequest
 
@@ -122,13 +123,13 @@ class ServiceRule:
 CompiledRule = ResourceRule | NonResourceRule | ServiceRule
 
 
-_COMPILED: dict[str, CompiledRule] = {}
+_COMPILED: dict[bytes, CompiledRule] = {}
 
 
 def compile_rule(body: dict[str, Any]) -> CompiledRule:
     """Compiled rules are immutable, so engines share them (bundles of many clusters
     repeat the same roles)."""
-    key = json.dumps(body, sort_keys=True)
+    key = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
     found = _COMPILED.get(key)
     if found is None:
         if len(_COMPILED) > 100_000:
