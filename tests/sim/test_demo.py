@@ -18,7 +18,27 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trustmesh.sim.demo import CLUSTERS, WORKLOADS, DemoError, manifest, run_demo, swap_payload
+from trustmesh.manifests import POLICY_KINDS, REGISTRY_KINDS, parse_text
+from trustmesh.policy.compiler import PolicySet, compile_all, identity_claims
+from trustmesh.policy.engine import Engine
+from trustmesh.policy.request import parse_request
+from trustmesh.policy.testing import run_policy_tests
+from trustmesh.registry import Registry, build_registry
+from trustmesh.sim.demo import (
+    BAD_CHANGE,
+    CLUSTERS,
+    GOOD_CHANGE,
+    ROUTES,
+    TRUST_DOMAIN,
+    WORKLOADS,
+    DemoError,
+    Expect,
+    PolicyChangeSpec,
+    manifest,
+    policy_manifest,
+    run_demo,
+    swap_payload,
+)
 
 DEMO = [sys.executable, "-m", "trustmesh.cli.main", "demo"]
 
@@ -46,20 +66,65 @@ def kill_leftovers(marker: str) -> None:
             os.kill(int(line.split(":", 1)[0]), signal.SIGKILL)
 
 
+VERDICT = {"allow": "ALLOWED", "deny": "DENIED", "default deny": "DENIED"}
+
+
 def check_traffic(output: str) -> None:
-    for wl in WORKLOADS:
-        spiffe_id = re.escape(wl.spiffe_id)
-        others = [c.name for c in CLUSTERS if c.name != wl.cluster]
-        for target in others:
-            line = rf"{wl.name}@{wl.cluster} -> {target}: authenticated as {spiffe_id} "
-            assert re.search(line, output), f"no authenticated call {wl.name} -> {target}"
+    """Every flow's first decision is reported, allowed or denied as the policy says."""
+    by_name = {wl.name: wl for wl in WORKLOADS}
+    for route in ROUTES:
+        wl = by_name[route.workload]
+        verdict = VERDICT[route.expect[0].effect]
+        line = (
+            rf"{wl.name}@{wl.cluster} -> {route.target} {re.escape(str(route.call))}: "
+            rf"{verdict} at revision \d+ \(.*\); authenticated as {re.escape(wl.spiffe_id)} "
+        )
+        assert re.search(line, output), f"no {verdict} call {wl.name} -> {route.target}"
+    assert re.search(r": DENIED at revision \d+ \(default deny: ", output)
+    assert re.search(
+        r": DENIED at revision \d+ \(explicit deny: RoleBinding bronze-never-writes-ledger\)",
+        output,
+    )
     assert re.search(r"intruder: forged SA token .* refused at exchange: 400 invalid_grant", output)
     assert re.search(r"intruder: JWT-SVID .* refused by agent \S+: 401 invalid_token", output)
 
 
-def test_demo_runs_rotates_and_leaves_nothing_behind() -> None:
+def check_policy_change(output: str) -> None:
+    """The bad change is refused (422) with the revision in force unmoved; the good one
+    reaches every agent, and the call it grants is then allowed."""
+    rejected = re.search(
+        r"policy change: every project may write the ledger .* -> REJECTED with "
+        r"422 policy_test_failed: .*expected deny, got allow",
+        output,
+    )
+    assert rejected, output
+    kept = re.search(
+        r"revision in force did not move: control plane at policy revision (\d+), "
+        r"agents at eu-west (\d+), us-east (\d+), ap-south (\d+)",
+        output,
+    )
+    assert kept and len(set(kept.groups())) == 1, output
+    accepted = re.search(
+        r"checkout may write the ledger .* accepted as policy revision (\d+)", output
+    )
+    assert accepted and int(accepted.group(1)) == int(kept.group(1)) + 1, output
+    revision = accepted.group(1)
+    assert re.search(
+        rf"policy revision {revision} in force at all 3 agents after \d+\.\d\d s "
+        r"\(eu-west \d+\.\d\d s, us-east \d+\.\d\d s, ap-south \d+\.\d\d s\)",
+        output,
+    ), output
+    assert re.search(
+        rf"checkout@eu-west -> ap-south POST \S+: ALLOWED at revision {revision} "
+        r"\(RoleBinding ledger-writers\)",
+        output,
+    ), output
+    assert output.index(rejected.group(0)) < output.index(accepted.group(0))
+
+
+def test_demo_runs_changes_policy_rotates_and_leaves_nothing_behind() -> None:
     proc = subprocess.run(
-        [*DEMO, "--duration", "8", "--plain"], capture_output=True, text=True, timeout=90
+        [*DEMO, "--duration", "10", "--plain"], capture_output=True, text=True, timeout=90
     )
     output = proc.stdout
     match = re.search(r"^data dir: (\S+) \(removed at the end\)$", output, re.M)
@@ -67,14 +132,25 @@ def test_demo_runs_rotates_and_leaves_nothing_behind() -> None:
     data_dir = match.group(1)
     try:
         assert proc.returncode == 0, output + proc.stderr
+        assert re.search(
+            r"^policy revision 1 in force \(PolicyTest 13/13 cases passed", output, re.M
+        )
         check_traffic(output)
+        check_policy_change(output)
         assert "signing key rotated: kid" in output
         assert "first call verified with the new key" in output
         assert re.search(
             r"since then \d+ calls verified with the retired key, [1-9]\d* with", output
         )
-        assert "OK: every legitimate call was authenticated" in output
-        assert "PROBLEMS" not in output
+        ok = re.search(
+            r"^OK: every decision matched the policy in force \([1-9]\d* allowed, [1-9]\d* "
+            r"denied; [1-9]\d* at revision 1, [1-9]\d* at revision 2\); every legitimate "
+            r"token was authenticated .*; all [1-9]\d* intruder attempts were refused$",
+            output,
+            re.M,
+        )
+        assert ok, output
+        assert "PROBLEMS" not in output and "UNEXPECTED" not in output
         assert not Path(data_dir).exists(), "the temporary data dir must be removed"
         assert processes_mentioning(data_dir) == []
     finally:
@@ -116,8 +192,9 @@ def test_sigint_stops_everything_cleanly(tmp_path: Path) -> None:
         stderr = proc.stderr.read() if proc.stderr else ""
         assert code == 0, output + stderr
         assert "interrupted: stopping agents, control plane and simulated clusters" in output
-        assert "OK: every legitimate call was authenticated" in output
+        assert "OK: every decision matched the policy in force" in output
         assert processes_mentioning(str(data_dir)) == []
+        assert (data_dir / "policy" / "accepted-change.yaml").exists()
         assert (data_dir / "control-plane" / "admin.token").exists(), "a given data dir is kept"
         assert oct((data_dir / "agents" / "eu-west.token").stat().st_mode & 0o777) == "0o600"
     finally:
@@ -162,3 +239,51 @@ def test_swap_payload_keeps_header_and_signature() -> None:
     assert header == token.split(".")[0] and signature == "c2ln"
     claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
     assert claims["sub"] == WORKLOADS[0].spiffe_id
+
+
+def policy_and_registry(stage: int | PolicyChangeSpec) -> tuple[PolicySet, Registry]:
+    issuers = {c.name: f"http://127.0.0.1:{9000 + i}" for i, c in enumerate(CLUSTERS)}
+    documents = parse_text(manifest(issuers), "registry.yaml")
+    documents += parse_text(policy_manifest(stage), "policy.yaml")
+    registry = build_registry(TRUST_DOMAIN, 1, [d for d in documents if d.kind in REGISTRY_KINDS])
+    policy = PolicySet.from_documents(d for d in documents if d.kind in POLICY_KINDS)
+    return policy, registry
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_every_route_expectation_is_what_the_policy_decides(stage: int) -> None:
+    """The demo's table of expected outcomes agrees with the engine, binding by binding,
+    and the PolicyTest made from it passes; both stages deny some calls by design."""
+    policy, registry = policy_and_registry(stage)
+    bundles = compile_all(policy, registry, stage + 1)
+    by_name = {wl.name: wl for wl in WORKLOADS}
+    for route in ROUTES:
+        wl = by_name[route.workload]
+        assert registry.spiffe_id_of(wl.name) == wl.spiffe_id
+        decision = Engine(bundles[route.target]).decide(
+            wl.spiffe_id, identity_claims(registry, wl.name), parse_request(route.call.request())
+        )
+        assert route.expect[stage].matches(decision.to_json()), (route, decision)
+    results = run_policy_tests(policy, registry)
+    assert results and all(r.passed for r in results), [r.describe() for r in results]
+    effects = {route.expect[stage].effect for route in ROUTES}
+    assert effects == {"allow", "deny", "default deny"}
+
+
+def test_the_bad_change_fails_its_policy_test_and_the_good_one_grants_checkout() -> None:
+    policy, registry = policy_and_registry(BAD_CHANGE)
+    failed = [r for r in run_policy_tests(policy, registry) if not r.passed]
+    assert failed and all(r.got == "allow" and r.expected == "deny" for r in failed)
+    changed = [r for r in ROUTES if r.expect[0] != r.expect[GOOD_CHANGE.stage]]
+    assert [(r.workload, r.target, r.expect[1]) for r in changed] == [
+        ("checkout", "ap-south", Expect("allow", "ledger-writers"))
+    ]
+
+
+def test_expect_matches_decisions() -> None:
+    allowed = {"allowed": True, "denied": False, "bindings": ["a"], "revision": 1}
+    denied = {"allowed": False, "denied": True, "bindings": ["d"], "revision": 1}
+    default = {"allowed": False, "denied": False, "bindings": [], "revision": 1}
+    assert Expect("allow", "a").matches(allowed) and not Expect("allow", "b").matches(allowed)
+    assert Expect("deny", "d").matches(denied) and not Expect("deny", "d").matches(default)
+    assert Expect("default deny").matches(default) and not Expect("default deny").matches(denied)

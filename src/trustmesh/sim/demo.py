@@ -8,17 +8,25 @@ What it shows, with real processes and real HTTP, no test-only code paths:
    registered with their issuer URL only, so the control plane finds their keys by
    OIDC discovery, exactly as it would for EKS, GKE or a kube-apiserver. Two workloads
    per cluster are registered with project, environment and tier claims.
-3. One agent per cluster (``trustmesh agent``) starts with a credential that lets it act
+3. A small policy is applied together with the registry: two GlobalRoles
+   (``orders-reader``, ``ledger-writer``), RoleBindings by claims, by workload and one
+   explicit deny, and a PolicyTest that states what every call of the demo must get.
+4. One agent per cluster (``trustmesh agent``) starts with a credential that lets it act
    for that cluster only.
-4. Traffic: every workload mints a projected service-account token from its own cluster
+5. Traffic: every workload mints a projected service-account token from its own cluster
    (kept until near expiry, as the kubelet does), trades it at ``POST /oauth2/token``
    (RFC 8693) for a short-lived JWT-SVID per *other* cluster (renewed at ~80 % of its
-   lifetime), and presents it to that cluster's agent at ``POST /v1/authorize``.
-5. An intruder tries, every round, a service-account token from a cluster nobody
+   lifetime), and presents it with a service request to that cluster's agent at
+   ``POST /v1/authorize``. Some calls are allowed, some denied by design (default deny,
+   explicit deny); every decision is checked against what the policy in force says.
+6. An intruder tries, every round, a service-account token from a cluster nobody
    registered (the exchange answers ``invalid_grant``) and a JWT-SVID whose payload it
    rewrote to claim another workload (the agent answers 401).
-6. Midway the control plane's signing key rotates; traffic keeps verifying, first with
-   the retired key (still published in JWKS), then with the new one.
+7. At a third of the run the policy changes: first a bad change, which a PolicyTest
+   rejects (422) while the revision in force stays; then a good one, whose arrival at
+   every agent is timed.
+8. At two thirds the control plane's signing key rotates; traffic keeps verifying, first
+   with the retired key (still published in JWKS), then with the new one.
 
 A live table (or, with ``--plain`` or without a terminal, one line per notable event and
 a periodic summary) shows it all. Ctrl-C or the end of ``--duration`` stops agents, then
@@ -39,7 +47,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -56,11 +64,25 @@ from rich.text import Text
 
 from trustmesh.sim.cluster import SimulatedCluster
 
-__all__ = ["CLUSTERS", "TRUST_DOMAIN", "WORKLOADS", "DemoError", "run_demo"]
+__all__ = [
+    "BAD_CHANGE",
+    "CLUSTERS",
+    "GOOD_CHANGE",
+    "ROUTES",
+    "TRUST_DOMAIN",
+    "WORKLOADS",
+    "DemoError",
+    "Expect",
+    "PolicyChangeSpec",
+    "manifest",
+    "policy_manifest",
+    "run_demo",
+]
 
 TRUST_DOMAIN = "demo.trustmesh.io"
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"  # noqa: S105
 JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"  # noqa: S105
+API_VERSION = "trustmesh.io/v1alpha1"
 
 ROUND_INTERVAL = 0.3  # seconds between traffic rounds (~3 rounds per second)
 SUMMARY_INTERVAL = 2.0  # seconds between summary lines in plain mode
@@ -69,7 +91,10 @@ STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL
 HTTP_TIMEOUT = 3.0
 SA_TOKEN_TTL = 3600  # projected service-account tokens, as the kubelet requests them
 RENEW_AT = 0.8  # renew tokens at 80 % of their lifetime
-INTERACTIVE_ROTATION = 10.0  # seconds into the traffic when running until Ctrl-C
+INTERACTIVE_POLICY_CHANGE = 8.0  # seconds into the traffic when running until Ctrl-C
+INTERACTIVE_ROTATION = 16.0
+PROPAGATION_TIMEOUT = 15.0  # seconds every agent has to take up a new policy revision
+PROPAGATION_POLL = 0.01
 
 SERVER_READY = re.compile(r"trustmesh server listening on (\S+) \(")
 AGENT_READY = re.compile(r"trustmesh agent for cluster (\S+) ready on (\S+) \(")
@@ -114,15 +139,16 @@ CLUSTERS = (
     ClusterSpec("ap-south", "ap-south-1", "staging"),
 )
 WORKLOADS = (
-    WorkloadSpec("payments", "eu-west", "shop", "payments", "shop", "production", "critical"),
-    WorkloadSpec("checkout", "eu-west", "shop", "checkout", "shop", "production", "frontend"),
+    WorkloadSpec("payments", "eu-west", "shop", "payments", "shop", "production", "gold"),
+    WorkloadSpec("checkout", "eu-west", "shop", "checkout", "shop", "production", "silver"),
     WorkloadSpec(
-        "inventory", "us-east", "warehouse", "inventory", "warehouse", "production", "backend"
+        "inventory", "us-east", "warehouse", "inventory", "warehouse", "production", "silver"
     ),
-    WorkloadSpec("search", "us-east", "catalog", "search", "catalog", "production", "frontend"),
-    WorkloadSpec("ledger", "ap-south", "finance", "ledger", "finance", "staging", "critical"),
-    WorkloadSpec("reports", "ap-south", "finance", "reports", "finance", "staging", "batch"),
+    WorkloadSpec("search", "us-east", "catalog", "search", "catalog", "production", "bronze"),
+    WorkloadSpec("ledger", "ap-south", "finance", "ledger", "finance", "staging", "gold"),
+    WorkloadSpec("reports", "ap-south", "finance", "reports", "finance", "staging", "bronze"),
 )
+WORKLOAD_BY_NAME = {wl.name: wl for wl in WORKLOADS}
 ROGUE_CLUSTER = "rogue"
 FORGED_AUDIENCE = "us-east"  # where the intruder's forged token wants to go
 
@@ -151,12 +177,191 @@ def manifest(issuers: dict[str, str]) -> str:
 
 
 def _document(kind: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "apiVersion": "trustmesh.io/v1alpha1",
-        "kind": kind,
-        "metadata": {"name": name},
-        "spec": spec,
-    }
+    return {"apiVersion": API_VERSION, "kind": kind, "metadata": {"name": name}, "spec": spec}
+
+
+# -- the policy ----------------------------------------------------------------------------
+#
+# Two services, two roles, four bindings. ROUTES is the demo's traffic *and* its
+# expectation: what each (workload -> cluster) call must get under the initial policy
+# and after the accepted change. The PolicyTest applied with the policy is made from the
+# same table, so the control plane refuses to publish a policy that disagrees with it,
+# and every decision an agent answers during the run is checked against it.
+
+
+@dataclass(frozen=True)
+class ServiceCall:
+    method: str
+    host: str
+    path: str
+
+    def request(self) -> dict[str, str]:
+        """The flat service request of ``POST /v1/authorize`` (DESIGN §4)."""
+        return {"host": self.host, "path": self.path, "method": self.method}
+
+    def __str__(self) -> str:
+        return f"{self.method} {self.host}{self.path}"
+
+    @property
+    def short(self) -> str:
+        return f"{self.method} {self.path}"
+
+
+ORDERS_READ = ServiceCall("GET", "orders.shop.internal", "/api/orders/1042")
+LEDGER_WRITE = ServiceCall("POST", "ledger.finance.internal", "/api/ledger/entries")
+
+
+@dataclass(frozen=True)
+class Expect:
+    """What a decision must be: ``allow`` or ``deny`` by the named RoleBinding, or the
+    ``default deny`` of a request no binding allows."""
+
+    effect: str
+    binding: str = ""
+
+    def matches(self, decision: dict[str, Any]) -> bool:
+        bindings = decision.get("bindings") or []
+        allowed, denied = decision.get("allowed") is True, decision.get("denied") is True
+        if self.effect == "allow":
+            return allowed and not denied and self.binding in bindings
+        if self.effect == "deny":
+            return denied and not allowed and self.binding in bindings
+        return not allowed and not denied
+
+    @property
+    def verdict(self) -> str:
+        return "allow" if self.effect == "allow" else "deny"
+
+    def __str__(self) -> str:
+        return f"{self.effect} by {self.binding}" if self.binding else self.effect
+
+
+def allow(binding: str) -> Expect:
+    return Expect("allow", binding)
+
+
+def deny(binding: str) -> Expect:
+    return Expect("deny", binding)
+
+
+DEFAULT_DENY = Expect("default deny")
+
+
+@dataclass(frozen=True)
+class Route:
+    """One (workload -> target cluster) flow: its request and what it must get, per
+    policy stage (0: the initial policy, 1: after the accepted change)."""
+
+    workload: str
+    target: str
+    call: ServiceCall
+    expect: tuple[Expect, Expect]
+
+
+def _route(
+    workload: str, target: str, call: ServiceCall, before: Expect, after: Expect | None = None
+) -> Route:
+    return Route(workload, target, call, (before, after or before))
+
+
+ROUTES = (
+    _route("payments", "us-east", ORDERS_READ, allow("shop-reads-orders")),
+    _route("payments", "ap-south", LEDGER_WRITE, allow("ledger-writers")),
+    _route("checkout", "us-east", ORDERS_READ, allow("shop-reads-orders")),
+    _route("checkout", "ap-south", LEDGER_WRITE, DEFAULT_DENY, allow("ledger-writers")),
+    _route("inventory", "eu-west", ORDERS_READ, DEFAULT_DENY),
+    _route("inventory", "ap-south", LEDGER_WRITE, DEFAULT_DENY),
+    _route("search", "eu-west", ORDERS_READ, DEFAULT_DENY),
+    _route("search", "ap-south", LEDGER_WRITE, deny("bronze-never-writes-ledger")),
+    _route("ledger", "eu-west", LEDGER_WRITE, allow("finance-writes-ledger")),
+    _route("ledger", "us-east", LEDGER_WRITE, allow("finance-writes-ledger")),
+    _route("reports", "eu-west", LEDGER_WRITE, deny("bronze-never-writes-ledger")),
+    _route("reports", "us-east", ORDERS_READ, DEFAULT_DENY),
+)
+# Checked by the PolicyTest only: shop reads orders in production clusters, not staging.
+TEST_ONLY_ROUTES = (_route("checkout", "ap-south", ORDERS_READ, DEFAULT_DENY),)
+
+
+@dataclass(frozen=True)
+class PolicyChangeSpec:
+    title: str
+    stage: int  # the policy stage the manifest describes
+    extra: tuple[dict[str, Any], ...] = ()  # documents beyond that stage's policy
+
+
+BAD_CHANGE = PolicyChangeSpec(
+    "every project may write the ledger (new RoleBinding everyone-writes-ledger)",
+    0,
+    (
+        _document(
+            "RoleBinding",
+            "everyone-writes-ledger",
+            {
+                "role": "ledger-writer",
+                "subjects": [{"matchExpressions": [{"key": "project", "operator": "Exists"}]}],
+            },
+        ),
+    ),
+)
+GOOD_CHANGE = PolicyChangeSpec(
+    "checkout may write the ledger (RoleBinding ledger-writers gains workload checkout)", 1
+)
+
+
+def _rule(call: ServiceCall, paths: str) -> dict[str, list[str]]:
+    return {"services": [call.host], "paths": [paths], "methods": [call.method]}
+
+
+def _binding(name: str, role: str, subjects: list[dict[str, Any]], **scope: Any) -> dict[str, Any]:
+    return _document("RoleBinding", name, {"role": role, "subjects": subjects, **scope})
+
+
+def policy_documents(stage: int) -> list[dict[str, Any]]:
+    """GlobalRoles, RoleBindings and the PolicyTest of ``stage``."""
+    writers = ["payments", "checkout"] if stage else ["payments"]
+    production = {"selector": {"matchLabels": {"environment": "production"}}}
+    return [
+        _document("GlobalRole", "orders-reader", {"rules": [_rule(ORDERS_READ, "/api/orders/**")]}),
+        _document("GlobalRole", "ledger-writer", {"rules": [_rule(LEDGER_WRITE, "/api/ledger/**")]}),
+        _binding("shop-reads-orders", "orders-reader", [{"claims": {"project": "shop"}}], clusters=production),
+        _binding("ledger-writers", "ledger-writer", [{"workload": name} for name in writers]),
+        _binding("finance-writes-ledger", "ledger-writer", [{"claims": {"project": "finance"}}]),
+        _binding("bronze-never-writes-ledger", "ledger-writer", [{"claims": {"tier": "bronze"}}], effect="deny"),
+        _document("PolicyTest", "demo-expectations", {"cases": policy_test_cases(stage)}),
+    ]  # fmt: skip
+
+
+def policy_test_cases(stage: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": f"{route.workload} -> {route.target}: {route.call} is {route.expect[stage]}",
+            "subject": {"workload": route.workload},
+            "cluster": route.target,
+            "request": route.call.request(),
+            "expect": route.expect[stage].verdict,
+        }
+        for route in (*ROUTES, *TEST_ONLY_ROUTES)
+    ]
+
+
+def policy_manifest(change: PolicyChangeSpec | int) -> str:
+    """The whole policy of a stage (an int), or of a change (with its extra documents)."""
+    if isinstance(change, int):
+        change = PolicyChangeSpec("", change)
+    return yaml.safe_dump_all([*policy_documents(change.stage), *change.extra], sort_keys=False)
+
+
+def write_policy_files(root: Path) -> Path:
+    """The manifests the demo applies, for reading (kept with ``--data-dir``)."""
+    folder = root / "policy"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, content in (
+        ("initial.yaml", policy_manifest(0)),
+        ("rejected-change.yaml", policy_manifest(BAD_CHANGE)),
+        ("accepted-change.yaml", policy_manifest(GOOD_CHANGE)),
+    ):
+        (folder / name).write_text(content, encoding="utf-8")
+    return folder
 
 
 # -- subprocesses --------------------------------------------------------------------------
@@ -240,6 +445,18 @@ def write_secret(path: Path, secret: str) -> None:
 # -- the control plane's admin API -----------------------------------------------------------
 
 
+class ApiError(DemoError):
+    """The control plane answered an admin call with an error."""
+
+    def __init__(self, path: str, status: int, document: dict[str, Any], text: str) -> None:
+        self.status = status
+        self.error = str(document.get("error") or "")
+        self.description = str(document.get("error_description") or text[:200])
+        problems = document.get("problems")
+        self.problems = [str(p) for p in problems] if isinstance(problems, list) else []
+        super().__init__(f"{path} answered {status}: {self.description}")
+
+
 class Admin:
     """The few admin calls the demo needs, with the admin credential."""
 
@@ -247,23 +464,29 @@ class Admin:
         self.http, self.url = http, url
         self.headers = {"Authorization": f"Bearer {token}"}
 
-    def call(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    def call(self, path: str, body: dict[str, Any] | None = None, method: str = "POST") -> Any:
         try:
-            response = self.http.post(self.url + path, json=body, headers=self.headers)
+            response = self.http.request(method, self.url + path, json=body, headers=self.headers)
         except httpx.HTTPError as exc:
-            raise DemoError(f"POST {path} failed: {exc}") from None
-        try:
-            document: dict[str, Any] = response.json()
-        except ValueError:
-            document = {}
+            raise DemoError(f"{method} {path} failed: {exc}") from None
+        document = _json(response)
         if response.status_code != 200:
-            detail = document.get("error_description") or response.text[:200]
-            raise DemoError(f"POST {path} answered {response.status_code}: {detail}")
+            raise ApiError(f"{method} {path}", response.status_code, document, response.text)
         return document
 
-    def apply(self, content: str) -> int:
-        files = [{"path": "demo.yaml", "content": content}]
-        return int(self.call("/v1/apply", {"files": files, "author": "trustmesh demo"})["revision"])
+    def apply(self, files: dict[str, str], message: str) -> dict[str, Any]:
+        """-> the apply result (``registryRevision``, ``policyRevision``, ``tests``...)."""
+        body = {
+            "files": [{"path": path, "content": content} for path, content in files.items()],
+            "author": "trustmesh demo",
+            "message": message,
+        }
+        result: dict[str, Any] = self.call("/v1/apply", body)
+        return result
+
+    def policy_revision(self) -> int:
+        """The policy revision in force at the control plane."""
+        return int(self.call("/v1/policy/versions/current", method="GET")["revision"])
 
     def cluster_credential(self, cluster: str) -> str:
         return str(self.call(f"/v1/clusters/{cluster}/credentials")["token"])
@@ -277,6 +500,11 @@ class Admin:
         return str(latest["kid"]), active
 
 
+def tests_passed(result: dict[str, Any]) -> str:
+    tests = result.get("tests") or {}
+    return f"{tests.get('passed', '?')}/{tests.get('total', '?')}"
+
+
 # -- scoreboard ----------------------------------------------------------------------------
 
 
@@ -284,21 +512,34 @@ class Admin:
 class PairStats:
     """One (workload -> target cluster) flow."""
 
+    route: Route
     workload: WorkloadSpec
-    target: str
     spiffe_id: str
     exchanges: int = 0
-    authenticated: int = 0
-    refused: int = 0
+    allowed: int = 0
+    denied: int = 0
+    unexpected: int = 0  # decisions that did not match the policy in force
+    refused: int = 0  # authentication failures (and other refusals) of a legitimate call
     errors: int = 0
+    last_decision: str = ""
     last_latency_ms: float | None = None
     last_kid: str = ""
     outcome: str = ""  # the last outcome, to report changes only
+
+    @property
+    def target(self) -> str:
+        return self.route.target
+
+    @property
+    def name(self) -> str:
+        wl = self.workload
+        return f"{wl.name}@{wl.cluster} -> {self.target} {self.route.call}"
 
 
 @dataclass
 class IntruderStats:
     label: str
+    short: str  # for the table
     target: str
     expected_error: str  # the OAuth error the refusal must carry
     attempts: int = 0
@@ -319,6 +560,30 @@ class Rotation:
 
 
 @dataclass
+class PolicyChange:
+    at: float  # seconds into the traffic
+    rejected: str = ""  # how the control plane refused the bad change
+    kept_revision: int | None = None  # the revision still in force after the refusal
+    new_revision: int | None = None  # the accepted change
+    propagation: float | None = None  # seconds until every agent decided with it
+    per_agent: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PolicyState:
+    revision: int  # in force at the control plane
+    tests: str  # the PolicyTest cases passed at the last accepted apply, "13/13"
+    stages: dict[int, int]  # policy revision -> stage of ROUTES' expectations
+    change: PolicyChange | None = None
+    errors: list[str] = field(default_factory=list)
+    first_mismatch: str = ""
+
+    def expected(self, route: Route, revision: int) -> Expect | None:
+        stage = self.stages.get(revision)
+        return None if stage is None else route.expect[stage]
+
+
+@dataclass
 class Scoreboard:
     server_url: str
     agent_urls: dict[str, str]
@@ -328,7 +593,9 @@ class Scoreboard:
     pairs: list[PairStats]
     forged: IntruderStats
     tampered: IntruderStats
+    policy: PolicyState
     started: float = field(default_factory=time.monotonic)
+    by_revision: Counter[int] = field(default_factory=Counter)  # decisions per revision
     rotation: Rotation | None = None
     rotation_error: str = ""
     interrupted: bool = False
@@ -337,9 +604,13 @@ class Scoreboard:
         return time.monotonic() - self.started
 
     def totals(self) -> dict[str, int]:
+        allowed, denied = sum(p.allowed for p in self.pairs), sum(p.denied for p in self.pairs)
         return {
             "exchanges": sum(p.exchanges for p in self.pairs),
-            "authenticated": sum(p.authenticated for p in self.pairs),
+            "decisions": allowed + denied,
+            "allowed": allowed,
+            "denied": denied,
+            "unexpected": sum(p.unexpected for p in self.pairs),
             "refused": sum(p.refused for p in self.pairs),
             "errors": sum(p.errors for p in self.pairs),
             "intruder_attempts": self.forged.attempts + self.tampered.attempts,
@@ -348,12 +619,29 @@ class Scoreboard:
         }
 
     def problems(self) -> list[str]:
-        """What went wrong, in words; empty when every legitimate call was authenticated
-        and every intruder attempt refused."""
+        """What went wrong, in words; empty when every decision matched the policy in
+        force, every legitimate token was authenticated, every intruder attempt was
+        refused and the policy change and key rotation behaved."""
         t = self.totals()
+        problems = self.traffic_problems(t) + self.intruder_problems(t)
+        problems += self.policy.errors + self.coverage_problems(t)
+        if self.rotation_error:
+            problems.append(self.rotation_error)
+        return problems
+
+    def traffic_problems(self, t: dict[str, int]) -> list[str]:
         problems = []
         if t["refused"] or t["errors"]:
             problems.append(f"{t['refused']} legitimate calls refused, {t['errors']} failed")
+        if t["unexpected"]:
+            problems.append(
+                f"{t['unexpected']} decisions did not match the policy in force "
+                f"(first: {self.policy.first_mismatch})"
+            )
+        return problems
+
+    def intruder_problems(self, t: dict[str, int]) -> list[str]:
+        problems = []
         if t["intruder_accepted"]:
             problems.append(f"{t['intruder_accepted']} intruder attempts were ACCEPTED")
         for intruder in (self.forged, self.tampered):
@@ -362,13 +650,26 @@ class Scoreboard:
                     f"{intruder.unexpected} intruder attempts refused without "
                     f"{intruder.expected_error} (last: {intruder.last_reason})"
                 )
-        if t["authenticated"] == 0 and not self.interrupted:
-            problems.append("no legitimate call was authenticated")
-        silent = [f"{p.workload.name}->{p.target}" for p in self.pairs if p.authenticated == 0]
-        if silent and not self.interrupted and t["authenticated"]:
-            problems.append("no authenticated call for " + ", ".join(silent))
-        if self.rotation_error:
-            problems.append(self.rotation_error)
+        return problems
+
+    def coverage_problems(self, t: dict[str, int]) -> list[str]:
+        """A run that was not cut short must have shown allowed and denied calls on every
+        flow, and decisions with the accepted change."""
+        if self.interrupted:
+            return []
+        if t["decisions"] == 0:
+            return ["no legitimate call was decided"]
+        problems = []
+        silent = [f"{p.workload.name}->{p.target}" for p in self.pairs if not p.allowed + p.denied]
+        if silent:
+            problems.append("no decision for " + ", ".join(silent))
+        if not t["allowed"] or not t["denied"]:
+            problems.append(
+                f"expected allowed and denied calls, got {t['allowed']} and {t['denied']}"
+            )
+        change = self.policy.change
+        if change and change.new_revision is not None and not self.by_revision[change.new_revision]:
+            problems.append(f"no decision was made with policy revision {change.new_revision}")
         return problems
 
 
@@ -382,7 +683,8 @@ class Lease:
 
 
 class Refused(Exception):
-    """The control plane or an agent said no (as opposed to a transport failure)."""
+    """The control plane or an agent said no to a token (as opposed to a transport
+    failure, or a decision that denies the request)."""
 
     def __init__(self, status: int, error: str, description: str) -> None:
         super().__init__(f"{status} {error}: {description}")
@@ -457,46 +759,65 @@ class Traffic:
             )
         return str(body["access_token"]), float(body["expires_in"])
 
-    def authorize(self, target: str, token: str, host: str) -> dict[str, Any]:
-        request = {"service": {"host": host, "path": "/api", "method": "GET"}}
+    def authorize(self, target: str, token: str, request: dict[str, str]) -> dict[str, Any]:
+        """The agent's decision (allowed or denied); Refused when the token does not
+        authenticate (401) or the agent cannot decide."""
         response = self.http.post(
             self.board.agent_urls[target] + "/v1/authorize",
             json={"token": token, "request": request},
         )
         body = _json(response)
-        if response.status_code != 200 or not body.get("authenticated"):
+        if response.status_code != 200 or body.get("authenticated") is not True:
             reason = str(body.get("reason") or body.get("error_description") or "")
-            raise Refused(response.status_code, str(body.get("error") or "denied"), reason)
+            raise Refused(response.status_code, str(body.get("error") or "refused"), reason)
         return body
 
     def call(self, pair: PairStats) -> None:
-        name = f"{pair.workload.name}@{pair.workload.cluster} -> {pair.target}"
         try:
             token = self.svid(pair)
             started = time.perf_counter()
-            body = self.authorize(pair.target, token, f"api.{pair.target}.internal")
+            body = self.authorize(pair.target, token, pair.route.call.request())
             pair.last_latency_ms = (time.perf_counter() - started) * 1000
+            revision = int(body["revision"])
         except Refused as exc:
             pair.refused += 1
             self.svids.pop((pair.workload.name, pair.target), None)
-            self.outcome(pair, f"refused: {exc}", f"{name}: REFUSED ({exc})")
+            self.outcome(pair, f"refused: {exc}", f"{pair.name}: REFUSED ({exc})")
             return
-        except (httpx.HTTPError, ValueError, KeyError) as exc:
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
             pair.errors += 1
-            self.outcome(pair, f"error: {type(exc).__name__}", f"{name}: request failed ({exc!r})")
+            self.outcome(
+                pair, f"error: {type(exc).__name__}", f"{pair.name}: request failed ({exc!r})"
+            )
             return
-        self.authenticated(pair, name, body["identity"])
+        self.authenticated(pair, body["identity"])
+        self.decided(pair, body, revision)
 
-    def authenticated(self, pair: PairStats, name: str, identity: dict[str, Any]) -> None:
-        pair.authenticated += 1
+    def decided(self, pair: PairStats, body: dict[str, Any], revision: int) -> None:
+        """Count the decision and check it against the policy in force at ``revision``."""
+        allowed = body.get("allowed") is True
+        if allowed:
+            pair.allowed += 1
+        else:
+            pair.denied += 1
+        self.board.by_revision[revision] += 1
+        pair.last_decision = short_decision(body)
+        verdict = f"{'ALLOWED' if allowed else 'DENIED'} at revision {revision}"
+        expect = self.board.policy.expected(pair.route, revision)
+        if expect is not None and expect.matches(body):
+            who = f"authenticated as {pair.spiffe_id} (kid {_short(pair.last_kid)}, "
+            text = f"{pair.name}: {verdict} ({decision_detail(body)}); {who}{pair.last_latency_ms or 0:.1f} ms)"
+            self.outcome(pair, verdict.split()[0], text)
+            return
+        pair.unexpected += 1
+        wanted = f"expected {expect}" if expect else "no policy with that revision was applied"
+        mismatch = f"{pair.name}: {verdict} ({body.get('reason')}), {wanted}"
+        self.board.policy.first_mismatch = self.board.policy.first_mismatch or mismatch
+        self.outcome(pair, f"unexpected {verdict}", f"UNEXPECTED DECISION: {mismatch}")
+
+    def authenticated(self, pair: PairStats, identity: dict[str, Any]) -> None:
         pair.spiffe_id = str(identity.get("spiffe_id") or pair.spiffe_id)
         pair.last_kid = str(identity.get("kid") or "")
-        ms = pair.last_latency_ms or 0.0
-        self.outcome(
-            pair,
-            "ok",
-            f"{name}: authenticated as {pair.spiffe_id} (kid {_short(pair.last_kid)}, {ms:.1f} ms)",
-        )
         rotation = self.board.rotation
         if rotation is None:
             return
@@ -505,7 +826,7 @@ class Traffic:
             if not self.new_key_seen:
                 self.new_key_seen = True
                 self.events.event(
-                    f"{name}: first call verified with the new key "
+                    f"{pair.name}: first call verified with the new key "
                     f"(kid {_short(rotation.new_kid)}); "
                     "tokens signed before the rotation keep verifying with the retired key"
                 )
@@ -513,7 +834,8 @@ class Traffic:
             rotation.old_key_calls += 1
 
     def outcome(self, pair: PairStats, outcome: str, text: str) -> None:
-        """Report a flow's outcome when it changes: the first success, a failure, a recovery."""
+        """Report a flow's outcome when it changes: the first decision, a decision that
+        changes with the policy, a failure, a recovery."""
         if outcome != pair.outcome:
             pair.outcome = outcome
             self.events.event(text)
@@ -547,7 +869,7 @@ class Traffic:
         stats.target = target
         stats.attempts += 1
         try:
-            self.authorize(target, swap_payload(token, WORKLOADS[0]), f"api.{target}.internal")
+            self.authorize(target, swap_payload(token, WORKLOADS[0]), LEDGER_WRITE.request())
         except Refused as exc:
             reason = exc.description or exc.error
             self.intruder_refused(stats, exc, reason, f"refused by agent {target}: {exc}")
@@ -577,21 +899,27 @@ class Traffic:
             stats.last_reason = reason
             self.events.event(f"intruder: {stats.label} {text}")
 
-    # -- key rotation
 
-    def rotate(self, admin: Admin) -> None:
-        try:
-            old, new = admin.rotate_keys()
-        except DemoError as exc:
-            self.board.rotation_error = f"key rotation failed: {exc}"
-            self.events.event(self.board.rotation_error)
-            return
-        self.board.rotation = Rotation(self.board.elapsed(), old, new)
-        self.events.event(
-            f"signing key rotated: kid {_short(old)} retired (still in JWKS), "
-            f"kid {_short(new)} active; "
-            "agents verify the new kid from their key set or refresh it on first sight"
-        )
+def decision_detail(body: dict[str, Any]) -> str:
+    """Why, in a few words: the deciding RoleBinding, or the default deny."""
+    bindings = body.get("bindings") or []
+    if body.get("denied") is True and bindings:
+        return f"explicit deny: RoleBinding {bindings[0]}"
+    if body.get("allowed") is True and bindings:
+        return f"RoleBinding {bindings[0]}"
+    if body.get("allowed") is not True:
+        return "default deny: no RoleBinding allows this request"
+    return str(body.get("reason"))
+
+
+def short_decision(body: dict[str, Any]) -> str:
+    """For the table: ``r2 allow ledger-writers``, ``r1 default deny``."""
+    bindings = body.get("bindings") or []
+    if body.get("allowed") is True:
+        what = f"allow {bindings[0]}" if bindings else "allow"
+    else:
+        what = f"deny {bindings[0]}" if body.get("denied") is True and bindings else "default deny"
+    return f"r{body.get('revision')} {what}"[:34]
 
 
 def swap_payload(token: str, victim: WorkloadSpec) -> str:
@@ -622,39 +950,164 @@ def _short(kid: str) -> str:
     return kid[:10] if kid else "-"
 
 
+# -- changes during the run: policy, signing key ------------------------------------------
+
+
+class Operator:
+    """What an operator does while traffic flows: change the policy, rotate the key."""
+
+    def __init__(self, board: Scoreboard, admin: Admin, http: httpx.Client, events: Events) -> None:
+        self.board, self.admin, self.http, self.events = board, admin, http, events
+
+    # -- policy
+
+    def change_policy(self) -> None:
+        """A bad change the PolicyTest rejects, then a good one, timed to every agent."""
+        change = PolicyChange(self.board.elapsed())
+        self.board.policy.change = change
+        try:
+            self.try_bad_change(change)
+            self.make_good_change(change)
+        except DemoError as exc:
+            self.policy_problem(f"policy change failed: {exc}")
+
+    def policy_problem(self, text: str) -> None:
+        self.board.policy.errors.append(text)
+        self.events.event(text)
+
+    def try_bad_change(self, change: PolicyChange) -> None:
+        before = self.board.policy.revision
+        try:
+            result = self.admin.apply(
+                {"policy.yaml": policy_manifest(BAD_CHANGE)}, BAD_CHANGE.title
+            )
+        except ApiError as exc:
+            if exc.status != 422 or exc.error != "policy_test_failed":
+                raise
+            change.rejected = f"{exc.status} {exc.error}"
+            self.events.event(
+                f"policy change: {BAD_CHANGE.title} -> REJECTED with {change.rejected}: "
+                f"{exc.description}"
+            )
+            self.check_kept(change, before)
+            return
+        self.policy_problem(
+            f"the bad policy change was ACCEPTED as revision {result.get('policyRevision')}"
+        )
+
+    def check_kept(self, change: PolicyChange, before: int) -> None:
+        current = self.admin.policy_revision()
+        agents = self.agent_revisions()
+        change.kept_revision = current
+        shown = ", ".join(f"{name} {rev}" for name, rev in agents.items())
+        if current != before or any(rev != before for rev in agents.values()):
+            self.policy_problem(
+                f"after the rejected change the revision in force moved from {before} to "
+                f"{current} (agents: {shown})"
+            )
+            return
+        self.events.event(
+            f"revision in force did not move: control plane at policy revision {current}, "
+            f"agents at {shown}"
+        )
+
+    def make_good_change(self, change: PolicyChange) -> None:
+        result = self.admin.apply({"policy.yaml": policy_manifest(GOOD_CHANGE)}, GOOD_CHANGE.title)
+        applied = time.monotonic()
+        revision = int(result["policyRevision"])
+        policy = self.board.policy
+        policy.stages[revision] = GOOD_CHANGE.stage  # before any agent can decide with it
+        policy.revision, policy.tests = revision, tests_passed(result)
+        change.new_revision = revision
+        self.events.event(
+            f"policy change: {GOOD_CHANGE.title} -> accepted as policy revision {revision} "
+            f"(PolicyTest {policy.tests} cases passed)"
+        )
+        self.wait_for_agents(change, revision, applied)
+
+    def wait_for_agents(self, change: PolicyChange, revision: int, since: float) -> None:
+        """Poll every agent's /readyz until it reports ``revision``."""
+        deadline = since + PROPAGATION_TIMEOUT
+        while len(change.per_agent) < len(self.board.agent_urls):
+            for name, seen in self.agent_revisions().items():
+                if seen >= revision and name not in change.per_agent:
+                    change.per_agent[name] = time.monotonic() - since
+            if time.monotonic() > deadline:
+                late = sorted(set(self.board.agent_urls) - set(change.per_agent))
+                self.policy_problem(
+                    f"policy revision {revision} not in force at {', '.join(late)} "
+                    f"after {PROPAGATION_TIMEOUT:.0f} s"
+                )
+                return
+            time.sleep(PROPAGATION_POLL)
+        change.per_agent = {name: change.per_agent[name] for name in self.board.agent_urls}
+        change.propagation = max(change.per_agent.values())
+        self.events.event(propagation_text(change))
+
+    def agent_revisions(self) -> dict[str, int]:
+        """Each agent's policy revision in force (-1 when it cannot say)."""
+        revisions = {}
+        for name, url in self.board.agent_urls.items():
+            try:
+                revisions[name] = int(_json(self.http.get(url + "/readyz"))["policy_revision"])
+            except (httpx.HTTPError, KeyError, TypeError, ValueError):
+                revisions[name] = -1
+        return revisions
+
+    # -- signing key
+
+    def rotate(self) -> None:
+        try:
+            old, new = self.admin.rotate_keys()
+        except DemoError as exc:
+            self.board.rotation_error = f"key rotation failed: {exc}"
+            self.events.event(self.board.rotation_error)
+            return
+        self.board.rotation = Rotation(self.board.elapsed(), old, new)
+        self.events.event(
+            f"signing key rotated: kid {_short(old)} retired (still in JWKS), "
+            f"kid {_short(new)} active; "
+            "agents verify the new kid from their key set or refresh it on first sight"
+        )
+
+
+def propagation_text(change: PolicyChange) -> str:
+    agents = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in change.per_agent.items())
+    return (
+        f"policy revision {change.new_revision} in force at all {len(change.per_agent)} "
+        f"agents after {change.propagation or 0:.2f} s ({agents})"
+    )
+
+
 # -- display -------------------------------------------------------------------------------
+
+COLUMNS = (
+    "FROM", "WORKLOAD", "TO", "REQUEST", "EXCH", "ALLOWED", "DENIED", "LAST DECISION",
+    "REFUSED", "KEY", "LAST MS",
+)  # fmt: skip
+NUMERIC = {"EXCH", "ALLOWED", "DENIED", "REFUSED", "LAST MS"}
 
 
 def stats_table(board: Scoreboard, title: str | None = None) -> Table:
     table = Table(title=title, expand=False, title_justify="left")
-    columns = (
-        "FROM",
-        "WORKLOAD",
-        "SPIFFE ID",
-        "TO",
-        "EXCHANGES",
-        "AUTHENTICATED",
-        "REFUSED",
-        "KEY",
-        "LAST MS",
-    )
-    numeric = {"EXCHANGES", "AUTHENTICATED", "REFUSED", "LAST MS"}
-    for column in columns:
-        table.add_column(column, justify="right" if column in numeric else "left")
+    for column in COLUMNS:
+        table.add_column(column, justify="right" if column in NUMERIC else "left")
     for p in board.pairs:
         refused = p.refused + p.errors
         table.add_row(
-            p.workload.cluster, p.workload.name, p.spiffe_id, p.target, str(p.exchanges),
-            Text(str(p.authenticated), style="green" if p.authenticated else ""),
+            p.workload.cluster, p.workload.name, p.target, p.route.call.short, str(p.exchanges),
+            Text(str(p.allowed), style="green" if p.allowed else ""),
+            Text(str(p.denied), style="yellow" if p.denied else ""),
+            Text(p.last_decision, style="bold red" if p.unexpected else ""),
             Text(str(refused), style="bold red" if refused else ""),
             _short(p.last_kid), "-" if p.last_latency_ms is None else f"{p.last_latency_ms:.1f}",
         )  # fmt: skip
     for intruder in (board.forged, board.tampered):
         table.add_row(
-            ROGUE_CLUSTER, Text("intruder", style="red"), intruder.label, intruder.target,
+            ROGUE_CLUSTER, Text("intruder", style="red"), intruder.target, intruder.short,
             str(intruder.attempts),
-            Text(str(intruder.accepted), style="bold red" if intruder.accepted else ""),
-            Text(f"{intruder.refused} refused", style="yellow"), "", intruder.last_reason[:40],
+            Text(str(intruder.accepted), style="bold red" if intruder.accepted else ""), "",
+            intruder.last_reason[:34], Text(str(intruder.refused), style="yellow"), "", "",
         )  # fmt: skip
     return table
 
@@ -672,12 +1125,34 @@ def rotation_line(board: Scoreboard) -> str:
     )
 
 
+def policy_line(board: Scoreboard) -> str:
+    change = board.policy.change
+    if change is None:
+        return "policy: not changed yet"
+    parts = [f"policy changed at {change.at:.1f} s:"]
+    if change.rejected:
+        parts.append(
+            f"bad change rejected ({change.rejected}), revision {change.kept_revision} kept;"
+        )
+    if change.propagation is not None:
+        parts.append(
+            f"good change accepted as revision {change.new_revision}, in force at all "
+            f"{len(change.per_agent)} agents after {change.propagation:.2f} s"
+        )
+    elif change.new_revision is not None:
+        parts.append(f"good change accepted as revision {change.new_revision}")
+    return " ".join(parts)
+
+
 def header_lines(board: Scoreboard) -> list[str]:
     agents = ", ".join(f"{name} {url}" for name, url in board.agent_urls.items())
     kept = "removed at the end" if board.temporary else "kept"
+    policy = board.policy
     return [
         f"control plane {board.server_url} (trust domain spiffe://{TRUST_DOMAIN})",
         f"agents: {agents}",
+        f"policy revision {policy.revision} in force (PolicyTest {policy.tests} cases passed; "
+        f"manifests in {board.data_dir / 'policy'})",
         f"data dir: {board.data_dir} ({kept})",
     ]
 
@@ -685,9 +1160,10 @@ def header_lines(board: Scoreboard) -> list[str]:
 def summary_line(board: Scoreboard) -> str:
     t = board.totals()
     return (
-        f"summary at {board.elapsed():.1f} s: {t['exchanges']} exchanges, "
-        f"{t['authenticated']} authenticated calls, {t['refused']} refused legitimate calls, "
-        f"{t['errors']} errors, "
+        f"summary at {board.elapsed():.1f} s: policy revision {board.policy.revision}; "
+        f"{t['exchanges']} exchanges, {t['decisions']} decisions ({t['allowed']} allowed, "
+        f"{t['denied']} denied, {t['unexpected']} unexpected), "
+        f"{t['refused']} refused legitimate calls, {t['errors']} errors, "
         f"{t['intruder_refused']}/{t['intruder_attempts']} intruder attempts refused"
     )
 
@@ -750,6 +1226,7 @@ class LiveDisplay:
         head = Text("\n".join(header_lines(board)), style="bold")
         stop = f"stops after {board.duration:.0f} s; " if board.duration else ""
         foot = Text.assemble(
+            (policy_line(board) + "\n", "magenta"),
             (rotation_line(board) + "\n", "cyan"),
             (summary_line(board) + "\n", ""),
             ("\n".join(self.events) + "\n", "dim"),
@@ -766,20 +1243,26 @@ class Display(Events, Protocol):
 
 def print_final(console: Console, board: Scoreboard) -> None:
     console.print(stats_table(board, title="trustmesh demo: final summary"))
-    console.print(rotation_line(board), markup=False, highlight=False, soft_wrap=True)
-    t = board.totals()
+    for line in (policy_line(board), rotation_line(board)):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
     problems = board.problems()
     if problems:
         console.print(
             "PROBLEMS: " + "; ".join(problems), markup=False, style="bold red", soft_wrap=True
         )
         return
-    console.print(
-        f"OK: every legitimate call was authenticated ({t['authenticated']} calls after "
-        f"{t['exchanges']} token exchanges); "
-        f"all {t['intruder_attempts']} intruder attempts were refused",
-        markup=False, highlight=False, style="bold green", soft_wrap=True,
-    )  # fmt: skip
+    console.print(ok_line(board), markup=False, highlight=False, style="bold green", soft_wrap=True)
+
+
+def ok_line(board: Scoreboard) -> str:
+    t = board.totals()
+    revisions = ", ".join(f"{n} at revision {rev}" for rev, n in sorted(board.by_revision.items()))
+    return (
+        f"OK: every decision matched the policy in force ({t['allowed']} allowed, "
+        f"{t['denied']} denied; {revisions or 'none'}); every legitimate token was "
+        f"authenticated ({t['decisions']} calls after {t['exchanges']} token exchanges); "
+        f"all {t['intruder_attempts']} intruder attempts were refused"
+    )
 
 
 # -- start-up ------------------------------------------------------------------------------
@@ -794,6 +1277,7 @@ class Federation:
     clusters: dict[str, SimulatedCluster]
     rogue: SimulatedCluster
     agent_urls: dict[str, str]
+    policy: PolicyState
 
 
 def start_federation(
@@ -810,15 +1294,32 @@ def start_federation(
         say(f"simulated cluster {name}: service-account issuer {cluster.issuer}")
     rogue = SimulatedCluster(ROGUE_CLUSTER)  # never registered: the intruder's cluster
     stack.enter_context(rogue.serve())
-    revision = admin.apply(manifest({name: c.issuer for name, c in clusters.items()}))
-    say(
-        f"registered {len(clusters)} clusters (keys by OIDC discovery) "
-        f"and {len(WORKLOADS)} workloads: revision {revision}"
-    )
+    policy = apply_initial(admin, root, {name: c.issuer for name, c in clusters.items()}, say)
     agent_urls = start_agents(stack, root, logs, admin, server_url)
     for name, url in agent_urls.items():
         say(f"agent for {name} ready on {url}")
-    return Federation(server_url, admin, clusters, rogue, agent_urls)
+    return Federation(server_url, admin, clusters, rogue, agent_urls, policy)
+
+
+def apply_initial(
+    admin: Admin, root: Path, issuers: dict[str, str], say: Callable[[str], None]
+) -> PolicyState:
+    """Registry and initial policy in one apply (the PolicyTest runs before publishing)."""
+    files = {"registry.yaml": manifest(issuers), "policy.yaml": policy_manifest(0)}
+    result = admin.apply(files, "trustmesh demo: registry and initial policy")
+    revision = int(result["policyRevision"])
+    say(
+        f"registered {len(CLUSTERS)} clusters (keys by OIDC discovery) "
+        f"and {len(WORKLOADS)} workloads: registry revision {result['registryRevision']}"
+    )
+    say(
+        f"policy revision {revision}: GlobalRoles orders-reader, ledger-writer; RoleBindings "
+        "shop-reads-orders (project shop, production clusters), ledger-writers (workload "
+        "payments), finance-writes-ledger (project finance), bronze-never-writes-ledger "
+        f"(deny, tier bronze); PolicyTest demo-expectations: {tests_passed(result)} cases passed"
+    )
+    write_policy_files(root)
+    return PolicyState(revision, tests_passed(result), {revision: 0})
 
 
 def start_server(stack: ExitStack, root: Path, logs: Path) -> str:
@@ -918,21 +1419,28 @@ def signals_ignored() -> Iterator[None]:
 def lease_seconds(duration: float) -> int:
     """JWT-SVID lifetime the workloads ask for: short enough that renewals (and tokens
     signed by the new key after the rotation) show within the demo."""
-    return 15 if duration <= 0 else max(2, min(15, int(duration / 3)))
+    return 15 if duration <= 0 else max(2, min(15, int(duration / 5)))
+
+
+def policy_change_time(duration: float) -> float:
+    return INTERACTIVE_POLICY_CHANGE if duration <= 0 else duration / 3
 
 
 def rotation_time(duration: float) -> float:
-    return INTERACTIVE_ROTATION if duration <= 0 else duration / 2
+    return INTERACTIVE_ROTATION if duration <= 0 else 2 * duration / 3
 
 
-def drive(traffic: Traffic, display: Display, admin: Admin, duration: float) -> None:
-    """Traffic rounds until ``duration`` (0: until Ctrl-C); rotate the key midway."""
+def drive(traffic: Traffic, display: Display, operator: Operator, duration: float) -> None:
+    """Traffic rounds until ``duration`` (0: until Ctrl-C); change the policy at a third,
+    rotate the key at two thirds."""
     board = traffic.board
-    rotate_at = rotation_time(duration)
+    change_at, rotate_at = policy_change_time(duration), rotation_time(duration)
     while duration <= 0 or board.elapsed() < duration:
         began = time.monotonic()
+        if board.policy.change is None and board.elapsed() >= change_at:
+            operator.change_policy()
         if board.rotation is None and not board.rotation_error and board.elapsed() >= rotate_at:
-            traffic.rotate(admin)
+            operator.rotate()
         traffic.run_round()
         display.tick()
         time.sleep(max(0.0, ROUND_INTERVAL - (time.monotonic() - began)))
@@ -940,10 +1448,10 @@ def drive(traffic: Traffic, display: Display, admin: Admin, duration: float) -> 
 
 def make_board(fed: Federation, root: Path, temporary: bool, duration: float) -> Scoreboard:
     pairs = [
-        PairStats(wl, target.name, wl.spiffe_id)
-        for wl in WORKLOADS
-        for target in CLUSTERS
-        if target.name != wl.cluster
+        PairStats(
+            route, WORKLOAD_BY_NAME[route.workload], WORKLOAD_BY_NAME[route.workload].spiffe_id
+        )
+        for route in ROUTES
     ]
     return Scoreboard(
         server_url=fed.server_url,
@@ -954,12 +1462,17 @@ def make_board(fed: Federation, root: Path, temporary: bool, duration: float) ->
         pairs=pairs,
         forged=IntruderStats(
             f"forged SA token from unregistered cluster {ROGUE_CLUSTER!r} (claims shop/payments)",
-            "control plane",
+            "forged SA token",
+            "server",
             "invalid_grant",
         ),
         tampered=IntruderStats(
-            "JWT-SVID with rewritten payload (claims payments)", "-", "invalid_token"
+            "JWT-SVID with rewritten payload (claims payments)",
+            "tampered JWT-SVID",
+            "-",
+            "invalid_token",
         ),
+        policy=fed.policy,
     )
 
 
@@ -972,8 +1485,9 @@ def make_console(plain: bool) -> Console:
 
 def run_demo(duration: float = 0.0, data_dir: Path | None = None, plain: bool = False) -> None:
     """Run the demo for ``duration`` seconds (0: until Ctrl-C). Returns normally when every
-    legitimate call was authenticated and every intruder attempt refused; raises
-    DemoError with one line otherwise, or when start-up failed."""
+    decision matched the policy in force, every legitimate token was authenticated, every
+    intruder attempt was refused and the policy change behaved; raises DemoError with one
+    line otherwise, or when start-up failed."""
     console = make_console(plain)
     plain = plain or not console.is_terminal
 
@@ -988,14 +1502,14 @@ def run_demo(duration: float = 0.0, data_dir: Path | None = None, plain: bool = 
             http = stack.enter_context(httpx.Client(timeout=HTTP_TIMEOUT))
             fed = start_federation(stack, root, http, say)
             board = make_board(fed, root, temporary, duration)
-            traffic_display: Display = (
+            display: Display = (
                 PlainDisplay(console, board) if plain else LiveDisplay(console, board)
             )
             traffic = Traffic(
-                board, http, fed.clusters, fed.rogue, traffic_display, lease_seconds(duration)
+                board, http, fed.clusters, fed.rogue, display, lease_seconds(duration)
             )
-            with traffic_display:
-                drive(traffic, traffic_display, fed.admin, duration)
+            with display:
+                drive(traffic, display, Operator(board, fed.admin, http, display), duration)
         except KeyboardInterrupt:
             if board is not None:
                 board.interrupted = True
