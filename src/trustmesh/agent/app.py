@@ -21,12 +21,19 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from trustmesh.agent import envoy, kubernetes
 from trustmesh.agent.authn import Authenticator
 from trustmesh.agent.policy import PolicyHolder
 from trustmesh.agent.sync import Synchronizer
 from trustmesh.identity.svid import InvalidToken, VerifiedIdentity
 from trustmesh.policy.request import RequestError, parse_request
-from trustmesh.server.http import EXCEPTION_HANDLERS, BadRequest, error_response, read_json
+from trustmesh.server.http import (
+    EXCEPTION_HANDLERS,
+    BadRequest,
+    bearer_token,
+    error_response,
+    read_json,
+)
 
 MAX_AUTHORIZE_BODY = 64 * 1024
 
@@ -145,6 +152,77 @@ def build_agent_app(
         body["identity"] = identity_json(identity)
         return JSONResponse(body)
 
+    async def ext_authz(request: Request) -> Response:
+        """Envoy HTTP ext_authz check (any method, body ignored): 200 allow, 401 no or
+        bad token, 403 denied, 503 before a bundle (agent/envoy.py)."""
+        try:
+            attributes = envoy.check_request(
+                request.method, request.headers.get("host"), request.scope
+            )
+        except RequestError as exc:
+            return envoy.bad_check(str(exc))
+        engine = policy.engine
+        if engine is None:
+            return envoy.not_ready()
+        token = bearer_token(request)
+        if token is None:
+            metrics.authentications.labels("missing_token").inc()
+            return envoy.unauthenticated("missing_token", "no Authorization: Bearer token")
+        try:
+            identity = await authenticate(token)
+        except InvalidToken as exc:
+            metrics.authentications.labels(exc.reason).inc()
+            return envoy.unauthenticated(exc.reason, exc.description)
+        metrics.authentications.labels("ok").inc()
+        decision = engine.decide(identity.spiffe_id, identity.claims, attributes)
+        metrics.decisions.labels("allow" if decision.allowed else "deny").inc()
+        if decision.allowed:
+            return envoy.allowed(identity, decision)
+        return envoy.denied(decision)
+
+    async def token_review(request: Request) -> Response:
+        """Kubernetes TokenReview webhook (agent/kubernetes.py): 200 whether or not the
+        token authenticates; 503 while the agent has no keys at all."""
+        try:
+            review = kubernetes.parse_token_review(
+                await read_json(request, kubernetes.MAX_REVIEW_BODY)
+            )
+        except kubernetes.ReviewError as exc:
+            raise BadRequest(400, "invalid_request", str(exc)) from None
+        try:
+            identity = await authenticate(review.token)
+        except InvalidToken as exc:
+            if exc.reason == "not_ready":
+                return error_response(503, "not_ready", exc.description)
+            metrics.authentications.labels(exc.reason).inc()
+            return JSONResponse(kubernetes.token_unauthenticated(review, exc.description))
+        answer = kubernetes.token_authenticated(review, identity)
+        metrics.authentications.labels(
+            "ok" if answer["status"]["authenticated"] else "audience_mismatch"
+        ).inc()
+        return JSONResponse(answer)
+
+    async def access_review(request: Request) -> Response:
+        """Kubernetes SubjectAccessReview webhook (agent/kubernetes.py): allow, explicit
+        deny (``denied: true``) or no opinion; 503 before a bundle."""
+        try:
+            review = kubernetes.parse_subject_access_review(
+                await read_json(request, kubernetes.MAX_REVIEW_BODY)
+            )
+        except kubernetes.ReviewError as exc:
+            raise BadRequest(400, "invalid_request", str(exc)) from None
+        engine = policy.engine
+        if engine is None:
+            return error_response(503, "not_ready", "the agent has no verified policy bundle yet")
+        claims = kubernetes.registered_claims(engine, review.username)
+        if claims is None:
+            status = kubernetes.unknown_user_status(engine, review.username)
+        else:
+            decision = engine.decide(review.username, claims, review.request)
+            metrics.decisions.labels("allow" if decision.allowed else "deny").inc()
+            status = kubernetes.decision_status(decision)
+        return JSONResponse(kubernetes.access_review_response(review, status))
+
     async def healthz(request: Request) -> Response:
         return JSONResponse({"ok": True})
 
@@ -185,6 +263,10 @@ def build_agent_app(
     return Starlette(
         routes=[
             Route("/v1/authorize", authorize, methods=["POST"]),
+            # every method: Envoy checks with the client's own
+            Route(envoy.PREFIX + "/{path:path}", envoy.AnyMethod(ext_authz)),
+            Route("/k8s/authenticate", token_review, methods=["POST"]),
+            Route("/k8s/authorize", access_review, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
