@@ -53,11 +53,18 @@ def load_config() -> dict[str, Any]:
     return data
 
 
-def resolve_server(server: str | None) -> str:
+def resolve_servers(server: str | None) -> list[str]:
+    """Every control-plane URL given (comma-separated), in order: for failover."""
     value = server or os.environ.get("TRUSTMESH_SERVER") or load_config().get("server")
-    if not value:
+    urls = [u.strip().rstrip("/") for u in str(value or "").split(",") if u.strip()]
+    if not urls:
         fail("no control plane given: pass --server URL or set TRUSTMESH_SERVER")
-    return str(value).split(",")[0].rstrip("/")
+    return urls
+
+
+def resolve_server(server: str | None) -> str:
+    """The first control-plane URL (admin commands talk to one)."""
+    return resolve_servers(server)[0]
 
 
 def resolve_token(token_file: Path | None) -> str:

@@ -22,6 +22,7 @@ from trustmesh.cli._common import (
     print_json,
     print_table,
     resolve_server,
+    resolve_servers,
     resolve_token,
 )
 
@@ -471,8 +472,23 @@ def token_exchange(
     ),
     server: str | None = ServerOption,
     output: Output = OutputOption,
+    watch: bool = typer.Option(
+        False, "--watch", help="Keep a fresh token in --out FILE until SIGINT/SIGTERM (sidecar)."
+    ),
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        help="With --watch: the file kept holding the token (replaced atomically, mode 0600).",
+    ),
 ) -> None:
     """Trade a service-account token for a federated JWT-SVID (RFC 8693)."""
+    if watch:
+        if out is None:
+            fail("--watch needs --out FILE")
+        from trustmesh.cli._watch import watch_exchange
+
+        watch_exchange(resolve_servers(server), subject_token_file, audience, out, lifetime)
+        return
     if str(subject_token_file) == "-":
         subject_token = sys.stdin.read().strip()
     else:
