@@ -5,17 +5,14 @@ starts one for the session."""
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
-from sqlalchemy.engine import make_url
 
-from helpers import Process, Server, start_server
+from helpers import Process, Server, new_postgres_database, start_server
 from trustmesh.sim import SimulatedCluster
 
 ENGINES = ["sqlite", "postgresql"]
@@ -44,17 +41,6 @@ def postgres_base_url() -> Iterator[str]:
     yield str(server.get_uri("postgres"))
     server.cleanup()  # stops the server
     shutil.rmtree(root, ignore_errors=True)
-
-
-def new_postgres_database(base_url: str) -> str:
-    """A fresh, empty database on the test server, so tests never share state."""
-    name = f"tm_{secrets.token_hex(6)}"
-    url = make_url(base_url)
-    with psycopg.connect(
-        base_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True
-    ) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return url.set(database=name).render_as_string(hide_password=False)
 
 
 @pytest.fixture(params=ENGINES)

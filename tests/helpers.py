@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import queue
+import secrets
 import signal
 import subprocess
 import sys
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
+from sqlalchemy.engine import make_url
 
 from trustmesh.sim import SimulatedCluster
 
@@ -292,3 +295,14 @@ def register_federation(
 
 def signal_name(code: int) -> str:
     return signal.Signals(-code).name if code < 0 else str(code)
+
+
+def new_postgres_database(base_url: str) -> str:
+    """A fresh, empty database on the test server, so tests never share state."""
+    name = f"tm_{secrets.token_hex(6)}"
+    url = make_url(base_url)
+    with psycopg.connect(
+        base_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True
+    ) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return url.set(database=name).render_as_string(hide_password=False)

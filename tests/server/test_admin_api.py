@@ -276,7 +276,7 @@ def test_replicas_share_state_through_the_database(
 ) -> None:
     """Two stateless replicas on one PostgreSQL database: a change through one is seen by
     the other within the refresh interval, and both sign with the same active key."""
-    from conftest import new_postgres_database
+    from helpers import new_postgres_database
 
     db = new_postgres_database(postgres_base_url)
     first = start_server(tmp_path / "r1", db)
