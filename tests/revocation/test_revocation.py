@@ -220,7 +220,7 @@ def test_staleness_bound(tmp_path: Path, sim_cluster: SimulatedCluster, fail_ope
         "--token-file",
         str(tmp_path / "cred"),
         "--staleness-bound",
-        "3",
+        str(BOUND),
     ]
     if fail_open:
         args.append("--fail-open")
