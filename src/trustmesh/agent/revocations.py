@@ -121,8 +121,11 @@ class RevocationHolder:
         return True
 
 
+RECONNECT_CAP = 5.0  # the longest wait between attempts while the control plane is away
+
+
 async def run_revocation_sync(client: ControlPlaneClient, holder: RevocationHolder) -> None:
-    backoff = Backoff(base=0.2, cap=10.0)
+    backoff = Backoff(base=0.2, cap=RECONNECT_CAP)
     last_full = 0.0
     while True:
         full = time.monotonic() - last_full > FULL_RESYNC_SECONDS
