@@ -141,7 +141,7 @@ def test_revocations_become_signed_sets(
             assert claims["iss"] == config["issuer"]
             assert claims["aud"] == stream["aud"]
             assert abs(claims["iat"] - time.time()) < 60
-            assert "sub" not in claims and "exp" not in claims  # SSF 1.0 §4.1
+            assert "sub" not in claims and "exp" not in claims  # the SSF 1.0 SET profile
             (event_type, event), *rest = claims["events"].items()
             assert not rest
             by_kind[event["trustmesh"]["kind"]] = {"type": event_type, **claims}

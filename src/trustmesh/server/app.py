@@ -44,6 +44,7 @@ from trustmesh.server.http import (
     read_json,
     require_content_type,
 )
+from trustmesh.server.ssf import ssf_routes
 
 log = logging.getLogger("trustmesh.server")
 
@@ -405,6 +406,7 @@ def build_app(plane: ControlPlane) -> Starlette:
         Route("/v1/policy/versions", policy_versions, methods=["GET"]),
         Route("/v1/policy/versions/{revision}", policy_version, methods=["GET"]),
         Route("/v1/policy/rollback", policy_rollback, methods=["POST"]),
+        *ssf_routes(plane, authenticate),
     ]
     return Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
 

@@ -286,6 +286,7 @@ class ControlPlane:
             "spiffe_bundle_endpoint": f"{base}/.well-known/spiffe-bundle",
             "revocation_list_endpoint": f"{base}/v1/revocations",
             "revocation_stream_endpoint": f"{base}/v1/revocations/stream",
+            "ssf_configuration_endpoint": f"{base}/.well-known/ssf-configuration",
             "grant_types_supported": ["urn:ietf:params:oauth:grant-type:token-exchange"],
             "token_endpoint_auth_methods_supported": ["none"],
             "introspection_endpoint_auth_methods_supported": ["bearer"],

@@ -42,10 +42,15 @@ def _v3_revocations(conn: Connection) -> None:
     conn.execute(schema.meta.insert().values(name="revocation_revision", value="0"))
 
 
+def _v4_ssf_deliveries(conn: Connection) -> None:
+    schema.ssf_deliveries.create(conn, checkfirst=True)
+
+
 MIGRATIONS: list[Migration] = [
     (1, "initial schema: meta, signing keys, registry, credentials", _v1_initial),
     (2, "policy versions and agent status", _v2_policy),
     (3, "revocations", _v3_revocations),
+    (4, "shared signals (RFC 8936) delivery state", _v4_ssf_deliveries),
 ]
 
 LATEST = MIGRATIONS[-1][0]

@@ -116,3 +116,18 @@ revocations = Table(
     Column("reason", Text, nullable=False),
     Column("actor", String(200), nullable=False),
 )
+
+# OpenID Shared Signals poll delivery (RFC 8936): what each receiver (a credential id)
+# did with the SET of each revocation revision. No row = still to be delivered;
+# "acked" = acknowledged; "error" = reported in ``setErrs`` (not delivered again).
+# Rows whose revocation has left ``revocations`` are deleted (server/ssf.py).
+ssf_deliveries = Table(
+    "ssf_deliveries",
+    metadata,
+    Column("receiver", String(32), primary_key=True),
+    Column("revision", Integer, primary_key=True, autoincrement=False),
+    Column("state", String(16), nullable=False),  # "acked" | "error"
+    Column("err", String(64)),
+    Column("description", Text),
+    Column("recorded_at", Float, nullable=False),
+)
