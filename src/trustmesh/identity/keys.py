@@ -235,29 +235,35 @@ class KeyManager:
                 if retired.rowcount != 1:
                     conn.rollback()
                     continue  # another replica rotated first; look again
-                prepared = (
-                    conn.execute(
-                        select(signing_keys.c.kid)
-                        .where(signing_keys.c.state == PREPARED)
-                        .order_by(signing_keys.c.created_at)
-                    )
-                    .scalars()
-                    .first()
-                )
-                if prepared is None:
-                    prepared = self._insert(conn, PREPARED, now)
-                conn.execute(
-                    update(signing_keys)
-                    .where(signing_keys.c.kid == prepared)
-                    .values(state=ACTIVE, activated_at=now)
-                )
-                self._insert(conn, PREPARED, now)
+                prepared = self._promote_prepared(conn, now)
                 meta_store.bump(conn, meta_store.KEYS_REVISION)
                 row = conn.execute(
                     select(signing_keys).where(signing_keys.c.kid == prepared)
                 ).first()
                 assert row is not None
                 return _record(row)
+
+    def _promote_prepared(self, conn: Connection, now: float) -> str:
+        """The oldest prepared key (known to agents already) becomes active and a new
+        key is prepared; returns the newly active kid. Inside the caller's transaction."""
+        prepared = (
+            conn.execute(
+                select(signing_keys.c.kid)
+                .where(signing_keys.c.state == PREPARED)
+                .order_by(signing_keys.c.created_at)
+            )
+            .scalars()
+            .first()
+        )
+        if prepared is None:
+            prepared = self._insert(conn, PREPARED, now)
+        conn.execute(
+            update(signing_keys)
+            .where(signing_keys.c.kid == prepared)
+            .values(state=ACTIVE, activated_at=now)
+        )
+        self._insert(conn, PREPARED, now)
+        return str(prepared)
 
     def revoke(self, kid: str, now: float | None = None) -> KeyRecord:
         """Unpublish ``kid`` now and erase its private key. If it was the active key, the
@@ -270,23 +276,7 @@ class KeyManager:
                 if row is None or row.state in UNPUBLISHED:
                     raise LookupError(f"no published signing key {kid!r}")
                 if row.state == ACTIVE:
-                    prepared = (
-                        conn.execute(
-                            select(signing_keys.c.kid)
-                            .where(signing_keys.c.state == PREPARED)
-                            .order_by(signing_keys.c.created_at)
-                        )
-                        .scalars()
-                        .first()
-                    )
-                    if prepared is None:
-                        prepared = self._insert(conn, PREPARED, now)
-                    conn.execute(
-                        update(signing_keys)
-                        .where(signing_keys.c.kid == prepared)
-                        .values(state=ACTIVE, activated_at=now)
-                    )
-                    self._insert(conn, PREPARED, now)
+                    self._promote_prepared(conn, now)
                 elif row.state == PREPARED:
                     self._insert(conn, PREPARED, now)
                 revoked = conn.execute(
