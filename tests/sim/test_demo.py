@@ -33,9 +33,22 @@ from trustmesh.sim.demo import (
     WORKLOADS,
     DemoError,
     Expect,
+    IntruderStats,
+    Lease,
+    PairStats,
     PolicyChangeSpec,
+    PolicyState,
+    Refused,
+    RevocationRun,
+    Scoreboard,
+    Traffic,
+    issued_at,
     manifest,
+    ok_line,
+    policy_change_time,
     policy_manifest,
+    revocation_time,
+    rotation_time,
     run_demo,
     swap_payload,
 )
@@ -122,6 +135,45 @@ def check_policy_change(output: str) -> None:
     assert output.index(rejected.group(0)) < output.index(accepted.group(0))
 
 
+def check_revocation(output: str) -> None:
+    """inventory is revoked between the policy change and the key rotation; both clusters
+    it calls cut it off within a second; its old token's refusals are expected; it is
+    accepted again with a token issued after the revocation."""
+    revoked = re.search(
+        r"revoked workload inventory \(reason: [^)]+\): cut off at "
+        r"eu-west after (\d+\.\d\d) s, ap-south after (\d+\.\d\d) s "
+        r"\(revocation revision \d+, in force at all 3 agents",
+        output,
+    )
+    assert revoked, output
+    assert all(float(delay) < 1.0 for delay in revoked.groups()), revoked.group(0)
+    resumed = re.search(
+        r"inventory re-issued a token after the revocation: accepted again at "
+        r"eu-west after \d+\.\d\d s, ap-south after \d+\.\d\d s",
+        output,
+    )
+    assert resumed, output
+    accepted = output.index("accepted as policy revision")
+    rotated = output.index("signing key rotated: kid")
+    assert accepted < output.index(revoked.group(0)) < output.index(resumed.group(0)) < rotated
+    after = output[output.index(revoked.group(0)) :]
+    for target in ("eu-west", "ap-south"):  # the calls resume, decided as the policy says
+        assert re.search(
+            rf"inventory@us-east -> {target} \S+ \S+: DENIED at revision 2 \(default deny", after
+        ), after
+    for line in re.findall(r"^\[.*: REFUSED.*", output, re.M):  # events: the revoked token's
+        assert "inventory@us-east -> " in line, line
+        assert "REFUSED as expected (401 invalid_token: revoked)" in line, line
+    summary = re.search(
+        r"^workload inventory revoked at \d+\.\d s \(reason: .*\): cut off at eu-west after "
+        r"\d+\.\d\d s, ap-south after \d+\.\d\d s; \d+ calls with its revoked token refused "
+        r"\(expected\); accepted again with a new token at eu-west, ap-south$",
+        output,
+        re.M,
+    )
+    assert summary, output
+
+
 def test_demo_runs_changes_policy_rotates_and_leaves_nothing_behind() -> None:
     proc = subprocess.run(
         [*DEMO, "--duration", "10", "--plain"], capture_output=True, text=True, timeout=90
@@ -137,6 +189,7 @@ def test_demo_runs_changes_policy_rotates_and_leaves_nothing_behind() -> None:
         )
         check_traffic(output)
         check_policy_change(output)
+        check_revocation(output)
         assert "signing key rotated: kid" in output
         assert "first call verified with the new key" in output
         assert re.search(
@@ -144,8 +197,11 @@ def test_demo_runs_changes_policy_rotates_and_leaves_nothing_behind() -> None:
         )
         ok = re.search(
             r"^OK: every decision matched the policy in force \([1-9]\d* allowed, [1-9]\d* "
-            r"denied; [1-9]\d* at revision 1, [1-9]\d* at revision 2\); every legitimate "
-            r"token was authenticated .*; all [1-9]\d* intruder attempts were refused$",
+            r"denied; [1-9]\d* at revision 1, [1-9]\d* at revision 2\); every refusal was "
+            r"expected: \d+ calls with inventory's token after its revocation \(cut off at 2/2 "
+            r"clusters, accepted again with a new token at 2/2\), all [1-9]\d* intruder "
+            r"attempts; no other legitimate call was refused \([1-9]\d* calls after "
+            r"[1-9]\d* token exchanges\)$",
             output,
             re.M,
         )
@@ -287,3 +343,95 @@ def test_expect_matches_decisions() -> None:
     assert Expect("allow", "a").matches(allowed) and not Expect("allow", "b").matches(allowed)
     assert Expect("deny", "d").matches(denied) and not Expect("deny", "d").matches(default)
     assert Expect("default deny").matches(default) and not Expect("default deny").matches(denied)
+
+
+def test_the_revocation_comes_between_the_policy_change_and_the_rotation() -> None:
+    for duration in (10.0, 30.0, 0.0):
+        assert policy_change_time(duration) < revocation_time(duration) < rotation_time(duration)
+    assert revocation_time(10) == 5 and revocation_time(0) == 12
+
+
+def token_issued_at(iat: int) -> str:
+    def part(data: dict[str, object]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+    return f"{part({'alg': 'ES256'})}.{part({'sub': 'x', 'iat': iat})}.c2ln"
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def event(self, text: str) -> None:
+        self.events.append(text)
+
+
+def scoreboard() -> Scoreboard:
+    by_name = {wl.name: wl for wl in WORKLOADS}
+    intruder = IntruderStats("", "", "", "")
+    return Scoreboard(
+        server_url="http://127.0.0.1:9",
+        agent_urls={},
+        data_dir=Path("."),
+        temporary=True,
+        duration=10,
+        pairs=[PairStats(r, by_name[r.workload], by_name[r.workload].spiffe_id) for r in ROUTES],
+        forged=intruder,
+        tampered=IntruderStats("", "", "", ""),
+        policy=PolicyState(1, "13/13", {1: 0}),
+    )
+
+
+def test_only_the_revoked_token_after_its_revocation_is_an_expected_refusal() -> None:
+    board = scoreboard()
+    events = Recorder()
+    traffic = Traffic(board, None, {}, None, events, 2)  # type: ignore[arg-type]
+    inventory = [p for p in board.pairs if p.workload.name == "inventory"]
+    other = next(p for p in board.pairs if p.workload.name == "search")
+    revoked = Refused(401, "invalid_token", "revoked")
+    old, new = Lease("t", 0, 1000.0), Lease("t", 0, 1001.0)
+
+    traffic.refused(inventory[0], old, revoked)  # before any revocation: a failure
+    assert (inventory[0].refused, inventory[0].revoked) == (1, 0)
+    inventory[0].refused = 0
+
+    run = RevocationRun("inventory", "leak", ("eu-west", "ap-south"), 5.0, 1, 1000.0)
+    board.revocation = run
+    traffic.refused(inventory[0], old, revoked)
+    assert (inventory[0].refused, inventory[0].revoked) == (0, 1)
+    assert "REFUSED as expected (401 invalid_token: revoked)" in events.events[-1]
+    traffic.refused(inventory[1], new, revoked)  # issued after the revocation second
+    traffic.refused(other, old, revoked)  # another workload
+    traffic.refused(inventory[1], old, Refused(401, "invalid_token", "expired"))
+    assert (inventory[1].refused, other.refused, inventory[1].revoked) == (2, 1, 0)
+    assert board.problems()[0].startswith("3 legitimate calls refused")
+
+
+def test_a_revocation_must_be_followed_by_acceptance_again() -> None:
+    board = scoreboard()
+    events = Recorder()
+    traffic = Traffic(board, None, {}, None, events, 2)  # type: ignore[arg-type]
+    for pair in board.pairs:
+        pair.allowed, pair.denied = 1, 1
+    run = RevocationRun("inventory", "leak", ("eu-west", "ap-south"), 5.0, 1, 1000.0)
+    run.cut_off = {"eu-west": 0.03, "ap-south": 0.04}
+    board.revocation = run
+    inventory = [p for p in board.pairs if p.workload.name == "inventory"]
+    traffic.resumed(inventory[0], Lease("t", 0, 1000.0))  # the revoked token: not resumed
+    traffic.resumed(inventory[0], Lease("t", 0, 1001.0))
+    assert list(run.resumed) == ["eu-west"] and not events.events
+    assert board.problems() == [
+        "inventory was not accepted again with a token issued after its revocation at ap-south"
+    ]
+    traffic.resumed(inventory[1], Lease("t", 0, 1001.0))
+    assert events.events[-1].startswith(
+        "inventory re-issued a token after the revocation: accepted again at eu-west after "
+    )
+    assert board.problems() == []
+    inventory[0].revoked = 2
+    assert "every refusal was expected: 2 calls with inventory's token after its " in ok_line(board)
+
+
+def test_issued_at_reads_the_tokens_iat() -> None:
+    assert issued_at(token_issued_at(1712345678)) == 1712345678.0
+    assert issued_at("not a jwt") is None

@@ -25,7 +25,13 @@ What it shows, with real processes and real HTTP, no test-only code paths:
 7. At a third of the run the policy changes: first a bad change, which a PolicyTest
    rejects (422) while the revision in force stays; then a good one, whose arrival at
    every agent is timed.
-8. At two thirds the control plane's signing key rotates; traffic keeps verifying, first
+8. At half time a workload (``inventory``) is revoked, with a reason, as after a leaked
+   credential. The demo keeps presenting the token the workload holds to every cluster
+   it calls, a few milliseconds apart, and times how long each agent takes to refuse it
+   (401 ``revoked``). The workload's own next calls with that token are refused too (as
+   expected: that refusal is no failure); it then exchanges its service-account token
+   again, gets a JWT-SVID issued after the revocation, and its calls are accepted again.
+9. At two thirds the control plane's signing key rotates; traffic keeps verifying, first
    with the retired key (still published in JWKS), then with the new one.
 
 A live table (or, with ``--plain`` or without a terminal, one line per notable event and
@@ -92,9 +98,14 @@ HTTP_TIMEOUT = 3.0
 SA_TOKEN_TTL = 3600  # projected service-account tokens, as the kubelet requests them
 RENEW_AT = 0.8  # renew tokens at 80 % of their lifetime
 INTERACTIVE_POLICY_CHANGE = 8.0  # seconds into the traffic when running until Ctrl-C
+INTERACTIVE_REVOCATION = 12.0
 INTERACTIVE_ROTATION = 16.0
 PROPAGATION_TIMEOUT = 15.0  # seconds every agent has to take up a new policy revision
 PROPAGATION_POLL = 0.01
+REVOKED_WORKLOAD = "inventory"
+REVOCATION_REASON = "credentials leaked in a CI build log"
+REVOCATION_TIMEOUT = 5.0  # seconds every target agent has to refuse the revoked token
+REVOCATION_POLL = 0.005  # seconds between two rounds of probes at the target agents
 
 SERVER_READY = re.compile(r"trustmesh server listening on (\S+) \(")
 AGENT_READY = re.compile(r"trustmesh agent for cluster (\S+) ready on (\S+) \(")
@@ -464,13 +475,19 @@ class Admin:
         self.http, self.url = http, url
         self.headers = {"Authorization": f"Bearer {token}"}
 
-    def call(self, path: str, body: dict[str, Any] | None = None, method: str = "POST") -> Any:
+    def call(
+        self,
+        path: str,
+        body: dict[str, Any] | None = None,
+        method: str = "POST",
+        ok: tuple[int, ...] = (200,),
+    ) -> Any:
         try:
             response = self.http.request(method, self.url + path, json=body, headers=self.headers)
         except httpx.HTTPError as exc:
             raise DemoError(f"{method} {path} failed: {exc}") from None
         document = _json(response)
-        if response.status_code != 200:
+        if response.status_code not in ok:
             raise ApiError(f"{method} {path}", response.status_code, document, response.text)
         return document
 
@@ -499,6 +516,14 @@ class Admin:
         latest = max(retired, key=lambda k: k.get("retired_at") or 0, default={"kid": "?"})
         return str(latest["kid"]), active
 
+    def revoke_workload(self, workload: str, reason: str) -> dict[str, Any]:
+        """-> the revocation entry (``revision``, ``revoked_at``...); 201 when new, 200
+        when the same revocation was already in force."""
+        body = {"kind": "workload", "value": workload, "reason": reason}
+        result = self.call("/v1/revocations", body, ok=(200, 201))
+        entry: dict[str, Any] = result["revocation"]
+        return entry
+
 
 def tests_passed(result: dict[str, Any]) -> str:
     tests = result.get("tests") or {}
@@ -520,6 +545,7 @@ class PairStats:
     denied: int = 0
     unexpected: int = 0  # decisions that did not match the policy in force
     refused: int = 0  # authentication failures (and other refusals) of a legitimate call
+    revoked: int = 0  # refusals of a token revoked by the demo: expected, not failures
     errors: int = 0
     last_decision: str = ""
     last_latency_ms: float | None = None
@@ -570,6 +596,32 @@ class PolicyChange:
 
 
 @dataclass
+class RevocationRun:
+    """The live revocation of one workload, and what each target cluster made of it."""
+
+    workload: str
+    reason: str
+    targets: tuple[str, ...]  # the clusters the workload calls
+    at: float  # seconds into the traffic, just before the revocation request
+    revision: int | None = None  # the control plane's revocation revision of the entry
+    revoked_at: float | None = None  # tokens with iat <= revoked_at are revoked
+    cut_off: dict[str, float] = field(default_factory=dict)  # target -> s until refused
+    probes: int = 0  # presentations of the revoked token while waiting for the cut-off
+    agent_revisions: dict[str, int] = field(default_factory=dict)  # /readyz afterwards
+    resumed: dict[str, float] = field(default_factory=dict)  # target -> s until accepted again
+    errors: list[str] = field(default_factory=list)
+
+    def covers(self, workload: str, issued_at: float | None) -> bool:
+        """Whether a token of ``workload`` issued at ``issued_at`` (its iat) is revoked."""
+        return (
+            workload == self.workload
+            and self.revoked_at is not None
+            and issued_at is not None
+            and issued_at <= self.revoked_at
+        )
+
+
+@dataclass
 class PolicyState:
     revision: int  # in force at the control plane
     tests: str  # the PolicyTest cases passed at the last accepted apply, "13/13"
@@ -598,6 +650,7 @@ class Scoreboard:
     by_revision: Counter[int] = field(default_factory=Counter)  # decisions per revision
     rotation: Rotation | None = None
     rotation_error: str = ""
+    revocation: RevocationRun | None = None
     interrupted: bool = False
 
     def elapsed(self) -> float:
@@ -612,6 +665,7 @@ class Scoreboard:
             "denied": denied,
             "unexpected": sum(p.unexpected for p in self.pairs),
             "refused": sum(p.refused for p in self.pairs),
+            "revoked": sum(p.revoked for p in self.pairs),
             "errors": sum(p.errors for p in self.pairs),
             "intruder_attempts": self.forged.attempts + self.tampered.attempts,
             "intruder_refused": self.forged.refused + self.tampered.refused,
@@ -620,11 +674,14 @@ class Scoreboard:
 
     def problems(self) -> list[str]:
         """What went wrong, in words; empty when every decision matched the policy in
-        force, every legitimate token was authenticated, every intruder attempt was
-        refused and the policy change and key rotation behaved."""
+        force, every legitimate token was authenticated (but the revoked one, after its
+        revocation), every intruder attempt was refused and the policy change, the
+        revocation and the key rotation behaved."""
         t = self.totals()
         problems = self.traffic_problems(t) + self.intruder_problems(t)
         problems += self.policy.errors + self.coverage_problems(t)
+        if self.revocation is not None:
+            problems += self.revocation.errors
         if self.rotation_error:
             problems.append(self.rotation_error)
         return problems
@@ -670,6 +727,14 @@ class Scoreboard:
         change = self.policy.change
         if change and change.new_revision is not None and not self.by_revision[change.new_revision]:
             problems.append(f"no decision was made with policy revision {change.new_revision}")
+        revocation = self.revocation
+        if revocation is not None and revocation.revoked_at is not None:
+            waiting = [t for t in revocation.targets if t not in revocation.resumed]
+            if waiting:
+                problems.append(
+                    f"{revocation.workload} was not accepted again with a token issued after "
+                    f"its revocation at {', '.join(waiting)}"
+                )
         return problems
 
 
@@ -680,6 +745,7 @@ class Scoreboard:
 class Lease:
     token: str
     renew_at: float  # time.time() after which a new one is fetched
+    issued_at: float | None = None  # the token's iat (JWT-SVIDs), to tell revoked ones
 
 
 class Refused(Exception):
@@ -733,15 +799,17 @@ class Traffic:
             self.sa_tokens[wl.name] = lease
         return lease.token
 
-    def svid(self, pair: PairStats) -> str:
+    def svid(self, pair: PairStats) -> Lease:
+        """The JWT-SVID the workload holds for the pair's target (exchanged when it has
+        none, or when the one it has is due for renewal)."""
         key = (pair.workload.name, pair.target)
         lease = self.svids.get(key)
         if lease is None or time.time() >= lease.renew_at:
             token, expires_in = self.exchange(self.sa_token(pair.workload), pair.target)
             pair.exchanges += 1
-            lease = Lease(token, time.time() + RENEW_AT * expires_in)
+            lease = Lease(token, time.time() + RENEW_AT * expires_in, issued_at(token))
             self.svids[key] = lease
-        return lease.token
+        return lease
 
     def exchange(self, subject_token: str, target: str) -> tuple[str, float]:
         form = {
@@ -773,16 +841,16 @@ class Traffic:
         return body
 
     def call(self, pair: PairStats) -> None:
+        lease: Lease | None = None
         try:
-            token = self.svid(pair)
+            lease = self.svid(pair)
             started = time.perf_counter()
-            body = self.authorize(pair.target, token, pair.route.call.request())
+            body = self.authorize(pair.target, lease.token, pair.route.call.request())
             pair.last_latency_ms = (time.perf_counter() - started) * 1000
             revision = int(body["revision"])
         except Refused as exc:
-            pair.refused += 1
-            self.svids.pop((pair.workload.name, pair.target), None)
-            self.outcome(pair, f"refused: {exc}", f"{pair.name}: REFUSED ({exc})")
+            self.svids.pop((pair.workload.name, pair.target), None)  # exchange again
+            self.refused(pair, lease, exc)
             return
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
             pair.errors += 1
@@ -792,6 +860,45 @@ class Traffic:
             return
         self.authenticated(pair, body["identity"])
         self.decided(pair, body, revision)
+        self.resumed(pair, lease)
+
+    def refused(self, pair: PairStats, lease: Lease | None, exc: Refused) -> None:
+        """A refusal is expected only for a token the demo revoked (reason ``revoked``,
+        token issued no later than the revocation); any other is a failure."""
+        revocation = self.board.revocation
+        if (
+            lease is not None
+            and exc.status == 401
+            and exc.description == "revoked"
+            and revocation is not None
+            and revocation.covers(pair.workload.name, lease.issued_at)
+        ):
+            pair.revoked += 1
+            self.outcome(
+                pair,
+                "revoked",
+                f"{pair.name}: REFUSED as expected ({exc}): its token was issued before the "
+                f"revocation; it exchanges its service-account token for a new one",
+            )
+            return
+        pair.refused += 1
+        self.outcome(pair, f"refused: {exc}", f"{pair.name}: REFUSED ({exc})")
+
+    def resumed(self, pair: PairStats, lease: Lease) -> None:
+        """Note the revoked workload's first accepted call, per target, with a token
+        issued after its revocation; say so once it has been accepted again everywhere."""
+        revocation = self.board.revocation
+        if (
+            revocation is None
+            or revocation.revoked_at is None
+            or pair.workload.name != revocation.workload
+            or pair.target in revocation.resumed
+            or revocation.covers(pair.workload.name, lease.issued_at)
+        ):
+            return
+        revocation.resumed[pair.target] = self.board.elapsed() - revocation.at
+        if set(revocation.resumed) >= set(revocation.targets):
+            self.events.event(resumed_text(revocation))
 
     def decided(self, pair: PairStats, body: dict[str, Any], revision: int) -> None:
         """Count the decision and check it against the policy in force at ``revision``."""
@@ -922,10 +1029,24 @@ def short_decision(body: dict[str, Any]) -> str:
     return f"r{body.get('revision')} {what}"[:34]
 
 
+def unverified_claims(token: str) -> dict[str, Any]:
+    """A JWT's payload, read without verifying it (the workload's own token)."""
+    payload = token.split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    return claims if isinstance(claims, dict) else {}
+
+
+def issued_at(token: str) -> float | None:
+    try:
+        return float(unverified_claims(token)["iat"])
+    except (IndexError, KeyError, TypeError, ValueError):
+        return None
+
+
 def swap_payload(token: str, victim: WorkloadSpec) -> str:
     """The same header and signature over a payload rewritten to claim ``victim``."""
-    header, payload, signature = token.split(".")
-    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    header, _, signature = token.split(".")
+    claims = unverified_claims(token)
     claims.update(
         sub=victim.spiffe_id,
         workload_id=victim.name,
@@ -954,7 +1075,8 @@ def _short(kid: str) -> str:
 
 
 class Operator:
-    """What an operator does while traffic flows: change the policy, rotate the key."""
+    """What an operator does while traffic flows: change the policy, revoke a workload,
+    rotate the key."""
 
     def __init__(self, board: Scoreboard, admin: Admin, http: httpx.Client, events: Events) -> None:
         self.board, self.admin, self.http, self.events = board, admin, http, events
@@ -1044,15 +1166,110 @@ class Operator:
         change.propagation = max(change.per_agent.values())
         self.events.event(propagation_text(change))
 
-    def agent_revisions(self) -> dict[str, int]:
-        """Each agent's policy revision in force (-1 when it cannot say)."""
+    def agent_revisions(self, key: str = "policy_revision") -> dict[str, int]:
+        """Each agent's policy (or revocation) revision in force, from its /readyz (-1
+        when it cannot say)."""
         revisions = {}
         for name, url in self.board.agent_urls.items():
             try:
-                revisions[name] = int(_json(self.http.get(url + "/readyz"))["policy_revision"])
+                revisions[name] = int(_json(self.http.get(url + "/readyz"))[key])
             except (httpx.HTTPError, KeyError, TypeError, ValueError):
                 revisions[name] = -1
         return revisions
+
+    # -- revocation
+
+    def revoke(self, traffic: Traffic) -> None:
+        """Revoke a workload while it calls other clusters, and time how long each of
+        them takes to refuse the token the workload holds."""
+        pairs = [p for p in self.board.pairs if p.workload.name == REVOKED_WORKLOAD]
+        run = RevocationRun(
+            REVOKED_WORKLOAD,
+            REVOCATION_REASON,
+            tuple(p.target for p in pairs),
+            self.board.elapsed(),
+        )
+        self.board.revocation = run
+        try:
+            held = {pair.target: (pair, traffic.svid(pair).token) for pair in pairs}
+        except (Refused, httpx.HTTPError, ValueError, KeyError) as exc:
+            self.revocation_problem(run, f"{run.workload} has no token to revoke: {exc}")
+            return
+        for target, (pair, token) in held.items():
+            before = probe(traffic, pair, token)
+            if before != "accepted":
+                self.revocation_problem(
+                    run, f"before its revocation, {run.workload}'s token was {before} at {target}"
+                )
+                return
+        run.at = self.board.elapsed()
+        started = time.monotonic()
+        try:
+            entry = self.admin.revoke_workload(run.workload, run.reason)
+            run.revision, run.revoked_at = int(entry["revision"]), float(entry["revoked_at"])
+        except (DemoError, KeyError, TypeError, ValueError) as exc:
+            self.revocation_problem(run, f"revoking workload {run.workload} failed: {exc}")
+            return
+        self.time_cut_off(run, traffic, held, started)
+        self.check_agents_know(run, started)
+        if not run.errors:
+            self.events.event(revocation_text(run))
+
+    def revocation_problem(self, run: RevocationRun, text: str) -> None:
+        run.errors.append(text)
+        self.events.event(text)
+
+    def time_cut_off(
+        self,
+        run: RevocationRun,
+        traffic: Traffic,
+        held: dict[str, tuple[PairStats, str]],
+        started: float,
+    ) -> None:
+        """Present the held token to every target agent, a few ms apart, until each has
+        refused it as revoked; ``started`` is just before the revocation request."""
+        waiting = dict(held)
+        while waiting:
+            for target, (pair, token) in list(waiting.items()):
+                answer = probe(traffic, pair, token)
+                run.probes += 1
+                if answer == "revoked":
+                    run.cut_off[target] = time.monotonic() - started
+                elif answer != "accepted":
+                    self.revocation_problem(
+                        run,
+                        f"after the revocation, {run.workload}'s token was {answer} at {target}",
+                    )
+                else:
+                    continue
+                del waiting[target]
+            if waiting and time.monotonic() - started > REVOCATION_TIMEOUT:
+                self.revocation_problem(
+                    run,
+                    f"{run.workload}'s revoked token was still accepted at "
+                    f"{', '.join(waiting)} {REVOCATION_TIMEOUT:.0f} s after the revocation",
+                )
+                return
+            time.sleep(REVOCATION_POLL)
+        run.cut_off = {t: run.cut_off[t] for t in run.targets if t in run.cut_off}
+
+    def check_agents_know(self, run: RevocationRun, started: float) -> None:
+        """Every agent -- those the workload does not call too -- reports the revocation
+        revision in its /readyz."""
+        revision = run.revision or 0
+        while True:
+            run.agent_revisions = self.agent_revisions("revocation_revision")
+            late = [name for name, seen in run.agent_revisions.items() if seen < revision]
+            if not late:
+                return
+            if time.monotonic() - started > REVOCATION_TIMEOUT:
+                self.revocation_problem(
+                    run,
+                    f"revocation revision {revision} not in force at {', '.join(late)} "
+                    f"{REVOCATION_TIMEOUT:.0f} s after the revocation",
+                )
+                return
+            time.sleep(PROPAGATION_POLL)
 
     # -- signing key
 
@@ -1071,6 +1288,37 @@ class Operator:
         )
 
 
+def probe(traffic: Traffic, pair: PairStats, token: str) -> str:
+    """Present ``token`` with the pair's request: ``accepted``, ``revoked``, or what
+    else happened. Not counted as traffic."""
+    try:
+        traffic.authorize(pair.target, token, pair.route.call.request())
+    except Refused as exc:
+        return (
+            "revoked" if exc.status == 401 and exc.description == "revoked" else f"refused ({exc})"
+        )
+    except (httpx.HTTPError, ValueError) as exc:
+        return f"not checked ({exc!r})"
+    return "accepted"
+
+
+def revocation_text(run: RevocationRun) -> str:
+    cut = ", ".join(f"{target} after {seconds:.2f} s" for target, seconds in run.cut_off.items())
+    return (
+        f"revoked workload {run.workload} (reason: {run.reason}): cut off at {cut} "
+        f"(revocation revision {run.revision}, in force at all {len(run.agent_revisions)} "
+        f"agents; its token was accepted everywhere just before; {run.probes} presentations)"
+    )
+
+
+def resumed_text(run: RevocationRun) -> str:
+    again = ", ".join(f"{target} after {run.resumed[target]:.2f} s" for target in run.targets)
+    return (
+        f"{run.workload} re-issued a token after the revocation: accepted again at {again} "
+        "(new JWT-SVIDs, issued after the revocation's second)"
+    )
+
+
 def propagation_text(change: PolicyChange) -> str:
     agents = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in change.per_agent.items())
     return (
@@ -1083,9 +1331,9 @@ def propagation_text(change: PolicyChange) -> str:
 
 COLUMNS = (
     "FROM", "WORKLOAD", "TO", "REQUEST", "EXCH", "ALLOWED", "DENIED", "LAST DECISION",
-    "REFUSED", "KEY", "LAST MS",
+    "REFUSED", "REVOKED", "KEY", "LAST MS",
 )  # fmt: skip
-NUMERIC = {"EXCH", "ALLOWED", "DENIED", "REFUSED", "LAST MS"}
+NUMERIC = {"EXCH", "ALLOWED", "DENIED", "REFUSED", "REVOKED", "LAST MS"}
 
 
 def stats_table(board: Scoreboard, title: str | None = None) -> Table:
@@ -1100,6 +1348,7 @@ def stats_table(board: Scoreboard, title: str | None = None) -> Table:
             Text(str(p.denied), style="yellow" if p.denied else ""),
             Text(p.last_decision, style="bold red" if p.unexpected else ""),
             Text(str(refused), style="bold red" if refused else ""),
+            Text(str(p.revoked), style="yellow" if p.revoked else ""),
             _short(p.last_kid), "-" if p.last_latency_ms is None else f"{p.last_latency_ms:.1f}",
         )  # fmt: skip
     for intruder in (board.forged, board.tampered):
@@ -1107,7 +1356,7 @@ def stats_table(board: Scoreboard, title: str | None = None) -> Table:
             ROGUE_CLUSTER, Text("intruder", style="red"), intruder.target, intruder.short,
             str(intruder.attempts),
             Text(str(intruder.accepted), style="bold red" if intruder.accepted else ""), "",
-            intruder.last_reason[:34], Text(str(intruder.refused), style="yellow"), "", "",
+            intruder.last_reason[:34], Text(str(intruder.refused), style="yellow"), "", "", "",
         )  # fmt: skip
     return table
 
@@ -1123,6 +1372,26 @@ def rotation_line(board: Scoreboard) -> str:
         f"{_short(rotation.new_kid)}; since then {rotation.old_key_calls} calls verified with the "
         f"retired key, {rotation.new_key_calls} with the new one"
     )
+
+
+def revocation_line(board: Scoreboard) -> str:
+    run = board.revocation
+    if run is None:
+        return f"revocation: workload {REVOKED_WORKLOAD} not revoked yet"
+    if run.revoked_at is None:
+        return f"revocation of workload {run.workload} failed: {'; '.join(run.errors)}"
+    parts = [f"workload {run.workload} revoked at {run.at:.1f} s (reason: {run.reason}):"]
+    cut = ", ".join(f"{target} after {seconds:.2f} s" for target, seconds in run.cut_off.items())
+    parts.append(f"cut off at {cut or 'no cluster yet'};")
+    refusals = sum(p.revoked for p in board.pairs)
+    parts.append(f"{refusals} calls with its revoked token refused (expected);")
+    if run.resumed:
+        parts.append(
+            f"accepted again with a new token at {', '.join(t for t in run.targets if t in run.resumed)}"
+        )
+    else:
+        parts.append("no call with a new token yet")
+    return " ".join(parts)
 
 
 def policy_line(board: Scoreboard) -> str:
@@ -1163,7 +1432,8 @@ def summary_line(board: Scoreboard) -> str:
         f"summary at {board.elapsed():.1f} s: policy revision {board.policy.revision}; "
         f"{t['exchanges']} exchanges, {t['decisions']} decisions ({t['allowed']} allowed, "
         f"{t['denied']} denied, {t['unexpected']} unexpected), "
-        f"{t['refused']} refused legitimate calls, {t['errors']} errors, "
+        f"{t['refused']} refused legitimate calls, {t['revoked']} refused as revoked "
+        f"(expected), {t['errors']} errors, "
         f"{t['intruder_refused']}/{t['intruder_attempts']} intruder attempts refused"
     )
 
@@ -1227,6 +1497,7 @@ class LiveDisplay:
         stop = f"stops after {board.duration:.0f} s; " if board.duration else ""
         foot = Text.assemble(
             (policy_line(board) + "\n", "magenta"),
+            (revocation_line(board) + "\n", "yellow"),
             (rotation_line(board) + "\n", "cyan"),
             (summary_line(board) + "\n", ""),
             ("\n".join(self.events) + "\n", "dim"),
@@ -1243,7 +1514,7 @@ class Display(Events, Protocol):
 
 def print_final(console: Console, board: Scoreboard) -> None:
     console.print(stats_table(board, title="trustmesh demo: final summary"))
-    for line in (policy_line(board), rotation_line(board)):
+    for line in (policy_line(board), revocation_line(board), rotation_line(board)):
         console.print(line, markup=False, highlight=False, soft_wrap=True)
     problems = board.problems()
     if problems:
@@ -1259,9 +1530,22 @@ def ok_line(board: Scoreboard) -> str:
     revisions = ", ".join(f"{n} at revision {rev}" for rev, n in sorted(board.by_revision.items()))
     return (
         f"OK: every decision matched the policy in force ({t['allowed']} allowed, "
-        f"{t['denied']} denied; {revisions or 'none'}); every legitimate token was "
-        f"authenticated ({t['decisions']} calls after {t['exchanges']} token exchanges); "
-        f"all {t['intruder_attempts']} intruder attempts were refused"
+        f"{t['denied']} denied; {revisions or 'none'}); every refusal was expected: "
+        f"{revoked_summary(board)}all {t['intruder_attempts']} intruder attempts; "
+        f"no other legitimate call was refused ({t['decisions']} calls after "
+        f"{t['exchanges']} token exchanges)"
+    )
+
+
+def revoked_summary(board: Scoreboard) -> str:
+    run = board.revocation
+    if run is None or run.revoked_at is None:
+        return ""
+    refusals = sum(p.revoked for p in board.pairs)
+    return (
+        f"{refusals} calls with {run.workload}'s token after its revocation (cut off at "
+        f"{len(run.cut_off)}/{len(run.targets)} clusters, accepted again with a new token at "
+        f"{len(run.resumed)}/{len(run.targets)}), "
     )
 
 
@@ -1426,19 +1710,26 @@ def policy_change_time(duration: float) -> float:
     return INTERACTIVE_POLICY_CHANGE if duration <= 0 else duration / 3
 
 
+def revocation_time(duration: float) -> float:
+    return INTERACTIVE_REVOCATION if duration <= 0 else duration / 2
+
+
 def rotation_time(duration: float) -> float:
     return INTERACTIVE_ROTATION if duration <= 0 else 2 * duration / 3
 
 
 def drive(traffic: Traffic, display: Display, operator: Operator, duration: float) -> None:
     """Traffic rounds until ``duration`` (0: until Ctrl-C); change the policy at a third,
-    rotate the key at two thirds."""
+    revoke a workload at half time, rotate the key at two thirds."""
     board = traffic.board
     change_at, rotate_at = policy_change_time(duration), rotation_time(duration)
+    revoke_at = revocation_time(duration)
     while duration <= 0 or board.elapsed() < duration:
         began = time.monotonic()
         if board.policy.change is None and board.elapsed() >= change_at:
             operator.change_policy()
+        if board.revocation is None and board.elapsed() >= revoke_at:
+            operator.revoke(traffic)
         if board.rotation is None and not board.rotation_error and board.elapsed() >= rotate_at:
             operator.rotate()
         traffic.run_round()
@@ -1485,9 +1776,10 @@ def make_console(plain: bool) -> Console:
 
 def run_demo(duration: float = 0.0, data_dir: Path | None = None, plain: bool = False) -> None:
     """Run the demo for ``duration`` seconds (0: until Ctrl-C). Returns normally when every
-    decision matched the policy in force, every legitimate token was authenticated, every
-    intruder attempt was refused and the policy change behaved; raises DemoError with one
-    line otherwise, or when start-up failed."""
+    decision matched the policy in force, every refusal was expected (the revoked token
+    after its revocation, the intruder's attempts) and no other legitimate call was
+    refused, and the policy change, the revocation and the key rotation behaved; raises
+    DemoError with one line otherwise, or when start-up failed."""
     console = make_console(plain)
     plain = plain or not console.is_terminal
 
