@@ -189,7 +189,9 @@ def demo(
         False, "--plain", help="Print events line by line instead of a live table."
     ),
 ) -> None:
-    """Start a control plane, three simulated clusters with agents, and cross-cluster traffic."""
+    """The first command to run: a control plane, three simulated clusters with agents,
+    cross-cluster traffic under a policy (allowed and denied calls), a rejected and an
+    accepted policy change, a live revocation, and a key rotation."""
     from trustmesh.sim.demo import run_demo
 
     run_demo(duration=duration, data_dir=data_dir, plain=plain)
