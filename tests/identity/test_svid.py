@@ -102,8 +102,8 @@ def test_attacks_are_refused(
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        ({"exp": int(time.time()) - 60}, "expired"),
-        ({"nbf": int(time.time()) + 120}, "not_yet_valid"),
+        ({"exp": "NOW-60"}, "expired"),
+        ({"nbf": "NOW+120"}, "not_yet_valid"),
         ({"aud": ["spiffe://corp.example/cluster/gamma"]}, "wrong_audience"),
         ({"iss": "https://evil.example"}, "wrong_issuer"),
         ({"jti": None}, "missing_claim"),
@@ -120,6 +120,11 @@ def test_claim_checks(
     overrides: dict[str, Any],
     expected: str,
 ) -> None:
+    now = int(time.time())  # relative times resolved when the test runs, not at collection
+    overrides = {
+        k: now + int(v[3:]) if isinstance(v, str) and v.startswith("NOW") else v
+        for k, v in overrides.items()
+    }
     assert reason(verifier, mint_svid(signer[0], claims(**overrides))) == expected
 
 
