@@ -189,6 +189,19 @@ def inventory(registry: Registry) -> dict[str, dict[str, Any]]:
     }
 
 
+def claim_counts(identities: dict[str, dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """How many registered identities carry each claim value: the engine indexes each
+    subject under its most selective condition (computed once per registry, shipped in
+    every bundle)."""
+    counts: dict[str, dict[str, int]] = {}
+    for identity in identities.values():
+        for key, value in identity["claims"].items():
+            if isinstance(value, str):
+                per_key = counts.setdefault(key, {})
+                per_key[value] = per_key.get(value, 0) + 1
+    return counts
+
+
 def _subject_body(subject: SubjectSpec, registry: Registry) -> dict[str, Any]:
     body: dict[str, Any] = {}
     if subject.workload:
@@ -210,6 +223,7 @@ def compile_bundle(
     flat_roles: dict[str, list[dict[str, Any]]] | None = None,
     identities: dict[str, dict[str, Any]] | None = None,
     policy_hash: str | None = None,
+    counts: dict[str, dict[str, int]] | None = None,
 ) -> dict[str, Any]:
     """The bundle for one cluster. ``flat_roles``/``identities`` may be passed in when
     compiling many clusters from one policy."""
@@ -217,6 +231,8 @@ def compile_bundle(
         flat_roles, problems = flatten_roles(policy.roles)
         if problems:
             raise PolicyError(problems)
+    if identities is None:
+        identities = inventory(registry)
     labels = registry.clusters[cluster].labels
     bindings = []
     used_roles: set[str] = set()
@@ -242,7 +258,8 @@ def compile_bundle(
         "policyHash": policy_hash or policy.content_hash(),
         "roles": {name: flat_roles[name] for name in sorted(used_roles)},
         "bindings": bindings,
-        "identities": identities if identities is not None else inventory(registry),
+        "identities": identities,
+        "claimCounts": counts if counts is not None else claim_counts(identities),
     }
 
 
@@ -254,7 +271,10 @@ def compile_all(policy: PolicySet, registry: Registry, revision: int) -> dict[st
     flat, _ = flatten_roles(policy.roles)
     identities = inventory(registry)
     policy_hash = policy.content_hash()
+    counts = claim_counts(identities)
     return {
-        name: compile_bundle(policy, registry, name, revision, flat, identities, policy_hash)
+        name: compile_bundle(
+            policy, registry, name, revision, flat, identities, policy_hash, counts
+        )
         for name in sorted(registry.clusters)
     }

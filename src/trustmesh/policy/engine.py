@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import itertools
 import secrets
-from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from trustmesh.policy.compiler import claim_counts
 from trustmesh.policy.matching import CompiledRule, compile_rule, family_of, requirement_matches
 from trustmesh.policy.request import Request
 
@@ -117,21 +117,13 @@ class Engine:
         self._unindexed: list[_Entry] = []
         # How many registered identities carry each claim value: a subject is indexed
         # under its most selective condition, so an identity meets few candidates.
-        indexable = {
-            key
-            for binding in self.bindings
-            for subject in binding.subjects
-            for key in (
-                *(k for k, _ in subject.claims),
-                *(e[0] for e in subject.expressions if e[1] == "In"),
-            )
-        }
-        frequency: Counter[tuple[str, str]] = Counter(
-            (key, value)
-            for identity in self.identities.values()
-            for key, value in identity.get("claims", {}).items()
-            if key in indexable and isinstance(value, str)
+        counts: dict[str, dict[str, int]] = bundle.get("claimCounts") or claim_counts(
+            self.identities
         )
+
+        def frequency(claim: tuple[str, str]) -> int:
+            return counts.get(claim[0], {}).get(claim[1], 0)
+
         claim_keys: set[str] = set()
         for binding in self.bindings:
             for subject in binding.subjects:
@@ -146,7 +138,7 @@ class Engine:
         self._id_prefix = f"{secrets.token_hex(4)}-{self.revision}-"
 
     def _buckets_for(
-        self, subject: _Subject, frequency: Counter[tuple[str, str]]
+        self, subject: _Subject, frequency: Callable[[tuple[str, str]], int]
     ) -> list[list[_Entry]]:
         """Index keys such that every identity the subject matches has one of them."""
         if subject.spiffe_id is not None:
@@ -159,7 +151,7 @@ class Engine:
         )
         if not options:
             return [self._unindexed]
-        best = min(options, key=lambda keys: sum(frequency.get(k, 0) for k in keys))
+        best = min(options, key=lambda keys: sum(frequency(k) for k in keys))
         return [self._by_claim.setdefault(k, []) for k in best]
 
     def applicable(
