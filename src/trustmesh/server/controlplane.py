@@ -39,7 +39,14 @@ from trustmesh.manifests import (
     parse_text,
 )
 from trustmesh.policy.bundle import sign_bundle
-from trustmesh.policy.compiler import PolicySet, compile_all, compile_bundle, flatten_roles
+from trustmesh.policy.compiler import (
+    PolicySet,
+    claim_counts,
+    compile_all,
+    compile_bundle,
+    flatten_roles,
+    inventory,
+)
 from trustmesh.policy.testing import CaseResult, run_policy_tests
 from trustmesh.registry import AppliedChange, Registry, RegistryStore
 from trustmesh.revocation import Revocation, RevocationError, RevocationSet
@@ -130,8 +137,9 @@ class ControlPlane:
         self._policy = PolicySet()
         self._policy_revision = 0
         self._bundles: dict[tuple[int, int, int, str], str] = {}
-        self._flat_roles: dict[str, list[dict[str, Any]]] | None = None
-        self._flat_for = -1
+        # What every cluster's bundle shares (flattened roles, inventory, claim counts,
+        # policy hash), computed once per (policy, registry) revision, not per cluster.
+        self._shared_inputs: tuple[tuple[int, int], tuple[Any, ...]] | None = None
         self._changed = asyncio.Event()
         self._notified_version = (0, 0, 0)
         self._revocations = RevocationSet()
@@ -408,11 +416,15 @@ class ControlPlane:
         registry, policy = self._registry, self._policy
         if cluster not in registry.clusters:
             raise NotFound(f"cluster {cluster} is not registered")
-        flat = self._flat_roles
-        if flat is None or self._flat_for != self._policy_revision:
+        if self._shared_inputs is None or self._shared_inputs[0] != version:
             flat, _ = flatten_roles(policy.roles)
-            self._flat_roles, self._flat_for = flat, self._policy_revision
-        bundle = compile_bundle(policy, registry, cluster, self._policy_revision, flat)
+            identities = inventory(registry)
+            shared = (flat, identities, policy.content_hash(), claim_counts(identities))
+            self._shared_inputs = (version, shared)
+        flat, identities, policy_hash, counts = self._shared_inputs[1]
+        bundle = compile_bundle(
+            policy, registry, cluster, self._policy_revision, flat, identities, policy_hash, counts
+        )
         token = sign_bundle(bundle, self._keyset.active)
         if len(self._bundles) > 4 * max(1, len(registry.clusters)):
             self._bundles.clear()
