@@ -51,7 +51,6 @@ GROUP_CLAIMS = ("cluster", "environment", "project", "tier", "workload_id")
 
 MANAGED_BY = {"app.kubernetes.io/managed-by": "trustmesh"}
 SKIPPED_SERVICE_RULES = "trustmesh.io/skipped-service-rules"
-UNSUPPORTED_RESOURCES = "trustmesh.io/unsupported-resources"
 EXPANDED_SUBJECTS = "trustmesh.io/expanded-subjects"
 
 
@@ -87,10 +86,9 @@ def _metadata(
     return meta
 
 
-def _cluster_role(role: str, rules: list[dict[str, Any]], warnings: list[str]) -> dict[str, Any]:
+def _cluster_role(role: str, rules: list[dict[str, Any]]) -> dict[str, Any]:
     exported: list[dict[str, Any]] = []
     skipped = 0
-    unsupported: list[str] = []
     for rule in rules:
         if rule.get("services"):
             skipped += 1
@@ -107,22 +105,12 @@ def _cluster_role(role: str, rules: list[dict[str, Any]], warnings: list[str]) -
         }
         if rule.get("resourceNames"):
             body["resourceNames"] = list(rule["resourceNames"])
-        unsupported += [r for r in rule["resources"] if r.endswith("/*") and r != "*/*"]
         exported.append(body)
     annotations = {"trustmesh.io/global-role": role}
     if skipped:
         annotations[SKIPPED_SERVICE_RULES] = (
             f"{skipped} service rule(s) (services/paths/methods) have no Kubernetes RBAC "
             "equivalent; the trustmesh agent's ext_authz enforces them"
-        )
-    if unsupported:
-        listed = ", ".join(sorted(set(unsupported)))
-        annotations[UNSUPPORTED_RESOURCES] = (
-            f"{listed}: Kubernetes RBAC has no <resource>/* form, so these grant nothing natively"
-        )
-        warnings.append(
-            f"GlobalRole {role}: resources {listed} mean every subresource to trustmesh but "
-            "nothing to Kubernetes RBAC (which knows * and */<subresource> only)"
         )
     return {
         "apiVersion": RBAC_API_VERSION,
@@ -229,7 +217,7 @@ def export_rbac(policy: PolicySet, registry: Registry, cluster: str) -> RbacExpo
             )
             continue
         if role not in roles:
-            roles[role] = _cluster_role(role, bundle["roles"][role], warnings)
+            roles[role] = _cluster_role(role, bundle["roles"][role])
         subjects, notes = _subjects(cluster, binding["subjects"], identities)
         annotations = {"trustmesh.io/role-binding": name}
         if notes:
