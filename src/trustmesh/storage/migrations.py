@@ -46,11 +46,22 @@ def _v4_ssf_deliveries(conn: Connection) -> None:
     schema.ssf_deliveries.create(conn, checkfirst=True)
 
 
+def _v5_audit(conn: Connection) -> None:
+    for table in (
+        schema.audit_entries,
+        schema.audit_checkpoints,
+        schema.audit_sources,
+        schema.audit_gaps,
+    ):
+        table.create(conn, checkfirst=True)
+
+
 MIGRATIONS: list[Migration] = [
     (1, "initial schema: meta, signing keys, registry, credentials", _v1_initial),
     (2, "policy versions and agent status", _v2_policy),
     (3, "revocations", _v3_revocations),
     (4, "shared signals (RFC 8936) delivery state", _v4_ssf_deliveries),
+    (5, "audit log: entries, checkpoints, sources, gaps", _v5_audit),
 ]
 
 LATEST = MIGRATIONS[-1][0]

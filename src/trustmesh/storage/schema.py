@@ -6,9 +6,12 @@ both engines hold byte-identical values."""
 from __future__ import annotations
 
 from sqlalchemy import (
+    BigInteger,
     Column,
     Float,
+    Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -130,4 +133,65 @@ ssf_deliveries = Table(
     Column("err", String(64)),
     Column("description", Text),
     Column("recorded_at", Float, nullable=False),
+)
+
+# The audit log (DESIGN §6, server/audit.py). ``leaf`` is the exact canonical JSON that
+# was hashed (UTF-8 text); ``leaf_hash`` its RFC 6962 leaf hash, kept so a replica
+# rebuilds its tree without re-hashing. The other columns copy fields of the event for
+# queries; the leaf is the record, they are never trusted by verification.
+audit_entries = Table(
+    "audit_entries",
+    metadata,
+    Column("idx", BigInteger, primary_key=True, autoincrement=False),
+    Column("leaf", Text, nullable=False),
+    Column("leaf_hash", LargeBinary(32), nullable=False),
+    Column("event_id", String(36), nullable=False),
+    Column("type", String(64), nullable=False),
+    Column("time", String(24), nullable=False),
+    Column("cluster", String(253)),
+    Column("subject", String(512)),
+    Column("trace_id", String(32)),
+    Column("decision", String(8)),
+    Column("source", String(128), nullable=False),
+    Column("seq", BigInteger),
+    Column("sequenced_at", Float, nullable=False),
+    UniqueConstraint("source", "seq", name="uq_audit_entries_source_seq"),
+    UniqueConstraint("event_id", name="uq_audit_entries_event_id"),
+    Index("ix_audit_entries_type", "type"),
+    Index("ix_audit_entries_time", "time"),
+    Index("ix_audit_entries_subject", "subject"),
+    Index("ix_audit_entries_trace_id", "trace_id"),
+    Index("ix_audit_entries_cluster", "cluster"),
+)
+
+# Signed checkpoints (C2SP tlog-checkpoint as a signed note), one per tree size signed.
+audit_checkpoints = Table(
+    "audit_checkpoints",
+    metadata,
+    Column("size", BigInteger, primary_key=True, autoincrement=False),
+    Column("root_hash", LargeBinary(32), nullable=False),
+    Column("note", Text, nullable=False),
+    Column("signed_at", Float, nullable=False),
+)
+
+# Per-source sequence state: the next sequence number expected from each agent spool.
+audit_sources = Table(
+    "audit_sources",
+    metadata,
+    Column("source", String(128), primary_key=True),
+    Column("cluster", String(253), nullable=False),
+    Column("agent", String(64), nullable=False),
+    Column("next_seq", BigInteger, nullable=False),
+    Column("first_seen", Float, nullable=False),
+    Column("last_seen", Float, nullable=False),
+)
+
+# Sequence numbers an agent skipped: [first_seq, last_seq] never arrived before later ones.
+audit_gaps = Table(
+    "audit_gaps",
+    metadata,
+    Column("source", String(128), primary_key=True),
+    Column("first_seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("last_seq", BigInteger, nullable=False),
+    Column("detected_at", Float, nullable=False),
 )

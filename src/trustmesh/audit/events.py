@@ -1,0 +1,244 @@
+"""The one audit event schema (DESIGN §6): building events and checking them.
+
+An event is a JSON object; the log hashes its canonical bytes
+(:func:`trustmesh.audit.canonical.canonical_bytes`). Members, absent when they do
+not apply (never ``null``):
+
+``event_id``   random UUID (hex with dashes), unique across the log
+``type``       one of :data:`EVENT_TYPES` (``admin.*`` for administrative actions)
+``time``       RFC 3339 UTC with milliseconds (``2026-11-29T05:20:00.123Z``)
+``source``     who wrote it: ``{"kind": "control-plane", "id": REPLICA}`` or
+               ``{"kind": "agent", "id": SPOOL_ID, "agent": AGENT_ID, "seq": N}``;
+               agents number their events 1, 2, 3… per spool, and the control plane
+               deduplicates by (``id``, ``seq``) and reports gaps
+``cluster``    the cluster where it happened (the agent's; the token's origin cluster
+               for exchanges)
+``actor``      who acted: a SPIFFE ID, ``admin:NAME``, ``cluster:NAME`` or ``system``
+``identity``   provenance of the credential: ``spiffe_id``, ``workload``,
+               ``origin_cluster``, ``sa_issuer``, ``sa_subject``, ``jti``, ``kid``,
+               ``token_sha256`` (SHA-256 hex of the presented token: never the token)
+``request``    what was asked: ``surface`` plus the action/resource attributes
+``decision``   ``allowed``, ``reason``, ``policy_revision``, ``bindings``, ``roles``,
+               ``decision_id``
+``trace_id``   W3C trace id (32 hex), ``span_id`` (16 hex)
+``detail``     type-specific facts (policy revision and diff summary, revocation kind
+               and value, new kid, error code…)
+
+Nothing here touches a database or the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from trustmesh.audit.canonical import CanonicalError, canonical_bytes, parse_time
+
+TOKEN_ISSUED = "token.issued"  # noqa: S105 (an event type, not a secret)
+TOKEN_EXCHANGE_FAILED = "token.exchange_failed"  # noqa: S105
+AUTHZ_DECISION = "authz.decision"
+POLICY_PUBLISHED = "policy.published"
+POLICY_REJECTED = "policy.rejected"
+REVOCATION_CREATED = "revocation.created"
+KEY_ROTATED = "key.rotated"
+AUDIT_GAP = "audit.gap_detected"
+
+EVENT_TYPES = frozenset(
+    {
+        TOKEN_ISSUED,
+        TOKEN_EXCHANGE_FAILED,
+        AUTHZ_DECISION,
+        POLICY_PUBLISHED,
+        POLICY_REJECTED,
+        REVOCATION_CREATED,
+        KEY_ROTATED,
+        AUDIT_GAP,
+    }
+)
+ADMIN_PREFIX = "admin."
+AGENT_TYPES = frozenset({AUTHZ_DECISION})
+"""What an agent may write; everything else comes from the control plane itself."""
+
+MAX_EVENT_BYTES = 16 * 1024
+TOP_LEVEL = frozenset(
+    {
+        "event_id",
+        "type",
+        "time",
+        "source",
+        "cluster",
+        "actor",
+        "identity",
+        "request",
+        "decision",
+        "trace_id",
+        "span_id",
+        "detail",
+    }
+)
+IDENTITY_FIELDS = frozenset(
+    {
+        "spiffe_id",
+        "workload",
+        "origin_cluster",
+        "sa_issuer",
+        "sa_subject",
+        "jti",
+        "kid",
+        "token_sha256",
+    }
+)
+_TRACE_ID = re.compile(r"[0-9a-f]{32}")
+_SPAN_ID = re.compile(r"[0-9a-f]{16}")
+_ADMIN_TYPE = re.compile(r"admin\.[a-z][a-z0-9_.]{0,62}")
+
+
+class EventError(ValueError):
+    """An event does not follow the schema; the message names the member."""
+
+
+def token_sha256(token: str) -> str:
+    """What an event may hold of a token: its SHA-256, hex."""
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def now_time(moment: float | None = None) -> str:
+    """Epoch seconds (default: now) as the event time format."""
+    seconds = time.time() if moment is None else moment
+    stamp = datetime.fromtimestamp(seconds, UTC)
+    return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
+
+
+def new_event(
+    type_: str,
+    *,
+    source: Mapping[str, Any],
+    cluster: str | None = None,
+    actor: str | None = None,
+    identity: Mapping[str, Any] | None = None,
+    request: Mapping[str, Any] | None = None,
+    decision: Mapping[str, Any] | None = None,
+    trace_id: str | None = None,
+    span_id: str | None = None,
+    detail: Mapping[str, Any] | None = None,
+    at: float | None = None,
+) -> dict[str, Any]:
+    """A new event with a fresh id and the current time; ``None`` members are left out
+    (also inside ``identity``, ``request``, ``decision`` and ``detail``)."""
+    event: dict[str, Any] = {
+        "event_id": str(uuid.uuid4()),
+        "type": type_,
+        "time": now_time(at),
+        "source": dict(source),
+    }
+    for name, value in (("cluster", cluster), ("actor", actor)):
+        if value is not None:
+            event[name] = value
+    for name, part in (
+        ("identity", identity),
+        ("request", request),
+        ("decision", decision),
+        ("detail", detail),
+    ):
+        if part:
+            cleaned = {k: v for k, v in part.items() if v is not None}
+            if cleaned:
+                event[name] = cleaned
+    if trace_id is not None:
+        event["trace_id"] = trace_id
+    if span_id is not None:
+        event["span_id"] = span_id
+    return event
+
+
+def _need_str(event: Mapping[str, Any], name: str, where: str, limit: int = 512) -> str:
+    value = event.get(name)
+    if not isinstance(value, str) or not value:
+        raise EventError(f"{where}.{name} must be a non-empty string")
+    if len(value) > limit:
+        raise EventError(f"{where}.{name} is longer than {limit} characters")
+    return value
+
+
+def check_event(event: Any) -> bytes:
+    """Check ``event`` against the schema and return its canonical bytes (the leaf).
+
+    Raises :class:`EventError` naming the first problem."""
+    if not isinstance(event, Mapping):
+        raise EventError("an event must be a JSON object")
+    unknown = sorted(set(event) - TOP_LEVEL)
+    if unknown:
+        raise EventError(f"unknown member {unknown[0]!r}")
+    try:
+        uuid.UUID(_need_str(event, "event_id", "event", 36))
+    except ValueError:
+        raise EventError("event.event_id must be a UUID") from None
+    kind = _need_str(event, "type", "event", 64)
+    if kind not in EVENT_TYPES and not _ADMIN_TYPE.fullmatch(kind):
+        raise EventError(f"event.type {kind!r} is not an audit event type")
+    try:
+        parse_time(_need_str(event, "time", "event", 24))
+    except CanonicalError as exc:
+        raise EventError(f"event.time: {exc}") from None
+    source = event.get("source")
+    if not isinstance(source, Mapping):
+        raise EventError("event.source must be an object")
+    if source.get("kind") not in ("agent", "control-plane"):
+        raise EventError("event.source.kind must be agent or control-plane")
+    _need_str(source, "id", "event.source", 128)
+    if source.get("kind") == "agent":
+        seq = source.get("seq")
+        if not isinstance(seq, int) or isinstance(seq, bool) or not 1 <= seq <= 2**53 - 1:
+            raise EventError("event.source.seq must be a positive integer")
+    for name in ("cluster", "actor"):
+        if name in event:
+            _need_str(event, name, "event")
+    for name in ("identity", "request", "decision", "detail"):
+        if name in event and not isinstance(event[name], Mapping):
+            raise EventError(f"event.{name} must be an object")
+    identity = event.get("identity") or {}
+    extra = sorted(set(identity) - IDENTITY_FIELDS)
+    if extra:
+        raise EventError(f"event.identity has unknown member {extra[0]!r}")
+    digest = identity.get("token_sha256")
+    if digest is not None and not (
+        isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)
+    ):
+        raise EventError("event.identity.token_sha256 must be 64 lowercase hex digits")
+    if "trace_id" in event and not (
+        isinstance(event["trace_id"], str) and _TRACE_ID.fullmatch(event["trace_id"])
+    ):
+        raise EventError("event.trace_id must be 32 lowercase hex digits")
+    if "span_id" in event and not (
+        isinstance(event["span_id"], str) and _SPAN_ID.fullmatch(event["span_id"])
+    ):
+        raise EventError("event.span_id must be 16 lowercase hex digits")
+    try:
+        leaf = canonical_bytes(event)
+    except CanonicalError as exc:
+        raise EventError(str(exc)) from None
+    if len(leaf) > MAX_EVENT_BYTES:
+        raise EventError(f"event is {len(leaf)} bytes; the limit is {MAX_EVENT_BYTES}")
+    return leaf
+
+
+def subject_of(event: Mapping[str, Any]) -> str | None:
+    """The identity an event is about (for queries): the SPIFFE ID, else the actor."""
+    identity = event.get("identity")
+    if isinstance(identity, Mapping) and isinstance(identity.get("spiffe_id"), str):
+        return str(identity["spiffe_id"])
+    actor = event.get("actor")
+    return actor if isinstance(actor, str) else None
+
+
+def decision_of(event: Mapping[str, Any]) -> str | None:
+    """``allow`` / ``deny`` for events that carry a decision, else ``None``."""
+    decision = event.get("decision")
+    if isinstance(decision, Mapping) and isinstance(decision.get("allowed"), bool):
+        return "allow" if decision["allowed"] else "deny"
+    return None
