@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import queue
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -171,6 +172,27 @@ def start_server(
     url = line.split()[4]
     token = (data_dir / "admin.token").read_text().strip()
     return Server(process=process, url=url, data_dir=data_dir, admin_token=token, db=db)
+
+
+def start_replica(data_dir: Path, first: Server) -> Server:
+    """Another replica on ``first``'s PostgreSQL database, with its master key: the admin
+    credential already exists in the shared database, so it writes no admin.token."""
+    assert first.db is not None
+    data_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(first.data_dir / "master.key", data_dir / "master.key")
+    args = ["server", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0"]
+    args += ["--trust-domain", TRUST_DOMAIN, "--db", first.db]
+    process = Process(trustmesh_cmd(*args), data_dir.parent / f"{data_dir.name}.replica.log")
+    line = process.wait_line("trustmesh server listening on ")
+    assert "admin credential written" not in line
+    assert not (data_dir / "admin.token").exists()
+    return Server(
+        process=process,
+        url=line.split()[4],
+        data_dir=data_dir,
+        admin_token=first.admin_token,
+        db=first.db,
+    )
 
 
 @dataclass

@@ -18,6 +18,7 @@ from trustmesh.audit.canonical import (
     canonical_bytes,
     format_time,
     parse_time,
+    slow_canonical_bytes,
 )
 
 CASES = load("canonical.json")["cases"]
@@ -63,6 +64,19 @@ def test_output_is_a_fixed_point(event: dict[str, Any]) -> None:
 def test_matches_the_rfc8785_reference_package(event: dict[str, Any]) -> None:
     rfc8785 = pytest.importorskip("rfc8785", reason="pip install rfc8785 for the JCS cross-check")
     assert canonical_bytes(event) == rfc8785.dumps(event)
+
+
+ascii_events = st.dictionaries(
+    st.text(alphabet=st.characters(codec="ascii")), json_values, max_size=6
+)
+
+
+@given(ascii_events)
+def test_fast_path_matches_the_reference_writer_and_rfc8785(event: dict[str, Any]) -> None:
+    """ASCII keys take the orjson path; it must equal the pure-Python writer and JCS."""
+    rfc8785 = pytest.importorskip("rfc8785", reason="pip install rfc8785 for the JCS cross-check")
+    fast = canonical_bytes(event)
+    assert fast == slow_canonical_bytes(event) == rfc8785.dumps(event)
 
 
 @pytest.mark.parametrize(

@@ -276,15 +276,11 @@ def test_replicas_share_state_through_the_database(
 ) -> None:
     """Two stateless replicas on one PostgreSQL database: a change through one is seen by
     the other within the refresh interval, and both sign with the same active key."""
-    from helpers import new_postgres_database
+    from helpers import new_postgres_database, start_replica
 
     db = new_postgres_database(postgres_base_url)
     first = start_server(tmp_path / "r1", db)
-    import shutil
-
-    (tmp_path / "r2").mkdir()
-    shutil.copy(tmp_path / "r1" / "master.key", tmp_path / "r2" / "master.key")
-    second = start_server_without_admin(tmp_path / "r2", db, first.admin_token)
+    second = start_replica(tmp_path / "r2", first)
     cluster = SimulatedCluster("replicas").serve()
     try:
         fed = register_federation(first, cluster)
@@ -308,28 +304,3 @@ def test_replicas_share_state_through_the_database(
         cluster.stop()
         assert second.stop() == 0
         assert first.stop() == 0
-
-
-def start_server_without_admin(data_dir: Path, db: str, admin_token: str) -> Server:
-    """A second replica: the admin credential already exists in the shared database, so
-    it writes no admin.token of its own."""
-    from helpers import Process, trustmesh_cmd
-
-    args = [
-        "server",
-        "--data-dir",
-        str(data_dir),
-        "--listen",
-        "127.0.0.1:0",
-        "--trust-domain",
-        TRUST_DOMAIN,
-        "--db",
-        db,
-    ]
-    process = Process(trustmesh_cmd(*args), data_dir.parent / "replica.log")
-    line = process.wait_line("trustmesh server listening on ")
-    assert "admin credential written" not in line
-    assert not (data_dir / "admin.token").exists()
-    return Server(
-        process=process, url=line.split()[4], data_dir=data_dir, admin_token=admin_token, db=db
-    )

@@ -28,6 +28,8 @@ import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
+import orjson
+
 MAX_SAFE_INTEGER = 2**53 - 1
 """The largest integer a JSON number holds exactly in every implementation (RFC 7493 §2.2)."""
 
@@ -122,11 +124,47 @@ def _serialise(value: object, where: str, depth: int, out: list[str]) -> None:
         )
 
 
+def _plain(value: object, depth: int) -> bool:
+    """True when orjson's sorted output is the JCS output: only dicts with ASCII string
+    keys (where code-point order is UTF-16 order), lists, strings, safe integers,
+    booleans and null. Anything else goes the slow way, which names the problem."""
+    kind = type(value)
+    if kind is str or value is None or kind is bool:
+        return True
+    if kind is int:
+        return -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER  # type: ignore[operator]
+    if depth >= MAX_DEPTH:
+        return False
+    if kind is dict:
+        for key, item in value.items():  # type: ignore[attr-defined]
+            if type(key) is not str or not key.isascii() or not _plain(item, depth + 1):
+                return False
+        return True
+    if kind is list:
+        return all(_plain(item, depth + 1) for item in value)  # type: ignore[attr-defined]
+    return False
+
+
 def canonical_bytes(event: Mapping[str, object]) -> bytes:
     """The RFC 8785 canonical UTF-8 JSON of ``event`` (an object at the top).
 
-    Raises :class:`CanonicalError` for any value outside the subset above.
+    Raises :class:`CanonicalError` for any value outside the subset above. Plain
+    values are serialised by orjson with sorted keys (its escaping is ECMAScript's for
+    every code point; the tests compare both paths with the ``rfc8785`` package),
+    about 50 times faster than the pure-Python writer below.
     """
+    if not isinstance(event, Mapping):
+        raise CanonicalError(f"an event is a JSON object, got a {type(event).__name__}")
+    if type(event) is dict and _plain(event, 0):
+        try:
+            return orjson.dumps(event, option=orjson.OPT_SORT_KEYS)
+        except orjson.JSONEncodeError:
+            pass  # e.g. a lone surrogate: the writer below names it
+    return slow_canonical_bytes(event)
+
+
+def slow_canonical_bytes(event: Mapping[str, object]) -> bytes:
+    """The pure-Python RFC 8785 writer (the reference for :func:`canonical_bytes`)."""
     if not isinstance(event, Mapping):
         raise CanonicalError(f"an event is a JSON object, got a {type(event).__name__}")
     out: list[str] = []

@@ -125,3 +125,11 @@ class MerkleLog:
         """The proof that the tree of ``second`` entries (default: all) extends the
         tree of ``first`` entries -- RFC 9162 §2.1.4.1."""
         return consistency_proof(first, self._size_or_current(second), self.node)
+
+    def truncate(self, size: int) -> None:
+        """Forget every entry from ``size`` on (undo appends whose storage failed)."""
+        if not 0 <= size <= self._size:
+            raise ValueError(f"cannot truncate a log of size {self._size} to {size}")
+        for level, nodes in enumerate(self._levels):
+            del nodes[(size >> level) * HASH_SIZE :]
+        self._size = size

@@ -105,6 +105,18 @@ def server(
         min=60.0,
         help="Rotate the signing key automatically after this many seconds.",
     ),
+    audit_checkpoint_interval: float = typer.Option(
+        0.5,
+        "--audit-checkpoint-interval",
+        min=0.0,
+        max=3600.0,
+        help="Sign an audit checkpoint at most this often (seconds) while the log grows.",
+    ),
+    otel_exporter: str = typer.Option(
+        "none",
+        "--otel-exporter",
+        help="Export OpenTelemetry spans: none, console or otlp (OTEL_EXPORTER_OTLP_ENDPOINT).",
+    ),
 ) -> None:
     """Run the control plane."""
     from trustmesh.server.controlplane import ServerConfig
@@ -118,6 +130,8 @@ def server(
         signing_alg=signing_alg,
         default_ttl=default_ttl,
         key_rotation_interval=key_rotation_interval,
+        audit_checkpoint_interval=audit_checkpoint_interval,
+        otel_exporter=otel_exporter,
     )
     run_server(config, listen)
 

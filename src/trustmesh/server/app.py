@@ -32,6 +32,7 @@ from trustmesh.manifests import ManifestError
 from trustmesh.policy.compiler import PolicyError
 from trustmesh.registry import RegistryConflict
 from trustmesh.revocation import RevocationError
+from trustmesh.server.audit_routes import audit_routes
 from trustmesh.server.controlplane import ControlPlane, NotFound, PolicyTestFailed
 from trustmesh.server.credentials import Principal
 from trustmesh.server.http import (
@@ -44,6 +45,7 @@ from trustmesh.server.http import (
     read_json,
     require_content_type,
 )
+from trustmesh.server.recorder import exchange_failed_event, issued_event
 from trustmesh.server.ssf import ssf_routes
 
 log = logging.getLogger("trustmesh.server")
@@ -84,20 +86,58 @@ def build_app(plane: ControlPlane) -> Starlette:
 
     # -- OAuth endpoints ---------------------------------------------------------------
     async def token(request: Request) -> Response:
+        """RFC 8693 exchange. Every outcome is audited; a token is returned only once its
+        ``token.issued`` event is stored (503 if the audit log cannot be written)."""
         started = time.perf_counter()
-        try:
-            require_content_type(request, "application/x-www-form-urlencoded")
-            form = parse_form(await read_body(request, MAX_FORM_BODY))
-            result = await plane.exchange.exchange(form)
-        except BadRequest as exc:
-            metrics.exchanges.labels("invalid_request").inc()
-            return error_response(exc.status, "invalid_request", exc.description)
-        except OAuthError as exc:
-            metrics.exchanges.labels(exc.error).inc()
-            return JSONResponse(exc.body(), exc.status, headers=NO_STORE)
+        source = plane.audit.source
+        with plane.tracing.span("token.exchange", request.headers.get("traceparent")) as span:
+            form: dict[str, list[str]] = {}
+            try:
+                require_content_type(request, "application/x-www-form-urlencoded")
+                form = parse_form(await read_body(request, MAX_FORM_BODY))
+                result = await plane.exchange.exchange(form)
+            except (BadRequest, OAuthError) as exc:
+                error = exc.error if isinstance(exc, OAuthError) else "invalid_request"
+                metrics.exchanges.labels(error).inc()
+                span.set("trustmesh.outcome", error)
+                subject = form.get("subject_token", [None])[0]
+                plane.recorder.submit(
+                    exchange_failed_event(
+                        source, error, exc.description, subject, span.trace_id, span.span_id
+                    )
+                )
+                if isinstance(exc, OAuthError):
+                    return JSONResponse(exc.body(), exc.status, headers=NO_STORE)
+                return error_response(exc.status, "invalid_request", exc.description)
+            span.set("trustmesh.spiffe_id", result.spiffe_id)
+            span.set("trustmesh.outcome", "issued")
+            audiences = list(result.response.get("audience", [])) or form.get("audience", [])
+            try:
+                await plane.recorder.record(
+                    issued_event(
+                        source,
+                        result,
+                        form["subject_token"][0],
+                        audiences,
+                        span.trace_id,
+                        span.span_id,
+                    )
+                )
+            except Exception:
+                metrics.exchanges.labels("audit_unavailable").inc()
+                return JSONResponse(
+                    {
+                        "error": "temporarily_unavailable",
+                        "error_description": "the audit log cannot be written; no token is issued without its audit record",
+                    },
+                    503,
+                    headers=NO_STORE,
+                )
         metrics.exchanges.labels("issued").inc()
         metrics.exchange_seconds.observe(time.perf_counter() - started)
-        return JSONResponse(result.response, headers=NO_STORE)
+        return JSONResponse(
+            result.response, headers={**NO_STORE, "traceparent": span.traceparent()}
+        )
 
     async def introspection(request: Request) -> Response:
         await authenticate(request, admin_only=False)
@@ -350,8 +390,8 @@ def build_app(plane: ControlPlane) -> Starlette:
         return JSONResponse({"keys": [_key_json(r) for r in records]})
 
     async def rotate_keys(request: Request) -> Response:
-        await authenticate(request)
-        record = await run_in_threadpool(plane.rotate_keys)
+        principal = await authenticate(request)
+        record = await run_in_threadpool(plane.rotate_keys, principal.name)
         plane.notify_changes()
         return JSONResponse(
             {"active": _key_json(record), "keys": [_key_json(r) for r in plane.list_keys()]}
@@ -407,6 +447,7 @@ def build_app(plane: ControlPlane) -> Starlette:
         Route("/v1/policy/versions/{revision}", policy_version, methods=["GET"]),
         Route("/v1/policy/rollback", policy_rollback, methods=["POST"]),
         *ssf_routes(plane, authenticate),
+        *audit_routes(plane.audit, authenticate, lambda: plane.stopping),
     ]
     return Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from typing import Any
 import httpx
 from sqlalchemy import select, update
 
+from trustmesh.audit import events as ev
+from trustmesh.common.tracing import Tracing
 from trustmesh.identity.keys import KeyManager, KeyRecord, KeySet
 from trustmesh.identity.kubernetes_sa import ClusterKeyCache
 from trustmesh.identity.rfc8693 import DEFAULT_TTL, TokenExchange
@@ -50,8 +53,10 @@ from trustmesh.policy.compiler import (
 from trustmesh.policy.testing import CaseResult, run_policy_tests
 from trustmesh.registry import AppliedChange, Registry, RegistryStore
 from trustmesh.revocation import Revocation, RevocationError, RevocationSet
+from trustmesh.server.audit import AuditLog
 from trustmesh.server.catalog import PolicyCatalog, documents_of
 from trustmesh.server.credentials import CLUSTER, CredentialStore, Principal
+from trustmesh.server.recorder import AuditRecorder, admin_event
 from trustmesh.server.revocations import RevocationStore
 from trustmesh.storage import Database, open_database
 from trustmesh.storage import meta as meta_store
@@ -114,6 +119,8 @@ class ServerConfig:
     maintenance_interval: float = 30.0
     cluster_jwks_min_refresh: float = 1.0
     master_key_file: Path | None = None
+    audit_checkpoint_interval: float = 0.5
+    otel_exporter: str = "none"
 
 
 class ControlPlane:
@@ -144,6 +151,10 @@ class ControlPlane:
         self._notified_version = (0, 0, 0)
         self._revocations = RevocationSet()
         self.stopping = False
+        self.replica = secrets.token_hex(6)
+        self.audit: AuditLog
+        self.tracing = Tracing("trustmesh-server", config.otel_exporter)
+        self.recorder: AuditRecorder
 
     # -- start-up -----------------------------------------------------------------------
     def open(self) -> None:
@@ -162,9 +173,8 @@ class ControlPlane:
         master_path = self.config.master_key_file or Path(
             os.environ.get("TRUSTMESH_MASTER_KEY_FILE") or data_dir / "master.key"
         )
-        self.keys = KeyManager(
-            self.db, MasterKey.load_or_create(master_path), self.config.signing_alg
-        )
+        master_key = MasterKey.load_or_create(master_path)
+        self.keys = KeyManager(self.db, master_key, self.config.signing_alg)
         self.keys.check_master_key()
         self.keys.ensure_keys()
         self.credentials = CredentialStore(self.db)
@@ -179,6 +189,15 @@ class ControlPlane:
         self._policy = PolicySet.from_documents(documents_of(version))
         self._policy_revision = version.revision
         self._notified_version = self.change_marker()
+        self.audit = AuditLog(
+            self.db,
+            master_key,
+            self.trust_domain,
+            self.replica,
+            self.config.audit_checkpoint_interval,
+        )
+        self.audit.open()
+        self.recorder = AuditRecorder(self.audit)
         self.last_refresh = time.monotonic()
 
     async def start(self) -> None:
@@ -194,15 +213,23 @@ class ControlPlane:
             revoked_until=self.revoked_until,
             default_ttl=self.config.default_ttl,
         )
+        self.recorder.start()
         self._tasks = [
             asyncio.create_task(self._refresh_loop(), name="refresh"),
             asyncio.create_task(self._maintenance_loop(), name="maintenance"),
+            asyncio.create_task(self._checkpoint_loop(), name="audit-checkpoints"),
         ]
 
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.recorder.close()
+        self.tracing.shutdown()
+        try:  # the last events get a signed checkpoint before the process ends
+            await asyncio.to_thread(self.audit.checkpoint_now)
+        except Exception:
+            log.exception("signing the final audit checkpoint failed")
         if self._http is not None:
             await self._http.aclose()
         self.db.dispose()
@@ -254,6 +281,22 @@ class ControlPlane:
                 log.exception("refreshing state from the database failed")
             self.notify_changes()
 
+    async def _checkpoint_loop(self) -> None:
+        """Sign a checkpoint when the log grew and the sequencer did not sign one."""
+        interval = max(self.config.audit_checkpoint_interval, 0.05)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await asyncio.to_thread(self.audit.checkpoint_now)
+            except Exception:
+                log.exception("signing an audit checkpoint failed")
+
+    def audit_admin(
+        self, type_: str, actor: str, detail: dict[str, Any], cluster: str | None = None
+    ) -> None:
+        """Record an administrative action (after it committed)."""
+        self.recorder.write_quietly(admin_event(self.audit.source, type_, actor, detail, cluster))
+
     async def _maintenance_loop(self) -> None:
         while True:
             try:
@@ -270,6 +313,11 @@ class ControlPlane:
         if rotated is not None or removed:
             if rotated is not None:
                 log.warning("signing key rotated automatically: %s is active", rotated.kid)
+                self.audit_admin(
+                    ev.KEY_ROTATED, "system", {"active_kid": rotated.kid, "reason": "automatic"}
+                )
+            if removed:
+                self.audit_admin("admin.keys_removed", "system", {"removed": removed})
             self.refresh()
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
@@ -281,6 +329,8 @@ class ControlPlane:
             "keys_revision": self._keyset.revision,
             "active_kid": self._keyset.active.kid,
             "state_age_seconds": round(age, 3),
+            "audit_size": self.audit.size,
+            "audit_inconsistent": self.audit.inconsistent,
         }
 
     # -- public documents ---------------------------------------------------------------
@@ -318,6 +368,71 @@ class ControlPlane:
 
     # -- admin operations (blocking; the HTTP layer runs them in a thread) ----------------
     def apply(
+        self,
+        files: list[tuple[str, str]],
+        actor: str,
+        dry_run: bool = False,
+        message: str = "",
+    ) -> ApplyResult:
+        """:meth:`_apply`, recorded in the audit log: ``policy.published`` for a new
+        policy version, ``admin.apply`` for registry changes, ``policy.rejected`` when
+        validation, compilation or a PolicyTest refused it (dry runs are not recorded)."""
+        try:
+            result = self._apply(files, actor, dry_run, message)
+        except Exception as exc:
+            if not dry_run:
+                self._audit_rejected(actor, "apply", exc, [path for path, _ in files])
+            raise
+        if not dry_run:
+            self._audit_applied(actor, result, message, "apply")
+        return result
+
+    def _audit_rejected(self, actor: str, via: str, exc: Exception, files: list[str]) -> None:
+        if not isinstance(exc, ManifestError | PolicyTestFailed | ValueError | LookupError):
+            return
+        problems = getattr(exc, "problems", None) or []
+        detail: dict[str, Any] = {
+            "via": via,
+            "error": type(exc).__name__,
+            "message": str(exc)[:1000],
+            "problems": [str(p)[:500] for p in problems[:50]],
+            "files": files[:50] or None,
+        }
+        if isinstance(exc, PolicyTestFailed):
+            detail["failed_tests"] = [r.describe()[:500] for r in exc.failed[:50]]
+        self.audit_admin(ev.POLICY_REJECTED, _actor_name(actor), detail)
+
+    def _audit_applied(self, actor: str, result: ApplyResult, message: str, via: str) -> None:
+        registry_changes = [
+            c.as_dict()
+            for c in result.changes
+            if c.kind in REGISTRY_KINDS and c.action != "unchanged"
+        ]
+        policy_changes = [
+            c.as_dict()
+            for c in result.changes
+            if c.kind in POLICY_KINDS and c.action != "unchanged"
+        ]
+        if registry_changes:
+            self.audit_admin(
+                "admin.apply",
+                _actor_name(actor),
+                {"registry_revision": result.registry_revision, "changes": registry_changes},
+            )
+        if policy_changes:
+            self.audit_admin(
+                ev.POLICY_PUBLISHED,
+                _actor_name(actor),
+                {
+                    "policy_revision": result.policy_revision,
+                    "via": via,
+                    "message": message[:2000] or None,
+                    "changes": policy_changes,
+                    "tests_passed": len(result.tests),
+                },
+            )
+
+    def _apply(
         self,
         files: list[tuple[str, str]],
         actor: str,
@@ -376,7 +491,19 @@ class ControlPlane:
         return results
 
     def rollback(self, revision: int, actor: str, message: str) -> ApplyResult:
-        """A new version equal to ``revision`` (tests run again, on today's registry)."""
+        """A new version equal to ``revision`` (tests run again, on today's registry),
+        recorded like :meth:`apply`."""
+        try:
+            result = self._rollback(revision, actor, message)
+        except Exception as exc:
+            self._audit_rejected(actor, f"rollback:{revision}", exc, [])
+            raise
+        self._audit_applied(
+            actor, result, message or f"rollback to revision {revision}", f"rollback:{revision}"
+        )
+        return result
+
+    def _rollback(self, revision: int, actor: str, message: str) -> ApplyResult:
         target = self.catalog.get(revision)
         if target is None:
             raise NotFound(f"policy revision {revision} does not exist")
@@ -520,6 +647,29 @@ class ControlPlane:
                     raise NotFound(f"no published signing key {value}") from None
         entry, created = self.revocation_store.revoke(kind, value, reason, actor)
         self.refresh()
+        if created:
+            self.audit_admin(
+                ev.REVOCATION_CREATED,
+                _actor_name(actor),
+                {
+                    "kind": entry.kind,
+                    "value": entry.value,
+                    "reason": entry.reason or None,
+                    "revision": entry.revision,
+                    "expires_at": ev.now_time(entry.expires_at),
+                },
+                cluster=entry.value if entry.kind == "cluster" else None,
+            )
+            if entry.kind == "key":
+                self.audit_admin(
+                    ev.KEY_ROTATED,
+                    _actor_name(actor),
+                    {
+                        "revoked_kid": entry.value,
+                        "active_kid": self._keyset.active.kid,
+                        "reason": "key revoked",
+                    },
+                )
         return entry, created
 
     def wait_for_change(self) -> asyncio.Event:
@@ -564,15 +714,28 @@ class ControlPlane:
     def list_keys(self) -> list[KeyRecord]:
         return self.keys.list_keys()
 
-    def rotate_keys(self) -> KeyRecord:
+    def rotate_keys(self, actor: str = "admin") -> KeyRecord:
+        previous = self._keyset.active.kid
         record = self.keys.rotate()
         self.refresh()
+        self.audit_admin(
+            ev.KEY_ROTATED,
+            _actor_name(actor),
+            {"active_kid": record.kid, "previous_kid": previous, "reason": "requested"},
+        )
         return record
 
     def cluster_credential(self, cluster: str, actor: str) -> str:
         if cluster not in self.registry_store.load().clusters:
             raise NotFound(f"cluster {cluster} is not registered")
-        return self.credentials.create(CLUSTER, created_by=actor, cluster=cluster)
+        secret = self.credentials.create(CLUSTER, created_by=actor, cluster=cluster)
+        self.audit_admin(
+            "admin.credential_issued",
+            _actor_name(actor),
+            {"kind": CLUSTER, "credential_sha256": ev.token_sha256(secret)},
+            cluster=cluster,
+        )
+        return secret
 
     def agent_config(self, principal: Principal, cluster: str | None) -> dict[str, Any]:
         name = principal.cluster if cluster is None else cluster
@@ -590,6 +753,14 @@ class ControlPlane:
             "issuer": self.issuer,
             "audience": cluster_audience(self.trust_domain, name),
         }
+
+
+def _actor_name(actor: str) -> str:
+    """Actors in audit events: ``admin:NAME`` for people (``--author`` or the admin
+    credential), ``cluster:NAME`` for agents, ``system`` for the server itself."""
+    if actor.startswith(("admin:", "cluster:", "spiffe://")) or actor in ("system", "admin"):
+        return actor[:200]
+    return f"admin:{actor}"[:200]
 
 
 def _duplicates(documents: list[Document]) -> list[Problem]:

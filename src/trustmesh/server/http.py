@@ -16,11 +16,12 @@ MAX_JSON_BODY = 4 * 1024 * 1024
 class BadRequest(Exception):
     """Rendered as ``{"error": code, "error_description": description}``."""
 
-    def __init__(self, status: int, error: str, description: str) -> None:
+    def __init__(self, status: int, error: str, description: str, **extra: Any) -> None:
         super().__init__(description)
         self.status = status
         self.error = error
         self.description = description
+        self.extra = extra
 
 
 def error_response(status: int, error: str, description: str, **extra: Any) -> JSONResponse:
@@ -91,7 +92,7 @@ async def method_not_allowed(request: Request, exc: Exception) -> Response:
 
 async def bad_request(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, BadRequest)
-    return error_response(exc.status, exc.error, exc.description)
+    return error_response(exc.status, exc.error, exc.description, **exc.extra)
 
 
 async def server_error(request: Request, exc: Exception) -> Response:

@@ -1,0 +1,523 @@
+"""The central audit log (DESIGN §6): one RFC 6962/9162 Merkle tree over the canonical
+JSON of every event, signed C2SP checkpoints, proofs, reads and queries.
+
+State has one owner, the database: ``audit_entries`` holds every leaf (the exact
+bytes hashed) at its index, ``audit_checkpoints`` every signed checkpoint. Each
+replica keeps the tree's hashes in memory (:class:`MerkleLog`, 64 bytes per entry)
+and brings it up to date from the stored leaf hashes before it sequences or serves a
+proof.
+
+Sequencing -- giving events their indices -- needs one writer. Every append runs in
+one transaction that first takes a transaction-scoped PostgreSQL advisory lock
+(SQLite has one writer anyway), reads the current size, catches the in-memory tree
+up, then inserts. So replicas sharing PostgreSQL take turns and never assign an
+index twice, and a checkpoint is signed only over a tree that extends the last
+signed one: before signing, the tree's root at the last checkpoint's size must equal
+that checkpoint's root, else the log refuses to sign (a log never signs two
+inconsistent checkpoints) and reports the database as altered.
+
+Agent events are deduplicated by (source, seq): a resent batch counts as duplicates,
+a different record under a used (source, seq) is refused. A sequence number that
+skips ahead records a gap (``audit_gaps``) and an ``audit.gap_detected`` event.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+from sqlalchemy import Connection, and_, func, insert, select, text
+
+from trustmesh.audit import events as ev
+from trustmesh.audit.checkpoint import Checkpoint, sign_checkpoint
+from trustmesh.audit.compact import MerkleLog
+from trustmesh.audit.note import verifier_key
+from trustmesh.audit.proof import ProofError
+from trustmesh.audit.rfc6962 import leaf_hash
+from trustmesh.identity.sealing import MasterKey
+from trustmesh.storage import Database
+from trustmesh.storage import meta as meta_store
+from trustmesh.storage.schema import audit_checkpoints, audit_entries, audit_gaps, audit_sources
+
+log = logging.getLogger("trustmesh.audit")
+
+SEQUENCER_LOCK_ID = 0x7472_6175_6474  # "traudt": the audit sequencer's advisory lock
+SIGNING_KEY = "audit_signing_key"
+ORIGIN = "audit_origin"
+VERIFIER_KEY = "audit_verifier_key"
+MAX_PAGE = 1000
+
+
+class AuditError(Exception):
+    """A request to the log that cannot be served (bad range, unknown size...)."""
+
+
+class SequenceConflict(Exception):
+    """A (source, seq) already in the log holds different bytes."""
+
+
+class SourceMismatch(Exception):
+    """A source id already belongs to another cluster."""
+
+
+class LogInconsistent(RuntimeError):
+    """The stored log no longer extends its last signed checkpoint (it was altered)."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One event ready to be sequenced: the event, its leaf bytes and where it came from."""
+
+    event: Mapping[str, Any]
+    leaf: bytes
+    source: str
+    seq: int | None = None
+
+
+@dataclass
+class AppendResult:
+    accepted: int = 0
+    duplicates: int = 0
+    tree_size: int = 0
+    first_index: int | None = None
+    gaps: list[tuple[str, int, int]] = field(default_factory=list)
+
+
+def control_plane_source(replica: str) -> dict[str, str]:
+    return {"kind": "control-plane", "id": replica}
+
+
+def record_of(event: Mapping[str, Any]) -> Record:
+    """Check an event and pair it with its leaf bytes and source (raises EventError)."""
+    leaf = ev.check_event(event)
+    source = event["source"]
+    if source["kind"] == "agent":
+        return Record(event, leaf, str(source["id"]), int(source["seq"]))
+    return Record(event, leaf, "control-plane/" + str(source["id"]))
+
+
+def _row(index: int, record: Record, now: float) -> dict[str, Any]:
+    event = record.event
+    return {
+        "idx": index,
+        "leaf": record.leaf.decode("utf-8"),
+        "leaf_hash": leaf_hash(record.leaf),
+        "event_id": event["event_id"],
+        "type": event["type"],
+        "time": event["time"],
+        "cluster": event.get("cluster"),
+        "subject": ev.subject_of(event),
+        "trace_id": event.get("trace_id"),
+        "decision": ev.decision_of(event),
+        "source": record.source,
+        "seq": record.seq,
+        "sequenced_at": now,
+    }
+
+
+class AuditLog:
+    """The log of one trust domain, as seen by one control-plane replica."""
+
+    def __init__(
+        self,
+        db: Database,
+        master_key: MasterKey,
+        trust_domain: str,
+        replica: str,
+        checkpoint_interval: float = 0.5,
+    ) -> None:
+        self.db = db
+        self._master_key = master_key
+        self.trust_domain = trust_domain
+        self.replica = replica
+        self.source = control_plane_source(replica)
+        self.checkpoint_interval = checkpoint_interval
+        self._tree = MerkleLog()
+        self._lock = threading.Lock()  # one sequencer per process; the DB lock across them
+        self._last_checkpoint: tuple[int, bytes, str] | None = None
+        self._last_signed_at = 0.0
+        self.origin = ""
+        self.inconsistent: str | None = None
+        self._key: Ed25519PrivateKey
+
+    # -- set-up ---------------------------------------------------------------------------
+    def open(self) -> None:
+        """Create (first start) or unseal the log's Ed25519 key, load the tree."""
+        origin = f"{self.trust_domain}/trustmesh-audit"
+        candidate = Ed25519PrivateKey.generate()
+        raw = candidate.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+        sealed = self._master_key.seal(raw, SIGNING_KEY.encode())
+        with self.db.engine.begin() as conn:
+            stored = meta_store.insert_if_absent(conn, SIGNING_KEY, sealed)
+            self.origin = meta_store.insert_if_absent(conn, ORIGIN, origin)
+        self._key = Ed25519PrivateKey.from_private_bytes(
+            self._master_key.open(stored, SIGNING_KEY.encode())
+        )
+        vkey = verifier_key(self.origin, self._key.public_key())
+        with self.db.engine.begin() as conn:
+            meta_store.insert_if_absent(conn, VERIFIER_KEY, vkey)
+        self.verifier_key = vkey
+        with self._lock, self.db.engine.connect() as conn:
+            self._catch_up(conn)
+            self._load_last_checkpoint(conn)
+
+    def _catch_up(self, conn: Connection) -> int:
+        """Append to the in-memory tree whatever the database holds beyond it."""
+        size = self._tree.size
+        while True:
+            rows = conn.execute(
+                select(audit_entries.c.idx, audit_entries.c.leaf_hash)
+                .where(audit_entries.c.idx >= size)
+                .order_by(audit_entries.c.idx)
+                .limit(50_000)
+            ).all()
+            if not rows:
+                return size
+            for index, hash_ in rows:
+                if index != size:
+                    raise LogInconsistent(
+                        f"audit entry {size} is missing from the database (next is {index}); "
+                        "run trustmesh audit verify"
+                    )
+                self._tree.append_leaf_hash(bytes(hash_))
+                size += 1
+
+    def _load_last_checkpoint(self, conn: Connection) -> None:
+        row = conn.execute(
+            select(
+                audit_checkpoints.c.size, audit_checkpoints.c.root_hash, audit_checkpoints.c.note
+            )
+            .order_by(audit_checkpoints.c.size.desc())
+            .limit(1)
+        ).first()
+        self._last_checkpoint = (
+            None if row is None else (int(row.size), bytes(row.root_hash), str(row.note))
+        )
+
+    @property
+    def size(self) -> int:
+        return self._tree.size
+
+    # -- sequencing -----------------------------------------------------------------------
+    def append(self, records: Sequence[Record]) -> AppendResult:
+        """Sequence ``records`` in one transaction (all or nothing); see the module doc."""
+        with self._lock:
+            start = self._tree.size
+            try:
+                with self.db.engine.begin() as conn:
+                    if conn.dialect.name == "postgresql":
+                        conn.execute(
+                            text("SELECT pg_advisory_xact_lock(:k)"), {"k": SEQUENCER_LOCK_ID}
+                        )
+                    else:  # take SQLite's write lock before reading the size
+                        conn.execute(
+                            text("UPDATE meta SET value = value WHERE name = 'audit_origin'")
+                        )
+                    self._catch_up(conn)
+                    start = self._tree.size
+                    result = self._append_locked(conn, records)
+                    self._checkpoint_or_alarm(conn, force=False)
+            except BaseException:
+                self._tree.truncate(min(start, self._tree.size))
+                self._last_checkpoint = None  # reloaded on the next checkpoint
+                raise
+            return result
+
+    def _append_locked(self, conn: Connection, records: Sequence[Record]) -> AppendResult:
+        now = time.time()
+        result = AppendResult()
+        fresh: list[Record] = []
+        by_source: dict[str, list[Record]] = {}
+        for record in records:
+            if record.seq is None:
+                fresh.append(record)
+            else:
+                by_source.setdefault(record.source, []).append(record)
+        for source, items in by_source.items():
+            new, duplicates, gaps = self._dedupe(conn, source, items, now)
+            result.duplicates += duplicates
+            fresh.extend(new)
+            for first, last in gaps:
+                result.gaps.append((source, first, last))
+                fresh.append(self._gap_record(items[0], first, last))
+        index = self._tree.size
+        result.first_index = index if fresh else None
+        rows = []
+        for record in fresh:
+            row = _row(index, record, now)
+            rows.append(row)
+            self._tree.append_leaf_hash(row["leaf_hash"])
+            index += 1
+        if rows:
+            conn.execute(insert(audit_entries), rows)
+        result.accepted = len(rows)
+        result.tree_size = self._tree.size
+        return result
+
+    def _dedupe(
+        self, conn: Connection, source: str, items: list[Record], now: float
+    ) -> tuple[list[Record], int, list[tuple[int, int]]]:
+        cluster = str(items[0].event.get("cluster", ""))
+        agent = str(items[0].event["source"].get("agent", ""))[:64]
+        state = conn.execute(
+            select(audit_sources.c.cluster, audit_sources.c.next_seq).where(
+                audit_sources.c.source == source
+            )
+        ).first()
+        if state is not None and state.cluster != cluster:
+            raise SourceMismatch(f"audit source {source} belongs to cluster {state.cluster}")
+        seqs = [r.seq for r in items if r.seq is not None]
+        stored = dict(
+            conn.execute(
+                select(audit_entries.c.seq, audit_entries.c.leaf_hash).where(
+                    and_(
+                        audit_entries.c.source == source,
+                        audit_entries.c.seq >= min(seqs),
+                        audit_entries.c.seq <= max(seqs),
+                    )
+                )
+            ).all()
+        )
+        new: list[Record] = []
+        duplicates = 0
+        seen: set[int] = set()
+        for record in sorted(items, key=lambda r: r.seq or 0):
+            assert record.seq is not None
+            if record.seq in stored or record.seq in seen:
+                previous = stored.get(record.seq)
+                if previous is not None and bytes(previous) != leaf_hash(record.leaf):
+                    raise SequenceConflict(
+                        f"source {source} seq {record.seq} is already in the log with different content"
+                    )
+                duplicates += 1
+                continue
+            seen.add(record.seq)
+            new.append(record)
+        expected = 1 if state is None else int(state.next_seq)
+        gaps: list[tuple[int, int]] = []
+        for record in new:
+            assert record.seq is not None
+            if record.seq > expected:
+                gaps.append((expected, record.seq - 1))
+            expected = max(expected, record.seq + 1)
+        if gaps:
+            conn.execute(
+                insert(audit_gaps),
+                [
+                    {"source": source, "first_seq": a, "last_seq": b, "detected_at": now}
+                    for a, b in gaps
+                ],
+            )
+            for a, b in gaps:
+                log.error("audit events %d..%d from source %s never arrived", a, b, source)
+        if state is None:
+            conn.execute(
+                insert(audit_sources).values(
+                    source=source,
+                    cluster=cluster,
+                    agent=agent,
+                    next_seq=expected,
+                    first_seen=now,
+                    last_seen=now,
+                )
+            )
+        else:
+            conn.execute(
+                audit_sources.update()
+                .where(audit_sources.c.source == source)
+                .values(next_seq=max(expected, int(state.next_seq)), last_seen=now)
+            )
+        return new, duplicates, gaps
+
+    def _gap_record(self, sample: Record, first: int, last: int) -> Record:
+        event = ev.new_event(
+            ev.AUDIT_GAP,
+            source=self.source,
+            cluster=sample.event.get("cluster"),
+            actor="system",
+            detail={
+                "source": sample.source,
+                "agent": sample.event["source"].get("agent"),
+                "first_seq": first,
+                "last_seq": last,
+                "missing": last - first + 1,
+            },
+        )
+        return record_of(event)
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def checkpoint_now(self) -> str | None:
+        """Sign a checkpoint if the log grew since the last one (the periodic task and
+        shutdown call this); returns the newest signed note."""
+        with self._lock, self.db.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": SEQUENCER_LOCK_ID})
+            self._catch_up(conn)
+            self._checkpoint_or_alarm(conn, force=True)
+        return self._last_checkpoint[2] if self._last_checkpoint else None
+
+    def _checkpoint_or_alarm(self, conn: Connection, force: bool) -> None:
+        """Sign when due. If the stored log no longer extends the last checkpoint, keep
+        accepting events (they are stored) but sign nothing more, and say so loudly:
+        ``inconsistent`` shows on /readyz and in the log until an operator acts."""
+        savepoint = conn.begin_nested()
+        try:
+            self._maybe_checkpoint(conn, force)
+        except LogInconsistent as exc:
+            savepoint.rollback()
+            if self.inconsistent is None:
+                log.critical("%s", exc)
+            self.inconsistent = str(exc)
+            return
+        savepoint.commit()
+
+    def _maybe_checkpoint(self, conn: Connection, force: bool) -> None:
+        if self._last_checkpoint is None:
+            self._load_last_checkpoint(conn)
+        size = self._tree.size
+        last = self._last_checkpoint
+        if last is not None and last[0] >= size:
+            return
+        if size == 0 and last is None and not force:
+            return
+        now = time.time()
+        if not force and now - self._last_signed_at < self.checkpoint_interval:
+            return
+        if last is not None and self._tree.root(last[0]) != last[1]:
+            raise LogInconsistent(
+                f"the stored log does not extend the checkpoint signed at size {last[0]}; "
+                "refusing to sign (run trustmesh audit verify)"
+            )
+        root = self._tree.root()
+        note = sign_checkpoint(Checkpoint(self.origin, size, root), self._key)
+        conn.execute(
+            insert(audit_checkpoints).values(size=size, root_hash=root, note=note, signed_at=now)
+        )
+        self._last_checkpoint = (size, root, note)
+        self._last_signed_at = now
+
+    def latest_checkpoint(self) -> str:
+        """The newest signed note (signing one first if the log has none yet)."""
+        with self.db.engine.connect() as conn:
+            note = conn.execute(
+                select(audit_checkpoints.c.note).order_by(audit_checkpoints.c.size.desc()).limit(1)
+            ).scalar()
+        if note is None:
+            note = self.checkpoint_now()
+        assert note is not None
+        return str(note)
+
+    def checkpoints(self, after: int = -1, limit: int = MAX_PAGE) -> list[dict[str, Any]]:
+        with self.db.engine.connect() as conn:
+            rows = conn.execute(
+                select(audit_checkpoints.c.size, audit_checkpoints.c.note)
+                .where(audit_checkpoints.c.size > after)
+                .order_by(audit_checkpoints.c.size)
+                .limit(min(limit, MAX_PAGE))
+            ).all()
+        return [{"size": int(r.size), "note": r.note} for r in rows]
+
+    # -- proofs ---------------------------------------------------------------------------
+    def _tree_of_size(self, size: int) -> MerkleLog:
+        if size > self._tree.size:
+            with self._lock, self.db.engine.connect() as conn:
+                self._catch_up(conn)
+        if size > self._tree.size:
+            raise AuditError(f"the log has {self._tree.size} entries, fewer than {size}")
+        return self._tree
+
+    def inclusion(self, index: int, size: int) -> list[bytes]:
+        if not 0 <= index < size:
+            raise AuditError(f"index must be in [0, size): index={index}, size={size}")
+        tree = self._tree_of_size(size)
+        try:
+            return tree.inclusion_proof(index, size)
+        except ProofError as exc:
+            raise AuditError(str(exc)) from None
+
+    def consistency(self, first: int, second: int) -> list[bytes]:
+        if not 0 <= first <= second:
+            raise AuditError(f"need 0 <= first <= second: first={first}, second={second}")
+        tree = self._tree_of_size(second)
+        try:
+            return tree.consistency_proof(first, second)
+        except ProofError as exc:
+            raise AuditError(str(exc)) from None
+
+    # -- reads ----------------------------------------------------------------------------
+    def entries(self, start: int, end: int) -> list[dict[str, Any]]:
+        if not 0 <= start < end:
+            raise AuditError(f"need 0 <= start < end: start={start}, end={end}")
+        end = min(end, start + MAX_PAGE)
+        with self.db.engine.connect() as conn:
+            rows = conn.execute(
+                select(audit_entries.c.idx, audit_entries.c.leaf)
+                .where(and_(audit_entries.c.idx >= start, audit_entries.c.idx < end))
+                .order_by(audit_entries.c.idx)
+            ).all()
+        return [entry_json(int(r.idx), r.leaf) for r in rows]
+
+    def query(
+        self, filters: Mapping[str, str], after: int = -1, limit: int = 100
+    ) -> tuple[list[dict[str, Any]], int | None]:
+        """Entries matching every filter (column -> value; ``since``/``until`` compare
+        times), in log order after index ``after``; returns them and the next cursor."""
+        limit = max(1, min(limit, MAX_PAGE))
+        clauses = [audit_entries.c.idx > after]
+        for name, value in filters.items():
+            if name == "since":
+                clauses.append(audit_entries.c.time >= value)
+            elif name == "until":
+                clauses.append(audit_entries.c.time < value)
+            else:
+                clauses.append(audit_entries.c[name] == value)
+        with self.db.engine.connect() as conn:
+            rows = conn.execute(
+                select(audit_entries.c.idx, audit_entries.c.leaf)
+                .where(and_(*clauses))
+                .order_by(audit_entries.c.idx)
+                .limit(limit + 1)
+            ).all()
+        found = [entry_json(int(r.idx), r.leaf) for r in rows[:limit]]
+        return found, (found[-1]["index"] if len(rows) > limit else None)
+
+    def sources(self) -> list[dict[str, Any]]:
+        with self.db.engine.connect() as conn:
+            states = conn.execute(select(audit_sources).order_by(audit_sources.c.source)).all()
+            gaps = conn.execute(select(audit_gaps).order_by(audit_gaps.c.first_seq)).all()
+        by_source: dict[str, list[list[int]]] = {}
+        for gap in gaps:
+            by_source.setdefault(gap.source, []).append([int(gap.first_seq), int(gap.last_seq)])
+        return [
+            {
+                "source": s.source,
+                "cluster": s.cluster,
+                "agent": s.agent,
+                "next_seq": int(s.next_seq),
+                "first_seen": s.first_seen,
+                "last_seen": s.last_seen,
+                "gaps": by_source.get(s.source, []),
+            }
+            for s in states
+        ]
+
+    def count(self) -> int:
+        with self.db.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(audit_entries)).scalar() or 0)
+
+
+def entry_json(index: int, leaf: str) -> dict[str, Any]:
+    raw = leaf.encode("utf-8")
+    return {"index": index, "leaf": base64.b64encode(raw).decode(), "event": json.loads(raw)}
+
+
+def records_of(events: Iterable[Mapping[str, Any]]) -> list[Record]:
+    return [record_of(e) for e in events]
