@@ -104,8 +104,8 @@ metadata: {{name: {binding}}}
 spec:
   role: {role}
   subjects: [{{workload: {workload}}}]
----
-apiVersion: trustmesh.io/v1alpha1
+"""
+POLICY_TEST = """apiVersion: trustmesh.io/v1alpha1
 kind: PolicyTest
 metadata: {{name: {test}}}
 spec:
@@ -136,18 +136,22 @@ def test_every_control_plane_event_type_lands_in_the_log(
 
     refused = server.exchange("not-a-token", fed.audience)
     assert refused.status_code == 400
-    names = {k: unique(k) for k in ("role", "binding", "test")}
+    names = {k: unique(k) for k in ("role", "binding")}
     host = f"{unique('svc-')}.test"
-    policy = ROLE_AND_TEST.format(
-        **names, host=host, workload=fed.workload, cluster=fed.target_name, method="GET"
-    )
+    policy = ROLE_AND_TEST.format(**names, host=host, workload=fed.workload)
     server.apply(policy)
-    failing = ROLE_AND_TEST.format(
-        **{k: unique(k) for k in names},
-        host=host,
-        workload=fed.workload,
-        cluster=fed.target_name,
-        method="DELETE",
+    # a test that fails: rejected, and nothing of it stays in the shared server
+    failing = "---\n".join(
+        [
+            ROLE_AND_TEST.format(**{k: unique(k) for k in names}, host=host, workload=fed.workload),
+            POLICY_TEST.format(
+                test=unique("test"),
+                workload=fed.workload,
+                cluster=fed.target_name,
+                host=host,
+                method="DELETE",
+            ),
+        ]
     )
     server.apply(failing, expect=422)
     assert server.admin.post(
