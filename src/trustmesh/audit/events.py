@@ -93,6 +93,7 @@ IDENTITY_FIELDS = frozenset(
         "token_sha256",
     }
 )
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _TRACE_ID = re.compile(r"[0-9a-f]{32}")
 _SPAN_ID = re.compile(r"[0-9a-f]{16}")
 _ADMIN_TYPE = re.compile(r"admin\.[a-z][a-z0-9_.]{0,62}")
@@ -174,10 +175,8 @@ def check_event(event: Any) -> bytes:
     unknown = sorted(set(event) - TOP_LEVEL)
     if unknown:
         raise EventError(f"unknown member {unknown[0]!r}")
-    try:
-        uuid.UUID(_need_str(event, "event_id", "event", 36))
-    except ValueError:
-        raise EventError("event.event_id must be a UUID") from None
+    if not _UUID.fullmatch(_need_str(event, "event_id", "event", 36)):
+        raise EventError("event.event_id must be a UUID (8-4-4-4-12 lowercase hex)")
     kind = _need_str(event, "type", "event", 64)
     if kind not in EVENT_TYPES and not _ADMIN_TYPE.fullmatch(kind):
         raise EventError(f"event.type {kind!r} is not an audit event type")
