@@ -1,12 +1,16 @@
 """The agent's HTTP surface (DESIGN §4): the JSON authorize API, Envoy ext_authz and
 the Kubernetes webhooks share one path — authenticate the token (identity), then ask
-the engine (decision). Nothing else crosses between the two."""
+the engine (decision). Nothing else crosses between the two.
+
+Every answer to an authorization question is an ``authz.decision`` audit event, spooled
+before the answer is sent (agent/audit.py), inside an ``authz.decision`` span whose
+trace continues the caller's ``traceparent``."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractContextManager, asynccontextmanager
 from typing import Any
 
 from prometheus_client import (
@@ -16,16 +20,29 @@ from prometheus_client import (
     Gauge,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from trustmesh.agent import envoy, kubernetes
+from trustmesh.agent.audit import (
+    ACCESS_REVIEW,
+    AUTHORIZE,
+    EXT_AUTHZ,
+    TOKEN_REVIEW,
+    AuditShipper,
+    AuditUnavailable,
+    DecisionAudit,
+)
 from trustmesh.agent.authn import Authenticator
 from trustmesh.agent.policy import PolicyHolder
 from trustmesh.agent.sync import Synchronizer
+from trustmesh.common.tracing import Span, Tracing
 from trustmesh.identity.svid import InvalidToken, VerifiedIdentity
+from trustmesh.policy.engine import Decision
 from trustmesh.policy.request import RequestError, parse_request
 from trustmesh.server.http import (
     EXCEPTION_HANDLERS,
@@ -36,6 +53,12 @@ from trustmesh.server.http import (
 )
 
 MAX_AUTHORIZE_BODY = 64 * 1024
+SPAN_NAME = "authz.decision"
+# span attributes, read only when spans are exported
+_SPAN_ATTRIBUTES = {
+    surface: {"trustmesh.surface": surface}
+    for surface in (AUTHORIZE, EXT_AUTHZ, TOKEN_REVIEW, ACCESS_REVIEW)
+}
 
 
 def identity_json(identity: VerifiedIdentity) -> dict[str, Any]:
@@ -53,9 +76,53 @@ def identity_json(identity: VerifiedIdentity) -> dict[str, Any]:
     }
 
 
+class AuditCollector(Collector):
+    """The spool's figures, read at scrape time: the hot path only bumps plain ints."""
+
+    def __init__(self, shipper: AuditShipper) -> None:
+        self.shipper = shipper
+
+    def collect(self) -> Any:
+        spool = self.shipper.spool
+        yield CounterMetricFamily(
+            "trustmesh_agent_audit_spooled",
+            "Decision events written to the audit spool by this process",
+            value=spool.appended,
+        )
+        yield CounterMetricFamily(
+            "trustmesh_agent_audit_shipped",
+            "Audit events the control plane acknowledged (duplicates of a resend included)",
+            value=self.shipper.shipped,
+        )
+        yield CounterMetricFamily(
+            "trustmesh_agent_audit_ship_failures",
+            "Audit batches the control plane did not take (unreachable, 5xx, refused)",
+            value=self.shipper.failures,
+        )
+        yield GaugeMetricFamily(
+            "trustmesh_agent_audit_spool_backlog",
+            "Audit events spooled but not yet acknowledged by the control plane",
+            value=spool.backlog,
+        )
+        yield GaugeMetricFamily(
+            "trustmesh_agent_audit_spool_segments",
+            "Segment files in the audit spool",
+            value=len(spool.segments()),
+        )
+
+
 class AgentMetrics:
-    def __init__(self, authn: Authenticator, sync: Synchronizer) -> None:
+    def __init__(
+        self, authn: Authenticator, sync: Synchronizer, shipper: AuditShipper | None = None
+    ) -> None:
         self.registry = CollectorRegistry()
+        if shipper is not None:
+            self.registry.register(AuditCollector(shipper))
+        self.audit_unavailable = Counter(
+            "trustmesh_agent_audit_unavailable",
+            "Questions answered 503 because their decision could not be spooled",
+            registry=self.registry,
+        )
         self.authentications = Counter(
             "trustmesh_agent_authentications_total",
             "Token authentications by result",
@@ -101,8 +168,41 @@ def build_agent_app(
     policy: PolicyHolder,
     on_start: Callable[[], Any],
     on_stop: Callable[[], Any],
+    *,
+    audit: DecisionAudit | None = None,
+    shipper: AuditShipper | None = None,
+    tracing: Tracing | None = None,
 ) -> Starlette:
-    metrics = AgentMetrics(authn, sync)
+    """The agent's routes. ``audit`` is None only where a test exercises the HTTP
+    surface alone; ``trustmesh agent`` always spools its decisions."""
+    metrics = AgentMetrics(authn, sync, shipper)
+    tracer = tracing if tracing is not None else Tracing("trustmesh-agent")
+
+    def span_for(request: Request, surface: str) -> AbstractContextManager[Span]:
+        return tracer.span(SPAN_NAME, request.headers.get("traceparent"), _SPAN_ATTRIBUTES[surface])
+
+    def audit_decision(
+        span: Span,
+        asked: dict[str, Any],
+        identity: VerifiedIdentity,
+        token: str | None,
+        decision: Decision,
+    ) -> None:
+        span.set("trustmesh.allowed", decision.allowed)
+        span.set("trustmesh.decision_id", decision.decision_id)
+        if audit is not None:
+            audit.decided(span, asked, identity, token, decision)
+
+    def audit_refusal(
+        span: Span, asked: dict[str, Any], token: str | None, reason: str, revision: int | None
+    ) -> None:
+        span.set("trustmesh.allowed", False)
+        if audit is not None:
+            audit.unauthenticated(span, asked, token, reason, revision)
+
+    def revision() -> int | None:
+        engine = policy.engine
+        return engine.revision if engine is not None else None
 
     async def authenticate(token: str) -> VerifiedIdentity:
         try:
@@ -140,12 +240,16 @@ def build_agent_app(
         engine = policy.engine
         if engine is None:
             return error_response(503, "not_ready", "the agent has no verified policy bundle yet")
-        try:
-            identity = await authenticate(token)
-        except InvalidToken as exc:
-            return unauthenticated(exc)
-        metrics.authentications.labels("ok").inc()
-        decision = engine.decide(identity.spiffe_id, identity.claims, attributes)
+        with span_for(request, AUTHORIZE) as span:
+            asked = {"surface": AUTHORIZE, **attributes.to_json()}
+            try:
+                identity = await authenticate(token)
+            except InvalidToken as exc:
+                audit_refusal(span, asked, token, exc.reason, engine.revision)
+                return unauthenticated(exc)
+            metrics.authentications.labels("ok").inc()
+            decision = engine.decide(identity.spiffe_id, identity.claims, attributes)
+            audit_decision(span, asked, identity, token, decision)
         metrics.decisions.labels("allow" if decision.allowed else "deny").inc()
         body = decision.to_json()
         body["authenticated"] = True
@@ -164,20 +268,25 @@ def build_agent_app(
         engine = policy.engine
         if engine is None:
             return envoy.not_ready()
-        token = bearer_token(request)
-        if token is None:
-            metrics.authentications.labels("missing_token").inc()
-            return envoy.unauthenticated("missing_token", "no Authorization: Bearer token")
-        try:
-            identity = await authenticate(token)
-        except InvalidToken as exc:
-            metrics.authentications.labels(exc.reason).inc()
-            return envoy.unauthenticated(exc.reason, exc.description)
-        metrics.authentications.labels("ok").inc()
-        decision = engine.decide(identity.spiffe_id, identity.claims, attributes)
+        with span_for(request, EXT_AUTHZ) as span:
+            asked = {"surface": EXT_AUTHZ, **attributes.to_json()}
+            token = bearer_token(request)
+            if token is None:
+                metrics.authentications.labels("missing_token").inc()
+                audit_refusal(span, asked, None, "missing_token", engine.revision)
+                return envoy.unauthenticated("missing_token", "no Authorization: Bearer token")
+            try:
+                identity = await authenticate(token)
+            except InvalidToken as exc:
+                metrics.authentications.labels(exc.reason).inc()
+                audit_refusal(span, asked, token, exc.reason, engine.revision)
+                return envoy.unauthenticated(exc.reason, exc.description)
+            metrics.authentications.labels("ok").inc()
+            decision = engine.decide(identity.spiffe_id, identity.claims, attributes)
+            audit_decision(span, asked, identity, token, decision)
         metrics.decisions.labels("allow" if decision.allowed else "deny").inc()
         if decision.allowed:
-            return envoy.allowed(identity, decision)
+            return envoy.allowed(identity, decision, span.traceparent())
         return envoy.denied(decision)
 
     async def token_review(request: Request) -> Response:
@@ -189,17 +298,22 @@ def build_agent_app(
             )
         except kubernetes.ReviewError as exc:
             raise BadRequest(400, "invalid_request", str(exc)) from None
-        try:
-            identity = await authenticate(review.token)
-        except InvalidToken as exc:
-            if exc.reason == "not_ready":
-                return error_response(503, "not_ready", exc.description)
-            metrics.authentications.labels(exc.reason).inc()
-            return JSONResponse(kubernetes.token_unauthenticated(review, exc.description))
-        answer = kubernetes.token_authenticated(review, identity)
-        metrics.authentications.labels(
-            "ok" if answer["status"]["authenticated"] else "audience_mismatch"
-        ).inc()
+        with span_for(request, TOKEN_REVIEW) as span:
+            asked = {"surface": TOKEN_REVIEW, "audiences": list(review.audiences) or None}
+            try:
+                identity = await authenticate(review.token)
+            except InvalidToken as exc:
+                if exc.reason == "not_ready":
+                    return error_response(503, "not_ready", exc.description)
+                metrics.authentications.labels(exc.reason).inc()
+                audit_refusal(span, asked, review.token, exc.reason, revision())
+                return JSONResponse(kubernetes.token_unauthenticated(review, exc.description))
+            answer = kubernetes.token_authenticated(review, identity)
+            authenticated = bool(answer["status"]["authenticated"])
+            span.set("trustmesh.allowed", authenticated)
+            if audit is not None:
+                audit.token_reviewed(span, asked, identity, review.token, authenticated, revision())
+        metrics.authentications.labels("ok" if authenticated else "audience_mismatch").inc()
         return JSONResponse(answer)
 
     async def access_review(request: Request) -> Response:
@@ -214,13 +328,24 @@ def build_agent_app(
         engine = policy.engine
         if engine is None:
             return error_response(503, "not_ready", "the agent has no verified policy bundle yet")
-        claims = kubernetes.registered_claims(engine, review.username)
-        if claims is None:
-            status = kubernetes.unknown_user_status(engine, review.username)
-        else:
-            decision = engine.decide(review.username, claims, review.request)
-            metrics.decisions.labels("allow" if decision.allowed else "deny").inc()
-            status = kubernetes.decision_status(decision)
+        with span_for(request, ACCESS_REVIEW) as span:
+            asked = {
+                "surface": ACCESS_REVIEW,
+                "user": review.username or None,
+                **review.request.to_json(),
+            }
+            claims = kubernetes.registered_claims(engine, review.username)
+            decision = None
+            if claims is None:
+                status = kubernetes.unknown_user_status(engine, review.username)
+            else:
+                decision = engine.decide(review.username, claims, review.request)
+                metrics.decisions.labels("allow" if decision.allowed else "deny").inc()
+                status = kubernetes.decision_status(decision)
+                span.set("trustmesh.decision_id", decision.decision_id)
+            span.set("trustmesh.allowed", bool(status["allowed"]))
+            if audit is not None:
+                audit.access_reviewed(span, asked, engine, review.username, claims, decision)
         return JSONResponse(kubernetes.access_review_response(review, status))
 
     async def healthz(request: Request) -> Response:
@@ -247,10 +372,22 @@ def build_agent_app(
             else None,
             "last_error": sync.last_error,
         }
+        if shipper is not None:
+            detail["audit"] = shipper.status()
         return JSONResponse(detail, 200 if ready else 503)
 
     async def metrics_endpoint(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def audit_unavailable(request: Request, exc: Exception) -> Response:
+        metrics.audit_unavailable.inc()
+        response = error_response(
+            503,
+            "audit_unavailable",
+            "the decision cannot be written to the audit spool; no answer is given without its audit record",
+        )
+        response.headers["Retry-After"] = "1"
+        return response
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -271,6 +408,6 @@ def build_agent_app(
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
         ],
-        exception_handlers=EXCEPTION_HANDLERS,
+        exception_handlers={**EXCEPTION_HANDLERS, AuditUnavailable: audit_unavailable},
         lifespan=lifespan,
     )

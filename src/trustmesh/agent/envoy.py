@@ -5,9 +5,10 @@ sends one request per client request, to ``path_prefix`` + the original path (qu
 included), with the original method, the original ``Host`` and the headers its config
 allows, and no body. Envoy uses only the status and the headers of the answer:
 
-* 200 — allow; ``x-trustmesh-spiffe-id`` and ``x-trustmesh-decision-id`` reach the
-  upstream when listed in ``authorization_response.allowed_upstream_headers`` (Envoy
-  then overwrites any value the client sent itself);
+* 200 — allow; ``x-trustmesh-spiffe-id``, ``x-trustmesh-decision-id`` and
+  ``traceparent`` (the decision span as parent) reach the upstream when listed in
+  ``authorization_response.allowed_upstream_headers`` (Envoy then overwrites any
+  value the client sent itself);
 * 401 with ``WWW-Authenticate: Bearer`` — missing, malformed or invalid token;
 * 403 — the policy denies the request;
 * 400 — a path the agent refuses to interpret (see :func:`check_request`);
@@ -37,6 +38,7 @@ from trustmesh.policy.request import RequestError, ServiceRequest, parse_request
 PREFIX = "/ext_authz"
 SPIFFE_ID_HEADER = "x-trustmesh-spiffe-id"
 DECISION_ID_HEADER = "x-trustmesh-decision-id"
+TRACEPARENT_HEADER = "traceparent"
 REALM = "trustmesh"
 
 # %2F, %5C, %3F, %23 (an encoded /, backslash, ? or #) change which path a request names
@@ -93,15 +95,20 @@ def check_request(method: str, host: str | None, scope: Mapping[str, Any]) -> Se
     return request
 
 
-def allowed(identity: VerifiedIdentity, decision: Decision) -> Response:
+def allowed(
+    identity: VerifiedIdentity, decision: Decision, traceparent: str | None = None
+) -> Response:
+    """``traceparent`` (the decision's span as the parent) reaches the upstream when
+    ``allowed_upstream_headers`` lists it, so the upstream's spans join the trace."""
+    headers = {
+        SPIFFE_ID_HEADER: identity.spiffe_id,
+        DECISION_ID_HEADER: decision.decision_id,
+        **_NO_STORE,
+    }
+    if traceparent is not None:
+        headers[TRACEPARENT_HEADER] = traceparent
     return JSONResponse(
-        {"allowed": True, "decision_id": decision.decision_id},
-        200,
-        headers={
-            SPIFFE_ID_HEADER: identity.spiffe_id,
-            DECISION_ID_HEADER: decision.decision_id,
-            **_NO_STORE,
-        },
+        {"allowed": True, "decision_id": decision.decision_id}, 200, headers=headers
     )
 
 

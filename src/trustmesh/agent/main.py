@@ -1,4 +1,8 @@
-"""``trustmesh agent``: restore persisted state, serve, sync; one line once ready."""
+"""``trustmesh agent``: restore persisted state, serve, sync; one line once ready.
+
+On SIGTERM uvicorn stops accepting and drains the requests in flight; then the audit
+shipper stops, the spool is fsynced and what is left is shipped within
+``AUDIT_FINAL_SHIP_TIMEOUT`` seconds (the rest waits in the spool for the next start)."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trustmesh.agent.app import build_agent_app
+from trustmesh.agent.audit import AuditShipper, DecisionAudit
 from trustmesh.agent.authn import Authenticator
 from trustmesh.agent.policy import PolicyHolder, agent_id, run_bundle_sync
 from trustmesh.agent.revocations import (
@@ -16,9 +21,13 @@ from trustmesh.agent.revocations import (
     RevocationHolder,
     run_revocation_sync,
 )
+from trustmesh.agent.spool import DEFAULT_FSYNC_INTERVAL, SPOOL_DIR, AuditSpool
 from trustmesh.agent.sync import ControlPlaneClient, ControlPlaneState, Synchronizer
 from trustmesh.common.addresses import parse_listen, url_for
 from trustmesh.common.serving import bind_socket, serve_socket
+from trustmesh.common.tracing import Tracing
+
+AUDIT_FINAL_SHIP_TIMEOUT = 2.0
 
 
 @dataclass(frozen=True)
@@ -32,6 +41,8 @@ class AgentConfig:
     max_sync_interval: float = 30.0
     staleness_bound: float = DEFAULT_STALENESS_BOUND
     fail_open: bool = False
+    audit_fsync_interval: float = DEFAULT_FSYNC_INTERVAL
+    otel_exporter: str = "none"
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -50,9 +61,13 @@ def read_credential(path: Path) -> str:
 
 
 def run_agent(config: AgentConfig, listen: str) -> None:
+    """Raises ValueError (bad listen address), TracingError (exporter) or SpoolError
+    (the audit spool cannot be opened) with one clear line before serving."""
     host, port = parse_listen(listen)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(config.data_dir, 0o700)
+    tracing = Tracing("trustmesh-agent", config.otel_exporter)
+    spool = AuditSpool.open(config.data_dir / SPOOL_DIR, fsync_interval=config.audit_fsync_interval)
     sock = bind_socket(host, port)
     url = url_for(host, sock.getsockname()[1])
     authn = Authenticator(
@@ -68,6 +83,8 @@ def run_agent(config: AgentConfig, listen: str) -> None:
     revocations = RevocationHolder(config.data_dir, config.staleness_bound, config.fail_open)
     authn.revocations = revocations
     instance = agent_id(config.data_dir)
+    audit = DecisionAudit(spool, config.cluster, instance)
+    shipper = AuditShipper(spool, client)
     announced = False
 
     def announce(source: str) -> None:
@@ -95,6 +112,7 @@ def run_agent(config: AgentConfig, listen: str) -> None:
         tasks.append(asyncio.create_task(sync.run(None, stop_on_fatal)))
         tasks.append(asyncio.create_task(run_bundle_sync(client, policy, sync, instance)))
         tasks.append(asyncio.create_task(run_revocation_sync(client, revocations)))
+        tasks.append(asyncio.create_task(shipper.run()))
         if restored:
             announce("state restored from the data dir; syncing")
         else:
@@ -104,9 +122,16 @@ def run_agent(config: AgentConfig, listen: str) -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await client.aclose()
+        try:
+            await shipper.drain(AUDIT_FINAL_SHIP_TIMEOUT)
+        finally:
+            await asyncio.to_thread(spool.close)
+            await client.aclose()
+            tracing.shutdown()
 
-    app = build_agent_app(authn, sync, policy, on_start, on_stop)
+    app = build_agent_app(
+        authn, sync, policy, on_start, on_stop, audit=audit, shipper=shipper, tracing=tracing
+    )
     app.state.revocations = revocations
     serve_socket(app, sock, lambda _url: None)
     if sync.fatal is not None:

@@ -34,6 +34,15 @@ class Unreachable(Exception):
     pass
 
 
+class AuditRejected(Exception):
+    """The control plane refused an audit batch with a 4xx other than 401/403: the batch
+    or the agent is wrong (a bug). The message carries the answer, problems included."""
+
+    def __init__(self, server: str, status: int, answer: str) -> None:
+        super().__init__(f"{server} answered HTTP {status} to an audit batch: {answer}")
+        self.status = status
+
+
 @dataclass(frozen=True)
 class ControlPlaneState:
     cluster: str
@@ -112,6 +121,43 @@ class ControlPlaneClient:
             entries = [Revocation.from_json(e) for e in document["entries"]]
             return int(document["revision"]), entries
         raise httpx.ConnectError("; ".join(failures))
+
+    async def ship_audit(self, body: bytes, timeout: float | None = None) -> dict[str, Any]:
+        """``POST /v1/audit/events`` with a ``{"events": [...]}`` body, on the servers in
+        order until one takes it; its answer (``accepted``, ``duplicates``...).
+
+        Connection errors and 5xx (stopping, database down) go on to the next server
+        and, when none takes it, raise Unreachable; 401/403 raise CredentialRejected;
+        any other answer raises AuditRejected (resending will not help, so failing over
+        would not either)."""
+        failures = []
+        for base in self.servers:
+            try:
+                response = await self._http.post(
+                    base + "/v1/audit/events",
+                    content=body,
+                    headers={"Content-Type": "application/json"},
+                    timeout=httpx.Timeout(timeout)
+                    if timeout is not None
+                    else httpx.USE_CLIENT_DEFAULT,
+                )
+            except httpx.HTTPError as exc:
+                failures.append(f"{base}: {exc.__class__.__name__}: {exc}")
+                continue
+            if response.status_code == 200:
+                document = response.json()
+                if not isinstance(document, dict):
+                    raise AuditRejected(base, 200, "the answer is not a JSON object")
+                return document
+            if response.status_code >= 500:
+                failures.append(f"{base}: HTTP {response.status_code} {response.text[:200]}")
+                continue
+            if response.status_code in (401, 403):
+                raise CredentialRejected(
+                    f"{base} refused the audit batch (HTTP {response.status_code}): {response.text[:300]}"
+                )
+            raise AuditRejected(base, response.status_code, response.text[:2000])
+        raise Unreachable("; ".join(failures))
 
     async def fetch_bundle(self, after: str | None, wait: float, agent: str) -> str | None:
         """Long-poll the servers in order for a bundle newer than ``after``; None when

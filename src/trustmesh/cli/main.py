@@ -166,9 +166,24 @@ def agent(
         "--fail-open",
         help="When the revocation list is stale, keep answering from it (default: refuse tokens).",
     ),
+    audit_fsync_interval: float = typer.Option(
+        0.1,
+        "--audit-fsync-interval",
+        min=0.0,
+        max=60.0,
+        help="Seconds between fsyncs of the audit spool (0: fsync every decision). "
+        "A killed agent loses no decision; a power loss at most this interval.",
+    ),
+    otel_exporter: str = typer.Option(
+        "none",
+        "--otel-exporter",
+        help="Export OpenTelemetry spans: none, console or otlp (OTEL_EXPORTER_OTLP_ENDPOINT).",
+    ),
 ) -> None:
     """Run the agent of one cluster."""
     from trustmesh.agent.main import AgentConfig, read_credential, run_agent
+    from trustmesh.agent.spool import SpoolError
+    from trustmesh.common.tracing import TracingError
 
     if not server:
         fail("no control plane given: pass --server URL[,URL…] or set TRUSTMESH_SERVER")
@@ -177,18 +192,23 @@ def agent(
     except ValueError as exc:
         fail(str(exc))
     servers = [s.strip() for s in server.split(",") if s.strip()]
-    run_agent(
-        AgentConfig(
-            cluster=cluster,
-            servers=servers,
-            data_dir=data_dir,
-            credential=credential,
-            cache_size=cache_size,
-            staleness_bound=staleness_bound,
-            fail_open=fail_open,
-        ),
-        listen,
-    )
+    try:
+        run_agent(
+            AgentConfig(
+                cluster=cluster,
+                servers=servers,
+                data_dir=data_dir,
+                credential=credential,
+                cache_size=cache_size,
+                staleness_bound=staleness_bound,
+                fail_open=fail_open,
+                audit_fsync_interval=audit_fsync_interval,
+                otel_exporter=otel_exporter,
+            ),
+            listen,
+        )
+    except (TracingError, SpoolError) as exc:
+        fail(str(exc))
 
 
 @app.command()

@@ -1,0 +1,430 @@
+"""The agent's side of the audit log (DESIGN §6): an ``authz.decision`` event for every
+answer on every surface, written to the durable spool before the answer leaves, and
+shipped in batches to the control plane.
+
+Events say who asked (the verified identity's provenance, and of the token only its
+SHA-256), what was asked (the surface and the request attributes), what was decided
+and why (the engine's decision), and the W3C trace the request belongs to. A request
+whose token does not authenticate is a decision too: ``allowed: false``, reason
+``unauthenticated: <reason>``.
+
+If the spool cannot be written the agent does not answer the question: it answers 503
+``audit_unavailable`` (fail closed), as the control plane refuses to issue a token
+without its audit record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+import orjson
+
+from trustmesh.agent.spool import AuditSpool, Batch, LineTooLong, SpoolError
+from trustmesh.agent.sync import AuditRejected, ControlPlaneClient, CredentialRejected, Unreachable
+from trustmesh.audit.events import AUTHZ_DECISION, now_time, token_sha256
+from trustmesh.common.backoff import Backoff
+from trustmesh.common.tracing import Span
+from trustmesh.identity.svid import VerifiedIdentity
+from trustmesh.policy.engine import Decision, Engine
+
+log = logging.getLogger("trustmesh.agent.audit")
+
+AUTHORIZE = "authorize"
+EXT_AUTHZ = "ext_authz"
+TOKEN_REVIEW = "tokenreview"  # noqa: S105 (a surface name, not a secret)
+ACCESS_REVIEW = "subjectaccessreview"
+
+MAX_ACTOR = 512  # the schema's limit for event.actor
+SHRUNK_STRING = 256  # what a long request attribute keeps when an event is too large
+SHRUNK_LIST = 20
+
+
+class AuditUnavailable(Exception):
+    """The decision could not be spooled; the agent answers 503 rather than unaudited."""
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def identity_provenance(identity: VerifiedIdentity, token: str | None) -> dict[str, Any]:
+    """``identity`` of an event from a verified token: who, from where, which token."""
+    claims = identity.claims
+    return {
+        "spiffe_id": identity.spiffe_id,
+        "workload": _text(claims.get("workload_id")),
+        "origin_cluster": _text(claims.get("cluster")),
+        "jti": identity.jti,
+        "kid": identity.kid,
+        "token_sha256": token_sha256(token) if token is not None else None,
+    }
+
+
+def registered_provenance(
+    engine: Engine, spiffe_id: str, claims: Mapping[str, Any]
+) -> dict[str, Any]:
+    """``identity`` of a SubjectAccessReview event: the API server authenticated the
+    user; the bundle's inventory says which workload and cluster it is (no token)."""
+    entry = engine.identities.get(spiffe_id) or {}
+    return {
+        "spiffe_id": spiffe_id,
+        "workload": _text(entry.get("workload")),
+        "origin_cluster": _text(claims.get("cluster")),
+    }
+
+
+def decision_fields(decision: Decision, reason: str | None = None) -> dict[str, Any]:
+    """``decision`` of an event from the engine's decision (``reason`` overrides)."""
+    return {
+        "allowed": decision.allowed,
+        "reason": reason or decision.reason,
+        "policy_revision": decision.revision,
+        "bindings": list(decision.bindings),
+        "roles": list(decision.roles),
+        "decision_id": decision.decision_id,
+    }
+
+
+def refusal(reason: str, revision: int | None) -> dict[str, Any]:
+    """``decision`` of an event for an answer the engine did not give (no token, no
+    opinion…): always ``allowed: false``."""
+    return {"allowed": False, "reason": reason, "policy_revision": revision}
+
+
+def _without_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, dict):
+        return {key: _without_surrogates(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_surrogates(item) for item in value]
+    return value
+
+
+def shrunk(event: dict[str, Any]) -> dict[str, Any]:
+    """An event that fits the spool and the schema: lone surrogates replaced (JSON
+    allows them in requests, JSON text of the log does not), long request attributes
+    and the reason cut, long binding lists cut. Only for the rare event that needs it."""
+    event = _without_surrogates(event)
+    request = event.get("request")
+    if isinstance(request, dict):
+        for key, value in request.items():
+            if isinstance(value, str) and len(value) > SHRUNK_STRING:
+                request[key] = value[:SHRUNK_STRING] + "…"
+    decision = event.get("decision")
+    if isinstance(decision, dict):
+        reason = decision.get("reason")
+        if isinstance(reason, str) and len(reason) > 2 * SHRUNK_STRING:
+            decision["reason"] = reason[: 2 * SHRUNK_STRING] + "…"
+        for key in ("bindings", "roles"):
+            items = decision.get(key)
+            if isinstance(items, list) and len(items) > SHRUNK_LIST:
+                decision[key] = [*items[:SHRUNK_LIST], f"… {len(items) - SHRUNK_LIST} more"]
+    return event
+
+
+_now_prefix: tuple[int, str] = (-1, "")
+
+
+def event_time(now: float) -> str:
+    """:func:`trustmesh.audit.events.now_time`, formatting the date and time of day
+    once per second instead of once per event."""
+    global _now_prefix
+    second = int(now)
+    if _now_prefix[0] != second:
+        _now_prefix = (second, now_time(second)[:-4])  # "…T05:20:00."
+    millis = min(999, int((now - second) * 1000))
+    return f"{_now_prefix[1]}{millis:03d}Z"
+
+
+_random_pool = b""
+_random_at = 0
+
+
+def event_id() -> str:
+    """A random (version 4) UUID as text, as ``str(uuid.uuid4())`` gives. The random
+    bytes come from ``os.urandom`` 4 KiB at a time: under load one ``getrandom`` call
+    per event costs more than formatting the whole event."""
+    global _random_pool, _random_at
+    if _random_at + 16 > len(_random_pool):
+        _random_pool, _random_at = os.urandom(4096), 0
+    raw = bytearray(_random_pool[_random_at : _random_at + 16])
+    _random_at += 16
+    raw[6] = (raw[6] & 0x0F) | 0x40
+    raw[8] = (raw[8] & 0x3F) | 0x80
+    text = raw.hex()
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+
+
+def _cleaned(part: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """``part`` without ``None`` members (copied only when it has some), None if empty."""
+    if not part:
+        return None
+    if None in part.values():
+        part = {key: value for key, value in part.items() if value is not None}
+    return part or None
+
+
+def decision_event(
+    source: Mapping[str, Any],
+    cluster: str,
+    actor: str | None,
+    identity: Mapping[str, Any] | None,
+    request: Mapping[str, Any] | None,
+    decision: Mapping[str, Any] | None,
+    span: Span,
+) -> dict[str, Any]:
+    """An ``authz.decision`` event: what :func:`trustmesh.audit.events.new_event`
+    builds (same members, same order, ``None`` left out), without its per-event
+    ``uuid.UUID`` and ``datetime`` objects, which cost more than the rest of the
+    decision's audit together (tests/agent/test_audit_spool.py holds the two equal)."""
+    event: dict[str, Any] = {
+        "event_id": event_id(),
+        "type": AUTHZ_DECISION,
+        "time": event_time(time.time()),
+        "source": dict(source),
+        "cluster": cluster,
+    }
+    if actor is not None:
+        event["actor"] = actor
+    for name, part in (("identity", identity), ("request", request), ("decision", decision)):
+        cleaned = _cleaned(part)
+        if cleaned is not None:
+            event[name] = cleaned
+    event["trace_id"] = span.trace_id
+    event["span_id"] = span.span_id
+    return event
+
+
+class DecisionAudit:
+    """Builds the ``authz.decision`` events of one agent and spools them."""
+
+    def __init__(self, spool: AuditSpool, cluster: str, agent: str) -> None:
+        self.spool = spool
+        self.cluster = cluster
+        self.source = {"kind": "agent", "id": spool.source_id, "agent": agent}
+        self.failures = 0
+
+    def record(
+        self,
+        span: Span,
+        request: Mapping[str, Any],
+        decision: Mapping[str, Any],
+        identity: Mapping[str, Any] | None = None,
+        actor: str | None = None,
+    ) -> int:
+        """Spool one decision; its seq. Raises AuditUnavailable when it cannot be."""
+        event = decision_event(
+            self.source,
+            self.cluster,
+            actor if actor is None or len(actor) <= MAX_ACTOR else None,
+            identity,
+            request,
+            decision,
+            span,
+        )
+        try:
+            try:
+                return self.spool.append(event)
+            except (LineTooLong, orjson.JSONEncodeError):
+                return self.spool.append(shrunk(event))
+        except (SpoolError, LineTooLong, orjson.JSONEncodeError) as exc:
+            self.failures += 1
+            log.error("audit: cannot spool a decision, answering 503: %s", exc)
+            raise AuditUnavailable(str(exc)) from None
+
+    def decided(
+        self,
+        span: Span,
+        request: Mapping[str, Any],
+        identity: VerifiedIdentity,
+        token: str | None,
+        decision: Decision,
+        reason: str | None = None,
+    ) -> int:
+        """An engine decision about a verified identity."""
+        return self.record(
+            span,
+            request,
+            decision_fields(decision, reason),
+            identity_provenance(identity, token),
+            identity.spiffe_id,
+        )
+
+    def token_reviewed(
+        self,
+        span: Span,
+        request: Mapping[str, Any],
+        identity: VerifiedIdentity,
+        token: str,
+        authenticated: bool,
+        revision: int | None,
+    ) -> int:
+        """A TokenReview of a token that verified: ``allowed`` is whether it
+        authenticated (it does not when the API server asks for another audience)."""
+        reason = "authenticated" if authenticated else "unauthenticated: audience_mismatch"
+        return self.record(
+            span,
+            request,
+            {"allowed": authenticated, "reason": reason, "policy_revision": revision},
+            identity_provenance(identity, token),
+            identity.spiffe_id if authenticated else None,
+        )
+
+    def access_reviewed(
+        self,
+        span: Span,
+        request: Mapping[str, Any],
+        engine: Engine,
+        user: str,
+        claims: Mapping[str, Any] | None,
+        decision: Decision | None,
+    ) -> int:
+        """A SubjectAccessReview: the engine's decision about a registered user, or no
+        opinion (not a registered identity, or no binding covers the request)."""
+        if claims is None or decision is None:
+            reason = "no opinion: not a registered trustmesh identity"
+            return self.record(span, request, refusal(reason, engine.revision))
+        no_opinion = not decision.allowed and not decision.denied
+        return self.record(
+            span,
+            request,
+            decision_fields(decision, f"no opinion: {decision.reason}" if no_opinion else None),
+            registered_provenance(engine, user, claims),
+            user,
+        )
+
+    def unauthenticated(
+        self,
+        span: Span,
+        request: Mapping[str, Any],
+        token: str | None,
+        reason: str,
+        revision: int | None,
+    ) -> int:
+        """A token that did not authenticate (or none): of the token only its hash."""
+        identity = {"token_sha256": token_sha256(token)} if token else None
+        return self.record(span, request, refusal(f"unauthenticated: {reason}", revision), identity)
+
+
+class AuditShipper:
+    """Sends spooled events to the control plane in batches, oldest first, and moves
+    the spool's cursor once they are acknowledged.
+
+    It looks for fsynced events every ``interval`` seconds and sends right away while
+    there are more. Connection errors and 5xx answers are retried on the next server,
+    then with backoff; a 401/403 (credential) or another 4xx (a bug: the answer is
+    logged in full) is retried with backoff too. Events are never dropped."""
+
+    def __init__(
+        self,
+        spool: AuditSpool,
+        client: ControlPlaneClient,
+        *,
+        interval: float = 0.05,
+        max_events: int = 1000,
+        max_bytes: int = 4 * 1024 * 1024,
+    ) -> None:
+        self.spool = spool
+        self.client = client
+        self.interval = interval
+        self.max_events = max_events
+        self.max_bytes = max_bytes
+        self.backoff = Backoff(base=0.1, cap=5.0)
+        self.shipped = 0  # events acknowledged (duplicates included)
+        self.duplicates = 0
+        self.failures = 0
+        self.last_error: str | None = None
+        self.last_success = 0.0  # monotonic
+        self._stopping = False
+        self._wake = asyncio.Event()
+
+    async def run(self) -> None:
+        while not self._stopping:
+            try:
+                shipped = await self.ship_once()
+            except Exception as exc:  # the loop must survive anything
+                self._failed(exc)
+                await self._sleep(self.backoff.next_delay())
+                continue
+            if shipped < self.max_events:
+                await self._sleep(self.interval)
+
+    async def _sleep(self, delay: float) -> None:
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), delay)
+
+    async def ship_once(self, timeout: float | None = None) -> int:
+        """Send the next batch, if any; the number of events acknowledged."""
+        batch = self.spool.read_batch(self.max_events, self.max_bytes)
+        if batch is None:
+            return 0
+        answer = await self.client.ship_audit(batch.body(), timeout)
+        await asyncio.to_thread(self.spool.acknowledge, batch)
+        self._succeeded(batch, answer)
+        return batch.size
+
+    def _succeeded(self, batch: Batch, answer: Mapping[str, Any]) -> None:
+        self.shipped += batch.size
+        duplicates = answer.get("duplicates")
+        if isinstance(duplicates, int):
+            self.duplicates += duplicates
+        gaps = answer.get("gaps")
+        if gaps:
+            log.warning("audit: the control plane reports missing events %s", gaps)
+        self.backoff.reset()
+        self.last_error = None
+        self.last_success = time.monotonic()
+
+    def _failed(self, exc: Exception) -> None:
+        self.failures += 1
+        if isinstance(exc, AuditRejected):
+            self.last_error = str(exc)
+            log.error("audit: the control plane refused a batch (a bug; kept, retrying): %s", exc)
+        elif isinstance(exc, CredentialRejected):
+            self.last_error = str(exc)
+            log.error("audit: %s", exc)
+        elif isinstance(exc, Unreachable | httpx.HTTPError):
+            self.last_error = f"no control plane took the batch: {exc}"
+            log.warning("audit: %s", self.last_error)
+        else:
+            self.last_error = f"shipping failed: {exc.__class__.__name__}: {exc}"
+            log.exception("audit: shipping failed")
+
+    async def drain(self, timeout: float) -> None:
+        """On shutdown: fsync, then ship what is left within ``timeout`` seconds; what
+        does not make it stays in the spool for the next start."""
+        self._stopping = True
+        self._wake.set()
+        deadline = time.monotonic() + timeout
+        await asyncio.to_thread(self.spool.sync)
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                if not await asyncio.wait_for(self.ship_once(remaining), remaining):
+                    return
+            except Exception as exc:
+                self._failed(exc)
+                return
+        if self.spool.backlog:
+            log.warning(
+                "audit: %d events stay in the spool until the next start", self.spool.backlog
+            )
+
+    def status(self) -> dict[str, Any]:
+        return {
+            **self.spool.status(),
+            "shipped": self.shipped,
+            "ship_failures": self.failures,
+            "last_ship_age_seconds": round(time.monotonic() - self.last_success, 3)
+            if self.last_success
+            else None,
+            "last_ship_error": self.last_error,
+        }
