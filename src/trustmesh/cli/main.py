@@ -25,6 +25,7 @@ from trustmesh.cli._common import (
     resolve_servers,
     resolve_token,
 )
+from trustmesh.cli.audit import audit_app
 
 app = typer.Typer(
     name="trustmesh",
@@ -54,6 +55,7 @@ def _policy_app() -> typer.Typer:
 
 
 app.add_typer(_policy_app(), name="policy")
+app.add_typer(audit_app, name="audit")
 
 
 def _sim_app() -> typer.Typer:
