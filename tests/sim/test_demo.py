@@ -206,11 +206,52 @@ def test_demo_runs_changes_policy_rotates_and_leaves_nothing_behind() -> None:
             re.M,
         )
         assert ok, output
+        check_audit(output)
         assert "PROBLEMS" not in output and "UNEXPECTED" not in output
         assert not Path(data_dir).exists(), "the temporary data dir must be removed"
         assert processes_mentioning(data_dir) == []
     finally:
         kill_leftovers(data_dir)
+
+
+def check_audit(output: str) -> None:
+    """The demo ends with the signed checkpoint, the whole log re-hashed to its root, an
+    inclusion and a consistency proof, and one request traced from issuance to decision."""
+    assert re.search(
+        r"^audit: latest checkpoint \(C2SP signed note\), signature verified", output, re.M
+    )
+    assert re.search(r"^    — demo\.trustmesh\.io/trustmesh-audit \S+$", output, re.M), output
+    size = re.search(
+        r"^audit: all (\d+) entries re-hashed \(RFC 6962\) to the signed root \S+ and all "
+        r"[1-9]\d* signed checkpoints checked",
+        output,
+        re.M,
+    )
+    assert size, output
+    for kind in (
+        "token.issued",
+        "authz.decision",
+        "policy.published",
+        "policy.rejected",
+        "revocation.created",
+        "key.rotated",
+        "token.exchange_failed",
+    ):
+        assert re.search(rf"[1-9]\d* {re.escape(kind)}", output), kind
+    assert re.search(
+        r"^audit: inclusion proof verified: entry \d+ \(revocation\.created, subject "
+        r"spiffe://demo\.trustmesh\.io/cluster/us-east/ns/warehouse/sa/inventory",
+        output,
+        re.M,
+    )
+    assert re.search(r"^audit: consistency proof verified", output, re.M)
+    assert re.search(
+        r"^audit: trace [0-9a-f]{32}: token\.issued to \S+ \(control plane\) -> "
+        r"(\d+ times )?authz\.decision at \S+: allowed",
+        output,
+        re.M,
+    ), output
+    assert "audit: every agent's events arrived, no sequence gaps" in output
 
 
 def read_lines(proc: subprocess.Popen[str], lines: queue.Queue[str]) -> None:
@@ -247,7 +288,8 @@ def test_sigint_stops_everything_cleanly(tmp_path: Path) -> None:
         output = "".join(seen)
         stderr = proc.stderr.read() if proc.stderr else ""
         assert code == 0, output + stderr
-        assert "interrupted: stopping agents, control plane and simulated clusters" in output
+        assert "interrupted: stopping agents, then proving the audit log" in output
+        assert "audit: every agent's events arrived, no sequence gaps" in output
         assert "OK: every decision matched the policy in force" in output
         assert processes_mentioning(str(data_dir)) == []
         assert (data_dir / "policy" / "accepted-change.yaml").exists()

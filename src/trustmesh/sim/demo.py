@@ -68,7 +68,9 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from trustmesh.common.tracing import format_traceparent, new_span_id, new_trace_id
 from trustmesh.sim.cluster import SimulatedCluster
+from trustmesh.sim.demo_audit import AuditFinale, run_finale
 
 __all__ = [
     "BAD_CHANGE",
@@ -472,7 +474,7 @@ class Admin:
     """The few admin calls the demo needs, with the admin credential."""
 
     def __init__(self, http: httpx.Client, url: str, token: str) -> None:
-        self.http, self.url = http, url
+        self.http, self.url, self.token = http, url, token
         self.headers = {"Authorization": f"Bearer {token}"}
 
     def call(
@@ -652,6 +654,8 @@ class Scoreboard:
     rotation_error: str = ""
     revocation: RevocationRun | None = None
     interrupted: bool = False
+    sample_trace: str | None = None  # an allowed call's trace, shown by the audit finale
+    audit: AuditFinale | None = None
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -684,6 +688,8 @@ class Scoreboard:
             problems += self.revocation.errors
         if self.rotation_error:
             problems.append(self.rotation_error)
+        if self.audit is not None:
+            problems += self.audit.problems
         return problems
 
     def traffic_problems(self, t: dict[str, int]) -> list[str]:
@@ -746,6 +752,7 @@ class Lease:
     token: str
     renew_at: float  # time.time() after which a new one is fetched
     issued_at: float | None = None  # the token's iat (JWT-SVIDs), to tell revoked ones
+    trace_id: str | None = None  # W3C trace of this token: its issuance and every use
 
 
 class Refused(Exception):
@@ -805,13 +812,16 @@ class Traffic:
         key = (pair.workload.name, pair.target)
         lease = self.svids.get(key)
         if lease is None or time.time() >= lease.renew_at:
-            token, expires_in = self.exchange(self.sa_token(pair.workload), pair.target)
+            trace_id = new_trace_id()
+            token, expires_in = self.exchange(self.sa_token(pair.workload), pair.target, trace_id)
             pair.exchanges += 1
-            lease = Lease(token, time.time() + RENEW_AT * expires_in, issued_at(token))
+            lease = Lease(token, time.time() + RENEW_AT * expires_in, issued_at(token), trace_id)
             self.svids[key] = lease
         return lease
 
-    def exchange(self, subject_token: str, target: str) -> tuple[str, float]:
+    def exchange(
+        self, subject_token: str, target: str, trace_id: str | None = None
+    ) -> tuple[str, float]:
         form = {
             "grant_type": TOKEN_EXCHANGE,
             "subject_token": subject_token,
@@ -819,7 +829,9 @@ class Traffic:
             "audience": cluster_audience(target),
             "lifetime": str(self.lease_seconds),
         }
-        response = self.http.post(self.board.server_url + "/oauth2/token", data=form)
+        response = self.http.post(
+            self.board.server_url + "/oauth2/token", data=form, headers=_trace_headers(trace_id)
+        )
         body = _json(response)
         if response.status_code != 200:
             raise Refused(
@@ -827,12 +839,15 @@ class Traffic:
             )
         return str(body["access_token"]), float(body["expires_in"])
 
-    def authorize(self, target: str, token: str, request: dict[str, str]) -> dict[str, Any]:
+    def authorize(
+        self, target: str, token: str, request: dict[str, str], trace_id: str | None = None
+    ) -> dict[str, Any]:
         """The agent's decision (allowed or denied); Refused when the token does not
         authenticate (401) or the agent cannot decide."""
         response = self.http.post(
             self.board.agent_urls[target] + "/v1/authorize",
             json={"token": token, "request": request},
+            headers=_trace_headers(trace_id),
         )
         body = _json(response)
         if response.status_code != 200 or body.get("authenticated") is not True:
@@ -845,7 +860,9 @@ class Traffic:
         try:
             lease = self.svid(pair)
             started = time.perf_counter()
-            body = self.authorize(pair.target, lease.token, pair.route.call.request())
+            body = self.authorize(
+                pair.target, lease.token, pair.route.call.request(), lease.trace_id
+            )
             pair.last_latency_ms = (time.perf_counter() - started) * 1000
             revision = int(body["revision"])
         except Refused as exc:
@@ -860,6 +877,8 @@ class Traffic:
             return
         self.authenticated(pair, body["identity"])
         self.decided(pair, body, revision)
+        if self.board.sample_trace is None and body.get("allowed") and lease.trace_id:
+            self.board.sample_trace = lease.trace_id
         self.resumed(pair, lease)
 
     def refused(self, pair: PairStats, lease: Lease | None, exc: Refused) -> None:
@@ -1057,6 +1076,11 @@ def swap_payload(token: str, victim: WorkloadSpec) -> str:
     raw = json.dumps(claims, separators=(",", ":")).encode()
     forged = base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
     return f"{header}.{forged}.{signature}"
+
+
+def _trace_headers(trace_id: str | None) -> dict[str, str]:
+    """A W3C ``traceparent`` naming the token's trace and a new span for this call."""
+    return {"traceparent": format_traceparent(trace_id, new_span_id())} if trace_id else {}
 
 
 def _json(response: httpx.Response) -> dict[str, Any]:
@@ -1516,6 +1540,8 @@ def print_final(console: Console, board: Scoreboard) -> None:
     console.print(stats_table(board, title="trustmesh demo: final summary"))
     for line in (policy_line(board), revocation_line(board), rotation_line(board)):
         console.print(line, markup=False, highlight=False, soft_wrap=True)
+    for line in board.audit.lines if board.audit is not None else []:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
     problems = board.problems()
     if problems:
         console.print(
@@ -1562,6 +1588,7 @@ class Federation:
     rogue: SimulatedCluster
     agent_urls: dict[str, str]
     policy: PolicyState
+    agents: list[Child]
 
 
 def start_federation(
@@ -1579,10 +1606,11 @@ def start_federation(
     rogue = SimulatedCluster(ROGUE_CLUSTER)  # never registered: the intruder's cluster
     stack.enter_context(rogue.serve())
     policy = apply_initial(admin, root, {name: c.issuer for name, c in clusters.items()}, say)
-    agent_urls = start_agents(stack, root, logs, admin, server_url)
+    agents: list[Child] = []
+    agent_urls = start_agents(stack, root, logs, admin, server_url, agents)
     for name, url in agent_urls.items():
         say(f"agent for {name} ready on {url}")
-    return Federation(server_url, admin, clusters, rogue, agent_urls, policy)
+    return Federation(server_url, admin, clusters, rogue, agent_urls, policy, agents)
 
 
 def apply_initial(
@@ -1627,10 +1655,10 @@ def start_clusters(stack: ExitStack, root: Path) -> dict[str, SimulatedCluster]:
 
 
 def start_agents(
-    stack: ExitStack, root: Path, logs: Path, admin: Admin, server_url: str
+    stack: ExitStack, root: Path, logs: Path, admin: Admin, server_url: str, agents: list[Child]
 ) -> dict[str, str]:
-    """Start every agent, then wait for all of them (they start in parallel)."""
-    agents: list[Child] = []
+    """Start every agent (into ``agents``), then wait for all of them (they start in
+    parallel)."""
     stack.callback(stop_children, agents)  # all at once, before the control plane stops
     for spec in CLUSTERS:
         data_dir = root / "agents" / spec.name
@@ -1737,6 +1765,16 @@ def drive(traffic: Traffic, display: Display, operator: Operator, duration: floa
         time.sleep(max(0.0, ROUND_INTERVAL - (time.monotonic() - began)))
 
 
+def finish_with_audit(
+    board: Scoreboard, fed: Federation, http: httpx.Client, say: Callable[[str], None]
+) -> None:
+    """Stop the agents (they ship what their spools hold), then prove the log."""
+    if board.audit is not None:
+        return
+    stop_children(fed.agents)
+    board.audit = run_finale(http, fed.server_url, fed.admin.token, board.sample_trace, say)
+
+
 def make_board(fed: Federation, root: Path, temporary: bool, duration: float) -> Scoreboard:
     pairs = [
         PairStats(
@@ -1802,10 +1840,14 @@ def run_demo(duration: float = 0.0, data_dir: Path | None = None, plain: bool = 
             )
             with display:
                 drive(traffic, display, Operator(board, fed.admin, http, display), duration)
+            finish_with_audit(board, fed, http, say)
         except KeyboardInterrupt:
             if board is not None:
                 board.interrupted = True
-            say("interrupted: stopping agents, control plane and simulated clusters")
+                say("interrupted: stopping agents, then proving the audit log")
+                with signals_ignored():
+                    finish_with_audit(board, fed, http, say)
+            say("stopping the control plane and simulated clusters")
         finally:
             with signals_ignored():
                 stack.close()
