@@ -174,7 +174,7 @@ def envoy_config(agent_port: int, upstream_port: int) -> dict[str, Any]:
             "status_on_error": {"code": "ServiceUnavailable"},
             # the headers the check carries besides method, path and Host (the
             # successor of the deprecated authorization_request.allowed_headers)
-            "allowed_headers": {"patterns": [{"exact": "authorization"}]},
+            "allowed_headers": {"patterns": [{"exact": "authorization"}, {"exact": "traceparent"}]},
             "http_service": {
                 "server_uri": {
                     "uri": f"http://127.0.0.1:{agent_port}",
@@ -187,6 +187,7 @@ def envoy_config(agent_port: int, upstream_port: int) -> dict[str, Any]:
                         "patterns": [
                             {"exact": "x-trustmesh-spiffe-id"},
                             {"exact": "x-trustmesh-decision-id"},
+                            {"exact": "traceparent"},
                         ]
                     },
                     "allowed_client_headers": {
@@ -408,6 +409,45 @@ def test_an_allowed_request_reaches_the_upstream_with_the_identity(mesh: Mesh) -
     assert echoed["headers"]["x-trustmesh-spiffe-id"] == spiffe_id("payments")
     assert echoed["headers"]["x-trustmesh-decision-id"]
     assert echoed["headers"]["authorization"] == f"Bearer {token}"
+
+
+def test_one_trace_ties_issuance_decision_and_access_through_envoy(mesh: Mesh) -> None:
+    """The client's traceparent reaches the token endpoint and, through Envoy, the agent:
+    the issuance and the decision land in the audit log under that trace id, and the
+    upstream receives the decision span as its parent."""
+    trace = "0af7651916cd43dd8448eb211c80319c"
+    exchanged = httpx.post(
+        mesh.server.url + "/oauth2/token",
+        data={
+            "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+            "subject_token": mesh.origin.mint("shop", "payments"),
+            "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+            "audience": f"spiffe://{TRUST_DOMAIN}/cluster/target",
+        },
+        headers={"traceparent": f"00-{trace}-b7ad6b7169203331-01"},
+        timeout=10,
+    )
+    assert exchanged.status_code == 200, exchanged.text
+    token = exchanged.json()["access_token"]
+    response = mesh.send(
+        "GET", "/api/orders/7", token, traceparent=f"00-{trace}-00f067aa0ba902b7-01"
+    )
+    assert response.status_code == 200, response.text
+    upstream_parent = response.json()["headers"]["traceparent"]
+    assert upstream_parent.startswith(f"00-{trace}-")
+    deadline = time.monotonic() + 10
+    while True:
+        found = mesh.server.admin.get("/v1/audit/query", params={"trace_id": trace}).json()
+        types = [e["event"]["type"] for e in found["entries"]]
+        if "authz.decision" in types or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert types == ["token.issued", "authz.decision"]
+    decision = found["entries"][1]["event"]
+    assert decision["request"]["surface"] == "ext_authz"
+    assert decision["decision"]["allowed"] is True
+    assert decision["span_id"] == upstream_parent.split("-")[2]  # the upstream's parent
+    assert decision["span_id"] != "00f067aa0ba902b7"
 
 
 def test_a_spoofed_identity_header_is_overwritten(mesh: Mesh) -> None:
