@@ -25,7 +25,6 @@ from trustmesh.agent.audit import (
     AuditUnavailable,
     DecisionAudit,
     decision_event,
-    event_id,
     event_time,
     shrunk,
 )
@@ -40,7 +39,13 @@ from trustmesh.agent.spool import (
     segment_name,
 )
 from trustmesh.agent.sync import ControlPlaneClient, Synchronizer
-from trustmesh.audit.events import AUTHZ_DECISION, check_event, new_event, now_time
+from trustmesh.audit.events import (
+    AUTHZ_DECISION,
+    check_event,
+    new_event,
+    new_event_id,
+    now_time,
+)
 from trustmesh.common.tracing import Span
 from trustmesh.policy.engine import Engine
 
@@ -321,19 +326,23 @@ def test_decision_events_are_what_new_event_builds() -> None:
         assert fast[name] == reference[name], name
     fast["source"]["seq"] = 1
     check_event(fast)
-    assert uuid.UUID(fast["event_id"]).version == 4
+    assert uuid.UUID(fast["event_id"]).version == 7
     assert source == {"kind": "agent", "id": "f" * 32, "agent": "a1"}  # not shared
 
 
 def test_event_time_and_id_match_the_schema_helpers() -> None:
     for moment in (1_700_000_000.0, 1_700_000_000.999, 1_700_000_001.5004, time.time()):
         assert event_time(moment) == now_time(moment)
-    ids = {event_id() for _ in range(1000)}
-    assert len(ids) == 1000
-    for value in list(ids)[:50]:
+    before = int(time.time() * 1000)
+    ids = [new_event_id() for _ in range(1000)]
+    after = int(time.time() * 1000)
+    assert len(set(ids)) == 1000
+    for value in ids[:50]:
         parsed = uuid.UUID(value)
-        assert str(parsed) == value and parsed.version == 4
+        assert str(parsed) == value and parsed.version == 7  # RFC 9562: time-ordered
         assert parsed.variant == uuid.RFC_4122
+        assert before <= parsed.int >> 80 <= after  # the 48-bit Unix milliseconds
+    assert ids[0][:8] <= ids[-1][:8]
 
 
 def test_events_the_json_log_cannot_hold_are_shrunk_to_fit(directory: Path) -> None:

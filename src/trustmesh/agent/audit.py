@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -28,7 +27,7 @@ import orjson
 
 from trustmesh.agent.spool import AuditSpool, Batch, LineTooLong, SpoolError
 from trustmesh.agent.sync import AuditRejected, ControlPlaneClient, CredentialRejected, Unreachable
-from trustmesh.audit.events import AUTHZ_DECISION, now_time, token_sha256
+from trustmesh.audit.events import AUTHZ_DECISION, new_event_id, now_time, token_sha256
 from trustmesh.common.backoff import Backoff
 from trustmesh.common.tracing import Span
 from trustmesh.identity.svid import VerifiedIdentity
@@ -144,25 +143,6 @@ def event_time(now: float) -> str:
     return f"{_now_prefix[1]}{millis:03d}Z"
 
 
-_random_pool = b""
-_random_at = 0
-
-
-def event_id() -> str:
-    """A random (version 4) UUID as text, as ``str(uuid.uuid4())`` gives. The random
-    bytes come from ``os.urandom`` 4 KiB at a time: under load one ``getrandom`` call
-    per event costs more than formatting the whole event."""
-    global _random_pool, _random_at
-    if _random_at + 16 > len(_random_pool):
-        _random_pool, _random_at = os.urandom(4096), 0
-    raw = bytearray(_random_pool[_random_at : _random_at + 16])
-    _random_at += 16
-    raw[6] = (raw[6] & 0x0F) | 0x40
-    raw[8] = (raw[8] & 0x3F) | 0x80
-    text = raw.hex()
-    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
-
-
 def _cleaned(part: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
     """``part`` without ``None`` members (copied only when it has some), None if empty."""
     if not part:
@@ -186,7 +166,7 @@ def decision_event(
     ``uuid.UUID`` and ``datetime`` objects, which cost more than the rest of the
     decision's audit together (tests/agent/test_audit_spool.py holds the two equal)."""
     event: dict[str, Any] = {
-        "event_id": event_id(),
+        "event_id": new_event_id(),
         "type": AUTHZ_DECISION,
         "time": event_time(time.time()),
         "source": dict(source),
