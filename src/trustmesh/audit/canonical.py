@@ -27,6 +27,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 
@@ -124,25 +125,35 @@ def _serialise(value: object, where: str, depth: int, out: list[str]) -> None:
         )
 
 
-def _plain(value: object, depth: int) -> bool:
+def _plain(event: dict[str, Any]) -> bool:
     """True when orjson's sorted output is the JCS output: only dicts with ASCII string
     keys (where code-point order is UTF-16 order), lists, strings, safe integers,
-    booleans and null. Anything else goes the slow way, which names the problem."""
-    kind = type(value)
-    if kind is str or value is None or kind is bool:
-        return True
-    if kind is int:
-        return -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER  # type: ignore[operator]
-    if depth >= MAX_DEPTH:
-        return False
-    if kind is dict:
-        for key, item in value.items():  # type: ignore[attr-defined]
-            if type(key) is not str or not key.isascii() or not _plain(item, depth + 1):
+    booleans and null. Anything else goes the slow way, which names the problem.
+    Iterative, with exact type checks: this runs for every event the log takes."""
+    stack: list[tuple[Any, int]] = [(event, 0)]
+    while stack:
+        container, depth = stack.pop()
+        if depth >= MAX_DEPTH:
+            return False
+        if type(container) is dict:
+            for key in container:
+                if type(key) is not str or not key.isascii():
+                    return False
+            items = container.values()
+        else:
+            items = container
+        for item in items:
+            kind = type(item)
+            if kind is str or item is None or kind is bool:
+                continue
+            if kind is int:
+                if not -MAX_SAFE_INTEGER <= item <= MAX_SAFE_INTEGER:
+                    return False
+            elif kind is dict or kind is list:
+                stack.append((item, depth + 1))
+            else:
                 return False
-        return True
-    if kind is list:
-        return all(_plain(item, depth + 1) for item in value)  # type: ignore[attr-defined]
-    return False
+    return True
 
 
 def canonical_bytes(event: Mapping[str, object]) -> bytes:
@@ -155,7 +166,7 @@ def canonical_bytes(event: Mapping[str, object]) -> bytes:
     """
     if not isinstance(event, Mapping):
         raise CanonicalError(f"an event is a JSON object, got a {type(event).__name__}")
-    if type(event) is dict and _plain(event, 0):
+    if type(event) is dict and _plain(event):
         try:
             return orjson.dumps(event, option=orjson.OPT_SORT_KEYS)
         except orjson.JSONEncodeError:
