@@ -77,6 +77,7 @@ class AuditRecorder:
         assert self._wake is not None
         while True:
             await self._wake.wait()
+            await asyncio.sleep(0)  # let the requests already running enqueue theirs too
             self._wake.clear()
             await self._flush()
 
