@@ -129,20 +129,6 @@ def shrunk(event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
-_now_prefix: tuple[int, str] = (-1, "")
-
-
-def event_time(now: float) -> str:
-    """:func:`trustmesh.audit.events.now_time`, formatting the date and time of day
-    once per second instead of once per event."""
-    global _now_prefix
-    second = int(now)
-    if _now_prefix[0] != second:
-        _now_prefix = (second, now_time(second)[:-4])  # "…T05:20:00."
-    millis = min(999, int((now - second) * 1000))
-    return f"{_now_prefix[1]}{millis:03d}Z"
-
-
 def _cleaned(part: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
     """``part`` without ``None`` members (copied only when it has some), None if empty."""
     if not part:
@@ -168,7 +154,7 @@ def decision_event(
     event: dict[str, Any] = {
         "event_id": new_event_id(),
         "type": AUTHZ_DECISION,
-        "time": event_time(time.time()),
+        "time": now_time(),
         "source": dict(source),
         "cluster": cluster,
     }

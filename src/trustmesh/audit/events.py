@@ -110,11 +110,21 @@ def token_sha256(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+_second_prefix: tuple[int, str] = (-1, "")
+
+
 def now_time(moment: float | None = None) -> str:
-    """Epoch seconds (default: now) as the event time format."""
+    """Epoch seconds (default: now) as the event time format, milliseconds truncated.
+    The date and time of day are formatted once per second, not once per event."""
+    global _second_prefix
     seconds = time.time() if moment is None else moment
-    stamp = datetime.fromtimestamp(seconds, UTC)
-    return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
+    whole = int(seconds // 1)
+    cached = _second_prefix
+    if cached[0] != whole:
+        stamp = datetime.fromtimestamp(whole, UTC)
+        cached = _second_prefix = (whole, stamp.strftime("%Y-%m-%dT%H:%M:%S."))
+    millis = min(999, int((seconds - whole) * 1000))
+    return f"{cached[1]}{millis:03d}Z"
 
 
 _id_lock = threading.Lock()
