@@ -432,3 +432,47 @@ def test_an_unknown_trace_exporter_is_one_clear_line(tmp_path: Path, exporter: s
     assert result.returncode != 0
     assert "--otel-exporter must be one of none, console, otlp" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_exchange_spans_are_exported_with_the_callers_trace(
+    tmp_path: Path, sim_cluster: SimulatedCluster
+) -> None:
+    """--otel-exporter console: the exchange span is exported (on SIGTERM at the
+    latest), a child of the caller's traceparent, with the ids the audit event holds."""
+    server = start_server(tmp_path / "data", None, "--otel-exporter", "console")
+    fed = register_federation(server, sim_cluster)
+    response = httpx.post(
+        server.url + "/oauth2/token",
+        data={
+            "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+            "subject_token": fed.sa_token(),
+            "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+            "audience": fed.audience,
+        },
+        headers={"traceparent": f"00-{TRACE}-00f067aa0ba902b7-01"},
+    )
+    assert response.status_code == 200, response.text
+    event = query(server, trace_id=TRACE)[0]["event"]
+    assert server.stop() == 0
+    lines = []
+    while (line := server.process.lines.get(timeout=5)) is not None:
+        lines.append(line)
+    spans = json.loads("[" + ",".join(_json_objects("\n".join(lines))) + "]")
+    exchange = next(s for s in spans if s["name"] == "token.exchange")
+    assert exchange["context"]["trace_id"] == "0x" + TRACE
+    assert exchange["context"]["span_id"] == "0x" + event["span_id"]
+    assert exchange["parent_id"] == "0x00f067aa0ba902b7"
+    assert exchange["attributes"]["trustmesh.outcome"] == "issued"
+
+
+def _json_objects(text: str) -> list[str]:
+    """The top-level JSON objects the console exporter printed, one after another."""
+    objects, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        if char == "{":
+            depth, start = depth + 1, (i if depth == 0 else start)
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                objects.append(text[start : i + 1])
+    return objects
