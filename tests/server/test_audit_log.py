@@ -402,6 +402,8 @@ def test_a_log_altered_under_the_server_gets_no_new_checkpoint(
         ready = server.admin.get("/readyz").json()
         assert ready["audit_size"] > before.size
         assert "refusing to sign" in ready["audit_inconsistent"]
+        metrics = httpx.get(server.url + "/metrics").text
+        assert "trustmesh_audit_inconsistent 1.0" in metrics
         assert checkpoint(server) == before  # ...but no checkpoint extends the altered log
     finally:
         assert server.stop() == 0, server.process.stderr()

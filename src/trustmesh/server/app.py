@@ -17,6 +17,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -54,8 +55,23 @@ NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, plane: ControlPlane) -> None:
         self.registry = CollectorRegistry()
+        Gauge(
+            "trustmesh_audit_entries",
+            "Entries in the audit log (this replica's view)",
+            registry=self.registry,
+        ).set_function(lambda: plane.audit.size)
+        Gauge(
+            "trustmesh_audit_inconsistent",
+            "1 when the stored audit log no longer extends its last signed checkpoint",
+            registry=self.registry,
+        ).set_function(lambda: 1.0 if plane.audit.inconsistent else 0.0)
+        Gauge(
+            "trustmesh_audit_write_failures",
+            "Control-plane audit events that could not be written (since start)",
+            registry=self.registry,
+        ).set_function(lambda: plane.recorder.failures)
         self.exchanges = Counter(
             "trustmesh_token_exchanges_total",
             "Token exchanges by result",
@@ -71,7 +87,7 @@ class Metrics:
 
 
 def build_app(plane: ControlPlane) -> Starlette:
-    metrics = Metrics()
+    metrics = Metrics(plane)
 
     async def authenticate(request: Request, admin_only: bool = True) -> Principal:
         secret = bearer_token(request)
