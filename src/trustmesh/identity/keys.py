@@ -15,6 +15,7 @@ import base64
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -207,14 +208,21 @@ class KeyManager:
         return KeySet(revision=revision, active=active, published=tuple(_record(r) for r in rows))
 
     # -- life cycle ---------------------------------------------------------------------
-    def rotate(self, now: float | None = None, expected_active: str | None = None) -> KeyRecord:
+    def rotate(
+        self,
+        now: float | None = None,
+        expected_active: str | None = None,
+        on_commit: Callable[[Connection, KeyRecord, str], None] | None = None,
+    ) -> KeyRecord:
         """Prepared -> active, active -> retired, and a new prepared key. Returns the new
         active key. With ``expected_active``, rotate only if that key is still active
         (automatic rotation: concurrent replicas then rotate once).
 
         The retirement is a compare-and-set (``UPDATE … WHERE kid = K AND state =
         'active'``): of two concurrent rotations of K one updates the row and the other
-        updates nothing and starts over, so there is always exactly one active key."""
+        updates nothing and starts over, so there is always exactly one active key.
+        ``on_commit(conn, new active key, previous kid)`` runs inside the transaction of a
+        rotation that happened (the audit event is written with it)."""
         now = time.time() if now is None else now
         while True:
             with self.db.engine.begin() as conn:
@@ -241,6 +249,8 @@ class KeyManager:
                     select(signing_keys).where(signing_keys.c.kid == prepared)
                 ).first()
                 assert row is not None
+                if on_commit is not None:
+                    on_commit(conn, _record(row), current.kid)
                 return _record(row)
 
     def _promote_prepared(self, conn: Connection, now: float) -> str:
@@ -292,15 +302,24 @@ class KeyManager:
                 assert final is not None
                 return _record(final)
 
-    def rotate_if_older_than(self, max_age: float, now: float | None = None) -> KeyRecord | None:
+    def rotate_if_older_than(
+        self,
+        max_age: float,
+        now: float | None = None,
+        on_commit: Callable[[Connection, KeyRecord, str], None] | None = None,
+    ) -> KeyRecord | None:
         now = time.time() if now is None else now
         with self.db.engine.connect() as conn:
             row = conn.execute(select(signing_keys).where(signing_keys.c.state == ACTIVE)).first()
         if row is None or now - (row.activated_at or row.created_at) < max_age:
             return None
-        return self.rotate(now, expected_active=row.kid)
+        return self.rotate(now, expected_active=row.kid, on_commit=on_commit)
 
-    def remove_expired(self, now: float | None = None) -> list[str]:
+    def remove_expired(
+        self,
+        now: float | None = None,
+        on_commit: Callable[[Connection, list[str]], None] | None = None,
+    ) -> list[str]:
         """Retired keys whose last possible token has expired leave JWKS; their sealed
         private key is erased."""
         now = time.time() if now is None else now
@@ -319,4 +338,13 @@ class KeyManager:
                     .values(state=REMOVED, removed_at=now, private_key="")
                 )
                 meta_store.bump(conn, meta_store.KEYS_REVISION)
+                if on_commit is not None:
+                    on_commit(conn, kids)
         return kids
+
+    def active_kid(self, conn: Connection) -> str | None:
+        """The kid of the active key, as this transaction sees it."""
+        kid: str | None = conn.execute(
+            select(signing_keys.c.kid).where(signing_keys.c.state == ACTIVE)
+        ).scalar()
+        return kid

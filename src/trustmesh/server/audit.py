@@ -34,7 +34,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
-from sqlalchemy import Connection, and_, func, insert, select, text
+from sqlalchemy import Connection, and_, delete, func, insert, select, text
 
 from trustmesh.audit import events as ev
 from trustmesh.audit.checkpoint import Checkpoint, sign_checkpoint
@@ -45,7 +45,13 @@ from trustmesh.audit.rfc6962 import leaf_hash
 from trustmesh.identity.sealing import MasterKey
 from trustmesh.storage import Database
 from trustmesh.storage import meta as meta_store
-from trustmesh.storage.schema import audit_checkpoints, audit_entries, audit_gaps, audit_sources
+from trustmesh.storage.schema import (
+    audit_checkpoints,
+    audit_entries,
+    audit_gaps,
+    audit_outbox,
+    audit_sources,
+)
 
 log = logging.getLogger("trustmesh.audit")
 
@@ -208,8 +214,10 @@ class AuditLog:
         return self._tree.size
 
     # -- sequencing -----------------------------------------------------------------------
-    def append(self, records: Sequence[Record]) -> AppendResult:
-        """Sequence ``records`` in one transaction (all or nothing); see the module doc."""
+    def append(self, records: Sequence[Record], staged: Sequence[str] = ()) -> AppendResult:
+        """Sequence ``records`` in one transaction (all or nothing); see the module doc.
+        ``staged`` names outbox rows (event ids) that this transaction moves into the
+        log: they are deleted from the outbox in the same transaction."""
         with self._lock:
             start = self._tree.size
             try:
@@ -224,13 +232,54 @@ class AuditLog:
                         )
                     self._catch_up(conn)
                     start = self._tree.size
+                    if staged:  # another replica may have drained some of them already
+                        logged = set(
+                            conn.execute(
+                                select(audit_entries.c.event_id).where(
+                                    audit_entries.c.event_id.in_(staged)
+                                )
+                            ).scalars()
+                        )
+                        records = [r for r in records if r.event["event_id"] not in logged]
                     result = self._append_locked(conn, records)
+                    if staged:
+                        conn.execute(
+                            delete(audit_outbox).where(audit_outbox.c.event_id.in_(staged))
+                        )
                     self._checkpoint_or_alarm(conn, force=False)
             except BaseException:
                 self._tree.truncate(min(start, self._tree.size))
                 self._last_checkpoint = None  # reloaded on the next checkpoint
                 raise
             return result
+
+    # -- the outbox: events of a change, committed with the change ---------------------
+    def stage(self, conn: Connection, event: Mapping[str, Any]) -> None:
+        """Write ``event`` to the outbox inside the caller's transaction: it exists if
+        and only if the change it describes commits. :meth:`drain_outbox` sequences it
+        right after (and every replica's checkpoint loop, should this process die
+        first), so the log never misses a committed admin action."""
+        leaf = ev.check_event(event)
+        conn.execute(
+            insert(audit_outbox).values(
+                event_id=event["event_id"], leaf=leaf.decode("utf-8"), staged_at=time.time()
+            )
+        )
+
+    def drain_outbox(self) -> int:
+        """Move staged events into the log, oldest first; returns how many."""
+        moved = 0
+        while True:
+            with self.db.engine.connect() as conn:
+                rows = conn.execute(
+                    select(audit_outbox.c.event_id, audit_outbox.c.leaf)
+                    .order_by(audit_outbox.c.staged_at, audit_outbox.c.event_id)
+                    .limit(MAX_PAGE)
+                ).all()
+            if not rows:
+                return moved
+            records = [record_of(json.loads(row.leaf)) for row in rows]
+            moved += self.append(records, staged=[row.event_id for row in rows]).accepted
 
     def _append_locked(self, conn: Connection, records: Sequence[Record]) -> AppendResult:
         now = time.time()

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from sqlalchemy import select, update
+from sqlalchemy import Connection, select, update
 
 from trustmesh.audit import events as ev
 from trustmesh.common.tracing import Tracing
@@ -287,15 +287,38 @@ class ControlPlane:
         while True:
             await asyncio.sleep(interval)
             try:
+                await asyncio.to_thread(self.audit.drain_outbox)
                 await asyncio.to_thread(self.audit.checkpoint_now)
             except Exception:
-                log.exception("signing an audit checkpoint failed")
+                log.exception("sequencing staged audit events or signing a checkpoint failed")
 
     def audit_admin(
         self, type_: str, actor: str, detail: dict[str, Any], cluster: str | None = None
     ) -> None:
-        """Record an administrative action (after it committed)."""
+        """Record an action that changed nothing (a rejected apply) straight away."""
         self.recorder.write_quietly(admin_event(self.audit.source, type_, actor, detail, cluster))
+
+    def stage(
+        self,
+        conn: Connection,
+        type_: str,
+        actor: str,
+        detail: dict[str, Any],
+        cluster: str | None = None,
+    ) -> None:
+        """Record a change in its own transaction (the outbox, ``AuditLog.stage``): the
+        event exists if and only if the change commits. :meth:`drain_audit` then moves
+        it into the log."""
+        self.audit.stage(conn, admin_event(self.audit.source, type_, actor, detail, cluster))
+
+    def drain_audit(self) -> None:
+        """Sequence what the last change staged; on failure the checkpoint loop (of
+        this or any replica) retries, so nothing committed is lost."""
+        try:
+            self.audit.drain_outbox()
+        except Exception:
+            self.recorder.failures += 1
+            log.exception("moving staged audit events into the log failed; will retry")
 
     async def _maintenance_loop(self) -> None:
         while True:
@@ -306,18 +329,27 @@ class ControlPlane:
             await asyncio.sleep(self.config.maintenance_interval)
 
     def maintain(self, now: float | None = None) -> None:
-        rotated = self.keys.rotate_if_older_than(self.config.key_rotation_interval, now)
-        removed = self.keys.remove_expired(now)
+        def rotated_automatically(conn: Connection, record: KeyRecord, previous: str) -> None:
+            self.stage(
+                conn,
+                ev.KEY_ROTATED,
+                "system",
+                {"active_kid": record.kid, "previous_kid": previous, "reason": "automatic"},
+            )
+
+        def removed_keys(conn: Connection, kids: list[str]) -> None:
+            self.stage(conn, "admin.keys_removed", "system", {"removed": kids})
+
+        rotated = self.keys.rotate_if_older_than(
+            self.config.key_rotation_interval, now, on_commit=rotated_automatically
+        )
+        removed = self.keys.remove_expired(now, on_commit=removed_keys)
         self.revocation_store.remove_expired(now)
         self._revocations.expire(time.time() if now is None else now)
         if rotated is not None or removed:
             if rotated is not None:
                 log.warning("signing key rotated automatically: %s is active", rotated.kid)
-                self.audit_admin(
-                    ev.KEY_ROTATED, "system", {"active_kid": rotated.kid, "reason": "automatic"}
-                )
-            if removed:
-                self.audit_admin("admin.keys_removed", "system", {"removed": removed})
+            self.drain_audit()
             self.refresh()
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
@@ -384,7 +416,7 @@ class ControlPlane:
                 self._audit_rejected(actor, "apply", exc, [path for path, _ in files])
             raise
         if not dry_run:
-            self._audit_applied(actor, result, message, "apply")
+            self.drain_audit()
         return result
 
     def _audit_rejected(self, actor: str, via: str, exc: Exception, files: list[str]) -> None:
@@ -402,7 +434,9 @@ class ControlPlane:
             detail["failed_tests"] = [r.describe()[:500] for r in exc.failed[:50]]
         self.audit_admin(ev.POLICY_REJECTED, _actor_name(actor), detail)
 
-    def _audit_applied(self, actor: str, result: ApplyResult, message: str, via: str) -> None:
+    def _stage_applied(
+        self, conn: Connection, actor: str, result: ApplyResult, message: str, via: str
+    ) -> None:
         registry_changes = [
             c.as_dict()
             for c in result.changes
@@ -414,13 +448,15 @@ class ControlPlane:
             if c.kind in POLICY_KINDS and c.action != "unchanged"
         ]
         if registry_changes:
-            self.audit_admin(
+            self.stage(
+                conn,
                 "admin.apply",
                 _actor_name(actor),
                 {"registry_revision": result.registry_revision, "changes": registry_changes},
             )
         if policy_changes:
-            self.audit_admin(
+            self.stage(
+                conn,
                 ev.POLICY_PUBLISHED,
                 _actor_name(actor),
                 {
@@ -479,6 +515,7 @@ class ControlPlane:
                 self.registry_store.write(conn, registry_plan, actor)
             if policy_plan.changed:
                 self.catalog.write(conn, policy_plan, actor, message)
+            self._stage_applied(conn, actor, result, message, "apply")
         self.refresh()
         return result
 
@@ -498,9 +535,7 @@ class ControlPlane:
         except Exception as exc:
             self._audit_rejected(actor, f"rollback:{revision}", exc, [])
             raise
-        self._audit_applied(
-            actor, result, message or f"rollback to revision {revision}", f"rollback:{revision}"
-        )
+        self.drain_audit()
         return result
 
     def _rollback(self, revision: int, actor: str, message: str) -> ApplyResult:
@@ -521,9 +556,17 @@ class ControlPlane:
                 message or f"rollback to revision {revision}",
                 f"rollback:{revision}",
             )
+            changes = [AppliedChange(c["kind"], c["name"], c["action"]) for c in plan.diff]
+            result = ApplyResult(registry.revision, new_revision, changes, tests, False)
+            self._stage_applied(
+                conn,
+                actor,
+                result,
+                message or f"rollback to revision {revision}",
+                f"rollback:{revision}",
+            )
         self.refresh()
-        changes = [AppliedChange(c["kind"], c["name"], c["action"]) for c in plan.diff]
-        return ApplyResult(registry.revision, new_revision, changes, tests, False)
+        return result
 
     # -- bundles and agents ---------------------------------------------------------------
     def bundle_version(self) -> tuple[int, int]:
@@ -645,10 +688,10 @@ class ControlPlane:
                     self.keys.revoke(value)
                 except LookupError:
                     raise NotFound(f"no published signing key {value}") from None
-        entry, created = self.revocation_store.revoke(kind, value, reason, actor)
-        self.refresh()
-        if created:
-            self.audit_admin(
+
+        def record(conn: Connection, entry: Revocation) -> None:
+            self.stage(
+                conn,
                 ev.REVOCATION_CREATED,
                 _actor_name(actor),
                 {
@@ -661,15 +704,21 @@ class ControlPlane:
                 cluster=entry.value if entry.kind == "cluster" else None,
             )
             if entry.kind == "key":
-                self.audit_admin(
+                self.stage(
+                    conn,
                     ev.KEY_ROTATED,
                     _actor_name(actor),
                     {
                         "revoked_kid": entry.value,
-                        "active_kid": self._keyset.active.kid,
+                        "active_kid": self.keys.active_kid(conn),
                         "reason": "key revoked",
                     },
                 )
+
+        entry, created = self.revocation_store.revoke(kind, value, reason, actor, on_commit=record)
+        self.refresh()
+        if created:
+            self.drain_audit()
         return entry, created
 
     def wait_for_change(self) -> asyncio.Event:
@@ -715,26 +764,36 @@ class ControlPlane:
         return self.keys.list_keys()
 
     def rotate_keys(self, actor: str = "admin") -> KeyRecord:
-        previous = self._keyset.active.kid
-        record = self.keys.rotate()
+        def record(conn: Connection, new: KeyRecord, previous: str) -> None:
+            self.stage(
+                conn,
+                ev.KEY_ROTATED,
+                _actor_name(actor),
+                {"active_kid": new.kid, "previous_kid": previous, "reason": "requested"},
+            )
+
+        rotated = self.keys.rotate(on_commit=record)
         self.refresh()
-        self.audit_admin(
-            ev.KEY_ROTATED,
-            _actor_name(actor),
-            {"active_kid": record.kid, "previous_kid": previous, "reason": "requested"},
-        )
-        return record
+        self.drain_audit()
+        return rotated
 
     def cluster_credential(self, cluster: str, actor: str) -> str:
         if cluster not in self.registry_store.load().clusters:
             raise NotFound(f"cluster {cluster} is not registered")
-        secret = self.credentials.create(CLUSTER, created_by=actor, cluster=cluster)
-        self.audit_admin(
-            "admin.credential_issued",
-            _actor_name(actor),
-            {"kind": CLUSTER, "credential_sha256": ev.token_sha256(secret)},
-            cluster=cluster,
+
+        def record(conn: Connection, secret: str) -> None:
+            self.stage(
+                conn,
+                "admin.credential_issued",
+                _actor_name(actor),
+                {"kind": CLUSTER, "credential_sha256": ev.token_sha256(secret)},
+                cluster=cluster,
+            )
+
+        secret = self.credentials.create(
+            CLUSTER, created_by=actor, cluster=cluster, on_commit=record
         )
+        self.drain_audit()
         return secret
 
     def agent_config(self, principal: Principal, cluster: str | None) -> dict[str, Any]:

@@ -12,10 +12,11 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import Connection, select
 
 from trustmesh.identity.sealing import write_secret_file
 from trustmesh.storage import Database
@@ -54,7 +55,15 @@ class CredentialStore:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    def create(self, kind: str, created_by: str, cluster: str | None = None) -> str:
+    def create(
+        self,
+        kind: str,
+        created_by: str,
+        cluster: str | None = None,
+        on_commit: Callable[[Connection, str], None] | None = None,
+    ) -> str:
+        """A new credential; only its hash is stored. ``on_commit(conn, secret)`` runs
+        inside the transaction (the audit event, which holds a hash, is written with it)."""
         credential_id = secrets.token_hex(8)
         secret = f"{_PREFIX[kind]}_{credential_id}_{secrets.token_urlsafe(32)}"
         with self.db.engine.begin() as conn:
@@ -68,6 +77,8 @@ class CredentialStore:
                     created_by=created_by,
                 )
             )
+            if on_commit is not None:
+                on_commit(conn, secret)
         return secret
 
     def authenticate(self, secret: str) -> Principal | None:

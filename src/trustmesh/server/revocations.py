@@ -5,6 +5,7 @@ the ``revocation_revision`` counter so agents can resume with ``since=R``. Rows 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Connection, delete, select
@@ -39,12 +40,19 @@ class RevocationStore:
         return int(meta_store.get(conn, meta_store.REVOCATION_REVISION) or 0)
 
     def revoke(
-        self, kind: str, value: str, reason: str, actor: str, now: float | None = None
+        self,
+        kind: str,
+        value: str,
+        reason: str,
+        actor: str,
+        now: float | None = None,
+        on_commit: Callable[[Connection, Revocation], None] | None = None,
     ) -> tuple[Revocation, bool]:
         """Record a revocation; returns (entry, created). Repeating a revocation is
         idempotent: the same jti or key, or the same subject or cluster within the same
         second, returns the entry in force; a later subject or cluster revocation
-        replaces the earlier one (it covers more tokens)."""
+        replaces the earlier one (it covers more tokens). ``on_commit`` runs inside the
+        transaction of a new entry (the audit event is written with it)."""
         check_request(kind, value, reason)
         now = time.time() if now is None else now
         revoked_at = whole_second(now)
@@ -74,6 +82,8 @@ class RevocationStore:
                 actor=actor,
             )
             conn.execute(revocations.insert().values(**entry.to_json()))
+            if on_commit is not None:
+                on_commit(conn, entry)
             return entry, True
 
     def since(self, revision: int, now: float | None = None) -> tuple[int, list[Revocation]]:

@@ -52,6 +52,7 @@ def _v5_audit(conn: Connection) -> None:
         schema.audit_checkpoints,
         schema.audit_sources,
         schema.audit_gaps,
+        schema.audit_outbox,
     ):
         table.create(conn, checkfirst=True)
 
@@ -61,7 +62,7 @@ MIGRATIONS: list[Migration] = [
     (2, "policy versions and agent status", _v2_policy),
     (3, "revocations", _v3_revocations),
     (4, "shared signals (RFC 8936) delivery state", _v4_ssf_deliveries),
-    (5, "audit log: entries, checkpoints, sources, gaps", _v5_audit),
+    (5, "audit log: entries, checkpoints, sources, gaps, outbox", _v5_audit),
 ]
 
 LATEST = MIGRATIONS[-1][0]

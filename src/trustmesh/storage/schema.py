@@ -186,6 +186,16 @@ audit_sources = Table(
     Column("last_seen", Float, nullable=False),
 )
 
+# Control-plane events written in the transaction of the change they record (an apply, a
+# revocation, a rotation...), moved into the log right after by the sequencer.
+audit_outbox = Table(
+    "audit_outbox",
+    metadata,
+    Column("event_id", String(36), primary_key=True),
+    Column("leaf", Text, nullable=False),
+    Column("staged_at", Float, nullable=False),
+)
+
 # Sequence numbers an agent skipped: [first_seq, last_seq] never arrived before later ones.
 audit_gaps = Table(
     "audit_gaps",
