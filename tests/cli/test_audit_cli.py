@@ -524,6 +524,16 @@ def test_records_altered_in_the_database_are_named(
             )
         assert run("audit", "verify", *offline).returncode == 0
 
+        # a query column (a copy kept for audit query) that no longer matches its record
+        with db:
+            db.execute("UPDATE audit_entries SET decision = 'allow' WHERE idx = ?", (index,))
+        problems, line = verify_problems(*offline)
+        assert [(p["kind"], p["index"]) for p in problems] == [("column_mismatch", index)]
+        assert "decision: stored 'allow', record None" in problems[0]["message"]
+        with db:
+            db.execute("UPDATE audit_entries SET decision = NULL WHERE idx = ?", (index,))
+        assert run("audit", "verify", *offline).returncode == 0
+
         # 3. a dropped entry, and a dropped tail
         row = db.execute("SELECT * FROM audit_entries WHERE idx = ?", (index,)).fetchone()
         with db:

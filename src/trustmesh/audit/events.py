@@ -282,3 +282,42 @@ def decision_of(event: Mapping[str, Any]) -> str | None:
     if isinstance(decision, dict) and isinstance(decision.get("allowed"), bool):
         return "allow" if decision["allowed"] else "deny"
     return None
+
+
+def source_key(event: Mapping[str, Any]) -> tuple[str, int | None]:
+    """(source, seq) as the log stores them: an agent spool's id with its sequence
+    number, or ``control-plane/REPLICA`` without one."""
+    source = event["source"]
+    if source["kind"] == "agent":
+        return str(source["id"]), int(source["seq"])
+    return "control-plane/" + str(source["id"]), None
+
+
+QUERY_COLUMNS = (
+    "event_id",
+    "type",
+    "time",
+    "cluster",
+    "subject",
+    "trace_id",
+    "decision",
+    "source",
+    "seq",
+)
+
+
+def query_columns(event: Mapping[str, Any]) -> dict[str, Any]:
+    """The copies of an event's fields the log keeps in columns for queries. Derived
+    here only, so the writer and ``trustmesh audit verify`` agree on them."""
+    source, seq = source_key(event)
+    return {
+        "event_id": event["event_id"],
+        "type": event["type"],
+        "time": event["time"],
+        "cluster": event.get("cluster"),
+        "subject": subject_of(event),
+        "trace_id": event.get("trace_id"),
+        "decision": decision_of(event),
+        "source": source,
+        "seq": seq,
+    }

@@ -36,7 +36,7 @@ from __future__ import annotations
 import bisect
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -351,6 +351,31 @@ class LogVerifier:
         return cached
 
     # -- entries --------------------------------------------------------------------------
+    def check_columns(self, index: int, leaf: bytes, columns: Mapping[str, Any]) -> None:
+        """Compare the query columns stored beside entry ``index`` with the fields of
+        its record (offline readers have them). The leaf is the record: a column that
+        disagrees would only mislead ``audit query``, so it is named as such."""
+        started = self._clock()
+        try:
+            expected = ev.query_columns(orjson.loads(leaf))
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return  # the leaf itself is reported by add()
+        finally:
+            self._seconds += self._clock() - started
+        wrong = [name for name in ev.QUERY_COLUMNS if columns.get(name) != expected[name]]
+        if wrong:
+            name = wrong[0]
+            self._report(
+                Problem(
+                    "column_mismatch",
+                    f"query column{'s' if len(wrong) > 1 else ''} {', '.join(wrong)} "
+                    f"disagree{'' if len(wrong) > 1 else 's'} with the record "
+                    f"({name}: stored {columns.get(name)!r}, record {expected[name]!r}); "
+                    "audit query would mislead",
+                    index=index,
+                )
+            )
+
     def add(self, index: int, leaf: bytes, stored_hash: bytes | None = None) -> None:
         """Check one entry: ``leaf`` is the exact bytes hashed, ``stored_hash`` the leaf
         hash stored with it (``None`` when the reader has none, e.g. over HTTP)."""

@@ -27,6 +27,7 @@ from rich.table import Table
 
 from trustmesh.audit.canonical import format_time
 from trustmesh.audit.checkpoint import Checkpoint, CheckpointError, verify_checkpoint
+from trustmesh.audit.events import QUERY_COLUMNS
 from trustmesh.audit.note import NoteError, Verifier, parse_verifier_key
 from trustmesh.audit.proof import ProofError, root_from_inclusion_proof, verify_consistency
 from trustmesh.audit.rfc6962 import leaf_hash
@@ -181,7 +182,11 @@ def _entry_page(client: AuditClient, start: int, end: int) -> list[dict[str, Any
     return page
 
 
-def _online_entries(client: AuditClient, at_least: int) -> Iterator[tuple[int, bytes, None]]:
+Entry = tuple[int, bytes, bytes | None, dict[str, Any] | None]
+"""(index, leaf bytes, stored leaf hash, stored query columns) -- the last two only offline."""
+
+
+def _online_entries(client: AuditClient, at_least: int) -> Iterator[Entry]:
     """Every entry, page by page, until a page comes back empty past ``at_least`` (the
     latest checkpoint's size: a run of missing entries before it is not the end)."""
     start = 0
@@ -193,7 +198,8 @@ def _online_entries(client: AuditClient, at_least: int) -> Iterator[tuple[int, b
             start += PAGE
             continue
         for item in page:
-            yield item["index"], _b64(item.get("leaf"), f"entry {item['index']}'s leaf"), None
+            leaf = _b64(item.get("leaf"), f"entry {item['index']}'s leaf")
+            yield item["index"], leaf, None, None
         start = page[-1]["index"] + 1
 
 
@@ -296,7 +302,7 @@ def _offline_key(conn: Any, data_dir: Path | None, warnings: list[str]) -> Verif
     return parse_verifier_key(derived)
 
 
-OfflineLog = tuple[Verifier, list[tuple[int, str]], Iterator[tuple[int, bytes, bytes | None]]]
+OfflineLog = tuple[Verifier, list[tuple[int, str]], Iterator[Entry]]
 
 
 def _offline_rows(
@@ -328,13 +334,20 @@ def _offline_rows(
         leaf = func.convert_to(audit_entries.c.leaf, "UTF8", type_=LargeBinary)
         stored = audit_entries.c.leaf_hash
 
-    def entries() -> Iterator[tuple[int, bytes, bytes | None]]:
+    columns = [audit_entries.c[name] for name in QUERY_COLUMNS]
+
+    def entries() -> Iterator[Entry]:
         try:
             result = conn.execution_options(stream_results=True, yield_per=5000).execute(
-                select(audit_entries.c.idx, leaf, stored).order_by(audit_entries.c.idx)
+                select(audit_entries.c.idx, leaf, stored, *columns).order_by(audit_entries.c.idx)
             )
-            for index, raw, hash_ in result:
-                yield int(index), bytes(raw or b""), bytes(hash_ or b"")
+            for index, raw, hash_, *values in result:
+                yield (
+                    int(index),
+                    bytes(raw or b""),
+                    bytes(hash_ or b""),
+                    dict(zip(QUERY_COLUMNS, values, strict=True)),
+                )
         finally:
             conn.close()
 
@@ -414,7 +427,7 @@ def verify(
     started = time.perf_counter()
     warnings: list[str] = []
     client: AuditClient | None = None
-    entries: Iterator[tuple[int, bytes, bytes | None]]
+    entries: Iterator[Entry]
     if data_dir is not None or db:
         engine = _offline_engine(data_dir, db)
         log_key, checkpoints, entries = _offline_rows(engine, key, data_dir, warnings)
@@ -432,8 +445,10 @@ def verify(
     for warning in warnings:
         err_console.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
     verifier = LogVerifier(log_key, checkpoints, max_problems=max_problems)
-    for index, leaf, stored in entries:
+    for index, leaf, stored, columns in entries:
         verifier.add(index, leaf, stored)
+        if columns is not None:
+            verifier.check_columns(index, leaf, columns)
     report = verifier.finish()
     if client is not None and not report.ok:
         report = _narrow_online(client, verifier, report)

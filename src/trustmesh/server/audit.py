@@ -104,27 +104,16 @@ def control_plane_source(replica: str) -> dict[str, str]:
 def record_of(event: Mapping[str, Any]) -> Record:
     """Check an event and pair it with its leaf bytes and source (raises EventError)."""
     leaf = ev.check_event(event)
-    source = event["source"]
-    if source["kind"] == "agent":
-        return Record(event, leaf, str(source["id"]), int(source["seq"]))
-    return Record(event, leaf, "control-plane/" + str(source["id"]))
+    source, seq = ev.source_key(event)
+    return Record(event, leaf, source, seq)
 
 
 def _row(index: int, record: Record, now: float) -> dict[str, Any]:
-    event = record.event
     return {
         "idx": index,
         "leaf": record.leaf.decode("utf-8"),
         "leaf_hash": leaf_hash(record.leaf),
-        "event_id": event["event_id"],
-        "type": event["type"],
-        "time": event["time"],
-        "cluster": event.get("cluster"),
-        "subject": ev.subject_of(event),
-        "trace_id": event.get("trace_id"),
-        "decision": ev.decision_of(event),
-        "source": record.source,
-        "seq": record.seq,
+        **ev.query_columns(record.event),
         "sequenced_at": now,
     }
 
