@@ -28,13 +28,13 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
-from sqlalchemy import Connection, and_, delete, func, insert, select, text
+from sqlalchemy import Connection, and_, delete, insert, select, text
 
 from trustmesh.audit import events as ev
 from trustmesh.audit.checkpoint import Checkpoint, sign_checkpoint
@@ -93,7 +93,6 @@ class AppendResult:
     accepted: int = 0
     duplicates: int = 0
     tree_size: int = 0
-    first_index: int | None = None
     gaps: list[tuple[str, int, int]] = field(default_factory=list)
 
 
@@ -106,6 +105,15 @@ def record_of(event: Mapping[str, Any]) -> Record:
     leaf = ev.check_event(event)
     source, seq = ev.source_key(event)
     return Record(event, leaf, source, seq)
+
+
+def _take_sequencer_lock(conn: Connection) -> None:
+    """The one-writer lock, held until the transaction ends: PostgreSQL's advisory lock
+    across replicas; on SQLite the database write lock, taken before the size is read."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": SEQUENCER_LOCK_ID})
+    else:
+        conn.execute(text("UPDATE meta SET value = value WHERE name = 'audit_origin'"))
 
 
 def _row(index: int, record: Record, now: float) -> dict[str, Any]:
@@ -211,14 +219,7 @@ class AuditLog:
             start = self._tree.size
             try:
                 with self.db.engine.begin() as conn:
-                    if conn.dialect.name == "postgresql":
-                        conn.execute(
-                            text("SELECT pg_advisory_xact_lock(:k)"), {"k": SEQUENCER_LOCK_ID}
-                        )
-                    else:  # take SQLite's write lock before reading the size
-                        conn.execute(
-                            text("UPDATE meta SET value = value WHERE name = 'audit_origin'")
-                        )
+                    _take_sequencer_lock(conn)
                     self._catch_up(conn)
                     start = self._tree.size
                     if staged:  # another replica may have drained some of them already
@@ -288,7 +289,6 @@ class AuditLog:
                 result.gaps.append((source, first, last))
                 fresh.append(self._gap_record(items[0], first, last))
         index = self._tree.size
-        result.first_index = index if fresh else None
         rows = []
         for record in fresh:
             row = _row(index, record, now)
@@ -413,8 +413,7 @@ class AuditLog:
         """Sign a checkpoint if the log grew since the last one (the periodic task and
         shutdown call this); returns the newest signed note."""
         with self._lock, self.db.engine.begin() as conn:
-            if conn.dialect.name == "postgresql":
-                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": SEQUENCER_LOCK_ID})
+            _take_sequencer_lock(conn)
             self._catch_up(conn)
             self._checkpoint_or_alarm(conn, force=True)
         return self._last_checkpoint[2] if self._last_checkpoint else None
@@ -560,15 +559,7 @@ class AuditLog:
             for s in states
         ]
 
-    def count(self) -> int:
-        with self.db.engine.connect() as conn:
-            return int(conn.execute(select(func.count()).select_from(audit_entries)).scalar() or 0)
-
 
 def entry_json(index: int, leaf: str) -> dict[str, Any]:
     raw = leaf.encode("utf-8")
     return {"index": index, "leaf": base64.b64encode(raw).decode(), "event": json.loads(raw)}
-
-
-def records_of(events: Iterable[Mapping[str, Any]]) -> list[Record]:
-    return [record_of(e) for e in events]

@@ -1,9 +1,9 @@
 """What the control plane writes into its audit log, and how.
 
 The builders turn each control-plane action into one event of the schema in
-``audit/events.py``; :class:`AuditRecorder` writes them. Synchronous paths (apply,
-rollback, revoke, rotate, credentials; they run in worker threads) append before
-they answer, so an admin action the caller saw succeed is in the log. The token
+``audit/events.py``. Changes (apply, rollback, revoke, rotate, credentials) stage
+their event in their own transaction (``AuditLog.stage``, the outbox); refusals that
+changed nothing are written with :meth:`AuditRecorder.write_quietly`. The token
 endpoint uses :meth:`AuditRecorder.record`, a group commit: concurrent exchanges
 share one transaction, and no token leaves the server before its ``token.issued``
 event is stored -- if the log cannot be written the exchange fails (503).
@@ -39,15 +39,11 @@ class AuditRecorder:
         self.failures = 0
 
     # -- synchronous (worker threads) ------------------------------------------------------
-    def write(self, event: Mapping[str, Any]) -> None:
-        """Append one event now; raises if the log cannot be written."""
-        self.audit.append([record_of(event)])
-
     def write_quietly(self, event: Mapping[str, Any]) -> None:
-        """Append one event; a failure is logged and counted, not raised (for paths whose
-        own change is already committed)."""
+        """Append one event now; a failure is logged and counted, not raised (for
+        actions that changed nothing, such as a rejected apply)."""
         try:
-            self.write(event)
+            self.audit.append([record_of(event)])
         except Exception:
             self.failures += 1
             log.exception("could not write %s to the audit log", event.get("type"))
