@@ -286,7 +286,7 @@ def test_every_surface_is_audited_once(federation: Federation, tmp_path: Path) -
             decision["roles"] == ["audited-reader"]
             and decision["decision_id"] == allowed["decision_id"]
         )
-        assert decision["policy_revision"] == allowed["revision"]
+        assert decision["policy_revision"] == allowed["policy_revision"]
 
         refused = events[2]
         assert refused["decision"]["allowed"] is False

@@ -18,26 +18,10 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from agent_support import client_of, local_agent
 
-from trustmesh.agent.app import build_agent_app
-from trustmesh.agent.audit import (
-    AuditShipper,
-    AuditUnavailable,
-    DecisionAudit,
-    decision_event,
-    shrunk,
-)
-from trustmesh.agent.authn import Authenticator
-from trustmesh.agent.policy import PolicyHolder
-from trustmesh.agent.spool import (
-    CURSOR_FILE,
-    SOURCE_FILE,
-    AuditSpool,
-    LineTooLong,
-    SpoolError,
-    segment_name,
-)
-from trustmesh.agent.sync import ControlPlaneClient, Synchronizer
+from trustmesh.agent.audit import DecisionAudit, decision_event, shrunk
+from trustmesh.agent.spool import CURSOR_FILE, SOURCE_FILE, AuditSpool, LineTooLong, segment_name
 from trustmesh.audit.events import (
     AUTHZ_DECISION,
     check_event,
@@ -45,6 +29,7 @@ from trustmesh.audit.events import (
     new_event_id,
     now_time,
 )
+from trustmesh.common.errors import AuditUnavailable, SpoolError
 from trustmesh.common.tracing import Span
 from trustmesh.policy.engine import Engine
 
@@ -380,19 +365,9 @@ def test_an_unwritable_spool_makes_the_decision_unavailable(directory: Path) -> 
 def test_no_answer_without_its_audit_record(directory: Path) -> None:
     """A spool that refuses writes: the agent answers 503 audit_unavailable on every
     surface instead of an unaudited decision."""
-    spool = AuditSpool.open(directory, fsync_interval=0)
-    authn = Authenticator(cluster="east")
-    control_plane = ControlPlaneClient(["http://127.0.0.1:9"], "credential", "east")
-    sync = Synchronizer(control_plane, directory.parent, lambda _: None)
-    policy = PolicyHolder("east", directory.parent, authn)
-    policy.engine = Engine({"cluster": "east", "revision": 3, "roles": {}, "bindings": []})
-    audit = DecisionAudit(spool, "east", "agent-1")
-    shipper = AuditShipper(spool, control_plane)
-
-    async def nothing() -> None:
-        return None
-
-    app = build_agent_app(authn, sync, policy, nothing, nothing, audit=audit, shipper=shipper)
+    agent = local_agent(directory.parent)
+    agent.policy.engine = Engine({"cluster": "east", "revision": 3, "roles": {}, "bindings": []})
+    spool = agent.spool
     access = {
         "apiVersion": "authorization.k8s.io/v1",
         "kind": "SubjectAccessReview",
@@ -400,8 +375,7 @@ def test_no_answer_without_its_audit_record(directory: Path) -> None:
     }
 
     async def ask() -> tuple[list[httpx.Response], str]:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://agent") as http:
+        async with client_of(agent) as http:
             first = await http.post("/k8s/authorize", json=access)
             spool.close()  # from now on every write fails
             answers = [
@@ -409,7 +383,7 @@ def test_no_answer_without_its_audit_record(directory: Path) -> None:
                 await http.get("/ext_authz/api", headers={"host": "orders"}),
             ]
             metrics = (await http.get("/metrics")).text
-        await control_plane.aclose()
+        await agent.client.aclose()
         return [first, *answers], metrics
 
     (first, *refused), metrics = asyncio.run(ask())

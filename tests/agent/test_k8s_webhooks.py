@@ -14,13 +14,10 @@ from typing import Any
 
 import httpx
 import pytest
+from agent_support import client_of, local_agent
 from kubernetes import client as k8s
 
 from helpers import TRUST_DOMAIN, Agent, Server, cluster_yaml, start_agent, start_server
-from trustmesh.agent.app import build_agent_app
-from trustmesh.agent.authn import Authenticator
-from trustmesh.agent.policy import PolicyHolder
-from trustmesh.agent.sync import ControlPlaneClient, Synchronizer
 from trustmesh.sim import SimulatedCluster
 
 AUDIENCE = f"spiffe://{TRUST_DOMAIN}/cluster/target"
@@ -533,15 +530,7 @@ def test_bodies_that_are_not_json_objects_or_too_large(cluster: Cluster, path: s
 
 def test_not_ready_agent_answers_503(tmp_path: Path) -> None:
     """An agent with neither keys nor bundle: the webhooks say so instead of guessing."""
-    authn = Authenticator(cluster="target")
-    control_plane = ControlPlaneClient(["http://127.0.0.1:9"], "credential", "target")
-    sync = Synchronizer(control_plane, tmp_path, lambda _: None)
-    policy = PolicyHolder("target", tmp_path, authn)
-
-    async def nothing() -> None:
-        return None
-
-    app = build_agent_app(authn, sync, policy, nothing, nothing)
+    agent = local_agent(tmp_path, "target")
     token = serialise(
         k8s.V1TokenReview(
             api_version="authentication.k8s.io/v1",
@@ -552,8 +541,7 @@ def test_not_ready_agent_answers_503(tmp_path: Path) -> None:
     access = sar_body(user="u", nonResourceAttributes={"path": "/", "verb": "get"})
 
     async def ask() -> list[int]:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://agent") as http:
+        async with client_of(agent) as http:
             answers = [
                 await http.post("/k8s/authenticate", json=token),
                 await http.post("/k8s/authorize", json=access),
@@ -563,7 +551,7 @@ def test_not_ready_agent_answers_503(tmp_path: Path) -> None:
                     headers={"host": "orders", "authorization": "Bearer x"},
                 ),
             ]
-        await control_plane.aclose()
+        await agent.client.aclose()
         return [a.status_code for a in answers]
 
     assert asyncio.run(ask()) == [503, 503, 503]

@@ -14,12 +14,12 @@ from hypothesis import strategies as st
 
 from trustmesh.audit.canonical import (
     MAX_SAFE_INTEGER,
-    CanonicalError,
     canonical_bytes,
     format_time,
     parse_time,
     slow_canonical_bytes,
 )
+from trustmesh.common.errors import CanonicalError
 
 CASES = load("canonical.json")["cases"]
 

@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 
 from trustmesh.audit.checkpoint import (
     Checkpoint,
-    CheckpointError,
     format_checkpoint,
     parse_checkpoint,
     sign_checkpoint,
@@ -21,6 +20,7 @@ from trustmesh.audit.checkpoint import (
 )
 from trustmesh.audit.compact import MerkleLog
 from trustmesh.audit.note import verifier_key
+from trustmesh.common.errors import CheckpointError
 
 CASES = load("checkpoint.json")["cases"]
 KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))

@@ -9,7 +9,8 @@ import pytest
 
 from trustmesh.audit import rfc6962
 from trustmesh.audit.compact import MerkleLog
-from trustmesh.audit.proof import ProofError, verify_consistency, verify_inclusion
+from trustmesh.audit.proof import verify_consistency, verify_inclusion
+from trustmesh.common.errors import ProofError
 
 
 def test_append_returns_consecutive_indices() -> None:

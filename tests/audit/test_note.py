@@ -13,7 +13,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trustmesh.audit.note import (
-    NoteError,
     key_id,
     parse_verifier_key,
     sign_note,
@@ -21,6 +20,7 @@ from trustmesh.audit.note import (
     verifier_key,
     verify_note,
 )
+from trustmesh.common.errors import NoteError
 
 KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
 NAME = "audit.trustmesh.example/log"

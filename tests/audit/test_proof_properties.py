@@ -12,12 +12,12 @@ from hypothesis import strategies as st
 from trustmesh.audit import rfc6962
 from trustmesh.audit.compact import MerkleLog
 from trustmesh.audit.proof import (
-    ProofError,
     consistency_proof_size,
     inclusion_proof_size,
     verify_consistency,
     verify_inclusion,
 )
+from trustmesh.common.errors import ProofError
 
 N = 1100  # past 1024, so sizes cross a power of two
 

@@ -10,7 +10,8 @@ from audit_vectors import probes, tree8_leaves, tree8_roots
 
 from trustmesh.audit import rfc6962
 from trustmesh.audit.compact import MerkleLog
-from trustmesh.audit.proof import ProofError, verify_consistency, verify_inclusion
+from trustmesh.audit.proof import verify_consistency, verify_inclusion
+from trustmesh.common.errors import ProofError
 
 
 def _hashes(values: list[str]) -> list[bytes]:

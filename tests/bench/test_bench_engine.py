@@ -11,7 +11,7 @@ import pytest
 
 from trustmesh.bench import engine
 from trustmesh.bench._policygen import Identity, Sizes, generate_bodies, load_world
-from trustmesh.policy.request import parse_request
+from trustmesh.request import parse_request
 
 pytest.importorskip("cedarpy")
 pytest.importorskip("casbin")

@@ -50,7 +50,7 @@ def build_app() -> Starlette:
                 "workload": seen.identity["workload_id"],
                 "tier": seen.claims.get("tier"),
                 "decision_id": seen.decision_id,
-                "revision": seen.revision,
+                "policy_revision": seen.policy_revision,
             }
         )
 
@@ -110,7 +110,7 @@ def test_allowed_request_reaches_the_app_with_the_identity(
     body = response.json()
     assert body["spiffe_id"].endswith(f"/cluster/{client_fed.origin_name}/ns/shop/sa/payments")
     assert body["workload"] == client_fed.workload and body["tier"] == "gold"
-    assert body["decision_id"] and isinstance(body["revision"], int)
+    assert body["decision_id"] and isinstance(body["policy_revision"], int)
     # The Host header as sent, lowercased: a rule host without a port ignores the port.
     assert call(service + "/api/orders/7", token=token, host="Orders.Client.Test:8443").is_success
 

@@ -12,14 +12,13 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from trustmesh.common.errors import ClusterKeysUnavailable, InvalidToken
 from trustmesh.common.serving import BackgroundServer
 from trustmesh.identity.kubernetes_sa import (
     ClusterKeyCache,
-    ClusterKeysUnavailable,
     parse_unverified,
     verify_service_account_token,
 )
-from trustmesh.identity.svid import InvalidToken
 from trustmesh.manifests import ClusterSpec
 from trustmesh.sim import SimulatedCluster
 

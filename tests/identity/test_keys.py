@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, update
 
+from trustmesh.common.errors import MasterKeyError
 from trustmesh.identity.keys import (
     ACTIVE,
     CLOCK_SKEW,
@@ -17,7 +18,7 @@ from trustmesh.identity.keys import (
     KeyManager,
     jwk_thumbprint,
 )
-from trustmesh.identity.sealing import MasterKey, MasterKeyError
+from trustmesh.identity.sealing import MasterKey
 from trustmesh.storage import open_database
 from trustmesh.storage.schema import signing_keys
 

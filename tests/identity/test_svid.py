@@ -16,8 +16,9 @@ from attacks import (
     swapped_payload,
     with_kid,
 )
+from trustmesh.common.errors import InvalidToken
 from trustmesh.identity.keys import ActiveKey, generate_private_key, public_jwk
-from trustmesh.identity.svid import InvalidToken, KeyRing, SvidVerifier, mint_svid
+from trustmesh.identity.svid import KeyRing, SvidVerifier, mint_svid
 
 ISSUER = "https://tm.corp.example"
 AUDIENCE = "spiffe://corp.example/cluster/beta"
@@ -59,6 +60,7 @@ def verifier(signer: tuple[ActiveKey, dict[str, Any]]) -> SvidVerifier:
         trust_domain="corp.example",
         audience=AUDIENCE,
         keys=KeyRing({"keys": [signer[1]]}),
+        clock=time.time,
     )
 
 
@@ -162,7 +164,7 @@ def test_keyring_pins_algorithm_and_skips_unusable_keys(
     assert removed == {signer[0].kid} and ring.kids() == [rsa_jwk["kid"]]
     # An ES256 token whose kid names the RS256 key fails before any signature work.
     verifier = SvidVerifier(
-        issuer=ISSUER, trust_domain="corp.example", audience=AUDIENCE, keys=ring
+        issuer=ISSUER, trust_domain="corp.example", audience=AUDIENCE, keys=ring, clock=time.time
     )
     forged = with_kid(mint_svid(signer[0], claims()), rsa_jwk["kid"])
     assert reason(verifier, forged) == "unsupported_alg"

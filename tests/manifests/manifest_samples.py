@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from trustmesh.manifests import ManifestError, Problem, parse_text
+from trustmesh.common.errors import ManifestError
+from trustmesh.manifests import Problem, parse_text
 
 EC_KEY = """\
       - kty: EC

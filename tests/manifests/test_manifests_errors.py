@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from manifest_samples import CLUSTER, WORKLOAD, only_problem, problems_of
 
-from trustmesh.manifests import ManifestError, Problem, load_paths, parse_text
+from trustmesh.common.errors import ManifestError
+from trustmesh.manifests import Problem, load_paths, parse_text
 
 HEAD = "apiVersion: trustmesh.io/v1alpha1\nkind: {kind}\nmetadata:\n  name: x\nspec:\n"
 # spec content of these samples starts on line 6

@@ -9,7 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from manifest_samples import CLUSTER, WORKLOAD
 
-from trustmesh.manifests import Document, ManifestError, document_from_body, parse_text
+from trustmesh.common.errors import ManifestError
+from trustmesh.manifests import Document, document_from_body, parse_text
 
 YAML_BITS = st.sampled_from(
     [

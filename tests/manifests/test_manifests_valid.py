@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from manifest_samples import CLUSTER, WORKLOAD
 
+from trustmesh.common.errors import ManifestError
 from trustmesh.manifests import (
     API_VERSION,
     ClusterSpec,
-    ManifestError,
     Problem,
     WorkloadSelector,
     WorkloadSpec,

@@ -11,7 +11,7 @@ import pytest
 from attacks import swapped_payload
 from trustmesh.agent.authn import Authenticator
 from trustmesh.agent.policy import PolicyHolder
-from trustmesh.identity.jws import InvalidToken
+from trustmesh.common.errors import InvalidToken
 from trustmesh.identity.keys import ActiveKey, generate_private_key, public_jwk
 from trustmesh.identity.svid import mint_svid
 from trustmesh.policy.bundle import sign_bundle, verify_bundle
@@ -46,11 +46,15 @@ def bundle(revision: int, registry_revision: int = 1, cluster: str = "beta") -> 
 
 
 @pytest.fixture
-def holder(tmp_path: Path) -> tuple[PolicyHolder, ActiveKey]:
+def authn() -> Authenticator:
+    return Authenticator(cluster="beta", clock=time.time)
+
+
+@pytest.fixture
+def holder(tmp_path: Path, authn: Authenticator) -> tuple[PolicyHolder, ActiveKey]:
     signer, jwk = key()
-    authn = Authenticator(cluster="beta")
     authn.configure(issuer="https://tm", trust_domain="corp.example", jwks={"keys": [jwk]})
-    return PolicyHolder("beta", tmp_path, authn), signer
+    return PolicyHolder("beta", tmp_path, authn.keys, time.time), signer
 
 
 def test_install_persist_and_only_forward(
@@ -66,7 +70,7 @@ def test_install_persist_and_only_forward(
         policy.install(sign_bundle(bundle(2, registry_revision=2), signer)) is True
     )  # registry moved
     assert policy.version == (2, 2)
-    restarted = PolicyHolder("beta", tmp_path, policy.authn)
+    restarted = PolicyHolder("beta", tmp_path, policy.keys, time.time)
     assert restarted.restore() is True and restarted.version == (2, 2)
 
 
@@ -90,7 +94,9 @@ def test_forged_bundles_are_refused(holder: tuple[PolicyHolder, ActiveKey]) -> N
     assert policy.engine is None  # nothing installed
 
 
-def test_a_bundle_is_not_accepted_as_an_identity(holder: tuple[PolicyHolder, ActiveKey]) -> None:
+def test_a_bundle_is_not_accepted_as_an_identity(
+    holder: tuple[PolicyHolder, ActiveKey], authn: Authenticator
+) -> None:
     policy, signer = holder
     now = int(time.time())
     body = {
@@ -107,6 +113,6 @@ def test_a_bundle_is_not_accepted_as_an_identity(holder: tuple[PolicyHolder, Act
     }
     token = sign_bundle(body, signer)  # carries every SVID claim, but is typed as a bundle
     with pytest.raises(InvalidToken) as caught:
-        policy.authn.authenticate(token)
+        authn.authenticate(token, time.time())
     assert "type" in caught.value.description
-    assert verify_bundle(token, policy.authn.keys, "beta")["revision"] == 1
+    assert verify_bundle(token, policy.keys, "beta")["revision"] == 1

@@ -8,10 +8,11 @@ import json
 import pytest
 from policy_fixtures import binding, policy, registry, role
 
-from trustmesh.policy.compiler import PolicyError, identity_claims
+from trustmesh.common.errors import PolicyError
+from trustmesh.policy.compiler import identity_claims
 from trustmesh.policy.diff import Grant, diff_policies, effective_grants, inventory_bundles
 from trustmesh.policy.engine import Engine
-from trustmesh.policy.request import parse_request
+from trustmesh.request import parse_request
 
 READER = role("reader", "{apiGroups: [''], resources: [pods], verbs: [get]}")
 PAYMENTS = "[{workload: payments}]"

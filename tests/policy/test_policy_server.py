@@ -247,7 +247,7 @@ def test_propagation_decisions_and_drift(
     try:
         token = fed.svid()
         allowed = decide(agent, token, policy.request("GET"))
-        assert allowed["allowed"] is True and allowed["revision"] >= rev1
+        assert allowed["allowed"] is True and allowed["policy_revision"] >= rev1
         assert allowed["bindings"] == [policy.binding] and allowed["roles"] == [policy.role]
         assert allowed["reason"] == f"allowed by RoleBinding {policy.binding} (role {policy.role})"
         denied = decide(agent, token, policy.request("POST"))

@@ -12,7 +12,8 @@ import yaml
 from kubernetes import client as k8s
 from policy_fixtures import binding, policy, registry, role
 
-from trustmesh.policy.compiler import PolicyError, identity_claims
+from trustmesh.common.errors import PolicyError
+from trustmesh.policy.compiler import identity_claims
 from trustmesh.policy.rbac import (
     EXPANDED_SUBJECTS,
     SKIPPED_SERVICE_RULES,
@@ -220,7 +221,7 @@ def test_deny_bindings_are_warnings_not_manifests() -> None:
 
 
 def test_resource_star_subresources_are_refused_as_not_rbac() -> None:
-    from trustmesh.manifests import ManifestError
+    from trustmesh.common.errors import ManifestError
 
     text = role("logs", "{apiGroups: [''], resources: [pods/*, '*/scale'], verbs: [get]}")
     with pytest.raises(ManifestError, match="RBAC has no res/\\* form"):

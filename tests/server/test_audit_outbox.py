@@ -13,8 +13,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from trustmesh.audit import events as ev
+from trustmesh.audit.log import AuditLog
 from trustmesh.identity.sealing import MasterKey
-from trustmesh.server.audit import AuditLog
 from trustmesh.storage import open_database
 from trustmesh.storage.schema import audit_entries, audit_outbox, meta
 

@@ -21,9 +21,9 @@ import yaml
 from trustmesh.manifests import POLICY_KINDS, REGISTRY_KINDS, parse_text
 from trustmesh.policy.compiler import PolicySet, compile_all, identity_claims
 from trustmesh.policy.engine import Engine
-from trustmesh.policy.request import parse_request
 from trustmesh.policy.testing import run_policy_tests
 from trustmesh.registry import Registry, build_registry
+from trustmesh.request import parse_request
 from trustmesh.sim.demo import (
     BAD_CHANGE,
     CLUSTERS,

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import insert, inspect
 
+from trustmesh.common.errors import DatabaseUrlError
 from trustmesh.storage import meta as meta_store
 from trustmesh.storage import open_database
-from trustmesh.storage.db import DatabaseUrlError, engine_url
+from trustmesh.storage.db import engine_url
 from trustmesh.storage.migrations import LATEST, current_version, migrate
 from trustmesh.storage.schema import schema_migrations
 

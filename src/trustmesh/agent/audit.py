@@ -22,31 +22,28 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import httpx
 import orjson
 
-from trustmesh.agent.spool import AuditSpool, Batch, LineTooLong, SpoolError
-from trustmesh.agent.sync import AuditRejected, ControlPlaneClient, CredentialRejected, Unreachable
+from trustmesh.agent.controlplane import ControlPlaneClient
+from trustmesh.agent.spool import AuditSpool, Batch, LineTooLong
 from trustmesh.audit.events import AUTHZ_DECISION, new_event_id, now_time, token_sha256
 from trustmesh.common.backoff import Backoff
+from trustmesh.common.errors import (
+    AuditRejected,
+    AuditUnavailable,
+    CredentialRejected,
+    SpoolError,
+    Unreachable,
+)
 from trustmesh.common.tracing import Span
 from trustmesh.identity.svid import VerifiedIdentity
 from trustmesh.policy.engine import Decision, Engine
 
 log = logging.getLogger("trustmesh.agent.audit")
 
-AUTHORIZE = "authorize"
-EXT_AUTHZ = "ext_authz"
-TOKEN_REVIEW = "tokenreview"  # noqa: S105 (a surface name, not a secret)
-ACCESS_REVIEW = "subjectaccessreview"
-
 MAX_ACTOR = 512  # the schema's limit for event.actor
 SHRUNK_STRING = 256  # what a long request attribute keeps when an event is too large
 SHRUNK_LIST = 20
-
-
-class AuditUnavailable(Exception):
-    """The decision could not be spooled; the agent answers 503 rather than unaudited."""
 
 
 def _text(value: Any) -> str | None:
@@ -84,7 +81,7 @@ def decision_fields(decision: Decision, reason: str | None = None) -> dict[str, 
     return {
         "allowed": decision.allowed,
         "reason": reason or decision.reason,
-        "policy_revision": decision.revision,
+        "policy_revision": decision.policy_revision,
         "bindings": list(decision.bindings),
         "roles": list(decision.roles),
         "decision_id": decision.decision_id,
@@ -204,7 +201,10 @@ class DecisionAudit:
         except (SpoolError, LineTooLong, orjson.JSONEncodeError) as exc:
             self.failures += 1
             log.error("audit: cannot spool a decision, answering 503: %s", exc)
-            raise AuditUnavailable(str(exc)) from None
+            raise AuditUnavailable(
+                "the decision cannot be written to the audit spool; no answer is given "
+                "without its audit record"
+            ) from None
 
     def decided(
         self,
@@ -358,7 +358,7 @@ class AuditShipper:
         elif isinstance(exc, CredentialRejected):
             self.last_error = str(exc)
             log.error("audit: %s", exc)
-        elif isinstance(exc, Unreachable | httpx.HTTPError):
+        elif isinstance(exc, Unreachable):
             self.last_error = f"no control plane took the batch: {exc}"
             log.warning("audit: %s", self.last_error)
         else:

@@ -1,17 +1,16 @@
-"""Authentication at the agent: verified-token cache in front of the JWT-SVID verifier.
+"""Authentication at the agent: a verified-token cache in front of the JWT-SVID
+verifier, over the key set the control plane publishes.
 
-This is the only place a federated token turns into a VerifiedIdentity; authorization
-(issue 3) receives that identity and nothing else."""
+This is the only place a federated token turns into a VerifiedIdentity; whether the
+identity is revoked, and what it may do, is decided after it (``agent/decide.py``)."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
 from trustmesh.agent.cache import VerifiedTokenCache, token_digest
-from trustmesh.agent.revocations import RevocationHolder
-from trustmesh.identity.spiffe import cluster_audience
-from trustmesh.identity.svid import SVID_TYPS, InvalidToken, KeyRing, SvidVerifier, VerifiedIdentity
+from trustmesh.common.clock import Clock
+from trustmesh.common.errors import InvalidToken
+from trustmesh.identity.svid import SVID_TYPS, KeyRing, SvidVerifier, VerifiedIdentity
+from trustmesh.spiffeid import cluster_audience
 
 
 class Authenticator:
@@ -19,16 +18,15 @@ class Authenticator:
         self,
         *,
         cluster: str,
+        clock: Clock,
         leeway: float = 10.0,
         cache_size: int = 100_000,
-        clock: Callable[[], float] = time.time,
     ) -> None:
         self.cluster = cluster
         self.leeway = leeway
         self.clock = clock
         self.cache = VerifiedTokenCache(cache_size, leeway)
         self.keys = KeyRing(accepted_typs=SVID_TYPS)
-        self.revocations: RevocationHolder | None = None
         self._verifier: SvidVerifier | None = None
 
     @property
@@ -46,40 +44,21 @@ class Authenticator:
                 trust_domain=trust_domain,
                 audience=cluster_audience(trust_domain, self.cluster),
                 keys=self.keys,
+                clock=self.clock,
                 leeway=self.leeway,
             )
             self.cache.clear()
         elif removed:
             self.cache.clear()
 
-    def authenticate(self, token: str) -> VerifiedIdentity:
-        """A verified identity, or InvalidToken. The revocation check runs on every
-        call, cached or not (four O(1) lookups), and refuses everything when the list is
-        staler than its bound in strict mode."""
+    def authenticate(self, token: str, now: float) -> VerifiedIdentity:
+        """A verified identity (from the cache while the token is valid at ``now``), or
+        InvalidToken."""
         digest = token_digest(token)
-        identity = self.cache.get(digest, self.clock())
+        identity = self.cache.get(digest, now)
         if identity is None:
             if self._verifier is None:
                 raise InvalidToken("not_ready", "agent has no keys from the control plane yet")
-            identity = self._verifier.verify(token)
+            identity = self._verifier.verify(token, now)
             self.cache.put(digest, identity)
-        holder = self.revocations
-        if holder is not None:
-            if holder.enforcing_denial():
-                raise InvalidToken(
-                    "revocation_state_stale",
-                    f"the revocation list is {holder.age():.0f} s old, beyond its {holder.bound:.0f} s bound "
-                    "(strict mode refuses until the control plane is reachable again)",
-                )
-            entry = holder.revocations.revoked(
-                jti=identity.jti,
-                subject=identity.spiffe_id,
-                cluster=identity.cluster,
-                kid=identity.kid,
-                issued_at=identity.claims["iat"],
-            )
-            if entry is not None:
-                raise InvalidToken(
-                    "revoked", f"token revoked ({entry.kind} revocation {entry.revision})"
-                )
         return identity

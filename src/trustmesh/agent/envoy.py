@@ -31,9 +31,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import request_response
 from starlette.types import Receive, Scope, Send
 
+from trustmesh.agent.decide import Outcome
+from trustmesh.common.errors import RequestError
 from trustmesh.identity.svid import VerifiedIdentity
 from trustmesh.policy.engine import Decision
-from trustmesh.policy.request import RequestError, ServiceRequest, parse_request
+from trustmesh.request import ServiceRequest, parse_request
 
 PREFIX = "/ext_authz"
 SPIFFE_ID_HEADER = "x-trustmesh-spiffe-id"
@@ -93,6 +95,16 @@ def check_request(method: str, host: str | None, scope: Mapping[str, Any]) -> Se
     request = parse_request({"host": host.lower(), "path": path, "method": method})
     assert isinstance(request, ServiceRequest)
     return request
+
+
+def response(outcome: Outcome, traceparent: str) -> Response:
+    """The answer Envoy acts on: 200 allow, 401 no or bad token, 403 denied."""
+    if outcome.refusal is not None:
+        return unauthenticated(outcome.refusal.reason, outcome.refusal.description)
+    assert outcome.identity is not None and outcome.decision is not None
+    if outcome.decision.allowed:
+        return allowed(outcome.identity, outcome.decision, traceparent)
+    return denied(outcome.decision)
 
 
 def allowed(

@@ -12,7 +12,8 @@ there), and ``allowed: false`` alone — "no opinion" — otherwise, so the API 
 other authorizers (RBAC, Node) may still allow.
 
 Both answers are HTTP 200 whatever the outcome, as the API server expects; a body that
-is not a review of the right ``apiVersion``/``kind`` gets a 400 JSON error.
+is not a review of the right ``apiVersion``/``kind`` gets a 400 JSON error. This module
+parses reviews and renders outcomes; the decision itself is ``agent/decide.py``'s.
 """
 
 from __future__ import annotations
@@ -21,20 +22,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from trustmesh.agent.decide import AccessOutcome, TokenOutcome, token_audiences
+from trustmesh.common.errors import RequestError, ReviewError
 from trustmesh.identity.svid import VerifiedIdentity
-from trustmesh.policy.engine import Decision, Engine
+from trustmesh.policy.engine import Decision
 from trustmesh.policy.rbac import groups_for_claims
-from trustmesh.policy.request import Request, RequestError, parse_request
+from trustmesh.request import Request, parse_request
 
 AUTHENTICATION_API = "authentication.k8s.io/v1"
 AUTHORIZATION_API = "authorization.k8s.io/v1"
 TOKEN_REVIEW = "TokenReview"  # noqa: S105 (a kind, not a secret)
 SUBJECT_ACCESS_REVIEW = "SubjectAccessReview"
 MAX_REVIEW_BODY = 64 * 1024
-
-
-class ReviewError(ValueError):
-    """A body that is not a well-formed review; the message names the field."""
 
 
 def _check_kind(document: Mapping[str, Any], api_version: str, kind: str) -> Mapping[str, Any]:
@@ -94,28 +93,25 @@ def user_info(identity: VerifiedIdentity) -> dict[str, Any]:
     }
 
 
-def token_authenticated(review: TokenReview, identity: VerifiedIdentity) -> dict[str, Any]:
-    """The answer for a verified token. When the API server names audiences, the token
-    must carry one of them (the webhook is audience-aware, so ``status.audiences`` is
-    the intersection), else it does not authenticate."""
+def token_review_response(review: TokenReview, outcome: TokenOutcome) -> dict[str, Any]:
+    """The answer. When the API server names audiences, the token must carry one of
+    them (the webhook is audience-aware, so ``status.audiences`` is the intersection),
+    else it does not authenticate."""
+    identity = outcome.identity
+    if identity is None:
+        assert outcome.refusal is not None
+        return _token_review(review, {"authenticated": False, "error": outcome.refusal.description})
+    if not outcome.authenticated:
+        error = (
+            f"the token is for {', '.join(token_audiences(identity))}, not for any of the "
+            f"requested audiences {', '.join(review.audiences)} (add the token's audience "
+            "to the API server's --api-audiences)"
+        )
+        return _token_review(review, {"authenticated": False, "error": error})
     status: dict[str, Any] = {"authenticated": True, "user": user_info(identity)}
     if review.audiences:
-        carried = identity.claims.get("aud")
-        token_audiences = [carried] if isinstance(carried, str) else list(carried or ())
-        shared = [a for a in review.audiences if a in token_audiences]
-        if not shared:
-            return token_unauthenticated(
-                review,
-                f"the token is for {', '.join(token_audiences)}, not for any of the requested "
-                f"audiences {', '.join(review.audiences)} (add the token's audience to the "
-                "API server's --api-audiences)",
-            )
-        status["audiences"] = shared
+        status["audiences"] = list(outcome.audiences)
     return _token_review(review, status)
-
-
-def token_unauthenticated(review: TokenReview, error: str) -> dict[str, Any]:
-    return _token_review(review, {"authenticated": False, "error": error})
 
 
 # --- SubjectAccessReview -------------------------------------------------------------
@@ -175,62 +171,34 @@ def parse_subject_access_review(document: Mapping[str, Any]) -> AccessReview:
     return AccessReview(spec=spec, username=user, request=_attributes(spec))
 
 
-def registered_claims(engine: Engine, username: str) -> Mapping[str, Any] | None:
-    """The claims the policy evaluates for a SubjectAccessReview's user: those of the
-    registered identity whose SPIFFE ID is the username, from the bundle's inventory
-    (what the compiler derived from the Workload entry), or None for anyone else.
-
-    Only ``spec.user`` is trusted, and only as a key into the inventory. ``spec.groups``
-    and ``spec.extra`` are never read as claims: the API server fills them from
-    whatever authenticated the request, and a user allowed to impersonate can set them
-    freely (``Impersonate-Group``, ``Impersonate-Extra-<key>`` headers) — taking
-    ``project`` or ``environment`` from ``extra`` would let such a caller pick the
-    claims its policy is evaluated with. The username alone is as strong as a native
-    RBAC ``User`` subject; impersonating a user needs ``impersonate`` on that very
-    user name."""
-    entry = engine.identities.get(username) if username else None
-    if entry is None:
-        return None
-    claims = entry.get("claims")
-    return claims if isinstance(claims, Mapping) else {}
+def _reason(text: str, decision: Decision) -> str:
+    return (
+        f"trustmesh: {text} (policy revision {decision.policy_revision}, "
+        f"decision {decision.decision_id})"
+    )
 
 
-def _reason(text: str, engine: Engine | None, decision: Decision | None) -> str:
-    if decision is not None:
-        return f"trustmesh: {text} (policy revision {decision.revision}, decision {decision.decision_id})"
-    if engine is not None:
-        return f"trustmesh: {text} (policy revision {engine.revision})"
-    return f"trustmesh: {text}"
-
-
-def unknown_user_status(engine: Engine, username: str) -> dict[str, Any]:
-    """No opinion: not a registered trustmesh identity (a service account, a person…)."""
-    who = f"user {username!r}" if username else "a review without a user"
-    return {
-        "allowed": False,
-        "reason": _reason(
-            f"{who} is not a registered trustmesh identity, no opinion", engine, None
-        ),
-    }
-
-
-def decision_status(decision: Decision) -> dict[str, Any]:
-    if decision.denied:
+def _status(review: AccessReview, outcome: AccessOutcome) -> dict[str, Any]:
+    decision = outcome.decision
+    if decision is None:  # not a registered trustmesh identity (a service account, a person…)
+        who = f"user {review.username!r}" if review.username else "a review without a user"
+        text = f"{who} is not a registered trustmesh identity, no opinion"
         return {
             "allowed": False,
-            "denied": True,
-            "reason": _reason(decision.reason, None, decision),
+            "reason": f"trustmesh: {text} (policy revision {outcome.policy_revision})",
         }
+    if decision.denied:
+        return {"allowed": False, "denied": True, "reason": _reason(decision.reason, decision)}
     if decision.allowed:
-        return {"allowed": True, "reason": _reason(decision.reason, None, decision)}
+        return {"allowed": True, "reason": _reason(decision.reason, decision)}
     text = "no RoleBinding covers this request: no opinion, other authorizers decide"
-    return {"allowed": False, "reason": _reason(text, None, decision)}
+    return {"allowed": False, "reason": _reason(text, decision)}
 
 
-def access_review_response(review: AccessReview, status: dict[str, Any]) -> dict[str, Any]:
+def access_review_response(review: AccessReview, outcome: AccessOutcome) -> dict[str, Any]:
     return {
         "apiVersion": AUTHORIZATION_API,
         "kind": SUBJECT_ACCESS_REVIEW,
         "spec": dict(review.spec),
-        "status": status,
+        "status": _status(review, outcome),
     }

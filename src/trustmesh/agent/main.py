@@ -9,12 +9,17 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trustmesh.agent.app import build_agent_app
+from trustmesh.agent.app import AgentApp, build_agent_app
 from trustmesh.agent.audit import AuditShipper, DecisionAudit
 from trustmesh.agent.authn import Authenticator
+from trustmesh.agent.controlplane import ControlPlaneClient
+from trustmesh.agent.decide import Decider
+from trustmesh.agent.keys import KeySync
+from trustmesh.agent.metrics import AgentMetrics
 from trustmesh.agent.policy import PolicyHolder, agent_id, run_bundle_sync
 from trustmesh.agent.revocations import (
     DEFAULT_STALENESS_BOUND,
@@ -22,8 +27,9 @@ from trustmesh.agent.revocations import (
     run_revocation_sync,
 )
 from trustmesh.agent.spool import DEFAULT_FSYNC_INTERVAL, SPOOL_DIR, AuditSpool
-from trustmesh.agent.sync import ControlPlaneClient, ControlPlaneState, Synchronizer
 from trustmesh.common.addresses import parse_listen, url_for
+from trustmesh.common.clock import Clock, system_clock
+from trustmesh.common.errors import ConfigError, CredentialRejected
 from trustmesh.common.serving import bind_socket, serve_socket
 from trustmesh.common.tracing import Tracing
 
@@ -46,10 +52,6 @@ class AgentConfig:
     extra: dict[str, str] = field(default_factory=dict)
 
 
-class AgentFailed(RuntimeError):
-    """The agent stopped because it can never become ready (e.g. its credential is refused)."""
-
-
 def read_credential(path: Path) -> str:
     try:
         secret = path.read_text().strip()
@@ -60,31 +62,107 @@ def read_credential(path: Path) -> str:
     return secret
 
 
-def run_agent(config: AgentConfig, listen: str) -> None:
-    """Raises ValueError (bad listen address), TracingError (exporter) or SpoolError
-    (the audit spool cannot be opened) with one clear line before serving."""
-    host, port = parse_listen(listen)
+@dataclass
+class Agent:
+    """One agent's parts, wired together (:func:`build_agent`); nothing runs yet."""
+
+    config: AgentConfig
+    client: ControlPlaneClient
+    keys: KeySync
+    policy: PolicyHolder
+    revocations: RevocationHolder
+    spool: AuditSpool
+    shipper: AuditShipper
+    decider: Decider
+    instance: str
+    tracing: Tracing
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def surfaces(self) -> AgentApp:
+        return AgentApp(self.decider, self.keys, self.shipper)
+
+    def restore(self) -> bool:
+        """The state persisted in the data dir, so the agent answers before it has
+        reconnected; whether all of it was there."""
+        keys = self.keys.restore()
+        return keys and self.policy.restore() and self.revocations.restore()
+
+    def ready(self) -> bool:
+        return (
+            self.policy.version is not None
+            and self.decider.authn.configured
+            and self.revocations.synced_at is not None
+        )
+
+    def start(self, on_fatal: Callable[[str], None]) -> None:
+        """The loops that keep the state in sync and ship the audit spool (call on the
+        event loop)."""
+        self.tasks += [
+            asyncio.create_task(self.keys.run(on_fatal)),
+            asyncio.create_task(
+                run_bundle_sync(self.client, self.policy, self.keys, self.instance)
+            ),
+            asyncio.create_task(run_revocation_sync(self.client, self.revocations)),
+            asyncio.create_task(self.shipper.run()),
+        ]
+
+    async def stop(self) -> None:
+        """Stop the loops, ship what the spool holds (within a bound), close."""
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        try:
+            await self.shipper.drain(AUDIT_FINAL_SHIP_TIMEOUT)
+        finally:
+            await asyncio.to_thread(self.spool.close)
+            await self.client.aclose()
+            self.tracing.shutdown()
+
+
+def build_agent(config: AgentConfig, clock: Clock = system_clock) -> Agent:
+    """Wire an agent's parts from one clock. Raises ConfigError (an exporter that
+    cannot work, an audit spool that cannot be opened)."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(config.data_dir, 0o700)
     tracing = Tracing("trustmesh-agent", config.otel_exporter)
     spool = AuditSpool.open(config.data_dir / SPOOL_DIR, fsync_interval=config.audit_fsync_interval)
-    sock = bind_socket(host, port)
-    url = url_for(host, sock.getsockname()[1])
     authn = Authenticator(
-        cluster=config.cluster, leeway=config.leeway, cache_size=config.cache_size
+        cluster=config.cluster, clock=clock, leeway=config.leeway, cache_size=config.cache_size
     )
-    client = ControlPlaneClient(config.servers, config.credential, config.cluster)
-
-    def apply(state: ControlPlaneState) -> None:
-        authn.configure(issuer=state.issuer, trust_domain=state.trust_domain, jwks=state.jwks)
-
-    sync = Synchronizer(client, config.data_dir, apply, max_interval=config.max_sync_interval)
-    policy = PolicyHolder(config.cluster, config.data_dir, authn)
-    revocations = RevocationHolder(config.data_dir, config.staleness_bound, config.fail_open)
-    authn.revocations = revocations
+    client = ControlPlaneClient(config.servers, config.credential, config.cluster, clock)
+    keys = KeySync(client, authn, config.data_dir, max_interval=config.max_sync_interval)
+    policy = PolicyHolder(config.cluster, config.data_dir, authn.keys, clock)
+    revocations = RevocationHolder(config.data_dir, clock, config.staleness_bound, config.fail_open)
     instance = agent_id(config.data_dir)
     audit = DecisionAudit(spool, config.cluster, instance)
     shipper = AuditShipper(spool, client)
+    decider = Decider(
+        authn=authn,
+        refresh_keys=keys.request_refresh,
+        revocations=revocations,
+        policy=policy,
+        audit=audit,
+        metrics=AgentMetrics(authn, revocations, keys.age, audit, shipper),
+        tracing=tracing,
+        clock=clock,
+    )
+    return Agent(
+        config, client, keys, policy, revocations, spool, shipper, decider, instance, tracing
+    )
+
+
+def run_agent(config: AgentConfig, listen: str) -> None:
+    """Serve until SIGTERM; one line once ready. Raises ConfigError with one clear line
+    before serving, and CredentialRejected when the agent stops because its credential
+    is refused."""
+    try:
+        host, port = parse_listen(listen)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    agent = build_agent(config)
+    sock = bind_socket(host, port)
+    url = url_for(host, sock.getsockname()[1])
     announced = False
 
     def announce(source: str) -> None:
@@ -96,43 +174,24 @@ def run_agent(config: AgentConfig, listen: str) -> None:
                 flush=True,
             )
 
-    tasks: list[asyncio.Task[None]] = []
-
     def stop_on_fatal(_reason: str) -> None:
         os.kill(os.getpid(), signal.SIGTERM)  # the normal, draining shutdown path
 
+    async def announce_when_ready() -> None:
+        while not agent.ready():
+            await asyncio.sleep(0.02)
+        assert agent.policy.version is not None
+        announce(f"synced with the control plane, policy revision {agent.policy.version[0]}")
+
     async def on_start() -> None:
-        restored = sync.restore() and policy.restore() and revocations.restore()
-
-        async def announce_when_ready() -> None:
-            while policy.version is None or not authn.configured or revocations.synced_at is None:
-                await asyncio.sleep(0.02)
-            announce(f"synced with the control plane, policy revision {policy.version[0]}")
-
-        tasks.append(asyncio.create_task(sync.run(None, stop_on_fatal)))
-        tasks.append(asyncio.create_task(run_bundle_sync(client, policy, sync, instance)))
-        tasks.append(asyncio.create_task(run_revocation_sync(client, revocations)))
-        tasks.append(asyncio.create_task(shipper.run()))
+        restored = agent.restore()
+        agent.start(stop_on_fatal)
         if restored:
             announce("state restored from the data dir; syncing")
         else:
-            tasks.append(asyncio.create_task(announce_when_ready()))
+            agent.tasks.append(asyncio.create_task(announce_when_ready()))
 
-    async def on_stop() -> None:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        try:
-            await shipper.drain(AUDIT_FINAL_SHIP_TIMEOUT)
-        finally:
-            await asyncio.to_thread(spool.close)
-            await client.aclose()
-            tracing.shutdown()
-
-    app = build_agent_app(
-        authn, sync, policy, on_start, on_stop, audit=audit, shipper=shipper, tracing=tracing
-    )
-    app.state.revocations = revocations
+    app = build_agent_app(agent.surfaces, on_start, agent.stop)
     serve_socket(app, sock, lambda _url: None)
-    if sync.fatal is not None:
-        raise AgentFailed(sync.fatal)
+    if agent.keys.fatal is not None:
+        raise CredentialRejected(agent.keys.fatal)

@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import secrets
-import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from trustmesh.agent.authn import Authenticator
-from trustmesh.agent.sync import ControlPlaneClient, CredentialRejected, Synchronizer
+from trustmesh.agent.controlplane import ControlPlaneClient
+from trustmesh.agent.keys import KeySync
 from trustmesh.common.backoff import Backoff
-from trustmesh.identity.jws import InvalidToken
+from trustmesh.common.clock import Clock
+from trustmesh.common.errors import ControlPlaneError, CredentialRejected, InvalidToken
+from trustmesh.common.files import write_atomically
+from trustmesh.identity.svid import KeyRing
 from trustmesh.policy.bundle import bundle_version, verify_bundle
 from trustmesh.policy.engine import Engine
 
@@ -45,17 +44,19 @@ def agent_id(data_dir: Path) -> str:
     except FileNotFoundError:
         pass
     value = secrets.token_hex(8)
-    path.write_text(value + "\n")
+    write_atomically(path, value + "\n")
     return value
 
 
 class PolicyHolder:
-    """Owns the agent's current engine. Readers take ``engine`` once per decision."""
+    """Owns the agent's current engine. Readers take ``engine`` once per decision.
+    Bundles are verified with ``keys``, the control plane's published key set."""
 
-    def __init__(self, cluster: str, data_dir: Path, authn: Authenticator) -> None:
+    def __init__(self, cluster: str, data_dir: Path, keys: KeyRing, clock: Clock) -> None:
         self.cluster = cluster
         self.data_dir = data_dir
-        self.authn = authn
+        self.keys = keys
+        self.clock = clock
         self.engine: Engine | None = None
         self.version: tuple[int, int] | None = None
         self.last_error: str | None = None
@@ -63,20 +64,15 @@ class PolicyHolder:
 
     def install(self, token: str, persist: bool = True) -> bool:
         """Verify and install a bundle; returns whether it replaced the current one."""
-        bundle = verify_bundle(token, self.authn.keys, self.cluster)
+        bundle = verify_bundle(token, self.keys, self.cluster)
         version = bundle_version(bundle)
         if self.version is not None and version <= self.version:
             return False  # revisions only move forward
         engine = Engine(bundle)
         self.engine, self.version = engine, version
-        self.received_at = time.time()
+        self.received_at = self.clock()
         if persist:
-            tmp = self.data_dir / (BUNDLE_FILE + ".tmp")
-            with open(tmp, "w") as handle:
-                handle.write(token)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.data_dir / BUNDLE_FILE)
+            write_atomically(self.data_dir / BUNDLE_FILE, token)
         log.info("policy revision %s (registry %s) in force", *version)
         return True
 
@@ -99,7 +95,7 @@ class PolicyHolder:
 
 
 async def run_bundle_sync(
-    client: ControlPlaneClient, holder: PolicyHolder, keys_sync: Synchronizer, agent: str
+    client: ControlPlaneClient, holder: PolicyHolder, keys_sync: KeySync, agent: str
 ) -> None:
     backoff = Backoff(base=0.2, cap=10.0)
     while True:
@@ -122,6 +118,6 @@ async def run_bundle_sync(
         except InvalidToken as exc:
             holder.last_error = f"bundle refused: {exc.description}"
             log.error("%s", holder.last_error)
-        except (httpx.HTTPError, ValueError, OSError) as exc:
+        except (ControlPlaneError, ValueError, KeyError, OSError) as exc:
             holder.last_error = f"bundle fetch failed: {exc.__class__.__name__}: {exc}"
         await asyncio.sleep(backoff.next_delay())

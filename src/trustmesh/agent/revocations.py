@@ -18,15 +18,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from trustmesh.agent.sync import ControlPlaneClient, CredentialRejected
+from trustmesh.agent.controlplane import ControlPlaneClient
 from trustmesh.common.backoff import Backoff
+from trustmesh.common.clock import Clock
+from trustmesh.common.errors import (
+    ControlPlaneError,
+    CredentialRejected,
+    InvalidToken,
+    ResyncNeeded,
+)
+from trustmesh.common.files import write_atomically
+from trustmesh.identity.svid import VerifiedIdentity
 from trustmesh.revocation import Revocation, RevocationSet
 
 log = logging.getLogger("trustmesh.agent")
@@ -38,10 +44,17 @@ FULL_RESYNC_SECONDS = 600.0
 
 
 class RevocationHolder:
+    """Owns the agent's revocation set and knows how old it is, on the agent's clock."""
+
     def __init__(
-        self, data_dir: Path, bound: float = DEFAULT_STALENESS_BOUND, fail_open: bool = False
+        self,
+        data_dir: Path,
+        clock: Clock,
+        bound: float = DEFAULT_STALENESS_BOUND,
+        fail_open: bool = False,
     ) -> None:
         self.data_dir = data_dir
+        self.clock = clock
         self.bound = bound
         self.fail_open = fail_open
         self.revocations = RevocationSet()
@@ -52,14 +65,36 @@ class RevocationHolder:
     def age(self, now: float | None = None) -> float:
         if self.synced_at is None:
             return float("inf")
-        return max(0.0, (time.time() if now is None else now) - self.synced_at)
+        return max(0.0, (self.clock() if now is None else now) - self.synced_at)
 
     def stale(self, now: float | None = None) -> bool:
         return self.age(now) > self.bound
 
-    def enforcing_denial(self) -> bool:
+    def enforcing_denial(self, now: float | None = None) -> bool:
         """True when strict mode must refuse tokens because the list is too old."""
-        return not self.fail_open and self.stale()
+        return not self.fail_open and self.stale(now)
+
+    def check(self, identity: VerifiedIdentity, now: float) -> None:
+        """Raise InvalidToken if ``identity`` may not be used: its token (or its
+        subject, cluster or key) is revoked, or the list is staler than its bound in
+        strict mode, where every identity is refused. Four O(1) lookups."""
+        if self.enforcing_denial(now):
+            raise InvalidToken(
+                "revocation_state_stale",
+                f"the revocation list is {self.age(now):.0f} s old, beyond its {self.bound:.0f} s bound "
+                "(strict mode refuses until the control plane is reachable again)",
+            )
+        entry = self.revocations.revoked(
+            jti=identity.jti,
+            subject=identity.spiffe_id,
+            cluster=identity.cluster,
+            kid=identity.kid,
+            issued_at=identity.claims["iat"],
+        )
+        if entry is not None:
+            raise InvalidToken(
+                "revoked", f"token revoked ({entry.kind} revocation {entry.revision})"
+            )
 
     def status(self) -> dict[str, Any]:
         age = self.age()
@@ -76,7 +111,7 @@ class RevocationHolder:
     # -- state -------------------------------------------------------------------------
     def apply(self, revision: int, entries: list[Revocation], full: bool) -> bool:
         """Install what the control plane sent; returns whether the set changed."""
-        now = time.time()
+        now = self.clock()
         if full:
             replacement = RevocationSet(entries)
             replacement.revision = revision
@@ -93,15 +128,9 @@ class RevocationHolder:
         return changed
 
     def persist(self) -> None:
-        path = self.data_dir / REVOCATIONS_FILE
-        tmp = path.with_suffix(".tmp")
         document = json.loads(self.revocations.to_json())
         document["synced_at"] = self.synced_at
-        with open(tmp, "w") as handle:
-            json.dump(document, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        write_atomically(self.data_dir / REVOCATIONS_FILE, json.dumps(document))
 
     def restore(self) -> bool:
         path = self.data_dir / REVOCATIONS_FILE
@@ -115,7 +144,7 @@ class RevocationHolder:
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("ignoring unreadable %s: %s", path, exc)
             return False
-        revocations.expire(time.time())
+        revocations.expire(self.clock())
         self.revocations = revocations
         self.synced_at = float(synced_at) if synced_at is not None else None
         return True
@@ -145,10 +174,6 @@ async def run_revocation_sync(client: ControlPlaneClient, holder: RevocationHold
         except ResyncNeeded:
             last_full = 0.0
             continue
-        except (httpx.HTTPError, ValueError, KeyError, OSError) as exc:
+        except (ControlPlaneError, OSError) as exc:
             holder.last_error = f"revocation sync failed: {exc.__class__.__name__}: {exc}"
         await asyncio.sleep(backoff.next_delay())
-
-
-class ResyncNeeded(Exception):
-    """The control plane does not know our resume point (e.g. a restored database)."""

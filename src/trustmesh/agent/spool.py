@@ -45,6 +45,9 @@ from typing import Any
 
 import orjson
 
+from trustmesh.common.errors import SpoolError
+from trustmesh.common.files import fsync_directory, write_atomically
+
 log = logging.getLogger("trustmesh.agent.audit")
 
 SPOOL_DIR = "audit-spool"
@@ -60,36 +63,12 @@ _SEGMENT = re.compile(r"segment-(\d{20})\.jsonl")
 _READ_CHUNK = 1024 * 1024
 
 
-class SpoolError(RuntimeError):
-    """The spool cannot be opened or written (disk full, I/O error, damaged files)."""
-
-
 class LineTooLong(ValueError):
     """An event whose JSON line is longer than the spool accepts."""
 
 
 def segment_name(first_seq: int) -> str:
     return f"segment-{first_seq:020d}.jsonl"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """tmp + fsync + rename: readers see the old or the new content, never a mix."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def seq_of_line(line: bytes) -> int:
@@ -248,7 +227,7 @@ class AuditSpool:
             )
         value = secrets.token_hex(16)
         write_atomically(path, value.encode() + b"\n")
-        _fsync_dir(self.directory)
+        fsync_directory(self.directory)
         return value
 
     def _read_cursor(self) -> int:
@@ -304,7 +283,7 @@ class AuditSpool:
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._segments.append(first_seq)
         self._segment_size = 0
-        _fsync_dir(self.directory)
+        fsync_directory(self.directory)
 
     def _locate(self, seq: int) -> Position:
         """The position of the line numbered ``seq`` (or where it will be written)."""
@@ -427,7 +406,7 @@ class AuditSpool:
         if fd >= 0:
             os.fdatasync(fd)
         if dir_dirty:
-            _fsync_dir(self.directory)
+            fsync_directory(self.directory)
         with self._lock:
             self._synced_seq = max(self._synced_seq, target)
 

@@ -7,32 +7,24 @@ One module per spec: ``rfc6962`` (RFC 9162 §2.1.1 tree hashing), ``proof``
 code is imported here.
 """
 
-from trustmesh.audit.canonical import CanonicalError, canonical_bytes, format_time, parse_time
+from trustmesh.audit.canonical import canonical_bytes, format_time, parse_time
 from trustmesh.audit.checkpoint import (
     Checkpoint,
-    CheckpointError,
     format_checkpoint,
     parse_checkpoint,
     sign_checkpoint,
     verify_checkpoint,
 )
 from trustmesh.audit.compact import MerkleLog
-from trustmesh.audit.note import (
-    NoteError,
-    Verifier,
-    parse_verifier_key,
-    sign_note,
-    verifier_key,
-    verify_note,
-)
+from trustmesh.audit.note import Verifier, parse_verifier_key, sign_note, verifier_key, verify_note
 from trustmesh.audit.proof import (
-    ProofError,
     consistency_proof,
     inclusion_proof,
     verify_consistency,
     verify_inclusion,
 )
 from trustmesh.audit.rfc6962 import EMPTY_ROOT, leaf_hash, node_hash, root
+from trustmesh.common.errors import CanonicalError, CheckpointError, NoteError, ProofError
 
 __all__ = [
     "EMPTY_ROOT",

@@ -31,6 +31,8 @@ from typing import Any
 
 import orjson
 
+from trustmesh.common.errors import CanonicalError
+
 MAX_SAFE_INTEGER = 2**53 - 1
 """The largest integer a JSON number holds exactly in every implementation (RFC 7493 §2.2)."""
 
@@ -47,10 +49,6 @@ _ESCAPES = {
 }
 _NEEDS_ESCAPE = re.compile(r'["\\\x00-\x1f]')
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
-
-
-class CanonicalError(ValueError):
-    """A value has no canonical form here (a float, a non-string key, a lone surrogate...)."""
 
 
 def _escape(match: re.Match[str]) -> str:

@@ -20,12 +20,9 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from trustmesh.audit.note import NoteError, Verifier, check_text, sign_note, verify_note
+from trustmesh.audit.note import Verifier, check_text, sign_note, verify_note
 from trustmesh.audit.rfc6962 import HASH_SIZE
-
-
-class CheckpointError(ValueError):
-    """A checkpoint body is malformed, or its signature or origin is not the expected one."""
+from trustmesh.common.errors import CheckpointError, NoteError
 
 
 @dataclass(frozen=True)

@@ -22,13 +22,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from trustmesh.audit.proof import (
-    ProofError,
-    consistency_proof,
-    inclusion_proof,
-    subtree_root,
-)
+from trustmesh.audit.proof import consistency_proof, inclusion_proof, subtree_root
 from trustmesh.audit.rfc6962 import EMPTY_ROOT, HASH_SIZE, leaf_hash, node_hash
+from trustmesh.common.errors import ProofError
 
 
 class MerkleLog:

@@ -38,7 +38,8 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from trustmesh.audit.canonical import CanonicalError, canonical_bytes, parse_time
+from trustmesh.audit.canonical import canonical_bytes, parse_time
+from trustmesh.common.errors import CanonicalError, EventError
 
 TOKEN_ISSUED = "token.issued"  # noqa: S105 (an event type, not a secret)
 TOKEN_EXCHANGE_FAILED = "token.exchange_failed"  # noqa: S105
@@ -99,10 +100,6 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _TRACE_ID = re.compile(r"[0-9a-f]{32}")
 _SPAN_ID = re.compile(r"[0-9a-f]{16}")
 _ADMIN_TYPE = re.compile(r"admin\.[a-z][a-z0-9_.]{0,62}")
-
-
-class EventError(ValueError):
-    """An event does not follow the schema; the message names the member."""
 
 
 def token_sha256(token: str) -> str:

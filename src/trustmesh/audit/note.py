@@ -26,6 +26,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from trustmesh.common.errors import NoteError
+
 ALG_ED25519 = 0x01
 """Signature type identifier byte for Ed25519 (signed-note "Signature types")."""
 
@@ -37,10 +39,6 @@ MAX_SIGNATURES = 100
 
 _ED25519_SIG_SIZE = 64
 _ED25519_KEY_SIZE = 32
-
-
-class NoteError(ValueError):
-    """A note, a signature line or a verifier key is malformed, or a note does not verify."""
 
 
 @dataclass(frozen=True)

@@ -20,14 +20,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from trustmesh.audit.rfc6962 import HASH_SIZE, node_hash, split_point
+from trustmesh.common.errors import ProofError
 
 GetNode = Callable[[int, int], bytes]
 """``get_node(level, index)``: the hash of leaves ``[index << level, (index + 1) << level)``,
 a complete subtree. Only called for subtrees that lie wholly inside the tree."""
-
-
-class ProofError(ValueError):
-    """A proof is malformed, or does not prove what it claims, or cannot be built."""
 
 
 def subtree_root(get_node: GetNode, start: int, end: int) -> bytes:

@@ -43,11 +43,12 @@ from typing import Any
 import orjson
 
 from trustmesh.audit import events as ev
-from trustmesh.audit.checkpoint import Checkpoint, CheckpointError, verify_checkpoint
+from trustmesh.audit.checkpoint import Checkpoint, verify_checkpoint
 from trustmesh.audit.compact import MerkleLog
 from trustmesh.audit.note import Verifier, parse_verifier_key
-from trustmesh.audit.proof import ProofError, root_from_inclusion_proof, subtree_root
+from trustmesh.audit.proof import root_from_inclusion_proof, subtree_root
 from trustmesh.audit.rfc6962 import leaf_hash, node_hash
+from trustmesh.common.errors import CheckpointError, EventError, ProofError
 
 ALTERED = "altered"
 MISSING = "missing"
@@ -430,7 +431,7 @@ class LogVerifier:
             return
         try:
             canonical = ev.check_event(event)
-        except ev.EventError as exc:
+        except EventError as exc:
             self._report(
                 Problem(INVALID_EVENT, f"the leaf is not a valid event: {exc}", index=index)
             )

@@ -40,7 +40,7 @@ from trustmesh.bench._translate import (
     plain_path,
     rule_family,
 )
-from trustmesh.policy.request import KubernetesRequest, NonResourceRequest, Request, ServiceRequest
+from trustmesh.request import KubernetesRequest, NonResourceRequest, Request, ServiceRequest
 
 MODEL = """
 [request_definition]

@@ -35,7 +35,7 @@ from typing import Any
 import cedarpy
 
 from trustmesh.bench._translate import PeerBinding, bare_host, plain_path, rule_family
-from trustmesh.policy.request import KubernetesRequest, NonResourceRequest, Request, ServiceRequest
+from trustmesh.request import KubernetesRequest, NonResourceRequest, Request, ServiceRequest
 
 
 def _s(value: str) -> str:

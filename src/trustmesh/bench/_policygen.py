@@ -18,8 +18,8 @@ from typing import Any
 from trustmesh.manifests import API_VERSION, Document, document_from_body
 from trustmesh.policy.compiler import PolicySet, identity_claims
 from trustmesh.policy.engine import Engine
-from trustmesh.policy.request import Request, parse_request
 from trustmesh.registry import Registry, build_registry
+from trustmesh.request import Request, parse_request
 
 TRUST_DOMAIN = "bench.example"
 

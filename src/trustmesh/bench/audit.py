@@ -4,7 +4,7 @@ can be verified again from its records.
 **Append.** Agents' ``authz.decision`` events (built with ``events.new_event`` as an
 agent writes them: ``source.kind = agent`` with a spool id and sequence number, the
 caller's identity, the request, the decision, trace ids) go through what the ingest
-endpoint does after HTTP and authentication: ``parse_ingest`` on the JSON body (orjson,
+endpoint does after HTTP and authentication: ``agent_records`` on the JSON body (orjson,
 then ``record_of``: schema check and RFC 8785 canonical bytes) and ``AuditLog.append``
 (one transaction under the sequencer lock: dedupe by (spool, seq), insert, the in-memory
 tree, a signed checkpoint every 0.5 s). Building and serialising the events is the
@@ -65,13 +65,11 @@ from sqlalchemy.engine import make_url
 
 from trustmesh.audit import events as ev
 from trustmesh.audit.compact import MerkleLog
+from trustmesh.audit.log import AuditLog, agent_records
 from trustmesh.audit.proof import verify_consistency, verify_inclusion
 from trustmesh.audit.verify import verify_log
 from trustmesh.bench._stats import Distribution, row, summarise, timer_overhead
 from trustmesh.identity.sealing import MasterKey
-from trustmesh.server.audit import AuditLog
-from trustmesh.server.audit_routes import parse_ingest
-from trustmesh.server.credentials import CLUSTER, Principal
 from trustmesh.storage.db import Database, engine_url, open_database
 from trustmesh.storage.schema import audit_checkpoints, audit_entries
 
@@ -147,9 +145,9 @@ class _Spools:
     next_seq: list[int] = field(default_factory=lambda: [1] * SPOOLS)
     turn: int = 0
 
-    def bodies(self, rng: random.Random, events: int, batch: int) -> list[tuple[bytes, Principal]]:
+    def bodies(self, rng: random.Random, events: int, batch: int) -> list[tuple[bytes, str]]:
         """``events`` events as ingest bodies of ``batch`` events, one spool per body."""
-        out: list[tuple[bytes, Principal]] = []
+        out: list[tuple[bytes, str]] = []
         left = events
         while left > 0:
             size = min(batch, left)
@@ -160,8 +158,7 @@ class _Spools:
             self.next_seq[spool] += size
             name = f"{self.prefix}-{spool}"
             items = [_agent_event(rng, name, cluster, first + i) for i in range(size)]
-            principal = Principal(kind=CLUSTER, credential_id=f"bench-{cluster}", cluster=cluster)
-            out.append((orjson.dumps({"events": items}), principal))
+            out.append((orjson.dumps({"events": items}), cluster))
             left -= size
         return out
 
@@ -298,9 +295,9 @@ def _append_round(target: _Target, batch: int, events: int, rng: random.Random) 
     parse_ns = append_ns = 0
     gc.collect()
     started = clock()
-    for body, principal in bodies:
+    for body, cluster in bodies:
         t0 = clock()
-        records = parse_ingest(body, principal)
+        records = agent_records(body, cluster)
         t1 = clock()
         result = log.append(records)
         t2 = clock()
@@ -610,7 +607,7 @@ def _report(
     summary.append(
         f"append: {entries:,} events per target at batches of 1000 and 100, {unbatched:,} "
         f"one per transaction, in {rounds} interleaved rounds (median of round rates); "
-        "parse_ingest (orjson + record_of) and AuditLog.append timed, event building not"
+        "agent_records (orjson + record_of) and AuditLog.append timed, event building not"
     )
     for t in targets:
         summary.append(f"  {t.name}: {descriptions[t.name]}")

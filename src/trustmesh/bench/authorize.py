@@ -28,14 +28,13 @@ import httpx
 from trustmesh.bench._load import LoadResult, run_load
 from trustmesh.bench._procs import Child, cpu_seconds, start, stop
 from trustmesh.bench._stats import row, summarise
+from trustmesh.common.urns import JWT_TOKEN_TYPE, TOKEN_EXCHANGE_GRANT
 from trustmesh.sim import SimulatedCluster
 
 TRUST_DOMAIN = "bench.example"
 ORIGIN, TARGET = "origin", "target"
 GOAL_PER_S = 3000.0
 GOAL_P99_MS = 10.0
-GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
-JWT_TYPE = "urn:ietf:params:oauth:token-type:jwt"
 
 
 def _manifests(issuer: str, workloads: int) -> str:
@@ -121,7 +120,7 @@ def _exchange(url: str, tokens: list[str]) -> list[str]:
         for sa_token in tokens:
             response = client.post(
                 url + "/oauth2/token",
-                data={"grant_type": GRANT_TYPE, "subject_token": sa_token, "subject_token_type": JWT_TYPE,
+                data={"grant_type": TOKEN_EXCHANGE_GRANT, "subject_token": sa_token, "subject_token_type": JWT_TOKEN_TYPE,
                       "audience": f"spiffe://{TRUST_DOMAIN}/cluster/{TARGET}", "lifetime": "3600"},
             )  # fmt: skip
             if response.status_code != 200:

@@ -52,7 +52,7 @@ from trustmesh.bench._stats import Distribution, row, summarise, timer_overhead
 from trustmesh.bench._translate import peer_bindings
 from trustmesh.policy.compiler import compile_all
 from trustmesh.policy.engine import Engine
-from trustmesh.policy.request import Request
+from trustmesh.request import Request
 
 __all__ = ["PEERS", "Query", "decide_all", "run"]
 

@@ -49,6 +49,7 @@ from jwt.algorithms import RSAAlgorithm
 from trustmesh.bench._load import LoadResult, run_load
 from trustmesh.bench._procs import Child, cpu_seconds, start, stop
 from trustmesh.bench._stats import Distribution, median, row, summarise
+from trustmesh.common.urns import JWT_TOKEN_TYPE, TOKEN_EXCHANGE_GRANT
 from trustmesh.identity.keys import ActiveKey, generate_private_key, public_jwk
 from trustmesh.identity.svid import mint_svid
 from trustmesh.sim.cluster import SimulatedCluster
@@ -59,8 +60,6 @@ TRUST_DOMAIN = "bench.example"
 ORIGIN = "bench"
 TARGET = "peer"
 AUDIENCE = f"spiffe://{TRUST_DOMAIN}/cluster/{TARGET}"
-GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
-JWT_TYPE = "urn:ietf:params:oauth:token-type:jwt"
 GOAL_PER_S = 1000.0
 GOAL_P99_MS = 20.0
 
@@ -112,9 +111,9 @@ def _manifests(issuer: str, workloads: int) -> str:
 def _request_bytes(host: str, port: int, token: str) -> bytes:
     body = urlencode(
         {
-            "grant_type": GRANT_TYPE,
+            "grant_type": TOKEN_EXCHANGE_GRANT,
             "subject_token": token,
-            "subject_token_type": JWT_TYPE,
+            "subject_token_type": JWT_TOKEN_TYPE,
             "audience": AUDIENCE,
         }
     ).encode()
@@ -132,9 +131,9 @@ def _check_exchange(url: str, token: str) -> None:
     response = httpx.post(
         url + "/oauth2/token",
         data={
-            "grant_type": GRANT_TYPE,
+            "grant_type": TOKEN_EXCHANGE_GRANT,
             "subject_token": token,
-            "subject_token_type": JWT_TYPE,
+            "subject_token_type": JWT_TOKEN_TYPE,
             "audience": AUDIENCE,
         },
         timeout=30,

@@ -12,40 +12,16 @@ non-zero with one line.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import signal
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from types import FrameType
 
 from trustmesh.cli._common import fail
 from trustmesh.client import Lease, TokenSource, TokenUnavailable
-
-
-def write_atomically(path: Path, content: str) -> None:
-    """Replace ``path`` with ``content`` (mode 0600) so readers never see a partial file."""
-    directory = path.parent
-    fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:  # mkstemp creates it 0600
-            handle.write(content)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-    with contextlib.suppress(OSError):  # not every filesystem lets a directory be fsynced
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+from trustmesh.common.files import write_atomically
 
 
 def _say(line: str) -> None:

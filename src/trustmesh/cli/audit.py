@@ -26,10 +26,10 @@ import typer
 from rich.table import Table
 
 from trustmesh.audit.canonical import format_time
-from trustmesh.audit.checkpoint import Checkpoint, CheckpointError, verify_checkpoint
+from trustmesh.audit.checkpoint import Checkpoint, verify_checkpoint
 from trustmesh.audit.events import QUERY_COLUMNS
-from trustmesh.audit.note import NoteError, Verifier, parse_verifier_key
-from trustmesh.audit.proof import ProofError, root_from_inclusion_proof, verify_consistency
+from trustmesh.audit.note import Verifier, parse_verifier_key
+from trustmesh.audit.proof import root_from_inclusion_proof, verify_consistency
 from trustmesh.audit.rfc6962 import leaf_hash
 from trustmesh.audit.verify import REWRITTEN, LogVerifier, VerifyReport, narrow_with_proofs
 from trustmesh.cli._common import (
@@ -47,6 +47,7 @@ from trustmesh.cli._common import (
     resolve_server,
     resolve_token,
 )
+from trustmesh.common.errors import CheckpointError, NoteError, ProofError
 
 audit_app = typer.Typer(
     help="The tamper-evident audit log: verify it, its checkpoints and proofs; query it.",
@@ -240,7 +241,8 @@ def _offline_engine(data_dir: Path | None, db: str | None) -> Any:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import SQLAlchemyError
 
-    from trustmesh.storage.db import DatabaseUrlError, engine_url
+    from trustmesh.common.errors import DatabaseUrlError
+    from trustmesh.storage.db import engine_url
 
     try:
         url = make_url(engine_url(db, data_dir or Path()))
@@ -266,9 +268,10 @@ def _offline_key(conn: Any, data_dir: Path | None, warnings: list[str]) -> Verif
     it lives outside the database, so whoever altered the database cannot swap it."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+    from trustmesh.audit.log import ORIGIN, SIGNING_KEY, VERIFIER_KEY
     from trustmesh.audit.note import verifier_key
-    from trustmesh.identity.sealing import MasterKey, MasterKeyError
-    from trustmesh.server.audit import ORIGIN, SIGNING_KEY, VERIFIER_KEY
+    from trustmesh.common.errors import MasterKeyError
+    from trustmesh.identity.sealing import MasterKey
     from trustmesh.storage import meta as meta_store
 
     sealed = meta_store.get(conn, SIGNING_KEY)

@@ -26,6 +26,7 @@ from trustmesh.cli._common import (
     resolve_token,
 )
 from trustmesh.cli.audit import audit_app
+from trustmesh.common.urns import JWT_TOKEN_TYPE, TOKEN_EXCHANGE_GRANT
 
 app = typer.Typer(
     name="trustmesh",
@@ -184,8 +185,7 @@ def agent(
 ) -> None:
     """Run the agent of one cluster."""
     from trustmesh.agent.main import AgentConfig, read_credential, run_agent
-    from trustmesh.agent.spool import SpoolError
-    from trustmesh.common.tracing import TracingError
+    from trustmesh.common.errors import ConfigError
 
     if not server:
         fail("no control plane given: pass --server URL[,URL…] or set TRUSTMESH_SERVER")
@@ -209,8 +209,8 @@ def agent(
             ),
             listen,
         )
-    except (TracingError, SpoolError) as exc:
-        fail(str(exc))
+    except ConfigError as exc:
+        fail(exc.description)
 
 
 @app.command()
@@ -535,9 +535,9 @@ def token_exchange(
         except OSError as exc:
             fail(f"cannot read {subject_token_file}: {exc.strerror}")
     form: dict[str, Any] = {
-        "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+        "grant_type": TOKEN_EXCHANGE_GRANT,
         "subject_token": subject_token,
-        "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+        "subject_token_type": JWT_TOKEN_TYPE,
         "audience": audience,
     }
     if lifetime is not None:

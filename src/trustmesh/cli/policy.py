@@ -141,16 +141,18 @@ def test(
     output: Output = OutputOption,
 ) -> None:
     """Run every PolicyTest offline, exactly as publication would (for CI pipelines)."""
-    from trustmesh.manifests import ManifestError, load_paths
-    from trustmesh.policy.compiler import PolicyError, PolicySet, compile_all
+    from trustmesh.common.errors import ManifestError, PolicyError, RegistryConflict
+    from trustmesh.manifests import load_paths
+    from trustmesh.policy.compiler import PolicySet, compile_all
     from trustmesh.policy.testing import run_policy_tests
-    from trustmesh.registry import RegistryConflict, build_registry
+    from trustmesh.registry import build_registry
 
     try:
         documents = load_paths([str(p) for p in paths])
     except ManifestError as exc:
         fail(str(exc))
-    from trustmesh.identity.spiffe import SpiffeIdError, normalize_trust_domain
+    from trustmesh.common.errors import SpiffeIdError
+    from trustmesh.spiffeid import normalize_trust_domain
 
     registry_docs = [d for d in documents if d.kind in ("Cluster", "Workload")]
     try:

@@ -23,9 +23,10 @@ from trustmesh.cli._common import (
     resolve_server,
     resolve_token,
 )
-from trustmesh.manifests import ManifestError, document_from_body
-from trustmesh.policy.compiler import PolicyError, PolicySet
-from trustmesh.registry import Registry, RegistryConflict, build_registry
+from trustmesh.common.errors import ManifestError, PolicyError, RegistryConflict
+from trustmesh.manifests import document_from_body
+from trustmesh.policy.compiler import PolicySet
+from trustmesh.registry import Registry, build_registry
 
 _REVISION = re.compile(r"^(current|0|[1-9][0-9]{0,17})$")
 

@@ -41,7 +41,7 @@ class Authorization:
 
     spiffe_id: str
     decision_id: str
-    revision: int | None
+    policy_revision: int | None
     """The policy revision that decided."""
     identity: dict[str, Any]
     """The agent's identity object: ``spiffe_id``, ``workload_id``, ``cluster``,
@@ -167,11 +167,11 @@ class AuthorizationMiddleware:
         decision_id = str(answer.get("decision_id") or "")
         if answer.get("allowed") is not True or not isinstance(identity, dict):
             return 403, {"error": "forbidden", "decision_id": decision_id}, []
-        revision = answer.get("revision")
+        revision = answer.get("policy_revision")
         return Authorization(
             spiffe_id=str(identity.get("spiffe_id") or ""),
             decision_id=decision_id,
-            revision=revision if isinstance(revision, int) else None,
+            policy_revision=revision if isinstance(revision, int) else None,
             identity=identity,
             decision=answer,
         )

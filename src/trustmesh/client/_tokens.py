@@ -42,11 +42,12 @@ from typing import Any
 import httpx
 
 from trustmesh.common.backoff import Backoff
+from trustmesh.common.errors import ControlPlaneError, Unreachable
+from trustmesh.common.failover import Failover, TryNext
+from trustmesh.common.urns import JWT_TOKEN_TYPE, TOKEN_EXCHANGE_GRANT
 
 log = logging.getLogger("trustmesh.client")
 
-GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
-JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"  # noqa: S105 (a URN, not a secret)
 TOKEN_PATH = "/oauth2/token"  # noqa: S105 (a path, not a secret)
 SAFETY_MARGIN = 5.0
 DEFAULT_TIMEOUT = httpx.Timeout(5.0, connect=2.0)
@@ -57,7 +58,7 @@ SubjectToken = Callable[[], str] | str | os.PathLike[str]
 the path of the projected token file (read again before every exchange)."""
 
 
-class TokenUnavailable(Exception):
+class TokenUnavailable(ControlPlaneError):
     """No valid token can be handed out; the message says why (and what failed)."""
 
 
@@ -67,12 +68,14 @@ class ExchangeRejected(TokenUnavailable):
     again with the same subject token would fail the same way."""
 
     def __init__(self, server: str, status: int, error: str, description: str) -> None:
-        self.server = server
-        self.status = status
-        self.error = error
-        self.description = description
         detail = f": {description}" if description else ""
-        super().__init__(f"{server} refused the token exchange ({error}, HTTP {status}){detail}")
+        super().__init__(
+            f"{server} refused the token exchange ({error}, HTTP {status}){detail}",
+            error=error,
+            status=status,
+        )
+        self.server = server
+        self.description = description  # the server's error_description alone
 
 
 @dataclass(frozen=True)
@@ -97,24 +100,6 @@ class Lease:
 
     def expires_in(self, now: float) -> float:
         return self.expires_at - now
-
-
-class _Retryable(Exception):
-    """One URL failed in a way another URL (or a later attempt) may not."""
-
-
-def _normalise_servers(servers: Sequence[str]) -> list[str]:
-    if isinstance(servers, str):
-        servers = [servers]
-    urls = [
-        part.strip().rstrip("/") for entry in servers for part in entry.split(",") if part.strip()
-    ]
-    if not urls:
-        raise ValueError("TokenSource needs at least one control-plane URL")
-    for url in urls:
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"control-plane URL {url!r} must start with http:// or https://")
-    return urls
 
 
 def _subject_reader(subject_token: SubjectToken) -> Callable[[], str]:
@@ -156,7 +141,7 @@ class _LeaseKeeper:
         on_refresh: Callable[[Lease], None] | None,
         on_error: Callable[[TokenUnavailable, float], None] | None,
     ) -> None:
-        self.servers = _normalise_servers(servers)
+        self.failover = Failover(servers)
         self._read_subject = _subject_reader(subject_token)
         self.audiences = [audiences] if isinstance(audiences, str) else list(audiences)
         if not self.audiences or not all(self.audiences):
@@ -177,9 +162,12 @@ class _LeaseKeeper:
         self.on_error = on_error
         self._rng = random.Random()  # noqa: S311 (spreading load, not a secret)
         self._lease: Lease | None = None
-        self._preferred = 0
         self._retry_at = 0.0
         self._last_error: TokenUnavailable | None = None
+
+    @property
+    def servers(self) -> list[str]:
+        return self.failover.urls
 
     # -- state --------------------------------------------------------------------------
     @property
@@ -216,16 +204,12 @@ class _LeaseKeeper:
         wait = f"; next attempt in {retry:.1f} s" if retry > 0 else ""
         raise TokenUnavailable(f"no valid token ({state}){why}{wait}")
 
-    def _order(self) -> list[str]:
-        start = self._preferred
-        return self.servers[start:] + self.servers[:start]
-
     def _form(self) -> dict[str, Any]:
         subject = self._read_subject().strip()
         if not subject:
             raise TokenUnavailable("the subject token is empty")
         form: dict[str, Any] = {
-            "grant_type": GRANT_TYPE,
+            "grant_type": TOKEN_EXCHANGE_GRANT,
             "subject_token": subject,
             "subject_token_type": JWT_TOKEN_TYPE,
             "audience": self.audiences,
@@ -235,7 +219,8 @@ class _LeaseKeeper:
         return form
 
     def _lease_from(self, server: str, response: httpx.Response, issued_at: float) -> Lease:
-        """The lease in a 200 answer; _Retryable or ExchangeRejected otherwise."""
+        """The lease in a 200 answer; TryNext (another URL may answer) or
+        ExchangeRejected otherwise."""
         try:
             body = response.json()
         except ValueError:
@@ -248,15 +233,15 @@ class _LeaseKeeper:
                 description = str(body.get("error_description") or "")
             if status >= 500 or status in _RETRYABLE_STATUS:
                 detail = f" {error}: {description}" if error else ""
-                raise _Retryable(f"{server}: HTTP {status}{detail}")
+                raise TryNext(f"HTTP {status}{detail}")
             raise ExchangeRejected(server, status, error or "http_error", description)
         if not isinstance(body, dict):
-            raise _Retryable(f"{server}: the token response is not a JSON object")
+            raise TryNext("the token response is not a JSON object")
         token, expires_in = body.get("access_token"), body.get("expires_in")
         if not isinstance(token, str) or not token:
-            raise _Retryable(f"{server}: the token response has no access_token")
+            raise TryNext("the token response has no access_token")
         if isinstance(expires_in, bool) or not isinstance(expires_in, int) or expires_in <= 0:
-            raise _Retryable(f"{server}: the token response has no positive expires_in")
+            raise TryNext("the token response has no positive expires_in")
         margin = min(self.safety_margin, expires_in / 10)
         expires_at = issued_at + expires_in
         fraction = self.refresh_fraction + self._rng.uniform(-self.jitter, self.jitter)
@@ -265,7 +250,6 @@ class _LeaseKeeper:
 
     def _succeeded(self, lease: Lease) -> None:
         self._lease = lease
-        self._preferred = self.servers.index(lease.server)
         self._retry_at = 0.0
         self._last_error = None
         self.backoff.reset()
@@ -293,8 +277,8 @@ class _LeaseKeeper:
             self.on_error(error, retry_at - now)
 
     @staticmethod
-    def _all_failed(problems: list[str]) -> TokenUnavailable:
-        return TokenUnavailable("no control plane answered (" + "; ".join(problems) + ")")
+    def _all_failed(exc: Unreachable) -> TokenUnavailable:
+        return TokenUnavailable(f"no control plane answered ({exc})")
 
     def _next_wakeup(self) -> float:
         """Seconds until the background refresher should look again."""
@@ -386,26 +370,22 @@ class TokenSource(_LeaseKeeper):
                 self._attempt()
 
     def _attempt(self) -> None:
-        problems: list[str] = []
+        def exchange(server: str) -> Lease:
+            issued_at = self.clock()
+            return self._lease_from(
+                server, self._http.post(server + TOKEN_PATH, data=form), issued_at
+            )
+
         try:
             form = self._form()
-            for server in self._order():
-                issued_at = self.clock()
-                try:
-                    response = self._http.post(server + TOKEN_PATH, data=form)
-                    lease = self._lease_from(server, response, issued_at)
-                except httpx.HTTPError as exc:
-                    problems.append(f"{server}: {exc.__class__.__name__}: {exc}".rstrip(": "))
-                    continue
-                except _Retryable as exc:
-                    problems.append(str(exc))
-                    continue
-                self._succeeded(lease)
-                return
-            raise self._all_failed(problems)
+            try:
+                lease = self.failover.run_sync(exchange)
+            except Unreachable as exc:
+                raise self._all_failed(exc) from None
         except TokenUnavailable as exc:
             self._failed(exc)
             raise
+        self._succeeded(lease)
 
     # -- background refresher --------------------------------------------------------------
     def start(self) -> TokenSource:
@@ -508,26 +488,21 @@ class AsyncTokenSource(_LeaseKeeper):
             return self._lease
 
     async def _attempt(self) -> None:
-        problems: list[str] = []
+        async def exchange(server: str) -> Lease:
+            issued_at = self.clock()
+            response = await self._http.post(server + TOKEN_PATH, data=form)
+            return self._lease_from(server, response, issued_at)
+
         try:
             form = self._form()
-            for server in self._order():
-                issued_at = self.clock()
-                try:
-                    response = await self._http.post(server + TOKEN_PATH, data=form)
-                    lease = self._lease_from(server, response, issued_at)
-                except httpx.HTTPError as exc:
-                    problems.append(f"{server}: {exc.__class__.__name__}: {exc}".rstrip(": "))
-                    continue
-                except _Retryable as exc:
-                    problems.append(str(exc))
-                    continue
-                self._succeeded(lease)
-                return
-            raise self._all_failed(problems)
+            try:
+                lease = await self.failover.run(exchange)
+            except Unreachable as exc:
+                raise self._all_failed(exc) from None
         except TokenUnavailable as exc:
             self._failed(exc)
             raise
+        self._succeeded(lease)
 
     async def aclose(self) -> None:
         """Close the HTTP client if this source created it."""

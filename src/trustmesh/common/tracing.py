@@ -24,15 +24,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from trustmesh.common.errors import TracingError
+
 EXPORTERS = ("none", "console", "otlp")
 
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
 _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
-
-
-class TracingError(ValueError):
-    """The tracing configuration cannot be used (unknown exporter, missing package)."""
 
 
 @dataclass(frozen=True)

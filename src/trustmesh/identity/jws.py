@@ -24,6 +24,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from trustmesh.common.errors import InvalidToken
+
 _HASHES: dict[str, type[hashes.HashAlgorithm]] = {
     "256": hashes.SHA256,
     "384": hashes.SHA384,
@@ -36,16 +38,6 @@ ASYMMETRIC_ALGS = frozenset(
 )
 # Three base64url segments (RFC 7515 §2: no padding, no other characters).
 _COMPACT = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
-
-
-class InvalidToken(Exception):
-    """A token that does not verify. ``reason`` is a short machine code, the message a
-    sentence for people; neither ever contains the token."""
-
-    def __init__(self, reason: str, description: str) -> None:
-        super().__init__(description)
-        self.reason = reason
-        self.description = description
 
 
 def b64decode(segment: str) -> bytes:

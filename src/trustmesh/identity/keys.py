@@ -24,7 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from sqlalchemy import Connection, select, update
 
-from trustmesh.identity.sealing import CHECK_AAD, MasterKey, MasterKeyError
+from trustmesh.common.errors import MasterKeyError
+from trustmesh.identity.sealing import CHECK_AAD, MasterKey
 from trustmesh.storage import Database
 from trustmesh.storage import meta as meta_store
 from trustmesh.storage.schema import signing_keys

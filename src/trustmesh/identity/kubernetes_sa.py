@@ -23,8 +23,8 @@ from typing import Any
 import httpx
 
 from trustmesh.common.addresses import check_fetch_url
+from trustmesh.common.errors import ClusterKeysUnavailable, InvalidToken
 from trustmesh.identity.jws import (
-    InvalidToken,
     check_registered_claims,
     decode_json_segment,
     split_compact,
@@ -40,10 +40,6 @@ SA_TOKEN_ALGS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", 
 MAX_SA_TOKEN_BYTES = 16384
 MAX_JWKS_BYTES = 256 * 1024
 _MAX_AGE = re.compile(r"max-age=(\d+)")
-
-
-class ClusterKeysUnavailable(Exception):
-    """The cluster's keys could not be fetched and none are cached."""
 
 
 @dataclass(frozen=True)
@@ -87,7 +83,11 @@ def parse_unverified(token: str) -> UnverifiedToken:
 
 
 def verify_service_account_token(
-    token: UnverifiedToken, keys: KeyRing, cluster: ClusterSpec, leeway: float
+    token: UnverifiedToken,
+    keys: KeyRing,
+    cluster: ClusterSpec,
+    leeway: float,
+    now: float | None = None,
 ) -> ServiceAccountToken:
     """Verify the signature over the token's exact bytes with the key its header names
     (pinned algorithm), then the claims: ``iss``, ``aud`` containing the cluster's
@@ -96,7 +96,7 @@ def verify_service_account_token(
     claims = verify_compact(token.parts, key)
     check_registered_claims(
         claims,
-        now=time.time(),
+        now=time.time() if now is None else now,
         leeway=leeway,
         issuer=cluster.issuer,
         audience=cluster.audience,

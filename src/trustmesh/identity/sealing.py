@@ -10,19 +10,17 @@ mode 0600). A database dump or replica without the master key yields no signing 
 from __future__ import annotations
 
 import base64
-import os
 import secrets
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from trustmesh.common.errors import MasterKeyError
+from trustmesh.common.files import write_atomically
+
 _PREFIX = "aes256gcm:v1:"
 CHECK_AAD = b"trustmesh master key check"
-
-
-class MasterKeyError(RuntimeError):
-    pass
 
 
 def _b64(data: bytes) -> str:
@@ -31,15 +29,6 @@ def _b64(data: bytes) -> str:
 
 def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def write_secret_file(path: Path, content: str) -> None:
-    """Create ``path`` with mode 0600 from the start (never briefly world-readable)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(content)
-    os.chmod(path, 0o600)
 
 
 class MasterKey:
@@ -61,7 +50,8 @@ class MasterKey:
                 raise MasterKeyError(f"master key {path} is not 32 base64url-encoded bytes")
             return cls(key)
         key = secrets.token_bytes(32)
-        write_secret_file(path, _b64(key) + "\n")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, _b64(key) + "\n")
         return cls(key)
 
     def seal(self, plaintext: bytes, aad: bytes) -> str:

@@ -8,15 +8,15 @@ substitution all fail before any signature work."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import jwt
 
+from trustmesh.common.clock import Clock
+from trustmesh.common.errors import InvalidToken, SpiffeIdError
 from trustmesh.identity.jws import (
-    InvalidToken,
     VerificationKey,
     check_registered_claims,
     decode_json_segment,
@@ -24,7 +24,7 @@ from trustmesh.identity.jws import (
     verify_compact,
 )
 from trustmesh.identity.keys import ActiveKey
-from trustmesh.identity.spiffe import SpiffeIdError, parse_spiffe_id
+from trustmesh.spiffeid import parse_spiffe_id
 
 __all__ = [
     "ALLOWED_ALGS",
@@ -168,6 +168,7 @@ class SvidVerifier:
         trust_domain: str,
         audience: str | None,
         keys: KeyRing,
+        clock: Clock,
         leeway: float = 10.0,
     ) -> None:
         self.issuer = issuer
@@ -175,6 +176,7 @@ class SvidVerifier:
         self.audience = audience
         self.keys = keys
         self.leeway = leeway
+        self.clock = clock
         self._good_subjects: set[str] = set()
 
     def _check_subject(self, subject: Any) -> None:
@@ -192,13 +194,15 @@ class SvidVerifier:
             self._good_subjects.clear()
         self._good_subjects.add(subject)
 
-    def verify(self, token: str) -> VerifiedIdentity:
+    def verify(self, token: str, now: float | None = None) -> VerifiedIdentity:
+        """The identity in ``token`` if it verifies at ``now`` (default: the clock's
+        time); InvalidToken otherwise."""
         parts = split_compact(token, MAX_TOKEN_BYTES)
         key = self.keys.key_for_header(parts[0])
         claims = verify_compact(parts, key)
         check_registered_claims(
             claims,
-            now=time.time(),
+            now=self.clock() if now is None else now,
             leeway=self.leeway,
             issuer=self.issuer,
             audience=self.audience,

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from trustmesh.common.errors import ManifestError
+
+__all__ = ["ManifestError", "Problem", "Sink"]
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -23,20 +27,6 @@ class Problem:
     def __str__(self) -> str:
         where = f"{self.path}:{self.line}: "
         return f"{where}{self.field}: {self.message}" if self.field else f"{where}{self.message}"
-
-
-class ManifestError(ValueError):
-    """Raised once, after the whole input has been checked, with every problem found."""
-
-    def __init__(self, problems: list[Problem]) -> None:
-        if not problems:
-            raise ValueError("ManifestError needs at least one problem")
-        self.problems = list(problems)
-        more = len(self.problems) - 1
-        text = str(self.problems[0])
-        if more:
-            text += f" (and {more} more problem{'s' if more > 1 else ''})"
-        super().__init__(text)
 
 
 @dataclass

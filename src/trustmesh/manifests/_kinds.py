@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from trustmesh.common.addresses import check_fetch_url
-from trustmesh.identity.spiffe import parse_spiffe_id
+from trustmesh.spiffeid import parse_spiffe_id
 
 from ._errors import Sink
 from ._jwks import JWKS

@@ -6,7 +6,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from trustmesh.policy.request import Request, RequestError, parse_request
+from trustmesh.common.errors import RequestError
+from trustmesh.request import Request, parse_request
 
 from ._errors import Sink
 from ._nodes import MapNode, Node, join
@@ -233,7 +234,7 @@ def _some_condition(node: MapNode, result: dict[str, Any], path: str, sink: Sink
 
 
 def _spiffe(value: str) -> None:
-    from trustmesh.identity.spiffe import parse_spiffe_id
+    from trustmesh.spiffeid import parse_spiffe_id
 
     parse_spiffe_id(value)
 

@@ -10,12 +10,8 @@ from typing import Any
 
 import jwt
 
-from trustmesh.identity.jws import (
-    InvalidToken,
-    decode_json_segment,
-    split_compact,
-    verify_compact,
-)
+from trustmesh.common.errors import InvalidToken
+from trustmesh.identity.jws import decode_json_segment, split_compact, verify_compact
 from trustmesh.identity.keys import ActiveKey
 from trustmesh.identity.svid import KeyRing, check_signed_header
 from trustmesh.policy.compiler import BUNDLE_KIND

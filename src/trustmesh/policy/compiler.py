@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from trustmesh.common.errors import PolicyError
 from trustmesh.manifests import (
     ClusterScope,
     Document,
@@ -28,16 +29,6 @@ from trustmesh.policy.matching import expression_matches
 from trustmesh.registry import Registry
 
 BUNDLE_KIND = "PolicyBundle"
-
-
-class PolicyError(ValueError):
-    """Policy documents that are each valid but do not fit together; ``problems`` has
-    one line per problem, each naming the object."""
-
-    def __init__(self, problems: list[str]) -> None:
-        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-        super().__init__(problems[0] + more)
-        self.problems = problems
 
 
 @dataclass

@@ -58,22 +58,17 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from trustmesh.policy.compiler import (
-    PolicyError,
-    PolicySet,
-    compile_all,
-    flatten_roles,
-    identity_claims,
-)
+from trustmesh.common.errors import PolicyError
+from trustmesh.policy.compiler import PolicySet, compile_all, flatten_roles, identity_claims
 from trustmesh.policy.engine import Engine
 from trustmesh.policy.matching import compile_rule
-from trustmesh.policy.request import (
+from trustmesh.registry import Registry
+from trustmesh.request import (
     KubernetesRequest,
     NonResourceRequest,
     Request,
     ServiceRequest,
 )
-from trustmesh.registry import Registry
 
 ANY = "\x00any\x00"
 """The sentinel standing for a wildcard part in a probe: no rule literal can equal it

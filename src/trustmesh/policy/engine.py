@@ -21,7 +21,7 @@ from typing import Any
 
 from trustmesh.policy.compiler import claim_counts
 from trustmesh.policy.matching import CompiledRule, compile_rule, family_of, requirement_matches
-from trustmesh.policy.request import Request
+from trustmesh.request import Request
 
 _FAMILIES = ("resource", "nonResource", "service")
 
@@ -33,7 +33,7 @@ class Decision:
     reason: str
     bindings: tuple[str, ...]
     roles: tuple[str, ...]
-    revision: int
+    policy_revision: int
     decision_id: str
 
     def to_json(self) -> dict[str, Any]:
@@ -43,7 +43,7 @@ class Decision:
             "reason": self.reason,
             "bindings": list(self.bindings),
             "roles": list(self.roles),
-            "revision": self.revision,
+            "policy_revision": self.policy_revision,
             "decision_id": self.decision_id,
         }
 
@@ -213,6 +213,6 @@ class Engine:
             reason=reason,
             bindings=tuple(b.name for b in matched),
             roles=tuple(dict.fromkeys(b.role for b in matched)),
-            revision=self.revision,
+            policy_revision=self.revision,
             decision_id=f"{self._id_prefix}{next(self._ids)}",
         )

@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from trustmesh.policy.request import KubernetesRequest, NonResourceRequest, Request, ServiceRequest
+from trustmesh.request import KubernetesRequest, NonResourceRequest, Request, ServiceRequest
 
 
 def compile_path_glob(pattern: str) -> re.Pattern[str] | None:

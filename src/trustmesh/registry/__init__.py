@@ -1,7 +1,8 @@
 """The registry of clusters and workloads: an immutable in-memory index built from the
 stored manifests, plus the checks that span documents (references, conflicts)."""
 
-from trustmesh.registry.index import Registry, RegistryConflict, build_registry
+from trustmesh.common.errors import RegistryConflict
+from trustmesh.registry.index import Registry, build_registry
 from trustmesh.registry.store import AppliedChange, RegistryStore
 
 __all__ = ["AppliedChange", "Registry", "RegistryConflict", "RegistryStore", "build_registry"]

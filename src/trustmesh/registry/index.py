@@ -6,19 +6,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from trustmesh.identity.spiffe import parse_spiffe_id, workload_spiffe_id
+from trustmesh.common.errors import RegistryConflict
 from trustmesh.manifests import ClusterSpec, Document, WorkloadSpec
-
-
-class RegistryConflict(ValueError):
-    """Documents that are each valid but contradict each other or the trust domain.
-    ``problems`` lists one line per problem, each naming the object."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__(
-            problems[0] + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else "")
-        )
-        self.problems = problems
+from trustmesh.spiffeid import parse_spiffe_id, workload_spiffe_id
 
 
 @dataclass(frozen=True)

@@ -25,14 +25,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from trustmesh.common.errors import RevocationError
 from trustmesh.identity.keys import CLOCK_SKEW, MAX_TOKEN_TTL
 
 KINDS = ("jti", "subject", "cluster", "key")
 _VALUE = re.compile(r"^[\x21-\x7e]{1,512}$")
-
-
-class RevocationError(ValueError):
-    """A revocation request that cannot be carried out; the message says why."""
 
 
 def revocation_expiry(revoked_at: float) -> float:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from sqlalchemy import Connection, select
 
-from trustmesh.identity.sealing import write_secret_file
+from trustmesh.common.files import write_atomically
 from trustmesh.storage import Database
 from trustmesh.storage.schema import credentials
 
@@ -103,5 +103,5 @@ class CredentialStore:
             ).first()
         if exists is not None:
             return False
-        write_secret_file(token_path, self.create(ADMIN, created_by="first start") + "\n")
+        write_atomically(token_path, self.create(ADMIN, created_by="first start") + "\n")
         return True

@@ -7,9 +7,10 @@ import sys
 from sqlalchemy.exc import DBAPIError
 
 from trustmesh.common.addresses import parse_listen, url_for
+from trustmesh.common.errors import ConfigError
 from trustmesh.common.serving import bind_socket, serve_socket
 from trustmesh.server.app import build_app
-from trustmesh.server.controlplane import ConfigError, ControlPlane, ServerConfig
+from trustmesh.server.controlplane import ControlPlane, ServerConfig
 
 
 def run_server(config: ServerConfig, listen: str) -> None:
@@ -36,5 +37,5 @@ def run_server(config: ServerConfig, listen: str) -> None:
             flush=True,
         )
 
-    serve_socket(app, sock, ready, plane.begin_stopping)
+    serve_socket(app, sock, ready, plane.snapshots.begin_stopping)
     sys.stdout.flush()

@@ -2,11 +2,12 @@
 
 The builders turn each control-plane action into one event of the schema in
 ``audit/events.py``. Changes (apply, rollback, revoke, rotate, credentials) stage
-their event in their own transaction (``AuditLog.stage``, the outbox); refusals that
-changed nothing are written with :meth:`AuditRecorder.write_quietly`. The token
-endpoint uses :meth:`AuditRecorder.record`, a group commit: concurrent exchanges
-share one transaction, and no token leaves the server before its ``token.issued``
-event is stored -- if the log cannot be written the exchange fails (503).
+their event in their own transaction (:meth:`AuditRecorder.stage`, the outbox) and
+move it into the log right after (:meth:`AuditRecorder.drain`); refusals that changed
+nothing are written with :meth:`AuditRecorder.write_admin`. The token endpoint uses
+:meth:`AuditRecorder.record`, a group commit: concurrent exchanges share one
+transaction, and no token leaves the server before its ``token.issued`` event is
+stored -- if the log cannot be written the exchange fails (503).
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from sqlalchemy import Connection
+
 from trustmesh.audit import events as ev
+from trustmesh.audit.log import AuditLog, Record, record_of
 from trustmesh.identity.kubernetes_sa import parse_unverified
-from trustmesh.identity.rfc8693 import Exchanged
-from trustmesh.server.audit import AuditLog, Record, record_of
+from trustmesh.oauth.rfc8693 import Exchanged
 
 log = logging.getLogger("trustmesh.audit")
 
@@ -39,14 +42,39 @@ class AuditRecorder:
         self.failures = 0
 
     # -- synchronous (worker threads) ------------------------------------------------------
-    def write_quietly(self, event: Mapping[str, Any]) -> None:
-        """Append one event now; a failure is logged and counted, not raised (for
-        actions that changed nothing, such as a rejected apply)."""
+    def write_admin(
+        self, type_: str, actor: str, detail: Mapping[str, Any], cluster: str | None = None
+    ) -> None:
+        """Append an action that changed nothing (a rejected apply) now; a failure is
+        logged and counted, not raised."""
+        event = admin_event(self.source, type_, actor_name(actor), detail, cluster)
         try:
             self.audit.append([record_of(event)])
         except Exception:
             self.failures += 1
-            log.exception("could not write %s to the audit log", event.get("type"))
+            log.exception("could not write %s to the audit log", type_)
+
+    def stage(
+        self,
+        conn: Connection,
+        type_: str,
+        actor: str,
+        detail: Mapping[str, Any],
+        cluster: str | None = None,
+    ) -> None:
+        """Record a change inside its own transaction (the outbox, ``AuditLog.stage``):
+        the event exists if and only if the change commits. :meth:`drain` then moves it
+        into the log."""
+        self.audit.stage(conn, admin_event(self.source, type_, actor_name(actor), detail, cluster))
+
+    def drain(self) -> None:
+        """Sequence what the last change staged; on failure the checkpoint loop (of
+        this or any replica) retries, so nothing committed is lost."""
+        try:
+            self.audit.drain_outbox()
+        except Exception:
+            self.failures += 1
+            log.exception("moving staged audit events into the log failed; will retry")
 
     # -- asynchronous group commit ------------------------------------------------------------
     def start(self) -> None:
@@ -107,7 +135,6 @@ def issued_event(
     source: Mapping[str, Any],
     result: Exchanged,
     subject_token: str,
-    audiences: list[str],
     trace_id: str,
     span_id: str,
 ) -> dict[str, Any]:
@@ -127,7 +154,7 @@ def issued_event(
             "kid": result.kid,
             "token_sha256": ev.token_sha256(subject_token),
         },
-        request={"surface": "token", "audience": audiences},
+        request={"surface": "token", "audience": list(result.audiences)},
         detail={
             "issued_token_sha256": ev.token_sha256(str(result.response["access_token"])),
             "expires_in": int(result.response["expires_in"]),
@@ -177,6 +204,14 @@ def exchange_failed_event(
         trace_id=trace_id,
         span_id=span_id,
     )
+
+
+def actor_name(actor: str) -> str:
+    """Actors in audit events: ``admin:NAME`` for people (``--author`` or the admin
+    credential), ``cluster:NAME`` for agents, ``system`` for the server itself."""
+    if actor.startswith(("admin:", "cluster:", "spiffe://")) or actor in ("system", "admin"):
+        return actor[:200]
+    return f"admin:{actor}"[:200]
 
 
 def _short(value: Any) -> str | None:

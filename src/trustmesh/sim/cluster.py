@@ -26,7 +26,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import re
 import secrets
 import time
@@ -45,6 +44,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from trustmesh.common.files import write_atomically
 from trustmesh.common.serving import BackgroundServer
 
 __all__ = ["DISCOVERY_PATH", "JWKS_PATH", "SUPPORTED_ALGS", "SimulatedCluster", "key_id"]
@@ -147,22 +147,6 @@ def _check_name(kind: str, value: str, rule: re.Pattern[str]) -> None:
             f"{kind} name {value!r} is not a valid Kubernetes name "
             "(lowercase letters, digits and '-', starting and ending alphanumeric)"
         )
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically, readable by the owner only (0600)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o600)  # in case the umask or an inherited ACL widened it
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 class SimulatedCluster:
@@ -338,7 +322,7 @@ class SimulatedCluster:
             )
             for key in self._keys
         )
-        _write_private(self.data_dir / _KEYS_FILE, pem)
+        write_atomically(self.data_dir / _KEYS_FILE, pem)
 
     # -- tokens -----------------------------------------------------------------------
 

@@ -864,7 +864,7 @@ class Traffic:
                 pair.target, lease.token, pair.route.call.request(), lease.trace_id
             )
             pair.last_latency_ms = (time.perf_counter() - started) * 1000
-            revision = int(body["revision"])
+            revision = int(body["policy_revision"])
         except Refused as exc:
             self.svids.pop((pair.workload.name, pair.target), None)  # exchange again
             self.refused(pair, lease, exc)

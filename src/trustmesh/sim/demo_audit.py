@@ -30,9 +30,10 @@ import httpx
 
 from trustmesh.audit import events as ev
 from trustmesh.audit.checkpoint import Checkpoint, verify_checkpoint
-from trustmesh.audit.proof import ProofError, verify_consistency, verify_inclusion
+from trustmesh.audit.proof import verify_consistency, verify_inclusion
 from trustmesh.audit.rfc6962 import leaf_hash
 from trustmesh.audit.verify import verify_log
+from trustmesh.common.errors import ProofError
 
 CHECKPOINT_WAIT = 10.0
 

@@ -10,11 +10,8 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from trustmesh.common.errors import DatabaseUrlError
 from trustmesh.storage.migrations import migrate
-
-
-class DatabaseUrlError(ValueError):
-    pass
 
 
 def engine_url(db: str | None, data_dir: Path) -> str:

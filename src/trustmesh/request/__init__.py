@@ -16,12 +16,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from trustmesh.common.errors import RequestError
+
 _TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,32}$")  # RFC 9110 §5.6.2 token
 MAX_FIELD = 1024
-
-
-class RequestError(ValueError):
-    """A request that cannot be evaluated; the message names the field."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,26 +15,36 @@ cluster's keys cannot be fetched."""
 from __future__ import annotations
 
 import secrets
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
+from trustmesh.common.clock import Clock
+from trustmesh.common.errors import (
+    ClusterKeysUnavailable,
+    InvalidGrant,
+    InvalidRequest,
+    InvalidScope,
+    InvalidTarget,
+    InvalidToken,
+    UnauthorizedClient,
+    Unavailable,
+    UnsupportedGrantType,
+)
+from trustmesh.common.urns import JWT_TOKEN_TYPE, TOKEN_EXCHANGE_GRANT
 from trustmesh.identity.keys import MAX_TOKEN_TTL, KeySet
 from trustmesh.identity.kubernetes_sa import (
     ClusterKeyCache,
-    ClusterKeysUnavailable,
     ServiceAccountToken,
     parse_unverified,
     verify_service_account_token,
 )
-from trustmesh.identity.spiffe import cluster_audience
-from trustmesh.identity.svid import InvalidToken, mint_svid
+from trustmesh.identity.svid import mint_svid
 from trustmesh.registry import Registry
+from trustmesh.spiffeid import cluster_audience
 
-GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
-JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"  # noqa: S105 (a URN, not a secret)
+GRANT_TYPE = TOKEN_EXCHANGE_GRANT
 DEFAULT_TTL = 300
 MAX_AUDIENCES = 16
 MAX_AUDIENCE_LENGTH = 512
@@ -52,24 +62,12 @@ KNOWN_PARAMS = frozenset(
 SA_TOKEN_LEEWAY = 30.0
 
 
-class OAuthError(Exception):
-    """An RFC 6749 §5.2 error response. ``description`` never contains a token."""
-
-    def __init__(self, error: str, description: str, status: int = 400) -> None:
-        super().__init__(description)
-        self.error = error
-        self.description = description
-        self.status = status
-
-    def body(self) -> dict[str, str]:
-        return {"error": self.error, "error_description": self.description}
-
-
 @dataclass(frozen=True)
 class Exchanged:
     """The response body plus what audit and metrics need to know (never the token)."""
 
     response: dict[str, Any]
+    audiences: tuple[str, ...]  # the token's aud
     spiffe_id: str
     workload: str
     cluster: str
@@ -86,9 +84,7 @@ def parse_form(body: bytes) -> dict[str, list[str]]:
             text, keep_blank_values=True, strict_parsing=bool(text), max_num_fields=MAX_FORM_FIELDS
         )
     except (UnicodeDecodeError, ValueError):
-        raise OAuthError(
-            "invalid_request", "request body is not a valid form-encoded parameter list"
-        ) from None
+        raise InvalidRequest("request body is not a valid form-encoded parameter list") from None
     return form
 
 
@@ -96,12 +92,10 @@ def _single(form: Mapping[str, list[str]], name: str, required: bool = True) -> 
     values = form.get(name)
     if not values or values == [""]:
         if required:
-            raise OAuthError("invalid_request", f"missing required parameter {name}")
+            raise InvalidRequest(f"missing required parameter {name}")
         return None
     if len(values) > 1:
-        raise OAuthError(
-            "invalid_request", f"parameter {name} must not be repeated (RFC 6749 §3.2)"
-        )
+        raise InvalidRequest(f"parameter {name} must not be repeated (RFC 6749 §3.2)")
     return values[0]
 
 
@@ -117,10 +111,13 @@ class TokenExchange:
         cluster_keys: ClusterKeyCache,
         registry: Callable[[], Registry],
         keyset: Callable[[], KeySet],
+        revoked_until: Callable[[str, str], float | None],
+        clock: Clock,
         default_ttl: int = DEFAULT_TTL,
-        clock: Callable[[], float] = time.time,
-        revoked_until: Callable[[str, str], float | None] = lambda subject, cluster: None,
     ) -> None:
+        """``registry`` and ``keyset`` return the snapshots in force; ``revoked_until``
+        the latest second up to which a (subject, cluster) is revoked, so a token issued
+        right after a revocation does not fall under it."""
         self.issuer = issuer
         self.trust_domain = trust_domain
         self.cluster_keys = cluster_keys
@@ -134,62 +131,52 @@ class TokenExchange:
     def _check_request(self, form: Mapping[str, list[str]]) -> tuple[str, list[str], int | None]:
         grant_type = _single(form, "grant_type")
         if grant_type != GRANT_TYPE:
-            raise OAuthError("unsupported_grant_type", f"grant_type must be {GRANT_TYPE}")
+            raise UnsupportedGrantType(f"grant_type must be {GRANT_TYPE}")
         unknown = sorted(set(form) - KNOWN_PARAMS)
         if unknown:
-            raise OAuthError("invalid_request", f"unknown parameter {unknown[0][:64]!r}")
+            raise InvalidRequest(f"unknown parameter {unknown[0][:64]!r}")
         if form.get("actor_token") or form.get("actor_token_type"):
-            raise OAuthError(
-                "invalid_request", "actor_token (delegation, RFC 8693 §1.1) is not supported"
-            )
+            raise InvalidRequest("actor_token (delegation, RFC 8693 §1.1) is not supported")
         if form.get("scope"):
-            raise OAuthError(
-                "invalid_scope",
+            raise InvalidScope(
                 "scope is not supported: authorization is decided by policy at each cluster",
             )
         subject_token = _single(form, "subject_token")
         assert subject_token is not None
         token_type = _single(form, "subject_token_type")
         if token_type != JWT_TOKEN_TYPE:
-            raise OAuthError("invalid_request", f"subject_token_type must be {JWT_TOKEN_TYPE}")
+            raise InvalidRequest(f"subject_token_type must be {JWT_TOKEN_TYPE}")
         requested = _single(form, "requested_token_type", required=False)
         if requested is not None and requested != JWT_TOKEN_TYPE:
-            raise OAuthError(
-                "invalid_request",
+            raise InvalidRequest(
                 f"requested_token_type must be {JWT_TOKEN_TYPE} (JWT-SVID) when given",
             )
         audiences = [a for a in form.get("audience", []) + form.get("resource", []) if a]
         if not audiences:
-            raise OAuthError(
-                "invalid_request",
+            raise InvalidRequest(
                 "missing required parameter audience (the target, e.g. spiffe://TD/cluster/NAME)",
             )
         lifetime_text = _single(form, "lifetime", required=False)
         lifetime = None
         if lifetime_text is not None:
             if not lifetime_text.isdigit() or not 0 < int(lifetime_text) <= 86400:
-                raise OAuthError("invalid_request", "lifetime must be a positive number of seconds")
+                raise InvalidRequest("lifetime must be a positive number of seconds")
             lifetime = int(lifetime_text)
         return subject_token, audiences, lifetime
 
     def _check_audiences(self, audiences: list[str], registry: Registry) -> list[str]:
         if len(audiences) > MAX_AUDIENCES:
-            raise OAuthError("invalid_target", f"at most {MAX_AUDIENCES} audiences per token")
+            raise InvalidTarget(f"at most {MAX_AUDIENCES} audiences per token")
         unique: list[str] = []
         for audience in audiences:
             if len(audience) > MAX_AUDIENCE_LENGTH:
-                raise OAuthError(
-                    "invalid_target", f"an audience is longer than {MAX_AUDIENCE_LENGTH} characters"
-                )
+                raise InvalidTarget(f"an audience is longer than {MAX_AUDIENCE_LENGTH} characters")
             if audience.startswith(self._cluster_prefix):
                 cluster = audience[len(self._cluster_prefix) :]
                 if cluster not in registry.clusters:
-                    raise OAuthError(
-                        "invalid_target", f"audience {audience} names no registered cluster"
-                    )
+                    raise InvalidTarget(f"audience {audience} names no registered cluster")
             elif audience.startswith("spiffe://"):
-                raise OAuthError(
-                    "invalid_target",
+                raise InvalidTarget(
                     f"audience {audience[:100]} is a SPIFFE ID but not a cluster of trust domain {self.trust_domain}",
                 )
             if audience not in unique:
@@ -197,6 +184,7 @@ class TokenExchange:
         return unique
 
     async def exchange(self, form: Mapping[str, list[str]]) -> Exchanged:
+        now = self.clock()
         subject_token, audiences, lifetime = self._check_request(form)
         registry = self.registry()
         audiences = self._check_audiences(audiences, registry)
@@ -204,48 +192,46 @@ class TokenExchange:
             unverified = parse_unverified(subject_token)
             issuer = unverified.issuer
         except InvalidToken as exc:
-            raise OAuthError("invalid_request", f"subject_token: {exc.description}") from None
+            raise InvalidRequest(f"subject_token: {exc.description}") from None
         cluster_name = registry.cluster_by_issuer.get(issuer)
         if cluster_name is None:
-            raise OAuthError(
-                "invalid_grant",
+            raise InvalidGrant(
                 f"subject_token issuer {issuer[:200]!r} is not a registered cluster",
             )
         cluster = registry.clusters[cluster_name]
         try:
             keys = await self.cluster_keys.keys_for(cluster_name, cluster, unverified.kid)
-            sa = verify_service_account_token(unverified, keys, cluster, SA_TOKEN_LEEWAY)
+            sa = verify_service_account_token(unverified, keys, cluster, SA_TOKEN_LEEWAY, now)
         except ClusterKeysUnavailable as exc:
-            raise OAuthError("temporarily_unavailable", str(exc), status=503) from None
+            raise Unavailable(str(exc)) from None
         except InvalidToken as exc:
-            raise OAuthError(
-                "invalid_grant", f"subject_token from cluster {cluster_name}: {exc.description}"
+            raise InvalidGrant(
+                f"subject_token from cluster {cluster_name}: {exc.description}"
             ) from None
         workload_name = registry.workload_by_selector.get(
             (cluster_name, sa.namespace, sa.service_account)
         )
         if workload_name is None:
-            raise OAuthError(
-                "unauthorized_client",
+            raise UnauthorizedClient(
                 f"no Workload selects service account {sa.namespace}/{sa.service_account} in cluster {cluster_name}",
             )
         workload = registry.workloads[workload_name]
         max_ttl = min(workload.max_token_ttl or MAX_TOKEN_TTL, MAX_TOKEN_TTL)
         ttl = min(lifetime or min(self.default_ttl, max_ttl), max_ttl)
-        now = int(self.clock())
+        issued_at = int(now)
         spiffe_id = registry.spiffe_id_of(workload_name)
         revoked_until = self.revoked_until(spiffe_id, cluster_name)
-        if revoked_until is not None and now <= revoked_until:
+        if revoked_until is not None and issued_at <= revoked_until:
             # A revocation covers tokens issued up to its whole second; a token issued
             # after it must not fall under it (DESIGN §5), so it starts a second later.
-            now = int(revoked_until) + 1
+            issued_at = int(revoked_until) + 1
         claims: dict[str, Any] = {
             "iss": self.issuer,
             "sub": spiffe_id,
             "aud": audiences,
-            "iat": now,
-            "nbf": now,
-            "exp": now + ttl,
+            "iat": issued_at,
+            "nbf": issued_at,
+            "exp": issued_at + ttl,
             "jti": secrets.token_urlsafe(16),
             **workload.claims,
             "cluster": cluster_name,
@@ -261,6 +247,7 @@ class TokenExchange:
                 "token_type": "N_A",
                 "expires_in": ttl,
             },
+            audiences=tuple(audiences),
             spiffe_id=spiffe_id,
             workload=workload_name,
             cluster=cluster_name,

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from trustmesh.identity.rfc8693 import OAuthError
-from trustmesh.identity.svid import InvalidToken, SvidVerifier, VerifiedIdentity
+from trustmesh.common.errors import InvalidRequest, InvalidToken
+from trustmesh.identity.svid import SvidVerifier, VerifiedIdentity
 
 
 def introspect(
@@ -22,9 +22,9 @@ def introspect(
 ) -> dict[str, Any]:
     values = form.get("token")
     if not values or not values[0]:
-        raise OAuthError("invalid_request", "missing required parameter token")
+        raise InvalidRequest("missing required parameter token")
     if len(values) > 1:
-        raise OAuthError("invalid_request", "parameter token must not be repeated (RFC 6749 §3.2)")
+        raise InvalidRequest("parameter token must not be repeated (RFC 6749 §3.2)")
     try:
         identity = verifier.verify(values[0])
     except InvalidToken:

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import re
 
+from trustmesh.common.errors import SpiffeIdError
+
 _TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]{1,255}$")
 _SEGMENT = re.compile(r"^[A-Za-z0-9._-]+$")
-
-
-class SpiffeIdError(ValueError):
-    pass
 
 
 def normalize_trust_domain(value: str) -> str:

@@ -17,7 +17,8 @@ from trustmesh.storage import meta as meta_store
 from trustmesh.storage.schema import revocations
 
 
-def _entry(row: Any) -> Revocation:
+def entry_of_row(row: Any) -> Revocation:
+    """A ``revocations`` row as a Revocation."""
     return Revocation(
         revision=row.revision,
         kind=row.kind,
@@ -70,7 +71,7 @@ class RevocationStore:
             if existing is not None and (
                 kind in ("jti", "key") or existing.revoked_at >= revoked_at
             ):
-                return _entry(existing), False
+                return entry_of_row(existing), False
             revision = meta_store.bump(conn, meta_store.REVOCATION_REVISION)
             entry = Revocation(
                 revision=revision,
@@ -96,7 +97,7 @@ class RevocationStore:
                 .where(revocations.c.revision > revision, revocations.c.expires_at > now)
                 .order_by(revocations.c.revision)
             )
-            return current, [_entry(r) for r in rows]
+            return current, [entry_of_row(r) for r in rows]
 
     def load(self) -> RevocationSet:
         current, entries = self.since(0)

@@ -32,6 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 from sqlalchemy import Connection, and_, delete, insert, select, text
@@ -40,8 +41,17 @@ from trustmesh.audit import events as ev
 from trustmesh.audit.checkpoint import Checkpoint, sign_checkpoint
 from trustmesh.audit.compact import MerkleLog
 from trustmesh.audit.note import verifier_key
-from trustmesh.audit.proof import ProofError
 from trustmesh.audit.rfc6962 import leaf_hash
+from trustmesh.common.errors import (
+    AuditError,
+    EventError,
+    InvalidRequest,
+    LogInconsistent,
+    PayloadTooLarge,
+    ProofError,
+    SequenceConflict,
+    SourceMismatch,
+)
 from trustmesh.identity.sealing import MasterKey
 from trustmesh.storage import Database
 from trustmesh.storage import meta as meta_store
@@ -60,22 +70,7 @@ SIGNING_KEY = "audit_signing_key"
 ORIGIN = "audit_origin"
 VERIFIER_KEY = "audit_verifier_key"
 MAX_PAGE = 1000
-
-
-class AuditError(Exception):
-    """A request to the log that cannot be served (bad range, unknown size...)."""
-
-
-class SequenceConflict(Exception):
-    """A (source, seq) already in the log holds different bytes."""
-
-
-class SourceMismatch(Exception):
-    """A source id already belongs to another cluster."""
-
-
-class LogInconsistent(RuntimeError):
-    """The stored log no longer extends its last signed checkpoint (it was altered)."""
+MAX_INGEST_EVENTS = 1000
 
 
 @dataclass(frozen=True)
@@ -105,6 +100,45 @@ def record_of(event: Mapping[str, Any]) -> Record:
     leaf = ev.check_event(event)
     source, seq = ev.source_key(event)
     return Record(event, leaf, source, seq)
+
+
+def agent_records(body: bytes, cluster: str | None) -> list[Record]:
+    """An agent's batch, ``{"events": [...]}``, as records ready to sequence; or
+    InvalidRequest naming each problem. An agent may write only ``authz.decision``
+    events, and only of its own ``cluster`` (None: the admin, any cluster)."""
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise InvalidRequest("body is not valid JSON") from None
+    items = document.get("events") if isinstance(document, dict) else None
+    if not isinstance(items, list) or not items:
+        raise InvalidRequest('body must be {"events": [event, ...]}')
+    if len(items) > MAX_INGEST_EVENTS:
+        raise PayloadTooLarge(
+            f"at most {MAX_INGEST_EVENTS} events per request", error="too_many_events"
+        )
+    records: list[Record] = []
+    problems: list[str] = []
+    for i, item in enumerate(items):
+        try:
+            record = record_of(item)
+        except EventError as exc:
+            problems.append(f"events[{i}]: {exc}")
+            continue
+        if item["source"]["kind"] != "agent" or item["type"] not in ev.AGENT_TYPES:
+            problems.append(f"events[{i}]: an agent may only send authz.decision events")
+            continue
+        if cluster is not None and item.get("cluster") != cluster:
+            raise SourceMismatch(
+                f"events[{i}] is for cluster {item.get('cluster')!r}; this credential is for "
+                f"cluster {cluster}"
+            )
+        records.append(record)
+    if problems:
+        raise InvalidRequest(
+            f"{len(problems)} event(s) are invalid", error="invalid_event", problems=problems[:100]
+        )
+    return records
 
 
 def _take_sequencer_lock(conn: Connection) -> None:

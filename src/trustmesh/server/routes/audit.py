@@ -4,45 +4,31 @@ send their spooled events with their cluster credential."""
 from __future__ import annotations
 
 import base64
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
-import orjson
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from trustmesh.audit import events as ev
-from trustmesh.audit.canonical import CanonicalError, parse_time
-from trustmesh.server.audit import (
-    MAX_PAGE,
-    AuditError,
-    AuditLog,
-    LogInconsistent,
-    Record,
-    SequenceConflict,
-    SourceMismatch,
-    record_of,
-)
-from trustmesh.server.credentials import Principal
-from trustmesh.server.http import BadRequest, error_response, read_body, require_content_type
+from trustmesh.audit.canonical import parse_time
+from trustmesh.audit.log import MAX_PAGE, AuditLog, agent_records
+from trustmesh.common.errors import CanonicalError, InvalidRequest, Unavailable
+from trustmesh.common.http import NO_STORE, read_body, require_content_type
+from trustmesh.server.routes._auth import Callers
 
-MAX_INGEST_EVENTS = 1000
 MAX_INGEST_BODY = 8 * 1024 * 1024
-NO_STORE = {"Cache-Control": "no-store"}
-
-Authenticate = Callable[..., Awaitable[Principal]]
 
 
 def _int(request: Request, name: str, default: int | None = None) -> int:
     raw = request.query_params.get(name)
     if raw is None or raw == "":
         if default is None:
-            raise BadRequest(400, "invalid_request", f"query parameter {name} is required")
+            raise InvalidRequest(f"query parameter {name} is required")
         return default
     if not raw.isdigit() or len(raw) > 18:
-        raise BadRequest(400, "invalid_request", f"{name} must be a non-negative integer")
+        raise InvalidRequest(f"{name} must be a non-negative integer")
     return int(raw)
 
 
@@ -61,61 +47,17 @@ QUERY_FILTERS = {
 }
 
 
-def parse_ingest(body: bytes, principal: Principal) -> list[Record]:
-    """``{"events": [...]}`` from an agent -> records, or BadRequest naming each problem.
-    An agent may write only ``authz.decision`` events of its own cluster."""
-    try:
-        document = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise BadRequest(400, "invalid_request", "body is not valid JSON") from None
-    items = document.get("events") if isinstance(document, dict) else None
-    if not isinstance(items, list) or not items:
-        raise BadRequest(400, "invalid_request", 'body must be {"events": [event, ...]}')
-    if len(items) > MAX_INGEST_EVENTS:
-        raise BadRequest(413, "too_many_events", f"at most {MAX_INGEST_EVENTS} events per request")
-    records: list[Record] = []
-    problems: list[str] = []
-    for i, item in enumerate(items):
-        try:
-            record = record_of(item)
-        except ev.EventError as exc:
-            problems.append(f"events[{i}]: {exc}")
-            continue
-        if item["source"]["kind"] != "agent" or item["type"] not in ev.AGENT_TYPES:
-            problems.append(f"events[{i}]: an agent may only send authz.decision events")
-            continue
-        if not principal.is_admin and item.get("cluster") != principal.cluster:
-            raise BadRequest(
-                403,
-                "insufficient_scope",
-                f"events[{i}] is for cluster {item.get('cluster')!r}; this credential is for "
-                f"cluster {principal.cluster}",
-            )
-        records.append(record)
-    if problems:
-        raise BadRequest(
-            400, "invalid_event", f"{len(problems)} event(s) are invalid", problems=problems[:100]
-        )
-    return records
-
-
-def audit_routes(
-    audit: AuditLog, authenticate: Authenticate, stopping: Callable[[], bool]
-) -> list[Route]:
+def routes(audit: AuditLog, callers: Callers, stopping: Callable[[], bool]) -> list[Route]:
     async def ingest(request: Request) -> Response:
-        principal = await authenticate(request, admin_only=False)
+        """An agent's batch of spooled events (its cluster credential; the admin's for
+        any cluster)."""
+        principal = await callers.principal(request)
         require_content_type(request, "application/json")
         if stopping():
-            return error_response(503, "stopping", "the control plane is shutting down; retry")
-        records = parse_ingest(await read_body(request, MAX_INGEST_BODY), principal)
-        try:
-            result = await run_in_threadpool(audit.append, records)
-        except SequenceConflict as exc:
-            return error_response(409, "sequence_conflict", str(exc))
-        except SourceMismatch as exc:
-            return error_response(403, "insufficient_scope", str(exc))
-        except LogInconsistent as exc:
-            return error_response(503, "log_inconsistent", str(exc))
+            raise Unavailable("the control plane is shutting down; retry", error="stopping")
+        body = await read_body(request, MAX_INGEST_BODY)
+        records = agent_records(body, None if principal.is_admin else principal.cluster)
+        result = await run_in_threadpool(audit.append, records)
         return JSONResponse(
             {
                 "accepted": result.accepted - len(result.gaps),
@@ -126,16 +68,16 @@ def audit_routes(
         )
 
     async def checkpoint(request: Request) -> Response:
-        await authenticate(request)
+        await callers.admin(request)
         note = await run_in_threadpool(audit.latest_checkpoint)
         return PlainTextResponse(note, headers=NO_STORE)
 
     async def key(request: Request) -> Response:
-        await authenticate(request)
+        await callers.admin(request)
         return PlainTextResponse(audit.verifier_key + "\n")
 
     async def checkpoints(request: Request) -> Response:
-        await authenticate(request)
+        await callers.admin(request)
         after = request.query_params.get("after", "")
         found = await run_in_threadpool(
             audit.checkpoints, -1 if after == "" else _int(request, "after")
@@ -143,35 +85,26 @@ def audit_routes(
         return JSONResponse({"checkpoints": found}, headers=NO_STORE)
 
     async def inclusion(request: Request) -> Response:
-        await authenticate(request)
+        await callers.admin(request)
         index, size = _int(request, "index"), _int(request, "size")
-        try:
-            hashes = await run_in_threadpool(audit.inclusion, index, size)
-        except AuditError as exc:
-            return error_response(400, "invalid_request", str(exc))
+        hashes = await run_in_threadpool(audit.inclusion, index, size)
         return JSONResponse({"leaf_index": index, "tree_size": size, "hashes": _b64(hashes)})
 
     async def consistency(request: Request) -> Response:
-        await authenticate(request)
+        await callers.admin(request)
         first, second = _int(request, "first"), _int(request, "second")
-        try:
-            hashes = await run_in_threadpool(audit.consistency, first, second)
-        except AuditError as exc:
-            return error_response(400, "invalid_request", str(exc))
+        hashes = await run_in_threadpool(audit.consistency, first, second)
         return JSONResponse({"first": first, "second": second, "hashes": _b64(hashes)})
 
     async def entries(request: Request) -> Response:
-        await authenticate(request)
+        await callers.admin(request)
         start = _int(request, "start")
         end = _int(request, "end", start + MAX_PAGE)
-        try:
-            found = await run_in_threadpool(audit.entries, start, end)
-        except AuditError as exc:
-            return error_response(400, "invalid_request", str(exc))
+        found = await run_in_threadpool(audit.entries, start, end)
         return JSONResponse({"entries": found}, headers=NO_STORE)
 
     async def query(request: Request) -> Response:
-        await authenticate(request)
+        await callers.admin(request)
         params = request.query_params
         filters: dict[str, str] = {}
         for name, column in QUERY_FILTERS.items():
@@ -179,18 +112,18 @@ def audit_routes(
             if value:
                 filters[column] = value[:512]
         if filters.get("decision") not in (None, "allow", "deny"):
-            raise BadRequest(400, "invalid_request", "decision must be allow or deny")
+            raise InvalidRequest("decision must be allow or deny")
         for bound in ("since", "until"):
             value = params.get(bound)
             if value:
                 try:
                     parse_time(value)
                 except CanonicalError as exc:
-                    raise BadRequest(400, "invalid_request", f"{bound}: {exc}") from None
+                    raise InvalidRequest(f"{bound}: {exc}") from None
                 filters[bound] = value
         unknown = sorted(set(params) - set(QUERY_FILTERS) - {"since", "until", "after", "limit"})
         if unknown:
-            raise BadRequest(400, "invalid_request", f"unknown query parameter {unknown[0]!r}")
+            raise InvalidRequest(f"unknown query parameter {unknown[0]!r}")
         after = params.get("after")
         found, cursor = await run_in_threadpool(
             audit.query,
@@ -201,7 +134,7 @@ def audit_routes(
         return JSONResponse({"entries": found, "next": cursor}, headers=NO_STORE)
 
     async def sources(request: Request) -> Response:
-        await authenticate(request)
+        await callers.admin(request)
         found: list[dict[str, Any]] = await run_in_threadpool(audit.sources)
         return JSONResponse({"sources": found}, headers=NO_STORE)
 

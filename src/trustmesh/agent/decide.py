@@ -1,0 +1,237 @@
+"""The agent's one decision pipeline (DESIGN §1, §4).
+
+Every question any surface asks — the JSON authorize API, Envoy ext_authz, the
+Kubernetes TokenReview and SubjectAccessReview webhooks — goes through the same steps,
+in this order, on one clock reading:
+
+1. **authenticate** the credential: the verified-token cache, else the JWT-SVID
+   verifier; a token naming an unknown ``kid`` triggers one rate-limited refresh of the
+   key set and one retry (``agent/authn.py``);
+2. **refuse what is revoked** — the token, its subject, cluster or key — and, in strict
+   mode, every identity while the revocation list is staler than its bound
+   (``agent/revocations.py``);
+3. **decide** with the engine of the cluster's verified policy bundle: deny overrides
+   allow, no allow is deny (``policy/engine.py``);
+4. **audit**: the ``authz.decision`` event is in the spool before the answer leaves;
+   when it cannot be written, :class:`~trustmesh.common.errors.AuditUnavailable`
+   (answered 503) replaces the answer (``agent/audit.py``);
+5. **count** it in the metrics.
+
+A surface parses its own format, opens the span, calls one method here and renders
+the :class:`Outcome` in its own format. Authentication and authorization meet only at
+the :class:`~trustmesh.identity.svid.VerifiedIdentity`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+from trustmesh.agent.audit import DecisionAudit
+from trustmesh.agent.authn import Authenticator
+from trustmesh.agent.metrics import AgentMetrics
+from trustmesh.agent.policy import PolicyHolder
+from trustmesh.agent.revocations import RevocationHolder
+from trustmesh.common.clock import Clock
+from trustmesh.common.errors import InvalidToken, NotReady
+from trustmesh.common.tracing import Span, Tracing
+from trustmesh.identity.svid import VerifiedIdentity
+from trustmesh.policy.engine import Decision, Engine
+from trustmesh.request import Request
+
+# The surfaces, as audit events and spans name them.
+AUTHORIZE = "authorize"
+EXT_AUTHZ = "ext_authz"
+TOKEN_REVIEW = "tokenreview"  # noqa: S105 (a surface name, not a secret)
+ACCESS_REVIEW = "subjectaccessreview"
+SURFACES = (AUTHORIZE, EXT_AUTHZ, TOKEN_REVIEW, ACCESS_REVIEW)
+
+SPAN_NAME = "authz.decision"
+_SPAN_ATTRIBUTES = {surface: {"trustmesh.surface": surface} for surface in SURFACES}
+NO_BUNDLE = "the agent has no verified policy bundle yet"
+
+RefreshKeys = Callable[[], Awaitable[bool]]
+"""Ask for the control plane's key set now; whether a refresh happened."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The answer to an authorization question: an engine decision about a verified
+    identity, or the reason the credential did not authenticate."""
+
+    identity: VerifiedIdentity | None
+    decision: Decision | None
+    refusal: InvalidToken | None
+
+    @property
+    def allowed(self) -> bool:
+        return self.decision is not None and self.decision.allowed
+
+
+@dataclass(frozen=True, slots=True)
+class TokenOutcome:
+    """The answer to a TokenReview. ``audiences``: those the API server asked for that
+    the token carries; a token that verifies but carries none of them does not
+    authenticate."""
+
+    identity: VerifiedIdentity | None
+    refusal: InvalidToken | None
+    audiences: tuple[str, ...]
+    authenticated: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AccessOutcome:
+    """The answer to a SubjectAccessReview: the engine's decision about a registered
+    identity, or None (no opinion: not a registered trustmesh identity)."""
+
+    decision: Decision | None
+    policy_revision: int
+
+
+def registered_claims(engine: Engine, username: str) -> Mapping[str, Any] | None:
+    """The claims the policy evaluates for a SubjectAccessReview's user: those of the
+    registered identity whose SPIFFE ID is the username, from the bundle's inventory
+    (what the compiler derived from the Workload entry), or None for anyone else.
+
+    Only ``spec.user`` is trusted, and only as a key into the inventory. ``spec.groups``
+    and ``spec.extra`` are never read as claims: the API server fills them from
+    whatever authenticated the request, and a user allowed to impersonate can set them
+    freely (``Impersonate-Group``, ``Impersonate-Extra-<key>`` headers) — taking
+    ``project`` or ``environment`` from ``extra`` would let such a caller pick the
+    claims its policy is evaluated with. The username alone is as strong as a native
+    RBAC ``User`` subject; impersonating a user needs ``impersonate`` on that very
+    user name."""
+    entry = engine.identities.get(username) if username else None
+    if entry is None:
+        return None
+    claims = entry.get("claims")
+    return claims if isinstance(claims, Mapping) else {}
+
+
+def token_audiences(identity: VerifiedIdentity) -> list[str]:
+    carried = identity.claims.get("aud")
+    return [carried] if isinstance(carried, str) else list(carried or ())
+
+
+class Decider:
+    """The pipeline above, over the agent's state. Every dependency is given here, none
+    is optional and none is set after construction."""
+
+    def __init__(
+        self,
+        *,
+        authn: Authenticator,
+        refresh_keys: RefreshKeys,
+        revocations: RevocationHolder,
+        policy: PolicyHolder,
+        audit: DecisionAudit,
+        metrics: AgentMetrics,
+        tracing: Tracing,
+        clock: Clock,
+    ) -> None:
+        self.authn = authn
+        self.refresh_keys = refresh_keys
+        self.revocations = revocations
+        self.policy = policy
+        self.audit = audit
+        self.metrics = metrics
+        self.tracing = tracing
+        self.clock = clock
+
+    def span(self, surface: str, traceparent: str | None) -> AbstractContextManager[Span]:
+        """The ``authz.decision`` span of one question, continuing the caller's trace."""
+        return self.tracing.span(SPAN_NAME, traceparent, _SPAN_ATTRIBUTES[surface])
+
+    def _engine(self) -> Engine:
+        engine = self.policy.engine
+        if engine is None:
+            raise NotReady(NO_BUNDLE)
+        return engine
+
+    async def _authenticate(self, token: str, now: float) -> VerifiedIdentity:
+        """Steps 1 and 2; InvalidToken says why not."""
+        try:
+            identity = self.authn.authenticate(token, now)
+        except InvalidToken as exc:
+            if exc.reason != "unknown_kid" or not await self.refresh_keys():
+                raise
+            identity = self.authn.authenticate(token, now)  # with the refreshed key set
+        self.revocations.check(identity, now)
+        return identity
+
+    def _refused(
+        self,
+        span: Span,
+        asked: Mapping[str, Any],
+        token: str | None,
+        exc: InvalidToken,
+        revision: int | None,
+    ) -> None:
+        self.metrics.authentications.labels(exc.reason).inc()
+        span.set("trustmesh.allowed", False)
+        self.audit.unauthenticated(span, asked, token, exc.reason, revision)
+
+    async def decide(
+        self, credential: str | None, request: Request, surface: str, span: Span
+    ) -> Outcome:
+        """A bearer token (None: the caller presented none) and what it asks for ->
+        the outcome. Raises NotReady before the first verified bundle."""
+        engine = self._engine()
+        asked = {"surface": surface, **request.to_json()}
+        try:
+            if credential is None:
+                raise InvalidToken("missing_token", "no Authorization: Bearer token")
+            identity = await self._authenticate(credential, self.clock())
+        except InvalidToken as exc:
+            self._refused(span, asked, credential, exc, engine.revision)
+            return Outcome(None, None, exc)
+        self.metrics.authentications.labels("ok").inc()
+        decision = engine.decide(identity.spiffe_id, identity.claims, request)
+        span.set("trustmesh.allowed", decision.allowed)
+        span.set("trustmesh.decision_id", decision.decision_id)
+        self.audit.decided(span, asked, identity, credential, decision)
+        self.metrics.decisions.labels("allow" if decision.allowed else "deny").inc()
+        return Outcome(identity, decision, None)
+
+    async def review_token(
+        self, token: str, audiences: tuple[str, ...], span: Span
+    ) -> TokenOutcome:
+        """A TokenReview: does the token authenticate, for one of ``audiences`` when
+        the API server names any? Raises NotReady while the agent has no keys."""
+        engine = self.policy.engine
+        revision = engine.revision if engine is not None else None
+        asked = {"surface": TOKEN_REVIEW, "audiences": list(audiences) or None}
+        try:
+            identity = await self._authenticate(token, self.clock())
+        except InvalidToken as exc:
+            if exc.reason == "not_ready":
+                raise NotReady(exc.description) from None
+            self._refused(span, asked, token, exc, revision)
+            return TokenOutcome(None, exc, (), False)
+        carried = token_audiences(identity)
+        shared = tuple(a for a in audiences if a in carried)
+        authenticated = not audiences or bool(shared)
+        span.set("trustmesh.allowed", authenticated)
+        self.audit.token_reviewed(span, asked, identity, token, authenticated, revision)
+        self.metrics.authentications.labels("ok" if authenticated else "audience_mismatch").inc()
+        return TokenOutcome(identity, None, shared, authenticated)
+
+    def review_access(self, user: str, request: Request, span: Span) -> AccessOutcome:
+        """A SubjectAccessReview of ``user`` (the API server authenticated it): the
+        engine decides for a registered identity, with the claims the registry gives it
+        (:func:`registered_claims`); anyone else gets no opinion. Raises NotReady
+        before the first verified bundle."""
+        engine = self._engine()
+        asked = {"surface": ACCESS_REVIEW, "user": user or None, **request.to_json()}
+        claims = registered_claims(engine, user)
+        decision = None
+        if claims is not None:
+            decision = engine.decide(user, claims, request)
+            self.metrics.decisions.labels("allow" if decision.allowed else "deny").inc()
+            span.set("trustmesh.decision_id", decision.decision_id)
+        span.set("trustmesh.allowed", decision is not None and decision.allowed)
+        self.audit.access_reviewed(span, asked, engine, user, claims, decision)
+        return AccessOutcome(decision, engine.revision)

@@ -1,0 +1,93 @@
+"""Failover over several control-plane URLs, shared by every client of the control
+plane (agent, sidecar, SDK): the URLs are tried in order, starting with the one that
+answered last, until one gives an answer. A connection error, a timeout, or an answer
+the attempt marks :class:`TryNext` (a 5xx, a 429, a server that is stopping) moves on to
+the next URL; any other exception ends the round at once, since asking another replica
+of the same control plane would get the same answer. When no URL answers,
+:class:`~trustmesh.common.errors.Unreachable` lists what each one did.
+
+What to do after a failed round (wait, back off) is the caller's: see
+:class:`trustmesh.common.backoff.Backoff`."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+import httpx
+
+from trustmesh.common.errors import Unreachable
+
+T = TypeVar("T")
+
+
+class TryNext(Exception):
+    """Raised by an attempt: this URL failed in a way the next one may not."""
+
+
+def normalise_urls(urls: Sequence[str] | str) -> list[str]:
+    """``https://a,https://b`` or a list of them -> ``["https://a", "https://b"]``."""
+    if isinstance(urls, str):
+        urls = [urls]
+    found = [
+        part.strip().rstrip("/") for entry in urls for part in entry.split(",") if part.strip()
+    ]
+    if not found:
+        raise ValueError("at least one control-plane URL is needed")
+    for url in found:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"control-plane URL {url!r} must start with http:// or https://")
+    return found
+
+
+def describe(url: str, exc: BaseException) -> str:
+    """One failure, for the list in Unreachable (never a response body's secrets: the
+    exception text of httpx names the URL and the error, nothing more)."""
+    if isinstance(exc, TryNext):
+        return f"{url}: {exc}"
+    return f"{url}: {exc.__class__.__name__}: {exc}".rstrip(": ")
+
+
+class Failover:
+    """The URLs of one control plane and which of them answered last."""
+
+    def __init__(self, urls: Sequence[str] | str) -> None:
+        self.urls = normalise_urls(urls)
+        self._preferred = 0
+
+    @property
+    def preferred(self) -> str:
+        return self.urls[self._preferred]
+
+    def order(self) -> list[str]:
+        start = self._preferred
+        return self.urls[start:] + self.urls[:start]
+
+    def _answered(self, url: str) -> None:
+        self._preferred = self.urls.index(url)
+
+    async def run(self, attempt: Callable[[str], Awaitable[T]]) -> T:
+        """``await attempt(url)`` on each URL in turn; the first result wins."""
+        problems: list[str] = []
+        for url in self.order():
+            try:
+                result = await attempt(url)
+            except (httpx.HTTPError, TryNext) as exc:
+                problems.append(describe(url, exc))
+                continue
+            self._answered(url)
+            return result
+        raise Unreachable("; ".join(problems))
+
+    def run_sync(self, attempt: Callable[[str], T]) -> T:
+        """:meth:`run` for threaded code."""
+        problems: list[str] = []
+        for url in self.order():
+            try:
+                result = attempt(url)
+            except (httpx.HTTPError, TryNext) as exc:
+                problems.append(describe(url, exc))
+                continue
+            self._answered(url)
+            return result
+        raise Unreachable("; ".join(problems))

@@ -1,0 +1,119 @@
+"""HTTP plumbing shared by every trustmesh app (control plane, agent): bounded body
+reading, bearer credentials, and the one exception handler map that answers every
+:class:`~trustmesh.common.errors.TrustmeshError` with its status and JSON body, and
+anything else with a 500 that says nothing of the inside. Handlers stay thin: parse,
+call one function, render."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from trustmesh.common.errors import InvalidRequest, PayloadTooLarge, TrustmeshError
+
+log = logging.getLogger("trustmesh.http")
+
+MAX_FORM_BODY = 64 * 1024
+MAX_JSON_BODY = 4 * 1024 * 1024
+NO_STORE = {"Cache-Control": "no-store"}
+
+
+def error_response(
+    status: int, error: str, description: str, headers: dict[str, str] | None = None, **extra: Any
+) -> JSONResponse:
+    """``{"error": code, "error_description": text, …}``, never cached; a 401 carries
+    its RFC 6750 §3 challenge."""
+    merged = {**NO_STORE, **(headers or {})}
+    if status == 401:
+        merged.setdefault("WWW-Authenticate", f'Bearer error="{error}"')
+    return JSONResponse(
+        {"error": error, "error_description": description, **extra}, status, headers=merged
+    )
+
+
+def render_error(exc: TrustmeshError) -> JSONResponse:
+    headers = {**NO_STORE, **exc.headers}
+    if exc.status == 401:
+        headers.setdefault("WWW-Authenticate", f'Bearer error="{exc.error}"')
+    return JSONResponse(exc.to_json(), exc.status, headers=headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """Read at most ``limit`` bytes; refuse larger bodies from the Content-Length header
+    or, failing that, as soon as the stream passes the limit (no parsing work first)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise InvalidRequest("Content-Length is not a number")
+        if int(declared) > limit:
+            raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def require_content_type(request: Request, expected: str) -> None:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != expected:
+        raise InvalidRequest(f"Content-Type must be {expected}")
+
+
+async def read_json(request: Request, limit: int = MAX_JSON_BODY) -> dict[str, Any]:
+    require_content_type(request, "application/json")
+    body = await read_body(request, limit)
+    try:
+        document = json.loads(body)
+    except ValueError:
+        raise InvalidRequest("request body is not valid JSON") from None
+    if not isinstance(document, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    return document
+
+
+def bearer_token(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return None
+    return value.strip()
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    return error_response(
+        404, "not_found", f"no such endpoint: {request.method} {request.url.path}"
+    )
+
+
+async def _method_not_allowed(request: Request, exc: Exception) -> Response:
+    return error_response(
+        405, "method_not_allowed", f"{request.method} is not allowed on {request.url.path}"
+    )
+
+
+async def _trustmesh_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, TrustmeshError)
+    if exc.status >= 500:
+        log.warning("%s %s: %s", request.method, request.url.path, exc.description)
+    return render_error(exc)
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    return error_response(500, "server_error", "internal error; the server logged the details")
+
+
+EXCEPTION_HANDLERS: dict[Any, Any] = {
+    404: _not_found,
+    405: _method_not_allowed,
+    TrustmeshError: _trustmesh_error,
+    Exception: _server_error,
+}
+"""The one exception handler map of every app."""

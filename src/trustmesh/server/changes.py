@@ -1,0 +1,224 @@
+"""Changes to the registry and the policy: ``trustmesh apply`` and ``policy rollback``
+(DESIGN §3).
+
+An apply validates every document, plans the registry and the policy together, and
+runs the gate (``policy/gate.py``: every cluster's bundle compiled, every PolicyTest
+decided) on the candidate; only if all of that passes are both written, in one
+transaction that also stages the audit events describing them — ``admin.apply`` for
+registry changes, ``policy.published`` for a new policy version — so no change is
+committed without its event. A refused change writes nothing and is recorded as
+``policy.rejected``; dry runs are not recorded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection
+
+from trustmesh.audit import events as ev
+from trustmesh.common.errors import (
+    ManifestError,
+    NotFound,
+    PolicyTestFailed,
+)
+from trustmesh.manifests import POLICY_KINDS, REGISTRY_KINDS, Document, Problem, parse_text
+from trustmesh.policy.catalog import PolicyCatalog, documents_of
+from trustmesh.policy.gate import gate
+from trustmesh.policy.testing import CaseResult
+from trustmesh.registry import AppliedChange, RegistryStore
+from trustmesh.server.recorder import AuditRecorder
+from trustmesh.server.snapshots import Snapshots
+from trustmesh.storage import Database
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    registry_revision: int
+    policy_revision: int
+    changes: list[AppliedChange]
+    tests: list[CaseResult]
+    dry_run: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "revision": self.registry_revision,
+            "registryRevision": self.registry_revision,
+            "policyRevision": self.policy_revision,
+            "dryRun": self.dry_run,
+            "changes": [c.as_dict() for c in self.changes],
+            "tests": {"passed": sum(r.passed for r in self.tests), "total": len(self.tests)},
+        }
+
+
+def _duplicates(documents: list[Document]) -> list[Problem]:
+    """The same object defined twice across the files of one apply."""
+    seen: dict[tuple[str, str], Document] = {}
+    problems = []
+    for doc in documents:
+        first = seen.setdefault((doc.kind, doc.name), doc)
+        if first is not doc:
+            problems.append(
+                Problem(
+                    doc.path,
+                    doc.line,
+                    "metadata.name",
+                    f"{doc.kind} {doc.name} is also defined at {first.path}:{first.line}",
+                )
+            )
+    return problems
+
+
+def parse_documents(files: list[tuple[str, str]]) -> list[Document]:
+    """Every document of every file, or one ManifestError with every problem found."""
+    documents = []
+    problems = []
+    for path, content in files:
+        try:
+            documents.extend(parse_text(content, path))
+        except ManifestError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise ManifestError(problems)
+    duplicates = _duplicates(documents)
+    if duplicates:
+        raise ManifestError(duplicates)
+    return documents
+
+
+class Changes:
+    """Apply and rollback, recorded in the audit log (blocking: the HTTP layer runs
+    them in a thread)."""
+
+    def __init__(
+        self,
+        db: Database,
+        registry_store: RegistryStore,
+        catalog: PolicyCatalog,
+        snapshots: Snapshots,
+        recorder: AuditRecorder,
+    ) -> None:
+        self.db = db
+        self.registry_store = registry_store
+        self.catalog = catalog
+        self.snapshots = snapshots
+        self.recorder = recorder
+
+    def apply(
+        self, files: list[tuple[str, str]], actor: str, dry_run: bool = False, message: str = ""
+    ) -> ApplyResult:
+        """Raises ManifestError, RegistryConflict, PolicyError or PolicyTestFailed,
+        having written nothing."""
+        try:
+            result = self._apply(files, actor, dry_run, message)
+        except Exception as exc:
+            if not dry_run:
+                self._record_refusal(actor, "apply", exc, [path for path, _ in files])
+            raise
+        if not dry_run:
+            self.recorder.drain()
+        return result
+
+    def _apply(
+        self, files: list[tuple[str, str]], actor: str, dry_run: bool, message: str
+    ) -> ApplyResult:
+        documents = parse_documents(files)
+        registry_docs = [d for d in documents if d.kind in REGISTRY_KINDS]
+        policy_docs = [d for d in documents if d.kind in POLICY_KINDS]
+        with self.db.engine.begin() as conn:
+            registry_plan, candidate = self.registry_store.plan(conn, registry_docs)
+            policy_plan = self.catalog.plan(conn, policy_docs)
+            next_policy = self.catalog.current(conn).revision + (1 if policy_plan.changed else 0)
+            tests: list[CaseResult] = []
+            if registry_plan.changed or policy_plan.changed:
+                tests = gate(policy_plan.policy, candidate, next_policy)
+            result = ApplyResult(
+                registry_revision=candidate.revision,
+                policy_revision=next_policy,
+                changes=registry_plan.changes + policy_plan.changes,
+                tests=tests,
+                dry_run=dry_run,
+            )
+            if dry_run:
+                conn.rollback()
+                return result
+            if registry_plan.changed:
+                self.registry_store.write(conn, registry_plan, actor)
+            if policy_plan.changed:
+                self.catalog.write(conn, policy_plan, actor, message)
+            self._stage_applied(conn, actor, result, message, "apply")
+        self.snapshots.refresh()
+        return result
+
+    def rollback(self, revision: int, actor: str, message: str) -> ApplyResult:
+        """A new version equal to ``revision`` (its tests run again, on today's
+        registry), recorded like :meth:`apply`."""
+        try:
+            result = self._rollback(revision, actor, message or f"rollback to revision {revision}")
+        except Exception as exc:
+            self._record_refusal(actor, f"rollback:{revision}", exc, [])
+            raise
+        self.recorder.drain()
+        return result
+
+    def _rollback(self, revision: int, actor: str, message: str) -> ApplyResult:
+        target = self.catalog.get(revision)
+        if target is None:
+            raise NotFound(f"policy revision {revision} does not exist")
+        with self.db.engine.begin() as conn:
+            plan = self.catalog.plan(conn, documents_of(target), replace=True)
+            registry = self.registry_store.load(conn)
+            current = self.catalog.current(conn).revision
+            if not plan.changed:
+                return ApplyResult(registry.revision, current, [], [], False)
+            tests = gate(plan.policy, registry, current + 1)
+            via = f"rollback:{revision}"
+            new_revision = self.catalog.write(conn, plan, actor, message, via)
+            changes = [AppliedChange(c["kind"], c["name"], c["action"]) for c in plan.diff]
+            result = ApplyResult(registry.revision, new_revision, changes, tests, False)
+            self._stage_applied(conn, actor, result, message, via)
+        self.snapshots.refresh()
+        return result
+
+    def _record_refusal(self, actor: str, via: str, exc: Exception, files: list[str]) -> None:
+        """``policy.rejected`` for a change refused for what it is (not for a crash)."""
+        if not isinstance(exc, ValueError | LookupError | PolicyTestFailed):
+            return
+        problems = getattr(exc, "problems", None) or []
+        detail: dict[str, Any] = {
+            "via": via,
+            "error": type(exc).__name__,
+            "message": str(exc)[:1000],
+            "problems": [str(p)[:500] for p in problems[:50]],
+            "files": files[:50] or None,
+        }
+        if isinstance(exc, PolicyTestFailed):
+            detail["failed_tests"] = [r.describe()[:500] for r in exc.failed[:50]]
+        self.recorder.write_admin(ev.POLICY_REJECTED, actor, detail)
+
+    def _stage_applied(
+        self, conn: Connection, actor: str, result: ApplyResult, message: str, via: str
+    ) -> None:
+        changed = [c for c in result.changes if c.action != "unchanged"]
+        registry_changes = [c.as_dict() for c in changed if c.kind in REGISTRY_KINDS]
+        policy_changes = [c.as_dict() for c in changed if c.kind in POLICY_KINDS]
+        if registry_changes:
+            self.recorder.stage(
+                conn,
+                "admin.apply",
+                actor,
+                {"registry_revision": result.registry_revision, "changes": registry_changes},
+            )
+        if policy_changes:
+            self.recorder.stage(
+                conn,
+                ev.POLICY_PUBLISHED,
+                actor,
+                {
+                    "policy_revision": result.policy_revision,
+                    "via": via,
+                    "message": message[:2000] or None,
+                    "changes": policy_changes,
+                    "tests_passed": len(result.tests),
+                },
+            )

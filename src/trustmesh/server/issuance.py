@@ -1,0 +1,77 @@
+"""Issuance at the token endpoint (DESIGN §2, §6): one RFC 8693 exchange, traced and
+audited. Every outcome is an audit event; a token leaves only once its ``token.issued``
+event is stored (group commit, ``server/recorder.py``), and when the log cannot be
+written the exchange fails with 503 rather than issue an unaudited token."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Any
+
+from trustmesh.common.errors import TrustmeshError, Unavailable
+from trustmesh.common.tracing import Tracing
+from trustmesh.oauth.rfc8693 import TokenExchange, parse_form
+from trustmesh.server.metrics import ServerMetrics
+from trustmesh.server.recorder import AuditRecorder, exchange_failed_event, issued_event
+
+SPAN_NAME = "token.exchange"
+
+
+@dataclass(frozen=True)
+class Issued:
+    response: dict[str, Any]  # the RFC 8693 §2.2.1 response body
+    traceparent: str  # the exchange's span, for the caller to continue the trace
+
+
+class Issuance:
+    def __init__(
+        self,
+        exchange: TokenExchange,
+        recorder: AuditRecorder,
+        tracing: Tracing,
+        metrics: ServerMetrics,
+    ) -> None:
+        self.exchange = exchange
+        self.recorder = recorder
+        self.tracing = tracing
+        self.metrics = metrics
+
+    async def issue(self, body: Awaitable[bytes], traceparent: str | None) -> Issued:
+        """Read the form-encoded ``body``, exchange, audit. Raises the TrustmeshError
+        the caller is answered with — its RFC 6749 §5.2 code — once the refusal is
+        recorded."""
+        started = time.perf_counter()
+        source = self.recorder.source
+        with self.tracing.span(SPAN_NAME, traceparent) as span:
+            form: dict[str, list[str]] = {}
+            try:
+                form = parse_form(await body)
+                result = await self.exchange.exchange(form)
+            except TrustmeshError as exc:
+                error = exc.error
+                self.metrics.exchanges.labels(error).inc()
+                span.set("trustmesh.outcome", error)
+                subject = form.get("subject_token", [None])[0]
+                self.recorder.submit(
+                    exchange_failed_event(
+                        source, error, exc.description, subject, span.trace_id, span.span_id
+                    )
+                )
+                raise
+            span.set("trustmesh.spiffe_id", result.spiffe_id)
+            span.set("trustmesh.outcome", "issued")
+            subject_token = form["subject_token"][0]
+            try:
+                await self.recorder.record(
+                    issued_event(source, result, subject_token, span.trace_id, span.span_id)
+                )
+            except Exception:
+                self.metrics.exchanges.labels("audit_unavailable").inc()
+                raise Unavailable(
+                    "the audit log cannot be written; no token is issued without its audit record"
+                ) from None
+        self.metrics.exchanges.labels("issued").inc()
+        self.metrics.exchange_seconds.observe(time.perf_counter() - started)
+        return Issued(result.response, span.traceparent())

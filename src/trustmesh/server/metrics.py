@@ -1,0 +1,41 @@
+"""The control plane's Prometheus metrics (``GET /metrics``): counters the token
+endpoint bumps, and audit figures read at scrape time from their owners."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from trustmesh.audit.log import AuditLog
+from trustmesh.server.recorder import AuditRecorder
+
+
+class ServerMetrics:
+    def __init__(self, audit: AuditLog, recorder: AuditRecorder) -> None:
+        self.registry = CollectorRegistry()
+        Gauge(
+            "trustmesh_audit_entries",
+            "Entries in the audit log (this replica's view)",
+            registry=self.registry,
+        ).set_function(lambda: audit.size)
+        Gauge(
+            "trustmesh_audit_inconsistent",
+            "1 when the stored audit log no longer extends its last signed checkpoint",
+            registry=self.registry,
+        ).set_function(lambda: 1.0 if audit.inconsistent else 0.0)
+        Gauge(
+            "trustmesh_audit_write_failures",
+            "Control-plane audit events that could not be written (since start)",
+            registry=self.registry,
+        ).set_function(lambda: recorder.failures)
+        self.exchanges = Counter(
+            "trustmesh_token_exchanges_total",
+            "Token exchanges by result",
+            ["result"],
+            registry=self.registry,
+        )
+        self.exchange_seconds = Histogram(
+            "trustmesh_token_exchange_seconds",
+            "Token exchange latency inside the server",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0),
+            registry=self.registry,
+        )

@@ -1,0 +1,137 @@
+"""The admin API (DESIGN §3, §7): apply, policy versions and rollback, the registry's
+objects, signing keys, cluster credentials. Every route needs the admin credential."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from trustmesh.common.errors import InvalidRequest, NotFound
+from trustmesh.common.http import NO_STORE, read_json
+from trustmesh.identity.keys import KeyRecord
+from trustmesh.server.controlplane import ControlPlane
+from trustmesh.server.credentials import Principal
+from trustmesh.server.routes._auth import Callers
+
+MAX_MESSAGE = 2000
+
+
+def _actor(document: dict[str, Any], principal: Principal) -> str:
+    return str(document.get("author") or principal.name)[:200]
+
+
+def _message(document: dict[str, Any]) -> str:
+    return str(document.get("message") or "")[:MAX_MESSAGE]
+
+
+def _files(document: dict[str, Any]) -> list[tuple[str, str]]:
+    files = document.get("files")
+    if not isinstance(files, list) or not files:
+        raise InvalidRequest('body must be {"files": [{"path": …, "content": …}, …]}')
+    pairs = []
+    for item in files:
+        if not isinstance(item, dict) or not isinstance(item.get("content"), str):
+            raise InvalidRequest("each file needs a string content")
+        pairs.append((str(item.get("path") or "<request>"), item["content"]))
+    return pairs
+
+
+def key_json(record: KeyRecord) -> dict[str, Any]:
+    return {
+        "kid": record.kid,
+        "alg": record.alg,
+        "state": record.state,
+        "created_at": record.created_at,
+        "activated_at": record.activated_at,
+        "retired_at": record.retired_at,
+        "remove_after": record.remove_after,
+    }
+
+
+def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
+    async def apply(request: Request) -> Response:
+        principal = await callers.admin(request)
+        document = await read_json(request)
+        result = await run_in_threadpool(
+            plane.changes.apply,
+            _files(document),
+            _actor(document, principal),
+            bool(document.get("dryRun", False)),
+            _message(document),
+        )
+        plane.snapshots.notify_changes()
+        return JSONResponse(result.to_json())
+
+    async def policy_versions(request: Request) -> Response:
+        await callers.admin(request)
+        versions = await run_in_threadpool(plane.catalog.history)
+        return JSONResponse({"versions": [v.summary() for v in versions]})
+
+    async def policy_version(request: Request) -> Response:
+        await callers.admin(request)
+        wanted = request.path_params["revision"]
+        if wanted == "current":
+            version = await run_in_threadpool(plane.catalog.current)
+        elif wanted.isdigit() and len(wanted) <= 18:
+            found = await run_in_threadpool(plane.catalog.get, int(wanted))
+            if found is None:
+                raise NotFound(f"policy revision {wanted} does not exist")
+            version = found
+        else:
+            raise InvalidRequest("revision must be a number or 'current'")
+        return JSONResponse(version.to_json())
+
+    async def policy_rollback(request: Request) -> Response:
+        principal = await callers.admin(request)
+        document = await read_json(request)
+        revision = document.get("revision")
+        if not isinstance(revision, int) or isinstance(revision, bool) or revision < 0:
+            raise InvalidRequest("revision must be a non-negative integer")
+        result = await run_in_threadpool(
+            plane.changes.rollback, revision, _actor(document, principal), _message(document)
+        )
+        plane.snapshots.notify_changes()
+        return JSONResponse(result.to_json())
+
+    def lister(kind: str) -> Callable[[Request], Awaitable[Response]]:
+        async def handler(request: Request) -> Response:
+            await callers.admin(request)
+            items = await run_in_threadpool(plane.inventory.list, kind)
+            return JSONResponse({"kind": f"{kind}List", "items": items})
+
+        return handler
+
+    async def list_keys(request: Request) -> Response:
+        await callers.admin(request)
+        records = await run_in_threadpool(plane.keys.list_keys)
+        return JSONResponse({"keys": [key_json(r) for r in records]})
+
+    async def rotate_keys(request: Request) -> Response:
+        principal = await callers.admin(request)
+        record = await run_in_threadpool(plane.rotation.rotate, principal.name)
+        plane.snapshots.notify_changes()
+        records = await run_in_threadpool(plane.keys.list_keys)
+        return JSONResponse({"active": key_json(record), "keys": [key_json(r) for r in records]})
+
+    async def cluster_credential(request: Request) -> Response:
+        principal = await callers.admin(request)
+        name = request.path_params["name"]
+        secret = await run_in_threadpool(plane.agents.issue_credential, name, principal.name)
+        return JSONResponse({"cluster": name, "token": secret}, headers=NO_STORE)
+
+    return [
+        Route("/v1/apply", apply, methods=["POST"]),
+        Route("/v1/clusters", lister("Cluster"), methods=["GET"]),
+        Route("/v1/workloads", lister("Workload"), methods=["GET"]),
+        Route("/v1/keys", list_keys, methods=["GET"]),
+        Route("/v1/keys/rotate", rotate_keys, methods=["POST"]),
+        Route("/v1/clusters/{name}/credentials", cluster_credential, methods=["POST"]),
+        Route("/v1/policy/versions", policy_versions, methods=["GET"]),
+        Route("/v1/policy/versions/{revision}", policy_version, methods=["GET"]),
+        Route("/v1/policy/rollback", policy_rollback, methods=["POST"]),
+    ]

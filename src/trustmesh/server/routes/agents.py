@@ -1,0 +1,71 @@
+"""What agents fetch (DESIGN §4): their configuration and, by long poll, their
+cluster's signed policy bundle. A cluster credential acts for its own cluster only."""
+
+from __future__ import annotations
+
+import re
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from trustmesh.common.errors import Forbidden, InvalidRequest
+from trustmesh.server.controlplane import ControlPlane
+from trustmesh.server.routes._auth import Callers
+
+MAX_WAIT = 30.0
+_AGENT_ID = re.compile(r"^[A-Za-z0-9-]{1,64}$")
+
+
+def long_poll_wait(request: Request) -> float:
+    """``wait``: seconds a long poll may hold the request, at most 30."""
+    try:
+        return min(max(float(request.query_params.get("wait", "0")), 0.0), MAX_WAIT)
+    except ValueError:
+        raise InvalidRequest("wait must be a number of seconds") from None
+
+
+def _version(value: str | None) -> tuple[int, int] | None:
+    """``after=POLICY.REGISTRY``."""
+    if not value:
+        return None
+    policy, _, registry = value.partition(".")
+    if not (policy.isdigit() and registry.isdigit() and len(policy) <= 18 and len(registry) <= 18):
+        raise InvalidRequest("after must be POLICY.REGISTRY revisions, e.g. 4.12")
+    return int(policy), int(registry)
+
+
+def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
+    async def config(request: Request) -> Response:
+        principal = await callers.principal(request)
+        return JSONResponse(plane.agents.config(principal, request.query_params.get("cluster")))
+
+    async def bundle(request: Request) -> Response:
+        """Answers at once if the cluster's bundle is newer than ``after``, else when it
+        changes, else 304 after ``wait`` seconds. An agent that names itself
+        (``agent=ID``) is recorded as applying ``after``."""
+        principal = await callers.principal(request)
+        query = request.query_params
+        cluster = principal.cluster or query.get("cluster") or ""
+        if not principal.may_act_for(cluster):
+            raise Forbidden(f"this credential is for cluster {principal.cluster}")
+        after = _version(query.get("after"))
+        wait = long_poll_wait(request)
+        agent_id = query.get("agent", "")
+        if after is not None and agent_id:
+            if not _AGENT_ID.match(agent_id):
+                raise InvalidRequest("agent must be 1-64 letters, digits or '-'")
+            await run_in_threadpool(plane.agents.record, cluster, agent_id, after)
+        snapshots = plane.snapshots
+        if after is not None and not await snapshots.wait_until(
+            lambda: snapshots.bundle_version() > after, wait
+        ):
+            return Response(status_code=304)
+        version, token = await run_in_threadpool(plane.bundles.signed_bundle, cluster)
+        return JSONResponse({"version": list(version), "bundle": token})
+
+    return [
+        Route("/v1/agent/config", config, methods=["GET"]),
+        Route("/v1/agent/bundle", bundle, methods=["GET"]),
+    ]

@@ -1,0 +1,46 @@
+"""Public documents (OIDC discovery, JWKS, the SPIFFE bundle) and health."""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from trustmesh.server.controlplane import ControlPlane
+from trustmesh.server.discovery import discovery, spiffe_bundle
+
+PUBLIC_CACHE = {"Cache-Control": "public, max-age=60"}
+
+
+def routes(plane: ControlPlane) -> list[Route]:
+    snapshots = plane.snapshots
+
+    async def openid_configuration(request: Request) -> Response:
+        document = discovery(plane.issuer, plane.trust_domain, snapshots.keyset)
+        return JSONResponse(document, headers=PUBLIC_CACHE)
+
+    async def jwks(request: Request) -> Response:
+        return JSONResponse(snapshots.keyset.jwks(), headers=PUBLIC_CACHE)
+
+    async def bundle(request: Request) -> Response:
+        return JSONResponse(spiffe_bundle(snapshots.keyset), headers=PUBLIC_CACHE)
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"ok": True})
+
+    async def readyz(request: Request) -> Response:
+        ready, detail = plane.ready()
+        return JSONResponse(detail, 200 if ready else 503)
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(plane.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return [
+        Route("/.well-known/openid-configuration", openid_configuration, methods=["GET"]),
+        Route("/.well-known/jwks.json", jwks, methods=["GET"]),
+        Route("/.well-known/spiffe-bundle", bundle, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]

@@ -1,0 +1,115 @@
+"""The revocation list (DESIGN §5): revoke (admin), and the list agents follow, by long
+poll (``GET /v1/revocations?since=R&wait=S``) or as server-sent events
+(``GET /v1/revocations/stream``)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from trustmesh.common.errors import InvalidRequest
+from trustmesh.common.http import read_json
+from trustmesh.server.controlplane import ControlPlane
+from trustmesh.server.revoke import ALIASES, KINDS
+from trustmesh.server.routes._auth import Callers
+from trustmesh.server.routes.agents import long_poll_wait
+
+NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+MAX_REVOCATION_BODY = 64 * 1024
+KEEP_ALIVE = 15.0
+
+
+def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
+    snapshots = plane.snapshots
+
+    def since(request: Request) -> int:
+        raw = request.query_params.get("since", "0")
+        if not raw.isdigit() or len(raw) > 18:
+            raise InvalidRequest("since must be a revocation revision (a non-negative integer)")
+        value = int(raw)
+        current = snapshots.revocations.revision
+        if value > current:
+            raise InvalidRequest(
+                f"since={value} is ahead of this control plane's revocation revision {current}; resync with since=0"
+            )
+        return value
+
+    async def create(request: Request) -> Response:
+        principal = await callers.admin(request)
+        document = await read_json(request, MAX_REVOCATION_BODY)
+        kind, value, reason = (
+            document.get("kind"),
+            document.get("value"),
+            document.get("reason", ""),
+        )
+        kind = ALIASES.get(str(kind), kind)
+        if kind not in KINDS:
+            raise InvalidRequest(
+                "kind must be jti, subject (or spiffeId), workload, cluster or key"
+            )
+        if not isinstance(value, str) or not value:
+            raise InvalidRequest("value must be a non-empty string")
+        if not isinstance(reason, str):
+            raise InvalidRequest("reason must be a string")
+        entry, created = await run_in_threadpool(
+            plane.revoker.revoke, kind, value, reason, principal.name
+        )
+        snapshots.notify_changes()
+        return JSONResponse(
+            {"created": created, "revocation": entry.to_json()}, 201 if created else 200
+        )
+
+    async def listing(request: Request) -> Response:
+        """Entries after ``since`` (all in force for 0). With ``wait``, a long poll:
+        answers as soon as there is something newer, else empty after ``wait`` s."""
+        await callers.principal(request)
+        after = since(request)
+        await snapshots.wait_until(
+            lambda: snapshots.revocations.revision > after, long_poll_wait(request)
+        )
+        current, entries = await run_in_threadpool(plane.revocation_store.since, after)
+        return JSONResponse(
+            {"revision": current, "since": after, "entries": [e.to_json() for e in entries]},
+            headers=NO_STORE,
+        )
+
+    async def stream(request: Request) -> Response:
+        """Server-sent events (text/event-stream): one ``revocation`` event per entry,
+        its ``id`` the revision, so ``Last-Event-ID`` (or ``since``) resumes."""
+        await callers.principal(request)
+        last_event = request.headers.get("last-event-id")
+        start = (
+            int(last_event)
+            if last_event and last_event.isdigit() and len(last_event) <= 18
+            else since(request)
+        )
+
+        async def events() -> AsyncIterator[bytes]:
+            cursor = start
+            yield b": trustmesh revocations\n\n"
+            while not snapshots.stopping:
+                if snapshots.revocations.revision > cursor:
+                    _, entries = await run_in_threadpool(plane.revocation_store.since, cursor)
+                    for entry in entries:
+                        data = json.dumps(entry.to_json())
+                        yield f"id: {entry.revision}\nevent: revocation\ndata: {data}\n\n".encode()
+                        cursor = max(cursor, entry.revision)
+                    cursor = max(cursor, snapshots.revocations.revision)
+                    continue
+                if not await snapshots.next_change(KEEP_ALIVE):
+                    yield b": keep-alive\n\n"
+
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"}
+        )
+
+    return [
+        Route("/v1/revocations", listing, methods=["GET"]),
+        Route("/v1/revocations", create, methods=["POST"]),
+        Route("/v1/revocations/stream", stream, methods=["GET"]),
+    ]
