@@ -198,6 +198,32 @@ def test_every_control_plane_event_type_lands_in_the_log(
     assert failed["decision"]["allowed"] is False
 
 
+def test_token_issued_records_the_audiences_the_token_carries(
+    shared_server: Server, sim_cluster: SimulatedCluster
+) -> None:
+    """``audience`` and ``resource`` (RFC 8693 §2.1) both name the target; the event
+    records the token's ``aud``, whichever parameter named it, once each."""
+    fed = register_federation(shared_server, sim_cluster)
+    trace = uuid.uuid4().hex
+    response = httpx.post(
+        shared_server.url + "/oauth2/token",
+        data={
+            "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+            "subject_token": fed.sa_token(),
+            "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+            "resource": [fed.audience, fed.audience],
+        },
+        headers={"traceparent": f"00-{trace}-00f067aa0ba902b7-01"},
+    )
+    assert response.status_code == 200, response.text
+    carried = json.loads(
+        base64.urlsafe_b64decode(response.json()["access_token"].split(".")[1] + "==")
+    )["aud"]
+    assert carried == [fed.audience]
+    (issued,) = query(shared_server, trace_id=trace)
+    assert issued["event"]["request"] == {"surface": "token", "audience": carried}
+
+
 def test_checkpoints_and_proofs_verify(tmp_path: Path, sim_cluster: SimulatedCluster) -> None:
     server = start_server(tmp_path / "data")
     try:
