@@ -1,1 +1,2 @@
-"""bench"""
+"""``trustmesh bench …``: side-by-side benchmarks against the peers each issue names,
+with load from separate processes."""

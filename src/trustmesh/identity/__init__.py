@@ -1,2 +1,3 @@
-"""Identity: signing keys, JWT-SVIDs, SPIFFE IDs, service-account token verification,
-RFC 8693 token exchange and RFC 7662 introspection. No web framework imports here."""
+"""Identity: signing keys and their life cycle, sealing keys at rest, compact JWS
+verification, JWT-SVID minting and verification, and verification of Kubernetes
+service-account tokens against their cluster's keys. No web framework imports here."""
