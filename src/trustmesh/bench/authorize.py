@@ -27,7 +27,7 @@ import httpx
 
 from trustmesh.bench._load import LoadResult, run_load
 from trustmesh.bench._procs import Child, cpu_seconds, start, stop
-from trustmesh.bench._stats import row, summarise
+from trustmesh.bench._stats import row, summarise, verdict
 from trustmesh.common.urns import JWT_TOKEN_TYPE, TOKEN_EXCHANGE_GRANT
 from trustmesh.sim import SimulatedCluster
 
@@ -212,8 +212,8 @@ def _report(
         ok_rate, ok_p99 = dist.per_s >= GOAL_PER_S, dist.p99_us / 1000 <= GOAL_P99_MS
         summary.append(
             f"{name}: {dist.per_s:,.0f} decisions/s, p50 {dist.p50_us / 1000:.2f} ms, p99 {dist.p99_us / 1000:.2f} ms; "
-            f"goal ≥ {GOAL_PER_S:,.0f}/s {'met' if ok_rate else 'MISSED'}, p99 ≤ {GOAL_P99_MS:.0f} ms "
-            f"{'met' if ok_p99 else 'MISSED'}"
+            f"goal ≥ {GOAL_PER_S:,.0f}/s {verdict(ok_rate)}, p99 ≤ {GOAL_P99_MS:.0f} ms "
+            f"{verdict(ok_p99)}"
         )
     return {
         "title": f"Agent decisions over HTTP ({workloads} workloads, {concurrency} connections, {seconds:.0f} s each)",

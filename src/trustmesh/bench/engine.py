@@ -48,7 +48,7 @@ from trustmesh.bench._policygen import (
     generate_requests,
     load_world,
 )
-from trustmesh.bench._stats import Distribution, row, summarise, timer_overhead
+from trustmesh.bench._stats import Distribution, row, summarise, timer_overhead, verdict
 from trustmesh.bench._translate import peer_bindings
 from trustmesh.policy.compiler import compile_all
 from trustmesh.policy.engine import Engine
@@ -422,9 +422,6 @@ def run(
     fastest = min((m.dist.p50_us for m in measured.values()), default=math.nan)
     ratio = fastest / cold.p50_us if measured else math.nan
     fastest_name = min(measured, key=lambda k: measured[k].dist.p50_us) if measured else ""
-
-    def verdict(ok: bool) -> str:
-        return "met" if ok else "MISSED"
 
     summary = [
         f"compile: {compile_seconds:.2f} s for {clusters} clusters (compile_all {compile_all_seconds:.2f} s + "

@@ -48,7 +48,7 @@ from jwt.algorithms import RSAAlgorithm
 
 from trustmesh.bench._load import LoadResult, run_load
 from trustmesh.bench._procs import Child, cpu_seconds, start, stop
-from trustmesh.bench._stats import Distribution, median, row, summarise
+from trustmesh.bench._stats import Distribution, median, row, summarise, verdict
 from trustmesh.common.urns import JWT_TOKEN_TYPE, TOKEN_EXCHANGE_GRANT
 from trustmesh.identity.keys import ActiveKey, generate_private_key, public_jwk
 from trustmesh.identity.svid import mint_svid
@@ -407,9 +407,6 @@ def _report(
             note="cryptography, P-256 ECDSA",
         ),
     ]
-
-    def verdict(ok: bool) -> str:
-        return "met" if ok else "MISSED"
 
     summary = [
         f"exchanges/s over HTTP: {http.per_s:,.0f} "

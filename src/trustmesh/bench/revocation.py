@@ -67,7 +67,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from trustmesh.agent.authn import Authenticator
 from trustmesh.agent.revocations import RevocationHolder
 from trustmesh.bench._procs import Child, start, stop
-from trustmesh.bench._stats import median, percentile, row, summarise, timer_overhead
+from trustmesh.bench._stats import median, percentile, row, summarise, timer_overhead, verdict
 from trustmesh.common.urns import JWT_TOKEN_TYPE, TOKEN_EXCHANGE_GRANT
 from trustmesh.identity.keys import ActiveKey, generate_private_key, public_jwk
 from trustmesh.identity.svid import mint_svid
@@ -672,7 +672,7 @@ def _report(
         summary.append(
             f"every agent denies: p50 {p50:.1f} ms, p99 {p99:.1f} ms, max {top:.1f} ms "
             f"(nearest rank over {overall['n']} trials); goal p99 ≤ {GOAL_P99_S:.0f} s "
-            f"{'met' if met else 'MISSED'}"
+            f"{verdict(met)}"
         )
         for kind in kinds:
             of_kind = spreads.get(kind)

@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.hashes import SHA256
 
 from trustmesh.agent.authn import Authenticator
-from trustmesh.bench._stats import Distribution, median, row, summarise, timer_overhead
+from trustmesh.bench._stats import Distribution, median, row, summarise, timer_overhead, verdict
 from trustmesh.identity.keys import ActiveKey, generate_private_key, public_jwk
 from trustmesh.identity.svid import mint_svid
 from trustmesh.spiffeid import cluster_audience
@@ -186,9 +186,6 @@ def _report(
             note="one perf_counter_ns pair, included in every figure above",
         )
     )
-
-    def verdict(ok: bool) -> str:
-        return "met" if ok else "MISSED"
 
     summary = [
         f"overhead of the agent over a bare signature check: {overhead:.1f} µs at p50 "
