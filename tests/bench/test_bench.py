@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from trustmesh.bench import exchange, verify
+from trustmesh.bench import authorize, exchange, verify
 from trustmesh.bench._stats import percentile, row, summarise
 
 ROW_KEYS = {"name", "p50_us", "p99_us", "per_s", "note"}
@@ -81,3 +81,19 @@ def test_exchange_bench_small() -> None:
     for pid in leftovers:
         os.kill(pid, signal.SIGKILL)
     assert not leftovers
+
+
+def test_authorize_bench_small() -> None:
+    before = _children()
+    result = authorize.run(seconds=0.5, concurrency=2, workloads=3, warmup=10)
+    leftovers = _children() - before
+    for pid in leftovers:
+        os.kill(pid, signal.SIGKILL)
+    assert not leftovers, "the bench left child processes running"
+    check_shape(result)
+    assert [r["name"] for r in result["results"]] == ["POST /v1/authorize", "ext_authz"]
+    by_name = {h["name"]: h for h in result["http"]}
+    assert all(h["unexpected"] == 0 and h["decisions_per_s"] > 0 for h in result["http"])
+    assert set(by_name["POST /v1/authorize"]["statuses"]) == {200}
+    # ext_authz answers every allowed GET 200 and every DELETE 403
+    assert set(by_name["ext_authz"]["statuses"]) == {200, 403}

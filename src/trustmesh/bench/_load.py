@@ -16,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-__all__ = ["LoadResult", "run_load"]
+__all__ = ["LoadResult", "Malformed", "request_bytes", "round_trip", "run_async", "run_load"]
+
+_T = TypeVar("_T")
 
 _HEADER_END = b"\r\n\r\n"
 _MAX_HEADER = 64 * 1024
@@ -59,23 +61,31 @@ class _State:
     first_error: str | None = None
 
 
-class _Malformed(Exception):
-    pass
+class Malformed(Exception):
+    """A response this client does not read: not HTTP/1.1, or no Content-Length."""
 
 
-async def _exchange(
+def request_bytes(method: str, target: str, headers: Mapping[str, str], body: bytes = b"") -> bytes:
+    """One HTTP/1.1 request, built once before the load: ``headers`` in their order,
+    then ``Content-Length``."""
+    head = f"{method} {target} HTTP/1.1\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    return (head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+async def round_trip(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes
 ) -> tuple[int, bytes, bool]:
     """Send one request, read one response -> (status, body, server closes)."""
     writer.write(request)
     head = await reader.readuntil(_HEADER_END)
     if not head.startswith(b"HTTP/1.1 ") or len(head) < 12:
-        raise _Malformed(f"unexpected status line {head[:40]!r}")
+        raise Malformed(f"unexpected status line {head[:40]!r}")
     status = int(head[9:12])
     lowered = head.lower()
     at = lowered.find(b"\r\ncontent-length:")
     if at < 0:
-        raise _Malformed("response without Content-Length")
+        raise Malformed("response without Content-Length")
     end = lowered.index(b"\r\n", at + 2)
     length = int(lowered[at + 17 : end])
     body = await reader.readexactly(length) if length else b""
@@ -92,7 +102,7 @@ async def _worker(host: str, port: int, next_request: Callable[[], bytes], state
             request = next_request()
             started = clock()
             try:
-                status, body, closing = await _exchange(reader, writer, request)
+                status, body, closing = await round_trip(reader, writer, request)
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
                 state.connection_errors += 1
                 if state.first_error is None:
@@ -176,12 +186,14 @@ async def _drive(
     )
 
 
-def _run(coro: Coroutine[Any, Any, LoadResult]) -> tuple[LoadResult, str]:
+def run_async(coro: Coroutine[Any, Any, _T]) -> tuple[_T, str]:
+    """Run ``coro`` on uvloop when it is installed (more requests per second from one
+    process), else on asyncio -> (its result, the event loop used)."""
     try:
         import uvloop
     except ImportError:
         return asyncio.run(coro), "asyncio"
-    result: LoadResult = uvloop.run(coro)
+    result: _T = uvloop.run(coro)
     return result, "uvloop"
 
 
@@ -204,4 +216,4 @@ def run_load(
         raise ValueError("seconds must be positive")
     if not requests:
         raise ValueError("no requests to send")
-    return _run(_drive(host, port, requests, seconds, concurrency, warmup, server_cpu))
+    return run_async(_drive(host, port, requests, seconds, concurrency, warmup, server_cpu))

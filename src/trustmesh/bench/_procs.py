@@ -9,10 +9,11 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Child", "cpu_seconds", "start", "stop"]
+__all__ = ["Child", "cpu_seconds", "start", "stop", "stop_all"]
 
 
 @dataclass
@@ -83,6 +84,16 @@ def stop(child: Child | None, timeout: float = 10.0) -> int | None:
         except subprocess.TimeoutExpired:
             proc.kill()
     return proc.wait()
+
+
+def stop_all(children: Sequence[Child]) -> None:
+    """Stop every child: SIGTERM to all at once, so they drain in parallel, then each
+    reaped (SIGKILL past the timeout), last started first."""
+    for child in children:
+        if child.proc.poll() is None:
+            child.proc.terminate()
+    for child in reversed(children):
+        stop(child)
 
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100

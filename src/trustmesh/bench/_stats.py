@@ -21,6 +21,7 @@ __all__ = [
     "row",
     "summarise",
     "timer_overhead",
+    "verdict",
 ]
 
 
@@ -109,3 +110,8 @@ def row(
     }
     out.update(extra)
     return out
+
+
+def verdict(met: bool) -> str:
+    """How a summary line reports a goal."""
+    return "met" if met else "MISSED"

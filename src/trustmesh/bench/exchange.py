@@ -30,33 +30,35 @@ p99 under 20 ms already needs well over 800 exchanges/s."""
 
 from __future__ import annotations
 
-import base64
-import json
-import sys
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
-import httpx
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.padding import PKCS1v15
 from cryptography.hazmat.primitives.hashes import SHA256
 from jwt.algorithms import RSAAlgorithm
 
-from trustmesh.bench._load import LoadResult, run_load
-from trustmesh.bench._procs import Child, cpu_seconds, start, stop
-from trustmesh.bench._stats import Distribution, median, row, summarise
-from trustmesh.common.urns import JWT_TOKEN_TYPE, TOKEN_EXCHANGE_GRANT
-from trustmesh.identity.keys import ActiveKey, generate_private_key, public_jwk
+from trustmesh.bench._federation import (
+    TRUST_DOMAIN,
+    Federation,
+    address,
+    cluster_doc,
+    es256_key,
+    exchange_form,
+    federation,
+    numbered_workloads,
+    unverified_claims,
+)
+from trustmesh.bench._load import LoadResult, request_bytes, run_load
+from trustmesh.bench._procs import cpu_seconds
+from trustmesh.bench._stats import Distribution, median, row, summarise, verdict
+from trustmesh.identity.jws import b64decode
 from trustmesh.identity.svid import mint_svid
-from trustmesh.sim.cluster import SimulatedCluster
 
 __all__ = ["run"]
 
-TRUST_DOMAIN = "bench.example"
 ORIGIN = "bench"
 TARGET = "peer"
 AUDIENCE = f"spiffe://{TRUST_DOMAIN}/cluster/{TARGET}"
@@ -64,87 +66,30 @@ GOAL_PER_S = 1000.0
 GOAL_P99_MS = 20.0
 
 
-def _b64decode(segment: str) -> bytes:
-    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-
-
-def _manifests(issuer: str, workloads: int) -> str:
+def _manifests(issuer: str, workloads: int) -> list[dict[str, Any]]:
     """The origin cluster by issuer only (keys through discovery), a peer cluster as the
     audience (never contacted: no token comes from it), and ``workloads`` Workloads."""
-    docs: list[dict[str, Any]] = [
-        {
-            "apiVersion": "trustmesh.io/v1alpha1",
-            "kind": "Cluster",
-            "metadata": {"name": ORIGIN},
-            "spec": {"issuer": issuer},
-        },
-        {
-            "apiVersion": "trustmesh.io/v1alpha1",
-            "kind": "Cluster",
-            "metadata": {"name": TARGET},
-            "spec": {"issuer": "https://peer.bench.example"},
-        },
+    return [
+        cluster_doc(ORIGIN, issuer),
+        cluster_doc(TARGET),
+        *numbered_workloads(ORIGIN, workloads, projects=4),
     ]
-    for i in range(workloads):
-        docs.append(
-            {
-                "apiVersion": "trustmesh.io/v1alpha1",
-                "kind": "Workload",
-                "metadata": {"name": f"svc-{i}"},
-                "spec": {
-                    "selector": {
-                        "cluster": ORIGIN,
-                        "namespace": f"ns-{i}",
-                        "serviceAccount": f"sa-{i}",
-                    },
-                    "claims": {
-                        "project": f"project-{i % 4}",
-                        "environment": "prod",
-                        "tier": "gold",
-                    },
-                },
-            }
-        )
-    return "\n---\n".join(json.dumps(doc) for doc in docs) + "\n"
 
 
 def _request_bytes(host: str, port: int, token: str) -> bytes:
-    body = urlencode(
-        {
-            "grant_type": TOKEN_EXCHANGE_GRANT,
-            "subject_token": token,
-            "subject_token_type": JWT_TOKEN_TYPE,
-            "audience": AUDIENCE,
-        }
-    ).encode()
-    head = (
-        f"POST /oauth2/token HTTP/1.1\r\nHost: {host}:{port}\r\n"
-        "Content-Type: application/x-www-form-urlencoded\r\nAccept: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    ).encode()
-    return head + body
+    body = urlencode(exchange_form(token, AUDIENCE)).encode()
+    headers = {
+        "Host": f"{host}:{port}",
+        "Content-Type": "application/x-www-form-urlencoded",
+        "Accept": "application/json",
+    }
+    return request_bytes("POST", "/oauth2/token", headers, body)
 
 
-def _check_exchange(url: str, token: str) -> None:
+def _check_exchange(fed: Federation, token: str) -> None:
     """One exchange through a real HTTP client before the load: the set-up works and
     the answer is a JWT-SVID for the target cluster."""
-    response = httpx.post(
-        url + "/oauth2/token",
-        data={
-            "grant_type": TOKEN_EXCHANGE_GRANT,
-            "subject_token": token,
-            "subject_token_type": JWT_TOKEN_TYPE,
-            "audience": AUDIENCE,
-        },
-        timeout=30,
-        trust_env=False,
-    )
-    if response.status_code != 200:
-        raise RuntimeError(
-            f"sanity exchange failed: HTTP {response.status_code} {response.text[:300]}"
-        )
-    svid = response.json()["access_token"]
-    claims = json.loads(_b64decode(svid.split(".")[1]))
+    claims = unverified_claims(fed.exchange(token, AUDIENCE))
     if not str(claims.get("sub", "")).startswith(
         f"spiffe://{TRUST_DOMAIN}/"
     ) or AUDIENCE not in claims.get("aud", []):
@@ -164,15 +109,12 @@ class _Limit:
             raise TypeError("the simulated cluster's signing key is not an RSA public key")
         self.public = public
         self.inputs = [
-            (_b64decode(t.rsplit(".", 1)[1]), t.rsplit(".", 1)[0].encode()) for t in tokens[:64]
+            (b64decode(t.rsplit(".", 1)[1]), t.rsplit(".", 1)[0].encode()) for t in tokens[:64]
         ]
-        private = generate_private_key("ES256")
-        assert isinstance(private, ec.EllipticCurvePrivateKey)
-        self.private = private
-        jwk = public_jwk(private, "ES256")
+        self.private, _, key = es256_key()
         now = int(time.time())
         svid = mint_svid(
-            ActiveKey(kid=jwk["kid"], alg="ES256", private_key=private),
+            key,
             {
                 "iss": "http://127.0.0.1:8443",
                 "sub": f"spiffe://{TRUST_DOMAIN}/cluster/{ORIGIN}/ns/ns-0/sa/sa-0",
@@ -258,93 +200,33 @@ def run(
         raise ValueError(
             "seconds, concurrency, workloads, pool_size and limit_rounds must be positive"
         )
-    with tempfile.TemporaryDirectory(prefix="trustmesh-bench-") as tmp:
-        root = Path(tmp)
-        cluster_dir, server_dir, logs = root / "cluster", root / "server", root / "logs"
-        sim: Child | None = None
-        server: Child | None = None
-        try:
-            sim = start(
-                "cluster",
-                [sys.executable, "-m", "trustmesh.sim.cli", "cluster", "--name", ORIGIN,
-                 "--listen", "127.0.0.1:0", "--data-dir", str(cluster_dir)],
-                logs,
-            )  # fmt: skip
-            server = start(
-                "server",
-                [sys.executable, "-m", "trustmesh.cli.main", "server",
-                 "--data-dir", str(server_dir),
-                 "--listen", "127.0.0.1:0", "--trust-domain", TRUST_DOMAIN],
-                logs,
-            )  # fmt: skip
-            sim.wait_ready(f"simulated cluster {ORIGIN} issuer ")
-            url = server.wait_ready("trustmesh server listening on ").split()[4]
-            return _measure(
-                url,
-                server,
-                cluster_dir,
-                server_dir,
-                seconds,
-                concurrency,
-                workloads,
-                pool_size,
-                warmup,
-                limit_rounds,
-            )
-        finally:
-            stop(server)
-            stop(sim)
+    with federation(ORIGIN) as fed:
+        fed.apply(_manifests(fed.cluster.issuer, workloads))
+        minted_at = time.perf_counter()
+        tokens = [
+            fed.cluster.mint(f"ns-{i % workloads}", f"sa-{i % workloads}") for i in range(pool_size)
+        ]
+        mint_s = time.perf_counter() - minted_at
+        host, port = address(fed.url)
+        requests = [_request_bytes(host, port, token) for token in tokens]
+        _check_exchange(fed, tokens[0])
 
-
-def _measure(
-    url: str,
-    server: Child,
-    cluster_dir: Path,
-    server_dir: Path,
-    seconds: float,
-    concurrency: int,
-    workloads: int,
-    pool_size: int,
-    warmup: int,
-    limit_rounds: int,
-) -> dict[str, Any]:
-    cluster = SimulatedCluster.from_data_dir(cluster_dir)
-    admin = (server_dir / "admin.token").read_text(encoding="utf-8").strip()
-    applied = httpx.post(
-        url + "/v1/apply",
-        json={"files": [{"path": "bench.yaml", "content": _manifests(cluster.issuer, workloads)}]},
-        headers={"Authorization": f"Bearer {admin}"},
-        timeout=30,
-        trust_env=False,
-    )
-    if applied.status_code != 200:
-        raise RuntimeError(
-            f"applying the bench manifests failed: HTTP {applied.status_code} {applied.text[:300]}"
+        limit = _Limit(fed.cluster.jwks(), tokens)
+        budget = max(0.2, min(1.0, seconds / 10))
+        before = [limit.round(budget) for _ in range((limit_rounds + 1) // 2)]
+        server = fed.server
+        load, loop_name = run_load(
+            host,
+            port,
+            requests,
+            seconds=seconds,
+            concurrency=concurrency,
+            warmup=warmup,
+            server_cpu=lambda: cpu_seconds(server.proc.pid),
         )
-
-    minted_at = time.perf_counter()
-    tokens = [cluster.mint(f"ns-{i % workloads}", f"sa-{i % workloads}") for i in range(pool_size)]
-    mint_s = time.perf_counter() - minted_at
-    parts = urlsplit(url)
-    host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    requests = [_request_bytes(host, port, token) for token in tokens]
-    _check_exchange(url, tokens[0])
-
-    limit = _Limit(cluster.jwks(), tokens)
-    budget = max(0.2, min(1.0, seconds / 10))
-    before = [limit.round(budget) for _ in range((limit_rounds + 1) // 2)]
-    load, loop_name = run_load(
-        host,
-        port,
-        requests,
-        seconds=seconds,
-        concurrency=concurrency,
-        warmup=warmup,
-        server_cpu=lambda: cpu_seconds(server.proc.pid),
-    )
-    after = [limit.round(budget) for _ in range(limit_rounds // 2)]
-    if server.proc.poll() is not None:
-        raise RuntimeError(f"the server exited during the load: {server.tail()}")
+        after = [limit.round(budget) for _ in range(limit_rounds // 2)]
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"the server exited during the load: {server.tail()}")
     return _report(
         load, loop_name, before + after, seconds, concurrency, workloads, pool_size, mint_s
     )
@@ -407,9 +289,6 @@ def _report(
             note="cryptography, P-256 ECDSA",
         ),
     ]
-
-    def verdict(ok: bool) -> str:
-        return "met" if ok else "MISSED"
 
     summary = [
         f"exchanges/s over HTTP: {http.per_s:,.0f} "

@@ -47,38 +47,45 @@ Entra continuous access evaluation promises enforcement within up to 15 minutes.
 from __future__ import annotations
 
 import asyncio
-import base64
 import gc
 import json
 import math
 import secrets
-import sys
 import tempfile
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from trustmesh.agent.authn import Authenticator
 from trustmesh.agent.revocations import RevocationHolder
-from trustmesh.bench._procs import Child, start, stop
-from trustmesh.bench._stats import median, percentile, row, summarise, timer_overhead
-from trustmesh.common.urns import JWT_TOKEN_TYPE, TOKEN_EXCHANGE_GRANT
-from trustmesh.identity.keys import ActiveKey, generate_private_key, public_jwk
+from trustmesh.bench._federation import (
+    TRUST_DOMAIN,
+    Federation,
+    authorize_request,
+    binding_doc,
+    cluster_doc,
+    es256_key,
+    exchange_form,
+    exchanged,
+    federation,
+    role_doc,
+    unverified_claims,
+    workload_doc,
+)
+from trustmesh.bench._load import Malformed, round_trip, run_async
+from trustmesh.bench._procs import Child
+from trustmesh.bench._stats import median, percentile, row, summarise, timer_overhead, verdict
 from trustmesh.identity.svid import mint_svid
 from trustmesh.revocation import Revocation, RevocationSet
 from trustmesh.revocation.model import revocation_expiry
-from trustmesh.sim import SimulatedCluster
 from trustmesh.spiffeid import cluster_audience
 
 __all__ = ["run"]
 
-TRUST_DOMAIN = "bench.example"
 ORIGIN = "origin"
 KINDS = ("jti", "workload")
 MAX_AUDIENCES = 16  # per exchanged token (identity/rfc8693.py)
@@ -88,20 +95,6 @@ ENTRA_CAE_S = 900.0  # Microsoft Entra CAE: "up to 15 minutes"
 REQUEST = {"host": "api.bench", "path": "/", "method": "GET"}
 JTI_WORKLOAD = "svc-jti"
 
-ALLOW_GET = """apiVersion: trustmesh.io/v1alpha1
-kind: GlobalRole
-metadata: {name: any-get}
-spec:
-  rules: [{services: ['*'], paths: ['*'], methods: [GET]}]
----
-apiVersion: trustmesh.io/v1alpha1
-kind: RoleBinding
-metadata: {name: everyone-gets}
-spec:
-  role: any-get
-  subjects: [{matchExpressions: [{key: workload_id, operator: Exists}]}]
-"""
-
 
 # -- set-up ---------------------------------------------------------------------------
 
@@ -110,107 +103,30 @@ def _target(i: int) -> str:
     return f"t-{i:02d}"
 
 
-def _workload(name: str, namespace: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "trustmesh.io/v1alpha1",
-        "kind": "Workload",
-        "metadata": {"name": name},
-        "spec": {
-            "selector": {"cluster": ORIGIN, "namespace": namespace, "serviceAccount": "app"},
-            "claims": {"project": "bench", "environment": "prod", "tier": "gold"},
-        },
-    }
-
-
-def _manifests(issuer: str, agents: int, workloads: Sequence[str]) -> str:
-    docs: list[dict[str, Any]] = [
-        {
-            "apiVersion": "trustmesh.io/v1alpha1",
-            "kind": "Cluster",
-            "metadata": {"name": ORIGIN},
-            "spec": {"issuer": issuer},
-        }
+def _manifests(issuer: str, agents: int, workloads: Sequence[str]) -> list[dict[str, Any]]:
+    """The origin, one cluster per agent, one workload per name (namespace of the same
+    name, service account ``app``), and a binding that lets every workload GET."""
+    claims = {"project": "bench", "environment": "prod", "tier": "gold"}
+    return [
+        cluster_doc(ORIGIN, issuer),
+        *(cluster_doc(_target(i)) for i in range(agents)),
+        *(
+            workload_doc(name, cluster=ORIGIN, namespace=name, service_account="app", claims=claims)
+            for name in workloads
+        ),
+        role_doc("any-get", [{"services": ["*"], "paths": ["*"], "methods": ["GET"]}]),
+        binding_doc(
+            "everyone-gets",
+            "any-get",
+            [{"matchExpressions": [{"key": "workload_id", "operator": "Exists"}]}],
+        ),
     ]
-    for i in range(agents):
-        docs.append(
-            {
-                "apiVersion": "trustmesh.io/v1alpha1",
-                "kind": "Cluster",
-                "metadata": {"name": _target(i)},
-                "spec": {"issuer": f"https://{_target(i)}.bench.example"},
-            }
-        )
-    docs.extend(_workload(name, name) for name in workloads)
-    return "\n---\n".join(json.dumps(d) for d in docs) + "\n---\n" + ALLOW_GET
 
 
 def _groups(agents: int) -> list[list[int]]:
     """Agent indices in near-equal groups of at most MAX_AUDIENCES (one SVID each)."""
     count = math.ceil(agents / MAX_AUDIENCES)
     return [list(range(agents))[g::count] for g in range(count)]
-
-
-@dataclass
-class _Plane:
-    url: str
-    admin: dict[str, str]
-    cluster: SimulatedCluster
-
-
-def _start_plane(root: Path, children: list[Child], agents: int, trials: int) -> _Plane:
-    logs = root / "logs"
-    sim = start("cluster", [sys.executable, "-m", "trustmesh.sim.cli", "cluster", "--name", ORIGIN,
-                            "--listen", "127.0.0.1:0", "--data-dir", str(root / "cluster")], logs)  # fmt: skip
-    children.append(sim)
-    server = start("server", [sys.executable, "-m", "trustmesh.cli.main", "server", "--data-dir",
-                              str(root / "server"), "--listen", "127.0.0.1:0", "--trust-domain", TRUST_DOMAIN],
-                   logs)  # fmt: skip
-    children.append(server)
-    sim.wait_ready(f"simulated cluster {ORIGIN} issuer ")
-    url = server.wait_ready("trustmesh server listening on ").split()[4]
-    cluster = SimulatedCluster.from_data_dir(root / "cluster")
-    admin = {"Authorization": "Bearer " + (root / "server" / "admin.token").read_text().strip()}
-    workloads = [JTI_WORKLOAD, *(f"svc-w{i}" for i in range(trials))]
-    applied = httpx.post(url + "/v1/apply", headers=admin, timeout=60, trust_env=False,
-                         json={"files": [{"path": "bench.yaml",
-                                          "content": _manifests(cluster.issuer, agents, workloads)}]})  # fmt: skip
-    if applied.status_code != 200:
-        raise RuntimeError(f"applying the bench manifests failed: {applied.text[:300]}")
-    return _Plane(url, admin, cluster)
-
-
-def _start_agents(
-    root: Path, children: list[Child], plane: _Plane, agents: int, ready_timeout: float
-) -> list[tuple[str, int]]:
-    """Start every agent at once, then wait for all ready lines -> (host, port) each."""
-    started: list[Child] = []
-    with httpx.Client(timeout=30, trust_env=False) as client:
-        for i in range(agents):
-            name = _target(i)
-            response = client.post(
-                plane.url + f"/v1/clusters/{name}/credentials", headers=plane.admin
-            )
-            if response.status_code != 200:
-                raise RuntimeError(f"no credential for {name}: {response.text[:200]}")
-            credential = root / f"{name}.credential"
-            credential.write_text(response.json()["token"])
-            credential.chmod(0o600)
-            child = start(f"agent-{name}", [sys.executable, "-m", "trustmesh.cli.main", "agent", "--cluster", name,
-                                             "--server", plane.url, "--listen", "127.0.0.1:0", "--data-dir",
-                                             str(root / "agents" / name), "--token-file", str(credential)],
-                          root / "logs")  # fmt: skip
-            children.append(child)
-            started.append(child)
-    deadline = time.monotonic() + ready_timeout
-    addresses = []
-    for i, child in enumerate(started):
-        line = child.wait_ready(
-            f"trustmesh agent for cluster {_target(i)} ready on ",
-            timeout=max(1.0, deadline - time.monotonic()),
-        )
-        parts = urlsplit(line.split()[7])
-        addresses.append((parts.hostname or "127.0.0.1", parts.port or 80))
-    return addresses
 
 
 def _rss_mb(children: Sequence[Child]) -> float | None:
@@ -227,10 +143,6 @@ def _rss_mb(children: Sequence[Child]) -> float | None:
 
 
 # -- the trials -----------------------------------------------------------------------
-
-
-class _Malformed(Exception):
-    pass
 
 
 class _Connection:
@@ -254,38 +166,21 @@ class _Connection:
             else:
                 reader, writer = self._reader, self._writer
             try:
-                writer.write(request)
-                head = await reader.readuntil(b"\r\n\r\n")
-                if not head.startswith(b"HTTP/1.1 ") or len(head) < 12:
-                    raise _Malformed(f"unexpected status line {head[:40]!r}")
-                lowered = head.lower()
-                at = lowered.find(b"\r\ncontent-length:")
-                if at < 0:
-                    raise _Malformed("response without Content-Length")
-                length = int(lowered[at + 17 : lowered.index(b"\r\n", at + 2)])
-                body = await reader.readexactly(length) if length else b""
+                status, body, closing = await round_trip(reader, writer, request)
             except (OSError, asyncio.IncompleteReadError):
                 self.close()
                 if attempt == 2:
                     raise
                 continue
-            if b"\r\nconnection: close\r\n" in lowered:
+            if closing:
                 self.close()
-            return int(head[9:12]), body
+            return status, body
         raise AssertionError("unreachable")
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
         self._reader = self._writer = None
-
-
-def _authorize_request(host: str, port: int, token: str) -> bytes:
-    body = json.dumps({"token": token, "request": REQUEST}).encode()
-    return (
-        f"POST /v1/authorize HTTP/1.1\r\nHost: {host}:{port}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
 
 
 @dataclass
@@ -323,7 +218,7 @@ class _Trial:
 
 @dataclass
 class _Bench:
-    plane: _Plane
+    fed: Federation
     http: httpx.AsyncClient
     agents: list[tuple[str, int]]
     connections: list[_Connection]
@@ -333,26 +228,18 @@ class _Bench:
 
     async def _svids(self, workload: str) -> list[str]:
         """One SVID per agent group, from one fresh service-account token."""
-        sa_token = self.plane.cluster.mint(workload, "app")
+        sa_token = self.fed.cluster.mint(workload, "app")
         svids = []
         for group in _groups(len(self.agents)):
             audiences = [cluster_audience(TRUST_DOMAIN, _target(i)) for i in group]
-            response = await self.http.post(
-                self.plane.url + "/oauth2/token",
-                data={"grant_type": TOKEN_EXCHANGE_GRANT, "subject_token": sa_token,
-                      "subject_token_type": JWT_TOKEN_TYPE, "audience": audiences},
-            )  # fmt: skip
-            if response.status_code != 200:
-                raise RuntimeError(
-                    f"exchange failed: HTTP {response.status_code} {response.text[:200]}"
-                )
-            svids.append(str(response.json()["access_token"]))
+            form = exchange_form(sa_token, audiences)
+            svids.append(exchanged(await self.http.post(self.fed.url + "/oauth2/token", data=form)))
         return svids
 
     async def _revoke(self, kind: str, value: str) -> None:
         response = await self.http.post(
-            self.plane.url + "/v1/revocations",
-            headers=self.plane.admin,
+            self.fed.url + "/v1/revocations",
+            headers=self.fed.admin,
             json={"kind": kind, "value": value, "reason": "bench"},
         )
         if response.status_code != 201:
@@ -367,7 +254,7 @@ class _Bench:
         for group, svid in zip(_groups(len(self.agents)), svids, strict=True):
             token_of.update(dict.fromkeys(group, svid))
         requests = [
-            _authorize_request(host, port, token_of[i])
+            authorize_request(host, port, token_of[i], REQUEST)
             for i, (host, port) in enumerate(self.agents)
         ]
         confirmations = await asyncio.gather(
@@ -380,7 +267,7 @@ class _Bench:
                     f"HTTP {status} {body[:200]!r}"
                 )
         if kind == "jti":
-            jtis = [str(_claims(svid)["jti"]) for svid in svids]
+            jtis = [str(unverified_claims(svid)["jti"]) for svid in svids]
             revocations = [("jti", jti) for jti in jtis]
         else:
             revocations = [("workload", workload)]
@@ -398,7 +285,7 @@ class _Bench:
             while True:
                 try:
                     status, body = await conn.call(request)
-                except (OSError, asyncio.IncompleteReadError, _Malformed) as exc:
+                except (OSError, asyncio.IncompleteReadError, Malformed) as exc:
                     status, body = 0, repr(exc).encode()
                 now = clock()
                 result.polls += 1
@@ -418,16 +305,8 @@ class _Bench:
         return result
 
 
-def _claims(token: str) -> dict[str, Any]:
-    payload = token.split(".")[1]
-    claims: dict[str, Any] = json.loads(
-        base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
-    )
-    return claims
-
-
 async def _run_trials(
-    plane: _Plane,
+    fed: Federation,
     agents: list[tuple[str, int]],
     trials: int,
     kinds: Sequence[str],
@@ -437,7 +316,7 @@ async def _run_trials(
     connections = [_Connection(host, port) for host, port in agents]
     try:
         async with httpx.AsyncClient(timeout=30, trust_env=False) as http:
-            bench = _Bench(plane, http, agents, connections, poll_interval, deny_timeout)
+            bench = _Bench(fed, http, agents, connections, poll_interval, deny_timeout)
             await bench.trial("jti", -1)  # warm-up: connections, code paths; not reported
             bench.trials.clear()
             for number in range(trials):
@@ -448,16 +327,6 @@ async def _run_trials(
     finally:
         for conn in connections:
             conn.close()
-
-
-def _run_async(coro: Coroutine[Any, Any, list[_Trial]]) -> tuple[list[_Trial], str]:
-    """Run on uvloop when it is installed (more polls per second from one process)."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro), "asyncio"
-    result: list[_Trial] = uvloop.run(coro)
-    return result, "uvloop"
 
 
 # -- in process: the per-decision cost -------------------------------------------------
@@ -509,10 +378,7 @@ def _micro(iterations: int, entries: int, rounds: int) -> dict[str, Any]:
     if hit.kind != "jti":
         raise RuntimeError("expected a jti entry to probe a hit")
 
-    private = generate_private_key("ES256")
-    assert isinstance(private, ec.EllipticCurvePrivateKey)
-    jwk = public_jwk(private, "ES256")
-    key = ActiveKey(kid=jwk["kid"], alg="ES256", private_key=private)
+    _, jwk, key = es256_key()
     issuer = "https://trustmesh.bench.example"
     iat = int(now)
     token = mint_svid(key, {
@@ -672,7 +538,7 @@ def _report(
         summary.append(
             f"every agent denies: p50 {p50:.1f} ms, p99 {p99:.1f} ms, max {top:.1f} ms "
             f"(nearest rank over {overall['n']} trials); goal p99 ≤ {GOAL_P99_S:.0f} s "
-            f"{'met' if met else 'MISSED'}"
+            f"{verdict(met)}"
         )
         for kind in kinds:
             of_kind = spreads.get(kind)
@@ -752,24 +618,17 @@ def run(
         raise ValueError(f"kinds must be drawn from {', '.join(KINDS)}")
     if poll_interval < 0 or deny_timeout <= 0:
         raise ValueError("poll_interval must be ≥ 0 and deny_timeout positive")
-    with tempfile.TemporaryDirectory(prefix="trustmesh-bench-") as tmp:
-        root = Path(tmp)
-        children: list[Child] = []
-        try:
-            plane = _start_plane(root, children, agents, trials)
-            began = time.monotonic()
-            addresses = _start_agents(root, children, plane, agents, ready_timeout)
-            startup_s = time.monotonic() - began
-            rss_mb = _rss_mb(children[2:])
-            measured, loop = _run_async(
-                _run_trials(plane, addresses, trials, kinds, poll_interval, deny_timeout)
-            )
-        finally:
-            for child in children:  # all at once: each drains in parallel
-                if child.proc.poll() is None:
-                    child.proc.terminate()
-            for child in reversed(children):
-                stop(child)
+    with federation(ORIGIN) as fed:
+        workloads = [JTI_WORKLOAD, *(f"svc-w{i}" for i in range(trials))]
+        fed.apply(_manifests(fed.cluster.issuer, agents, workloads))
+        began = time.monotonic()
+        started = fed.start_agents([_target(i) for i in range(agents)], ready_timeout)
+        startup_s = time.monotonic() - began
+        rss_mb = _rss_mb([agent.child for agent in started])
+        addresses = [(agent.host, agent.port) for agent in started]
+        measured, loop = run_async(
+            _run_trials(fed, addresses, trials, kinds, poll_interval, deny_timeout)
+        )
     micro = _micro(iterations, entries, rounds)
     result = _report(measured, micro, agents, trials, kinds, poll_interval, rss_mb, startup_s)
     result["event_loop"] = loop

@@ -22,7 +22,6 @@ has a goal of at most 3 µs."""
 
 from __future__ import annotations
 
-import base64
 import gc
 import secrets
 import time
@@ -35,14 +34,14 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.hashes import SHA256
 
 from trustmesh.agent.authn import Authenticator
-from trustmesh.bench._stats import Distribution, median, row, summarise, timer_overhead
-from trustmesh.identity.keys import ActiveKey, generate_private_key, public_jwk
+from trustmesh.bench._federation import TRUST_DOMAIN, es256_key
+from trustmesh.bench._stats import Distribution, median, row, summarise, timer_overhead, verdict
+from trustmesh.identity.jws import b64decode
 from trustmesh.identity.svid import mint_svid
 from trustmesh.spiffeid import cluster_audience
 
 __all__ = ["run"]
 
-TRUST_DOMAIN = "bench.example"
 ISSUER = "https://trustmesh.bench.example"
 ORIGIN, TARGET = "a", "b"
 GOAL_OVERHEAD_US = 20.0
@@ -69,10 +68,6 @@ def _claims(now: int, jti: str) -> dict[str, Any]:
     }
 
 
-def _b64decode(segment: str) -> bytes:
-    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-
-
 def _timed(call: Callable[[str], object], tokens: Sequence[str]) -> Distribution:
     clock = time.perf_counter_ns
     out = [0] * len(tokens)
@@ -90,10 +85,7 @@ def run(iterations: int = 20000, *, rounds: int = 3) -> dict[str, Any]:
     ``rounds`` interleaved rounds (see the module docstring)."""
     if iterations < 1 or rounds < 1:
         raise ValueError("iterations and rounds must be positive")
-    private = generate_private_key("ES256")
-    assert isinstance(private, ec.EllipticCurvePrivateKey)
-    jwk = public_jwk(private, "ES256")
-    key = ActiveKey(kid=jwk["kid"], alg="ES256", private_key=private)
+    private, jwk, key = es256_key()
     now = int(time.time())
     tokens = [mint_svid(key, _claims(now, secrets.token_urlsafe(16))) for _ in range(iterations)]
     hot = mint_svid(key, _claims(now, secrets.token_urlsafe(16)))
@@ -111,7 +103,7 @@ def run(iterations: int = 20000, *, rounds: int = 3) -> dict[str, Any]:
             raise RuntimeError("the authenticator returned an unexpected identity")
 
     signing_input, _, signature = hot.rpartition(".")
-    raw = _b64decode(signature)
+    raw = b64decode(signature)
     der = encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
     public = private.public_key()
     message, algorithm = signing_input.encode(), ec.ECDSA(SHA256())
@@ -186,9 +178,6 @@ def _report(
             note="one perf_counter_ns pair, included in every figure above",
         )
     )
-
-    def verdict(ok: bool) -> str:
-        return "met" if ok else "MISSED"
 
     summary = [
         f"overhead of the agent over a bare signature check: {overhead:.1f} µs at p50 "
