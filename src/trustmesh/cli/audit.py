@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import os
 import re
 import time
 from collections.abc import Iterator
@@ -25,10 +24,11 @@ import httpx
 import typer
 from rich.table import Table
 
+from trustmesh.audit import offline
 from trustmesh.audit.canonical import format_time
 from trustmesh.audit.checkpoint import Checkpoint, verify_checkpoint
-from trustmesh.audit.events import QUERY_COLUMNS
 from trustmesh.audit.note import Verifier, parse_verifier_key
+from trustmesh.audit.offline import Entry
 from trustmesh.audit.proof import root_from_inclusion_proof, verify_consistency
 from trustmesh.audit.rfc6962 import leaf_hash
 from trustmesh.audit.verify import REWRITTEN, LogVerifier, VerifyReport, narrow_with_proofs
@@ -47,7 +47,7 @@ from trustmesh.cli._common import (
     resolve_server,
     resolve_token,
 )
-from trustmesh.common.errors import CheckpointError, NoteError, ProofError
+from trustmesh.common.errors import CheckpointError, ConfigError, NoteError, ProofError
 
 audit_app = typer.Typer(
     help="The tamper-evident audit log: verify it, its checkpoints and proofs; query it.",
@@ -183,10 +183,6 @@ def _entry_page(client: AuditClient, start: int, end: int) -> list[dict[str, Any
     return page
 
 
-Entry = tuple[int, bytes, bytes | None, dict[str, Any] | None]
-"""(index, leaf bytes, stored leaf hash, stored query columns) -- the last two only offline."""
-
-
 def _online_entries(client: AuditClient, at_least: int) -> Iterator[Entry]:
     """Every entry, page by page, until a page comes back empty past ``at_least`` (the
     latest checkpoint's size: a run of missing entries before it is not the end)."""
@@ -233,128 +229,6 @@ def _narrow_online(
         if narrowed is not None:
             report = report.replacing(problem, narrowed)
     return report
-
-
-def _offline_engine(data_dir: Path | None, db: str | None) -> Any:
-    """An engine on the server's database, opened as it is: no migration, no writes."""
-    from sqlalchemy import create_engine, inspect
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from trustmesh.common.errors import DatabaseUrlError
-    from trustmesh.storage.db import engine_url
-
-    try:
-        url = make_url(engine_url(db, data_dir or Path()))
-    except (DatabaseUrlError, ValueError) as exc:
-        fail(str(exc))
-    if url.get_backend_name() == "sqlite":
-        path = Path(url.database or "")
-        if not path.is_file():
-            fail(f"no database at {path}: pass the server's --data-dir (and --db if it uses one)")
-        engine = create_engine(url, connect_args={"timeout": 10})
-    else:
-        engine = create_engine(url)
-    try:
-        if not inspect(engine).has_table("audit_entries"):
-            fail(f"{url.render_as_string(hide_password=True)} holds no audit log")
-    except SQLAlchemyError as exc:
-        fail(f"cannot open {url.render_as_string(hide_password=True)}: {exc.__class__.__name__}")
-    return engine
-
-
-def _offline_key(conn: Any, data_dir: Path | None, warnings: list[str]) -> Verifier:
-    """The verifier key derived from the sealed signing key: the master key that opens
-    it lives outside the database, so whoever altered the database cannot swap it."""
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    from trustmesh.audit.log import ORIGIN, SIGNING_KEY, VERIFIER_KEY
-    from trustmesh.audit.note import verifier_key
-    from trustmesh.common.errors import MasterKeyError
-    from trustmesh.identity.sealing import MasterKey
-    from trustmesh.storage import meta as meta_store
-
-    sealed = meta_store.get(conn, SIGNING_KEY)
-    origin = meta_store.get(conn, ORIGIN)
-    if sealed is None or origin is None:
-        fail(f"the database holds no audit signing key (meta {SIGNING_KEY}); pass --key")
-    configured = os.environ.get("TRUSTMESH_MASTER_KEY_FILE")
-    if not configured and data_dir is None:
-        fail(
-            "the log's signing key is sealed with the master key: pass --data-dir, set "
-            "TRUSTMESH_MASTER_KEY_FILE, or pin the key with --key"
-        )
-    path = Path(configured) if configured else Path(data_dir or ".") / "master.key"
-    if not path.is_file():
-        fail(
-            f"no master key at {path}: it opens the log's signing key (set "
-            "TRUSTMESH_MASTER_KEY_FILE, or pin the key with --key)"
-        )
-    try:
-        raw = MasterKey.load_or_create(path).open(sealed, SIGNING_KEY.encode())
-        public_key = Ed25519PrivateKey.from_private_bytes(raw).public_key()
-        derived = verifier_key(origin, public_key)
-    except (MasterKeyError, ValueError, NoteError) as exc:
-        fail(f"cannot open the audit signing key with {path}: {exc}")
-    stored = meta_store.get(conn, VERIFIER_KEY)
-    if stored != derived:
-        warnings.append(
-            f"meta {VERIFIER_KEY} ({stored}) is not the key of the sealed signing key "
-            f"({derived}); verifying with the derived one"
-        )
-    return parse_verifier_key(derived)
-
-
-OfflineLog = tuple[Verifier, list[tuple[int, str]], Iterator[Entry]]
-
-
-def _offline_rows(
-    engine: Any, key: str | None, data_dir: Path | None, warnings: list[str]
-) -> OfflineLog:
-    """(verifier, checkpoints, entry iterator) read straight from the tables."""
-    from sqlalchemy import LargeBinary, cast, func, select
-
-    from trustmesh.storage.schema import audit_checkpoints, audit_entries
-
-    conn = engine.connect()
-    verifier = _pinned_key(key) if key else _offline_key(conn, data_dir, warnings)
-    checkpoints = [
-        (int(size), str(note))
-        for size, note in conn.execute(
-            select(audit_checkpoints.c.size, audit_checkpoints.c.note).order_by(
-                audit_checkpoints.c.size
-            )
-        )
-    ]
-    # The exact stored bytes: SQLite's CAST AS BLOB returns them even when they are not
-    # UTF-8 (decoding them as text would fail, and lose the evidence).
-    leaf: Any
-    stored: Any
-    if engine.dialect.name == "sqlite":
-        leaf = cast(audit_entries.c.leaf, LargeBinary)
-        stored = cast(audit_entries.c.leaf_hash, LargeBinary)
-    else:
-        leaf = func.convert_to(audit_entries.c.leaf, "UTF8", type_=LargeBinary)
-        stored = audit_entries.c.leaf_hash
-
-    columns = [audit_entries.c[name] for name in QUERY_COLUMNS]
-
-    def entries() -> Iterator[Entry]:
-        try:
-            result = conn.execution_options(stream_results=True, yield_per=5000).execute(
-                select(audit_entries.c.idx, leaf, stored, *columns).order_by(audit_entries.c.idx)
-            )
-            for index, raw, hash_, *values in result:
-                yield (
-                    int(index),
-                    bytes(raw or b""),
-                    bytes(hash_ or b""),
-                    dict(zip(QUERY_COLUMNS, values, strict=True)),
-                )
-        finally:
-            conn.close()
-
-    return verifier, checkpoints, entries()
 
 
 # -- verify ---------------------------------------------------------------------------------
@@ -432,8 +306,14 @@ def verify(
     client: AuditClient | None = None
     entries: Iterator[Entry]
     if data_dir is not None or db:
-        engine = _offline_engine(data_dir, db)
-        log_key, checkpoints, entries = _offline_rows(engine, key, data_dir, warnings)
+        try:
+            engine = offline.open_engine(data_dir, db)
+            stored_log = offline.read_log(engine, data_dir, _pinned_key(key) if key else None)
+        except ConfigError as exc:
+            fail(exc.description)
+        log_key, checkpoints = stored_log.verifier, stored_log.checkpoints
+        entries = stored_log.entries
+        warnings.extend(stored_log.warnings)
         key_source = "pinned with --key" if key else "derived from the sealed signing key"
         mode = f"offline, {engine.url.render_as_string(hide_password=True)}"
         at_least = 0
