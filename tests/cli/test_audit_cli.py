@@ -572,7 +572,7 @@ def test_records_altered_in_the_database_are_named(
 def test_time_bounds_accept_rfc3339_dates_and_ages() -> None:
     from datetime import UTC, datetime
 
-    from trustmesh.cli.audit import _time_bound
+    from trustmesh.cli.audit.query import _time_bound
 
     now = datetime(2026, 11, 29, 12, 0, 0, tzinfo=UTC)
     assert _time_bound("15m", "--since", now) == "2026-11-29T11:45:00.000Z"
@@ -583,7 +583,7 @@ def test_time_bounds_accept_rfc3339_dates_and_ages() -> None:
 
 
 def test_requests_are_described_in_one_phrase() -> None:
-    from trustmesh.cli.audit import _describe_request
+    from trustmesh.cli.audit.query import _describe_request
 
     assert (
         _describe_request({"surface": "ext_authz", "method": "GET", "host": "a.test", "path": "/x"})
