@@ -26,6 +26,7 @@ from helpers import Federation, Server, register_federation, start_server, trust
 from trustmesh.audit import events as ev
 from trustmesh.audit.note import verifier_key
 from trustmesh.sim import SimulatedCluster
+from trustmesh.storage.db import open_database
 
 pymerkle: Any = pytest.importorskip("pymerkle", reason="pip install pymerkle for the cross-check")
 
@@ -455,6 +456,49 @@ def test_commands_without_server_or_credential_are_one_line(tmp_path: Path) -> N
     one_line_error(run("audit", "verify", "--db", "mysql://x/y"), "is not supported")
 
 
+# -- offline: what trustmesh.audit.offline refuses ------------------------------------------
+def test_offline_verify_refuses_a_database_without_a_log(tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / "trustmesh.db") as other:
+        other.execute("CREATE TABLE notes (text TEXT)")
+    other.close()
+    one_line_error(run("audit", "verify", "--data-dir", str(tmp_path)), "holds no audit log")
+
+    # the schema, but no server ever started on it: no sealed signing key to derive from
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    open_database(None, empty).dispose()
+    one_line_error(
+        run("audit", "verify", "--data-dir", str(empty)),
+        "the database holds no audit signing key (meta audit_signing_key); pass --key",
+    )
+
+
+def test_offline_verify_needs_the_master_key_that_sealed_the_log_key(
+    shared_server: Server, tmp_path: Path
+) -> None:
+    database = shared_server.db or f"sqlite:///{shared_server.data_dir / 'trustmesh.db'}"
+    offline = ("audit", "verify", "--db", database)
+    one_line_error(
+        run(*offline, env={"TRUSTMESH_MASTER_KEY_FILE": ""}),
+        "the log's signing key is sealed with the master key: pass --data-dir",
+    )
+    missing = tmp_path / "missing.key"
+    one_line_error(
+        run(*offline, env={"TRUSTMESH_MASTER_KEY_FILE": str(missing)}),
+        f"no master key at {missing}",
+    )
+    another = tmp_path / "another.key"
+    another.write_text(base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("="))
+    one_line_error(
+        run(*offline, env={"TRUSTMESH_MASTER_KEY_FILE": str(another)}),
+        f"cannot open the audit signing key with {another}",
+    )
+    master = str(shared_server.data_dir / "master.key")
+    result = run(*offline, "-o", "json", env={"TRUSTMESH_MASTER_KEY_FILE": master})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads(result.stdout)["key_source"] == "derived from the sealed signing key"
+
+
 # -- tampering with the database ---------------------------------------------------------
 def verify_problems(
     *args: str, env: dict[str, str] | None = None
@@ -572,7 +616,7 @@ def test_records_altered_in_the_database_are_named(
 def test_time_bounds_accept_rfc3339_dates_and_ages() -> None:
     from datetime import UTC, datetime
 
-    from trustmesh.cli.audit import _time_bound
+    from trustmesh.cli.audit.query import _time_bound
 
     now = datetime(2026, 11, 29, 12, 0, 0, tzinfo=UTC)
     assert _time_bound("15m", "--since", now) == "2026-11-29T11:45:00.000Z"
@@ -583,7 +627,7 @@ def test_time_bounds_accept_rfc3339_dates_and_ages() -> None:
 
 
 def test_requests_are_described_in_one_phrase() -> None:
-    from trustmesh.cli.audit import _describe_request
+    from trustmesh.cli.audit.query import _describe_request
 
     assert (
         _describe_request({"surface": "ext_authz", "method": "GET", "host": "a.test", "path": "/x"})
