@@ -33,25 +33,21 @@ from trustmesh.sim.demo import (
     WORKLOADS,
     DemoError,
     Expect,
-    IntruderStats,
-    Lease,
-    PairStats,
     PolicyChangeSpec,
+    manifest,
+    policy_manifest,
+    run_demo,
+)
+from trustmesh.sim.demo.display import ok_line
+from trustmesh.sim.demo.run import policy_change_time, revocation_time, rotation_time
+from trustmesh.sim.demo.scoreboard import (
+    IntruderStats,
+    PairStats,
     PolicyState,
-    Refused,
     RevocationRun,
     Scoreboard,
-    Traffic,
-    issued_at,
-    manifest,
-    ok_line,
-    policy_change_time,
-    policy_manifest,
-    revocation_time,
-    rotation_time,
-    run_demo,
-    swap_payload,
 )
+from trustmesh.sim.demo.traffic import Lease, Refused, Traffic, issued_at, swap_payload
 
 DEMO = [sys.executable, "-m", "trustmesh.cli.main", "demo"]
 
