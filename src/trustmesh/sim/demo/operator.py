@@ -66,12 +66,12 @@ class Operator:
                 {"policy.yaml": policy_manifest(BAD_CHANGE)}, BAD_CHANGE.title
             )
         except ApiError as exc:
-            if exc.status != 422 or exc.error != "policy_test_failed":
+            if exc.answer_status != 422 or exc.answer_error != "policy_test_failed":
                 raise
-            change.rejected = f"{exc.status} {exc.error}"
+            change.rejected = f"{exc.answer_status} {exc.answer_error}"
             self.events.event(
                 f"policy change: {BAD_CHANGE.title} -> REJECTED with {change.rejected}: "
-                f"{exc.description}"
+                f"{exc.answer_description}"
             )
             self.check_kept(change, before)
             return

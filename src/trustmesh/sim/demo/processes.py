@@ -5,7 +5,6 @@ the ExitStack that started them, so none outlives the demo."""
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -15,6 +14,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
+from trustmesh.common.files import write_atomically
 from trustmesh.sim.cluster import SimulatedCluster
 from trustmesh.sim.demo.errors import DemoError
 from trustmesh.sim.demo.scenario import CLUSTERS, TRUST_DOMAIN
@@ -94,13 +94,6 @@ def trustmesh_argv(*args: str | Path) -> list[str]:
     return [sys.executable, "-m", "trustmesh.cli.main", *(str(arg) for arg in args)]
 
 
-def write_secret(path: Path, secret: str) -> None:
-    """Write a credential readable by its owner only (0600)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as out:
-        out.write(secret + "\n")
-
-
 def start_server(stack: ExitStack, root: Path, logs: Path) -> str:
     argv = trustmesh_argv(
         "server", "--data-dir", root / "control-plane", "--listen", "127.0.0.1:0",
@@ -136,7 +129,7 @@ def start_agents(
         data_dir = root / "agents" / spec.name
         data_dir.mkdir(parents=True, exist_ok=True)
         token_file = root / "agents" / f"{spec.name}.token"
-        write_secret(token_file, credential(spec.name))
+        write_atomically(token_file, credential(spec.name) + "\n")  # 0600: a credential
         argv = trustmesh_argv(
             "agent", "--cluster", spec.name, "--server", server_url, "--listen", "127.0.0.1:0",
             "--data-dir", data_dir, "--token-file", token_file,

@@ -13,8 +13,10 @@ from typing import Any
 
 import yaml
 
+from trustmesh.manifests import API_VERSION
+from trustmesh.spiffeid import workload_spiffe_id
+
 TRUST_DOMAIN = "demo.trustmesh.io"
-API_VERSION = "trustmesh.io/v1alpha1"
 REVOKED_WORKLOAD = "inventory"
 REVOCATION_REASON = "credentials leaked in a CI build log"
 
@@ -23,14 +25,18 @@ REVOCATION_REASON = "credentials leaked in a CI build log"
 
 
 @dataclass(frozen=True)
-class ClusterSpec:
+class DemoCluster:
+    """A simulated cluster of the demo, and the labels it is registered with."""
+
     name: str
     region: str
     environment: str
 
 
 @dataclass(frozen=True)
-class WorkloadSpec:
+class DemoWorkload:
+    """A workload of the demo: where it runs, and the claims it is registered with."""
+
     name: str
     cluster: str
     namespace: str
@@ -42,34 +48,27 @@ class WorkloadSpec:
     @property
     def spiffe_id(self) -> str:
         """The default SPIFFE ID of an entry that names none (DESIGN §2)."""
-        return (
-            f"spiffe://{TRUST_DOMAIN}/cluster/{self.cluster}"
-            f"/ns/{self.namespace}/sa/{self.service_account}"
-        )
+        return workload_spiffe_id(TRUST_DOMAIN, self.cluster, self.namespace, self.service_account)
 
 
 CLUSTERS = (
-    ClusterSpec("eu-west", "eu-west-1", "production"),
-    ClusterSpec("us-east", "us-east-1", "production"),
-    ClusterSpec("ap-south", "ap-south-1", "staging"),
+    DemoCluster("eu-west", "eu-west-1", "production"),
+    DemoCluster("us-east", "us-east-1", "production"),
+    DemoCluster("ap-south", "ap-south-1", "staging"),
 )
 WORKLOADS = (
-    WorkloadSpec("payments", "eu-west", "shop", "payments", "shop", "production", "gold"),
-    WorkloadSpec("checkout", "eu-west", "shop", "checkout", "shop", "production", "silver"),
-    WorkloadSpec(
+    DemoWorkload("payments", "eu-west", "shop", "payments", "shop", "production", "gold"),
+    DemoWorkload("checkout", "eu-west", "shop", "checkout", "shop", "production", "silver"),
+    DemoWorkload(
         "inventory", "us-east", "warehouse", "inventory", "warehouse", "production", "silver"
     ),
-    WorkloadSpec("search", "us-east", "catalog", "search", "catalog", "production", "bronze"),
-    WorkloadSpec("ledger", "ap-south", "finance", "ledger", "finance", "staging", "gold"),
-    WorkloadSpec("reports", "ap-south", "finance", "reports", "finance", "staging", "bronze"),
+    DemoWorkload("search", "us-east", "catalog", "search", "catalog", "production", "bronze"),
+    DemoWorkload("ledger", "ap-south", "finance", "ledger", "finance", "staging", "gold"),
+    DemoWorkload("reports", "ap-south", "finance", "reports", "finance", "staging", "bronze"),
 )
 WORKLOAD_BY_NAME = {wl.name: wl for wl in WORKLOADS}
 ROGUE_CLUSTER = "rogue"
 FORGED_AUDIENCE = "us-east"  # where the intruder's forged token wants to go
-
-
-def cluster_audience(cluster: str) -> str:
-    return f"spiffe://{TRUST_DOMAIN}/cluster/{cluster}"
 
 
 def manifest(issuers: dict[str, str]) -> str:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trustmesh.sim.demo.finale import AuditFinale
-from trustmesh.sim.demo.scenario import Expect, Route, WorkloadSpec
+from trustmesh.sim.demo.scenario import DemoWorkload, Expect, Route
 
 
 @dataclass
@@ -19,7 +19,7 @@ class PairStats:
     """One (workload -> target cluster) flow."""
 
     route: Route
-    workload: WorkloadSpec
+    workload: DemoWorkload
     spiffe_id: str
     exchanges: int = 0
     allowed: int = 0

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 
 from trustmesh.common.tracing import format_traceparent, new_span_id, new_trace_id
+from trustmesh.common.urns import JWT_TOKEN_TYPE, TOKEN_EXCHANGE_GRANT
 from trustmesh.sim.cluster import SimulatedCluster
 from trustmesh.sim.demo._http import json_body
 from trustmesh.sim.demo.display import (
@@ -28,14 +29,13 @@ from trustmesh.sim.demo.display import (
 from trustmesh.sim.demo.scenario import (
     FORGED_AUDIENCE,
     LEDGER_WRITE,
+    TRUST_DOMAIN,
     WORKLOADS,
-    WorkloadSpec,
-    cluster_audience,
+    DemoWorkload,
 )
 from trustmesh.sim.demo.scoreboard import IntruderStats, PairStats, Scoreboard
+from trustmesh.spiffeid import cluster_audience
 
-TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"  # noqa: S105
-JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"  # noqa: S105
 SA_TOKEN_TTL = 3600  # projected service-account tokens, as the kubelet requests them
 RENEW_AT = 0.8  # renew tokens at 80 % of their lifetime
 
@@ -85,7 +85,7 @@ class Traffic:
         self.tamper()
         self.round += 1
 
-    def sa_token(self, wl: WorkloadSpec) -> str:
+    def sa_token(self, wl: DemoWorkload) -> str:
         lease = self.sa_tokens.get(wl.name)
         if lease is None or time.time() >= lease.renew_at:
             token = self.clusters[wl.cluster].mint(
@@ -112,10 +112,10 @@ class Traffic:
         self, subject_token: str, target: str, trace_id: str | None = None
     ) -> tuple[str, float]:
         form = {
-            "grant_type": TOKEN_EXCHANGE,
+            "grant_type": TOKEN_EXCHANGE_GRANT,
             "subject_token": subject_token,
             "subject_token_type": JWT_TOKEN_TYPE,
-            "audience": cluster_audience(target),
+            "audience": cluster_audience(TRUST_DOMAIN, target),
             "lifetime": str(self.lease_seconds),
         }
         response = self.http.post(
@@ -329,7 +329,7 @@ def issued_at(token: str) -> float | None:
         return None
 
 
-def swap_payload(token: str, victim: WorkloadSpec) -> str:
+def swap_payload(token: str, victim: DemoWorkload) -> str:
     """The same header and signature over a payload rewritten to claim ``victim``."""
     header, _, signature = token.split(".")
     claims = unverified_claims(token)
