@@ -38,7 +38,8 @@ from trustmesh.sim.demo import (
     policy_manifest,
     run_demo,
 )
-from trustmesh.sim.demo.display import ok_line
+from trustmesh.sim.demo.display import ok_line, revocation_line, revocation_text
+from trustmesh.sim.demo.operator import Operator
 from trustmesh.sim.demo.run import policy_change_time, revocation_time, rotation_time
 from trustmesh.sim.demo.scoreboard import (
     IntruderStats,
@@ -168,6 +169,11 @@ def check_revocation(output: str) -> None:
         re.M,
     )
     assert summary, output
+    # Each cut-off above was seen by a refusal of the revoked token: the counts include it.
+    counted = re.search(r"; (\d+) calls with its revoked token refused \(expected\);", output)
+    assert counted and int(counted.group(1)) >= 2, output
+    in_ok = re.search(r"expected: (\d+) calls with inventory's token after its revocation", output)
+    assert in_ok and int(in_ok.group(1)) >= 2, output
 
 
 def test_demo_runs_changes_policy_rotates_and_leaves_nothing_behind() -> None:
@@ -473,3 +479,32 @@ def test_a_revocation_must_be_followed_by_acceptance_again() -> None:
 def test_issued_at_reads_the_tokens_iat() -> None:
     assert issued_at(token_issued_at(1712345678)) == 1712345678.0
     assert issued_at("not a jwt") is None
+
+
+class RevokedEverywhere:
+    """Stands in for the traffic: every agent refuses every token as revoked."""
+
+    def authorize(
+        self, target: str, token: str, request: dict[str, str], trace_id: str | None = None
+    ) -> dict[str, object]:
+        raise Refused(401, "invalid_token", "revoked")
+
+
+def test_the_refusals_that_time_the_cut_off_are_counted_as_refusals_of_the_revoked_token() -> None:
+    """ "cut off at eu-west after 0.02 s" is measured by a refused probe, so the counts of
+    refusals beside it cannot say 0 -- even when the traffic itself renewed its token
+    before presenting the revoked one again."""
+    board = scoreboard()
+    operator = Operator(board, None, None, Recorder())  # type: ignore[arg-type]
+    run = RevocationRun("inventory", "leak", ("eu-west", "ap-south"), 5.0, 1, 1000.0)
+    board.revocation = run
+    held = {p.target: (p, "t") for p in board.pairs if p.workload.name == "inventory"}
+    operator.time_cut_off(run, RevokedEverywhere(), held, time.monotonic())  # type: ignore[arg-type]
+    assert list(run.cut_off) == ["eu-west", "ap-south"] and run.probes == 2
+    assert [pair.revoked for pair, _ in held.values()] == [1, 1]
+    assert board.totals()["revoked"] == 2
+    line = revocation_line(board)
+    assert re.search(r"cut off at eu-west after \d\.\d\d s, ap-south after \d\.\d\d s;", line)
+    assert "; 2 calls with its revoked token refused (expected);" in line, line
+    assert "every refusal was expected: 2 calls with inventory's token after its " in ok_line(board)
+    assert revocation_text(run).endswith("2 presentations, 2 refused)")

@@ -55,7 +55,8 @@ def revocation_text(run: RevocationRun) -> str:
     return (
         f"revoked workload {run.workload} (reason: {run.reason}): cut off at {cut} "
         f"(revocation revision {run.revision}, in force at all {len(run.agent_revisions)} "
-        f"agents; its token was accepted everywhere just before; {run.probes} presentations)"
+        f"agents; its token was accepted everywhere just before; {run.probes} presentations, "
+        f"{len(run.cut_off)} refused)"
     )
 
 

@@ -189,7 +189,11 @@ class Operator:
         started: float,
     ) -> None:
         """Present the held token to every target agent, a few ms apart, until each has
-        refused it as revoked; ``started`` is just before the revocation request."""
+        refused it as revoked; ``started`` is just before the revocation request. The
+        refusal that marks a cut-off is counted with the flow's refusals of the revoked
+        token: the traffic may renew its token before it presents the revoked one again
+        (in the run until Ctrl-C, renewal and revocation both fall at 12 s), and a count
+        without it would say "0 refused" beside the cut-off that refusal measured."""
         waiting = dict(held)
         while waiting:
             for target, (pair, token) in list(waiting.items()):
@@ -197,6 +201,7 @@ class Operator:
                 run.probes += 1
                 if answer == "revoked":
                     run.cut_off[target] = time.monotonic() - started
+                    pair.revoked += 1
                 elif answer != "accepted":
                     self.revocation_problem(
                         run,

@@ -26,7 +26,9 @@ class PairStats:
     denied: int = 0
     unexpected: int = 0  # decisions that did not match the policy in force
     refused: int = 0  # authentication failures (and other refusals) of a legitimate call
-    revoked: int = 0  # refusals of a token revoked by the demo: expected, not failures
+    # Refusals of the token the demo revoked, the probe's that timed its cut-off
+    # included: expected, not failures.
+    revoked: int = 0
     errors: int = 0
     last_decision: str = ""
     last_latency_ms: float | None = None
@@ -87,7 +89,9 @@ class RevocationRun:
     revision: int | None = None  # the control plane's revocation revision of the entry
     revoked_at: float | None = None  # tokens with iat <= revoked_at are revoked
     cut_off: dict[str, float] = field(default_factory=dict)  # target -> s until refused
-    probes: int = 0  # presentations of the revoked token while waiting for the cut-off
+    # Presentations of the revoked token while waiting for the cut-off; the last one at
+    # each target was refused (one per entry of cut_off).
+    probes: int = 0
     agent_revisions: dict[str, int] = field(default_factory=dict)  # /readyz afterwards
     resumed: dict[str, float] = field(default_factory=dict)  # target -> s until accepted again
     errors: list[str] = field(default_factory=list)
