@@ -38,7 +38,7 @@ from trustmesh.sim.demo import (
     policy_manifest,
     run_demo,
 )
-from trustmesh.sim.demo.display import ok_line, revocation_line, revocation_text
+from trustmesh.sim.demo.display import ok_line, revocation_line, revocation_text, short_decision
 from trustmesh.sim.demo.operator import Operator
 from trustmesh.sim.demo.run import policy_change_time, revocation_time, rotation_time
 from trustmesh.sim.demo.scoreboard import (
@@ -210,6 +210,7 @@ def test_demo_runs_changes_policy_rotates_and_leaves_nothing_behind() -> None:
         assert ok, output
         check_audit(output)
         assert "PROBLEMS" not in output and "UNEXPECTED" not in output
+        assert "rNone" not in output  # the table's LAST DECISION names its policy revision
         assert not Path(data_dir).exists(), "the temporary data dir must be removed"
         assert processes_mentioning(data_dir) == []
     finally:
@@ -508,3 +509,11 @@ def test_the_refusals_that_time_the_cut_off_are_counted_as_refusals_of_the_revok
     assert "; 2 calls with its revoked token refused (expected);" in line, line
     assert "every refusal was expected: 2 calls with inventory's token after its " in ok_line(board)
     assert revocation_text(run).endswith("2 presentations, 2 refused)")
+
+
+def test_the_last_decision_names_the_policy_revision_it_was_made_with() -> None:
+    """/v1/authorize says ``policy_revision`` (DESIGN §3), as audit events do."""
+    allowed = {"allowed": True, "denied": False, "bindings": ["ledger-writers"]}
+    assert short_decision({**allowed, "policy_revision": 2}) == "r2 allow ledger-writers"
+    default = {"allowed": False, "denied": False, "bindings": [], "policy_revision": 1}
+    assert short_decision(default) == "r1 default deny"

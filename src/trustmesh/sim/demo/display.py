@@ -43,7 +43,7 @@ def short_decision(body: dict[str, Any]) -> str:
         what = f"allow {bindings[0]}" if bindings else "allow"
     else:
         what = f"deny {bindings[0]}" if body.get("denied") is True and bindings else "default deny"
-    return f"r{body.get('revision')} {what}"[:34]
+    return f"r{body.get('policy_revision')} {what}"[:34]
 
 
 def short_kid(kid: str) -> str:
