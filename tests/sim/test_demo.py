@@ -40,7 +40,12 @@ from trustmesh.sim.demo import (
 )
 from trustmesh.sim.demo.display import ok_line, revocation_line, revocation_text, short_decision
 from trustmesh.sim.demo.operator import Operator
-from trustmesh.sim.demo.run import policy_change_time, revocation_time, rotation_time
+from trustmesh.sim.demo.run import (
+    lease_seconds,
+    policy_change_time,
+    revocation_time,
+    rotation_time,
+)
 from trustmesh.sim.demo.scoreboard import (
     IntruderStats,
     PairStats,
@@ -48,7 +53,14 @@ from trustmesh.sim.demo.scoreboard import (
     RevocationRun,
     Scoreboard,
 )
-from trustmesh.sim.demo.traffic import Lease, Refused, Traffic, issued_at, swap_payload
+from trustmesh.sim.demo.traffic import (
+    RENEW_AT,
+    Lease,
+    Refused,
+    Traffic,
+    issued_at,
+    swap_payload,
+)
 
 DEMO = [sys.executable, "-m", "trustmesh.cli.main", "demo"]
 
@@ -194,6 +206,10 @@ def test_demo_runs_changes_policy_rotates_and_leaves_nothing_behind() -> None:
         check_revocation(output)
         assert "signing key rotated: kid" in output
         assert "first call verified with the new key" in output
+        rotated = re.search(r"^signing key rotated at \S+ s: (\S+) -> (\S+);", output, re.M)
+        assert rotated, output
+        key_column = rf"│ {re.escape(rotated.group(2))} │"  # the KEY cell of a flow's row
+        assert len(re.findall(key_column, output)) == len(ROUTES), output
         assert re.search(
             r"since then \d+ calls verified with the retired key, [1-9]\d* with", output
         )
@@ -517,3 +533,24 @@ def test_the_last_decision_names_the_policy_revision_it_was_made_with() -> None:
     assert short_decision({**allowed, "policy_revision": 2}) == "r2 allow ledger-writers"
     default = {"allowed": False, "denied": False, "bindings": [], "policy_revision": 1}
     assert short_decision(default) == "r1 default deny"
+
+
+def renewals(duration: float) -> list[float]:
+    """When every workload renews its JWT-SVIDs (at 80 % of the lifetime it asks for),
+    until the end of the run (the first minute of a run until Ctrl-C)."""
+    every = RENEW_AT * lease_seconds(duration)
+    return [k * every for k in range(1, int((duration or 60) / every) + 1)]
+
+
+@pytest.mark.parametrize("duration", [0.0, 10.0, 30.0, 120.0])
+def test_tokens_signed_by_the_new_key_follow_the_rotation_soon(duration: float) -> None:
+    """The KEY column shows the kid that signed the token each flow presents, so it can
+    show the new kid only once the workloads renew their tokens after the rotation: not
+    at the same moment (the retired key is seen verifying first), and in the run until
+    Ctrl-C within seconds of its last scheduled event (with 15 s tokens renewed at 12 s
+    and 24 s, the rotation at 16 s showed no new kid for 8 s: to a user, never)."""
+    rotated = rotation_time(duration)
+    after = [t for t in renewals(duration) if t > rotated]
+    assert after, "no token is renewed after the rotation"
+    assert after[0] - rotated >= 1.0
+    assert after[0] - rotated <= 5.0 if duration == 0 else after[0] < duration

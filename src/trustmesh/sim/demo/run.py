@@ -32,6 +32,10 @@ HTTP_TIMEOUT = 3.0
 INTERACTIVE_POLICY_CHANGE = 8.0  # seconds into the traffic when running until Ctrl-C
 INTERACTIVE_REVOCATION = 12.0
 INTERACTIVE_ROTATION = 16.0
+# JWT-SVID lifetime until Ctrl-C: renewed every 4.8 s, between those three, so the
+# traffic presents the revoked token and the retired key's tokens before renewing them,
+# and tokens signed by the new key show within ~3 s of the rotation, the last event.
+INTERACTIVE_LEASE = 6
 
 
 # -- signals ---------------------------------------------------------------------------------
@@ -78,7 +82,7 @@ def signals_ignored() -> Iterator[None]:
 def lease_seconds(duration: float) -> int:
     """JWT-SVID lifetime the workloads ask for: short enough that renewals (and tokens
     signed by the new key after the rotation) show within the demo."""
-    return 15 if duration <= 0 else max(2, min(15, int(duration / 5)))
+    return INTERACTIVE_LEASE if duration <= 0 else max(2, min(15, int(duration / 5)))
 
 
 def policy_change_time(duration: float) -> float:
