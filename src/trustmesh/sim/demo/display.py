@@ -21,7 +21,12 @@ SUMMARY_INTERVAL = 2.0  # seconds between summary lines in plain mode
 
 
 class Events(Protocol):
+    """Where the traffic and the operator report what happened (a display)."""
+
     def event(self, text: str) -> None: ...
+
+
+# -- event texts ----------------------------------------------------------------------------
 
 
 def decision_detail(body: dict[str, Any]) -> str:
@@ -47,6 +52,7 @@ def short_decision(body: dict[str, Any]) -> str:
 
 
 def short_kid(kid: str) -> str:
+    """A kid as the table and the event lines show it: its first ten characters."""
     return kid[:10] if kid else "-"
 
 
@@ -75,6 +81,8 @@ def propagation_text(change: PolicyChange) -> str:
         f"agents after {change.propagation or 0:.2f} s ({agents})"
     )
 
+
+# -- the table and the lines beside it -----------------------------------------------------
 
 COLUMNS = (
     "FROM", "WORKLOAD", "TO", "REQUEST", "EXCH", "ALLOWED", "DENIED", "LAST DECISION",
@@ -185,6 +193,9 @@ def summary_line(board: Scoreboard) -> str:
     )
 
 
+# -- displays ------------------------------------------------------------------------------
+
+
 class PlainDisplay:
     """One line per notable event and a summary line every few seconds."""
 
@@ -257,6 +268,9 @@ class Display(Events, Protocol):
     def tick(self) -> None: ...
     def __enter__(self) -> Display: ...
     def __exit__(self, *exc: object) -> None: ...
+
+
+# -- the final summary ---------------------------------------------------------------------
 
 
 def print_final(console: Console, board: Scoreboard) -> None:

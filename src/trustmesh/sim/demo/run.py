@@ -76,7 +76,7 @@ def signals_ignored() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-# -- the demo --------------------------------------------------------------------------------
+# -- the schedule, and the run --------------------------------------------------------------
 
 
 def lease_seconds(duration: float) -> int:
