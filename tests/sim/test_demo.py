@@ -33,23 +33,32 @@ from trustmesh.sim.demo import (
     WORKLOADS,
     DemoError,
     Expect,
-    IntruderStats,
-    Lease,
-    PairStats,
     PolicyChangeSpec,
-    PolicyState,
-    Refused,
-    RevocationRun,
-    Scoreboard,
-    Traffic,
-    issued_at,
     manifest,
-    ok_line,
-    policy_change_time,
     policy_manifest,
+    run_demo,
+)
+from trustmesh.sim.demo.display import ok_line, revocation_line, revocation_text, short_decision
+from trustmesh.sim.demo.operator import Operator
+from trustmesh.sim.demo.run import (
+    lease_seconds,
+    policy_change_time,
     revocation_time,
     rotation_time,
-    run_demo,
+)
+from trustmesh.sim.demo.scoreboard import (
+    IntruderStats,
+    PairStats,
+    PolicyState,
+    RevocationRun,
+    Scoreboard,
+)
+from trustmesh.sim.demo.traffic import (
+    RENEW_AT,
+    Lease,
+    Refused,
+    Traffic,
+    issued_at,
     swap_payload,
 )
 
@@ -172,6 +181,11 @@ def check_revocation(output: str) -> None:
         re.M,
     )
     assert summary, output
+    # Each cut-off above was seen by a refusal of the revoked token: the counts include it.
+    counted = re.search(r"; (\d+) calls with its revoked token refused \(expected\);", output)
+    assert counted and int(counted.group(1)) >= 2, output
+    in_ok = re.search(r"expected: (\d+) calls with inventory's token after its revocation", output)
+    assert in_ok and int(in_ok.group(1)) >= 2, output
 
 
 def test_demo_runs_changes_policy_rotates_and_leaves_nothing_behind() -> None:
@@ -192,6 +206,10 @@ def test_demo_runs_changes_policy_rotates_and_leaves_nothing_behind() -> None:
         check_revocation(output)
         assert "signing key rotated: kid" in output
         assert "first call verified with the new key" in output
+        rotated = re.search(r"^signing key rotated at \S+ s: (\S+) -> (\S+);", output, re.M)
+        assert rotated, output
+        key_column = rf"│ {re.escape(rotated.group(2))} │"  # the KEY cell of a flow's row
+        assert len(re.findall(key_column, output)) == len(ROUTES), output
         assert re.search(
             r"since then \d+ calls verified with the retired key, [1-9]\d* with", output
         )
@@ -208,6 +226,7 @@ def test_demo_runs_changes_policy_rotates_and_leaves_nothing_behind() -> None:
         assert ok, output
         check_audit(output)
         assert "PROBLEMS" not in output and "UNEXPECTED" not in output
+        assert "rNone" not in output  # the table's LAST DECISION names its policy revision
         assert not Path(data_dir).exists(), "the temporary data dir must be removed"
         assert processes_mentioning(data_dir) == []
     finally:
@@ -477,3 +496,61 @@ def test_a_revocation_must_be_followed_by_acceptance_again() -> None:
 def test_issued_at_reads_the_tokens_iat() -> None:
     assert issued_at(token_issued_at(1712345678)) == 1712345678.0
     assert issued_at("not a jwt") is None
+
+
+class RevokedEverywhere:
+    """Stands in for the traffic: every agent refuses every token as revoked."""
+
+    def authorize(
+        self, target: str, token: str, request: dict[str, str], trace_id: str | None = None
+    ) -> dict[str, object]:
+        raise Refused(401, "invalid_token", "revoked")
+
+
+def test_the_refusals_that_time_the_cut_off_are_counted_as_refusals_of_the_revoked_token() -> None:
+    """ "cut off at eu-west after 0.02 s" is measured by a refused probe, so the counts of
+    refusals beside it cannot say 0 -- even when the traffic itself renewed its token
+    before presenting the revoked one again."""
+    board = scoreboard()
+    operator = Operator(board, None, None, Recorder())  # type: ignore[arg-type]
+    run = RevocationRun("inventory", "leak", ("eu-west", "ap-south"), 5.0, 1, 1000.0)
+    board.revocation = run
+    held = {p.target: (p, "t") for p in board.pairs if p.workload.name == "inventory"}
+    operator.time_cut_off(run, RevokedEverywhere(), held, time.monotonic())  # type: ignore[arg-type]
+    assert list(run.cut_off) == ["eu-west", "ap-south"] and run.probes == 2
+    assert [pair.revoked for pair, _ in held.values()] == [1, 1]
+    assert board.totals()["revoked"] == 2
+    line = revocation_line(board)
+    assert re.search(r"cut off at eu-west after \d\.\d\d s, ap-south after \d\.\d\d s;", line)
+    assert "; 2 calls with its revoked token refused (expected);" in line, line
+    assert "every refusal was expected: 2 calls with inventory's token after its " in ok_line(board)
+    assert revocation_text(run).endswith("2 presentations, 2 refused)")
+
+
+def test_the_last_decision_names_the_policy_revision_it_was_made_with() -> None:
+    """/v1/authorize says ``policy_revision`` (DESIGN §3), as audit events do."""
+    allowed = {"allowed": True, "denied": False, "bindings": ["ledger-writers"]}
+    assert short_decision({**allowed, "policy_revision": 2}) == "r2 allow ledger-writers"
+    default = {"allowed": False, "denied": False, "bindings": [], "policy_revision": 1}
+    assert short_decision(default) == "r1 default deny"
+
+
+def renewals(duration: float) -> list[float]:
+    """When every workload renews its JWT-SVIDs (at 80 % of the lifetime it asks for),
+    until the end of the run (the first minute of a run until Ctrl-C)."""
+    every = RENEW_AT * lease_seconds(duration)
+    return [k * every for k in range(1, int((duration or 60) / every) + 1)]
+
+
+@pytest.mark.parametrize("duration", [0.0, 10.0, 30.0, 120.0])
+def test_tokens_signed_by_the_new_key_follow_the_rotation_soon(duration: float) -> None:
+    """The KEY column shows the kid that signed the token each flow presents, so it can
+    show the new kid only once the workloads renew their tokens after the rotation: not
+    at the same moment (the retired key is seen verifying first), and in the run until
+    Ctrl-C within seconds of its last scheduled event (with 15 s tokens renewed at 12 s
+    and 24 s, the rotation at 16 s showed no new kid for 8 s: to a user, never)."""
+    rotated = rotation_time(duration)
+    after = [t for t in renewals(duration) if t > rotated]
+    assert after, "no token is renewed after the rotation"
+    assert after[0] - rotated >= 1.0
+    assert after[0] - rotated <= 5.0 if duration == 0 else after[0] < duration

@@ -11,7 +11,7 @@ spool), then, against the still-running control plane:
    rebuilt and every signed checkpoint's root matched;
 3. one entry -- the revocation the demo made -- is proven included with an inclusion
    proof from the server, verified locally against the signed root, and the first
-   checkpoint is proven a prefix of the last with a consistency proof;
+   non-empty checkpoint is proven a prefix of the last with a consistency proof;
 4. one request's trace is shown: issuance at the control plane, then the decision at
    the agent of the cluster it called, tied by the W3C trace id the demo sent;
 5. no agent's sequence numbers have gaps.
@@ -159,7 +159,11 @@ def _verify(
         f"({len(hashes)} hashes)"
     )
 
-    older = verify_checkpoint(checkpoints[0]["note"], key)
+    # A control plane idle for its first checkpoint interval signs the empty tree; a
+    # consistency proof needs 0 < first (RFC 9162 §2.1.4.1), so start from the
+    # first checkpoint that holds an entry.
+    first = next((c for c in checkpoints if c["size"] > 0), None)
+    older = verify_checkpoint(first["note"], key) if first is not None else checkpoint
     if 0 < older.size < checkpoint.size:
         consistency = log.json(
             "/v1/audit/proof/consistency", first=older.size, second=checkpoint.size
@@ -172,8 +176,8 @@ def _verify(
             _b64(consistency["hashes"]),
         )
         finale.lines.append(
-            f"audit: consistency proof verified: the first checkpoint (size {older.size}) is "
-            f"a prefix of the last (size {checkpoint.size})"
+            f"audit: consistency proof verified: the first non-empty checkpoint (size "
+            f"{older.size}) is a prefix of the last (size {checkpoint.size})"
         )
 
     if trace_id:

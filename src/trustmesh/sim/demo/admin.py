@@ -1,0 +1,74 @@
+"""The demo's client of the control plane's admin API: apply manifests, read the
+policy revision in force, issue cluster credentials, rotate the signing key, revoke a
+workload; each with the admin credential, each failure an :class:`ApiError`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from trustmesh.sim.demo._http import json_body
+from trustmesh.sim.demo.errors import ApiError, DemoError
+
+
+class Admin:
+    """The few admin calls the demo needs, with the admin credential."""
+
+    def __init__(self, http: httpx.Client, url: str, token: str) -> None:
+        self.http, self.url, self.token = http, url, token
+        self.headers = {"Authorization": f"Bearer {token}"}
+
+    def call(
+        self,
+        path: str,
+        body: dict[str, Any] | None = None,
+        method: str = "POST",
+        ok: tuple[int, ...] = (200,),
+    ) -> Any:
+        try:
+            response = self.http.request(method, self.url + path, json=body, headers=self.headers)
+        except httpx.HTTPError as exc:
+            raise DemoError(f"{method} {path} failed: {exc}") from None
+        document = json_body(response)
+        if response.status_code not in ok:
+            raise ApiError(f"{method} {path}", response.status_code, document, response.text)
+        return document
+
+    def apply(self, files: dict[str, str], message: str) -> dict[str, Any]:
+        """-> the apply result (``registryRevision``, ``policyRevision``, ``tests``...)."""
+        body = {
+            "files": [{"path": path, "content": content} for path, content in files.items()],
+            "author": "trustmesh demo",
+            "message": message,
+        }
+        result: dict[str, Any] = self.call("/v1/apply", body)
+        return result
+
+    def policy_revision(self) -> int:
+        """The policy revision in force at the control plane."""
+        return int(self.call("/v1/policy/versions/current", method="GET")["revision"])
+
+    def cluster_credential(self, cluster: str) -> str:
+        return str(self.call(f"/v1/clusters/{cluster}/credentials")["token"])
+
+    def rotate_keys(self) -> tuple[str, str]:
+        """-> (the retired kid, the new active kid)."""
+        result = self.call("/v1/keys/rotate")
+        active = str(result["active"]["kid"])
+        retired = [k for k in result["keys"] if k["state"] == "retired"]
+        latest = max(retired, key=lambda k: k.get("retired_at") or 0, default={"kid": "?"})
+        return str(latest["kid"]), active
+
+    def revoke_workload(self, workload: str, reason: str) -> dict[str, Any]:
+        """-> the revocation entry (``revision``, ``revoked_at``...); 201 when new, 200
+        when the same revocation was already in force."""
+        body = {"kind": "workload", "value": workload, "reason": reason}
+        result = self.call("/v1/revocations", body, ok=(200, 201))
+        entry: dict[str, Any] = result["revocation"]
+        return entry
+
+
+def tests_passed(result: dict[str, Any]) -> str:
+    tests = result.get("tests") or {}
+    return f"{tests.get('passed', '?')}/{tests.get('total', '?')}"
