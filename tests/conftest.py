@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import Process, Server, new_postgres_database, start_server
+from helpers import Process, Server, new_postgres_database, serve_cluster, start_server
 from trustmesh.sim import SimulatedCluster
 
 ENGINES = ["sqlite", "postgresql"]
@@ -67,11 +67,11 @@ def shared_server(
 
 @pytest.fixture(scope="session")
 def origin_cluster() -> Iterator[SimulatedCluster]:
-    with SimulatedCluster("origin") as cluster:
+    with serve_cluster("origin") as cluster:
         yield cluster
 
 
 @pytest.fixture
 def sim_cluster() -> Iterator[SimulatedCluster]:
-    with SimulatedCluster("sim") as cluster:
+    with serve_cluster("sim") as cluster:
         yield cluster

@@ -275,6 +275,14 @@ def unique(prefix: str) -> str:
     return f"{prefix}{next(_counter)}-{os.getpid() % 1000}"
 
 
+def serve_cluster(name: str) -> SimulatedCluster:
+    """A simulated cluster serving on a free port under an issuer path of its own. The
+    path keeps issuers distinct even when the OS hands a port of an earlier (stopped)
+    cluster to a new one: a control plane shared by many tests refuses two clusters
+    with one issuer."""
+    return SimulatedCluster(name).serve(path=f"/{unique(name + '-')}")
+
+
 @dataclass
 class Federation:
     """A running control plane with a registered simulated cluster and workload."""

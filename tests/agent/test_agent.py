@@ -25,6 +25,7 @@ from helpers import (
     Federation,
     Server,
     register_federation,
+    serve_cluster,
     start_agent,
     start_server,
 )
@@ -192,7 +193,7 @@ def test_bad_requests_answer_json(agent: Agent) -> None:
 
 def test_failover_persistence_and_rotation(tmp_path: Path, db_url: str | None) -> None:
     server = start_server(tmp_path / "cp", db_url)
-    cluster = SimulatedCluster("persist").serve()
+    cluster = serve_cluster("persist")
     try:
         fed = register_federation(server, cluster)
         credential = server.credential(fed.target_name)

@@ -13,6 +13,7 @@ from helpers import (
     Server,
     cluster_yaml,
     register_federation,
+    serve_cluster,
     start_server,
     unique,
     workload_yaml,
@@ -203,7 +204,7 @@ def test_bad_bodies_and_routes_answer_json(shared_server: Server) -> None:
 
 def test_key_rotation_keeps_old_tokens_verifiable(tmp_path: Path, db_url: str | None) -> None:
     server = start_server(tmp_path / "cp", db_url)
-    cluster = SimulatedCluster("rot").serve()
+    cluster = serve_cluster("rot")
     try:
         fed = register_federation(server, cluster)
         old_token = fed.svid()
@@ -237,7 +238,7 @@ def test_state_survives_restart_and_trust_domain_is_fixed(
 ) -> None:
     issuer = ("--issuer", "https://tm.corp.example")  # the listen port changes; the issuer must not
     server = start_server(tmp_path / "cp", db_url, *issuer)
-    cluster = SimulatedCluster("restart").serve()
+    cluster = serve_cluster("restart")
     try:
         fed = register_federation(server, cluster)
         token = fed.svid()
@@ -281,7 +282,7 @@ def test_replicas_share_state_through_the_database(
     db = new_postgres_database(postgres_base_url)
     first = start_server(tmp_path / "r1", db)
     second = start_replica(tmp_path / "r2", first)
-    cluster = SimulatedCluster("replicas").serve()
+    cluster = serve_cluster("replicas")
     try:
         fed = register_federation(first, cluster)
         deadline = time.monotonic() + 5

@@ -18,6 +18,7 @@ from helpers import (
     Federation,
     Server,
     register_federation,
+    serve_cluster,
     unique,
     workload_yaml,
 )
@@ -349,7 +350,7 @@ def test_cluster_key_rotation_is_picked_up(
 
 
 def test_unreachable_cluster_answers_temporarily_unavailable(shared_server: Server) -> None:
-    cluster = SimulatedCluster("gone").serve()
+    cluster = serve_cluster("gone")
     fed = register_federation(shared_server, cluster)
     token = fed.sa_token()
     cluster.stop()

@@ -303,3 +303,20 @@ def test_bad_mint_arguments_are_value_errors(
 def test_unsupported_algorithm_is_refused() -> None:
     with pytest.raises(ValueError, match="not supported"):
         SimulatedCluster("x", alg="HS256")
+
+
+def test_an_issuer_with_a_path_serves_discovery_under_it() -> None:
+    """As EKS's issuers (``https://oidc.eks.<region>.amazonaws.com/id/<id>``): the
+    discovery document is at ``{issuer}/.well-known/openid-configuration``."""
+    cluster = SimulatedCluster("pathed").serve(path="/id/0123abcd")
+    try:
+        assert cluster.issuer.endswith("/id/0123abcd")
+        claims = verify_from_discovery(cluster.issuer, cluster.mint("shop", "api"))
+        assert claims["iss"] == cluster.issuer
+        root = cluster.issuer.removesuffix("/id/0123abcd")
+        assert httpx.get(root + "/.well-known/openid-configuration").status_code == 404
+    finally:
+        cluster.stop()
+    for bad in ("id", "/a b", "/../x", "/a?b"):
+        with pytest.raises(ValueError, match="issuer path"):
+            SimulatedCluster("bad").serve(path=bad)

@@ -210,22 +210,34 @@ class SimulatedCluster:
             raise RuntimeError(f"simulated cluster {self.name!r} has no issuer until it serves")
         return self._issuer
 
-    def app(self) -> Starlette:
-        """The discovery endpoints kube-apiserver serves (ServiceAccountIssuerDiscovery)."""
+    def app(self, path: str = "") -> Starlette:
+        """The discovery endpoints kube-apiserver serves (ServiceAccountIssuerDiscovery),
+        under ``path`` when the issuer has one."""
         return Starlette(
             routes=[
-                Route(DISCOVERY_PATH, self._discovery_endpoint, methods=["GET"]),
-                Route(JWKS_PATH, self._jwks_endpoint, methods=["GET"]),
+                Route(path + DISCOVERY_PATH, self._discovery_endpoint, methods=["GET"]),
+                Route(path + JWKS_PATH, self._jwks_endpoint, methods=["GET"]),
             ]
         )
 
-    def serve(self, host: str = "127.0.0.1", port: int = 0) -> SimulatedCluster:
-        """Serve discovery and JWKS on a background thread; the issuer becomes its URL."""
+    def serve(self, host: str = "127.0.0.1", port: int = 0, path: str = "") -> SimulatedCluster:
+        """Serve discovery and JWKS on a background thread; the issuer becomes its URL,
+        plus ``path`` if given (an issuer with a path, as EKS's
+        ``https://oidc.eks.<region>.amazonaws.com/id/<id>``: discovery is then at
+        ``{issuer}/.well-known/openid-configuration``)."""
         if self._server is not None:
             raise RuntimeError(f"simulated cluster {self.name!r} is already serving")
-        server = BackgroundServer(self.app(), host, port)
+        path = path.rstrip("/")
+        segments = path.split("/")[1:]
+        if path and (
+            not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", path) or {".", ".."} & set(segments)
+        ):
+            raise ValueError(
+                f"issuer path {path!r} must be /segment[/segment…] of URL-safe characters"
+            )
+        server = BackgroundServer(self.app(path), host, port)
         # The issuer is known before the first request can arrive.
-        self.set_issuer(server.url)
+        self.set_issuer(server.url + path)
         self._server = server.start()
         return self
 
