@@ -175,6 +175,22 @@ def test_a_subject_needs_every_condition_and_a_binding_any_of_its_subjects() -> 
     assert not allowed(tm, GET_PODS, CALLER, team="b")
 
 
+def test_tokens_of_one_spiffe_id_are_decided_on_their_own_claims() -> None:
+    # One engine remembers which bindings name an identity; a token whose claims differ
+    # (even only absent against null) must not be handed an earlier token's bindings.
+    tm = engine(
+        READER, binding("tiered", "reader", "[{matchExpressions: [{key: tier, operator: Exists}]}]")
+    )
+    for claims, expected in [
+        ({"tier": "gold"}, True),
+        ({}, False),
+        ({"tier": None}, True),  # present, though null
+        ({}, False),
+        ({"tier": None}, True),
+    ]:
+        assert allowed(tm, GET_PODS, CALLER, **claims) is expected, claims
+
+
 # --- clusters and namespaces ------------------------------------------------------------
 
 
