@@ -133,8 +133,28 @@ def test_claim_checks(
 def test_small_clock_skew_is_tolerated(
     signer: tuple[ActiveKey, dict[str, Any]], verifier: SvidVerifier
 ) -> None:
+    # Verified at an explicit instant, so the margins do not depend on how long the
+    # test takes. Within the leeway: a token just expired, issued by a clock a few
+    # seconds ahead (iat and nbf in our future), still verifies.
     now = int(time.time())
-    verifier.verify(mint_svid(signer[0], claims(exp=now - 5, nbf=now + 5)))
+    skew = verifier.leeway
+    assert 5 < skew < 60
+    token = mint_svid(signer[0], claims(iat=now + 5, nbf=now + 5, exp=now - 5))
+    identity = verifier.verify(token, now=now)
+    assert identity.spiffe_id == "spiffe://corp.example/cluster/alpha/ns/shop/sa/payments"
+    assert identity.jti == "j1" and identity.expires_at == now - 5
+    # Just past the leeway, either way, it does not.
+    late = mint_svid(signer[0], claims(iat=now - 60, nbf=now - 60, exp=now - skew - 1))
+    early = mint_svid(signer[0], claims(iat=now, nbf=now + skew + 1, exp=now + 300))
+    issued_ahead = mint_svid(signer[0], claims(iat=now + skew + 1, nbf=now, exp=now + 300))
+    for token, expected in [
+        (late, "expired"),
+        (early, "not_yet_valid"),
+        (issued_ahead, "not_yet_valid"),
+    ]:
+        with pytest.raises(InvalidToken) as caught:
+            verifier.verify(token, now=now)
+        assert caught.value.reason == expected
 
 
 def test_keyring_pins_algorithm_and_skips_unusable_keys(

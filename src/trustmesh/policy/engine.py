@@ -7,8 +7,10 @@ of its role covers the request.
 
 Speed comes from indexing, not from skipping checks: bindings are indexed by the SPIFFE
 ID and by one claim of each subject, so an identity only looks at bindings that can
-name it; the bindings that do apply to an identity are remembered per identity (the
-memo lives as long as the bundle, so a new revision invalidates it by construction);
+name it; the bindings that do apply to an identity are remembered per identity (its
+SPIFFE ID and the claims that bindings name, an absent claim told apart from a null
+one; the memo lives as long as the bundle, so a new revision invalidates it by
+construction);
 and each binding keeps its role's rules split by request family."""
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from trustmesh.policy.matching import CompiledRule, compile_rule, family_of, req
 from trustmesh.request import Request
 
 _FAMILIES = ("resource", "nonResource", "service")
+# Stands in the memo key for a claim the identity does not carry: a claim that is
+# present with a null value is a different identity (``Exists`` holds for it).
+_ABSENT = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +137,7 @@ class Engine:
                 for bucket in self._buckets_for(subject, frequency):
                     bucket.append((binding, subject))
         self._claim_keys = tuple(sorted(claim_keys))
+        self._absent = (_ABSENT,) * len(self._claim_keys)
         self._index_keys = tuple(sorted({key for key, _ in self._by_claim}))
         self._memo: dict[tuple[Any, ...], tuple[tuple[_Binding, ...], tuple[_Binding, ...]]] = {}
         self._ids = itertools.count(1)
@@ -158,7 +164,7 @@ class Engine:
         self, spiffe_id: str, claims: Mapping[str, Any]
     ) -> tuple[tuple[_Binding, ...], tuple[_Binding, ...]]:
         """(deny bindings, allow bindings) that name this identity, memoised."""
-        key = (spiffe_id, tuple(map(claims.get, self._claim_keys)))
+        key = (spiffe_id, tuple(map(claims.get, self._claim_keys, self._absent)))
         memo_key: tuple[Any, ...] | None = key
         try:
             found = self._memo.get(key)
