@@ -31,9 +31,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from trustmesh.bench._load import request_bytes
 from trustmesh.bench._procs import Child, start, stop_all
-from trustmesh.common.urns import JWT_TOKEN_TYPE, TOKEN_EXCHANGE_GRANT
+from trustmesh.common.token_exchange import exchange_form
 from trustmesh.identity.jws import b64decode
 from trustmesh.identity.keys import ActiveKey, generate_private_key, public_jwk
+from trustmesh.manifests import API_VERSION
 from trustmesh.sim import SimulatedCluster
 
 __all__ = [
@@ -45,7 +46,6 @@ __all__ = [
     "binding_doc",
     "cluster_doc",
     "es256_key",
-    "exchange_form",
     "exchanged",
     "federation",
     "numbered_workloads",
@@ -55,14 +55,13 @@ __all__ = [
 ]
 
 TRUST_DOMAIN = "bench.example"
-_API_VERSION = "trustmesh.io/v1alpha1"
 
 
 # -- manifests ------------------------------------------------------------------------
 
 
 def _doc(kind: str, name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
-    return {"apiVersion": _API_VERSION, "kind": kind, "metadata": {"name": name}, "spec": spec}
+    return {"apiVersion": API_VERSION, "kind": kind, "metadata": {"name": name}, "spec": spec}
 
 
 def cluster_doc(name: str, issuer: str | None = None, **spec: Any) -> dict[str, Any]:
@@ -102,21 +101,6 @@ def binding_doc(name: str, role: str, subjects: Sequence[Mapping[str, Any]]) -> 
 
 
 # -- the exchange (RFC 8693) and the agent's request --------------------------------------
-
-
-def exchange_form(
-    subject_token: str, audience: str | Sequence[str], lifetime: int | None = None
-) -> dict[str, Any]:
-    """The form of an RFC 8693 §2.1 token exchange of a service-account token."""
-    form: dict[str, Any] = {
-        "grant_type": TOKEN_EXCHANGE_GRANT,
-        "subject_token": subject_token,
-        "subject_token_type": JWT_TOKEN_TYPE,
-        "audience": audience,
-    }
-    if lifetime is not None:
-        form["lifetime"] = str(lifetime)
-    return form
 
 
 def exchanged(response: httpx.Response) -> str:

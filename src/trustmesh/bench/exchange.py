@@ -46,7 +46,6 @@ from trustmesh.bench._federation import (
     address,
     cluster_doc,
     es256_key,
-    exchange_form,
     federation,
     numbered_workloads,
     unverified_claims,
@@ -54,6 +53,7 @@ from trustmesh.bench._federation import (
 from trustmesh.bench._load import LoadResult, request_bytes, run_load
 from trustmesh.bench._procs import cpu_seconds
 from trustmesh.bench._stats import Distribution, median, row, summarise, verdict
+from trustmesh.common.token_exchange import exchange_form
 from trustmesh.identity.jws import b64decode
 from trustmesh.identity.svid import mint_svid
 

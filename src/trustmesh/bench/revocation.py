@@ -69,7 +69,6 @@ from trustmesh.bench._federation import (
     binding_doc,
     cluster_doc,
     es256_key,
-    exchange_form,
     exchanged,
     federation,
     role_doc,
@@ -79,6 +78,7 @@ from trustmesh.bench._federation import (
 from trustmesh.bench._load import Malformed, round_trip, run_async
 from trustmesh.bench._procs import Child
 from trustmesh.bench._stats import median, percentile, row, summarise, timer_overhead, verdict
+from trustmesh.common.token_exchange import exchange_form
 from trustmesh.identity.svid import mint_svid
 from trustmesh.revocation import Revocation, RevocationSet
 from trustmesh.revocation.model import revocation_expiry

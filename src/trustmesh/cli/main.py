@@ -26,7 +26,7 @@ from trustmesh.cli._common import (
     resolve_token,
 )
 from trustmesh.cli.audit import audit_app
-from trustmesh.common.urns import JWT_TOKEN_TYPE, TOKEN_EXCHANGE_GRANT
+from trustmesh.common.token_exchange import TOKEN_PATH, exchange_form
 
 app = typer.Typer(
     name="trustmesh",
@@ -534,15 +534,8 @@ def token_exchange(
             subject_token = subject_token_file.read_text().strip()
         except OSError as exc:
             fail(f"cannot read {subject_token_file}: {exc.strerror}")
-    form: dict[str, Any] = {
-        "grant_type": TOKEN_EXCHANGE_GRANT,
-        "subject_token": subject_token,
-        "subject_token_type": JWT_TOKEN_TYPE,
-        "audience": audience,
-    }
-    if lifetime is not None:
-        form["lifetime"] = str(lifetime)
-    result = ApiClient(resolve_server(server), None).request("POST", "/oauth2/token", data=form)
+    form = exchange_form(subject_token, audience, lifetime)
+    result = ApiClient(resolve_server(server), None).request("POST", TOKEN_PATH, data=form)
     if output is Output.json:
         print_json(result)
     else:

@@ -44,11 +44,10 @@ import httpx
 from trustmesh.common.backoff import Backoff
 from trustmesh.common.errors import ControlPlaneError, Unreachable
 from trustmesh.common.failover import Failover, TryNext
-from trustmesh.common.urns import JWT_TOKEN_TYPE, TOKEN_EXCHANGE_GRANT
+from trustmesh.common.token_exchange import TOKEN_PATH, exchange_form
 
 log = logging.getLogger("trustmesh.client")
 
-TOKEN_PATH = "/oauth2/token"  # noqa: S105 (a path, not a secret)
 SAFETY_MARGIN = 5.0
 DEFAULT_TIMEOUT = httpx.Timeout(5.0, connect=2.0)
 _RETRYABLE_STATUS = frozenset({408, 429})
@@ -208,15 +207,7 @@ class _LeaseKeeper:
         subject = self._read_subject().strip()
         if not subject:
             raise TokenUnavailable("the subject token is empty")
-        form: dict[str, Any] = {
-            "grant_type": TOKEN_EXCHANGE_GRANT,
-            "subject_token": subject,
-            "subject_token_type": JWT_TOKEN_TYPE,
-            "audience": self.audiences,
-        }
-        if self.lifetime is not None:
-            form["lifetime"] = str(self.lifetime)
-        return form
+        return exchange_form(subject, self.audiences, self.lifetime)
 
     def _lease_from(self, server: str, response: httpx.Response, issued_at: float) -> Lease:
         """The lease in a 200 answer; TryNext (another URL may answer) or

@@ -32,7 +32,7 @@ from trustmesh.common.errors import (
     Unavailable,
     UnsupportedGrantType,
 )
-from trustmesh.common.urns import JWT_TOKEN_TYPE, TOKEN_EXCHANGE_GRANT
+from trustmesh.common.token_exchange import JWT_TOKEN_TYPE, TOKEN_EXCHANGE_GRANT
 from trustmesh.identity.keys import MAX_TOKEN_TTL, KeySet
 from trustmesh.identity.kubernetes_sa import (
     ClusterKeyCache,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from trustmesh.common.urns import TOKEN_EXCHANGE_GRANT
+from trustmesh.common.token_exchange import TOKEN_EXCHANGE_GRANT
 from trustmesh.identity.keys import KeySet
 
 SPIFFE_REFRESH_HINT = 60

@@ -15,8 +15,8 @@ from typing import Any
 
 import httpx
 
+from trustmesh.common.token_exchange import exchange_form
 from trustmesh.common.tracing import format_traceparent, new_span_id, new_trace_id
-from trustmesh.common.urns import JWT_TOKEN_TYPE, TOKEN_EXCHANGE_GRANT
 from trustmesh.sim.cluster import SimulatedCluster
 from trustmesh.sim.demo._http import json_body
 from trustmesh.sim.demo.display import (
@@ -111,13 +111,9 @@ class Traffic:
     def exchange(
         self, subject_token: str, target: str, trace_id: str | None = None
     ) -> tuple[str, float]:
-        form = {
-            "grant_type": TOKEN_EXCHANGE_GRANT,
-            "subject_token": subject_token,
-            "subject_token_type": JWT_TOKEN_TYPE,
-            "audience": cluster_audience(TRUST_DOMAIN, target),
-            "lifetime": str(self.lease_seconds),
-        }
+        form = exchange_form(
+            subject_token, cluster_audience(TRUST_DOMAIN, target), self.lease_seconds
+        )
         response = self.http.post(
             self.board.server_url + "/oauth2/token", data=form, headers=trace_headers(trace_id)
         )
