@@ -3,7 +3,8 @@ importing only packages below it; no import cycle between modules anywhere; the 
 framework only in the HTTP layers. Read from the source with ``ast`` (imports inside
 functions count too), so a lazy import cannot hide an edge.
 
-``python tests/test_architecture.py`` prints the package graph."""
+``python tests/test_architecture.py [SRC]`` prints the package graph (of another
+checkout's ``src/trustmesh`` when given), marking each edge that breaks the layers."""
 
 from __future__ import annotations
 
@@ -49,19 +50,19 @@ HTTP_LAYER = (
 )
 
 
-def module_name(path: Path) -> str:
-    parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+def module_name(path: Path, src: Path = SRC) -> str:
+    parts = list(path.relative_to(src.parent).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts = parts[:-1]
     return ".".join(parts)
 
 
-def imports_of(path: Path, modules: frozenset[str] = frozenset()) -> set[str]:
+def imports_of(path: Path, modules: frozenset[str] = frozenset(), src: Path = SRC) -> set[str]:
     """Every module ``path`` imports (absolute names), anywhere in the file.
     ``from package import submodule`` is an import of the submodule (``modules``
     names the known ones), ``from package import name`` one of the package."""
     tree = ast.parse(path.read_text(), str(path))
-    package = module_name(path).split(".")
+    package = module_name(path, src).split(".")
     if path.name != "__init__.py":
         package = package[:-1]
     found: set[str] = set()
@@ -80,12 +81,13 @@ def imports_of(path: Path, modules: frozenset[str] = frozenset()) -> set[str]:
     return found
 
 
-def graph() -> dict[str, set[str]]:
-    modules = {module_name(p): p for p in SRC.rglob("*.py")}
+def graph(src: Path = SRC) -> dict[str, set[str]]:
+    modules = {module_name(p, src): p for p in src.rglob("*.py")}
     known = frozenset(modules)
     edges: dict[str, set[str]] = {}
     for name, path in modules.items():
-        edges[name] = {target for target in imports_of(path, known) if target in known} - {name}
+        found = imports_of(path, known, src)
+        edges[name] = {target for target in found if target in known} - {name}
     return edges
 
 
@@ -188,5 +190,17 @@ def test_the_checks_see_a_violation() -> None:
 
 
 if __name__ == "__main__":
-    for package, targets in sorted(package_edges(graph()).items(), key=lambda kv: -RANK[kv[0]]):
-        print(f"{package:11s} -> {', '.join(sorted(targets, key=lambda p: -RANK[p]))}")
+    src = Path(sys.argv[1]).resolve() if len(sys.argv) > 1 else SRC
+    packages = package_edges(graph(src))
+
+    def rank(package: str) -> int:
+        return RANK.get(package, 0)
+
+    for package, targets in sorted(packages.items(), key=lambda kv: (-rank(kv[0]), kv[0])):
+        shown = [
+            t if rank(t) < rank(package) else f"{t} (UP)"
+            for t in sorted(targets, key=lambda t: (-rank(t), t))
+        ]
+        print(f"{package:11s} -> {', '.join(shown)}")
+    for cycle in cycles(graph(src)):
+        print("cycle: " + " <-> ".join(cycle))
