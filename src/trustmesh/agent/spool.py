@@ -226,8 +226,7 @@ class AuditSpool:
                 "move the directory away to start a new spool"
             )
         value = secrets.token_hex(16)
-        write_atomically(path, value.encode() + b"\n")
-        fsync_directory(self.directory)
+        write_atomically(path, value.encode() + b"\n")  # fsyncs the directory too
         return value
 
     def _read_cursor(self) -> int:
