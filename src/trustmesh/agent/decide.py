@@ -188,12 +188,12 @@ class Decider:
         except InvalidToken as exc:
             self._refused(span, asked, credential, exc, engine.revision)
             return Outcome(None, None, exc)
-        self.metrics.authentications.labels("ok").inc()
+        self.metrics.authenticated.inc()
         decision = engine.decide(identity.spiffe_id, identity.claims, request)
         span.set("trustmesh.allowed", decision.allowed)
         span.set("trustmesh.decision_id", decision.decision_id)
         self.audit.decided(span, asked, identity, credential, decision)
-        self.metrics.decisions.labels("allow" if decision.allowed else "deny").inc()
+        (self.metrics.allowed if decision.allowed else self.metrics.denied).inc()
         return Outcome(identity, decision, None)
 
     async def review_token(
@@ -230,7 +230,7 @@ class Decider:
         decision = None
         if claims is not None:
             decision = engine.decide(user, claims, request)
-            self.metrics.decisions.labels("allow" if decision.allowed else "deny").inc()
+            (self.metrics.allowed if decision.allowed else self.metrics.denied).inc()
             span.set("trustmesh.decision_id", decision.decision_id)
         span.set("trustmesh.allowed", decision is not None and decision.allowed)
         self.audit.access_reviewed(span, asked, engine, user, claims, decision)

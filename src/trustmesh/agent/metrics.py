@@ -80,6 +80,10 @@ class AgentMetrics:
             ["outcome"],
             registry=self.registry,
         )
+        # The children every decision bumps, looked up once (labels() takes a lock).
+        self.authenticated = self.authentications.labels("ok")
+        self.allowed = self.decisions.labels("allow")
+        self.denied = self.decisions.labels("deny")
         Gauge(
             "trustmesh_agent_cache_entries", "Verified-token cache entries", registry=self.registry
         ).set_function(lambda: len(authn.cache))
