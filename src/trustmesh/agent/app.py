@@ -176,7 +176,7 @@ def build_agent_app(
         finally:
             await on_stop()
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/v1/authorize", agent.authorize, methods=["POST"]),
             # every method: Envoy checks with the client's own
@@ -190,3 +190,7 @@ def build_agent_app(
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
+    # Envoy hands a non-200 check answer to the client: a redirect would send it to a
+    # Location of the agent's making. An unknown path is a 404, never a redirect.
+    app.router.redirect_slashes = False
+    return app

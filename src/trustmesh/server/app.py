@@ -34,4 +34,6 @@ def build_app(plane: ControlPlane) -> Starlette:
         *ssf.routes(plane, callers),
         *audit.routes(plane.audit, callers, lambda: plane.snapshots.stopping),
     ]
-    return Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+    app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+    app.router.redirect_slashes = False  # an unknown path is a 404, never a redirect
+    return app
