@@ -49,6 +49,7 @@ POLICY_REJECTED = "policy.rejected"
 REVOCATION_CREATED = "revocation.created"
 KEY_ROTATED = "key.rotated"
 AUDIT_GAP = "audit.gap_detected"
+REFUSALS_FOLDED = "audit.refusals_folded"
 
 EVENT_TYPES = frozenset(
     {
@@ -60,11 +61,16 @@ EVENT_TYPES = frozenset(
         REVOCATION_CREATED,
         KEY_ROTATED,
         AUDIT_GAP,
+        REFUSALS_FOLDED,
     }
 )
 ADMIN_PREFIX = "admin."
-AGENT_TYPES = frozenset({AUTHZ_DECISION})
+AGENT_TYPES = frozenset({AUTHZ_DECISION, REFUSALS_FOLDED})
 """What an agent may write; everything else comes from the control plane itself."""
+FOLDED_BY = {"control-plane": TOKEN_EXCHANGE_FAILED, "agent": AUTHZ_DECISION}
+"""What a writer's ``audit.refusals_folded`` summaries stand for: the control plane folds
+refused exchanges, an agent refusals of unauthenticated questions."""
+MAX_SAMPLES = 8
 
 MAX_EVENT_BYTES = 16 * 1024
 TOP_LEVEL = frozenset(
@@ -204,6 +210,73 @@ def _need_str(event: Mapping[str, Any], name: str, where: str, limit: int = 512)
     return value
 
 
+def _count(value: Any, where: str, least: int = 0) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not least <= value <= 2**53 - 1:
+        raise EventError(f"{where} must be an integer of at least {least}")
+    return value
+
+
+def _check_tally(tally: dict[str, Any], count: int, where: str) -> None:
+    """The facts of a run of folded refusals: first and last time, and per facet the
+    counts by value, plus ``others`` (values not listed) and ``absent`` (refusals
+    without that fact), which add up to ``count`` exactly."""
+    try:
+        first = parse_time(_need_str(tally, "first", where, 24))
+        last = parse_time(_need_str(tally, "last", where, 24))
+    except CanonicalError as exc:
+        raise EventError(f"{where}: {exc}") from None
+    if last < first:
+        raise EventError(f"{where}.last is before {where}.first")
+    facets = tally.get("by")
+    if not isinstance(facets, dict) or not facets:
+        raise EventError(f"{where}.by must be an object of facets")
+    for facet, counts in facets.items():
+        at = f"{where}.by.{facet}"
+        if not isinstance(counts, dict) or set(counts) - {"values", "others", "absent"}:
+            raise EventError(f"{at} must be an object of values, others and absent")
+        values = counts.get("values", {})
+        if not isinstance(values, dict):
+            raise EventError(f"{at}.values must be an object")
+        total = sum(_count(n, f"{at}.values[{v!r}]", 1) for v, n in values.items())
+        total += _count(counts.get("others", 0), f"{at}.others")
+        total += _count(counts.get("absent", 0), f"{at}.absent")
+        if total != count:
+            raise EventError(f"{at} counts {total} refusals, not {count}")
+    samples = tally.get("sample_token_sha256", [])
+    if not isinstance(samples, list) or len(samples) > MAX_SAMPLES:
+        raise EventError(f"{where}.sample_token_sha256 must be a list of at most {MAX_SAMPLES}")
+    for sample in samples:
+        if not (isinstance(sample, str) and _SHA256.fullmatch(sample)):
+            raise EventError(f"{where}.sample_token_sha256 holds SHA-256 hex digests only")
+
+
+def _check_refusals_folded(event: dict[str, Any]) -> None:
+    """``audit.refusals_folded``: how many refusals a summary stands for, exactly. The
+    control plane folds refused exchanges, an agent refusals of unauthenticated
+    questions; ``folded`` were over the writer's quota, ``dropped`` could not be
+    written when they were due (an earlier summary, or an individual refusal, that
+    failed) and are counted here instead."""
+    detail = event.get("detail")
+    if not isinstance(detail, dict):
+        raise EventError("event.detail of audit.refusals_folded must be an object")
+    expected = FOLDED_BY[event["source"]["kind"]]
+    if detail.get("folded_type") != expected:
+        raise EventError(f"event.detail.folded_type must be {expected} for this source")
+    folded = _count(detail.get("folded"), "event.detail.folded")
+    if folded:
+        _check_tally(detail, folded, "event.detail")
+    elif set(detail) & {"first", "last", "by", "sample_token_sha256"}:
+        raise EventError("event.detail holds facts of folded refusals but folded is 0")
+    dropped = detail.get("dropped")
+    if dropped is not None:
+        if not isinstance(dropped, dict):
+            raise EventError("event.detail.dropped must be an object")
+        count = _count(dropped.get("count"), "event.detail.dropped.count", 1)
+        _check_tally(dropped, count, "event.detail.dropped")
+    elif not folded:
+        raise EventError("an audit.refusals_folded event must fold or count something")
+
+
 def check_event(event: Any) -> bytes:
     """Check ``event`` against the schema and return its canonical bytes (the leaf).
 
@@ -240,6 +313,8 @@ def check_event(event: Any) -> bytes:
     for name in ("identity", "request", "decision", "detail"):
         if name in event and not isinstance(event[name], dict):
             raise EventError(f"event.{name} must be an object")
+    if kind == REFUSALS_FOLDED:
+        _check_refusals_folded(event)
     identity = event.get("identity") or {}
     extra = sorted(set(identity) - IDENTITY_FIELDS)
     if extra:
