@@ -10,6 +10,12 @@ from typing import Any
 import typer
 
 from trustmesh import __version__
+from trustmesh.audit.folding import (
+    DEFAULT_PER_SOURCE,
+    DEFAULT_SERVER_QUOTA,
+    DEFAULT_WINDOW,
+    FoldingLimits,
+)
 from trustmesh.cli._common import (
     ApiClient,
     CliError,
@@ -115,6 +121,27 @@ def server(
         max=3600.0,
         help="Sign an audit checkpoint at most this often (seconds) while the log grows.",
     ),
+    audit_refusal_window: float = typer.Option(
+        DEFAULT_WINDOW,
+        "--audit-refusal-window",
+        min=0.001,
+        max=86400.0,
+        help="Seconds of a refusal window: refused exchanges beyond the limits below are "
+        "counted in one audit.refusals_folded summary a window.",
+    ),
+    audit_refusal_per_source: int = typer.Option(
+        DEFAULT_PER_SOURCE,
+        "--audit-refusal-per-source",
+        min=1,
+        help="Refused exchanges a window recorded as events of their own, per caller "
+        "address (IPv6: per /64) and per claimed issuer.",
+    ),
+    audit_refusal_quota: int = typer.Option(
+        DEFAULT_SERVER_QUOTA,
+        "--audit-refusal-quota",
+        min=1,
+        help="Refused exchanges a window recorded as events of their own, all sources together.",
+    ),
     otel_exporter: str = typer.Option(
         "none",
         "--otel-exporter",
@@ -134,6 +161,9 @@ def server(
         default_ttl=default_ttl,
         key_rotation_interval=key_rotation_interval,
         audit_checkpoint_interval=audit_checkpoint_interval,
+        audit_refusals=FoldingLimits(
+            audit_refusal_window, audit_refusal_quota, audit_refusal_per_source
+        ),
         otel_exporter=otel_exporter,
     )
     run_server(config, listen)

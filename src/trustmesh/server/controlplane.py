@@ -23,12 +23,13 @@ import asyncio
 import logging
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from trustmesh.audit.folding import FoldingLimits
 from trustmesh.audit.log import AuditLog
 from trustmesh.common.clock import Clock, system_clock
 from trustmesh.common.errors import ConfigError
@@ -72,6 +73,7 @@ class ServerConfig:
     cluster_jwks_min_refresh: float = 1.0
     master_key_file: Path | None = None
     audit_checkpoint_interval: float = 0.5
+    audit_refusals: FoldingLimits = field(default_factory=FoldingLimits)
     otel_exporter: str = "none"
 
 
@@ -145,7 +147,7 @@ class ControlPlane:
             self.db, master_key, self.trust_domain, self.replica, config.audit_checkpoint_interval
         )
         self.audit.open()
-        self.recorder = AuditRecorder(self.audit)
+        self.recorder = AuditRecorder(self.audit, self.clock, config.audit_refusals)
         self.metrics = ServerMetrics(self.audit, self.recorder)
         self.changes = Changes(
             self.db, self.registry_store, self.catalog, self.snapshots, self.recorder

@@ -1,7 +1,9 @@
 """Issuance at the token endpoint (DESIGN §2, §6): one RFC 8693 exchange, traced and
-audited. Every outcome is an audit event; a token leaves only once its ``token.issued``
-event is stored (group commit, ``server/recorder.py``), and when the log cannot be
-written the exchange fails with 503 rather than issue an unaudited token."""
+audited. A token leaves only once its ``token.issued`` event is stored (group commit,
+``server/recorder.py``), and when the log cannot be written the exchange fails with 503
+rather than issue an unaudited token. Every refusal is recorded too: as its own
+``token.exchange_failed`` event, or — beyond the first few of its source in a window —
+counted in an ``audit.refusals_folded`` summary (``audit/folding.py``)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from trustmesh.common.errors import TrustmeshError, Unavailable
 from trustmesh.common.tracing import Tracing
 from trustmesh.oauth.rfc8693 import TokenExchange, parse_form
 from trustmesh.server.metrics import ServerMetrics
-from trustmesh.server.recorder import AuditRecorder, exchange_failed_event, issued_event
+from trustmesh.server.recorder import AuditRecorder, issued_event
 
 SPAN_NAME = "token.exchange"
 
@@ -38,10 +40,12 @@ class Issuance:
         self.tracing = tracing
         self.metrics = metrics
 
-    async def issue(self, body: Awaitable[bytes], traceparent: str | None) -> Issued:
+    async def issue(
+        self, body: Awaitable[bytes], traceparent: str | None, peer: str | None = None
+    ) -> Issued:
         """Read the form-encoded ``body``, exchange, audit. Raises the TrustmeshError
         the caller is answered with — its RFC 6749 §5.2 code — once the refusal is
-        recorded."""
+        recorded. ``peer``: the caller's address (the source refusals are limited by)."""
         started = time.perf_counter()
         source = self.recorder.source
         with self.tracing.span(SPAN_NAME, traceparent) as span:
@@ -54,10 +58,8 @@ class Issuance:
                 self.metrics.exchanges.labels(error).inc()
                 span.set("trustmesh.outcome", error)
                 subject = form.get("subject_token", [None])[0]
-                self.recorder.submit(
-                    exchange_failed_event(
-                        source, error, exc.description, subject, span.trace_id, span.span_id
-                    )
+                self.recorder.exchange_refused(
+                    error, exc.description, subject, peer, span.trace_id, span.span_id
                 )
                 raise
             span.set("trustmesh.spiffe_id", result.spiffe_id)

@@ -27,6 +27,18 @@ class ServerMetrics:
             "Control-plane audit events that could not be written (since start)",
             registry=self.registry,
         ).set_function(lambda: recorder.failures)
+        Gauge(
+            "trustmesh_audit_refusals_folded",
+            "Refused exchanges counted in an audit.refusals_folded summary instead of an "
+            "event of their own (since start)",
+            registry=self.registry,
+        ).set_function(lambda: recorder.folder.folded_total)
+        Gauge(
+            "trustmesh_audit_refusals_dropped",
+            "Refused exchanges whose record could not be written when due, reported by a "
+            "later summary (since start)",
+            registry=self.registry,
+        ).set_function(lambda: recorder.folder.dropped_total)
         self.exchanges = Counter(
             "trustmesh_token_exchanges_total",
             "Token exchanges by result",

@@ -8,6 +8,12 @@ nothing are written with :meth:`AuditRecorder.write_admin`. The token endpoint u
 :meth:`AuditRecorder.record`, a group commit: concurrent exchanges share one
 transaction, and no token leaves the server before its ``token.issued`` event is
 stored -- if the log cannot be written the exchange fails (503).
+
+Refused exchanges (:meth:`AuditRecorder.exchange_refused`) go through the replica's
+:class:`~trustmesh.audit.folding.RefusalFolder`: the first of each source in a window
+are ``token.exchange_failed`` events, the rest are folded into the window's
+``audit.refusals_folded`` summary, written when the window ends or the replica stops.
+A ``token.issued`` event is never folded.
 """
 
 from __future__ import annotations
@@ -15,13 +21,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from sqlalchemy import Connection
 
 from trustmesh.audit import events as ev
+from trustmesh.audit.folding import (
+    FoldingLimits,
+    Refusal,
+    RefusalFolder,
+    Summary,
+    fitted,
+    source_address,
+)
 from trustmesh.audit.log import AuditLog, Record, record_of
+from trustmesh.common.clock import Clock, system_clock
 from trustmesh.identity.kubernetes_sa import parse_unverified
 from trustmesh.oauth.rfc8693 import Exchanged
 
@@ -29,16 +44,27 @@ log = logging.getLogger("trustmesh.audit")
 
 MAX_BATCH = 2000
 
+_Pending = tuple[Record, "asyncio.Future[None] | None", Callable[[], None] | None]
+"""An event to append, the future of whoever waits for it, what to do if it fails."""
+
 
 class AuditRecorder:
     """Writes the control plane's own events into the log."""
 
-    def __init__(self, audit: AuditLog) -> None:
+    def __init__(
+        self,
+        audit: AuditLog,
+        clock: Clock = system_clock,
+        refusals: FoldingLimits | None = None,
+    ) -> None:
         self.audit = audit
         self.source = audit.source
-        self._pending: list[tuple[Record, asyncio.Future[None] | None]] = []
+        self.clock = clock
+        self.folder = RefusalFolder(refusals or FoldingLimits())
+        self._pending: list[_Pending] = []
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
+        self._ticker: asyncio.Task[None] | None = None
         self.failures = 0
 
     # -- synchronous (worker threads) ------------------------------------------------------
@@ -80,6 +106,7 @@ class AuditRecorder:
     def start(self) -> None:
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._run(), name="audit-recorder")
+        self._ticker = asyncio.create_task(self._tick_loop(), name="audit-refusal-windows")
 
     async def record(self, event: Mapping[str, Any]) -> None:
         """Append ``event`` and return once it is stored (raises if it could not be)."""
@@ -88,14 +115,101 @@ class AuditRecorder:
         await future
 
     def submit(self, event: Mapping[str, Any]) -> None:
-        """Append ``event`` soon, without waiting (failed exchanges)."""
+        """Append ``event`` soon, without waiting."""
         self._enqueue(record_of(event), None)
 
-    def _enqueue(self, record: Record, future: asyncio.Future[None] | None) -> None:
+    def _enqueue(
+        self,
+        record: Record,
+        future: asyncio.Future[None] | None,
+        on_failure: Callable[[], None] | None = None,
+    ) -> None:
         if self._wake is None:
             raise RuntimeError("the audit recorder is not running")
-        self._pending.append((record, future))
+        if self.folder.owed:  # refusals dropped earlier are reported before this event
+            self._summarise(self.folder.take_dropped())
+        self._pending.append((record, future, on_failure))
         self._wake.set()
+
+    # -- refused exchanges, folded -----------------------------------------------------------
+    def exchange_refused(
+        self,
+        error: str,
+        description: str,
+        subject_token: str | None,
+        peer: str | None,
+        trace_id: str,
+        span_id: str,
+    ) -> bool:
+        """Record a refused exchange from the caller at ``peer``: as its own
+        ``token.exchange_failed`` event (True), or folded into the window's summary
+        (False). Not awaited: nothing changed, and a refusal waits for no commit."""
+        claimed = claimed_facts(subject_token)
+        digest = ev.token_sha256(subject_token) if subject_token else None
+        refusal = Refusal(
+            error=error,
+            reason=f"{error}: {description}",
+            surface="token",
+            address=source_address(peer),
+            issuer=claimed.get("iss"),
+            token_sha256=digest,
+        )
+        now = self.clock()
+        verdict = self.folder.observe(now, refusal)
+        if verdict.due is not None:
+            self._summarise(verdict.due)
+        if not verdict.individual:
+            return False
+        event = exchange_failed_event(
+            self.source, error, description, subject_token, trace_id, span_id, claimed
+        )
+        try:
+            record = record_of(event)
+        except Exception:
+            self.failures += 1
+            log.exception("a token.exchange_failed event does not fit the schema")
+            self.folder.drop(now, refusal)
+            return False
+        self._enqueue(record, None, lambda: self.folder.drop(now, refusal))
+        return True
+
+    def _summarise(self, summary: Summary | None) -> None:
+        """Write a summary soon; if it cannot be written, what it counted is dropped
+        and reported with the next one."""
+        if summary is None:
+            return
+        limits = self.folder.limits
+        at = self.clock()
+        event = fitted(
+            lambda top: ev.new_event(
+                ev.REFUSALS_FOLDED,
+                source=self.source,
+                actor="system",
+                detail=summary.detail(ev.TOKEN_EXCHANGE_FAILED, limits, top),
+                at=at,
+            ),
+            ev.MAX_EVENT_BYTES,
+        )
+        try:
+            record = record_of(event)
+        except Exception:
+            self.failures += 1
+            log.exception("an audit.refusals_folded event does not fit the schema")
+            self.folder.unwritten(summary)
+            return
+        assert self._wake is not None
+        self._pending.append((record, None, lambda: self.folder.unwritten(summary)))
+        self._wake.set()
+
+    def tick(self) -> None:
+        """Write the summary of a window that has ended."""
+        self._summarise(self.folder.due(self.clock()))
+
+    async def _tick_loop(self) -> None:
+        interval = min(1.0, self.folder.limits.window / 2)
+        while True:
+            await asyncio.sleep(interval)
+            self.tick()
 
     async def _run(self) -> None:
         assert self._wake is not None
@@ -109,25 +223,37 @@ class AuditRecorder:
         while self._pending:
             batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
             try:
-                await asyncio.to_thread(self.audit.append, [r for r, _ in batch])
+                await asyncio.to_thread(self.audit.append, [r for r, _, _ in batch])
             except Exception as exc:
                 self.failures += 1
                 log.error("audit log write failed for %d events: %s", len(batch), exc)
-                for _, future in batch:
+                for _, future, on_failure in batch:
                     if future is not None and not future.done():
                         future.set_exception(exc)
+                    if on_failure is not None:
+                        on_failure()
                 continue
-            for _, future in batch:
+            for _, future, _ in batch:
                 if future is not None and not future.done():
                     future.set_result(None)
 
     async def close(self) -> None:
-        """Write what is pending, then stop (SIGTERM)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        """Write what is pending, the summary of the open refusal window included,
+        then stop (SIGTERM)."""
+        for task in (self._ticker, self._task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._wake is not None:
+            self._summarise(self.folder.flush())
         await self._flush()
+        held = self.folder.pending()
+        if held["dropped"]:
+            log.error(
+                "audit: %d refused exchanges could not be recorded before stopping",
+                held["dropped"],
+            )
 
 
 # -- event builders ------------------------------------------------------------------------
@@ -171,6 +297,24 @@ def issued_event(
     )
 
 
+def claimed_facts(subject_token: str | None) -> dict[str, str]:
+    """``iss``, ``sub``, ``kid`` and ``jti`` of a presented token, read *unverified*
+    (those it has): what the token claims, not what it proved."""
+    if not subject_token:
+        return {}
+    try:
+        unverified = parse_unverified(subject_token)
+    except Exception:
+        return {}
+    claimed = {
+        "iss": _short(unverified.claims.get("iss")),
+        "sub": _short(unverified.claims.get("sub")),
+        "kid": _short(unverified.kid),
+        "jti": _short(unverified.claims.get("jti")),
+    }
+    return {k: v for k, v in claimed.items() if v}
+
+
 def exchange_failed_event(
     source: Mapping[str, Any],
     error: str,
@@ -178,21 +322,16 @@ def exchange_failed_event(
     subject_token: str | None,
     trace_id: str,
     span_id: str,
+    claimed: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """A refused exchange. Provenance comes from the token's unverified claims, marked
-    as claimed: the token did not prove them."""
+    as claimed: the token did not prove them (``claimed``: :func:`claimed_facts`,
+    when the caller has read them already)."""
     identity: dict[str, Any] = {}
-    claimed: dict[str, Any] = {}
     if subject_token:
         identity["token_sha256"] = ev.token_sha256(subject_token)
-        with contextlib.suppress(Exception):
-            unverified = parse_unverified(subject_token)
-            claimed = {
-                "iss": _short(unverified.claims.get("iss")),
-                "sub": _short(unverified.claims.get("sub")),
-                "kid": _short(unverified.kid),
-                "jti": _short(unverified.claims.get("jti")),
-            }
+    if claimed is None:
+        claimed = claimed_facts(subject_token)
     return ev.new_event(
         ev.TOKEN_EXCHANGE_FAILED,
         source=source,
@@ -200,7 +339,7 @@ def exchange_failed_event(
         identity=identity,
         request={"surface": "token"},
         decision={"allowed": False, "reason": f"{error}: {description}"[:500]},
-        detail={"error": error, "claimed": {k: v for k, v in claimed.items() if v} or None},
+        detail={"error": error, "claimed": dict(claimed) or None},
         trace_id=trace_id,
         span_id=span_id,
     )

@@ -26,7 +26,9 @@ def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
         """RFC 8693 exchange; every outcome is audited, and a token is returned only once
         its ``token.issued`` event is stored (``server/issuance.py``)."""
         issued = await plane.issuance.issue(
-            read_form_body(request), request.headers.get("traceparent")
+            read_form_body(request),
+            request.headers.get("traceparent"),
+            request.client.host if request.client else None,
         )
         return JSONResponse(
             issued.response, headers={**NO_STORE, "traceparent": issued.traceparent}
