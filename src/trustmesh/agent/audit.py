@@ -11,6 +11,14 @@ whose token does not authenticate is a decision too: ``allowed: false``, reason
 If the spool cannot be written the agent does not answer the question: it answers 503
 ``audit_unavailable`` (fail closed), as the control plane refuses to issue a token
 without its audit record.
+
+Refusals of questions whose token did not verify (or that carried none) are bounded,
+the same way on every surface: the first ``--audit-refusal-quota`` of a window are
+spooled as events of their own, the rest are counted in the window's
+``audit.refusals_folded`` summary (``audit/folding.py``), spooled when the window ends
+or the agent stops. A summary that cannot be spooled is not lost count of: its counts
+are carried, as ``dropped``, into a summary spooled before the next event. Decisions
+about identities whose token verified — allowed, denied, revoked — are never folded.
 """
 
 from __future__ import annotations
@@ -25,9 +33,25 @@ from typing import Any
 import orjson
 
 from trustmesh.agent.controlplane import ControlPlaneClient
-from trustmesh.agent.spool import AuditSpool, Batch, LineTooLong
-from trustmesh.audit.events import AUTHZ_DECISION, new_event_id, now_time, token_sha256
+from trustmesh.agent.spool import MAX_LINE_BYTES, AuditSpool, Batch, LineTooLong
+from trustmesh.audit.events import (
+    AUTHZ_DECISION,
+    REFUSALS_FOLDED,
+    new_event,
+    new_event_id,
+    now_time,
+    token_sha256,
+)
+from trustmesh.audit.folding import (
+    DEFAULT_AGENT_LIMITS,
+    FoldingLimits,
+    Refusal,
+    RefusalFolder,
+    Summary,
+    fitted,
+)
 from trustmesh.common.backoff import Backoff
+from trustmesh.common.clock import Clock, system_clock
 from trustmesh.common.errors import (
     AuditRejected,
     AuditUnavailable,
@@ -167,12 +191,23 @@ def decision_event(
 
 
 class DecisionAudit:
-    """Builds the ``authz.decision`` events of one agent and spools them."""
+    """Builds the ``authz.decision`` events of one agent and spools them, folding
+    refusals of unauthenticated questions beyond the quota of their window."""
 
-    def __init__(self, spool: AuditSpool, cluster: str, agent: str) -> None:
+    def __init__(
+        self,
+        spool: AuditSpool,
+        cluster: str,
+        agent: str,
+        *,
+        clock: Clock = system_clock,
+        refusals: FoldingLimits = DEFAULT_AGENT_LIMITS,
+    ) -> None:
         self.spool = spool
         self.cluster = cluster
         self.source = {"kind": "agent", "id": spool.source_id, "agent": agent}
+        self.clock = clock
+        self.folder = RefusalFolder(refusals)
         self.failures = 0
 
     def record(
@@ -184,6 +219,8 @@ class DecisionAudit:
         actor: str | None = None,
     ) -> int:
         """Spool one decision; its seq. Raises AuditUnavailable when it cannot be."""
+        if self.folder.owed:  # refusals dropped earlier are reported before this event
+            self._spool_summary(self.folder.take_dropped())
         event = decision_event(
             self.source,
             self.cluster,
@@ -274,10 +311,87 @@ class DecisionAudit:
         token: str | None,
         reason: str,
         revision: int | None,
-    ) -> int:
-        """A token that did not authenticate (or none): of the token only its hash."""
-        identity = {"token_sha256": token_sha256(token)} if token else None
-        return self.record(span, request, refusal(f"unauthenticated: {reason}", revision), identity)
+        description: str | None = None,
+        *,
+        verified: bool = False,
+    ) -> int | None:
+        """A token that did not authenticate (or none): of the token only its hash.
+        Spooled (its seq), or folded into the window's summary (None) when the
+        window's quota is used up. ``verified``: the token verified but was refused
+        (revoked, a stale revocation list): never folded."""
+        digest = token_sha256(token) if token else None
+        identity = {"token_sha256": digest} if digest else None
+        decision = refusal(f"unauthenticated: {reason}", revision)
+        if verified:
+            return self.record(span, request, decision, identity)
+        refused = Refusal(
+            error=reason,
+            reason=description,
+            surface=_text(request.get("surface")),
+            token_sha256=digest,
+        )
+        now = self.clock()
+        verdict = self.folder.observe(now, refused)
+        if verdict.due is not None:
+            self._spool_summary(verdict.due)
+        if not verdict.individual:
+            return None
+        try:
+            return self.record(span, request, decision, identity)
+        except AuditUnavailable:
+            self.folder.drop(now, refused)
+            raise
+
+    # -- summaries of folded refusals --------------------------------------------------
+    def _spool_summary(self, summary: Summary | None) -> None:
+        """Spool an ``audit.refusals_folded`` event; when it cannot be, what it counted
+        is carried as dropped into the next one (spooled before the next event)."""
+        if summary is None:
+            return
+        limits = self.folder.limits
+        at = self.clock()
+        event = fitted(
+            lambda top: new_event(
+                REFUSALS_FOLDED,
+                source=self.source,
+                cluster=self.cluster,
+                actor="system",
+                detail=summary.detail(AUTHZ_DECISION, limits, top),
+                at=at,
+            ),
+            MAX_LINE_BYTES - 64,  # room for the seq the spool adds
+        )
+        try:
+            self.spool.append(event)
+        except (SpoolError, LineTooLong, orjson.JSONEncodeError) as exc:
+            self.folder.unwritten(summary)
+            log.error(
+                "audit: cannot spool the summary of %d refusals (kept as dropped, reported "
+                "with the next event): %s",
+                summary.refusals,
+                exc,
+            )
+
+    def tick(self) -> None:
+        """Spool the summary of a window that has ended, and any dropped refusals."""
+        self._spool_summary(self.folder.due(self.clock()))
+        if self.folder.owed:
+            self._spool_summary(self.folder.take_dropped())
+
+    def flush(self) -> None:
+        """On shutdown: spool the summary of the open window (and what was dropped), so
+        a restart loses no count of what was folded."""
+        self._spool_summary(self.folder.flush())
+        held = self.folder.pending()["dropped"]
+        if held:
+            log.error("audit: %d refusals could not be recorded before stopping", held)
+
+    async def run(self) -> None:
+        """Close ended windows while no refusal comes to do it."""
+        interval = min(1.0, self.folder.limits.window / 2)
+        while True:
+            await asyncio.sleep(interval)
+            self.tick()
 
 
 class AuditShipper:

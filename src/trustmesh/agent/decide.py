@@ -14,7 +14,10 @@ in this order, on one clock reading:
    allow, no allow is deny (``policy/engine.py``);
 4. **audit**: the ``authz.decision`` event is in the spool before the answer leaves;
    when it cannot be written, :class:`~trustmesh.common.errors.AuditUnavailable`
-   (answered 503) replaces the answer (``agent/audit.py``);
+   (answered 503) replaces the answer (``agent/audit.py``). Refusals of tokens that
+   did not verify in step 1 (or of no token) beyond the window's quota are folded into
+   a summary instead, on every surface alike; what the engine decided about a verified
+   identity, and a verified token refused in step 2, are never folded;
 5. **count** it in the metrics.
 
 A surface parses its own format, opens the span, calls one method here and renders
@@ -151,16 +154,14 @@ class Decider:
             raise NotReady(NO_BUNDLE)
         return engine
 
-    async def _authenticate(self, token: str, now: float) -> VerifiedIdentity:
-        """Steps 1 and 2; InvalidToken says why not."""
+    async def _verify(self, token: str, now: float) -> VerifiedIdentity:
+        """Step 1; InvalidToken: the token did not authenticate."""
         try:
-            identity = self.authn.authenticate(token, now)
+            return self.authn.authenticate(token, now)
         except InvalidToken as exc:
             if exc.reason != "unknown_kid" or not await self.refresh_keys():
                 raise
-            identity = self.authn.authenticate(token, now)  # with the refreshed key set
-        self.revocations.check(identity, now)
-        return identity
+            return self.authn.authenticate(token, now)  # with the refreshed key set
 
     def _refused(
         self,
@@ -169,10 +170,15 @@ class Decider:
         token: str | None,
         exc: InvalidToken,
         revision: int | None,
+        verified: bool,
     ) -> None:
+        """A refusal in step 1 (the token did not authenticate: may be folded) or step
+        2 (``verified``: a verified token revoked or refused by a stale list)."""
         self.metrics.authentications.labels(exc.reason).inc()
         span.set("trustmesh.allowed", False)
-        self.audit.unauthenticated(span, asked, token, exc.reason, revision)
+        self.audit.unauthenticated(
+            span, asked, token, exc.reason, revision, exc.description, verified=verified
+        )
 
     async def decide(
         self, credential: str | None, request: Request, surface: str, span: Span
@@ -181,12 +187,15 @@ class Decider:
         the outcome. Raises NotReady before the first verified bundle."""
         engine = self._engine()
         asked = {"surface": surface, **request.to_json()}
+        identity: VerifiedIdentity | None = None
         try:
             if credential is None:
                 raise InvalidToken("missing_token", "no Authorization: Bearer token")
-            identity = await self._authenticate(credential, self.clock())
+            now = self.clock()
+            identity = await self._verify(credential, now)
+            self.revocations.check(identity, now)
         except InvalidToken as exc:
-            self._refused(span, asked, credential, exc, engine.revision)
+            self._refused(span, asked, credential, exc, engine.revision, identity is not None)
             return Outcome(None, None, exc)
         self.metrics.authenticated.inc()
         decision = engine.decide(identity.spiffe_id, identity.claims, request)
@@ -204,12 +213,15 @@ class Decider:
         engine = self.policy.engine
         revision = engine.revision if engine is not None else None
         asked = {"surface": TOKEN_REVIEW, "audiences": list(audiences) or None}
+        identity: VerifiedIdentity | None = None
         try:
-            identity = await self._authenticate(token, self.clock())
+            now = self.clock()
+            identity = await self._verify(token, now)
+            self.revocations.check(identity, now)
         except InvalidToken as exc:
             if exc.reason == "not_ready":
                 raise NotReady(exc.description) from None
-            self._refused(span, asked, token, exc, revision)
+            self._refused(span, asked, token, exc, revision, identity is not None)
             return TokenOutcome(None, exc, (), False)
         carried = token_audiences(identity)
         shared = tuple(a for a in audiences if a in carried)

@@ -1,8 +1,9 @@
 """``trustmesh agent``: restore persisted state, serve, sync; one line once ready.
 
-On SIGTERM uvicorn stops accepting and drains the requests in flight; then the audit
-shipper stops, the spool is fsynced and what is left is shipped within
-``AUDIT_FINAL_SHIP_TIMEOUT`` seconds (the rest waits in the spool for the next start)."""
+On SIGTERM uvicorn stops accepting and drains the requests in flight; then the summary
+of the open refusal window is spooled, the audit shipper stops, the spool is fsynced
+and what is left is shipped within ``AUDIT_FINAL_SHIP_TIMEOUT`` seconds (the rest waits
+in the spool for the next start)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from trustmesh.agent.revocations import (
     run_revocation_sync,
 )
 from trustmesh.agent.spool import DEFAULT_FSYNC_INTERVAL, SPOOL_DIR, AuditSpool
+from trustmesh.audit.folding import DEFAULT_AGENT_LIMITS, FoldingLimits
 from trustmesh.common.addresses import parse_listen, url_for
 from trustmesh.common.clock import Clock, system_clock
 from trustmesh.common.errors import ConfigError, CredentialRejected
@@ -48,6 +50,7 @@ class AgentConfig:
     staleness_bound: float = DEFAULT_STALENESS_BOUND
     fail_open: bool = False
     audit_fsync_interval: float = DEFAULT_FSYNC_INTERVAL
+    audit_refusals: FoldingLimits = DEFAULT_AGENT_LIMITS
     otel_exporter: str = "none"
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -105,14 +108,17 @@ class Agent:
             ),
             asyncio.create_task(run_revocation_sync(self.client, self.revocations)),
             asyncio.create_task(self.shipper.run()),
+            asyncio.create_task(self.decider.audit.run()),
         ]
 
     async def stop(self) -> None:
-        """Stop the loops, ship what the spool holds (within a bound), close."""
+        """Stop the loops, spool the summary of folded refusals, ship what the spool
+        holds (within a bound), close."""
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         try:
+            self.decider.audit.flush()
             await self.shipper.drain(AUDIT_FINAL_SHIP_TIMEOUT)
         finally:
             await asyncio.to_thread(self.spool.close)
@@ -135,7 +141,9 @@ def build_agent(config: AgentConfig, clock: Clock = system_clock) -> Agent:
     policy = PolicyHolder(config.cluster, config.data_dir, authn.keys, clock)
     revocations = RevocationHolder(config.data_dir, clock, config.staleness_bound, config.fail_open)
     instance = agent_id(config.data_dir)
-    audit = DecisionAudit(spool, config.cluster, instance)
+    audit = DecisionAudit(
+        spool, config.cluster, instance, clock=clock, refusals=config.audit_refusals
+    )
     shipper = AuditShipper(spool, client)
     decider = Decider(
         authn=authn,

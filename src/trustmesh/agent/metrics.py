@@ -31,6 +31,18 @@ class AuditCollector(Collector):
             value=self.audit.failures,
         )
         yield CounterMetricFamily(
+            "trustmesh_agent_audit_refusals_folded",
+            "Refusals of unauthenticated questions counted in an audit.refusals_folded "
+            "summary instead of an event of their own (the window's quota was used up)",
+            value=self.audit.folder.folded_total,
+        )
+        yield CounterMetricFamily(
+            "trustmesh_agent_audit_refusals_dropped",
+            "Refusals of unauthenticated questions whose record could not be spooled when "
+            "due, reported as dropped by a later summary",
+            value=self.audit.folder.dropped_total,
+        )
+        yield CounterMetricFamily(
             "trustmesh_agent_audit_spooled",
             "Decision events written to the audit spool by this process",
             value=spool.appended,

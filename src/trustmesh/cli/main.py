@@ -11,6 +11,7 @@ import typer
 
 from trustmesh import __version__
 from trustmesh.audit.folding import (
+    DEFAULT_AGENT_QUOTA,
     DEFAULT_PER_SOURCE,
     DEFAULT_SERVER_QUOTA,
     DEFAULT_WINDOW,
@@ -207,6 +208,22 @@ def agent(
         help="Seconds between fsyncs of the audit spool (0: fsync every decision). "
         "A killed agent loses no decision; a power loss at most this interval.",
     ),
+    audit_refusal_window: float = typer.Option(
+        DEFAULT_WINDOW,
+        "--audit-refusal-window",
+        min=0.001,
+        max=86400.0,
+        help="Seconds of a refusal window: refusals of unauthenticated questions beyond "
+        "--audit-refusal-quota are counted in one audit.refusals_folded summary a window.",
+    ),
+    audit_refusal_quota: int = typer.Option(
+        DEFAULT_AGENT_QUOTA,
+        "--audit-refusal-quota",
+        min=1,
+        help="Refusals of unauthenticated questions a window spooled as events of their "
+        "own (every surface together). Decisions about authenticated identities are "
+        "never folded.",
+    ),
     otel_exporter: str = typer.Option(
         "none",
         "--otel-exporter",
@@ -235,6 +252,9 @@ def agent(
                 staleness_bound=staleness_bound,
                 fail_open=fail_open,
                 audit_fsync_interval=audit_fsync_interval,
+                audit_refusals=FoldingLimits(
+                    audit_refusal_window, audit_refusal_quota, per_source=None
+                ),
                 otel_exporter=otel_exporter,
             ),
             listen,
