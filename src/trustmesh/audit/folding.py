@@ -267,15 +267,12 @@ class RefusalFolder:
         self._by_source: dict[tuple[str, str], int] = {}
         self._folded = Tally()
         self._dropped = Tally()
+        self.owed = False
+        """Whether dropped refusals wait to be reported (before the writer's next event:
+        :meth:`take_dropped`). An attribute: writers check it before every event."""
         # since start (metrics): refusals folded, refusals dropped
         self.folded_total = 0
         self.dropped_total = 0
-
-    @property
-    def owed(self) -> bool:
-        """Whether dropped refusals wait to be reported (before the writer's next
-        event: :meth:`take_dropped`)."""
-        return self._dropped.count > 0
 
     def observe(self, now: float, refusal: Refusal) -> Verdict:
         """Count one refusal: individual, or folded into the open window."""
@@ -330,12 +327,14 @@ class RefusalFolder:
         if not folded.count and not self._dropped.count:
             return None
         dropped, self._dropped = self._dropped, Tally()
+        self.owed = False
         return Summary(folded, dropped)
 
     def drop(self, now: float, refusal: Refusal) -> None:
         """A refusal whose individual event could not be written."""
         self._dropped.add(now, refusal)
         self.dropped_total += 1
+        self.owed = True
 
     def unwritten(self, summary: Summary) -> None:
         """A summary that could not be written: everything it stands for is dropped,
@@ -343,6 +342,7 @@ class RefusalFolder:
         self._dropped.merge(summary.folded)
         self._dropped.merge(summary.dropped)
         self.dropped_total += summary.folded.count
+        self.owed = self._dropped.count > 0
 
     def pending(self) -> Mapping[str, int]:
         """What is held in memory now (for status pages and tests)."""
