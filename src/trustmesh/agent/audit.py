@@ -391,7 +391,10 @@ class DecisionAudit:
         interval = min(1.0, self.folder.limits.window / 2)
         while True:
             await asyncio.sleep(interval)
-            self.tick()
+            try:
+                self.tick()
+            except Exception:  # the loop must survive anything
+                log.exception("audit: closing a refusal window failed")
 
 
 class AuditShipper:

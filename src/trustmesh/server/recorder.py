@@ -202,14 +202,20 @@ class AuditRecorder:
         self._wake.set()
 
     def tick(self) -> None:
-        """Write the summary of a window that has ended."""
+        """Write the summary of a window that has ended, and retry a summary of
+        dropped refusals."""
         self._summarise(self.folder.due(self.clock()))
+        if self.folder.owed:
+            self._summarise(self.folder.take_dropped())
 
     async def _tick_loop(self) -> None:
         interval = min(1.0, self.folder.limits.window / 2)
         while True:
             await asyncio.sleep(interval)
-            self.tick()
+            try:
+                self.tick()
+            except Exception:  # the loop must survive anything
+                log.exception("closing a refusal window failed")
 
     async def _run(self) -> None:
         assert self._wake is not None
