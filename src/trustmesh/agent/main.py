@@ -30,6 +30,7 @@ from trustmesh.agent.spool import DEFAULT_FSYNC_INTERVAL, SPOOL_DIR, AuditSpool
 from trustmesh.common.addresses import parse_listen, url_for
 from trustmesh.common.clock import Clock, system_clock
 from trustmesh.common.errors import ConfigError, CredentialRejected
+from trustmesh.common.limits import DEFAULT_LIMITS, HttpLimits
 from trustmesh.common.serving import bind_socket, serve_socket
 from trustmesh.common.tracing import Tracing
 
@@ -49,6 +50,7 @@ class AgentConfig:
     fail_open: bool = False
     audit_fsync_interval: float = DEFAULT_FSYNC_INTERVAL
     otel_exporter: str = "none"
+    http_limits: HttpLimits = DEFAULT_LIMITS
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -192,6 +194,6 @@ def run_agent(config: AgentConfig, listen: str) -> None:
             agent.tasks.append(asyncio.create_task(announce_when_ready()))
 
     app = build_agent_app(agent.surfaces, on_start, agent.stop)
-    serve_socket(app, sock, lambda _url: None)
+    serve_socket(app, sock, lambda _url: None, limits=config.http_limits)
     if agent.keys.fatal is not None:
         raise CredentialRejected(agent.keys.fatal)
