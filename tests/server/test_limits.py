@@ -255,6 +255,28 @@ def test_huge_trailers_of_a_chunked_body_are_refused(target: Target) -> None:
         assert time.monotonic() - began < 3.0
 
 
+def test_large_bodies_pass_the_head_bound(server: Server) -> None:
+    """The head bound is not a body bound: a 2 MiB manifest, sent with a Content-Length
+    and again chunked in small pieces, is read whole (each endpoint bounds its body)."""
+    name = unique("big-")
+    content = (
+        "# " + "x" * (2 * 1024 * 1024) + "\n" + cluster_yaml(name, f"http://127.0.0.1:9/{name}")
+    )
+    document = json.dumps({"files": [{"path": "big.yaml", "content": content}], "dryRun": True})
+    body = document.encode()
+
+    def pieces() -> Iterator[bytes]:
+        for start in range(0, len(body), 1000):
+            yield body[start : start + 1000]
+
+    for payload in (body, pieces()):
+        response = server.admin.post(
+            "/v1/apply", content=payload, headers={"Content-Type": "application/json"}
+        )
+        assert response.status_code == 200, response.text
+        assert response.json()["changes"][0]["name"] == name
+
+
 # -- time ----------------------------------------------------------------------------------
 def test_a_slowloris_connection_is_closed_within_the_header_timeout(target: Target) -> None:
     """The finding: connections trickling an unfinished head stayed open for good."""

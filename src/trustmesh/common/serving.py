@@ -177,11 +177,14 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     # -- bytes in ------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
         bound = self.limits.max_header_bytes
-        while data and not self.transport.is_closing():
+        view = memoryview(data)  # the parser takes slices of it without copies
+        offset = 0
+        while offset < len(data) and not self.transport.is_closing():
             room = bound - self._unproductive
-            piece, data = data[:room], data[room:]
+            piece = data if offset == 0 and len(data) <= room else view[offset : offset + room]
+            offset += len(piece)
             self._progressed = False
-            super().data_received(piece)
+            super().data_received(piece)  # type: ignore[arg-type]
             if self._progressed:
                 self._unproductive = 0
             else:
