@@ -8,9 +8,9 @@ make the process hold (:class:`HttpLimits`).
 what happens to be installed). Neither of uvicorn's HTTP/1.1 implementations bounds
 enough on its own: with httptools nothing bounds a request head (header values and the
 URL are joined piece by piece, so the CPU cost grows with the square of their size)
-nor the number of header fields; h11 bounds the head's bytes
-(``h11_max_incomplete_event_size``, answered with a text 400) but not the count, and
-is several times slower. With both, a connection that never completes its headers is
+nor the number of header fields; h11 refuses a head only while it is incomplete and
+over ``h11_max_incomplete_event_size`` (a head that arrives whole in one read passes,
+whatever its field count; the answer is a text 400), and is twice as slow. With both, a connection that never completes its headers is
 kept forever (``timeout_keep_alive`` only runs between requests, after a response),
 and ``limit_concurrency`` accepts every connection and answers a text 503 only once a
 request head is complete. So the bounds are enforced here, on httptools:
