@@ -213,25 +213,37 @@ class Agent:
         return self.process.stop()
 
 
-def start_agent(cluster: str, servers: list[str], data_dir: Path, credential: str) -> Agent:
+def start_agent(
+    cluster: str,
+    servers: list[str],
+    data_dir: Path,
+    credential: str,
+    *extra: str,
+    prefix: tuple[str, ...] = (),
+) -> Agent:
+    """``extra``: more flags; ``prefix``: a command to run the agent under."""
     data_dir.mkdir(parents=True, exist_ok=True)
     token_file = data_dir.parent / f"{data_dir.name}.credential"
     token_file.write_text(credential)
     token_file.chmod(0o600)
     process = Process(
-        trustmesh_cmd(
-            "agent",
-            "--cluster",
-            cluster,
-            "--server",
-            ",".join(servers),
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            str(data_dir),
-            "--token-file",
-            str(token_file),
-        ),
+        [
+            *prefix,
+            *trustmesh_cmd(
+                "agent",
+                "--cluster",
+                cluster,
+                "--server",
+                ",".join(servers),
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                str(data_dir),
+                "--token-file",
+                str(token_file),
+                *extra,
+            ),
+        ],
         data_dir.parent / f"{data_dir.name}.agent.log",
     )
     line = process.wait_line("trustmesh agent for cluster ")

@@ -32,6 +32,7 @@ from trustmesh.audit.folding import DEFAULT_AGENT_LIMITS, FoldingLimits
 from trustmesh.common.addresses import parse_listen, url_for
 from trustmesh.common.clock import Clock, system_clock
 from trustmesh.common.errors import ConfigError, CredentialRejected
+from trustmesh.common.limits import DEFAULT_LIMITS, HttpLimits
 from trustmesh.common.serving import bind_socket, serve_socket
 from trustmesh.common.tracing import Tracing
 
@@ -52,6 +53,7 @@ class AgentConfig:
     audit_fsync_interval: float = DEFAULT_FSYNC_INTERVAL
     audit_refusals: FoldingLimits = DEFAULT_AGENT_LIMITS
     otel_exporter: str = "none"
+    http_limits: HttpLimits = DEFAULT_LIMITS
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -200,6 +202,6 @@ def run_agent(config: AgentConfig, listen: str) -> None:
             agent.tasks.append(asyncio.create_task(announce_when_ready()))
 
     app = build_agent_app(agent.surfaces, on_start, agent.stop)
-    serve_socket(app, sock, lambda _url: None)
+    serve_socket(app, sock, lambda _url: None, limits=config.http_limits)
     if agent.keys.fatal is not None:
         raise CredentialRejected(agent.keys.fatal)

@@ -154,10 +154,12 @@ RECONNECT_CAP = 5.0  # the longest wait between attempts while the control plane
 
 
 async def run_revocation_sync(client: ControlPlaneClient, holder: RevocationHolder) -> None:
+    """The first round is always a full read, answered at once (never a long poll: with
+    nothing newer to send, that would hold the agent's readiness for its whole wait)."""
     backoff = Backoff(base=0.2, cap=RECONNECT_CAP)
-    last_full = 0.0
+    last_full: float | None = None  # monotonic; None: no full read yet
     while True:
-        full = time.monotonic() - last_full > FULL_RESYNC_SECONDS
+        full = last_full is None or time.monotonic() - last_full > FULL_RESYNC_SECONDS
         since = 0 if full else holder.revocations.revision
         try:
             revision, entries = await client.fetch_revocations(
@@ -172,7 +174,7 @@ async def run_revocation_sync(client: ControlPlaneClient, holder: RevocationHold
         except CredentialRejected as exc:
             holder.last_error = str(exc)
         except ResyncNeeded:
-            last_full = 0.0
+            last_full = None
             continue
         except (ControlPlaneError, OSError) as exc:
             holder.last_error = f"revocation sync failed: {exc.__class__.__name__}: {exc}"

@@ -33,6 +33,11 @@ from trustmesh.cli._common import (
     resolve_token,
 )
 from trustmesh.cli.audit import audit_app
+from trustmesh.common.limits import (
+    DEFAULT_LIMITS,
+    DEFAULT_LONG_POLLS_PER_CREDENTIAL,
+    HttpLimits,
+)
 from trustmesh.common.token_exchange import TOKEN_PATH, exchange_form
 
 app = typer.Typer(
@@ -86,6 +91,65 @@ def version() -> None:
 
 
 # -- processes ----------------------------------------------------------------------------
+# The HTTP bounds both processes take (common/limits.py; docs/operations.md).
+MaxHeaderBytesOption = typer.Option(
+    DEFAULT_LIMITS.max_header_bytes,
+    "--max-header-bytes",
+    min=1024,
+    help="Largest request head (request line and header fields) in bytes; larger: 431.",
+)
+MaxHeadersOption = typer.Option(
+    DEFAULT_LIMITS.max_headers,
+    "--max-headers",
+    min=8,
+    help="Most header fields in one request; more: 431.",
+)
+HeaderTimeoutOption = typer.Option(
+    DEFAULT_LIMITS.header_timeout,
+    "--header-timeout",
+    min=0.1,
+    help="Seconds a connection has to send a request's complete headers, from its opening "
+    "or its previous response; then 408 (or, if it sent nothing, closed).",
+)
+BodyTimeoutOption = typer.Option(
+    DEFAULT_LIMITS.body_timeout,
+    "--body-timeout",
+    min=0.1,
+    help="Seconds a request's body may take to arrive after its headers; then 408.",
+)
+KeepAliveTimeoutOption = typer.Option(
+    DEFAULT_LIMITS.keep_alive_timeout,
+    "--keep-alive-timeout",
+    min=1,
+    help="Seconds an idle keep-alive connection stays open between requests.",
+)
+MaxConnectionsOption = typer.Option(
+    DEFAULT_LIMITS.max_connections,
+    "--max-connections",
+    min=1,
+    help="Open connections served at once; beyond, a request is answered 503 (and beyond "
+    "twice as many, a connection is closed at once).",
+)
+
+
+def http_limits(
+    max_header_bytes: int,
+    max_headers: int,
+    header_timeout: float,
+    body_timeout: float,
+    keep_alive_timeout: int,
+    max_connections: int,
+) -> HttpLimits:
+    return HttpLimits(
+        max_header_bytes=max_header_bytes,
+        max_headers=max_headers,
+        header_timeout=header_timeout,
+        body_timeout=body_timeout,
+        keep_alive_timeout=keep_alive_timeout,
+        max_connections=max_connections,
+    )
+
+
 @app.command()
 def server(
     data_dir: Path = typer.Option(
@@ -148,6 +212,19 @@ def server(
         "--otel-exporter",
         help="Export OpenTelemetry spans: none, console or otlp (OTEL_EXPORTER_OTLP_ENDPOINT).",
     ),
+    long_polls_per_credential: int = typer.Option(
+        DEFAULT_LONG_POLLS_PER_CREDENTIAL,
+        "--long-polls-per-credential",
+        min=1,
+        help="Long polls and revocation streams one credential may hold at once on this "
+        "replica; beyond: 429 with Retry-After.",
+    ),
+    max_header_bytes: int = MaxHeaderBytesOption,
+    max_headers: int = MaxHeadersOption,
+    header_timeout: float = HeaderTimeoutOption,
+    body_timeout: float = BodyTimeoutOption,
+    keep_alive_timeout: int = KeepAliveTimeoutOption,
+    max_connections: int = MaxConnectionsOption,
 ) -> None:
     """Run the control plane."""
     from trustmesh.server.controlplane import ServerConfig
@@ -166,8 +243,17 @@ def server(
             audit_refusal_window, audit_refusal_quota, audit_refusal_per_source
         ),
         otel_exporter=otel_exporter,
+        long_polls_per_credential=long_polls_per_credential,
     )
-    run_server(config, listen)
+    limits = http_limits(
+        max_header_bytes,
+        max_headers,
+        header_timeout,
+        body_timeout,
+        keep_alive_timeout,
+        max_connections,
+    )
+    run_server(config, listen, limits)
 
 
 @app.command()
@@ -229,6 +315,12 @@ def agent(
         "--otel-exporter",
         help="Export OpenTelemetry spans: none, console or otlp (OTEL_EXPORTER_OTLP_ENDPOINT).",
     ),
+    max_header_bytes: int = MaxHeaderBytesOption,
+    max_headers: int = MaxHeadersOption,
+    header_timeout: float = HeaderTimeoutOption,
+    body_timeout: float = BodyTimeoutOption,
+    keep_alive_timeout: int = KeepAliveTimeoutOption,
+    max_connections: int = MaxConnectionsOption,
 ) -> None:
     """Run the agent of one cluster."""
     from trustmesh.agent.main import AgentConfig, read_credential, run_agent
@@ -256,6 +348,14 @@ def agent(
                     audit_refusal_window, audit_refusal_quota, per_source=None
                 ),
                 otel_exporter=otel_exporter,
+                http_limits=http_limits(
+                    max_header_bytes,
+                    max_headers,
+                    header_timeout,
+                    body_timeout,
+                    keep_alive_timeout,
+                    max_connections,
+                ),
             ),
             listen,
         )

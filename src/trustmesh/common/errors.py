@@ -11,6 +11,8 @@ descriptions are sentences for people and never contain a token or a secret::
     TrustmeshError                    500 server_error
     ├── InvalidRequest                400 invalid_request
     │   ├── PayloadTooLarge           413
+    │   ├── RequestTimeout            408 request_timeout (headers or body too slow)
+    │   ├── HeadersTooLarge           431 headers_too_large
     │   ├── ManifestError             400 invalid_manifest (problems, with file and line)
     │   ├── SpiffeIdError, RequestError, ReviewError, RevocationError, AuditError
     │   ├── PollError                 RFC 8935 §2.3 shape {"err", "description"}
@@ -24,6 +26,7 @@ descriptions are sentences for people and never contain a token or a secret::
     ├── Forbidden                     403 insufficient_scope
     │   └── SourceMismatch
     ├── NotFound                      404 not_found
+    ├── TooManyRequests               429 too_many_requests (a per-credential limit)
     ├── Conflict                      409 conflict (problems)
     │   ├── RegistryConflict, PolicyError
     │   └── SequenceConflict          409 sequence_conflict
@@ -103,6 +106,21 @@ class InvalidRequest(TrustmeshError, ValueError):
 
 class PayloadTooLarge(InvalidRequest):
     status = 413
+
+
+class RequestTimeout(InvalidRequest):
+    """A request whose headers (or body) did not arrive within the server's bound."""
+
+    status = 408
+    error = "request_timeout"
+
+
+class HeadersTooLarge(InvalidRequest):
+    """A request head (request line and header fields) over the server's size or count
+    bound (RFC 6585 §5)."""
+
+    status = 431
+    error = "headers_too_large"
 
 
 class ManifestError(InvalidRequest):
@@ -228,6 +246,14 @@ class SourceMismatch(Forbidden):
 class NotFound(TrustmeshError, LookupError):
     status = 404
     error = "not_found"
+
+
+class TooManyRequests(TrustmeshError):
+    """A caller over a limit of its own (RFC 6585 §4); ``Retry-After`` says when to
+    try again."""
+
+    status = 429
+    error = "too_many_requests"
 
 
 class Conflict(TrustmeshError, ValueError):

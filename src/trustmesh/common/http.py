@@ -10,7 +10,7 @@ import json
 import logging
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from trustmesh.common.errors import InvalidRequest, PayloadTooLarge, TrustmeshError
@@ -106,6 +106,12 @@ async def _trustmesh_error(request: Request, exc: Exception) -> Response:
     return render_error(exc)
 
 
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    """The peer left (or was cut off by a bound of ``common/serving.py``) before its body
+    arrived: nobody reads this answer, and it is not a server error to log."""
+    return error_response(400, "invalid_request", "the client left before its body arrived")
+
+
 async def _server_error(request: Request, exc: Exception) -> Response:
     return error_response(500, "server_error", "internal error; the server logged the details")
 
@@ -114,6 +120,7 @@ EXCEPTION_HANDLERS: dict[Any, Any] = {
     404: _not_found,
     405: _method_not_allowed,
     TrustmeshError: _trustmesh_error,
+    ClientDisconnect: _client_gone,
     Exception: _server_error,
 }
 """The one exception handler map of every app."""

@@ -1,10 +1,38 @@
 """Running an ASGI app on uvicorn: in the foreground for ``trustmesh server|agent``
 (one ready line, clean stop on SIGTERM) or in a background thread (simulated clusters,
-the demo, tests)."""
+the demo, tests) — always behind the same bounds on what an unauthenticated peer can
+make the process hold (:class:`HttpLimits`).
+
+**The HTTP implementation is pinned**: httptools (llhttp, C), through
+:class:`BoundedHttpToolsProtocol`, never uvicorn's ``auto`` choice (which depends on
+what happens to be installed). Neither of uvicorn's HTTP/1.1 implementations bounds
+enough on its own: with httptools nothing bounds a request head (header values and the
+URL are joined piece by piece, so the CPU cost grows with the square of their size)
+nor the number of header fields; h11 refuses a head only while it is incomplete and
+over ``h11_max_incomplete_event_size`` (a head that arrives whole in one read passes,
+whatever its field count; the answer is a text 400), and is twice as slow. With both, a connection that never completes its headers is
+kept forever (``timeout_keep_alive`` only runs between requests, after a response),
+and ``limit_concurrency`` accepts every connection and answers a text 503 only once a
+request head is complete. So the bounds are enforced here, on httptools:
+
+- a request head larger than ``max_header_bytes`` or with more than ``max_headers``
+  fields is answered 431 and the connection closed, before the parser has buffered
+  more than the bound (trailers of a chunked body too);
+- a request's head must be complete within ``header_timeout`` seconds of the connection
+  opening or of its previous response (408, or a silent close if nothing was sent),
+  its body within ``body_timeout`` seconds of the head; an idle connection between
+  requests is closed after ``keep_alive_timeout``;
+- beyond ``max_connections`` open connections a new one is answered 503 (JSON,
+  ``Retry-After``) to its first request and closed; beyond twice that it is closed at
+  once, unanswered.
+
+Every answer given here is JSON in the shape of ``common/errors.py``."""
 
 from __future__ import annotations
 
 import asyncio
+import http
+import json
 import signal
 import socket
 import threading
@@ -12,8 +40,211 @@ from collections.abc import Callable
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from trustmesh.common.addresses import url_for
+from trustmesh.common.errors import (
+    HeadersTooLarge,
+    InvalidRequest,
+    RequestTimeout,
+    TrustmeshError,
+    Unavailable,
+)
+from trustmesh.common.limits import DEFAULT_LIMITS, HttpLimits
+
+
+class _TooManyHeaders(Exception):
+    """Raised from the parser's header callback; turned into a 431 answer."""
+
+
+def _answer(error: TrustmeshError) -> bytes:
+    """A complete HTTP/1.1 response for ``error``, which closes the connection."""
+    body = json.dumps(error.to_json()).encode()
+    headers = {
+        "content-type": "application/json",
+        "content-length": str(len(body)),
+        "cache-control": "no-store",
+        "connection": "close",
+        **{name.lower(): value for name, value in error.headers.items()},
+    }
+    head = f"HTTP/1.1 {error.status} {http.HTTPStatus(error.status).phrase}\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    return head.encode("latin-1") + b"\r\n" + body
+
+
+def _over_capacity(limits: HttpLimits) -> Callable[..., Any]:
+    error = Unavailable(
+        f"this server holds its limit of {limits.max_connections} connections; retry shortly",
+        headers={"Retry-After": "1"},
+    )
+    answer = json.dumps(error.to_json()).encode()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": error.status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(answer)).encode()),
+                    (b"cache-control", b"no-store"),
+                    (b"retry-after", b"1"),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": answer, "more_body": False})
+
+    return app
+
+
+class BoundedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with :class:`HttpLimits` enforced (see the module
+    docstring). The bytes of a request head are counted before the parser sees them:
+    the parser is fed at most what is left of the bound, so an oversized head costs
+    at most ``max_header_bytes`` of parsing however much was sent."""
+
+    limits: HttpLimits = DEFAULT_LIMITS
+
+    @classmethod
+    def with_limits(cls, limits: HttpLimits) -> type[BoundedHttpToolsProtocol]:
+        return type(cls.__name__, (cls,), {"limits": limits})
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        # Bytes fed since the parser last made progress: in a head, since it began; in
+        # a body, since the last body bytes or chunk header (what is left is chunk
+        # framing and trailers, which the parser buffers like header fields).
+        self._unproductive = 0
+        self._progressed = False
+        self._in_head = True
+        self._head_begun = False
+        self._header_count = 0
+        self._refusal: TrustmeshError | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        open_connections = len(self.connections)
+        if open_connections > 2 * self.limits.max_connections:
+            transport.close()
+            return
+        if open_connections > self.limits.max_connections:
+            self.app = _over_capacity(self.limits)
+        self._arm(self.limits.header_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    # -- timers --------------------------------------------------------------------------
+    def _arm(self, seconds: float) -> None:
+        self._disarm()
+        self._timer = self.loop.call_later(seconds, self._expired)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expired(self) -> None:
+        self._timer = None
+        if self.transport.is_closing():
+            return
+        if self._in_head and self._head_begun:
+            limit, part = self.limits.header_timeout, "headers"
+        elif not self._in_head and not self.cycle.response_complete:
+            limit, part = self.limits.body_timeout, "body"
+        else:  # idle, or the rest of a body already answered: nothing to say
+            self.transport.close()
+            return
+        self._refuse(RequestTimeout(f"the request {part} did not arrive within {limit:g} s"))
+
+    def _refuse(self, error: TrustmeshError) -> None:
+        """Answer ``error`` and close. The app's cycle, if its response has not begun,
+        is told the peer is gone (its own answer is dropped); while a response is being
+        written, or requests wait behind it, only close (an answer would land inside)."""
+        self._disarm()
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle
+        if not self.pipeline and (cycle is None or not cycle.response_started):
+            if cycle is not None:
+                cycle.disconnected = True
+                cycle.message_event.set()
+            self.transport.write(_answer(error))
+        elif not self.pipeline and cycle.response_complete:
+            self.transport.write(_answer(error))
+        self.transport.close()
+
+    # -- bytes in ------------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        bound = self.limits.max_header_bytes
+        view = memoryview(data)  # the parser takes slices of it without copies
+        offset = 0
+        while offset < len(data) and not self.transport.is_closing():
+            room = bound - self._unproductive
+            piece = data if offset == 0 and len(data) <= room else view[offset : offset + room]
+            offset += len(piece)
+            self._progressed = False
+            super().data_received(piece)  # type: ignore[arg-type]
+            if self._progressed:
+                self._unproductive = 0
+            else:
+                self._unproductive += len(piece)
+            if self._unproductive >= bound and not self.transport.is_closing():
+                if self._in_head:
+                    self._refuse(HeadersTooLarge(f"the request head is larger than {bound} bytes"))
+                else:
+                    self._refuse(
+                        InvalidRequest(f"chunk framing or trailers larger than {bound} bytes")
+                    )
+
+    def send_400_response(self, msg: str) -> None:
+        refusal, self._refusal = self._refusal, None
+        self._refuse(refusal or InvalidRequest("the request is not valid HTTP/1.1"))
+
+    # -- parser callbacks ----------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+        self._head_begun = True
+        self._header_count = 0
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        if self._header_count > self.limits.max_headers:
+            self._refusal = HeadersTooLarge(
+                f"the request has more than {self.limits.max_headers} header fields"
+            )
+            raise _TooManyHeaders
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_begun = False
+        self._progressed = True
+        self._arm(self.limits.body_timeout)
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self._progressed = True
+        super().on_body(body)
+
+    def on_chunk_header(self) -> None:
+        self._progressed = True
+
+    def on_message_complete(self) -> None:
+        self._in_head = True
+        self._progressed = True
+        if self.cycle.response_complete and not self.pipeline:
+            self._arm(self.limits.header_timeout)  # answered before its body ended
+        else:
+            self._disarm()  # the head timer starts again once the response is complete
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        waiting = bool(self.pipeline)  # a next request whose head already arrived
+        super().on_response_complete()
+        if not waiting and not self.transport.is_closing() and self._timer is None:
+            self._arm(self.limits.header_timeout)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -37,23 +268,31 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-def _config(app: Any, **kwargs: Any) -> uvicorn.Config:
+def _config(app: Any, limits: HttpLimits) -> uvicorn.Config:
     return uvicorn.Config(
         app,
+        http=BoundedHttpToolsProtocol.with_limits(limits),
+        ws="none",  # no WebSocket surface: an Upgrade request is served as plain HTTP
         log_level="warning",
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=5,
+        timeout_keep_alive=limits.keep_alive_timeout,
         server_header=False,
         date_header=False,
-        **kwargs,
     )
 
 
-def serve_foreground(app: Any, host: str, port: int, on_ready: Callable[[str], None]) -> None:
+def serve_foreground(
+    app: Any,
+    host: str,
+    port: int,
+    on_ready: Callable[[str], None],
+    limits: HttpLimits = DEFAULT_LIMITS,
+) -> None:
     """Serve until SIGINT/SIGTERM (uvicorn installs the handlers and drains connections).
     ``on_ready`` gets the base URL once the socket accepts connections and startup ran."""
-    serve_socket(app, bind_socket(host, port), on_ready)
+    serve_socket(app, bind_socket(host, port), on_ready, limits=limits)
 
 
 def serve_socket(
@@ -61,10 +300,11 @@ def serve_socket(
     sock: socket.socket,
     on_ready: Callable[[str], None],
     on_stopping: Callable[[], None] | None = None,
+    limits: HttpLimits = DEFAULT_LIMITS,
 ) -> None:
     """As serve_foreground, on a socket bound beforehand (so the app can know its URL)."""
     host, bound_port = sock.getsockname()[:2]
-    server = uvicorn.Server(_config(app))
+    server = uvicorn.Server(_config(app, limits))
 
     async def run() -> None:
         task = asyncio.create_task(server.serve(sockets=[sock]))
@@ -96,12 +336,18 @@ def serve_socket(
 class BackgroundServer:
     """An ASGI app served by uvicorn on its own thread and event loop."""
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        app: Any,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        limits: HttpLimits = DEFAULT_LIMITS,
+    ) -> None:
         self._sock = bind_socket(host, port)
         self.host = host
         self.port: int = self._sock.getsockname()[1]
         self.url = url_for(host, self.port)
-        self._server = uvicorn.Server(_config(app))
+        self._server = uvicorn.Server(_config(app, limits))
         self._thread = threading.Thread(target=self._run, name=f"serve-{self.port}", daemon=True)
 
     def _run(self) -> None:

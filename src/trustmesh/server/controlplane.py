@@ -33,6 +33,7 @@ from trustmesh.audit.folding import FoldingLimits
 from trustmesh.audit.log import AuditLog
 from trustmesh.common.clock import Clock, system_clock
 from trustmesh.common.errors import ConfigError
+from trustmesh.common.limits import DEFAULT_LONG_POLLS_PER_CREDENTIAL
 from trustmesh.common.tracing import Tracing
 from trustmesh.identity.keys import KeyManager
 from trustmesh.identity.kubernetes_sa import ClusterKeyCache
@@ -75,6 +76,7 @@ class ServerConfig:
     audit_checkpoint_interval: float = 0.5
     audit_refusals: FoldingLimits = field(default_factory=FoldingLimits)
     otel_exporter: str = "none"
+    long_polls_per_credential: int = DEFAULT_LONG_POLLS_PER_CREDENTIAL
 
 
 class ControlPlane:
@@ -142,6 +144,7 @@ class ControlPlane:
             catalog=self.catalog,
             revocation_store=self.revocation_store,
             clock=self.clock,
+            long_polls_per_credential=config.long_polls_per_credential,
         )
         self.audit = AuditLog(
             self.db, master_key, self.trust_domain, self.replica, config.audit_checkpoint_interval

@@ -8,12 +8,13 @@ from sqlalchemy.exc import DBAPIError
 
 from trustmesh.common.addresses import parse_listen, url_for
 from trustmesh.common.errors import ConfigError
+from trustmesh.common.limits import DEFAULT_LIMITS, HttpLimits
 from trustmesh.common.serving import bind_socket, serve_socket
 from trustmesh.server.app import build_app
 from trustmesh.server.controlplane import ControlPlane, ServerConfig
 
 
-def run_server(config: ServerConfig, listen: str) -> None:
+def run_server(config: ServerConfig, listen: str, limits: HttpLimits = DEFAULT_LIMITS) -> None:
     host, port = parse_listen(listen)
     sock = bind_socket(host, port)
     issuer = config.issuer or url_for(host, sock.getsockname()[1])
@@ -37,5 +38,5 @@ def run_server(config: ServerConfig, listen: str) -> None:
             flush=True,
         )
 
-    serve_socket(app, sock, ready, plane.snapshots.begin_stopping)
+    serve_socket(app, sock, ready, plane.snapshots.begin_stopping, limits)
     sys.stdout.flush()

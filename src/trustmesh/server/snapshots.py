@@ -10,16 +10,21 @@ database for them.
 
 Long polls (agents waiting for a bundle or revocations, SSF receivers) wait on
 :meth:`Snapshots.wait_until`, woken by :meth:`Snapshots.notify_changes` when a revision
-moves, and ended at once when the replica begins to stop."""
+moves, and ended at once when the replica begins to stop. A credential holds at most
+``long_polls_per_credential`` of them at once on a replica (:class:`LongPollLimit`):
+beyond, 429 with ``Retry-After``, so one leaked credential cannot hold every connection
+the replica will take."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from trustmesh.common.clock import Clock
+from trustmesh.common.errors import TooManyRequests
+from trustmesh.common.limits import DEFAULT_LONG_POLLS_PER_CREDENTIAL
 from trustmesh.identity.keys import KeyManager, KeySet
 from trustmesh.identity.svid import SVID_TYPS, KeyRing, SvidVerifier, VerifiedIdentity
 from trustmesh.policy.catalog import PolicyCatalog, documents_of
@@ -31,6 +36,54 @@ from trustmesh.storage import Database
 from trustmesh.storage import meta as meta_store
 
 WAIT_SLICE = 0.5  # long polls look at the stop flag at least this often
+LONG_POLL_RETRY_AFTER = 5  # seconds; a poll held elsewhere ends within ~30 s
+
+
+class LongPollLimit:
+    """How many long polls (and revocation streams) each credential holds on this
+    replica, at most ``per_credential`` at once. Runs on the event loop only."""
+
+    def __init__(self, per_credential: int = DEFAULT_LONG_POLLS_PER_CREDENTIAL) -> None:
+        if per_credential < 1:
+            raise ValueError("a credential must be allowed at least one long poll")
+        self.per_credential = per_credential
+        self._held: dict[str, int] = {}
+
+    def held(self, credential: str) -> int:
+        return self._held.get(credential, 0)
+
+    def acquire(self, credential: str) -> Callable[[], None]:
+        """Take one of the credential's long polls, or raise TooManyRequests; returns
+        the release (idempotent)."""
+        held = self.held(credential)
+        if held >= self.per_credential:
+            raise TooManyRequests(
+                f"this credential already holds {held} long polls on this server (the "
+                f"limit); retry once one has ended",
+                headers={"Retry-After": str(LONG_POLL_RETRY_AFTER)},
+            )
+        self._held[credential] = held + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                left = self._held[credential] - 1
+                if left:
+                    self._held[credential] = left
+                else:
+                    del self._held[credential]
+
+        return release
+
+    @contextlib.contextmanager
+    def hold(self, credential: str) -> Iterator[None]:
+        release = self.acquire(credential)
+        try:
+            yield
+        finally:
+            release()
 
 
 class Snapshots:
@@ -45,6 +98,7 @@ class Snapshots:
         catalog: PolicyCatalog,
         revocation_store: RevocationStore,
         clock: Clock,
+        long_polls_per_credential: int = DEFAULT_LONG_POLLS_PER_CREDENTIAL,
     ) -> None:
         self.db = db
         self.issuer = issuer
@@ -55,6 +109,7 @@ class Snapshots:
         self.revocation_store = revocation_store
         self.clock = clock
         self.stopping = False
+        self.long_polls = LongPollLimit(long_polls_per_credential)
         self.last_refresh = 0.0  # monotonic
         self._changed = asyncio.Event()
         self._load()
@@ -142,9 +197,16 @@ class Snapshots:
         """From the signal handler: long polls answer at once from now on."""
         self.stopping = True
 
-    async def wait_until(self, done: Callable[[], bool], timeout: float) -> bool:
+    async def wait_until(
+        self, done: Callable[[], bool], timeout: float, holder: str | None = None
+    ) -> bool:
         """Wait until ``done()`` holds (looked at after every change), ``timeout``
-        seconds pass, or the replica begins to stop; returns ``done()``."""
+        seconds pass, or the replica begins to stop; returns ``done()``. A wait for
+        ``holder`` (a credential id) counts against its long polls (TooManyRequests
+        beyond); one that ends at once does not."""
+        if holder is not None and timeout > 0 and not done() and not self.stopping:
+            with self.long_polls.hold(holder):
+                return await self.wait_until(done, timeout)
         deadline = time.monotonic() + timeout
         while not done() and not self.stopping:
             remaining = deadline - time.monotonic()

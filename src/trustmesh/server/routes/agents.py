@@ -59,7 +59,7 @@ def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
             await run_in_threadpool(plane.agents.record, cluster, agent_id, after)
         snapshots = plane.snapshots
         if after is not None and not await snapshots.wait_until(
-            lambda: snapshots.bundle_version() > after, wait
+            lambda: snapshots.bundle_version() > after, wait, holder=principal.credential_id
         ):
             return Response(status_code=304)
         version, token = await run_in_threadpool(plane.bundles.signed_bundle, cluster)

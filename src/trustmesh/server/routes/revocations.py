@@ -5,12 +5,14 @@ poll (``GET /v1/revocations?since=R&wait=S``) or as server-sent events
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from trustmesh.common.errors import InvalidRequest
 from trustmesh.common.http import read_json
@@ -22,6 +24,21 @@ from trustmesh.server.routes.agents import long_poll_wait
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 MAX_REVOCATION_BODY = 64 * 1024
 KEEP_ALIVE = 15.0
+
+
+class _HeldStream(StreamingResponse):
+    """A stream that gives its long-poll slot back however it ends (the event generator
+    may never start, so its own ``finally`` cannot)."""
+
+    def __init__(self, release: Callable[[], None], *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
 
 
 def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
@@ -67,10 +84,12 @@ def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
     async def listing(request: Request) -> Response:
         """Entries after ``since`` (all in force for 0). With ``wait``, a long poll:
         answers as soon as there is something newer, else empty after ``wait`` s."""
-        await callers.principal(request)
+        principal = await callers.principal(request)
         after = since(request)
         await snapshots.wait_until(
-            lambda: snapshots.revocations.revision > after, long_poll_wait(request)
+            lambda: snapshots.revocations.revision > after,
+            long_poll_wait(request),
+            holder=principal.credential_id,
         )
         current, entries = await run_in_threadpool(plane.revocation_store.since, after)
         return JSONResponse(
@@ -81,7 +100,7 @@ def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
     async def stream(request: Request) -> Response:
         """Server-sent events (text/event-stream): one ``revocation`` event per entry,
         its ``id`` the revision, so ``Last-Event-ID`` (or ``since``) resumes."""
-        await callers.principal(request)
+        principal = await callers.principal(request)
         last_event = request.headers.get("last-event-id")
         start = (
             int(last_event)
@@ -104,8 +123,9 @@ def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
                 if not await snapshots.next_change(KEEP_ALIVE):
                     yield b": keep-alive\n\n"
 
-        return StreamingResponse(
-            events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"}
+        release = snapshots.long_polls.acquire(principal.credential_id)  # a stream is one
+        return _HeldStream(
+            release, events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"}
         )
 
     return [

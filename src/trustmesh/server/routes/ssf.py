@@ -3,6 +3,7 @@ its status, and RFC 8936 poll delivery with acknowledgements."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 from starlette.concurrency import run_in_threadpool
@@ -12,7 +13,12 @@ from starlette.routing import Route
 
 from trustmesh.common.errors import NotFound, PollError, TrustmeshError
 from trustmesh.common.http import read_body, require_content_type
-from trustmesh.oauth.rfc8936 import LONG_POLL_SECONDS, MAX_POLL_BODY, parse_poll_request
+from trustmesh.oauth.rfc8936 import (
+    LONG_POLL_SECONDS,
+    MAX_POLL_BODY,
+    PollRequest,
+    parse_poll_request,
+)
 from trustmesh.oauth.ssf import SsfStore, stream_configuration, transmitter_configuration
 from trustmesh.server.controlplane import ControlPlane
 from trustmesh.server.credentials import Principal
@@ -69,6 +75,11 @@ def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
             raise PollError(exc.description, status=exc.status) from None
         poll_request = parse_poll_request(body)
         receiver = principal.credential_id
+        waits = not poll_request.return_immediately and poll_request.max_events != 0
+        with snapshots.long_polls.hold(receiver) if waits else contextlib.nullcontext():
+            return await answer(receiver, poll_request)
+
+    async def answer(receiver: str, poll_request: PollRequest) -> Response:
         await run_in_threadpool(store.record, receiver, poll_request.ack, poll_request.set_errs)
         deadline = time.monotonic() + LONG_POLL_SECONDS
         while True:
