@@ -156,3 +156,27 @@ def test_a_window_that_ends_is_summarised_without_a_restart(tmp_path: Path) -> N
         assert f"trustmesh_audit_refusals_folded {float(folded)}" in metrics
     finally:
         server.stop()
+
+
+def test_forwarding_headers_do_not_make_new_sources(tmp_path: Path) -> None:
+    """The source is the TCP peer: a caller cannot escape its per-source limit by
+    naming other addresses in ``X-Forwarded-For`` (which uvicorn would otherwise trust
+    from a loopback peer)."""
+    server = start_server(tmp_path / "data", None, "--audit-refusal-window", "3600", *LIMITS)
+    try:
+        with httpx.Client(base_url=server.url, timeout=10) as http:
+            for i in range(12):
+                answer = http.post(
+                    "/oauth2/token",
+                    data={
+                        "grant_type": EXCHANGE_GRANT,
+                        "subject_token": "not-a-token",
+                        "subject_token_type": JWT_TYPE,
+                        "audience": "spiffe://example.org/cluster/x",
+                    },
+                    headers={"X-Forwarded-For": f"10.0.0.{i}", "X-Real-IP": f"10.1.0.{i}"},
+                )
+                assert answer.status_code == 400, answer.text
+        assert len(query(server, ev.TOKEN_EXCHANGE_FAILED)) == 5
+    finally:
+        server.stop()

@@ -280,6 +280,9 @@ def _config(app: Any, limits: HttpLimits) -> uvicorn.Config:
         timeout_keep_alive=limits.keep_alive_timeout,
         server_header=False,
         date_header=False,
+        # The caller is the TCP peer: forwarding headers are not trusted from anyone,
+        # so a caller cannot pick the address its refusals are counted under.
+        proxy_headers=False,
     )
 
 
