@@ -17,9 +17,9 @@ from trustmesh.cli._common import (
     OutputOption,
     ServerOption,
     TokenFileOption,
-    err_console,
     fail,
     print_json,
+    print_line,
     print_table,
     resolve_server,
     resolve_servers,
@@ -285,12 +285,12 @@ def apply(
         return
     suffix = " (dry run)" if dry_run else ""
     for change in result["changes"]:
-        typer.echo(f"{change['kind'].lower()}/{change['name']} {change['action']}{suffix}")
+        print_line(f"{change['kind'].lower()}/{change['name']} {change['action']}{suffix}")
     tests = result.get("tests") or {}
     if tests.get("total"):
-        typer.echo(f"policy tests: {tests['passed']}/{tests['total']} passed")
+        print_line(f"policy tests: {tests['passed']}/{tests['total']} passed")
     if not dry_run:
-        typer.echo(
+        print_line(
             f"registry revision {result['registryRevision']}, policy revision {result['policyRevision']}"
         )
 
@@ -427,7 +427,7 @@ def revoke(
         return
     entry = result["revocation"]
     verb = "revoked" if result["created"] else "already revoked"
-    typer.echo(
+    print_line(
         f"{verb}: {entry['kind']} {entry['value']} (revision {entry['revision']}, by {entry['actor']})"
     )
 
@@ -476,7 +476,7 @@ def keys_rotate(
     if output is Output.json:
         print_json(result)
         return
-    typer.echo(f"active signing key is now {result['active']['kid']}")
+    print_line(f"active signing key is now {result['active']['kid']}")
     _print_keys(result["keys"], output)
 
 
@@ -492,7 +492,7 @@ def cluster_credential(
     if output is Output.json:
         print_json(result)
     else:
-        typer.echo(result["token"])
+        print_line(result["token"])
 
 
 @token_app.command("exchange")
@@ -539,7 +539,7 @@ def token_exchange(
     if output is Output.json:
         print_json(result)
     else:
-        typer.echo(result["access_token"])
+        print_line(result["access_token"])
 
 
 # -- benchmarks -----------------------------------------------------------------------------
@@ -645,14 +645,14 @@ def _print_bench(result: dict[str, Any]) -> None:
         ["MEASUREMENT", "P50 µs", "P99 µs", "PER SECOND", "NOTE"], rows, title=result.get("title")
     )
     for line in result.get("summary", []):
-        typer.echo(line)
+        print_line(line)
 
 
 def main() -> None:
     try:
         app()
     except CliError as exc:
-        err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        print_line(f"error: {exc}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
@@ -661,7 +661,7 @@ def main() -> None:
             raise
         lines = str(exc).strip().splitlines()
         message = lines[0] if lines else exc.__class__.__name__
-        err_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+        print_line(f"error: {message}", err=True)
         sys.exit(1)
 
 
