@@ -39,7 +39,7 @@ log = logging.getLogger("trustmesh.identity.kubernetes_sa")
 SA_TOKEN_ALGS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512")
 MAX_SA_TOKEN_BYTES = 16384
 MAX_JWKS_BYTES = 256 * 1024
-_MAX_AGE = re.compile(r"max-age=(\d+)")
+_MAX_AGE = re.compile(r"max-age=([0-9]{1,9})(?![0-9])")
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from trustmesh.common.errors import (
     Unavailable,
     UnsupportedGrantType,
 )
+from trustmesh.common.numbers import parse_decimal
 from trustmesh.common.token_exchange import JWT_TOKEN_TYPE, TOKEN_EXCHANGE_GRANT
 from trustmesh.identity.keys import MAX_TOKEN_TTL, KeySet
 from trustmesh.identity.kubernetes_sa import (
@@ -159,9 +160,9 @@ class TokenExchange:
         lifetime_text = _single(form, "lifetime", required=False)
         lifetime = None
         if lifetime_text is not None:
-            if not lifetime_text.isdigit() or not 0 < int(lifetime_text) <= 86400:
+            lifetime = parse_decimal(lifetime_text, 9)
+            if lifetime is None or not 0 < lifetime <= 86400:
                 raise InvalidRequest("lifetime must be a positive number of seconds")
-            lifetime = int(lifetime_text)
         return subject_token, audiences, lifetime
 
     def _check_audiences(self, audiences: list[str], registry: Registry) -> list[str]:

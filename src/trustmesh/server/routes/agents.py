@@ -11,6 +11,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from trustmesh.common.errors import Forbidden, InvalidRequest
+from trustmesh.common.numbers import parse_decimal
 from trustmesh.server.controlplane import ControlPlane
 from trustmesh.server.routes._auth import Callers
 
@@ -30,10 +31,10 @@ def _version(value: str | None) -> tuple[int, int] | None:
     """``after=POLICY.REGISTRY``."""
     if not value:
         return None
-    policy, _, registry = value.partition(".")
-    if not (policy.isdigit() and registry.isdigit() and len(policy) <= 18 and len(registry) <= 18):
+    policy, registry = (parse_decimal(part) for part in value.partition(".")[::2])
+    if policy is None or registry is None:
         raise InvalidRequest("after must be POLICY.REGISTRY revisions, e.g. 4.12")
-    return int(policy), int(registry)
+    return policy, registry
 
 
 def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
