@@ -96,6 +96,13 @@ def server(
     db: str | None = typer.Option(
         None, "--db", help="postgresql://… for PostgreSQL (default: SQLite in the data dir)."
     ),
+    master_key_file: Path | None = typer.Option(
+        None,
+        "--master-key-file",
+        envvar="TRUSTMESH_MASTER_KEY_FILE",
+        help="Read the master key from this file (never written; may be a Kubernetes Secret "
+        "mount) instead of DATA_DIR/master.key.",
+    ),
     signing_alg: str = typer.Option(
         "ES256", "--signing-alg", help="JWT-SVID signing algorithm: ES256, ES384, RS256, PS256."
     ),
@@ -130,6 +137,7 @@ def server(
         trust_domain=trust_domain,
         db=db,
         issuer=issuer,
+        master_key_file=master_key_file,
         signing_alg=signing_alg,
         default_ttl=default_ttl,
         key_rotation_interval=key_rotation_interval,

@@ -32,6 +32,7 @@ import httpx
 from trustmesh.audit.log import AuditLog
 from trustmesh.common.clock import Clock, system_clock
 from trustmesh.common.errors import ConfigError
+from trustmesh.common.files import private_directory
 from trustmesh.common.tracing import Tracing
 from trustmesh.identity.keys import KeyManager
 from trustmesh.identity.kubernetes_sa import ClusterKeyCache
@@ -109,8 +110,7 @@ class ControlPlane:
         """Synchronous set-up: database, migrations, master key, keys, admin credential,
         snapshots, audit log, services."""
         config, data_dir = self.config, self.config.data_dir
-        data_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(data_dir, 0o700)
+        private_directory(data_dir, "data dir")  # ours, writable by no one else, 0700
         self.db = open_database(config.db, data_dir)
         with self.db.engine.begin() as conn:
             stored = meta_store.insert_if_absent(conn, "trust_domain", self.trust_domain)
@@ -119,10 +119,12 @@ class ControlPlane:
                 f"this database belongs to trust domain {stored}, not {self.trust_domain}; "
                 "a trust domain cannot change (every issued identity names it)"
             )
-        master_path = config.master_key_file or Path(
-            os.environ.get("TRUSTMESH_MASTER_KEY_FILE") or data_dir / "master.key"
+        mounted = config.master_key_file or os.environ.get("TRUSTMESH_MASTER_KEY_FILE")
+        master_key = (
+            MasterKey.load(Path(mounted))  # read only (DESIGN §7): may be a Secret mount
+            if mounted
+            else MasterKey.load_or_create(data_dir / "master.key")
         )
-        master_key = MasterKey.load_or_create(master_path)
         self.keys = KeyManager(self.db, master_key, config.signing_alg)
         self.keys.check_master_key()
         self.keys.ensure_keys()
