@@ -115,6 +115,19 @@ def server(
         min=60.0,
         help="Rotate the signing key automatically after this many seconds.",
     ),
+    max_sa_token_lifetime: float = typer.Option(
+        86400.0,
+        "--max-sa-token-lifetime",
+        min=1.0,
+        help="Refuse service-account tokens valid for longer than this (exp - iat, seconds).",
+    ),
+    cluster_keys_max_age: float = typer.Option(
+        86400.0,
+        "--cluster-keys-max-age",
+        min=1.0,
+        help="Keep verifying with a cluster's last fetched keys for at most this many seconds "
+        "while its issuer is unreachable.",
+    ),
     audit_checkpoint_interval: float = typer.Option(
         0.5,
         "--audit-checkpoint-interval",
@@ -141,6 +154,8 @@ def server(
         signing_alg=signing_alg,
         default_ttl=default_ttl,
         key_rotation_interval=key_rotation_interval,
+        max_sa_token_lifetime=max_sa_token_lifetime,
+        cluster_keys_max_age=cluster_keys_max_age,
         audit_checkpoint_interval=audit_checkpoint_interval,
         otel_exporter=otel_exporter,
     )

@@ -35,7 +35,11 @@ from trustmesh.common.errors import ConfigError
 from trustmesh.common.files import private_directory
 from trustmesh.common.tracing import Tracing
 from trustmesh.identity.keys import KeyManager
-from trustmesh.identity.kubernetes_sa import ClusterKeyCache
+from trustmesh.identity.kubernetes_sa import (
+    DEFAULT_CLUSTER_KEYS_MAX_AGE,
+    DEFAULT_MAX_SA_TOKEN_LIFETIME,
+    ClusterKeyCache,
+)
 from trustmesh.identity.sealing import MasterKey
 from trustmesh.oauth.rfc8693 import DEFAULT_TTL, TokenExchange
 from trustmesh.policy.catalog import PolicyCatalog
@@ -71,6 +75,8 @@ class ServerConfig:
     refresh_interval: float = 1.0
     maintenance_interval: float = 30.0
     cluster_jwks_min_refresh: float = 1.0
+    max_sa_token_lifetime: float = DEFAULT_MAX_SA_TOKEN_LIFETIME
+    cluster_keys_max_age: float = DEFAULT_CLUSTER_KEYS_MAX_AGE
     master_key_file: Path | None = None
     audit_checkpoint_interval: float = 0.5
     otel_exporter: str = "none"
@@ -174,13 +180,17 @@ class ControlPlane:
             issuer=self.issuer,
             trust_domain=self.trust_domain,
             cluster_keys=ClusterKeyCache(
-                self._http, min_refresh_interval=self.config.cluster_jwks_min_refresh
+                self._http,
+                clock=self.clock,
+                min_refresh_interval=self.config.cluster_jwks_min_refresh,
+                max_keys_age=self.config.cluster_keys_max_age,
             ),
             registry=lambda: snapshots.registry,
             keyset=lambda: snapshots.keyset,
             revoked_until=snapshots.revoked_until,
             clock=self.clock,
             default_ttl=self.config.default_ttl,
+            max_sa_token_lifetime=self.config.max_sa_token_lifetime,
         )
         self.issuance = Issuance(exchange, self.recorder, self.tracing, self.metrics)
         self.recorder.start()
