@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from starlette.applications import Starlette
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -16,6 +17,7 @@ from trustmesh.common.errors import ClusterKeysUnavailable, InvalidToken
 from trustmesh.common.serving import BackgroundServer
 from trustmesh.identity.kubernetes_sa import (
     ClusterKeyCache,
+    origin,
     parse_unverified,
     verify_service_account_token,
 )
@@ -91,7 +93,7 @@ def test_stale_keys_survive_an_outage_and_nothing_cached_is_unavailable() -> Non
             cluster.stop()
             # The cluster is down: an unknown kid triggers a failed fetch, the known keys stay.
             assert await keys(cache, "c", spec, "new-kid") == [kid]
-            with pytest.raises(ClusterKeysUnavailable, match="could not be fetched"):
+            with pytest.raises(ClusterKeysUnavailable, match="cannot be fetched"):
                 await cache.keys_for(
                     "other", spec_for(cluster, issuer="http://127.0.0.1:9/nothing"), kid
                 )
@@ -139,13 +141,100 @@ def test_refusals(
     sim_cluster: SimulatedCluster,
     overrides: dict[str, str],
     message: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """Why is logged for the operator; the caller learns only that the keys cannot be
+    fetched (no URL, no answer of the cluster's servers)."""
     spec = spec_for(sim_cluster, **{k: v.format(url=hostile.url) for k, v in overrides.items()})
 
     async def scenario() -> None:
         async with httpx.AsyncClient() as client:
-            with pytest.raises(ClusterKeysUnavailable, match=message):
+            with pytest.raises(ClusterKeysUnavailable) as caught:
                 await ClusterKeyCache(client).keys_for("c", spec, "k")
+            assert caught.value.description == "the keys of cluster c cannot be fetched"
+
+    with caplog.at_level("WARNING", logger="trustmesh.identity.kubernetes_sa"):
+        run(scenario())
+    assert message in caplog.text
+
+
+def test_discovery_may_point_jwks_uri_only_at_the_issuers_origin(
+    sim_cluster: SimulatedCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A member cluster's discovery document naming keys on another port (or any https
+    host) is refused; the same URL listed as the Cluster's ``jwksUri`` is allowed."""
+    elsewhere = sim_cluster.issuer + "/openid/v1/jwks"  # a real JWKS, on another origin
+
+    async def discovery(request: Request) -> Response:
+        issuer = str(request.base_url).rstrip("/") + "/redirector"
+        return JSONResponse({"issuer": issuer, "jwks_uri": elsewhere})
+
+    app = Starlette(routes=[Route("/redirector/.well-known/openid-configuration", discovery)])
+    with BackgroundServer(app) as redirector:
+        issuer = redirector.url + "/redirector"
+
+        async def scenario() -> None:
+            async with httpx.AsyncClient() as client:
+                cache = ClusterKeyCache(client, min_refresh_interval=0.0)
+                with pytest.raises(ClusterKeysUnavailable, match="cannot be fetched"):
+                    await cache.keys_for("c", spec_for(sim_cluster, issuer=issuer), None)
+                listed = spec_for(sim_cluster, issuer=issuer, jwks_uri=elsewhere)
+                assert await keys(cache, "c", listed, None) == [sim_cluster.signing_kid]
+
+        with caplog.at_level("WARNING", logger="trustmesh.identity.kubernetes_sa"):
+            run(scenario())
+    assert "outside the issuer's origin" in caplog.text
+
+
+def test_origin_makes_the_port_explicit() -> None:
+    assert origin("https://Example.com/a") == origin("https://example.com:443/b")
+    assert origin("http://127.0.0.1/x") == ("http", "127.0.0.1", 80)
+    assert origin("http://127.0.0.1:8080/x") != origin("http://127.0.0.1:8081/x")
+    assert origin("https://example.com") != origin("http://example.com")
+
+
+def test_stale_keys_are_kept_for_at_most_the_max_age() -> None:
+    """On a clock the test moves: the keys of a cluster that went down keep serving
+    for --cluster-keys-max-age after their last fetch, then the cluster is refused
+    as having keys too old; when it comes back its keys are fetched again."""
+    cluster = SimulatedCluster("down").serve()
+    now = [1_000_000.0]
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient() as client:
+            cache = ClusterKeyCache(
+                client, clock=lambda: now[0], min_refresh_interval=0.0, max_keys_age=86400.0
+            )
+            spec = spec_for(cluster)
+            kid = cluster.signing_kid
+            assert await keys(cache, "c", spec, kid) == [kid]
+            cluster.stop()
+            now[0] += 7200  # past the keys' max-age: a fetch is tried and fails
+            assert await keys(cache, "c", spec, kid) == [kid]
+            now[0] += 86400 - 7200  # exactly the max age: still in use
+            assert await keys(cache, "c", spec, kid) == [kid]
+            now[0] += 1
+            with pytest.raises(ClusterKeysUnavailable, match="are too old: fetched 86401 s ago"):
+                await cache.keys_for("c", spec, kid)
+
+    run(scenario())
+
+
+def test_keys_older_than_the_max_age_are_fetched_again_while_the_cluster_is_up(
+    sim_cluster: SimulatedCluster,
+) -> None:
+    now = [1_000_000.0]
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient() as client:
+            cache = ClusterKeyCache(
+                client, clock=lambda: now[0], min_refresh_interval=0.0, max_keys_age=5.0
+            )
+            spec = spec_for(sim_cluster)
+            await cache.keys_for("c", spec, None)
+            now[0] += 6  # within the keys' max-age, beyond the max age: fetched again
+            assert await keys(cache, "c", spec, None) == [sim_cluster.signing_kid]
+            assert cache.fetches == 2
 
     run(scenario())
 

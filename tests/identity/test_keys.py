@@ -125,5 +125,6 @@ def test_master_key_file_is_private(tmp_path: Path) -> None:
     MasterKey.load_or_create(tmp_path / "m.key")
     assert (tmp_path / "m.key").stat().st_mode & 0o777 == 0o600
     (tmp_path / "bad.key").write_text("short")
+    (tmp_path / "bad.key").chmod(0o600)
     with pytest.raises(MasterKeyError, match="32"):
         MasterKey.load_or_create(tmp_path / "bad.key")

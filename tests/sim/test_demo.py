@@ -554,3 +554,33 @@ def test_tokens_signed_by_the_new_key_follow_the_rotation_soon(duration: float) 
     assert after, "no token is renewed after the rotation"
     assert after[0] - rotated >= 1.0
     assert after[0] - rotated <= 5.0 if duration == 0 else after[0] < duration
+
+
+def test_what_the_servers_answered_is_displayed_inert() -> None:
+    """A reason, a kid or an error an agent or the control plane answered is printed as
+    text (issue 10, finding 7): no markup is read from it, no escape reaches the terminal."""
+    import io
+
+    from rich.console import Console
+
+    from trustmesh.sim.demo.display import LiveDisplay, PlainDisplay, print_final
+
+    hostile = "\x1b[2J[/x][bold]\u202e\nerror: forged"
+    board = scoreboard()
+    board.pairs[0].last_decision = "r1 deny " + hostile
+    board.pairs[0].last_kid = hostile
+    board.forged.last_reason = hostile
+    board.rotation_error = "rotation failed: " + hostile
+    out = io.StringIO()
+    console = Console(file=out, width=400, force_terminal=False)
+    with PlainDisplay(console, board) as plain:
+        plain.event("refused: " + hostile)
+    live = LiveDisplay(console, board)
+    live.event("refused: " + hostile)
+    console.print(live.render())
+    print_final(console, board)
+    text = out.getvalue()
+    assert "[/x][bold]" in text and "\\x1b[2J" in text and "\\u202e" in text
+    for line in text.split("\n"):
+        assert all(ch.isprintable() for ch in line), repr(line)
+        assert not line.startswith("error: forged")

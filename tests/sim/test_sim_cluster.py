@@ -239,6 +239,7 @@ def test_data_dir_with_keys_for_another_algorithm_is_refused(tmp_path: Path) -> 
 
 def test_corrupt_key_file_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "keys.pem").write_text("not a key\n")
+    (tmp_path / "keys.pem").chmod(0o600)
     with pytest.raises(ValueError, match="not an unencrypted PEM key"):
         SimulatedCluster("east", data_dir=tmp_path)
 

@@ -32,6 +32,7 @@ from trustmesh.audit.folding import DEFAULT_AGENT_LIMITS, FoldingLimits
 from trustmesh.common.addresses import parse_listen, url_for
 from trustmesh.common.clock import Clock, system_clock
 from trustmesh.common.errors import ConfigError, CredentialRejected
+from trustmesh.common.files import private_directory
 from trustmesh.common.limits import DEFAULT_LIMITS, HttpLimits
 from trustmesh.common.serving import bind_socket, serve_socket
 from trustmesh.common.tracing import Tracing
@@ -131,8 +132,7 @@ class Agent:
 def build_agent(config: AgentConfig, clock: Clock = system_clock) -> Agent:
     """Wire an agent's parts from one clock. Raises ConfigError (an exporter that
     cannot work, an audit spool that cannot be opened)."""
-    config.data_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(config.data_dir, 0o700)
+    private_directory(config.data_dir, "the agent's data dir")  # ours, no one else's, 0700
     tracing = Tracing("trustmesh-agent", config.otel_exporter)
     spool = AuditSpool.open(config.data_dir / SPOOL_DIR, fsync_interval=config.audit_fsync_interval)
     authn = Authenticator(

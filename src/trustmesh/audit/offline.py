@@ -113,7 +113,8 @@ def _derived_key(conn: Connection, data_dir: Path | None, warnings: list[str]) -
             "TRUSTMESH_MASTER_KEY_FILE, or pin the key with --key)"
         )
     try:
-        raw = MasterKey.load_or_create(path).open(sealed, SIGNING_KEY.encode())
+        # Read only: never created here, refused if others may write it.
+        raw = MasterKey.load(path).open(sealed, SIGNING_KEY.encode())
         public_key = Ed25519PrivateKey.from_private_bytes(raw).public_key()
         derived = verifier_key(origin, public_key)
     except (MasterKeyError, ValueError, NoteError) as exc:

@@ -1,5 +1,11 @@
 """What every CLI command shares: where the server is, the credential, output format,
-and the one-line error rule (no tracebacks, non-zero exit)."""
+the one-line error rule (no tracebacks, non-zero exit), and the one way to print.
+
+Everything printed for people goes through :func:`cell`, :func:`print_table`,
+:func:`print_line` or :func:`print_lines`: values become Rich ``Text`` (no markup is
+ever read from data: a ``[/x]`` in an issuer is shown, not parsed) with every control
+character, bidi override and other character that is not printable shown as a visible
+escape (``common/terminal.py``). ``-o json`` escapes them as JSON does (``\\u001b``)."""
 
 from __future__ import annotations
 
@@ -15,11 +21,16 @@ import typer
 import yaml
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+
+from trustmesh.common.terminal import printable, printable_lines
 
 DEFAULT_CONFIG = Path("~/.config/trustmesh/config.yaml").expanduser()
 
-console = Console()
-err_console = Console(stderr=True)
+# Markup, emoji codes and highlighting off: a string printed by mistake without cell() is
+# still shown as it is, never interpreted.
+console = Console(markup=False, emoji=False, highlight=False)
+err_console = Console(stderr=True, markup=False, emoji=False, highlight=False)
 
 
 class Output(StrEnum):
@@ -107,7 +118,7 @@ class ApiClient:
                 problems = body.get("problems") or []
                 if len(problems) > 1:
                     for problem in problems:
-                        err_console.print(f"  {problem}", markup=False, highlight=False)
+                        print_line(f"  {problem}", err=True)
                 fail(
                     f"{body.get('error_description') or body['error']} ({body['error']}, HTTP {response.status_code})"
                 )
@@ -116,16 +127,47 @@ class ApiClient:
 
 
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    """JSON for scripts; ``ensure_ascii`` escapes every control and non-ASCII character."""
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=True) + "\n")
+
+
+def cell(value: Any, style: str = "") -> Text:
+    """A value as a table cell or grid value: plain text (never markup), every
+    character that is not printable escaped, ``None`` empty."""
+    return Text(printable(value), style=style)
 
 
 def print_table(columns: list[str], rows: list[list[Any]], title: str | None = None) -> None:
-    table = Table(title=title, header_style="bold")
+    table = Table(title=None if title is None else cell(title), header_style="bold")
     for column in columns:
         table.add_column(column)
     for row in rows:
-        table.add_row(*["" if cell is None else str(cell) for cell in row])
+        table.add_row(*[cell(value) for value in row])
     console.print(table)
+
+
+def print_facts(facts: list[tuple[str, Any]]) -> None:
+    """Name-value lines, aligned (a summary): every value through :func:`cell`."""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column(overflow="fold")
+    for name, value in facts:
+        grid.add_row(cell(name), cell(value))
+    console.print(grid)
+
+
+def print_line(text: str, err: bool = False) -> None:
+    """One line (built from data) on stdout or stderr, as it is but with every
+    character that is not printable escaped: nothing in it acts on the terminal and
+    nothing in it can start another line."""
+    typer.echo(printable(text), err=err)
+
+
+def print_lines(text: str) -> None:
+    """Text of several lines (a diff, YAML), each line made printable; a newline is
+    added only when the text does not end with one (nothing is printed for none)."""
+    if text:
+        typer.echo(printable_lines(text), nl=not text.endswith("\n"))
 
 
 ServerOption = typer.Option(

@@ -22,11 +22,19 @@ from types import FrameType
 from trustmesh.cli._common import fail
 from trustmesh.client import Lease, TokenSource, TokenUnavailable
 from trustmesh.common.files import write_atomically
+from trustmesh.common.terminal import printable
 
 
 def _say(line: str) -> None:
-    sys.stderr.write(line + "\n")
+    sys.stderr.write(printable(line) + "\n")
     sys.stderr.flush()
+
+
+class _PrintableFormatter(logging.Formatter):
+    """The SDK's messages carry the control plane's answers: one printable line each."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
 
 
 def watch_exchange(
@@ -71,7 +79,7 @@ def watch_exchange(
     # After the first token, failures are logged by the SDK: one stderr line each.
     logger = logging.getLogger("trustmesh.client")
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setFormatter(_PrintableFormatter("%(message)s"))
     previous_propagate, previous_level = logger.propagate, logger.level
     quiet = logging.NullHandler()  # the first failure is reported by fail(), once
     logger.addHandler(quiet)

@@ -24,9 +24,9 @@ from trustmesh.cli._common import (
     OutputOption,
     ServerOption,
     TokenFileOption,
-    err_console,
     fail,
     print_json,
+    print_line,
     print_table,
     resolve_server,
     resolve_servers,
@@ -167,6 +167,13 @@ def server(
     db: str | None = typer.Option(
         None, "--db", help="postgresql://… for PostgreSQL (default: SQLite in the data dir)."
     ),
+    master_key_file: Path | None = typer.Option(
+        None,
+        "--master-key-file",
+        envvar="TRUSTMESH_MASTER_KEY_FILE",
+        help="Read the master key from this file (never written; may be a Kubernetes Secret "
+        "mount) instead of DATA_DIR/master.key.",
+    ),
     signing_alg: str = typer.Option(
         "ES256", "--signing-alg", help="JWT-SVID signing algorithm: ES256, ES384, RS256, PS256."
     ),
@@ -178,6 +185,19 @@ def server(
         "--key-rotation-interval",
         min=60.0,
         help="Rotate the signing key automatically after this many seconds.",
+    ),
+    max_sa_token_lifetime: float = typer.Option(
+        86400.0,
+        "--max-sa-token-lifetime",
+        min=1.0,
+        help="Refuse service-account tokens valid for longer than this (exp - iat, seconds).",
+    ),
+    cluster_keys_max_age: float = typer.Option(
+        86400.0,
+        "--cluster-keys-max-age",
+        min=1.0,
+        help="Keep verifying with a cluster's last fetched keys for at most this many seconds "
+        "while its issuer is unreachable.",
     ),
     audit_checkpoint_interval: float = typer.Option(
         0.5,
@@ -235,9 +255,12 @@ def server(
         trust_domain=trust_domain,
         db=db,
         issuer=issuer,
+        master_key_file=master_key_file,
         signing_alg=signing_alg,
         default_ttl=default_ttl,
         key_rotation_interval=key_rotation_interval,
+        max_sa_token_lifetime=max_sa_token_lifetime,
+        cluster_keys_max_age=cluster_keys_max_age,
         audit_checkpoint_interval=audit_checkpoint_interval,
         audit_refusals=FoldingLimits(
             audit_refusal_window, audit_refusal_quota, audit_refusal_per_source
@@ -435,12 +458,12 @@ def apply(
         return
     suffix = " (dry run)" if dry_run else ""
     for change in result["changes"]:
-        typer.echo(f"{change['kind'].lower()}/{change['name']} {change['action']}{suffix}")
+        print_line(f"{change['kind'].lower()}/{change['name']} {change['action']}{suffix}")
     tests = result.get("tests") or {}
     if tests.get("total"):
-        typer.echo(f"policy tests: {tests['passed']}/{tests['total']} passed")
+        print_line(f"policy tests: {tests['passed']}/{tests['total']} passed")
     if not dry_run:
-        typer.echo(
+        print_line(
             f"registry revision {result['registryRevision']}, policy revision {result['policyRevision']}"
         )
 
@@ -577,7 +600,7 @@ def revoke(
         return
     entry = result["revocation"]
     verb = "revoked" if result["created"] else "already revoked"
-    typer.echo(
+    print_line(
         f"{verb}: {entry['kind']} {entry['value']} (revision {entry['revision']}, by {entry['actor']})"
     )
 
@@ -626,7 +649,7 @@ def keys_rotate(
     if output is Output.json:
         print_json(result)
         return
-    typer.echo(f"active signing key is now {result['active']['kid']}")
+    print_line(f"active signing key is now {result['active']['kid']}")
     _print_keys(result["keys"], output)
 
 
@@ -642,7 +665,7 @@ def cluster_credential(
     if output is Output.json:
         print_json(result)
     else:
-        typer.echo(result["token"])
+        print_line(result["token"])
 
 
 @token_app.command("exchange")
@@ -689,7 +712,7 @@ def token_exchange(
     if output is Output.json:
         print_json(result)
     else:
-        typer.echo(result["access_token"])
+        print_line(result["access_token"])
 
 
 # -- benchmarks -----------------------------------------------------------------------------
@@ -795,14 +818,14 @@ def _print_bench(result: dict[str, Any]) -> None:
         ["MEASUREMENT", "P50 µs", "P99 µs", "PER SECOND", "NOTE"], rows, title=result.get("title")
     )
     for line in result.get("summary", []):
-        typer.echo(line)
+        print_line(line)
 
 
 def main() -> None:
     try:
         app()
     except CliError as exc:
-        err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        print_line(f"error: {exc}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
@@ -811,7 +834,7 @@ def main() -> None:
             raise
         lines = str(exc).strip().splitlines()
         message = lines[0] if lines else exc.__class__.__name__
-        err_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+        print_line(f"error: {message}", err=True)
         sys.exit(1)
 
 

@@ -18,11 +18,14 @@ from trustmesh.cli._common import (
     TokenFileOption,
     fail,
     print_json,
+    print_line,
+    print_lines,
     print_table,
     resolve_server,
     resolve_token,
 )
 from trustmesh.cli.policy_reports import register
+from trustmesh.common.terminal import printable
 
 policy_app = typer.Typer(
     help="Policy versions, tests, effective diff and RBAC export.", no_args_is_help=True
@@ -82,23 +85,22 @@ def show(
     if output is Output.json:
         print_json(version)
         return
-    typer.echo(
+    print_line(
         f"revision {version['revision']}  {_when(version['createdAt'])}  by {version['author']}  ({version['source']})"
     )
-    typer.echo(f"content hash {version['contentHash']}")
+    print_line(f"content hash {version['contentHash']}")
     if version["message"]:
-        typer.echo(f"message: {version['message']}")
+        print_line(f"message: {version['message']}")
     for change in version["diff"]:
         name = f"{change['kind']}/{change['name']}"
-        typer.echo(
-            "".join(
-                difflib.unified_diff(
-                    _yaml(change["before"]), _yaml(change["after"]), f"a/{name}", f"b/{name}"
-                )
-            ),
-            nl=False,
+        diff = difflib.unified_diff(
+            _yaml(change["before"]),
+            _yaml(change["after"]),
+            f"a/{printable(name)}",
+            f"b/{printable(name)}",
         )
-    typer.echo(f"{len(version['documents'])} policy documents in force at this revision")
+        print_lines("".join(diff))
+    print_line(f"{len(version['documents'])} policy documents in force at this revision")
 
 
 @policy_app.command("rollback")
@@ -118,11 +120,11 @@ def rollback(
     if output is Output.json:
         print_json(result)
     elif not result["changes"]:
-        typer.echo(
+        print_line(
             f"revision {revision} is already in force (policy revision {result['policyRevision']})"
         )
     else:
-        typer.echo(
+        print_line(
             f"policy revision {result['policyRevision']} published: equal to revision {revision}"
         )
 
@@ -173,8 +175,8 @@ def test(
     else:
         for result in results:
             mark = "PASS" if result.passed else "FAIL"
-            typer.echo(f"{mark} {result.describe()}")
-        typer.echo(f"{len(results) - len(failed)}/{len(results)} policy test cases passed")
+            print_line(f"{mark} {result.describe()}")
+        print_line(f"{len(results) - len(failed)}/{len(results)} policy test cases passed")
     if not results:
         fail("no PolicyTest cases found")
     if failed:

@@ -5,7 +5,6 @@ and today's registry, both fetched from the control plane's admin API."""
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,8 @@ from trustmesh.cli._common import (
     TokenFileOption,
     fail,
     print_json,
+    print_line,
+    print_lines,
     print_table,
     resolve_server,
     resolve_token,
@@ -108,7 +109,7 @@ def register(policy_app: typer.Typer) -> None:
             print_json({"from": old_rev, "to": new_rev, **result.to_json()})
             return
         if result.empty:
-            typer.echo(f"no effective change from revision {old_rev} to {new_rev}")
+            print_line(f"no effective change from revision {old_rev} to {new_rev}")
             return
         flagged = {grant: flags for grant, flags in result.escalations}
         rows = [["+", *grant, ",".join(flagged.get(grant, ()))] for grant in result.appeared] + [
@@ -143,4 +144,4 @@ def register(policy_app: typer.Typer) -> None:
             manifests = export_rbac(policy, registry, cluster)
         except PolicyError as exc:
             fail(f"cannot compile the policy: {exc}")
-        sys.stdout.write(render_yaml(manifests, manifests.warnings))
+        print_lines(render_yaml(manifests, manifests.warnings))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ipaddress
 from urllib.parse import urlsplit
 
+from trustmesh.common.numbers import parse_decimal
+
 
 def parse_listen(value: str) -> tuple[str, int]:
     """``127.0.0.1:8443``, ``[::1]:8443`` or ``:8443`` -> (host, port). Port 0 picks a free port."""
@@ -13,9 +15,10 @@ def parse_listen(value: str) -> tuple[str, int]:
         host, sep, port = text[1:].partition("]:")
     else:
         host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    number = parse_decimal(port, 5)
+    if not sep or number is None or not 0 <= number <= 65535:
         raise ValueError(f"listen address {value!r} is not HOST:PORT")
-    return (host or "127.0.0.1"), int(port)
+    return (host or "127.0.0.1"), number
 
 
 def is_loopback_host(host: str) -> bool:

@@ -14,6 +14,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from trustmesh.common.errors import InvalidRequest, PayloadTooLarge, TrustmeshError
+from trustmesh.common.numbers import parse_decimal
 
 log = logging.getLogger("trustmesh.http")
 
@@ -47,9 +48,10 @@ async def read_body(request: Request, limit: int) -> bytes:
     or, failing that, as soon as the stream passes the limit (no parsing work first)."""
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
+        length = parse_decimal(declared)
+        if length is None:
             raise InvalidRequest("Content-Length is not a number")
-        if int(declared) > limit:
+        if length > limit:
             raise PayloadTooLarge(f"request body is larger than {limit} bytes")
     chunks = []
     size = 0

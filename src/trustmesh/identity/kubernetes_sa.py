@@ -3,11 +3,14 @@
 
 A cluster's keys come from its manifest (inline ``jwks``), from ``jwksUri``, or from
 its OIDC discovery document (OpenID Connect Discovery 1.0 §4: the document's
-``issuer`` must equal the configured issuer exactly, §4.3). Fetched key sets are
-cached for their ``Cache-Control: max-age`` (bounded), refreshed when a token names an
-unknown ``kid`` — at most once per ``min_refresh_interval`` per cluster, and one fetch
-at a time, so a stream of garbage tokens cannot make us hammer a cluster — and kept
-(stale) when the cluster cannot be reached."""
+``issuer`` must equal the configured issuer exactly, §4.3, and its ``jwks_uri`` must
+have the issuer's origin, RFC 6454). Fetched key sets are cached for their
+``Cache-Control: max-age`` (bounded), refreshed when a token names an unknown ``kid``
+— at most once per ``min_refresh_interval`` per cluster, and one fetch at a time, so a
+stream of garbage tokens cannot make us hammer a cluster — and kept (stale) when the
+cluster cannot be reached, for at most ``--cluster-keys-max-age`` after they were
+fetched (DESIGN §10). A token lives at most ``--max-sa-token-lifetime`` (``exp -
+iat``). Why a fetch failed is logged; callers are told only that it failed."""
 
 from __future__ import annotations
 
@@ -19,10 +22,12 @@ import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
 from trustmesh.common.addresses import check_fetch_url
+from trustmesh.common.clock import Clock, system_clock
 from trustmesh.common.errors import ClusterKeysUnavailable, InvalidToken
 from trustmesh.identity.jws import (
     check_registered_claims,
@@ -38,8 +43,10 @@ log = logging.getLogger("trustmesh.identity.kubernetes_sa")
 # Kubernetes signs with RS256 (or ES256 with an EC key); accept the asymmetric families only.
 SA_TOKEN_ALGS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512")
 MAX_SA_TOKEN_BYTES = 16384
+DEFAULT_MAX_SA_TOKEN_LIFETIME = 86400.0  # seconds between iat and exp (--max-sa-token-lifetime)
+DEFAULT_CLUSTER_KEYS_MAX_AGE = 86400.0  # seconds fetched keys serve an unreachable cluster
 MAX_JWKS_BYTES = 256 * 1024
-_MAX_AGE = re.compile(r"max-age=(\d+)")
+_MAX_AGE = re.compile(r"max-age=([0-9]{1,9})(?![0-9])")
 
 
 @dataclass(frozen=True)
@@ -88,10 +95,12 @@ def verify_service_account_token(
     cluster: ClusterSpec,
     leeway: float,
     now: float | None = None,
+    max_lifetime: float = DEFAULT_MAX_SA_TOKEN_LIFETIME,
 ) -> ServiceAccountToken:
     """Verify the signature over the token's exact bytes with the key its header names
     (pinned algorithm), then the claims: ``iss``, ``aud`` containing the cluster's
-    audience, ``exp``/``nbf``/``iat`` within ``leeway``, and the ``kubernetes.io`` layout."""
+    audience, ``exp``/``nbf``/``iat`` within ``leeway``, a lifetime (``exp - iat``) of
+    at most ``max_lifetime`` seconds, and the ``kubernetes.io`` layout."""
     key = keys.key_for_header(token.parts[0])
     claims = verify_compact(token.parts, key)
     check_registered_claims(
@@ -102,6 +111,16 @@ def verify_service_account_token(
         audience=cluster.audience,
         required=("iss", "sub", "aud", "exp", "iat"),
     )
+    # A token valid for a year is a credential that cannot be taken back: bound how long
+    # a stolen one may be exchanged (projected tokens default to about an hour).
+    lifetime = float(claims["exp"]) - float(claims["iat"])
+    if lifetime > max_lifetime:
+        raise InvalidToken(
+            "lifetime_too_long",
+            f"subject_token is valid for {lifetime:.0f} s (exp - iat), longer than the "
+            f"{max_lifetime:.0f} s this control plane accepts (--max-sa-token-lifetime); "
+            "request a shorter-lived projected token (expirationSeconds)",
+        )
     k8s = claims.get("kubernetes.io")
     if not isinstance(k8s, dict):
         raise InvalidToken(
@@ -154,30 +173,58 @@ class _Entry:
     source: str  # what the keys were loaded from; a changed manifest invalidates the entry
     spec: ClusterSpec
     keys: KeyRing
-    fetched_at: float
-    expires_at: float
+    fetched_at: float  # monotonic: the last fetch attempt (rate limit)
+    expires_at: float  # clock: until when the keys are fresh (Cache-Control max-age)
+    good_at: float  # clock: the last successful fetch (bounded by max_keys_age)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class ClusterKeyCache:
-    """Per-cluster key sets for SA-token verification, shared by all exchanges."""
+    """Per-cluster key sets for SA-token verification, shared by all exchanges.
+
+    Keys fetched from a cluster are used while they are fresh (their ``max-age``,
+    30 s - 1 h), then fetched again when a token needs them. When the cluster cannot be
+    reached the last good keys stay in use, but for at most ``max_keys_age`` seconds
+    after they were fetched (``--cluster-keys-max-age``, DESIGN §10): older keys may
+    include one the cluster has since withdrawn, so the exchange then answers 503.
+    Why a fetch failed is logged, never told to the caller."""
 
     def __init__(
         self,
         client: httpx.AsyncClient,
         *,
+        clock: Clock = system_clock,
         min_refresh_interval: float = 1.0,
         default_max_age: float = 300.0,
         max_max_age: float = 3600.0,
         min_max_age: float = 30.0,
+        max_keys_age: float = DEFAULT_CLUSTER_KEYS_MAX_AGE,
     ) -> None:
         self.client = client
+        self.clock = clock
         self.min_refresh_interval = min_refresh_interval
         self.default_max_age = default_max_age
         self.max_max_age = max_max_age
         self.min_max_age = min_max_age
+        self.max_keys_age = max_keys_age
         self._entries: dict[str, _Entry] = {}
         self.fetches = 0
+
+    def _fresh(self, entry: _Entry, now: float) -> bool:
+        return now < entry.expires_at and now - entry.good_at <= self.max_keys_age
+
+    def _still_usable(self, entry: _Entry, cluster_name: str, now: float) -> KeyRing:
+        """The keys kept while the cluster cannot be reached, if not too old."""
+        if len(entry.keys) == 0:
+            raise ClusterKeysUnavailable(f"the keys of cluster {cluster_name} cannot be fetched")
+        age = now - entry.good_at
+        if age > self.max_keys_age:
+            raise ClusterKeysUnavailable(
+                f"the keys of cluster {cluster_name} are too old: fetched {age:.0f} s ago, "
+                f"more than the {self.max_keys_age:.0f} s allowed (--cluster-keys-max-age), "
+                "and they cannot be fetched again now"
+            )
+        return entry.keys
 
     async def keys_for(self, cluster_name: str, spec: ClusterSpec, kid: str | None) -> KeyRing:
         entry = self._entries.get(cluster_name)
@@ -191,40 +238,46 @@ class ClusterKeyCache:
         if spec.jwks is not None:
             if entry is None:
                 entry = _Entry(
-                    source, spec, KeyRing(spec.jwks, SA_TOKEN_ALGS), time.time(), float("inf")
+                    source,
+                    spec,
+                    KeyRing(spec.jwks, SA_TOKEN_ALGS),
+                    time.monotonic(),
+                    float("inf"),
+                    float("inf"),  # keys in the manifest are as old as the manifest
                 )
                 self._entries[cluster_name] = entry
             return entry.keys
-        now = time.monotonic()
-        if entry is not None and now < entry.expires_at and (kid is None or entry.keys.get(kid)):
+        now = self.clock()
+        if entry is not None and self._fresh(entry, now) and (kid is None or entry.keys.get(kid)):
             return entry.keys
         if entry is None:
-            entry = _Entry(source, spec, KeyRing(None, SA_TOKEN_ALGS), float("-inf"), float("-inf"))
+            never = float("-inf")
+            entry = _Entry(source, spec, KeyRing(None, SA_TOKEN_ALGS), never, never, never)
             self._entries[cluster_name] = entry
         async with entry.lock:  # one fetch at a time per cluster
-            now = time.monotonic()
-            fresh = now < entry.expires_at
-            if fresh and (kid is None or entry.keys.get(kid)):
+            now = self.clock()
+            if self._fresh(entry, now) and (kid is None or entry.keys.get(kid)):
                 return entry.keys  # someone else refreshed while we waited
-            if now - entry.fetched_at < self.min_refresh_interval:
+            started = time.monotonic()
+            if started - entry.fetched_at < self.min_refresh_interval:
                 if len(entry.keys) == 0:
                     raise ClusterKeysUnavailable(
-                        f"keys of cluster {cluster_name} could not be fetched recently; retry later"
+                        f"the keys of cluster {cluster_name} could not be fetched recently; "
+                        "retry later"
                     )
-                return entry.keys  # rate limit: the unknown kid simply fails verification
-            entry.fetched_at = now
+                # Rate limit: an unknown kid simply fails verification.
+                return self._still_usable(entry, cluster_name, now)
+            entry.fetched_at = started
             try:
                 jwks, max_age = await self._fetch(spec)
             except (httpx.HTTPError, ValueError) as exc:
+                # The detail (URLs, answers of a cluster's servers) is for the operator only.
                 log.warning("fetching keys of cluster %s failed: %s", cluster_name, exc)
-                if len(entry.keys) == 0:
-                    raise ClusterKeysUnavailable(
-                        f"keys of cluster {cluster_name} could not be fetched: {exc}"
-                    ) from None
-                return entry.keys  # keep serving stale keys while the cluster is unreachable
+                return self._still_usable(entry, cluster_name, now)
             self.fetches += 1
             entry.keys = KeyRing(jwks, SA_TOKEN_ALGS)
             entry.expires_at = now + max_age
+            entry.good_at = now
             return entry.keys
 
     async def _get_json(self, url: str) -> tuple[dict[str, Any], httpx.Response]:
@@ -246,7 +299,7 @@ class ClusterKeyCache:
         return document, response
 
     async def _fetch(self, spec: ClusterSpec) -> tuple[dict[str, Any], float]:
-        jwks_uri = spec.jwks_uri
+        jwks_uri = spec.jwks_uri  # listed in the manifest: allowed wherever it points
         if jwks_uri is None:
             discovery_url = spec.issuer.rstrip("/") + "/.well-known/openid-configuration"
             document, _ = await self._get_json(discovery_url)
@@ -257,6 +310,14 @@ class ClusterKeyCache:
             jwks_uri = document.get("jwks_uri")
             if not isinstance(jwks_uri, str):
                 raise ValueError(f"discovery document of {spec.issuer} has no jwks_uri")
+            # A cluster's discovery document may only point at its own origin; keys served
+            # elsewhere (another port on loopback, any https host) must be listed as the
+            # Cluster's jwksUri by whoever registers it.
+            if origin(jwks_uri) != origin(spec.issuer):
+                raise ValueError(
+                    f"discovery document of {spec.issuer} points jwks_uri at {jwks_uri[:200]!r}, "
+                    "outside the issuer's origin (list it as the Cluster's jwksUri to allow it)"
+                )
         jwks, response = await self._get_json(jwks_uri)
         if not isinstance(jwks.get("keys"), list):
             raise ValueError(f"{jwks_uri} is not a JWKS (no keys list)")
@@ -266,6 +327,19 @@ class ClusterKeyCache:
         match = _MAX_AGE.search(cache_control)
         age = float(match.group(1)) if match else self.default_max_age
         return max(self.min_max_age, min(self.max_max_age, age))
+
+
+def origin(url: str) -> tuple[str, str, int | None]:
+    """RFC 6454 origin of a URL: (scheme, host, port), the port made explicit."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"{url[:200]!r} has an invalid port") from None
+    if port is None:
+        port = {"https": 443, "http": 80}.get(scheme)
+    return scheme, (parts.hostname or "").lower(), port
 
 
 def _source_of(spec: ClusterSpec) -> str:

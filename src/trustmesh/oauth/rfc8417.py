@@ -13,6 +13,7 @@ from typing import Any
 
 import jwt
 
+from trustmesh.common.numbers import parse_decimal
 from trustmesh.identity.keys import ActiveKey
 from trustmesh.revocation import Revocation
 
@@ -39,10 +40,9 @@ def revision_of(receiver: str, jti: str) -> int | None:
     prefix = f"{receiver}-"
     if not jti.startswith(prefix):
         return None
-    rest = jti[len(prefix) :]
-    if not rest.isdigit() or len(rest) > 18:
-        return None
-    return int(rest)
+    revision = parse_decimal(jti[len(prefix) :])
+    # Only the exact jti we issued: "r-007" names no SET of ours.
+    return revision if revision is not None and set_jti(receiver, revision) == jti else None
 
 
 def subject_id(entry: Revocation, issuer: str) -> dict[str, Any]:

@@ -7,7 +7,8 @@ Request (§2.1, form-encoded): ``grant_type`` = token-exchange, ``subject_token`
 ``lifetime`` (seconds; clamped to the workload's ``maxTokenTTL``). Parameters other
 than ``audience`` must not repeat (RFC 6749 §3.2). Errors (§2.2.2, RFC 6749 §5.2):
 ``invalid_request`` for a malformed request, ``unsupported_grant_type``,
-``invalid_grant`` for a subject token that fails verification, ``unauthorized_client``
+``invalid_grant`` for a subject token that fails verification (also one valid for
+longer than ``--max-sa-token-lifetime``, ``exp - iat``, 24 h by default), ``unauthorized_client``
 when no Workload entry matches the verified service account, ``invalid_target`` for an
 audience we cannot issue for, and ``temporarily_unavailable`` (503) when the origin
 cluster's keys cannot be fetched."""
@@ -32,9 +33,11 @@ from trustmesh.common.errors import (
     Unavailable,
     UnsupportedGrantType,
 )
+from trustmesh.common.numbers import parse_decimal
 from trustmesh.common.token_exchange import JWT_TOKEN_TYPE, TOKEN_EXCHANGE_GRANT
 from trustmesh.identity.keys import MAX_TOKEN_TTL, KeySet
 from trustmesh.identity.kubernetes_sa import (
+    DEFAULT_MAX_SA_TOKEN_LIFETIME,
     ClusterKeyCache,
     ServiceAccountToken,
     parse_unverified,
@@ -114,6 +117,7 @@ class TokenExchange:
         revoked_until: Callable[[str, str], float | None],
         clock: Clock,
         default_ttl: int = DEFAULT_TTL,
+        max_sa_token_lifetime: float = DEFAULT_MAX_SA_TOKEN_LIFETIME,
     ) -> None:
         """``registry`` and ``keyset`` return the snapshots in force; ``revoked_until``
         the latest second up to which a (subject, cluster) is revoked, so a token issued
@@ -126,6 +130,7 @@ class TokenExchange:
         self.default_ttl = default_ttl
         self.clock = clock
         self.revoked_until = revoked_until
+        self.max_sa_token_lifetime = max_sa_token_lifetime
         self._cluster_prefix = cluster_audience(trust_domain, "")
 
     def _check_request(self, form: Mapping[str, list[str]]) -> tuple[str, list[str], int | None]:
@@ -159,9 +164,9 @@ class TokenExchange:
         lifetime_text = _single(form, "lifetime", required=False)
         lifetime = None
         if lifetime_text is not None:
-            if not lifetime_text.isdigit() or not 0 < int(lifetime_text) <= 86400:
+            lifetime = parse_decimal(lifetime_text, 9)
+            if lifetime is None or not 0 < lifetime <= 86400:
                 raise InvalidRequest("lifetime must be a positive number of seconds")
-            lifetime = int(lifetime_text)
         return subject_token, audiences, lifetime
 
     def _check_audiences(self, audiences: list[str], registry: Registry) -> list[str]:
@@ -201,7 +206,9 @@ class TokenExchange:
         cluster = registry.clusters[cluster_name]
         try:
             keys = await self.cluster_keys.keys_for(cluster_name, cluster, unverified.kid)
-            sa = verify_service_account_token(unverified, keys, cluster, SA_TOKEN_LEEWAY, now)
+            sa = verify_service_account_token(
+                unverified, keys, cluster, SA_TOKEN_LEEWAY, now, self.max_sa_token_lifetime
+            )
         except ClusterKeysUnavailable as exc:
             raise Unavailable(str(exc)) from None
         except InvalidToken as exc:

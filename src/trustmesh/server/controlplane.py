@@ -33,10 +33,15 @@ from trustmesh.audit.folding import FoldingLimits
 from trustmesh.audit.log import AuditLog
 from trustmesh.common.clock import Clock, system_clock
 from trustmesh.common.errors import ConfigError
+from trustmesh.common.files import private_directory
 from trustmesh.common.limits import DEFAULT_LONG_POLLS_PER_CREDENTIAL
 from trustmesh.common.tracing import Tracing
 from trustmesh.identity.keys import KeyManager
-from trustmesh.identity.kubernetes_sa import ClusterKeyCache
+from trustmesh.identity.kubernetes_sa import (
+    DEFAULT_CLUSTER_KEYS_MAX_AGE,
+    DEFAULT_MAX_SA_TOKEN_LIFETIME,
+    ClusterKeyCache,
+)
 from trustmesh.identity.sealing import MasterKey
 from trustmesh.oauth.rfc8693 import DEFAULT_TTL, TokenExchange
 from trustmesh.policy.catalog import PolicyCatalog
@@ -72,6 +77,8 @@ class ServerConfig:
     refresh_interval: float = 1.0
     maintenance_interval: float = 30.0
     cluster_jwks_min_refresh: float = 1.0
+    max_sa_token_lifetime: float = DEFAULT_MAX_SA_TOKEN_LIFETIME
+    cluster_keys_max_age: float = DEFAULT_CLUSTER_KEYS_MAX_AGE
     master_key_file: Path | None = None
     audit_checkpoint_interval: float = 0.5
     audit_refusals: FoldingLimits = field(default_factory=FoldingLimits)
@@ -113,8 +120,7 @@ class ControlPlane:
         """Synchronous set-up: database, migrations, master key, keys, admin credential,
         snapshots, audit log, services."""
         config, data_dir = self.config, self.config.data_dir
-        data_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(data_dir, 0o700)
+        private_directory(data_dir, "data dir")  # ours, writable by no one else, 0700
         self.db = open_database(config.db, data_dir)
         with self.db.engine.begin() as conn:
             stored = meta_store.insert_if_absent(conn, "trust_domain", self.trust_domain)
@@ -123,10 +129,12 @@ class ControlPlane:
                 f"this database belongs to trust domain {stored}, not {self.trust_domain}; "
                 "a trust domain cannot change (every issued identity names it)"
             )
-        master_path = config.master_key_file or Path(
-            os.environ.get("TRUSTMESH_MASTER_KEY_FILE") or data_dir / "master.key"
+        mounted = config.master_key_file or os.environ.get("TRUSTMESH_MASTER_KEY_FILE")
+        master_key = (
+            MasterKey.load(Path(mounted))  # read only (DESIGN §7): may be a Secret mount
+            if mounted
+            else MasterKey.load_or_create(data_dir / "master.key")
         )
-        master_key = MasterKey.load_or_create(master_path)
         self.keys = KeyManager(self.db, master_key, config.signing_alg)
         self.keys.check_master_key()
         self.keys.ensure_keys()
@@ -177,13 +185,17 @@ class ControlPlane:
             issuer=self.issuer,
             trust_domain=self.trust_domain,
             cluster_keys=ClusterKeyCache(
-                self._http, min_refresh_interval=self.config.cluster_jwks_min_refresh
+                self._http,
+                clock=self.clock,
+                min_refresh_interval=self.config.cluster_jwks_min_refresh,
+                max_keys_age=self.config.cluster_keys_max_age,
             ),
             registry=lambda: snapshots.registry,
             keyset=lambda: snapshots.keyset,
             revoked_until=snapshots.revoked_until,
             clock=self.clock,
             default_ttl=self.config.default_ttl,
+            max_sa_token_lifetime=self.config.max_sa_token_lifetime,
         )
         self.issuance = Issuance(exchange, self.recorder, self.tracing, self.metrics)
         self.recorder.start()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import re
 import secrets
 import time
@@ -44,7 +45,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from trustmesh.common.files import write_atomically
+from trustmesh.common.files import private_directory, read_private_file, write_atomically
 from trustmesh.common.serving import BackgroundServer
 
 __all__ = ["DISCOVERY_PATH", "JWKS_PATH", "SUPPORTED_ALGS", "SimulatedCluster", "key_id"]
@@ -125,7 +126,11 @@ def _alg_of(private_key: object) -> str | None:
 def _read_keys(path: Path) -> list[_SigningKey]:
     """The keys in a PEM file of concatenated PKCS#8 keys, oldest first."""
     keys: list[_SigningKey] = []
-    for block in path.read_bytes().split(_PEM_END):
+    try:
+        pem = read_private_file(path, "simulated cluster keys")  # not a symlink, 0600, ours
+    except FileNotFoundError:
+        raise ValueError(f"{path} does not exist") from None
+    for block in pem.split(_PEM_END):
         if not block.strip():
             continue
         try:
@@ -155,7 +160,9 @@ class SimulatedCluster:
     ``alg`` is ``RS256`` (RSA-2048, kube-apiserver's default) or ``ES256`` (P-256). With
     ``data_dir`` the keys live in ``data_dir/keys.pem`` (mode 0600) and are reloaded by
     the next instance, so a restarted simulator keeps its keys as a restarted
-    kube-apiserver keeps ``--service-account-signing-key-file``.
+    kube-apiserver keeps ``--service-account-signing-key-file``. The data dir follows
+    the control plane's rules (``common/files.py``): ours, writable by no one else,
+    0700; ``keys.pem`` is read only as a regular file of ours open to no one else.
     """
 
     def __init__(self, name: str, *, data_dir: Path | None = None, alg: str = "RS256") -> None:
@@ -171,7 +178,10 @@ class SimulatedCluster:
         self._issuer: str | None = None
         self._server: BackgroundServer | None = None
         keys_file = None if data_dir is None else data_dir / _KEYS_FILE
-        if keys_file is not None and keys_file.exists():
+        if data_dir is not None:
+            private_directory(data_dir, "simulated cluster data dir")
+        # lexists: a symlink at keys.pem is read (and refused), never written through
+        if keys_file is not None and os.path.lexists(keys_file):
             self._keys = _read_keys(keys_file)
             if any(_alg_of(key.private_key) != alg for key in self._keys):
                 raise ValueError(f"{keys_file} holds keys that cannot sign {alg}")
@@ -179,7 +189,7 @@ class SimulatedCluster:
             self._keys = [_generate(alg)]
             self._save()
         if data_dir is not None:
-            (data_dir / _NAME_FILE).write_text(name + "\n", encoding="utf-8")
+            write_atomically(data_dir / _NAME_FILE, name + "\n")
 
     @classmethod
     def from_data_dir(cls, data_dir: Path) -> SimulatedCluster:
@@ -246,7 +256,7 @@ class SimulatedCluster:
         written to ``data_dir/issuer`` for ``trustmesh.sim.cli token``."""
         self._issuer = url.rstrip("/")
         if self.data_dir is not None:
-            (self.data_dir / _ISSUER_FILE).write_text(self._issuer + "\n", encoding="utf-8")
+            write_atomically(self.data_dir / _ISSUER_FILE, self._issuer + "\n")
 
     def stop(self) -> None:
         """Stop serving. The issuer URL is kept, so tokens minted later still name it."""
@@ -325,7 +335,7 @@ class SimulatedCluster:
     def _save(self) -> None:
         if self.data_dir is None:
             return
-        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_directory(self.data_dir, "simulated cluster data dir")
         pem = b"".join(
             key.private_key.private_bytes(
                 serialization.Encoding.PEM,

@@ -1,4 +1,9 @@
-"""Opening the database: SQLite in the data dir by default, PostgreSQL by URL."""
+"""Opening the database: SQLite in the data dir by default, PostgreSQL by URL.
+
+A SQLite database file is created 0600 before SQLite opens it (SQLite gives its WAL
+and shared-memory files the database's mode), an existing one that is open to others
+is tightened to 0600, and one that is a symlink or not ours is refused
+(``common/files.py``)."""
 
 from __future__ import annotations
 
@@ -11,13 +16,15 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from trustmesh.common.errors import DatabaseUrlError
+from trustmesh.common.files import private_file, tighten_private_file
 from trustmesh.storage.migrations import migrate
 
 
 def engine_url(db: str | None, data_dir: Path) -> str:
     """``None`` -> SQLite file in the data dir; ``postgresql://…`` -> psycopg 3 driver."""
     if not db:
-        return f"sqlite:///{(data_dir / 'trustmesh.db').resolve()}"
+        # absolute(), not resolve(): a symlink at trustmesh.db is refused, not followed
+        return f"sqlite:///{(data_dir / 'trustmesh.db').absolute()}"
     for prefix in ("postgresql://", "postgres://"):
         if db.startswith(prefix):
             return "postgresql+psycopg://" + db[len(prefix) :]
@@ -42,6 +49,12 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+def _private_sqlite_files(path: Path) -> None:
+    private_file(path, "database")
+    for suffix in ("-wal", "-shm", "-journal"):
+        tighten_private_file(path.with_name(path.name + suffix), "database file")
+
+
 @dataclass
 class Database:
     engine: Engine
@@ -62,6 +75,8 @@ def open_database(db: str | None, data_dir: Path) -> Database:
     except ArgumentError as exc:
         raise DatabaseUrlError(f"--db is not a valid database URL: {exc}") from None
     if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            _private_sqlite_files(Path(parsed.database))
         engine = create_engine(url, connect_args={"timeout": 10})
         event.listen(engine, "connect", _sqlite_pragmas)
     else:

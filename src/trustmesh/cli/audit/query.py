@@ -18,9 +18,11 @@ from trustmesh.cli._common import (
     OutputOption,
     ServerOption,
     TokenFileOption,
+    cell,
     console,
     fail,
     print_json,
+    print_line,
     print_table,
 )
 from trustmesh.cli.audit._shared import PAGE, AuditClient, audit_client
@@ -208,10 +210,10 @@ def query(
     for column in ("CLUSTER", "IDENTITY", "DECISION", "DETAIL"):
         table.add_column(column, overflow="fold")
     for row in _event_rows(entries):
-        table.add_row(*["" if cell is None else str(cell) for cell in row])
+        table.add_row(*[cell(value) for value in row])
     console.print(table)
     more = f"; more after index {cursor} (--after {cursor})" if cursor is not None else ""
-    console.print(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}{more}")
+    print_line(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}{more}")
 
 
 _STEPS = {
@@ -283,7 +285,8 @@ def trace(
     lines = [f"trace {trace}: " + " → ".join(path), ""]
     for number, entry in enumerate(entries, 1):
         lines.extend(_trace_step(number, entry))
-    console.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)
+    for line in lines:  # a newline inside a value shows as \n, never as a line of its own
+        print_line(line)
 
 
 def _gaps(gaps: Any) -> str:

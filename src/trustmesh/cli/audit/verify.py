@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.table import Table
+from rich.text import Text
 
 from trustmesh.audit import offline
 from trustmesh.audit.checkpoint import Checkpoint
@@ -35,10 +35,12 @@ from trustmesh.cli._common import (
     OutputOption,
     ServerOption,
     TokenFileOption,
+    cell,
     console,
-    err_console,
     fail,
+    print_facts,
     print_json,
+    print_line,
     print_table,
 )
 from trustmesh.cli.audit._shared import (
@@ -139,37 +141,38 @@ def _print_report(
     origin_of_entries: str,
     elapsed: float,
 ) -> None:
-    summary = Table.grid(padding=(0, 2))
-    summary.add_column(style="bold")
-    summary.add_column(overflow="fold")
-    summary.add_row("log", f"{report.origin} ({origin_of_entries})")
-    summary.add_row("key", f"{verifier} ({key_source})")
-    summary.add_row(
-        "entries",
-        f"{report.entries} read, log size {report.size}: each leaf hashed again and checked "
-        "as the canonical JSON of a valid event",
-    )
-    summary.add_row(
-        "checkpoints",
-        f"{report.checkpoints} stored, {report.checkpoints_verified} signed and matching the tree",
-    )
     covered = f"the tree matches the signed checkpoints up to size {report.verified_size}"
     if report.ok and report.unsigned:
         covered += f"; the {report.unsigned} entries after it are not signed yet"
-    summary.add_row("covered", covered)
-    summary.add_row(
-        "speed",
-        f"{report.entries_per_second:,.0f} entries/s verifying ({report.seconds:.2f} s; "
-        f"{elapsed:.2f} s in all)",
+    print_facts(
+        [
+            ("log", f"{report.origin} ({origin_of_entries})"),
+            ("key", f"{verifier} ({key_source})"),
+            (
+                "entries",
+                f"{report.entries} read, log size {report.size}: each leaf hashed again and "
+                "checked as the canonical JSON of a valid event",
+            ),
+            (
+                "checkpoints",
+                f"{report.checkpoints} stored, {report.checkpoints_verified} signed and "
+                "matching the tree",
+            ),
+            ("covered", covered),
+            (
+                "speed",
+                f"{report.entries_per_second:,.0f} entries/s verifying ({report.seconds:.2f} s; "
+                f"{elapsed:.2f} s in all)",
+            ),
+        ]
     )
-    console.print(summary)
     if report.ok:
-        console.print("[bold green]OK[/]: every entry and checkpoint verifies")
+        console.print(Text.assemble(("OK", "bold green"), ": every entry and checkpoint verifies"))
         return
     rows = [[p.where, p.kind, p.message] for p in report.problems]
     print_table(["WHERE", "PROBLEM", "DETAIL"], rows, title="Problems")
     if report.problem_count > len(report.problems):
-        console.print(
+        print_line(
             f"… and {report.problem_count - len(report.problems)} more "
             "(raise --max-problems to see them)"
         )
@@ -219,7 +222,7 @@ def verify(
         entries = _online_entries(client, at_least)
         mode = f"online, {client.server}"
     for warning in warnings:
-        err_console.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
+        print_line(f"warning: {warning}", err=True)
     verifier = LogVerifier(log_key, checkpoints, max_problems=max_problems)
     for index, leaf, stored, columns in entries:
         verifier.add(index, leaf, stored)
@@ -271,15 +274,15 @@ def checkpoint(
             }
         )
         return
-    summary = Table.grid(padding=(0, 2))
-    summary.add_column(style="bold")
-    summary.add_column(overflow="fold")
-    summary.add_row("origin", latest.origin)
-    summary.add_row("size", str(latest.size))
-    summary.add_row("root", base64.b64encode(latest.root_hash).decode())
-    summary.add_row("key", f"{verifier} ({key_source})")
-    summary.add_row("signature", "verified (C2SP signed note, Ed25519)")
-    console.print(summary)
+    print_facts(
+        [
+            ("origin", latest.origin),
+            ("size", latest.size),
+            ("root", base64.b64encode(latest.root_hash).decode()),
+            ("key", f"{verifier} ({key_source})"),
+            ("signature", "verified (C2SP signed note, Ed25519)"),
+        ]
+    )
 
 
 def _check_size(value: int | None, name: str, minimum: int) -> None:
@@ -328,10 +331,8 @@ def proof(
     if output is Output.json:
         print_json(result)
         return
-    console.print(f"[bold green]verified[/]: {result['statement']}")
-    summary = Table.grid(padding=(0, 2))
-    summary.add_column(style="bold")
-    summary.add_column(overflow="fold")
+    console.print(Text.assemble(("verified", "bold green"), ": ", cell(result["statement"])))
+    facts: list[tuple[str, Any]] = []
     shown = ["index", "size", "leaf_hash", "event", "root_hash"]
     shown += ["first", "first_root", "second", "second_root"]
     for name in shown:
@@ -339,11 +340,11 @@ def proof(
             value = result[name]
             if isinstance(value, dict):
                 value = f"{value.get('type')} at {value.get('time')} ({value.get('event_id')})"
-            summary.add_row(name.replace("_", " "), str(value))
-    summary.add_row("proof", f"{len(result['hashes'])} hashes")
-    summary.add_row("checkpoint", f"size {latest.size}, signature verified")
-    summary.add_row("key", f"{verifier} ({key_source})")
-    console.print(summary)
+            facts.append((name.replace("_", " "), value))
+    facts.append(("proof", f"{len(result['hashes'])} hashes"))
+    facts.append(("checkpoint", f"size {latest.size}, signature verified"))
+    facts.append(("key", f"{verifier} ({key_source})"))
+    print_facts(facts)
 
 
 def _inclusion(

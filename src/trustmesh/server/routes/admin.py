@@ -13,6 +13,7 @@ from starlette.routing import Route
 
 from trustmesh.common.errors import InvalidRequest, NotFound
 from trustmesh.common.http import NO_STORE, read_json
+from trustmesh.common.numbers import parse_decimal
 from trustmesh.identity.keys import KeyRecord
 from trustmesh.server.controlplane import ControlPlane
 from trustmesh.server.credentials import Principal
@@ -77,8 +78,8 @@ def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
         wanted = request.path_params["revision"]
         if wanted == "current":
             version = await run_in_threadpool(plane.catalog.current)
-        elif wanted.isdigit() and len(wanted) <= 18:
-            found = await run_in_threadpool(plane.catalog.get, int(wanted))
+        elif (number := parse_decimal(wanted)) is not None:
+            found = await run_in_threadpool(plane.catalog.get, number)
             if found is None:
                 raise NotFound(f"policy revision {wanted} does not exist")
             version = found

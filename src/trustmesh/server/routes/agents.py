@@ -11,6 +11,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from trustmesh.common.errors import Forbidden, InvalidRequest
+from trustmesh.common.numbers import parse_decimal, require_seconds
 from trustmesh.server.controlplane import ControlPlane
 from trustmesh.server.routes._auth import Callers
 
@@ -20,20 +21,17 @@ _AGENT_ID = re.compile(r"^[A-Za-z0-9-]{1,64}$")
 
 def long_poll_wait(request: Request) -> float:
     """``wait``: seconds a long poll may hold the request, at most 30."""
-    try:
-        return min(max(float(request.query_params.get("wait", "0")), 0.0), MAX_WAIT)
-    except ValueError:
-        raise InvalidRequest("wait must be a number of seconds") from None
+    return min(require_seconds(request.query_params.get("wait"), "wait"), MAX_WAIT)
 
 
 def _version(value: str | None) -> tuple[int, int] | None:
     """``after=POLICY.REGISTRY``."""
     if not value:
         return None
-    policy, _, registry = value.partition(".")
-    if not (policy.isdigit() and registry.isdigit() and len(policy) <= 18 and len(registry) <= 18):
+    policy, registry = (parse_decimal(part) for part in value.partition(".")[::2])
+    if policy is None or registry is None:
         raise InvalidRequest("after must be POLICY.REGISTRY revisions, e.g. 4.12")
-    return int(policy), int(registry)
+    return policy, registry
 
 
 def routes(plane: ControlPlane, callers: Callers) -> list[Route]:

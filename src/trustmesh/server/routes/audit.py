@@ -16,6 +16,7 @@ from trustmesh.audit.canonical import parse_time
 from trustmesh.audit.log import MAX_PAGE, AuditLog, agent_records
 from trustmesh.common.errors import CanonicalError, InvalidRequest, Unavailable
 from trustmesh.common.http import NO_STORE, read_body, require_content_type
+from trustmesh.common.numbers import require_decimal
 from trustmesh.server.routes._auth import Callers
 
 MAX_INGEST_BODY = 8 * 1024 * 1024
@@ -27,9 +28,7 @@ def _int(request: Request, name: str, default: int | None = None) -> int:
         if default is None:
             raise InvalidRequest(f"query parameter {name} is required")
         return default
-    if not raw.isdigit() or len(raw) > 18:
-        raise InvalidRequest(f"{name} must be a non-negative integer")
-    return int(raw)
+    return require_decimal(raw, name)
 
 
 def _b64(hashes: list[bytes]) -> list[str]:

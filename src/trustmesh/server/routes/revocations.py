@@ -16,6 +16,7 @@ from starlette.types import Receive, Scope, Send
 
 from trustmesh.common.errors import InvalidRequest
 from trustmesh.common.http import read_json
+from trustmesh.common.numbers import parse_decimal
 from trustmesh.server.controlplane import ControlPlane
 from trustmesh.server.revoke import ALIASES, KINDS
 from trustmesh.server.routes._auth import Callers
@@ -45,10 +46,9 @@ def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
     snapshots = plane.snapshots
 
     def since(request: Request) -> int:
-        raw = request.query_params.get("since", "0")
-        if not raw.isdigit() or len(raw) > 18:
+        value = parse_decimal(request.query_params.get("since", "0"))
+        if value is None:
             raise InvalidRequest("since must be a revocation revision (a non-negative integer)")
-        value = int(raw)
         current = snapshots.revocations.revision
         if value > current:
             raise InvalidRequest(
@@ -102,11 +102,8 @@ def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
         its ``id`` the revision, so ``Last-Event-ID`` (or ``since``) resumes."""
         principal = await callers.principal(request)
         last_event = request.headers.get("last-event-id")
-        start = (
-            int(last_event)
-            if last_event and last_event.isdigit() and len(last_event) <= 18
-            else since(request)
-        )
+        resumed = parse_decimal(last_event)
+        start = resumed if resumed is not None else since(request)
 
         async def events() -> AsyncIterator[bytes]:
             cursor = start

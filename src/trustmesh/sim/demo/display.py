@@ -2,7 +2,10 @@
 summary lines, the lines about the policy change, the revocation and the rotation, the
 event texts the traffic and the operator report, and the final summary.
 
-Rendering only: it reads the scoreboard and never changes it."""
+Rendering only: it reads the scoreboard and never changes it. What the servers answered
+(decision reasons, key ids, error messages) is printed as plain ``Text`` with every
+character that is not printable escaped (``common/terminal.py``): never as markup, never
+as terminal escapes."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from trustmesh.common.terminal import printable
 from trustmesh.sim.demo.scenario import REVOKED_WORKLOAD, ROGUE_CLUSTER, TRUST_DOMAIN
 from trustmesh.sim.demo.scoreboard import PolicyChange, RevocationRun, Scoreboard
 
@@ -91,6 +95,11 @@ COLUMNS = (
 NUMERIC = {"EXCH", "ALLOWED", "DENIED", "REFUSED", "REVOKED", "LAST MS"}
 
 
+def cell(value: object, style: str = "") -> Text:
+    """A table cell: plain text (no markup), every character that is not printable escaped."""
+    return Text(printable(value), style=style)
+
+
 def stats_table(board: Scoreboard, title: str | None = None) -> Table:
     table = Table(title=title, expand=False, title_justify="left")
     for column in COLUMNS:
@@ -98,20 +107,22 @@ def stats_table(board: Scoreboard, title: str | None = None) -> Table:
     for p in board.pairs:
         refused = p.refused + p.errors
         table.add_row(
-            p.workload.cluster, p.workload.name, p.target, p.route.call.short, str(p.exchanges),
-            Text(str(p.allowed), style="green" if p.allowed else ""),
-            Text(str(p.denied), style="yellow" if p.denied else ""),
-            Text(p.last_decision, style="bold red" if p.unexpected else ""),
-            Text(str(refused), style="bold red" if refused else ""),
-            Text(str(p.revoked), style="yellow" if p.revoked else ""),
-            short_kid(p.last_kid), "-" if p.last_latency_ms is None else f"{p.last_latency_ms:.1f}",
+            cell(p.workload.cluster), cell(p.workload.name), cell(p.target),
+            cell(p.route.call.short), cell(p.exchanges),
+            cell(p.allowed, style="green" if p.allowed else ""),
+            cell(p.denied, style="yellow" if p.denied else ""),
+            cell(p.last_decision, style="bold red" if p.unexpected else ""),
+            cell(refused, style="bold red" if refused else ""),
+            cell(p.revoked, style="yellow" if p.revoked else ""),
+            cell(short_kid(p.last_kid)),
+            cell("-" if p.last_latency_ms is None else f"{p.last_latency_ms:.1f}"),
         )  # fmt: skip
     for intruder in (board.forged, board.tampered):
         table.add_row(
-            ROGUE_CLUSTER, Text("intruder", style="red"), intruder.target, intruder.short,
-            str(intruder.attempts),
-            Text(str(intruder.accepted), style="bold red" if intruder.accepted else ""), "",
-            intruder.last_reason[:34], Text(str(intruder.refused), style="yellow"), "", "", "",
+            cell(ROGUE_CLUSTER), cell("intruder", style="red"), cell(intruder.target),
+            cell(intruder.short), cell(intruder.attempts),
+            cell(intruder.accepted, style="bold red" if intruder.accepted else ""), "",
+            cell(intruder.last_reason[:34]), cell(intruder.refused, style="yellow"), "", "", "",
         )  # fmt: skip
     return table
 
@@ -214,7 +225,7 @@ class PlainDisplay:
             self.event(summary_line(self.board))
 
     def say(self, text: str) -> None:
-        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+        self.console.print(cell(text), soft_wrap=True)
 
     def event(self, text: str) -> None:
         self.say(f"[{self.board.elapsed():6.1f}s] {text}")
@@ -244,20 +255,20 @@ class LiveDisplay:
         self.live.stop()
 
     def event(self, text: str) -> None:
-        self.events.append(f"[{self.board.elapsed():6.1f}s] {text}")
+        self.events.append(printable(f"[{self.board.elapsed():6.1f}s] {text}"))
 
     def tick(self) -> None:
         pass  # Live refreshes on its own thread
 
     def render(self) -> RenderableType:
         board = self.board
-        head = Text("\n".join(header_lines(board)), style="bold")
+        head = Text("\n".join(printable(line) for line in header_lines(board)), style="bold")
         stop = f"stops after {board.duration:.0f} s; " if board.duration else ""
         foot = Text.assemble(
-            (policy_line(board) + "\n", "magenta"),
-            (revocation_line(board) + "\n", "yellow"),
-            (rotation_line(board) + "\n", "cyan"),
-            (summary_line(board) + "\n", ""),
+            (printable(policy_line(board)) + "\n", "magenta"),
+            (printable(revocation_line(board)) + "\n", "yellow"),
+            (printable(rotation_line(board)) + "\n", "cyan"),
+            (printable(summary_line(board)) + "\n", ""),
             ("\n".join(self.events) + "\n", "dim"),
             (f"{stop}Ctrl-C to stop", "bold"),
         )
@@ -276,16 +287,14 @@ class Display(Events, Protocol):
 def print_final(console: Console, board: Scoreboard) -> None:
     console.print(stats_table(board, title="trustmesh demo: final summary"))
     for line in (policy_line(board), revocation_line(board), rotation_line(board)):
-        console.print(line, markup=False, highlight=False, soft_wrap=True)
+        console.print(cell(line), soft_wrap=True)
     for line in board.audit.lines if board.audit is not None else []:
-        console.print(line, markup=False, highlight=False, soft_wrap=True)
+        console.print(cell(line), soft_wrap=True)
     problems = board.problems()
     if problems:
-        console.print(
-            "PROBLEMS: " + "; ".join(problems), markup=False, style="bold red", soft_wrap=True
-        )
+        console.print(cell("PROBLEMS: " + "; ".join(problems), style="bold red"), soft_wrap=True)
         return
-    console.print(ok_line(board), markup=False, highlight=False, style="bold green", soft_wrap=True)
+    console.print(cell(ok_line(board), style="bold green"), soft_wrap=True)
 
 
 def ok_line(board: Scoreboard) -> str:

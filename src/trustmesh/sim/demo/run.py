@@ -17,7 +17,7 @@ from types import FrameType
 import httpx
 from rich.console import Console
 
-from trustmesh.sim.demo.display import Display, LiveDisplay, PlainDisplay, print_final
+from trustmesh.sim.demo.display import Display, LiveDisplay, PlainDisplay, cell, print_final
 from trustmesh.sim.demo.errors import DemoError
 from trustmesh.sim.demo.federation import Federation, data_root, start_federation
 from trustmesh.sim.demo.finale import run_finale
@@ -173,7 +173,7 @@ def run_demo(duration: float = 0.0, data_dir: Path | None = None, plain: bool = 
     plain = plain or not console.is_terminal
 
     def say(text: str) -> None:
-        console.print(text, markup=False, highlight=False, soft_wrap=True)
+        console.print(cell(text), soft_wrap=True)
 
     board: Scoreboard | None = None
     stack = ExitStack()
