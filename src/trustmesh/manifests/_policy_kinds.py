@@ -8,6 +8,7 @@ from typing import Any
 
 from trustmesh.common.errors import RequestError
 from trustmesh.request import Request, parse_request
+from trustmesh.request.canonical import check_path_pattern
 
 from ._errors import Sink
 from ._nodes import MapNode, Node, join
@@ -27,7 +28,8 @@ from ._schema import (
 
 _VERB = re.compile(r"^(\*|[a-z][a-z0-9-]{0,62})$")
 _METHOD = re.compile(r"^(\*|[A-Z][A-Z0-9-]{0,31})$")
-_HOST = re.compile(r"^(\*|(\*\.)?[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?)$")
+_HOST = re.compile(r"^(\*|(\*\.)?[a-z0-9]([a-z0-9.-]*[a-z0-9])?)$")
+_HOST_WITH_PORT = re.compile(r"^(\*|(\*\.)?[a-z0-9]([a-z0-9.-]*[a-z0-9])?):[0-9]{1,5}$")
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 
 
@@ -39,6 +41,28 @@ def _pattern(rule: re.Pattern[str], what: str) -> Any:
     return validate
 
 
+def _service_host(value: str) -> None:
+    """A host name, ``*.suffix`` or ``*``, as requests are matched after
+    canonicalisation (DESIGN §3): no port, no trailing dot, no cluster domain."""
+    if _HOST_WITH_PORT.match(value):
+        raise ValueError(
+            f"service host {value!r} has a port: rules name hosts, and the port is removed "
+            f"from every request before matching (write {value.rsplit(':', 1)[0]!r})"
+        )
+    if not _HOST.match(value) or ".." in value:
+        raise ValueError(
+            f"{value!r} is not a valid service host (a lowercase name, *.suffix or *; "
+            "no trailing dot)"
+        )
+    labels = value.split(".")
+    if "svc" in labels[:-1] and labels.index("svc") >= 1:
+        at = labels.index("svc")
+        raise ValueError(
+            f"service host {value!r}: name a service as <svc>.<ns>.svc (requests are matched "
+            f"with the cluster domain removed: write {'.'.join(labels[: at + 1])!r})"
+        )
+
+
 def _path_glob(value: str) -> None:
     if value == "*":
         return
@@ -47,6 +71,10 @@ def _path_glob(value: str) -> None:
     for segment in value.split("/")[1:]:
         if "**" in segment and segment != "**":
             raise ValueError(f"path {value!r}: ** must be a whole segment (/**/)")
+    try:
+        check_path_pattern(value, f"path {value!r}")
+    except RequestError as exc:
+        raise ValueError(exc.description) from None
 
 
 def _url_pattern(value: str) -> None:
@@ -56,6 +84,11 @@ def _url_pattern(value: str) -> None:
         )
     if "*" in value[:-1]:
         raise ValueError(f"nonResourceURL {value!r}: * is allowed only at the end")
+    if value != "*":
+        try:
+            check_path_pattern(value, f"nonResourceURL {value!r}")
+        except RequestError as exc:
+            raise ValueError(exc.description) from None
 
 
 def _resource(value: str) -> None:
@@ -79,9 +112,16 @@ def _one_rule_family(node: MapNode, result: dict[str, Any], path: str, sink: Sin
     families = {
         "resource": {"apiGroups", "resources", "resourceNames"} & has,
         "nonResource": {"nonResourceURLs"} & has,
-        "service": {"services", "paths", "methods"} & has,
+        "service": {"services", "paths", "methods", "pathCase"} & has,
     }
     present = [name for name, fields in families.items() if fields]
+    if "pathCase" in has and present != ["service"]:
+        sink.add(
+            node.entries["pathCase"].line if "pathCase" in node.entries else node.line,
+            join(path, "pathCase"),
+            "pathCase applies to service rules only (services+paths+methods)",
+        )
+        return False
     if len(present) != 1:
         sink.add(
             node.line,
@@ -116,9 +156,10 @@ RULE = obj(
     Field("resourceNames", strings()),
     Field("nonResourceURLs", strings(_url_pattern)),
     Field("verbs", strings(_pattern(_VERB, "verb (lowercase, or *)"))),
-    Field("services", strings(_pattern(_HOST, "service host (name, *.suffix or *)"))),
+    Field("services", strings(_service_host)),
     Field("paths", strings(_path_glob)),
     Field("methods", strings(_pattern(_METHOD, "HTTP method (uppercase, or *)"))),
+    Field("pathCase", string(choice("sensitive", "insensitive"))),
     rules=(_one_rule_family,),
 )
 
@@ -135,6 +176,7 @@ class PolicyRule:
     services: tuple[str, ...] = ()
     paths: tuple[str, ...] = ()
     methods: tuple[str, ...] = ()
+    path_case: str = "sensitive"  # or "insensitive", for upstreams that fold case
 
     @property
     def family(self) -> str:
@@ -155,6 +197,7 @@ class PolicyRule:
             services=tuple(body.get("services", ())),
             paths=tuple(body.get("paths", ())),
             methods=tuple(body.get("methods", ())),
+            path_case=body.get("pathCase", "sensitive"),
         )
 
 

@@ -4,8 +4,9 @@ A bundle holds only what applies to its cluster: the bindings whose ``clusters``
 selects it (by name or label selector; absent = every cluster), each binding's
 ``workload`` subjects resolved to SPIFFE IDs, the flattened rules of the roles those
 bindings use (``include`` expanded), and the inventory of registered identities (for
-SubjectAccessReview and the effective diff). The bundle is plain JSON; the agent
-builds its indexes from it (``engine.Engine``)."""
+SubjectAccessReview and the effective diff), and the cluster's ``clusterDomain``
+(DESIGN §3 "Canonical requests"). The bundle is plain JSON; the agent builds its
+indexes from it (``engine.Engine``)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from trustmesh.manifests import (
     RoleBindingSpec,
     SubjectSpec,
 )
-from trustmesh.policy.matching import expression_matches
+from trustmesh.policy.matching import PATH_CASE_INSENSITIVE, expression_matches
 from trustmesh.registry import Registry
 
 BUNDLE_KIND = "PolicyBundle"
@@ -70,7 +71,12 @@ def _rule_body(rule: Any) -> dict[str, Any]:
         ("paths", rule.paths),
         ("methods", rule.methods),
     )
-    return {key: list(value) for key, value in pairs if value}
+    body: dict[str, Any] = {key: list(value) for key, value in pairs if value}
+    # Only when it changes matching, so bundles (and the compiled-rule cache keys) of
+    # rules without it stay as they were.
+    if rule.path_case == PATH_CASE_INSENSITIVE:
+        body["pathCase"] = rule.path_case
+    return body
 
 
 def flatten_roles(
@@ -224,7 +230,8 @@ def compile_bundle(
             raise PolicyError(problems)
     if identities is None:
         identities = inventory(registry)
-    labels = registry.clusters[cluster].labels
+    spec = registry.clusters[cluster]
+    labels = spec.labels
     bindings = []
     used_roles: set[str] = set()
     for name, binding in sorted(policy.bindings.items()):
@@ -244,6 +251,8 @@ def compile_bundle(
         "apiVersion": "trustmesh.io/v1alpha1",
         "kind": BUNDLE_KIND,
         "cluster": cluster,
+        # the agent reads <svc>.<ns>.svc.<clusterDomain> hosts with it (DESIGN §3)
+        "clusterDomain": spec.cluster_domain,
         "revision": revision,
         "registryRevision": registry.revision,
         "policyHash": policy_hash or policy.content_hash(),
