@@ -165,19 +165,12 @@ def match_form(path: str, fold_case: bool = False) -> str:
 
 
 def check_path_pattern(pattern: str, what: str) -> None:
-    """A rule's path glob or URL prefix must name canonical paths only: a pattern that
-    could only match refused paths (``/a/../b``, ``/a//b``, ``/a;x``) or that is not
-    written canonically (``%7e`` for ``~``) is refused with the spelling to use.
-    ``*`` stands for any text here (it is a wildcard in globs and prefixes)."""
-    probe = pattern.replace("**", "x").replace("*", "x")
-    canonical = canonical_path(probe, what)
-    if canonical != probe:
-        raise RequestError(f"{what} is not canonical: write {_respell(pattern)!r}")
-
-
-def _respell(pattern: str) -> str:
-    parts = pattern.split("*")
-    return "*".join(_normalise_encodings(p, "path") if p else p for p in parts)
+    """A rule's path glob or URL prefix must not name a path the canonicalisation
+    refuses (``/a/../b``, ``/a//b``, ``/a;x``, ``/a%2Fb``…): such a rule could never
+    match. Any spelling of an accepted path will do — rules are matched in
+    :func:`match_form`, so ``/%7Ea`` and ``/~a`` name the same paths. ``*`` stands
+    for any text here (a wildcard in globs and prefixes)."""
+    canonical_path(pattern.replace("*", "x"), what)
 
 
 # --- hosts -----------------------------------------------------------------------------
