@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from policy_fixtures import binding, policy, registry, role
+from policy_fixtures import INVENTORY, binding, policy, registry, role
 
 from trustmesh.policy.compiler import compile_all, compile_bundle, identity_claims
 from trustmesh.policy.engine import Decision, Engine
@@ -362,6 +362,34 @@ def test_non_resource_urls_match_exactly_or_by_prefix_with_a_trailing_star() -> 
 def test_service_rule_hosts(hosts: str, host: str, expected: bool) -> None:
     tm = one_rule(f"{{services: {hosts}, paths: ['*'], methods: [GET]}}")
     assert allowed(tm, service(host)) is expected
+
+
+def test_each_cluster_reads_hosts_with_its_own_cluster_domain() -> None:
+    """The Cluster's clusterDomain travels in its bundle; the agent of that cluster
+    reads <svc>.<ns>.svc.<clusterDomain> as the service, and only that domain."""
+    inventory = registry(
+        INVENTORY.replace(
+            'spec: {issuer: "https://dev-us.example",',
+            'spec: {clusterDomain: corp.internal, issuer: "https://dev-us.example",',
+        )
+    )
+    text = role("admin", "{services: [admin.shop.svc], paths: ['*'], methods: [GET]}") + binding(
+        "no-admin", "admin", "[{claims: {project: shop}}]", "effect: deny"
+    )
+    bundles = compile_all(policy(text), inventory, REVISION)
+    assert bundles["dev-us"]["clusterDomain"] == "corp.internal"
+    assert bundles["prod-eu"]["clusterDomain"] == "cluster.local"
+    dev, prod = Engine(bundles["dev-us"]), Engine(bundles["prod-eu"])
+    claims = {"project": "shop"}
+    for engine_, host, denied in [
+        (dev, "admin.shop.svc.corp.internal", True),
+        (dev, "admin.shop.svc.corp.internal.:443", True),
+        (dev, "admin.shop.svc.cluster.local", False),  # not this cluster's domain
+        (prod, "admin.shop.svc.cluster.local", True),
+        (prod, "admin.shop.svc.corp.internal", False),
+    ]:
+        decision = engine_.decide(CALLER, claims, parse_request(service(host)))
+        assert decision.denied is denied, (engine_.cluster, host, decision)
 
 
 @pytest.mark.parametrize(

@@ -65,6 +65,7 @@ _REFUSED_ENCODED = {
     0x23: "an encoded # (%23)",
     0x3B: "an encoded ; (%3B)",
 }
+_DOUBLE_ENCODING = re.compile("%25[0-9A-Fa-f]{2}")
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 _LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
 _IPV6 = re.compile(r"^\[[0-9a-f:.]{2,45}\]$")
@@ -109,9 +110,6 @@ def _normalise_encodings(path: str, what: str) -> str:
             raise RequestError(f"{what} contains {_REFUSED_ENCODED[byte]}")
         if byte < 0x20 or byte == 0x7F:
             raise RequestError(f"{what} contains an encoded control character (%{byte:02X})")
-        following = path[i + 3 : i + 5]
-        if byte == 0x25 and len(following) == 2 and all(d in _HEX for d in following):
-            raise RequestError(f"{what} is percent-encoded twice (%25 followed by two hex digits)")
         decoded = chr(byte)
         out.append(decoded if decoded in _UNRESERVED else f"%{byte:02X}")
         i += 3
@@ -132,6 +130,9 @@ def canonical_path(value: str, what: str = "path") -> str:
     if ";" in path:
         raise RequestError(f"{what} contains a path parameter (;)")
     canonical = path if _RAW_OK.issuperset(path) else _normalise_encodings(path, what)
+    # On the canonical form: "%252%66" only becomes "%252f" once %66 is decoded.
+    if _DOUBLE_ENCODING.search(canonical):
+        raise RequestError(f"{what} is percent-encoded twice (%25 followed by two hex digits)")
     if "%" in canonical:
         try:
             decoded = unquote(canonical, errors="strict")
