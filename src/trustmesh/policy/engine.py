@@ -130,16 +130,28 @@ class _Binding:
                 return True
         return False
 
-    def nearness(self, request: Request, family: str) -> tuple[tuple[int, ...], str]:
+    def nearness(self, request: Request, family: str) -> int:
         """How near this binding (which names the identity but does not cover the
-        request) came, as a sort key, and the sentence saying what failed."""
-        namespace_ok = self.namespaces is None or request.namespace in self.namespaces
-        closest: list[str] | None = None
+        request) came: 2 when a rule covers the request and only the namespace does
+        not admit it, 1 when the namespace admits it (so no rule covers it), 0 when
+        neither. Nothing is written here (:meth:`describe` does, for one binding)."""
+        if self.namespaces is None or request.namespace in self.namespaces:
+            return 1
         for rule in self.rules[family][:EXPLAIN_RULES]:
-            missed = explain_rule(rule, request)
-            if closest is None or len(missed) < len(closest):
-                closest = missed
-        rule_ok = closest == []
+            if rule.matches(request):  # type: ignore[arg-type]
+                return 2
+        return 0
+
+    def describe(self, request: Request, family: str, rank: int) -> str:
+        """What this binding matched and what it missed, in words (``rank`` from
+        :meth:`nearness`)."""
+        namespace_ok = rank == 1
+        closest: list[str] | None = [] if rank == 2 else None
+        if rank != 2:
+            for rule in self.rules[family][:EXPLAIN_RULES]:
+                missed = explain_rule(rule, request)
+                if closest is None or len(missed) < len(closest):
+                    closest = missed
         where = ""
         if not namespace_ok:
             assert self.namespaces is not None
@@ -148,7 +160,7 @@ class _Binding:
                 if request.namespace
                 else "the request has no namespace"
             )
-        if rule_ok:
+        if closest == []:
             text = f"the subject and the rule but not namespace: {where}"
         else:
             matched = "the subject and namespace" if self.namespaces is not None else "the subject"
@@ -162,8 +174,7 @@ class _Binding:
                 text = f"{matched} no rule of role {self.role}: the closest misses " + ", ".join(
                     closest
                 )
-        key = (int(rule_ok), int(namespace_ok), -len(closest) if closest is not None else -99)
-        return key, f"RoleBinding {self.name} matched {text}"
+        return f"RoleBinding {self.name} matched {text}"
 
 
 _Entry = tuple[_Binding, _Subject]
@@ -398,16 +409,20 @@ class Engine:
 
     @staticmethod
     def _explain(allows: tuple[_Binding, ...], request: Request, family: str) -> str:
-        """Why a default deny: the allow binding that came nearest (bounded work)."""
+        """Why a default deny: the first allow binding of the nearest kind — only its
+        namespace failed, else its namespace held, else neither — and, in words, what
+        its closest rule missed. Bounded: at most EXPLAIN_BINDINGS bindings and
+        EXPLAIN_RULES rules each, and the sentence is written for one binding."""
         if not allows:
             return "; no allow RoleBinding names this identity"
-        best: tuple[tuple[int, ...], str] | None = None
+        best, best_rank = allows[0], -1
         for binding in allows[:EXPLAIN_BINDINGS]:
-            found = binding.nearness(request, family)
-            if best is None or found[0] > best[0]:
-                best = found
-        assert best is not None
-        return f"; nearest: {best[1]}"
+            rank = binding.nearness(request, family)
+            if rank > best_rank:
+                best, best_rank = binding, rank
+                if rank == 2:  # none can come nearer
+                    break
+        return f"; nearest: {best.describe(request, family, best_rank)}"
 
     def _decision(
         self, allowed: bool, denied: bool, reason: str, matched: list[_Binding]
