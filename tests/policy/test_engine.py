@@ -11,7 +11,7 @@ import pytest
 from policy_fixtures import INVENTORY, binding, policy, registry, role
 
 from trustmesh.policy.compiler import compile_all, compile_bundle, identity_claims
-from trustmesh.policy.engine import Decision, Engine
+from trustmesh.policy.engine import MAX_READINGS, Decision, Engine
 from trustmesh.request import parse_request
 
 REGISTRY = registry()
@@ -390,6 +390,22 @@ def test_each_cluster_reads_hosts_with_its_own_cluster_domain() -> None:
     ]:
         decision = engine_.decide(CALLER, claims, parse_request(service(host)))
         assert decision.denied is denied, (engine_.cluster, host, decision)
+
+
+def test_a_short_host_with_too_many_readings_is_denied_without_deciding_them() -> None:
+    """Each namespace a rule names is a reading of a one-label host: past MAX_READINGS
+    the engine asks for the namespace instead of deciding every reading."""
+    spaces = [f"ns{i}" for i in range(MAX_READINGS)]
+    rules = ", ".join(f"'*.{ns}.svc'" for ns in spaces)
+    tm = one_rule(f"{{services: [{rules}, '*'], paths: ['*'], methods: [GET]}}")
+    decision = decide(tm, service("api"))
+    assert not decision.allowed and not decision.denied
+    assert f"more than {MAX_READINGS}; give the request its namespace" in decision.reason
+    assert allowed(tm, {**service("api"), "namespace": "ns3"})  # one reading: api.ns3.svc
+    fewer = one_rule(
+        f"{{services: [{rules.rsplit(', ', 1)[0]}, '*'], paths: ['*'], methods: [GET]}}"
+    )
+    assert allowed(fewer, service("api"))  # 64 readings, each allowed by '*'
 
 
 @pytest.mark.parametrize(

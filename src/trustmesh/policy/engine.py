@@ -11,7 +11,8 @@ its cluster (DESIGN §3 "Canonical requests", ``request/canonical.py``): a host
 ``<svc>.<ns>.svc`` in namespace ``<ns>``, a short host (``<svc>``, ``<svc>.<ns>``) with
 a known namespace is expanded, and a short host without one is decided under every
 reading — as written, and as each ``<svc>.<ns>.svc`` a rule names. The request is
-allowed only if every reading is; an explicit deny under any reading wins.
+allowed only if every reading is; an explicit deny under any reading wins; a host with more than ``MAX_READINGS`` readings is denied (default deny)
+without deciding any, so one question costs a bounded number of evaluations.
 
 A default deny says why (``reason``): the allow binding that came nearest — it named
 the identity — and the condition that failed (namespace, or the closest rule's host,
@@ -61,6 +62,9 @@ _ABSENT = object()
 DEFAULT_DENY = "no RoleBinding allows this request (default deny)"
 EXPLAIN_BINDINGS = 32
 EXPLAIN_RULES = 64
+MAX_READINGS = 64
+"""A short host without a namespace is decided under at most this many readings; past
+it the answer is a default deny that asks for the namespace."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,6 +386,12 @@ class Engine:
         )
         if len(read) == 1:
             return self._decide_one(denies, allows, request, "service")
+        if len(read) > MAX_READINGS:  # bounded work per question: fail closed
+            reason = (
+                f"{DEFAULT_DENY}: host {request.host} has {len(read)} readings, more than "
+                f"{MAX_READINGS}; give the request its namespace"
+            )
+            return self._decision(False, False, reason, [])
         outcomes = []
         for host, namespace in read:
             reading = ServiceRequest(host, request.path, request.method, namespace)
