@@ -11,8 +11,9 @@ its cluster (DESIGN §3 "Canonical requests", ``request/canonical.py``): a host
 ``<svc>.<ns>.svc`` in namespace ``<ns>``, a short host (``<svc>``, ``<svc>.<ns>``) with
 a known namespace is expanded, and a short host without one is decided under every
 reading — as written, and as each ``<svc>.<ns>.svc`` a rule names. The request is
-allowed only if every reading is; an explicit deny under any reading wins; a host with more than ``MAX_READINGS`` readings is denied (default deny)
-without deciding any, so one question costs a bounded number of evaluations.
+allowed only if every reading is; an explicit deny under any reading wins; a host with
+more than ``MAX_READINGS`` readings is denied (default deny) without deciding any, so
+one question costs a bounded number of evaluations.
 
 A default deny says why (``reason``): the allow binding that came nearest — it named
 the identity — and the condition that failed (namespace, or the closest rule's host,
@@ -24,8 +25,7 @@ ID and by one claim of each subject, so an identity only looks at bindings that 
 name it; the bindings that do apply to an identity are remembered per identity (its
 SPIFFE ID and the claims that bindings name, an absent claim told apart from a null
 one; the memo lives as long as the bundle, so a new revision invalidates it by
-construction);
-and each binding keeps its role's rules split by request family."""
+construction); and each binding keeps its role's rules split by request family."""
 
 from __future__ import annotations
 
