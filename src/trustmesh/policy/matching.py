@@ -31,17 +31,18 @@ PATH_CASE_INSENSITIVE = "insensitive"
 
 
 def compile_path_glob(pattern: str, fold_case: bool = False) -> re.Pattern[str] | None:
-    """None means "any path". The glob is compiled in the form requests are matched in
-    (``canonical.match_form``)."""
+    """None means "any path". The literal parts are compiled in the form requests are
+    matched in (``canonical.match_form``), each on its own: a ``%2A`` in a rule is a
+    literal ``*``, never a wildcard."""
     if pattern in ("*", "/**"):
         return None
-    pattern = match_form(pattern, fold_case)
     out = []
     for segment in pattern.split("/")[1:]:
         if segment == "**":
             out.append("(?:/[^/]*)*")
         else:
-            out.append("/" + re.escape(segment).replace(r"\*", "[^/]*"))
+            literals = (re.escape(match_form(part, fold_case)) for part in segment.split("*"))
+            out.append("/" + "[^/]*".join(literals))
     return re.compile("".join(out))
 
 
