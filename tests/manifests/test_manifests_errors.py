@@ -395,15 +395,6 @@ CASES: list[tuple[str, str, int, str, str]] = [
         "not a DNS-1123 subdomain",
     ),
     (
-        "service host with a port",
-        HEAD.format(kind="GlobalRole")
-        + "  rules:\n  - services: [api.shop.svc]\n    paths: [/x]\n    methods: [GET]\n"
-        + "  - services: ['api.shop.svc:8443']\n    paths: [/x]\n    methods: [GET]\n",
-        10,
-        "spec.rules[1].services[0]",
-        "has a port: rules name hosts, and the port is removed",
-    ),
-    (
         "path case of a resource rule",
         HEAD.format(kind="GlobalRole")
         + "  rules:\n  - apiGroups: ['']\n    resources: [pods]\n    verbs: [get]\n"
@@ -420,14 +411,6 @@ CASES: list[tuple[str, str, int, str, str]] = [
         10,
         "spec.rules[0].pathCase",
         "'folded'",
-    ),
-    (
-        "path glob with a path parameter",
-        HEAD.format(kind="GlobalRole")
-        + "  rules:\n  - services: ['*']\n    paths: ['/admin;x/**']\n    methods: [GET]\n",
-        8,
-        "spec.rules[0].paths[0]",
-        "path parameter",
     ),
     (
         "policy test request with an empty segment",

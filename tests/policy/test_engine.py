@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from policy_fixtures import INVENTORY, binding, policy, registry, role
 
+from trustmesh.common.errors import PolicyError
 from trustmesh.policy.compiler import compile_all, compile_bundle, identity_claims
 from trustmesh.policy.engine import MAX_READINGS, Decision, Engine
 from trustmesh.request import parse_request
@@ -390,6 +391,31 @@ def test_each_cluster_reads_hosts_with_its_own_cluster_domain() -> None:
     ]:
         decision = engine_.decide(CALLER, claims, parse_request(service(host)))
         assert decision.denied is denied, (engine_.cluster, host, decision)
+
+
+def test_a_stored_version_with_ports_or_the_cluster_domain_in_rule_hosts_still_denies() -> None:
+    """Applies refuse such rule hosts now (checked with the whole policy, so stored
+    versions from before still load); an engine reads them without the port or the
+    domain, so the deny they spell keeps denying every spelling of the host."""
+    text = role(
+        "admin",
+        "{services: ['admin.shop.svc:8443', 'api.shop.svc.cluster.local'], paths: ['*'], "
+        "methods: [GET]}",
+    ) + binding("no-admin", "admin", "[{workload: payments}]", "effect: deny")
+    stored = policy(text)  # loads, as a stored version is loaded
+    with pytest.raises(PolicyError) as caught:
+        compile_all(stored, REGISTRY, REVISION)  # what an apply or a rollback runs
+    assert sorted(caught.value.problems) == [
+        "GlobalRole admin: rules[0]: service host 'admin.shop.svc:8443' has a port: rules "
+        "name hosts, and the port is removed from every request before matching (write "
+        "'admin.shop.svc')",
+        "GlobalRole admin: rules[0]: service host 'api.shop.svc.cluster.local': name a "
+        "service as <svc>.<ns>.svc (the cluster domain is removed from requests before "
+        "matching: write 'api.shop.svc')",
+    ]
+    tm = Engine(compile_bundle(stored, REGISTRY, "prod-eu", REVISION))  # as bundles.py does
+    for host in ("admin.shop.svc", "admin.shop.svc:8443", "admin.shop.svc:80", "api.shop.svc"):
+        assert decide(tm, service(host)).denied, host
 
 
 def test_a_short_host_with_too_many_readings_is_denied_without_deciding_them() -> None:

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from trustmesh.common.errors import PolicyError
+from trustmesh.common.errors import PolicyError, RequestError
 from trustmesh.manifests import (
     ClusterScope,
     Document,
@@ -28,6 +28,7 @@ from trustmesh.manifests import (
 )
 from trustmesh.policy.matching import PATH_CASE_INSENSITIVE, expression_matches
 from trustmesh.registry import Registry
+from trustmesh.request.canonical import check_path_pattern, rule_host_problem
 
 BUNDLE_KIND = "PolicyBundle"
 
@@ -137,10 +138,34 @@ def cluster_selected(scope: ClusterScope | None, name: str, labels: dict[str, st
     return all(expression_matches(e, labels) for e in _expressions(scope.match_expressions))
 
 
+def rule_problems(name: str, role: GlobalRoleSpec) -> list[str]:
+    """What a role's rules name that no canonical request can be (DESIGN §3): a service
+    host with a port or the cluster domain, a path or URL the canonicalisation refuses.
+    Checked when a change is applied, not when a stored version is loaded, so versions
+    from before these checks keep working (``engine`` reads their hosts canonically)."""
+    problems = []
+    for index, rule in enumerate(role.rules):
+        where = f"GlobalRole {name}: rules[{index}]"
+        for host in rule.services:
+            problem = rule_host_problem(host)
+            if problem is not None:
+                problems.append(f"{where}: {problem}")
+        patterns = [("path", p) for p in rule.paths if p != "*"]
+        patterns += [("nonResourceURL", u) for u in rule.non_resource_urls if u != "*"]
+        for what, pattern in patterns:
+            try:
+                check_path_pattern(pattern, f"{what} {pattern!r}")
+            except RequestError as exc:
+                problems.append(f"{where}: {exc.description} (no request can have it)")
+    return problems
+
+
 def check_policy(policy: PolicySet, registry: Registry) -> list[str]:
-    """Problems across documents: unknown roles, include cycles, unknown workloads or
-    clusters named by bindings and tests."""
+    """Problems across documents: unknown roles, include cycles, rules no canonical
+    request can match, unknown workloads or clusters named by bindings and tests."""
     _, problems = flatten_roles(policy.roles)
+    for name, role in sorted(policy.roles.items()):
+        problems.extend(rule_problems(name, role))
     for name, binding in sorted(policy.bindings.items()):
         if binding.role not in policy.roles:
             problems.append(f"RoleBinding {name}: role {binding.role!r} is not a GlobalRole")

@@ -51,6 +51,7 @@ from trustmesh.request.canonical import (
     domain_suffix,
     is_short,
     readings,
+    rule_host,
     service_host,
     strip_cluster_domain,
 )
@@ -197,7 +198,10 @@ class Engine:
         self.cluster_domain: str = bundle.get("clusterDomain") or DEFAULT_CLUSTER_DOMAIN
         self._domain_suffix = domain_suffix(self.cluster_domain)
         roles = bundle["roles"]
-        compiled = {name: [compile_rule(rule) for rule in rules] for name, rules in roles.items()}
+        compiled = {
+            name: [compile_rule(self._canonical_rule(rule)) for rule in rules]
+            for name, rules in roles.items()
+        }
         self.bindings = tuple(_Binding(b, compiled[b["role"]]) for b in bundle["bindings"])
         self._name_services(compiled)
         # Each index entry is (binding, the subject indexed there): a subject can only
@@ -227,6 +231,17 @@ class Engine:
         self._memo: dict[tuple[Any, ...], tuple[tuple[_Binding, ...], tuple[_Binding, ...]]] = {}
         self._ids = itertools.count(1)
         self._id_prefix = f"{secrets.token_hex(4)}-{self.revision}-"
+
+    def _canonical_rule(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A service rule's hosts as canonical requests are matched against them
+        (``canonical.rule_host``: a version stored before ports and cluster domains
+        were refused in rule hosts)."""
+        hosts = body.get("services")
+        if not hosts:
+            return body
+        suffix = self._domain_suffix
+        read = [rule_host(h, suffix) for h in hosts]
+        return body if read == hosts else {**body, "services": read}
 
     def _name_services(self, compiled: Mapping[str, list[CompiledRule]]) -> None:
         """What the readings of a short host draw on (``canonical.readings``): per

@@ -282,6 +282,37 @@ def service_host(host: str, namespace: str) -> tuple[str, str]:
     return host, host_namespace(host)
 
 
+def rule_host_problem(host: str) -> str | None:
+    """Why a rule's service host can never equal a canonical request host, or None: a
+    port (removed from every request), or the cluster domain after ``.svc``."""
+    name, colon, _ = host.partition(":")
+    if colon:
+        return (
+            f"service host {host!r} has a port: rules name hosts, and the port is removed "
+            f"from every request before matching (write {name!r})"
+        )
+    labels = host.split(".")
+    if "svc" in labels[1:-1]:
+        at = labels.index("svc", 1)
+        return (
+            f"service host {host!r}: name a service as <svc>.<ns>.svc (the cluster domain "
+            f"is removed from requests before matching: write {'.'.join(labels[: at + 1])!r})"
+        )
+    return None
+
+
+def rule_host(host: str, suffix: str) -> str:
+    """A rule's service host as canonical requests are matched against it. Applies
+    refuse a port or a cluster domain in a rule host (:func:`rule_host_problem`), but a
+    version stored before they did may carry one: it is read without it, so a deny it
+    names still denies."""
+    if ":" in host:
+        host = host.partition(":")[0]
+    if host.endswith("."):
+        host = host[:-1]
+    return strip_cluster_domain(host, suffix)
+
+
 def readings(
     host: str,
     by_service: Mapping[str, Iterable[str]],
