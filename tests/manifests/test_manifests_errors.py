@@ -379,6 +379,59 @@ CASES: list[tuple[str, str, int, str, str]] = [
         "spec.selector",
         "expected a mapping, got a list",
     ),
+    # --- canonical requests (DESIGN §3): Cluster.clusterDomain, service rules, PolicyTests
+    (
+        "cluster domain with a trailing dot",
+        CLUSTER_HEAD + ISSUER + "  clusterDomain: cluster.local.\n",
+        7,
+        "spec.clusterDomain",
+        "not a DNS-1123 subdomain",
+    ),
+    (
+        "cluster domain in upper case",
+        CLUSTER_HEAD + ISSUER + "  clusterDomain: Corp.Internal\n",
+        7,
+        "spec.clusterDomain",
+        "not a DNS-1123 subdomain",
+    ),
+    (
+        "path case of a resource rule",
+        HEAD.format(kind="GlobalRole")
+        + "  rules:\n  - apiGroups: ['']\n    resources: [pods]\n    verbs: [get]\n"
+        + "    pathCase: insensitive\n",
+        10,
+        "spec.rules[0].pathCase",
+        "pathCase applies to service rules only",
+    ),
+    (
+        "path case neither sensitive nor insensitive",
+        HEAD.format(kind="GlobalRole")
+        + "  rules:\n  - services: ['*']\n    paths: ['*']\n    methods: [GET]\n"
+        + "    pathCase: folded\n",
+        10,
+        "spec.rules[0].pathCase",
+        "'folded'",
+    ),
+    (
+        "policy test request with an empty segment",
+        HEAD.format(kind="PolicyTest")
+        + "  cases:\n  - subject: {workload: w}\n    cluster: east\n"
+        + "    request: {host: admin.shop.svc, path: //admin/users, method: GET}\n"
+        + "    expect: deny\n",
+        9,
+        "spec.cases[0].request",
+        "field path contains an empty segment (//)",
+    ),
+    (
+        "policy test request with a control character in the host",
+        HEAD.format(kind="PolicyTest")
+        + "  cases:\n  - subject: {workload: w}\n    cluster: east\n"
+        + '    request: {host: "admin\\e[2J.shop.svc", path: /, method: GET}\n'
+        + "    expect: deny\n",
+        9,
+        "spec.cases[0].request",
+        "field host contains a control character (U+001B)",
+    ),
     # --- YAML level
     (
         "duplicate key",

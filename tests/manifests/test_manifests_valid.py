@@ -11,6 +11,7 @@ from trustmesh.common.errors import ManifestError
 from trustmesh.manifests import (
     API_VERSION,
     ClusterSpec,
+    GlobalRoleSpec,
     Problem,
     WorkloadSelector,
     WorkloadSpec,
@@ -32,6 +33,31 @@ def test_cluster_with_inline_jwks() -> None:
     assert doc.body["apiVersion"] == API_VERSION
     assert doc.body["spec"]["audience"] == "trustmesh"
     assert doc.body["spec"]["labels"] == {}
+
+
+def test_cluster_domain_defaults_to_cluster_local_without_changing_the_body() -> None:
+    [doc] = parse_text(CLUSTER, "c.yaml")
+    assert isinstance(doc.spec, ClusterSpec) and doc.spec.cluster_domain == "cluster.local"
+    assert "clusterDomain" not in doc.body["spec"]  # Clusters applied before keep their hash
+    [custom] = parse_text(CLUSTER.replace("spec:\n", "spec:\n  clusterDomain: corp.internal\n"))
+    assert isinstance(custom.spec, ClusterSpec) and custom.spec.cluster_domain == "corp.internal"
+    assert custom.body["spec"]["clusterDomain"] == "corp.internal"
+
+
+def test_a_service_rule_may_fold_path_case() -> None:
+    text = """\
+apiVersion: trustmesh.io/v1alpha1
+kind: GlobalRole
+metadata: {name: r}
+spec:
+  rules:
+  - {services: [api.shop.svc], paths: [/Admin/**], methods: [GET], pathCase: insensitive}
+  - {services: [api.shop.svc], paths: [/x], methods: [GET], pathCase: sensitive}
+  - {services: [api.shop.svc], paths: [/y], methods: [GET]}
+"""
+    [doc] = parse_text(text, "r.yaml")
+    assert isinstance(doc.spec, GlobalRoleSpec)
+    assert [r.path_case for r in doc.spec.rules] == ["insensitive", "sensitive", "sensitive"]
 
 
 def test_cluster_with_jwks_uri_and_labels() -> None:

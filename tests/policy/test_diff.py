@@ -268,16 +268,6 @@ def test_a_partial_deny_leaves_a_wildcard_namespace_grant_listed() -> None:
             False,
         ),
         (
-            "{services: ['api.shop:8443'], paths: [/x], methods: [GET]}",
-            "{services: [api.shop], paths: [/x], methods: [GET]}",
-            True,
-        ),
-        (
-            "{services: [api.shop], paths: [/x], methods: [GET]}",
-            "{services: ['api.shop:8443'], paths: [/x], methods: [GET]}",
-            False,
-        ),
-        (
             "{services: [api.shop], paths: [/x], methods: ['*']}",
             "{services: [api.shop], paths: [/x], methods: [GET, POST]}",
             False,

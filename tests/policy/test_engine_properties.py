@@ -8,13 +8,19 @@ takes an allow away nor a deny grant one; (c) path globs (``*`` one segment, ``*
 any number) against a segment-by-segment matcher written here; (d) every decision
 agrees with a naive reference evaluator written here from the spec alone (every
 binding, every subject, every rule; no index, no memo, no regex; no code shared with
-``trustmesh.policy``), and does not depend on what the engine decided before."""
+``trustmesh.policy``), and does not depend on what the engine decided before.
+
+Requests go through ``parse_request`` (canonical, DESIGN §3); what the engine adds for
+its cluster — the cluster domain, short hosts expanded in a known namespace, every
+reading of an ambiguous short host with deny winning — the reference does from the
+spec (:func:`ref_readings`)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -126,20 +132,24 @@ RULE_VERBS = ("get", "list", "*")
 URL_PATTERNS = ("/healthz", "/healthz*", "/healthz/*", "/metrics", "/api/*", "*")
 HOST_PATTERNS = (
     "api.shop.svc",
-    "api.shop.svc:8080",
     "*.shop.svc",
-    "*.svc:8080",
+    "*.svc",
     "web.build.svc",
+    "api.shop",  # an external name, or api in shop: matched as written
+    "api",
     "*",
 )
-GLOB_SEGMENTS = ("a", "b", "*", "**", "a*", "*b", "a*b", "a.b", "(", "[x]")
-PATH_SEGMENTS = ("a", "b", "ab", "aab", "a.b", "axb", "", "x", "(", "[x]")
+GLOB_SEGMENTS = ("a", "b", "*", "**", "a*", "*b", "a*b", "a.b", "(", "[x]", "A")
+# Canonical segments only (an empty one, "//", is refused before any engine).
+PATH_SEGMENTS = ("a", "b", "ab", "aab", "a.b", "axb", "x", "(", "[x]", "A", "%41", "%5Bx%5D")
 
 PATH_GLOBS = st.just("*") | st.lists(st.sampled_from(GLOB_SEGMENTS), max_size=4).map(
     lambda segments: "/" + "/".join(segments)
 )
-PATHS = st.lists(st.sampled_from(PATH_SEGMENTS), max_size=5).map(
-    lambda segments: "/" + "/".join(segments)
+PATHS = st.builds(
+    lambda segments, slash: "/" + "/".join(segments) + (slash if segments else ""),
+    st.lists(st.sampled_from(PATH_SEGMENTS), max_size=5),
+    st.sampled_from(("", "", "/")),
 )
 
 RESOURCE_RULES = st.builds(
@@ -157,10 +167,13 @@ NON_RESOURCE_RULES = st.builds(
     subset(RULE_VERBS),
 )
 SERVICE_RULES = st.builds(
-    lambda hosts, globs, methods: PolicyRule(services=hosts, paths=globs, methods=methods),
+    lambda hosts, globs, methods, case: PolicyRule(
+        services=hosts, paths=globs, methods=methods, path_case=case
+    ),
     subset(HOST_PATTERNS),
     st.lists(PATH_GLOBS, min_size=1, max_size=2, unique=True).map(tuple),
     subset(("GET", "POST", "*")),
+    st.sampled_from(("sensitive", "sensitive", "insensitive")),
 )
 RULE_LISTS = st.lists(
     RESOURCE_RULES | NON_RESOURCE_RULES | SERVICE_RULES, min_size=1, max_size=3
@@ -268,11 +281,17 @@ SERVICE_REQUESTS = st.fixed_dictionaries(
                 "api.shop.svc",
                 "API.Shop.svc",
                 "api.shop.svc:8080",
-                "api.shop.svc:9090",
+                "api.shop.svc.",
+                "api.shop.svc.cluster.local",
+                "api.shop.svc.cluster.local.:443",
+                "api.shop.svc.other.local",
                 "x.api.shop.svc",
                 "shop.svc",
                 "web.build.svc:8080",
                 "evil.example",
+                "api.shop",
+                "api",
+                "web",
             )
         ),
         "path": st.builds(lambda p, q: p + q, PATHS, st.sampled_from(("", "?q=1", "?/a/b"))),
@@ -327,18 +346,21 @@ def _path_near(draw: st.DrawFn, glob: str) -> str:
                     for i, part in enumerate(segment.split("*"))
                 )
             )
+    # Only the last segment may be empty (a trailing /): "//" is refused before any engine.
+    segments = [seg or "x" for seg in segments[:-1]] + segments[-1:]
     return "/" + "/".join(segments)
 
 
 def _host_near(draw: st.DrawFn, pattern: str) -> str:
     if pattern == "*":
-        return draw(st.sampled_from(("api.shop.svc", "evil.example:8080")))
-    name, port = split_port(pattern)
+        return draw(st.sampled_from(("api.shop.svc", "evil.example:8080", "api")))
+    name = pattern
     if name.startswith("*."):
         name = draw(st.sampled_from(("x", "a.b", ""))) + name[1:]
         name = name.lstrip(".")
-    port = draw(st.sampled_from((port, None, "8080", "9090")))
-    return f"{name}:{port}" if port else name
+    port = draw(st.sampled_from((None, "8080")))
+    dot = draw(st.sampled_from(("", ".")))
+    return f"{name}{dot}:{port}" if port else name + dot
 
 
 def request_near(draw: st.DrawFn, rule: PolicyRule, namespaces: tuple[str, ...] = ()) -> Request:
@@ -358,7 +380,9 @@ def request_near(draw: st.DrawFn, rule: PolicyRule, namespaces: tuple[str, ...] 
     if rule.non_resource_urls:
         url = draw(st.sampled_from(rule.non_resource_urls))
         if url.endswith("*"):
-            url = url[:-1] + draw(st.sampled_from(("", "x", "/ready")))
+            url = url[:-1] + draw(
+                st.sampled_from(("", "x", "ready" if url.endswith("/*") else "/ready"))
+            )
         return parse_request(
             {
                 "verb": _pick(draw, rule.verbs, ("get", "delete")),
@@ -494,36 +518,33 @@ def ref_glob(pattern: str, path: str) -> bool:
     return match(0, 0)
 
 
-def split_port(host: str) -> tuple[str, str | None]:
-    if ":" not in host:
-        return host, None
-    name, _, port = host.rpartition(":")
-    return name, port
-
-
 def ref_host(pattern: str, host: str) -> bool:
-    """Exact, ``*.suffix`` (any name below the suffix) or ``*``; a pattern without a
-    port ignores the request's port."""
+    """Exact, ``*.suffix`` (any name below the suffix) or ``*``."""
     if pattern == "*":
         return True
-    pattern_name, pattern_port = split_port(pattern)
-    name, port = split_port(host)
-    if pattern_port is not None and pattern_port != port:
-        return False
-    if pattern_name.startswith("*."):
-        return name.endswith(pattern_name[1:])
-    return name == pattern_name
+    if pattern.startswith("*."):
+        return host.endswith(pattern[1:])
+    return host == pattern
+
+
+def ref_path(path: str, fold: bool) -> str:
+    """What globs see: fully percent-decoded, case-folded for ``pathCase: insensitive``."""
+    path = unquote(path)
+    return path.casefold() if fold else path
 
 
 def ref_rule(rule: PolicyRule, request: Request) -> bool:
     if rule.services:
         if not isinstance(request, ServiceRequest):
             return False
-        path = request.path.split("?", 1)[0]
+        fold = rule.path_case == "insensitive"
         return (
             ("*" in rule.methods or request.method in rule.methods)
             and any(ref_host(h, request.host) for h in rule.services)
-            and any(ref_glob(p, path) for p in rule.paths)
+            and any(
+                ref_glob(ref_path(p, fold), ref_path(request.path, fold)) if p != "*" else True
+                for p in rule.paths
+            )
         )
     if rule.non_resource_urls:
         if not isinstance(request, NonResourceRequest):
@@ -566,7 +587,74 @@ class Expected:
     bindings: frozenset[str]
 
 
+def ref_resolve(request: Request) -> Request:
+    """DESIGN §3 on a parsed request, for the fixture clusters (cluster.local): the
+    cluster domain removed, a short host expanded in a known namespace, the namespace
+    of a service host."""
+    if not isinstance(request, ServiceRequest):
+        return request
+    host, namespace = request.host, request.namespace
+    labels = host.split(".")
+    if host.endswith(".svc.cluster.local") and len(labels) > 4:
+        labels = labels[:-2]
+    if namespace and len(labels) <= 2:
+        labels = [*labels, "svc"] if len(labels) == 2 else [labels[0], namespace, "svc"]
+    if not namespace and len(labels) >= 3 and labels[-1] == "svc":
+        namespace = labels[-2]
+    return ServiceRequest(".".join(labels), request.path, request.method, namespace)
+
+
+def ref_readings(policy: PolicySet, cluster: str, request: Request) -> list[Request]:
+    """The request as resolved, or for a short host without a namespace: as written,
+    and as each ``<svc>.<ns>.svc`` some rule of the cluster's bindings names (a host
+    pattern other than ``*`` that matches it, or ``*`` in a binding listing ``ns``)."""
+    request = ref_resolve(request)
+    if not isinstance(request, ServiceRequest) or request.namespace:
+        return [request]
+    labels = request.host.split(".")
+    if len(labels) > 2:
+        return [request]
+    out: list[Request] = [request]
+    spaces = [labels[1]] if len(labels) == 2 else ["shop", "build", "other", "*"]
+    bindings = [b for b in policy.bindings.values() if ref_cluster(b.clusters, cluster)]
+    for namespace in spaces:
+        host = f"{labels[0]}.{namespace}.svc"
+        named = any(
+            any(
+                (pattern != "*" and ref_host(pattern, host))
+                or (pattern == "*" and namespace in (binding.namespaces or ()))
+                for rule in ref_rules(policy, binding.role)
+                for pattern in rule.services
+            )
+            for binding in bindings
+        )
+        if named:
+            out.append(
+                ServiceRequest(
+                    host, request.path, request.method, "" if namespace == "*" else namespace
+                )
+            )
+    return out
+
+
 def reference(
+    policy: PolicySet, cluster: str, spiffe_id: str, claims: Mapping[str, Any], request: Request
+) -> Expected:
+    """Every reading decided alone; allowed only under all of them, an explicit deny
+    under any wins (the bindings named: those of every deciding reading)."""
+    outcomes = [
+        ref_one(policy, cluster, spiffe_id, claims, reading)
+        for reading in ref_readings(policy, cluster, request)
+    ]
+    denied = [o for o in outcomes if o.denied]
+    if denied:
+        return Expected(False, True, frozenset().union(*(o.bindings for o in denied)))
+    if all(o.allowed for o in outcomes):
+        return Expected(True, False, frozenset().union(*(o.bindings for o in outcomes)))
+    return Expected(False, False, frozenset())
+
+
+def ref_one(
     policy: PolicySet, cluster: str, spiffe_id: str, claims: Mapping[str, Any], request: Request
 ) -> Expected:
     denies, allows = set(), set()
@@ -605,7 +693,7 @@ def check_agrees(policy: PolicySet, got: Decision, expected: Expected) -> None:
     if expected.bindings:
         assert got.reason.split("RoleBinding ", 1)[1].split(" ", 1)[0] in expected.bindings
     else:
-        assert got.reason == "no RoleBinding allows this request (default deny)"
+        assert got.reason.startswith("no RoleBinding allows this request (default deny)")
 
 
 # --- (d) agreement with the reference --------------------------------------------------
@@ -661,10 +749,12 @@ def covering_rule(request: Request, exact: bool) -> PolicyRule:
             non_resource_urls=(request.path if exact else "*",),
             verbs=(request.verb if exact else "*",),
         )
+    resolved = ref_resolve(request)
+    assert isinstance(resolved, ServiceRequest)
     return PolicyRule(
-        services=(request.host if exact else "*",),
-        paths=(request.path.split("?", 1)[0] if exact else "/**",),
-        methods=(request.method if exact else "*",),
+        services=(resolved.host if exact else "*",),
+        paths=(resolved.path if exact else "/**",),
+        methods=(resolved.method if exact else "*",),
     )
 
 
@@ -715,7 +805,8 @@ def test_without_a_matching_allow_binding_nothing_is_allowed(scenario: Scenario)
         assert not decision.allowed
         if not decision.denied:
             assert decision.bindings == () and decision.roles == ()
-            assert decision.reason == "no RoleBinding allows this request (default deny)"
+            assert decision.reason.startswith("no RoleBinding allows this request (default deny)")
+            assert "; no allow RoleBinding names this identity" in decision.reason
         # With the allows back, an allow needs an allow binding that matches naively.
         if with_allows.decide(spiffe_id, claims, request).allowed:
             assert any(
@@ -769,9 +860,19 @@ def test_an_allow_binding_never_takes_an_allow_away_and_a_deny_never_grants(
 @FAST
 @given(pattern=PATH_GLOBS, path=PATHS)
 def test_path_glob_agrees_with_the_segment_by_segment_reference(pattern: str, path: str) -> None:
+    # Both sides in the form globs are matched in: fully percent-decoded.
     compiled = compile_path_glob(pattern)
-    got = compiled is None or compiled.fullmatch(path) is not None
-    assert got == ref_glob(pattern, path)
+    got = compiled is None or compiled.fullmatch(ref_path(path, False)) is not None
+    assert got == ref_glob(ref_path(pattern, False), ref_path(path, False))
+
+
+@FAST
+@given(pattern=PATH_GLOBS, path=PATHS)
+def test_an_insensitive_glob_matches_every_case_of_a_path(pattern: str, path: str) -> None:
+    compiled = compile_path_glob(pattern, fold_case=True)
+    for spelling in (path, path.upper(), path.lower(), path.swapcase()):
+        got = compiled is None or compiled.fullmatch(ref_path(spelling, True)) is not None
+        assert got == ref_glob(ref_path(pattern, True), ref_path(path, True))
 
 
 @FAST
@@ -805,4 +906,6 @@ def test_a_glob_without_stars_matches_only_itself(pattern: list[str], path: str)
     literal = "/" + "/".join(pattern)
     compiled = compile_path_glob(literal)
     assert compiled is not None
-    assert (compiled.fullmatch(path) is not None) == (path == literal)
+    assert (compiled.fullmatch(ref_path(path, False)) is not None) == (
+        unquote(path) == unquote(literal)
+    )

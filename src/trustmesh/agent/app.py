@@ -90,14 +90,17 @@ class AgentApp:
 
     async def ext_authz(self, request: Request) -> Response:
         """Envoy HTTP ext_authz check (any method, body ignored): 200 allow, 401 no or
-        bad token, 403 denied, 400 a path the agent will not interpret, 503 before a
-        bundle (``agent/envoy.py``)."""
+        bad token, 403 denied or refused (a request the canonicalisation refuses), 503
+        before a bundle (``agent/envoy.py``)."""
         try:
             attributes = envoy.check_request(
-                request.method, request.headers.get("host"), request.scope
+                request.method,
+                request.headers.getlist("host"),
+                request.headers.getlist(envoy.NAMESPACE_HEADER),
+                request.scope,
             )
         except RequestError as exc:
-            return envoy.bad_check(exc.description)
+            return envoy.refused(exc.description)
         with self.decider.span(EXT_AUTHZ, request.headers.get("traceparent")) as span:
             try:
                 outcome = await self.decider.decide(

@@ -186,6 +186,7 @@ class Decider:
         """A bearer token (None: the caller presented none) and what it asks for ->
         the outcome. Raises NotReady before the first verified bundle."""
         engine = self._engine()
+        request = engine.resolve(request)  # as the cluster reads it, also in the audit event
         asked = {"surface": surface, **request.to_json()}
         identity: VerifiedIdentity | None = None
         try:

@@ -10,9 +10,18 @@ allows, and no body. Envoy uses only the status and the headers of the answer:
   ``authorization_response.allowed_upstream_headers`` (Envoy then overwrites any
   value the client sent itself);
 * 401 with ``WWW-Authenticate: Bearer`` — missing, malformed or invalid token;
-* 403 — the policy denies the request;
-* 400 — a path the agent refuses to interpret (see :func:`check_request`);
+* 403 — the policy denies the request, or the request is refused before any policy
+  is asked: a path, host or namespace the canonicalisation refuses (dot or empty
+  segments, path parameters, encoded separators, control characters…:
+  ``request/canonical.py``, DESIGN §3), a missing or repeated ``Host``;
 * 503 — the agent has no verified policy bundle yet.
+
+The destination namespace (DESIGN §3) comes from :data:`NAMESPACE_HEADER`. Envoy's
+HTTP ext_authz service does not send ``context_extensions`` (they exist in the gRPC
+``CheckRequest`` only), so the route carries the namespace as metadata and the filter
+adds it to the check: ``http_service.authorization_request.headers_to_add`` with
+``%METADATA(ROUTE:trustmesh:namespace)%`` — the value overrides a client's header of
+that name, and a route without the metadata adds none (docs/agent-surfaces.md).
 
 Envoy forwards the status, the body and the headers of a denial to the client, so a
 denial says only that it is one and carries the decision id, never the names of the
@@ -21,10 +30,8 @@ bindings or roles involved (those are in ``/v1/authorize`` answers and the logs)
 
 from __future__ import annotations
 
-import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
-from urllib.parse import unquote
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -38,14 +45,12 @@ from trustmesh.policy.engine import Decision
 from trustmesh.request import ServiceRequest, parse_request
 
 PREFIX = "/ext_authz"
+NAMESPACE_HEADER = "x-trustmesh-namespace"
 SPIFFE_ID_HEADER = "x-trustmesh-spiffe-id"
 DECISION_ID_HEADER = "x-trustmesh-decision-id"
 TRACEPARENT_HEADER = "traceparent"
 REALM = "trustmesh"
 
-# %2F, %5C, %3F, %23 (an encoded /, backslash, ? or #) change which path a request names
-# depending on who decodes it: refuse rather than guess what the upstream will see.
-_ENCODED_SEPARATOR = re.compile(r"%(?:2f|5c|3f|23)", re.IGNORECASE)
 _NO_STORE = {"Cache-Control": "no-store"}
 
 
@@ -61,38 +66,50 @@ class AnyMethod:
         await self._app(scope, receive, send)
 
 
-def original_path(scope: Mapping[str, Any]) -> str:
-    """The client's path (without the query) from the check request's raw target.
-
-    Raises RequestError for paths whose meaning depends on normalisation: dot segments
-    (``/a/../b``, also percent-encoded), an encoded ``/``, ``\\``, ``?`` or ``#``,
-    backslashes, control characters. Envoy normally rejects or normalises these first (``normalize_path``,
-    ``path_with_escaped_slashes_action``); the agent does not rely on it."""
+def original_target(scope: Mapping[str, Any]) -> str:
+    """The client's request target (path and query) from the check request's raw
+    target, exactly as Envoy sent it: never decoded here, so the one canonicalisation
+    (``request/canonical.py``) sees what the upstream will see."""
     raw = scope.get("raw_path")
-    target = raw.decode("latin-1") if isinstance(raw, bytes) else str(scope.get("path", ""))
-    target = target.split("?", 1)[0]
-    if target != PREFIX and not target.startswith(PREFIX + "/"):
+    if isinstance(raw, bytes):
+        try:
+            target = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise RequestError("request.path is not valid UTF-8") from None
+    else:
+        target = str(scope.get("path", ""))
+    path = target.split("?", 1)[0]
+    if path != PREFIX and not path.startswith(PREFIX + "/"):
         raise RequestError(f"the check path must start with {PREFIX}/")
-    raw_path = target[len(PREFIX) :] or "/"
-    if _ENCODED_SEPARATOR.search(raw_path):
-        raise RequestError("the path contains an encoded /, \\, ? or #")
-    path = unquote(raw_path, errors="strict")
-    if "\\" in path or any(ord(c) < 0x20 or ord(c) == 0x7F for c in path):
-        raise RequestError("the path contains a backslash or a control character")
-    if any(segment in (".", "..") for segment in path.split("/")):
-        raise RequestError("the path contains a dot segment")
-    return path
+    rest = target[len(PREFIX) :]
+    return rest if rest.startswith("/") else "/" + rest
 
 
-def check_request(method: str, host: str | None, scope: Mapping[str, Any]) -> ServiceRequest:
-    """The service request an ext_authz check stands for; RequestError when malformed."""
+def _one(values: list[str], what: str) -> str | None:
+    if len(values) > 1:
+        raise RequestError(f"the check request has more than one {what} header")
+    return values[0] if values else None
+
+
+def check_request(
+    method: str, hosts: list[str], namespaces: list[str], scope: Mapping[str, Any]
+) -> ServiceRequest:
+    """The canonical service request an ext_authz check stands for (DESIGN §3): the
+    client's method, ``Host`` and path, and the destination namespace the route set
+    (:data:`NAMESPACE_HEADER`). RequestError, naming the problem, for anything the
+    canonicalisation refuses — answered 403, never matched."""
+    host = _one(hosts, "Host")
     if not host:
         raise RequestError("the check request has no Host header")
-    try:
-        path = original_path(scope)
-    except UnicodeDecodeError:
-        raise RequestError("the path is not valid UTF-8 once percent-decoded") from None
-    request = parse_request({"host": host.lower(), "path": path, "method": method})
+    namespace = _one(namespaces, NAMESPACE_HEADER) or ""
+    request = parse_request(
+        {
+            "host": host,
+            "path": original_target(scope),
+            "method": method,
+            "namespace": namespace,
+        }
+    )
     assert isinstance(request, ServiceRequest)
     return request
 
@@ -154,10 +171,17 @@ def unauthenticated(reason: str, description: str) -> Response:
     )
 
 
-def bad_check(description: str) -> Response:
+def refused(description: str) -> Response:
+    """A request the canonicalisation refuses (DESIGN §3: 403 on ext_authz, never
+    matched). Envoy passes the body to the client: it names the problem in the request,
+    nothing about the policy."""
     return JSONResponse(
-        {"allowed": False, "error": "invalid_request", "error_description": description},
-        400,
+        {
+            "allowed": False,
+            "error": "invalid_request",
+            "error_description": description.replace("request.", "", 1),
+        },
+        403,
         headers=_NO_STORE,
     )
 

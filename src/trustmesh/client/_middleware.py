@@ -8,6 +8,9 @@ Outcomes (fail closed):
   authenticate → 401 with ``WWW-Authenticate: Bearer``;
 * the policy denies → 403 with ``{"error": "forbidden", "decision_id": ...}`` (the
   names of bindings and roles stay in the agent's answer and logs);
+* the agent refuses the request (a path or ``Host`` its canonicalisation will not
+  read: dot or empty segments, ``;``, encoded separators…, DESIGN §3) → 400 with its
+  description; the agent is asked about the raw path, as the client sent it;
 * the agent is unreachable, times out, is not ready, or answers something unexpected →
   503;
 * allowed → the app runs with the :class:`Authorization` in ``scope["trustmesh"]`` and
@@ -74,14 +77,18 @@ def _host(scope: Scope) -> str | None:
     return None
 
 
-def _path_problem(path: str) -> str | None:
-    """Paths whose meaning depends on normalisation are refused (as the agent's Envoy
-    surface does): the policy must see what the application routes on."""
-    if "\\" in path or any(ord(c) < 0x20 or ord(c) == 0x7F for c in path):
-        return "the path contains a backslash or a control character"
-    if any(segment in (".", "..") for segment in path.split("/")):
-        return "the path contains a dot segment"
-    return None
+def _raw_path(scope: Scope) -> str | None:
+    """The path as the client sent it (``raw_path``, not the decoded ``path``): the
+    agent canonicalises it — the one canonicalisation of DESIGN §3 — and refuses the
+    spellings whose meaning depends on the reader (400, passed on). None when it is not
+    UTF-8, which JSON cannot carry."""
+    raw = scope.get("raw_path")
+    if not isinstance(raw, bytes):
+        return str(scope.get("path") or "/")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 class AuthorizationMiddleware:
@@ -136,9 +143,9 @@ class AuthorizationMiddleware:
                 [(b"www-authenticate", b'Bearer realm="trustmesh"')],
             )
         host = _host(scope)
-        path = str(scope.get("path") or "/")
-        problem = "the request has no Host header" if host is None else _path_problem(path)
-        if problem is not None:
+        path = _raw_path(scope)
+        if host is None or path is None:
+            problem = "the request has no Host header" if host is None else "the path is not UTF-8"
             return 400, {"error": "invalid_request", "error_description": problem}, []
         question = {
             "token": token,

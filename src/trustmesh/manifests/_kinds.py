@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from trustmesh.common.addresses import check_fetch_url
+from trustmesh.request.canonical import DEFAULT_CLUSTER_DOMAIN
 from trustmesh.spiffeid import parse_spiffe_id
 
 from ._errors import Sink
@@ -156,6 +157,14 @@ class ClusterSpec:
     jwks_uri: str | None
     audience: str
     labels: dict[str, str]
+    # The cluster's DNS domain (kubelet --cluster-domain): hosts
+    # <svc>.<ns>.svc.<clusterDomain> are matched as <svc>.<ns>.svc (DESIGN §3).
+    cluster_domain: str = DEFAULT_CLUSTER_DOMAIN
+
+
+def cluster_domain(value: str) -> None:
+    """A DNS domain as kubelet's ``--cluster-domain`` takes it, without trailing dot."""
+    dns_subdomain(value)
 
 
 CLUSTER_SPEC = obj(
@@ -164,6 +173,9 @@ CLUSTER_SPEC = obj(
     Field("jwksUri", string(fetch_url("jwksUri"))),
     Field("audience", string(), default=lambda: "trustmesh"),
     Field("labels", string_map(), default=dict),
+    # No default in the canonical body: Clusters applied before the field existed
+    # keep their content hash; the typed spec supplies cluster.local.
+    Field("clusterDomain", string(cluster_domain)),
     rules=(exclusive("jwks", "jwksUri", hint="; give one, or neither to use OIDC discovery"),),
 )
 
@@ -175,6 +187,7 @@ def _build_cluster(spec: dict[str, Any]) -> ClusterSpec:
         jwks_uri=spec.get("jwksUri"),
         audience=spec["audience"],
         labels=dict(spec["labels"]),
+        cluster_domain=spec.get("clusterDomain") or DEFAULT_CLUSTER_DOMAIN,
     )
 
 

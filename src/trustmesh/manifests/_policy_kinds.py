@@ -79,9 +79,16 @@ def _one_rule_family(node: MapNode, result: dict[str, Any], path: str, sink: Sin
     families = {
         "resource": {"apiGroups", "resources", "resourceNames"} & has,
         "nonResource": {"nonResourceURLs"} & has,
-        "service": {"services", "paths", "methods"} & has,
+        "service": {"services", "paths", "methods", "pathCase"} & has,
     }
     present = [name for name, fields in families.items() if fields]
+    if "pathCase" in has and present != ["service"]:
+        sink.add(
+            node.entries["pathCase"].line if "pathCase" in node.entries else node.line,
+            join(path, "pathCase"),
+            "pathCase applies to service rules only (services+paths+methods)",
+        )
+        return False
     if len(present) != 1:
         sink.add(
             node.line,
@@ -116,9 +123,13 @@ RULE = obj(
     Field("resourceNames", strings()),
     Field("nonResourceURLs", strings(_url_pattern)),
     Field("verbs", strings(_pattern(_VERB, "verb (lowercase, or *)"))),
+    # What canonical requests can never carry (a port, the cluster domain, a refused
+    # path) is refused when the policy is checked as a whole (policy/compiler.py
+    # check_policy): stored versions from before keep loading.
     Field("services", strings(_pattern(_HOST, "service host (name, *.suffix or *)"))),
     Field("paths", strings(_path_glob)),
     Field("methods", strings(_pattern(_METHOD, "HTTP method (uppercase, or *)"))),
+    Field("pathCase", string(choice("sensitive", "insensitive"))),
     rules=(_one_rule_family,),
 )
 
@@ -135,6 +146,7 @@ class PolicyRule:
     services: tuple[str, ...] = ()
     paths: tuple[str, ...] = ()
     methods: tuple[str, ...] = ()
+    path_case: str = "sensitive"  # or "insensitive", for upstreams that fold case
 
     @property
     def family(self) -> str:
@@ -155,6 +167,7 @@ class PolicyRule:
             services=tuple(body.get("services", ())),
             paths=tuple(body.get("paths", ())),
             methods=tuple(body.get("methods", ())),
+            path_case=body.get("pathCase", "sensitive"),
         )
 
 

@@ -4,8 +4,9 @@ A bundle holds only what applies to its cluster: the bindings whose ``clusters``
 selects it (by name or label selector; absent = every cluster), each binding's
 ``workload`` subjects resolved to SPIFFE IDs, the flattened rules of the roles those
 bindings use (``include`` expanded), and the inventory of registered identities (for
-SubjectAccessReview and the effective diff). The bundle is plain JSON; the agent
-builds its indexes from it (``engine.Engine``)."""
+SubjectAccessReview and the effective diff), and the cluster's ``clusterDomain``
+(DESIGN §3 "Canonical requests"). The bundle is plain JSON; the agent builds its
+indexes from it (``engine.Engine``)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from trustmesh.common.errors import PolicyError
+from trustmesh.common.errors import PolicyError, RequestError
 from trustmesh.manifests import (
     ClusterScope,
     Document,
@@ -25,8 +26,9 @@ from trustmesh.manifests import (
     RoleBindingSpec,
     SubjectSpec,
 )
-from trustmesh.policy.matching import expression_matches
+from trustmesh.policy.matching import PATH_CASE_INSENSITIVE, expression_matches
 from trustmesh.registry import Registry
+from trustmesh.request.canonical import check_path_pattern, rule_host_problem
 
 BUNDLE_KIND = "PolicyBundle"
 
@@ -70,7 +72,12 @@ def _rule_body(rule: Any) -> dict[str, Any]:
         ("paths", rule.paths),
         ("methods", rule.methods),
     )
-    return {key: list(value) for key, value in pairs if value}
+    body: dict[str, Any] = {key: list(value) for key, value in pairs if value}
+    # Only when it changes matching, so bundles (and the compiled-rule cache keys) of
+    # rules without it stay as they were.
+    if rule.path_case == PATH_CASE_INSENSITIVE:
+        body["pathCase"] = rule.path_case
+    return body
 
 
 def flatten_roles(
@@ -131,10 +138,34 @@ def cluster_selected(scope: ClusterScope | None, name: str, labels: dict[str, st
     return all(expression_matches(e, labels) for e in _expressions(scope.match_expressions))
 
 
+def rule_problems(name: str, role: GlobalRoleSpec) -> list[str]:
+    """What a role's rules name that no canonical request can be (DESIGN §3): a service
+    host with a port or the cluster domain, a path or URL the canonicalisation refuses.
+    Checked when a change is applied, not when a stored version is loaded, so versions
+    from before these checks keep working (``engine`` reads their hosts canonically)."""
+    problems = []
+    for index, rule in enumerate(role.rules):
+        where = f"GlobalRole {name}: rules[{index}]"
+        for host in rule.services:
+            problem = rule_host_problem(host)
+            if problem is not None:
+                problems.append(f"{where}: {problem}")
+        patterns = [("path", p) for p in rule.paths if p != "*"]
+        patterns += [("nonResourceURL", u) for u in rule.non_resource_urls if u != "*"]
+        for what, pattern in patterns:
+            try:
+                check_path_pattern(pattern, f"{what} {pattern!r}")
+            except RequestError as exc:
+                problems.append(f"{where}: {exc.description} (no request can have it)")
+    return problems
+
+
 def check_policy(policy: PolicySet, registry: Registry) -> list[str]:
-    """Problems across documents: unknown roles, include cycles, unknown workloads or
-    clusters named by bindings and tests."""
+    """Problems across documents: unknown roles, include cycles, rules no canonical
+    request can match, unknown workloads or clusters named by bindings and tests."""
     _, problems = flatten_roles(policy.roles)
+    for name, role in sorted(policy.roles.items()):
+        problems.extend(rule_problems(name, role))
     for name, binding in sorted(policy.bindings.items()):
         if binding.role not in policy.roles:
             problems.append(f"RoleBinding {name}: role {binding.role!r} is not a GlobalRole")
@@ -224,7 +255,8 @@ def compile_bundle(
             raise PolicyError(problems)
     if identities is None:
         identities = inventory(registry)
-    labels = registry.clusters[cluster].labels
+    spec = registry.clusters[cluster]
+    labels = spec.labels
     bindings = []
     used_roles: set[str] = set()
     for name, binding in sorted(policy.bindings.items()):
@@ -244,6 +276,8 @@ def compile_bundle(
         "apiVersion": "trustmesh.io/v1alpha1",
         "kind": BUNDLE_KIND,
         "cluster": cluster,
+        # the agent reads <svc>.<ns>.svc.<clusterDomain> hosts with it (DESIGN §3)
+        "clusterDomain": spec.cluster_domain,
         "revision": revision,
         "registryRevision": registry.revision,
         "policyHash": policy_hash or policy.content_hash(),

@@ -278,7 +278,7 @@ def _denied(
     candidate: _Candidate,
 ) -> bool:
     if len(candidate.probes) == 1:
-        return engine.decide(spiffe_id, claims, candidate.probes[0]).denied
+        return engine.decide_reading(spiffe_id, claims, candidate.probes[0]).denied
     # ** paths: one deny path pattern must match every probe (module docstring).
     denies, _ = engine.applicable(spiffe_id, claims)
     for deny in denies:

@@ -6,7 +6,14 @@ Three shapes, told apart by their fields:
   ``""`` by default), ``subresource``, ``name``, ``namespace`` (the attributes of a
   SubjectAccessReview's ``resourceAttributes``);
 * a Kubernetes non-resource request — ``verb``, ``nonResourceURL``;
-* a service request — ``host``, ``path``, ``method`` (what Envoy's ext_authz sees).
+* a service request — ``host``, ``path``, ``method``, optional ``namespace`` (what
+  Envoy's ext_authz sees).
+
+:func:`parse_request` is the one way in: every field is bounded and free of control
+characters, and paths and hosts are canonical (``canonical.py``, DESIGN §3 "Canonical
+requests"), so the engine only ever matches the canonical form. The Cluster-dependent
+step (``<svc>.<ns>.svc.<clusterDomain>``) and the readings of an ambiguous short host
+are the engine's, which knows its cluster (``policy/engine.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +24,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from trustmesh.common.errors import RequestError
+from trustmesh.request.canonical import (
+    canonical_host,
+    canonical_path,
+    check_namespace,
+    refuse_controls,
+    service_host,
+)
 
 _TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,32}$")  # RFC 9110 §5.6.2 token
 MAX_FIELD = 1024
@@ -55,6 +69,10 @@ class NonResourceRequest:
 
 @dataclass(frozen=True, slots=True)
 class ServiceRequest:
+    """Canonical when built by :func:`parse_request`: ``host`` without port or
+    trailing dot, ``path`` without query, ``namespace`` the destination namespace
+    (given, or read from a ``<svc>.<ns>.svc`` host; ``""`` when unknown)."""
+
     host: str
     path: str
     method: str
@@ -84,6 +102,7 @@ def _text(data: Mapping[str, Any], key: str, required: bool) -> str:
         raise RequestError(f"request.{key} is required")
     if len(value) > MAX_FIELD:
         raise RequestError(f"request.{key} is longer than {MAX_FIELD} characters")
+    refuse_controls(value, f"request.{key}")
     return value
 
 
@@ -100,22 +119,18 @@ def parse_request(data: Any) -> Request:
         method = _text(data, "method", True).upper()
         if not _TOKEN.match(method):
             raise RequestError("request.method is not an HTTP method")
-        path = _text(data, "path", True)
-        if not path.startswith("/"):
-            raise RequestError("request.path must start with /")
-        host = _text(data, "host", True).lower()
-        return ServiceRequest(
-            host=host, path=path, method=method, namespace=_text(data, "namespace", False)
-        )
+        path = canonical_path(_text(data, "path", True), "request.path")
+        host = canonical_host(_text(data, "host", True), "request.host")
+        namespace = check_namespace(_text(data, "namespace", False), "request.namespace")
+        host, namespace = service_host(host, namespace)
+        return ServiceRequest(host=host, path=path, method=method, namespace=namespace)
     if "nonResourceURL" in keys:
         unknown = keys - _NON_RESOURCE
         if unknown:
             raise RequestError(
                 f"request.{sorted(unknown)[0]} is not a non-resource field (verb, nonResourceURL)"
             )
-        path = _text(data, "nonResourceURL", True)
-        if not path.startswith("/"):
-            raise RequestError("request.nonResourceURL must start with /")
+        path = canonical_path(_text(data, "nonResourceURL", True), "request.nonResourceURL")
         return NonResourceRequest(verb=_text(data, "verb", True).lower(), path=path)
     unknown = keys - _KUBERNETES
     if unknown:
