@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from pathlib import Path
 
@@ -86,3 +87,72 @@ def test_engine_url_selection(tmp_path: Path) -> None:
     assert engine_url("postgres://u@h/db", tmp_path) == "postgresql+psycopg://u@h/db"
     with pytest.raises(DatabaseUrlError, match="mysql"):
         engine_url("mysql://u@h/db", tmp_path)
+
+
+def test_migration_6_upgrades_a_version_5_database(db_url: str | None, tmp_path: Path) -> None:
+    """A database as version 5 left it (credentials without agent, expiry, last use or
+    rotation; no suspensions; audit source keys of 128 characters) is upgraded in place,
+    and a cluster credential issued before keeps working, as its own agent instance."""
+    from sqlalchemy import Column, Float, MetaData, String, Table, delete, text
+
+    from trustmesh.server.credentials import CredentialStore
+
+    db = open_database(db_url, tmp_path)
+    old = MetaData()
+    legacy = Table(
+        "credentials",
+        old,
+        Column("id", String(32), primary_key=True),
+        Column("kind", String(16), nullable=False),
+        Column("cluster", String(253)),
+        Column("secret_hash", String(64), nullable=False, unique=True),
+        Column("created_at", Float, nullable=False),
+        Column("created_by", String(200), nullable=False),
+        Column("revoked_at", Float),
+    )
+    secret = "tmc_0123456789abcdef_legacy-secret"
+    with db.engine.begin() as conn:
+        conn.execute(text("DROP TABLE credentials"))
+        conn.execute(text("DROP TABLE suspensions"))
+        conn.execute(text("ALTER TABLE policy_versions DROP COLUMN claimed_author"))
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("ALTER TABLE audit_sources ALTER COLUMN source TYPE VARCHAR(128)"))
+        conn.execute(delete(schema_migrations).where(schema_migrations.c.version == 6))
+        conn.execute(text("DELETE FROM meta WHERE name = 'suspension_revision'"))
+        legacy.create(conn)
+        conn.execute(
+            legacy.insert().values(
+                id="0123456789abcdef",
+                kind="cluster",
+                cluster="east",
+                secret_hash=hashlib.sha256(secret.encode()).hexdigest(),
+                created_at=1.0,
+                created_by="admin",
+            )
+        )
+    assert current_version(db.engine) == 5
+    try:
+        assert migrate(db.engine) == LATEST == 6
+        inspector = inspect(db.engine)
+        columns = {c["name"]: c for c in inspector.get_columns("credentials")}
+        assert {"agent", "expires_at", "last_used_at", "previous_hash", "previous_until"} <= set(
+            columns
+        )
+        assert "claimed_author" in {c["name"] for c in inspector.get_columns("policy_versions")}
+        assert "ix_credentials_previous_hash" in {
+            i["name"] for i in inspector.get_indexes("credentials")
+        }
+        assert "suspensions" in inspector.get_table_names()
+        if db.dialect == "postgresql":
+            source = next(
+                c for c in inspector.get_columns("audit_sources") if c["name"] == "source"
+            )
+            assert source["type"].length == 512
+        with db.engine.connect() as conn:
+            assert meta_store.revisions(conn)[meta_store.SUSPENSION_REVISION] == 0
+        principal = CredentialStore(db, lambda: 2.0).authenticate(secret)
+        assert principal is not None
+        assert (principal.cluster, principal.agent) == ("east", "0123456789abcdef")
+        assert migrate(db.engine) == LATEST  # and again: nothing to do
+    finally:
+        db.dispose()

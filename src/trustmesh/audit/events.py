@@ -106,6 +106,8 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _TRACE_ID = re.compile(r"[0-9a-f]{32}")
 _SPAN_ID = re.compile(r"[0-9a-f]{16}")
 _ADMIN_TYPE = re.compile(r"admin\.[a-z][a-z0-9_.]{0,62}")
+AGENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+"""An agent instance's id, as a cluster credential names it (no ``/``)."""
 
 
 def token_sha256(token: str) -> str:

@@ -33,6 +33,8 @@ from trustmesh.cli._common import (
     resolve_token,
 )
 from trustmesh.cli.audit import audit_app
+from trustmesh.cli.credentials import cluster_app, credentials_app
+from trustmesh.cli.suspension import get_suspensions, resume, suspend
 from trustmesh.common.limits import (
     DEFAULT_LIMITS,
     DEFAULT_LONG_POLLS_PER_CREDENTIAL,
@@ -49,7 +51,6 @@ app = typer.Typer(
 )
 get_app = typer.Typer(help="List registered objects.", no_args_is_help=True)
 keys_app = typer.Typer(help="Signing keys: list and rotate.", no_args_is_help=True)
-cluster_app = typer.Typer(help="Cluster operations.", no_args_is_help=True)
 token_app = typer.Typer(help="Federated tokens for people and scripts.", no_args_is_help=True)
 bench_app = typer.Typer(
     help="Benchmarks (side by side with their physical limits).", no_args_is_help=True
@@ -57,6 +58,10 @@ bench_app = typer.Typer(
 app.add_typer(get_app, name="get")
 app.add_typer(keys_app, name="keys")
 app.add_typer(cluster_app, name="cluster")
+app.add_typer(credentials_app, name="credentials")
+app.command("suspend")(suspend)
+app.command("resume")(resume)
+get_app.command("suspensions")(get_suspensions)
 app.add_typer(token_app, name="token")
 app.add_typer(bench_app, name="bench")
 
@@ -506,7 +511,8 @@ def get_clusters(
                 else ("no agent" if not policy.get("agentsReporting") else "in sync"),
             ]
         )
-    print_table(["NAME", "ISSUER", "KEYS FROM", "LABELS", "APPLIED", "DESIRED", "POLICY"], rows)
+    columns = ["NAME", "ISSUER", "KEYS FROM", "LABELS", "APPLIED", "DESIRED", "POLICY"]
+    _print_with_suspensions(columns, rows, items)
 
 
 @get_app.command("workloads")
@@ -534,9 +540,28 @@ def get_workloads(
                 spec.get("maxTokenTTL") or "",
             ]
         )
-    print_table(
-        ["NAME", "CLUSTER", "NAMESPACE", "SERVICE ACCOUNT", "SPIFFE ID", "CLAIMS", "MAX TTL"], rows
-    )
+    columns = ["NAME", "CLUSTER", "NAMESPACE", "SERVICE ACCOUNT", "SPIFFE ID", "CLAIMS", "MAX TTL"]
+    _print_with_suspensions(columns, rows, items)
+
+
+def _print_with_suspensions(
+    columns: list[str], rows: list[list[Any]], items: list[dict[str, Any]]
+) -> None:
+    """The table, with a SUSPENDED column when anything listed is suspended: ``yes``, or
+    what suspends it (``via subject``, ``via cluster``)."""
+    marks = []
+    for item in items:
+        suspension = item.get("status", {}).get("suspended")
+        if not suspension:
+            marks.append("")
+        elif suspension["kind"] == str(item.get("kind", "")).lower():
+            marks.append("yes")
+        else:
+            marks.append(f"via {suspension['kind']}")
+    if any(marks):
+        columns = [*columns, "SUSPENDED"]
+        rows = [[*row, mark] for row, mark in zip(rows, marks, strict=True)]
+    print_table(columns, rows)
 
 
 # -- keys and credentials -------------------------------------------------------------------
@@ -586,7 +611,8 @@ def revoke(
     token_file: Path | None = TokenFileOption,
     output: Output = OutputOption,
 ) -> None:
-    """Revoke a token, a subject, a cluster or a signing key everywhere (DESIGN §5)."""
+    """Revoke a token, a subject, a cluster's tokens or a signing key everywhere (DESIGN
+    §5). Agents' credentials are revoked with `trustmesh credentials revoke`."""
     given = [(k, v) for k, v in (("jti", jti), ("subject", spiffe_id), ("workload", workload),
                                  ("cluster", cluster), ("key", key)) if v is not None]  # fmt: skip
     if len(given) != 1:
@@ -651,21 +677,6 @@ def keys_rotate(
         return
     print_line(f"active signing key is now {result['active']['kid']}")
     _print_keys(result["keys"], output)
-
-
-@cluster_app.command("credential")
-def cluster_credential(
-    name: str = typer.Argument(..., help="Registered cluster name."),
-    server: str | None = ServerOption,
-    token_file: Path | None = TokenFileOption,
-    output: Output = OutputOption,
-) -> None:
-    """Print a new credential that lets NAME's agent act for that cluster only."""
-    result = admin_client(server, token_file).request("POST", f"/v1/clusters/{name}/credentials")
-    if output is Output.json:
-        print_json(result)
-    else:
-        print_line(result["token"])
 
 
 @token_app.command("exchange")

@@ -19,8 +19,9 @@ descriptions are sentences for people and never contain a token or a secret::
     │   └── FormatError               a document that does not parse or verify
     │       └── CanonicalError, EventError, NoteError, CheckpointError, ProofError
     ├── OAuthError                    400, RFC 6749 §5.2 / RFC 8693 §2.2.2 codes
-    │   └── InvalidGrant, InvalidTarget, InvalidScope, UnauthorizedClient,
-    │       UnsupportedGrantType
+    │   ├── InvalidGrant, InvalidTarget, InvalidScope, UnauthorizedClient,
+    │   │   UnsupportedGrantType
+    │   └── SubjectSuspended          400 invalid_grant (a suspended subject, DESIGN §5)
     ├── Unauthenticated               401 invalid_token
     │   └── InvalidToken              ``reason``: a short machine code
     ├── Forbidden                     403 insufficient_scope
@@ -217,6 +218,11 @@ class UnauthorizedClient(OAuthError):
 
 class UnsupportedGrantType(OAuthError):
     error = "unsupported_grant_type"
+
+
+class SubjectSuspended(InvalidGrant):
+    """The verified subject (its workload, SPIFFE ID or origin cluster) is suspended:
+    no credential of any kind is issued for it until ``trustmesh resume``."""
 
 
 # -- 401 / 403 / 404 / 409 / 422 ------------------------------------------------------------

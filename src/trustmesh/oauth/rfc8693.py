@@ -8,7 +8,9 @@ Request (§2.1, form-encoded): ``grant_type`` = token-exchange, ``subject_token`
 than ``audience`` must not repeat (RFC 6749 §3.2). Errors (§2.2.2, RFC 6749 §5.2):
 ``invalid_request`` for a malformed request, ``unsupported_grant_type``,
 ``invalid_grant`` for a subject token that fails verification (also one valid for
-longer than ``--max-sa-token-lifetime``, ``exp - iat``, 24 h by default), ``unauthorized_client``
+longer than ``--max-sa-token-lifetime``, ``exp - iat``, 24 h by default) or whose
+subject is suspended (DESIGN §5: its workload, SPIFFE ID or origin cluster),
+``unauthorized_client``
 when no Workload entry matches the verified service account, ``invalid_target`` for an
 audience we cannot issue for, and ``temporarily_unavailable`` (503) when the origin
 cluster's keys cannot be fetched."""
@@ -45,6 +47,7 @@ from trustmesh.identity.kubernetes_sa import (
 )
 from trustmesh.identity.svid import mint_svid
 from trustmesh.registry import Registry
+from trustmesh.revocation.suspension import SuspensionSet
 from trustmesh.spiffeid import cluster_audience
 
 GRANT_TYPE = TOKEN_EXCHANGE_GRANT
@@ -115,13 +118,14 @@ class TokenExchange:
         registry: Callable[[], Registry],
         keyset: Callable[[], KeySet],
         revoked_until: Callable[[str, str], float | None],
+        suspensions: Callable[[], SuspensionSet],
         clock: Clock,
         default_ttl: int = DEFAULT_TTL,
         max_sa_token_lifetime: float = DEFAULT_MAX_SA_TOKEN_LIFETIME,
     ) -> None:
-        """``registry`` and ``keyset`` return the snapshots in force; ``revoked_until``
-        the latest second up to which a (subject, cluster) is revoked, so a token issued
-        right after a revocation does not fall under it."""
+        """``registry``, ``keyset`` and ``suspensions`` return the snapshots in force;
+        ``revoked_until`` the latest second up to which a (subject, cluster) is revoked,
+        so a token issued right after a revocation does not fall under it."""
         self.issuer = issuer
         self.trust_domain = trust_domain
         self.cluster_keys = cluster_keys
@@ -131,6 +135,7 @@ class TokenExchange:
         self.clock = clock
         self.revoked_until = revoked_until
         self.max_sa_token_lifetime = max_sa_token_lifetime
+        self.suspensions = suspensions
         self._cluster_prefix = cluster_audience(trust_domain, "")
 
     def _check_request(self, form: Mapping[str, list[str]]) -> tuple[str, list[str], int | None]:
@@ -227,6 +232,8 @@ class TokenExchange:
         ttl = min(lifetime or min(self.default_ttl, max_ttl), max_ttl)
         issued_at = int(now)
         spiffe_id = registry.spiffe_id_of(workload_name)
+        # DESIGN §5: a suspended subject gets no new credential of any kind.
+        self.suspensions().check(workload=workload_name, spiffe_id=spiffe_id, cluster=cluster_name)
         revoked_until = self.revoked_until(spiffe_id, cluster_name)
         if revoked_until is not None and issued_at <= revoked_until:
             # A revocation covers tokens issued up to its whole second; a token issued

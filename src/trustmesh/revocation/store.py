@@ -54,38 +54,56 @@ class RevocationStore:
         second, returns the entry in force; a later subject or cluster revocation
         replaces the earlier one (it covers more tokens). ``on_commit`` runs inside the
         transaction of a new entry (the audit event is written with it)."""
+        with self.db.engine.begin() as conn:
+            entry, created = self.revoke_in(conn, kind, value, reason, actor, now)
+            if created and on_commit is not None:
+                on_commit(conn, entry)
+            return entry, created
+
+    def revoke_in(
+        self,
+        conn: Connection,
+        kind: str,
+        value: str,
+        reason: str,
+        actor: str,
+        now: float | None = None,
+        supersede: bool = False,
+    ) -> tuple[Revocation, bool]:
+        """:meth:`revoke` inside the caller's transaction (a suspension revokes what
+        was issued in the transaction that records it). With ``supersede``, a subject or
+        cluster revocation of this same second does not stand in for this one: tokens
+        issued after it (their ``iat`` moved past it) must be covered too, so the new
+        entry's cut-off is the second after it."""
         check_request(kind, value, reason)
         now = time.time() if now is None else now
         revoked_at = whole_second(now)
-        with self.db.engine.begin() as conn:
-            existing = conn.execute(
-                select(revocations)
-                .where(
-                    revocations.c.kind == kind,
-                    revocations.c.value == value,
-                    revocations.c.expires_at > now,
-                )
-                .order_by(revocations.c.revision.desc())
-                .limit(1)
-            ).first()
-            if existing is not None and (
-                kind in ("jti", "key") or existing.revoked_at >= revoked_at
-            ):
-                return entry_of_row(existing), False
-            revision = meta_store.bump(conn, meta_store.REVOCATION_REVISION)
-            entry = Revocation(
-                revision=revision,
-                kind=kind,
-                value=value,
-                revoked_at=revoked_at,
-                expires_at=revocation_expiry(revoked_at),
-                reason=reason,
-                actor=actor,
+        existing = conn.execute(
+            select(revocations)
+            .where(
+                revocations.c.kind == kind,
+                revocations.c.value == value,
+                revocations.c.expires_at > now,
             )
-            conn.execute(revocations.insert().values(**entry.to_json()))
-            if on_commit is not None:
-                on_commit(conn, entry)
-            return entry, True
+            .order_by(revocations.c.revision.desc())
+            .limit(1)
+        ).first()
+        if existing is not None and (kind in ("jti", "key") or existing.revoked_at >= revoked_at):
+            if not supersede or kind in ("jti", "key"):
+                return entry_of_row(existing), False
+            revoked_at = existing.revoked_at + 1
+        revision = meta_store.bump(conn, meta_store.REVOCATION_REVISION)
+        entry = Revocation(
+            revision=revision,
+            kind=kind,
+            value=value,
+            revoked_at=revoked_at,
+            expires_at=revocation_expiry(revoked_at),
+            reason=reason,
+            actor=actor,
+        )
+        conn.execute(revocations.insert().values(**entry.to_json()))
+        return entry, True
 
     def since(self, revision: int, now: float | None = None) -> tuple[int, list[Revocation]]:
         """(current revision, entries in force added after ``revision``)."""

@@ -1,7 +1,7 @@
-"""The control plane's side of its agents: the credentials that let an agent act for one
-cluster, the configuration each one fetches, and which policy revision each one last
-reported applying (``agent_status``, one row per (cluster, agent instance), written on
-every bundle poll)."""
+"""The control plane's side of its agents: the credentials that let one agent instance act
+for one cluster, the configuration each one fetches, and which policy revision each one
+last reported applying (``agent_status``, one row per (cluster, agent), written on every
+bundle poll; the agent is the one its credential names)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,17 @@ from typing import Any
 
 from sqlalchemy import Connection, select, update
 
-from trustmesh.audit import events as ev
 from trustmesh.common.clock import Clock
-from trustmesh.common.errors import Forbidden, NotFound
+from trustmesh.common.errors import Conflict, Forbidden, NotFound
 from trustmesh.registry import RegistryStore
-from trustmesh.server.credentials import CLUSTER, CredentialStore, Principal
+from trustmesh.revocation.suspension import SuspensionStore
+from trustmesh.server.credentials import (
+    CLUSTER,
+    CredentialRecord,
+    CredentialStore,
+    Principal,
+    issued_detail,
+)
 from trustmesh.server.recorder import AuditRecorder
 from trustmesh.server.snapshots import Snapshots
 from trustmesh.spiffeid import cluster_audience
@@ -30,6 +36,7 @@ class Agents:
         snapshots: Snapshots,
         credentials: CredentialStore,
         registry_store: RegistryStore,
+        suspension_store: SuspensionStore,
         recorder: AuditRecorder,
         clock: Clock,
     ) -> None:
@@ -37,29 +44,49 @@ class Agents:
         self.snapshots = snapshots
         self.credentials = credentials
         self.registry_store = registry_store
+        self.suspension_store = suspension_store
         self.recorder = recorder
         self.clock = clock
 
-    def issue_credential(self, cluster: str, actor: str) -> str:
-        """A new credential for the agents of ``cluster`` (``admin.credential_issued``
-        records its hash, never the secret)."""
+    def issue_credential(
+        self,
+        cluster: str,
+        actor: str,
+        agent: str | None = None,
+        expires_in: int | None = None,
+    ) -> tuple[CredentialRecord, str]:
+        """A new credential for one agent instance of ``cluster`` (``agent``: its id;
+        default, the credential's id), valid for ``expires_in`` seconds or until revoked.
+        ``admin.credential_issued`` records its id and hash, never the secret. Refused
+        (409) while the cluster is suspended."""
         if cluster not in self.registry_store.load().clusters:
             raise NotFound(f"cluster {cluster} is not registered")
+        expires_at = None if expires_in is None else self.clock() + expires_in
 
-        def record(conn: Connection, secret: str) -> None:
+        def record(conn: Connection, credential: CredentialRecord, secret: str) -> None:
+            if self.suspension_store.get_in(conn, "cluster", cluster) is not None:
+                raise Conflict(
+                    f"cluster {cluster} is suspended: no credential is issued for it until "
+                    "trustmesh resume --cluster"
+                )
             self.recorder.stage(
                 conn,
                 "admin.credential_issued",
                 actor,
-                {"kind": CLUSTER, "credential_sha256": ev.token_sha256(secret)},
+                issued_detail(credential, secret),
                 cluster=cluster,
             )
 
-        secret = self.credentials.create(
-            CLUSTER, created_by=actor, cluster=cluster, on_commit=record
+        issued = self.credentials.create(
+            CLUSTER,
+            created_by=actor,
+            cluster=cluster,
+            agent=agent,
+            expires_at=expires_at,
+            on_commit=record,
         )
         self.recorder.drain()
-        return secret
+        return issued
 
     def config(self, principal: Principal, cluster: str | None) -> dict[str, Any]:
         """``GET /v1/agent/config``: what an agent of ``cluster`` needs to verify tokens
@@ -74,12 +101,15 @@ class Agents:
         if name not in self.snapshots.registry.clusters:
             raise NotFound(f"cluster {name} is not registered")
         trust_domain = self.snapshots.trust_domain
-        return {
+        config = {
             "cluster": name,
             "trust_domain": trust_domain,
             "issuer": self.snapshots.issuer,
             "audience": cluster_audience(trust_domain, name),
         }
+        if principal.agent is not None:
+            config["agent"] = principal.agent
+        return config
 
     def record(self, cluster: str, agent_id: str, applied: tuple[int, int]) -> None:
         """An agent of ``cluster`` reported the (policy, registry) revision it applies."""

@@ -10,7 +10,16 @@ from starlette.applications import Starlette
 
 from trustmesh.common.http import EXCEPTION_HANDLERS
 from trustmesh.server.controlplane import ControlPlane
-from trustmesh.server.routes import admin, agents, audit, oauth, public, revocations, ssf
+from trustmesh.server.routes import (
+    admin,
+    agents,
+    audit,
+    credentials,
+    oauth,
+    public,
+    revocations,
+    ssf,
+)
 from trustmesh.server.routes._auth import Callers
 
 
@@ -29,6 +38,7 @@ def build_app(plane: ControlPlane) -> Starlette:
         *oauth.routes(plane, callers),
         *public.routes(plane),
         *admin.routes(plane, callers),
+        *credentials.routes(plane, callers),
         *agents.routes(plane, callers),
         *revocations.routes(plane, callers),
         *ssf.routes(plane, callers),

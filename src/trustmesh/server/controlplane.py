@@ -10,8 +10,10 @@ routes (``server/routes/``) call the services it holds.
 ``bundles``            signed per-cluster policy bundles
 ``agents``             agent credentials, configuration and status
 ``revoker``            revocations
+``suspender``          suspensions (and what they revoke)
 ``rotation``           signing-key rotation
 ``credentials``        who calls the admin and agent APIs
+``credential_admin``   listing, rotating and revoking credentials, audited
 ``inventory``          the registry's objects with their status
 =====================  ===========================================================
 
@@ -47,15 +49,16 @@ from trustmesh.oauth.rfc8693 import DEFAULT_TTL, TokenExchange
 from trustmesh.policy.catalog import PolicyCatalog
 from trustmesh.registry import RegistryStore
 from trustmesh.revocation.store import RevocationStore
+from trustmesh.revocation.suspension import SuspensionStore
 from trustmesh.server.agents import Agents
 from trustmesh.server.bundles import BundleSigner
 from trustmesh.server.changes import Changes
-from trustmesh.server.credentials import CredentialStore
+from trustmesh.server.credentials import CredentialAdmin, CredentialStore
 from trustmesh.server.inventory import Inventory
 from trustmesh.server.issuance import Issuance
 from trustmesh.server.metrics import ServerMetrics
 from trustmesh.server.recorder import AuditRecorder
-from trustmesh.server.revoke import Revoker
+from trustmesh.server.revoke import Revoker, Suspender
 from trustmesh.server.rotation import KeyRotation
 from trustmesh.server.snapshots import Snapshots
 from trustmesh.spiffeid import normalize_trust_domain
@@ -100,6 +103,9 @@ class ControlPlane:
         self.db: Database
         self.keys: KeyManager
         self.credentials: CredentialStore
+        self.credential_admin: CredentialAdmin
+        self.suspension_store: SuspensionStore
+        self.suspender: Suspender
         self.registry_store: RegistryStore
         self.catalog: PolicyCatalog
         self.revocation_store: RevocationStore
@@ -138,11 +144,12 @@ class ControlPlane:
         self.keys = KeyManager(self.db, master_key, config.signing_alg)
         self.keys.check_master_key()
         self.keys.ensure_keys()
-        self.credentials = CredentialStore(self.db)
+        self.credentials = CredentialStore(self.db, self.clock)
         self.admin_token_created = self.credentials.ensure_admin(data_dir / "admin.token")
         self.registry_store = RegistryStore(self.db, self.trust_domain)
         self.catalog = PolicyCatalog(self.db)
         self.revocation_store = RevocationStore(self.db)
+        self.suspension_store = SuspensionStore(self.db)
         self.snapshots = Snapshots(
             self.db,
             issuer=self.issuer,
@@ -151,6 +158,7 @@ class ControlPlane:
             registry_store=self.registry_store,
             catalog=self.catalog,
             revocation_store=self.revocation_store,
+            suspension_store=self.suspension_store,
             clock=self.clock,
             long_polls_per_credential=config.long_polls_per_credential,
         )
@@ -169,10 +177,21 @@ class ControlPlane:
             self.snapshots,
             self.credentials,
             self.registry_store,
+            self.suspension_store,
             self.recorder,
             self.clock,
         )
+        self.credential_admin = CredentialAdmin(self.credentials, self.recorder)
         self.revoker = Revoker(self.revocation_store, self.keys, self.snapshots, self.recorder)
+        self.suspender = Suspender(
+            self.db,
+            self.suspension_store,
+            self.revocation_store,
+            self.credentials,
+            self.snapshots,
+            self.recorder,
+            self.clock,
+        )
         self.rotation = KeyRotation(
             self.keys, self.snapshots, self.recorder, config.key_rotation_interval
         )
@@ -193,6 +212,7 @@ class ControlPlane:
             registry=lambda: snapshots.registry,
             keyset=lambda: snapshots.keyset,
             revoked_until=snapshots.revoked_until,
+            suspensions=lambda: snapshots.suspensions,
             clock=self.clock,
             default_ttl=self.config.default_ttl,
             max_sa_token_lifetime=self.config.max_sa_token_lifetime,

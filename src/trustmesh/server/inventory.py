@@ -1,6 +1,8 @@
 """``trustmesh get clusters|workloads``: the registry's objects as applied, with their
 status — for a Cluster the policy revision its agents apply and whether they drift,
-for a Workload its SPIFFE ID."""
+for a Workload its SPIFFE ID — and ``status.suspended``: the suspension that stops
+credentials for it (DESIGN §5; for a Workload its own, its SPIFFE ID's or its
+cluster's), or null."""
 
 from __future__ import annotations
 
@@ -19,16 +21,26 @@ class Inventory:
 
     def list(self, kind: str) -> list[dict[str, Any]]:
         items = self.registry_store.list_bodies(kind)
+        suspensions = self.snapshots.suspensions
         if kind == "Cluster":
             reports = self.agents.reports()
             for item in items:
-                item["status"]["policy"] = self.agents.policy_status(
-                    item["metadata"]["name"], reports
-                )
+                name = item["metadata"]["name"]
+                item["status"]["policy"] = self.agents.policy_status(name, reports)
+                suspended = suspensions.get("cluster", name)
+                item["status"]["suspended"] = suspended.to_json() if suspended else None
         if kind == "Workload":
             registry = self.snapshots.registry
             for item in items:
                 name = item["metadata"]["name"]
+                suspended = None
                 if name in registry.workloads:
-                    item["status"]["spiffeId"] = registry.spiffe_id_of(name)
+                    spiffe_id = registry.spiffe_id_of(name)
+                    item["status"]["spiffeId"] = spiffe_id
+                    suspended = suspensions.covering(
+                        workload=name,
+                        spiffe_id=spiffe_id,
+                        cluster=registry.workloads[name].selector.cluster,
+                    )
+                item["status"]["suspended"] = suspended.to_json() if suspended else None
         return items

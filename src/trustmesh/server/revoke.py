@@ -1,19 +1,37 @@
-"""Revocation at the control plane (DESIGN §5): what ``trustmesh revoke`` asks for is
-checked against the registry and the keys, written to the revocation list with its
-audit events in one transaction, and reaches agents through the revocation stream."""
+"""Revocation and suspension at the control plane (DESIGN §5).
+
+What ``trustmesh revoke`` asks for is checked against the registry and the keys,
+written to the revocation list with its audit events in one transaction, and reaches
+agents through the revocation stream. ``revoke --cluster`` is about tokens that
+originated in a cluster, never about its agents' credentials
+(``trustmesh credentials revoke`` is).
+
+``trustmesh suspend`` begins a state (``revocation/suspension.py``): in one transaction
+it records the suspension, revokes what was issued (the revocation ``revoke`` would
+write: the workload's or SPIFFE ID's tokens, or the cluster's), and for a cluster also
+revokes every credential of its agents; each step is an audit event (``admin.suspended``,
+``revocation.created``, ``admin.credential_revoked``). ``trustmesh resume`` ends the
+state (``admin.resumed``); what was revoked stays revoked, and a revoked agent
+credential is replaced by issuing a new one."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from sqlalchemy import Connection
 
 from trustmesh.audit import events as ev
-from trustmesh.common.errors import NotFound, RevocationError, SpiffeIdError
+from trustmesh.common.clock import Clock
+from trustmesh.common.errors import InvalidRequest, NotFound, RevocationError, SpiffeIdError
 from trustmesh.identity.keys import KeyManager
 from trustmesh.revocation import Revocation
 from trustmesh.revocation.store import RevocationStore
+from trustmesh.revocation.suspension import MAX_REASON, SuspensionStore, check_reason
+from trustmesh.server.credentials import CredentialRecord, CredentialStore, revoked_detail
 from trustmesh.server.recorder import AuditRecorder
 from trustmesh.server.snapshots import Snapshots
 from trustmesh.spiffeid import parse_spiffe_id
+from trustmesh.storage import Database
 
 KINDS = ("jti", "subject", "workload", "cluster", "key")
 ALIASES = {"spiffeId": "subject", "spiffe_id": "subject"}
@@ -66,19 +84,7 @@ class Revoker:
         kind, value = self._target(kind, value)
 
         def record(conn: Connection, entry: Revocation) -> None:
-            self.recorder.stage(
-                conn,
-                ev.REVOCATION_CREATED,
-                actor,
-                {
-                    "kind": entry.kind,
-                    "value": entry.value,
-                    "reason": entry.reason or None,
-                    "revision": entry.revision,
-                    "expires_at": ev.now_time(entry.expires_at),
-                },
-                cluster=entry.value if entry.kind == "cluster" else None,
-            )
+            stage_revocation(self.recorder, conn, entry, actor)
             if entry.kind == "key":
                 self.recorder.stage(
                     conn,
@@ -96,3 +102,147 @@ class Revoker:
         if created:
             self.recorder.drain()
         return entry, created
+
+
+def stage_revocation(
+    recorder: AuditRecorder, conn: Connection, entry: Revocation, actor: str
+) -> None:
+    """``revocation.created`` inside the transaction that writes ``entry``."""
+    recorder.stage(
+        conn,
+        ev.REVOCATION_CREATED,
+        actor,
+        {
+            "kind": entry.kind,
+            "value": entry.value,
+            "reason": entry.reason or None,
+            "revision": entry.revision,
+            "expires_at": ev.now_time(entry.expires_at),
+        },
+        cluster=entry.value if entry.kind == "cluster" else None,
+    )
+
+
+SUSPENSION_KINDS = ("workload", "subject", "cluster")
+
+
+class Suspender:
+    """``trustmesh suspend|resume`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        db: Database,
+        store: SuspensionStore,
+        revocations: RevocationStore,
+        credentials: CredentialStore,
+        snapshots: Snapshots,
+        recorder: AuditRecorder,
+        clock: Clock,
+    ) -> None:
+        self.db = db
+        self.store = store
+        self.revocations = revocations
+        self.credentials = credentials
+        self.snapshots = snapshots
+        self.recorder = recorder
+        self.clock = clock
+
+    def _target(self, kind: str, value: str) -> tuple[str, str]:
+        """The revocation (kind, value) that revokes what was issued to the subject; the
+        workload or cluster must be registered, the SPIFFE ID in the trust domain."""
+        registry = self.snapshots.registry
+        if kind == "workload":
+            if value not in registry.workloads:
+                raise NotFound(f"workload {value} is not registered")
+            return "subject", registry.spiffe_id_of(value)
+        if kind == "cluster":
+            if value not in registry.clusters:
+                raise NotFound(f"cluster {value} is not registered")
+            return "cluster", value
+        if kind != "subject":
+            raise InvalidRequest("kind must be workload, subject (or spiffeId) or cluster")
+        try:
+            domain, _ = parse_spiffe_id(value)
+        except SpiffeIdError as exc:
+            raise InvalidRequest(str(exc)) from None
+        if domain != self.snapshots.trust_domain:
+            raise InvalidRequest(f"{value} is not in trust domain {self.snapshots.trust_domain}")
+        return "subject", value
+
+    def suspend(self, kind: str, value: str, reason: str, actor: str) -> dict[str, Any]:
+        """Begin a suspension: ``{"created", "suspension", "revocation",
+        "credentials_revoked"}``. Suspending what is suspended changes nothing and
+        answers the suspension in force (``created: false``)."""
+        check_reason(reason)
+        revoke_kind, revoke_value = self._target(kind, value)
+        now = self.clock()
+        with self.db.engine.begin() as conn:
+            suspension, created = self.store.suspend_in(conn, kind, value, reason, actor, now)
+            if not created:
+                return {"created": False, "suspension": suspension.to_json()}
+            why = f"suspended: {reason}" if reason else "suspended"
+            entry, new_entry = self.revocations.revoke_in(
+                conn, revoke_kind, revoke_value, why[:MAX_REASON], actor, now, supersede=True
+            )
+            revoked: list[CredentialRecord] = []
+            if kind == "cluster":
+                revoked = self.credentials.revoke_cluster_in(conn, value, actor, why, now)
+            self.recorder.stage(
+                conn,
+                "admin.suspended",
+                actor,
+                {
+                    "kind": kind,
+                    "value": value,
+                    "reason": reason or None,
+                    "revocation_revision": entry.revision,
+                    "credentials_revoked": [c.id for c in revoked] or None,
+                },
+                cluster=value if kind == "cluster" else None,
+            )
+            if new_entry:
+                stage_revocation(self.recorder, conn, entry, actor)
+            for credential in revoked:
+                self.recorder.stage(
+                    conn,
+                    "admin.credential_revoked",
+                    actor,
+                    revoked_detail(credential, why, "suspend"),
+                    cluster=credential.cluster,
+                )
+        self.snapshots.refresh()
+        self.recorder.drain()
+        return {
+            "created": True,
+            "suspension": suspension.to_json(),
+            "revocation": entry.to_json(),
+            "credentials_revoked": [c.id for c in revoked],
+        }
+
+    def resume(self, kind: str, value: str, actor: str) -> dict[str, Any]:
+        """End a suspension (404 if there is none); what was revoked stays revoked."""
+        if kind not in SUSPENSION_KINDS:
+            raise InvalidRequest("kind must be workload, subject (or spiffeId) or cluster")
+        with self.db.engine.begin() as conn:
+            ended = self.store.resume_in(conn, kind, value)
+            if ended is None:
+                raise NotFound(f"{kind} {value} is not suspended")
+            self.recorder.stage(
+                conn,
+                "admin.resumed",
+                actor,
+                {
+                    "kind": kind,
+                    "value": value,
+                    "suspended_at": ev.now_time(ended.suspended_at),
+                    "suspended_by": ended.actor,
+                    "reason": ended.reason or None,
+                },
+                cluster=value if kind == "cluster" else None,
+            )
+        self.snapshots.refresh()
+        self.recorder.drain()
+        return {"resumed": ended.to_json()}
+
+    def listing(self) -> list[dict[str, Any]]:
+        return [s.to_json() for s in self.snapshots.suspensions.entries()]

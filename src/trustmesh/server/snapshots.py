@@ -2,11 +2,11 @@
 
 State has one owner: the database. Each replica keeps immutable snapshots of what its
 hot paths read — the registry, the signing keys (and a verifier over them), the policy
-in force, the revocation list — and swaps one when its revision counter in the
+in force, the revocation list, the suspensions — and swaps one when its revision counter in the
 ``meta`` table moves: :meth:`Snapshots.refresh` runs every ``refresh_interval`` and
 right after this replica's own writes, so several stateless replicas on one PostgreSQL
 database agree within that interval. Nothing on the exchange path touches the
-database for them.
+database for them: a suspension is checked against :attr:`Snapshots.suspensions`.
 
 Long polls (agents waiting for a bundle or revocations, SSF receivers) wait on
 :meth:`Snapshots.wait_until`, woken by :meth:`Snapshots.notify_changes` when a revision
@@ -32,6 +32,7 @@ from trustmesh.policy.compiler import PolicySet
 from trustmesh.registry import Registry, RegistryStore
 from trustmesh.revocation import Revocation, RevocationSet
 from trustmesh.revocation.store import RevocationStore
+from trustmesh.revocation.suspension import SuspensionSet, SuspensionStore
 from trustmesh.storage import Database
 from trustmesh.storage import meta as meta_store
 
@@ -97,6 +98,7 @@ class Snapshots:
         registry_store: RegistryStore,
         catalog: PolicyCatalog,
         revocation_store: RevocationStore,
+        suspension_store: SuspensionStore,
         clock: Clock,
         long_polls_per_credential: int = DEFAULT_LONG_POLLS_PER_CREDENTIAL,
     ) -> None:
@@ -107,6 +109,7 @@ class Snapshots:
         self.registry_store = registry_store
         self.catalog = catalog
         self.revocation_store = revocation_store
+        self.suspension_store = suspension_store
         self.clock = clock
         self.stopping = False
         self.long_polls = LongPollLimit(long_polls_per_credential)
@@ -119,6 +122,7 @@ class Snapshots:
         self._swap_keys(self.keys.load())
         self.registry: Registry = self.registry_store.load()
         self.revocations: RevocationSet = self.revocation_store.load()
+        self.suspensions: SuspensionSet = self.suspension_store.load()
         self._load_policy()
         self.last_refresh = time.monotonic()
 
@@ -149,6 +153,8 @@ class Snapshots:
             self.revocations = self.revocation_store.load()
         if revisions.get(meta_store.POLICY_REVISION, 0) != self.policy_revision:
             self._load_policy()
+        if revisions.get(meta_store.SUSPENSION_REVISION, 0) != self.suspensions.revision:
+            self.suspensions = self.suspension_store.load()
         self.last_refresh = time.monotonic()
 
     def age(self) -> float:

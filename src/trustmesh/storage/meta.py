@@ -11,7 +11,14 @@ REGISTRY_REVISION = "registry_revision"
 KEYS_REVISION = "keys_revision"
 POLICY_REVISION = "policy_revision"
 REVOCATION_REVISION = "revocation_revision"
-COUNTERS = (REGISTRY_REVISION, KEYS_REVISION, POLICY_REVISION, REVOCATION_REVISION)
+SUSPENSION_REVISION = "suspension_revision"
+COUNTERS = (
+    REGISTRY_REVISION,
+    KEYS_REVISION,
+    POLICY_REVISION,
+    REVOCATION_REVISION,
+    SUSPENSION_REVISION,
+)
 
 
 def get(conn: Connection, name: str) -> str | None:

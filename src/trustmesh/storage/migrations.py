@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from sqlalchemy import Connection, Engine, inspect, select, text
+from sqlalchemy import Connection, Engine, Table, inspect, select, text, update
 
 from trustmesh.storage import schema
 
@@ -57,12 +57,51 @@ def _v5_audit(conn: Connection) -> None:
         table.create(conn, checkfirst=True)
 
 
+def _add_missing_columns(conn: Connection, table: Table) -> None:
+    """``ALTER TABLE … ADD COLUMN`` for each (nullable) column of ``table`` that the
+    stored table lacks; a database created at this version already has them all."""
+    present = {c["name"] for c in inspect(conn).get_columns(table.name)}
+    for column in table.columns:
+        if column.name in present:
+            continue
+        assert column.nullable, f"{table.name}.{column.name} must be nullable to be added"
+        kind = column.type.compile(dialect=conn.dialect)
+        conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
+
+
+def _v6_credentials_and_suspensions(conn: Connection) -> None:
+    _add_missing_columns(conn, schema.credentials)
+    _add_missing_columns(conn, schema.policy_versions)
+    indexes = {i["name"] for i in inspect(conn).get_indexes("credentials")}
+    for index in schema.credentials.indexes:
+        if index.name not in indexes:
+            index.create(conn)
+    # Cluster credentials issued before agents had ids: each is its own agent instance.
+    conn.execute(
+        update(schema.credentials)
+        .where(schema.credentials.c.kind == "cluster", schema.credentials.c.agent.is_(None))
+        .values(agent=schema.credentials.c.id)
+    )
+    schema.suspensions.create(conn, checkfirst=True)
+    conn.execute(schema.meta.insert().values(name="suspension_revision", value="0"))
+    if conn.dialect.name == "postgresql":  # SQLite does not bound VARCHAR
+        length = schema.SOURCE_KEY_LENGTH
+        for table in ("audit_entries", "audit_sources", "audit_gaps"):
+            conn.execute(text(f"ALTER TABLE {table} ALTER COLUMN source TYPE VARCHAR({length})"))
+
+
 MIGRATIONS: list[Migration] = [
     (1, "initial schema: meta, signing keys, registry, credentials", _v1_initial),
     (2, "policy versions and agent status", _v2_policy),
     (3, "revocations", _v3_revocations),
     (4, "shared signals (RFC 8936) delivery state", _v4_ssf_deliveries),
     (5, "audit log: entries, checkpoints, sources, gaps, outbox", _v5_audit),
+    (
+        6,
+        "credential life cycle (agent, expiry, last use, rotation, revocation), suspensions, "
+        "claimed authors, audit source keys of 512 characters",
+        _v6_credentials_and_suspensions,
+    ),
 ]
 
 LATEST = MIGRATIONS[-1][0]

@@ -21,6 +21,10 @@ from sqlalchemy import (
 
 metadata = MetaData()
 
+# An audit source key: an agent's ``CLUSTER/AGENT/SPOOL`` (253 + 64 + 64 and two
+# slashes) or ``control-plane/REPLICA``.
+SOURCE_KEY_LENGTH = 512
+
 # Small named values: trust domain, revision counters, the master-key check value.
 meta = Table(
     "meta",
@@ -67,8 +71,10 @@ registry_objects = Table(
     Column("updated_by", String(200), nullable=False),
 )
 
-# Bearer credentials: the admin credential and per-cluster agent credentials.
-# Only a SHA-256 of the secret is stored.
+# Bearer credentials: the admin credential and one credential per agent instance of a
+# cluster (server/credentials.py). Only SHA-256 hashes of secrets are stored. A rotation
+# keeps the row (its id, cluster and agent: the credential's identity) and moves the
+# replaced secret's hash to ``previous_hash``, accepted until ``previous_until``.
 credentials = Table(
     "credentials",
     metadata,
@@ -79,7 +85,28 @@ credentials = Table(
     Column("created_at", Float, nullable=False),
     Column("created_by", String(200), nullable=False),
     Column("revoked_at", Float),
+    Column("agent", String(64)),  # the agent instance a cluster credential is for
+    Column("expires_at", Float),
+    Column("last_used_at", Float),  # written at most once a minute per credential
+    Column("rotated_at", Float),
+    Column("previous_hash", String(64)),
+    Column("previous_until", Float),
+    Column("revoked_by", String(200)),
+    Column("revoke_reason", Text),
     UniqueConstraint("secret_hash", name="uq_credentials_secret_hash"),
+    Index("ix_credentials_previous_hash", "previous_hash"),
+)
+
+# Suspensions (DESIGN §5): while a row exists, no credential of any kind is issued for
+# the workload, SPIFFE ID or cluster it names. Counted by ``suspension_revision``.
+suspensions = Table(
+    "suspensions",
+    metadata,
+    Column("kind", String(16), primary_key=True),  # "workload" | "subject" | "cluster"
+    Column("value", String(512), primary_key=True),
+    Column("reason", Text, nullable=False),
+    Column("actor", String(200), nullable=False),
+    Column("created_at", Float, nullable=False),
 )
 
 # Policy versions: each is the complete set of policy documents at that revision.
@@ -88,12 +115,13 @@ policy_versions = Table(
     metadata,
     Column("revision", Integer, primary_key=True, autoincrement=False),
     Column("content_hash", String(64), nullable=False),
-    Column("author", String(200), nullable=False),
+    Column("author", String(200), nullable=False),  # the authenticated principal
     Column("message", Text, nullable=False),
     Column("created_at", Float, nullable=False),
     Column("source", String(64), nullable=False),  # "apply" | "rollback:<rev>"
     Column("documents", Text, nullable=False),  # JSON list of manifest bodies
     Column("diff", Text, nullable=False),  # JSON list of {kind, name, action, before, after}
+    Column("claimed_author", String(200)),  # the author the caller named, if any
 )
 
 # What each agent last reported it enforces (for drift).
@@ -152,7 +180,7 @@ audit_entries = Table(
     Column("subject", String(512)),
     Column("trace_id", String(32)),
     Column("decision", String(8)),
-    Column("source", String(128), nullable=False),
+    Column("source", String(SOURCE_KEY_LENGTH), nullable=False),
     Column("seq", BigInteger),
     Column("sequenced_at", Float, nullable=False),
     UniqueConstraint("source", "seq", name="uq_audit_entries_source_seq"),
@@ -178,7 +206,7 @@ audit_checkpoints = Table(
 audit_sources = Table(
     "audit_sources",
     metadata,
-    Column("source", String(128), primary_key=True),
+    Column("source", String(SOURCE_KEY_LENGTH), primary_key=True),
     Column("cluster", String(253), nullable=False),
     Column("agent", String(64), nullable=False),
     Column("next_seq", BigInteger, nullable=False),
@@ -200,7 +228,7 @@ audit_outbox = Table(
 audit_gaps = Table(
     "audit_gaps",
     metadata,
-    Column("source", String(128), primary_key=True),
+    Column("source", String(SOURCE_KEY_LENGTH), primary_key=True),
     Column("first_seq", BigInteger, primary_key=True, autoincrement=False),
     Column("last_seq", BigInteger, nullable=False),
     Column("detected_at", Float, nullable=False),

@@ -1,5 +1,6 @@
 """Who is calling: the bearer credential of the admin and agent APIs, looked up by its
-hash (``server/credentials.py``)."""
+hash (``server/credentials.py``: revoked, expired and past-overlap secrets are refused
+there, on every request)."""
 
 from __future__ import annotations
 
@@ -22,8 +23,17 @@ class Callers:
             raise Unauthenticated("missing Authorization: Bearer credential")
         principal = await run_in_threadpool(self.credentials.authenticate, secret)
         if principal is None:
-            raise Unauthenticated("credential is not valid")
+            raise Unauthenticated("credential is not valid (unknown, expired or revoked)")
         return principal
+
+    async def still_valid(self, request: Request) -> bool:
+        """Whether the request's credential is still valid (a long-lived stream asks
+        again from time to time, so a revocation or expiry ends it)."""
+        try:
+            await self.principal(request)
+        except Unauthenticated:
+            return False
+        return True
 
     async def admin(self, request: Request) -> Principal:
         """The admin credential; 403 for a cluster credential."""

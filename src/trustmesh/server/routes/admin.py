@@ -1,5 +1,6 @@
 """The admin API (DESIGN §3, §7): apply, policy versions and rollback, the registry's
-objects, signing keys, cluster credentials. Every route needs the admin credential."""
+objects, signing keys. Every route needs the admin credential. Credentials are in
+``credentials.py``, suspensions in ``revocations.py``."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from trustmesh.common.errors import InvalidRequest, NotFound
-from trustmesh.common.http import NO_STORE, read_json
+from trustmesh.common.http import read_json
 from trustmesh.common.numbers import parse_decimal
 from trustmesh.identity.keys import KeyRecord
 from trustmesh.server.controlplane import ControlPlane
@@ -119,19 +120,12 @@ def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
         records = await run_in_threadpool(plane.keys.list_keys)
         return JSONResponse({"active": key_json(record), "keys": [key_json(r) for r in records]})
 
-    async def cluster_credential(request: Request) -> Response:
-        principal = await callers.admin(request)
-        name = request.path_params["name"]
-        secret = await run_in_threadpool(plane.agents.issue_credential, name, principal.name)
-        return JSONResponse({"cluster": name, "token": secret}, headers=NO_STORE)
-
     return [
         Route("/v1/apply", apply, methods=["POST"]),
         Route("/v1/clusters", lister("Cluster"), methods=["GET"]),
         Route("/v1/workloads", lister("Workload"), methods=["GET"]),
         Route("/v1/keys", list_keys, methods=["GET"]),
         Route("/v1/keys/rotate", rotate_keys, methods=["POST"]),
-        Route("/v1/clusters/{name}/credentials", cluster_credential, methods=["POST"]),
         Route("/v1/policy/versions", policy_versions, methods=["GET"]),
         Route("/v1/policy/versions/{revision}", policy_version, methods=["GET"]),
         Route("/v1/policy/rollback", policy_rollback, methods=["POST"]),

@@ -3,20 +3,18 @@ cluster's signed policy bundle. A cluster credential acts for its own cluster on
 
 from __future__ import annotations
 
-import re
-
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from trustmesh.audit.events import AGENT_ID
 from trustmesh.common.errors import Forbidden, InvalidRequest
 from trustmesh.common.numbers import parse_decimal, require_seconds
 from trustmesh.server.controlplane import ControlPlane
 from trustmesh.server.routes._auth import Callers
 
 MAX_WAIT = 30.0
-_AGENT_ID = re.compile(r"^[A-Za-z0-9-]{1,64}$")
 
 
 def long_poll_wait(request: Request) -> float:
@@ -41,8 +39,8 @@ def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
 
     async def bundle(request: Request) -> Response:
         """Answers at once if the cluster's bundle is newer than ``after``, else when it
-        changes, else 304 after ``wait`` seconds. An agent that names itself
-        (``agent=ID``) is recorded as applying ``after``."""
+        changes, else 304 after ``wait`` seconds. The agent (its credential's; the admin
+        may name one with ``agent=ID``) is recorded as applying ``after``."""
         principal = await callers.principal(request)
         query = request.query_params
         cluster = principal.cluster or query.get("cluster") or ""
@@ -50,10 +48,12 @@ def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
             raise Forbidden(f"this credential is for cluster {principal.cluster}")
         after = _version(query.get("after"))
         wait = long_poll_wait(request)
-        agent_id = query.get("agent", "")
+        # A cluster credential is one agent's: it reports as that agent, whatever it
+        # names; the admin may name one.
+        agent_id = principal.agent or query.get("agent", "")
         if after is not None and agent_id:
-            if not _AGENT_ID.match(agent_id):
-                raise InvalidRequest("agent must be 1-64 letters, digits or '-'")
+            if not AGENT_ID.fullmatch(agent_id):
+                raise InvalidRequest("agent must be 1-64 letters, digits, '.', '_' or '-'")
             await run_in_threadpool(plane.agents.record, cluster, agent_id, after)
         snapshots = plane.snapshots
         if after is not None and not await snapshots.wait_until(

@@ -1,10 +1,13 @@
 """The revocation list (DESIGN §5): revoke (admin), and the list agents follow, by long
 poll (``GET /v1/revocations?since=R&wait=S``) or as server-sent events
-(``GET /v1/revocations/stream``)."""
+(``GET /v1/revocations/stream``, which ends once its credential is no longer valid);
+and suspensions (admin): ``POST /v1/suspensions``, ``POST /v1/suspensions/resume``,
+``GET /v1/suspensions``."""
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -18,7 +21,7 @@ from trustmesh.common.errors import InvalidRequest
 from trustmesh.common.http import read_json
 from trustmesh.common.numbers import parse_decimal
 from trustmesh.server.controlplane import ControlPlane
-from trustmesh.server.revoke import ALIASES, KINDS
+from trustmesh.server.revoke import ALIASES, KINDS, SUSPENSION_KINDS
 from trustmesh.server.routes._auth import Callers
 from trustmesh.server.routes.agents import long_poll_wait
 
@@ -99,7 +102,9 @@ def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
 
     async def stream(request: Request) -> Response:
         """Server-sent events (text/event-stream): one ``revocation`` event per entry,
-        its ``id`` the revision, so ``Last-Event-ID`` (or ``since``) resumes."""
+        its ``id`` the revision, so ``Last-Event-ID`` (or ``since``) resumes. The
+        credential is checked again every ``KEEP_ALIVE`` seconds: revoked or expired,
+        the stream ends."""
         principal = await callers.principal(request)
         last_event = request.headers.get("last-event-id")
         resumed = parse_decimal(last_event)
@@ -107,8 +112,13 @@ def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
 
         async def events() -> AsyncIterator[bytes]:
             cursor = start
+            checked = time.monotonic()
             yield b": trustmesh revocations\n\n"
             while not snapshots.stopping:
+                if time.monotonic() - checked >= KEEP_ALIVE:
+                    if not await callers.still_valid(request):
+                        return
+                    checked = time.monotonic()
                 if snapshots.revocations.revision > cursor:
                     _, entries = await run_in_threadpool(plane.revocation_store.since, cursor)
                     for entry in entries:
@@ -125,7 +135,46 @@ def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
             release, events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"}
         )
 
+    def suspension_target(document: dict[str, Any]) -> tuple[str, str]:
+        kind, value = document.get("kind"), document.get("value")
+        kind = ALIASES.get(str(kind), kind)
+        if kind not in SUSPENSION_KINDS:
+            raise InvalidRequest("kind must be workload, subject (or spiffeId) or cluster")
+        if not isinstance(value, str) or not value or len(value) > 512:
+            raise InvalidRequest("value must be a non-empty string of at most 512 characters")
+        return str(kind), value
+
+    async def suspend(request: Request) -> Response:
+        """``{"kind": workload|subject|cluster, "value", "reason"?}`` -> 201 with the
+        suspension, the revocation written with it and the agent credentials revoked
+        (200 and the suspension in force when it exists already)."""
+        principal = await callers.admin(request)
+        document = await read_json(request, MAX_REVOCATION_BODY)
+        kind, value = suspension_target(document)
+        reason = document.get("reason", "")
+        if not isinstance(reason, str):
+            raise InvalidRequest("reason must be a string")
+        result = await run_in_threadpool(
+            plane.suspender.suspend, kind, value, reason, principal.name
+        )
+        snapshots.notify_changes()
+        return JSONResponse(result, 201 if result["created"] else 200)
+
+    async def resume(request: Request) -> Response:
+        """``{"kind", "value"}`` -> the suspension ended; 404 if there was none."""
+        principal = await callers.admin(request)
+        kind, value = suspension_target(await read_json(request, MAX_REVOCATION_BODY))
+        result = await run_in_threadpool(plane.suspender.resume, kind, value, principal.name)
+        return JSONResponse(result)
+
+    async def suspensions(request: Request) -> Response:
+        await callers.admin(request)
+        return JSONResponse({"suspensions": plane.suspender.listing()}, headers=NO_STORE)
+
     return [
+        Route("/v1/suspensions", suspensions, methods=["GET"]),
+        Route("/v1/suspensions", suspend, methods=["POST"]),
+        Route("/v1/suspensions/resume", resume, methods=["POST"]),
         Route("/v1/revocations", listing, methods=["GET"]),
         Route("/v1/revocations", create, methods=["POST"]),
         Route("/v1/revocations/stream", stream, methods=["GET"]),
