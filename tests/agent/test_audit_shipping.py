@@ -1,7 +1,8 @@
 """Decisions reach the central audit log: real control plane, real agent processes on
 loopback, every surface, read back through the admin API. The agent is killed with
 SIGKILL mid-traffic, the control plane is stopped mid-traffic: every answered decision
-lands exactly once, numbered without holes."""
+lands exactly once, numbered without holes. Another cluster's credential cannot write
+into, or squat, an agent's audit source (issue 10, finding 1)."""
 
 from __future__ import annotations
 
@@ -22,11 +23,14 @@ from helpers import (
     Federation,
     Process,
     Server,
+    cluster_yaml,
     register_federation,
     start_agent,
     start_server,
     trustmesh_cmd,
+    unique,
 )
+from trustmesh.audit import events as ev
 from trustmesh.sim import SimulatedCluster
 
 HOST = "audited.internal"
@@ -71,20 +75,27 @@ def log_entries(server: Server) -> list[dict[str, Any]]:
         entries.extend(page)
 
 
-def agent_events(server: Server, source: str) -> list[dict[str, Any]]:
+def of_spool(source_id: str, spool: str) -> bool:
+    """Whether a source in the log (``CLUSTER/AGENT/SPOOL``) is this spool's."""
+    return source_id.rsplit("/", 1)[-1] == spool
+
+
+def agent_events(server: Server, spool: str, cluster: str | None = None) -> list[dict[str, Any]]:
     return [
         e["event"]
         for e in log_entries(server)
-        if e["event"]["source"].get("kind") == "agent" and e["event"]["source"]["id"] == source
+        if e["event"]["source"].get("kind") == "agent"
+        and of_spool(e["event"]["source"]["id"], spool)
+        and (cluster is None or e["event"]["cluster"] == cluster)
     ]
 
 
 def wait_for_events(
-    server: Server, source: str, count: int, timeout: float = 20.0
+    server: Server, source: str, count: int, timeout: float = 20.0, cluster: str | None = None
 ) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout
     while True:
-        found = agent_events(server, source)
+        found = agent_events(server, source, cluster)
         if len(found) >= count or time.monotonic() > deadline:
             return found
         time.sleep(0.1)
@@ -107,8 +118,8 @@ def assert_exactly_once(events: list[dict[str, Any]], decision_ids: list[str]) -
 
 def no_gaps(server: Server, source: str) -> None:
     sources = server.admin.get("/v1/audit/sources").json()["sources"]
-    mine = [s for s in sources if s["source"] == source]
-    assert mine and mine[0]["gaps"] == [], mine
+    mine = [s for s in sources if of_spool(s["source"], source)]
+    assert len(mine) == 1 and mine[0]["gaps"] == [], mine
 
 
 # --- traffic ---------------------------------------------------------------------------
@@ -180,19 +191,19 @@ def federation(server: Server, sim_cluster: SimulatedCluster) -> Federation:
     return register_federation(server, sim_cluster)
 
 
-def agent_for(federation: Federation, data_dir: Path, *flags: str) -> Agent:
+def agent_for(
+    federation: Federation, data_dir: Path, *flags: str, credential: str | None = None
+) -> Agent:
+    """An agent of the federation's target cluster with a new credential (or the given
+    one: a restarted agent keeps its credential, and so its audit source)."""
     server = federation.server
+    credential = credential or server.credential(federation.target_name)
     if not flags:
-        return start_agent(
-            federation.target_name,
-            [server.url],
-            data_dir,
-            server.credential(federation.target_name),
-        )
+        return start_agent(federation.target_name, [server.url], data_dir, credential)
     # as helpers.start_agent, with extra flags
     data_dir.mkdir(parents=True, exist_ok=True)
     token_file = data_dir.parent / f"{data_dir.name}.credential"
-    token_file.write_text(server.credential(federation.target_name))
+    token_file.write_text(credential)
     args = ["agent", "--cluster", federation.target_name, "--server", server.url]
     args += ["--listen", "127.0.0.1:0", "--data-dir", str(data_dir)]
     args += ["--token-file", str(token_file), *flags]
@@ -306,9 +317,9 @@ def test_every_surface_is_audited_once(federation: Federation, tmp_path: Path) -
         assert size >= 1
         no_gaps(server, source)
 
-        ready = httpx.get(agent.url + "/readyz").json()["audit"]
-        assert ready["source"] == source and ready["backlog"] == 0
-        assert ready["acknowledged_seq"] == 7 and ready["last_ship_error"] is None
+        ready = httpx.get(agent.url + "/readyz").json()
+        assert ready["audit"]["backlog"] == 0 and ready["failing"] == []
+        assert source not in str(ready)  # no internal id on an unauthenticated endpoint
         metrics = httpx.get(agent.url + "/metrics").text
         assert "trustmesh_agent_audit_spooled_total 7.0" in metrics
         assert "trustmesh_agent_audit_shipped_total 7.0" in metrics
@@ -381,7 +392,8 @@ def test_agent_killed_mid_traffic_loses_and_repeats_nothing(
     cursor = data_dir / "audit-spool" / "cursor"
     acknowledged = int(cursor.read_text()) if cursor.exists() else 0
     assert acknowledged < killed_at  # the restarted agent has events left to ship
-    restarted = agent_for(federation, data_dir)
+    credential = (data_dir.parent / f"{data_dir.name}.credential").read_text()
+    restarted = agent_for(federation, data_dir, credential=credential)
     try:
         with Traffic(restarted.url, token) as more:
             more.wait_for(100)
@@ -441,3 +453,77 @@ def test_control_plane_outage_mid_traffic_delivers_everything_once(
     finally:
         assert agent.stop() == 0, agent.process.stderr()
         server.stop()
+
+
+def test_another_clusters_credential_cannot_silence_an_agents_audit(
+    federation: Federation, tmp_path: Path
+) -> None:
+    """Issue 10, finding 1, reproduced end to end: two clusters, two agent processes.
+    The attacker holds cluster A's credential and B's spool id (it used to be printed
+    on B's unauthenticated /readyz) and sends an event under it. Before the fix that
+    event claimed B's source, and every later batch of B's agent was refused with 403:
+    B kept deciding and nothing reached the log. Now each credential writes only into
+    its own source (CLUSTER/AGENT/SPOOL): B's events still arrive."""
+    server = federation.server
+    cluster_a, cluster_b = federation.target_name, unique("victim-")
+    server.apply(cluster_yaml(cluster_b, f"http://127.0.0.1:9/{cluster_b}"))
+    credential_a = server.credential(cluster_a)
+    agent_a = start_agent(cluster_a, [server.url], tmp_path / "a", credential_a)
+    agent_b = start_agent(cluster_b, [server.url], tmp_path / "b", server.credential(cluster_b))
+    try:
+        spool_b = source_of(tmp_path / "b")
+        instance_b = (tmp_path / "b" / "agent-id").read_text().strip()
+        for agent in (agent_a, agent_b):
+            ready = httpx.get(agent.url + "/readyz")
+            assert ready.status_code == 200
+            assert spool_b not in ready.text and instance_b not in ready.text
+            assert source_of(tmp_path / "a") not in ready.text
+
+        squat = [
+            ev.new_event(
+                ev.AUTHZ_DECISION,
+                source={"kind": "agent", "id": spool_b, "agent": instance_b, "seq": seq},
+                cluster=cluster_a,
+                request={"surface": "authorize"},
+                decision={"allowed": False, "reason": "squatting", "policy_revision": 1},
+            )
+            for seq in (1, 2, 3, 50)
+        ]
+        answer = httpx.post(
+            server.url + "/v1/audit/events",
+            json={"events": squat},
+            headers={"Authorization": f"Bearer {credential_a}"},
+        )
+        assert answer.status_code == 200, answer.text  # into A's own source, not B's
+        as_b = [dict(e, cluster=cluster_b) for e in squat]
+        refused = httpx.post(
+            server.url + "/v1/audit/events",
+            json={"events": as_b},
+            headers={"Authorization": f"Bearer {credential_a}"},
+        )
+        assert refused.status_code == 403  # A cannot write B's events at all
+
+        response = server.exchange(
+            federation.sa_token(), f"spiffe://{TRUST_DOMAIN}/cluster/{cluster_b}"
+        )
+        token = response.json()["access_token"]
+        answered = [agent_b.authorize(token, ALLOWED).json()["decision_id"] for _ in range(5)]
+        events = wait_for_events(server, spool_b, 5, cluster=cluster_b)
+        assert len(events) == 5, "B's decisions never reached the log"
+        assert_exactly_once(events, answered)
+        assert {e["source"]["id"].rsplit("/", 1)[0] for e in events} == {
+            f"{cluster_b}/{events[0]['source']['agent']}"
+        }
+        no_gaps_in = [
+            s for s in server.admin.get("/v1/audit/sources").json()["sources"]
+            if of_spool(s["source"], spool_b)
+        ]  # fmt: skip
+        assert {s["cluster"] for s in no_gaps_in} == {cluster_a, cluster_b}
+        mine = next(s for s in no_gaps_in if s["cluster"] == cluster_b)
+        assert mine["gaps"] == [] and mine["next_seq"] == 6
+        metrics = httpx.get(agent_b.url + "/metrics").text
+        assert "trustmesh_agent_audit_ship_failures_total 0.0" in metrics
+        assert httpx.get(agent_b.url + "/readyz").json()["failing"] == []
+    finally:
+        assert agent_a.stop() == 0, agent_a.process.stderr()
+        assert agent_b.stop() == 0, agent_b.process.stderr()

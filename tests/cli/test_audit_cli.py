@@ -207,7 +207,9 @@ def busy(shared_server: Server, sim_cluster: SimulatedCluster) -> Iterator[dict[
     for _ in range(3):
         fed.svid()
     shared_server.exchange("not-a-token", fed.audience)
-    credential = shared_server.credential(fed.target_name)
+    credential = shared_server.admin.post(
+        f"/v1/clusters/{fed.target_name}/credentials", json={"agent": "agent-1"}
+    ).json()["token"]
     spool = uuid.uuid4().hex
     ship(
         fed,
@@ -218,7 +220,14 @@ def busy(shared_server: Server, sim_cluster: SimulatedCluster) -> Iterator[dict[
             decision_event(fed, spool, 5, True),
         ],
     )
-    yield {"fed": fed, "trace": trace, "spool": spool, "env": cli_env(shared_server)}
+    source = f"{fed.target_name}/agent-1/{spool}"  # the credential's own source
+    yield {
+        "fed": fed,
+        "trace": trace,
+        "spool": spool,
+        "source": source,
+        "env": cli_env(shared_server),
+    }
 
 
 def test_verify_passes_online_and_offline(busy: dict[str, Any], shared_server: Server) -> None:
@@ -367,7 +376,7 @@ def test_query_filters_and_json(busy: dict[str, Any]) -> None:
     denied = query("--cluster", fed.target_name, "--decision", "deny")
     assert [e["event"]["decision"]["allowed"] for e in denied] == [False]
     assert len(query("--cluster", fed.target_name, "--decision", "allow")) == 2
-    assert len(query("--source", busy["spool"])) == 3
+    assert len(query("--source", busy["source"])) == 3
     traced = query("--trace-id", busy["trace"].upper())
     assert {e["event"]["type"] for e in traced} == {ev.TOKEN_ISSUED, ev.AUTHZ_DECISION}
     assert len(query("--subject", spiffe_id, "--since", "10m", "--type", "token.issued")) == 4
@@ -427,7 +436,7 @@ def test_trace_shows_issuance_decision_and_access(busy: dict[str, Any]) -> None:
 def test_sources_show_sequence_state_and_gaps(busy: dict[str, Any]) -> None:
     env, spool = busy["env"], busy["spool"]
     listed = json.loads(run("audit", "sources", "-o", "json", env=env).stdout)
-    mine = next(s for s in listed if s["source"] == spool)
+    mine = next(s for s in listed if s["source"] == busy["source"])
     assert mine["next_seq"] == 6 and mine["gaps"] == [[3, 4]]
     table = run("audit", "sources", env=env)
     assert table.returncode == 0 and spool[:8] in table.stdout and "3-4" in table.stdout

@@ -319,9 +319,13 @@ def test_agent_batches_are_deduplicated_and_gaps_reported(
 ) -> None:
     fed = register_federation(shared_server, sim_cluster)
     server = shared_server
-    credential = server.credential(fed.target_name)
-    source = uuid.uuid4().hex
-    batch = [agent_event(fed.target_name, source, seq) for seq in (1, 2, 3)]
+    issued = server.admin.post(
+        f"/v1/clusters/{fed.target_name}/credentials", json={"agent": "agent-one"}
+    ).json()
+    credential = issued["token"]
+    spool = uuid.uuid4().hex
+    source = f"{fed.target_name}/agent-one/{spool}"  # the credential's own source
+    batch = [agent_event(fed.target_name, spool, seq) for seq in (1, 2, 3)]
     first = ship(server, credential, batch)
     assert first.status_code == 200, first.text
     assert first.json()["accepted"] == 3 and first.json()["duplicates"] == 0
@@ -332,14 +336,15 @@ def test_agent_batches_are_deduplicated_and_gaps_reported(
         "tree_size": 0,
         "gaps": [],
     }
-    conflict = ship(server, credential, [agent_event(fed.target_name, source, 2)])
+    conflict = ship(server, credential, [agent_event(fed.target_name, spool, 2)])
     assert conflict.status_code == 409 and conflict.json()["error"] == "sequence_conflict"
 
-    skipped = ship(server, credential, [agent_event(fed.target_name, source, 7)])
+    skipped = ship(server, credential, [agent_event(fed.target_name, spool, 7)])
     assert skipped.status_code == 200
     assert skipped.json()["gaps"] == [{"source": source, "first": 4, "last": 6}]
     sources = {s["source"]: s for s in server.admin.get("/v1/audit/sources").json()["sources"]}
     assert sources[source]["gaps"] == [[4, 6]] and sources[source]["next_seq"] == 8
+    assert sources[source]["agent"] == "agent-one"
     gap_events = [
         e["event"]
         for e in query(server, type=ev.AUDIT_GAP)
@@ -348,13 +353,23 @@ def test_agent_batches_are_deduplicated_and_gaps_reported(
     assert gap_events[0]["detail"]["missing"] == 3
     stored = query(server, source=source)
     assert [e["event"]["source"]["seq"] for e in stored] == [1, 2, 3, 7]
+    assert {e["event"]["source"]["agent"] for e in stored} == {"agent-one"}
 
     other = unique("target-")
     server.apply(cluster_yaml(other, f"http://127.0.0.1:9/{other}"))
-    wrong_cluster = ship(server, credential, [agent_event(other, source, 8)])
+    wrong_cluster = ship(server, credential, [agent_event(other, spool, 8)])
     assert wrong_cluster.status_code == 403
-    stolen_source = ship(server, server.credential(other), [agent_event(other, source, 8)])
-    assert stolen_source.status_code == 403
+    # Another credential using the same spool id writes into its own source: it can
+    # neither claim this one nor collide with it (issue 10, finding 1).
+    for squatter, cluster in ((server.credential(other), other),
+                              (server.credential(fed.target_name), fed.target_name)):  # fmt: skip
+        squat = ship(server, squatter, [agent_event(cluster, spool, 8)])
+        assert squat.status_code == 200, squat.text
+    mine = ship(server, credential, [agent_event(fed.target_name, spool, 8)])
+    assert mine.status_code == 200 and mine.json()["accepted"] == 1
+    assert [e["event"]["source"]["seq"] for e in query(server, source=source)] == [1, 2, 3, 7, 8]
+    slashed = agent_event(fed.target_name, f"{other}/x/{spool}", 1)
+    assert ship(server, credential, [slashed]).status_code == 400  # a spool id, not a key
     forged = agent_event(fed.target_name, uuid.uuid4().hex, 1)
     forged["type"] = ev.TOKEN_ISSUED
     invalid = agent_event(fed.target_name, uuid.uuid4().hex, 1)

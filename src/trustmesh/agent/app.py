@@ -133,28 +133,51 @@ class AgentApp:
         return JSONResponse({"ok": True})
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """Ready only with keys, a verified bundle and a fresh revocation list."""
+        """Ready only with keys, a verified bundle and a fresh revocation list.
+
+        ``/readyz`` is unauthenticated, so it says what an orchestrator needs and no
+        more: ready or not and why (``reasons``), the revisions and staleness in force,
+        the audit backlog, and which syncs last failed (``failing``, fixed words). No
+        internal id (spool, agent instance, credential), no control-plane address and
+        no error text: those are in the agent's log and metrics."""
         decider, keys = self.decider, self.keys
         revocations, policy = decider.revocations, decider.policy
-        ready = (
-            decider.authn.configured
-            and policy.engine is not None
-            and revocations.synced_at is not None
-            and not revocations.enforcing_denial()
-        )
-        state = keys.state
+        reasons = []
+        if not decider.authn.configured:
+            reasons.append("no key set from the control plane yet")
+        if policy.engine is None:
+            reasons.append("no verified policy bundle yet")
+        if revocations.synced_at is None:
+            reasons.append("no revocation list yet")
+        elif revocations.enforcing_denial():
+            reasons.append("the revocation list is older than its bound (strict mode denies)")
+        failing = [
+            name
+            for name, error in (
+                ("keys", keys.last_error),
+                ("policy", policy.last_error),
+                ("revocations", revocations.last_error),
+                ("audit", self.shipper.last_error),
+            )
+            if error is not None
+        ]
+        ready = not reasons
         age = keys.age()
+        revocation = revocations.status()
+        shipping = self.shipper.status()
         return ready, {
             "ready": ready,
-            **policy.status(),
-            **revocations.status(),
+            "reasons": reasons,
+            "failing": failing,
             "cluster": decider.authn.cluster,
+            **{k: v for k, v in policy.status().items() if k != "bundle_error"},
+            **{k: v for k, v in revocation.items() if k != "revocation_error"},
             "keys": len(decider.authn.keys),
-            "bundle_sequence": state.sequence if state else None,
-            "control_plane": state.server if state else None,
             "last_sync_age_seconds": round(age, 3) if age is not None else None,
-            "last_error": keys.last_error,
-            "audit": self.shipper.status(),
+            "audit": {
+                "backlog": shipping["backlog"],
+                "last_ship_age_seconds": shipping["last_ship_age_seconds"],
+            },
         }
 
     async def readyz(self, request: Request) -> Response:

@@ -115,6 +115,7 @@ async def run_bundle_sync(
             continue
         except CredentialRejected as exc:
             holder.last_error = str(exc)
+            log.error("policy bundle: %s", exc)
         except InvalidToken as exc:
             holder.last_error = f"bundle refused: {exc.description}"
             log.error("%s", holder.last_error)

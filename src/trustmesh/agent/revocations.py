@@ -173,9 +173,11 @@ async def run_revocation_sync(client: ControlPlaneClient, holder: RevocationHold
             continue
         except CredentialRejected as exc:
             holder.last_error = str(exc)
+            log.error("revocations: %s", exc)
         except ResyncNeeded:
             last_full = None
             continue
         except (ControlPlaneError, OSError) as exc:
             holder.last_error = f"revocation sync failed: {exc.__class__.__name__}: {exc}"
+            log.warning("%s", holder.last_error)
         await asyncio.sleep(backoff.next_delay())

@@ -10,7 +10,11 @@ not apply (never ``null``):
 ``source``     who wrote it: ``{"kind": "control-plane", "id": REPLICA}`` or
                ``{"kind": "agent", "id": SPOOL_ID, "agent": AGENT_ID, "seq": N}``;
                agents number their events 1, 2, 3… per spool, and the control plane
-               deduplicates by (``id``, ``seq``) and reports gaps
+               deduplicates by (``id``, ``seq``) and reports gaps. An agent sends its
+               spool's id; the control plane keeps the event under the source the
+               sending credential owns (:func:`bind_source`): ``id`` becomes
+               ``CLUSTER/AGENT/SPOOL_ID`` and ``agent`` the credential's agent, so no
+               credential can write into, or collide with, another agent's source
 ``cluster``    the cluster where it happened (the agent's; the token's origin cluster
                for exchanges)
 ``actor``      who acted: a SPIFFE ID, ``admin:NAME``, ``cluster:NAME`` or ``system``
@@ -108,6 +112,9 @@ _SPAN_ID = re.compile(r"[0-9a-f]{16}")
 _ADMIN_TYPE = re.compile(r"admin\.[a-z][a-z0-9_.]{0,62}")
 AGENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 """An agent instance's id, as a cluster credential names it (no ``/``)."""
+SPOOL_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+"""The id an agent's spool gives its events (no ``/``)."""
+MAX_SOURCE_ID = 512
 
 
 def token_sha256(token: str) -> str:
@@ -304,7 +311,7 @@ def check_event(event: Any) -> bytes:
         raise EventError("event.source must be an object")
     if source.get("kind") not in ("agent", "control-plane"):
         raise EventError("event.source.kind must be agent or control-plane")
-    _need_str(source, "id", "event.source", 128)
+    _need_str(source, "id", "event.source", MAX_SOURCE_ID)
     if source.get("kind") == "agent":
         seq = source.get("seq")
         if not isinstance(seq, int) or isinstance(seq, bool) or not 1 <= seq <= 2**53 - 1:
@@ -339,6 +346,23 @@ def check_event(event: Any) -> bytes:
     if len(leaf) > MAX_EVENT_BYTES:
         raise EventError(f"event is {len(leaf)} bytes; the limit is {MAX_EVENT_BYTES}")
     return leaf
+
+
+def bind_source(event: Mapping[str, Any], cluster: str, agent: str) -> dict[str, Any]:
+    """An agent's event as the log keeps it, under the source of the credential that
+    sent it: ``source.id`` = ``CLUSTER/AGENT/SPOOL_ID`` (the spool id the agent sent
+    must match :data:`SPOOL_ID`), ``source.agent`` = the credential's agent. Resending an
+    event through the same agent's credential binds it to the same bytes, so
+    deduplication by (source, seq) still holds. Raises EventError."""
+    source = event.get("source")
+    if not isinstance(source, dict) or source.get("kind") != "agent":
+        raise EventError("event.source.kind must be agent")
+    spool = source.get("id")
+    if not isinstance(spool, str) or not SPOOL_ID.fullmatch(spool):
+        raise EventError("event.source.id must be the spool's id: 1-64 letters, digits, '_' or '-'")
+    if not AGENT_ID.fullmatch(agent) or not cluster or "/" in cluster:
+        raise EventError("event.source: no agent credential to bind it to")
+    return {**event, "source": {**source, "id": f"{cluster}/{agent}/{spool}", "agent": agent}}
 
 
 def subject_of(event: Mapping[str, Any]) -> str | None:

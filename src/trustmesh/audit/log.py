@@ -16,8 +16,9 @@ signed one: before signing, the tree's root at the last checkpoint's size must e
 that checkpoint's root, else the log refuses to sign (a log never signs two
 inconsistent checkpoints) and reports the database as altered.
 
-Agent events are deduplicated by (source, seq): a resent batch counts as duplicates,
-a different record under a used (source, seq) is refused. A sequence number that
+Agent events are deduplicated by (source, seq), where the source is the one the
+sending credential owns (``CLUSTER/AGENT/SPOOL``, :func:`agent_records`): a resent
+batch counts as duplicates, a different record under a used (source, seq) is refused. A sequence number that
 skips ahead records a gap (``audit_gaps``) and an ``audit.gap_detected`` event.
 """
 
@@ -102,10 +103,13 @@ def record_of(event: Mapping[str, Any]) -> Record:
     return Record(event, leaf, source, seq)
 
 
-def agent_records(body: bytes, cluster: str | None) -> list[Record]:
+def agent_records(body: bytes, cluster: str | None, agent: str | None) -> list[Record]:
     """An agent's batch, ``{"events": [...]}``, as records ready to sequence; or
     InvalidRequest naming each problem. An agent may write only ``authz.decision``
-    events, and only of its own ``cluster`` (None: the admin, any cluster)."""
+    events, only of its own ``cluster``, and only into the source of its own credential:
+    each event is bound (:func:`~trustmesh.audit.events.bind_source`) to ``cluster`` and
+    ``agent``, the authenticated credential's. The admin (``cluster`` None) may send
+    for any cluster; its events are bound to the cluster and agent they name."""
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -120,6 +124,22 @@ def agent_records(body: bytes, cluster: str | None) -> list[Record]:
     records: list[Record] = []
     problems: list[str] = []
     for i, item in enumerate(items):
+        source = item.get("source") if isinstance(item, dict) else None
+        if isinstance(source, dict) and source.get("kind") == "agent":
+            if cluster is not None and item.get("cluster") != cluster:
+                raise SourceMismatch(
+                    f"events[{i}] is for cluster {item.get('cluster')!r}; this credential is "
+                    f"for cluster {cluster}"
+                )
+            try:
+                item = ev.bind_source(
+                    item,
+                    cluster if cluster is not None else str(item.get("cluster") or ""),
+                    agent if agent is not None else str(source.get("agent") or ""),
+                )
+            except EventError as exc:
+                problems.append(f"events[{i}]: {exc}")
+                continue
         try:
             record = record_of(item)
         except EventError as exc:
@@ -128,11 +148,6 @@ def agent_records(body: bytes, cluster: str | None) -> list[Record]:
         if item["source"]["kind"] != "agent" or item["type"] not in ev.AGENT_TYPES:
             problems.append(f"events[{i}]: an agent may only send authz.decision events")
             continue
-        if cluster is not None and item.get("cluster") != cluster:
-            raise SourceMismatch(
-                f"events[{i}] is for cluster {item.get('cluster')!r}; this credential is for "
-                f"cluster {cluster}"
-            )
         records.append(record)
     if problems:
         raise InvalidRequest(

@@ -298,7 +298,7 @@ def _append_round(target: _Target, batch: int, events: int, rng: random.Random) 
     started = clock()
     for body, cluster in bodies:
         t0 = clock()
-        records = agent_records(body, cluster)
+        records = agent_records(body, cluster, f"agent-{cluster}")
         t1 = clock()
         result = log.append(records)
         t2 = clock()

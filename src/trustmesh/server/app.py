@@ -36,7 +36,7 @@ def build_app(plane: ControlPlane) -> Starlette:
 
     routes = [
         *oauth.routes(plane, callers),
-        *public.routes(plane),
+        *public.routes(plane, callers),
         *admin.routes(plane, callers),
         *credentials.routes(plane, callers),
         *agents.routes(plane, callers),

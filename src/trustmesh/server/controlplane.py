@@ -278,16 +278,28 @@ class ControlPlane:
         self.rotation.maintain(now)
 
     # -- health -----------------------------------------------------------------------------
-    def ready(self) -> tuple[bool, dict[str, Any]]:
+    def ready(self, detail: bool = False) -> tuple[bool, dict[str, Any]]:
+        """Readiness as an orchestrator needs it: ``ready`` and, when not, ``reasons``;
+        ``audit_inconsistent`` says why no checkpoint is signed. ``detail`` (for an
+        authenticated caller) adds the revisions, the active kid and the log's size."""
         snapshots = self.snapshots
         age = snapshots.age()
-        fresh = age < max(10.0, 5 * self.config.refresh_interval)
-        return fresh, {
+        bound = max(10.0, 5 * self.config.refresh_interval)
+        fresh = age < bound
+        body: dict[str, Any] = {
             "ready": fresh,
-            "registry_revision": snapshots.registry.revision,
-            "keys_revision": snapshots.keyset.revision,
-            "active_kid": snapshots.keyset.active.kid,
             "state_age_seconds": round(age, 3),
-            "audit_size": self.audit.size,
             "audit_inconsistent": self.audit.inconsistent,
         }
+        if not fresh:
+            body["reasons"] = [
+                f"state not refreshed from the database for {age:.0f} s (bound {bound:.0f} s)"
+            ]
+        if detail:
+            body.update(
+                registry_revision=snapshots.registry.revision,
+                keys_revision=snapshots.keyset.revision,
+                active_kid=snapshots.keyset.active.kid,
+                audit_size=self.audit.size,
+            )
+        return fresh, body

@@ -173,7 +173,9 @@ def query(
     until: str | None = typer.Option(None, "--until", help="Before this time (same forms)."),
     decision: str | None = typer.Option(None, "--decision", help="allow or deny."),
     trace_id: str | None = typer.Option(None, "--trace-id", help="W3C trace id (32 hex)."),
-    source: str | None = typer.Option(None, "--source", help="An agent spool id."),
+    source: str | None = typer.Option(
+        None, "--source", help="An agent's source, CLUSTER/AGENT/SPOOL (see audit sources)."
+    ),
     limit: int = typer.Option(100, "--limit", help="At most this many entries."),
     after: int | None = typer.Option(
         None, "--after", help="Only entries after this index (the 'next' of a previous page)."
@@ -308,20 +310,21 @@ def sources(
     token_file: Path | None = TokenFileOption,
     output: Output = OutputOption,
 ) -> None:
-    """Each agent spool's sequence state: the next number expected and the gaps seen."""
+    """Each agent source's sequence state (CLUSTER/AGENT/SPOOL: the spool of an agent
+    credential): the next number expected and the gaps seen."""
     found = audit_client(server, token_file).get("/v1/audit/sources").get("sources") or []
     if output is Output.json:
         print_json(found)
         return
     rows = [
         [
-            s.get("source"),
             s.get("cluster"),
             s.get("agent"),
+            str(s.get("source", "")).rsplit("/", 1)[-1],  # the spool: cluster and agent shown
             s.get("next_seq"),
             _when(s.get("last_seen")),
             _gaps(s.get("gaps")) or "none",
         ]
         for s in found
     ]
-    print_table(["SOURCE", "CLUSTER", "AGENT", "NEXT SEQ", "LAST SEEN", "GAPS"], rows)
+    print_table(["CLUSTER", "AGENT", "SPOOL", "NEXT SEQ", "LAST SEEN", "GAPS"], rows)

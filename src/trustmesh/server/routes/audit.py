@@ -1,5 +1,6 @@
 """The audit log's HTTP surface (DESIGN §6). Reads need the admin credential; agents
-send their spooled events with their cluster credential."""
+send their spooled events with their cluster credential, into the source that
+credential owns (``audit/log.py``, ``agent_records``)."""
 
 from __future__ import annotations
 
@@ -55,7 +56,10 @@ def routes(audit: AuditLog, callers: Callers, stopping: Callable[[], bool]) -> l
         if stopping():
             raise Unavailable("the control plane is shutting down; retry", error="stopping")
         body = await read_body(request, MAX_INGEST_BODY)
-        records = agent_records(body, None if principal.is_admin else principal.cluster)
+        if principal.is_admin:
+            records = agent_records(body, None, None)
+        else:  # the credential's own source: CLUSTER/AGENT/SPOOL
+            records = agent_records(body, principal.cluster, principal.agent)
         result = await run_in_threadpool(audit.append, records)
         return JSONResponse(
             {

@@ -1,4 +1,6 @@
-"""Public documents (OIDC discovery, JWKS, the SPIFFE bundle) and health."""
+"""Public documents (OIDC discovery, JWKS, the SPIFFE bundle) and health. ``/readyz``
+tells anyone whether the replica is ready and why not; its detail needs the admin
+credential."""
 
 from __future__ import annotations
 
@@ -7,13 +9,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from trustmesh.common.http import bearer_token
 from trustmesh.server.controlplane import ControlPlane
 from trustmesh.server.discovery import discovery, spiffe_bundle
+from trustmesh.server.routes._auth import Callers
 
 PUBLIC_CACHE = {"Cache-Control": "public, max-age=60"}
 
 
-def routes(plane: ControlPlane) -> list[Route]:
+def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
     snapshots = plane.snapshots
 
     async def openid_configuration(request: Request) -> Response:
@@ -30,8 +34,13 @@ def routes(plane: ControlPlane) -> list[Route]:
         return JSONResponse({"ok": True})
 
     async def readyz(request: Request) -> Response:
-        ready, detail = plane.ready()
-        return JSONResponse(detail, 200 if ready else 503)
+        """Ready or not, and why, for anyone; the revisions and the log's size only for
+        the admin credential (a request that sends another is refused)."""
+        detail = bearer_token(request) is not None
+        if detail:
+            await callers.admin(request)
+        ready, body = plane.ready(detail)
+        return JSONResponse(body, 200 if ready else 503)
 
     async def metrics(request: Request) -> Response:
         return Response(generate_latest(plane.metrics.registry), media_type=CONTENT_TYPE_LATEST)
