@@ -316,3 +316,44 @@ def test_readiness_tells_anyone_why_and_only_the_admin_the_detail(shared_server:
     assert detailed["audit_size"] >= 0 and detailed["active_kid"]
     wrong = httpx.get(shared_server.url + "/readyz", headers={"Authorization": "Bearer tma_nope"})
     assert wrong.status_code == 401
+
+
+def test_the_actor_is_the_credential_and_the_claimed_author_is_kept_apart(
+    shared_server: Server,
+) -> None:
+    """Issue 10, finding 9: ``author`` used to replace the authenticated principal as the
+    actor; now the actor is the credential's and the claimed author is kept apart."""
+    server = shared_server
+    role = unique("claimed-role-")
+    manifest = f"""apiVersion: trustmesh.io/v1alpha1
+kind: GlobalRole
+metadata: {{name: {role}}}
+spec:
+  rules: [{{services: [x.test], paths: [/a], methods: [GET]}}]
+"""
+    applied = server.admin.post(
+        "/v1/apply",
+        json={"files": [{"path": "r.yaml", "content": manifest}], "author": "alice@corp"},
+    )
+    assert applied.status_code == 200, applied.text
+    revision = applied.json()["policyRevision"]
+    version = server.admin.get(f"/v1/policy/versions/{revision}").json()
+    assert version["author"] == "admin" and version["claimedAuthor"] == "alice@corp"
+    entries = server.admin.get(
+        "/v1/audit/query", params={"type": "policy.published", "limit": "1000"}
+    ).json()["entries"]
+    published = [e["event"] for e in entries if e["event"]["detail"]["policy_revision"] == revision]
+    assert published[0]["actor"] == "admin"
+    assert published[0]["detail"]["claimed_author"] == "alice@corp"
+    rolled = server.admin.post(
+        "/v1/policy/rollback", json={"revision": revision - 1, "author": "bob"}
+    )
+    assert rolled.status_code == 200, rolled.text
+    back = server.admin.get(f"/v1/policy/versions/{rolled.json()['policyRevision']}").json()
+    assert back["author"] == "admin" and back["claimedAuthor"] == "bob"
+    for author in ("x" * 201, "a\nb", 7):
+        bad = server.admin.post(
+            "/v1/apply",
+            json={"files": [{"path": "r.yaml", "content": manifest}], "author": author},
+        )
+        assert bad.status_code == 400 and "author" in bad.json()["error_description"]

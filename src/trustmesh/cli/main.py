@@ -444,7 +444,9 @@ def apply(
         help="Validate, run the policy tests, show what would change; change nothing.",
     ),
     author: str | None = typer.Option(
-        None, "--author", help="Author recorded in the policy version (default: the credential)."
+        None,
+        "--author",
+        help="Claimed author, recorded beside the authenticated one (the actor is always the credential's).",
     ),
     message: str = typer.Option("", "--message", "-m", help="Why: recorded in the policy version."),
     server: str | None = ServerOption,

@@ -56,7 +56,7 @@ def history(
         [
             v["revision"],
             _when(v["createdAt"]),
-            v["author"],
+            _author(v),
             v["source"],
             ", ".join(f"{c['action']} {c['kind']}/{c['name']}" for c in v["changes"]),
             v["message"],
@@ -65,6 +65,12 @@ def history(
         for v in versions
     ]
     print_table(["REV", "TIME", "AUTHOR", "SOURCE", "CHANGES", "MESSAGE", "HASH"], rows)
+
+
+def _author(version: dict[str, Any]) -> str:
+    """The authenticated author, and the author it claimed to be, if any."""
+    claimed = version.get("claimedAuthor")
+    return f"{version['author']} (as {claimed})" if claimed else str(version["author"])
 
 
 def _yaml(body: dict[str, Any] | None) -> list[str]:
@@ -86,7 +92,7 @@ def show(
         print_json(version)
         return
     print_line(
-        f"revision {version['revision']}  {_when(version['createdAt'])}  by {version['author']}  ({version['source']})"
+        f"revision {version['revision']}  {_when(version['createdAt'])}  by {_author(version)}  ({version['source']})"
     )
     print_line(f"content hash {version['contentHash']}")
     if version["message"]:
@@ -107,7 +113,9 @@ def show(
 def rollback(
     revision: int = typer.Argument(..., min=0, help="The revision to return to (0: no policy)."),
     message: str = typer.Option("", "--message", "-m", help="Why."),
-    author: str | None = typer.Option(None, "--author"),
+    author: str | None = typer.Option(
+        None, "--author", help="Claimed author, kept beside the authenticated one."
+    ),
     server: str | None = ServerOption,
     token_file: Path | None = TokenFileOption,
     output: Output = OutputOption,

@@ -1,8 +1,9 @@
 """The versioned policy catalog (DESIGN §3 "Policy versions").
 
 Every change of policy is an immutable version: a monotonic revision, the content hash
-of the complete set of policy documents, author, message, time, and the diff against
-the previous version. Versions are never edited; a rollback is a new version whose
+of the complete set of policy documents, author (the authenticated principal; an author
+the caller claimed is kept apart, as ``claimed_author``), message, time, and the diff
+against the previous version. Versions are never edited; a rollback is a new version whose
 documents equal an old one's. The current version is the highest revision."""
 
 from __future__ import annotations
@@ -33,12 +34,14 @@ class PolicyVersion:
     source: str
     documents: list[dict[str, Any]]
     diff: list[dict[str, Any]]
+    claimed_author: str | None = None
 
     def summary(self) -> dict[str, Any]:
         return {
             "revision": self.revision,
             "contentHash": self.content_hash,
             "author": self.author,
+            "claimedAuthor": self.claimed_author,
             "message": self.message,
             "createdAt": self.created_at,
             "source": self.source,
@@ -62,6 +65,7 @@ def _version(row: Any) -> PolicyVersion:
         source=row.source,
         documents=json.loads(row.documents),
         diff=json.loads(row.diff),
+        claimed_author=row.claimed_author,
     )
 
 
@@ -155,7 +159,13 @@ class PolicyCatalog:
         )
 
     def write(
-        self, conn: Connection, plan: PolicyPlan, author: str, message: str, source: str = "apply"
+        self,
+        conn: Connection,
+        plan: PolicyPlan,
+        author: str,
+        message: str,
+        source: str = "apply",
+        claimed_author: str | None = None,
     ) -> int:
         """A new version inside the caller's transaction; returns its revision. The
         counter row's lock orders concurrent writers; the primary key refuses a race."""
@@ -170,6 +180,7 @@ class PolicyCatalog:
                 source=source,
                 documents=json.dumps(plan.policy.bodies, sort_keys=True),
                 diff=json.dumps(plan.diff, sort_keys=True),
+                claimed_author=claimed_author,
             )
         )
         return revision

@@ -7,7 +7,11 @@ decided) on the candidate; only if all of that passes are both written, in one
 transaction that also stages the audit events describing them — ``admin.apply`` for
 registry changes, ``policy.published`` for a new policy version — so no change is
 committed without its event. A refused change writes nothing and is recorded as
-``policy.rejected``; dry runs are not recorded."""
+``policy.rejected``; dry runs are not recorded.
+
+The actor of every change is the authenticated principal. An author the caller claims
+(``--author``) is kept beside it, never in its place: ``claimed_author`` in the events'
+detail and the policy version's ``claimedAuthor``."""
 
 from __future__ import annotations
 
@@ -105,22 +109,33 @@ class Changes:
         self.recorder = recorder
 
     def apply(
-        self, files: list[tuple[str, str]], actor: str, dry_run: bool = False, message: str = ""
+        self,
+        files: list[tuple[str, str]],
+        actor: str,
+        dry_run: bool = False,
+        message: str = "",
+        claimed_author: str | None = None,
     ) -> ApplyResult:
         """Raises ManifestError, RegistryConflict, PolicyError or PolicyTestFailed,
         having written nothing."""
         try:
-            result = self._apply(files, actor, dry_run, message)
+            result = self._apply(files, actor, dry_run, message, claimed_author)
         except Exception as exc:
             if not dry_run:
-                self._record_refusal(actor, "apply", exc, [path for path, _ in files])
+                paths = [path for path, _ in files]
+                self._record_refusal(actor, "apply", exc, paths, claimed_author)
             raise
         if not dry_run:
             self.recorder.drain()
         return result
 
     def _apply(
-        self, files: list[tuple[str, str]], actor: str, dry_run: bool, message: str
+        self,
+        files: list[tuple[str, str]],
+        actor: str,
+        dry_run: bool,
+        message: str,
+        claimed_author: str | None,
     ) -> ApplyResult:
         documents = parse_documents(files)
         registry_docs = [d for d in documents if d.kind in REGISTRY_KINDS]
@@ -145,23 +160,28 @@ class Changes:
             if registry_plan.changed:
                 self.registry_store.write(conn, registry_plan, actor)
             if policy_plan.changed:
-                self.catalog.write(conn, policy_plan, actor, message)
-            self._stage_applied(conn, actor, result, message, "apply")
+                self.catalog.write(conn, policy_plan, actor, message, claimed_author=claimed_author)
+            self._stage_applied(conn, actor, result, message, "apply", claimed_author)
         self.snapshots.refresh()
         return result
 
-    def rollback(self, revision: int, actor: str, message: str) -> ApplyResult:
+    def rollback(
+        self, revision: int, actor: str, message: str, claimed_author: str | None = None
+    ) -> ApplyResult:
         """A new version equal to ``revision`` (its tests run again, on today's
         registry), recorded like :meth:`apply`."""
+        message = message or f"rollback to revision {revision}"
         try:
-            result = self._rollback(revision, actor, message or f"rollback to revision {revision}")
+            result = self._rollback(revision, actor, message, claimed_author)
         except Exception as exc:
-            self._record_refusal(actor, f"rollback:{revision}", exc, [])
+            self._record_refusal(actor, f"rollback:{revision}", exc, [], claimed_author)
             raise
         self.recorder.drain()
         return result
 
-    def _rollback(self, revision: int, actor: str, message: str) -> ApplyResult:
+    def _rollback(
+        self, revision: int, actor: str, message: str, claimed_author: str | None
+    ) -> ApplyResult:
         target = self.catalog.get(revision)
         if target is None:
             raise NotFound(f"policy revision {revision} does not exist")
@@ -173,20 +193,30 @@ class Changes:
                 return ApplyResult(registry.revision, current, [], [], False)
             tests = gate(plan.policy, registry, current + 1)
             via = f"rollback:{revision}"
-            new_revision = self.catalog.write(conn, plan, actor, message, via)
+            new_revision = self.catalog.write(
+                conn, plan, actor, message, via, claimed_author=claimed_author
+            )
             changes = [AppliedChange(c["kind"], c["name"], c["action"]) for c in plan.diff]
             result = ApplyResult(registry.revision, new_revision, changes, tests, False)
-            self._stage_applied(conn, actor, result, message, via)
+            self._stage_applied(conn, actor, result, message, via, claimed_author)
         self.snapshots.refresh()
         return result
 
-    def _record_refusal(self, actor: str, via: str, exc: Exception, files: list[str]) -> None:
+    def _record_refusal(
+        self,
+        actor: str,
+        via: str,
+        exc: Exception,
+        files: list[str],
+        claimed_author: str | None,
+    ) -> None:
         """``policy.rejected`` for a change refused for what it is (not for a crash)."""
         if not isinstance(exc, ValueError | LookupError | PolicyTestFailed):
             return
         problems = getattr(exc, "problems", None) or []
         detail: dict[str, Any] = {
             "via": via,
+            "claimed_author": claimed_author,
             "error": type(exc).__name__,
             "message": str(exc)[:1000],
             "problems": [str(p)[:500] for p in problems[:50]],
@@ -197,7 +227,13 @@ class Changes:
         self.recorder.write_admin(ev.POLICY_REJECTED, actor, detail)
 
     def _stage_applied(
-        self, conn: Connection, actor: str, result: ApplyResult, message: str, via: str
+        self,
+        conn: Connection,
+        actor: str,
+        result: ApplyResult,
+        message: str,
+        via: str,
+        claimed_author: str | None,
     ) -> None:
         changed = [c for c in result.changes if c.action != "unchanged"]
         registry_changes = [c.as_dict() for c in changed if c.kind in REGISTRY_KINDS]
@@ -207,7 +243,11 @@ class Changes:
                 conn,
                 "admin.apply",
                 actor,
-                {"registry_revision": result.registry_revision, "changes": registry_changes},
+                {
+                    "registry_revision": result.registry_revision,
+                    "claimed_author": claimed_author,
+                    "changes": registry_changes,
+                },
             )
         if policy_changes:
             self.recorder.stage(
@@ -217,6 +257,7 @@ class Changes:
                 {
                     "policy_revision": result.policy_revision,
                     "via": via,
+                    "claimed_author": claimed_author,
                     "message": message[:2000] or None,
                     "changes": policy_changes,
                     "tests_passed": len(result.tests),

@@ -1,6 +1,9 @@
 """The admin API (DESIGN §3, §7): apply, policy versions and rollback, the registry's
-objects, signing keys. Every route needs the admin credential. Credentials are in
-``credentials.py``, suspensions in ``revocations.py``."""
+objects, signing keys. Every route needs the admin credential. The actor of a change is
+always the authenticated principal; an ``author`` in the body is kept beside it as the
+claimed author (the policy version's ``claimedAuthor``, the audit event's
+``detail.claimed_author``), never in its place. Credentials are in ``credentials.py``,
+suspensions in ``revocations.py``."""
 
 from __future__ import annotations
 
@@ -17,14 +20,28 @@ from trustmesh.common.http import read_json
 from trustmesh.common.numbers import parse_decimal
 from trustmesh.identity.keys import KeyRecord
 from trustmesh.server.controlplane import ControlPlane
-from trustmesh.server.credentials import Principal
 from trustmesh.server.routes._auth import Callers
 
 MAX_MESSAGE = 2000
 
 
-def _actor(document: dict[str, Any], principal: Principal) -> str:
-    return str(document.get("author") or principal.name)[:200]
+MAX_AUTHOR = 200
+
+
+def claimed_author(document: dict[str, Any]) -> str | None:
+    """The ``author`` a caller named: a string of at most 200 printable characters."""
+    author = document.get("author")
+    if author is None or author == "":
+        return None
+    if (
+        not isinstance(author, str)
+        or len(author) > MAX_AUTHOR
+        or any(ord(c) < 0x20 or ord(c) == 0x7F for c in author)
+    ):
+        raise InvalidRequest(
+            f"author must be a string of at most {MAX_AUTHOR} characters without control characters"
+        )
+    return author
 
 
 def _message(document: dict[str, Any]) -> str:
@@ -62,9 +79,10 @@ def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
         result = await run_in_threadpool(
             plane.changes.apply,
             _files(document),
-            _actor(document, principal),
+            principal.name,
             bool(document.get("dryRun", False)),
             _message(document),
+            claimed_author(document),
         )
         plane.snapshots.notify_changes()
         return JSONResponse(result.to_json())
@@ -95,7 +113,11 @@ def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
         if not isinstance(revision, int) or isinstance(revision, bool) or revision < 0:
             raise InvalidRequest("revision must be a non-negative integer")
         result = await run_in_threadpool(
-            plane.changes.rollback, revision, _actor(document, principal), _message(document)
+            plane.changes.rollback,
+            revision,
+            principal.name,
+            _message(document),
+            claimed_author(document),
         )
         plane.snapshots.notify_changes()
         return JSONResponse(result.to_json())
