@@ -13,8 +13,9 @@ not apply (never ``null``):
                deduplicates by (``id``, ``seq``) and reports gaps. An agent sends its
                spool's id; the control plane keeps the event under the source the
                sending credential owns (:func:`bind_source`): ``id`` becomes
-               ``CLUSTER/AGENT/SPOOL_ID`` and ``agent`` the credential's agent, so no
-               credential can write into, or collide with, another agent's source
+               ``CLUSTER/AGENT/SPOOL_ID``, ``agent`` the credential's agent and
+               ``spool`` the id the agent sent, so no credential can write into, or
+               collide with, another agent's source
 ``cluster``    the cluster where it happened (the agent's; the token's origin cluster
                for exchanges)
 ``actor``      who acted: a SPIFFE ID, ``admin:NAME``, ``cluster:NAME`` or ``system``
@@ -351,9 +352,10 @@ def check_event(event: Any) -> bytes:
 def bind_source(event: Mapping[str, Any], cluster: str, agent: str) -> dict[str, Any]:
     """An agent's event as the log keeps it, under the source of the credential that
     sent it: ``source.id`` = ``CLUSTER/AGENT/SPOOL_ID`` (the spool id the agent sent
-    must match :data:`SPOOL_ID`), ``source.agent`` = the credential's agent. Resending an
-    event through the same agent's credential binds it to the same bytes, so
-    deduplication by (source, seq) still holds. Raises EventError."""
+    must match :data:`SPOOL_ID`; it is kept as ``source.spool``), ``source.agent`` = the
+    credential's agent. Resending an event through the same agent's credential binds it
+    to the same bytes, so deduplication by (source, seq) still holds. Raises
+    EventError."""
     source = event.get("source")
     if not isinstance(source, dict) or source.get("kind") != "agent":
         raise EventError("event.source.kind must be agent")
@@ -362,7 +364,8 @@ def bind_source(event: Mapping[str, Any], cluster: str, agent: str) -> dict[str,
         raise EventError("event.source.id must be the spool's id: 1-64 letters, digits, '_' or '-'")
     if not AGENT_ID.fullmatch(agent) or not cluster or "/" in cluster:
         raise EventError("event.source: no agent credential to bind it to")
-    return {**event, "source": {**source, "id": f"{cluster}/{agent}/{spool}", "agent": agent}}
+    bound = {**source, "id": f"{cluster}/{agent}/{spool}", "agent": agent, "spool": spool}
+    return {**event, "source": bound}
 
 
 def subject_of(event: Mapping[str, Any]) -> str | None:
@@ -382,12 +385,23 @@ def decision_of(event: Mapping[str, Any]) -> str | None:
     return None
 
 
+UNBOUND = "unbound:"
+"""Prefix of the source of an agent event logged before sources were bound to
+credentials (migration 6) whose id has a ``/``: no agent's spool id has one, so such an
+id was chosen to squat a key of the ``CLUSTER/AGENT/SPOOL`` form; the prefix keeps it
+out of that namespace."""
+
+
 def source_key(event: Mapping[str, Any]) -> tuple[str, int | None]:
-    """(source, seq) as the log stores them: an agent spool's id with its sequence
-    number, or ``control-plane/REPLICA`` without one."""
+    """(source, seq) as the log stores them: an agent's source (``CLUSTER/AGENT/SPOOL``,
+    :func:`bind_source`; a bare spool id before migration 6) with its sequence number,
+    or ``control-plane/REPLICA`` without one."""
     source = event["source"]
     if source["kind"] == "agent":
-        return str(source["id"]), int(source["seq"])
+        key = str(source["id"])
+        if "spool" not in source and "/" in key:
+            key = UNBOUND + key
+        return key, int(source["seq"])
     return "control-plane/" + str(source["id"]), None
 
 

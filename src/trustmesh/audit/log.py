@@ -371,25 +371,28 @@ class AuditLog:
     ) -> tuple[list[Record], int, list[tuple[int, int]]]:
         cluster = str(items[0].event.get("cluster", ""))
         agent = str(items[0].event["source"].get("agent", ""))[:64]
-        state = conn.execute(
-            select(audit_sources.c.cluster, audit_sources.c.next_seq).where(
-                audit_sources.c.source == source
-            )
-        ).first()
-        if state is not None and state.cluster != cluster:
-            raise SourceMismatch(f"audit source {source} belongs to cluster {state.cluster}")
+        state = self._source_state(conn, source, cluster)
+        legacy = None if state is not None else self._legacy_state(conn, source, cluster)
         seqs = [r.seq for r in items if r.seq is not None]
+        in_range = and_(
+            audit_entries.c.cluster == cluster,
+            audit_entries.c.seq >= min(seqs),
+            audit_entries.c.seq <= max(seqs),
+        )
         stored = dict(
             conn.execute(
                 select(audit_entries.c.seq, audit_entries.c.leaf_hash).where(
-                    and_(
-                        audit_entries.c.source == source,
-                        audit_entries.c.seq >= min(seqs),
-                        audit_entries.c.seq <= max(seqs),
-                    )
+                    audit_entries.c.source == source, in_range
                 )
             ).all()
         )
+        logged_before: set[int] = set()
+        if legacy is not None:  # logged under the spool id alone, before migration 6
+            logged_before = set(
+                conn.execute(
+                    select(audit_entries.c.seq).where(audit_entries.c.source == legacy[0], in_range)
+                ).scalars()
+            )
         new: list[Record] = []
         duplicates = 0
         seen: set[int] = set()
@@ -403,9 +406,13 @@ class AuditLog:
                     )
                 duplicates += 1
                 continue
+            if record.seq in logged_before:
+                duplicates += 1
+                continue
             seen.add(record.seq)
             new.append(record)
-        expected = 1 if state is None else int(state.next_seq)
+        start = state if state is not None else (legacy[1] if legacy is not None else 1)
+        expected = start
         gaps: list[tuple[int, int]] = []
         for record in new:
             assert record.seq is not None
@@ -437,9 +444,40 @@ class AuditLog:
             conn.execute(
                 audit_sources.update()
                 .where(audit_sources.c.source == source)
-                .values(next_seq=max(expected, int(state.next_seq)), last_seen=now)
+                .values(next_seq=max(expected, start), last_seen=now)
             )
         return new, duplicates, gaps
+
+    def _source_state(self, conn: Connection, source: str, cluster: str) -> int | None:
+        """The next seq expected from ``source`` (None: a new source); SourceMismatch if
+        the source belongs to another cluster (a bound source never does: its key
+        starts with its cluster)."""
+        state = conn.execute(
+            select(audit_sources.c.cluster, audit_sources.c.next_seq).where(
+                audit_sources.c.source == source
+            )
+        ).first()
+        if state is None:
+            return None
+        if state.cluster != cluster:
+            raise SourceMismatch(f"audit source {source} belongs to cluster {state.cluster}")
+        return int(state.next_seq)
+
+    def _legacy_state(self, conn: Connection, source: str, cluster: str) -> tuple[str, int] | None:
+        """For a new ``CLUSTER/AGENT/SPOOL`` source: the source its spool wrote under
+        alone before migration 6 (of the same cluster) and its next seq, so an upgraded
+        agent continues its numbering rather than reporting a gap."""
+        parts = source.split("/")
+        if len(parts) != 3 or parts[0] != cluster:
+            return None
+        row = conn.execute(
+            select(audit_sources.c.cluster, audit_sources.c.next_seq).where(
+                audit_sources.c.source == parts[2]
+            )
+        ).first()
+        if row is None or row.cluster != cluster:
+            return None
+        return parts[2], int(row.next_seq)
 
     def _gap_record(self, sample: Record, first: int, last: int) -> Record:
         event = ev.new_event(

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from sqlalchemy import Connection, Engine, Table, inspect, select, text, update
 
+from trustmesh.storage import meta as meta_store
 from trustmesh.storage import schema
 
 Migration = tuple[int, str, Callable[[Connection], None]]
@@ -83,11 +84,44 @@ def _v6_credentials_and_suspensions(conn: Connection) -> None:
         .values(agent=schema.credentials.c.id)
     )
     schema.suspensions.create(conn, checkfirst=True)
-    conn.execute(schema.meta.insert().values(name="suspension_revision", value="0"))
+    meta_store.insert_if_absent(conn, meta_store.SUSPENSION_REVISION, "0")
     if conn.dialect.name == "postgresql":  # SQLite does not bound VARCHAR
         length = schema.SOURCE_KEY_LENGTH
         for table in ("audit_entries", "audit_sources", "audit_gaps"):
             conn.execute(text(f"ALTER TABLE {table} ALTER COLUMN source TYPE VARCHAR({length})"))
+    _set_apart_unbound_sources(conn)
+
+
+UNBOUND = "unbound:"  # audit/events.py UNBOUND: the storage layer imports no domain
+
+
+def _set_apart_unbound_sources(conn: Connection) -> None:
+    """From now on an agent's events are kept under ``CLUSTER/AGENT/SPOOL``, bound to its
+    credential (``audit/events.py``, ``bind_source``). Before, the first sender of any
+    source id owned it, and no agent's spool id has a ``/``: an agent source with one
+    was chosen to squat a key of that form. Such sources are renamed ``unbound:…`` (as
+    ``source_key`` derives them from their records), so none can block the agent the key
+    belongs to. Longest first: a rename never meets a name still to be renamed."""
+    entries = schema.audit_entries
+    keys: set[str] = set(
+        conn.execute(
+            select(entries.c.source)
+            .where(entries.c.seq.is_not(None), entries.c.source.like("%/%"))
+            .distinct()
+        ).scalars()
+    )
+    for table in (schema.audit_sources, schema.audit_gaps):
+        keys.update(
+            conn.execute(select(table.c.source).where(table.c.source.like("%/%"))).scalars()
+        )
+    for key in sorted(keys, key=len, reverse=True):
+        conn.execute(
+            update(entries)
+            .where(entries.c.source == key, entries.c.seq.is_not(None))
+            .values(source=UNBOUND + key)
+        )
+        for table in (schema.audit_sources, schema.audit_gaps):
+            conn.execute(update(table).where(table.c.source == key).values(source=UNBOUND + key))
 
 
 MIGRATIONS: list[Migration] = [
