@@ -352,8 +352,9 @@ def exchange_failed_event(
 
 
 def actor_name(actor: str) -> str:
-    """Actors in audit events: ``admin:NAME`` for people (``--author`` or the admin
-    credential), ``cluster:NAME`` for agents, ``system`` for the server itself."""
+    """Actors in audit events: the authenticated principal — ``admin`` for the admin
+    credential (``admin:NAME`` for named people; a claimed ``--author`` is never the
+    actor), ``cluster:NAME`` for agents, ``system`` for the server itself."""
     if actor.startswith(("admin:", "cluster:", "spiffe://")) or actor in ("system", "admin"):
         return actor[:200]
     return f"admin:{actor}"[:200]
