@@ -67,6 +67,8 @@ from trustmesh.storage import meta as meta_store
 
 log = logging.getLogger("trustmesh.server")
 
+SUSPENSION_GRACE = 2.0  # seconds a suspension's revocation reaches ahead (other replicas)
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -191,6 +193,7 @@ class ControlPlane:
             self.snapshots,
             self.recorder,
             self.clock,
+            grace=max(SUSPENSION_GRACE, 2 * config.refresh_interval),
         )
         self.rotation = KeyRotation(
             self.keys, self.snapshots, self.recorder, config.key_rotation_interval

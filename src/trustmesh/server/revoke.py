@@ -138,7 +138,11 @@ class Suspender:
         snapshots: Snapshots,
         recorder: AuditRecorder,
         clock: Clock,
+        grace: float,
     ) -> None:
+        """``grace``: how far ahead of now the suspension's revocation cuts off, so that
+        it also covers tokens another replica issues before its next refresh shows it
+        the suspension (about one ``refresh_interval``)."""
         self.db = db
         self.store = store
         self.revocations = revocations
@@ -146,6 +150,7 @@ class Suspender:
         self.snapshots = snapshots
         self.recorder = recorder
         self.clock = clock
+        self.grace = grace
 
     def _target(self, kind: str, value: str) -> tuple[str, str]:
         """The revocation (kind, value) that revokes what was issued to the subject; the
@@ -182,7 +187,13 @@ class Suspender:
                 return {"created": False, "suspension": suspension.to_json()}
             why = f"suspended: {reason}" if reason else "suspended"
             entry, new_entry = self.revocations.revoke_in(
-                conn, revoke_kind, revoke_value, why[:MAX_REASON], actor, now, supersede=True
+                conn,
+                revoke_kind,
+                revoke_value,
+                why[:MAX_REASON],
+                actor,
+                now + self.grace,
+                supersede=True,
             )
             revoked: list[CredentialRecord] = []
             if kind == "cluster":
