@@ -298,3 +298,28 @@ def test_suspending_a_cluster_revokes_its_agents_credentials_until_resumed(
     fed.svid()
     assert not works(server, agent["token"])  # stays revoked: agents get new credentials
     assert works(server, issue(server, origin, agent="agent-1")["token"])
+
+
+def test_a_revoked_credential_loses_its_revocation_stream(
+    shared_server: Server, sim_cluster: SimulatedCluster
+) -> None:
+    """The SSE stream is authenticated once, when it opens; it checks its credential
+    again every 15 s (its keep-alive) and ends once the credential is revoked."""
+    server = shared_server
+    cluster = register_federation(server, sim_cluster).target_name
+    issued = issue(server, cluster, agent="streaming")
+    started = time.monotonic()
+    with httpx.stream(
+        "GET",
+        server.url + "/v1/revocations/stream",
+        headers=bearer(issued["token"]),
+        timeout=httpx.Timeout(5.0, read=30.0),
+    ) as stream:
+        assert stream.status_code == 200
+        lines = stream.iter_lines()
+        assert next(lines).startswith(": trustmesh revocations")
+        revoked = server.admin.post(f"/v1/credentials/{issued['id']}/revoke")
+        assert revoked.json()["revoked"] is True
+        rest = list(lines)  # returns when the server ends the stream
+    assert time.monotonic() - started < 25
+    assert all(line == "" or line.startswith((":", "id:", "event:", "data:")) for line in rest)

@@ -127,7 +127,8 @@ def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
                         cursor = max(cursor, entry.revision)
                     cursor = max(cursor, snapshots.revocations.revision)
                     continue
-                if not await snapshots.next_change(KEEP_ALIVE):
+                until_check = KEEP_ALIVE - (time.monotonic() - checked)
+                if not await snapshots.next_change(max(until_check, 0.0)):
                     yield b": keep-alive\n\n"
 
         release = snapshots.long_polls.acquire(principal.credential_id)  # a stream is one
