@@ -129,7 +129,6 @@ spec:
         ["audit", "query", "--type", "token.exchange_failed"],
         ["audit", "query", "--type", "authz.decision"],
         ["audit", "trace", "{trace}"],
-        ["audit", "sources"],
         ["policy", "history"],
         ["policy", "show", "current"],
         ["get", "revocations"],
@@ -148,6 +147,17 @@ def test_hostile_strings_are_shown_not_obeyed(
     assert "[/x][bold red]FAKE[/]" in result.stdout
     assert "\\x1b[2J" in result.stdout
     assert "\\u202e" in result.stdout
+
+
+def test_audit_sources_show_the_credentials_agent_not_a_claimed_name(
+    hostile_server: dict[str, Any],
+) -> None:
+    """The hostile agent name the event claimed never reaches the log: a source is
+    bound to the credential that shipped it (issue 10, finding 1), agent included."""
+    result = run("audit", "sources", env=hostile_server["env"])
+    assert result.returncode == 0, result.stderr
+    assert_inert(result.stdout)
+    assert hostile_server["spool"] in result.stdout and "FAKE" not in result.stdout
 
 
 def test_json_output_escapes_control_characters(hostile_server: dict[str, Any]) -> None:
