@@ -13,7 +13,15 @@ import httpx
 import jwt
 import pytest
 
-from helpers import Agent, Federation, Server, register_federation, start_agent, start_server
+from helpers import (
+    Agent,
+    Federation,
+    Server,
+    register_federation,
+    start_agent,
+    start_server,
+    unique,
+)
 from trustmesh.sim import SimulatedCluster
 
 ALLOW_ALL = """apiVersion: trustmesh.io/v1alpha1
@@ -31,12 +39,31 @@ spec:
 """
 
 
+def allow_gets_of(workload: str) -> str:
+    """ALLOW_ALL for one workload only: the shared server outlives this file, and a
+    binding for everyone would allow what other files' tests expect denied."""
+    role, binding = unique("any-get-"), unique("gets-")
+    return f"""apiVersion: trustmesh.io/v1alpha1
+kind: GlobalRole
+metadata: {{name: {role}}}
+spec:
+  rules: [{{services: ['*'], paths: ['*'], methods: [GET]}}]
+---
+apiVersion: trustmesh.io/v1alpha1
+kind: RoleBinding
+metadata: {{name: {binding}}}
+spec:
+  role: {role}
+  subjects: [{{workload: {workload}}}]
+"""
+
+
 @pytest.fixture
 def setup(
     shared_server: Server, sim_cluster: SimulatedCluster, tmp_path: Path
 ) -> Iterator[tuple[Federation, Agent]]:
     fed = register_federation(shared_server, sim_cluster)
-    shared_server.apply(ALLOW_ALL)
+    shared_server.apply(allow_gets_of(fed.workload))
     agent = start_agent(
         fed.target_name,
         [shared_server.url],
