@@ -208,7 +208,7 @@ def test_every_control_plane_event_type_lands_in_the_log(
         for e in query(server, type=ev.POLICY_REJECTED)
         if names["role"] not in json.dumps(e["event"])
     ]
-    assert any("failed_tests" in e["detail"] for e in rejected)
+    assert any("failed_tests" in e["detail"] for e in rejected), rejected
     (failed,) = [
         e["event"]
         for e in query(server, type=ev.TOKEN_EXCHANGE_FAILED)
