@@ -26,6 +26,11 @@ request head is complete. So the bounds are enforced here, on httptools:
   ``Retry-After``) to its first request and closed; beyond twice that it is closed at
   once, unanswered.
 
+A response leaves in one ``write(2)`` where uvicorn would make two (its head, then its
+body): the head is held until the body's first bytes or the end of the event loop's
+iteration, whichever comes first (:class:`_HeldHead`). On loopback the second write and
+its TCP segment cost the server as much as a third of an agent decision.
+
 Every answer given here is JSON in the shape of ``common/errors.py``."""
 
 from __future__ import annotations
@@ -96,6 +101,54 @@ def _over_capacity(limits: HttpLimits) -> Callable[..., Any]:
         await send({"type": "http.response.body", "body": answer, "more_body": False})
 
     return app
+
+
+class _HeldHead:
+    """The transport as one response cycle sees it. The cycle's first write (the head of
+    the response, or a ``100 Continue``) is held and sent with the next write (the body)
+    as one; if no next write comes in the same event-loop iteration (a streamed body,
+    an app that awaits between head and body, a client that must see its ``100
+    Continue`` before it sends), the head is sent alone at the end of the iteration.
+    Closing sends what is held first."""
+
+    __slots__ = ("_transport", "_loop", "_held", "_handle", "_first")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: bytes | None = None
+        self._handle: asyncio.Handle | None = None
+        self._first = True
+
+    def write(self, data: bytes) -> None:
+        if self._first:
+            self._first = False
+            self._held = data
+            self._handle = self._loop.call_soon(self._send_held)
+            return
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._handle.cancel()  # type: ignore[union-attr]
+            data = held + data
+        self._transport.write(data)
+
+    def _send_held(self) -> None:
+        held, self._held = self._held, None
+        if held is not None and not self._transport.is_closing():
+            self._transport.write(held)
+
+    def close(self) -> None:
+        if self._held is not None:
+            self._handle.cancel()  # type: ignore[union-attr]
+            self._send_held()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
@@ -222,7 +275,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head_begun = False
         self._progressed = True
         self._arm(self.limits.body_timeout)
+        cycle = self.cycle
         super().on_headers_complete()
+        if self.cycle is not cycle and self.cycle is not None:  # a new request's cycle
+            self.cycle.transport = _HeldHead(self.transport, self.loop)  # type: ignore[assignment]
 
     def on_body(self, body: bytes) -> None:
         self._progressed = True
