@@ -787,13 +787,19 @@ def bench_revocation(
 @bench_app.command("authorize")
 def bench_authorize(
     seconds: float = typer.Option(10.0, "--seconds", help="Duration of each HTTP load."),
-    concurrency: int = typer.Option(16, "--concurrency", help="Concurrent connections."),
+    concurrency: int = typer.Option(32, "--concurrency", help="Concurrent connections."),
+    wrk: bool = typer.Option(
+        False, "--wrk", help="Load from wrk (a separate C process; must be on the PATH)."
+    ),
+    workers: int | None = typer.Option(
+        None, "--workers", min=1, help="The agent's --workers (default: the agent's default)."
+    ),
     output: Output = OutputOption,
 ) -> None:
     """Decisions per second through /v1/authorize and ext_authz at a real agent."""
     from trustmesh.bench.authorize import run
 
-    result = run(seconds=seconds, concurrency=concurrency)
+    result = run(seconds=seconds, concurrency=concurrency, wrk=wrk, workers=workers)
     print_json(result) if output is Output.json else _print_bench(result)
 
 

@@ -111,7 +111,7 @@ class _HeldHead:
     Continue`` before it sends), the head is sent alone at the end of the iteration.
     Closing sends what is held first."""
 
-    __slots__ = ("_transport", "_loop", "_held", "_handle", "_first")
+    __slots__ = ("_first", "_handle", "_held", "_loop", "_transport")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
