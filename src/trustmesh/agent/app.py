@@ -17,6 +17,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -26,7 +27,59 @@ from trustmesh.agent.audit import AuditShipper
 from trustmesh.agent.decide import ACCESS_REVIEW, TOKEN_REVIEW, Decider
 from trustmesh.agent.hot import HotSurfaces
 from trustmesh.agent.keys import KeySync
+from trustmesh.agent.workers import WorkerStatus
 from trustmesh.common.http import EXCEPTION_HANDLERS, read_json
+
+
+def readiness(
+    decider: Decider, keys: KeySync, shipper: AuditShipper
+) -> tuple[bool, dict[str, Any]]:
+    """``/readyz`` of one agent process: ready only with keys, a verified bundle and a
+    fresh revocation list.
+
+    ``/readyz`` is unauthenticated, so it says what an orchestrator needs and no
+    more: ready or not and why (``reasons``), the revisions and staleness in force,
+    the audit backlog, and which syncs last failed (``failing``, fixed words). No
+    internal id (spool, agent instance, credential), no control-plane address and
+    no error text: those are in the agent's log and metrics."""
+    revocations, policy = decider.revocations, decider.policy
+    reasons = []
+    if not decider.authn.configured:
+        reasons.append("no key set from the control plane yet")
+    if policy.engine is None:
+        reasons.append("no verified policy bundle yet")
+    if revocations.synced_at is None:
+        reasons.append("no revocation list yet")
+    elif revocations.enforcing_denial():
+        reasons.append("the revocation list is older than its bound (strict mode denies)")
+    failing = [
+        name
+        for name, error in (
+            ("keys", keys.last_error),
+            ("policy", policy.last_error),
+            ("revocations", revocations.last_error),
+            ("audit", shipper.last_error),
+        )
+        if error is not None
+    ]
+    ready = not reasons
+    age = keys.age()
+    revocation = revocations.status()
+    shipping = shipper.status()
+    return ready, {
+        "ready": ready,
+        "reasons": reasons,
+        "failing": failing,
+        "cluster": decider.authn.cluster,
+        **{k: v for k, v in policy.status().items() if k != "bundle_error"},
+        **{k: v for k, v in revocation.items() if k != "revocation_error"},
+        "keys": len(decider.authn.keys),
+        "last_sync_age_seconds": round(age, 3) if age is not None else None,
+        "audit": {
+            "backlog": shipping["backlog"],
+            "last_ship_age_seconds": shipping["last_ship_age_seconds"],
+        },
+    }
 
 
 @dataclass
@@ -36,6 +89,7 @@ class AgentApp:
     decider: Decider
     keys: KeySync
     shipper: AuditShipper
+    workers: WorkerStatus | None = None  # a worker answers for all of them
 
     # -- questions (the two decision surfaces are in agent/hot.py) -------------------
     async def token_review(self, request: Request) -> Response:
@@ -61,60 +115,22 @@ class AgentApp:
         return JSONResponse({"ok": True})
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """Ready only with keys, a verified bundle and a fresh revocation list.
-
-        ``/readyz`` is unauthenticated, so it says what an orchestrator needs and no
-        more: ready or not and why (``reasons``), the revisions and staleness in force,
-        the audit backlog, and which syncs last failed (``failing``, fixed words). No
-        internal id (spool, agent instance, credential), no control-plane address and
-        no error text: those are in the agent's log and metrics."""
-        decider, keys = self.decider, self.keys
-        revocations, policy = decider.revocations, decider.policy
-        reasons = []
-        if not decider.authn.configured:
-            reasons.append("no key set from the control plane yet")
-        if policy.engine is None:
-            reasons.append("no verified policy bundle yet")
-        if revocations.synced_at is None:
-            reasons.append("no revocation list yet")
-        elif revocations.enforcing_denial():
-            reasons.append("the revocation list is older than its bound (strict mode denies)")
-        failing = [
-            name
-            for name, error in (
-                ("keys", keys.last_error),
-                ("policy", policy.last_error),
-                ("revocations", revocations.last_error),
-                ("audit", self.shipper.last_error),
-            )
-            if error is not None
-        ]
-        ready = not reasons
-        age = keys.age()
-        revocation = revocations.status()
-        shipping = self.shipper.status()
-        return ready, {
-            "ready": ready,
-            "reasons": reasons,
-            "failing": failing,
-            "cluster": decider.authn.cluster,
-            **{k: v for k, v in policy.status().items() if k != "bundle_error"},
-            **{k: v for k, v in revocation.items() if k != "revocation_error"},
-            "keys": len(decider.authn.keys),
-            "last_sync_age_seconds": round(age, 3) if age is not None else None,
-            "audit": {
-                "backlog": shipping["backlog"],
-                "last_ship_age_seconds": shipping["last_ship_age_seconds"],
-            },
-        }
+        """This process's readiness (:func:`readiness`)."""
+        return readiness(self.decider, self.keys, self.shipper)
 
     async def readyz(self, request: Request) -> Response:
-        ready, detail = self.readiness()
+        if self.workers is None:
+            ready, detail = self.readiness()
+        else:
+            ready, detail = await run_in_threadpool(self.workers.merged_readiness)
         return JSONResponse(detail, 200 if ready else 503)
 
     async def metrics(self, request: Request) -> Response:
-        registry = self.decider.metrics.registry
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        if self.workers is None:
+            body = generate_latest(self.decider.metrics.registry)
+        else:
+            body = await run_in_threadpool(self.workers.merged_metrics)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 def build_agent_app(

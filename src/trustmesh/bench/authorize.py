@@ -161,7 +161,7 @@ class Run:
     p50_ms: float
     p99_ms: float
     answered: int
-    statuses: dict[str, int]
+    statuses: dict[int | str, int]  # by status; wrk only tells 2xx from the rest
     unexpected: int
     cpu: dict[str, float]  # % of one core over the window: load, agent, control plane
 
@@ -230,7 +230,7 @@ def _own_run(
         p50_ms=dist.p50_us / 1000,
         p99_ms=dist.p99_us / 1000,
         answered=load.requests + load.warmup_requests,
-        statuses={str(status): n for status, n in sorted(load.statuses.items())},
+        statuses=dict(sorted(load.statuses.items())),
         unexpected=unexpected,
         cpu=_Usage.shares(samples[0], samples[-1], load.client_cpu_s, window),
     )
@@ -301,7 +301,7 @@ def _run_wrk(
                 p50_ms=figures.p50_ms,
                 p99_ms=figures.p99_ms,
                 answered=figures.requests + 1,  # and its check in _check_allowed
-                statuses={"2xx": figures.requests - figures.non_2xx, "other": figures.non_2xx},
+                statuses={"2xx": figures.requests - figures.non_2xx, "non-2xx": figures.non_2xx},
                 unexpected=figures.non_2xx + figures.socket_errors,
                 cpu=_Usage.shares(before, after, wrk_cpu, window),
             )
@@ -381,21 +381,28 @@ class Audited:
         )
 
 
-_SPOOLED = re.compile(r"^trustmesh_agent_audit_spooled_total ([\d.e+]+)$", re.MULTILINE)
+# one line, or one per worker (``{worker="K"}``)
+_SPOOLED = re.compile(r"^trustmesh_agent_audit_spooled_total(?:\{[^}]*\})? ([\d.e+]+)$", re.M)
 
 
 def _audited(fed: Federation, agent: Agent, answered: int) -> Audited:
     base = f"http://{agent.host}:{agent.port}"
     deadline = time.monotonic() + SHIP_TIMEOUT
     backlog: int | None = None
+    zero_since: float | None = None
     while time.monotonic() < deadline:
+        # Several workers answer from snapshots up to a second old: 0 twice, 1.5 s apart.
         backlog = _backlog(fed.http, base)
-        if backlog == 0:
+        if backlog != 0:
+            zero_since = None
+        elif zero_since is None:
+            zero_since = time.monotonic()
+        elif time.monotonic() - zero_since >= 1.5:
             break
-        time.sleep(0.2)
+        time.sleep(0.25)
     metrics = fed.http.get(base + "/metrics").text
-    match = _SPOOLED.search(metrics)
-    spooled = int(float(match.group(1))) if match else -1
+    counts = _SPOOLED.findall(metrics)
+    spooled = sum(int(float(count)) for count in counts) if counts else -1
     sources = fed.http.get(fed.url + "/v1/audit/sources", headers=fed.admin).json()["sources"]
     ours = [s for s in sources if s.get("cluster") == TARGET]
     return Audited(

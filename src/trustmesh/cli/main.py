@@ -349,6 +349,14 @@ def agent(
     body_timeout: float = BodyTimeoutOption,
     keep_alive_timeout: int = KeepAliveTimeoutOption,
     max_connections: int = MaxConnectionsOption,
+    workers: int = typer.Option(
+        1,
+        "--workers",
+        min=1,
+        max=4,
+        help="Worker processes serving the port (SO_REUSEPORT), each with its own audit "
+        "spool, under a supervisor that restarts one that dies.",
+    ),
 ) -> None:
     """Run the agent of one cluster."""
     from trustmesh.agent.main import AgentConfig, read_credential, run_agent
@@ -384,6 +392,7 @@ def agent(
                     keep_alive_timeout,
                     max_connections,
                 ),
+                workers=workers,
             ),
             listen,
         )

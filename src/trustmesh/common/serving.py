@@ -303,14 +303,23 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._arm(self.limits.header_timeout)
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
+def bind_socket(
+    host: str, port: int, *, listen: bool = True, reuse_port: bool = False
+) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (0: a free port), listening unless told not
+    to. ``reuse_port``: ``SO_REUSEPORT``, so several processes each listen on the port
+    with a socket of their own and the kernel spreads new connections over them (one
+    that binds it without listening holds the port for them)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted connections only for
     # sockets created with it; without, every response waits ~40 ms for a delayed ACK.
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
-    sock.listen(1024)
+    if listen:
+        sock.listen(1024)
     sock.set_inheritable(True)
     return sock
 
