@@ -135,10 +135,9 @@ class Agent:
         ]
         if self.status is not None:
             self.tasks.append(asyncio.create_task(self.status.run()))
-        if (
-            self.worker is not None and self.worker.index == 1
-        ):  # spools of workers an earlier run had more of
-            for directory in stranded_spools(self.config.data_dir, self.worker.count):
+        spec = self.worker or WorkerSpec(1, 1)
+        if spec.index == 1:  # the spools of workers an earlier run had more of
+            for directory in stranded_spools(self.config.data_dir, spec.count):
                 self.tasks.append(asyncio.create_task(self._ship_stranded(directory)))
 
     async def _ship_stranded(self, directory: Path) -> None:

@@ -15,8 +15,9 @@ state any of them received and answers at once. Each worker writes its decisions
 spool of its own (``audit-spool`` for worker 1, as a single agent; ``audit-spool-K``
 for worker K) and ships it: a spool is a distinct source of the same credential
 (``CLUSTER/AGENT/SPOOL``: the control plane binds any spool id an agent sends to the
-credential's agent). Worker 1 also ships what is left in the spools of workers beyond
-``N`` (an agent restarted with fewer workers), so nothing spooled is stranded.
+credential's agent). Worker 1 (or a single agent) also ships what is left in the spools
+of workers beyond ``N`` (an agent restarted with fewer workers), so nothing spooled is
+stranded.
 
 **The supervisor** (the ``trustmesh agent`` process) holds the port without listening
 on it (so ``--listen HOST:0`` picks one port for all, and it stays ours while a worker
