@@ -43,6 +43,7 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,7 @@ from trustmesh.bench._federation import (
     role_doc,
 )
 from trustmesh.bench._load import LoadResult, request_bytes, run_load
-from trustmesh.bench._procs import cpu_seconds, tree_cpu_seconds
+from trustmesh.bench._procs import cpu_seconds, stop, tree_cpu_seconds
 from trustmesh.bench._stats import row, summarise, verdict
 
 ORIGIN, TARGET = "origin", "target"
@@ -72,10 +73,15 @@ AUTHORIZE, EXT_AUTHZ = "POST /v1/authorize", "ext_authz"
 SHIP_TIMEOUT = 60.0
 
 
-def _manifests(issuer: str, workloads: int) -> list[dict[str, Any]]:
+def _cluster(workers: int) -> str:
+    """The target cluster of the agent run with ``workers`` workers."""
+    return f"{TARGET}-w{workers}"
+
+
+def _manifests(issuer: str, workloads: int, targets: Sequence[str]) -> list[dict[str, Any]]:
     docs = [
         cluster_doc(ORIGIN, issuer),
-        cluster_doc(TARGET, labels={"environment": "prod"}),
+        *[cluster_doc(target, labels={"environment": "prod"}) for target in targets],
         *numbered_workloads(ORIGIN, workloads, projects=10),
     ]
     for p in range(10):
@@ -111,8 +117,8 @@ def _requests(host: str, port: int, tokens: list[str]) -> tuple[list[bytes], lis
     return authorize, ext
 
 
-def _svids(fed: Federation, workloads: int) -> list[str]:
-    audience = f"spiffe://{TRUST_DOMAIN}/cluster/{TARGET}"
+def _svids(fed: Federation, workloads: int, target: str) -> list[str]:
+    audience = f"spiffe://{TRUST_DOMAIN}/cluster/{target}"
     return [
         fed.exchange(fed.cluster.mint(f"ns-{i}", f"sa-{i}"), audience, lifetime=3600)
         for i in range(workloads)
@@ -126,27 +132,38 @@ def run(
     warmup: int = 500,
     *,
     wrk: bool = False,
-    workers: int | None = None,
+    workers: Sequence[int] = (1,),
 ) -> dict[str, Any]:
-    """Both surfaces at one agent; ``wrk``: load from wrk instead of this process;
-    ``workers``: the agent's ``--workers`` (None: its default)."""
+    """Both surfaces at an agent run with each of ``workers`` (its ``--workers``), one
+    after the other; ``wrk``: load from wrk instead of this process."""
     if seconds <= 0 or concurrency < 1 or workloads < 1:
         raise ValueError("seconds, concurrency and workloads must be positive")
+    if not workers or min(workers) < 1 or len(set(workers)) != len(workers):
+        raise ValueError("workers: distinct counts, each at least 1")
     wrk_path = shutil.which("wrk") if wrk else None
     if wrk and wrk_path is None:
         raise RuntimeError("--wrk needs wrk on the PATH (e.g. apt-get install wrk)")
-    extra = [] if workers is None else ["--workers", str(workers)]
+    runs: list[Run] = []
+    audits: list[Audited] = []
     with federation(ORIGIN) as fed:
-        fed.apply(_manifests(fed.cluster.issuer, workloads))
-        (agent,) = fed.start_agents([TARGET], extra_args=extra)
-        tokens = _svids(fed, workloads)
-        usage = _Usage(fed, agent)
-        if wrk_path is not None:
-            results = _run_wrk(fed, agent, tokens[0], wrk_path, seconds, concurrency, usage)
-        else:
-            results = _run_own(agent, tokens, seconds, concurrency, warmup, usage)
-        audit = _audited(fed, agent, sum(r.answered for r in results))
-    return _report(results, audit, seconds, concurrency, workloads, wrk, workers)
+        fed.apply(_manifests(fed.cluster.issuer, workloads, [_cluster(n) for n in workers]))
+        for count in workers:
+            target = _cluster(count)
+            (agent,) = fed.start_agents([target], extra_args=["--workers", str(count)])
+            tokens = _svids(fed, workloads, target)
+            usage = _Usage(fed, agent)
+            if wrk_path is not None:
+                measured = _run_wrk(fed, agent, tokens[0], wrk_path, seconds, concurrency, usage)
+            else:
+                measured = _run_own(agent, tokens, seconds, concurrency, warmup, usage)
+            if len(workers) > 1:
+                label = f"{count} worker{'s' if count > 1 else ''}"
+                for one in measured:
+                    one.name = f"{one.name}, {label}"
+            runs += measured
+            audits.append(_audited(fed, agent, target, sum(r.answered for r in measured)))
+            stop(agent.child)  # the next configuration has the cores to itself
+    return _report(runs, audits, seconds, concurrency, workloads, wrk, workers)
 
 
 # -- measurement ------------------------------------------------------------------------
@@ -364,6 +381,7 @@ def parse_wrk(out: str) -> WrkFigures:
 
 @dataclass(frozen=True)
 class Audited:
+    workers: int
     answered: int  # answers the load generators received (and the bench's own checks)
     spooled: int  # events the agent wrote to its spool(s)
     logged: int  # events of the agent's sources in the control plane's log
@@ -385,7 +403,7 @@ class Audited:
 _SPOOLED = re.compile(r"^trustmesh_agent_audit_spooled_total(?:\{[^}]*\})? ([\d.e+]+)$", re.M)
 
 
-def _audited(fed: Federation, agent: Agent, answered: int) -> Audited:
+def _audited(fed: Federation, agent: Agent, target: str, answered: int) -> Audited:
     base = f"http://{agent.host}:{agent.port}"
     deadline = time.monotonic() + SHIP_TIMEOUT
     backlog: int | None = None
@@ -404,8 +422,9 @@ def _audited(fed: Federation, agent: Agent, answered: int) -> Audited:
     counts = _SPOOLED.findall(metrics)
     spooled = sum(int(float(count)) for count in counts) if counts else -1
     sources = fed.http.get(fed.url + "/v1/audit/sources", headers=fed.admin).json()["sources"]
-    ours = [s for s in sources if s.get("cluster") == TARGET]
+    ours = [s for s in sources if s.get("cluster") == target]
     return Audited(
+        workers=_workers_of(agent),
         answered=answered,
         spooled=spooled,
         logged=sum(int(s["next_seq"]) - 1 for s in ours),
@@ -427,14 +446,20 @@ def _backlog(http: httpx.Client, base: str) -> int | None:
 # -- the report ---------------------------------------------------------------------------
 
 
+def _workers_of(agent: Agent) -> int:
+    command = agent.child.proc.args
+    assert isinstance(command, list)
+    return int(command[command.index("--workers") + 1])
+
+
 def _report(
     runs: list[Run],
-    audit: Audited,
+    audits: list[Audited],
     seconds: float,
     concurrency: int,
     workloads: int,
     wrk: bool,
-    workers: int | None,
+    workers: Sequence[int],
 ) -> dict[str, Any]:
     generator = "wrk -t1" if wrk else "this process"
     rows, summary, json_results = [], [], []
@@ -475,28 +500,33 @@ def _report(
             f"{cpu['load']:.0f}, agent {cpu['agent']:.0f}, control plane "
             f"{cpu['control_plane']:.0f}"
         )
-    summary.append(
-        f"audit: {audit.logged:,} events in the control plane's log from {audit.sources} "
-        f"source(s) of the agent, {audit.spooled:,} spooled, {audit.answered:,} answers "
-        f"received, {audit.gaps} gaps"
-        + ("" if audit.backlog is None else f", {audit.backlog} still unshipped")
-        + f" — every decision audited and shipped: {verdict(audit.complete)}"
-    )
-    workers_text = "" if workers is None else f", agent --workers {workers}"
+    for audit in audits:
+        summary.append(
+            f"audit, {audit.workers} worker(s): {audit.logged:,} events in the control plane's "
+            f"log from {audit.sources} source(s) of the agent, {audit.spooled:,} spooled, "
+            f"{audit.answered:,} answers received, {audit.gaps} gaps"
+            + ("" if audit.backlog is None else f", {audit.backlog} still unshipped")
+            + f" — every decision audited and shipped: {verdict(audit.complete)}"
+        )
     return {
         "title": f"Agent decisions over HTTP (load from {generator}, {concurrency} connections, "
-        f"{seconds:g} s each, {workloads} workloads{workers_text})",
+        f"{seconds:g} s each, {workloads} workloads, agent --workers "
+        f"{', '.join(map(str, workers))})",
         "results": rows,
         "http": json_results,
-        "audit": {
-            "answered": audit.answered,
-            "spooled": audit.spooled,
-            "logged": audit.logged,
-            "sources": audit.sources,
-            "gaps": audit.gaps,
-            "backlog": audit.backlog or 0,
-            "complete": audit.complete,
-        },
+        "audit": [
+            {
+                "workers": audit.workers,
+                "answered": audit.answered,
+                "spooled": audit.spooled,
+                "logged": audit.logged,
+                "sources": audit.sources,
+                "gaps": audit.gaps,
+                "backlog": audit.backlog or 0,
+                "complete": audit.complete,
+            }
+            for audit in audits
+        ],
         "goals": {
             "decisions_per_s": GOAL_PER_S,
             "p99_ms": GOAL_P99_MS,

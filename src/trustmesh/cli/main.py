@@ -800,15 +800,22 @@ def bench_authorize(
     wrk: bool = typer.Option(
         False, "--wrk", help="Load from wrk (a separate C process; must be on the PATH)."
     ),
-    workers: int | None = typer.Option(
-        None, "--workers", min=1, help="The agent's --workers (default: the agent's default)."
+    workers: str = typer.Option(
+        "1,2",
+        "--workers",
+        help="The agent's --workers: one count, or several (comma-separated), measured one "
+        "after the other.",
     ),
     output: Output = OutputOption,
 ) -> None:
     """Decisions per second through /v1/authorize and ext_authz at a real agent."""
     from trustmesh.bench.authorize import run
 
-    result = run(seconds=seconds, concurrency=concurrency, wrk=wrk, workers=workers)
+    try:
+        counts = [int(part) for part in workers.split(",") if part.strip()]
+    except ValueError:
+        fail("--workers takes counts separated by commas, e.g. 1,2")
+    result = run(seconds=seconds, concurrency=concurrency, wrk=wrk, workers=counts)
     print_json(result) if output is Output.json else _print_bench(result)
 
 
