@@ -1,12 +1,14 @@
-"""The two decision surfaces as plain ASGI (``agent/hot.py``), over real sockets: an
-agent built as ``trustmesh agent`` builds it, served by the same bounded uvicorn server
-(``common/serving.py``), asked over loopback. They answer exactly as the Starlette
-routes they replace did — paths, methods, status codes, JSON errors, the body bound,
-the server's limits — and every decision is in the spool before its answer."""
+"""The two decision surfaces (``agent/hot.py``), over real sockets, through the server's
+fast paths and as plain ASGI: an agent built as ``trustmesh agent`` builds it, served
+by the same bounded uvicorn server (``common/serving.py``), asked over loopback. Both
+answer exactly as the Starlette routes they replace did — paths, methods, status codes,
+JSON errors, the body bound, the server's limits — and every decision is in the spool
+before its answer."""
 
 from __future__ import annotations
 
 import json
+import re
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,10 +35,14 @@ def federation(tmp_path: Path) -> Iterator[Federation]:
     federation.agent.spool.close()
 
 
-@pytest.fixture
-def served(federation: Federation) -> Iterator[BackgroundServer]:
+@pytest.fixture(params=["asgi", "fast"])
+def served(federation: Federation, request: pytest.FixtureRequest) -> Iterator[BackgroundServer]:
+    """The agent's app served as ``trustmesh agent`` serves it: through the server's
+    fast paths (``fast``), and as plain ASGI (as any request the fast paths decline)."""
     limits = HttpLimits(header_timeout=1.0, body_timeout=1.0)
-    with BackgroundServer(app_of(federation.agent), limits=limits) as server:
+    app = app_of(federation.agent)
+    fast = app if request.param == "fast" else None
+    with BackgroundServer(app, limits=limits, fast=fast) as server:
         yield server
 
 
@@ -161,10 +167,12 @@ def test_only_post_and_only_the_exact_paths_are_the_decision_surfaces(
     assert http.get("/healthz").json() == {"ok": True}  # the rest: the Starlette app
 
 
-def test_no_bundle_yet_is_a_503(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fast", [False, True])
+def test_no_bundle_yet_is_a_503(tmp_path: Path, fast: bool) -> None:
     agent = local_agent(tmp_path / "agent")
+    app = app_of(agent)
     try:
-        with BackgroundServer(app_of(agent)) as server:
+        with BackgroundServer(app, fast=app if fast else None) as server:
             answer = httpx.post(
                 server.url + "/v1/authorize", json={"token": "x", "request": ORDERS}
             )
@@ -305,3 +313,111 @@ def test_both_surfaces_decide_alike(federation: Federation, http: httpx.Client) 
             headers={"host": ORDERS["host"], "authorization": f"Bearer {token}"},
         )
         assert native["allowed"] is allowed and (envoy.status_code == 200) is allowed
+
+
+# -- what the fast paths hand to the ASGI path, and what they keep -------------------------
+
+
+def test_pipelined_questions_are_answered_in_order(
+    federation: Federation, served: BackgroundServer
+) -> None:
+    token = federation.svid().encode()
+    check = b"GET /ext_authz/api/orders/%d HTTP/1.1\r\nHost: orders.shop.svc\r\n"
+    check += b"Authorization: Bearer " + token + b"\r\n\r\n"
+    body = orjson.dumps({"token": token.decode(), "request": {**ORDERS, "method": "PUT"}})
+    native = b"POST /v1/authorize HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
+    native += b"Content-Length: %d\r\n\r\n" % len(body) + body
+    raw = check % 1 + native + check % 2 + b"GET /healthz HTTP/1.1\r\nHost: a\r\n"
+    raw += b"Connection: close\r\n\r\n"
+    received = exchange(served, raw)
+    statuses = [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", received)]
+    assert statuses == [200, 200, 200, 200]
+    assert received.index(b'"allowed":false') < received.rindex(b'"allowed":true')
+    assert received.endswith(b'{"ok":true}')
+    assert spooled_lines(federation) == 3
+
+
+def test_expect_continue_and_chunked_bodies_are_answered_alike(
+    federation: Federation, served: BackgroundServer
+) -> None:
+    body = orjson.dumps({"token": federation.svid(), "request": ORDERS})
+    head = b"POST /v1/authorize HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
+    with socket.create_connection((served.host, served.port), timeout=10) as sock:
+        sock.sendall(head + b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
+        assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        status, _, answer = parsed(sock.recv(65536))
+    assert status == 200 and answer["allowed"] is True
+    chunked = head + b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    chunked += b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n"
+    status, _, answer = parsed(exchange(served, chunked))
+    assert status == 200 and answer["allowed"] is True
+    too_big = head + b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    too_big += (b"8000\r\n" + b" " * 0x8000 + b"\r\n") * 3 + b"0\r\n\r\n"
+    status, _, answer = parsed(exchange(served, too_big))
+    assert (
+        status == 413 and answer["error_description"] == "request body is larger than 65536 bytes"
+    )
+    assert spooled_lines(federation) == 2
+
+
+def test_http_1_0_and_connection_close_end_the_connection(
+    federation: Federation, served: BackgroundServer
+) -> None:
+    token = federation.svid().encode()
+    for version, extra in ((b"HTTP/1.0", b""), (b"HTTP/1.1", b"Connection: close\r\n")):
+        raw = b"GET /ext_authz/api/orders/1 " + version + b"\r\nHost: orders.shop.svc\r\n"
+        raw += b"Authorization: Bearer " + token + b"\r\n" + extra + b"\r\n"
+        status, headers, _ = parsed(exchange(served, raw))  # returns once the server closes
+        assert status == 200 and headers["connection"] == "close"
+
+
+def test_an_unknown_key_is_learnt_before_the_answer(
+    federation: Federation, served: BackgroundServer, http: httpx.Client
+) -> None:
+    """A token signed by a key the agent has not seen: the answer waits for the key-set
+    refresh (it cannot be given at once) and is the decision with the new key."""
+    from test_decide import ISSUER, TRUST_DOMAIN, signing_key
+
+    rotated, rotated_jwk = signing_key()
+
+    async def refresh() -> bool:
+        federation.decider.authn.configure(
+            issuer=ISSUER, trust_domain=TRUST_DOMAIN, jwks={"keys": [rotated_jwk]}
+        )
+        return True
+
+    federation.decider.refresh_keys = refresh
+    answer = http.post(
+        "/v1/authorize", json={"token": federation.svid(key=rotated), "request": ORDERS}
+    )
+    assert answer.status_code == 200 and answer.json()["allowed"] is True
+    check = http.get(
+        "/ext_authz/api/orders/42",
+        headers={
+            "host": "orders.shop.svc",
+            "authorization": f"Bearer {federation.svid(key=rotated)}",
+        },
+    )
+    assert check.status_code == 200
+    assert spooled_lines(federation) == 2
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_connection_over_capacity_is_answered_503_on_the_decision_surfaces(
+    federation: Federation, fast: bool
+) -> None:
+    app = app_of(federation.agent)
+    limits = HttpLimits(max_connections=1)
+    raw = b"GET /ext_authz/api/orders/1 HTTP/1.1\r\nHost: orders.shop.svc\r\n"
+    raw += b"Authorization: Bearer " + federation.svid().encode() + b"\r\n\r\n"
+    with (
+        BackgroundServer(app, limits=limits, fast=app if fast else None) as server,
+        socket.create_connection((server.host, server.port)) as first,
+    ):
+        first.sendall(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert first.recv(1000).startswith(b"HTTP/1.1 200")
+        status, headers, body = parsed(exchange(server, raw))
+    assert status == 503 and body["error"] == "temporarily_unavailable"
+    assert headers["retry-after"] == "1"
+    assert not (federation.agent.config.data_dir / "audit-spool" / segment_name(1)).read_bytes()

@@ -113,14 +113,20 @@ def test_workers_share_the_port_and_each_ships_its_own_spool(
         )
         assert detail["ready"] is True
         assert detail["workers"] == {"expected": 2, "running": 2, "ready": 2}
-        metrics = httpx.get(agent.url + "/metrics").text
-        decided = re.findall(
-            r'^trustmesh_agent_decisions_total\{outcome="deny",worker="(\d)"\} (\S+)$',
-            metrics,
-            re.MULTILINE,
+
+        def decided() -> list[tuple[str, str]]:
+            metrics = httpx.get(agent.url + "/metrics").text
+            return re.findall(
+                r'^trustmesh_agent_decisions_total\{outcome="deny",worker="(\d)"\} (\S+)$',
+                metrics,
+                re.MULTILINE,
+            )
+
+        # a sibling's snapshot is up to a second old
+        counts = eventually(
+            lambda: sum(float(n) for _, n in decided()) == 40 and decided(), "40 decisions counted"
         )
-        assert {worker for worker, _ in decided} == {"1", "2"}
-        assert sum(float(count) for _, count in decided) == 40
+        assert {worker for worker, _ in counts} == {"1", "2"}
     finally:
         assert agent.stop() == 0, agent.process.stderr()
 

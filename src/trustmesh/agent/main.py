@@ -325,6 +325,6 @@ def _serve(
             agent.tasks.append(asyncio.create_task(announce_when_ready()))
 
     app = build_agent_app(agent.surfaces, on_start, agent.stop)
-    serve_socket(app, sock, lambda _url: None, limits=config.http_limits)
+    serve_socket(app, sock, lambda _url: None, limits=config.http_limits, fast=app)
     if agent.keys.fatal is not None:
         raise CredentialRejected(agent.keys.fatal)
