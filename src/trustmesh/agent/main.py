@@ -50,7 +50,7 @@ from trustmesh.common.errors import ConfigError, CredentialRejected, SpoolError
 from trustmesh.common.files import private_directory
 from trustmesh.common.limits import DEFAULT_LIMITS, HttpLimits
 from trustmesh.common.serving import bind_socket, serve_socket
-from trustmesh.common.tracing import Tracing
+from trustmesh.common.tracing import Tracing, check_exporter
 
 AUDIT_FINAL_SHIP_TIMEOUT = 2.0
 
@@ -260,7 +260,7 @@ def run_agent(config: AgentConfig, listen: str) -> None:
 def _supervise(config: AgentConfig, host: str, port: int) -> None:
     """The supervisor of ``config.workers`` workers (``agent/workers.py``)."""
     private_directory(config.data_dir, "the agent's data dir")
-    Tracing("trustmesh-agent", config.otel_exporter)  # an exporter that cannot work: now
+    check_exporter(config.otel_exporter)  # one that cannot work: now, once
     agent_id(config.data_dir)  # created once, before the workers read it
     reserved = bind_socket(host, port, listen=False, reuse_port=True)
     bound = reserved.getsockname()[1]

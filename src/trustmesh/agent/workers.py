@@ -282,6 +282,8 @@ class _Worker:
 
 
 def _child(main: WorkerMain, spec: WorkerSpec, messages: Connection, reserved: int) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):  # not the supervisor's: stop, until serving
+        signal.signal(sig, signal.SIG_DFL)
     die_with_parent()
     with contextlib.suppress(OSError):
         os.close(reserved)  # the supervisor's hold on the port, not ours

@@ -17,6 +17,7 @@ Spans are exported only when an exporter is configured (``none`` by default):
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import threading
@@ -133,8 +134,7 @@ class Tracing:
     """Spans for one process (a control plane or an agent)."""
 
     def __init__(self, service_name: str, exporter: str = "none") -> None:
-        if exporter not in EXPORTERS:
-            raise TracingError(f"--otel-exporter must be one of {', '.join(EXPORTERS)}")
+        check_exporter(exporter)
         self.exporter = exporter
         self._provider: Any = None
         self._tracer: Any = None
@@ -191,6 +191,27 @@ class Tracing:
             self._provider.shutdown()
 
 
+def check_exporter(exporter: str) -> None:
+    """TracingError when ``exporter`` cannot work here, without starting it (a process
+    that forks workers must not hold an exporter's thread)."""
+    if exporter not in EXPORTERS:
+        raise TracingError(f"--otel-exporter must be one of {', '.join(EXPORTERS)}")
+    if exporter == "otlp":
+        try:
+            found = importlib.util.find_spec(_OTLP_MODULE) is not None
+        except ModuleNotFoundError:  # a parent package is missing
+            found = False
+        if not found:
+            raise TracingError(_OTLP_MISSING)
+
+
+_OTLP_MODULE = "opentelemetry.exporter.otlp.proto.http.trace_exporter"
+_OTLP_MISSING = (
+    "--otel-exporter otlp needs opentelemetry-exporter-otlp-proto-http: "
+    "pip install 'trustmesh[otlp]'"
+)
+
+
 def _sdk_tracer(service_name: str, exporter: str) -> tuple[Any, Any]:
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
@@ -203,9 +224,6 @@ def _sdk_tracer(service_name: str, exporter: str) -> tuple[Any, Any]:
         try:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         except ImportError:
-            raise TracingError(
-                "--otel-exporter otlp needs opentelemetry-exporter-otlp-proto-http: "
-                "pip install 'trustmesh[otlp]'"
-            ) from None
+            raise TracingError(_OTLP_MISSING) from None
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     return provider, provider.get_tracer("trustmesh")
