@@ -10,9 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-from starlette.applications import Starlette
 
 from trustmesh.agent.app import build_agent_app
+from trustmesh.agent.hot import HotSurfaces
 from trustmesh.agent.main import Agent, AgentConfig, build_agent
 
 NOWHERE = "http://127.0.0.1:9"  # the discard port: nothing listens
@@ -50,7 +50,7 @@ def local_agent(
     )
 
 
-def app_of(agent: Agent) -> Starlette:
+def app_of(agent: Agent) -> HotSurfaces:
     async def nothing() -> None:
         return None
 

@@ -1,5 +1,6 @@
-"""The agent's HTTP surfaces (DESIGN §4): the JSON authorize API, Envoy ext_authz and the
-Kubernetes webhooks, plus health, readiness and metrics.
+"""The agent's HTTP surfaces (DESIGN §4): the JSON authorize API and Envoy ext_authz
+(plain ASGI in ``agent/hot.py``, in front of this app), the Kubernetes webhooks, plus
+health, readiness and metrics (Starlette, here).
 
 Each handler parses its format, opens the decision's span (continuing the caller's
 ``traceparent``), calls the one pipeline (:class:`~trustmesh.agent.decide.Decider`) and
@@ -16,49 +17,69 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from trustmesh.agent import envoy, kubernetes
+from trustmesh.agent import kubernetes
 from trustmesh.agent.audit import AuditShipper
-from trustmesh.agent.decide import ACCESS_REVIEW, AUTHORIZE, EXT_AUTHZ, TOKEN_REVIEW, Decider
+from trustmesh.agent.decide import ACCESS_REVIEW, TOKEN_REVIEW, Decider
+from trustmesh.agent.hot import HotSurfaces
 from trustmesh.agent.keys import KeySync
-from trustmesh.common.errors import InvalidRequest, NotReady, RequestError
-from trustmesh.common.http import EXCEPTION_HANDLERS, bearer_token, read_json
-from trustmesh.identity.svid import VerifiedIdentity
-from trustmesh.request import parse_request
-
-MAX_AUTHORIZE_BODY = 64 * 1024
+from trustmesh.agent.workers import WorkerStatus
+from trustmesh.common.http import EXCEPTION_HANDLERS, read_json
 
 
-def identity_json(identity: VerifiedIdentity) -> dict[str, Any]:
-    claims = identity.claims
-    return {
-        "spiffe_id": identity.spiffe_id,
-        "workload_id": claims.get("workload_id"),
-        "cluster": claims.get("cluster"),
-        "namespace": claims.get("namespace"),
-        "service_account": claims.get("service_account"),
-        "jti": identity.jti,
-        "kid": identity.kid,
-        "expires_at": identity.expires_at,
-        "claims": claims,
-    }
+def readiness(
+    decider: Decider, keys: KeySync, shipper: AuditShipper
+) -> tuple[bool, dict[str, Any]]:
+    """``/readyz`` of one agent process: ready only with keys, a verified bundle and a
+    fresh revocation list.
 
-
-def _unauthenticated(reason: str, description: str) -> Response:
-    return JSONResponse(
-        {
-            "authenticated": False,
-            "allowed": False,
-            "error": "invalid_token",
-            "reason": reason,
-            "error_description": description,
+    ``/readyz`` is unauthenticated, so it says what an orchestrator needs and no
+    more: ready or not and why (``reasons``), the revisions and staleness in force,
+    the audit backlog, and which syncs last failed (``failing``, fixed words). No
+    internal id (spool, agent instance, credential), no control-plane address and
+    no error text: those are in the agent's log and metrics."""
+    revocations, policy = decider.revocations, decider.policy
+    reasons = []
+    if not decider.authn.configured:
+        reasons.append("no key set from the control plane yet")
+    if policy.engine is None:
+        reasons.append("no verified policy bundle yet")
+    if revocations.synced_at is None:
+        reasons.append("no revocation list yet")
+    elif revocations.enforcing_denial():
+        reasons.append("the revocation list is older than its bound (strict mode denies)")
+    failing = [
+        name
+        for name, error in (
+            ("keys", keys.last_error),
+            ("policy", policy.last_error),
+            ("revocations", revocations.last_error),
+            ("audit", shipper.last_error),
+        )
+        if error is not None
+    ]
+    ready = not reasons
+    age = keys.age()
+    revocation = revocations.status()
+    shipping = shipper.status()
+    return ready, {
+        "ready": ready,
+        "reasons": reasons,
+        "failing": failing,
+        "cluster": decider.authn.cluster,
+        **{k: v for k, v in policy.status().items() if k != "bundle_error"},
+        **{k: v for k, v in revocation.items() if k != "revocation_error"},
+        "keys": len(decider.authn.keys),
+        "last_sync_age_seconds": round(age, 3) if age is not None else None,
+        "audit": {
+            "backlog": shipping["backlog"],
+            "last_ship_age_seconds": shipping["last_ship_age_seconds"],
         },
-        401,
-        headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
-    )
+    }
 
 
 @dataclass
@@ -68,48 +89,9 @@ class AgentApp:
     decider: Decider
     keys: KeySync
     shipper: AuditShipper
+    workers: WorkerStatus | None = None  # a worker answers for all of them
 
-    # -- questions ---------------------------------------------------------------------
-    async def authorize(self, request: Request) -> Response:
-        """``{token, request}`` -> the decision (200 whether allowed or denied), 401
-        when the token does not authenticate, 503 before a bundle."""
-        document = await read_json(request, MAX_AUTHORIZE_BODY)
-        token = document.get("token")
-        if not isinstance(token, str) or not token:
-            raise InvalidRequest("body needs a string field token")
-        attributes = parse_request(document.get("request"))
-        with self.decider.span(AUTHORIZE, request.headers.get("traceparent")) as span:
-            outcome = await self.decider.decide(token, attributes, AUTHORIZE, span)
-        if outcome.refusal is not None:
-            return _unauthenticated(outcome.refusal.reason, outcome.refusal.description)
-        assert outcome.identity is not None and outcome.decision is not None
-        body = outcome.decision.to_json()
-        body["authenticated"] = True
-        body["identity"] = identity_json(outcome.identity)
-        return JSONResponse(body)
-
-    async def ext_authz(self, request: Request) -> Response:
-        """Envoy HTTP ext_authz check (any method, body ignored): 200 allow, 401 no or
-        bad token, 403 denied or refused (a request the canonicalisation refuses), 503
-        before a bundle (``agent/envoy.py``)."""
-        try:
-            attributes = envoy.check_request(
-                request.method,
-                request.headers.getlist("host"),
-                request.headers.getlist(envoy.NAMESPACE_HEADER),
-                request.scope,
-            )
-        except RequestError as exc:
-            return envoy.refused(exc.description)
-        with self.decider.span(EXT_AUTHZ, request.headers.get("traceparent")) as span:
-            try:
-                outcome = await self.decider.decide(
-                    bearer_token(request), attributes, EXT_AUTHZ, span
-                )
-            except NotReady:
-                return envoy.not_ready()
-        return envoy.response(outcome, span.traceparent())
-
+    # -- questions (the two decision surfaces are in agent/hot.py) -------------------
     async def token_review(self, request: Request) -> Response:
         """Kubernetes TokenReview webhook: 200 whether or not the token authenticates;
         503 while the agent has no keys at all."""
@@ -133,67 +115,32 @@ class AgentApp:
         return JSONResponse({"ok": True})
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """Ready only with keys, a verified bundle and a fresh revocation list.
-
-        ``/readyz`` is unauthenticated, so it says what an orchestrator needs and no
-        more: ready or not and why (``reasons``), the revisions and staleness in force,
-        the audit backlog, and which syncs last failed (``failing``, fixed words). No
-        internal id (spool, agent instance, credential), no control-plane address and
-        no error text: those are in the agent's log and metrics."""
-        decider, keys = self.decider, self.keys
-        revocations, policy = decider.revocations, decider.policy
-        reasons = []
-        if not decider.authn.configured:
-            reasons.append("no key set from the control plane yet")
-        if policy.engine is None:
-            reasons.append("no verified policy bundle yet")
-        if revocations.synced_at is None:
-            reasons.append("no revocation list yet")
-        elif revocations.enforcing_denial():
-            reasons.append("the revocation list is older than its bound (strict mode denies)")
-        failing = [
-            name
-            for name, error in (
-                ("keys", keys.last_error),
-                ("policy", policy.last_error),
-                ("revocations", revocations.last_error),
-                ("audit", self.shipper.last_error),
-            )
-            if error is not None
-        ]
-        ready = not reasons
-        age = keys.age()
-        revocation = revocations.status()
-        shipping = self.shipper.status()
-        return ready, {
-            "ready": ready,
-            "reasons": reasons,
-            "failing": failing,
-            "cluster": decider.authn.cluster,
-            **{k: v for k, v in policy.status().items() if k != "bundle_error"},
-            **{k: v for k, v in revocation.items() if k != "revocation_error"},
-            "keys": len(decider.authn.keys),
-            "last_sync_age_seconds": round(age, 3) if age is not None else None,
-            "audit": {
-                "backlog": shipping["backlog"],
-                "last_ship_age_seconds": shipping["last_ship_age_seconds"],
-            },
-        }
+        """This process's readiness (:func:`readiness`)."""
+        return readiness(self.decider, self.keys, self.shipper)
 
     async def readyz(self, request: Request) -> Response:
-        ready, detail = self.readiness()
+        if self.workers is None:
+            ready, detail = self.readiness()
+        else:
+            ready, detail = await run_in_threadpool(self.workers.merged_readiness)
         return JSONResponse(detail, 200 if ready else 503)
 
     async def metrics(self, request: Request) -> Response:
-        registry = self.decider.metrics.registry
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        if self.workers is None:
+            body = generate_latest(self.decider.metrics.registry)
+        else:
+            body = await run_in_threadpool(self.workers.merged_metrics)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 def build_agent_app(
     agent: AgentApp,
     on_start: Callable[[], Awaitable[Any]],
     on_stop: Callable[[], Awaitable[Any]],
-) -> Starlette:
+) -> HotSurfaces:
+    """The agent's ASGI app: the decision surfaces (``agent/hot.py``) in front of the
+    Starlette app of the rest, which also runs the lifespan."""
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await on_start()
@@ -204,9 +151,6 @@ def build_agent_app(
 
     app = Starlette(
         routes=[
-            Route("/v1/authorize", agent.authorize, methods=["POST"]),
-            # every method: Envoy checks with the client's own
-            Route(envoy.PREFIX + "/{path:path}", envoy.AnyMethod(agent.ext_authz)),
             Route("/k8s/authenticate", agent.token_review, methods=["POST"]),
             Route("/k8s/authorize", agent.access_review, methods=["POST"]),
             Route("/healthz", agent.healthz, methods=["GET"]),
@@ -219,4 +163,4 @@ def build_agent_app(
     # Envoy hands a non-200 check answer to the client: a redirect would send it to a
     # Location of the agent's making. An unknown path is a 404, never a redirect.
     app.router.redirect_slashes = False
-    return app
+    return HotSurfaces(agent.decider, app)

@@ -482,6 +482,18 @@ class AuditShipper:
             self.last_error = f"shipping failed: {exc.__class__.__name__}: {exc}"
             log.exception("audit: shipping failed")
 
+    async def drain_all(self) -> None:
+        """Ship until nothing is left (a spool no one writes any more), retrying with
+        backoff; for as long as it takes."""
+        await asyncio.to_thread(self.spool.sync)
+        while self.spool.backlog:
+            try:
+                if not await self.ship_once():
+                    await self._sleep(self.interval)
+            except Exception as exc:  # the loop must survive anything
+                self._failed(exc)
+                await self._sleep(self.backoff.next_delay())
+
     async def drain(self, timeout: float) -> None:
         """On shutdown: fsync, then ship what is left within ``timeout`` seconds; what
         does not make it stays in the spool for the next start."""

@@ -155,7 +155,7 @@ class Decider:
         return engine
 
     async def _verify(self, token: str, now: float) -> VerifiedIdentity:
-        """Step 1; InvalidToken: the token did not authenticate."""
+        """Step 1 for a TokenReview; InvalidToken: the token did not authenticate."""
         try:
             return self.authn.authenticate(token, now)
         except InvalidToken as exc:
@@ -180,11 +180,39 @@ class Decider:
             span, asked, token, exc.reason, revision, exc.description, verified=verified
         )
 
+    def decide_now(
+        self, credential: str | None, request: Request, surface: str, span: Span
+    ) -> Outcome | None:
+        """:meth:`decide` without awaiting anything, or None (nothing done, nothing
+        recorded) when the token names a key the agent does not know: then call
+        :meth:`decide`, which refreshes the key set once and decides."""
+        return self._decide(credential, request, surface, span, self.clock(), refreshed=False)
+
     async def decide(
         self, credential: str | None, request: Request, surface: str, span: Span
     ) -> Outcome:
         """A bearer token (None: the caller presented none) and what it asks for ->
         the outcome. Raises NotReady before the first verified bundle."""
+        now = self.clock()
+        outcome = self._decide(credential, request, surface, span, now, refreshed=False)
+        if outcome is None:  # an unknown kid: one key-set refresh (rate-limited), one retry
+            await self.refresh_keys()
+            outcome = self._decide(credential, request, surface, span, now, refreshed=True)
+            assert outcome is not None
+        return outcome
+
+    def _decide(
+        self,
+        credential: str | None,
+        request: Request,
+        surface: str,
+        span: Span,
+        now: float,
+        *,
+        refreshed: bool,
+    ) -> Outcome | None:
+        """Steps 1-5 on the clock reading ``now``. None: step 1 met an unknown kid and
+        the key set was not ``refreshed`` yet (nothing recorded)."""
         engine = self._engine()
         request = engine.resolve(request)  # as the cluster reads it, also in the audit event
         asked = {"surface": surface, **request.to_json()}
@@ -192,8 +220,12 @@ class Decider:
         try:
             if credential is None:
                 raise InvalidToken("missing_token", "no Authorization: Bearer token")
-            now = self.clock()
-            identity = await self._verify(credential, now)
+            try:
+                identity = self.authn.authenticate(credential, now)
+            except InvalidToken as exc:
+                if exc.reason == "unknown_kid" and not refreshed:
+                    return None
+                raise
             self.revocations.check(identity, now)
         except InvalidToken as exc:
             self._refused(span, asked, credential, exc, engine.revision, identity is not None)

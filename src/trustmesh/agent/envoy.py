@@ -30,14 +30,10 @@ bindings or roles involved (those are in ``/v1/authorize`` answers and the logs)
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import request_response
-from starlette.types import Receive, Scope, Send
-
+from trustmesh.agent.answer import Answer
 from trustmesh.agent.decide import Outcome
 from trustmesh.common.errors import RequestError
 from trustmesh.identity.svid import VerifiedIdentity
@@ -54,16 +50,12 @@ REALM = "trustmesh"
 _NO_STORE = {"Cache-Control": "no-store"}
 
 
-class AnyMethod:
-    """An endpoint for every HTTP method, extension methods included. Starlette limits
-    a plain function endpoint to GET when given no ``methods``; an ASGI app it routes
-    without looking at the method."""
-
-    def __init__(self, endpoint: Callable[[Request], Awaitable[Response]]) -> None:
-        self._app = request_response(endpoint)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._app(scope, receive, send)
+def bearer(header: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer`` header value, or None."""
+    scheme, _, value = (header or "").partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return None
+    return value.strip()
 
 
 def original_target(scope: Mapping[str, Any]) -> str:
@@ -114,7 +106,7 @@ def check_request(
     return request
 
 
-def response(outcome: Outcome, traceparent: str) -> Response:
+def response(outcome: Outcome, traceparent: str) -> Answer:
     """The answer Envoy acts on: 200 allow, 401 no or bad token, 403 denied."""
     if outcome.refusal is not None:
         return unauthenticated(outcome.refusal.reason, outcome.refusal.description)
@@ -126,7 +118,7 @@ def response(outcome: Outcome, traceparent: str) -> Response:
 
 def allowed(
     identity: VerifiedIdentity, decision: Decision, traceparent: str | None = None
-) -> Response:
+) -> Answer:
     """``traceparent`` (the decision's span as the parent) reaches the upstream when
     ``allowed_upstream_headers`` lists it, so the upstream's spans join the trace."""
     headers = {
@@ -136,63 +128,61 @@ def allowed(
     }
     if traceparent is not None:
         headers[TRACEPARENT_HEADER] = traceparent
-    return JSONResponse(
-        {"allowed": True, "decision_id": decision.decision_id}, 200, headers=headers
-    )
+    return Answer(200, {"allowed": True, "decision_id": decision.decision_id}, headers)
 
 
-def denied(decision: Decision) -> Response:
-    return JSONResponse(
+def denied(decision: Decision) -> Answer:
+    return Answer(
+        403,
         {
             "allowed": False,
             "error": "forbidden",
             "error_description": "the trustmesh policy does not allow this request",
             "decision_id": decision.decision_id,
         },
-        403,
-        headers={DECISION_ID_HEADER: decision.decision_id, **_NO_STORE},
+        {DECISION_ID_HEADER: decision.decision_id, **_NO_STORE},
     )
 
 
-def unauthenticated(reason: str, description: str) -> Response:
+def unauthenticated(reason: str, description: str) -> Answer:
     """RFC 6750 §3: no ``error`` attribute when the request carried no token at all."""
     challenge = f'Bearer realm="{REALM}"'
     if reason != "missing_token":
         challenge += ', error="invalid_token"'
-    return JSONResponse(
+    return Answer(
+        401,
         {
             "allowed": False,
             "error": "invalid_token" if reason != "missing_token" else "missing_token",
             "reason": reason,
             "error_description": description,
         },
-        401,
-        headers={"WWW-Authenticate": challenge, **_NO_STORE},
+        {"WWW-Authenticate": challenge, **_NO_STORE},
     )
 
 
-def refused(description: str) -> Response:
+def refused(description: str) -> Answer:
     """A request the canonicalisation refuses (DESIGN §3: 403 on ext_authz, never
     matched). Envoy passes the body to the client: it names the problem in the request,
     nothing about the policy."""
-    return JSONResponse(
+    return Answer(
+        403,
         {
             "allowed": False,
             "error": "invalid_request",
             "error_description": description.replace("request.", "", 1),
         },
-        403,
-        headers=_NO_STORE,
+        _NO_STORE,
     )
 
 
-def not_ready() -> Response:
-    return JSONResponse(
+def not_ready() -> Answer:
+    return Answer(
+        503,
         {
             "allowed": False,
             "error": "not_ready",
             "error_description": "the agent has no verified policy bundle yet",
         },
-        503,
-        headers={"Retry-After": "1", **_NO_STORE},
+        {"Retry-After": "1", **_NO_STORE},
     )

@@ -3,18 +3,25 @@
 On SIGTERM uvicorn stops accepting and drains the requests in flight; then the summary
 of the open refusal window is spooled, the audit shipper stops, the spool is fsynced
 and what is left is shipped within ``AUDIT_FINAL_SHIP_TIMEOUT`` seconds (the rest waits
-in the spool for the next start)."""
+in the spool for the next start).
+
+With ``--workers N`` (N > 1) this process supervises N workers, each an agent as
+above on the same port with a spool of its own (``agent/workers.py``)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import signal
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 
-from trustmesh.agent.app import AgentApp, build_agent_app
+from trustmesh.agent.app import AgentApp, build_agent_app, readiness
 from trustmesh.agent.audit import AuditShipper, DecisionAudit
 from trustmesh.agent.authn import Authenticator
 from trustmesh.agent.controlplane import ControlPlaneClient
@@ -27,17 +34,27 @@ from trustmesh.agent.revocations import (
     RevocationHolder,
     run_revocation_sync,
 )
-from trustmesh.agent.spool import DEFAULT_FSYNC_INTERVAL, SPOOL_DIR, AuditSpool
+from trustmesh.agent.spool import DEFAULT_FSYNC_INTERVAL, AuditSpool
+from trustmesh.agent.workers import (
+    MAX_WORKERS,
+    Supervisor,
+    WorkerFailed,
+    WorkerSpec,
+    WorkerStatus,
+    stranded_spools,
+)
 from trustmesh.audit.folding import DEFAULT_AGENT_LIMITS, FoldingLimits
 from trustmesh.common.addresses import parse_listen, url_for
 from trustmesh.common.clock import Clock, system_clock
-from trustmesh.common.errors import ConfigError, CredentialRejected
+from trustmesh.common.errors import ConfigError, CredentialRejected, SpoolError
 from trustmesh.common.files import private_directory
 from trustmesh.common.limits import DEFAULT_LIMITS, HttpLimits
 from trustmesh.common.serving import bind_socket, serve_socket
-from trustmesh.common.tracing import Tracing
+from trustmesh.common.tracing import Tracing, check_exporter
 
 AUDIT_FINAL_SHIP_TIMEOUT = 2.0
+
+log = logging.getLogger("trustmesh.agent")
 
 
 @dataclass(frozen=True)
@@ -55,6 +72,7 @@ class AgentConfig:
     audit_refusals: FoldingLimits = DEFAULT_AGENT_LIMITS
     otel_exporter: str = "none"
     http_limits: HttpLimits = DEFAULT_LIMITS
+    workers: int = 1
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -82,11 +100,13 @@ class Agent:
     decider: Decider
     instance: str
     tracing: Tracing
+    worker: WorkerSpec | None = None
+    status: WorkerStatus | None = None  # a worker's snapshots, when it is one
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
     def surfaces(self) -> AgentApp:
-        return AgentApp(self.decider, self.keys, self.shipper)
+        return AgentApp(self.decider, self.keys, self.shipper, self.status)
 
     def restore(self) -> bool:
         """The state persisted in the data dir, so the agent answers before it has
@@ -113,6 +133,25 @@ class Agent:
             asyncio.create_task(self.shipper.run()),
             asyncio.create_task(self.decider.audit.run()),
         ]
+        if self.status is not None:
+            self.tasks.append(asyncio.create_task(self.status.run()))
+        spec = self.worker or WorkerSpec(1, 1)
+        if spec.index == 1:  # the spools of workers an earlier run had more of
+            for directory in stranded_spools(self.config.data_dir, spec.count):
+                self.tasks.append(asyncio.create_task(self._ship_stranded(directory)))
+
+    async def _ship_stranded(self, directory: Path) -> None:
+        try:
+            spool = await asyncio.to_thread(AuditSpool.open, directory, fsync_interval=0)
+        except SpoolError as exc:
+            log.error("audit: cannot open the stranded spool %s: %s", directory.name, exc)
+            return
+        try:
+            shipper = AuditShipper(spool, self.client)
+            await shipper.drain_all()
+            log.info("audit: shipped what was left in %s", directory.name)
+        finally:
+            await asyncio.to_thread(spool.close)
 
     async def stop(self) -> None:
         """Stop the loops, spool the summary of folded refusals, ship what the spool
@@ -129,12 +168,18 @@ class Agent:
             self.tracing.shutdown()
 
 
-def build_agent(config: AgentConfig, clock: Clock = system_clock) -> Agent:
-    """Wire an agent's parts from one clock. Raises ConfigError (an exporter that
-    cannot work, an audit spool that cannot be opened)."""
+def build_agent(
+    config: AgentConfig, clock: Clock = system_clock, worker: WorkerSpec | None = None
+) -> Agent:
+    """Wire an agent's parts from one clock (``worker``: as that worker of several).
+    Raises ConfigError (an exporter that cannot work, an audit spool that cannot be
+    opened)."""
     private_directory(config.data_dir, "the agent's data dir")  # ours, no one else's, 0700
     tracing = Tracing("trustmesh-agent", config.otel_exporter)
-    spool = AuditSpool.open(config.data_dir / SPOOL_DIR, fsync_interval=config.audit_fsync_interval)
+    spool = AuditSpool.open(
+        config.data_dir / (worker or WorkerSpec(1, 1)).spool_dir,
+        fsync_interval=config.audit_fsync_interval,
+    )
     authn = Authenticator(
         cluster=config.cluster, clock=clock, leeway=config.leeway, cache_size=config.cache_size
     )
@@ -157,9 +202,33 @@ def build_agent(config: AgentConfig, clock: Clock = system_clock) -> Agent:
         tracing=tracing,
         clock=clock,
     )
+    status = None
+    if worker is not None:
+        status = WorkerStatus(
+            config.data_dir,
+            worker,
+            lambda: readiness(decider, keys, shipper),
+            decider.metrics.registry,
+            clock,
+        )
     return Agent(
-        config, client, keys, policy, revocations, spool, shipper, decider, instance, tracing
+        config,
+        client,
+        keys,
+        policy,
+        revocations,
+        spool,
+        shipper,
+        decider,
+        instance,
+        tracing,
+        worker,
+        status,
     )
+
+
+def _ready_line(config: AgentConfig, url: str, source: str) -> str:
+    return f"trustmesh agent for cluster {config.cluster} ready on {url} ({source})"
 
 
 def run_agent(config: AgentConfig, listen: str) -> None:
@@ -170,7 +239,11 @@ def run_agent(config: AgentConfig, listen: str) -> None:
         host, port = parse_listen(listen)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    agent = build_agent(config)
+    if not 1 <= config.workers <= MAX_WORKERS:
+        raise ConfigError(f"--workers must be 1 to {MAX_WORKERS}")
+    if config.workers > 1:
+        _supervise(config, host, port)
+        return
     sock = bind_socket(host, port)
     url = url_for(host, sock.getsockname()[1])
     announced = False
@@ -179,10 +252,60 @@ def run_agent(config: AgentConfig, listen: str) -> None:
         nonlocal announced
         if not announced:
             announced = True
-            print(
-                f"trustmesh agent for cluster {config.cluster} ready on {url} ({source})",
-                flush=True,
-            )
+            print(_ready_line(config, url, source), flush=True)
+
+    _serve(config, build_agent(config), sock, announce)
+
+
+def _supervise(config: AgentConfig, host: str, port: int) -> None:
+    """The supervisor of ``config.workers`` workers (``agent/workers.py``)."""
+    private_directory(config.data_dir, "the agent's data dir")
+    check_exporter(config.otel_exporter)  # one that cannot work: now, once
+    agent_id(config.data_dir)  # created once, before the workers read it
+    reserved = bind_socket(host, port, listen=False, reuse_port=True)
+    bound = reserved.getsockname()[1]
+    url = url_for(host, bound)
+
+    def worker(spec: WorkerSpec, messages: Connection) -> None:
+        run_worker(config, host, bound, spec, messages)
+
+    def announce(source: str) -> None:
+        print(_ready_line(config, url, f"{config.workers} workers; {source}"), flush=True)
+
+    try:
+        Supervisor(config.workers, worker, reserved, announce).run()
+    except WorkerFailed as exc:
+        if exc.kind == "credential":
+            raise CredentialRejected(exc.message) from None
+        raise ConfigError(exc.message) from None
+    finally:
+        reserved.close()
+
+
+def run_worker(
+    config: AgentConfig, host: str, port: int, spec: WorkerSpec, messages: Connection
+) -> None:
+    """One worker: an agent on its own ``SO_REUSEPORT`` socket; says when it is ready,
+    and why it stops when restarting it would not help."""
+    try:
+        agent = build_agent(config, worker=spec)
+        sock = bind_socket(host, port, reuse_port=True)
+        _serve(config, agent, sock, lambda source: messages.send(("ready", source)))
+    except CredentialRejected as exc:
+        messages.send(("fatal", "credential", str(exc)))
+    except ConfigError as exc:
+        messages.send(("fatal", "config", exc.description))
+    except OSError as exc:
+        messages.send(("fatal", "config", f"worker {spec.index} cannot listen: {exc}"))
+    finally:
+        with contextlib.suppress(OSError):
+            messages.close()
+
+
+def _serve(
+    config: AgentConfig, agent: Agent, sock: socket.socket, announce: Callable[[str], None]
+) -> None:
+    """Serve ``agent`` on ``sock`` until SIGTERM; ``announce`` once it is ready."""
 
     def stop_on_fatal(_reason: str) -> None:
         os.kill(os.getpid(), signal.SIGTERM)  # the normal, draining shutdown path
@@ -202,6 +325,6 @@ def run_agent(config: AgentConfig, listen: str) -> None:
             agent.tasks.append(asyncio.create_task(announce_when_ready()))
 
     app = build_agent_app(agent.surfaces, on_start, agent.stop)
-    serve_socket(app, sock, lambda _url: None, limits=config.http_limits)
+    serve_socket(app, sock, lambda _url: None, limits=config.http_limits, fast=app)
     if agent.keys.fatal is not None:
         raise CredentialRejected(agent.keys.fatal)

@@ -184,9 +184,15 @@ class Federation:
         form = exchange_form(subject_token, audience, lifetime)
         return exchanged(self.http.post(self.url + "/oauth2/token", data=form))
 
-    def start_agents(self, clusters: Sequence[str], ready_timeout: float = 60.0) -> list[Agent]:
-        """An agent for each of ``clusters``, all started at once, then every ready line
-        awaited within ``ready_timeout`` in all."""
+    def start_agents(
+        self,
+        clusters: Sequence[str],
+        ready_timeout: float = 60.0,
+        extra_args: Sequence[str] = (),
+    ) -> list[Agent]:
+        """An agent for each of ``clusters``, all started at once (``trustmesh agent``
+        with ``extra_args`` added), then every ready line awaited within
+        ``ready_timeout`` in all."""
         started: list[tuple[str, Child]] = []
         for name in clusters:
             response = self.http.post(
@@ -201,7 +207,7 @@ class Federation:
                                             "--cluster", name, "--server", self.url,
                                             "--listen", "127.0.0.1:0",
                                             "--data-dir", str(self.root / "agents" / name),
-                                            "--token-file", str(credential)],
+                                            "--token-file", str(credential), *extra_args],
                           self.root / "logs")  # fmt: skip
             self.children.append(child)
             started.append((name, child))

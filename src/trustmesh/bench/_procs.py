@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Child", "cpu_seconds", "start", "stop", "stop_all"]
+__all__ = ["Child", "cpu_seconds", "descendants", "start", "stop", "stop_all", "tree_cpu_seconds"]
 
 
 @dataclass
@@ -112,3 +112,34 @@ def cpu_seconds(pid: int) -> float | None:
         return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
     except (IndexError, ValueError):
         return None
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes ``pid`` started, and theirs (from ``/proc/PID/task/*/children``);
+    empty where there is no procfs."""
+    found: list[int] = []
+    pending = [pid]
+    while pending:
+        parent = pending.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                text = Path(f"/proc/{parent}/task/{task}/children").read_text(encoding="ascii")
+            except OSError:
+                continue
+            children = [int(child) for child in text.split()]
+            found += children
+            pending += children
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float | None:
+    """CPU seconds of ``pid`` and of every live process below it (e.g. an agent's
+    supervisor and its workers); None where there is no procfs."""
+    own = cpu_seconds(pid)
+    if own is None:
+        return None
+    return own + sum(cpu_seconds(child) or 0.0 for child in descendants(pid))

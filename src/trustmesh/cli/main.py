@@ -349,6 +349,14 @@ def agent(
     body_timeout: float = BodyTimeoutOption,
     keep_alive_timeout: int = KeepAliveTimeoutOption,
     max_connections: int = MaxConnectionsOption,
+    workers: int = typer.Option(
+        1,
+        "--workers",
+        min=1,
+        max=4,
+        help="Worker processes serving the port (SO_REUSEPORT), each with its own audit "
+        "spool, under a supervisor that restarts one that dies.",
+    ),
 ) -> None:
     """Run the agent of one cluster."""
     from trustmesh.agent.main import AgentConfig, read_credential, run_agent
@@ -384,6 +392,7 @@ def agent(
                     keep_alive_timeout,
                     max_connections,
                 ),
+                workers=workers,
             ),
             listen,
         )
@@ -787,13 +796,26 @@ def bench_revocation(
 @bench_app.command("authorize")
 def bench_authorize(
     seconds: float = typer.Option(10.0, "--seconds", help="Duration of each HTTP load."),
-    concurrency: int = typer.Option(16, "--concurrency", help="Concurrent connections."),
+    concurrency: int = typer.Option(32, "--concurrency", help="Concurrent connections."),
+    wrk: bool = typer.Option(
+        False, "--wrk", help="Load from wrk (a separate C process; must be on the PATH)."
+    ),
+    workers: str = typer.Option(
+        "1,2",
+        "--workers",
+        help="The agent's --workers: one count, or several (comma-separated), measured one "
+        "after the other.",
+    ),
     output: Output = OutputOption,
 ) -> None:
     """Decisions per second through /v1/authorize and ext_authz at a real agent."""
     from trustmesh.bench.authorize import run
 
-    result = run(seconds=seconds, concurrency=concurrency)
+    try:
+        counts = [int(part) for part in workers.split(",") if part.strip()]
+    except ValueError:
+        fail("--workers takes counts separated by commas, e.g. 1,2")
+    result = run(seconds=seconds, concurrency=concurrency, wrk=wrk, workers=counts)
     print_json(result) if output is Output.json else _print_bench(result)
 
 

@@ -26,6 +26,21 @@ request head is complete. So the bounds are enforced here, on httptools:
   ``Retry-After``) to its first request and closed; beyond twice that it is closed at
   once, unanswered.
 
+A response leaves in one ``write(2)`` where uvicorn would make two (its head, then its
+body): the head is held until the body's first bytes or the end of the event loop's
+iteration, whichever comes first (:class:`_HeldHead`). On loopback the second write and
+its TCP segment cost the server as much as a third of an agent decision.
+
+**Fast paths.** An app may also hand the server :class:`FastPaths`: requests they
+claim (by method, path and headers) are answered by a plain function of the request
+— no ASGI scope, task, messages or response cycle; the answer in one write — when it
+can answer without awaiting (else it returns an awaitable, run as a task). Only what
+cannot change the answer is skipped: every bound above applies as it does to any
+request (a fast request is parsed by the same parser, under the same head, field,
+timeout and connection bounds); a connection over capacity, a pipelined request
+behind an unfinished one, ``Expect: 100-continue`` and chunked bodies take the ASGI
+path. uvicorn's own work per request costs about twice the rest of its HTTP handling.
+
 Every answer given here is JSON in the shape of ``common/errors.py``."""
 
 from __future__ import annotations
@@ -33,14 +48,23 @@ from __future__ import annotations
 import asyncio
 import http
 import json
+import logging
 import signal
 import socket
 import threading
-from collections.abc import Callable
-from typing import Any
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
+import httptools
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    HEADER_RE,
+    HEADER_VALUE_RE,
+    STATUS_LINE,
+    HttpToolsProtocol,
+)
 
 from trustmesh.common.addresses import url_for
 from trustmesh.common.errors import (
@@ -98,6 +122,151 @@ def _over_capacity(limits: HttpLimits) -> Callable[..., Any]:
     return app
 
 
+class _HeldHead:
+    """The transport as one response cycle sees it. The cycle's first write (the head of
+    the response, or a ``100 Continue``) is held and sent with the next write (the body)
+    as one; if no next write comes in the same event-loop iteration (a streamed body,
+    an app that awaits between head and body, a client that must see its ``100
+    Continue`` before it sends), the head is sent alone at the end of the iteration.
+    Closing sends what is held first."""
+
+    __slots__ = ("_first", "_handle", "_held", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: bytes | None = None
+        self._handle: asyncio.Handle | None = None
+        self._first = True
+
+    def write(self, data: bytes) -> None:
+        if self._first:
+            self._first = False
+            self._held = data
+            self._handle = self._loop.call_soon(self._send_held)
+            return
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._handle.cancel()  # type: ignore[union-attr]
+            data = held + data
+        self._transport.write(data)
+
+    def _send_held(self) -> None:
+        held, self._held = self._held, None
+        if held is not None and not self._transport.is_closing():
+            self._transport.write(held)
+
+    def close(self) -> None:
+        if self._held is not None:
+            self._handle.cancel()  # type: ignore[union-attr]
+            self._send_held()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+log = logging.getLogger("trustmesh.http")
+
+
+@dataclass(frozen=True, slots=True)
+class FastRequest:
+    """A request a fast path answers: the method, the path percent-decoded (as ASGI's
+    ``scope["path"]``) and as it was sent, the header fields (names lowercase, in
+    order), and the body (None: the route answers without reading it)."""
+
+    method: str
+    path: str
+    raw_path: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class FastAnswer:
+    """Status, header fields (``content-length`` included) and body of an answer."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+
+FastHandler = Callable[[FastRequest], "FastAnswer | Awaitable[FastAnswer]"]
+
+
+@dataclass(frozen=True, slots=True)
+class FastRoute:
+    """How a fast path answers a request: ``handler``, after the whole body when
+    ``read_body`` (the server holds at most ``max_header_bytes`` of unanswered body
+    framing, and a declared ``Content-Length`` the route accepted), else at once."""
+
+    handler: FastHandler
+    read_body: bool
+
+
+class FastPaths(Protocol):
+    def route(self, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> FastRoute | None:
+        """The route of a request, or None: the ASGI app answers it."""
+
+
+class _NoEvent:
+    """What uvicorn's protocol sets on a cycle's ``message_event``: nothing waits."""
+
+    __slots__ = ()
+
+    def set(self) -> None:
+        return None
+
+
+_NO_EVENT = _NoEvent()
+
+
+class _FastCycle:
+    """A fast request's state, in the attributes through which uvicorn's protocol (and
+    the bounds here) look at a request's cycle."""
+
+    __slots__ = (
+        "body",
+        "disconnected",
+        "headers",
+        "keep_alive",
+        "message_event",
+        "method",
+        "more_body",
+        "path",
+        "raw_path",
+        "response_complete",
+        "response_started",
+        "route",
+    )
+
+    def __init__(
+        self,
+        route: FastRoute,
+        method: str,
+        path: str,
+        raw_path: bytes,
+        headers: list[tuple[bytes, bytes]],
+        keep_alive: bool,
+    ) -> None:
+        self.route = route
+        self.method = method
+        self.path = path
+        self.raw_path = raw_path
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.body = bytearray()
+        self.more_body = True
+        self.message_event = _NO_EVENT
+        self.response_started = False
+        self.response_complete = False
+        self.disconnected = False
+
+
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with :class:`HttpLimits` enforced (see the module
     docstring). The bytes of a request head are counted before the parser sees them:
@@ -105,10 +274,13 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     at most ``max_header_bytes`` of parsing however much was sent."""
 
     limits: HttpLimits = DEFAULT_LIMITS
+    fast: FastPaths | None = None
 
     @classmethod
-    def with_limits(cls, limits: HttpLimits) -> type[BoundedHttpToolsProtocol]:
-        return type(cls.__name__, (cls,), {"limits": limits})
+    def with_limits(
+        cls, limits: HttpLimits, fast: FastPaths | None = None
+    ) -> type[BoundedHttpToolsProtocol]:
+        return type(cls.__name__, (cls,), {"limits": limits, "fast": fast})
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -122,12 +294,14 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._header_count = 0
         self._refusal: TrustmeshError | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._fast_paths = self.fast
         open_connections = len(self.connections)
         if open_connections > 2 * self.limits.max_connections:
             transport.close()
             return
         if open_connections > self.limits.max_connections:
             self.app = _over_capacity(self.limits)
+            self._fast_paths = None  # every request of this connection is answered 503
         self._arm(self.limits.header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -222,10 +396,97 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head_begun = False
         self._progressed = True
         self._arm(self.limits.body_timeout)
+        cycle = self.cycle
+        if self._fast_paths is not None and self._start_fast(cycle):
+            return
         super().on_headers_complete()
+        if self.cycle is not cycle and self.cycle is not None:  # a new request's cycle
+            self.cycle.transport = _HeldHead(self.transport, self.loop)  # type: ignore[assignment]
+
+    # -- fast paths ----------------------------------------------------------------------
+    def _start_fast(self, previous: Any) -> bool:
+        """Whether a fast path took the request whose head is complete."""
+        if self.pipeline or (previous is not None and not previous.response_complete):
+            return False  # behind an unfinished request: in order, through the pipeline
+        if self.expect_100_continue or self.parser.should_upgrade():
+            return False
+        headers = self.headers
+        if any(name == b"transfer-encoding" for name, _ in headers):
+            return False  # a chunked body: the ASGI path bounds it
+        try:
+            raw_path = httptools.parse_url(self.url).path
+            path = raw_path.decode("ascii")
+        except (httptools.HttpParserInvalidURLError, UnicodeDecodeError):
+            return False  # uvicorn's path says what is wrong with it
+        if "%" in path:
+            path = urllib.parse.unquote(path)
+        method = self.parser.get_method().decode("ascii")
+        assert self._fast_paths is not None
+        route = self._fast_paths.route(method, path, headers)
+        if route is None:
+            return False
+        keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
+        cycle = _FastCycle(route, method, path, raw_path, headers, keep_alive)
+        self.cycle = cycle  # type: ignore[assignment]
+        if not route.read_body:
+            self._answer_fast(cycle, None)
+        return True
+
+    def _answer_fast(self, cycle: _FastCycle, body: bytes | None) -> None:
+        cycle.response_started = True
+        request = FastRequest(cycle.method, cycle.path, cycle.raw_path, cycle.headers, body)
+        try:
+            answer = cycle.route.handler(request)
+        except Exception:
+            log.exception("%s %s: the fast path failed", cycle.method, cycle.path)
+            self.transport.close()
+            return
+        if isinstance(answer, FastAnswer):
+            self._send_fast(cycle, answer)
+            return
+        task = self.loop.create_task(self._answer_later(cycle, answer))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+
+    async def _answer_later(self, cycle: _FastCycle, answer: Awaitable[FastAnswer]) -> None:
+        try:
+            ready = await answer
+        except Exception:
+            log.exception("%s %s: the fast path failed", cycle.method, cycle.path)
+            self.transport.close()
+            return
+        self._send_fast(cycle, ready)
+
+    def _send_fast(self, cycle: _FastCycle, answer: FastAnswer) -> None:
+        """The answer in one write, as uvicorn's cycle would have written it."""
+        if cycle.disconnected or self.transport.is_closing():
+            cycle.response_complete = True
+            return
+        parts = [STATUS_LINE[answer.status]]
+        for name, value in answer.headers:
+            if HEADER_RE.search(name) or HEADER_VALUE_RE.search(value):
+                log.error("%s %s: an invalid response header", cycle.method, cycle.path)
+                self.transport.close()
+                return
+            parts += (name, b": ", value, b"\r\n")
+        if not cycle.keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts.append(b"\r\n")
+        if cycle.method != "HEAD":
+            parts.append(answer.body)
+        self.transport.write(b"".join(parts))
+        cycle.response_complete = True
+        if not cycle.keep_alive:
+            self.transport.close()
+        self.on_response_complete()
 
     def on_body(self, body: bytes) -> None:
         self._progressed = True
+        cycle: Any = self.cycle
+        if type(cycle) is _FastCycle:  # bounded by the Content-Length the route accepted
+            if not cycle.response_started:
+                cycle.body += body
+            return
         super().on_body(body)
 
     def on_chunk_header(self) -> None:
@@ -234,10 +495,16 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self._in_head = True
         self._progressed = True
-        if self.cycle.response_complete and not self.pipeline:
+        cycle: Any = self.cycle
+        if cycle.response_complete and not self.pipeline:
             self._arm(self.limits.header_timeout)  # answered before its body ended
         else:
             self._disarm()  # the head timer starts again once the response is complete
+        if type(cycle) is _FastCycle:
+            cycle.more_body = False
+            if not cycle.response_started:
+                self._answer_fast(cycle, bytes(cycle.body))
+            return
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
@@ -247,14 +514,23 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._arm(self.limits.header_timeout)
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
+def bind_socket(
+    host: str, port: int, *, listen: bool = True, reuse_port: bool = False
+) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (0: a free port), listening unless told not
+    to. ``reuse_port``: ``SO_REUSEPORT``, so several processes each listen on the port
+    with a socket of their own and the kernel spreads new connections over them (one
+    that binds it without listening holds the port for them)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted connections only for
     # sockets created with it; without, every response waits ~40 ms for a delayed ACK.
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
-    sock.listen(1024)
+    if listen:
+        sock.listen(1024)
     sock.set_inheritable(True)
     return sock
 
@@ -268,10 +544,10 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-def _config(app: Any, limits: HttpLimits) -> uvicorn.Config:
+def _config(app: Any, limits: HttpLimits, fast: FastPaths | None = None) -> uvicorn.Config:
     return uvicorn.Config(
         app,
-        http=BoundedHttpToolsProtocol.with_limits(limits),
+        http=BoundedHttpToolsProtocol.with_limits(limits, fast),
         ws="none",  # no WebSocket surface: an Upgrade request is served as plain HTTP
         log_level="warning",
         access_log=False,
@@ -304,10 +580,12 @@ def serve_socket(
     on_ready: Callable[[str], None],
     on_stopping: Callable[[], None] | None = None,
     limits: HttpLimits = DEFAULT_LIMITS,
+    fast: FastPaths | None = None,
 ) -> None:
-    """As serve_foreground, on a socket bound beforehand (so the app can know its URL)."""
+    """As serve_foreground, on a socket bound beforehand (so the app can know its URL);
+    ``fast``: requests answered without ASGI (see the module docstring)."""
     host, bound_port = sock.getsockname()[:2]
-    server = uvicorn.Server(_config(app, limits))
+    server = uvicorn.Server(_config(app, limits, fast))
 
     async def run() -> None:
         task = asyncio.create_task(server.serve(sockets=[sock]))
@@ -345,12 +623,13 @@ class BackgroundServer:
         host: str = "127.0.0.1",
         port: int = 0,
         limits: HttpLimits = DEFAULT_LIMITS,
+        fast: FastPaths | None = None,
     ) -> None:
         self._sock = bind_socket(host, port)
         self.host = host
         self.port: int = self._sock.getsockname()[1]
         self.url = url_for(host, self.port)
-        self._server = uvicorn.Server(_config(app, limits))
+        self._server = uvicorn.Server(_config(app, limits, fast))
         self._thread = threading.Thread(target=self._run, name=f"serve-{self.port}", daemon=True)
 
     def _run(self) -> None:
