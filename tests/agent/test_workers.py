@@ -107,9 +107,15 @@ def test_workers_share_the_port_and_each_ships_its_own_spool(
         for spool in ("audit-spool", "audit-spool-2"):
             assert (tmp_path / "agent" / spool / "source").exists()
 
+        # each worker answers /readyz from its siblings' snapshots, which are up to a
+        # second old: a sibling's first snapshot may predate its readiness
         detail = eventually(
-            lambda: (d := httpx.get(agent.url + "/readyz").json())["audit"]["backlog"] == 0 and d,
-            "an empty backlog",
+            lambda: (
+                (d := httpx.get(agent.url + "/readyz").json())["audit"]["backlog"] == 0
+                and d["ready"]
+                and d
+            ),
+            "ready, with an empty backlog",
         )
         assert detail["ready"] is True
         assert detail["workers"] == {"expected": 2, "running": 2, "ready": 2}
