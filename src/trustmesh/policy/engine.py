@@ -325,6 +325,9 @@ _is_deny = attrgetter("deny")
 _bit = attrgetter("bit")
 # (deny bindings, allow bindings, the deny bindings' bits, the allow bindings' bits)
 _Found = tuple[tuple[_Binding, ...], tuple[_Binding, ...], int, int]
+# how a service request's (host, namespace) reads: (host, namespace, ambiguous short host,
+# both as given, the bits of the bindings with a service rule that may name the host)
+_Read = tuple[str, str, bool, bool, int]
 
 
 class Engine:
@@ -376,7 +379,7 @@ class Engine:
         self._absent = (_ABSENT,) * len(self._claim_keys)
         self._index_keys = tuple(sorted({key for key, _ in self._by_claim}))
         self._memo: dict[str, tuple[tuple[Any, ...], _Found]] = {}
-        self._hosts: dict[tuple[str, str], tuple[str, str, bool]] = {}
+        self._hosts: dict[tuple[str, str], _Read] = {}
         self._ids = itertools.count(1)
         self._id_prefix = f"{secrets.token_hex(4)}-{self.revision}-"
 
@@ -459,11 +462,16 @@ class Engine:
         claims differ from the remembered ones is looked up again (and remembered
         instead). Compared with ``==``, so unhashable claim values are remembered too."""
         values = tuple(map(claims.get, self._claim_keys, self._absent))
-        memo = self._memo
-        remembered = memo.get(spiffe_id)
+        remembered = self._memo.get(spiffe_id)
         if remembered is not None and remembered[0] == values:
             return remembered[1]
+        return self._remember(spiffe_id, claims, values)
+
+    def _remember(
+        self, spiffe_id: str, claims: Mapping[str, Any], values: tuple[Any, ...]
+    ) -> _Found:
         found = self._lookup(spiffe_id, claims)
+        memo = self._memo
         if len(memo) >= self.MEMO_SIZE:
             memo.clear()
         memo[spiffe_id] = (values, found)
@@ -504,40 +512,57 @@ class Engine:
 
     def _read_service(self, request: ServiceRequest) -> tuple[ServiceRequest, bool]:
         """(the request as this cluster reads it, whether its host is an ambiguous short
-        host to decide under every reading). How a (host, namespace) reads is a pure
-        function of the two and of the bundle, remembered like the identities."""
+        host to decide under every reading)."""
         host, namespace = request.host, request.namespace
-        key = (host, namespace)
-        read = self._hosts.get(key)
-        if read is None:
-            if host.endswith(self._domain_suffix):
-                host = strip_cluster_domain(host, self._domain_suffix)
-            host, namespace = service_host(host, namespace)
-            read = (host, namespace, not namespace and is_short(host))
-            if len(self._hosts) >= self.MEMO_SIZE:
-                self._hosts.clear()
-            self._hosts[key] = read
-        if read[0] == key[0] and read[1] == key[1]:
+        read = self._hosts.get((host, namespace)) or self._read_host(host, namespace)
+        if read[3]:
             return request, read[2]
         return ServiceRequest(read[0], request.path, request.method, read[1]), read[2]
 
+    def _read_host(self, host: str, namespace: str) -> _Read:
+        """How a (host, namespace) reads: a pure function of the two and of the bundle,
+        remembered (bounded) like the identities."""
+        key = (host, namespace)
+        if host.endswith(self._domain_suffix):
+            host = strip_cluster_domain(host, self._domain_suffix)
+        host, namespace = service_host(host, namespace)
+        ambiguous = not namespace and is_short(host)
+        unchanged = (host, namespace) == key
+        read = (host, namespace, ambiguous, unchanged, self._candidates.host(host))
+        if len(self._hosts) >= self.MEMO_SIZE:
+            self._hosts.clear()
+        self._hosts[key] = read
+        return read
+
     def decide(self, spiffe_id: str, claims: Mapping[str, Any], request: Request) -> Decision:
-        found = self._applicable(spiffe_id, claims)
+        # _applicable, inlined for an identity already seen
+        values = tuple(map(claims.get, self._claim_keys, self._absent))
+        remembered = self._memo.get(spiffe_id)
+        if remembered is not None and remembered[0] == values:
+            found = remembered[1]
+        else:
+            found = self._remember(spiffe_id, claims, values)
         kind = type(request)
+        candidates = self._candidates
         if kind is ServiceRequest:
-            request, ambiguous = self._read_service(request)  # type: ignore[arg-type]
-            if ambiguous:
-                return self._decide_readings(found[0], found[1], request)
-            return self._decide_one(found, request, "service", self._candidates.service(request))
+            # _read_service and CandidateIndex.service, inlined
+            host, namespace = request.host, request.namespace  # type: ignore[union-attr]
+            read = self._hosts.get((host, namespace)) or self._read_host(host, namespace)
+            if not read[3]:
+                request = ServiceRequest(read[0], request.path, request.method, read[1])  # type: ignore[union-attr]
+            if read[2]:
+                return self._decide_readings(found[0], found[1], request)  # type: ignore[arg-type]
+            methods = candidates.methods.get(request.method, candidates.any_method)  # type: ignore[union-attr]
+            return self._decide_one(found, request, "service", methods & read[4])
         if kind is KubernetesRequest:
             return self._decide_one(
                 found,
                 request,
                 "resource",
-                self._candidates.resource(request),  # type: ignore[arg-type]
+                candidates.resource(request),  # type: ignore[arg-type]
             )
         family = family_of(request)
-        return self._decide_one(found, request, family, self._candidates.of(request, family))
+        return self._decide_one(found, request, family, candidates.of(request, family))
 
     def decide_reading(
         self, spiffe_id: str, claims: Mapping[str, Any], request: Request
@@ -668,32 +693,33 @@ class Engine:
 
     @staticmethod
     def _explain(
-        allows: tuple[_Binding, ...], request: Request, family: str, hits: int = -1
+        allows: tuple[_Binding, ...], request: Request, family: str, hits: int | None = None
     ) -> str:
         """Why a default deny: the first allow binding of the nearest kind — only its
-        namespace failed, else its namespace held, else neither — and, in words, what
-        its closest rule missed. Bounded: at most EXPLAIN_BINDINGS bindings and
-        EXPLAIN_RULES rules each, and the sentence is written for one binding.
-        ``hits``: the bits of the allow bindings that may cover the request (-1: any
-        may); no other binding has a rule that covers it."""
+        namespace failed (rank 2), else its namespace held (rank 1), else neither (0)
+        — and, in words, what its closest rule missed. Bounded: at most
+        EXPLAIN_BINDINGS bindings and EXPLAIN_RULES rules each, and the sentence is
+        written for one binding. ``hits``: the bits of the allow bindings that may
+        cover the request (CandidateIndex); only they can be of rank 2. None: any."""
         if not allows:
             return "; no allow RoleBinding names this identity"
-        # _Binding.nearness, inlined: the first binding of rank 2 ends the search.
         namespace = request.namespace
-        best, best_rank = allows[0], -1
-        for binding in allows[:EXPLAIN_BINDINGS]:
-            namespaces = binding.namespaces
-            if namespaces is None or namespace in namespaces:
-                if best_rank < 1:
-                    best, best_rank = binding, 1
-                continue
-            if hits and binding.bit & hits:
+        considered = allows[:EXPLAIN_BINDINGS]
+        if hits != 0:  # the first binding of rank 2, in the identity's order
+            for binding in considered:
+                if hits is not None and not binding.bit & hits:
+                    continue
+                namespaces = binding.namespaces
+                if namespaces is None or namespace in namespaces:
+                    continue
                 for rule in binding.rules[family][:EXPLAIN_RULES]:
                     if rule.matches(request):  # type: ignore[arg-type]
                         return f"; nearest: {binding.describe(request, family, 2)}"
-            if best_rank < 0:
-                best, best_rank = binding, 0
-        return f"; nearest: {best.describe(request, family, best_rank)}"
+        for binding in considered:
+            namespaces = binding.namespaces
+            if namespaces is None or namespace in namespaces:
+                return f"; nearest: {binding.describe(request, family, 1)}"
+        return f"; nearest: {allows[0].describe(request, family, 0)}"
 
     def _decision(
         self, allowed: bool, denied: bool, reason: str, matched: list[_Binding]

@@ -351,17 +351,22 @@ class CandidateIndex:
         host = request.host
         hosts = self._hosts.get(host)
         if hosts is None:  # a pure function of the host, remembered (bounded)
-            hosts = self.any_host | self._named_hosts.get(host, 0)
-            suffixes = self._suffixes
-            if suffixes:
-                at = host.find(".")
-                while at >= 0:
-                    hosts |= suffixes.get(host[at:], 0)
-                    at = host.find(".", at + 1)
+            hosts = self.host(host)
             if len(self._hosts) >= self.HOST_MEMO:
                 self._hosts.clear()
             self._hosts[host] = hosts
         return methods & hosts
+
+    def host(self, host: str) -> int:
+        """The owners with a service rule that may name ``host``."""
+        hosts = self.any_host | self._named_hosts.get(host, 0)
+        suffixes = self._suffixes
+        if suffixes:
+            at = host.find(".")
+            while at >= 0:
+                hosts |= suffixes.get(host[at:], 0)
+                at = host.find(".", at + 1)
+        return hosts
 
     def of(self, request: Request, family: str) -> int:
         if family == "service":
