@@ -20,12 +20,22 @@ the identity — and the condition that failed (namespace, or the closest rule's
 path, method, verb…). The explanation is computed for default denies only, over at
 most ``EXPLAIN_BINDINGS`` bindings and ``EXPLAIN_RULES`` rules each.
 
-Speed comes from indexing, not from skipping checks: bindings are indexed by the SPIFFE
-ID and by one claim of each subject, so an identity only looks at bindings that can
-name it; the bindings that do apply to an identity are remembered per identity (its
-SPIFFE ID and the claims that bindings name, an absent claim told apart from a null
-one; the memo lives as long as the bundle, so a new revision invalidates it by
-construction); and each binding keeps its role's rules split by request family."""
+Speed comes from indexing, not from skipping checks (``bench engine``; docs/benchmarks.md):
+
+- bindings are indexed by the SPIFFE ID and by one claim of each subject (its most
+  selective), so an identity only looks at bindings that can name it, and checks of
+  each only what its index key does not already hold (``_Subject.residual``);
+- the bindings that apply to an identity are remembered per SPIFFE ID with the values
+  of the claims bindings name (an absent claim told apart from a null one; another
+  token of the SPIFFE ID with other claims is looked up again); the memo lives as long
+  as the bundle, so a new revision invalidates it by construction;
+- each binding is one bit; ``matching.CandidateIndex`` answers, from the request's verb
+  (method), resource entry or host, the bits of the bindings that may cover it — a
+  superset — and a decision matches in full only the identity's bindings among them;
+- a decision's reason is written once per binding at load; a default deny's
+  explanation is written when the reason is first read (the same text, from the same
+  immutable inputs);
+- how a service request's (host, namespace) reads in this cluster is remembered."""
 
 from __future__ import annotations
 
