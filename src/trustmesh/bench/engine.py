@@ -86,13 +86,14 @@ def _roles(world: World) -> dict[str, dict[str, Any]]:
     return {doc.name: doc.body["spec"] for doc in world.documents if doc.kind == "GlobalRole"}
 
 
-def _require_peers(peers: Sequence[str]) -> None:
+def _require_peers(peers: Sequence[str], command: str = "engine") -> None:
     """Every requested peer's package is importable, or one line naming the extra."""
     chosen = [_PEER_PACKAGES[name] for name in PEERS if name in peers]
     if chosen:
         require(
             [package for _, package in chosen],
-            "trustmesh bench engine compares against " + " and ".join(title for title, _ in chosen),
+            f"trustmesh bench {command} compares against "
+            + " and ".join(title for title, _ in chosen),
         )
 
 

@@ -113,7 +113,7 @@ def run(
     unknown = set(peers) - set(PEERS)
     if unknown:
         raise ValueError(f"unknown peer {sorted(unknown)[0]!r}; peers are {', '.join(PEERS)}")
-    _require_peers(peers)
+    _require_peers(peers, "scale")
     cedar_every = cedar_every or max(1, requests // PEER_SAMPLE)
     casbin_every = casbin_every or max(1, requests // PEER_SAMPLE)
 

@@ -284,21 +284,11 @@ class _Binding:
                 return True
         return False
 
-    def nearness(self, request: Request, family: str) -> int:
-        """How near this binding (which names the identity but does not cover the
-        request) came: 2 when a rule covers the request and only the namespace does
-        not admit it, 1 when the namespace admits it (so no rule covers it), 0 when
-        neither. Nothing is written here (:meth:`describe` does, for one binding)."""
-        if self.namespaces is None or request.namespace in self.namespaces:
-            return 1
-        for rule in self.rules[family][:EXPLAIN_RULES]:
-            if rule.matches(request):  # type: ignore[arg-type]
-                return 2
-        return 0
-
     def describe(self, request: Request, family: str, rank: int) -> str:
-        """What this binding matched and what it missed, in words (``rank`` from
-        :meth:`nearness`)."""
+        """What this binding (which names the identity but does not cover the request)
+        matched and what it missed, in words. ``rank``: 2 when a rule covers the request
+        and only the namespace does not admit it, 1 when the namespace admits it (so no
+        rule covers it), 0 when neither (``Engine._explain``)."""
         namespace_ok = rank == 1
         closest: list[str] | None = [] if rank == 2 else None
         if rank != 2:
