@@ -62,6 +62,12 @@ class Sizes:
         return dict(self.__dict__)
 
 
+SCALE = Sizes(clusters=500, workloads=100_000, projects=1_000, roles=1_000, bindings=5_000)
+"""``trustmesh bench scale`` (issue 11): ten times the workloads, 2.5 times the bindings
+and ten times the clusters of the default; projects and roles grow with them (100
+workloads a project, as in the default)."""
+
+
 @dataclass(frozen=True)
 class Identity:
     workload: str
@@ -491,23 +497,39 @@ def _family(request: dict[str, Any]) -> str:
     return "nonResource" if "nonResourceURL" in request else "resource"
 
 
-def generate_requests(world: World, count: int, seed: int, sizes: Sizes) -> list[BenchRequest]:
+def generate_requests(
+    world: World,
+    count: int,
+    seed: int,
+    sizes: Sizes,
+    clusters: Sequence[str] | None = None,
+    bundles: dict[str, dict[str, Any]] | None = None,
+) -> list[BenchRequest]:
     """``count`` requests: an identity from the inventory, evaluated mostly on its own
     cluster (15% on another one), asking for something a binding that names it covers
     (an allow or a deny binding), a near miss of that, or something random.
+    ``clusters``: only these clusters' agents are asked, by identities of these
+    clusters (the scale benchmark times a sample of its 500 clusters); ``bundles``:
+    already compiled.
 
     Which bindings name an identity is read from throwaway engines (the benchmark's
     timed engines are built separately, with empty memos)."""
     rng = random.Random(seed * 7919 + 1)  # noqa: S311 - a benchmark workload, not a secret
     from trustmesh.policy.compiler import compile_all
 
-    bundles = compile_all(world.policy, world.registry, 1)
-    engines = {name: Engine(bundle) for name, bundle in bundles.items()}
-    clusters = sorted(world.registry.clusters)
+    if bundles is None:
+        bundles = compile_all(world.policy, world.registry, 1)
+    asked = sorted(world.registry.clusters) if clusters is None else sorted(clusters)
+    engines = {name: Engine(bundles[name]) for name in asked}
+    identities = (
+        world.identities
+        if clusters is None
+        else [i for i in world.identities if i.cluster in engines]
+    )
     out: list[BenchRequest] = []
     for _ in range(count):
-        identity = rng.choice(world.identities)
-        cluster = identity.cluster if rng.random() < 0.85 else rng.choice(clusters)
+        identity = rng.choice(identities)
+        cluster = identity.cluster if rng.random() < 0.85 else rng.choice(asked)
         denies, allows = engines[cluster].applicable(identity.spiffe_id, identity.claims)
         roll = rng.random()
         origin = "random"

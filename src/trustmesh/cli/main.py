@@ -778,6 +778,36 @@ def bench_engine(
     print_json(result) if output is Output.json else _print_bench(result)
 
 
+@bench_app.command("scale")
+def bench_scale(
+    requests: int = typer.Option(20_000, "--requests", min=1, help="Requests to decide."),
+    sample: int = typer.Option(
+        20, "--sample", min=1, help="Clusters whose agents decide the requests."
+    ),
+    clusters: int = typer.Option(500, "--clusters", min=1, help="Clusters of the federation."),
+    workloads: int = typer.Option(100_000, "--workloads", min=1, help="Registered workloads."),
+    bindings: int = typer.Option(5_000, "--bindings", min=1, help="Role bindings."),
+    load_runs: int = typer.Option(
+        3, "--load-runs", min=1, help="Fresh processes that each load one agent's bundle."
+    ),
+    seed: int = typer.Option(7, "--seed", help="Seed of the generated policy and requests."),
+    output: Output = OutputOption,
+) -> None:
+    """Compile time, one agent's bundle load and memory, and decisions on a large policy."""
+    from trustmesh.bench._policygen import SCALE, Sizes
+    from trustmesh.bench.scale import run
+
+    sizes = Sizes(
+        clusters=clusters,
+        workloads=workloads,
+        projects=max(1, workloads // (SCALE.workloads // SCALE.projects)),
+        roles=SCALE.roles,
+        bindings=bindings,
+    )
+    result = run(requests=requests, seed=seed, sizes=sizes, sample=sample, load_runs=load_runs)
+    print_json(result) if output is Output.json else _print_bench(result)
+
+
 @bench_app.command("revocation")
 def bench_revocation(
     agents: int = typer.Option(20, "--agents", min=1, help="Agents on loopback."),

@@ -10,10 +10,12 @@ indexes from it (``engine.Engine``)."""
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 from trustmesh.common.errors import PolicyError, RequestError
@@ -26,7 +28,7 @@ from trustmesh.manifests import (
     RoleBindingSpec,
     SubjectSpec,
 )
-from trustmesh.policy.matching import PATH_CASE_INSENSITIVE, expression_matches
+from trustmesh.policy.matching import PATH_CASE_INSENSITIVE, requirement_matches
 from trustmesh.registry import Registry
 from trustmesh.request.canonical import check_path_pattern, rule_host_problem
 
@@ -131,11 +133,19 @@ def cluster_selected(scope: ClusterScope | None, name: str, labels: dict[str, st
         return True
     if name in scope.names:
         return True
+    return selector_selects(scope, labels)
+
+
+def selector_selects(scope: ClusterScope, labels: Mapping[str, str]) -> bool:
+    """Whether the scope's label selector (if it has one) selects these labels."""
     if not scope.has_selector:
         return False
     if any(labels.get(k) != v for k, v in scope.match_labels.items()):
         return False
-    return all(expression_matches(e, labels) for e in _expressions(scope.match_expressions))
+    return all(
+        requirement_matches(e.key, e.operator, frozenset(e.values), labels)
+        for e in scope.match_expressions
+    )
 
 
 def rule_problems(name: str, role: GlobalRoleSpec) -> list[str]:
@@ -237,6 +247,43 @@ def _subject_body(subject: SubjectSpec, registry: Registry) -> dict[str, Any]:
     return body
 
 
+def _binding_body(name: str, binding: RoleBindingSpec, registry: Registry) -> dict[str, Any]:
+    return {
+        "name": name,
+        "role": binding.role,
+        "effect": binding.effect,
+        "subjects": [_subject_body(s, registry) for s in binding.subjects],
+        "namespaces": list(binding.namespaces) if binding.namespaces is not None else None,
+    }
+
+
+def _bundle(
+    cluster: str,
+    registry: Registry,
+    revision: int,
+    policy_hash: str,
+    flat_roles: dict[str, list[dict[str, Any]]],
+    bindings: list[dict[str, Any]],
+    identities: dict[str, dict[str, Any]],
+    counts: dict[str, dict[str, int]],
+) -> dict[str, Any]:
+    used_roles = {binding["role"] for binding in bindings}
+    return {
+        "apiVersion": "trustmesh.io/v1alpha1",
+        "kind": BUNDLE_KIND,
+        "cluster": cluster,
+        # the agent reads <svc>.<ns>.svc.<clusterDomain> hosts with it (DESIGN §3)
+        "clusterDomain": registry.clusters[cluster].cluster_domain,
+        "revision": revision,
+        "registryRevision": registry.revision,
+        "policyHash": policy_hash,
+        "roles": {name: flat_roles[name] for name in sorted(used_roles)},
+        "bindings": bindings,
+        "identities": identities,
+        "claimCounts": counts,
+    }
+
+
 def compile_bundle(
     policy: PolicySet,
     registry: Registry,
@@ -255,51 +302,88 @@ def compile_bundle(
             raise PolicyError(problems)
     if identities is None:
         identities = inventory(registry)
-    spec = registry.clusters[cluster]
-    labels = spec.labels
-    bindings = []
-    used_roles: set[str] = set()
-    for name, binding in sorted(policy.bindings.items()):
-        if not cluster_selected(binding.clusters, cluster, labels):
-            continue
-        used_roles.add(binding.role)
-        bindings.append(
-            {
-                "name": name,
-                "role": binding.role,
-                "effect": binding.effect,
-                "subjects": [_subject_body(s, registry) for s in binding.subjects],
-                "namespaces": list(binding.namespaces) if binding.namespaces is not None else None,
-            }
-        )
-    return {
-        "apiVersion": "trustmesh.io/v1alpha1",
-        "kind": BUNDLE_KIND,
-        "cluster": cluster,
-        # the agent reads <svc>.<ns>.svc.<clusterDomain> hosts with it (DESIGN §3)
-        "clusterDomain": spec.cluster_domain,
-        "revision": revision,
-        "registryRevision": registry.revision,
-        "policyHash": policy_hash or policy.content_hash(),
-        "roles": {name: flat_roles[name] for name in sorted(used_roles)},
-        "bindings": bindings,
-        "identities": identities,
-        "claimCounts": counts if counts is not None else claim_counts(identities),
-    }
+    labels = registry.clusters[cluster].labels
+    bindings = [
+        _binding_body(name, binding, registry)
+        for name, binding in sorted(policy.bindings.items())
+        if cluster_selected(binding.clusters, cluster, labels)
+    ]
+    return _bundle(
+        cluster,
+        registry,
+        revision,
+        policy_hash or policy.content_hash(),
+        flat_roles,
+        bindings,
+        identities,
+        counts if counts is not None else claim_counts(identities),
+    )
+
+
+def _selected_clusters(
+    scope: ClusterScope | None, clusters: list[str], label_sets: dict[Any, list[str]]
+) -> set[str] | None:
+    """The clusters a binding's scope selects (None: every one); the selector is
+    evaluated once per distinct set of cluster labels, not once per cluster."""
+    if scope is None:
+        return None
+    chosen = {name for name in scope.names if name in clusters}
+    if scope.has_selector:
+        for labels, names in label_sets.items():
+            if selector_selects(scope, dict(labels)):
+                chosen.update(names)
+    return chosen
 
 
 def compile_all(policy: PolicySet, registry: Registry, revision: int) -> dict[str, dict[str, Any]]:
-    """Every cluster's bundle; raises PolicyError for problems across documents."""
+    """Every cluster's bundle; raises PolicyError for problems across documents.
+
+    The same bundles as ``compile_bundle`` per cluster (tests compare them), with what
+    does not depend on the cluster done once: each binding's body (shared by the
+    bundles that include it: bundles are never modified), and the cluster scopes
+    evaluated once per distinct label set. The cyclic garbage collector is paused
+    meanwhile: compiling allocates much and frees little, and at 500 clusters and
+    100,000 workloads the collector walking the heap was a third of the time."""
     problems = check_policy(policy, registry)
     if problems:
         raise PolicyError(problems)
-    flat, _ = flatten_roles(policy.roles)
-    identities = inventory(registry)
-    policy_hash = policy.content_hash()
-    counts = claim_counts(identities)
-    return {
-        name: compile_bundle(
-            policy, registry, name, revision, flat, identities, policy_hash, counts
-        )
-        for name in sorted(registry.clusters)
-    }
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        flat, _ = flatten_roles(policy.roles)
+        identities = inventory(registry)
+        policy_hash = policy.content_hash()
+        counts = claim_counts(identities)
+        clusters = sorted(registry.clusters)
+        label_sets: dict[Any, list[str]] = {}
+        for name in clusters:
+            key = tuple(sorted(registry.clusters[name].labels.items()))
+            label_sets.setdefault(key, []).append(name)
+        per_cluster: dict[str, list[tuple[int, dict[str, Any]]]] = {name: [] for name in clusters}
+        everywhere: list[tuple[int, dict[str, Any]]] = []
+        for index, (name, binding) in enumerate(sorted(policy.bindings.items())):
+            body = _binding_body(name, binding, registry)
+            chosen = _selected_clusters(binding.clusters, clusters, label_sets)
+            if chosen is None:
+                everywhere.append((index, body))
+            else:
+                for cluster in chosen:
+                    per_cluster[cluster].append((index, body))
+        out = {}
+        for cluster in clusters:
+            scoped = per_cluster[cluster]
+            entries = sorted(scoped + everywhere, key=itemgetter(0)) if scoped else everywhere
+            out[cluster] = _bundle(
+                cluster,
+                registry,
+                revision,
+                policy_hash,
+                flat,
+                [body for _, body in entries],
+                identities,
+                counts,
+            )
+        return out
+    finally:
+        if paused:
+            gc.enable()

@@ -20,31 +20,44 @@ the identity — and the condition that failed (namespace, or the closest rule's
 path, method, verb…). The explanation is computed for default denies only, over at
 most ``EXPLAIN_BINDINGS`` bindings and ``EXPLAIN_RULES`` rules each.
 
-Speed comes from indexing, not from skipping checks: bindings are indexed by the SPIFFE
-ID and by one claim of each subject, so an identity only looks at bindings that can
-name it; the bindings that do apply to an identity are remembered per identity (its
-SPIFFE ID and the claims that bindings name, an absent claim told apart from a null
-one; the memo lives as long as the bundle, so a new revision invalidates it by
-construction); and each binding keeps its role's rules split by request family."""
+Speed comes from indexing, not from skipping checks (``bench engine``; docs/benchmarks.md):
+
+- bindings are indexed by the SPIFFE ID and by one claim of each subject (its most
+  selective), so an identity only looks at bindings that can name it, and checks of
+  each only what its index key does not already hold (``_Subject.residual``);
+- the bindings that apply to an identity are remembered per SPIFFE ID with the values
+  of the claims bindings name (an absent claim told apart from a null one; another
+  token of the SPIFFE ID with other claims is looked up again); the memo lives as long
+  as the bundle, so a new revision invalidates it by construction;
+- each binding is one bit; ``matching.CandidateIndex`` answers, from the request's verb
+  (method), resource entry or host, the bits of the bindings that may cover it — a
+  superset — and a decision matches in full only the identity's bindings among them;
+- a decision's reason is written once per binding at load; a default deny's
+  explanation is written when the reason is first read (the same text, from the same
+  immutable inputs);
+- how a service request's (host, namespace) reads in this cluster is remembered."""
 
 from __future__ import annotations
 
+import gc
 import itertools
 import secrets
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from functools import partial
+from itertools import filterfalse
+from operator import attrgetter
 from typing import Any
 
 from trustmesh.policy.compiler import claim_counts
 from trustmesh.policy.matching import (
+    CandidateIndex,
     CompiledRule,
     ServiceRule,
     compile_rule,
-    explain_rule,
     family_of,
     requirement_matches,
 )
-from trustmesh.request import Request, ServiceRequest
+from trustmesh.request import KubernetesRequest, Request, ServiceRequest
 from trustmesh.request.canonical import (
     DEFAULT_CLUSTER_DOMAIN,
     SERVICE_SUFFIX,
@@ -68,15 +81,76 @@ MAX_READINGS = 64
 it the answer is a default deny that asks for the namespace."""
 
 
-@dataclass(frozen=True, slots=True)
 class Decision:
-    allowed: bool
-    denied: bool  # an explicit deny binding matched (SubjectAccessReview "denied")
-    reason: str
-    bindings: tuple[str, ...]
-    roles: tuple[str, ...]
-    policy_revision: int
-    decision_id: str
+    """One decision. Built on every request, so a plain slotted class (a frozen
+    dataclass sets each field through ``object.__setattr__``: five times the cost).
+    The reason of a default deny — the nearest-binding explanation — is written when
+    it is first read (``reason``), from the same immutable inputs, so callers that
+    only need the outcome (the effective diff's probes) do not pay for it."""
+
+    __slots__ = (
+        "_explain",
+        "_reason",
+        "allowed",
+        "bindings",
+        "decision_id",
+        "denied",
+        "policy_revision",
+        "roles",
+    )
+
+    def __init__(
+        self,
+        allowed: bool,
+        denied: bool,
+        reason: str,
+        bindings: tuple[str, ...],
+        roles: tuple[str, ...],
+        policy_revision: int,
+        decision_id: str,
+    ) -> None:
+        self.allowed = allowed
+        self.denied = denied  # an explicit deny binding matched (SubjectAccessReview "denied")
+        self._reason = reason
+        self._explain: Callable[[], str] | None = None
+        self.bindings = bindings
+        self.roles = roles
+        self.policy_revision = policy_revision
+        self.decision_id = decision_id
+
+    @property
+    def reason(self) -> str:
+        explain = self._explain
+        if explain is not None:
+            self._reason += explain()
+            self._explain = None
+        return self._reason
+
+    def _fields(self) -> tuple[Any, ...]:
+        return (
+            self.allowed,
+            self.denied,
+            self.reason,
+            self.bindings,
+            self.roles,
+            self.policy_revision,
+            self.decision_id,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Decision):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        return (
+            f"Decision(allowed={self.allowed!r}, denied={self.denied!r}, reason={self.reason!r}, "
+            f"bindings={self.bindings!r}, roles={self.roles!r}, "
+            f"policy_revision={self.policy_revision!r}, decision_id={self.decision_id!r})"
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -88,6 +162,49 @@ class Decision:
             "policy_revision": self.policy_revision,
             "decision_id": self.decision_id,
         }
+
+
+_Check = Callable[[Mapping[str, Any]], bool]
+# (claim key, value) to compare, or a check, or neither: see _Subject.residual
+_Residual = tuple[str | None, str | None, "_Check | None"]
+
+
+def _condition(key: str, operator: str, values: frozenset[str]) -> _Check:
+    """One ``matchExpressions`` requirement as a check of the claims (the semantics of
+    ``matching.requirement_matches``, specialised by operator once per bundle)."""
+    if operator == "Exists":
+        return lambda claims: key in claims
+    if operator == "DoesNotExist":
+        return lambda claims: key not in claims
+    if operator == "In":
+
+        def inside(claims: Mapping[str, Any]) -> bool:
+            value = claims.get(key)
+            return isinstance(value, str) and value in values
+
+        return inside
+
+    def outside(claims: Mapping[str, Any]) -> bool:  # NotIn: also an absent claim
+        value = claims.get(key)
+        return not (isinstance(value, str) and value in values)
+
+    return outside
+
+
+def _equals(key: str, value: str) -> _Check:
+    return lambda claims: claims.get(key) == value
+
+
+def _all_of(checks: list[_Check]) -> _Check | None:
+    """None when there is nothing to check (the subject matches every identity that
+    reaches its index bucket)."""
+    if not checks:
+        return None
+    if len(checks) == 1:
+        return checks[0]
+    first, rest = checks[0], _all_of(checks[1:])
+    assert rest is not None
+    return lambda claims: first(claims) and rest(claims)
 
 
 class _Subject:
@@ -112,20 +229,52 @@ class _Subject:
                 return False
         return True
 
+    def residual(self, claim: int | None, expression: int | None) -> _Residual:
+        """What is left to check of an identity found in this subject's index bucket:
+        every condition but the SPIFFE ID (the bucket is keyed by it) and the claim
+        (index into ``claims``) or ``In`` expression (index into ``expressions``) the
+        bucket is keyed by — an identity reaches a claim bucket only through a string
+        claim equal to its key's value. One claim left is (key, value, None), checked
+        inline; anything else (None, None, a check), or (None, None, None): nothing."""
+        claims = [pair for index, pair in enumerate(self.claims) if index != claim]
+        expressions = [e for index, e in enumerate(self.expressions) if index != expression]
+        if len(claims) == 1 and not expressions:
+            return claims[0][0], claims[0][1], None
+        checks = [_equals(key, value) for key, value in claims]
+        checks.extend(_condition(key, operator, values) for key, operator, values in expressions)
+        return None, None, _all_of(checks)
+
 
 class _Binding:
-    __slots__ = ("deny", "name", "namespaces", "role", "rules", "subjects")
+    __slots__ = (
+        "alone",
+        "bit",
+        "decides",
+        "deny",
+        "name",
+        "namespace_list",
+        "namespaces",
+        "role",
+        "rules",
+        "subjects",
+    )
 
-    def __init__(self, body: dict[str, Any], compiled: list[CompiledRule]) -> None:
+    def __init__(
+        self, body: dict[str, Any], rules: dict[str, tuple[CompiledRule, ...]], bit: int
+    ) -> None:
         self.name: str = body["name"]
         self.role: str = body["role"]
         self.deny = body["effect"] == "deny"
         self.subjects = tuple(_Subject(s) for s in body["subjects"])
         namespaces = body.get("namespaces")
         self.namespaces = frozenset(namespaces) if namespaces is not None else None
-        self.rules: dict[str, tuple[CompiledRule, ...]] = {
-            family: tuple(r for r in compiled if r.family == family) for family in _FAMILIES
-        }
+        self.namespace_list = ", ".join(sorted(self.namespaces or ()))
+        self.rules = rules  # the role's, by request family (shared by its bindings)
+        # What a decision this binding decides alone says, written once per bundle.
+        verb = "denied" if self.deny else "allowed"
+        self.decides = f"{verb} by RoleBinding {self.name} (role {self.role})"
+        self.alone: tuple[tuple[str, ...], tuple[str, ...]] = ((self.name,), (self.role,))
+        self.bit = bit  # this binding in the engine's CandidateIndex
 
     def covers(self, request: Request, family: str) -> bool:
         if self.namespaces is not None and request.namespace not in self.namespaces:
@@ -135,33 +284,23 @@ class _Binding:
                 return True
         return False
 
-    def nearness(self, request: Request, family: str) -> int:
-        """How near this binding (which names the identity but does not cover the
-        request) came: 2 when a rule covers the request and only the namespace does
-        not admit it, 1 when the namespace admits it (so no rule covers it), 0 when
-        neither. Nothing is written here (:meth:`describe` does, for one binding)."""
-        if self.namespaces is None or request.namespace in self.namespaces:
-            return 1
-        for rule in self.rules[family][:EXPLAIN_RULES]:
-            if rule.matches(request):  # type: ignore[arg-type]
-                return 2
-        return 0
-
     def describe(self, request: Request, family: str, rank: int) -> str:
-        """What this binding matched and what it missed, in words (``rank`` from
-        :meth:`nearness`)."""
+        """What this binding (which names the identity but does not cover the request)
+        matched and what it missed, in words. ``rank``: 2 when a rule covers the request
+        and only the namespace does not admit it, 1 when the namespace admits it (so no
+        rule covers it), 0 when neither (``Engine._explain``)."""
         namespace_ok = rank == 1
         closest: list[str] | None = [] if rank == 2 else None
         if rank != 2:
             for rule in self.rules[family][:EXPLAIN_RULES]:
-                missed = explain_rule(rule, request)
+                missed = rule.explain(request)  # type: ignore[arg-type]
                 if closest is None or len(missed) < len(closest):
                     closest = missed
         where = ""
         if not namespace_ok:
             assert self.namespaces is not None
             where = (
-                f"{request.namespace} is not one of {', '.join(sorted(self.namespaces))}"
+                f"{request.namespace} is not one of {self.namespace_list}"
                 if request.namespace
                 else "the request has no namespace"
             )
@@ -182,7 +321,14 @@ class _Binding:
         return f"RoleBinding {self.name} matched {text}"
 
 
-_Entry = tuple[_Binding, _Subject]
+_Entry = tuple[_Binding, str | None, str | None, "_Check | None"]
+_is_deny = attrgetter("deny")
+_bit = attrgetter("bit")
+# (deny bindings, allow bindings, the deny bindings' bits, the allow bindings' bits)
+_Found = tuple[tuple[_Binding, ...], tuple[_Binding, ...], int, int]
+# how a service request's (host, namespace) reads: (host, namespace, ambiguous short host,
+# both as given, the bits of the bindings with a service rule that may name the host)
+_Read = tuple[str, str, bool, bool, int]
 
 
 class Engine:
@@ -191,10 +337,26 @@ class Engine:
     MEMO_SIZE = 100_000
 
     def __init__(self, bundle: Mapping[str, Any]) -> None:
+        # Building allocates many small objects and frees none: the cyclic collector
+        # would walk the whole heap several times over for nothing (none of them form
+        # cycles), which was half of the build. Paused for the build only.
+        paused = gc.isenabled()
+        gc.disable()
+        try:
+            self._build(bundle)
+        finally:
+            if paused:
+                gc.enable()
+
+    def _build(self, bundle: Mapping[str, Any]) -> None:
         self.cluster: str = bundle["cluster"]
         self.revision: int = int(bundle["revision"])
         self.registry_revision: int = int(bundle.get("registryRevision", 0))
-        self.identities: dict[str, dict[str, Any]] = dict(bundle.get("identities", {}))
+        identities = bundle.get("identities") or {}
+        # the bundle's own inventory, not a copy: at 100,000 identities a copy is 5 MB
+        self.identities: dict[str, dict[str, Any]] = (
+            identities if type(identities) is dict else dict(identities)
+        )
         self.cluster_domain: str = bundle.get("clusterDomain") or DEFAULT_CLUSTER_DOMAIN
         self._domain_suffix = domain_suffix(self.cluster_domain)
         roles = bundle["roles"]
@@ -202,10 +364,23 @@ class Engine:
             name: [compile_rule(self._canonical_rule(rule)) for rule in rules]
             for name, rules in roles.items()
         }
-        self.bindings = tuple(_Binding(b, compiled[b["role"]]) for b in bundle["bindings"])
+        by_family = {
+            name: {family: tuple(r for r in rules if r.family == family) for family in _FAMILIES}
+            for name, rules in compiled.items()
+        }
+        self.bindings = tuple(
+            _Binding(b, by_family[b["role"]], 1 << i) for i, b in enumerate(bundle["bindings"])
+        )
+        role_bits: dict[str, int] = {}
+        for binding in self.bindings:
+            role_bits[binding.role] = role_bits.get(binding.role, 0) | binding.bit
+        self._candidates = CandidateIndex(
+            (bits, compiled[role]) for role, bits in role_bits.items()
+        )
         self._name_services(compiled)
-        # Each index entry is (binding, the subject indexed there): a subject can only
-        # match identities that carry its index key, so only that subject is checked.
+        # Each index entry is (binding, what is left to check of the subject indexed
+        # there): a subject can only match identities that carry its index key, so only
+        # that subject is checked, and not for the condition the key already holds.
         self._by_spiffe: dict[str, list[_Entry]] = {}
         self._by_claim: dict[tuple[str, str], list[_Entry]] = {}
         self._unindexed: list[_Entry] = []
@@ -223,12 +398,14 @@ class Engine:
             for subject in binding.subjects:
                 claim_keys.update(k for k, _ in subject.claims)
                 claim_keys.update(e[0] for e in subject.expressions)
-                for bucket in self._buckets_for(subject, frequency):
-                    bucket.append((binding, subject))
+                buckets, residual = self._buckets_for(subject, frequency)
+                for bucket in buckets:
+                    bucket.append((binding, *residual))
         self._claim_keys = tuple(sorted(claim_keys))
         self._absent = (_ABSENT,) * len(self._claim_keys)
         self._index_keys = tuple(sorted({key for key, _ in self._by_claim}))
-        self._memo: dict[tuple[Any, ...], tuple[tuple[_Binding, ...], tuple[_Binding, ...]]] = {}
+        self._memo: dict[str, tuple[tuple[Any, ...], _Found]] = {}
+        self._hosts: dict[tuple[str, str], _Read] = {}
         self._ids = itertools.count(1)
         self._id_prefix = f"{secrets.token_hex(4)}-{self.revision}-"
 
@@ -277,53 +454,75 @@ class Engine:
 
     def _buckets_for(
         self, subject: _Subject, frequency: Callable[[tuple[str, str]], int]
-    ) -> list[list[_Entry]]:
-        """Index keys such that every identity the subject matches has one of them."""
+    ) -> tuple[list[list[_Entry]], _Residual]:
+        """Index keys such that every identity the subject matches has one of them, and
+        what is left to check of an identity found under them."""
         if subject.spiffe_id is not None:
-            return [self._by_spiffe.setdefault(subject.spiffe_id, [])]
-        options: list[list[tuple[str, str]]] = [[claim] for claim in subject.claims]
+            return [self._by_spiffe.setdefault(subject.spiffe_id, [])], subject.residual(None, None)
+        # (keys, the claim or the In expression they stand for)
+        options: list[tuple[list[tuple[str, str]], int | None, int | None]] = [
+            ([claim], index, None) for index, claim in enumerate(subject.claims)
+        ]
         options.extend(
-            [(key, value) for value in sorted(values)]
-            for key, operator, values in subject.expressions
+            ([(key, value) for value in sorted(values)], None, index)
+            for index, (key, operator, values) in enumerate(subject.expressions)
             if operator == "In"
         )
         if not options:
-            return [self._unindexed]
-        best = min(options, key=lambda keys: sum(frequency(k) for k in keys))
-        return [self._by_claim.setdefault(k, []) for k in best]
+            return [self._unindexed], subject.residual(None, None)
+        keys, claim, expression = min(
+            options, key=lambda option: sum(frequency(k) for k in option[0])
+        )
+        return [self._by_claim.setdefault(k, []) for k in keys], subject.residual(claim, expression)
 
     def applicable(
         self, spiffe_id: str, claims: Mapping[str, Any]
     ) -> tuple[tuple[_Binding, ...], tuple[_Binding, ...]]:
         """(deny bindings, allow bindings) that name this identity, memoised."""
-        key = (spiffe_id, tuple(map(claims.get, self._claim_keys, self._absent)))
-        memo_key: tuple[Any, ...] | None = key
-        try:
-            found = self._memo.get(key)
-        except TypeError:  # a non-hashable claim value named by a binding: no memo
-            memo_key, found = None, None
-        if found is not None:
-            return found
+        denies, allows, _, _ = self._applicable(spiffe_id, claims)
+        return denies, allows
+
+    def _applicable(self, spiffe_id: str, claims: Mapping[str, Any]) -> _Found:
+        """(deny bindings, allow bindings, their bits) of this identity. Remembered
+        per SPIFFE ID with the values of the claims bindings name: an identity whose
+        claims differ from the remembered ones is looked up again (and remembered
+        instead). Compared with ``==``, so unhashable claim values are remembered too."""
+        values = tuple(map(claims.get, self._claim_keys, self._absent))
+        remembered = self._memo.get(spiffe_id)
+        if remembered is not None and remembered[0] == values:
+            return remembered[1]
+        return self._remember(spiffe_id, claims, values)
+
+    def _remember(
+        self, spiffe_id: str, claims: Mapping[str, Any], values: tuple[Any, ...]
+    ) -> _Found:
+        found = self._lookup(spiffe_id, claims)
+        memo = self._memo
+        if len(memo) >= self.MEMO_SIZE:
+            memo.clear()
+        memo[spiffe_id] = (values, found)
+        return found
+
+    def _lookup(self, spiffe_id: str, claims: Mapping[str, Any]) -> _Found:
         buckets = [self._by_spiffe.get(spiffe_id), self._unindexed]
         by_claim = self._by_claim
         for claim_key in self._index_keys:
             value = claims.get(claim_key)
             if isinstance(value, str):
                 buckets.append(by_claim.get((claim_key, value)))
+        # In order of discovery (a binding already found stays where it was found).
         matched: dict[_Binding, None] = {}
         for bucket in buckets:
             if bucket:
-                for binding, subject in bucket:
-                    if binding not in matched and subject.matches(spiffe_id, claims):
+                for binding, key, value, check in bucket:
+                    if key is not None:
+                        if claims.get(key) == value:
+                            matched[binding] = None
+                    elif check is None or check(claims):
                         matched[binding] = None
-        denies = [b for b in matched if b.deny]
-        allows = [b for b in matched if not b.deny]
-        found = (tuple(denies), tuple(allows))
-        if memo_key is not None:
-            if len(self._memo) >= self.MEMO_SIZE:
-                self._memo.clear()
-            self._memo[memo_key] = found
-        return found
+        denies = tuple(filter(_is_deny, matched))
+        allows = tuple(filterfalse(_is_deny, matched))
+        return denies, allows, sum(map(_bit, denies)), sum(map(_bit, allows))
 
     def resolve(self, request: Request) -> Request:
         """The request as this cluster reads it (module docstring): the cluster domain
@@ -335,29 +534,70 @@ class Engine:
         return self._resolve_service(request)
 
     def _resolve_service(self, request: ServiceRequest) -> ServiceRequest:
-        host = request.host
+        return self._read_service(request)[0]
+
+    def _read_service(self, request: ServiceRequest) -> tuple[ServiceRequest, bool]:
+        """(the request as this cluster reads it, whether its host is an ambiguous short
+        host to decide under every reading)."""
+        host, namespace = request.host, request.namespace
+        read = self._hosts.get((host, namespace)) or self._read_host(host, namespace)
+        if read[3]:
+            return request, read[2]
+        return ServiceRequest(read[0], request.path, request.method, read[1]), read[2]
+
+    def _read_host(self, host: str, namespace: str) -> _Read:
+        """How a (host, namespace) reads: a pure function of the two and of the bundle,
+        remembered (bounded) like the identities."""
+        key = (host, namespace)
         if host.endswith(self._domain_suffix):
             host = strip_cluster_domain(host, self._domain_suffix)
-        host, namespace = service_host(host, request.namespace)
-        if host == request.host and namespace == request.namespace:
-            return request
-        return ServiceRequest(host, request.path, request.method, namespace)
+        host, namespace = service_host(host, namespace)
+        ambiguous = not namespace and is_short(host)
+        unchanged = (host, namespace) == key
+        read = (host, namespace, ambiguous, unchanged, self._candidates.host(host))
+        if len(self._hosts) >= self.MEMO_SIZE:
+            self._hosts.clear()
+        self._hosts[key] = read
+        return read
 
     def decide(self, spiffe_id: str, claims: Mapping[str, Any], request: Request) -> Decision:
-        denies, allows = self.applicable(spiffe_id, claims)
-        if type(request) is ServiceRequest:
-            request = self._resolve_service(request)
-            if not request.namespace and is_short(request.host):
-                return self._decide_readings(denies, allows, request)
-        return self._decide_one(denies, allows, request, family_of(request))
+        # _applicable, inlined for an identity already seen
+        values = tuple(map(claims.get, self._claim_keys, self._absent))
+        remembered = self._memo.get(spiffe_id)
+        if remembered is not None and remembered[0] == values:
+            found = remembered[1]
+        else:
+            found = self._remember(spiffe_id, claims, values)
+        kind = type(request)
+        candidates = self._candidates
+        if kind is ServiceRequest:
+            # _read_service and CandidateIndex.service, inlined
+            host, namespace = request.host, request.namespace  # type: ignore[union-attr]
+            read = self._hosts.get((host, namespace)) or self._read_host(host, namespace)
+            if not read[3]:
+                request = ServiceRequest(read[0], request.path, request.method, read[1])  # type: ignore[union-attr]
+            if read[2]:
+                return self._decide_readings(found[0], found[1], request)  # type: ignore[arg-type]
+            methods = candidates.methods.get(request.method, candidates.any_method)  # type: ignore[union-attr]
+            return self._decide_one(found, request, "service", methods & read[4])
+        if kind is KubernetesRequest:
+            return self._decide_one(
+                found,
+                request,
+                "resource",
+                candidates.resource(request),  # type: ignore[arg-type]
+            )
+        family = family_of(request)
+        return self._decide_one(found, request, family, candidates.of(request, family))
 
     def decide_reading(
         self, spiffe_id: str, claims: Mapping[str, Any], request: Request
     ) -> Decision:
         """The decision on ``request`` exactly as given, one reading, nothing resolved
         (the effective diff probes rules with it: ``policy/diff.py``)."""
-        denies, allows = self.applicable(spiffe_id, claims)
-        return self._decide_one(denies, allows, request, family_of(request))
+        found = self._applicable(spiffe_id, claims)
+        family = family_of(request)
+        return self._decide_one(found, request, family, self._candidates.of(request, family))
 
     @staticmethod
     def _match(
@@ -371,25 +611,69 @@ class Engine:
         return False, [b for b in allows if b.covers(request, family)]
 
     def _decide_one(
-        self,
-        denies: tuple[_Binding, ...],
-        allows: tuple[_Binding, ...],
-        request: Request,
-        family: str,
+        self, found: _Found, request: Request, family: str, candidates: int
     ) -> Decision:
-        denied, matched = self._match(denies, allows, request, family)
-        if denied:
-            first = matched[0]
-            return self._decision(
-                False, True, f"denied by RoleBinding {first.name} (role {first.role})", matched
-            )
-        if matched:
-            first = matched[0]
-            return self._decision(
-                True, False, f"allowed by RoleBinding {first.name} (role {first.role})", matched
-            )
-        reason = DEFAULT_DENY + self._explain(allows, request, family)
-        return self._decision(False, False, reason, [])
+        """``_match``, over only the identity's bindings that may cover the request
+        (``candidates`` from the CandidateIndex, ANDed with the identity's bits)."""
+        denies, allows, deny_bits, allow_bits = found
+        hits = candidates & deny_bits
+        if hits:
+            matched = self._covering(hits, denies, request, family)
+            if matched is not None:
+                return self._decided(False, True, matched)
+        hits = candidates & allow_bits
+        if hits:
+            matched = self._covering(hits, allows, request, family)
+            if matched is not None:
+                return self._decided(True, False, matched)
+        decision = Decision(
+            False, False, DEFAULT_DENY, (), (), self.revision, f"{self._id_prefix}{next(self._ids)}"
+        )
+        decision._explain = partial(self._explain, allows, request, family, hits)
+        return decision
+
+    def _covering(
+        self, hits: int, ordered: tuple[_Binding, ...], request: Request, family: str
+    ) -> list[_Binding] | None:
+        """The bindings among ``hits`` (bits) that cover the request, in the order of
+        ``ordered`` (the identity's), or None."""
+        bindings = self.bindings
+        namespace = request.namespace
+        matched: list[_Binding] | None = None
+        while hits:
+            at = hits.bit_length() - 1
+            hits ^= 1 << at
+            binding = bindings[at]
+            namespaces = binding.namespaces
+            if namespaces is not None and namespace not in namespaces:
+                continue
+            for rule in binding.rules[family]:
+                if rule.matches(request):  # type: ignore[arg-type]
+                    if matched is None:
+                        matched = [binding]
+                    else:
+                        matched.append(binding)
+                    break
+        if matched is not None and len(matched) > 1:
+            matched.sort(key=ordered.index)
+        return matched
+
+    def _decided(self, allowed: bool, denied: bool, matched: list[_Binding]) -> Decision:
+        first = matched[0]
+        if len(matched) == 1:
+            names, roles = first.alone
+        else:
+            names = tuple(b.name for b in matched)
+            roles = tuple(dict.fromkeys(b.role for b in matched))
+        return Decision(
+            allowed,
+            denied,
+            first.decides,
+            names,
+            roles,
+            self.revision,
+            f"{self._id_prefix}{next(self._ids)}",
+        )
 
     def _decide_readings(
         self, denies: tuple[_Binding, ...], allows: tuple[_Binding, ...], request: ServiceRequest
@@ -400,7 +684,8 @@ class Engine:
             request.host, self._by_service, self._wildcard_namespaces, self._any_service
         )
         if len(read) == 1:
-            return self._decide_one(denies, allows, request, "service")
+            found = (denies, allows, sum(b.bit for b in denies), sum(b.bit for b in allows))
+            return self._decide_one(found, request, "service", self._candidates.service(request))
         if len(read) > MAX_READINGS:  # bounded work per question: fail closed
             reason = (
                 f"{DEFAULT_DENY}: host {request.host} has {len(read)} readings, more than "
@@ -433,21 +718,34 @@ class Engine:
         return self._decision(True, False, reason, every)
 
     @staticmethod
-    def _explain(allows: tuple[_Binding, ...], request: Request, family: str) -> str:
+    def _explain(
+        allows: tuple[_Binding, ...], request: Request, family: str, hits: int | None = None
+    ) -> str:
         """Why a default deny: the first allow binding of the nearest kind — only its
-        namespace failed, else its namespace held, else neither — and, in words, what
-        its closest rule missed. Bounded: at most EXPLAIN_BINDINGS bindings and
-        EXPLAIN_RULES rules each, and the sentence is written for one binding."""
+        namespace failed (rank 2), else its namespace held (rank 1), else neither (0)
+        — and, in words, what its closest rule missed. Bounded: at most
+        EXPLAIN_BINDINGS bindings and EXPLAIN_RULES rules each, and the sentence is
+        written for one binding. ``hits``: the bits of the allow bindings that may
+        cover the request (CandidateIndex); only they can be of rank 2. None: any."""
         if not allows:
             return "; no allow RoleBinding names this identity"
-        best, best_rank = allows[0], -1
-        for binding in allows[:EXPLAIN_BINDINGS]:
-            rank = binding.nearness(request, family)
-            if rank > best_rank:
-                best, best_rank = binding, rank
-                if rank == 2:  # none can come nearer
-                    break
-        return f"; nearest: {best.describe(request, family, best_rank)}"
+        namespace = request.namespace
+        considered = allows[:EXPLAIN_BINDINGS]
+        if hits != 0:  # the first binding of rank 2, in the identity's order
+            for binding in considered:
+                if hits is not None and not binding.bit & hits:
+                    continue
+                namespaces = binding.namespaces
+                if namespaces is None or namespace in namespaces:
+                    continue
+                for rule in binding.rules[family][:EXPLAIN_RULES]:
+                    if rule.matches(request):  # type: ignore[arg-type]
+                        return f"; nearest: {binding.describe(request, family, 2)}"
+        for binding in considered:
+            namespaces = binding.namespaces
+            if namespaces is None or namespace in namespaces:
+                return f"; nearest: {binding.describe(request, family, 1)}"
+        return f"; nearest: {allows[0].describe(request, family, 0)}"
 
     def _decision(
         self, allowed: bool, denied: bool, reason: str, matched: list[_Binding]
