@@ -204,6 +204,13 @@ def server(
         help="Keep verifying with a cluster's last fetched keys for at most this many seconds "
         "while its issuer is unreachable.",
     ),
+    sa_token_cache_size: int = typer.Option(
+        100_000,
+        "--sa-token-cache-size",
+        min=0,
+        help="Verified service-account tokens kept (by SHA-256) for the exchanges that present "
+        "them again, each until it expires; 0 verifies every one.",
+    ),
     audit_checkpoint_interval: float = typer.Option(
         0.5,
         "--audit-checkpoint-interval",
@@ -266,6 +273,7 @@ def server(
         key_rotation_interval=key_rotation_interval,
         max_sa_token_lifetime=max_sa_token_lifetime,
         cluster_keys_max_age=cluster_keys_max_age,
+        sa_token_cache_size=sa_token_cache_size,
         audit_checkpoint_interval=audit_checkpoint_interval,
         audit_refusals=FoldingLimits(
             audit_refusal_window, audit_refusal_quota, audit_refusal_per_source

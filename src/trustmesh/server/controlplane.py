@@ -42,7 +42,9 @@ from trustmesh.identity.keys import KeyManager
 from trustmesh.identity.kubernetes_sa import (
     DEFAULT_CLUSTER_KEYS_MAX_AGE,
     DEFAULT_MAX_SA_TOKEN_LIFETIME,
+    DEFAULT_SA_TOKEN_CACHE_SIZE,
     ClusterKeyCache,
+    VerifiedSaTokenCache,
 )
 from trustmesh.identity.sealing import MasterKey
 from trustmesh.oauth.rfc8693 import DEFAULT_TTL, TokenExchange
@@ -84,6 +86,7 @@ class ServerConfig:
     cluster_jwks_min_refresh: float = 1.0
     max_sa_token_lifetime: float = DEFAULT_MAX_SA_TOKEN_LIFETIME
     cluster_keys_max_age: float = DEFAULT_CLUSTER_KEYS_MAX_AGE
+    sa_token_cache_size: int = DEFAULT_SA_TOKEN_CACHE_SIZE
     master_key_file: Path | None = None
     audit_checkpoint_interval: float = 0.5
     audit_refusals: FoldingLimits = field(default_factory=FoldingLimits)
@@ -219,6 +222,7 @@ class ControlPlane:
             clock=self.clock,
             default_ttl=self.config.default_ttl,
             max_sa_token_lifetime=self.config.max_sa_token_lifetime,
+            sa_tokens=VerifiedSaTokenCache(self.config.sa_token_cache_size),
         )
         self.issuance = Issuance(exchange, self.recorder, self.tracing, self.metrics)
         self.recorder.start()
