@@ -537,6 +537,13 @@ class AuditLog:
         now = time.time()
         if not force and now - self._last_signed_at < self.checkpoint_interval:
             return
+        # About to sign: under the sequencer lock the stored checkpoints are final, and
+        # another replica may have signed one since this one last looked (signing the
+        # same size again would break the checkpoint table's key and the append with it).
+        self._load_last_checkpoint(conn)
+        last = self._last_checkpoint
+        if last is not None and last[0] >= size:
+            return
         if last is not None and self._tree.root(last[0]) != last[1]:
             raise LogInconsistent(
                 f"the stored log does not extend the checkpoint signed at size {last[0]}; "
