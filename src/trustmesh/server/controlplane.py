@@ -117,6 +117,7 @@ class ControlPlane:
         self.snapshots: Snapshots
         self.audit: AuditLog
         self.recorder: AuditRecorder
+        self.sa_tokens: VerifiedSaTokenCache
         self.metrics: ServerMetrics
         self.issuance: Issuance
         self.changes: Changes
@@ -172,7 +173,8 @@ class ControlPlane:
         )
         self.audit.open()
         self.recorder = AuditRecorder(self.audit, self.clock, config.audit_refusals)
-        self.metrics = ServerMetrics(self.audit, self.recorder)
+        self.sa_tokens = VerifiedSaTokenCache(config.sa_token_cache_size)
+        self.metrics = ServerMetrics(self.audit, self.recorder, self.sa_tokens)
         self.changes = Changes(
             self.db, self.registry_store, self.catalog, self.snapshots, self.recorder
         )
@@ -222,7 +224,7 @@ class ControlPlane:
             clock=self.clock,
             default_ttl=self.config.default_ttl,
             max_sa_token_lifetime=self.config.max_sa_token_lifetime,
-            sa_tokens=VerifiedSaTokenCache(self.config.sa_token_cache_size),
+            sa_tokens=self.sa_tokens,
         )
         self.issuance = Issuance(exchange, self.recorder, self.tracing, self.metrics)
         self.recorder.start()
