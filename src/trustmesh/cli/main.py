@@ -743,12 +743,15 @@ def bench_exchange(
     concurrency: int = typer.Option(
         16, "--concurrency", help="Concurrent connections of the load generator."
     ),
+    wrk: bool = typer.Option(
+        False, "--wrk", help="Load from wrk (a separate C process) instead of the asyncio client."
+    ),
     output: Output = OutputOption,
 ) -> None:
     """Token exchanges per second over HTTP, next to one verify + one sign in a loop."""
     from trustmesh.bench.exchange import run
 
-    result = run(seconds=seconds, concurrency=concurrency)
+    result = run(seconds=seconds, concurrency=concurrency, wrk=wrk)
     print_json(result) if output is Output.json else _print_bench(result)
 
 
