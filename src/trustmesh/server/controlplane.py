@@ -69,6 +69,7 @@ from trustmesh.storage import meta as meta_store
 
 log = logging.getLogger("trustmesh.server")
 
+WAL_CHECKPOINT_INTERVAL = 1.0  # seconds between SQLite WAL checkpoints
 SUSPENSION_GRACE = 2.0  # seconds a suspension's revocation reaches ahead (other replicas)
 
 
@@ -133,7 +134,7 @@ class ControlPlane:
         snapshots, audit log, services."""
         config, data_dir = self.config, self.config.data_dir
         private_directory(data_dir, "data dir")  # ours, writable by no one else, 0700
-        self.db = open_database(config.db, data_dir)
+        self.db = open_database(config.db, data_dir, background_wal_checkpoints=True)
         with self.db.engine.begin() as conn:
             stored = meta_store.insert_if_absent(conn, "trust_domain", self.trust_domain)
         if stored != self.trust_domain:
@@ -233,6 +234,8 @@ class ControlPlane:
             asyncio.create_task(self._maintenance_loop(), name="maintenance"),
             asyncio.create_task(self._checkpoint_loop(), name="audit-checkpoints"),
         ]
+        if self.db.dialect == "sqlite":
+            self._tasks.append(asyncio.create_task(self._wal_loop(), name="sqlite-wal"))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -270,6 +273,16 @@ class ControlPlane:
                 await asyncio.to_thread(self.audit.checkpoint_now)
             except Exception:
                 log.exception("sequencing staged audit events or signing a checkpoint failed")
+
+    async def _wal_loop(self) -> None:
+        """SQLite: checkpoint the WAL every second on a thread of its own, off the
+        commits of the exchanges (``storage/db.py``); a commit is also durable from then."""
+        while True:
+            await asyncio.sleep(WAL_CHECKPOINT_INTERVAL)
+            try:
+                await asyncio.to_thread(self.db.checkpoint_wal)
+            except Exception:
+                log.exception("checkpointing the SQLite WAL failed")
 
     async def _maintenance_loop(self) -> None:
         while True:
