@@ -251,6 +251,14 @@ def server(
         help="Long polls and revocation streams one credential may hold at once on this "
         "replica; beyond: 429 with Retry-After.",
     ),
+    workers: int = typer.Option(
+        1,
+        "--workers",
+        min=1,
+        max=64,
+        help="Control-plane processes serving the port (SO_REUSEPORT), each a replica over "
+        "the one database; one sequences the audit log at a time.",
+    ),
     max_header_bytes: int = MaxHeaderBytesOption,
     max_headers: int = MaxHeadersOption,
     header_timeout: float = HeaderTimeoutOption,
@@ -289,7 +297,12 @@ def server(
         keep_alive_timeout,
         max_connections,
     )
-    run_server(config, listen, limits)
+    if workers > 1:
+        from trustmesh.server.workers import run_workers
+
+        run_workers(config, listen, limits, workers)
+    else:
+        run_server(config, listen, limits)
 
 
 @app.command()
@@ -746,12 +759,15 @@ def bench_exchange(
     wrk: bool = typer.Option(
         False, "--wrk", help="Load from wrk (a separate C process) instead of the asyncio client."
     ),
+    server_workers: int = typer.Option(
+        1, "--server-workers", min=1, max=64, help="trustmesh server --workers for the run."
+    ),
     output: Output = OutputOption,
 ) -> None:
     """Token exchanges per second over HTTP, next to one verify + one sign in a loop."""
     from trustmesh.bench.exchange import run
 
-    result = run(seconds=seconds, concurrency=concurrency, wrk=wrk)
+    result = run(seconds=seconds, concurrency=concurrency, wrk=wrk, server_workers=server_workers)
     print_json(result) if output is Output.json else _print_bench(result)
 
 

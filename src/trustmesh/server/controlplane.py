@@ -69,6 +69,7 @@ from trustmesh.storage import meta as meta_store
 
 log = logging.getLogger("trustmesh.server")
 
+SEQUENCER_LOCK_FILE = "audit-sequencer.lock"  # SQLite: where processes queue to sequence
 WAL_CHECKPOINT_INTERVAL = 1.0  # seconds between SQLite WAL checkpoints
 SUSPENSION_GRACE = 2.0  # seconds a suspension's revocation reaches ahead (other replicas)
 
@@ -170,7 +171,12 @@ class ControlPlane:
             long_polls_per_credential=config.long_polls_per_credential,
         )
         self.audit = AuditLog(
-            self.db, master_key, self.trust_domain, self.replica, config.audit_checkpoint_interval
+            self.db,
+            master_key,
+            self.trust_domain,
+            self.replica,
+            config.audit_checkpoint_interval,
+            lock_file=data_dir / SEQUENCER_LOCK_FILE if self.db.dialect == "sqlite" else None,
         )
         self.audit.open()
         self.recorder = AuditRecorder(self.audit, self.clock, config.audit_refusals)
