@@ -127,5 +127,24 @@ def test_sigterm_stops_every_worker(workers_server: Server) -> None:
     pids = worker_pids(workers_server)
     assert len(pids) == 2
     assert workers_server.stop() == 0, workers_server.process.stderr()
-    for pid in pids:
-        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+    assert not any(running(pid) for pid in pids)
+
+
+def test_workers_stop_when_their_supervisor_is_killed(workers_server: Server) -> None:
+    pids = worker_pids(workers_server)
+    assert len(pids) == 2
+    workers_server.process.proc.kill()
+    workers_server.process.proc.wait()
+    deadline = time.monotonic() + 30
+    while any(running(pid) for pid in pids):
+        assert time.monotonic() < deadline, "workers outlived their supervisor"
+        time.sleep(0.1)
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie waiting for whoever adopted it to reap it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"

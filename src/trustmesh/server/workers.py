@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 import socket
 import sys
+import threading
 import time
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
@@ -68,6 +70,7 @@ def _worker_main(
     from trustmesh.server.app import build_app
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _stop_with_supervisor(os.getppid())
     sock = reuseport_socket(host, port)
     sock.listen(1024)
     plane = ControlPlane(config, issuer)
@@ -79,6 +82,18 @@ def _worker_main(
         plane.snapshots.begin_stopping,
         limits,
     )
+
+
+def _stop_with_supervisor(supervisor: int) -> None:
+    """A worker whose supervisor is gone (killed: it could not stop its workers) stops
+    itself, as on SIGTERM, rather than serve on unsupervised."""
+
+    def watch() -> None:
+        while os.getppid() == supervisor:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
 
 
 class Supervisor:
