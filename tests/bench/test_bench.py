@@ -60,6 +60,16 @@ def _children() -> set[int]:
         return set()
 
 
+def test_the_wrk_script_posts_every_body_and_reports_one_line() -> None:
+    bodies = [b"grant_type=a&subject_token=t1", b'x="quoted"\\']
+    script = exchange.wrk_script(bodies)
+    assert script.count("wrk.format(") == 1 and "function done(" in script
+    table = script.split("local bodies = ", 1)[1].split("\n", 1)[0]
+    assert json.loads("[" + table[1:-1] + "]") == [b.decode() for b in bodies]
+    line = "trustmesh-wrk 1200 2000000 0 0 800 2500 900"
+    assert exchange._WRK_RESULT.search(line) is not None
+
+
 def test_exchange_bench_small() -> None:
     before = _children()
     result = exchange.run(seconds=1.5, concurrency=4, pool_size=100, warmup=20, limit_rounds=2)
@@ -74,6 +84,14 @@ def test_exchange_bench_small() -> None:
     assert result["ratio"] == pytest.approx(
         result["exchanges_per_s"] / result["limit_per_s"], rel=0.01
     )
+    # every 200 answer (warm-up, window, drain and the sanity exchange) is one
+    # token.issued event committed to the server's database, and nothing more
+    audit = result["audit"]
+    assert audit["verified"] and result["goals"]["audit_verified"]
+    assert audit["token_issued_in_log"] == audit["server_issued"] == audit["answered_200"]
+    assert audit["answered_200"] >= result["requests"] + result["warmup_requests"]
+    assert result["server_cpu_percent"] > 0 and result["load_generator_cpu_percent"] > 0
+    assert any("issue 11" in line for line in result["summary"])
     http, limit = result["results"][0], result["results"][1]
     assert http["per_s"] > 0 and limit["per_s"] > 0
     # the server and the simulated cluster were stopped and reaped

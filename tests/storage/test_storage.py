@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import insert, inspect
 
+from helpers import new_postgres_database
 from trustmesh.common.errors import DatabaseUrlError
 from trustmesh.storage import meta as meta_store
 from trustmesh.storage import open_database
@@ -154,5 +155,35 @@ def test_migration_6_upgrades_a_version_5_database(db_url: str | None, tmp_path:
         assert principal is not None
         assert (principal.cluster, principal.agent) == ("east", "0123456789abcdef")
         assert migrate(db.engine) == LATEST  # and again: nothing to do
+    finally:
+        db.dispose()
+
+
+def test_sqlite_wal_checkpoints_are_left_to_their_owner_when_asked(tmp_path: Path) -> None:
+    """The control plane opens SQLite with background WAL checkpoints: no commit copies
+    the WAL into the database file; ``checkpoint_wal`` does, without the writer."""
+    for background, autocheckpoint in ((False, 16384), (True, 0)):
+        data_dir = tmp_path / f"background-{background}"
+        data_dir.mkdir(mode=0o700)
+        db = open_database(None, data_dir, background_wal_checkpoints=background)
+        try:
+            with db.engine.begin() as conn:
+                assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == autocheckpoint
+                for i in range(200):
+                    meta_store.insert_if_absent(conn, f"test-{i}", "x" * 2000)
+            busy, frames, copied = db.checkpoint_wal() or (None, None, None)
+            assert busy == 0 and frames is not None and frames > 0 and copied == frames
+            with db.engine.connect() as conn:
+                assert conn.exec_driver_sql("SELECT COUNT(*) FROM meta").scalar() >= 200
+        finally:
+            db.dispose()
+
+
+def test_postgresql_has_no_wal_to_checkpoint(postgres_base_url: str, tmp_path: Path) -> None:
+    db = open_database(
+        new_postgres_database(postgres_base_url), tmp_path, background_wal_checkpoints=True
+    )
+    try:
+        assert db.checkpoint_wal() is None
     finally:
         db.dispose()

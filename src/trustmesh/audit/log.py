@@ -25,18 +25,22 @@ skips ahead records a gap (``audit_gaps``) and an ``audit.gap_detected`` event.
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import json
 import logging
+import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
-from sqlalchemy import Connection, and_, delete, insert, select, text
+from sqlalchemy import Connection, and_, delete, insert, select
 
 from trustmesh.audit import events as ev
 from trustmesh.audit.checkpoint import Checkpoint, sign_checkpoint
@@ -159,10 +163,23 @@ def agent_records(body: bytes, cluster: str | None, agent: str | None) -> list[R
 def _take_sequencer_lock(conn: Connection) -> None:
     """The one-writer lock, held until the transaction ends: PostgreSQL's advisory lock
     across replicas; on SQLite the database write lock, taken before the size is read."""
+    cursor = _cursor(conn)
     if conn.dialect.name == "postgresql":
-        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": SEQUENCER_LOCK_ID})
+        cursor.execute(f"SELECT pg_advisory_xact_lock({SEQUENCER_LOCK_ID})")
     else:
-        conn.execute(text("UPDATE meta SET value = value WHERE name = 'audit_origin'"))
+        cursor.execute("UPDATE meta SET value = value WHERE name = 'audit_origin'")
+
+
+def _cursor(conn: Connection) -> Any:
+    """A cursor of the driver's connection inside ``conn``'s transaction: the statements
+    the sequencer runs for every batch go to the driver directly, without SQLAlchemy's
+    per-statement compile and result machinery (several times the statement's cost for
+    the small batches of concurrent exchanges)."""
+    return conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+
+
+_CATCH_UP = "SELECT idx, leaf_hash FROM audit_entries WHERE idx >= ? ORDER BY idx LIMIT 50000"
+_CATCH_UP_FORMAT = _CATCH_UP.replace("?", "%s")  # psycopg's placeholder
 
 
 def _row(index: int, record: Record, now: float) -> dict[str, Any]:
@@ -185,8 +202,16 @@ class AuditLog:
         trust_domain: str,
         replica: str,
         checkpoint_interval: float = 0.5,
+        lock_file: Path | None = None,
     ) -> None:
+        """``lock_file``: where processes sharing one SQLite database queue for the
+        sequencer (``server/workers.py``); PostgreSQL needs none (its advisory lock)."""
         self.db = db
+        self._lock_fd = (
+            None
+            if lock_file is None
+            else os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        )
         self._master_key = master_key
         self.trust_domain = trust_domain
         self.replica = replica
@@ -200,6 +225,22 @@ class AuditLog:
         self.inconsistent: str | None = None
         self._compiled_insert: dict[str, Any] = {}
         self._key: Ed25519PrivateKey
+
+    @contextlib.contextmanager
+    def _sequencer(self) -> Iterator[None]:
+        """This process's one sequencer, then (SQLite with a lock file) the turn among
+        processes: a blocking ``flock``, so a process waits in the kernel and wakes the
+        moment the lock is free, instead of SQLite's busy handler sleeping 1-100 ms
+        between retries. The database's own lock, taken inside, stays the authority."""
+        with self._lock:
+            if self._lock_fd is None:
+                yield
+                return
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     # -- set-up ---------------------------------------------------------------------------
     def open(self) -> None:
@@ -225,13 +266,11 @@ class AuditLog:
     def _catch_up(self, conn: Connection) -> int:
         """Append to the in-memory tree whatever the database holds beyond it."""
         size = self._tree.size
+        cursor = _cursor(conn)
+        query = _CATCH_UP if conn.dialect.paramstyle == "qmark" else _CATCH_UP_FORMAT
         while True:
-            rows = conn.execute(
-                select(audit_entries.c.idx, audit_entries.c.leaf_hash)
-                .where(audit_entries.c.idx >= size)
-                .order_by(audit_entries.c.idx)
-                .limit(50_000)
-            ).all()
+            cursor.execute(query, (size,))
+            rows = cursor.fetchall()
             if not rows:
                 return size
             for index, hash_ in rows:
@@ -264,7 +303,7 @@ class AuditLog:
         """Sequence ``records`` in one transaction (all or nothing); see the module doc.
         ``staged`` names outbox rows (event ids) that this transaction moves into the
         log: they are deleted from the outbox in the same transaction."""
-        with self._lock:
+        with self._sequencer():
             start = self._tree.size
             try:
                 with self.db.engine.begin() as conn:
@@ -360,11 +399,9 @@ class AuditLog:
                 dialect=conn.dialect, column_keys=list(rows[0])
             )
             self._compiled_insert[conn.dialect.name] = compiled
-        if compiled.positional:
-            order = compiled.positiontup or []
-            conn.exec_driver_sql(compiled.string, [tuple(r[k] for k in order) for r in rows])
-        else:
-            conn.exec_driver_sql(compiled.string, rows)
+        order = compiled.positiontup or [] if compiled.positional else None
+        params: list[Any] = rows if order is None else [tuple(r[k] for k in order) for r in rows]
+        _cursor(conn).executemany(compiled.string, params)
 
     def _dedupe(
         self, conn: Connection, source: str, items: list[Record], now: float
@@ -499,7 +536,7 @@ class AuditLog:
     def checkpoint_now(self) -> str | None:
         """Sign a checkpoint if the log grew since the last one (the periodic task and
         shutdown call this); returns the newest signed note."""
-        with self._lock, self.db.engine.begin() as conn:
+        with self._sequencer(), self.db.engine.begin() as conn:
             _take_sequencer_lock(conn)
             self._catch_up(conn)
             self._checkpoint_or_alarm(conn, force=True)
@@ -527,6 +564,13 @@ class AuditLog:
             return
         now = time.time()
         if not force and now - self._last_signed_at < self.checkpoint_interval:
+            return
+        # About to sign: under the sequencer lock the stored checkpoints are final, and
+        # another replica may have signed one since this one last looked (signing the
+        # same size again would break the checkpoint table's key and the append with it).
+        self._load_last_checkpoint(conn)
+        last = self._last_checkpoint
+        if last is not None and last[0] >= size:
             return
         if last is not None and self._tree.root(last[0]) != last[1]:
             raise LogInconsistent(

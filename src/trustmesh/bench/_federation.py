@@ -223,20 +223,27 @@ class Federation:
 
 
 @contextlib.contextmanager
-def federation(origin: str) -> Iterator[Federation]:
+def federation(origin: str, server_args: Sequence[str] = ()) -> Iterator[Federation]:
     """A control plane and the simulated cluster ``origin``, both ready; every child
-    process (agents too) stopped and reaped on exit."""
+    process (agents too) stopped and reaped on exit. ``server_args``: more flags for
+    ``trustmesh server`` (e.g. ``--workers 2``)."""
     with tempfile.TemporaryDirectory(prefix="trustmesh-bench-") as tmp:
         root = Path(tmp)
         children: list[Child] = []
         try:
             with httpx.Client(timeout=60, trust_env=False) as http:
-                yield _start(root, origin, http, children)
+                yield _start(root, origin, http, children, server_args)
         finally:
             stop_all(children)
 
 
-def _start(root: Path, origin: str, http: httpx.Client, children: list[Child]) -> Federation:
+def _start(
+    root: Path,
+    origin: str,
+    http: httpx.Client,
+    children: list[Child],
+    server_args: Sequence[str] = (),
+) -> Federation:
     logs = root / "logs"
     sim = start("cluster", [sys.executable, "-m", "trustmesh.sim.cli", "cluster",
                             "--name", origin, "--listen", "127.0.0.1:0",
@@ -244,7 +251,7 @@ def _start(root: Path, origin: str, http: httpx.Client, children: list[Child]) -
     children.append(sim)
     server = start("server", [sys.executable, "-m", "trustmesh.cli.main", "server",
                               "--data-dir", str(root / "server"), "--listen", "127.0.0.1:0",
-                              "--trust-domain", TRUST_DOMAIN], logs)  # fmt: skip
+                              "--trust-domain", TRUST_DOMAIN, *server_args], logs)  # fmt: skip
     children.append(server)
     sim.wait_ready(f"simulated cluster {origin} issuer ")
     url = server.wait_ready("trustmesh server listening on ").split()[4]

@@ -39,6 +39,7 @@ class LoadResult:
     client_cpu_s: float
     server_cpu_s: float | None
     first_error: str | None
+    answered_200: int = 0  # 200 answers read in every phase: warm-up, window, drain
 
     @property
     def requests(self) -> int:
@@ -59,6 +60,7 @@ class _State:
     non_200: int = 0
     connection_errors: int = 0
     first_error: str | None = None
+    answered_200: int = 0
 
 
 class Malformed(Exception):
@@ -114,6 +116,8 @@ async def _worker(host: str, port: int, next_request: Callable[[], bytes], state
                 reader, writer = await asyncio.open_connection(host, port, limit=_MAX_HEADER)
                 continue
             elapsed = clock() - started
+            if status == 200:
+                state.answered_200 += 1
             if state.measuring:
                 latencies.append(elapsed)
                 statuses[status] = statuses.get(status, 0) + 1
@@ -183,6 +187,7 @@ async def _drive(
         client_cpu_s=cpu_after - cpu_before,
         server_cpu_s=server_cpu_s,
         first_error=state.first_error,
+        answered_200=state.answered_200,
     )
 
 

@@ -204,6 +204,13 @@ def server(
         help="Keep verifying with a cluster's last fetched keys for at most this many seconds "
         "while its issuer is unreachable.",
     ),
+    sa_token_cache_size: int = typer.Option(
+        100_000,
+        "--sa-token-cache-size",
+        min=0,
+        help="Verified service-account tokens kept (by SHA-256) for the exchanges that present "
+        "them again, each until it expires; 0 verifies every one.",
+    ),
     audit_checkpoint_interval: float = typer.Option(
         0.5,
         "--audit-checkpoint-interval",
@@ -244,6 +251,14 @@ def server(
         help="Long polls and revocation streams one credential may hold at once on this "
         "replica; beyond: 429 with Retry-After.",
     ),
+    workers: int = typer.Option(
+        1,
+        "--workers",
+        min=1,
+        max=64,
+        help="Control-plane processes serving the port (SO_REUSEPORT), each a replica over "
+        "the one database; one sequences the audit log at a time.",
+    ),
     max_header_bytes: int = MaxHeaderBytesOption,
     max_headers: int = MaxHeadersOption,
     header_timeout: float = HeaderTimeoutOption,
@@ -266,6 +281,7 @@ def server(
         key_rotation_interval=key_rotation_interval,
         max_sa_token_lifetime=max_sa_token_lifetime,
         cluster_keys_max_age=cluster_keys_max_age,
+        sa_token_cache_size=sa_token_cache_size,
         audit_checkpoint_interval=audit_checkpoint_interval,
         audit_refusals=FoldingLimits(
             audit_refusal_window, audit_refusal_quota, audit_refusal_per_source
@@ -281,7 +297,12 @@ def server(
         keep_alive_timeout,
         max_connections,
     )
-    run_server(config, listen, limits)
+    if workers > 1:
+        from trustmesh.server.workers import run_workers
+
+        run_workers(config, listen, limits, workers)
+    else:
+        run_server(config, listen, limits)
 
 
 @app.command()
@@ -744,12 +765,18 @@ def bench_exchange(
     concurrency: int = typer.Option(
         16, "--concurrency", help="Concurrent connections of the load generator."
     ),
+    wrk: bool = typer.Option(
+        False, "--wrk", help="Load from wrk (a separate C process) instead of the asyncio client."
+    ),
+    server_workers: int = typer.Option(
+        1, "--server-workers", min=1, max=64, help="trustmesh server --workers for the run."
+    ),
     output: Output = OutputOption,
 ) -> None:
     """Token exchanges per second over HTTP, next to one verify + one sign in a loop."""
     from trustmesh.bench.exchange import run
 
-    result = run(seconds=seconds, concurrency=concurrency)
+    result = run(seconds=seconds, concurrency=concurrency, wrk=wrk, server_workers=server_workers)
     print_json(result) if output is Output.json else _print_bench(result)
 
 

@@ -30,6 +30,7 @@ from trustmesh.common.addresses import check_fetch_url
 from trustmesh.common.clock import Clock, system_clock
 from trustmesh.common.errors import ClusterKeysUnavailable, InvalidToken
 from trustmesh.identity.jws import (
+    VerificationKey,
     check_registered_claims,
     decode_json_segment,
     split_compact,
@@ -45,6 +46,7 @@ SA_TOKEN_ALGS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", 
 MAX_SA_TOKEN_BYTES = 16384
 DEFAULT_MAX_SA_TOKEN_LIFETIME = 86400.0  # seconds between iat and exp (--max-sa-token-lifetime)
 DEFAULT_CLUSTER_KEYS_MAX_AGE = 86400.0  # seconds fetched keys serve an unreachable cluster
+DEFAULT_SA_TOKEN_CACHE_SIZE = 100_000  # verified SA tokens kept (--sa-token-cache-size)
 MAX_JWKS_BYTES = 256 * 1024
 _MAX_AGE = re.compile(r"max-age=([0-9]{1,9})(?![0-9])")
 
@@ -158,6 +160,60 @@ def verify_service_account_token(
         kid=key.kid,
         expires_at=float(claims["exp"]),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedSaToken:
+    """What verifying one SA token established, and against what: the cluster it was
+    verified for (name, issuer and audience as registered then) and the key object that
+    verified it."""
+
+    cluster: str
+    issuer: str
+    audience: str
+    key: VerificationKey
+    token: ServiceAccountToken
+
+
+class VerifiedSaTokenCache:
+    """Projected SA tokens are presented again and again until they expire (the kubelet
+    refreshes them at 80 % of their life), so the signature and claim checks of one are
+    kept, keyed by the token's SHA-256 (never the token), bounded (oldest evicted).
+
+    An entry answers only while everything it was verified against still holds: the
+    token has not expired (``exp`` + leeway on the caller's clock), the token's issuer
+    still names the same cluster with the same issuer and audience, and the cluster's
+    key set in force still holds the very key object that verified it (a refetched or
+    changed key set, or a removed key, verifies again). Whatever is decided per
+    exchange — the Workload match, suspension, revocation — is not cached."""
+
+    def __init__(self, max_entries: int = DEFAULT_SA_TOKEN_CACHE_SIZE) -> None:
+        self.max_entries = max_entries
+        self._entries: dict[bytes, VerifiedSaToken] = {}
+        self.hits = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, digest: bytes, now: float, leeway: float) -> VerifiedSaToken | None:
+        entry = self._entries.get(digest)
+        if entry is None:
+            return None
+        if now > entry.token.expires_at + leeway:
+            del self._entries[digest]
+            return None
+        return entry
+
+    def put(self, digest: bytes, entry: VerifiedSaToken) -> None:
+        if self.max_entries <= 0:
+            return
+        entries = self._entries
+        while len(entries) >= self.max_entries:
+            del entries[next(iter(entries))]  # dicts keep insertion order: the oldest
+        entries[digest] = entry
+
+    def discard(self, digest: bytes) -> None:
+        self._entries.pop(digest, None)
 
 
 def _mapping(value: Any) -> dict[str, Any]:

@@ -8,11 +8,15 @@ substitution all fail before any signature work."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import base64
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import jwt
+import orjson
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from trustmesh.common.clock import Clock
 from trustmesh.common.errors import InvalidToken, SpiffeIdError
@@ -61,10 +65,77 @@ class VerifiedIdentity:
         return str(self.claims["cluster"])
 
 
-def mint_svid(key: ActiveKey, claims: dict[str, Any]) -> str:
-    return jwt.encode(
-        claims, key.private_key, algorithm=key.alg, headers={"kid": key.kid, "typ": "JWT"}
+def _b64(data: bytes) -> bytes:
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+
+_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
+    "256": hashes.SHA256,
+    "384": hashes.SHA384,
+    "512": hashes.SHA512,
+}
+
+
+class _Signer:
+    """One signing key's JWS parts built once: the encoded protected header
+    (``{"alg","kid","typ":"JWT"}``, members sorted as PyJWT writes them) and the
+    signature function with its algorithm objects. RFC 7518 §3.4: an ES signature is
+    R || S, each the curve's coordinate size, not the DER ``cryptography`` returns."""
+
+    __slots__ = ("header", "private_key", "sign")
+
+    def __init__(self, key: ActiveKey) -> None:
+        header = {"alg": key.alg, "kid": key.kid, "typ": "JWT"}
+        self.header = _b64(orjson.dumps(header, option=orjson.OPT_SORT_KEYS))
+        self.private_key = key.private_key
+        self.sign = _signature_function(key)
+
+
+def _signature_function(key: ActiveKey) -> Callable[[bytes], bytes]:
+    alg = key.alg
+    hash_ = _HASHES[alg[2:]]()
+    if alg.startswith("ES"):
+        ec_key = key.private_key
+        if not isinstance(ec_key, ec.EllipticCurvePrivateKey):
+            raise ValueError(f"key {key.kid} is not an EC key for {alg}")
+        size = (ec_key.curve.key_size + 7) // 8
+        scheme = ec.ECDSA(hash_)
+
+        def sign_ec(data: bytes) -> bytes:
+            r, s = decode_dss_signature(ec_key.sign(data, scheme))
+            return r.to_bytes(size, "big") + s.to_bytes(size, "big")
+
+        return sign_ec
+    rsa_key = key.private_key
+    if not isinstance(rsa_key, rsa.RSAPrivateKey):
+        raise ValueError(f"key {key.kid} is not an RSA key for {alg}")
+    pad: padding.AsymmetricPadding = (
+        padding.PSS(mgf=padding.MGF1(hash_), salt_length=hash_.digest_size)
+        if alg.startswith("PS")
+        else padding.PKCS1v15()
     )
+
+    def sign_rsa(data: bytes) -> bytes:
+        return rsa_key.sign(data, pad, hash_)
+
+    return sign_rsa
+
+
+_signers: dict[str, _Signer] = {}
+
+
+def mint_svid(key: ActiveKey, claims: dict[str, Any]) -> str:
+    """Sign ``claims`` as a compact JWS (RFC 7515 §7.1) with ``key``: header ``alg``,
+    ``kid``, ``typ: JWT``; the claims as compact JSON in their order. Any JOSE library
+    (PyJWT, joserfc) verifies it; the header and algorithm objects are built once per
+    key, so a token costs its JSON, its base64 and its signature."""
+    signer = _signers.get(key.kid)
+    if signer is None or signer.private_key is not key.private_key:
+        if len(_signers) >= 16:  # keys rotate rarely; a handful are ever in use
+            _signers.clear()
+        signer = _signers[key.kid] = _Signer(key)
+    signing_input = signer.header + b"." + _b64(orjson.dumps(claims))
+    return (signing_input + b"." + _b64(signer.sign(signing_input))).decode("ascii")
 
 
 class KeyRing:

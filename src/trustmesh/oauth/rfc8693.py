@@ -17,11 +17,12 @@ cluster's keys cannot be fetched."""
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import unquote_plus
 
 from trustmesh.common.clock import Clock
 from trustmesh.common.errors import (
@@ -42,10 +43,13 @@ from trustmesh.identity.kubernetes_sa import (
     DEFAULT_MAX_SA_TOKEN_LIFETIME,
     ClusterKeyCache,
     ServiceAccountToken,
+    VerifiedSaToken,
+    VerifiedSaTokenCache,
     parse_unverified,
     verify_service_account_token,
 )
-from trustmesh.identity.svid import mint_svid
+from trustmesh.identity.svid import KeyRing, mint_svid
+from trustmesh.manifests import ClusterSpec
 from trustmesh.registry import Registry
 from trustmesh.revocation.suspension import SuspensionSet
 from trustmesh.spiffeid import cluster_audience
@@ -80,18 +84,55 @@ class Exchanged:
     sa_token: ServiceAccountToken
     jti: str
     kid: str
+    subject_token_sha256: str  # hex, as audit events hold it
 
 
 def parse_form(body: bytes) -> dict[str, list[str]]:
-    """Parse an ``application/x-www-form-urlencoded`` body strictly."""
+    """Parse an ``application/x-www-form-urlencoded`` body strictly: exactly what
+    ``urllib.parse.parse_qs(text, keep_blank_values=True, strict_parsing=True,
+    max_num_fields=MAX_FORM_FIELDS)`` returns or refuses (a field without ``=``, an
+    empty field, more than ``MAX_FORM_FIELDS`` fields), without its per-field calls
+    for the fields that need no decoding (a token is base64url: nothing to unquote)."""
     try:
         text = body.decode("utf-8")
-        form = parse_qs(
-            text, keep_blank_values=True, strict_parsing=bool(text), max_num_fields=MAX_FORM_FIELDS
-        )
-    except (UnicodeDecodeError, ValueError):
-        raise InvalidRequest("request body is not a valid form-encoded parameter list") from None
+    except UnicodeDecodeError:
+        raise InvalidRequest(_NOT_A_FORM) from None
+    if not text:
+        return {}
+    if text.count("&") >= MAX_FORM_FIELDS:
+        raise InvalidRequest(_NOT_A_FORM)
+    form: dict[str, list[str]] = {}
+    for field in text.split("&"):
+        name, equals, value = field.partition("=")
+        if not equals:
+            raise InvalidRequest(_NOT_A_FORM)
+        if "%" in name or "+" in name:
+            name = _unquoted(name)
+        if "%" in value or "+" in value:
+            value = _unquoted(value)
+        values = form.get(name)
+        if values is None:
+            form[name] = [value]
+        else:
+            values.append(value)
     return form
+
+
+_NOT_A_FORM = "request body is not a valid form-encoded parameter list"
+_decoded: dict[str, str] = {}
+
+
+def _unquoted(text: str) -> str:
+    """``unquote_plus``, remembered for the short values every request repeats (the
+    grant and token type URNs, audiences): bounded in count and length."""
+    value = _decoded.get(text)
+    if value is None:
+        value = unquote_plus(text)
+        if len(text) <= 256:
+            if len(_decoded) >= 1024:
+                _decoded.clear()
+            _decoded[text] = value
+    return value
 
 
 def _single(form: Mapping[str, list[str]], name: str, required: bool = True) -> str | None:
@@ -122,10 +163,12 @@ class TokenExchange:
         clock: Clock,
         default_ttl: int = DEFAULT_TTL,
         max_sa_token_lifetime: float = DEFAULT_MAX_SA_TOKEN_LIFETIME,
+        sa_tokens: VerifiedSaTokenCache | None = None,
     ) -> None:
         """``registry``, ``keyset`` and ``suspensions`` return the snapshots in force;
         ``revoked_until`` the latest second up to which a (subject, cluster) is revoked,
-        so a token issued right after a revocation does not fall under it."""
+        so a token issued right after a revocation does not fall under it.
+        ``sa_tokens``: verified SA tokens kept between exchanges (none by default)."""
         self.issuer = issuer
         self.trust_domain = trust_domain
         self.cluster_keys = cluster_keys
@@ -136,6 +179,7 @@ class TokenExchange:
         self.revoked_until = revoked_until
         self.max_sa_token_lifetime = max_sa_token_lifetime
         self.suspensions = suspensions
+        self.sa_tokens = sa_tokens if sa_tokens is not None else VerifiedSaTokenCache(0)
         self._cluster_prefix = cluster_audience(trust_domain, "")
 
     def _check_request(self, form: Mapping[str, list[str]]) -> tuple[str, list[str], int | None]:
@@ -193,11 +237,27 @@ class TokenExchange:
                 unique.append(audience)
         return unique
 
-    async def exchange(self, form: Mapping[str, list[str]]) -> Exchanged:
-        now = self.clock()
-        subject_token, audiences, lifetime = self._check_request(form)
-        registry = self.registry()
-        audiences = self._check_audiences(audiences, registry)
+    async def _verified_subject(
+        self, subject_token: str, digest: bytes, registry: Registry, now: float
+    ) -> tuple[str, ServiceAccountToken]:
+        """The origin cluster and the verified facts of ``subject_token``: from the cache
+        while everything it was verified against still holds (see
+        ``VerifiedSaTokenCache``), else verified in full and kept."""
+        cached = self.sa_tokens.get(digest, now, SA_TOKEN_LEEWAY)
+        if cached is not None:
+            name = registry.cluster_by_issuer.get(cached.issuer)
+            spec = registry.clusters.get(name) if name is not None else None
+            if (
+                name == cached.cluster
+                and spec is not None
+                and spec.issuer == cached.issuer
+                and spec.audience == cached.audience
+            ):
+                keys = await self._keys(name, spec, cached.token.kid)
+                if keys.get(cached.token.kid) is cached.key:
+                    self.sa_tokens.hits += 1
+                    return name, cached.token
+            self.sa_tokens.discard(digest)
         try:
             unverified = parse_unverified(subject_token)
             issuer = unverified.issuer
@@ -209,17 +269,35 @@ class TokenExchange:
                 f"subject_token issuer {issuer[:200]!r} is not a registered cluster",
             )
         cluster = registry.clusters[cluster_name]
+        keys = await self._keys(cluster_name, cluster, unverified.kid)
         try:
-            keys = await self.cluster_keys.keys_for(cluster_name, cluster, unverified.kid)
             sa = verify_service_account_token(
                 unverified, keys, cluster, SA_TOKEN_LEEWAY, now, self.max_sa_token_lifetime
             )
-        except ClusterKeysUnavailable as exc:
-            raise Unavailable(str(exc)) from None
         except InvalidToken as exc:
             raise InvalidGrant(
                 f"subject_token from cluster {cluster_name}: {exc.description}"
             ) from None
+        key = keys.get(sa.kid)
+        if key is not None:
+            self.sa_tokens.put(
+                digest, VerifiedSaToken(cluster_name, cluster.issuer, cluster.audience, key, sa)
+            )
+        return cluster_name, sa
+
+    async def _keys(self, name: str, cluster: ClusterSpec, kid: str | None) -> KeyRing:
+        try:
+            return await self.cluster_keys.keys_for(name, cluster, kid)
+        except ClusterKeysUnavailable as exc:
+            raise Unavailable(str(exc)) from None
+
+    async def exchange(self, form: Mapping[str, list[str]]) -> Exchanged:
+        now = self.clock()
+        subject_token, audiences, lifetime = self._check_request(form)
+        registry = self.registry()
+        audiences = self._check_audiences(audiences, registry)
+        digest = hashlib.sha256(subject_token.encode("utf-8", "surrogatepass")).digest()
+        cluster_name, sa = await self._verified_subject(subject_token, digest, registry, now)
         workload_name = registry.workload_by_selector.get(
             (cluster_name, sa.namespace, sa.service_account)
         )
@@ -268,4 +346,5 @@ class TokenExchange:
             sa_token=sa,
             jti=claims["jti"],
             kid=key.kid,
+            subject_token_sha256=digest.hex(),
         )

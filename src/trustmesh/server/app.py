@@ -23,7 +23,22 @@ from trustmesh.server.routes import (
 from trustmesh.server.routes._auth import Callers
 
 
-def build_app(plane: ControlPlane) -> Starlette:
+def build_app(plane: ControlPlane) -> oauth.ASGIApp:
+    """The app: ``POST /oauth2/token`` on raw ASGI (``routes/oauth.py``), everything
+    else, the lifespan included, through Starlette."""
+    framework = _starlette_app(plane)
+    token = oauth.token_endpoint(plane)
+
+    async def app(scope: oauth.Scope, receive: oauth.Receive, send: oauth.Send) -> None:
+        if scope["type"] == "http" and scope["path"] == oauth.TOKEN_PATH:
+            await token(scope, receive, send)
+        else:
+            await framework(scope, receive, send)
+
+    return app
+
+
+def _starlette_app(plane: ControlPlane) -> Starlette:
     callers = Callers(plane.credentials)
 
     @asynccontextmanager

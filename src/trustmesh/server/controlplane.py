@@ -42,7 +42,9 @@ from trustmesh.identity.keys import KeyManager
 from trustmesh.identity.kubernetes_sa import (
     DEFAULT_CLUSTER_KEYS_MAX_AGE,
     DEFAULT_MAX_SA_TOKEN_LIFETIME,
+    DEFAULT_SA_TOKEN_CACHE_SIZE,
     ClusterKeyCache,
+    VerifiedSaTokenCache,
 )
 from trustmesh.identity.sealing import MasterKey
 from trustmesh.oauth.rfc8693 import DEFAULT_TTL, TokenExchange
@@ -67,6 +69,8 @@ from trustmesh.storage import meta as meta_store
 
 log = logging.getLogger("trustmesh.server")
 
+SEQUENCER_LOCK_FILE = "audit-sequencer.lock"  # SQLite: where processes queue to sequence
+WAL_CHECKPOINT_INTERVAL = 1.0  # seconds between SQLite WAL checkpoints
 SUSPENSION_GRACE = 2.0  # seconds a suspension's revocation reaches ahead (other replicas)
 
 
@@ -84,6 +88,7 @@ class ServerConfig:
     cluster_jwks_min_refresh: float = 1.0
     max_sa_token_lifetime: float = DEFAULT_MAX_SA_TOKEN_LIFETIME
     cluster_keys_max_age: float = DEFAULT_CLUSTER_KEYS_MAX_AGE
+    sa_token_cache_size: int = DEFAULT_SA_TOKEN_CACHE_SIZE
     master_key_file: Path | None = None
     audit_checkpoint_interval: float = 0.5
     audit_refusals: FoldingLimits = field(default_factory=FoldingLimits)
@@ -114,6 +119,7 @@ class ControlPlane:
         self.snapshots: Snapshots
         self.audit: AuditLog
         self.recorder: AuditRecorder
+        self.sa_tokens: VerifiedSaTokenCache
         self.metrics: ServerMetrics
         self.issuance: Issuance
         self.changes: Changes
@@ -129,7 +135,7 @@ class ControlPlane:
         snapshots, audit log, services."""
         config, data_dir = self.config, self.config.data_dir
         private_directory(data_dir, "data dir")  # ours, writable by no one else, 0700
-        self.db = open_database(config.db, data_dir)
+        self.db = open_database(config.db, data_dir, background_wal_checkpoints=True)
         with self.db.engine.begin() as conn:
             stored = meta_store.insert_if_absent(conn, "trust_domain", self.trust_domain)
         if stored != self.trust_domain:
@@ -165,11 +171,17 @@ class ControlPlane:
             long_polls_per_credential=config.long_polls_per_credential,
         )
         self.audit = AuditLog(
-            self.db, master_key, self.trust_domain, self.replica, config.audit_checkpoint_interval
+            self.db,
+            master_key,
+            self.trust_domain,
+            self.replica,
+            config.audit_checkpoint_interval,
+            lock_file=data_dir / SEQUENCER_LOCK_FILE if self.db.dialect == "sqlite" else None,
         )
         self.audit.open()
         self.recorder = AuditRecorder(self.audit, self.clock, config.audit_refusals)
-        self.metrics = ServerMetrics(self.audit, self.recorder)
+        self.sa_tokens = VerifiedSaTokenCache(config.sa_token_cache_size)
+        self.metrics = ServerMetrics(self.audit, self.recorder, self.sa_tokens)
         self.changes = Changes(
             self.db, self.registry_store, self.catalog, self.snapshots, self.recorder
         )
@@ -219,6 +231,7 @@ class ControlPlane:
             clock=self.clock,
             default_ttl=self.config.default_ttl,
             max_sa_token_lifetime=self.config.max_sa_token_lifetime,
+            sa_tokens=self.sa_tokens,
         )
         self.issuance = Issuance(exchange, self.recorder, self.tracing, self.metrics)
         self.recorder.start()
@@ -227,6 +240,8 @@ class ControlPlane:
             asyncio.create_task(self._maintenance_loop(), name="maintenance"),
             asyncio.create_task(self._checkpoint_loop(), name="audit-checkpoints"),
         ]
+        if self.db.dialect == "sqlite":
+            self._tasks.append(asyncio.create_task(self._wal_loop(), name="sqlite-wal"))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -264,6 +279,16 @@ class ControlPlane:
                 await asyncio.to_thread(self.audit.checkpoint_now)
             except Exception:
                 log.exception("sequencing staged audit events or signing a checkpoint failed")
+
+    async def _wal_loop(self) -> None:
+        """SQLite: checkpoint the WAL every second on a thread of its own, off the
+        commits of the exchanges (``storage/db.py``); a commit is also durable from then."""
+        while True:
+            await asyncio.sleep(WAL_CHECKPOINT_INTERVAL)
+            try:
+                await asyncio.to_thread(self.db.checkpoint_wal)
+            except Exception:
+                log.exception("checkpointing the SQLite WAL failed")
 
     async def _maintenance_loop(self) -> None:
         while True:

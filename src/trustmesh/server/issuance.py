@@ -39,6 +39,7 @@ class Issuance:
         self.recorder = recorder
         self.tracing = tracing
         self.metrics = metrics
+        self._issued = metrics.exchanges.labels("issued")  # looked up once, not per token
 
     async def issue(
         self, body: Awaitable[bytes], traceparent: str | None, peer: str | None = None
@@ -64,16 +65,15 @@ class Issuance:
                 raise
             span.set("trustmesh.spiffe_id", result.spiffe_id)
             span.set("trustmesh.outcome", "issued")
-            subject_token = form["subject_token"][0]
             try:
                 await self.recorder.record(
-                    issued_event(source, result, subject_token, span.trace_id, span.span_id)
+                    issued_event(source, result, span.trace_id, span.span_id)
                 )
             except Exception:
                 self.metrics.exchanges.labels("audit_unavailable").inc()
                 raise Unavailable(
                     "the audit log cannot be written; no token is issued without its audit record"
                 ) from None
-        self.metrics.exchanges.labels("issued").inc()
+        self._issued.inc()
         self.metrics.exchange_seconds.observe(time.perf_counter() - started)
         return Issued(result.response, span.traceparent())

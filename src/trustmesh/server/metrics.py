@@ -6,12 +6,25 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from trustmesh.audit.log import AuditLog
+from trustmesh.identity.kubernetes_sa import VerifiedSaTokenCache
 from trustmesh.server.recorder import AuditRecorder
 
 
 class ServerMetrics:
-    def __init__(self, audit: AuditLog, recorder: AuditRecorder) -> None:
+    def __init__(
+        self, audit: AuditLog, recorder: AuditRecorder, sa_tokens: VerifiedSaTokenCache
+    ) -> None:
         self.registry = CollectorRegistry()
+        Gauge(
+            "trustmesh_sa_token_cache_entries",
+            "Verified service-account tokens kept for the exchanges that present them again",
+            registry=self.registry,
+        ).set_function(lambda: len(sa_tokens))
+        Gauge(
+            "trustmesh_sa_token_cache_hits",
+            "Exchanges whose service-account token was verified before (since start)",
+            registry=self.registry,
+        ).set_function(lambda: sa_tokens.hits)
         Gauge(
             "trustmesh_audit_entries",
             "Entries in the audit log (this replica's view)",

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from sqlalchemy import Connection
@@ -65,6 +66,7 @@ class AuditRecorder:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
+        self._writer: ThreadPoolExecutor | None = None
         self.failures = 0
 
     # -- synchronous (worker threads) ------------------------------------------------------
@@ -104,6 +106,9 @@ class AuditRecorder:
 
     # -- asynchronous group commit ------------------------------------------------------------
     def start(self) -> None:
+        # One thread of its own: appends run one at a time, and none waits behind the
+        # database work other loops hand to the default executor.
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="audit-writer")
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._run(), name="audit-recorder")
         self._ticker = asyncio.create_task(self._tick_loop(), name="audit-refusal-windows")
@@ -229,7 +234,9 @@ class AuditRecorder:
         while self._pending:
             batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
             try:
-                await asyncio.to_thread(self.audit.append, [r for r, _, _ in batch])
+                await asyncio.get_running_loop().run_in_executor(
+                    self._writer, self.audit.append, [r for r, _, _ in batch]
+                )
             except Exception as exc:
                 self.failures += 1
                 log.error("audit log write failed for %d events: %s", len(batch), exc)
@@ -254,6 +261,8 @@ class AuditRecorder:
         if self._wake is not None:
             self._summarise(self.folder.flush())
         await self._flush()
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
         held = self.folder.pending()
         if held["dropped"]:
             log.error(
@@ -266,7 +275,6 @@ class AuditRecorder:
 def issued_event(
     source: Mapping[str, Any],
     result: Exchanged,
-    subject_token: str,
     trace_id: str,
     span_id: str,
 ) -> dict[str, Any]:
@@ -284,7 +292,7 @@ def issued_event(
             "sa_subject": f"system:serviceaccount:{sa.namespace}:{sa.service_account}",
             "jti": result.jti,
             "kid": result.kid,
-            "token_sha256": ev.token_sha256(subject_token),
+            "token_sha256": result.subject_token_sha256,
         },
         request={"surface": "token", "audience": list(result.audiences)},
         detail={

@@ -7,6 +7,7 @@ is tightened to 0600, and one that is a symlink or not ours is refused
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from sqlalchemy.exc import ArgumentError
 from trustmesh.common.errors import DatabaseUrlError
 from trustmesh.common.files import private_file, tighten_private_file
 from trustmesh.storage.migrations import migrate
+
+WAL_AUTOCHECKPOINT_PAGES = 16384  # 64 MiB of 4 KiB pages
 
 
 def engine_url(db: str | None, data_dir: Path) -> str:
@@ -35,18 +38,21 @@ def engine_url(db: str | None, data_dir: Path) -> str:
     )
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
-    cur.execute("PRAGMA synchronous=NORMAL")  # durable at every checkpoint of the WAL
-    cur.execute("PRAGMA busy_timeout=10000")
-    cur.execute("PRAGMA foreign_keys=ON")
-    # 64 MiB of page cache (the default is 2 MiB): the audit log's indexes on random
-    # values (trace ids, token hashes) outgrow 2 MiB at ~50k events, after which every
-    # append batch reads index pages back from the OS.
-    cur.execute("PRAGMA cache_size=-65536")
-    cur.execute("PRAGMA wal_autocheckpoint=16384")
-    cur.close()
+def _sqlite_pragmas(wal_autocheckpoint: int) -> Callable[[Any, Any], None]:
+    def pragmas(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+        cur.execute("PRAGMA synchronous=NORMAL")  # durable at every checkpoint of the WAL
+        cur.execute("PRAGMA busy_timeout=10000")
+        cur.execute("PRAGMA foreign_keys=ON")
+        # 64 MiB of page cache (the default is 2 MiB): the audit log's indexes on random
+        # values (trace ids, token hashes) outgrow 2 MiB at ~50k events, after which every
+        # append batch reads index pages back from the OS.
+        cur.execute("PRAGMA cache_size=-65536")
+        cur.execute(f"PRAGMA wal_autocheckpoint={int(wal_autocheckpoint)}")
+        cur.close()
+
+    return pragmas
 
 
 def _private_sqlite_files(path: Path) -> None:
@@ -67,8 +73,26 @@ class Database:
     def dispose(self) -> None:
         self.engine.dispose()
 
+    def checkpoint_wal(self) -> tuple[int, int, int] | None:
+        """SQLite: copy what the WAL holds into the database file and sync it, without
+        waiting for (or blocking) the writer (``PRAGMA wal_checkpoint(PASSIVE)``); the
+        next commit then starts the WAL over. -> (busy, frames in the WAL, frames
+        checkpointed); None on PostgreSQL, which has nothing to do."""
+        if self.dialect != "sqlite":
+            return None
+        with self.engine.connect() as conn:
+            row = conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").one()
+        return int(row[0]), int(row[1]), int(row[2])
 
-def open_database(db: str | None, data_dir: Path) -> Database:
+
+def open_database(
+    db: str | None, data_dir: Path, *, background_wal_checkpoints: bool = False
+) -> Database:
+    """``background_wal_checkpoints``: SQLite's WAL is not checkpointed by the commit
+    that fills it (which then copies and syncs some 64 MiB while every transaction
+    waiting behind it waits too) but by whoever opened the database, calling
+    :meth:`Database.checkpoint_wal` on a schedule of its own (the control plane: every
+    second, on its own thread)."""
     url = engine_url(db, data_dir)
     try:
         parsed = make_url(url)
@@ -78,7 +102,8 @@ def open_database(db: str | None, data_dir: Path) -> Database:
         if parsed.database and parsed.database != ":memory:":
             _private_sqlite_files(Path(parsed.database))
         engine = create_engine(url, connect_args={"timeout": 10})
-        event.listen(engine, "connect", _sqlite_pragmas)
+        autocheckpoint = 0 if background_wal_checkpoints else WAL_AUTOCHECKPOINT_PAGES
+        event.listen(engine, "connect", _sqlite_pragmas(autocheckpoint))
     else:
         engine = create_engine(url, pool_size=5, max_overflow=10, pool_pre_ping=True)
     migrate(engine)
