@@ -392,6 +392,64 @@ def agent(
 
 
 @app.command()
+def sidecar(
+    server: str = typer.Option(
+        None,
+        "--server",
+        envvar="TRUSTMESH_SERVER",
+        help="Control-plane URL(s), comma-separated, tried in order (https; http on loopback only).",
+    ),
+    sa_token_file: Path = typer.Option(
+        ...,
+        "--sa-token-file",
+        help="The pod's projected service-account token, read again at every renewal.",
+    ),
+    socket: Path = typer.Option(
+        ..., "--socket", help="Unix socket to serve the SPIFFE Workload API on."
+    ),
+    sds_socket: Path | None = typer.Option(
+        None, "--sds-socket", help="Unix socket to serve Envoy SDS on (default: none)."
+    ),
+    credential_dir: Path | None = typer.Option(
+        None,
+        "--credential-dir",
+        help="Also write svid.pem, svid_key.pem and svid_bundle.pem here (default: no files).",
+    ),
+    socket_mode: str = typer.Option(
+        "0600",
+        "--socket-mode",
+        help="Permissions of the socket files, octal (0666 lets a workload of another uid in the pod connect).",
+    ),
+) -> None:
+    """Run beside a workload: keep its X.509-SVID and serve the SPIFFE Workload API,
+    Envoy SDS and the credential folder."""
+    from trustmesh.common.errors import ConfigError
+    from trustmesh.sidecar import SidecarConfig, run_sidecar
+
+    if not server:
+        fail("no control plane given: pass --server URL[,URL…] or set TRUSTMESH_SERVER")
+    if not socket_mode.isascii() or not socket_mode.isdigit() or len(socket_mode) > 4:
+        fail(f"--socket-mode {socket_mode!r} is not an octal mode such as 0600")
+    try:
+        mode = int(socket_mode, 8)
+    except ValueError:
+        fail(f"--socket-mode {socket_mode!r} is not an octal mode such as 0600")
+    try:
+        run_sidecar(
+            SidecarConfig(
+                servers=[server],
+                sa_token_file=sa_token_file,
+                socket=socket,
+                sds_socket=sds_socket,
+                credential_dir=credential_dir,
+                socket_mode=mode & 0o777,
+            )
+        )
+    except ConfigError as exc:
+        fail(exc.description)
+
+
+@app.command()
 def demo(
     duration: float = typer.Option(
         0.0, "--duration", help="Stop after this many seconds (0: run until Ctrl-C)."
