@@ -15,6 +15,7 @@ descriptions are sentences for people and never contain a token or a secret::
     │   ├── HeadersTooLarge           431 headers_too_large
     │   ├── ManifestError             400 invalid_manifest (problems, with file and line)
     │   ├── SpiffeIdError, RequestError, ReviewError, RevocationError, AuditError
+│   ├── CsrRejected               a CSR that is malformed or asks for what it may not
     │   ├── PollError                 RFC 8935 §2.3 shape {"err", "description"}
     │   └── FormatError               a document that does not parse or verify
     │       └── CanonicalError, EventError, NoteError, CheckpointError, ProofError
@@ -153,6 +154,13 @@ class ReviewError(InvalidRequest):
 
 class RevocationError(InvalidRequest):
     """A revocation request that cannot be carried out; the message says why."""
+
+
+class CsrRejected(InvalidRequest):
+    """A certificate signing request refused at ``POST /v1/x509-svid``: malformed, a
+    signature that does not verify, a weak key, or a name other than the workload's
+    SPIFFE ID (``identity/x509svid.py``); the message, which starts with ``csr:``,
+    names the problem."""
 
 
 class AuditError(InvalidRequest):
