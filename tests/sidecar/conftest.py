@@ -60,4 +60,4 @@ def sidecar(federation: Federation) -> Iterator[Sidecar]:
             [federation.server.url], token, directory, sds=True, credential_dir=True
         )
         yield sidecar
-        assert sidecar.stop() == 0, sidecar.process.stderr()
+        assert sidecar.stop() == 0, sidecar.log()

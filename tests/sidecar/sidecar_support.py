@@ -69,6 +69,10 @@ class Sidecar:
         self.ready_line = self.process.wait_line("trustmesh sidecar ready: ", timeout)
         return self.ready_line
 
+    def log(self) -> str:
+        """Everything the sidecar wrote to stderr so far (also after it stopped)."""
+        return self.process.log_path.read_text()
+
     def stop(self) -> int:
         return self.process.stop()
 

@@ -131,7 +131,7 @@ def test_default_and_rootca_are_served_then_pushed_on_rotation_with_ack_and_nack
     stream.send(["default", "ROOTCA"], first.version_info, second.nonce, error="bad certificate")
     third = stream.receive()
     assert third.version_info not in (first.version_info, second.version_info)
-    assert "refused SDS version " + second.version_info in sidecar.process.stderr()
+    assert "refused SDS version " + second.version_info in sidecar.log()
 
     # ACK it while subscribing to ROOTCA alone: answered at once, same version
     stream.send(["ROOTCA"], third.version_info, third.nonce)

@@ -86,7 +86,7 @@ def test_x509_source_receives_the_rotated_svid_on_its_stream(sidecar: Sidecar) -
                     rotated.set()
 
             source.subscribe_for_updates(on_update)
-            assert rotated.wait(TTL + 30), sidecar.process.stderr()
+            assert rotated.wait(TTL + 30), sidecar.log()
             second = source.get_x509_context().default_svid
         finally:
             source.close()
@@ -96,7 +96,7 @@ def test_x509_source_receives_the_rotated_svid_on_its_stream(sidecar: Sidecar) -
     assert public_der(second.private_key.public_key()) != public_der(first.private_key.public_key())
     # renewed at about half-life: the old one was still valid when the new one came
     assert first.leaf.not_valid_after_utc > second.leaf.not_valid_before_utc
-    assert "renewed X.509-SVID in service" in sidecar.process.stderr()
+    assert "renewed X.509-SVID in service" in sidecar.log()
 
 
 def test_py_spiffe_fetches_and_validates_a_jwt_svid(

@@ -96,10 +96,17 @@ class SidecarClient:
     async def aclose(self) -> None:
         await self.http.aclose()
 
-    async def issue_x509_svid(self, subject_token: str, csr: str) -> tuple[str, dict[str, Any]]:
+    async def issue_x509_svid(
+        self, subject_token: str, csr: str, holding: Sequence[str] | None = None
+    ) -> tuple[str, dict[str, Any]]:
         """``POST /v1/x509-svid``: the URL that answered and its answer (a JSON object,
-        not yet checked: see ``sidecar/x509.py``)."""
-        body = orjson.dumps({"subject_token": subject_token, "csr": csr})
+        not yet checked: see ``sidecar/x509.py``). ``holding``: the SHA-256 fingerprints
+        of the roots we hold (``bundle_sha256``, the evidence a CA rotation waits for);
+        None before we hold any, so that we are not waited for."""
+        request: dict[str, Any] = {"subject_token": subject_token, "csr": csr}
+        if holding is not None:
+            request["bundle_sha256"] = list(holding)
+        body = orjson.dumps(request)
 
         async def attempt(base: str) -> tuple[str, dict[str, Any]]:
             async with self.http.stream(

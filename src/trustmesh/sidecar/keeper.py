@@ -3,7 +3,9 @@
 * At start, and then at half of each SVID's lifetime (± ``jitter`` of it, so that a
   fleet started together does not come back at one second), a new key is made, the
   projected service-account token file is read again (kubelet rotates it in place) and
-  a CSR goes to ``POST /v1/x509-svid`` through the control-plane failover.
+  a CSR goes to ``POST /v1/x509-svid`` through the control-plane failover, with the
+  fingerprints of the roots we hold (``bundle_sha256``: the evidence a CA rotation
+  waits for, ``server/roots.py``).
 * A failed attempt — no control plane answered, a refusal, an answer that is not a
   usable X509-SVID, an unreadable token file — is logged with its reason and retried
   after an exponential, jittered delay (``common/backoff.py``), never later than the
@@ -38,6 +40,7 @@ from trustmesh.common.errors import (
     UnusableSvid,
 )
 from trustmesh.common.files import read_mounted_file
+from trustmesh.identity.x509ca import MAX_REPORTED_ROOTS, fingerprint
 from trustmesh.sidecar.controlplane import SidecarClient
 from trustmesh.sidecar.x509 import X509Svid, csr_pem, new_private_key, svid_from_answer
 
@@ -109,6 +112,15 @@ class SvidKeeper:
         svid = self.current
         return {svid.trust_domain: svid.bundle} if svid is not None else {}
 
+    def holding(self) -> list[str] | None:
+        """The fingerprints of our trust domain's roots we hold (at most the 16 the
+        control plane takes), reported with each renewal so that a prepared root becomes
+        active only once we hold it; None before the first SVID."""
+        svid = self.current
+        if svid is None:
+            return None
+        return sorted({fingerprint(root) for root in svid.bundle})[:MAX_REPORTED_ROOTS]
+
     async def wait_change(self, seen: int) -> None:
         """Return once ``generation`` is no longer ``seen``."""
         async with self._changed:
@@ -125,7 +137,9 @@ class SvidKeeper:
         checked. Raises what failed."""
         key = new_private_key()
         subject_token = read_subject_token(self.sa_token_file)
-        server, answer = await self.client.issue_x509_svid(subject_token, csr_pem(key))
+        server, answer = await self.client.issue_x509_svid(
+            subject_token, csr_pem(key), self.holding()
+        )
         svid = svid_from_answer(answer, key, self.clock())
         log.info(
             "X.509-SVID for %s from %s (serial %s), valid until %s",
@@ -169,7 +183,9 @@ class SvidKeeper:
         retry_at = now + self.backoff.next_delay()
         svid = self.current
         if svid is not None:
-            retry_at = max(now + 0.1, min(retry_at, svid.not_after - EXPIRY_MARGIN))
+            last_chance = svid.not_after - EXPIRY_MARGIN
+            if now < last_chance:
+                retry_at = min(retry_at, last_chance)  # one more attempt before expiry
             keeping = (
                 f"; keeping the current X.509-SVID, which expires at {when(svid.not_after)} "
                 f"(in {svid.not_after - now:.0f} s)"
