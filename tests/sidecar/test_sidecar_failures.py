@@ -193,9 +193,7 @@ def test_flags_that_cannot_work_are_refused_in_one_line(tmp_path: Path) -> None:
             "plain http": (
                 ["--server", "http://10.0.0.1:8443", "--socket", str(directory / "a.sock")]
             ),
-            "does not exist": (
-                ["--server", DEAD, "--socket", str(directory / "nope" / "a.sock")]
-            ),
+            "does not exist": (["--server", DEAD, "--socket", str(directory / "nope" / "a.sock")]),
             "longer than": (["--server", DEAD, "--socket", str(directory / ("x" * 120))]),
             "in use by another process": (
                 ["--server", DEAD, "--socket", str(directory / "busy.sock")]
