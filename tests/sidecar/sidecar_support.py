@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from spiffe import WorkloadApiClient
 
 from helpers import TRUST_DOMAIN, Federation, Process, trustmesh_cmd
@@ -21,6 +23,15 @@ from trustmesh.spiffeid import workload_spiffe_id
 WORKLOAD_HEADER = (("workload.spiffe.io", "true"),)
 TTL = 20
 """The Workload's maxTokenTTL in these tests: its X.509-SVIDs rotate every ~10 s."""
+
+
+def issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
+    """Whether ``parent`` signed ``child``."""
+    try:
+        child.verify_directly_issued_by(parent)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def our_id(federation: Federation) -> str:

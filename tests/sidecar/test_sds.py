@@ -18,7 +18,7 @@ from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.secret.v3 import sds_pb2_grpc
 from google.rpc import status_pb2
-from sidecar_support import TTL, Sidecar, our_id
+from sidecar_support import TTL, Sidecar, issued_by, our_id
 
 from helpers import Federation
 
@@ -114,7 +114,7 @@ def test_default_and_rootca_are_served_then_pushed_on_rotation_with_ack_and_nack
     assert leaf.public_key() == key.public_key()
     sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert sans.get_values_for_type(x509.UniformResourceIdentifier) == [our_id(federation)]
-    assert any(_issued_by(chain[-1], root) for root in roots)
+    assert any(issued_by(chain[-1], root) for root in roots)
 
     # ACK, then a stale request (a nonce we never sent, asking for ROOTCA alone): ignored,
     # so the next message is the rotation, still with both resources
@@ -139,14 +139,6 @@ def test_default_and_rootca_are_served_then_pushed_on_rotation_with_ack_and_nack
     assert sorted(secrets_of(fourth)) == ["ROOTCA"]
     assert fourth.version_info == third.version_info
     assert fourth.nonce != third.nonce
-
-
-def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
-    try:
-        child.verify_directly_issued_by(parent)
-    except Exception:
-        return False
-    return True
 
 
 def test_names_it_does_not_serve_are_left_out(stream: SdsStream) -> None:

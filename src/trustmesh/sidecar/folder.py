@@ -12,20 +12,18 @@ it, fsynced, renamed over it), so a reader sees a whole old file or a whole new 
 the key is written before the certificate, so a reader that loads the certificate
 first and the key second never pairs a new certificate with an old key (an old
 certificate may meet the new key between the two renames: readers that reload on a
-change see the pair settle). The folder is
-created 0700 if missing; an existing one must be a directory that only its owner may
-write."""
+change see the pair settle). The folder is a private directory
+(``common/files.private_directory``): created 0700, or an existing directory of ours
+that no one else may write, tightened to 0700 — the key in it is for workloads that run
+as the sidecar's user."""
 
 from __future__ import annotations
 
-import os
-import stat
 from pathlib import Path
 
 from cryptography import x509
 
-from trustmesh.common.errors import ConfigError
-from trustmesh.common.files import write_atomically
+from trustmesh.common.files import private_directory, write_atomically
 from trustmesh.sidecar.x509 import X509Svid, pem_certificates
 
 CERT_FILE = "svid.pem"
@@ -40,24 +38,10 @@ class CredentialFolder:
         self.path = path
 
     def prepare(self) -> None:
-        """Create the folder or check the existing one (ConfigError, one line)."""
-        try:
-            self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
-            st = os.lstat(self.path)
-        except OSError as exc:
-            raise ConfigError(f"cannot use credential dir {self.path}: {exc.strerror}") from None
-        if not stat.S_ISDIR(st.st_mode):
-            raise ConfigError(f"credential dir {self.path} is not a directory (or is a symlink)")
-        if st.st_uid != os.geteuid():
-            raise ConfigError(
-                f"credential dir {self.path} is owned by uid {st.st_uid}, not by the user "
-                f"running the sidecar (uid {os.geteuid()})"
-            )
-        if st.st_mode & 0o022:
-            raise ConfigError(
-                f"credential dir {self.path} is writable by group or others "
-                f"(mode {stat.S_IMODE(st.st_mode):04o}): chmod go-w {self.path}"
-            )
+        """Create the folder or check the existing one, as a data directory is checked
+        (``common/files.private_directory``: ours, not a symlink, 0700); ConfigError, one
+        line, otherwise."""
+        private_directory(self.path, "credential dir")
 
     def write(self, svid: X509Svid, bundles: dict[str, tuple[x509.Certificate, ...]]) -> None:
         ours = svid.trust_domain

@@ -18,7 +18,6 @@ audiences workloads ask for, exchanged at the control plane (RFC 8693, DESIGN §
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -63,9 +62,8 @@ class JwtBundleKeeper:
         self.generation = 0
         self.keys = KeyRing()
         self.backoff = Backoff(base=0.5, cap=30.0)
-        self._wake = asyncio.Event()
-        self._fetched = asyncio.Event()
         self._changed = asyncio.Condition()
+        self._fetching = asyncio.Lock()
         self._last_forced = float("-inf")  # monotonic
 
     async def wait_change(self, seen: int) -> None:
@@ -73,7 +71,8 @@ class JwtBundleKeeper:
             await self._changed.wait_for(lambda: self.generation != seen)
 
     async def fetch_once(self) -> None:
-        state = await self.client.fetch_trust_domain()
+        async with self._fetching:  # one fetch at a time, forced or scheduled
+            state = await self.client.fetch_trust_domain()
         previous = self.state
         self.state = state
         self.problem = None
@@ -88,19 +87,17 @@ class JwtBundleKeeper:
             self.generation += 1
             async with self._changed:
                 self._changed.notify_all()
-        self._fetched.set()
 
     async def refresh_now(self) -> bool:
-        """Ask for a fetch now (rate-limited) and wait for it briefly; whether one ran."""
+        """Fetch now, at most once every ``min_forced_interval`` seconds and for at most
+        ``FORCED_REFRESH_WAIT`` seconds; whether a fresh bundle came."""
         now = time.monotonic()
         if now - self._last_forced < self.min_forced_interval:
             return False
         self._last_forced = now
-        self._fetched.clear()
-        self._wake.set()
         try:
-            await asyncio.wait_for(self._fetched.wait(), FORCED_REFRESH_WAIT)
-        except TimeoutError:
+            await asyncio.wait_for(self.fetch_once(), FORCED_REFRESH_WAIT)
+        except (Unreachable, TimeoutError):
             return False
         return True
 
@@ -111,17 +108,12 @@ class JwtBundleKeeper:
                 self.backoff.reset()
                 assert self.state is not None
                 delay = min(MAX_REFRESH, max(MIN_REFRESH, self.state.refresh_hint))
-            except Unreachable as exc:
-                self.problem = f"no control plane answered for the JWT bundle ({exc})"
-                log.warning("%s", self.problem)
+            except Exception as exc:  # unreachable or malformed: the loop goes on
+                self.problem = f"the JWT bundle could not be fetched ({exc})"
+                # a traceback only for what is not the network's doing
+                log.warning("%s", self.problem, exc_info=not isinstance(exc, Unreachable))
                 delay = self.backoff.next_delay()
-            except Exception as exc:  # a malformed answer must not end the loop
-                self.problem = f"JWT bundle fetch failed: {exc.__class__.__name__}: {exc}"
-                log.exception("JWT bundle fetch failed")
-                delay = self.backoff.next_delay()
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+            await asyncio.sleep(delay)
 
     def _verify(self, token: str, audience: str) -> VerifiedIdentity:
         state = self.state

@@ -94,10 +94,11 @@ class X509Svid:
 
     def key_der(self) -> bytes:
         """The Workload API's ``x509_svid_key``: PKCS#8 DER, unencrypted."""
+        return self._key_bytes(serialization.Encoding.DER)
+
+    def _key_bytes(self, encoding: serialization.Encoding) -> bytes:
         return self.key.private_bytes(
-            serialization.Encoding.DER,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
+            encoding, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
 
     def bundle_der(self) -> bytes:
@@ -107,11 +108,7 @@ class X509Svid:
         return pem_certificates(self.chain)
 
     def key_pem(self) -> bytes:
-        return self.key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+        return self._key_bytes(serialization.Encoding.PEM)
 
     def bundle_pem(self) -> bytes:
         return pem_certificates(self.bundle)
