@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -97,19 +96,17 @@ class SvidKeeper:
         self.generation = 0
         self.renew_at = 0.0
         self.retry_at = 0.0
-        self.renewals = 0
-        self.failures = 0
-        self.last_renewal: float | None = None  # monotonic
         self._rng = random.Random()  # noqa: S311 (spreading load, not a secret)
         self._changed = asyncio.Condition()
 
     # -- what the surfaces read --------------------------------------------------------------
-    def x509_bundles(self) -> dict[str, tuple[x509.Certificate, ...]]:
-        """Trust bundles by trust domain: ours, as answered with the SVID. Federated
-        trust domains' bundles (DESIGN §9, federation) are to join this map, and every
-        surface (FetchX509SVID's ``federated_bundles``, FetchX509Bundles, ROOTCA, the
-        folder's ``svid_bundle.pem``) serves what it holds."""
-        svid = self.current
+    def x509_bundles(self, svid: X509Svid | None = None) -> dict[str, tuple[x509.Certificate, ...]]:
+        """Trust bundles by trust domain: ours, as answered with ``svid`` (default: the
+        SVID in service). Federated trust domains' bundles (DESIGN §9, federation) are to
+        join this map, and every surface (FetchX509SVID's ``federated_bundles``,
+        FetchX509Bundles, ROOTCA, the folder's ``svid_bundle.pem``) serves what it
+        holds."""
+        svid = svid or self.current
         return {svid.trust_domain: svid.bundle} if svid is not None else {}
 
     def holding(self) -> list[str] | None:
@@ -154,12 +151,16 @@ class SvidKeeper:
         now = self.clock()
         fraction = self.renew_fraction + self._rng.uniform(-self.jitter, self.jitter)
         self.renew_at = now + (svid.not_after - now) * fraction
+        # The files first: once the sockets serve the new SVID, the folder holds it.
+        for callback in self.on_rotate:
+            try:
+                await asyncio.to_thread(callback, svid)
+            except Exception as exc:  # a full disk must not stop the renewals
+                log.error("could not hand out the new X.509-SVID: %s", exc)
         first = self.current is None
         self.current = svid
         self.problem = None
         self.refused = False
-        self.renewals += 1
-        self.last_renewal = time.monotonic()
         self.backoff.reset()
         log.info(
             "%s X.509-SVID in service, expires at %s; next renewal at %s",
@@ -167,16 +168,10 @@ class SvidKeeper:
             when(svid.not_after),
             when(self.renew_at),
         )
-        for callback in self.on_rotate:
-            try:
-                await asyncio.to_thread(callback, svid)
-            except Exception as exc:  # a full disk must not stop the renewals
-                log.error("could not hand out the new X.509-SVID: %s", exc)
         await self._changed_now()
 
     async def _failed(self, problem: str, refused: bool) -> None:
         now = self.clock()
-        self.failures += 1
         first_problem = self.problem is None
         self.problem = problem
         self.refused = refused

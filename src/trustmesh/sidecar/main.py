@@ -142,7 +142,7 @@ def build_sidecar(config: SidecarConfig, clock: Clock = system_clock) -> Sidecar
     client = SidecarClient(servers)
     keeper = SvidKeeper(client, config.sa_token_file, clock)
     if folder is not None:
-        keeper.on_rotate.append(lambda svid: folder.write(svid, keeper.x509_bundles()))
+        keeper.on_rotate.append(lambda svid: folder.write(svid, keeper.x509_bundles(svid)))
     jwt_bundles = JwtBundleKeeper(client, clock)
     jwt_svids = JwtSvids(servers, config.sa_token_file, client.http, clock)
     return Sidecar(

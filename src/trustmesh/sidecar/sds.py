@@ -13,7 +13,7 @@ The protocol, per stream (xDS protocol, "ACK/NACK and resource type instance ver
 * A request whose ``response_nonce`` is not the nonce of our last response is stale and
   ignored.
 * A request answering our last response is an ACK (``version_info`` = that version) or,
-  with ``error_detail``, a NACK: logged and counted, and the refused version is not sent
+  with ``error_detail``, a NACK: logged, and the refused version is not sent
   again; the next rotation sends the next.
 * A first request, or one naming other resources, is answered at once with the current
   version of the named resources (names we do not serve are left out and logged).
@@ -98,9 +98,8 @@ def current_content(keeper: SvidKeeper) -> SdsContent | None:
 class SdsStream:
     """One ``StreamSecrets`` stream's state: what it subscribed to, what we sent."""
 
-    def __init__(self, keeper: SvidKeeper, counters: dict[str, int], peer: str) -> None:
+    def __init__(self, keeper: SvidKeeper, peer: str) -> None:
         self.keeper = keeper
-        self.counters = counters
         self.peer = peer
         self.names: tuple[str, ...] | None = None
         self.nonce = ""
@@ -115,7 +114,6 @@ class SdsStream:
         self._sequence += 1
         self.nonce = str(self._sequence)
         self.sent_version = content.version
-        self.counters["pushes"] += 1
         return content.response(self.names, self.nonce)
 
     def on_request(
@@ -127,7 +125,6 @@ class SdsStream:
             return None  # stale: it answers a response that has been superseded
         if request.response_nonce:
             if request.HasField("error_detail"):
-                self.counters["nacks"] += 1
                 log.warning(
                     "Envoy (%s) refused SDS version %s of %s: %s",
                     self.peer,
@@ -137,7 +134,6 @@ class SdsStream:
                 )
             else:
                 self.acked_version = request.version_info
-                self.counters["acks"] += 1
         names = tuple(sorted(set(request.resource_names)))
         if names == self.names:
             return None
@@ -162,7 +158,6 @@ class SdsStream:
 class SecretDiscovery(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[misc]
     def __init__(self, keeper: SvidKeeper) -> None:
         self.keeper = keeper
-        self.counters = {"pushes": 0, "acks": 0, "nacks": 0, "streams": 0}
 
     async def StreamSecrets(
         self,
@@ -170,7 +165,7 @@ class SecretDiscovery(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ign
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
         events: asyncio.Queue[object] = asyncio.Queue(QUEUED_EVENTS)
-        stream = SdsStream(self.keeper, self.counters, context.peer() or "unknown peer")
+        stream = SdsStream(self.keeper, context.peer() or "unknown peer")
 
         async def read() -> None:
             try:
@@ -187,7 +182,6 @@ class SecretDiscovery(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ign
                 await events.put(_ROTATED)
 
         tasks = [asyncio.create_task(read()), asyncio.create_task(watch())]
-        self.counters["streams"] += 1
         try:
             while True:
                 event = await events.get()
@@ -204,7 +198,6 @@ class SecretDiscovery(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ign
                 if response is not None:
                     yield response
         finally:
-            self.counters["streams"] -= 1
             for task in tasks:
                 task.cancel()
             for task in tasks:
