@@ -123,6 +123,37 @@ def bundle_jwk(certificate: x509.Certificate) -> dict[str, Any]:
     }
 
 
+MAX_X5C_BYTES = 16 * 1024
+
+
+def roots_of_bundle(keys: Any) -> tuple[x509.Certificate, ...]:
+    """The CA certificates of a SPIFFE bundle's ``keys``: the first ``x5c`` certificate
+    of each ``use: x509-svid`` key, at most :data:`MAX_REPORTED_ROOTS`; a key that does
+    not parse, or whose certificate is not a CA, is skipped (Trust Domain and Bundle
+    §4.2: a client ignores what it cannot use)."""
+    found: list[x509.Certificate] = []
+    if not isinstance(keys, list):
+        return ()
+    for jwk in keys:
+        if len(found) >= MAX_REPORTED_ROOTS:
+            break
+        if not isinstance(jwk, dict) or jwk.get("use") != "x509-svid":
+            continue
+        chain = jwk.get("x5c")
+        if not isinstance(chain, list) or not chain or not isinstance(chain[0], str):
+            continue
+        if len(chain[0]) > MAX_X5C_BYTES * 4 // 3 + 4:
+            continue
+        try:
+            certificate = x509.load_der_x509_certificate(base64.b64decode(chain[0], validate=True))
+            constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints)
+        except (ValueError, x509.ExtensionNotFound):
+            continue
+        if constraints.value.ca:
+            found.append(certificate)
+    return tuple(found)
+
+
 def build_root(
     private_key: ec.EllipticCurvePrivateKey, trust_domain: str, now: float
 ) -> x509.Certificate:
