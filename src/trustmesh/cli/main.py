@@ -820,6 +820,22 @@ def bench_exchange(
     print_json(result) if output is Output.json else _print_bench(result)
 
 
+@bench_app.command("svid")
+def bench_svid(
+    seconds: float = typer.Option(10.0, "--seconds", help="Duration of the HTTP load."),
+    concurrency: int = typer.Option(
+        16, "--concurrency", help="Concurrent connections of the load generator."
+    ),
+    output: Output = OutputOption,
+) -> None:
+    """X.509-SVIDs signed per second over HTTP, next to one CSR verify + one leaf
+    signature in a loop on one core."""
+    from trustmesh.bench.svid import run
+
+    result = run(seconds=seconds, concurrency=concurrency)
+    print_json(result) if output is Output.json else _print_bench(result)
+
+
 @bench_app.command("verify")
 def bench_verify(
     iterations: int = typer.Option(20000, "--iterations", help="Verifications per measurement."),

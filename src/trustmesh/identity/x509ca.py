@@ -43,6 +43,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
 from typing import Any
 
 from cryptography import x509
@@ -237,6 +238,12 @@ class ActiveRoot:
     certificate: x509.Certificate
     private_key: ec.EllipticCurvePrivateKey
     not_after: float
+
+    @cached_property
+    def authority_key_identifier(self) -> x509.AuthorityKeyIdentifier:
+        """What every leaf it signs names as its issuer's key (its SKI), read once."""
+        ski = self.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+        return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski.value)
 
 
 @dataclass(frozen=True)
