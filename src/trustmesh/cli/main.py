@@ -594,15 +594,18 @@ def _print_with_suspensions(
 
 
 # -- keys and credentials -------------------------------------------------------------------
+def _when(ts: float | None) -> str:
+    """An epoch time as UTC for a table cell; empty for none."""
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ") if ts else ""
+
+
 def _print_keys(keys: list[dict[str, Any]], output: Output) -> None:
     if output is Output.json:
         print_json(keys)
         return
-    from datetime import UTC, datetime
-
-    def when(ts: float | None) -> str:
-        return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ") if ts else ""
-
+    when = _when
     print_table(
         ["KID", "ALG", "STATE", "CREATED", "ACTIVATED", "RETIRED", "REMOVED AFTER"],
         [
@@ -624,11 +627,7 @@ def _print_ca(status: dict[str, Any], output: Output) -> None:
     if output is Output.json:
         print_json(status)
         return
-    from datetime import UTC, datetime
-
-    def when(ts: float | None) -> str:
-        return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ") if ts else ""
-
+    when = _when
     print_table(
         ["ROOT (SHA-256)", "STATE", "NOT AFTER", "CREATED", "ACTIVATED", "RETIRED", "REMOVED AFTER"],
         [[r["id"], r["state"], when(r["notAfter"]), when(r["createdAt"]), when(r["activatedAt"]),

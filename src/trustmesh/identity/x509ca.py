@@ -58,9 +58,10 @@ from trustmesh.identity.keys import (
     CLOCK_SKEW,
     MAX_TOKEN_TTL,
     PREPARED,
-    REMOVED,
     RETIRED,
     UNPUBLISHED,
+    ensure_pair,
+    remove_retired,
 )
 from trustmesh.identity.sealing import MasterKey
 from trustmesh.storage import Database
@@ -69,6 +70,7 @@ from trustmesh.storage.schema import ca_roots
 
 ROOT_VALIDITY = 365 * 86400.0  # seconds a root certificate is valid from its creation
 ROOT_BACKDATE = 300.0  # a root's notBefore lies this far in the past (clock skew)
+CA = meta_store.CA_REVISION
 MAX_SVID_TTL = MAX_TOKEN_TTL  # DESIGN §9: default 1 h, never above the workload's maximum
 RETIRED_FOR = MAX_SVID_TTL + CLOCK_SKEW  # a retired root stays published this long
 
@@ -299,13 +301,7 @@ class CaManager:
         """First start: one active and one prepared root."""
         now = time.time() if now is None else now
         with self.db.engine.begin() as conn:
-            states = set(conn.execute(select(ca_roots.c.state)).scalars())
-            if ACTIVE not in states:
-                self._insert(conn, ACTIVE, now)
-            if PREPARED not in states:
-                self._insert(conn, PREPARED, now)
-            if not {ACTIVE, PREPARED} <= states:
-                meta_store.bump(conn, meta_store.CA_REVISION)
+            ensure_pair(conn, ca_roots, lambda state: self._insert(conn, state, now), CA)
 
     def _insert(self, conn: Connection, state: str, now: float) -> str:
         private_key = ec.generate_private_key(ec.SECP256R1())
@@ -439,20 +435,7 @@ class CaManager:
         sealed private key is erased."""
         now = time.time() if now is None else now
         with self.db.engine.begin() as conn:
-            ids = list(
-                conn.execute(
-                    select(ca_roots.c.id).where(
-                        ca_roots.c.state == RETIRED, ca_roots.c.remove_after <= now
-                    )
-                ).scalars()
-            )
-            if ids:
-                conn.execute(
-                    update(ca_roots)
-                    .where(ca_roots.c.id.in_(ids))
-                    .values(state=REMOVED, removed_at=now, private_key="")
-                )
-                meta_store.bump(conn, meta_store.CA_REVISION)
-                if on_commit is not None:
-                    on_commit(conn, ids)
+            ids = remove_retired(conn, ca_roots.c.id, now, CA)
+            if ids and on_commit is not None:
+                on_commit(conn, ids)
         return ids
