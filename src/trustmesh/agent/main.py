@@ -27,6 +27,7 @@ from trustmesh.agent.revocations import (
     RevocationHolder,
     run_revocation_sync,
 )
+from trustmesh.agent.roots import RootHolder, run_root_reports
 from trustmesh.agent.spool import DEFAULT_FSYNC_INTERVAL, SPOOL_DIR, AuditSpool
 from trustmesh.audit.folding import DEFAULT_AGENT_LIMITS, FoldingLimits
 from trustmesh.common.addresses import parse_listen, url_for
@@ -83,6 +84,7 @@ class Agent:
     instance: str
     tracing: Tracing
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    roots: RootHolder = field(default_factory=RootHolder)
 
     @property
     def surfaces(self) -> AgentApp:
@@ -112,6 +114,7 @@ class Agent:
             asyncio.create_task(run_revocation_sync(self.client, self.revocations)),
             asyncio.create_task(self.shipper.run()),
             asyncio.create_task(self.decider.audit.run()),
+            asyncio.create_task(run_root_reports(self.client, self.roots)),
         ]
 
     async def stop(self) -> None:
@@ -139,7 +142,14 @@ def build_agent(config: AgentConfig, clock: Clock = system_clock) -> Agent:
         cluster=config.cluster, clock=clock, leeway=config.leeway, cache_size=config.cache_size
     )
     client = ControlPlaneClient(config.servers, config.credential, config.cluster, clock)
-    keys = KeySync(client, authn, config.data_dir, max_interval=config.max_sync_interval)
+    roots = RootHolder()
+    keys = KeySync(
+        client,
+        authn,
+        config.data_dir,
+        max_interval=config.max_sync_interval,
+        on_state=roots.update,
+    )
     policy = PolicyHolder(config.cluster, config.data_dir, authn.keys, clock)
     revocations = RevocationHolder(config.data_dir, clock, config.staleness_bound, config.fail_open)
     instance = agent_id(config.data_dir)
@@ -158,7 +168,17 @@ def build_agent(config: AgentConfig, clock: Clock = system_clock) -> Agent:
         clock=clock,
     )
     return Agent(
-        config, client, keys, policy, revocations, spool, shipper, decider, instance, tracing
+        config,
+        client,
+        keys,
+        policy,
+        revocations,
+        spool,
+        shipper,
+        decider,
+        instance,
+        tracing,
+        roots=roots,
     )
 
 

@@ -43,6 +43,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
 from typing import Any
 
 from cryptography import x509
@@ -57,9 +58,10 @@ from trustmesh.identity.keys import (
     CLOCK_SKEW,
     MAX_TOKEN_TTL,
     PREPARED,
-    REMOVED,
     RETIRED,
     UNPUBLISHED,
+    ensure_pair,
+    remove_retired,
 )
 from trustmesh.identity.sealing import MasterKey
 from trustmesh.storage import Database
@@ -68,6 +70,7 @@ from trustmesh.storage.schema import ca_roots
 
 ROOT_VALIDITY = 365 * 86400.0  # seconds a root certificate is valid from its creation
 ROOT_BACKDATE = 300.0  # a root's notBefore lies this far in the past (clock skew)
+CA = meta_store.CA_REVISION
 MAX_SVID_TTL = MAX_TOKEN_TTL  # DESIGN §9: default 1 h, never above the workload's maximum
 RETIRED_FOR = MAX_SVID_TTL + CLOCK_SKEW  # a retired root stays published this long
 
@@ -121,6 +124,37 @@ def bundle_jwk(certificate: x509.Certificate) -> dict[str, Any]:
         "use": "x509-svid",
         "x5c": [base64.b64encode(certificate.public_bytes(serialization.Encoding.DER)).decode()],
     }
+
+
+MAX_X5C_BYTES = 16 * 1024
+
+
+def roots_of_bundle(keys: Any) -> tuple[x509.Certificate, ...]:
+    """The CA certificates of a SPIFFE bundle's ``keys``: the first ``x5c`` certificate
+    of each ``use: x509-svid`` key, at most :data:`MAX_REPORTED_ROOTS`; a key that does
+    not parse, or whose certificate is not a CA, is skipped (Trust Domain and Bundle
+    §4.2: a client ignores what it cannot use)."""
+    found: list[x509.Certificate] = []
+    if not isinstance(keys, list):
+        return ()
+    for jwk in keys:
+        if len(found) >= MAX_REPORTED_ROOTS:
+            break
+        if not isinstance(jwk, dict) or jwk.get("use") != "x509-svid":
+            continue
+        chain = jwk.get("x5c")
+        if not isinstance(chain, list) or not chain or not isinstance(chain[0], str):
+            continue
+        if len(chain[0]) > MAX_X5C_BYTES * 4 // 3 + 4:
+            continue
+        try:
+            certificate = x509.load_der_x509_certificate(base64.b64decode(chain[0], validate=True))
+            constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints)
+        except (ValueError, x509.ExtensionNotFound):
+            continue
+        if constraints.value.ca:
+            found.append(certificate)
+    return tuple(found)
 
 
 def build_root(
@@ -207,6 +241,12 @@ class ActiveRoot:
     private_key: ec.EllipticCurvePrivateKey
     not_after: float
 
+    @cached_property
+    def authority_key_identifier(self) -> x509.AuthorityKeyIdentifier:
+        """What every leaf it signs names as its issuer's key (its SKI), read once."""
+        ski = self.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+        return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski.value)
+
 
 @dataclass(frozen=True)
 class CaSet:
@@ -261,13 +301,7 @@ class CaManager:
         """First start: one active and one prepared root."""
         now = time.time() if now is None else now
         with self.db.engine.begin() as conn:
-            states = set(conn.execute(select(ca_roots.c.state)).scalars())
-            if ACTIVE not in states:
-                self._insert(conn, ACTIVE, now)
-            if PREPARED not in states:
-                self._insert(conn, PREPARED, now)
-            if not {ACTIVE, PREPARED} <= states:
-                meta_store.bump(conn, meta_store.CA_REVISION)
+            ensure_pair(conn, ca_roots, lambda state: self._insert(conn, state, now), CA)
 
     def _insert(self, conn: Connection, state: str, now: float) -> str:
         private_key = ec.generate_private_key(ec.SECP256R1())
@@ -401,20 +435,7 @@ class CaManager:
         sealed private key is erased."""
         now = time.time() if now is None else now
         with self.db.engine.begin() as conn:
-            ids = list(
-                conn.execute(
-                    select(ca_roots.c.id).where(
-                        ca_roots.c.state == RETIRED, ca_roots.c.remove_after <= now
-                    )
-                ).scalars()
-            )
-            if ids:
-                conn.execute(
-                    update(ca_roots)
-                    .where(ca_roots.c.id.in_(ids))
-                    .values(state=REMOVED, removed_at=now, private_key="")
-                )
-                meta_store.bump(conn, meta_store.CA_REVISION)
-                if on_commit is not None:
-                    on_commit(conn, ids)
+            ids = remove_retired(conn, ca_roots.c.id, now, CA)
+            if ids and on_commit is not None:
+                on_commit(conn, ids)
         return ids

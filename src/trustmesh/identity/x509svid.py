@@ -178,7 +178,6 @@ def sign_svid(
     not_after: float,
 ) -> x509.Certificate:
     """The leaf X.509-SVID for ``spiffe_id`` over ``public_key``, signed by ``root``."""
-    issuer_ski = root.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
     rsa_key = isinstance(public_key, rsa.RSAPublicKey)
     builder = (
         x509.CertificateBuilder()
@@ -210,10 +209,7 @@ def sign_svid(
             critical=False,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_ski.value),
-            critical=False,
-        )
+        .add_extension(root.authority_key_identifier, critical=False)
         .add_extension(
             x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]),
             critical=False,

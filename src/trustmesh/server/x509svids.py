@@ -167,8 +167,8 @@ class X509Signer:
             # (DESIGN §9); one issued after it must not fall under it.
             not_before = int(revoked_until) + 1
         ca = self.ca()
-        certificate = sign_svid(ca.active, public_key, spiffe_id, not_before, int(now) + ttl)
-        not_after = int(certificate.not_valid_after_utc.timestamp())
+        not_after = min(int(now) + ttl, int(ca.active.not_after))  # never after the root's
+        certificate = sign_svid(ca.active, public_key, spiffe_id, not_before, not_after)
         return SignedSvid(
             response={
                 "spiffe_id": spiffe_id,
