@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from pathlib import Path
 import grpc
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from spiffe import WorkloadApiClient
+from spiffe import WorkloadApiClient, X509Source, X509Svid
 
 from helpers import TRUST_DOMAIN, Federation, Process, trustmesh_cmd
 from trustmesh.sim import SimulatedCluster
@@ -115,3 +116,25 @@ def start_sidecar(
     if wait_ready:
         sidecar.wait_ready()
     return sidecar
+
+
+def next_rotation(sidecar: Sidecar, after_serial: int | None = None) -> tuple[X509Svid, X509Svid]:
+    """Through py-spiffe's ``X509Source`` (its stream): the SVID it starts with, and the
+    first SVID it receives whose serial is not ``after_serial`` (default: the first's)."""
+    with sidecar.client() as client:
+        source = X509Source(workload_api_client=client, timeout_in_seconds=30)
+        try:
+            first = source.get_x509_context().default_svid
+            serial = first.leaf.serial_number if after_serial is None else after_serial
+            rotated = threading.Event()
+
+            def on_update() -> None:
+                if source.get_x509_context().default_svid.leaf.serial_number != serial:
+                    rotated.set()
+
+            source.subscribe_for_updates(on_update)
+            on_update()
+            assert rotated.wait(TTL + 30), sidecar.log()
+            return first, source.get_x509_context().default_svid
+        finally:
+            source.close()

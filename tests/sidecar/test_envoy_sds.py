@@ -20,8 +20,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from sidecar_support import TTL, Sidecar, our_id
-from spiffe import X509Source
+from sidecar_support import TTL, Sidecar, next_rotation, our_id
 
 from helpers import TRUST_DOMAIN, Envoy, Federation, start_envoy, stop_envoy
 
@@ -261,20 +260,7 @@ def test_envoy_serves_the_rotated_svid_without_a_restart(
     envoy: Envoy, sidecar: Sidecar, federation: Federation
 ) -> None:
     before = served_leaf(envoy, sidecar)
-    rotated = threading.Event()
-    with sidecar.client() as client:
-        source = X509Source(workload_api_client=client, timeout_in_seconds=30)
-
-        def on_update() -> None:
-            if source.get_x509_context().default_svid.leaf.serial_number != before.serial_number:
-                rotated.set()
-
-        source.subscribe_for_updates(on_update)
-        on_update()
-        try:
-            assert rotated.wait(TTL + 30), sidecar.log()
-        finally:
-            source.close()
+    next_rotation(sidecar, after_serial=before.serial_number)
     # the sidecar pushed it; Envoy applies it for new connections once it ACKs
     deadline = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=TTL + 30)
     after = served_leaf(envoy, sidecar)

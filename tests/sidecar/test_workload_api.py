@@ -6,10 +6,10 @@ within the test."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import stat
-import threading
 from pathlib import Path
 
 import grpc
@@ -19,8 +19,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from sidecar_support import TTL, WORKLOAD_HEADER, Sidecar, issued_by, our_id
-from spiffe import JwtSvid, TrustDomain, X509Source
+from sidecar_support import TTL, WORKLOAD_HEADER, Sidecar, issued_by, next_rotation, our_id
+from spiffe import JwtSvid, TrustDomain
 from spiffe._proto import workload_pb2, workload_pb2_grpc
 
 from helpers import TRUST_DOMAIN, Federation
@@ -64,24 +64,7 @@ def test_py_spiffe_fetches_an_x509_svid_that_chains_to_the_bundle(
 
 
 def test_x509_source_receives_the_rotated_svid_on_its_stream(sidecar: Sidecar) -> None:
-    with sidecar.client() as client:
-        source = X509Source(workload_api_client=client, timeout_in_seconds=30)
-        try:
-            first = source.get_x509_context().default_svid
-            rotated = threading.Event()
-
-            def on_update() -> None:
-                if (
-                    source.get_x509_context().default_svid.leaf.serial_number
-                    != first.leaf.serial_number
-                ):
-                    rotated.set()
-
-            source.subscribe_for_updates(on_update)
-            assert rotated.wait(TTL + 30), sidecar.log()
-            second = source.get_x509_context().default_svid
-        finally:
-            source.close()
+    first, second = next_rotation(sidecar)
     assert second.spiffe_id == first.spiffe_id
     assert second.leaf.serial_number != first.leaf.serial_number
     # a new key for every SVID: the old private key is not reused
@@ -89,6 +72,31 @@ def test_x509_source_receives_the_rotated_svid_on_its_stream(sidecar: Sidecar) -
     # renewed at about half-life: the old one was still valid when the new one came
     assert first.leaf.not_valid_after_utc > second.leaf.not_valid_before_utc
     assert "renewed X.509-SVID in service" in sidecar.log()
+
+
+def test_renewals_report_the_roots_the_sidecar_holds(
+    sidecar: Sidecar, federation: Federation
+) -> None:
+    """Each renewal sends bundle_sha256: the control plane lists the sidecar (by pod)
+    among the holders a CA rotation waits for, with the roots of its bundle."""
+    _, renewed = next_rotation(sidecar)
+    with sidecar.client() as client:
+        bundle = client.fetch_x509_bundles().get_bundle_for_trust_domain(TrustDomain(TRUST_DOMAIN))
+    assert bundle is not None
+    held = {
+        hashlib.sha256(r.public_bytes(serialization.Encoding.DER)).hexdigest()
+        for r in bundle.x509_authorities
+    }
+    status = federation.server.admin.get("/v1/ca")
+    assert status.status_code == 200, status.text
+    ours = [
+        h
+        for h in status.json()["holders"]
+        if h["kind"] == "sidecar" and h["subject"] == our_id(federation)
+    ]
+    assert ours, status.json()["holders"]
+    assert any(set(h["roots"]) == held for h in ours)
+    assert str(renewed.spiffe_id) == our_id(federation)
 
 
 def test_py_spiffe_fetches_and_validates_a_jwt_svid(
