@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.verification import PolicyBuilder, Store
 
@@ -36,6 +36,7 @@ from helpers import (
     start_server,
     trustmesh_cmd,
 )
+from trustmesh.identity.x509svid import csr_pem
 
 AGENT_CATCH_UP = 75.0  # seconds: a key sync (<= 30 s) and the report that follows it
 
@@ -115,16 +116,6 @@ def cli(
     )
 
 
-def csr_pem() -> str:
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([]))
-        .sign(key, hashes.SHA256())
-    )
-    return csr.public_bytes(serialization.Encoding.PEM).decode()
-
-
 def sidecar_renews(
     fed: Federation, holds: list[str], pod: str = "payments-abcde"
 ) -> dict[str, Any]:
@@ -133,7 +124,7 @@ def sidecar_renews(
         fed.server.url + "/v1/x509-svid",
         json={
             "subject_token": fed.sa_token(pod_name=pod),
-            "csr": csr_pem(),
+            "csr": csr_pem(ec.generate_private_key(ec.SECP256R1())),
             "bundle_sha256": holds,
         },
         timeout=10,
