@@ -11,6 +11,7 @@ import base64
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.verification import PolicyBuilder, Store
 
@@ -35,6 +36,7 @@ from helpers import (
     start_server,
     trustmesh_cmd,
 )
+from trustmesh.identity.x509svid import csr_pem
 
 AGENT_CATCH_UP = 75.0  # seconds: a key sync (<= 30 s) and the report that follows it
 
@@ -63,6 +65,7 @@ def setup(tmp_path: Path) -> Iterator[Setup]:
         yield Setup(server, fed, agent, agent_id)
     finally:
         if agent is not None:
+            agent.process.proc.send_signal(signal.SIGCONT)  # a test may have frozen it
             agent.stop()
         cluster.stop()
         assert server.stop() == 0
@@ -113,16 +116,6 @@ def cli(
     )
 
 
-def csr_pem() -> str:
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([]))
-        .sign(key, hashes.SHA256())
-    )
-    return csr.public_bytes(serialization.Encoding.PEM).decode()
-
-
 def sidecar_renews(
     fed: Federation, holds: list[str], pod: str = "payments-abcde"
 ) -> dict[str, Any]:
@@ -131,7 +124,7 @@ def sidecar_renews(
         fed.server.url + "/v1/x509-svid",
         json={
             "subject_token": fed.sa_token(pod_name=pod),
-            "csr": csr_pem(),
+            "csr": csr_pem(ec.generate_private_key(ec.SECP256R1())),
             "bundle_sha256": holds,
         },
         timeout=10,
@@ -203,8 +196,11 @@ def test_rotation_waits_for_every_holder_and_force_overrides(setup: Setup) -> No
     assert "CA ROOTS" in table.stdout and f"LAG: {lagging[0]}" in table.stdout
     assert ca_status(server)["prepared"] == first_prepared  # nothing changed
 
-    # the sidecar renews holding the bundle it was given: no laggard, the rotation runs
+    # the sidecar renews holding the bundle it was given: no laggard, the rotation runs.
+    # The agent is frozen first (SIGSTOP): it holds the root made active now, but it
+    # cannot fetch the next prepared one, so it lags behind that one for certain.
     current = sidecar_renews(fed, fingerprints(old["bundle"]))
+    setup.agent.process.proc.send_signal(signal.SIGSTOP)
     rotated = cli(server, "keys", "rotate", "--ca", "-o", "json")
     assert rotated.returncode == 0, rotated.stderr
     status = ca_status(server)
@@ -226,11 +222,15 @@ def test_rotation_waits_for_every_holder_and_force_overrides(setup: Setup) -> No
         first_prepared
     )
 
-    # a second pod holding the old bundle lags now, and so may the agent until it syncs
-    sidecar_renews(fed, fingerprints(old["bundle"]), pod="payments-zzzzz")
+    # the sidecar holds the new bundle, the frozen agent does not: refused, naming it
+    sidecar_renews(fed, fingerprints(pem))
     refused = cli(server, "keys", "rotate", "--ca")
-    assert refused.returncode == 1 and "payments" not in refused.stdout
-    assert "sidecar of pod" in refused.stderr
+    assert refused.returncode == 1, refused
+    line = refused.stderr.strip().splitlines()[-1]
+    assert f"agent {setup.agent_id} of cluster {fed.origin_name}" in line
+    assert "sidecar" not in line
+    table = cli(server, "get", "clusters", env={"COLUMNS": "400"})
+    assert f"LAG: agent {setup.agent_id}" in table.stdout
     forced = cli(server, "keys", "rotate", "--ca", "--force", "-o", "json")
     assert forced.returncode == 0, forced.stderr
     status = ca_status(server)
@@ -245,7 +245,8 @@ def test_rotation_waits_for_every_holder_and_force_overrides(setup: Setup) -> No
     assert "forced" not in ca_events[0] and ca_events[1]["forced"] is True
     assert ca_events[1]["laggard_count"] >= 1
 
-    # the agent fetches the new prepared root by itself and says so
+    # thawed, the agent fetches the new prepared root by itself and says so
+    setup.agent.process.proc.send_signal(signal.SIGCONT)
     wait_for(lambda: agent_holds_prepared(setup), "the agent to report the new root")
 
 

@@ -26,7 +26,6 @@ import time
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.padding import PKCS1v15
 from cryptography.hazmat.primitives.hashes import SHA256
@@ -45,7 +44,7 @@ from trustmesh.bench._load import LoadResult, request_bytes
 from trustmesh.bench._stats import Distribution, load_figures, median_of, row, timed, verdict
 from trustmesh.identity.jws import b64decode
 from trustmesh.identity.x509ca import ActiveRoot, build_root, fingerprint
-from trustmesh.identity.x509svid import check_csr, sign_svid
+from trustmesh.identity.x509svid import check_csr, csr_pem, sign_svid
 
 __all__ = ["run"]
 
@@ -56,14 +55,8 @@ GOAL_P99_MS = 20.0
 
 
 def make_csr() -> str:
-    """What a sidecar sends: a CSR over a fresh P-256 key, no names."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([]))
-        .sign(key, hashes.SHA256())
-    )
-    return csr.public_bytes(serialization.Encoding.PEM).decode()
+    """What a sidecar sends: a CSR over a fresh P-256 key."""
+    return csr_pem(ec.generate_private_key(ec.SECP256R1()))
 
 
 def _request_bytes(host: str, port: int, token: str, csr: str) -> bytes:

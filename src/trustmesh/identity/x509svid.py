@@ -220,3 +220,10 @@ def sign_svid(
 
 def pem_of(certificate: x509.Certificate) -> str:
     return certificate.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def csr_pem(private_key: ec.EllipticCurvePrivateKey) -> str:
+    """What a workload sends (``POST /v1/x509-svid``): a PKCS #10 request over its EC
+    key, empty subject, no names (the control plane names the certificate)."""
+    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+    return csr.sign(private_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode()
