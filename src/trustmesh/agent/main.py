@@ -34,6 +34,7 @@ from trustmesh.agent.revocations import (
     RevocationHolder,
     run_revocation_sync,
 )
+from trustmesh.agent.roots import RootHolder, run_root_reports
 from trustmesh.agent.spool import DEFAULT_FSYNC_INTERVAL, AuditSpool
 from trustmesh.agent.workers import (
     MAX_WORKERS,
@@ -103,6 +104,7 @@ class Agent:
     worker: WorkerSpec | None = None
     status: WorkerStatus | None = None  # a worker's snapshots, when it is one
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    roots: RootHolder = field(default_factory=RootHolder)
 
     @property
     def surfaces(self) -> AgentApp:
@@ -132,6 +134,7 @@ class Agent:
             asyncio.create_task(run_revocation_sync(self.client, self.revocations)),
             asyncio.create_task(self.shipper.run()),
             asyncio.create_task(self.decider.audit.run()),
+            asyncio.create_task(run_root_reports(self.client, self.roots)),
         ]
         if self.status is not None:
             self.tasks.append(asyncio.create_task(self.status.run()))
@@ -184,7 +187,14 @@ def build_agent(
         cluster=config.cluster, clock=clock, leeway=config.leeway, cache_size=config.cache_size
     )
     client = ControlPlaneClient(config.servers, config.credential, config.cluster, clock)
-    keys = KeySync(client, authn, config.data_dir, max_interval=config.max_sync_interval)
+    roots = RootHolder()
+    keys = KeySync(
+        client,
+        authn,
+        config.data_dir,
+        max_interval=config.max_sync_interval,
+        on_state=roots.update,
+    )
     policy = PolicyHolder(config.cluster, config.data_dir, authn.keys, clock)
     revocations = RevocationHolder(config.data_dir, clock, config.staleness_bound, config.fail_open)
     instance = agent_id(config.data_dir)
@@ -224,6 +234,7 @@ def build_agent(
         tracing,
         worker,
         status,
+        roots=roots,
     )
 
 

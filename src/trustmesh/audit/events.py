@@ -48,6 +48,11 @@ from trustmesh.common.errors import CanonicalError, EventError
 
 TOKEN_ISSUED = "token.issued"  # noqa: S105 (an event type, not a secret)
 TOKEN_EXCHANGE_FAILED = "token.exchange_failed"  # noqa: S105
+SVID_ISSUED = "svid.issued"
+"""An X.509-SVID signed (DESIGN §9): serial, SPIFFE ID, validity, the root that signed
+it, workload and origin cluster; never a private key or the SA token (its SHA-256
+only). A refused X.509-SVID request is a ``token.exchange_failed`` with ``request.surface``
+``x509-svid``: one kind of refusal, folded under one quota whichever endpoint was asked."""
 AUTHZ_DECISION = "authz.decision"
 POLICY_PUBLISHED = "policy.published"
 POLICY_REJECTED = "policy.rejected"
@@ -60,6 +65,7 @@ EVENT_TYPES = frozenset(
     {
         TOKEN_ISSUED,
         TOKEN_EXCHANGE_FAILED,
+        SVID_ISSUED,
         AUTHZ_DECISION,
         POLICY_PUBLISHED,
         POLICY_REJECTED,

@@ -31,7 +31,6 @@ p99 under 20 ms already needs well over 800 exchanges/s."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode
 
@@ -47,12 +46,12 @@ from trustmesh.bench._federation import (
     cluster_doc,
     es256_key,
     federation,
+    load_between_limits,
     numbered_workloads,
     unverified_claims,
 )
-from trustmesh.bench._load import LoadResult, request_bytes, run_load
-from trustmesh.bench._procs import cpu_seconds
-from trustmesh.bench._stats import Distribution, median, row, summarise, verdict
+from trustmesh.bench._load import LoadResult, request_bytes
+from trustmesh.bench._stats import Distribution, load_figures, median_of, row, timed, verdict
 from trustmesh.common.token_exchange import exchange_form
 from trustmesh.identity.jws import b64decode
 from trustmesh.identity.svid import mint_svid
@@ -137,16 +136,6 @@ class _Limit:
         self.hash = SHA256()
         self.ecdsa = ec.ECDSA(SHA256())
 
-    def _timed(self, op: Callable[[int], None], n: int) -> Distribution:
-        clock = time.perf_counter_ns
-        out = [0] * n
-        started = clock()
-        for i in range(n):
-            t0 = clock()
-            op(i)
-            out[i] = clock() - t0
-        return summarise(out, clock() - started)
-
     def verify(self, i: int) -> None:
         signature, signing_input = self.inputs[i % len(self.inputs)]
         self.public.verify(signature, signing_input, self.padding, self.hash)
@@ -162,23 +151,14 @@ class _Limit:
     def round(self, budget_s: float) -> dict[str, Distribution]:
         """One round: verify alone, sign alone, then both in one loop, each sized to
         about a third of ``budget_s`` from a short calibration."""
-        probe = self._timed(self.both, 20)
+        probe = timed(self.both, 20)
         per_op_s = max(probe.mean_ns / 1e9, 1e-6)
         n = max(50, int(budget_s / 3 / per_op_s))
         return {
-            "verify": self._timed(self.verify, 2 * n),
-            "sign": self._timed(self.sign, 2 * n),
-            "both": self._timed(self.both, n),
+            "verify": timed(self.verify, 2 * n),
+            "sign": timed(self.sign, 2 * n),
+            "both": timed(self.both, n),
         }
-
-
-def _median_of(rounds: list[dict[str, Distribution]], key: str) -> tuple[float, float, float]:
-    """(p50 µs, p99 µs, per_s), each the median over the rounds."""
-    return (
-        median([r[key].p50_us for r in rounds]),
-        median([r[key].p99_us for r in rounds]),
-        median([r[key].per_s for r in rounds]),
-    )
 
 
 # -- the run --------------------------------------------------------------------------
@@ -212,24 +192,16 @@ def run(
         _check_exchange(fed, tokens[0])
 
         limit = _Limit(fed.cluster.jwks(), tokens)
-        budget = max(0.2, min(1.0, seconds / 10))
-        before = [limit.round(budget) for _ in range((limit_rounds + 1) // 2)]
-        server = fed.server
-        load, loop_name = run_load(
-            host,
-            port,
+        load, loop_name, rounds = load_between_limits(
+            fed,
             requests,
+            limit.round,
             seconds=seconds,
             concurrency=concurrency,
             warmup=warmup,
-            server_cpu=lambda: cpu_seconds(server.proc.pid),
+            limit_rounds=limit_rounds,
         )
-        after = [limit.round(budget) for _ in range(limit_rounds // 2)]
-        if server.proc.poll() is not None:
-            raise RuntimeError(f"the server exited during the load: {server.tail()}")
-    return _report(
-        load, loop_name, before + after, seconds, concurrency, workloads, pool_size, mint_s
-    )
+    return _report(load, loop_name, rounds, seconds, concurrency, workloads, pool_size, mint_s)
 
 
 def _report(
@@ -242,20 +214,15 @@ def _report(
     pool_size: int,
     mint_s: float,
 ) -> dict[str, Any]:
-    if not load.latencies_ns:
-        raise RuntimeError(f"no exchange completed in the measurement window ({load.first_error})")
-    http = summarise(load.latencies_ns, load.window_ns)
-    window_s = load.window_ns / 1e9
-    both_p50, both_p99, limit_per_s = _median_of(rounds, "both")
-    verify_p50, verify_p99, verify_per_s = _median_of(rounds, "verify")
-    sign_p50, sign_p99, sign_per_s = _median_of(rounds, "sign")
+    figures = load_figures(load, "exchange", GOAL_PER_S, GOAL_P99_MS)
+    http, window_s, server_cpu = figures.http, figures.window_s, figures.server_cpu
+    both_p50, both_p99, limit_per_s = median_of(rounds, "both")
+    verify_p50, verify_p99, verify_per_s = median_of(rounds, "verify")
+    sign_p50, sign_p99, sign_per_s = median_of(rounds, "sign")
     limits = sorted(r["both"].per_s for r in rounds)
     ratio = http.per_s / limit_per_s
-    server_cpu = None if load.server_cpu_s is None else 100.0 * load.server_cpu_s / window_s
-    client_cpu = 100.0 * load.client_cpu_s / window_s
     p99_ms = http.p99_us / 1000.0
-    rate_ok, p99_ok = http.per_s >= GOAL_PER_S, p99_ms < GOAL_P99_MS
-    errors = load.non_200 + load.connection_errors
+    errors = figures.errors
 
     cpu_note = "" if server_cpu is None else f", server CPU {server_cpu:.0f}% of a core"
     results = [
@@ -294,15 +261,13 @@ def _report(
         f"exchanges/s over HTTP: {http.per_s:,.0f} "
         f"(p50 {http.p50_us / 1000:.2f} ms, p99 {p99_ms:.2f} ms; "
         f"{http.n:,} requests in {window_s:.1f} s over {concurrency} keep-alive connections)",
-        f"errors: {load.non_200} non-200 answers, {load.connection_errors} connection errors"
-        + (f" (first: {load.first_error})" if load.first_error else ""),
+        figures.errors_line(load),
         f"single-core limit (one RS256 verify + one ES256 sign): {limit_per_s:,.0f}/s, "
         f"{1e6 / limit_per_s:.1f} µs per exchange; "
         f"HTTP reaches {ratio:.1%} of it (ratio {ratio:.3f})",
-        (f"server process: {server_cpu:.0f}% of one core; " if server_cpu is not None else "")
-        + f"load generator ({loop_name}): {client_cpu:.0f}% of one core",
-        f"goal ≥ {GOAL_PER_S:,.0f} exchanges/s: {verdict(rate_ok)}; "
-        f"goal p99 < {GOAL_P99_MS:.0f} ms: {verdict(p99_ok)}",
+        figures.cpu_line(loop_name),
+        f"goal ≥ {GOAL_PER_S:,.0f} exchanges/s: {verdict(figures.rate_ok)}; "
+        f"goal p99 < {GOAL_P99_MS:.0f} ms: {verdict(figures.p99_ok)}",
     ]
     if server_cpu is not None and server_cpu < 60.0 and http.p50_us > 30_000:
         summary.append(
@@ -315,34 +280,16 @@ def _report(
         "results": results,
         "summary": summary,
         "exchanges_per_s": round(http.per_s, 1),
-        "p50_us": round(http.p50_us, 1),
-        "p99_us": round(http.p99_us, 1),
-        "mean_us": round(http.mean_ns / 1000, 1),
-        "requests": http.n,
-        "window_s": round(window_s, 3),
-        "non_200": load.non_200,
-        "connection_errors": load.connection_errors,
-        "statuses": {str(k): v for k, v in load.statuses.items()},
-        "first_error": load.first_error,
-        "warmup_requests": load.warmup_requests,
+        **figures.members(load, loop_name, GOAL_PER_S, GOAL_P99_MS),
         "limit_per_s": round(limit_per_s, 1),
         "limit_us_per_exchange": round(1e6 / limit_per_s, 2),
         "limit_rounds_per_s": [round(x, 1) for x in limits],
         "rs256_verify_us": round(verify_p50, 2),
         "es256_sign_us": round(sign_p50, 2),
         "ratio": round(ratio, 4),
-        "server_cpu_percent": None if server_cpu is None else round(server_cpu, 1),
-        "client_cpu_percent": round(client_cpu, 1),
-        "event_loop": loop_name,
         "seconds": seconds,
         "concurrency": concurrency,
         "workloads": workloads,
         "pool_size": pool_size,
         "mint_seconds": round(mint_s, 2),
-        "goals": {
-            "per_s": GOAL_PER_S,
-            "p99_ms": GOAL_P99_MS,
-            "per_s_met": rate_ok,
-            "p99_met": p99_ok,
-        },
     }
