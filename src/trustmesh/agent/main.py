@@ -26,6 +26,7 @@ from trustmesh.agent.audit import AuditShipper, DecisionAudit
 from trustmesh.agent.authn import Authenticator
 from trustmesh.agent.controlplane import ControlPlaneClient
 from trustmesh.agent.decide import Decider
+from trustmesh.agent.envoy import DEFAULT_GATEWAY_CLAIMS, ExtAuthzOptions
 from trustmesh.agent.keys import KeySync
 from trustmesh.agent.metrics import AgentMetrics
 from trustmesh.agent.policy import PolicyHolder, agent_id, run_bundle_sync
@@ -44,6 +45,7 @@ from trustmesh.agent.workers import (
     WorkerStatus,
     stranded_spools,
 )
+from trustmesh.agent.xfcc import CertificateAuthenticator
 from trustmesh.audit.folding import DEFAULT_AGENT_LIMITS, FoldingLimits
 from trustmesh.common.addresses import parse_listen, url_for
 from trustmesh.common.clock import Clock, system_clock
@@ -74,6 +76,8 @@ class AgentConfig:
     otel_exporter: str = "none"
     http_limits: HttpLimits = DEFAULT_LIMITS
     workers: int = 1
+    trust_xfcc: bool = False
+    gateway_claims: tuple[str, ...] = DEFAULT_GATEWAY_CLAIMS
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -108,7 +112,8 @@ class Agent:
 
     @property
     def surfaces(self) -> AgentApp:
-        return AgentApp(self.decider, self.keys, self.shipper, self.status)
+        options = ExtAuthzOptions(self.config.trust_xfcc, self.config.gateway_claims)
+        return AgentApp(self.decider, self.keys, self.shipper, self.status, options)
 
     def restore(self) -> bool:
         """The state persisted in the data dir, so the agent answers before it has
@@ -204,6 +209,7 @@ def build_agent(
     shipper = AuditShipper(spool, client)
     decider = Decider(
         authn=authn,
+        certificates=CertificateAuthenticator(roots, config.cache_size),
         refresh_keys=keys.request_refresh,
         revocations=revocations,
         policy=policy,

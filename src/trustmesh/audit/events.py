@@ -21,7 +21,10 @@ not apply (never ``null``):
 ``actor``      who acted: a SPIFFE ID, ``admin:NAME``, ``cluster:NAME`` or ``system``
 ``identity``   provenance of the credential: ``spiffe_id``, ``workload``,
                ``origin_cluster``, ``sa_issuer``, ``sa_subject``, ``jti``, ``kid``,
-               ``token_sha256`` (SHA-256 hex of the presented token: never the token)
+               ``token_sha256`` (SHA-256 hex of the presented token: never the token);
+               for a client certificate forwarded by Envoy (XFCC), ``credential:
+               "x509-svid"``, ``x509_serial`` (hex) and ``x509_sha256`` (of its DER:
+               never the certificate); no ``credential``: a bearer JWT-SVID
 ``request``    what was asked: ``surface`` plus the action/resource attributes
 ``decision``   ``allowed``, ``reason``, ``policy_revision``, ``bindings``, ``roles``,
                ``decision_id``
@@ -110,6 +113,9 @@ IDENTITY_FIELDS = frozenset(
         "jti",
         "kid",
         "token_sha256",
+        "credential",
+        "x509_serial",
+        "x509_sha256",
     }
 )
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -335,9 +341,10 @@ def check_event(event: Any) -> bytes:
     extra = sorted(set(identity) - IDENTITY_FIELDS)
     if extra:
         raise EventError(f"event.identity has unknown member {extra[0]!r}")
-    digest = identity.get("token_sha256")
-    if digest is not None and not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
-        raise EventError("event.identity.token_sha256 must be 64 lowercase hex digits")
+    for name in ("token_sha256", "x509_sha256"):
+        digest = identity.get(name)
+        if digest is not None and not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
+            raise EventError(f"event.identity.{name} must be 64 lowercase hex digits")
     if "trace_id" in event and not (
         isinstance(event["trace_id"], str) and _TRACE_ID.fullmatch(event["trace_id"])
     ):

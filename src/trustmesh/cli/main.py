@@ -373,8 +373,22 @@ def agent(
         help="Worker processes serving the port (SO_REUSEPORT), each with its own audit "
         "spool, under a supervisor that restarts one that dies.",
     ),
+    trust_xfcc: bool = typer.Option(
+        False,
+        "--trust-xfcc",
+        help="ext_authz: without a bearer token, take the identity from the client "
+        "certificate in x-forwarded-client-cert. Only behind an Envoy that terminates "
+        "mTLS and sets that header itself (trustmesh envoy config); ignored otherwise.",
+    ),
+    gateway_claims: str = typer.Option(
+        "project,environment,tier,cluster",
+        "--gateway-claims",
+        help="Claims sent upstream as x-trustmesh-claim-<name> on allowed ext_authz "
+        "checks, comma-separated ('' for none).",
+    ),
 ) -> None:
     """Run the agent of one cluster."""
+    from trustmesh.agent.envoy import parse_gateway_claims
     from trustmesh.agent.main import AgentConfig, read_credential, run_agent
     from trustmesh.common.errors import ConfigError
 
@@ -386,6 +400,7 @@ def agent(
         fail(str(exc))
     servers = [s.strip() for s in server.split(",") if s.strip()]
     try:
+        claims = parse_gateway_claims(gateway_claims)
         run_agent(
             AgentConfig(
                 cluster=cluster,
@@ -409,6 +424,8 @@ def agent(
                     max_connections,
                 ),
                 workers=workers,
+                trust_xfcc=trust_xfcc,
+                gateway_claims=claims,
             ),
             listen,
         )
