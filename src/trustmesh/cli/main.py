@@ -73,6 +73,15 @@ def _policy_app() -> typer.Typer:
 
 
 app.add_typer(_policy_app(), name="policy")
+
+
+def _envoy_app() -> typer.Typer:
+    from trustmesh.cli.envoy import envoy_app
+
+    return envoy_app
+
+
+app.add_typer(_envoy_app(), name="envoy")
 app.add_typer(audit_app, name="audit")
 
 
