@@ -42,7 +42,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 from trustmesh.agent.roots import RootHolder
 from trustmesh.common.errors import InvalidToken
@@ -177,6 +177,15 @@ def client_certificate(header: XfccHeader) -> ClientCertificate:
     if digest is not None and digest.lower() != hashlib.sha256(leaf).hexdigest():
         raise _malformed("Hash is not the SHA-256 of the certificate of Cert")
     return ClientCertificate(uri, leaf, intermediates)
+
+
+def forwarded_element(leaf_pem: str, spiffe_id: str) -> str:
+    """The XFCC element Envoy's ``SANITIZE_SET`` with ``uri`` and ``cert`` writes for a
+    client certificate (``Hash``, ``Cert``, ``URI``): for benchmarks and tests that
+    stand in for Envoy."""
+    (leaf,) = certificates_of_pem(leaf_pem, "the certificate", 1)
+    cert = quote(leaf_pem, safe="")
+    return f'Hash={hashlib.sha256(leaf).hexdigest()};Cert="{cert}";URI={spiffe_id}'
 
 
 def registered_identity(svid: VerifiedSvid, engine: Engine) -> VerifiedIdentity:

@@ -981,6 +981,12 @@ def bench_authorize(
         help="The agent's --workers: one count, or several (comma-separated), measured one "
         "after the other.",
     ),
+    xfcc: bool = typer.Option(
+        False,
+        "--xfcc",
+        help="Also ext_authz from client certificates (x-forwarded-client-cert, the agent "
+        "with --trust-xfcc), beside the bearer path.",
+    ),
     output: Output = OutputOption,
 ) -> None:
     """Decisions per second through /v1/authorize and ext_authz at a real agent."""
@@ -990,7 +996,7 @@ def bench_authorize(
         counts = [int(part) for part in workers.split(",") if part.strip()]
     except ValueError:
         fail("--workers takes counts separated by commas, e.g. 1,2")
-    result = run(seconds=seconds, concurrency=concurrency, wrk=wrk, workers=counts)
+    result = run(seconds=seconds, concurrency=concurrency, wrk=wrk, workers=counts, xfcc=xfcc)
     print_json(result) if output is Output.json else _print_bench(result)
 
 
