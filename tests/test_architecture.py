@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("entry points", ["cli"]),
     ("entry points", ["bench"]),
     ("entry points", ["sim"]),
-    ("processes", ["server", "agent"]),
+    ("processes", ["server", "agent", "sidecar"]),
     ("services", ["oauth"]),
     ("domain", ["audit"]),
     ("domain", ["policy"]),

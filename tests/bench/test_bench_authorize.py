@@ -69,3 +69,21 @@ def test_authorize_bench_counts_every_decision_in_the_log(wrk: bool) -> None:
     assert result["goals"] == {"decisions_per_s": 10_000.0, "p99_ms": 5.0, "connections": 32}
     audited = [line for line in result["summary"] if "every decision audited" in line]
     assert len(audited) == 2 and all(line.endswith("shipped: met") for line in audited)
+
+
+@pytest.mark.parametrize("wrk", [True, False])
+def test_authorize_bench_measures_xfcc_beside_the_bearer_path(wrk: bool) -> None:
+    """``--xfcc``: checks from X.509-SVIDs of the real issuance, every one allowed or
+    denied as the bearer checks are, and their rate set against the bearer path's."""
+    result = authorize.run(seconds=1, concurrency=4, workloads=2, warmup=10, wrk=wrk, xfcc=True)
+    assert [r["name"] for r in result["http"]] == [
+        "POST /v1/authorize",
+        "ext_authz",
+        "ext_authz (XFCC)",
+    ]
+    assert all(r["unexpected"] == 0 and r["decisions_per_s"] > 0 for r in result["http"])
+    if not wrk:  # allowed GETs and denied DELETEs alike
+        assert set(result["http"][2]["statuses"]) == {200, 403}
+    [compared] = [line for line in result["summary"] if "of the bearer path" in line]
+    assert compared.startswith("ext_authz (XFCC) vs ext_authz: ")
+    assert result["audit"][0]["complete"]

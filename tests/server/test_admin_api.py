@@ -227,7 +227,7 @@ def test_key_rotation_keeps_old_tokens_verifiable(tmp_path: Path, db_url: str | 
             answer = server.admin.post("/oauth2/introspect", data={"token": token}).json()
             assert answer["active"] is True
         bundle = httpx.get(server.url + "/.well-known/spiffe-bundle").json()
-        assert {k["use"] for k in bundle["keys"]} == {"jwt-svid"}
+        assert {k["use"] for k in bundle["keys"]} == {"jwt-svid", "x509-svid"}
         assert bundle["spiffe_refresh_hint"] > 0 and bundle["spiffe_sequence"] >= 2
     finally:
         cluster.stop()

@@ -7,7 +7,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from sqlalchemy import insert, inspect
+from sqlalchemy import Connection, delete, insert, inspect, text
 
 from helpers import new_postgres_database
 from trustmesh.common.errors import DatabaseUrlError
@@ -90,11 +90,44 @@ def test_engine_url_selection(tmp_path: Path) -> None:
         engine_url("mysql://u@h/db", tmp_path)
 
 
+def _undo_migration_7(conn: Connection) -> None:
+    """The database as version 6 left it: no CA roots, no holders, no CA counter."""
+    conn.execute(text("DROP TABLE ca_roots"))
+    conn.execute(text("DROP TABLE root_holders"))
+    conn.execute(text("DELETE FROM meta WHERE name = 'ca_revision'"))
+
+
+def test_migration_7_adds_the_x509_ca_to_a_version_6_database(
+    db_url: str | None, tmp_path: Path
+) -> None:
+    """A version 6 database gets the CA tables and counter; a control plane's CA then
+    creates its active and prepared roots in it."""
+    from trustmesh.identity.sealing import MasterKey
+    from trustmesh.identity.x509ca import CaManager
+
+    db = open_database(db_url, tmp_path)
+    try:
+        with db.engine.begin() as conn:
+            _undo_migration_7(conn)
+            conn.execute(delete(schema_migrations).where(schema_migrations.c.version == 7))
+        assert current_version(db.engine) == 6
+        assert migrate(db.engine) == LATEST == 7
+        assert {"ca_roots", "root_holders"} <= set(inspect(db.engine).get_table_names())
+        with db.engine.connect() as conn:
+            assert meta_store.revisions(conn)[meta_store.CA_REVISION] == 0
+        ca = CaManager(db, MasterKey.load_or_create(tmp_path / "master.key"), "corp.example")
+        ca.ensure_roots()
+        assert sorted(r.state for r in ca.list_roots()) == ["active", "prepared"]
+        assert ca.load().revision == 1
+    finally:
+        db.dispose()
+
+
 def test_migration_6_upgrades_a_version_5_database(db_url: str | None, tmp_path: Path) -> None:
     """A database as version 5 left it (credentials without agent, expiry, last use or
     rotation; no suspensions; audit source keys of 128 characters) is upgraded in place,
     and a cluster credential issued before keeps working, as its own agent instance."""
-    from sqlalchemy import Column, Float, MetaData, String, Table, delete, text
+    from sqlalchemy import Column, Float, MetaData, String, Table
 
     from trustmesh.server.credentials import CredentialStore
 
@@ -118,8 +151,9 @@ def test_migration_6_upgrades_a_version_5_database(db_url: str | None, tmp_path:
         conn.execute(text("ALTER TABLE policy_versions DROP COLUMN claimed_author"))
         if conn.dialect.name == "postgresql":
             conn.execute(text("ALTER TABLE audit_sources ALTER COLUMN source TYPE VARCHAR(128)"))
-        conn.execute(delete(schema_migrations).where(schema_migrations.c.version == 6))
+        conn.execute(delete(schema_migrations).where(schema_migrations.c.version >= 6))
         conn.execute(text("DELETE FROM meta WHERE name = 'suspension_revision'"))
+        _undo_migration_7(conn)
         legacy.create(conn)
         conn.execute(
             legacy.insert().values(
@@ -133,7 +167,7 @@ def test_migration_6_upgrades_a_version_5_database(db_url: str | None, tmp_path:
         )
     assert current_version(db.engine) == 5
     try:
-        assert migrate(db.engine) == LATEST == 6
+        assert migrate(db.engine) == LATEST == 7
         inspector = inspect(db.engine)
         columns = {c["name"]: c for c in inspector.get_columns("credentials")}
         assert {"agent", "expires_at", "last_used_at", "previous_hash", "previous_until"} <= set(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -25,6 +25,7 @@ from starlette.routing import Route
 from trustmesh.agent import kubernetes
 from trustmesh.agent.audit import AuditShipper
 from trustmesh.agent.decide import ACCESS_REVIEW, TOKEN_REVIEW, Decider
+from trustmesh.agent.envoy import ExtAuthzOptions
 from trustmesh.agent.hot import HotSurfaces
 from trustmesh.agent.keys import KeySync
 from trustmesh.agent.workers import WorkerStatus
@@ -90,6 +91,7 @@ class AgentApp:
     keys: KeySync
     shipper: AuditShipper
     workers: WorkerStatus | None = None  # a worker answers for all of them
+    ext_authz: ExtAuthzOptions = field(default_factory=ExtAuthzOptions)
 
     # -- questions (the two decision surfaces are in agent/hot.py) -------------------
     async def token_review(self, request: Request) -> Response:
@@ -163,4 +165,4 @@ def build_agent_app(
     # Envoy hands a non-200 check answer to the client: a redirect would send it to a
     # Location of the agent's making. An unknown path is a 404, never a redirect.
     app.router.redirect_slashes = False
-    return HotSurfaces(agent.decider, app)
+    return HotSurfaces(agent.decider, app, agent.ext_authz)

@@ -34,6 +34,7 @@ import orjson
 
 from trustmesh.agent.controlplane import ControlPlaneClient
 from trustmesh.agent.spool import MAX_LINE_BYTES, AuditSpool, Batch, LineTooLong
+from trustmesh.agent.xfcc import X509_SVID, XfccHeader
 from trustmesh.audit.events import (
     AUTHZ_DECISION,
     REFUSALS_FOLDED,
@@ -61,6 +62,7 @@ from trustmesh.common.errors import (
 )
 from trustmesh.common.tracing import Span
 from trustmesh.identity.svid import VerifiedIdentity
+from trustmesh.identity.x509validate import VerifiedSvid
 from trustmesh.policy.engine import Decision, Engine
 
 log = logging.getLogger("trustmesh.agent.audit")
@@ -74,9 +76,22 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def identity_provenance(identity: VerifiedIdentity, token: str | None) -> dict[str, Any]:
-    """``identity`` of an event from a verified token: who, from where, which token."""
+def identity_provenance(
+    identity: VerifiedIdentity, token: str | VerifiedSvid | None
+) -> dict[str, Any]:
+    """``identity`` of an event from a verified token: who, from where, which token; or
+    from a verified client certificate: the credential kind, its serial and the SHA-256
+    of its DER (never the certificate)."""
     claims = identity.claims
+    if isinstance(token, VerifiedSvid):
+        return {
+            "spiffe_id": identity.spiffe_id,
+            "workload": _text(claims.get("workload_id")),
+            "origin_cluster": _text(claims.get("cluster")),
+            "credential": X509_SVID,
+            "x509_serial": token.serial,
+            "x509_sha256": token.sha256,
+        }
     return {
         "spiffe_id": identity.spiffe_id,
         "workload": _text(claims.get("workload_id")),
@@ -98,6 +113,16 @@ def registered_provenance(
         "workload": _text(entry.get("workload")),
         "origin_cluster": _text(claims.get("cluster")),
     }
+
+
+def _refused_credential(
+    token: str | XfccHeader | None, digest: str | None
+) -> dict[str, Any] | None:
+    """``identity`` of a refusal's event: the token's hash, or the kind and hash of a
+    forwarded client certificate (computed only for an event that is spooled)."""
+    if isinstance(token, XfccHeader):
+        return {"credential": X509_SVID, "x509_sha256": token.der_sha256()}
+    return {"token_sha256": digest} if digest else None
 
 
 def decision_fields(decision: Decision, reason: str | None = None) -> dict[str, Any]:
@@ -248,11 +273,12 @@ class DecisionAudit:
         span: Span,
         request: Mapping[str, Any],
         identity: VerifiedIdentity,
-        token: str | None,
+        token: str | VerifiedSvid | None,
         decision: Decision,
         reason: str | None = None,
     ) -> int:
-        """An engine decision about a verified identity."""
+        """An engine decision about a verified identity (``token``: the bearer token, or
+        the verified client certificate)."""
         return self.record(
             span,
             request,
@@ -308,22 +334,24 @@ class DecisionAudit:
         self,
         span: Span,
         request: Mapping[str, Any],
-        token: str | None,
+        token: str | XfccHeader | None,
         reason: str,
         revision: int | None,
         description: str | None = None,
         *,
         verified: bool = False,
     ) -> int | None:
-        """A token that did not authenticate (or none): of the token only its hash.
+        """A token (or forwarded client certificate) that did not authenticate, or
+        none: of the token only its hash, of the certificate the SHA-256 of its DER.
         Spooled (its seq), or folded into the window's summary (None) when the
-        window's quota is used up. ``verified``: the token verified but was refused
+        window's quota is used up. ``verified``: the credential verified but was refused
         (revoked, a stale revocation list): never folded."""
-        digest = token_sha256(token) if token else None
-        identity = {"token_sha256": digest} if digest else None
+        digest = None
+        if not isinstance(token, XfccHeader):
+            digest = token_sha256(token) if token else None
         decision = refusal(f"unauthenticated: {reason}", revision)
         if verified:
-            return self.record(span, request, decision, identity)
+            return self.record(span, request, decision, _refused_credential(token, digest))
         refused = Refusal(
             error=reason,
             reason=description,
@@ -337,7 +365,7 @@ class DecisionAudit:
         if not verdict.individual:
             return None
         try:
-            return self.record(span, request, decision, identity)
+            return self.record(span, request, decision, _refused_credential(token, digest))
         except AuditUnavailable:
             self.folder.drop(now, refused)
             raise

@@ -1,6 +1,6 @@
 """The agent's one client of the control plane (as SPIRE keeps every agent → server call
 in ``pkg/agent/client``): configuration and the SPIFFE bundle, the cluster's policy
-bundle, the revocation list, and audit batches.
+bundle, the revocation list, audit batches, and the report of the CA roots it holds.
 
 Every call goes through one failover round (``common/failover.py``): the URLs are
 tried starting with the one that answered last; a connection error, a timeout, a 5xx
@@ -195,6 +195,18 @@ class ControlPlaneClient:
                 raise TryNext(f"malformed revocation list: {exc}") from None
 
         return await self.failover.run(attempt)
+
+    async def report_roots(self, fingerprints: list[str]) -> None:
+        """``POST /v1/agent/roots``: the CA roots this agent holds (``agent/roots.py``).
+        A control plane without the endpoint (404) is not asked again this round."""
+
+        async def attempt(base: str) -> None:
+            response = await self._http.post(base + "/v1/agent/roots", json={"roots": fingerprints})
+            self._check(base, response, " for its roots report")
+            if response.status_code not in (200, 404):
+                raise TryNext(f"HTTP {response.status_code}")
+
+        await self.failover.run(attempt)
 
     async def ship_audit(self, body: bytes, timeout: float | None = None) -> dict[str, Any]:
         """``POST /v1/audit/events`` with a ``{"events": [...]}`` body until one control

@@ -4,9 +4,12 @@ Every question any surface asks — the JSON authorize API, Envoy ext_authz, the
 Kubernetes TokenReview and SubjectAccessReview webhooks — goes through the same steps,
 in this order, on one clock reading:
 
-1. **authenticate** the credential: the verified-token cache, else the JWT-SVID
-   verifier; a token naming an unknown ``kid`` triggers one rate-limited refresh of the
-   key set and one retry (``agent/authn.py``);
+1. **authenticate** the credential — a bearer JWT-SVID: the verified-token cache, else
+   the JWT-SVID verifier; a token naming an unknown ``kid`` triggers one rate-limited
+   refresh of the key set and one retry (``agent/authn.py``); or, on ext_authz with
+   ``--trust-xfcc``, the client certificate Envoy forwarded (:class:`XfccHeader`): the
+   verified-certificate cache, else X.509-SVID validation against the roots held, with
+   the claims of the bundle's inventory (``agent/xfcc.py``);
 2. **refuse what is revoked** — the token, its subject, cluster or key — and, in strict
    mode, every identity while the revocation list is staler than its bound
    (``agent/revocations.py``);
@@ -37,10 +40,12 @@ from trustmesh.agent.authn import Authenticator
 from trustmesh.agent.metrics import AgentMetrics
 from trustmesh.agent.policy import PolicyHolder
 from trustmesh.agent.revocations import RevocationHolder
+from trustmesh.agent.xfcc import CertificateAuthenticator, XfccHeader
 from trustmesh.common.clock import Clock
 from trustmesh.common.errors import InvalidToken, NotReady
 from trustmesh.common.tracing import Span, Tracing
 from trustmesh.identity.svid import VerifiedIdentity
+from trustmesh.identity.x509validate import VerifiedSvid
 from trustmesh.policy.engine import Decision, Engine
 from trustmesh.request import Request
 
@@ -54,6 +59,10 @@ SURFACES = (AUTHORIZE, EXT_AUTHZ, TOKEN_REVIEW, ACCESS_REVIEW)
 SPAN_NAME = "authz.decision"
 _SPAN_ATTRIBUTES = {surface: {"trustmesh.surface": surface} for surface in SURFACES}
 NO_BUNDLE = "the agent has no verified policy bundle yet"
+
+Credential = str | XfccHeader | None
+"""What a question presents: a bearer token, the client certificate Envoy forwarded, or
+nothing."""
 
 RefreshKeys = Callable[[], Awaitable[bool]]
 """Ask for the control plane's key set now; whether a refresh happened."""
@@ -127,6 +136,7 @@ class Decider:
         self,
         *,
         authn: Authenticator,
+        certificates: CertificateAuthenticator,
         refresh_keys: RefreshKeys,
         revocations: RevocationHolder,
         policy: PolicyHolder,
@@ -136,6 +146,7 @@ class Decider:
         clock: Clock,
     ) -> None:
         self.authn = authn
+        self.certificates = certificates
         self.refresh_keys = refresh_keys
         self.revocations = revocations
         self.policy = policy
@@ -167,7 +178,7 @@ class Decider:
         self,
         span: Span,
         asked: Mapping[str, Any],
-        token: str | None,
+        token: Credential,
         exc: InvalidToken,
         revision: int | None,
         verified: bool,
@@ -181,7 +192,7 @@ class Decider:
         )
 
     def decide_now(
-        self, credential: str | None, request: Request, surface: str, span: Span
+        self, credential: Credential, request: Request, surface: str, span: Span
     ) -> Outcome | None:
         """:meth:`decide` without awaiting anything, or None (nothing done, nothing
         recorded) when the token names a key the agent does not know: then call
@@ -189,10 +200,11 @@ class Decider:
         return self._decide(credential, request, surface, span, self.clock(), refreshed=False)
 
     async def decide(
-        self, credential: str | None, request: Request, surface: str, span: Span
+        self, credential: Credential, request: Request, surface: str, span: Span
     ) -> Outcome:
-        """A bearer token (None: the caller presented none) and what it asks for ->
-        the outcome. Raises NotReady before the first verified bundle."""
+        """A bearer token or a forwarded client certificate (None: the caller presented
+        neither) and what it asks for -> the outcome. Raises NotReady before the first
+        verified bundle."""
         now = self.clock()
         outcome = self._decide(credential, request, surface, span, now, refreshed=False)
         if outcome is None:  # an unknown kid: one key-set refresh (rate-limited), one retry
@@ -203,7 +215,7 @@ class Decider:
 
     def _decide(
         self,
-        credential: str | None,
+        credential: Credential,
         request: Request,
         surface: str,
         span: Span,
@@ -217,15 +229,22 @@ class Decider:
         request = engine.resolve(request)  # as the cluster reads it, also in the audit event
         asked = {"surface": surface, **request.to_json()}
         identity: VerifiedIdentity | None = None
+        proof: str | VerifiedSvid
         try:
             if credential is None:
                 raise InvalidToken("missing_token", "no Authorization: Bearer token")
-            try:
-                identity = self.authn.authenticate(credential, now)
-            except InvalidToken as exc:
-                if exc.reason == "unknown_kid" and not refreshed:
-                    return None
-                raise
+            if isinstance(credential, str):
+                try:
+                    identity = self.authn.authenticate(credential, now)
+                except InvalidToken as exc:
+                    if exc.reason == "unknown_kid" and not refreshed:
+                        return None
+                    raise
+                proof = credential
+            else:
+                verified = self.certificates.authenticate(credential, now)
+                identity = verified.identity_under(engine)
+                proof = verified.svid
             self.revocations.check(identity, now)
         except InvalidToken as exc:
             self._refused(span, asked, credential, exc, engine.revision, identity is not None)
@@ -234,7 +253,7 @@ class Decider:
         decision = engine.decide(identity.spiffe_id, identity.claims, request)
         span.set("trustmesh.allowed", decision.allowed)
         span.set("trustmesh.decision_id", decision.decision_id)
-        self.audit.decided(span, asked, identity, credential, decision)
+        self.audit.decided(span, asked, identity, proof, decision)
         (self.metrics.allowed if decision.allowed else self.metrics.denied).inc()
         return Outcome(identity, decision, None)
 

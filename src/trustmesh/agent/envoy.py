@@ -5,11 +5,17 @@ sends one request per client request, to ``path_prefix`` + the original path (qu
 included), with the original method, the original ``Host`` and the headers its config
 allows, and no body. Envoy uses only the status and the headers of the answer:
 
-* 200 — allow; ``x-trustmesh-spiffe-id``, ``x-trustmesh-decision-id`` and
-  ``traceparent`` (the decision span as parent) reach the upstream when listed in
-  ``authorization_response.allowed_upstream_headers`` (Envoy then overwrites any
-  value the client sent itself);
-* 401 with ``WWW-Authenticate: Bearer`` — missing, malformed or invalid token;
+* 200 — allow; ``x-trustmesh-spiffe-id``, ``x-trustmesh-decision-id``,
+  ``traceparent`` (the decision span as parent) and the gateway claims
+  (``x-trustmesh-claim-<name>`` for each claim of :attr:`ExtAuthzOptions.gateway_claims`
+  the identity carries, DESIGN §9 "Claims at the gateway") reach the upstream when
+  listed in ``authorization_response.allowed_upstream_headers`` (Envoy then overwrites
+  any value the client sent itself; a claim header the identity does not carry is
+  removed from the client's request by the Envoy configuration, ``trustmesh envoy
+  config``, before the check);
+* 401 with ``WWW-Authenticate: Bearer`` — missing, malformed or invalid token, or, with
+  ``--trust-xfcc`` and no bearer token, a forwarded client certificate that does not
+  authenticate (``agent/xfcc.py``);
 * 403 — the policy denies the request, or the request is refused before any policy
   is asked: a path, host or namespace the canonicalisation refuses (dot or empty
   segments, path parameters, encoded separators, control characters…:
@@ -30,12 +36,15 @@ bindings or roles involved (those are in ``/v1/authorize`` answers and the logs)
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 from trustmesh.agent.answer import Answer
 from trustmesh.agent.decide import Outcome
-from trustmesh.common.errors import RequestError
+from trustmesh.common.errors import ConfigError, RequestError
 from trustmesh.identity.svid import VerifiedIdentity
 from trustmesh.policy.engine import Decision
 from trustmesh.request import ServiceRequest, parse_request
@@ -45,7 +54,68 @@ NAMESPACE_HEADER = "x-trustmesh-namespace"
 SPIFFE_ID_HEADER = "x-trustmesh-spiffe-id"
 DECISION_ID_HEADER = "x-trustmesh-decision-id"
 TRACEPARENT_HEADER = "traceparent"
+CLAIM_HEADER_PREFIX = "x-trustmesh-claim-"
+DEFAULT_GATEWAY_CLAIMS = ("project", "environment", "tier", "cluster")
+MAX_CLAIM_HEADER_VALUE = 1024
 REALM = "trustmesh"
+_CLAIM_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+# what a claim value keeps as it is in a header: visible ASCII but "%" (an escape's start)
+_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
+
+
+@dataclass(frozen=True, slots=True)
+class ExtAuthzOptions:
+    """How the agent answers ext_authz checks. ``trust_xfcc``: read the identity from
+    ``x-forwarded-client-cert`` when no bearer token is present (``--trust-xfcc``: only
+    behind an Envoy that terminates mTLS and sets that header itself); ``gateway_claims``:
+    the claims sent upstream as ``x-trustmesh-claim-<name>`` on allowed checks
+    (``--gateway-claims``)."""
+
+    trust_xfcc: bool = False
+    gateway_claims: tuple[str, ...] = DEFAULT_GATEWAY_CLAIMS
+
+    @property
+    def claim_headers(self) -> tuple[tuple[str, str], ...]:
+        """(claim, header name) of each gateway claim."""
+        return tuple((name, CLAIM_HEADER_PREFIX + name) for name in self.gateway_claims)
+
+
+def parse_gateway_claims(text: str) -> tuple[str, ...]:
+    """``--gateway-claims a,b,c`` (empty: none): claim names as header-name tokens,
+    lowercase letters, digits, ``_`` and ``-``, at most 32, none twice."""
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    for name in names:
+        if not _CLAIM_NAME.fullmatch(name):
+            raise ConfigError(
+                f"--gateway-claims: {name[:80]!r} is not a claim name for a header (lowercase "
+                "letters, digits, '_' and '-', at most 64)"
+            )
+    if len(set(names)) != len(names) or len(names) > 32:
+        raise ConfigError("--gateway-claims: at most 32 claim names, none twice")
+    return names
+
+
+def header_value(value: str) -> str:
+    """A claim value as a header value: as it is when it is visible ASCII without "%",
+    else percent-encoded UTF-8 (RFC 3986 §2.1) — never a control character, a line
+    break or a leading or trailing space the upstream could misread."""
+    if value.isascii() and value.isprintable() and " " not in value and "%" not in value:
+        return value
+    return quote(value, safe=_SAFE, errors="surrogatepass")
+
+
+def claim_headers(claims: Mapping[str, Any], names: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """The gateway-claim headers of an identity: each named claim that is a string (an
+    empty one, or one past :data:`MAX_CLAIM_HEADER_VALUE` once encoded, is left out)."""
+    headers = {}
+    for claim, header_name in names:
+        value = claims.get(claim)
+        if isinstance(value, str) and value:
+            encoded = header_value(value)
+            if len(encoded) <= MAX_CLAIM_HEADER_VALUE:
+                headers[header_name] = encoded
+    return headers
+
 
 _NO_STORE = {"Cache-Control": "no-store"}
 
@@ -106,24 +176,29 @@ def check_request(
     return request
 
 
-def response(outcome: Outcome, traceparent: str) -> Answer:
-    """The answer Envoy acts on: 200 allow, 401 no or bad token, 403 denied."""
+def response(outcome: Outcome, traceparent: str, claims: Iterable[tuple[str, str]] = ()) -> Answer:
+    """The answer Envoy acts on: 200 allow, 401 no or bad token, 403 denied.
+    ``claims``: the gateway claims (:attr:`ExtAuthzOptions.claim_headers`)."""
     if outcome.refusal is not None:
         return unauthenticated(outcome.refusal.reason, outcome.refusal.description)
     assert outcome.identity is not None and outcome.decision is not None
     if outcome.decision.allowed:
-        return allowed(outcome.identity, outcome.decision, traceparent)
+        return allowed(outcome.identity, outcome.decision, traceparent, claims)
     return denied(outcome.decision)
 
 
 def allowed(
-    identity: VerifiedIdentity, decision: Decision, traceparent: str | None = None
+    identity: VerifiedIdentity,
+    decision: Decision,
+    traceparent: str | None = None,
+    claims: Iterable[tuple[str, str]] = (),
 ) -> Answer:
     """``traceparent`` (the decision's span as the parent) reaches the upstream when
     ``allowed_upstream_headers`` lists it, so the upstream's spans join the trace."""
     headers = {
         SPIFFE_ID_HEADER: identity.spiffe_id,
         DECISION_ID_HEADER: decision.decision_id,
+        **claim_headers(identity.claims, claims),
         **_NO_STORE,
     }
     if traceparent is not None:

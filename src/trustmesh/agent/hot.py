@@ -28,7 +28,10 @@ import orjson
 
 from trustmesh.agent import envoy
 from trustmesh.agent.answer import Answer, json_bytes, raw_headers
-from trustmesh.agent.decide import AUTHORIZE, EXT_AUTHZ, Decider, Outcome
+from trustmesh.agent.decide import AUTHORIZE, EXT_AUTHZ, Credential, Decider, Outcome
+from trustmesh.agent.envoy import ExtAuthzOptions
+from trustmesh.agent.xfcc import HEADER as XFCC_HEADER
+from trustmesh.agent.xfcc import XfccHeader
 from trustmesh.common.errors import (
     InvalidRequest,
     NotReady,
@@ -57,6 +60,7 @@ _AUTHORIZE = re.compile("^/v1/authorize$")
 _EXT_AUTHZ = re.compile("^" + envoy.PREFIX + "/(.*)$")
 _NO_STORE = {"Cache-Control": "no-store"}
 _NAMESPACE = envoy.NAMESPACE_HEADER.encode()
+_XFCC = XFCC_HEADER.encode()
 
 
 class ClientGone(Exception):
@@ -196,7 +200,7 @@ def _guarded(request: FastRequest, exc: Exception) -> Answer:
     return _refusal(500, "server_error", "internal error; the server logged the details")
 
 
-Question = tuple[str | None, Request, str | None]  # credential, request, traceparent
+Question = tuple[Credential, Request, str | None]  # credential, request, traceparent
 
 
 class HotSurfaces:
@@ -205,11 +209,19 @@ class HotSurfaces:
     (``common/serving.py``: answered without ASGI, in one write), which answer exactly
     as the ASGI ones: both run the functions below. A fast answer is given without
     awaiting anything unless the token names a key the agent does not know (a key-set
-    refresh), or an OpenTelemetry exporter is on (a span must not be begun twice)."""
+    refresh), or an OpenTelemetry exporter is on (a span must not be begun twice).
 
-    def __init__(self, decider: Decider, rest: ASGIApp) -> None:
+    ``options``: whether ext_authz reads a forwarded client certificate
+    (``--trust-xfcc``), and the gateway claims it sends upstream."""
+
+    def __init__(
+        self, decider: Decider, rest: ASGIApp, options: ExtAuthzOptions | None = None
+    ) -> None:
         self.decider = decider
         self.rest = rest
+        self.options = options or ExtAuthzOptions()
+        self._trust_xfcc = self.options.trust_xfcc
+        self._claims = self.options.claim_headers
         self._at_once = decider.tracing.exporter == "none"
         self._authorize_with_body = FastRoute(self._authorize_fast, read_body=True)
         self._authorize_at_once = FastRoute(self._authorize_fast, read_body=False)
@@ -338,7 +350,11 @@ class HotSurfaces:
             )
         except RequestError as exc:
             return envoy.refused(exc.description)
-        credential = envoy.bearer(header(headers, b"authorization"))
+        credential: Credential = envoy.bearer(header(headers, b"authorization"))
+        if credential is None and self._trust_xfcc:
+            lines = tuple(value for key, value in headers if key == _XFCC)
+            if lines:
+                credential = XfccHeader(lines)
         return credential, attributes, header(headers, b"traceparent")
 
     def _ext_authz_now(self, request: FastRequest) -> Answer | None:
@@ -355,7 +371,9 @@ class HotSurfaces:
                 outcome = decider.decide_now(credential, attributes, EXT_AUTHZ, span)
             except NotReady:
                 return envoy.not_ready()
-            return None if outcome is None else envoy.response(outcome, span.traceparent())
+            if outcome is None:
+                return None
+            return envoy.response(outcome, span.traceparent(), self._claims)
 
     async def _ext_authz_later(self, request: FastRequest) -> Answer:
         question = self._ext_authz_question(request)
@@ -368,7 +386,7 @@ class HotSurfaces:
                 outcome = await decider.decide(credential, attributes, EXT_AUTHZ, span)
             except NotReady:
                 return envoy.not_ready()
-            return envoy.response(outcome, span.traceparent())
+            return envoy.response(outcome, span.traceparent(), self._claims)
 
 
 def _authorized(outcome: Outcome) -> Answer:

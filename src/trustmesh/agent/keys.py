@@ -55,8 +55,11 @@ class KeySync:
         *,
         max_interval: float = 30.0,
         min_forced_interval: float = 1.0,
+        on_state: Callable[[ControlPlaneState], object] | None = None,
     ) -> None:
+        """``on_state``: told of every state applied (the CA roots' holder)."""
         self.client = client
+        self.on_state = on_state
         self.authn = authn
         self.data_dir = data_dir
         self.max_interval = max_interval
@@ -72,6 +75,8 @@ class KeySync:
 
     def _apply(self, state: ControlPlaneState) -> None:
         self.authn.configure(issuer=state.issuer, trust_domain=state.trust_domain, jwks=state.jwks)
+        if self.on_state is not None:
+            self.on_state(state)
 
     def restore(self) -> bool:
         state = load_state(self.data_dir, self.client.cluster)

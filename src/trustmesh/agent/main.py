@@ -26,6 +26,7 @@ from trustmesh.agent.audit import AuditShipper, DecisionAudit
 from trustmesh.agent.authn import Authenticator
 from trustmesh.agent.controlplane import ControlPlaneClient
 from trustmesh.agent.decide import Decider
+from trustmesh.agent.envoy import DEFAULT_GATEWAY_CLAIMS, ExtAuthzOptions
 from trustmesh.agent.keys import KeySync
 from trustmesh.agent.metrics import AgentMetrics
 from trustmesh.agent.policy import PolicyHolder, agent_id, run_bundle_sync
@@ -34,6 +35,7 @@ from trustmesh.agent.revocations import (
     RevocationHolder,
     run_revocation_sync,
 )
+from trustmesh.agent.roots import RootHolder, run_root_reports
 from trustmesh.agent.spool import DEFAULT_FSYNC_INTERVAL, AuditSpool
 from trustmesh.agent.workers import (
     MAX_WORKERS,
@@ -43,6 +45,7 @@ from trustmesh.agent.workers import (
     WorkerStatus,
     stranded_spools,
 )
+from trustmesh.agent.xfcc import CertificateAuthenticator
 from trustmesh.audit.folding import DEFAULT_AGENT_LIMITS, FoldingLimits
 from trustmesh.common.addresses import parse_listen, url_for
 from trustmesh.common.clock import Clock, system_clock
@@ -73,6 +76,8 @@ class AgentConfig:
     otel_exporter: str = "none"
     http_limits: HttpLimits = DEFAULT_LIMITS
     workers: int = 1
+    trust_xfcc: bool = False
+    gateway_claims: tuple[str, ...] = DEFAULT_GATEWAY_CLAIMS
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -103,10 +108,12 @@ class Agent:
     worker: WorkerSpec | None = None
     status: WorkerStatus | None = None  # a worker's snapshots, when it is one
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    roots: RootHolder = field(default_factory=RootHolder)
 
     @property
     def surfaces(self) -> AgentApp:
-        return AgentApp(self.decider, self.keys, self.shipper, self.status)
+        options = ExtAuthzOptions(self.config.trust_xfcc, self.config.gateway_claims)
+        return AgentApp(self.decider, self.keys, self.shipper, self.status, options)
 
     def restore(self) -> bool:
         """The state persisted in the data dir, so the agent answers before it has
@@ -132,6 +139,7 @@ class Agent:
             asyncio.create_task(run_revocation_sync(self.client, self.revocations)),
             asyncio.create_task(self.shipper.run()),
             asyncio.create_task(self.decider.audit.run()),
+            asyncio.create_task(run_root_reports(self.client, self.roots)),
         ]
         if self.status is not None:
             self.tasks.append(asyncio.create_task(self.status.run()))
@@ -184,7 +192,14 @@ def build_agent(
         cluster=config.cluster, clock=clock, leeway=config.leeway, cache_size=config.cache_size
     )
     client = ControlPlaneClient(config.servers, config.credential, config.cluster, clock)
-    keys = KeySync(client, authn, config.data_dir, max_interval=config.max_sync_interval)
+    roots = RootHolder()
+    keys = KeySync(
+        client,
+        authn,
+        config.data_dir,
+        max_interval=config.max_sync_interval,
+        on_state=roots.update,
+    )
     policy = PolicyHolder(config.cluster, config.data_dir, authn.keys, clock)
     revocations = RevocationHolder(config.data_dir, clock, config.staleness_bound, config.fail_open)
     instance = agent_id(config.data_dir)
@@ -194,6 +209,7 @@ def build_agent(
     shipper = AuditShipper(spool, client)
     decider = Decider(
         authn=authn,
+        certificates=CertificateAuthenticator(roots, config.cache_size),
         refresh_keys=keys.request_refresh,
         revocations=revocations,
         policy=policy,
@@ -224,6 +240,7 @@ def build_agent(
         tracing,
         worker,
         status,
+        roots=roots,
     )
 
 

@@ -21,7 +21,10 @@ not apply (never ``null``):
 ``actor``      who acted: a SPIFFE ID, ``admin:NAME``, ``cluster:NAME`` or ``system``
 ``identity``   provenance of the credential: ``spiffe_id``, ``workload``,
                ``origin_cluster``, ``sa_issuer``, ``sa_subject``, ``jti``, ``kid``,
-               ``token_sha256`` (SHA-256 hex of the presented token: never the token)
+               ``token_sha256`` (SHA-256 hex of the presented token: never the token);
+               for a client certificate forwarded by Envoy (XFCC), ``credential:
+               "x509-svid"``, ``x509_serial`` (hex) and ``x509_sha256`` (of its DER:
+               never the certificate); no ``credential``: a bearer JWT-SVID
 ``request``    what was asked: ``surface`` plus the action/resource attributes
 ``decision``   ``allowed``, ``reason``, ``policy_revision``, ``bindings``, ``roles``,
                ``decision_id``
@@ -48,6 +51,11 @@ from trustmesh.common.errors import CanonicalError, EventError
 
 TOKEN_ISSUED = "token.issued"  # noqa: S105 (an event type, not a secret)
 TOKEN_EXCHANGE_FAILED = "token.exchange_failed"  # noqa: S105
+SVID_ISSUED = "svid.issued"
+"""An X.509-SVID signed (DESIGN §9): serial, SPIFFE ID, validity, the root that signed
+it, workload and origin cluster; never a private key or the SA token (its SHA-256
+only). A refused X.509-SVID request is a ``token.exchange_failed`` with ``request.surface``
+``x509-svid``: one kind of refusal, folded under one quota whichever endpoint was asked."""
 AUTHZ_DECISION = "authz.decision"
 POLICY_PUBLISHED = "policy.published"
 POLICY_REJECTED = "policy.rejected"
@@ -60,6 +68,7 @@ EVENT_TYPES = frozenset(
     {
         TOKEN_ISSUED,
         TOKEN_EXCHANGE_FAILED,
+        SVID_ISSUED,
         AUTHZ_DECISION,
         POLICY_PUBLISHED,
         POLICY_REJECTED,
@@ -104,6 +113,9 @@ IDENTITY_FIELDS = frozenset(
         "jti",
         "kid",
         "token_sha256",
+        "credential",
+        "x509_serial",
+        "x509_sha256",
     }
 )
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -329,9 +341,10 @@ def check_event(event: Any) -> bytes:
     extra = sorted(set(identity) - IDENTITY_FIELDS)
     if extra:
         raise EventError(f"event.identity has unknown member {extra[0]!r}")
-    digest = identity.get("token_sha256")
-    if digest is not None and not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
-        raise EventError("event.identity.token_sha256 must be 64 lowercase hex digits")
+    for name in ("token_sha256", "x509_sha256"):
+        digest = identity.get(name)
+        if digest is not None and not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
+            raise EventError(f"event.identity.{name} must be 64 lowercase hex digits")
     if "trace_id" in event and not (
         isinstance(event["trace_id"], str) and _TRACE_ID.fullmatch(event["trace_id"])
     ):

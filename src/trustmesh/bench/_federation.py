@@ -20,7 +20,7 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +29,9 @@ from urllib.parse import urlsplit
 import httpx
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from trustmesh.bench._load import request_bytes
-from trustmesh.bench._procs import Child, start, stop_all
+from trustmesh.bench._load import LoadResult, request_bytes, run_load
+from trustmesh.bench._procs import Child, cpu_seconds, start, stop_all
+from trustmesh.bench._stats import Distribution
 from trustmesh.common.token_exchange import exchange_form
 from trustmesh.identity.jws import b64decode
 from trustmesh.identity.keys import ActiveKey, generate_private_key, public_jwk
@@ -266,3 +267,36 @@ def _start(
         cluster=SimulatedCluster.from_data_dir(root / "cluster"),
         children=children,
     )
+
+
+def load_between_limits(
+    fed: Federation,
+    requests: Sequence[bytes],
+    limit_round: Callable[[float], dict[str, Distribution]],
+    *,
+    seconds: float,
+    concurrency: int,
+    warmup: int,
+    limit_rounds: int,
+) -> tuple[LoadResult, str, list[dict[str, Distribution]]]:
+    """The HTTP load on the federation's server, between rounds of its single-core
+    limit (half before, half after, with the server idle), so a noisy neighbour moves
+    both figures. Returns the load, the client's event loop and every limit round;
+    RuntimeError if the server died under the load."""
+    host, port = address(fed.url)
+    budget = max(0.2, min(1.0, seconds / 10))
+    before = [limit_round(budget) for _ in range((limit_rounds + 1) // 2)]
+    server = fed.server
+    load, loop_name = run_load(
+        host,
+        port,
+        list(requests),
+        seconds=seconds,
+        concurrency=concurrency,
+        warmup=warmup,
+        server_cpu=lambda: cpu_seconds(server.proc.pid),
+    )
+    after = [limit_round(budget) for _ in range(limit_rounds // 2)]
+    if server.proc.poll() is not None:
+        raise RuntimeError(f"the server exited during the load: {server.tail()}")
+    return load, loop_name, before + after

@@ -10,16 +10,23 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from trustmesh.bench._load import LoadResult
 
 __all__ = [
     "Distribution",
+    "LoadFigures",
+    "load_figures",
     "median",
+    "median_of",
     "percentile",
     "row",
     "summarise",
+    "timed",
     "timer_overhead",
     "verdict",
 ]
@@ -115,3 +122,96 @@ def row(
 def verdict(met: bool) -> str:
     """How a summary line reports a goal."""
     return "met" if met else "MISSED"
+
+
+def timed(op: Callable[[int], object], n: int) -> Distribution:
+    """``op(0)`` … ``op(n - 1)`` in a loop, each call timed (a single-core limit)."""
+    clock = time.perf_counter_ns
+    out = [0] * n
+    started = clock()
+    for i in range(n):
+        t0 = clock()
+        op(i)
+        out[i] = clock() - t0
+    return summarise(out, clock() - started)
+
+
+def median_of(rounds: Sequence[dict[str, Distribution]], key: str) -> tuple[float, float, float]:
+    """(p50 µs, p99 µs, per_s) of ``key``, each the median over the rounds."""
+    return (
+        median([r[key].p50_us for r in rounds]),
+        median([r[key].p99_us for r in rounds]),
+        median([r[key].per_s for r in rounds]),
+    )
+
+
+@dataclass(frozen=True)
+class LoadFigures:
+    """What an HTTP load's report says of it, whatever the endpoint: the latency
+    distribution, the window, both processes' CPU shares, errors, and the goals."""
+
+    http: Distribution
+    window_s: float
+    server_cpu: float | None  # percent of one core
+    client_cpu: float
+    errors: int
+    rate_ok: bool
+    p99_ok: bool
+
+    def members(
+        self, load: LoadResult, loop_name: str, goal_per_s: float, goal_p99_ms: float
+    ) -> dict[str, Any]:
+        """The report's JSON members every HTTP benchmark shares."""
+        return {
+            "p50_us": round(self.http.p50_us, 1),
+            "p99_us": round(self.http.p99_us, 1),
+            "mean_us": round(self.http.mean_ns / 1000, 1),
+            "requests": self.http.n,
+            "window_s": round(self.window_s, 3),
+            "non_200": load.non_200,
+            "connection_errors": load.connection_errors,
+            "statuses": {str(k): v for k, v in load.statuses.items()},
+            "first_error": load.first_error,
+            "warmup_requests": load.warmup_requests,
+            "server_cpu_percent": None if self.server_cpu is None else round(self.server_cpu, 1),
+            "client_cpu_percent": round(self.client_cpu, 1),
+            "event_loop": loop_name,
+            "goals": {
+                "per_s": goal_per_s,
+                "p99_ms": goal_p99_ms,
+                "per_s_met": self.rate_ok,
+                "p99_met": self.p99_ok,
+            },
+        }
+
+    def cpu_line(self, loop_name: str) -> str:
+        server = (
+            ""
+            if self.server_cpu is None
+            else f"server process: {self.server_cpu:.0f}% of one core; "
+        )
+        return server + f"load generator ({loop_name}): {self.client_cpu:.0f}% of one core"
+
+    def errors_line(self, load: LoadResult) -> str:
+        return (
+            f"errors: {load.non_200} non-200 answers, {load.connection_errors} connection errors"
+            + (f" (first: {load.first_error})" if load.first_error else "")
+        )
+
+
+def load_figures(load: LoadResult, what: str, goal_per_s: float, goal_p99_ms: float) -> LoadFigures:
+    """Summarise ``load``; RuntimeError when no ``what`` completed in its window."""
+    if not load.latencies_ns:
+        raise RuntimeError(f"no {what} completed in the measurement window ({load.first_error})")
+    http = summarise(load.latencies_ns, load.window_ns)
+    window_s = load.window_ns / 1e9
+    server_cpu = None if load.server_cpu_s is None else 100.0 * load.server_cpu_s / window_s
+    return LoadFigures(
+        http=http,
+        window_s=window_s,
+        server_cpu=server_cpu,
+        client_cpu=100.0 * load.client_cpu_s / window_s,
+        errors=load.non_200 + load.connection_errors,
+        rate_ok=http.per_s >= goal_per_s,
+        p99_ok=http.p99_us / 1000.0 < goal_p99_ms,
+    )

@@ -7,7 +7,13 @@ other:
 
 * ``POST /v1/authorize`` with ``{token, request}`` JSON;
 * ``/ext_authz/…`` as Envoy's HTTP ext_authz sends it (original method and path,
-  ``Host``, ``Authorization: Bearer``).
+  ``Host``, ``Authorization: Bearer``);
+* with ``--xfcc``, also ``/ext_authz/…`` from a client certificate: the agent runs with
+  ``--trust-xfcc``, each workload gets an X.509-SVID through the real
+  ``POST /v1/x509-svid``, and the checks carry no token but the
+  ``x-forwarded-client-cert`` element Envoy's ``SANITIZE_SET`` writes for it
+  (``Hash``, ``Cert``, ``URI``) — measured beside the bearer path in the same run
+  (goal, issue 12: within 20 % of its decisions per second).
 
 The load comes from one of two generators:
 
@@ -49,7 +55,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from cryptography.hazmat.primitives.asymmetric import ec
 
+from trustmesh.agent.xfcc import HEADER as XFCC_HEADER
+from trustmesh.agent.xfcc import forwarded_element
 from trustmesh.bench._federation import (
     TRUST_DOMAIN,
     Agent,
@@ -64,12 +73,14 @@ from trustmesh.bench._federation import (
 from trustmesh.bench._load import LoadResult, request_bytes, run_load
 from trustmesh.bench._procs import cpu_seconds, stop, tree_cpu_seconds
 from trustmesh.bench._stats import row, summarise, verdict
+from trustmesh.identity.x509svid import csr_pem
 
 ORIGIN, TARGET = "origin", "target"
 GOAL_PER_S = 10_000.0
 GOAL_P99_MS = 5.0
 GOAL_CONNECTIONS = 32
-AUTHORIZE, EXT_AUTHZ = "POST /v1/authorize", "ext_authz"
+AUTHORIZE, EXT_AUTHZ, EXT_AUTHZ_XFCC = "POST /v1/authorize", "ext_authz", "ext_authz (XFCC)"
+XFCC_GOAL_RATIO = 0.8  # XFCC decisions/s at least 80 % of the bearer path's
 SHIP_TIMEOUT = 60.0
 
 
@@ -99,22 +110,25 @@ def _manifests(issuer: str, workloads: int, targets: Sequence[str]) -> list[dict
     return docs
 
 
-def _requests(host: str, port: int, tokens: list[str]) -> tuple[list[bytes], list[bytes]]:
-    """Per token: an allowed GET and a denied DELETE, as JSON and as ext_authz checks."""
-    authorize, ext = [], []
+def _requests(
+    host: str, port: int, tokens: list[str], elements: list[str]
+) -> tuple[list[bytes], list[bytes], list[bytes]]:
+    """Per token: an allowed GET and a denied DELETE, as JSON and as ext_authz checks;
+    the same checks from each workload's client certificate (XFCC ``elements``)."""
+    authorize, ext, xfcc = [], [], []
     for i, token in enumerate(tokens):
         service = f"api-{i % 10}.svc"
         for method in ("GET", "DELETE"):
             request = {"host": service, "path": f"/api/items/{i}", "method": method}
             authorize.append(authorize_request(host, port, token, request))
+            path = f"/ext_authz/api/items/{i}"
             ext.append(
-                request_bytes(
-                    method,
-                    f"/ext_authz/api/items/{i}",
-                    {"Host": service, "Authorization": f"Bearer {token}"},
-                )
+                request_bytes(method, path, {"Host": service, "Authorization": f"Bearer {token}"})
             )
-    return authorize, ext
+            if elements:
+                headers = {"Host": service, XFCC_HEADER: elements[i]}
+                xfcc.append(request_bytes(method, path, headers))
+    return authorize, ext, xfcc
 
 
 def _svids(fed: Federation, workloads: int, target: str) -> list[str]:
@@ -125,6 +139,25 @@ def _svids(fed: Federation, workloads: int, target: str) -> list[str]:
     ]
 
 
+def _xfcc_elements(fed: Federation, workloads: int) -> list[str]:
+    """Per workload: an X.509-SVID from ``POST /v1/x509-svid``, as the XFCC element the
+    Envoy in front would forward."""
+    elements = []
+    for i in range(workloads):
+        answer = fed.http.post(
+            fed.url + "/v1/x509-svid",
+            json={
+                "subject_token": fed.cluster.mint(f"ns-{i}", f"sa-{i}"),
+                "csr": csr_pem(ec.generate_private_key(ec.SECP256R1())),
+            },
+        )
+        if answer.status_code != 200:
+            raise RuntimeError(f"no X.509-SVID: HTTP {answer.status_code} {answer.text[:300]}")
+        document = answer.json()
+        elements.append(forwarded_element(document["svid"][0], document["spiffe_id"]))
+    return elements
+
+
 def run(
     seconds: float = 10.0,
     concurrency: int = GOAL_CONNECTIONS,
@@ -133,9 +166,11 @@ def run(
     *,
     wrk: bool = False,
     workers: Sequence[int] = (1,),
+    xfcc: bool = False,
 ) -> dict[str, Any]:
     """Both surfaces at an agent run with each of ``workers`` (its ``--workers``), one
-    after the other; ``wrk``: load from wrk instead of this process."""
+    after the other; ``wrk``: load from wrk instead of this process; ``xfcc``: ext_authz
+    from client certificates too."""
     if seconds <= 0 or concurrency < 1 or workloads < 1:
         raise ValueError("seconds, concurrency and workloads must be positive")
     if not workers or min(workers) < 1 or len(set(workers)) != len(workers):
@@ -149,13 +184,17 @@ def run(
         fed.apply(_manifests(fed.cluster.issuer, workloads, [_cluster(n) for n in workers]))
         for count in workers:
             target = _cluster(count)
-            (agent,) = fed.start_agents([target], extra_args=["--workers", str(count)])
+            flags = ["--workers", str(count), *(["--trust-xfcc"] if xfcc else [])]
+            (agent,) = fed.start_agents([target], extra_args=flags)
             tokens = _svids(fed, workloads, target)
+            elements = _xfcc_elements(fed, workloads) if xfcc else []
             usage = _Usage(fed, agent)
             if wrk_path is not None:
-                measured = _run_wrk(fed, agent, tokens[0], wrk_path, seconds, concurrency, usage)
+                measured = _run_wrk(
+                    fed, agent, tokens[0], elements[:1], wrk_path, seconds, concurrency, usage
+                )
             else:
-                measured = _run_own(agent, tokens, seconds, concurrency, warmup, usage)
+                measured = _run_own(agent, tokens, elements, seconds, concurrency, warmup, usage)
             if len(workers) > 1:
                 label = f"{count} worker{'s' if count > 1 else ''}"
                 for one in measured:
@@ -207,17 +246,23 @@ class _Usage:
 def _run_own(
     agent: Agent,
     tokens: list[str],
+    elements: list[str],
     seconds: float,
     concurrency: int,
     warmup: int,
     usage: _Usage,
 ) -> list[Run]:
-    authorize_requests, ext_requests = _requests(agent.host, agent.port, tokens)
+    authorize_requests, ext_requests, xfcc_requests = _requests(
+        agent.host, agent.port, tokens, elements
+    )
     runs = []
-    for name, requests, expected in (
+    surfaces = [
         (AUTHORIZE, authorize_requests, {200}),
         (EXT_AUTHZ, ext_requests, {200, 403}),
-    ):
+    ]
+    if xfcc_requests:
+        surfaces.append((EXT_AUTHZ_XFCC, xfcc_requests, {200, 403}))
+    for name, requests, expected in surfaces:
         samples: list[tuple[float, float]] = []
 
         def sample(samples: list[tuple[float, float]] = samples) -> float:
@@ -259,7 +304,7 @@ def _lua_string(text: str) -> str:
     return json.dumps(text)
 
 
-def _scripts(fed: Federation, token: str) -> dict[str, tuple[str, Path]]:
+def _scripts(fed: Federation, token: str, elements: list[str]) -> dict[str, tuple[str, Path]]:
     """(path, Lua script) per surface: one allowed request of one workload."""
     request = {"host": "api-0.svc", "path": "/api/items/0", "method": "GET"}
     body = json.dumps({"token": token, "request": request})
@@ -274,10 +319,18 @@ def _scripts(fed: Federation, token: str) -> dict[str, tuple[str, Path]]:
         f'wrk.headers["Host"] = "api-0.svc"\n'
         f'wrk.headers["Authorization"] = {_lua_string("Bearer " + token)}\n'
     )
-    return {AUTHORIZE: ("/v1/authorize", post), EXT_AUTHZ: ("/ext_authz/api/items/0", ext)}
+    scripts = {AUTHORIZE: ("/v1/authorize", post), EXT_AUTHZ: ("/ext_authz/api/items/0", ext)}
+    if elements:
+        xfcc = fed.root / "ext_authz_xfcc.lua"
+        xfcc.write_text(
+            f'wrk.headers["Host"] = "api-0.svc"\n'
+            f'wrk.headers["{XFCC_HEADER}"] = {_lua_string(elements[0])}\n'
+        )
+        scripts[EXT_AUTHZ_XFCC] = ("/ext_authz/api/items/0", xfcc)
+    return scripts
 
 
-def _check_allowed(fed: Federation, agent: Agent, token: str) -> None:
+def _check_allowed(fed: Federation, agent: Agent, token: str, elements: list[str]) -> None:
     """One request per surface first: the scripts' requests are allowed."""
     base = f"http://{agent.host}:{agent.port}"
     request = {"host": "api-0.svc", "path": "/api/items/0", "method": "GET"}
@@ -290,20 +343,27 @@ def _check_allowed(fed: Federation, agent: Agent, token: str) -> None:
     )
     if answer.status_code != 200:
         raise RuntimeError(f"the bench check is not allowed: HTTP {answer.status_code}")
+    for element in elements:
+        answer = fed.http.get(
+            base + "/ext_authz/api/items/0", headers={"Host": "api-0.svc", XFCC_HEADER: element}
+        )
+        if answer.status_code != 200:
+            raise RuntimeError(f"the XFCC check is not allowed: {answer.text[:300]}")
 
 
 def _run_wrk(
     fed: Federation,
     agent: Agent,
     token: str,
+    elements: list[str],
     wrk: str,
     seconds: float,
     connections: int,
     usage: _Usage,
 ) -> list[Run]:
-    _check_allowed(fed, agent, token)
+    _check_allowed(fed, agent, token, elements)
     runs = []
-    for name, (path, script) in _scripts(fed, token).items():
+    for name, (path, script) in _scripts(fed, token, elements).items():
         command = [wrk, "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency",
                    "-s", str(script), f"http://{agent.host}:{agent.port}{path}"]  # fmt: skip
         before, started = usage.sample(), time.monotonic()
@@ -500,6 +560,22 @@ def _report(
             f"{cpu['load']:.0f}, agent {cpu['agent']:.0f}, control plane "
             f"{cpu['control_plane']:.0f}"
         )
+    bearer = {
+        run.name.replace(EXT_AUTHZ, "", 1): run
+        for run in runs
+        if run.name.startswith(EXT_AUTHZ) and not run.name.startswith(EXT_AUTHZ_XFCC)
+    }
+    for run in runs:
+        if not run.name.startswith(EXT_AUTHZ_XFCC):
+            continue
+        base = bearer.get(run.name.replace(EXT_AUTHZ_XFCC, "", 1))
+        if base is not None and base.per_s > 0:
+            ratio = run.per_s / base.per_s
+            summary.append(
+                f"{run.name} vs {base.name}: {ratio:.0%} of the bearer path's decisions/s "
+                f"(goal ≥ {XFCC_GOAL_RATIO:.0%}: {verdict(ratio >= XFCC_GOAL_RATIO)}), p99 "
+                f"{run.p99_ms:.2f} ms vs {base.p99_ms:.2f} ms"
+            )
     for audit in audits:
         summary.append(
             f"audit, {audit.workers} worker(s): {audit.logged:,} events in the control plane's "

@@ -72,7 +72,7 @@ from trustmesh.bench._federation import (
 )
 from trustmesh.bench._load import request_bytes, run_load
 from trustmesh.bench._procs import cpu_seconds
-from trustmesh.bench._stats import Distribution, median, row, summarise, verdict
+from trustmesh.bench._stats import Distribution, median_of, row, summarise, verdict
 from trustmesh.common.token_exchange import exchange_form
 from trustmesh.identity.jws import b64decode
 from trustmesh.identity.svid import mint_svid
@@ -196,15 +196,6 @@ class _Limit:
             "sign": self._timed(self.sign, 2 * n),
             "both": self._timed(self.both, n),
         }
-
-
-def _median_of(rounds: list[dict[str, Distribution]], key: str) -> tuple[float, float, float]:
-    """(p50 µs, p99 µs, per_s), each the median over the rounds."""
-    return (
-        median([r[key].p50_us for r in rounds]),
-        median([r[key].p99_us for r in rounds]),
-        median([r[key].per_s for r in rounds]),
-    )
 
 
 # -- what a load generator measured -----------------------------------------------------
@@ -503,9 +494,9 @@ def _report(
     server_workers: int = 1,
 ) -> dict[str, Any]:
     window_s = measured.window_s
-    both_p50, both_p99, limit_per_s = _median_of(rounds, "both")
-    verify_p50, verify_p99, verify_per_s = _median_of(rounds, "verify")
-    sign_p50, sign_p99, sign_per_s = _median_of(rounds, "sign")
+    both_p50, both_p99, limit_per_s = median_of(rounds, "both")
+    verify_p50, verify_p99, verify_per_s = median_of(rounds, "verify")
+    sign_p50, sign_p99, sign_per_s = median_of(rounds, "sign")
     limits = sorted(r["both"].per_s for r in rounds)
     ratio = measured.per_s / limit_per_s
     server_cpu = None if measured.server_cpu_s is None else 100.0 * measured.server_cpu_s / window_s

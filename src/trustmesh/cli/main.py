@@ -73,6 +73,15 @@ def _policy_app() -> typer.Typer:
 
 
 app.add_typer(_policy_app(), name="policy")
+
+
+def _envoy_app() -> typer.Typer:
+    from trustmesh.cli.envoy import envoy_app
+
+    return envoy_app
+
+
+app.add_typer(_envoy_app(), name="envoy")
 app.add_typer(audit_app, name="audit")
 
 
@@ -191,6 +200,20 @@ def server(
         min=60.0,
         help="Rotate the signing key automatically after this many seconds.",
     ),
+    svid_ttl: int = typer.Option(
+        3600,
+        "--svid-ttl",
+        min=1,
+        max=3600,
+        help="Default X.509-SVID lifetime in seconds (never above a Workload's maxTokenTTL).",
+    ),
+    ca_rotation_interval: float = typer.Option(
+        90 * 86400.0,
+        "--ca-rotation-interval",
+        min=3600.0,
+        help="Rotate the X.509 CA root automatically after this many seconds, once every "
+        "agent and sidecar that reports in holds the prepared root.",
+    ),
     max_sa_token_lifetime: float = typer.Option(
         86400.0,
         "--max-sa-token-lifetime",
@@ -279,6 +302,8 @@ def server(
         signing_alg=signing_alg,
         default_ttl=default_ttl,
         key_rotation_interval=key_rotation_interval,
+        svid_ttl=svid_ttl,
+        ca_rotation_interval=ca_rotation_interval,
         max_sa_token_lifetime=max_sa_token_lifetime,
         cluster_keys_max_age=cluster_keys_max_age,
         sa_token_cache_size=sa_token_cache_size,
@@ -378,8 +403,22 @@ def agent(
         help="Worker processes serving the port (SO_REUSEPORT), each with its own audit "
         "spool, under a supervisor that restarts one that dies.",
     ),
+    trust_xfcc: bool = typer.Option(
+        False,
+        "--trust-xfcc",
+        help="ext_authz: without a bearer token, take the identity from the client "
+        "certificate in x-forwarded-client-cert. Only behind an Envoy that terminates "
+        "mTLS and sets that header itself (trustmesh envoy config); ignored otherwise.",
+    ),
+    gateway_claims: str = typer.Option(
+        "project,environment,tier,cluster",
+        "--gateway-claims",
+        help="Claims sent upstream as x-trustmesh-claim-<name> on allowed ext_authz "
+        "checks, comma-separated ('' for none).",
+    ),
 ) -> None:
     """Run the agent of one cluster."""
+    from trustmesh.agent.envoy import parse_gateway_claims
     from trustmesh.agent.main import AgentConfig, read_credential, run_agent
     from trustmesh.common.errors import ConfigError
 
@@ -391,6 +430,7 @@ def agent(
         fail(str(exc))
     servers = [s.strip() for s in server.split(",") if s.strip()]
     try:
+        claims = parse_gateway_claims(gateway_claims)
         run_agent(
             AgentConfig(
                 cluster=cluster,
@@ -414,8 +454,68 @@ def agent(
                     max_connections,
                 ),
                 workers=workers,
+                trust_xfcc=trust_xfcc,
+                gateway_claims=claims,
             ),
             listen,
+        )
+    except ConfigError as exc:
+        fail(exc.description)
+
+
+@app.command()
+def sidecar(
+    server: str = typer.Option(
+        None,
+        "--server",
+        envvar="TRUSTMESH_SERVER",
+        help="Control-plane URL(s), comma-separated, tried in order (https; http on loopback only).",
+    ),
+    sa_token_file: Path = typer.Option(
+        ...,
+        "--sa-token-file",
+        help="The pod's projected service-account token, read again at every renewal.",
+    ),
+    socket: Path = typer.Option(
+        ..., "--socket", help="Unix socket to serve the SPIFFE Workload API on."
+    ),
+    sds_socket: Path | None = typer.Option(
+        None, "--sds-socket", help="Unix socket to serve Envoy SDS on (default: none)."
+    ),
+    credential_dir: Path | None = typer.Option(
+        None,
+        "--credential-dir",
+        help="Also write svid.pem, svid_key.pem and svid_bundle.pem here (default: no files).",
+    ),
+    socket_mode: str = typer.Option(
+        "0600",
+        "--socket-mode",
+        help="Permissions of the socket files, octal (0666 lets a workload of another uid in the pod connect).",
+    ),
+) -> None:
+    """Run beside a workload: keep its X.509-SVID and serve the SPIFFE Workload API,
+    Envoy SDS and the credential folder."""
+    from trustmesh.common.errors import ConfigError
+    from trustmesh.sidecar import SidecarConfig, run_sidecar
+
+    if not server:
+        fail("no control plane given: pass --server URL[,URL…] or set TRUSTMESH_SERVER")
+    if not socket_mode.isascii() or not socket_mode.isdigit() or len(socket_mode) > 4:
+        fail(f"--socket-mode {socket_mode!r} is not an octal mode such as 0600")
+    try:
+        mode = int(socket_mode, 8)
+    except ValueError:
+        fail(f"--socket-mode {socket_mode!r} is not an octal mode such as 0600")
+    try:
+        run_sidecar(
+            SidecarConfig(
+                servers=[server],
+                sa_token_file=sa_token_file,
+                socket=socket,
+                sds_socket=sds_socket,
+                credential_dir=credential_dir,
+                socket_mode=mode & 0o777,
+            )
         )
     except ConfigError as exc:
         fail(exc.description)
@@ -541,10 +641,21 @@ def get_clusters(
                 "DRIFT"
                 if policy.get("drift")
                 else ("no agent" if not policy.get("agentsReporting") else "in sync"),
+                _ca_roots_cell(item.get("status", {}).get("caRoots")),
             ]
         )
-    columns = ["NAME", "ISSUER", "KEYS FROM", "LABELS", "APPLIED", "DESIRED", "POLICY"]
+    columns = ["NAME", "ISSUER", "KEYS FROM", "LABELS", "APPLIED", "DESIRED", "POLICY", "CA ROOTS"]
     _print_with_suspensions(columns, rows, items)
+
+
+def _ca_roots_cell(roots: dict[str, Any] | None) -> str:
+    """Who lags behind the prepared CA root: ``in sync``, ``no holder`` or the laggards."""
+    if not roots:
+        return "-"
+    lagging = roots.get("lagging") or []
+    if lagging:
+        return f"LAG: {', '.join(str(name) for name in lagging)}"
+    return "in sync" if roots.get("holdersReporting") else "no holder"
 
 
 @get_app.command("workloads")
@@ -597,15 +708,18 @@ def _print_with_suspensions(
 
 
 # -- keys and credentials -------------------------------------------------------------------
+def _when(ts: float | None) -> str:
+    """An epoch time as UTC for a table cell; empty for none."""
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ") if ts else ""
+
+
 def _print_keys(keys: list[dict[str, Any]], output: Output) -> None:
     if output is Output.json:
         print_json(keys)
         return
-    from datetime import UTC, datetime
-
-    def when(ts: float | None) -> str:
-        return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ") if ts else ""
-
+    when = _when
     print_table(
         ["KID", "ALG", "STATE", "CREATED", "ACTIVATED", "RETIRED", "REMOVED AFTER"],
         [
@@ -621,6 +735,24 @@ def _print_keys(keys: list[dict[str, Any]], output: Output) -> None:
             for k in keys
         ],
     )
+
+
+def _print_ca(status: dict[str, Any], output: Output) -> None:
+    if output is Output.json:
+        print_json(status)
+        return
+    when = _when
+    print_table(
+        ["ROOT (SHA-256)", "STATE", "NOT AFTER", "CREATED", "ACTIVATED", "RETIRED", "REMOVED AFTER"],
+        [[r["id"], r["state"], when(r["notAfter"]), when(r["createdAt"]), when(r["activatedAt"]),
+          when(r["retiredAt"]), when(r["removeAfter"])] for r in status["roots"]],
+    )  # fmt: skip
+    lagging = status.get("laggards") or []
+    holders = len(status.get("holders") or [])
+    if lagging:
+        print_line(f"{len(lagging)} of {holders} holders do not hold the prepared root yet")
+    else:
+        print_line(f"every holder that reports in ({holders}) holds the prepared root")
 
 
 @app.command()
@@ -686,23 +818,50 @@ def get_revocations(
     )  # fmt: skip
 
 
+CaOption = typer.Option(False, "--ca", help="The X.509 CA roots instead of the JWT signing keys.")
+
+
 @keys_app.command("list")
 def keys_list(
+    ca: bool = CaOption,
     server: str | None = ServerOption,
     token_file: Path | None = TokenFileOption,
     output: Output = OutputOption,
 ) -> None:
-    """List signing keys and their life-cycle state."""
+    """List signing keys (or, with --ca, the CA roots) and their life-cycle state."""
+    if ca:
+        _print_ca(admin_client(server, token_file).request("GET", "/v1/ca"), output)
+        return
     _print_keys(admin_client(server, token_file).request("GET", "/v1/keys")["keys"], output)
 
 
 @keys_app.command("rotate")
 def keys_rotate(
+    ca: bool = CaOption,
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="With --ca: activate the prepared root even while agents or sidecars lag.",
+    ),
     server: str | None = ServerOption,
     token_file: Path | None = TokenFileOption,
     output: Output = OutputOption,
 ) -> None:
-    """Activate the prepared key, retire the active one, prepare the next."""
+    """Activate the prepared key, retire the active one, prepare the next. With --ca, the
+    same for the X.509 CA root, refused while an agent or sidecar that reports in does
+    not hold the prepared root yet (--force overrides)."""
+    if force and not ca:
+        fail("--force applies to --ca only (JWT keys rotate without evidence)")
+    if ca:
+        answer = admin_client(server, token_file).request(
+            "POST", "/v1/ca/rotate", json={"force": force}
+        )
+        if output is Output.json:
+            print_json(answer)
+            return
+        print_line(f"active CA root is now {answer['active']['id']}")
+        _print_ca(answer, output)
+        return
     result = admin_client(server, token_file).request("POST", "/v1/keys/rotate")
     if output is Output.json:
         print_json(result)
@@ -777,6 +936,22 @@ def bench_exchange(
     from trustmesh.bench.exchange import run
 
     result = run(seconds=seconds, concurrency=concurrency, wrk=wrk, server_workers=server_workers)
+    print_json(result) if output is Output.json else _print_bench(result)
+
+
+@bench_app.command("svid")
+def bench_svid(
+    seconds: float = typer.Option(10.0, "--seconds", help="Duration of the HTTP load."),
+    concurrency: int = typer.Option(
+        16, "--concurrency", help="Concurrent connections of the load generator."
+    ),
+    output: Output = OutputOption,
+) -> None:
+    """X.509-SVIDs signed per second over HTTP, next to one CSR verify + one leaf
+    signature in a loop on one core."""
+    from trustmesh.bench.svid import run
+
+    result = run(seconds=seconds, concurrency=concurrency)
     print_json(result) if output is Output.json else _print_bench(result)
 
 
@@ -863,6 +1038,12 @@ def bench_authorize(
         help="The agent's --workers: one count, or several (comma-separated), measured one "
         "after the other.",
     ),
+    xfcc: bool = typer.Option(
+        False,
+        "--xfcc",
+        help="Also ext_authz from client certificates (x-forwarded-client-cert, the agent "
+        "with --trust-xfcc), beside the bearer path.",
+    ),
     output: Output = OutputOption,
 ) -> None:
     """Decisions per second through /v1/authorize and ext_authz at a real agent."""
@@ -872,7 +1053,7 @@ def bench_authorize(
         counts = [int(part) for part in workers.split(",") if part.strip()]
     except ValueError:
         fail("--workers takes counts separated by commas, e.g. 1,2")
-    result = run(seconds=seconds, concurrency=concurrency, wrk=wrk, workers=counts)
+    result = run(seconds=seconds, concurrency=concurrency, wrk=wrk, workers=counts, xfcc=xfcc)
     print_json(result) if output is Output.json else _print_bench(result)
 
 

@@ -15,6 +15,7 @@ descriptions are sentences for people and never contain a token or a secret::
     │   ├── HeadersTooLarge           431 headers_too_large
     │   ├── ManifestError             400 invalid_manifest (problems, with file and line)
     │   ├── SpiffeIdError, RequestError, ReviewError, RevocationError, AuditError
+│   ├── CsrRejected               a CSR that is malformed or asks for what it may not
     │   ├── PollError                 RFC 8935 §2.3 shape {"err", "description"}
     │   └── FormatError               a document that does not parse or verify
     │       └── CanonicalError, EventError, NoteError, CheckpointError, ProofError
@@ -43,7 +44,9 @@ descriptions are sentences for people and never contain a token or a secret::
         ├── Unreachable               no control-plane URL answered
         ├── CredentialRejected        the credential was refused (401/403)
         ├── AuditRejected             an audit batch was refused (another 4xx)
-        └── ResyncNeeded              the control plane does not know our resume point
+        ├── ResyncNeeded              the control plane does not know our resume point
+        ├── IssuanceRefused           the control plane refused to issue an X.509-SVID
+        └── UnusableSvid              an answered X.509-SVID breaks a rule of the standard
 
 Classes that keep ``ValueError``, ``LookupError`` or ``RuntimeError`` as a second base
 did so before this hierarchy existed; callers that catch those still work.
@@ -151,6 +154,13 @@ class ReviewError(InvalidRequest):
 
 class RevocationError(InvalidRequest):
     """A revocation request that cannot be carried out; the message says why."""
+
+
+class CsrRejected(InvalidRequest):
+    """A certificate signing request refused at ``POST /v1/x509-svid``: malformed, a
+    signature that does not verify, a weak key, or a name other than the workload's
+    SPIFFE ID (``identity/x509svid.py``); the message, which starts with ``csr:``,
+    names the problem."""
 
 
 class AuditError(InvalidRequest):
@@ -390,3 +400,22 @@ class AuditRejected(ControlPlaneError):
 class ResyncNeeded(ControlPlaneError):
     """The control plane does not know our resume point (a restored database): start
     again from the beginning."""
+
+
+class IssuanceRefused(ControlPlaneError):
+    """The control plane refused to issue an X.509-SVID with a 4xx other than 408 and
+    429 (the service-account token does not verify, no Workload matches, the subject is
+    suspended, the CSR is wrong): another replica would answer the same. The message
+    carries the server's ``error`` and ``error_description``."""
+
+    def __init__(self, server: str, status: int, error: str, description: str) -> None:
+        detail = f": {description}" if description else ""
+        super().__init__(f"{server} refused the X.509-SVID ({error}, HTTP {status}){detail}")
+        self.server = server
+        self.answer_status = status
+        self.answer_error = error
+
+
+class UnusableSvid(ControlPlaneError):
+    """An X.509-SVID the control plane answered that the sidecar will not serve (not
+    our key, not an X509-SVID leaf, a broken chain, expired); the message names the rule."""

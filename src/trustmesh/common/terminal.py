@@ -13,6 +13,8 @@ Rich ``Text``, which interprets none (``cli/_common.py``)."""
 
 from __future__ import annotations
 
+import logging
+
 _SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
@@ -41,3 +43,11 @@ def printable_lines(text: str) -> str:
     """A multi-line text made printable line by line (the newlines that separate its
     lines stay; every other character that is not printable is escaped)."""
     return "\n".join(printable(line) for line in text.split("\n"))
+
+
+class PrintableFormatter(logging.Formatter):
+    """A log formatter whose every record is one printable line: messages carry what
+    the network answered (an error description, a peer's name)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))

@@ -22,7 +22,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Column, Connection, Table, select, update
 
 from trustmesh.common.errors import MasterKeyError
 from trustmesh.identity.sealing import CHECK_AAD, MasterKey
@@ -125,6 +125,39 @@ def _record(row: Any) -> KeyRecord:
     )
 
 
+KEYS = meta_store.KEYS_REVISION
+
+
+def ensure_pair(conn: Connection, table: Table, insert: Callable[[str], str], counter: str) -> None:
+    """First start of a life-cycle table (signing keys, CA roots): one active and one
+    prepared row, inserted with ``insert(state)``; ``counter`` moves if any was."""
+    states = set(conn.execute(select(table.c.state)).scalars())
+    for state in (ACTIVE, PREPARED):
+        if state not in states:
+            insert(state)
+    if not {ACTIVE, PREPARED} <= states:
+        meta_store.bump(conn, counter)
+
+
+def remove_retired(conn: Connection, key: Column[Any], now: float, counter: str) -> list[str]:
+    """Retired rows of ``key``'s table whose ``remove_after`` has passed become removed
+    and their sealed private key is erased; ``counter`` moves if any did. Returns their
+    ids. Inside the caller's transaction."""
+    table = key.table
+    ids = [
+        str(i)
+        for i in conn.execute(
+            select(key).where(table.c.state == RETIRED, table.c.remove_after <= now)
+        ).scalars()
+    ]
+    if ids:
+        conn.execute(
+            update(table).where(key.in_(ids)).values(state=REMOVED, removed_at=now, private_key="")
+        )
+        meta_store.bump(conn, counter)
+    return ids
+
+
 class KeyManager:
     """Owns the ``signing_keys`` table. Every write bumps ``keys_revision``."""
 
@@ -151,13 +184,7 @@ class KeyManager:
         """First start: one active and one prepared key."""
         now = time.time() if now is None else now
         with self.db.engine.begin() as conn:
-            states = set(conn.execute(select(signing_keys.c.state)).scalars())
-            if ACTIVE not in states:
-                self._insert(conn, ACTIVE, now)
-            if PREPARED not in states:
-                self._insert(conn, PREPARED, now)
-            if not {ACTIVE, PREPARED} <= states:
-                meta_store.bump(conn, meta_store.KEYS_REVISION)
+            ensure_pair(conn, signing_keys, lambda state: self._insert(conn, state, now), KEYS)
 
     def _insert(self, conn: Connection, state: str, now: float) -> str:
         private_key = generate_private_key(self.alg)
@@ -325,22 +352,9 @@ class KeyManager:
         private key is erased."""
         now = time.time() if now is None else now
         with self.db.engine.begin() as conn:
-            kids = list(
-                conn.execute(
-                    select(signing_keys.c.kid).where(
-                        signing_keys.c.state == RETIRED, signing_keys.c.remove_after <= now
-                    )
-                ).scalars()
-            )
-            if kids:
-                conn.execute(
-                    update(signing_keys)
-                    .where(signing_keys.c.kid.in_(kids))
-                    .values(state=REMOVED, removed_at=now, private_key="")
-                )
-                meta_store.bump(conn, meta_store.KEYS_REVISION)
-                if on_commit is not None:
-                    on_commit(conn, kids)
+            kids = remove_retired(conn, signing_keys.c.kid, now, KEYS)
+            if kids and on_commit is not None:
+                on_commit(conn, kids)
         return kids
 
     def active_kid(self, conn: Connection) -> str | None:

@@ -49,7 +49,7 @@ from trustmesh.identity.kubernetes_sa import (
     verify_service_account_token,
 )
 from trustmesh.identity.svid import KeyRing, mint_svid
-from trustmesh.manifests import ClusterSpec
+from trustmesh.manifests import ClusterSpec, WorkloadSpec
 from trustmesh.registry import Registry
 from trustmesh.revocation.suspension import SuspensionSet
 from trustmesh.spiffeid import cluster_audience
@@ -70,6 +70,16 @@ KNOWN_PARAMS = frozenset(
     (*SINGLE_PARAMS, "audience", "resource", "scope", "actor_token", "actor_token_type")
 )
 SA_TOKEN_LEEWAY = 30.0
+
+
+@dataclass(frozen=True)
+class VerifiedSubject:
+    """A verified SA token and the Workload that selects its service account."""
+
+    cluster: str
+    sa_token: ServiceAccountToken
+    workload_name: str
+    workload: WorkloadSpec
 
 
 @dataclass(frozen=True)
@@ -291,11 +301,14 @@ class TokenExchange:
         except ClusterKeysUnavailable as exc:
             raise Unavailable(str(exc)) from None
 
-    async def exchange(self, form: Mapping[str, list[str]]) -> Exchanged:
-        now = self.clock()
-        subject_token, audiences, lifetime = self._check_request(form)
-        registry = self.registry()
-        audiences = self._check_audiences(audiences, registry)
+    async def verify_subject(
+        self, subject_token: str, registry: Registry, now: float
+    ) -> VerifiedSubject:
+        """Steps 1-5 of the exchange, shared by every issuer of credentials for a
+        projected SA token (the X.509-SVID endpoint too): the token's issuer names a
+        registered cluster, the token verifies with that cluster's keys (or is a verified
+        token the cache still vouches for), and a Workload selects its service account.
+        Raises the error the caller answers with."""
         digest = hashlib.sha256(subject_token.encode("utf-8", "surrogatepass")).digest()
         cluster_name, sa = await self._verified_subject(subject_token, digest, registry, now)
         workload_name = registry.workload_by_selector.get(
@@ -305,7 +318,16 @@ class TokenExchange:
             raise UnauthorizedClient(
                 f"no Workload selects service account {sa.namespace}/{sa.service_account} in cluster {cluster_name}",
             )
-        workload = registry.workloads[workload_name]
+        return VerifiedSubject(cluster_name, sa, workload_name, registry.workloads[workload_name])
+
+    async def exchange(self, form: Mapping[str, list[str]]) -> Exchanged:
+        now = self.clock()
+        subject_token, audiences, lifetime = self._check_request(form)
+        registry = self.registry()
+        audiences = self._check_audiences(audiences, registry)
+        subject = await self.verify_subject(subject_token, registry, now)
+        cluster_name, sa = subject.cluster, subject.sa_token
+        workload_name, workload = subject.workload_name, subject.workload
         max_ttl = min(workload.max_token_ttl or MAX_TOKEN_TTL, MAX_TOKEN_TTL)
         ttl = min(lifetime or min(self.default_ttl, max_ttl), max_ttl)
         issued_at = int(now)

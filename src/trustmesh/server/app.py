@@ -19,6 +19,7 @@ from trustmesh.server.routes import (
     public,
     revocations,
     ssf,
+    x509,
 )
 from trustmesh.server.routes._auth import Callers
 
@@ -57,6 +58,7 @@ def _starlette_app(plane: ControlPlane) -> Starlette:
         *agents.routes(plane, callers),
         *revocations.routes(plane, callers),
         *ssf.routes(plane, callers),
+        *x509.routes(plane, callers),
         *audit.routes(plane.audit, callers, lambda: plane.snapshots.stopping),
     ]
     app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)

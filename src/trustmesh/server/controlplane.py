@@ -12,6 +12,8 @@ routes (``server/routes/``) call the services it holds.
 ``revoker``            revocations
 ``suspender``          suspensions (and what they revoke)
 ``rotation``           signing-key rotation
+``ca``, ``ca_rotation``  the X.509 CA roots, their rotation on evidence (``root_holders``)
+``x509``               X.509-SVID issuance, audited before the certificate leaves
 ``credentials``        who calls the admin and agent APIs
 ``credential_admin``   listing, rotating and revoking credentials, audited
 ``inventory``          the registry's objects with their status
@@ -47,6 +49,7 @@ from trustmesh.identity.kubernetes_sa import (
     VerifiedSaTokenCache,
 )
 from trustmesh.identity.sealing import MasterKey
+from trustmesh.identity.x509ca import CaManager
 from trustmesh.oauth.rfc8693 import DEFAULT_TTL, TokenExchange
 from trustmesh.policy.catalog import PolicyCatalog
 from trustmesh.registry import RegistryStore
@@ -61,8 +64,10 @@ from trustmesh.server.issuance import Issuance
 from trustmesh.server.metrics import ServerMetrics
 from trustmesh.server.recorder import AuditRecorder
 from trustmesh.server.revoke import Revoker, Suspender
+from trustmesh.server.roots import CaRotation, RootHolders
 from trustmesh.server.rotation import KeyRotation
 from trustmesh.server.snapshots import Snapshots
+from trustmesh.server.x509svids import DEFAULT_SVID_TTL, X509Issuance, X509Signer
 from trustmesh.spiffeid import normalize_trust_domain
 from trustmesh.storage import Database, open_database
 from trustmesh.storage import meta as meta_store
@@ -83,6 +88,8 @@ class ServerConfig:
     signing_alg: str = "ES256"
     default_ttl: int = DEFAULT_TTL
     key_rotation_interval: float = 7 * 86400.0
+    ca_rotation_interval: float = 90 * 86400.0
+    svid_ttl: int = DEFAULT_SVID_TTL
     refresh_interval: float = 1.0
     maintenance_interval: float = 30.0
     cluster_jwks_min_refresh: float = 1.0
@@ -128,6 +135,10 @@ class ControlPlane:
         self.revoker: Revoker
         self.rotation: KeyRotation
         self.inventory: Inventory
+        self.ca: CaManager
+        self.root_holders: RootHolders
+        self.ca_rotation: CaRotation
+        self.x509: X509Issuance
 
     # -- start-up -----------------------------------------------------------------------
     def open(self) -> None:
@@ -152,6 +163,8 @@ class ControlPlane:
         self.keys = KeyManager(self.db, master_key, config.signing_alg)
         self.keys.check_master_key()
         self.keys.ensure_keys()
+        self.ca = CaManager(self.db, master_key, self.trust_domain)
+        self.ca.ensure_roots()
         self.credentials = CredentialStore(self.db, self.clock)
         self.admin_token_created = self.credentials.ensure_admin(data_dir / "admin.token")
         self.registry_store = RegistryStore(self.db, self.trust_domain)
@@ -167,6 +180,7 @@ class ControlPlane:
             catalog=self.catalog,
             revocation_store=self.revocation_store,
             suspension_store=self.suspension_store,
+            ca=self.ca,
             clock=self.clock,
             long_polls_per_credential=config.long_polls_per_credential,
         )
@@ -210,7 +224,18 @@ class ControlPlane:
         self.rotation = KeyRotation(
             self.keys, self.snapshots, self.recorder, config.key_rotation_interval
         )
-        self.inventory = Inventory(self.registry_store, self.snapshots, self.agents)
+        self.root_holders = RootHolders(self.db, self.clock)
+        self.ca_rotation = CaRotation(
+            self.ca,
+            self.root_holders,
+            self.snapshots,
+            self.recorder,
+            config.ca_rotation_interval,
+            self.clock,
+        )
+        self.inventory = Inventory(
+            self.registry_store, self.snapshots, self.agents, self.ca_rotation
+        )
 
     async def start(self) -> None:
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(5.0), trust_env=False)
@@ -234,6 +259,18 @@ class ControlPlane:
             sa_tokens=self.sa_tokens,
         )
         self.issuance = Issuance(exchange, self.recorder, self.tracing, self.metrics)
+        signer = X509Signer(
+            exchange=exchange,
+            registry=lambda: snapshots.registry,
+            ca=lambda: snapshots.ca,
+            revoked_until=snapshots.revoked_until,
+            suspensions=lambda: snapshots.suspensions,
+            clock=self.clock,
+            default_ttl=self.config.svid_ttl,
+        )
+        self.x509 = X509Issuance(
+            signer, self.recorder, self.tracing, self.metrics, self.root_holders
+        )
         self.recorder.start()
         self._tasks = [
             asyncio.create_task(self._refresh_loop(), name="refresh"),
@@ -304,6 +341,7 @@ class ControlPlane:
         self.revocation_store.remove_expired(now)
         self.snapshots.revocations.expire(now)
         self.rotation.maintain(now)
+        self.ca_rotation.maintain(now)
 
     # -- health -----------------------------------------------------------------------------
     def ready(self, detail: bool = False) -> tuple[bool, dict[str, Any]]:

@@ -1,5 +1,5 @@
-"""The control plane's public documents (DESIGN §2): OpenID Connect discovery, the JWKS
-and the SPIFFE bundle, built from the key set in force."""
+"""The control plane's public documents (DESIGN §2, §9): OpenID Connect discovery, the
+JWKS and the SPIFFE bundle, built from the key set and the CA roots in force."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 
 from trustmesh.common.token_exchange import TOKEN_EXCHANGE_GRANT
 from trustmesh.identity.keys import KeySet
+from trustmesh.identity.x509ca import CaSet
 
 SPIFFE_REFRESH_HINT = 60
 
@@ -32,9 +33,13 @@ def discovery(issuer: str, trust_domain: str, keyset: KeySet) -> dict[str, Any]:
     }
 
 
-def spiffe_bundle(keyset: KeySet) -> dict[str, Any]:
-    """SPIFFE Trust Domain and Bundle §4: a JWKS whose keys carry ``use: jwt-svid``."""
+def spiffe_bundle(keyset: KeySet, ca: CaSet) -> dict[str, Any]:
+    """SPIFFE Trust Domain and Bundle §4: a JWKS whose keys carry ``use: jwt-svid`` (each
+    with its ``kid``) and ``use: x509-svid`` (one per published CA root, with ``x5c``,
+    §4.2; DESIGN §9). ``spiffe_sequence`` (§4.1.1) is the sum of the two monotonic
+    revision counters, so it grows whenever either set of keys changes."""
     bundle = keyset.jwks(use="jwt-svid")
-    bundle["spiffe_sequence"] = keyset.revision
+    bundle["keys"].extend(ca.jwks())
+    bundle["spiffe_sequence"] = keyset.revision + ca.revision
     bundle["spiffe_refresh_hint"] = SPIFFE_REFRESH_HINT
     return bundle

@@ -64,3 +64,15 @@ class ServerMetrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0),
             registry=self.registry,
         )
+        self.x509_svids = Counter(
+            "trustmesh_x509_svids_total",
+            "X.509-SVID requests (POST /v1/x509-svid) by result",
+            ["result"],
+            registry=self.registry,
+        )
+        self.x509_svid_seconds = Histogram(
+            "trustmesh_x509_svid_seconds",
+            "X.509-SVID issuance latency inside the server",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0),
+            registry=self.registry,
+        )

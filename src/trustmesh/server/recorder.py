@@ -145,16 +145,18 @@ class AuditRecorder:
         peer: str | None,
         trace_id: str,
         span_id: str,
+        surface: str = "token",
     ) -> bool:
         """Record a refused exchange from the caller at ``peer``: as its own
         ``token.exchange_failed`` event (True), or folded into the window's summary
-        (False). Not awaited: nothing changed, and a refusal waits for no commit."""
+        (False). Not awaited: nothing changed, and a refusal waits for no commit.
+        ``surface``: ``token`` (RFC 8693) or ``x509-svid`` (``POST /v1/x509-svid``)."""
         claimed = claimed_facts(subject_token)
         digest = ev.token_sha256(subject_token) if subject_token else None
         refusal = Refusal(
             error=error,
             reason=f"{error}: {description}",
-            surface="token",
+            surface=surface,
             address=source_address(peer),
             issuer=claimed.get("iss"),
             token_sha256=digest,
@@ -166,7 +168,7 @@ class AuditRecorder:
         if not verdict.individual:
             return False
         event = exchange_failed_event(
-            self.source, error, description, subject_token, trace_id, span_id, claimed
+            self.source, error, description, subject_token, trace_id, span_id, claimed, surface
         )
         try:
             record = record_of(event)
@@ -337,6 +339,7 @@ def exchange_failed_event(
     trace_id: str,
     span_id: str,
     claimed: Mapping[str, str] | None = None,
+    surface: str = "token",
 ) -> dict[str, Any]:
     """A refused exchange. Provenance comes from the token's unverified claims, marked
     as claimed: the token did not prove them (``claimed``: :func:`claimed_facts`,
@@ -351,7 +354,7 @@ def exchange_failed_event(
         source=source,
         actor="anonymous",
         identity=identity,
-        request={"surface": "token"},
+        request={"surface": surface},
         decision={"allowed": False, "reason": f"{error}: {description}"[:500]},
         detail={"error": error, "claimed": dict(claimed) or None},
         trace_id=trace_id,

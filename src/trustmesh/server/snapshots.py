@@ -1,8 +1,8 @@
 """A replica's view of the control plane's state, and the one place it changes.
 
 State has one owner: the database. Each replica keeps immutable snapshots of what its
-hot paths read — the registry, the signing keys (and a verifier over them), the policy
-in force, the revocation list, the suspensions — and swaps one when its revision counter in the
+hot paths read — the registry, the signing keys (and a verifier over them), the X.509
+CA roots, the policy in force, the revocation list, the suspensions — and swaps one when its revision counter in the
 ``meta`` table moves: :meth:`Snapshots.refresh` runs every ``refresh_interval`` and
 right after this replica's own writes, so several stateless replicas on one PostgreSQL
 database agree within that interval. Nothing on the exchange path touches the
@@ -27,6 +27,7 @@ from trustmesh.common.errors import TooManyRequests
 from trustmesh.common.limits import DEFAULT_LONG_POLLS_PER_CREDENTIAL
 from trustmesh.identity.keys import KeyManager, KeySet
 from trustmesh.identity.svid import SVID_TYPS, KeyRing, SvidVerifier, VerifiedIdentity
+from trustmesh.identity.x509ca import CaManager, CaSet
 from trustmesh.policy.catalog import PolicyCatalog, documents_of
 from trustmesh.policy.compiler import PolicySet
 from trustmesh.registry import Registry, RegistryStore
@@ -99,6 +100,7 @@ class Snapshots:
         catalog: PolicyCatalog,
         revocation_store: RevocationStore,
         suspension_store: SuspensionStore,
+        ca: CaManager,
         clock: Clock,
         long_polls_per_credential: int = DEFAULT_LONG_POLLS_PER_CREDENTIAL,
     ) -> None:
@@ -110,6 +112,7 @@ class Snapshots:
         self.catalog = catalog
         self.revocation_store = revocation_store
         self.suspension_store = suspension_store
+        self.ca_manager = ca
         self.clock = clock
         self.stopping = False
         self.long_polls = LongPollLimit(long_polls_per_credential)
@@ -123,6 +126,7 @@ class Snapshots:
         self.registry: Registry = self.registry_store.load()
         self.revocations: RevocationSet = self.revocation_store.load()
         self.suspensions: SuspensionSet = self.suspension_store.load()
+        self.ca: CaSet = self.ca_manager.load()
         self._load_policy()
         self.last_refresh = time.monotonic()
 
@@ -155,6 +159,8 @@ class Snapshots:
             self._load_policy()
         if revisions.get(meta_store.SUSPENSION_REVISION, 0) != self.suspensions.revision:
             self.suspensions = self.suspension_store.load()
+        if revisions.get(meta_store.CA_REVISION, 0) != self.ca.revision:
+            self.ca = self.ca_manager.load()
         self.last_refresh = time.monotonic()
 
     def age(self) -> float:

@@ -12,12 +12,14 @@ KEYS_REVISION = "keys_revision"
 POLICY_REVISION = "policy_revision"
 REVOCATION_REVISION = "revocation_revision"
 SUSPENSION_REVISION = "suspension_revision"
+CA_REVISION = "ca_revision"
 COUNTERS = (
     REGISTRY_REVISION,
     KEYS_REVISION,
     POLICY_REVISION,
     REVOCATION_REVISION,
     SUSPENSION_REVISION,
+    CA_REVISION,
 )
 
 

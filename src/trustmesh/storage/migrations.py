@@ -124,6 +124,12 @@ def _set_apart_unbound_sources(conn: Connection) -> None:
             conn.execute(update(table).where(table.c.source == key).values(source=UNBOUND + key))
 
 
+def _v7_x509_ca(conn: Connection) -> None:
+    schema.ca_roots.create(conn, checkfirst=True)
+    schema.root_holders.create(conn, checkfirst=True)
+    meta_store.insert_if_absent(conn, meta_store.CA_REVISION, "0")
+
+
 MIGRATIONS: list[Migration] = [
     (1, "initial schema: meta, signing keys, registry, credentials", _v1_initial),
     (2, "policy versions and agent status", _v2_policy),
@@ -136,6 +142,7 @@ MIGRATIONS: list[Migration] = [
         "claimed authors, audit source keys of 512 characters",
         _v6_credentials_and_suspensions,
     ),
+    (7, "X.509 CA roots and the roots each agent and sidecar holds", _v7_x509_ca),
 ]
 
 LATEST = MIGRATIONS[-1][0]

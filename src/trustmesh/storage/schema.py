@@ -58,6 +58,39 @@ signing_keys = Table(
     Column("removed_at", Float),
 )
 
+# X.509 CA roots of the trust domain (DESIGN §9), with the life cycle of the signing
+# keys: prepared -> active -> retired -> removed (identity/x509ca.py). ``id`` is the
+# SHA-256 (hex) of the certificate's DER, the fingerprint holders report.
+ca_roots = Table(
+    "ca_roots",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("state", String(16), nullable=False),
+    Column("certificate", Text, nullable=False),  # PEM
+    Column("private_key", Text, nullable=False),  # AES-256-GCM sealed PKCS#8, as signing_keys
+    Column("not_after", Float, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("activated_at", Float),
+    Column("retired_at", Float),
+    Column("remove_after", Float),
+    Column("removed_at", Float),
+)
+
+# Which CA roots each agent and sidecar last said it holds (server/roots.py): the
+# evidence a prepared root waits for before it becomes active. ``holder`` is an agent's
+# id or a sidecar's pod uid; a row past ``forget_after`` no longer counts and is deleted.
+root_holders = Table(
+    "root_holders",
+    metadata,
+    Column("kind", String(16), primary_key=True),  # "agent" | "sidecar"
+    Column("cluster", String(253), primary_key=True),
+    Column("holder", String(128), primary_key=True),
+    Column("roots", Text, nullable=False),  # JSON list of SHA-256 hex fingerprints
+    Column("subject", String(512)),  # a sidecar's SPIFFE ID
+    Column("reported_at", Float, nullable=False),
+    Column("forget_after", Float, nullable=False),
+)
+
 # Registry objects (Cluster, Workload): the canonical manifest body as JSON.
 registry_objects = Table(
     "registry_objects",

@@ -28,7 +28,7 @@ def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
         return JSONResponse(snapshots.keyset.jwks(), headers=PUBLIC_CACHE)
 
     async def bundle(request: Request) -> Response:
-        return JSONResponse(spiffe_bundle(snapshots.keyset), headers=PUBLIC_CACHE)
+        return JSONResponse(spiffe_bundle(snapshots.keyset, snapshots.ca), headers=PUBLIC_CACHE)
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"ok": True})
