@@ -80,6 +80,7 @@ class VerifiedSubject:
     sa_token: ServiceAccountToken
     workload_name: str
     workload: WorkloadSpec
+    token_sha256: bytes  # of the SA token: what audit records of it, never the token
 
 
 @dataclass(frozen=True)
@@ -318,7 +319,9 @@ class TokenExchange:
             raise UnauthorizedClient(
                 f"no Workload selects service account {sa.namespace}/{sa.service_account} in cluster {cluster_name}",
             )
-        return VerifiedSubject(cluster_name, sa, workload_name, registry.workloads[workload_name])
+        return VerifiedSubject(
+            cluster_name, sa, workload_name, registry.workloads[workload_name], digest
+        )
 
     async def exchange(self, form: Mapping[str, list[str]]) -> Exchanged:
         now = self.clock()
@@ -368,5 +371,5 @@ class TokenExchange:
             sa_token=sa,
             jti=claims["jti"],
             kid=key.kid,
-            subject_token_sha256=digest.hex(),
+            subject_token_sha256=subject.token_sha256.hex(),
         )
