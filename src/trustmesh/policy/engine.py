@@ -20,9 +20,13 @@ the identity — and the condition that failed (namespace, or the closest rule's
 path, method, verb…). The explanation is computed for default denies only, over at
 most ``EXPLAIN_BINDINGS`` bindings and ``EXPLAIN_RULES`` rules each.
 
+Subjects match by SPIFFE ID — one ID, or a pattern of one trust domain (``*`` one path
+segment, ``**`` any number: ``spiffe://partner.example/**``, DESIGN §9) — and by claims.
+
 Speed comes from indexing, not from skipping checks: bindings are indexed by the SPIFFE
 ID and by one claim of each subject, so an identity only looks at bindings that can
-name it; the bindings that do apply to an identity are remembered per identity (its
+name it (a pattern subject with no claim to index by waits in a list of its trust
+domain, looked at after the exact index); the bindings that do apply to an identity are remembered per identity (its
 SPIFFE ID and the claims that bindings name, an absent claim told apart from a null
 one; the memo lives as long as the bundle, so a new revision invalidates it by
 construction); and each binding keeps its role's rules split by request family."""
@@ -54,6 +58,12 @@ from trustmesh.request.canonical import (
     rule_host,
     service_host,
     strip_cluster_domain,
+)
+from trustmesh.spiffeid import (
+    SpiffeIdPattern,
+    is_spiffe_id_pattern,
+    parse_spiffe_id_pattern,
+    trust_domain_of,
 )
 
 _FAMILIES = ("resource", "nonResource", "service")
@@ -91,10 +101,14 @@ class Decision:
 
 
 class _Subject:
-    __slots__ = ("claims", "expressions", "spiffe_id")
+    __slots__ = ("claims", "expressions", "pattern", "spiffe_id")
 
     def __init__(self, body: dict[str, Any]) -> None:
         self.spiffe_id: str | None = body.get("spiffeId")
+        self.pattern: SpiffeIdPattern | None = None
+        if self.spiffe_id is not None and is_spiffe_id_pattern(self.spiffe_id):
+            self.pattern = parse_spiffe_id_pattern(self.spiffe_id)
+            self.spiffe_id = None
         self.claims: tuple[tuple[str, str], ...] = tuple(sorted(body.get("claims", {}).items()))
         self.expressions: tuple[tuple[str, str, frozenset[str]], ...] = tuple(
             (e["key"], e["operator"], frozenset(e.get("values", ())))
@@ -103,6 +117,8 @@ class _Subject:
 
     def matches(self, spiffe_id: str, claims: Mapping[str, Any]) -> bool:
         if self.spiffe_id is not None and self.spiffe_id != spiffe_id:
+            return False
+        if self.pattern is not None and not self.pattern.matches(spiffe_id):
             return False
         for key, value in self.claims:
             if claims.get(key) != value:
@@ -209,6 +225,7 @@ class Engine:
         self._by_spiffe: dict[str, list[_Entry]] = {}
         self._by_claim: dict[tuple[str, str], list[_Entry]] = {}
         self._unindexed: list[_Entry] = []
+        self._by_pattern_domain: dict[str, list[_Entry]] = {}
         # How many registered identities carry each claim value: a subject is indexed
         # under its most selective condition, so an identity meets few candidates.
         counts: dict[str, dict[str, int]] = bundle.get("claimCounts") or claim_counts(
@@ -288,6 +305,8 @@ class Engine:
             if operator == "In"
         )
         if not options:
+            if subject.pattern is not None:
+                return [self._by_pattern_domain.setdefault(subject.pattern.trust_domain, [])]
             return [self._unindexed]
         best = min(options, key=lambda keys: sum(frequency(k) for k in keys))
         return [self._by_claim.setdefault(k, []) for k in best]
@@ -305,6 +324,8 @@ class Engine:
         if found is not None:
             return found
         buckets = [self._by_spiffe.get(spiffe_id), self._unindexed]
+        if self._by_pattern_domain:
+            buckets.append(self._by_pattern_domain.get(trust_domain_of(spiffe_id)))
         by_claim = self._by_claim
         for claim_key in self._index_keys:
             value = claims.get(claim_key)
