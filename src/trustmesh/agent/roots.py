@@ -6,7 +6,11 @@ client certificates to.
 
 The report goes out at once when the roots change and at least every
 :data:`REPORT_INTERVAL` seconds otherwise, so the control plane knows the agent still
-reports in."""
+reports in.
+
+The holder also keeps each federated trust domain's roots (DESIGN §9), from the bundles
+the key sync receives: :meth:`RootHolder.roots_for` gives the roots a certificate
+claiming an ID of that trust domain must chain to (never reported: they are not ours)."""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from cryptography import x509
 from trustmesh.agent.controlplane import ControlPlaneClient, ControlPlaneState
 from trustmesh.common.backoff import Backoff
 from trustmesh.common.errors import ControlPlaneError
+from trustmesh.identity.spiffe_bundle import FederatedBundle, read_federated
 from trustmesh.identity.x509ca import fingerprint, roots_of_bundle
 
 log = logging.getLogger("trustmesh.agent")
@@ -32,10 +37,25 @@ class RootHolder:
     def __init__(self) -> None:
         self.roots: tuple[x509.Certificate, ...] = ()
         self.fingerprints: tuple[str, ...] = ()
+        self.trust_domain: str | None = None
+        self.federated: dict[str, FederatedBundle] = {}
+        """Federated trust domain -> its bundle, as of the last state applied."""
         self.changed = asyncio.Event()
 
+    def roots_for(self, trust_domain: str, now: float) -> tuple[x509.Certificate, ...]:
+        """The roots that vouch for IDs of ``trust_domain`` at ``now``: ours, a
+        federated domain's while its bundle is within ``use_until``, or none."""
+        if trust_domain == self.trust_domain:
+            return self.roots
+        found = self.federated.get(trust_domain)
+        return found.bundle.roots if found is not None and now <= found.use_until else ()
+
     def update(self, state: ControlPlaneState) -> bool:
-        """Take the roots of ``state``'s bundle; returns whether they changed."""
+        """Take the roots of ``state``'s bundle (and the federated domains'); returns
+        whether our own changed."""
+        self.trust_domain = state.trust_domain
+        bundles, _ = read_federated(state.federated, state.trust_domain)
+        self.federated = bundles
         roots = roots_of_bundle(state.jwks.get("keys"))
         prints = tuple(fingerprint(r) for r in roots)
         if prints == self.fingerprints:
