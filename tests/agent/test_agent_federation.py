@@ -7,18 +7,16 @@ for the partner's IDs and only while the bundle is in date."""
 from __future__ import annotations
 
 import base64
-import datetime
 import time
 from typing import Any
 
 import jwt
 import pytest
 from agent_support import FakeClock
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from helpers import self_signed_ca
 from trustmesh.agent.authn import Authenticator
 from trustmesh.agent.controlplane import ControlPlaneState
 from trustmesh.agent.roots import RootHolder
@@ -32,23 +30,7 @@ SIGNER = ec.generate_private_key(ec.SECP256R1())
 ROOT_KEY = ec.generate_private_key(ec.SECP256R1())
 
 
-def partner_root() -> x509.Certificate:
-    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, PARTNER)])
-    now = datetime.datetime.now(datetime.UTC)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(ROOT_KEY.public_key())
-        .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ROOT_KEY, hashes.SHA256())
-    )
-
-
-ROOT = partner_root()
+ROOT = self_signed_ca(ROOT_KEY, PARTNER)
 
 
 def bundle_document() -> dict[str, Any]:

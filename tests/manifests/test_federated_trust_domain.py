@@ -4,14 +4,11 @@ partner federated twice) with the file and line of the document."""
 
 from __future__ import annotations
 
-import datetime
-
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from helpers import self_signed_ca
 from trustmesh.common.errors import ManifestError, RegistryConflict
 from trustmesh.manifests import FederatedTrustDomainSpec, parse_text
 from trustmesh.registry import build_registry
@@ -31,21 +28,8 @@ GOOD = (
 
 
 def ca_pem() -> str:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "partner CA")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.PEM).decode()
+    certificate = self_signed_ca(ec.generate_private_key(ec.SECP256R1()), "partner CA")
+    return certificate.public_bytes(serialization.Encoding.PEM).decode()
 
 
 def test_defaults_and_the_typed_spec() -> None:

@@ -8,7 +8,6 @@ and ``svid_bundle.pem``, which would merge it with ours."""
 from __future__ import annotations
 
 import base64
-import datetime
 import json
 import time
 from collections.abc import Iterator
@@ -22,7 +21,6 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.secret.v3 import sds_pb2_grpc
@@ -35,6 +33,7 @@ from helpers import (
     BundleHost,
     Server,
     cluster_yaml,
+    self_signed_ca,
     serve_cluster,
     start_server,
     workload_yaml,
@@ -57,20 +56,7 @@ class Partner:
     @classmethod
     def create(cls) -> Partner:
         key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, PARTNER)])
-        now = datetime.datetime.now(datetime.UTC)
-        root = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256())
-        )
-        return cls(key, root, ec.generate_private_key(ec.SECP256R1()))
+        return cls(key, self_signed_ca(key, PARTNER), ec.generate_private_key(ec.SECP256R1()))
 
     def bundle(self) -> bytes:
         """The partner's SPIFFE bundle, shaped as SPIRE serves it (no ``alg``)."""

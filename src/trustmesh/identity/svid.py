@@ -188,11 +188,7 @@ class SvidVerifier:
     def _check_subject(self, subject: Any) -> None:
         """``sub`` must be a SPIFFE ID of our trust domain. Subjects that passed are
         remembered (bounded), since a few thousand workloads present the same ones."""
-        try:
-            domain, _ = parse_spiffe_id(subject)
-        except (SpiffeIdError, TypeError):
-            raise InvalidToken("bad_subject", "token sub is not a SPIFFE ID") from None
-        if domain != self.trust_domain:
+        if subject_trust_domain(subject) != self.trust_domain:
             raise InvalidToken(
                 "bad_subject", f"token sub is not in trust domain {self.trust_domain}"
             )
@@ -244,17 +240,22 @@ else a partner writes into its tokens (``project``, ``cluster``…) is its own a
 which a binding written for our workloads must never match."""
 
 
+def subject_trust_domain(subject: Any) -> str:
+    """The trust domain of a ``sub`` claim; InvalidToken when it is no SPIFFE ID."""
+    try:
+        domain, _ = parse_spiffe_id(subject)
+    except (SpiffeIdError, TypeError, AttributeError):
+        raise InvalidToken("bad_subject", "token sub is not a SPIFFE ID") from None
+    return domain
+
+
 def token_trust_domain(token: str) -> str:
     """The trust domain of the SPIFFE ID in an unverified token's ``sub``: it only
     chooses whose keys verify the token (SPIFFE Federation §7.3: a verifier uses only
     the bundle of the trust domain the SPIFFE ID resides in); nothing read here is
     believed before the signature holds."""
     claims = decode_json_segment(split_compact(token, MAX_TOKEN_BYTES)[1], "payload")
-    try:
-        domain, _ = parse_spiffe_id(claims.get("sub"))  # type: ignore[arg-type]
-    except (SpiffeIdError, TypeError, AttributeError):
-        raise InvalidToken("bad_subject", "token sub is not a SPIFFE ID") from None
-    return domain
+    return subject_trust_domain(claims.get("sub"))
 
 
 class PartnerVerifier:
@@ -291,11 +292,7 @@ class PartnerVerifier:
             required=PARTNER_REQUIRED_CLAIMS,
         )
         subject = claims["sub"]
-        try:
-            domain, _ = parse_spiffe_id(subject)
-        except (SpiffeIdError, TypeError):
-            raise InvalidToken("bad_subject", "token sub is not a SPIFFE ID") from None
-        if domain != self.trust_domain:
+        if subject_trust_domain(subject) != self.trust_domain:
             raise InvalidToken(
                 "bad_subject",
                 f"a key of trust domain {self.trust_domain} vouches only for its own IDs",

@@ -59,20 +59,7 @@ class BundleRecord:
 
 
 def _record(row: Any) -> BundleRecord:
-    return BundleRecord(
-        trust_domain=row.trust_domain,
-        endpoint=row.endpoint,
-        bundle=row.bundle,
-        sequence=row.sequence,
-        refresh_hint=row.refresh_hint,
-        fetched_at=row.fetched_at,
-        changed_at=row.changed_at,
-        attempted_at=row.attempted_at,
-        error=row.error,
-        failures=row.failures,
-        next_refresh_at=row.next_refresh_at,
-        dropped_at=row.dropped_at,
-    )
+    return BundleRecord(**row._mapping)
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from sqlalchemy import Connection
 
 from trustmesh.audit import events as ev
 from trustmesh.common.addresses import check_fetch_url
+from trustmesh.common.answers import read_bounded
 from trustmesh.common.clock import Clock
 from trustmesh.common.errors import BundleError
 from trustmesh.identity.spiffe_bundle import MAX_BUNDLE_BYTES, SpiffeBundle, parse_bundle
@@ -81,18 +82,6 @@ def retry_delay(spec: FederatedTrustDomainSpec, record: BundleRecord) -> float:
     return min(backoff, refresh_interval(spec, record.refresh_hint))
 
 
-async def _read_bounded(response: httpx.Response) -> bytes:
-    declared = response.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BUNDLE_BYTES:
-        raise BundleError(f"the bundle endpoint answered more than {MAX_BUNDLE_BYTES} bytes")
-    body = bytearray()
-    async for chunk in response.aiter_bytes():
-        body += chunk
-        if len(body) > MAX_BUNDLE_BYTES:
-            raise BundleError(f"the bundle endpoint answered more than {MAX_BUNDLE_BYTES} bytes")
-    return bytes(body)
-
-
 async def fetch_bundle(spec: FederatedTrustDomainSpec) -> bytes:
     """The body ``spec``'s bundle endpoint answers (module docstring); BundleError
     saying why there is none."""
@@ -115,7 +104,12 @@ async def fetch_bundle(spec: FederatedTrustDomainSpec) -> bytes:
                     continue
                 if response.status_code != 200:
                     raise BundleError(f"the bundle endpoint answered HTTP {response.status_code}")
-                return await _read_bounded(response)
+                body = await read_bounded(response, MAX_BUNDLE_BYTES)
+                if body is None:
+                    raise BundleError(
+                        f"the bundle endpoint answered more than {MAX_BUNDLE_BYTES} bytes"
+                    )
+                return body
             finally:
                 await response.aclose()
     raise BundleError(f"the bundle endpoint redirected more than {MAX_REDIRECTS} times")

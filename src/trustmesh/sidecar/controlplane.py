@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import orjson
 
+from trustmesh.common.answers import read_bounded
 from trustmesh.common.errors import IssuanceRefused
 from trustmesh.common.failover import Failover, TryNext
 
@@ -69,16 +70,11 @@ def jwt_keys(bundle: dict[str, Any]) -> dict[str, Any]:
 
 async def _read_json(response: httpx.Response, limit: int = MAX_ANSWER_BYTES) -> Any:
     """The body of a streamed response as JSON, refused past ``limit`` bytes."""
-    declared = response.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    body = await read_bounded(response, limit)
+    if body is None:
         raise TryNext(f"the answer is larger than {limit} bytes")
-    body = bytearray()
-    async for chunk in response.aiter_bytes():
-        body += chunk
-        if len(body) > limit:
-            raise TryNext(f"the answer is larger than {limit} bytes")
     try:
-        return orjson.loads(bytes(body))
+        return orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
 
