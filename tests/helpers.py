@@ -11,6 +11,7 @@ import queue
 import secrets
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -399,15 +400,23 @@ def signer_of(server: Server) -> ActiveKey:
 
 
 class BundleHost:
-    """A small SPIFFE bundle endpoint on loopback (plain http: allowed there) whose
-    answer the test sets: a foreign trust domain's bundle, or garbage."""
+    """A small SPIFFE bundle endpoint on loopback whose answer the test sets: a foreign
+    trust domain's bundle, garbage, or (``redirect``) a redirect elsewhere. Plain http
+    (allowed on loopback), or https with ``tls``."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.body = b"{}"
+        self.redirect: str | None = None
         host = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                if host.redirect is not None:
+                    self.send_response(302)
+                    self.send_header("Location", host.redirect)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 body = host.body
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -419,7 +428,10 @@ class BundleHost:
                 return None
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/bundle"
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        scheme = "https" if tls is not None else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}/bundle"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self) -> None:

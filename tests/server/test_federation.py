@@ -7,8 +7,11 @@ tokens for our clusters' audiences."""
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import json
 import os
+import ssl
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -19,8 +22,10 @@ from typing import Any
 import httpx
 import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from helpers import (
     TRUST_DOMAIN,
@@ -28,6 +33,7 @@ from helpers import (
     BundleHost,
     Server,
     cluster_yaml,
+    self_signed_ca,
     serve_cluster,
     signer_of,
     start_agent,
@@ -370,6 +376,76 @@ def test_an_oversized_or_malformed_bundle_keeps_the_last_good_one(mesh: Mesh) ->
         assert {item["spec"]["trustDomain"] for item in as_json} >= {FLAKY, PARTNER}
     finally:
         host.close()
+
+
+def tls_for_loopback(directory: Path) -> tuple[ssl.SSLContext, str]:
+    """A server TLS context for 127.0.0.1 whose certificate a private CA signed, and
+    that CA's PEM (what a FederatedTrustDomain's caBundle holds)."""
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = self_signed_ca(ca_key, "partner private CA")
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    (directory / "tls.pem").write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    (directory / "tls.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(directory / "tls.pem", directory / "tls.key")
+    return context, ca.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def test_tls_with_the_ca_bundle_and_redirects_under_the_same_rules(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    context, ca_pem = tls_for_loopback(tmp_path)
+    private, plain = BundleHost(context), BundleHost()
+    try:
+        private.body = ec_bundle(3)
+        ca_block = "\n".join("    " + line for line in ca_pem.splitlines())
+        trusted = federated_yaml("private", "private.example", private.url, max_stale="1h")
+        untrusted = federated_yaml("public-roots", "untrusted.example", private.url)
+        mesh.ours.apply(trusted + f"  caBundle: |\n{ca_block}\n---\n" + untrusted)
+        fetched = bundle_state(mesh.ours, "private.example", "TLS", lambda s: s.get("sequence"))
+        assert fetched["sequence"] == 3 and fetched["state"] == "fresh"
+        refused = bundle_state(mesh.ours, "untrusted.example", "no TLS", lambda s: s.get("error"))
+        assert refused["state"] == "pending" and "could not be reached" in refused["error"]
+
+        # a redirect is followed under the same rules: to https (whose CA our system
+        # roots do not know here), and never off loopback over plain http
+        plain.redirect = private.url
+        mesh.ours.apply(federated_yaml("moved", "moved.example", plain.url))
+        moved = bundle_state(mesh.ours, "moved.example", "a redirect", lambda s: s.get("error"))
+        assert "could not be reached" in moved["error"]
+        plain.redirect = "http://bundles.partner.example/b"
+        mesh.ours.apply(federated_yaml("moved", "moved.example", plain.url + "/x"))
+        away = bundle_state(
+            mesh.ours,
+            "moved.example",
+            "a refused redirect",
+            lambda s: "redirect" in str(s.get("error")),
+        )
+        assert "must use https" in away["error"]
+    finally:
+        private.close()
+        plain.close()
 
 
 def test_a_partner_endpoint_that_goes_away_breaks_nothing_until_max_stale(mesh: Mesh) -> None:
