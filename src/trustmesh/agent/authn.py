@@ -1,8 +1,11 @@
 """Authentication at the agent: a verified-token cache in front of the JWT-SVID
 verifier, over the key set the control plane publishes — and, for JWT-SVIDs of a
 federated trust domain (DESIGN §9), that domain's own bundle as the control plane
-ships it (``PartnerVerifier``: chosen by the trust domain of the token's ``sub``, so a
-partner's keys can only ever vouch for the partner's IDs).
+ships it (``PartnerVerifier``). Our keys answer first (a ``kid`` they know: our
+verifier, which takes only IDs of our trust domain), so our own tokens pay nothing for
+federation; a ``kid`` they do not know sends the token to the bundle of the trust
+domain its ``sub`` names, which takes only IDs of that domain — a partner's keys can
+never vouch for ours or a third's.
 
 This is the only place a federated token turns into a VerifiedIdentity; whether the
 identity is revoked, and what it may do, is decided after it (``agent/decide.py``)."""
@@ -91,19 +94,23 @@ class Authenticator:
             verifier = self._verifier
             if verifier is None:
                 raise InvalidToken("not_ready", "agent has no keys from the control plane yet")
-            if self.partners:
-                domain = token_trust_domain(token)
-                if domain != verifier.trust_domain:
-                    identity = self._verify_partner(token, domain, verifier.audience, now)
-                    self.cache.put(digest, identity)
-                    return identity
-            identity = verifier.verify(token, now)
+            try:
+                identity = verifier.verify(token, now)
+            except InvalidToken as exc:
+                if exc.reason != "unknown_kid" or not self.partners:
+                    raise
+                identity = self._verify_partner(token, verifier, now, exc)
             self.cache.put(digest, identity)
         return identity
 
     def _verify_partner(
-        self, token: str, domain: str, audience: str | None, now: float
+        self, token: str, ours: SvidVerifier, now: float, unknown: InvalidToken
     ) -> VerifiedIdentity:
+        """A token whose ``kid`` our keys do not know, by the bundle of its ``sub``'s
+        trust domain; ``unknown`` again when that domain is ours."""
+        domain = token_trust_domain(token)
+        if domain == ours.trust_domain:
+            raise unknown
         partner = self.partners.get(domain)
         if partner is None:
             # Reason unknown_kid: the control plane may have a bundle we have not seen
@@ -111,4 +118,4 @@ class Authenticator:
             raise InvalidToken(
                 "unknown_kid", f"token is of trust domain {domain[:100]}, not one we federate with"
             )
-        return partner.verify(token, audience, now)
+        return partner.verify(token, ours.audience, now)
