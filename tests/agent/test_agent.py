@@ -26,26 +26,12 @@ from helpers import (
     Server,
     register_federation,
     serve_cluster,
+    signer_of,
     start_agent,
     start_server,
 )
-from trustmesh.identity.keys import ActiveKey, KeyManager
-from trustmesh.identity.sealing import MasterKey
 from trustmesh.identity.svid import mint_svid
 from trustmesh.sim import SimulatedCluster
-from trustmesh.storage import open_database
-
-
-def control_plane_signer(server: Server) -> ActiveKey:
-    """The control plane's active key, opened from its data dir like a replica would:
-    lets the tests craft tokens with exactly the claims they need."""
-    db = open_database(server.db, server.data_dir)
-    try:
-        return (
-            KeyManager(db, MasterKey.load_or_create(server.data_dir / "master.key")).load().active
-        )
-    finally:
-        db.dispose()
 
 
 @pytest.fixture
@@ -119,7 +105,7 @@ def test_verifies_a_federated_token_and_caches_it(federation: Federation, agent:
 
 def test_refuses_forged_and_misdirected_tokens(federation: Federation, agent: Agent) -> None:
     good = federation.svid()
-    key = control_plane_signer(federation.server)
+    key = signer_of(federation.server)
     public = next(
         k
         for k in httpx.get(federation.server.url + "/.well-known/jwks.json").json()["keys"]

@@ -90,8 +90,16 @@ def test_engine_url_selection(tmp_path: Path) -> None:
         engine_url("mysql://u@h/db", tmp_path)
 
 
+def _undo_migration_8(conn: Connection) -> None:
+    """The database as version 7 left it: no federated bundles, no federation counter."""
+    conn.execute(text("DROP TABLE federated_bundles"))
+    conn.execute(text("DELETE FROM meta WHERE name = 'federation_revision'"))
+    conn.execute(delete(schema_migrations).where(schema_migrations.c.version == 8))
+
+
 def _undo_migration_7(conn: Connection) -> None:
     """The database as version 6 left it: no CA roots, no holders, no CA counter."""
+    _undo_migration_8(conn)
     conn.execute(text("DROP TABLE ca_roots"))
     conn.execute(text("DROP TABLE root_holders"))
     conn.execute(text("DELETE FROM meta WHERE name = 'ca_revision'"))
@@ -111,7 +119,7 @@ def test_migration_7_adds_the_x509_ca_to_a_version_6_database(
             _undo_migration_7(conn)
             conn.execute(delete(schema_migrations).where(schema_migrations.c.version == 7))
         assert current_version(db.engine) == 6
-        assert migrate(db.engine) == LATEST == 7
+        assert migrate(db.engine) == LATEST
         assert {"ca_roots", "root_holders"} <= set(inspect(db.engine).get_table_names())
         with db.engine.connect() as conn:
             assert meta_store.revisions(conn)[meta_store.CA_REVISION] == 0
@@ -119,6 +127,29 @@ def test_migration_7_adds_the_x509_ca_to_a_version_6_database(
         ca.ensure_roots()
         assert sorted(r.state for r in ca.list_roots()) == ["active", "prepared"]
         assert ca.load().revision == 1
+    finally:
+        db.dispose()
+
+
+def test_migration_8_adds_federated_bundles_to_a_version_7_database(
+    db_url: str | None, tmp_path: Path
+) -> None:
+    """A version 7 database gets the federated bundles' table and counter, which the
+    federation store then reads and writes."""
+    from trustmesh.registry.federation import FederationStore
+
+    db = open_database(db_url, tmp_path)
+    try:
+        with db.engine.begin() as conn:
+            _undo_migration_8(conn)
+        assert current_version(db.engine) == 7
+        assert migrate(db.engine) == LATEST == 8
+        assert "federated_bundles" in inspect(db.engine).get_table_names()
+        store = FederationStore(db)
+        assert store.load().revision == 0 and store.load().records == {}
+        taken = store.claim("partner.example", "https://p.example/b", 100.0, 30.0)
+        assert taken is not None and taken.bundle is None and taken.next_refresh_at == 130.0
+        assert store.claim("partner.example", "https://p.example/b", 101.0, 30.0) is None
     finally:
         db.dispose()
 
@@ -167,7 +198,7 @@ def test_migration_6_upgrades_a_version_5_database(db_url: str | None, tmp_path:
         )
     assert current_version(db.engine) == 5
     try:
-        assert migrate(db.engine) == LATEST == 7
+        assert migrate(db.engine) == LATEST
         inspector = inspect(db.engine)
         columns = {c["name"]: c for c in inspector.get_columns("credentials")}
         assert {"agent", "expires_at", "last_used_at", "previous_hash", "previous_until"} <= set(

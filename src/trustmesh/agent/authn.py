@@ -1,15 +1,30 @@
 """Authentication at the agent: a verified-token cache in front of the JWT-SVID
-verifier, over the key set the control plane publishes.
+verifier, over the key set the control plane publishes — and, for JWT-SVIDs of a
+federated trust domain (DESIGN §9), that domain's own bundle as the control plane
+ships it (``PartnerVerifier``). Our keys answer first (a ``kid`` they know: our
+verifier, which takes only IDs of our trust domain), so our own tokens pay nothing for
+federation; a ``kid`` they do not know sends the token to the bundle of the trust
+domain its ``sub`` names, which takes only IDs of that domain — a partner's keys can
+never vouch for ours or a third's.
 
 This is the only place a federated token turns into a VerifiedIdentity; whether the
 identity is revoked, and what it may do, is decided after it (``agent/decide.py``)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from trustmesh.agent.cache import VerifiedTokenCache, token_digest
 from trustmesh.common.clock import Clock
 from trustmesh.common.errors import InvalidToken
-from trustmesh.identity.svid import SVID_TYPS, KeyRing, SvidVerifier, VerifiedIdentity
+from trustmesh.identity.svid import (
+    SVID_TYPS,
+    KeyRing,
+    PartnerVerifier,
+    SvidVerifier,
+    VerifiedIdentity,
+    token_trust_domain,
+)
 from trustmesh.spiffeid import cluster_audience
 
 
@@ -28,6 +43,7 @@ class Authenticator:
         self.cache = VerifiedTokenCache(cache_size, leeway)
         self.keys = KeyRing(accepted_typs=SVID_TYPS)
         self._verifier: SvidVerifier | None = None
+        self.partners: Mapping[str, PartnerVerifier] = {}
 
     @property
     def configured(self) -> bool:
@@ -51,14 +67,55 @@ class Authenticator:
         elif removed:
             self.cache.clear()
 
+    def configure_partners(self, partners: Mapping[str, PartnerVerifier]) -> None:
+        """Install the federated trust domains' verifiers (trust domain -> verifier).
+        A domain that leaves, or a partner key that disappears, drops every cached
+        verification."""
+        previous = self.partners
+        self.partners = dict(partners)
+        for domain, verifier in previous.items():
+            now = self.partners.get(domain)
+            if now is None or not set(verifier.keys.kids()) <= set(now.keys.kids()):
+                self.cache.clear()
+                return
+
+    def expire_partners(self, now: float) -> None:
+        """Drop the federated bundles past their ``use_until`` (the agent may have lost
+        the control plane that would drop them)."""
+        if any(v.use_until < now for v in self.partners.values()):
+            self.configure_partners({d: v for d, v in self.partners.items() if v.use_until >= now})
+
     def authenticate(self, token: str, now: float) -> VerifiedIdentity:
         """A verified identity (from the cache while the token is valid at ``now``), or
         InvalidToken."""
         digest = token_digest(token)
         identity = self.cache.get(digest, now)
         if identity is None:
-            if self._verifier is None:
+            verifier = self._verifier
+            if verifier is None:
                 raise InvalidToken("not_ready", "agent has no keys from the control plane yet")
-            identity = self._verifier.verify(token, now)
+            try:
+                identity = verifier.verify(token, now)
+            except InvalidToken as exc:
+                if exc.reason != "unknown_kid" or not self.partners:
+                    raise
+                identity = self._verify_partner(token, verifier, now, exc)
             self.cache.put(digest, identity)
         return identity
+
+    def _verify_partner(
+        self, token: str, ours: SvidVerifier, now: float, unknown: InvalidToken
+    ) -> VerifiedIdentity:
+        """A token whose ``kid`` our keys do not know, by the bundle of its ``sub``'s
+        trust domain; ``unknown`` again when that domain is ours."""
+        domain = token_trust_domain(token)
+        if domain == ours.trust_domain:
+            raise unknown
+        partner = self.partners.get(domain)
+        if partner is None:
+            # Reason unknown_kid: the control plane may have a bundle we have not seen
+            # yet, and that reason asks for one (rate-limited) refresh.
+            raise InvalidToken(
+                "unknown_kid", f"token is of trust domain {domain[:100]}, not one we federate with"
+            )
+        return partner.verify(token, ours.audience, now)

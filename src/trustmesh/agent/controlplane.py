@@ -1,6 +1,7 @@
 """The agent's one client of the control plane (as SPIRE keeps every agent → server call
-in ``pkg/agent/client``): configuration and the SPIFFE bundle, the cluster's policy
-bundle, the revocation list, audit batches, and the report of the CA roots it holds.
+in ``pkg/agent/client``): configuration and the SPIFFE bundle (with the bundles of the
+federated trust domains), the cluster's policy bundle, the revocation list, audit
+batches, and the report of the CA roots it holds.
 
 Every call goes through one failover round (``common/failover.py``): the URLs are
 tried starting with the one that answered last; a connection error, a timeout, a 5xx
@@ -20,7 +21,7 @@ Retrying after a failed round, and how long to wait, is up to the loop that call
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -47,13 +48,20 @@ class ControlPlaneState:
     refresh_hint: float
     server: str
     received_at: float
+    federated: dict[str, Any] = field(default_factory=dict)
+    """The federated trust domains' bundles as ``GET /v1/federation/bundles`` answers
+    them: trust domain -> ``{"bundle": SPIFFE bundle, "use_until": epoch seconds}``."""
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ControlPlaneState:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        """A saved state (one saved before federation existed has no ``federated``)."""
+        return cls(
+            **{k: data[k] for k in cls.__dataclass_fields__ if k != "federated"},
+            federated=dict(data.get("federated") or {}),
+        )
 
 
 def _json_object(response: httpx.Response) -> dict[str, Any]:
@@ -127,6 +135,7 @@ class ControlPlaneClient:
             if bundle_answer.status_code != 200:
                 raise TryNext(f"the SPIFFE bundle answered HTTP {bundle_answer.status_code}")
             bundle = _json_object(bundle_answer)
+            federated = await self._federated(base)
             if config.get("cluster") != self.cluster:
                 raise CredentialRejected(
                     f"the credential belongs to cluster {config.get('cluster')!r}, not {self.cluster!r}"
@@ -141,11 +150,24 @@ class ControlPlaneClient:
                     refresh_hint=float(bundle.get("spiffe_refresh_hint", 60)),
                     server=base,
                     received_at=self.clock(),
+                    federated=federated,
                 )
             except (KeyError, TypeError, ValueError) as exc:
                 raise TryNext(f"malformed agent configuration: {exc}") from None
 
         return await self.failover.run(attempt)
+
+    async def _federated(self, base: str) -> dict[str, Any]:
+        """``GET /v1/federation/bundles`` (a control plane without it: none)."""
+        answer = await self._http.get(base + "/v1/federation/bundles")
+        if answer.status_code == 404:
+            return {}
+        self._check(base, answer)
+        document = _json_object(answer) if answer.status_code == 200 else {}
+        domains = document.get("trust_domains")
+        if not isinstance(domains, dict):
+            raise TryNext(f"/v1/federation/bundles: HTTP {answer.status_code}, no trust_domains")
+        return domains
 
     async def fetch_bundle(self, after: str | None, wait: float, agent: str) -> str | None:
         """Long-poll ``GET /v1/agent/bundle`` for a policy bundle newer than ``after``

@@ -1,8 +1,10 @@
 """The agent's copy of the control plane's identity (issuer, trust domain) and of the
-SPIFFE bundle (JWKS): pulled periodically (the bundle's refresh hint, capped), at once
-when a token names an unknown ``kid`` (rate-limited), and applied to the
-authenticator. The last state received is persisted in the data dir, so a restarted
-agent verifies tokens before it reconnects."""
+SPIFFE bundle (JWKS), with the bundles of the federated trust domains (DESIGN §9):
+pulled periodically (the bundle's refresh hint, capped), at once when a token names an
+unknown ``kid`` (rate-limited), and applied to the authenticator. The last state
+received is persisted in the data dir, so a restarted agent verifies tokens before it
+reconnects. A federated bundle past its ``use_until`` is dropped here even while the
+control plane cannot be reached."""
 
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from trustmesh.agent.controlplane import ControlPlaneClient, ControlPlaneState
 from trustmesh.common.backoff import Backoff
 from trustmesh.common.errors import CredentialRejected, Unreachable
 from trustmesh.common.files import write_atomically
+from trustmesh.identity.spiffe_bundle import read_federated
+from trustmesh.identity.svid import PartnerVerifier
 
 log = logging.getLogger("trustmesh.agent")
 
@@ -75,6 +79,15 @@ class KeySync:
 
     def _apply(self, state: ControlPlaneState) -> None:
         self.authn.configure(issuer=state.issuer, trust_domain=state.trust_domain, jwks=state.jwks)
+        bundles, problems = read_federated(state.federated, state.trust_domain)
+        for problem in problems:
+            log.warning("ignoring a federated bundle: %s", problem)
+        self.authn.configure_partners(
+            {
+                domain: PartnerVerifier(found.bundle, found.use_until, self.authn.leeway)
+                for domain, found in bundles.items()
+            }
+        )
         if self.on_state is not None:
             self.on_state(state)
 
@@ -95,7 +108,11 @@ class KeySync:
         previous = self.state
         if previous is None or state != previous:
             self._apply(state)
-            if previous is None or (state.jwks, state.issuer) != (previous.jwks, previous.issuer):
+            if previous is None or (state.jwks, state.issuer, state.federated) != (
+                previous.jwks,
+                previous.issuer,
+                previous.federated,
+            ):
                 await asyncio.to_thread(save_state, self.data_dir, state)
         self.state = state
         self.last_success = time.monotonic()
@@ -143,6 +160,7 @@ class KeySync:
                 self.last_error = f"sync failed: {exc.__class__.__name__}: {exc}"
                 log.exception("sync failed")
                 delay = self.backoff.next_delay()
+            self.authn.expire_partners(self.authn.clock())
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)

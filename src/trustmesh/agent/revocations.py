@@ -89,7 +89,9 @@ class RevocationHolder:
             subject=identity.spiffe_id,
             cluster=identity.cluster,
             kid=identity.kid,
-            issued_at=identity.claims["iat"],
+            # A federated domain's JWT-SVID may carry no iat: any subject revocation
+            # then covers it (it cannot show it was issued after).
+            issued_at=identity.claims.get("iat", 0),
         )
         if entry is not None:
             raise InvalidToken(

@@ -6,7 +6,11 @@ client certificates to.
 
 The report goes out at once when the roots change and at least every
 :data:`REPORT_INTERVAL` seconds otherwise, so the control plane knows the agent still
-reports in."""
+reports in.
+
+The holder also keeps each federated trust domain's roots (DESIGN §9), from the bundles
+the key sync receives: :meth:`RootHolder.roots_for` gives the roots a certificate
+claiming an ID of that trust domain must chain to (never reported: they are not ours)."""
 
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from cryptography.x509.verification import Store
 from trustmesh.agent.controlplane import ControlPlaneClient, ControlPlaneState
 from trustmesh.common.backoff import Backoff
 from trustmesh.common.errors import ControlPlaneError
+from trustmesh.identity.spiffe_bundle import FederatedBundle, read_federated
 from trustmesh.identity.x509ca import fingerprint, roots_of_bundle
 
 log = logging.getLogger("trustmesh.agent")
@@ -42,10 +47,35 @@ class RootHolder:
         self.trust_domain: str | None = None
         self.generation = 0
         self._stores: dict[str, Store] = {}
+        self.federated: dict[str, FederatedBundle] = {}
+        """Federated trust domain -> its bundle, as of the last state applied."""
+        self._federated_prints: dict[str, tuple[str, ...]] = {}
         self.changed = asyncio.Event()
 
+    def roots_for(self, trust_domain: str, now: float) -> tuple[x509.Certificate, ...]:
+        """The roots that vouch for IDs of ``trust_domain`` at ``now``: ours, a
+        federated domain's while its bundle is within ``use_until``, or none."""
+        if trust_domain == self.trust_domain:
+            return self.roots
+        found = self.federated.get(trust_domain)
+        return found.bundle.roots if found is not None and now <= found.use_until else ()
+
     def update(self, state: ControlPlaneState) -> bool:
-        """Take the roots of ``state``'s bundle; returns whether they changed."""
+        """Take the roots of ``state``'s bundle (and the federated domains'); returns
+        whether our own changed. ``generation`` moves when any set of roots changes."""
+        bundles, _ = read_federated(state.federated, state.trust_domain)
+        self.federated = bundles
+        federated_prints = {
+            domain: tuple(fingerprint(r) for r in found.bundle.roots)
+            for domain, found in bundles.items()
+        }
+        if federated_prints != self._federated_prints:
+            self._federated_prints = federated_prints
+            self._stores = {
+                domain: store for domain, store in self._stores.items()
+                if domain == self.trust_domain
+            }  # fmt: skip
+            self.generation += 1
         roots = roots_of_bundle(state.jwks.get("keys"))
         prints = tuple(fingerprint(r) for r in roots)
         if prints == self.fingerprints and state.trust_domain == self.trust_domain:
@@ -57,8 +87,15 @@ class RootHolder:
         self.changed.set()
         return True
 
-    def store(self, trust_domain: str) -> Store | None:
-        """The roots that may vouch for SPIFFE IDs of ``trust_domain``, or None."""
+    def store(self, trust_domain: str, now: float) -> Store | None:
+        """The roots that may vouch for SPIFFE IDs of ``trust_domain`` at ``now`` (ours,
+        or a federated domain's while its bundle is within ``use_until``), or None."""
+        if trust_domain != self.trust_domain:
+            found = self.federated.get(trust_domain)
+            if found is None or now > found.use_until or not found.bundle.roots:
+                return None
+            if trust_domain not in self._stores:
+                self._stores[trust_domain] = Store(list(found.bundle.roots))
         return self._stores.get(trust_domain)
 
 

@@ -268,7 +268,12 @@ class CertificateAuthenticator:
             raise InvalidToken(
                 "not_ready", "the agent holds no CA roots from the control plane yet"
             )
-        svid = validate_svid(presented.leaf, presented.intermediates, self.roots.store, now)
+        svid = validate_svid(
+            presented.leaf,
+            presented.intermediates,
+            lambda domain: self.roots.store(domain, now),
+            now,
+        )
         if svid.spiffe_id != presented.uri:
             raise _malformed("URI is not the certificate's SPIFFE ID")
         verified = Verified(svid)

@@ -61,6 +61,12 @@ POLICY_PUBLISHED = "policy.published"
 POLICY_REJECTED = "policy.rejected"
 REVOCATION_CREATED = "revocation.created"
 KEY_ROTATED = "key.rotated"
+FEDERATION_BUNDLE_UPDATED = "federation.bundle_updated"
+"""A federated trust domain's bundle changed (DESIGN §9): trust domain, endpoint, the new
+and previous ``spiffe_sequence``, the counts of JWT-SVID keys and X.509 roots."""
+FEDERATION_BUNDLE_DROPPED = "federation.bundle_dropped"
+"""A federated trust domain's last good bundle passed its ``maxStale`` and was dropped:
+its identities are refused from then on."""
 AUDIT_GAP = "audit.gap_detected"
 REFUSALS_FOLDED = "audit.refusals_folded"
 
@@ -74,6 +80,8 @@ EVENT_TYPES = frozenset(
         POLICY_REJECTED,
         REVOCATION_CREATED,
         KEY_ROTATED,
+        FEDERATION_BUNDLE_UPDATED,
+        FEDERATION_BUNDLE_DROPPED,
         AUDIT_GAP,
         REFUSALS_FOLDED,
     }

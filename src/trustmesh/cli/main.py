@@ -34,6 +34,7 @@ from trustmesh.cli._common import (
 )
 from trustmesh.cli.audit import audit_app
 from trustmesh.cli.credentials import cluster_app, credentials_app
+from trustmesh.cli.federation import get_trustdomains
 from trustmesh.cli.suspension import get_suspensions, resume, suspend
 from trustmesh.common.limits import (
     DEFAULT_LIMITS,
@@ -62,6 +63,8 @@ app.add_typer(credentials_app, name="credentials")
 app.command("suspend")(suspend)
 app.command("resume")(resume)
 get_app.command("suspensions")(get_suspensions)
+get_app.command("trustdomains")(get_trustdomains)
+get_app.command("federation", help="The same as get trustdomains.")(get_trustdomains)
 app.add_typer(token_app, name="token")
 app.add_typer(bench_app, name="bench")
 

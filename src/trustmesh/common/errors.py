@@ -18,7 +18,8 @@ descriptions are sentences for people and never contain a token or a secret::
 │   ├── CsrRejected               a CSR that is malformed or asks for what it may not
     │   ├── PollError                 RFC 8935 §2.3 shape {"err", "description"}
     │   └── FormatError               a document that does not parse or verify
-    │       └── CanonicalError, EventError, NoteError, CheckpointError, ProofError
+    │       └── CanonicalError, EventError, NoteError, CheckpointError, ProofError,
+    │           BundleError
     ├── OAuthError                    400, RFC 6749 §5.2 / RFC 8693 §2.2.2 codes
     │   ├── InvalidGrant, InvalidTarget, InvalidScope, UnauthorizedClient,
     │   │   UnsupportedGrantType
@@ -197,6 +198,11 @@ class CheckpointError(FormatError):
 
 class ProofError(FormatError):
     """An RFC 9162 inclusion or consistency proof that is malformed or does not verify."""
+
+
+class BundleError(FormatError):
+    """A SPIFFE bundle that does not parse or breaks a rule of the SPIFFE Trust Domain and
+    Bundle format (``identity/spiffe_bundle.py``), or that exceeds our bounds."""
 
 
 # -- OAuth 2.0 (RFC 6749 §5.2, RFC 8693 §2.2.2) ---------------------------------------------

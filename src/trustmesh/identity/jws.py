@@ -148,12 +148,14 @@ def check_registered_claims(
     *,
     now: float,
     leeway: float,
-    issuer: str,
+    issuer: str | None,
     audience: str | None,
     required: tuple[str, ...],
 ) -> None:
     """RFC 7519 §4.1: ``exp`` (§4.1.4), ``nbf`` (§4.1.5), ``iat`` not in the future,
-    ``iss`` equal (§4.1.1), ``aud`` containing ours (§4.1.3), required claims present."""
+    ``iss`` equal (§4.1.1; None: not checked, as for a federated trust domain's
+    JWT-SVIDs, which need not carry one), ``aud`` containing ours (§4.1.3), required
+    claims present."""
     for name in required:
         if name not in claims:
             raise InvalidToken("missing_claim", f"token has no {name} claim")
@@ -166,7 +168,7 @@ def check_registered_claims(
     iat = _numeric(claims, "iat")
     if iat is not None and now + leeway < iat:
         raise InvalidToken("not_yet_valid", "token not yet valid (issued in the future)")
-    if claims.get("iss") != issuer:
+    if issuer is not None and claims.get("iss") != issuer:
         raise InvalidToken("wrong_issuer", "token issuer is not the expected one")
     if audience is not None:
         aud = claims.get("aud")

@@ -28,17 +28,21 @@ from trustmesh.identity.jws import (
     verify_compact,
 )
 from trustmesh.identity.keys import ActiveKey
+from trustmesh.identity.spiffe_bundle import SpiffeBundle
 from trustmesh.spiffeid import parse_spiffe_id
 
 __all__ = [
     "ALLOWED_ALGS",
+    "MAX_PARTNER_SVID_LIFETIME",
     "SVID_TYPS",
     "InvalidToken",
     "KeyRing",
+    "PartnerVerifier",
     "SvidVerifier",
     "VerifiedIdentity",
     "check_signed_header",
     "mint_svid",
+    "token_trust_domain",
 ]
 
 # JWT-SVID profile §3: RS256/384/512, ES256/384/512, PS256/384/512. Never none/HS*/EdDSA.
@@ -62,7 +66,9 @@ class VerifiedIdentity:
 
     @property
     def cluster(self) -> str:
-        return str(self.claims["cluster"])
+        """The origin cluster; empty for an identity of a federated trust domain, whose
+        claims name none of our clusters."""
+        return str(self.claims.get("cluster", ""))
 
 
 def _b64(data: bytes) -> bytes:
@@ -253,11 +259,7 @@ class SvidVerifier:
     def _check_subject(self, subject: Any) -> None:
         """``sub`` must be a SPIFFE ID of our trust domain. Subjects that passed are
         remembered (bounded), since a few thousand workloads present the same ones."""
-        try:
-            domain, _ = parse_spiffe_id(subject)
-        except (SpiffeIdError, TypeError):
-            raise InvalidToken("bad_subject", "token sub is not a SPIFFE ID") from None
-        if domain != self.trust_domain:
+        if subject_trust_domain(subject) != self.trust_domain:
             raise InvalidToken(
                 "bad_subject", f"token sub is not in trust domain {self.trust_domain}"
             )
@@ -293,4 +295,95 @@ class SvidVerifier:
             jti=str(claims["jti"]),
             kid=kid,
             expires_at=float(claims["exp"]),
+        )
+
+
+# --- federated trust domains (DESIGN §9) ---------------------------------------------------
+
+MAX_PARTNER_SVID_LIFETIME = 86400
+"""The longest lifetime (``exp`` - ``iat``, or ``exp`` - now) of a federated trust
+domain's JWT-SVID we accept, so that a revocation of one of its SPIFFE IDs need live no
+longer than this (plus skew) to cover every token it must."""
+PARTNER_REQUIRED_CLAIMS = ("sub", "aud", "exp")  # JWT-SVID §3; SPIRE sets no iss
+PARTNER_CLAIMS = ("iss", "sub", "aud", "exp", "nbf", "iat", "jti")
+"""The claims of a partner's JWT-SVID that reach policy: the registered ones. Whatever
+else a partner writes into its tokens (``project``, ``cluster``…) is its own assertion,
+which a binding written for our workloads must never match."""
+
+
+def subject_trust_domain(subject: Any) -> str:
+    """The trust domain of a ``sub`` claim; InvalidToken when it is no SPIFFE ID."""
+    try:
+        domain, _ = parse_spiffe_id(subject)
+    except (SpiffeIdError, TypeError, AttributeError):
+        raise InvalidToken("bad_subject", "token sub is not a SPIFFE ID") from None
+    return domain
+
+
+def token_trust_domain(token: str) -> str:
+    """The trust domain of the SPIFFE ID in an unverified token's ``sub``: it only
+    chooses whose keys verify the token (SPIFFE Federation §7.3: a verifier uses only
+    the bundle of the trust domain the SPIFFE ID resides in); nothing read here is
+    believed before the signature holds."""
+    claims = decode_json_segment(split_compact(token, MAX_TOKEN_BYTES)[1], "payload")
+    return subject_trust_domain(claims.get("sub"))
+
+
+class PartnerVerifier:
+    """JWT-SVIDs of one federated trust domain, verified with that domain's bundle and
+    nothing else: the algorithm of the key its ``kid`` names, ``aud`` holding the
+    audience asked for, ``exp``/``nbf`` within ``leeway``, a lifetime of at most
+    :data:`MAX_PARTNER_SVID_LIFETIME`, and a ``sub`` in *this* trust domain — a
+    partner's keys vouch for its own IDs only, never ours or a third's. ``iss`` is not
+    required (SPIRE omits it). The bundle serves until ``use_until`` (its last good
+    fetch plus ``maxStale``); after that every token is refused."""
+
+    def __init__(self, bundle: SpiffeBundle, use_until: float, leeway: float = 10.0) -> None:
+        self.trust_domain = bundle.trust_domain
+        self.sequence = bundle.sequence
+        self.use_until = use_until
+        self.leeway = leeway
+        self.keys = KeyRing(bundle.jwks(), accepted_typs=SVID_TYPS)
+
+    def verify(self, token: str, audience: str | None, now: float) -> VerifiedIdentity:
+        if now > self.use_until:
+            raise InvalidToken(
+                "stale_bundle",
+                f"the bundle of trust domain {self.trust_domain} is past its maxStale",
+            )
+        parts = split_compact(token, MAX_TOKEN_BYTES)
+        key = self.keys.key_for_header(parts[0])
+        claims = verify_compact(parts, key)
+        check_registered_claims(
+            claims,
+            now=now,
+            leeway=self.leeway,
+            issuer=None,
+            audience=audience,
+            required=PARTNER_REQUIRED_CLAIMS,
+        )
+        subject = claims["sub"]
+        if subject_trust_domain(subject) != self.trust_domain:
+            raise InvalidToken(
+                "bad_subject",
+                f"a key of trust domain {self.trust_domain} vouches only for its own IDs",
+            )
+        expires = float(claims["exp"])
+        issued = claims.get("iat")
+        longest = MAX_PARTNER_SVID_LIFETIME + self.leeway
+        if expires - now > longest or (
+            isinstance(issued, int | float) and expires - issued > longest
+        ):
+            raise InvalidToken(
+                "lifetime_too_long",
+                f"token lives longer than {MAX_PARTNER_SVID_LIFETIME} s, the most accepted "
+                "from a federated trust domain",
+            )
+        jti = claims.get("jti")
+        return VerifiedIdentity(
+            spiffe_id=subject,
+            claims={name: claims[name] for name in PARTNER_CLAIMS if name in claims},
+            jti=jti if isinstance(jti, str) else "",
+            kid=key.kid,
+            expires_at=expires,
         )

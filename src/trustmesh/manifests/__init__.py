@@ -5,7 +5,14 @@
 """
 
 from ._errors import ManifestError, Problem
-from ._kinds import API_VERSION, ClusterSpec, WorkloadSelector, WorkloadSpec
+from ._kinds import (
+    API_VERSION,
+    DEFAULT_MAX_STALE,
+    ClusterSpec,
+    FederatedTrustDomainSpec,
+    WorkloadSelector,
+    WorkloadSpec,
+)
 from ._load import Document, document_from_body, load_paths, parse_text
 from ._policy_kinds import (
     ClusterScope,
@@ -19,17 +26,19 @@ from ._policy_kinds import (
     TestSubject,
 )
 
-REGISTRY_KINDS = ("Cluster", "Workload")
+REGISTRY_KINDS = ("Cluster", "Workload", "FederatedTrustDomain")
 POLICY_KINDS = ("GlobalRole", "RoleBinding", "PolicyTest")
 
 __all__ = [
     "API_VERSION",
+    "DEFAULT_MAX_STALE",
     "POLICY_KINDS",
     "REGISTRY_KINDS",
     "ClusterScope",
     "ClusterSpec",
     "Document",
     "Expression",
+    "FederatedTrustDomainSpec",
     "GlobalRoleSpec",
     "ManifestError",
     "PolicyRule",

@@ -16,9 +16,12 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from cryptography import x509
+
 from trustmesh.common.addresses import check_fetch_url
+from trustmesh.common.errors import SpiffeIdError
 from trustmesh.request.canonical import DEFAULT_CLUSTER_DOMAIN
-from trustmesh.spiffeid import parse_spiffe_id
+from trustmesh.spiffeid import normalize_trust_domain, parse_spiffe_id
 
 from ._errors import Sink
 from ._jwks import JWKS
@@ -27,6 +30,7 @@ from ._schema import (
     INVALID,
     Checker,
     Field,
+    choice,
     exclusive,
     in_range,
     is_int,
@@ -253,6 +257,84 @@ def _build_workload(spec: dict[str, Any]) -> WorkloadSpec:
     )
 
 
+# --- FederatedTrustDomain ------------------------------------------------------------
+
+PROFILE_HTTPS_WEB = "https_web"
+DEFAULT_MAX_STALE = 7 * 86400
+MAX_CA_BUNDLE_CHARS = 64 * 1024
+MAX_CA_BUNDLE_CERTIFICATES = 16
+
+
+@dataclass(frozen=True)
+class FederatedTrustDomainSpec:
+    """A partner trust domain whose SPIFFE bundle the control plane polls (SPIFFE
+    Federation §5.1: the trust domain, the endpoint URL and the profile; DESIGN §9)."""
+
+    trust_domain: str
+    bundle_endpoint_url: str
+    profile: str
+    ca_bundle: str | None
+    refresh_hint: int | None
+    max_stale: int
+
+
+def trust_domain_name(value: str) -> None:
+    """A trust domain name as SPIFFE-ID §2.1 spells it, without the scheme."""
+    if value.startswith("spiffe://"):
+        raise ValueError(
+            f"{value!r}: give the trust domain name alone, e.g. {value.removeprefix('spiffe://')!r}"
+        )
+    try:
+        normalize_trust_domain(value)
+    except SpiffeIdError as exc:
+        raise ValueError(exc.description) from None
+    if value.endswith("/"):
+        raise ValueError(f"trust domain {value!r} must not end with '/'")
+
+
+def profile(value: str) -> None:
+    """SPIFFE Federation §5.2: only ``https_web`` (Web PKI, or ``caBundle``)."""
+    if value == "https_spiffe":
+        raise ValueError(
+            "profile 'https_spiffe' is not supported; use 'https_web' (with caBundle for an "
+            "endpoint behind a private CA)"
+        )
+    choice(PROFILE_HTTPS_WEB)(value)
+
+
+def pem_certificates(value: str) -> None:
+    """PEM certificates (at most 16) to trust for one endpoint's TLS; nothing else."""
+    if "PRIVATE KEY" in value:
+        raise ValueError("caBundle holds a private key; give only CA certificates (PEM)")
+    try:
+        certificates = x509.load_pem_x509_certificates(value.encode("ascii"))
+    except (ValueError, UnicodeEncodeError):
+        raise ValueError("caBundle is not PEM certificates (-----BEGIN CERTIFICATE-----)") from None
+    if len(certificates) > MAX_CA_BUNDLE_CERTIFICATES:
+        raise ValueError(f"caBundle holds more than {MAX_CA_BUNDLE_CERTIFICATES} certificates")
+
+
+FEDERATED_TRUST_DOMAIN_SPEC = obj(
+    Field("trustDomain", string(trust_domain_name), required=True),
+    Field("bundleEndpointURL", string(fetch_url("bundleEndpointURL")), required=True),
+    Field("profile", string(profile), default=lambda: PROFILE_HTTPS_WEB),
+    Field("caBundle", string(pem_certificates, max_length=MAX_CA_BUNDLE_CHARS)),
+    Field("refreshHint", duration(5, 86400)),
+    Field("maxStale", duration(5, 30 * 86400), default=lambda: DEFAULT_MAX_STALE),
+)
+
+
+def _build_federated_trust_domain(spec: dict[str, Any]) -> FederatedTrustDomainSpec:
+    return FederatedTrustDomainSpec(
+        trust_domain=spec["trustDomain"],
+        bundle_endpoint_url=spec["bundleEndpointURL"],
+        profile=spec["profile"],
+        ca_bundle=spec.get("caBundle"),
+        refresh_hint=spec.get("refreshHint"),
+        max_stale=spec["maxStale"],
+    )
+
+
 # --- the table ---------------------------------------------------------------------
 
 from ._policy_kinds import (  # noqa: E402  (the policy kinds reuse the helpers above)
@@ -267,7 +349,14 @@ from ._policy_kinds import (  # noqa: E402  (the policy kinds reuse the helpers 
     build_role_binding,
 )
 
-Spec = ClusterSpec | WorkloadSpec | GlobalRoleSpec | RoleBindingSpec | PolicyTestSpec
+Spec = (
+    ClusterSpec
+    | WorkloadSpec
+    | FederatedTrustDomainSpec
+    | GlobalRoleSpec
+    | RoleBindingSpec
+    | PolicyTestSpec
+)
 
 
 def _no_finalize(spec: dict[str, Any], name: str) -> None:
@@ -287,6 +376,9 @@ KINDS: dict[str, KindSpec] = {
     for k in (
         KindSpec("Cluster", CLUSTER_SPEC, _build_cluster),
         KindSpec("Workload", WORKLOAD_SPEC, _build_workload, _finalize_workload),
+        KindSpec(
+            "FederatedTrustDomain", FEDERATED_TRUST_DOMAIN_SPEC, _build_federated_trust_domain
+        ),
         KindSpec("GlobalRole", GLOBAL_ROLE_SPEC, build_global_role),
         KindSpec("RoleBinding", ROLE_BINDING_SPEC, build_role_binding),
         KindSpec("PolicyTest", POLICY_TEST_SPEC, build_policy_test),

@@ -252,8 +252,19 @@ def _spiffe(value: str) -> None:
     parse_spiffe_id(value)
 
 
+def _spiffe_or_pattern(value: str) -> None:
+    """One SPIFFE ID, or a pattern of one trust domain: ``*`` is one path segment,
+    ``**`` any number (``spiffe://partner.example/**``; DESIGN §9)."""
+    from trustmesh.spiffeid import is_spiffe_id_pattern, parse_spiffe_id, parse_spiffe_id_pattern
+
+    if is_spiffe_id_pattern(value):
+        parse_spiffe_id_pattern(value)
+    else:
+        parse_spiffe_id(value)
+
+
 SUBJECT = obj(
-    Field("spiffeId", string(_spiffe)),
+    Field("spiffeId", string(_spiffe_or_pattern)),
     Field("workload", string(_pattern(_NAME, "workload name"))),
     Field("claims", string_map()),
     Field("matchExpressions", list_of(EXPRESSION)),

@@ -12,7 +12,8 @@ longer than ``--max-sa-token-lifetime``, ``exp - iat``, 24 h by default) or whos
 subject is suspended (DESIGN §5: its workload, SPIFFE ID or origin cluster),
 ``unauthorized_client``
 when no Workload entry matches the verified service account, ``invalid_target`` for an
-audience we cannot issue for, and ``temporarily_unavailable`` (503) when the origin
+audience we cannot issue for (a SPIFFE ID that is neither a registered cluster's nor
+of a federated trust domain), and ``temporarily_unavailable`` (503) when the origin
 cluster's keys cannot be fetched."""
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from trustmesh.identity.svid import KeyRing, mint_svid
 from trustmesh.manifests import ClusterSpec, WorkloadSpec
 from trustmesh.registry import Registry
 from trustmesh.revocation.suspension import SuspensionSet
-from trustmesh.spiffeid import cluster_audience
+from trustmesh.spiffeid import cluster_audience, trust_domain_of
 
 GRANT_TYPE = TOKEN_EXCHANGE_GRANT
 DEFAULT_TTL = 300
@@ -240,9 +241,12 @@ class TokenExchange:
                 cluster = audience[len(self._cluster_prefix) :]
                 if cluster not in registry.clusters:
                     raise InvalidTarget(f"audience {audience} names no registered cluster")
-            elif audience.startswith("spiffe://"):
+            elif audience.startswith("spiffe://") and (
+                trust_domain_of(audience) not in registry.federation_by_domain
+            ):  # a federated trust domain's audience: a partner's service (DESIGN §9)
                 raise InvalidTarget(
-                    f"audience {audience[:100]} is a SPIFFE ID but not a cluster of trust domain {self.trust_domain}",
+                    f"audience {audience[:100]} is a SPIFFE ID but not a cluster of trust domain "
+                    f"{self.trust_domain} nor of a federated one",
                 )
             if audience not in unique:
                 unique.append(audience)

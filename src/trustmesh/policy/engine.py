@@ -20,11 +20,16 @@ the identity — and the condition that failed (namespace, or the closest rule's
 path, method, verb…). The explanation is computed for default denies only, over at
 most ``EXPLAIN_BINDINGS`` bindings and ``EXPLAIN_RULES`` rules each.
 
+Subjects match by SPIFFE ID — one ID, or a pattern of one trust domain (``*`` one path
+segment, ``**`` any number: ``spiffe://partner.example/**``, DESIGN §9) — and by claims.
+
 Speed comes from indexing, not from skipping checks (``bench engine``; docs/benchmarks.md):
 
 - bindings are indexed by the SPIFFE ID and by one claim of each subject (its most
   selective), so an identity only looks at bindings that can name it, and checks of
-  each only what its index key does not already hold (``_Subject.residual``);
+  each only what its index key does not already hold (``_Subject.residual``); a subject
+  with a SPIFFE ID pattern waits in a list of its trust domain, checked in full after
+  the index;
 - the bindings that apply to an identity are remembered per SPIFFE ID with the values
   of the claims bindings name (an absent claim told apart from a null one; another
   token of the SPIFFE ID with other claims is looked up again); the memo lives as long
@@ -67,6 +72,12 @@ from trustmesh.request.canonical import (
     rule_host,
     service_host,
     strip_cluster_domain,
+)
+from trustmesh.spiffeid import (
+    SpiffeIdPattern,
+    is_spiffe_id_pattern,
+    parse_spiffe_id_pattern,
+    trust_domain_of,
 )
 
 _FAMILIES = ("resource", "nonResource", "service")
@@ -208,10 +219,14 @@ def _all_of(checks: list[_Check]) -> _Check | None:
 
 
 class _Subject:
-    __slots__ = ("claims", "expressions", "spiffe_id")
+    __slots__ = ("claims", "expressions", "pattern", "spiffe_id")
 
     def __init__(self, body: dict[str, Any]) -> None:
         self.spiffe_id: str | None = body.get("spiffeId")
+        self.pattern: SpiffeIdPattern | None = None
+        if self.spiffe_id is not None and is_spiffe_id_pattern(self.spiffe_id):
+            self.pattern = parse_spiffe_id_pattern(self.spiffe_id)
+            self.spiffe_id = None
         self.claims: tuple[tuple[str, str], ...] = tuple(sorted(body.get("claims", {}).items()))
         self.expressions: tuple[tuple[str, str, frozenset[str]], ...] = tuple(
             (e["key"], e["operator"], frozenset(e.get("values", ())))
@@ -220,6 +235,8 @@ class _Subject:
 
     def matches(self, spiffe_id: str, claims: Mapping[str, Any]) -> bool:
         if self.spiffe_id is not None and self.spiffe_id != spiffe_id:
+            return False
+        if self.pattern is not None and not self.pattern.matches(spiffe_id):
             return False
         for key, value in self.claims:
             if claims.get(key) != value:
@@ -384,6 +401,8 @@ class Engine:
         self._by_spiffe: dict[str, list[_Entry]] = {}
         self._by_claim: dict[tuple[str, str], list[_Entry]] = {}
         self._unindexed: list[_Entry] = []
+        # subjects with a SPIFFE ID pattern, by its trust domain: checked in full
+        self._by_pattern_domain: dict[str, list[tuple[_Binding, _Subject]]] = {}
         # How many registered identities carry each claim value: a subject is indexed
         # under its most selective condition, so an identity meets few candidates.
         counts: dict[str, dict[str, int]] = bundle.get("claimCounts") or claim_counts(
@@ -398,6 +417,10 @@ class Engine:
             for subject in binding.subjects:
                 claim_keys.update(k for k, _ in subject.claims)
                 claim_keys.update(e[0] for e in subject.expressions)
+                if subject.pattern is not None:
+                    domain = subject.pattern.trust_domain
+                    self._by_pattern_domain.setdefault(domain, []).append((binding, subject))
+                    continue
                 buckets, residual = self._buckets_for(subject, frequency)
                 for bucket in buckets:
                     bucket.append((binding, *residual))
@@ -520,6 +543,10 @@ class Engine:
                             matched[binding] = None
                     elif check is None or check(claims):
                         matched[binding] = None
+        if self._by_pattern_domain:
+            for binding, subject in self._by_pattern_domain.get(trust_domain_of(spiffe_id), ()):
+                if binding not in matched and subject.matches(spiffe_id, claims):
+                    matched[binding] = None
         denies = tuple(filter(_is_deny, matched))
         allows = tuple(filterfalse(_is_deny, matched))
         return denies, allows, sum(map(_bit, denies)), sum(map(_bit, allows))

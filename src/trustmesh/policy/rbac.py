@@ -19,7 +19,7 @@ that way can then authorize them with plain ``rbac.authorization.k8s.io/v1`` obj
 * subjects: ``spiffeId``/``workload`` → ``User <SPIFFE ID>``; exactly one claim that
   has a group, without ``matchExpressions`` → ``Group trustmesh:<claim>:<value>``;
   anything RBAC cannot express (several claims ANDed, ``matchExpressions``, a claim
-  without a group, a workload ANDed with claims) is expanded into ``User`` subjects
+  without a group, a workload ANDed with claims, a ``spiffeId`` pattern) is expanded into ``User`` subjects
   over the registered identities it matches today, decided by the engine's own
   subject matching, and the binding's annotation says it was expanded (re-export
   after the registry changes).
@@ -42,6 +42,7 @@ from trustmesh.policy.compiler import PolicySet
 from trustmesh.policy.diff import inventory_bundles
 from trustmesh.policy.engine import Engine
 from trustmesh.registry import Registry
+from trustmesh.spiffeid import is_spiffe_id_pattern
 
 RBAC_API_VERSION = "rbac.authorization.k8s.io/v1"
 RBAC_GROUP = "rbac.authorization.k8s.io"
@@ -172,7 +173,8 @@ def _subjects(
     for index, body in enumerate(bodies, 1):
         claims = body.get("claims", {})
         expressions = body.get("matchExpressions", ())
-        if "spiffeId" in body and not claims and not expressions:
+        exact = "spiffeId" in body and not is_spiffe_id_pattern(body["spiffeId"])
+        if exact and not claims and not expressions:
             found = [_subject("User", body["spiffeId"])]
         elif "spiffeId" not in body and not expressions and len(claims) == 1:
             ((key, value),) = claims.items()

@@ -32,8 +32,10 @@ KINDS = ("jti", "subject", "cluster", "key")
 _VALUE = re.compile(r"^[\x21-\x7e]{1,512}$")
 
 
-def revocation_expiry(revoked_at: float) -> float:
-    return revoked_at + MAX_TOKEN_TTL + CLOCK_SKEW
+def revocation_expiry(revoked_at: float, lifetime: float = MAX_TOKEN_TTL) -> float:
+    """When an entry covers no token that can still be valid: the longest lifetime of a
+    token it covers (ours: an hour) plus clock skew after the cut-off."""
+    return revoked_at + lifetime + CLOCK_SKEW
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import Connection, delete, select
 
+from trustmesh.identity.keys import MAX_TOKEN_TTL
 from trustmesh.revocation import Revocation, RevocationSet, revocation_expiry
 from trustmesh.revocation.model import check_request, whole_second
 from trustmesh.storage import Database
@@ -48,14 +49,19 @@ class RevocationStore:
         actor: str,
         now: float | None = None,
         on_commit: Callable[[Connection, Revocation], None] | None = None,
+        lifetime: float = MAX_TOKEN_TTL,
     ) -> tuple[Revocation, bool]:
         """Record a revocation; returns (entry, created). Repeating a revocation is
         idempotent: the same jti or key, or the same subject or cluster within the same
         second, returns the entry in force; a later subject or cluster revocation
         replaces the earlier one (it covers more tokens). ``on_commit`` runs inside the
-        transaction of a new entry (the audit event is written with it)."""
+        transaction of a new entry (the audit event is written with it). ``lifetime``:
+        the longest lifetime of a token the entry covers (a federated trust domain's
+        SPIFFE ID: longer than ours), which is how long the entry lives (plus skew)."""
         with self.db.engine.begin() as conn:
-            entry, created = self.revoke_in(conn, kind, value, reason, actor, now)
+            entry, created = self.revoke_in(
+                conn, kind, value, reason, actor, now, lifetime=lifetime
+            )
             if created and on_commit is not None:
                 on_commit(conn, entry)
             return entry, created
@@ -69,6 +75,7 @@ class RevocationStore:
         actor: str,
         now: float | None = None,
         supersede: bool = False,
+        lifetime: float = MAX_TOKEN_TTL,
     ) -> tuple[Revocation, bool]:
         """:meth:`revoke` inside the caller's transaction (a suspension revokes what
         was issued in the transaction that records it). With ``supersede``, a subject or
@@ -98,7 +105,7 @@ class RevocationStore:
             kind=kind,
             value=value,
             revoked_at=revoked_at,
-            expires_at=revocation_expiry(revoked_at),
+            expires_at=revocation_expiry(revoked_at, lifetime),
             reason=reason,
             actor=actor,
         )

@@ -15,6 +15,7 @@ from trustmesh.server.routes import (
     agents,
     audit,
     credentials,
+    federation,
     oauth,
     public,
     revocations,
@@ -59,6 +60,7 @@ def _starlette_app(plane: ControlPlane) -> Starlette:
         *revocations.routes(plane, callers),
         *ssf.routes(plane, callers),
         *x509.routes(plane, callers),
+        *federation.routes(plane, callers),
         *audit.routes(plane.audit, callers, lambda: plane.snapshots.stopping),
     ]
     app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)

@@ -17,6 +17,7 @@ routes (``server/routes/``) call the services it holds.
 ``credentials``        who calls the admin and agent APIs
 ``credential_admin``   listing, rotating and revoking credentials, audited
 ``inventory``          the registry's objects with their status
+``federation``         federated trust domains: their bundles polled, kept, published
 =====================  ===========================================================
 
 State has one owner, the database; see ``server/snapshots.py`` for how replicas agree."""
@@ -53,12 +54,14 @@ from trustmesh.identity.x509ca import CaManager
 from trustmesh.oauth.rfc8693 import DEFAULT_TTL, TokenExchange
 from trustmesh.policy.catalog import PolicyCatalog
 from trustmesh.registry import RegistryStore
+from trustmesh.registry.federation import FederationStore
 from trustmesh.revocation.store import RevocationStore
 from trustmesh.revocation.suspension import SuspensionStore
 from trustmesh.server.agents import Agents
 from trustmesh.server.bundles import BundleSigner
 from trustmesh.server.changes import Changes
 from trustmesh.server.credentials import CredentialAdmin, CredentialStore
+from trustmesh.server.federation import Federation
 from trustmesh.server.inventory import Inventory
 from trustmesh.server.issuance import Issuance
 from trustmesh.server.metrics import ServerMetrics
@@ -139,6 +142,7 @@ class ControlPlane:
         self.root_holders: RootHolders
         self.ca_rotation: CaRotation
         self.x509: X509Issuance
+        self.federation: Federation
 
     # -- start-up -----------------------------------------------------------------------
     def open(self) -> None:
@@ -171,6 +175,7 @@ class ControlPlane:
         self.catalog = PolicyCatalog(self.db)
         self.revocation_store = RevocationStore(self.db)
         self.suspension_store = SuspensionStore(self.db)
+        federation_store = FederationStore(self.db)
         self.snapshots = Snapshots(
             self.db,
             issuer=self.issuer,
@@ -181,6 +186,7 @@ class ControlPlane:
             revocation_store=self.revocation_store,
             suspension_store=self.suspension_store,
             ca=self.ca,
+            federation_store=federation_store,
             clock=self.clock,
             long_polls_per_credential=config.long_polls_per_credential,
         )
@@ -236,6 +242,9 @@ class ControlPlane:
         self.inventory = Inventory(
             self.registry_store, self.snapshots, self.agents, self.ca_rotation
         )
+        self.federation = Federation(
+            federation_store, self.registry_store, self.snapshots, self.recorder, self.clock
+        )
 
     async def start(self) -> None:
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(5.0), trust_env=False)
@@ -276,6 +285,7 @@ class ControlPlane:
             asyncio.create_task(self._refresh_loop(), name="refresh"),
             asyncio.create_task(self._maintenance_loop(), name="maintenance"),
             asyncio.create_task(self._checkpoint_loop(), name="audit-checkpoints"),
+            asyncio.create_task(self.federation.run(), name="federation"),
         ]
         if self.db.dialect == "sqlite":
             self._tasks.append(asyncio.create_task(self._wal_loop(), name="sqlite-wal"))

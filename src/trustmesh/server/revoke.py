@@ -23,14 +23,15 @@ from sqlalchemy import Connection
 from trustmesh.audit import events as ev
 from trustmesh.common.clock import Clock
 from trustmesh.common.errors import InvalidRequest, NotFound, RevocationError, SpiffeIdError
-from trustmesh.identity.keys import KeyManager
+from trustmesh.identity.keys import MAX_TOKEN_TTL, KeyManager
+from trustmesh.identity.svid import MAX_PARTNER_SVID_LIFETIME
 from trustmesh.revocation import Revocation
 from trustmesh.revocation.store import RevocationStore
 from trustmesh.revocation.suspension import MAX_REASON, SuspensionStore, check_reason
 from trustmesh.server.credentials import CredentialRecord, CredentialStore, revoked_detail
 from trustmesh.server.recorder import AuditRecorder
 from trustmesh.server.snapshots import Snapshots
-from trustmesh.spiffeid import parse_spiffe_id
+from trustmesh.spiffeid import parse_spiffe_id, trust_domain_of
 from trustmesh.storage import Database
 
 KINDS = ("jti", "subject", "workload", "cluster", "key")
@@ -65,8 +66,10 @@ class Revoker:
             except SpiffeIdError as exc:
                 raise RevocationError(str(exc)) from None
             trust_domain = self.snapshots.trust_domain
-            if domain != trust_domain:
-                raise RevocationError(f"{value} is not in trust domain {trust_domain}")
+            if domain != trust_domain and domain not in registry.federation_by_domain:
+                raise RevocationError(
+                    f"{value} is neither in trust domain {trust_domain} nor in a federated one"
+                )
         elif kind == "cluster":
             if value not in registry.clusters:
                 raise NotFound(f"cluster {value} is not registered")
@@ -78,10 +81,15 @@ class Revoker:
         return kind, value
 
     def revoke(self, kind: str, value: str, reason: str, actor: str) -> tuple[Revocation, bool]:
-        """``kind``: jti, subject (a SPIFFE ID of the trust domain), workload (its SPIFFE
-        ID is revoked), cluster (registered), key (a published kid). Returns the entry
-        and whether it is new (repeating a revocation returns the one in force)."""
+        """``kind``: jti, subject (a SPIFFE ID of the trust domain or of a federated
+        one), workload (its SPIFFE ID is revoked), cluster (registered), key (a published
+        kid). Returns the entry and whether it is new (repeating a revocation returns the
+        one in force). An entry for a federated SPIFFE ID lives as long as the longest
+        lifetime accepted of that domain's tokens (``MAX_PARTNER_SVID_LIFETIME``)."""
         kind, value = self._target(kind, value)
+        lifetime = MAX_TOKEN_TTL
+        if kind == "subject" and trust_domain_of(value) != self.snapshots.trust_domain:
+            lifetime = MAX_PARTNER_SVID_LIFETIME
 
         def record(conn: Connection, entry: Revocation) -> None:
             stage_revocation(self.recorder, conn, entry, actor)
@@ -97,7 +105,9 @@ class Revoker:
                     },
                 )
 
-        entry, created = self.store.revoke(kind, value, reason, actor, on_commit=record)
+        entry, created = self.store.revoke(
+            kind, value, reason, actor, on_commit=record, lifetime=lifetime
+        )
         self.snapshots.refresh()
         if created:
             self.recorder.drain()

@@ -2,7 +2,8 @@
 
 State has one owner: the database. Each replica keeps immutable snapshots of what its
 hot paths read — the registry, the signing keys (and a verifier over them), the X.509
-CA roots, the policy in force, the revocation list, the suspensions — and swaps one when its revision counter in the
+CA roots, the policy in force, the revocation list, the suspensions, the federated
+trust domains' bundles — and swaps one when its revision counter in the
 ``meta`` table moves: :meth:`Snapshots.refresh` runs every ``refresh_interval`` and
 right after this replica's own writes, so several stateless replicas on one PostgreSQL
 database agree within that interval. Nothing on the exchange path touches the
@@ -31,6 +32,7 @@ from trustmesh.identity.x509ca import CaManager, CaSet
 from trustmesh.policy.catalog import PolicyCatalog, documents_of
 from trustmesh.policy.compiler import PolicySet
 from trustmesh.registry import Registry, RegistryStore
+from trustmesh.registry.federation import FederationSet, FederationStore
 from trustmesh.revocation import Revocation, RevocationSet
 from trustmesh.revocation.store import RevocationStore
 from trustmesh.revocation.suspension import SuspensionSet, SuspensionStore
@@ -101,6 +103,7 @@ class Snapshots:
         revocation_store: RevocationStore,
         suspension_store: SuspensionStore,
         ca: CaManager,
+        federation_store: FederationStore,
         clock: Clock,
         long_polls_per_credential: int = DEFAULT_LONG_POLLS_PER_CREDENTIAL,
     ) -> None:
@@ -113,6 +116,7 @@ class Snapshots:
         self.revocation_store = revocation_store
         self.suspension_store = suspension_store
         self.ca_manager = ca
+        self.federation_store = federation_store
         self.clock = clock
         self.stopping = False
         self.long_polls = LongPollLimit(long_polls_per_credential)
@@ -127,6 +131,7 @@ class Snapshots:
         self.revocations: RevocationSet = self.revocation_store.load()
         self.suspensions: SuspensionSet = self.suspension_store.load()
         self.ca: CaSet = self.ca_manager.load()
+        self.federation: FederationSet = self.federation_store.load()
         self._load_policy()
         self.last_refresh = time.monotonic()
 
@@ -161,6 +166,8 @@ class Snapshots:
             self.suspensions = self.suspension_store.load()
         if revisions.get(meta_store.CA_REVISION, 0) != self.ca.revision:
             self.ca = self.ca_manager.load()
+        if revisions.get(meta_store.FEDERATION_REVISION, 0) != self.federation.revision:
+            self.federation = self.federation_store.load()
         self.last_refresh = time.monotonic()
 
     def age(self) -> float:

@@ -1,6 +1,8 @@
 """The sidecar's one client of the control plane (as ``agent/controlplane.py`` is the
 agent's): ``POST /v1/x509-svid`` (DESIGN §9) and the trust domain's public documents,
-``/.well-known/openid-configuration`` and ``/.well-known/spiffe-bundle`` (DESIGN §2).
+``/.well-known/openid-configuration`` and ``/.well-known/spiffe-bundle`` (DESIGN §2),
+with the federated trust domains' bundles (``/v1/federation/bundles``, public: no
+credential; a control plane without it answers 404, read as none).
 JWT-SVIDs come through the SDK's token source (``client/_tokens.py``) on the same HTTP
 client.
 
@@ -12,20 +14,23 @@ the same. Answers are read with a size bound before any parsing."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import orjson
 
+from trustmesh.common.answers import read_bounded
 from trustmesh.common.errors import IssuanceRefused
 from trustmesh.common.failover import Failover, TryNext
 
 X509_SVID_PATH = "/v1/x509-svid"
 DISCOVERY_PATH = "/.well-known/openid-configuration"
 BUNDLE_PATH = "/.well-known/spiffe-bundle"
+FEDERATED_PATH = "/v1/federation/bundles"
 DEFAULT_TIMEOUT = httpx.Timeout(5.0, connect=2.0)
 MAX_ANSWER_BYTES = 256 * 1024
+MAX_FEDERATED_BYTES = 4 * 1024 * 1024  # several partners' bundles of up to 256 KiB
 _RETRYABLE = frozenset({408, 429})
 
 
@@ -40,6 +45,9 @@ class TrustDomainState:
     """Only the JWT-SVID keys that carry a ``kid`` (what SPIFFE clients expect)."""
     refresh_hint: float
     server: str
+    federated: dict[str, Any] = field(default_factory=dict)
+    """The federated trust domains' bundles, as ``/v1/federation/bundles`` answers them
+    (read with ``identity/spiffe_bundle.read_federated``)."""
 
 
 def jwt_keys(bundle: dict[str, Any]) -> dict[str, Any]:
@@ -60,18 +68,13 @@ def jwt_keys(bundle: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def _read_json(response: httpx.Response) -> Any:
-    """The body of a streamed response as JSON, refused past MAX_ANSWER_BYTES."""
-    declared = response.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_ANSWER_BYTES:
-        raise TryNext(f"the answer is larger than {MAX_ANSWER_BYTES} bytes")
-    body = bytearray()
-    async for chunk in response.aiter_bytes():
-        body += chunk
-        if len(body) > MAX_ANSWER_BYTES:
-            raise TryNext(f"the answer is larger than {MAX_ANSWER_BYTES} bytes")
+async def _read_json(response: httpx.Response, limit: int = MAX_ANSWER_BYTES) -> Any:
+    """The body of a streamed response as JSON, refused past ``limit`` bytes."""
+    body = await read_bounded(response, limit)
+    if body is None:
+        raise TryNext(f"the answer is larger than {limit} bytes")
     try:
-        return orjson.loads(bytes(body))
+        return orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
 
@@ -134,19 +137,24 @@ class SidecarClient:
     async def fetch_trust_domain(self) -> TrustDomainState:
         """The issuer, the trust domain and its JWT keys, from one control plane."""
 
-        async def get_object(base: str, path: str) -> dict[str, Any]:
+        async def get_object(
+            base: str, path: str, limit: int = MAX_ANSWER_BYTES
+        ) -> dict[str, Any] | None:
             async with self.http.stream("GET", base + path) as response:
                 _retry_elsewhere(path, response)
+                if response.status_code == 404 and path == FEDERATED_PATH:
+                    return None
                 if response.status_code != 200:
                     raise TryNext(f"{path} answered HTTP {response.status_code}")
-                document = await _read_json(response)
+                document = await _read_json(response, limit)
             if not isinstance(document, dict):
                 raise TryNext(f"{path} did not answer a JSON object")
             return document
 
         async def attempt(base: str) -> TrustDomainState:
-            discovery = await get_object(base, DISCOVERY_PATH)
-            bundle = await get_object(base, BUNDLE_PATH)
+            discovery = await get_object(base, DISCOVERY_PATH) or {}
+            bundle = await get_object(base, BUNDLE_PATH) or {}
+            federated = await get_object(base, FEDERATED_PATH, MAX_FEDERATED_BYTES) or {}
             issuer, domain = discovery.get("issuer"), discovery.get("trust_domain")
             if not isinstance(issuer, str) or not isinstance(domain, str):
                 raise TryNext(f"{DISCOVERY_PATH} names no issuer or trust domain")
@@ -159,6 +167,7 @@ class SidecarClient:
                 jwks=jwt_keys(bundle),
                 refresh_hint=float(hint),
                 server=base,
+                federated=federated.get("trust_domains") or {},
             )
 
         return await self.failover.run(attempt)

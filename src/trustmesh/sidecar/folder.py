@@ -4,8 +4,9 @@ for software that reads PEM files rather than a socket (DESIGN §9).
 * ``svid.pem`` — the chain, leaf first (mode 0644);
 * ``svid_key.pem`` — the private key, PKCS#8 (mode 0600: the only place the key is
   ever written);
-* ``svid_bundle.pem`` — the trust bundle: our roots, then every federated trust
-  domain's (mode 0644).
+* ``svid_bundle.pem`` — the trust bundle: our trust domain's roots (mode 0644); not a
+  federated domain's, which one flat file would merge with ours (SPIFFE Federation
+  §4.2).
 
 Each file is replaced atomically (``common/files.write_atomically``: a new file beside
 it, fsynced, renamed over it), so a reader sees a whole old file or a whole new one;

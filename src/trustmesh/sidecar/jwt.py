@@ -11,6 +11,11 @@ audiences workloads ask for, exchanged at the control plane (RFC 8693, DESIGN §
 * Verification is the agent's and introspection's (``identity/svid.py``): allow-listed
   algorithm pinned to the key, our issuer, the requested audience, ``exp``/``nbf``, the
   federation claims, a ``sub`` in our trust domain.
+* The federated trust domains' bundles (DESIGN §9) come with each fetch: their JWT keys
+  join ``FetchJWTBundles``, a JWT-SVID whose ``sub`` is of a federated domain is
+  validated with that domain's keys only (``PartnerVerifier``), and their X.509 roots
+  go to ``on_federated`` (the SVID keeper). A bundle past its ``use_until`` is dropped,
+  also while the control plane cannot be reached.
 * JWT-SVIDs come from one :class:`~trustmesh.client.AsyncTokenSource` per audience set
   (the SDK's lease: refreshed before expiry, failover, backoff, the service-account
   token file read again each time); at most :data:`MAX_AUDIENCE_SETS` sets are kept."""
@@ -21,7 +26,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import httpx
@@ -31,7 +36,15 @@ from trustmesh.common.backoff import Backoff
 from trustmesh.common.clock import Clock
 from trustmesh.common.errors import InvalidToken, Unreachable
 from trustmesh.identity.jws import decode_json_segment, split_compact
-from trustmesh.identity.svid import MAX_TOKEN_BYTES, KeyRing, SvidVerifier, VerifiedIdentity
+from trustmesh.identity.spiffe_bundle import FederatedBundle, read_federated
+from trustmesh.identity.svid import (
+    MAX_TOKEN_BYTES,
+    KeyRing,
+    PartnerVerifier,
+    SvidVerifier,
+    VerifiedIdentity,
+    token_trust_domain,
+)
 from trustmesh.sidecar.controlplane import SidecarClient, TrustDomainState
 
 log = logging.getLogger("trustmesh.sidecar")
@@ -61,6 +74,9 @@ class JwtBundleKeeper:
         self.problem: str | None = None
         self.generation = 0
         self.keys = KeyRing()
+        self.federated: dict[str, FederatedBundle] = {}
+        self.partners: dict[str, PartnerVerifier] = {}
+        self.on_federated: list[Callable[[dict[str, FederatedBundle]], Awaitable[None]]] = []
         self.backoff = Backoff(base=0.5, cap=30.0)
         self._changed = asyncio.Condition()
         self._fetching = asyncio.Lock()
@@ -84,9 +100,35 @@ class JwtBundleKeeper:
                 state.server,
                 len(self.keys),
             )
-            self.generation += 1
-            async with self._changed:
-                self._changed.notify_all()
+            await self._notify()
+        bundles, problems = read_federated(state.federated, state.trust_domain)
+        for problem in problems:
+            log.warning("ignoring a federated bundle: %s", problem)
+        await self._set_federated(bundles)
+
+    async def _notify(self) -> None:
+        self.generation += 1
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _set_federated(self, bundles: dict[str, FederatedBundle]) -> None:
+        """Take the federated bundles still within their ``use_until``; on a change,
+        tell the streams and ``on_federated``."""
+        now = self.clock()
+        bundles = {d: b for d, b in bundles.items() if b.use_until >= now}
+        before = {d: b.bundle.canonical() for d, b in self.federated.items()}
+        changed = {d: b.bundle.canonical() for d, b in bundles.items()} != before
+        self.federated = bundles  # use_until may have moved, with the same keys
+        self.partners = {
+            domain: PartnerVerifier(found.bundle, found.use_until, LEEWAY)
+            for domain, found in bundles.items()
+        }
+        if not changed:
+            return
+        log.info("federated trust domains: %s", ", ".join(sorted(bundles)) or "none")
+        await self._notify()
+        for callback in self.on_federated:
+            await callback(bundles)
 
     async def refresh_now(self) -> bool:
         """Fetch now, at most once every ``min_forced_interval`` seconds and for at most
@@ -113,12 +155,22 @@ class JwtBundleKeeper:
                 # a traceback only for what is not the network's doing
                 log.warning("%s", self.problem, exc_info=not isinstance(exc, Unreachable))
                 delay = self.backoff.next_delay()
+                await self._set_federated(self.federated)  # drop what is past use_until
             await asyncio.sleep(delay)
 
     def _verify(self, token: str, audience: str) -> VerifiedIdentity:
         state = self.state
         if state is None:
             raise InvalidToken("no_bundle", "the JWT bundle has not been fetched yet")
+        if self.partners:
+            domain = token_trust_domain(token)
+            if domain != state.trust_domain:
+                partner = self.partners.get(domain)
+                if partner is None:
+                    raise InvalidToken(
+                        "unknown_kid", f"the token is of trust domain {domain[:100]}, not federated"
+                    )
+                return partner.verify(token, audience, self.clock())
         verifier = SvidVerifier(
             issuer=state.issuer,
             trust_domain=state.trust_domain,

@@ -14,10 +14,11 @@
 * An SVID that expires without a successor is dropped: nothing expired is ever served.
   From then on every surface answers that there is no identity, and why.
 
-Each change — a new SVID, an expiry, a first failure before any SVID — raises
-``generation`` and wakes whoever waits in :meth:`SvidKeeper.wait_change` (the Workload
-API and SDS streams); ``on_rotate`` callbacks (the credential folder) run on every new
-SVID. Times are on the injected clock; private keys and tokens never reach the log."""
+Each change — a new SVID, an expiry, a first failure before any SVID, a change of the
+federated trust domains' roots — raises ``generation`` and wakes whoever waits in
+:meth:`SvidKeeper.wait_change` (the Workload API and SDS streams); ``on_rotate``
+callbacks (the credential folder) run on every new SVID. Times are on the injected clock; private keys and tokens never reach
+the log."""
 
 from __future__ import annotations
 
@@ -94,6 +95,8 @@ class SvidKeeper:
         self.refused = False
         """Whether the last failure was the control plane's refusal."""
         self.generation = 0
+        self.federated: dict[str, tuple[x509.Certificate, ...]] = {}
+        """Federated trust domain -> its roots (``sidecar/jwt.py`` keeps them fresh)."""
         self.renew_at = 0.0
         self.retry_at = 0.0
         self._rng = random.Random()  # noqa: S311 (spreading load, not a secret)
@@ -102,12 +105,25 @@ class SvidKeeper:
     # -- what the surfaces read --------------------------------------------------------------
     def x509_bundles(self, svid: X509Svid | None = None) -> dict[str, tuple[x509.Certificate, ...]]:
         """Trust bundles by trust domain: ours, as answered with ``svid`` (default: the
-        SVID in service). Federated trust domains' bundles (DESIGN §9, federation) are to
-        join this map, and every surface (FetchX509SVID's ``federated_bundles``,
-        FetchX509Bundles, ROOTCA, the folder's ``svid_bundle.pem``) serves what it
-        holds."""
+        SVID in service), and each federated trust domain's (DESIGN §9), kept apart as
+        the Workload API serves them (FetchX509SVID's ``federated_bundles``,
+        FetchX509Bundles). Empty before the first SVID."""
         svid = svid or self.current
-        return {svid.trust_domain: svid.bundle} if svid is not None else {}
+        if svid is None:
+            return {}
+        return {**self.federated, svid.trust_domain: svid.bundle}
+
+    async def set_federated(self, roots: dict[str, tuple[x509.Certificate, ...]]) -> None:
+        """Take the federated trust domains' roots; on a change, the Workload API's
+        streams send them."""
+
+        def prints(found: dict[str, tuple[x509.Certificate, ...]]) -> dict[str, list[str]]:
+            return {domain: [fingerprint(r) for r in certs] for domain, certs in found.items()}
+
+        if prints(roots) == prints(self.federated):
+            return
+        self.federated = dict(roots)
+        await self._changed_now()
 
     def holding(self) -> list[str] | None:
         """The fingerprints of our trust domain's roots we hold (at most the 16 the

@@ -2,7 +2,8 @@
 
 Start-up checks the flags (one line on error), binds the Workload API socket (and the
 SDS socket), prints ``trustmesh sidecar serving …`` once they accept calls, and starts
-the SVID keeper and the JWT bundle keeper. Once the first X.509-SVID is in service it
+the SVID keeper and the JWT bundle keeper (which also brings the federated trust
+domains' bundles: their roots go to the SVID keeper). Once the first X.509-SVID is in service it
 prints ``trustmesh sidecar ready: <SPIFFE ID> …``. The log (stderr) says when each SVID
 was renewed, when it expires, why a renewal failed and what is still served.
 
@@ -32,6 +33,7 @@ from trustmesh.common.clock import Clock, system_clock
 from trustmesh.common.errors import ConfigError
 from trustmesh.common.failover import normalise_urls
 from trustmesh.common.terminal import PrintableFormatter
+from trustmesh.identity.spiffe_bundle import FederatedBundle
 from trustmesh.sidecar.controlplane import SidecarClient
 from trustmesh.sidecar.folder import CredentialFolder
 from trustmesh.sidecar.jwt import JwtBundleKeeper, JwtSvids
@@ -142,8 +144,13 @@ def build_sidecar(config: SidecarConfig, clock: Clock = system_clock) -> Sidecar
     client = SidecarClient(servers)
     keeper = SvidKeeper(client, config.sa_token_file, clock)
     if folder is not None:
-        keeper.on_rotate.append(lambda svid: folder.write(svid, keeper.x509_bundles(svid)))
+        keeper.on_rotate.append(lambda svid: folder.write(svid, {svid.trust_domain: svid.bundle}))
     jwt_bundles = JwtBundleKeeper(client, clock)
+
+    async def federated_roots(bundles: dict[str, FederatedBundle]) -> None:
+        await keeper.set_federated({domain: b.bundle.roots for domain, b in bundles.items()})
+
+    jwt_bundles.on_federated.append(federated_roots)
     jwt_svids = JwtSvids(servers, config.sa_token_file, client.http, clock)
     return Sidecar(
         config=config,

@@ -5,8 +5,10 @@ Unix socket, with the generated protos of the ``xds-protos`` package.
 Resources, named as Istio's proxies ask for them (DESIGN §9):
 
 * ``default`` — ``tls_certificate``: the SVID chain (PEM, leaf first) and its key;
-* ``ROOTCA`` — ``validation_context.trusted_ca``: the trust bundle (PEM), ours and,
-  once federation ships bundles to the sidecar, every federated one.
+* ``ROOTCA`` — ``validation_context.trusted_ca``: our trust domain's roots (PEM).
+  Never a federated trust domain's: one flat list of roots would let a partner's CA
+  vouch for IDs of our trust domain (SPIFFE Federation §4.2 forbids merging bundles);
+  federated bundles reach workloads per trust domain, through the Workload API.
 
 The protocol, per stream (xDS protocol, "ACK/NACK and resource type instance version"):
 
@@ -92,7 +94,7 @@ class SdsContent:
 
 def current_content(keeper: SvidKeeper) -> SdsContent | None:
     svid = keeper.current
-    return SdsContent(svid, keeper.x509_bundles()) if svid is not None else None
+    return SdsContent(svid, {svid.trust_domain: svid.bundle}) if svid is not None else None
 
 
 class SdsStream:

@@ -8,10 +8,12 @@ go-spiffe, py-spiffe or java-spiffe client works unchanged.
 * ``FetchX509SVID`` and ``FetchX509Bundles`` stream: the current SVID (chain and PKCS#8
   key as DER, the bundle as concatenated DER; Workload API §5) at once, then again on
   every rotation; bundles only when they changed. ``FetchJWTBundles`` streams the
-  trust domain's JWT keys (a JWKS per trust domain, every key with a ``kid``).
+  trust domain's JWT keys (a JWKS per trust domain, every key with a ``kid``), and each
+  federated trust domain's (DESIGN §9), as do the X.509 bundle maps.
 * ``FetchJWTSVID`` exchanges the service-account token for a JWT-SVID for the requested
   audiences (``sidecar/jwt.py``); a ``spiffe_id`` in the request must be ours or empty.
-* ``ValidateJWTSVID`` verifies against the JWT bundle and the audience.
+* ``ValidateJWTSVID`` verifies against the JWT bundle of the token's trust domain (ours
+  or a federated one) and the audience.
 * Without an identity the answer says why: ``PERMISSION_DENIED`` when the control plane
   refused it (a revoked or expired service-account token, no Workload, a suspension),
   ``UNAVAILABLE`` otherwise (unreachable, expired); a stream that is waiting for a first
@@ -203,10 +205,12 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
                         grpc.StatusCode.UNAVAILABLE, f"no JWT bundle: {keeper.problem}"
                     )
             else:
-                # Federated trust domains' JWT bundles are to join this map.
-                yield workload_pb2.JWTBundlesResponse(
-                    bundles={domain_id(state.trust_domain): _jwks_bytes(state.jwks)}
-                )
+                bundles = {
+                    domain_id(domain): _jwks_bytes(found.bundle.jwks())
+                    for domain, found in keeper.federated.items()
+                }
+                bundles[domain_id(state.trust_domain)] = _jwks_bytes(state.jwks)
+                yield workload_pb2.JWTBundlesResponse(bundles=bundles)
             await keeper.wait_change(generation)
 
     async def ValidateJWTSVID(

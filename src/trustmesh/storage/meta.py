@@ -13,6 +13,7 @@ POLICY_REVISION = "policy_revision"
 REVOCATION_REVISION = "revocation_revision"
 SUSPENSION_REVISION = "suspension_revision"
 CA_REVISION = "ca_revision"
+FEDERATION_REVISION = "federation_revision"
 COUNTERS = (
     REGISTRY_REVISION,
     KEYS_REVISION,
@@ -20,6 +21,7 @@ COUNTERS = (
     REVOCATION_REVISION,
     SUSPENSION_REVISION,
     CA_REVISION,
+    FEDERATION_REVISION,
 )
 
 

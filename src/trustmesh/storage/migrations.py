@@ -130,6 +130,11 @@ def _v7_x509_ca(conn: Connection) -> None:
     meta_store.insert_if_absent(conn, meta_store.CA_REVISION, "0")
 
 
+def _v8_federation(conn: Connection) -> None:
+    schema.federated_bundles.create(conn, checkfirst=True)
+    meta_store.insert_if_absent(conn, meta_store.FEDERATION_REVISION, "0")
+
+
 MIGRATIONS: list[Migration] = [
     (1, "initial schema: meta, signing keys, registry, credentials", _v1_initial),
     (2, "policy versions and agent status", _v2_policy),
@@ -143,6 +148,7 @@ MIGRATIONS: list[Migration] = [
         _v6_credentials_and_suspensions,
     ),
     (7, "X.509 CA roots and the roots each agent and sidecar holds", _v7_x509_ca),
+    (8, "the SPIFFE bundles of federated trust domains", _v8_federation),
 ]
 
 LATEST = MIGRATIONS[-1][0]

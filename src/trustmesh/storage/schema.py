@@ -91,7 +91,29 @@ root_holders = Table(
     Column("forget_after", Float, nullable=False),
 )
 
-# Registry objects (Cluster, Workload): the canonical manifest body as JSON.
+# The SPIFFE bundle of each federated trust domain (DESIGN §9, registry/federation.py):
+# the last good one as fetched from its bundle endpoint (canonical JSON of the keys we
+# can use), when it was last fetched and changed, and the poll schedule. A replica
+# takes a poll by moving ``next_refresh_at`` (compare-and-set), so replicas poll once.
+federated_bundles = Table(
+    "federated_bundles",
+    metadata,
+    Column("trust_domain", String(255), primary_key=True),
+    Column("endpoint", Text, nullable=False),  # the URL the schedule is for
+    Column("bundle", Text),  # null before the first good fetch, and once dropped
+    Column("sequence", BigInteger),  # spiffe_sequence of the bundle (when it has one)
+    Column("refresh_hint", Float),  # spiffe_refresh_hint of the bundle (when it has one)
+    Column("fetched_at", Float),  # the last good fetch (the bundle answered and parsed)
+    Column("changed_at", Float),  # the last fetch that changed the bundle
+    Column("attempted_at", Float),
+    Column("error", Text),  # why the last attempt failed; null after a success
+    Column("failures", Integer, nullable=False),  # attempts failed in a row
+    Column("next_refresh_at", Float, nullable=False),
+    Column("dropped_at", Float),  # the bundle was older than maxStale and dropped
+)
+
+# Registry objects (Cluster, Workload, FederatedTrustDomain): the canonical manifest
+# body as JSON.
 registry_objects = Table(
     "registry_objects",
     metadata,
