@@ -19,6 +19,7 @@ Retrying after a failed round, and how long to wait, is up to the loop that call
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -86,7 +87,10 @@ class ControlPlaneClient:
         cluster: str,
         clock: Clock,
         timeout: float = DEFAULT_TIMEOUT,
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
+        """``verify``: how the control plane's certificate is checked
+        (``common/tls.client_verify``: ``--ca-file``)."""
         self.failover = Failover(servers)
         self.cluster = cluster
         self.clock = clock
@@ -94,6 +98,7 @@ class ControlPlaneClient:
             timeout=httpx.Timeout(timeout),
             headers={"Authorization": f"Bearer {credential}"},
             trust_env=False,
+            verify=verify,
         )
 
     @property

@@ -36,6 +36,7 @@ from trustmesh.common.errors import ConfigError, CredentialRejected
 from trustmesh.common.files import private_directory
 from trustmesh.common.limits import DEFAULT_LIMITS, HttpLimits
 from trustmesh.common.serving import bind_socket, serve_socket
+from trustmesh.common.tls import client_verify, server_tls
 from trustmesh.common.tracing import Tracing
 
 AUDIT_FINAL_SHIP_TIMEOUT = 2.0
@@ -57,6 +58,9 @@ class AgentConfig:
     otel_exporter: str = "none"
     http_limits: HttpLimits = DEFAULT_LIMITS
     extra: dict[str, str] = field(default_factory=dict)
+    tls_cert: Path | None = None  # with tls_key: serve HTTPS (common/tls.py)
+    tls_key: Path | None = None
+    ca_file: Path | None = None  # the control plane's CA (None: the public roots)
 
 
 def read_credential(path: Path) -> str:
@@ -134,14 +138,18 @@ class Agent:
 
 def build_agent(config: AgentConfig, clock: Clock = system_clock) -> Agent:
     """Wire an agent's parts from one clock. Raises ConfigError (an exporter that
-    cannot work, an audit spool that cannot be opened)."""
+    cannot work, an audit spool that cannot be opened, or a CA file that cannot be
+    used)."""
+    verify = client_verify(config.ca_file) if config.ca_file is not None else True
     private_directory(config.data_dir, "the agent's data dir")  # ours, no one else's, 0700
     tracing = Tracing("trustmesh-agent", config.otel_exporter)
     spool = AuditSpool.open(config.data_dir / SPOOL_DIR, fsync_interval=config.audit_fsync_interval)
     authn = Authenticator(
         cluster=config.cluster, clock=clock, leeway=config.leeway, cache_size=config.cache_size
     )
-    client = ControlPlaneClient(config.servers, config.credential, config.cluster, clock)
+    client = ControlPlaneClient(
+        config.servers, config.credential, config.cluster, clock, verify=verify
+    )
     roots = RootHolder()
     keys = KeySync(
         client,
@@ -190,9 +198,10 @@ def run_agent(config: AgentConfig, listen: str) -> None:
         host, port = parse_listen(listen)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    tls = server_tls(config.tls_cert, config.tls_key)
     agent = build_agent(config)
     sock = bind_socket(host, port)
-    url = url_for(host, sock.getsockname()[1])
+    url = url_for(host, sock.getsockname()[1], "https" if tls else "http")
     announced = False
 
     def announce(source: str) -> None:
@@ -222,6 +231,6 @@ def run_agent(config: AgentConfig, listen: str) -> None:
             agent.tasks.append(asyncio.create_task(announce_when_ready()))
 
     app = build_agent_app(agent.surfaces, on_start, agent.stop)
-    serve_socket(app, sock, lambda _url: None, limits=config.http_limits)
+    serve_socket(app, sock, lambda _url: None, limits=config.http_limits, tls=tls)
     if agent.keys.fatal is not None:
         raise CredentialRejected(agent.keys.fatal)

@@ -20,6 +20,7 @@ from trustmesh.audit.folding import (
 from trustmesh.cli._common import (
     ApiClient,
     CliError,
+    GlobalFlags,
     Output,
     OutputOption,
     ServerOption,
@@ -85,6 +86,21 @@ def _sim_app() -> typer.Typer:
 app.add_typer(_sim_app(), name="sim")
 
 
+@app.callback()
+def _global_flags(
+    ca_file: Path | None = typer.Option(
+        None,
+        "--ca-file",
+        help="Trust only the CA certificates in this PEM file for the control plane's "
+        "HTTPS (or TRUSTMESH_CA_FILE, or ca_file in the config file). Default: the "
+        "public roots.",
+    ),
+) -> None:
+    """Federated workload identity, local authorization and tamper-evident audit across
+    Kubernetes clusters."""
+    GlobalFlags.ca_file = ca_file
+
+
 def admin_client(server: str | None, token_file: Path | None) -> ApiClient:
     return ApiClient(resolve_server(server), resolve_token(token_file))
 
@@ -134,6 +150,26 @@ MaxConnectionsOption = typer.Option(
     min=1,
     help="Open connections served at once; beyond, a request is answered 503 (and beyond "
     "twice as many, a connection is closed at once).",
+)
+
+
+TlsCertOption = typer.Option(
+    None,
+    "--tls-cert",
+    help="Serve HTTPS with this certificate chain (PEM, leaf first; reloaded when it "
+    "changes). Needs --tls-key. Default: plain HTTP.",
+)
+TlsKeyOption = typer.Option(
+    None,
+    "--tls-key",
+    help="The private key of --tls-cert (PEM, unencrypted; refused if others may write it).",
+)
+CaFileOption = typer.Option(
+    None,
+    "--ca-file",
+    envvar="TRUSTMESH_CA_FILE",
+    help="Trust only the CA certificates in this PEM file for the control plane's HTTPS "
+    "(a private CA). Default: the public roots.",
 )
 
 
@@ -264,10 +300,19 @@ def server(
     body_timeout: float = BodyTimeoutOption,
     keep_alive_timeout: int = KeepAliveTimeoutOption,
     max_connections: int = MaxConnectionsOption,
+    tls_cert: Path | None = TlsCertOption,
+    tls_key: Path | None = TlsKeyOption,
 ) -> None:
     """Run the control plane."""
+    from trustmesh.common.errors import ConfigError
+    from trustmesh.common.tls import server_tls
     from trustmesh.server.controlplane import ServerConfig
     from trustmesh.server.main import run_server
+
+    try:
+        tls = server_tls(tls_cert, tls_key)
+    except ConfigError as exc:
+        fail(exc.description)
 
     config = ServerConfig(
         data_dir=data_dir,
@@ -297,7 +342,7 @@ def server(
         keep_alive_timeout,
         max_connections,
     )
-    run_server(config, listen, limits)
+    run_server(config, listen, limits, tls)
 
 
 @app.command()
@@ -365,6 +410,9 @@ def agent(
     body_timeout: float = BodyTimeoutOption,
     keep_alive_timeout: int = KeepAliveTimeoutOption,
     max_connections: int = MaxConnectionsOption,
+    tls_cert: Path | None = TlsCertOption,
+    tls_key: Path | None = TlsKeyOption,
+    ca_file: Path | None = CaFileOption,
 ) -> None:
     """Run the agent of one cluster."""
     from trustmesh.agent.main import AgentConfig, read_credential, run_agent
@@ -400,6 +448,9 @@ def agent(
                     keep_alive_timeout,
                     max_connections,
                 ),
+                tls_cert=tls_cert,
+                tls_key=tls_key,
+                ca_file=ca_file,
             ),
             listen,
         )
@@ -436,6 +487,7 @@ def sidecar(
         "--socket-mode",
         help="Permissions of the socket files, octal (0666 lets a workload of another uid in the pod connect).",
     ),
+    ca_file: Path | None = CaFileOption,
 ) -> None:
     """Run beside a workload: keep its X.509-SVID and serve the SPIFFE Workload API,
     Envoy SDS and the credential folder."""
@@ -459,6 +511,7 @@ def sidecar(
                 sds_socket=sds_socket,
                 credential_dir=credential_dir,
                 socket_mode=mode & 0o777,
+                ca_file=ca_file,
             )
         )
     except ConfigError as exc:
