@@ -1,5 +1,6 @@
-"""The agent's HTTP surfaces (DESIGN §4): the JSON authorize API, Envoy ext_authz and the
-Kubernetes webhooks, plus health, readiness and metrics.
+"""The agent's HTTP surfaces (DESIGN §4, §9): the JSON authorize API, Envoy ext_authz, the
+Kubernetes webhooks (TokenReview, SubjectAccessReview, admission), plus health,
+readiness and metrics.
 
 Each handler parses its format, opens the decision's span (continuing the caller's
 ``traceparent``), calls the one pipeline (:class:`~trustmesh.agent.decide.Decider`) and
@@ -21,11 +22,18 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from trustmesh.agent import envoy, kubernetes
+from trustmesh.agent.admission import MAX_ADMISSION_BODY, MUTATE_PATH, VALIDATE_PATH, Admission
 from trustmesh.agent.audit import AuditShipper
 from trustmesh.agent.decide import ACCESS_REVIEW, AUTHORIZE, EXT_AUTHZ, TOKEN_REVIEW, Decider
 from trustmesh.agent.keys import KeySync
 from trustmesh.common.errors import InvalidRequest, NotReady, RequestError
-from trustmesh.common.http import EXCEPTION_HANDLERS, bearer_token, read_json
+from trustmesh.common.http import (
+    EXCEPTION_HANDLERS,
+    bearer_token,
+    read_body,
+    read_json,
+    require_content_type,
+)
 from trustmesh.identity.svid import VerifiedIdentity
 from trustmesh.request import parse_request
 
@@ -68,6 +76,7 @@ class AgentApp:
     decider: Decider
     keys: KeySync
     shipper: AuditShipper
+    admission: Admission | None = None
 
     # -- questions ---------------------------------------------------------------------
     async def authorize(self, request: Request) -> Response:
@@ -127,6 +136,22 @@ class AgentApp:
         with self.decider.span(ACCESS_REVIEW, request.headers.get("traceparent")) as span:
             outcome = self.decider.review_access(review.username, review.request, span)
         return JSONResponse(kubernetes.access_review_response(review, outcome))
+
+    async def admission_mutate(self, request: Request) -> Response:
+        return await self._admission_review(request, "mutate")
+
+    async def admission_validate(self, request: Request) -> Response:
+        return await self._admission_review(request, "validate")
+
+    async def _admission_review(self, request: Request, webhook: str) -> Response:
+        """Kubernetes AdmissionReview (``agent/admission.py``): 200 with the review's
+        answer, 400/413 for a body that is not one, 503 when it cannot be audited."""
+        assert self.admission is not None
+        require_content_type(request, "application/json")
+        async with self.admission.slot():
+            body = await read_body(request, MAX_ADMISSION_BODY)
+            answer = self.admission.review(webhook, body, request.headers.get("traceparent"))
+        return JSONResponse(answer)
 
     # -- operations --------------------------------------------------------------------
     async def healthz(self, request: Request) -> Response:
@@ -209,6 +234,8 @@ def build_agent_app(
             Route(envoy.PREFIX + "/{path:path}", envoy.AnyMethod(agent.ext_authz)),
             Route("/k8s/authenticate", agent.token_review, methods=["POST"]),
             Route("/k8s/authorize", agent.access_review, methods=["POST"]),
+            Route(MUTATE_PATH, agent.admission_mutate, methods=["POST"]),
+            Route(VALIDATE_PATH, agent.admission_validate, methods=["POST"]),
             Route("/healthz", agent.healthz, methods=["GET"]),
             Route("/readyz", agent.readyz, methods=["GET"]),
             Route("/metrics", agent.metrics, methods=["GET"]),

@@ -48,13 +48,16 @@ class ControlPlaneState:
     refresh_hint: float
     server: str
     received_at: float
+    service_account_audience: str | None = None
+    """The Cluster's ``audience`` (the ``aud`` its SA tokens must carry); None from a
+    control plane that does not say it."""
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ControlPlaneState:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
 def _json_object(response: httpx.Response) -> dict[str, Any]:
@@ -136,6 +139,7 @@ class ControlPlaneClient:
                 raise CredentialRejected(
                     f"the credential belongs to cluster {config.get('cluster')!r}, not {self.cluster!r}"
                 )
+            audience = config.get("service_account_audience")
             try:
                 return ControlPlaneState(
                     cluster=self.cluster,
@@ -146,6 +150,7 @@ class ControlPlaneClient:
                     refresh_hint=float(bundle.get("spiffe_refresh_hint", 60)),
                     server=base,
                     received_at=self.clock(),
+                    service_account_audience=audience if isinstance(audience, str) else None,
                 )
             except (KeyError, TypeError, ValueError) as exc:
                 raise TryNext(f"malformed agent configuration: {exc}") from None

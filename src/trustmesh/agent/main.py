@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trustmesh.agent.admission import Admission, AdmissionConfig
 from trustmesh.agent.app import AgentApp, build_agent_app
 from trustmesh.agent.audit import AuditShipper, DecisionAudit
 from trustmesh.agent.authn import Authenticator
@@ -61,6 +62,7 @@ class AgentConfig:
     tls_cert: Path | None = None  # with tls_key: serve HTTPS (common/tls.py)
     tls_key: Path | None = None
     ca_file: Path | None = None  # the control plane's CA (None: the public roots)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
 
 
 def read_credential(path: Path) -> str:
@@ -89,10 +91,11 @@ class Agent:
     tracing: Tracing
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     roots: RootHolder = field(default_factory=RootHolder)
+    admission: Admission | None = None
 
     @property
     def surfaces(self) -> AgentApp:
-        return AgentApp(self.decider, self.keys, self.shipper)
+        return AgentApp(self.decider, self.keys, self.shipper, self.admission)
 
     def restore(self) -> bool:
         """The state persisted in the data dir, so the agent answers before it has
@@ -138,8 +141,9 @@ class Agent:
 
 def build_agent(config: AgentConfig, clock: Clock = system_clock) -> Agent:
     """Wire an agent's parts from one clock. Raises ConfigError (an exporter that
-    cannot work, an audit spool that cannot be opened, or a CA file that cannot be
-    used)."""
+    cannot work, an audit spool that cannot be opened, a CA file or an admission flag
+    that cannot be used)."""
+    admission_config = config.admission.checked(config.servers)
     verify = client_verify(config.ca_file) if config.ca_file is not None else True
     private_directory(config.data_dir, "the agent's data dir")  # ours, no one else's, 0700
     tracing = Tracing("trustmesh-agent", config.otel_exporter)
@@ -175,6 +179,17 @@ def build_agent(config: AgentConfig, clock: Clock = system_clock) -> Agent:
         tracing=tracing,
         clock=clock,
     )
+    admission = Admission(
+        config.cluster,
+        admission_config,
+        lambda: keys.state,
+        lambda: policy.engine,
+        spool,
+        instance,
+        tracing,
+        registry=decider.metrics.registry,
+        clock=clock,
+    )
     return Agent(
         config,
         client,
@@ -187,6 +202,7 @@ def build_agent(config: AgentConfig, clock: Clock = system_clock) -> Agent:
         instance,
         tracing,
         roots=roots,
+        admission=admission,
     )
 
 

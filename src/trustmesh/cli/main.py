@@ -33,6 +33,7 @@ from trustmesh.cli._common import (
     resolve_servers,
     resolve_token,
 )
+from trustmesh.cli.admission import admission_app
 from trustmesh.cli.audit import audit_app
 from trustmesh.cli.credentials import cluster_app, credentials_app
 from trustmesh.cli.suspension import get_suspensions, resume, suspend
@@ -75,6 +76,7 @@ def _policy_app() -> typer.Typer:
 
 app.add_typer(_policy_app(), name="policy")
 app.add_typer(audit_app, name="audit")
+app.add_typer(admission_app, name="admission")
 
 
 def _sim_app() -> typer.Typer:
@@ -413,8 +415,38 @@ def agent(
     tls_cert: Path | None = TlsCertOption,
     tls_key: Path | None = TlsKeyOption,
     ca_file: Path | None = CaFileOption,
+    sidecar_image: str | None = typer.Option(
+        None,
+        "--sidecar-image",
+        help="Image of the trustmesh sidecar the mutating admission webhook injects "
+        f"(default: trustmesh:{__version__}, the trustmesh command on its PATH).",
+    ),
+    sidecar_server: str | None = typer.Option(
+        None,
+        "--sidecar-server",
+        help="Control-plane URL(s) the injected sidecars use (https). Default: --server.",
+    ),
+    sidecar_ca_configmap: str | None = typer.Option(
+        None,
+        "--sidecar-ca-configmap",
+        help="ConfigMap (key ca.crt, in the pod's namespace) with the control plane's CA, "
+        "mounted for the injected sidecars' --ca-file. Default: the public roots.",
+    ),
+    admission: str = typer.Option(
+        "deny",
+        "--admission",
+        help="The validating admission webhook and a pod whose service account has no "
+        "Workload: deny, or warn (allow with a warning).",
+    ),
+    admission_failure_policy: str = typer.Option(
+        "ignore",
+        "--admission-failure-policy",
+        help="When the admission webhooks cannot decide by their own fault (no "
+        "configuration or bundle yet): ignore (allow the pod unchanged) or fail (refuse it).",
+    ),
 ) -> None:
     """Run the agent of one cluster."""
+    from trustmesh.agent.admission import DEFAULT_SIDECAR_IMAGE, AdmissionConfig
     from trustmesh.agent.main import AgentConfig, read_credential, run_agent
     from trustmesh.common.errors import ConfigError
 
@@ -451,6 +483,13 @@ def agent(
                 tls_cert=tls_cert,
                 tls_key=tls_key,
                 ca_file=ca_file,
+                admission=AdmissionConfig(
+                    sidecar_image=sidecar_image or DEFAULT_SIDECAR_IMAGE,
+                    sidecar_servers=tuple(filter(None, (sidecar_server or "").split(","))),
+                    sidecar_ca_configmap=sidecar_ca_configmap,
+                    validation=admission,
+                    failure_policy=admission_failure_policy,
+                ),
             ),
             listen,
         )

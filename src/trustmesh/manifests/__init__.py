@@ -5,7 +5,14 @@
 """
 
 from ._errors import ManifestError, Problem
-from ._kinds import API_VERSION, ClusterSpec, WorkloadSelector, WorkloadSpec
+from ._kinds import (
+    API_VERSION,
+    ClusterSpec,
+    WorkloadSelector,
+    WorkloadSpec,
+    dns_label,
+    dns_subdomain,
+)
 from ._load import Document, document_from_body, load_paths, parse_text
 from ._policy_kinds import (
     ClusterScope,
@@ -41,6 +48,8 @@ __all__ = [
     "TestSubject",
     "WorkloadSelector",
     "WorkloadSpec",
+    "dns_label",
+    "dns_subdomain",
     "document_from_body",
     "load_paths",
     "parse_text",
