@@ -117,14 +117,18 @@ def test_the_server_and_the_agent_serve_https_with_the_given_certificate(
     assert ready.status_code == 200, ready.text  # the agent synced over HTTPS with --ca-file
 
 
-def test_the_cli_trusts_a_private_ca_with_ca_file_or_the_environment(
-    server: Server, tls: Tls
+def test_the_cli_trusts_a_private_ca_with_ca_file_the_environment_or_its_config(
+    server: Server, tls: Tls, tmp_path: Path
 ) -> None:
     flag = cli(server, "--ca-file", str(tls.ca), "get", "clusters", "-o", "json")
     assert flag.returncode == 0, flag.stderr
     env = cli(server, "get", "clusters", "-o", "json", env={"TRUSTMESH_CA_FILE": str(tls.ca)})
     assert env.returncode == 0, env.stderr
-    assert flag.stdout == env.stdout
+    config = tmp_path / "config.yaml"
+    config.write_text(f"ca_file: {tls.ca}\n")
+    configured = cli(server, "get", "clusters", "-o", "json", env={"TRUSTMESH_CONFIG": str(config)})
+    assert configured.returncode == 0, configured.stderr
+    assert flag.stdout == env.stdout == configured.stdout
 
 
 def test_a_cli_without_the_ca_is_refused_in_one_line_that_says_what_to_do(

@@ -482,7 +482,7 @@ def agent(
                 ),
                 tls_cert=tls_cert,
                 tls_key=tls_key,
-                ca_file=ca_file,
+                ca_file=ca_file or GlobalFlags.ca_file,
                 admission=AdmissionConfig(
                     sidecar_image=sidecar_image or DEFAULT_SIDECAR_IMAGE,
                     sidecar_servers=tuple(filter(None, (sidecar_server or "").split(","))),
@@ -550,7 +550,7 @@ def sidecar(
                 sds_socket=sds_socket,
                 credential_dir=credential_dir,
                 socket_mode=mode & 0o777,
-                ca_file=ca_file,
+                ca_file=ca_file or GlobalFlags.ca_file,
             )
         )
     except ConfigError as exc:
