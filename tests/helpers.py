@@ -123,6 +123,7 @@ class Server:
     admin_token: str
     db: str | None
     _client: httpx.Client | None = field(default=None, repr=False)
+    verify: Any = True  # an HTTPS server's CA (tls_support.py): an ssl context or True
 
     @property
     def admin(self) -> httpx.Client:
@@ -131,6 +132,7 @@ class Server:
                 base_url=self.url,
                 headers={"Authorization": f"Bearer {self.admin_token}"},
                 timeout=10,
+                verify=self.verify,
             )
         return self._client
 
@@ -157,7 +159,7 @@ class Server:
             "audience": audience,
             **extra,
         }
-        return httpx.post(self.url + "/oauth2/token", data=form, timeout=10)
+        return httpx.post(self.url + "/oauth2/token", data=form, timeout=10, verify=self.verify)
 
     def stop(self) -> int:
         if self._client is not None:
@@ -171,7 +173,10 @@ def start_server(
     *extra: str,
     env: dict[str, str] | None = None,
     trust_domain: str = TRUST_DOMAIN,
+    verify: Any = True,
 ) -> Server:
+    """``verify``: how the tests' own clients check the server's certificate (with
+    ``--tls-cert``/``--tls-key`` in ``extra``)."""
     args = [
         "server",
         "--data-dir",
@@ -190,7 +195,9 @@ def start_server(
     line = process.wait_line("trustmesh server listening on ")
     url = line.split()[4]
     token = (data_dir / "admin.token").read_text().strip()
-    return Server(process=process, url=url, data_dir=data_dir, admin_token=token, db=db)
+    return Server(
+        process=process, url=url, data_dir=data_dir, admin_token=token, db=db, verify=verify
+    )
 
 
 def start_replica(data_dir: Path, first: Server) -> Server:

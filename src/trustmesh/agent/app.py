@@ -1,6 +1,7 @@
-"""The agent's HTTP surfaces (DESIGN §4): the JSON authorize API and Envoy ext_authz
-(plain ASGI in ``agent/hot.py``, in front of this app), the Kubernetes webhooks, plus
-health, readiness and metrics (Starlette, here).
+"""The agent's HTTP surfaces (DESIGN §4, §9): the JSON authorize API and Envoy ext_authz
+(plain ASGI in ``agent/hot.py``, in front of this app), the Kubernetes webhooks
+(TokenReview, SubjectAccessReview, admission), plus health, readiness and metrics
+(Starlette, here).
 
 Each handler parses its format, opens the decision's span (continuing the caller's
 ``traceparent``), calls the one pipeline (:class:`~trustmesh.agent.decide.Decider`) and
@@ -23,13 +24,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from trustmesh.agent import kubernetes
+from trustmesh.agent.admission import MAX_ADMISSION_BODY, MUTATE_PATH, VALIDATE_PATH, Admission
 from trustmesh.agent.audit import AuditShipper
 from trustmesh.agent.decide import ACCESS_REVIEW, TOKEN_REVIEW, Decider
 from trustmesh.agent.envoy import ExtAuthzOptions
 from trustmesh.agent.hot import HotSurfaces
 from trustmesh.agent.keys import KeySync
 from trustmesh.agent.workers import WorkerStatus
-from trustmesh.common.http import EXCEPTION_HANDLERS, read_json
+from trustmesh.common.http import EXCEPTION_HANDLERS, read_body, read_json, require_content_type
 
 
 def readiness(
@@ -92,6 +94,7 @@ class AgentApp:
     shipper: AuditShipper
     workers: WorkerStatus | None = None  # a worker answers for all of them
     ext_authz: ExtAuthzOptions = field(default_factory=ExtAuthzOptions)
+    admission: Admission | None = None
 
     # -- questions (the two decision surfaces are in agent/hot.py) -------------------
     async def token_review(self, request: Request) -> Response:
@@ -111,6 +114,22 @@ class AgentApp:
         with self.decider.span(ACCESS_REVIEW, request.headers.get("traceparent")) as span:
             outcome = self.decider.review_access(review.username, review.request, span)
         return JSONResponse(kubernetes.access_review_response(review, outcome))
+
+    async def admission_mutate(self, request: Request) -> Response:
+        return await self._admission_review(request, "mutate")
+
+    async def admission_validate(self, request: Request) -> Response:
+        return await self._admission_review(request, "validate")
+
+    async def _admission_review(self, request: Request, webhook: str) -> Response:
+        """Kubernetes AdmissionReview (``agent/admission.py``): 200 with the review's
+        answer, 400/413 for a body that is not one, 503 when it cannot be audited."""
+        assert self.admission is not None
+        require_content_type(request, "application/json")
+        async with self.admission.slot():
+            body = await read_body(request, MAX_ADMISSION_BODY)
+            answer = self.admission.review(webhook, body, request.headers.get("traceparent"))
+        return JSONResponse(answer)
 
     # -- operations --------------------------------------------------------------------
     async def healthz(self, request: Request) -> Response:
@@ -155,6 +174,8 @@ def build_agent_app(
         routes=[
             Route("/k8s/authenticate", agent.token_review, methods=["POST"]),
             Route("/k8s/authorize", agent.access_review, methods=["POST"]),
+            Route(MUTATE_PATH, agent.admission_mutate, methods=["POST"]),
+            Route(VALIDATE_PATH, agent.admission_validate, methods=["POST"]),
             Route("/healthz", agent.healthz, methods=["GET"]),
             Route("/readyz", agent.readyz, methods=["GET"]),
             Route("/metrics", agent.metrics, methods=["GET"]),

@@ -20,6 +20,7 @@ Retrying after a failed round, and how long to wait, is up to the loop that call
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,15 +52,19 @@ class ControlPlaneState:
     federated: dict[str, Any] = field(default_factory=dict)
     """The federated trust domains' bundles as ``GET /v1/federation/bundles`` answers
     them: trust domain -> ``{"bundle": SPIFFE bundle, "use_until": epoch seconds}``."""
+    service_account_audience: str | None = None
+    """The Cluster's ``audience`` (the ``aud`` its SA tokens must carry); None from a
+    control plane that does not say it."""
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ControlPlaneState:
-        """A saved state (one saved before federation existed has no ``federated``)."""
+        """A saved state (one saved before federation or the SA-token audience existed
+        has no ``federated`` or ``service_account_audience``)."""
         return cls(
-            **{k: data[k] for k in cls.__dataclass_fields__ if k != "federated"},
+            **{k: data[k] for k in cls.__dataclass_fields__ if k != "federated" and k in data},
             federated=dict(data.get("federated") or {}),
         )
 
@@ -94,7 +99,10 @@ class ControlPlaneClient:
         cluster: str,
         clock: Clock,
         timeout: float = DEFAULT_TIMEOUT,
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
+        """``verify``: how the control plane's certificate is checked
+        (``common/tls.client_verify``: ``--ca-file``)."""
         self.failover = Failover(servers)
         self.cluster = cluster
         self.clock = clock
@@ -102,6 +110,7 @@ class ControlPlaneClient:
             timeout=httpx.Timeout(timeout),
             headers={"Authorization": f"Bearer {credential}"},
             trust_env=False,
+            verify=verify,
         )
 
     @property
@@ -140,6 +149,7 @@ class ControlPlaneClient:
                 raise CredentialRejected(
                     f"the credential belongs to cluster {config.get('cluster')!r}, not {self.cluster!r}"
                 )
+            audience = config.get("service_account_audience")
             try:
                 return ControlPlaneState(
                     cluster=self.cluster,
@@ -151,6 +161,7 @@ class ControlPlaneClient:
                     server=base,
                     received_at=self.clock(),
                     federated=federated,
+                    service_account_audience=audience if isinstance(audience, str) else None,
                 )
             except (KeyError, TypeError, ValueError) as exc:
                 raise TryNext(f"malformed agent configuration: {exc}") from None

@@ -41,6 +41,11 @@ def load_state(data_dir: Path, cluster: str) -> ControlPlaneState | None:
     return state if state.cluster == cluster else None
 
 
+def _persisted(state: ControlPlaneState) -> tuple[object, ...]:
+    """What a restarted agent needs again (a new received_at alone is not written)."""
+    return state.jwks, state.issuer, state.federated, state.service_account_audience
+
+
 def save_state(data_dir: Path, state: ControlPlaneState) -> None:
     write_atomically(data_dir / STATE_FILE, json.dumps(state.to_json()))
 
@@ -108,11 +113,7 @@ class KeySync:
         previous = self.state
         if previous is None or state != previous:
             self._apply(state)
-            if previous is None or (state.jwks, state.issuer, state.federated) != (
-                previous.jwks,
-                previous.issuer,
-                previous.federated,
-            ):
+            if previous is None or _persisted(state) != _persisted(previous):
                 await asyncio.to_thread(save_state, self.data_dir, state)
         self.state = state
         self.last_success = time.monotonic()

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+from trustmesh.agent.admission import Admission, AdmissionConfig
 from trustmesh.agent.app import AgentApp, build_agent_app, readiness
 from trustmesh.agent.audit import AuditShipper, DecisionAudit
 from trustmesh.agent.authn import Authenticator
@@ -53,6 +54,7 @@ from trustmesh.common.errors import ConfigError, CredentialRejected, SpoolError
 from trustmesh.common.files import private_directory
 from trustmesh.common.limits import DEFAULT_LIMITS, HttpLimits
 from trustmesh.common.serving import bind_socket, serve_socket
+from trustmesh.common.tls import ServerTls, client_verify, server_tls
 from trustmesh.common.tracing import Tracing, check_exporter
 
 AUDIT_FINAL_SHIP_TIMEOUT = 2.0
@@ -79,6 +81,10 @@ class AgentConfig:
     trust_xfcc: bool = False
     gateway_claims: tuple[str, ...] = DEFAULT_GATEWAY_CLAIMS
     extra: dict[str, str] = field(default_factory=dict)
+    tls_cert: Path | None = None  # with tls_key: serve HTTPS (common/tls.py)
+    tls_key: Path | None = None
+    ca_file: Path | None = None  # the control plane's CA (None: the public roots)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
 
 
 def read_credential(path: Path) -> str:
@@ -109,11 +115,12 @@ class Agent:
     status: WorkerStatus | None = None  # a worker's snapshots, when it is one
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     roots: RootHolder = field(default_factory=RootHolder)
+    admission: Admission | None = None
 
     @property
     def surfaces(self) -> AgentApp:
         options = ExtAuthzOptions(self.config.trust_xfcc, self.config.gateway_claims)
-        return AgentApp(self.decider, self.keys, self.shipper, self.status, options)
+        return AgentApp(self.decider, self.keys, self.shipper, self.status, options, self.admission)
 
     def restore(self) -> bool:
         """The state persisted in the data dir, so the agent answers before it has
@@ -181,7 +188,9 @@ def build_agent(
 ) -> Agent:
     """Wire an agent's parts from one clock (``worker``: as that worker of several).
     Raises ConfigError (an exporter that cannot work, an audit spool that cannot be
-    opened)."""
+    opened, a CA file or an admission flag that cannot be used)."""
+    admission_config = config.admission.checked(config.servers)
+    verify = client_verify(config.ca_file) if config.ca_file is not None else True
     private_directory(config.data_dir, "the agent's data dir")  # ours, no one else's, 0700
     tracing = Tracing("trustmesh-agent", config.otel_exporter)
     spool = AuditSpool.open(
@@ -191,7 +200,9 @@ def build_agent(
     authn = Authenticator(
         cluster=config.cluster, clock=clock, leeway=config.leeway, cache_size=config.cache_size
     )
-    client = ControlPlaneClient(config.servers, config.credential, config.cluster, clock)
+    client = ControlPlaneClient(
+        config.servers, config.credential, config.cluster, clock, verify=verify
+    )
     roots = RootHolder()
     keys = KeySync(
         client,
@@ -227,6 +238,17 @@ def build_agent(
             decider.metrics.registry,
             clock,
         )
+    admission = Admission(
+        config.cluster,
+        admission_config,
+        lambda: keys.state,
+        lambda: policy.engine,
+        spool,
+        instance,
+        tracing,
+        registry=decider.metrics.registry,
+        clock=clock,
+    )
     return Agent(
         config,
         client,
@@ -241,6 +263,7 @@ def build_agent(
         worker,
         status,
         roots=roots,
+        admission=admission,
     )
 
 
@@ -258,11 +281,12 @@ def run_agent(config: AgentConfig, listen: str) -> None:
         raise ConfigError(str(exc)) from None
     if not 1 <= config.workers <= MAX_WORKERS:
         raise ConfigError(f"--workers must be 1 to {MAX_WORKERS}")
+    tls = server_tls(config.tls_cert, config.tls_key)  # a bad pair: one line, before any worker
     if config.workers > 1:
-        _supervise(config, host, port)
+        _supervise(config, host, port, "https" if tls else "http")
         return
     sock = bind_socket(host, port)
-    url = url_for(host, sock.getsockname()[1])
+    url = url_for(host, sock.getsockname()[1], "https" if tls else "http")
     announced = False
 
     def announce(source: str) -> None:
@@ -271,17 +295,21 @@ def run_agent(config: AgentConfig, listen: str) -> None:
             announced = True
             print(_ready_line(config, url, source), flush=True)
 
-    _serve(config, build_agent(config), sock, announce)
+    _serve(config, build_agent(config), sock, announce, tls)
 
 
-def _supervise(config: AgentConfig, host: str, port: int) -> None:
-    """The supervisor of ``config.workers`` workers (``agent/workers.py``)."""
+def _supervise(config: AgentConfig, host: str, port: int, scheme: str) -> None:
+    """The supervisor of ``config.workers`` workers (``agent/workers.py``); each loads
+    the TLS certificate itself (and reloads it when its files change)."""
     private_directory(config.data_dir, "the agent's data dir")
     check_exporter(config.otel_exporter)  # one that cannot work: now, once
+    config.admission.checked(config.servers)  # so are admission flags and --ca-file
+    if config.ca_file is not None:
+        client_verify(config.ca_file)
     agent_id(config.data_dir)  # created once, before the workers read it
     reserved = bind_socket(host, port, listen=False, reuse_port=True)
     bound = reserved.getsockname()[1]
-    url = url_for(host, bound)
+    url = url_for(host, bound, scheme)
 
     def worker(spec: WorkerSpec, messages: Connection) -> None:
         run_worker(config, host, bound, spec, messages)
@@ -305,9 +333,10 @@ def run_worker(
     """One worker: an agent on its own ``SO_REUSEPORT`` socket; says when it is ready,
     and why it stops when restarting it would not help."""
     try:
+        tls = server_tls(config.tls_cert, config.tls_key)
         agent = build_agent(config, worker=spec)
         sock = bind_socket(host, port, reuse_port=True)
-        _serve(config, agent, sock, lambda source: messages.send(("ready", source)))
+        _serve(config, agent, sock, lambda source: messages.send(("ready", source)), tls)
     except CredentialRejected as exc:
         messages.send(("fatal", "credential", str(exc)))
     except ConfigError as exc:
@@ -320,9 +349,14 @@ def run_worker(
 
 
 def _serve(
-    config: AgentConfig, agent: Agent, sock: socket.socket, announce: Callable[[str], None]
+    config: AgentConfig,
+    agent: Agent,
+    sock: socket.socket,
+    announce: Callable[[str], None],
+    tls: ServerTls | None = None,
 ) -> None:
-    """Serve ``agent`` on ``sock`` until SIGTERM; ``announce`` once it is ready."""
+    """Serve ``agent`` on ``sock`` until SIGTERM (HTTPS with ``tls``, the decision
+    fast paths included); ``announce`` once it is ready."""
 
     def stop_on_fatal(_reason: str) -> None:
         os.kill(os.getpid(), signal.SIGTERM)  # the normal, draining shutdown path
@@ -342,6 +376,6 @@ def _serve(
             agent.tasks.append(asyncio.create_task(announce_when_ready()))
 
     app = build_agent_app(agent.surfaces, on_start, agent.stop)
-    serve_socket(app, sock, lambda _url: None, limits=config.http_limits, fast=app)
+    serve_socket(app, sock, lambda _url: None, limits=config.http_limits, fast=app, tls=tls)
     if agent.keys.fatal is not None:
         raise CredentialRejected(agent.keys.fatal)

@@ -57,6 +57,10 @@ it, workload and origin cluster; never a private key or the SA token (its SHA-25
 only). A refused X.509-SVID request is a ``token.exchange_failed`` with ``request.surface``
 ``x509-svid``: one kind of refusal, folded under one quota whichever endpoint was asked."""
 AUTHZ_DECISION = "authz.decision"
+ADMISSION_REVIEWED = "admission.reviewed"
+"""A Kubernetes AdmissionReview answered by an agent (DESIGN §9): the review's uid,
+namespace, kind, operation and pod name, the service account, whether it was allowed
+and patched and why; never the pod spec (its env values may hold secrets)."""
 POLICY_PUBLISHED = "policy.published"
 POLICY_REJECTED = "policy.rejected"
 REVOCATION_CREATED = "revocation.created"
@@ -76,6 +80,7 @@ EVENT_TYPES = frozenset(
         TOKEN_EXCHANGE_FAILED,
         SVID_ISSUED,
         AUTHZ_DECISION,
+        ADMISSION_REVIEWED,
         POLICY_PUBLISHED,
         POLICY_REJECTED,
         REVOCATION_CREATED,
@@ -87,7 +92,7 @@ EVENT_TYPES = frozenset(
     }
 )
 ADMIN_PREFIX = "admin."
-AGENT_TYPES = frozenset({AUTHZ_DECISION, REFUSALS_FOLDED})
+AGENT_TYPES = frozenset({AUTHZ_DECISION, ADMISSION_REVIEWED, REFUSALS_FOLDED})
 """What an agent may write; everything else comes from the control plane itself."""
 FOLDED_BY = {"control-plane": TOKEN_EXCHANGE_FAILED, "agent": AUTHZ_DECISION}
 """What a writer's ``audit.refusals_folded`` summaries stand for: the control plane folds

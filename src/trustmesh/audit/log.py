@@ -109,9 +109,10 @@ def record_of(event: Mapping[str, Any]) -> Record:
 
 def agent_records(body: bytes, cluster: str | None, agent: str | None) -> list[Record]:
     """An agent's batch, ``{"events": [...]}``, as records ready to sequence; or
-    InvalidRequest naming each problem. An agent may write only ``authz.decision``
-    events, only of its own ``cluster``, and only into the source of its own credential:
-    each event is bound (:func:`~trustmesh.audit.events.bind_source`) to ``cluster`` and
+    InvalidRequest naming each problem. An agent may write only the types of
+    ``AGENT_TYPES`` (decisions, admission reviews, summaries of folded refusals), only
+    of its own ``cluster``, and only into the source of its own credential: each event
+    is bound (:func:`~trustmesh.audit.events.bind_source`) to ``cluster`` and
     ``agent``, the authenticated credential's. The admin (``cluster`` None) may send
     for any cluster; its events are bound to the cluster and agent they name."""
     try:
@@ -150,7 +151,8 @@ def agent_records(body: bytes, cluster: str | None, agent: str | None) -> list[R
             problems.append(f"events[{i}]: {exc}")
             continue
         if item["source"]["kind"] != "agent" or item["type"] not in ev.AGENT_TYPES:
-            problems.append(f"events[{i}]: an agent may only send authz.decision events")
+            allowed = ", ".join(sorted(ev.AGENT_TYPES))
+            problems.append(f"events[{i}]: an agent may only send {allowed} events")
             continue
         records.append(record)
     if problems:

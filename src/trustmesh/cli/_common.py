@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import sys
 from enum import StrEnum
 from pathlib import Path
@@ -23,7 +24,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from trustmesh.common.errors import ConfigError
 from trustmesh.common.terminal import printable, printable_lines
+from trustmesh.common.tls import CA_FILE_ENV, client_verify, tls_problem
 
 DEFAULT_CONFIG = Path("~/.config/trustmesh/config.yaml").expanduser()
 
@@ -46,9 +49,12 @@ def fail(message: str) -> NoReturn:
     raise CliError(message)
 
 
+CONFIG_KEYS = ("server", "token_file", "ca_file")
+
+
 def load_config() -> dict[str, Any]:
     """``TRUSTMESH_CONFIG`` or ``~/.config/trustmesh/config.yaml``: ``server``,
-    ``token_file``. Environment and flags override it."""
+    ``token_file``, ``ca_file``. Environment and flags override it."""
     path = Path(os.environ.get("TRUSTMESH_CONFIG", DEFAULT_CONFIG)).expanduser()
     if not path.exists():
         return {}
@@ -57,10 +63,11 @@ def load_config() -> dict[str, Any]:
     except (OSError, yaml.YAMLError) as exc:
         fail(f"cannot read config file {path}: {exc}")
     if not isinstance(data, dict):
-        fail(f"config file {path} must be a mapping (server:, token_file:)")
-    unknown = set(data) - {"server", "token_file"}
+        fail(f"config file {path} must be a mapping (server:, token_file:, ca_file:)")
+    unknown = set(data) - set(CONFIG_KEYS)
     if unknown:
-        fail(f"config file {path}: unknown key {sorted(unknown)[0]!r} (known: server, token_file)")
+        known = ", ".join(CONFIG_KEYS)
+        fail(f"config file {path}: unknown key {sorted(unknown)[0]!r} (known: {known})")
     return data
 
 
@@ -96,19 +103,52 @@ def resolve_token(token_file: Path | None) -> str:
     return secret
 
 
+class GlobalFlags:
+    """Flags given before the command (``trustmesh --ca-file PEM get clusters``): the
+    app's callback sets them for the one command the process runs."""
+
+    ca_file: Path | None = None
+
+
+def resolve_ca_file() -> Path | None:
+    """The PEM file of the CA the control plane's certificate must chain to: ``--ca-file``
+    (before the command), ``TRUSTMESH_CA_FILE``, the config file's ``ca_file``; None:
+    the public roots."""
+    if GlobalFlags.ca_file is not None:
+        return GlobalFlags.ca_file
+    value = os.environ.get(CA_FILE_ENV) or load_config().get("ca_file")
+    return Path(str(value)).expanduser() if value else None
+
+
+def client_tls() -> ssl.SSLContext | bool:
+    """``verify=`` for every HTTP client of the CLI (one line if the CA file is unusable)."""
+    try:
+        return client_verify(resolve_ca_file())
+    except ConfigError as exc:
+        fail(exc.description)
+
+
+def unreachable(server: str, exc: httpx.HTTPError) -> str:
+    """One line for a request that got no answer: what TLS said, else the error."""
+    problem = tls_problem(exc) or f"{exc.__class__.__name__}: {exc}".rstrip(": ")
+    return f"cannot reach {server}: {problem}"
+
+
 class ApiClient:
     """A thin synchronous client of the admin API that turns every failure into one line."""
 
     def __init__(self, server: str, token: str | None) -> None:
         self.server = server
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=server, headers=headers, timeout=30.0, trust_env=False)
+        self._http = httpx.Client(
+            base_url=server, headers=headers, timeout=30.0, trust_env=False, verify=client_tls()
+        )
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
-            fail(f"cannot reach {self.server}: {exc.__class__.__name__}: {exc}".rstrip(": "))
+            fail(unreachable(self.server, exc))
         try:
             body = response.json()
         except ValueError:

@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-from trustmesh.cli._common import fail
+from trustmesh.cli._common import fail, resolve_ca_file
 from trustmesh.client import Lease, TokenSource, TokenUnavailable
 from trustmesh.common.files import write_atomically
 from trustmesh.common.terminal import printable
@@ -90,7 +90,12 @@ def watch_exchange(
                 previous_handlers[sig] = signal.signal(sig, on_signal)
         try:
             source = TokenSource(
-                servers, subject_token_file, audiences, lifetime, on_refresh=on_refresh
+                servers,
+                subject_token_file,
+                audiences,
+                lifetime,
+                on_refresh=on_refresh,
+                ca_file=resolve_ca_file(),
             )
         except (ValueError, TypeError) as exc:
             fail(str(exc))

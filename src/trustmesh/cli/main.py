@@ -20,6 +20,7 @@ from trustmesh.audit.folding import (
 from trustmesh.cli._common import (
     ApiClient,
     CliError,
+    GlobalFlags,
     Output,
     OutputOption,
     ServerOption,
@@ -32,6 +33,7 @@ from trustmesh.cli._common import (
     resolve_servers,
     resolve_token,
 )
+from trustmesh.cli.admission import admission_app
 from trustmesh.cli.audit import audit_app
 from trustmesh.cli.credentials import cluster_app, credentials_app
 from trustmesh.cli.federation import get_trustdomains
@@ -86,6 +88,7 @@ def _envoy_app() -> typer.Typer:
 
 app.add_typer(_envoy_app(), name="envoy")
 app.add_typer(audit_app, name="audit")
+app.add_typer(admission_app, name="admission")
 
 
 def _sim_app() -> typer.Typer:
@@ -95,6 +98,21 @@ def _sim_app() -> typer.Typer:
 
 
 app.add_typer(_sim_app(), name="sim")
+
+
+@app.callback()
+def _global_flags(
+    ca_file: Path | None = typer.Option(
+        None,
+        "--ca-file",
+        help="Trust only the CA certificates in this PEM file for the control plane's "
+        "HTTPS (or TRUSTMESH_CA_FILE, or ca_file in the config file). Default: the "
+        "public roots.",
+    ),
+) -> None:
+    """Federated workload identity, local authorization and tamper-evident audit across
+    Kubernetes clusters."""
+    GlobalFlags.ca_file = ca_file
 
 
 def admin_client(server: str | None, token_file: Path | None) -> ApiClient:
@@ -146,6 +164,26 @@ MaxConnectionsOption = typer.Option(
     min=1,
     help="Open connections served at once; beyond, a request is answered 503 (and beyond "
     "twice as many, a connection is closed at once).",
+)
+
+
+TlsCertOption = typer.Option(
+    None,
+    "--tls-cert",
+    help="Serve HTTPS with this certificate chain (PEM, leaf first; reloaded when it "
+    "changes). Needs --tls-key. Default: plain HTTP.",
+)
+TlsKeyOption = typer.Option(
+    None,
+    "--tls-key",
+    help="The private key of --tls-cert (PEM, unencrypted; refused if others may write it).",
+)
+CaFileOption = typer.Option(
+    None,
+    "--ca-file",
+    envvar="TRUSTMESH_CA_FILE",
+    help="Trust only the CA certificates in this PEM file for the control plane's HTTPS "
+    "(a private CA). Default: the public roots.",
 )
 
 
@@ -291,10 +329,19 @@ def server(
     body_timeout: float = BodyTimeoutOption,
     keep_alive_timeout: int = KeepAliveTimeoutOption,
     max_connections: int = MaxConnectionsOption,
+    tls_cert: Path | None = TlsCertOption,
+    tls_key: Path | None = TlsKeyOption,
 ) -> None:
     """Run the control plane."""
+    from trustmesh.common.errors import ConfigError
+    from trustmesh.common.tls import server_tls
     from trustmesh.server.controlplane import ServerConfig
     from trustmesh.server.main import run_server
+
+    try:
+        tls = server_tls(tls_cert, tls_key)
+    except ConfigError as exc:
+        fail(exc.description)
 
     config = ServerConfig(
         data_dir=data_dir,
@@ -328,9 +375,9 @@ def server(
     if workers > 1:
         from trustmesh.server.workers import run_workers
 
-        run_workers(config, listen, limits, workers)
+        run_workers(config, listen, limits, workers, tls)
     else:
-        run_server(config, listen, limits)
+        run_server(config, listen, limits, tls)
 
 
 @app.command()
@@ -419,8 +466,41 @@ def agent(
         help="Claims sent upstream as x-trustmesh-claim-<name> on allowed ext_authz "
         "checks, comma-separated ('' for none).",
     ),
+    tls_cert: Path | None = TlsCertOption,
+    tls_key: Path | None = TlsKeyOption,
+    ca_file: Path | None = CaFileOption,
+    sidecar_image: str | None = typer.Option(
+        None,
+        "--sidecar-image",
+        help="Image of the trustmesh sidecar the mutating admission webhook injects "
+        f"(default: trustmesh:{__version__}, the trustmesh command on its PATH).",
+    ),
+    sidecar_server: str | None = typer.Option(
+        None,
+        "--sidecar-server",
+        help="Control-plane URL(s) the injected sidecars use (https). Default: --server.",
+    ),
+    sidecar_ca_configmap: str | None = typer.Option(
+        None,
+        "--sidecar-ca-configmap",
+        help="ConfigMap (key ca.crt, in the pod's namespace) with the control plane's CA, "
+        "mounted for the injected sidecars' --ca-file. Default: the public roots.",
+    ),
+    admission: str = typer.Option(
+        "deny",
+        "--admission",
+        help="The validating admission webhook and a pod whose service account has no "
+        "Workload: deny, or warn (allow with a warning).",
+    ),
+    admission_failure_policy: str = typer.Option(
+        "ignore",
+        "--admission-failure-policy",
+        help="When the admission webhooks cannot decide by their own fault (no "
+        "configuration or bundle yet): ignore (allow the pod unchanged) or fail (refuse it).",
+    ),
 ) -> None:
     """Run the agent of one cluster."""
+    from trustmesh.agent.admission import DEFAULT_SIDECAR_IMAGE, AdmissionConfig
     from trustmesh.agent.envoy import parse_gateway_claims
     from trustmesh.agent.main import AgentConfig, read_credential, run_agent
     from trustmesh.common.errors import ConfigError
@@ -459,6 +539,16 @@ def agent(
                 workers=workers,
                 trust_xfcc=trust_xfcc,
                 gateway_claims=claims,
+                tls_cert=tls_cert,
+                tls_key=tls_key,
+                ca_file=ca_file or GlobalFlags.ca_file,
+                admission=AdmissionConfig(
+                    sidecar_image=sidecar_image or DEFAULT_SIDECAR_IMAGE,
+                    sidecar_servers=tuple(filter(None, (sidecar_server or "").split(","))),
+                    sidecar_ca_configmap=sidecar_ca_configmap,
+                    validation=admission,
+                    failure_policy=admission_failure_policy,
+                ),
             ),
             listen,
         )
@@ -495,6 +585,7 @@ def sidecar(
         "--socket-mode",
         help="Permissions of the socket files, octal (0666 lets a workload of another uid in the pod connect).",
     ),
+    ca_file: Path | None = CaFileOption,
 ) -> None:
     """Run beside a workload: keep its X.509-SVID and serve the SPIFFE Workload API,
     Envoy SDS and the credential folder."""
@@ -518,6 +609,7 @@ def sidecar(
                 sds_socket=sds_socket,
                 credential_dir=credential_dir,
                 socket_mode=mode & 0o777,
+                ca_file=ca_file or GlobalFlags.ca_file,
             )
         )
     except ConfigError as exc:

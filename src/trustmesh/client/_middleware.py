@@ -23,11 +23,14 @@ pass through unchecked: protect WebSocket endpoints separately.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+
+from trustmesh.client._tokens import verify_for
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -98,7 +101,10 @@ class AuthorizationMiddleware:
     ``exempt_paths``: exact paths served without a check (health probes).
     ``timeout``: seconds to wait for the agent before answering 503.
     ``http_client``: an ``httpx.AsyncClient`` to use (default: one is created on the
-    first request and closed at lifespan shutdown or by :meth:`aclose`)."""
+    first request and closed at lifespan shutdown or by :meth:`aclose`).
+    ``ca_file``: for an agent serving HTTPS behind a private CA, trust only the CA
+    certificates of this PEM file (default: ``TRUSTMESH_CA_FILE``, else the public
+    roots); not with ``http_client``."""
 
     def __init__(
         self,
@@ -108,11 +114,13 @@ class AuthorizationMiddleware:
         exempt_paths: Iterable[str] = ("/healthz",),
         timeout: float = 1.0,
         http_client: httpx.AsyncClient | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
     ) -> None:
         self.app = app
         self.authorize_url = agent_url.rstrip("/") + "/v1/authorize"
         self.exempt_paths = frozenset(exempt_paths)
         self.timeout = timeout
+        self._verify = verify_for(http_client, ca_file)
         self._client = http_client
         self._owns_client = http_client is None
 
@@ -185,7 +193,9 @@ class AuthorizationMiddleware:
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self.timeout, trust_env=False)
+            self._client = httpx.AsyncClient(
+                timeout=self.timeout, trust_env=False, verify=self._verify
+            )
         return self._client
 
     def _closing_on_shutdown(self, send: Send) -> Send:

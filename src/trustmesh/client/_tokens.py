@@ -32,6 +32,7 @@ import contextlib
 import logging
 import os
 import random
+import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -44,6 +45,7 @@ import httpx
 from trustmesh.common.backoff import Backoff
 from trustmesh.common.errors import ControlPlaneError, Unreachable
 from trustmesh.common.failover import Failover, TryNext
+from trustmesh.common.tls import client_verify
 from trustmesh.common.token_exchange import TOKEN_PATH, exchange_form
 
 log = logging.getLogger("trustmesh.client")
@@ -281,6 +283,19 @@ class _LeaseKeeper:
         return min(max(target - now, 0.05), 1.0)
 
 
+def verify_for(
+    http_client: object, ca_file: str | os.PathLike[str] | None
+) -> ssl.SSLContext | bool:
+    """How the client the source creates checks the control plane's certificate: the CA
+    certificates of ``ca_file`` (or of ``TRUSTMESH_CA_FILE``) alone, else the public
+    roots. A caller's own ``http_client`` brings its own."""
+    if http_client is None:
+        return client_verify(ca_file)
+    if ca_file is not None:
+        raise ValueError("give ca_file or http_client, not both (the client has its own)")
+    return True
+
+
 class TokenSource(_LeaseKeeper):
     """A lease on a federated token, for threaded code (sync ``httpx``).
 
@@ -289,6 +304,9 @@ class TokenSource(_LeaseKeeper):
     token, or the path of the projected token file, re-read before every exchange.
     ``audiences``: the target audiences (``spiffe://TD/cluster/NAME``). ``lifetime``:
     requested lifetime in seconds (the server clamps it; default: the server's).
+    ``ca_file``: trust only the CA certificates of this PEM file for the control
+    plane's HTTPS (default: ``TRUSTMESH_CA_FILE``, else the public roots); a
+    ``ConfigError`` names a file that cannot be used.
 
     ``token()`` is safe to call from any number of threads: one refresh runs at a time,
     and while it does, callers holding a still-valid token do not wait for it.
@@ -310,6 +328,7 @@ class TokenSource(_LeaseKeeper):
         safety_margin: float = SAFETY_MARGIN,
         on_refresh: Callable[[Lease], None] | None = None,
         on_error: Callable[[TokenUnavailable, float], None] | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__(
             servers,
@@ -324,8 +343,11 @@ class TokenSource(_LeaseKeeper):
             on_refresh=on_refresh,
             on_error=on_error,
         )
+        verify = verify_for(http_client, ca_file)
         self._owns_client = http_client is None
-        self._http = http_client or httpx.Client(timeout=DEFAULT_TIMEOUT, trust_env=False)
+        self._http = http_client or httpx.Client(
+            timeout=DEFAULT_TIMEOUT, trust_env=False, verify=verify
+        )
         self._lock = threading.RLock()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -439,6 +461,7 @@ class AsyncTokenSource(_LeaseKeeper):
         safety_margin: float = SAFETY_MARGIN,
         on_refresh: Callable[[Lease], None] | None = None,
         on_error: Callable[[TokenUnavailable, float], None] | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__(
             servers,
@@ -453,8 +476,11 @@ class AsyncTokenSource(_LeaseKeeper):
             on_refresh=on_refresh,
             on_error=on_error,
         )
+        verify = verify_for(http_client, ca_file)
         self._owns_client = http_client is None
-        self._http = http_client or httpx.AsyncClient(timeout=DEFAULT_TIMEOUT, trust_env=False)
+        self._http = http_client or httpx.AsyncClient(
+            timeout=DEFAULT_TIMEOUT, trust_env=False, verify=verify
+        )
         self._lock = asyncio.Lock()
 
     async def token(self) -> str:

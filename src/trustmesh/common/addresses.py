@@ -43,8 +43,8 @@ def check_fetch_url(url: str, what: str) -> str:
     return url
 
 
-def url_for(host: str, port: int) -> str:
+def url_for(host: str, port: int, scheme: str = "http") -> str:
     shown = f"[{host}]" if ":" in host else host
     if host in ("0.0.0.0", "::"):
         shown = "127.0.0.1"
-    return f"http://{shown}:{port}"
+    return f"{scheme}://{shown}:{port}"

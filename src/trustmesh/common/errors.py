@@ -39,6 +39,8 @@ descriptions are sentences for people and never contain a token or a secret::
     │   ├── ClusterKeysUnavailable
     │   ├── AuditUnavailable          503 audit_unavailable
     │   └── LogInconsistent           503 log_inconsistent
+    ├── AdmissionFailed               an admission webhook could not decide (its own error):
+    │                                 answered inside the AdmissionReview, as configured
     ├── ConfigError                   start-up configuration that cannot work
     │   └── MasterKeyError, DatabaseUrlError, TracingError, SpoolError
     └── ControlPlaneError             a client's call to the control plane failed
@@ -354,6 +356,15 @@ class LogInconsistent(Unavailable, RuntimeError):
 
 
 # -- start-up -------------------------------------------------------------------------------
+class AdmissionFailed(TrustmeshError):
+    """An admission webhook could not decide a well-formed review by its own fault (no
+    configuration or bundle from the control plane yet, a pod it cannot read): never an
+    HTTP error, but an AdmissionReview answer that allows the pod unchanged, or refuses
+    it with ``--admission-failure-policy fail`` (``agent/admission.py``)."""
+
+    error = "admission_failed"
+
+
 class ConfigError(TrustmeshError, ValueError):
     """Configuration that cannot work; the message says what to change (the CLI prints
     it as its one line)."""

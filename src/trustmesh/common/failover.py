@@ -17,6 +17,7 @@ from typing import TypeVar
 import httpx
 
 from trustmesh.common.errors import Unreachable
+from trustmesh.common.tls import tls_problem
 
 T = TypeVar("T")
 
@@ -45,6 +46,9 @@ def describe(url: str, exc: BaseException) -> str:
     exception text of httpx names the URL and the error, nothing more)."""
     if isinstance(exc, TryNext):
         return f"{url}: {exc}"
+    problem = tls_problem(exc)  # a certificate not trusted says what to do about it
+    if problem is not None:
+        return f"{url}: {problem}"
     return f"{url}: {exc.__class__.__name__}: {exc}".rstrip(": ")
 
 

@@ -26,6 +26,20 @@ request head is complete. So the bounds are enforced here, on httptools:
   ``Retry-After``) to its first request and closed; beyond twice that it is closed at
   once, unanswered.
 
+Over HTTPS (``tls``, ``common/tls.py``) the same protocol takes the TCP connection and
+puts the TLS layer (asyncio's ``SSLProtocol``, what ``create_server(ssl=…)`` would put)
+under itself at once, so every bound holds over TLS too: a connection counts against
+``max_connections`` from its TCP accept, not from the end of its handshake; the
+handshake must end within ``header_timeout`` (a peer that stalls in it is cut off,
+unanswered: nothing may be written in clear into a TLS stream), and the request head
+then within ``header_timeout`` as over HTTP; a closed connection waits at most
+``TLS_SHUTDOWN_TIMEOUT`` for the peer's close_notify. uvicorn's own ``ssl`` options are
+not used: its listener does the handshake before the protocol exists, with asyncio's
+60 s handshake timeout and uncounted. Once the handshake is done the protocol is handed
+the TLS transport and sees it as it sees a TCP one: the one-write responses and the
+fast paths below work over HTTPS unchanged (an answer is one write into the TLS layer),
+under the same bounds.
+
 A response leaves in one ``write(2)`` where uvicorn would make two (its head, then its
 body): the head is held until the body's first bytes or the end of the event loop's
 iteration, whichever comes first (:class:`_HeldHead`). On loopback the second write and
@@ -46,6 +60,7 @@ Every answer given here is JSON in the shape of ``common/errors.py``."""
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import http
 import json
 import logging
@@ -75,6 +90,9 @@ from trustmesh.common.errors import (
     Unavailable,
 )
 from trustmesh.common.limits import DEFAULT_LIMITS, HttpLimits
+from trustmesh.common.tls import ServerTls
+
+TLS_SHUTDOWN_TIMEOUT = 2.0
 
 
 class _TooManyHeaders(Exception):
@@ -275,14 +293,19 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     limits: HttpLimits = DEFAULT_LIMITS
     fast: FastPaths | None = None
+    tls: ServerTls | None = None
+    _tcp: asyncio.Transport | None = None  # over TLS: the connection under the TLS layer
 
     @classmethod
     def with_limits(
-        cls, limits: HttpLimits, fast: FastPaths | None = None
+        cls, limits: HttpLimits, fast: FastPaths | None = None, tls: ServerTls | None = None
     ) -> type[BoundedHttpToolsProtocol]:
-        return type(cls.__name__, (cls,), {"limits": limits, "fast": fast})
+        return type(cls.__name__, (cls,), {"limits": limits, "fast": fast, "tls": tls})
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if self.tls is not None and self._tcp is None:
+            self._accept_tls(transport, self.tls)
+            return  # called again, with the TLS transport, once the handshake is done
         super().connection_made(transport)
         # Bytes fed since the parser last made progress: in a head, since it began; in
         # a body, since the last body bytes or chunk header (what is left is chunk
@@ -307,6 +330,37 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+
+    # -- TLS -----------------------------------------------------------------------------
+    def _accept_tls(self, tcp: asyncio.Transport, tls: ServerTls) -> None:
+        """Count the TCP connection at once and start its TLS handshake, bounded by
+        ``header_timeout``."""
+        self._tcp = tcp
+        self.transport = tcp  # what a shutdown closes while the handshake runs
+        self.connections.add(self)
+        if len(self.connections) > 2 * self.limits.max_connections:
+            self.connections.discard(self)
+            tcp.abort()
+            return
+        handshake: asyncio.Future[None] = self.loop.create_future()
+        handshake.add_done_callback(self._handshake_done)
+        layer = asyncio.sslproto.SSLProtocol(
+            self.loop,
+            self,
+            tls.context(),
+            handshake,
+            server_side=True,
+            ssl_handshake_timeout=self.limits.header_timeout,  # type: ignore[arg-type]
+            ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT,
+        )
+        tcp.set_protocol(layer)
+        layer.connection_made(tcp)
+
+    def _handshake_done(self, handshake: asyncio.Future[None]) -> None:
+        # The TLS layer tells the protocol nothing of a connection lost in its
+        # handshake (refused, timed out, reset): forget it here.
+        if handshake.cancelled() or handshake.exception() is not None:
+            self.connections.discard(self)
 
     # -- timers --------------------------------------------------------------------------
     def _arm(self, seconds: float) -> None:
@@ -544,10 +598,12 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-def _config(app: Any, limits: HttpLimits, fast: FastPaths | None = None) -> uvicorn.Config:
+def _config(
+    app: Any, limits: HttpLimits, fast: FastPaths | None = None, tls: ServerTls | None = None
+) -> uvicorn.Config:
     return uvicorn.Config(
         app,
-        http=BoundedHttpToolsProtocol.with_limits(limits, fast),
+        http=BoundedHttpToolsProtocol.with_limits(limits, fast, tls),
         ws="none",  # no WebSocket surface: an Upgrade request is served as plain HTTP
         log_level="warning",
         access_log=False,
@@ -568,10 +624,12 @@ def serve_foreground(
     port: int,
     on_ready: Callable[[str], None],
     limits: HttpLimits = DEFAULT_LIMITS,
+    tls: ServerTls | None = None,
 ) -> None:
     """Serve until SIGINT/SIGTERM (uvicorn installs the handlers and drains connections).
-    ``on_ready`` gets the base URL once the socket accepts connections and startup ran."""
-    serve_socket(app, bind_socket(host, port), on_ready, limits=limits)
+    ``on_ready`` gets the base URL once the socket accepts connections and startup ran.
+    ``tls``: serve HTTPS with that certificate (``common/tls.py``)."""
+    serve_socket(app, bind_socket(host, port), on_ready, limits=limits, tls=tls)
 
 
 def serve_socket(
@@ -581,18 +639,19 @@ def serve_socket(
     on_stopping: Callable[[], None] | None = None,
     limits: HttpLimits = DEFAULT_LIMITS,
     fast: FastPaths | None = None,
+    tls: ServerTls | None = None,
 ) -> None:
     """As serve_foreground, on a socket bound beforehand (so the app can know its URL);
     ``fast``: requests answered without ASGI (see the module docstring)."""
     host, bound_port = sock.getsockname()[:2]
-    server = uvicorn.Server(_config(app, limits, fast))
+    server = uvicorn.Server(_config(app, limits, fast, tls))
 
     async def run() -> None:
         task = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started and not task.done():
             await asyncio.sleep(0.01)
         if server.started:
-            on_ready(url_for(host, bound_port))
+            on_ready(url_for(host, bound_port, "https" if tls else "http"))
         if on_stopping is not None:
             while not task.done() and not server.should_exit:
                 await asyncio.wait({task}, timeout=0.1)
@@ -624,12 +683,13 @@ class BackgroundServer:
         port: int = 0,
         limits: HttpLimits = DEFAULT_LIMITS,
         fast: FastPaths | None = None,
+        tls: ServerTls | None = None,
     ) -> None:
         self._sock = bind_socket(host, port)
         self.host = host
         self.port: int = self._sock.getsockname()[1]
-        self.url = url_for(host, self.port)
-        self._server = uvicorn.Server(_config(app, limits, fast))
+        self.url = url_for(host, self.port, "https" if tls else "http")
+        self._server = uvicorn.Server(_config(app, limits, fast, tls))
         self._thread = threading.Thread(target=self._run, name=f"serve-{self.port}", daemon=True)
 
     def _run(self) -> None:

@@ -12,6 +12,8 @@ from ._kinds import (
     FederatedTrustDomainSpec,
     WorkloadSelector,
     WorkloadSpec,
+    dns_label,
+    dns_subdomain,
 )
 from ._load import Document, document_from_body, load_paths, parse_text
 from ._policy_kinds import (
@@ -50,6 +52,8 @@ __all__ = [
     "TestSubject",
     "WorkloadSelector",
     "WorkloadSpec",
+    "dns_label",
+    "dns_subdomain",
     "document_from_body",
     "load_paths",
     "parse_text",

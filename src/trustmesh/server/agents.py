@@ -106,6 +106,9 @@ class Agents:
             "trust_domain": trust_domain,
             "issuer": self.snapshots.issuer,
             "audience": cluster_audience(trust_domain, name),
+            # the Cluster's `audience`: what its SA tokens must carry (the admission
+            # webhook projects tokens for it)
+            "service_account_audience": self.snapshots.registry.clusters[name].audience,
         }
         if principal.agent is not None:
             config["agent"] = principal.agent

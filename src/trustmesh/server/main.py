@@ -10,14 +10,22 @@ from trustmesh.common.addresses import parse_listen, url_for
 from trustmesh.common.errors import ConfigError
 from trustmesh.common.limits import DEFAULT_LIMITS, HttpLimits
 from trustmesh.common.serving import bind_socket, serve_socket
+from trustmesh.common.tls import ServerTls
 from trustmesh.server.app import build_app
 from trustmesh.server.controlplane import ControlPlane, ServerConfig
 
 
-def run_server(config: ServerConfig, listen: str, limits: HttpLimits = DEFAULT_LIMITS) -> None:
+def run_server(
+    config: ServerConfig,
+    listen: str,
+    limits: HttpLimits = DEFAULT_LIMITS,
+    tls: ServerTls | None = None,
+) -> None:
+    """``tls``: serve HTTPS (``--tls-cert``/``--tls-key``); the default issuer is then
+    the https URL."""
     host, port = parse_listen(listen)
     sock = bind_socket(host, port)
-    issuer = config.issuer or url_for(host, sock.getsockname()[1])
+    issuer = config.issuer or url_for(host, sock.getsockname()[1], "https" if tls else "http")
     plane = ControlPlane(config, issuer)
     try:
         plane.open()
@@ -38,5 +46,5 @@ def run_server(config: ServerConfig, listen: str, limits: HttpLimits = DEFAULT_L
             flush=True,
         )
 
-    serve_socket(app, sock, ready, plane.snapshots.begin_stopping, limits)
+    serve_socket(app, sock, ready, plane.snapshots.begin_stopping, limits, tls=tls)
     sys.stdout.flush()

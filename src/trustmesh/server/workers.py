@@ -19,7 +19,10 @@ that dies, and on SIGTERM or SIGINT stops them all (each drains its connections)
 exits 0.
 
 What is per worker, as it is per replica: ``/metrics`` (the worker that answers the
-scrape), the refusal-folding windows, the long-poll limits, the SA-token cache; a
+scrape), the refusal-folding windows, the long-poll limits, the SA-token cache, the TLS
+certificate (``--tls-cert``/``--tls-key``: each worker loads the files and reloads
+them when they change, as one server does; the supervisor loads them once first so a
+bad pair fails before any worker starts); a
 change made through one worker reaches the others within a second."""
 
 from __future__ import annotations
@@ -34,11 +37,13 @@ import threading
 import time
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from types import FrameType
 
 from trustmesh.common.addresses import parse_listen, url_for
 from trustmesh.common.errors import ConfigError
 from trustmesh.common.limits import HttpLimits
+from trustmesh.common.tls import ServerTls
 from trustmesh.server.controlplane import ControlPlane, ServerConfig
 
 log = logging.getLogger("trustmesh.server")
@@ -63,14 +68,24 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
 
 
 def _worker_main(
-    config: ServerConfig, issuer: str, host: str, port: int, limits: HttpLimits, ready: Connection
+    config: ServerConfig,
+    issuer: str,
+    host: str,
+    port: int,
+    limits: HttpLimits,
+    tls_files: tuple[Path, Path] | None,
+    ready: Connection,
 ) -> None:
-    """One worker: bind the shared port, open the state, serve until SIGTERM."""
+    """One worker: bind the shared port, load the TLS certificate (``tls_files``: the
+    certificate and key files; each worker loads and reloads them itself), open the
+    state, serve until SIGTERM."""
     from trustmesh.common.serving import serve_socket
+    from trustmesh.common.tls import server_tls
     from trustmesh.server.app import build_app
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _stop_with_supervisor(os.getppid())
+    tls = server_tls(*tls_files) if tls_files is not None else None
     sock = reuseport_socket(host, port)
     sock.listen(1024)
     plane = ControlPlane(config, issuer)
@@ -81,6 +96,7 @@ def _worker_main(
         lambda url: ready.send("ready"),
         plane.snapshots.begin_stopping,
         limits,
+        tls=tls,
     )
 
 
@@ -100,9 +116,16 @@ class Supervisor:
     """Starts, watches and stops the workers (see the module docstring)."""
 
     def __init__(
-        self, config: ServerConfig, issuer: str, host: str, port: int, limits: HttpLimits
+        self,
+        config: ServerConfig,
+        issuer: str,
+        host: str,
+        port: int,
+        limits: HttpLimits,
+        tls: ServerTls | None = None,
     ) -> None:
-        self.args = (config, issuer, host, port, limits)
+        tls_files = (tls.cert, tls.key) if tls is not None else None
+        self.args = (config, issuer, host, port, limits, tls_files)
         self.context = multiprocessing.get_context("spawn")  # no state crosses a fork
         self.workers: list[BaseProcess] = []
         self.stopping = False
@@ -159,26 +182,35 @@ class Supervisor:
                 worker.join()
 
 
-def run_workers(config: ServerConfig, listen: str, limits: HttpLimits, workers: int) -> None:
-    """``trustmesh server --workers N`` (N >= 2); see the module docstring."""
+def run_workers(
+    config: ServerConfig,
+    listen: str,
+    limits: HttpLimits,
+    workers: int,
+    tls: ServerTls | None = None,
+) -> None:
+    """``trustmesh server --workers N`` (N >= 2); see the module docstring. ``tls``: the
+    certificate loaded here once (so a bad pair is one error before any worker starts);
+    every worker loads the same files again and watches them itself."""
     host, port = parse_listen(listen)
     holder = reuseport_socket(host, port)  # holds the port, never listens
     port = holder.getsockname()[1]
-    issuer = config.issuer or url_for(host, port)
+    scheme = "https" if tls else "http"
+    issuer = config.issuer or url_for(host, port, scheme)
     plane = ControlPlane(config, issuer)  # the first-time set-up, once, before any worker
     plane.open()
     created = plane.admin_token_created
     dialect, trust_domain = plane.db.dialect, plane.trust_domain
     plane.db.dispose()
 
-    supervisor = Supervisor(config, plane.issuer, host, port, limits)
+    supervisor = Supervisor(config, plane.issuer, host, port, limits, tls)
     previous = {sig: signal.signal(sig, supervisor.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         for _ in range(workers):
             supervisor.workers.append(supervisor.start_worker())
         note = f"; admin credential written to {config.data_dir / 'admin.token'}" if created else ""
         print(
-            f"trustmesh server listening on {url_for(host, port)} (issuer {plane.issuer}, trust "
+            f"trustmesh server listening on {url_for(host, port, scheme)} (issuer {plane.issuer}, trust "
             f"domain spiffe://{trust_domain}, {dialect}, {workers} workers){note}",
             flush=True,
         )

@@ -38,7 +38,6 @@ leaves)."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -51,6 +50,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from trustmesh.audit import events as ev
 from trustmesh.common.clock import Clock
 from trustmesh.common.errors import InvalidRequest, TrustmeshError, Unavailable
+from trustmesh.common.strictjson import loads_strict
 from trustmesh.common.tracing import Tracing
 from trustmesh.identity.x509ca import MAX_SVID_TTL, CaSet, parse_fingerprints
 from trustmesh.identity.x509svid import check_csr, pem_of, sign_svid
@@ -92,24 +92,10 @@ class SignedSvid:
     not_after: int
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    document: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in document:
-            raise InvalidRequest(f"member {key[:64]!r} appears twice in the request body")
-        document[key] = value
-    return document
-
-
 def parse_request(body: bytes) -> SvidRequest:
     """The JSON body, strictly: an object with the string members ``subject_token`` and
     ``csr``, optionally ``bundle_sha256``, nothing else and nothing twice."""
-    try:
-        document = json.loads(body, object_pairs_hook=_no_duplicates)
-    except InvalidRequest:
-        raise
-    except (ValueError, RecursionError):
-        raise InvalidRequest("request body is not valid JSON") from None
+    document = loads_strict(body)
     if not isinstance(document, dict):
         raise InvalidRequest("request body must be a JSON object")
     unknown = sorted(set(document) - _MEMBERS)

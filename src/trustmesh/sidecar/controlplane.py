@@ -13,6 +13,7 @@ the same. Answers are read with a size bound before any parsing."""
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,9 +89,16 @@ def _retry_elsewhere(path: str, response: httpx.Response) -> None:
 class SidecarClient:
     """One sidecar's calls to one control plane (several URLs)."""
 
-    def __init__(self, servers: Sequence[str], timeout: httpx.Timeout = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self,
+        servers: Sequence[str],
+        timeout: httpx.Timeout = DEFAULT_TIMEOUT,
+        verify: ssl.SSLContext | bool = True,
+    ) -> None:
+        """``verify``: how the control plane's certificate is checked
+        (``common/tls.client_verify``: ``--ca-file``)."""
         self.failover = Failover(servers)
-        self.http = httpx.AsyncClient(timeout=timeout, trust_env=False)
+        self.http = httpx.AsyncClient(timeout=timeout, trust_env=False, verify=verify)
 
     @property
     def servers(self) -> list[str]:

@@ -33,6 +33,7 @@ from trustmesh.common.clock import Clock, system_clock
 from trustmesh.common.errors import ConfigError
 from trustmesh.common.failover import normalise_urls
 from trustmesh.common.terminal import PrintableFormatter
+from trustmesh.common.tls import client_verify
 from trustmesh.identity.spiffe_bundle import FederatedBundle
 from trustmesh.sidecar.controlplane import SidecarClient
 from trustmesh.sidecar.folder import CredentialFolder
@@ -62,6 +63,7 @@ class SidecarConfig:
     sds_socket: Path | None = None
     credential_dir: Path | None = None
     socket_mode: int = 0o600
+    ca_file: Path | None = None  # the control plane's CA (None: the public roots)
 
 
 def check_servers(urls: list[str]) -> list[str]:
@@ -141,7 +143,9 @@ def build_sidecar(config: SidecarConfig, clock: Clock = system_clock) -> Sidecar
     if config.credential_dir is not None:
         folder = CredentialFolder(config.credential_dir)
         folder.prepare()
-    client = SidecarClient(servers)
+    client = SidecarClient(
+        servers, verify=client_verify(config.ca_file) if config.ca_file else True
+    )
     keeper = SvidKeeper(client, config.sa_token_file, clock)
     if folder is not None:
         keeper.on_rotate.append(lambda svid: folder.write(svid, {svid.trust_domain: svid.bundle}))

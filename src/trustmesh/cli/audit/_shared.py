@@ -12,7 +12,7 @@ import typer
 
 from trustmesh.audit.checkpoint import Checkpoint, verify_checkpoint
 from trustmesh.audit.note import Verifier, parse_verifier_key
-from trustmesh.cli._common import ApiClient, fail, resolve_server, resolve_token
+from trustmesh.cli._common import ApiClient, fail, resolve_server, resolve_token, unreachable
 from trustmesh.common.errors import CheckpointError, NoteError
 
 PAGE = 1000
@@ -33,7 +33,7 @@ class AuditClient(ApiClient):
         try:
             response = self._http.get(path)
         except httpx.HTTPError as exc:
-            fail(f"cannot reach {self.server}: {exc.__class__.__name__}: {exc}".rstrip(": "))
+            fail(unreachable(self.server, exc))
         if response.status_code >= 400:
             try:
                 body = response.json()
