@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,12 @@ import pytest
 from agent_support import FakeClock, app_of, local_agent
 from test_decide import Federation
 
-from trustmesh.agent.hot import MAX_AUTHORIZE_BODY
+from tls_support import make_tls
+from trustmesh.agent.hot import MAX_AUTHORIZE_BODY, HotSurfaces
 from trustmesh.agent.spool import segment_name
 from trustmesh.common.limits import HttpLimits
-from trustmesh.common.serving import BackgroundServer
+from trustmesh.common.serving import BackgroundServer, FastRoute
+from trustmesh.common.tls import ServerTls
 
 ORDERS = {"host": "orders.shop.svc", "path": "/api/orders/42", "method": "GET"}
 
@@ -421,3 +424,70 @@ def test_a_connection_over_capacity_is_answered_503_on_the_decision_surfaces(
     assert status == 503 and body["error"] == "temporarily_unavailable"
     assert headers["retry-after"] == "1"
     assert not (federation.agent.config.data_dir / "audit-spool" / segment_name(1)).read_bytes()
+
+
+# -- over HTTPS: the TLS layer under the same protocol, the fast paths kept ----------------
+
+
+class Claimed:
+    """The agent's fast paths as the server is handed them, noting each request they
+    claim: shows which requests were answered without ASGI."""
+
+    def __init__(self, paths: HotSurfaces) -> None:
+        self.paths = paths
+        self.claimed: list[str] = []
+
+    def route(self, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> FastRoute | None:
+        route = self.paths.route(method, path, headers)
+        if route is not None:
+            self.claimed.append(f"{method} {path}")
+        return route
+
+
+def test_decisions_over_https_take_the_fast_paths_and_answer_alike(
+    federation: Federation, tmp_path: Path
+) -> None:
+    tls = make_tls(tmp_path / "tls")
+    app = app_of(federation.agent)
+    claimed = Claimed(app)
+    trusting = ssl.create_default_context(cafile=str(tls.ca))
+    token = federation.svid()
+    check_headers = {"host": "orders.shop.svc", "authorization": f"Bearer {token}"}
+    with (
+        BackgroundServer(app, fast=claimed, tls=ServerTls(tls.cert, tls.key)) as server,
+        httpx.Client(base_url=server.url, verify=trusting, timeout=10) as https,
+    ):
+        assert server.url.startswith("https://")
+        for method, allowed in (("GET", True), ("DELETE", False)):  # one connection, kept
+            native = https.post(
+                "/v1/authorize", json={"token": token, "request": {**ORDERS, "method": method}}
+            )
+            assert native.status_code == 200 and native.json()["allowed"] is allowed
+            envoy = https.request(method, "/ext_authz" + ORDERS["path"], headers=check_headers)
+            assert envoy.status_code == (200 if allowed else 403)
+        assert https.get("/healthz").json() == {"ok": True}  # the Starlette app, over TLS
+        # pipelined on one TLS connection: answered in order, the last through ASGI
+        body = orjson.dumps({"token": token, "request": ORDERS})
+        raw = b"POST /v1/authorize HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
+        raw += b"Content-Length: %d\r\n\r\n" % len(body) + body
+        raw += b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        with (
+            socket.create_connection((server.host, server.port), timeout=10) as plain,
+            trusting.wrap_socket(plain, server_hostname=server.host) as secure,
+        ):
+            secure.sendall(raw)
+            received = b""
+            while chunk := secure.recv(65536):
+                received += chunk
+    statuses = [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", received)]
+    assert statuses == [200, 200] and b'"allowed":true' in received
+    assert received.endswith(b'{"ok":true}')
+    path = "GET " + "/ext_authz" + ORDERS["path"]
+    assert claimed.claimed == [
+        "POST /v1/authorize",
+        path,
+        "POST /v1/authorize",
+        path.replace("GET", "DELETE"),
+        "POST /v1/authorize",
+    ]
+    assert spooled_lines(federation) == 5

@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -186,6 +187,72 @@ def test_the_sdk_exchanges_over_https_with_ca_file(server: Server, tls: Tls) -> 
             pytest.raises(TokenUnavailable, match="TLS certificate is not trusted"),
         ):
             untrusting.token()
+
+
+def audit_sources(server: Server, cluster: str) -> list[dict[str, Any]]:
+    sources = server.admin.get("/v1/audit/sources").json()["sources"]
+    return [source for source in sources if source["cluster"] == cluster]
+
+
+def test_every_worker_of_the_server_and_of_the_agent_serves_https_and_decides(
+    tmp_path: Path, tls: Tls, sim_cluster: SimulatedCluster
+) -> None:
+    """``--workers 2`` with ``--tls-cert``: each worker loads the certificate, so every
+    connection the kernel hands to either worker is served over HTTPS — exchanges at
+    the control plane, decisions on both of the agent's surfaces (its fast paths)."""
+    verify = trusting(tls)
+    cp = start_server(tmp_path / "server", None, "--workers", "2", *tls.flags(), verify=verify)
+    try:
+        assert cp.url.startswith("https://")
+        federation = register_federation(cp, sim_cluster)
+        deadline, streak = time.monotonic() + 60, 0
+        while streak < 20:  # each on a new connection: the kernel picks the worker
+            assert time.monotonic() < deadline, cp.process.stderr()
+            answer = cp.exchange(federation.sa_token(), federation.audience)
+            streak = streak + 1 if answer.status_code == 200 else 0
+        agent = start_agent(
+            federation.target_name,
+            [cp.url],
+            tmp_path / "agent",
+            cp.credential(federation.target_name),
+            "--workers",
+            "2",
+            "--ca-file",
+            str(tls.ca),
+            *tls.flags(),
+        )
+        try:
+            assert agent.url.startswith("https://") and "(2 workers; " in agent.ready_line
+            token = federation.svid()
+            for _ in range(20):  # each on a new connection, as above
+                native = httpx.post(
+                    agent.url + "/v1/authorize",
+                    json={
+                        "token": token,
+                        "request": {"host": "a.svc", "path": "/", "method": "GET"},
+                    },
+                    verify=verify,
+                    timeout=10,
+                )
+                assert native.status_code == 200 and "allowed" in native.json(), native.text
+                check = httpx.get(
+                    agent.url + "/ext_authz/",
+                    headers={"host": "a.svc", "authorization": f"Bearer {token}"},
+                    verify=verify,
+                    timeout=10,
+                )
+                assert check.status_code in (200, 403) and "allowed" in check.json(), check.text
+            deadline = time.monotonic() + 60
+            while not (
+                len(sources := audit_sources(cp, federation.target_name)) == 2
+                and all(source["next_seq"] > 1 for source in sources)
+            ):  # both agent workers decided (each ships its own spool)
+                assert time.monotonic() < deadline, sources
+                time.sleep(0.2)
+        finally:
+            assert agent.stop() == 0, agent.process.stderr()
+    finally:
+        assert cp.stop() == 0, cp.process.stderr()
 
 
 # -- the bounds over TLS -----------------------------------------------------------------------

@@ -398,11 +398,16 @@ def test_refusals_are_audited_as_refused_exchanges(
         bad = make_csr(names=[x509.DNSName("evil.example")])
         assert request_svid(server, token, bad).status_code == 400
         digest = hashlib.sha256(token.encode()).hexdigest()
-        events = [
-            e
-            for e in audit_events(server, type="token.exchange_failed")
-            if e.get("identity", {}).get("token_sha256") == digest
-        ]
+        deadline = time.monotonic() + 30
+        while True:  # a refusal waits for no commit (server/recorder.py): poll the log
+            events = [
+                e
+                for e in audit_events(server, type="token.exchange_failed")
+                if e.get("identity", {}).get("token_sha256") == digest
+            ]
+            if events or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
     finally:
         assert server.stop() == 0
     assert len(events) == 1
