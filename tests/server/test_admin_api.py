@@ -142,6 +142,7 @@ def test_authentication_and_scoping(shared_server: Server, sim_cluster: Simulate
         "trust_domain": TRUST_DOMAIN,
         "issuer": url,
         "audience": f"spiffe://{TRUST_DOMAIN}/cluster/{fed.origin_name}",
+        "service_account_audience": "trustmesh",  # the Cluster's audience (its default)
         "agent": config.json()["agent"],  # the agent instance the credential is for
     }
     other = httpx.get(url + f"/v1/agent/config?cluster={fed.target_name}", headers=as_cluster)
