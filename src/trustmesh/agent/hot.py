@@ -39,7 +39,8 @@ from trustmesh.common.errors import (
     RequestError,
     TrustmeshError,
 )
-from trustmesh.common.numbers import parse_decimal
+from trustmesh.common.http import check_content_type, check_declared_length
+from trustmesh.common.http import raw_header as header
 from trustmesh.common.serving import FastAnswer, FastRequest, FastRoute
 from trustmesh.identity.svid import VerifiedIdentity
 from trustmesh.request import Request, parse_request
@@ -108,30 +109,14 @@ def _refusal(status: int, error: str, description: str) -> Answer:
     return Answer(status, {"error": error, "error_description": description}, _NO_STORE)
 
 
-def header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
-    """The first value of header ``name`` (lowercase), as Starlette's ``Headers.get``."""
-    for key, value in headers:
-        if key == name:
-            return str(value.decode("latin-1"))
-    return None
-
-
 def header_values(headers: list[tuple[bytes, bytes]], name: bytes) -> list[str]:
     return [value.decode("latin-1") for key, value in headers if key == name]
 
 
 def check_json_headers(headers: list[tuple[bytes, bytes]], limit: int) -> None:
     """What ``common/http.py``'s ``read_json`` checks before it reads a body."""
-    content_type = header(headers, b"content-type") or ""
-    if content_type.split(";")[0].strip().lower() != "application/json":
-        raise InvalidRequest("Content-Type must be application/json")
-    declared = header(headers, b"content-length")
-    if declared is not None:
-        length = parse_decimal(declared)
-        if length is None:
-            raise InvalidRequest("Content-Length is not a number")
-        if length > limit:
-            raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+    check_content_type(header(headers, b"content-type"), "application/json")
+    check_declared_length(header(headers, b"content-length"), limit)
 
 
 def json_object(body: bytes) -> dict[str, Any]:
@@ -272,24 +257,26 @@ class HotSurfaces:
         return None
 
     def _authorize_fast(self, request: FastRequest) -> FastAnswer | Awaitable[FastAnswer]:
-        if self._at_once:
-            try:
-                answer = self._authorize_now(request)
-            except Exception as exc:
-                answer = _guarded(request, exc)
-            if answer is not None:
-                return fast_answer(answer)
-        return self._fast_later(self._authorize_later, request)
+        return self._fast(self._authorize_now, self._authorize_later, request)
 
     def _ext_authz_fast(self, request: FastRequest) -> FastAnswer | Awaitable[FastAnswer]:
+        return self._fast(self._ext_authz_now, self._ext_authz_later, request)
+
+    def _fast(
+        self,
+        now: Callable[[FastRequest], Answer | None],
+        later: Callable[[FastRequest], Awaitable[Answer]],
+        request: FastRequest,
+    ) -> FastAnswer | Awaitable[FastAnswer]:
+        """Answered at once when ``now`` can (no await needed), else by ``later``."""
         if self._at_once:
             try:
-                answer = self._ext_authz_now(request)
+                answer = now(request)
             except Exception as exc:
                 answer = _guarded(request, exc)
             if answer is not None:
                 return fast_answer(answer)
-        return self._fast_later(self._ext_authz_later, request)
+        return self._fast_later(later, request)
 
     async def _fast_later(
         self, handler: Callable[[FastRequest], Awaitable[Answer]], request: FastRequest

@@ -200,14 +200,7 @@ def read_private_file(path: Path, what: str) -> bytes:
             ) from None
         raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"{what} {path} is not a regular file")
-        if st.st_uid != os.geteuid():
-            raise ConfigError(
-                f"{what} {path} is owned by uid {st.st_uid}, not by the user running "
-                f"trustmesh (uid {os.geteuid()})"
-            )
+        st = _owned_regular_file(fd, what, path)
         if st.st_mode & 0o077:
             raise ConfigError(
                 f"{what} {path} is open to group or others (mode {_mode(st)}): "
@@ -273,15 +266,22 @@ def tighten_private_file(path: Path, what: str) -> None:
             ) from None
         raise ConfigError(f"cannot open {what} {path}: {exc.strerror}") from None
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"{what} {path} is not a regular file")
-        if st.st_uid != os.geteuid():
-            raise ConfigError(
-                f"{what} {path} is owned by uid {st.st_uid}, not by the user running "
-                f"trustmesh (uid {os.geteuid()})"
-            )
+        st = _owned_regular_file(fd, what, path)
         if st.st_mode & 0o077:
             os.fchmod(fd, 0o600)
     finally:
         os.close(fd)
+
+
+def _owned_regular_file(fd: int, what: str, path: Path) -> os.stat_result:
+    """The status of open file ``fd``: a regular file owned by the user running
+    trustmesh, or ConfigError naming ``what`` and ``path``."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{what} {path} is not a regular file")
+    if st.st_uid != os.geteuid():
+        raise ConfigError(
+            f"{what} {path} is owned by uid {st.st_uid}, not by the user running "
+            f"trustmesh (uid {os.geteuid()})"
+        )
+    return st

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
@@ -46,13 +47,7 @@ def render_error(exc: TrustmeshError) -> JSONResponse:
 async def read_body(request: Request, limit: int) -> bytes:
     """Read at most ``limit`` bytes; refuse larger bodies from the Content-Length header
     or, failing that, as soon as the stream passes the limit (no parsing work first)."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        length = parse_decimal(declared)
-        if length is None:
-            raise InvalidRequest("Content-Length is not a number")
-        if length > limit:
-            raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+    check_declared_length(request.headers.get("content-length"), limit)
     chunks = []
     size = 0
     async for chunk in request.stream():
@@ -64,9 +59,35 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def require_content_type(request: Request, expected: str) -> None:
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type != expected:
+    check_content_type(request.headers.get("content-type"), expected)
+
+
+# -- the same checks on raw ASGI headers (the routes that skip Starlette's Request) --------
+
+
+def raw_header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> str | None:
+    """The first value of header ``name`` (lower case), as Starlette's ``Headers.get``."""
+    for key, value in headers:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def check_content_type(value: str | None, expected: str) -> None:
+    """The media type of a ``Content-Type`` value is ``expected`` (parameters ignored)."""
+    if (value or "").split(";")[0].strip().lower() != expected:
         raise InvalidRequest(f"Content-Type must be {expected}")
+
+
+def check_declared_length(declared: str | None, limit: int) -> None:
+    """A declared ``Content-Length`` is a number no larger than ``limit``: a larger body
+    is refused before a byte of it is read."""
+    if declared is not None:
+        length = parse_decimal(declared)
+        if length is None:
+            raise InvalidRequest("Content-Length is not a number")
+        if length > limit:
+            raise PayloadTooLarge(f"request body is larger than {limit} bytes")
 
 
 async def read_json(request: Request, limit: int = MAX_JSON_BODY) -> dict[str, Any]:

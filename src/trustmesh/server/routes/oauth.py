@@ -20,15 +20,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from trustmesh.common.errors import InvalidRequest, PayloadTooLarge, TrustmeshError
+from trustmesh.common.errors import PayloadTooLarge, TrustmeshError
 from trustmesh.common.http import (
     MAX_FORM_BODY,
+    check_content_type,
+    check_declared_length,
     error_response,
+    raw_header,
     read_body,
     render_error,
     require_content_type,
 )
-from trustmesh.common.numbers import parse_decimal
 from trustmesh.oauth.rfc7662 import introspect
 from trustmesh.oauth.rfc8693 import parse_form
 from trustmesh.server.controlplane import ControlPlane
@@ -56,27 +58,11 @@ class _ClientGone(Exception):
     """The peer left before its body arrived (Starlette's ``ClientDisconnect``)."""
 
 
-def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
-    """The first value of header ``name`` (lower case), as Starlette's ``Headers.get``."""
-    for key, value in headers:
-        if key == name:
-            return value.decode("latin-1")
-    return None
-
-
 async def _form_body(headers: list[tuple[bytes, bytes]], receive: Receive) -> bytes:
     """``read_form_body`` on raw ASGI: the content type, then at most 64 KiB of body,
     refused from ``Content-Length`` or as soon as the stream passes the bound."""
-    content_type = _header(headers, b"content-type") or ""
-    if content_type.split(";")[0].strip().lower() != FORM:
-        raise InvalidRequest(f"Content-Type must be {FORM}")
-    declared = _header(headers, b"content-length")
-    if declared is not None:
-        length = parse_decimal(declared)
-        if length is None:
-            raise InvalidRequest("Content-Length is not a number")
-        if length > MAX_FORM_BODY:
-            raise PayloadTooLarge(f"request body is larger than {MAX_FORM_BODY} bytes")
+    check_content_type(raw_header(headers, b"content-type"), FORM)
+    check_declared_length(raw_header(headers, b"content-length"), MAX_FORM_BODY)
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -111,7 +97,7 @@ def token_endpoint(plane: ControlPlane) -> ASGIApp:
         try:
             issued = await plane.issuance.issue(
                 _form_body(headers, receive),
-                _header(headers, b"traceparent"),
+                raw_header(headers, b"traceparent"),
                 client[0] if client else None,
             )
         except TrustmeshError as exc:
