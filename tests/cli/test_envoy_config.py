@@ -68,3 +68,35 @@ def test_a_bad_flag_is_one_line(flags: list[str]) -> None:
     assert answer.returncode == 1 and answer.stdout == ""
     assert len(answer.stderr.strip().splitlines()) == 1, answer.stderr
     assert answer.stderr.startswith("error: ")
+
+
+@pytest.mark.parametrize(
+    ("agent", "san_type", "sni"),
+    [("https://agent.trustmesh.svc:8443", "DNS", "agent.trustmesh.svc"),
+     ("https://10.0.0.7:8443", "IP_ADDRESS", None)],
+)  # fmt: skip
+def test_an_https_agent_is_verified_against_its_ca_and_host(
+    tmp_path: Path, agent: str, san_type: str, sni: str | None
+) -> None:
+    answer = printed("--cluster", "east", "--agent", agent, "--agent-ca-file", "/etc/agent-ca.pem")
+    assert answer.returncode == 0, answer.stderr
+    config = yaml.safe_load(answer.stdout)
+    [cluster] = [
+        c for c in config["static_resources"]["clusters"] if c["name"] == "trustmesh_agent"
+    ]
+    tls = cluster["transport_socket"]["typed_config"]
+    validation = tls["common_tls_context"]["validation_context"]
+    assert validation["trusted_ca"] == {"filename": "/etc/agent-ca.pem"}
+    host = agent.removeprefix("https://").rsplit(":", 1)[0]
+    assert validation["match_typed_subject_alt_names"] == [
+        {"san_type": san_type, "matcher": {"exact": host}}
+    ]
+    assert tls.get("sni") == sni
+    default = yaml.safe_load(printed("--cluster", "east", "--agent", agent).stdout)
+    [cluster] = [
+        c for c in default["static_resources"]["clusters"] if c["name"] == "trustmesh_agent"
+    ]
+    trusted = cluster["transport_socket"]["typed_config"]["common_tls_context"]
+    assert trusted["validation_context"]["trusted_ca"] == {
+        "filename": "/etc/ssl/certs/ca-certificates.crt"
+    }

@@ -50,6 +50,7 @@ from helpers import (
     trustmesh_cmd,
     unique,
 )
+from tls_support import make_tls
 from trustmesh.sim import SimulatedCluster
 from trustmesh.spiffeid import workload_spiffe_id
 
@@ -381,7 +382,53 @@ def test_a_forged_xfcc_header_is_replaced_by_envoy_and_ignored_without_trust_xfc
         assert plain.stop() == 0
 
 
+def test_an_https_agent_is_verified_by_envoy(mesh: Mesh) -> None:
+    """With an https ``--agent``, Envoy checks the agent's certificate against
+    ``--agent-ca-file`` and the agent's host: the right CA lets checks through (the
+    frontend's call is allowed), another CA makes every check fail closed (503)."""
+    tls = make_tls(mesh.directory / "agent-tls")
+    other = make_tls(mesh.directory / "other-tls")
+    agent = start_agent(
+        mesh.west_name,
+        [mesh.server.url],
+        mesh.directory / "https-agent",
+        mesh.server.credential(mesh.west_name),
+        "--trust-xfcc",
+        *tls.flags(),
+    )
+    started: list[Envoy] = []
+    try:
+        assert agent.url.startswith("https://127.0.0.1:")
+        assert mesh.orders.sds_socket is not None
+        with serve_echo() as upstream:
+            answers = {}
+            for name, ca in (("right", tls.ca), ("wrong", other.ca)):
+                config = envoy_config(
+                    "--cluster", mesh.west_name,
+                    "--listen", "127.0.0.1:0",
+                    "--admin", "127.0.0.1:0",
+                    "--agent", agent.url,
+                    "--agent-ca-file", str(ca),
+                    "--upstream", f"127.0.0.1:{upstream}",
+                    "--sds-socket", str(mesh.orders.sds_socket),
+                )  # fmt: skip
+                (mesh.directory / f"https-{name}").mkdir()
+                envoy = start_envoy(mesh.directory / f"https-{name}", config, timeout=60)
+                started.append(envoy)
+                url = envoy.url.replace("http://", "https://")
+                with tls_client(mesh.frontend, mesh) as client:
+                    answers[name] = client.get(url + "/api/orders", headers={"host": ORDERS_HOST})
+        assert answers["right"].status_code == 200, answers["right"].text
+        assert answers["right"].json()["headers"]["x-trustmesh-claim-tier"] == "gold"
+        assert answers["wrong"].status_code == 503
+    finally:
+        for envoy in started:
+            stop_envoy(envoy)
+        assert agent.stop() == 0
+
+
 def test_a_revoked_workload_is_cut_off(mesh: Mesh) -> None:
+    """Last in this module: the frontend stays revoked."""
     assert call(mesh).status_code == 200
     revoked = mesh.server.admin.post(
         "/v1/revocations",

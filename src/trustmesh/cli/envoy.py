@@ -16,6 +16,9 @@ What the configuration guarantees, and why:
   ``forward_client_cert_details: SANITIZE_SET`` replaces any ``x-forwarded-client-cert``
   the caller sent with one element describing the verified peer (``URI`` and ``Cert``);
   without mTLS, ``SANITIZE`` drops the header.
+* **The agent is who it says.** With an ``https`` agent, Envoy verifies the agent's
+  certificate against ``--agent-ca-file`` (default: the system CA bundle) and requires
+  it to name the agent's host, so nobody on the path can answer the checks.
 * **Fail closed.** An agent that cannot be reached, or answers 5xx, denies (503).
 * **One reading of the path.** ``normalize_path``, ``merge_slashes`` and encoded
   slashes refused, so the agent and the upstream see the same path (DESIGN §3)."""
@@ -53,6 +56,8 @@ SDS_CLUSTER = "trustmesh_sds"
 SVID_SECRET = "default"  # noqa: S105 (an SDS resource name, not a secret)
 BUNDLE_SECRET = "ROOTCA"  # noqa: S105 (an SDS resource name)
 _TYPE = "type.googleapis.com/envoy.extensions."
+# Debian's and Ubuntu's CA bundle (the path Envoy's own images use too)
+SYSTEM_CA_FILE = "/etc/ssl/certs/ca-certificates.crt"
 
 
 def _address(host: str, port: int) -> dict[str, Any]:
@@ -235,6 +240,30 @@ def _listener(
     return {"name": name, "address": _address(*listen), "filter_chains": [chain]}
 
 
+def _agent_tls(host: str, ca_file: str) -> dict[str, Any]:
+    """TLS to an https agent, verified: its certificate must chain to ``ca_file`` and
+    name ``host`` (a DNS name, or an IP address SAN for an address)."""
+    try:
+        ipaddress.ip_address(host)
+        san_type = "IP_ADDRESS"
+    except ValueError:
+        san_type = "DNS"
+    context: dict[str, Any] = {
+        "@type": _TYPE + "transport_sockets.tls.v3.UpstreamTlsContext",
+        "common_tls_context": {
+            "validation_context": {
+                "trusted_ca": {"filename": ca_file},
+                "match_typed_subject_alt_names": [
+                    {"san_type": san_type, "matcher": {"exact": host}}
+                ],
+            }
+        },
+    }
+    if san_type == "DNS":
+        context["sni"] = host
+    return {"name": "envoy.transport_sockets.tls", "typed_config": context}
+
+
 def _agent_url(url: str) -> tuple[str, str, int]:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
@@ -260,6 +289,7 @@ def build_config(
     egress_listen: str | None = None,
     egress_to: str | None = None,
     egress_peer: str | None = None,
+    agent_ca_file: str = SYSTEM_CA_FILE,
 ) -> dict[str, Any]:
     """The configuration as data (``trustmesh envoy config`` prints it as YAML); raises
     ValueError naming a bad flag."""
@@ -298,10 +328,7 @@ def build_config(
     ]
     agent_cluster = _cluster(AGENT_CLUSTER, agent_host, agent_port)
     if agent_scheme == "https":
-        agent_cluster["transport_socket"] = {
-            "name": "envoy.transport_sockets.tls",
-            "typed_config": {"@type": _TYPE + "transport_sockets.tls.v3.UpstreamTlsContext"},
-        }
+        agent_cluster["transport_socket"] = _agent_tls(agent_host, agent_ca_file)
     clusters = [agent_cluster, _cluster(UPSTREAM_CLUSTER, *parse_listen(upstream))]
     if egress_listen is not None and egress_to is not None:
         egress = _cluster("egress", *parse_listen(egress_to))
@@ -379,6 +406,12 @@ def envoy_config(
         "--egress-peer",
         help="The SPIFFE ID the peer must present (default: any of the trust domain).",
     ),
+    agent_ca_file: str = typer.Option(
+        SYSTEM_CA_FILE,
+        "--agent-ca-file",
+        help="With an https --agent: the CA file (PEM, a path on Envoy's host) its "
+        "certificate must chain to; the certificate must also name the agent's host.",
+    ),
 ) -> None:
     """Print an Envoy configuration (YAML, API v3) with ext_authz to the agent."""
     try:
@@ -395,6 +428,7 @@ def envoy_config(
             egress_listen=egress_listen,
             egress_to=egress_to,
             egress_peer=egress_peer,
+            agent_ca_file=agent_ca_file,
         )
     except (ValueError, SpiffeIdError) as exc:
         fail(str(exc))
