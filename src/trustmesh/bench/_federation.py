@@ -72,10 +72,17 @@ def cluster_doc(name: str, issuer: str | None = None, **spec: Any) -> dict[str, 
 
 
 def workload_doc(
-    name: str, *, cluster: str, namespace: str, service_account: str, claims: Mapping[str, str]
+    name: str,
+    *,
+    cluster: str,
+    namespace: str,
+    service_account: str,
+    claims: Mapping[str, str],
+    **spec: Any,
 ) -> dict[str, Any]:
+    """A Workload; ``spec`` adds fields such as ``maxTokenTTL``."""
     selector = {"cluster": cluster, "namespace": namespace, "serviceAccount": service_account}
-    return _doc("Workload", name, {"selector": selector, "claims": dict(claims)})
+    return _doc("Workload", name, {"selector": selector, "claims": dict(claims), **spec})
 
 
 def numbered_workloads(cluster: str, count: int, projects: int) -> list[dict[str, Any]]:
@@ -222,6 +229,13 @@ class Federation:
             agents.append(Agent(name, child, *address(line.split()[7])))
         return agents
 
+    def add_cluster(self, name: str) -> SimulatedCluster:
+        """One more simulated cluster ``name`` (its own OIDC issuer process), ready;
+        stopped with the rest. Register it with ``cluster_doc(name, cluster.issuer)``."""
+        child = _start_cluster(self.root, name, self.children)
+        child.wait_ready(f"simulated cluster {name} issuer ")
+        return SimulatedCluster.from_data_dir(self.root / "clusters" / name)
+
 
 @contextlib.contextmanager
 def federation(origin: str, server_args: Sequence[str] = ()) -> Iterator[Federation]:
@@ -236,6 +250,16 @@ def federation(origin: str, server_args: Sequence[str] = ()) -> Iterator[Federat
                 yield _start(root, origin, http, children, server_args)
         finally:
             stop_all(children)
+
+
+def _start_cluster(root: Path, name: str, children: list[Child]) -> Child:
+    """A further simulated cluster's issuer process (data in ``root/clusters/NAME``)."""
+    child = start(f"cluster-{name}", [sys.executable, "-m", "trustmesh.sim.cli", "cluster",
+                                      "--name", name, "--listen", "127.0.0.1:0",
+                                      "--data-dir", str(root / "clusters" / name)],
+                  root / "logs")  # fmt: skip
+    children.append(child)
+    return child
 
 
 def _start(

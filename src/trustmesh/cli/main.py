@@ -1050,6 +1050,33 @@ def bench_svid(
     print_json(result) if output is Output.json else _print_bench(result)
 
 
+@bench_app.command("rotation")
+def bench_rotation(
+    sidecars: int = typer.Option(
+        20, "--sidecars", min=1, max=200, help="Client workloads, each with its own sidecar."
+    ),
+    ttl: int = typer.Option(
+        20,
+        "--ttl",
+        min=10,
+        max=3600,
+        help="The Workloads' maxTokenTTL in seconds: their X.509-SVIDs' lifetime.",
+    ),
+    duration: float = typer.Option(
+        60.0, "--duration", min=1.0, help="Seconds of load (make it a few TTLs long)."
+    ),
+    output: Output = OutputOption,
+) -> None:
+    """Requests failed while every X.509-SVID of a sidecar fleet rotates under mTLS load
+    through a real Envoy (goal 0); exit 1 if any failed or any SVID did not rotate."""
+    from trustmesh.bench.rotation import run
+
+    result = run(sidecars=sidecars, ttl=ttl, seconds=duration)
+    print_json(result) if output is Output.json else _print_bench(result)
+    if not result["ok"]:
+        fail("; ".join(result["problems"]) or "the run did not meet its goal")
+
+
 @bench_app.command("verify")
 def bench_verify(
     iterations: int = typer.Option(20000, "--iterations", help="Verifications per measurement."),
