@@ -158,7 +158,8 @@ def mesh_held_rotation_text(run: MeshRun, workload: str, leaf: x509.Certificate)
     return (
         f"mesh: {possessive(workload)} sidecar renewed its X.509-SVID: serial {short_serial(serials[-2])} "
         f"-> {short_serial(serials[-1])}, valid until "
-        f"{_clock(leaf.not_valid_after_utc.timestamp())}; {role}"
+        f"{_clock(leaf.not_valid_after_utc.timestamp())}; {role} (renewals from now on are "
+        "counted, not shown)"
     )
 
 
@@ -198,7 +199,8 @@ def mesh_cut_line(run: MeshRun) -> str:
     refusals = ", ".join(f"{n} {answer}" for answer, n in cut.refusals.most_common())
     serial = short_serial((run.held.get(cut.workload) or [""])[-1])
     sidecar = cut.new_svid or (
-        f"its sidecar got no X.509-SVID issued after the suspension (it serves serial {serial})"
+        f"its sidecar got no X.509-SVID issued after the suspension (the last it got: serial "
+        f"{serial})"
     )
     return (
         f"mesh: workload {cut.workload} suspended at {cut.at:.1f} s (reason: {cut.reason}): cut "

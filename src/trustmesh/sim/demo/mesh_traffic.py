@@ -9,6 +9,7 @@ probes that time the cut-off without counting as traffic."""
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,9 +71,18 @@ def answer_of(response: httpx.Response) -> MeshAnswer:
         return MeshAnswer("denied", status, f"403 {json_body(response).get('error') or ''}")
     if status == 401:
         return MeshAnswer("refused", status, f"401 {json_body(response).get('reason') or ''}")
-    body = response.text
-    why = "TLS handshake refused" if "TLS" in body else body.strip()[:60]
-    return MeshAnswer("refused", status, f"{status} {why}")
+    return MeshAnswer("refused", status, f"{status} {envoy_failure(response.text)}")
+
+
+def envoy_failure(body: str) -> str:
+    """Why an Envoy answered without a decision, in a few words: its local reply says
+    ``upstream connect error or disconnect/reset before headers. reset reason: …``."""
+    if "TLS" in body:
+        return "TLS handshake refused"
+    reset = re.search(r"reset reason: ([a-z ]+)", body)
+    if reset:
+        return f"connection to orders' Envoy reset ({reset.group(1).strip()})"
+    return body.strip()[:60]
 
 
 def held_certificate(folder: Path) -> x509.Certificate | None:
@@ -257,7 +267,9 @@ class MeshTraffic:
                     "after its suspension"
                 )
                 self.events.event(cut.new_svid)
-            elif len(serials) > 1 and workload not in upstream_sees:
+            elif len(serials) == 2 and workload not in upstream_sees:
+                # The first renewal of each is an event; the next ones are counted
+                # (mesh_rotations_line), not printed every few seconds for ever.
                 self.events.event(mesh_held_rotation_text(self.run, workload, leaf))
 
     # -- the pods' service-account tokens
