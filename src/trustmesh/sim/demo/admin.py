@@ -1,6 +1,6 @@
 """The demo's client of the control plane's admin API: apply manifests, read the
-policy revision in force, issue cluster credentials, rotate the signing key, revoke a
-workload; each with the admin credential, each failure an :class:`ApiError`."""
+policy revision in force, issue cluster credentials, rotate the signing key, revoke or
+suspend a workload; each with the admin credential, each failure an :class:`ApiError`."""
 
 from __future__ import annotations
 
@@ -49,8 +49,11 @@ class Admin:
         """The policy revision in force at the control plane."""
         return int(self.call("/v1/policy/versions/current", method="GET")["revision"])
 
-    def cluster_credential(self, cluster: str) -> str:
-        return str(self.call(f"/v1/clusters/{cluster}/credentials")["token"])
+    def cluster_credential(self, cluster: str, agent: str | None = None) -> str:
+        """A credential for an agent of ``cluster``; ``agent`` names the instance (one
+        credential each, DESIGN §11)."""
+        body = {"agent": agent} if agent is not None else None
+        return str(self.call(f"/v1/clusters/{cluster}/credentials", body)["token"])
 
     def rotate_keys(self) -> tuple[str, str]:
         """-> (the retired kid, the new active kid)."""
@@ -67,6 +70,13 @@ class Admin:
         result = self.call("/v1/revocations", body, ok=(200, 201))
         entry: dict[str, Any] = result["revocation"]
         return entry
+
+    def suspend_workload(self, workload: str, reason: str) -> dict[str, Any]:
+        """DESIGN §5: no new credential of any kind for ``workload``, and what was issued
+        revoked. -> ``{"created", "suspension", "revocation", ...}``."""
+        body = {"kind": "workload", "value": workload, "reason": reason}
+        result: dict[str, Any] = self.call("/v1/suspensions", body, ok=(200, 201))
+        return result
 
 
 def tests_passed(result: dict[str, Any]) -> str:

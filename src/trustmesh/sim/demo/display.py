@@ -1,6 +1,7 @@
 """Everything the demo prints: the live table or the plain event lines, the header and
 summary lines, the lines about the policy change, the revocation and the rotation, the
-event texts the traffic and the operator report, and the final summary.
+mesh act's table and lines, the event texts the traffic and the operator report, and
+the final summary.
 
 Rendering only: it reads the scoreboard and never changes it. What the servers answered
 (decision reasons, key ids, error messages) is printed as plain ``Text`` with every
@@ -10,16 +11,32 @@ as terminal escapes."""
 from __future__ import annotations
 
 from collections import deque
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from cryptography import x509
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
 from trustmesh.common.terminal import printable
-from trustmesh.sim.demo.scenario import REVOKED_WORKLOAD, ROGUE_CLUSTER, TRUST_DOMAIN
-from trustmesh.sim.demo.scoreboard import PolicyChange, RevocationRun, Scoreboard
+from trustmesh.sim.demo.scenario import (
+    MESH_BY_NAME,
+    MESH_SERVER,
+    REVOKED_WORKLOAD,
+    ROGUE_CLUSTER,
+    SUSPENDED_WORKLOAD,
+    TRUST_DOMAIN,
+)
+from trustmesh.sim.demo.scoreboard import (
+    MeshCutOff,
+    MeshFlow,
+    MeshRun,
+    PolicyChange,
+    RevocationRun,
+    Scoreboard,
+)
 
 SUMMARY_INTERVAL = 2.0  # seconds between summary lines in plain mode
 
@@ -84,6 +101,145 @@ def propagation_text(change: PolicyChange) -> str:
         f"policy revision {change.new_revision} in force at all {len(change.per_agent)} "
         f"agents after {change.propagation or 0:.2f} s ({agents})"
     )
+
+
+def short_serial(serial: str) -> str:
+    """A certificate serial (hex) as the lines show it: its first ten digits."""
+    return serial[:10] if serial else "-"
+
+
+def _clock(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%H:%M:%SZ")
+
+
+def possessive(name: str) -> str:
+    return f"{name}'" if name.endswith("s") else f"{name}'s"
+
+
+def claim_headers_text(claims: dict[str, str]) -> str:
+    inner = ", ".join(f"{name}={value}" for name, value in sorted(claims.items()))
+    return f"x-trustmesh-claim-{{{inner}}}" if claims else "no claim headers"
+
+
+def mesh_allowed_text(flow: MeshFlow, seen: dict[str, Any]) -> str:
+    certificate = seen.get("client_certificate") or {}
+    claims = {str(k): str(v) for k, v in (seen.get("claims") or {}).items()}
+    return (
+        f"mesh: {flow.name}: ALLOWED over mTLS (200; RoleBinding {flow.route.expect.binding} "
+        f"allows it for the identity in the client certificate); the upstream saw "
+        f"{seen.get('spiffe_id')}, client certificate serial "
+        f"{short_serial(str(certificate.get('serial') or ''))} (valid until "
+        f"{_clock(float(certificate.get('not_after') or 0))}), {claim_headers_text(claims)}"
+    )
+
+
+def _calls_of(run: MeshRun, workload: str) -> tuple[int, int]:
+    flows = [f for f in run.flows if f.route.workload == workload]
+    return sum(f.calls for f in flows), sum(f.failed for f in flows)
+
+
+def mesh_seen_rotation_text(run: MeshRun, workload: str) -> str:
+    serials = run.seen[workload]
+    calls, failed = _calls_of(run, workload)
+    return (
+        f"mesh: {possessive(workload)} X.509-SVID rotated live: the upstream now sees client certificate "
+        f"serial {short_serial(serials[-1])} (was {short_serial(serials[-2])}); {calls} calls "
+        f"so far, {failed} failed"
+    )
+
+
+def mesh_held_rotation_text(run: MeshRun, workload: str, leaf: x509.Certificate) -> str:
+    serials = run.held[workload]
+    role = (
+        "its Envoy presents it to callers from now on"
+        if workload == MESH_SERVER
+        else "its Envoy took it over SDS"
+    )
+    return (
+        f"mesh: {possessive(workload)} sidecar renewed its X.509-SVID: serial {short_serial(serials[-2])} "
+        f"-> {short_serial(serials[-1])}, valid until "
+        f"{_clock(leaf.not_valid_after_utc.timestamp())}; {role} (renewals from now on are "
+        "counted, not shown)"
+    )
+
+
+def mesh_cut_text(cut: MeshCutOff, target: str) -> str:
+    refusal = next(iter(cut.refusals), "refused")
+    return (
+        f"mesh: suspended workload {cut.workload} (reason: {cut.reason}): no new credential, "
+        f"the ones issued revoked; its mTLS calls refused at the agent of {target} ({refusal}) "
+        f"after {cut.cut_off or 0:.2f} s (revocation revision {cut.revision}; "
+        f"{cut.probes} presentations)"
+    )
+
+
+def mesh_rotations_line(run: MeshRun) -> str:
+    seen = ", ".join(
+        f"{workload} {run.rotations_seen(workload)} "
+        f"({' -> '.join(short_serial(s) for s in serials)})"
+        for workload, serials in run.seen.items()
+    )
+    held = ", ".join(f"{workload} {run.rotations_held(workload)}" for workload in run.held)
+    t = run.totals()
+    short = "" if run.rotation_due else " (a run this short expects none)"
+    return (
+        f"mesh: X.509-SVIDs of {run.svid_ttl} s, renewed at half-life{short}: rotations seen by the "
+        f"upstream (client certificate serials in XFCC): {seen or 'none yet'}; renewals by the "
+        f"sidecars: {held or 'none yet'}; {t['calls']} calls over mTLS ({t['allowed']} allowed, "
+        f"{t['denied']} denied, {t['failed']} failed)"
+    )
+
+
+def mesh_cut_line(run: MeshRun) -> str:
+    cut = run.cut
+    if cut is None:
+        return f"mesh: workload {SUSPENDED_WORKLOAD} not suspended yet"
+    if cut.cut_off is None:
+        return f"mesh: suspension of workload {cut.workload}: {'; '.join(cut.errors) or 'waiting'}"
+    refusals = ", ".join(f"{n} {answer}" for answer, n in cut.refusals.most_common())
+    serial = short_serial((run.held.get(cut.workload) or [""])[-1])
+    sidecar = cut.new_svid or (
+        f"its sidecar got no X.509-SVID issued after the suspension (the last it got: serial "
+        f"{serial})"
+    )
+    return (
+        f"mesh: workload {cut.workload} suspended at {cut.at:.1f} s (reason: {cut.reason}): cut "
+        f"off after {cut.cut_off:.2f} s; {cut.refused} calls refused since (expected: "
+        f"{refusals}), {cut.accepted_after} authenticated; {sidecar}"
+    )
+
+
+def mesh_lines(board: Scoreboard) -> list[str]:
+    if board.mesh is None:
+        return [board.mesh_skipped] if board.mesh_skipped else []
+    return [mesh_rotations_line(board.mesh), mesh_cut_line(board.mesh)]
+
+
+MESH_COLUMNS = (
+    "FROM", "WORKLOAD", "TO", "REQUEST (mTLS)", "CALLS", "ALLOWED", "DENIED", "FAILED",
+    "CUT OFF", "LAST ANSWER", "CERT SERIAL",
+)  # fmt: skip
+MESH_NUMERIC = {"CALLS", "ALLOWED", "DENIED", "FAILED", "CUT OFF"}
+
+
+def mesh_table(run: MeshRun, title: str | None = None) -> Table:
+    table = Table(title=title, expand=False, title_justify="left")
+    for column in MESH_COLUMNS:
+        table.add_column(column, justify="right" if column in MESH_NUMERIC else "left")
+    for flow in run.flows:
+        wl = MESH_BY_NAME[flow.route.workload]
+        held = run.held.get(wl.name) or [""]
+        table.add_row(
+            cell(wl.cluster), cell(wl.name), cell(f"{MESH_SERVER}@{flow.route.target}"),
+            cell(flow.route.call.short), cell(flow.calls),
+            cell(flow.allowed, style="green" if flow.allowed else ""),
+            cell(flow.denied, style="yellow" if flow.denied else ""),
+            cell(flow.failed, style="bold red" if flow.failed else ""),
+            cell(flow.cut_off, style="yellow" if flow.cut_off else ""),
+            cell(flow.last[:34], style="bold red" if flow.unexpected else ""),
+            cell(short_serial(held[-1])),
+        )  # fmt: skip
+    return table
 
 
 # -- the table and the lines beside it -----------------------------------------------------
@@ -194,13 +350,20 @@ def header_lines(board: Scoreboard) -> list[str]:
 
 def summary_line(board: Scoreboard) -> str:
     t = board.totals()
+    mesh = ""
+    if board.mesh is not None:
+        m = board.mesh.totals()
+        mesh = (
+            f"; mesh: {m['calls']} calls over mTLS ({m['allowed']} allowed, {m['denied']} "
+            f"denied, {m['failed']} failed, {m['cut_off']} refused after the cut-off)"
+        )
     return (
         f"summary at {board.elapsed():.1f} s: policy revision {board.policy.revision}; "
         f"{t['exchanges']} exchanges, {t['decisions']} decisions ({t['allowed']} allowed, "
         f"{t['denied']} denied, {t['unexpected']} unexpected), "
         f"{t['refused']} refused legitimate calls, {t['revoked']} refused as revoked "
         f"(expected), {t['errors']} errors, "
-        f"{t['intruder_refused']}/{t['intruder_attempts']} intruder attempts refused"
+        f"{t['intruder_refused']}/{t['intruder_attempts']} intruder attempts refused{mesh}"
     )
 
 
@@ -268,11 +431,15 @@ class LiveDisplay:
             (printable(policy_line(board)) + "\n", "magenta"),
             (printable(revocation_line(board)) + "\n", "yellow"),
             (printable(rotation_line(board)) + "\n", "cyan"),
+            *((printable(line) + "\n", "blue") for line in mesh_lines(board)),
             (printable(summary_line(board)) + "\n", ""),
             ("\n".join(self.events) + "\n", "dim"),
             (f"{stop}Ctrl-C to stop", "bold"),
         )
-        return Group(head, stats_table(board), foot)
+        tables: list[RenderableType] = [stats_table(board)]
+        if board.mesh is not None:
+            tables.append(mesh_table(board.mesh))
+        return Group(head, *tables, foot)
 
 
 class Display(Events, Protocol):
@@ -286,7 +453,11 @@ class Display(Events, Protocol):
 
 def print_final(console: Console, board: Scoreboard) -> None:
     console.print(stats_table(board, title="trustmesh demo: final summary"))
+    if board.mesh is not None:
+        console.print(mesh_table(board.mesh, title="the mesh: mTLS through Envoys"))
     for line in (policy_line(board), revocation_line(board), rotation_line(board)):
+        console.print(cell(line), soft_wrap=True)
+    for line in mesh_lines(board) if board.mesh is not None else []:  # skipped: said once
         console.print(cell(line), soft_wrap=True)
     for line in board.audit.lines if board.audit is not None else []:
         console.print(cell(line), soft_wrap=True)

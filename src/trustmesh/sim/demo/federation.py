@@ -19,6 +19,8 @@ from trustmesh.sim.demo.admin import Admin, tests_passed
 from trustmesh.sim.demo.processes import Child, start_agents, start_clusters, start_server
 from trustmesh.sim.demo.scenario import (
     CLUSTERS,
+    DEFAULT_SVID_TTL,
+    MESH_WORKLOADS,
     ROGUE_CLUSTER,
     WORKLOADS,
     manifest,
@@ -42,7 +44,11 @@ class Federation:
 
 
 def start_federation(
-    stack: ExitStack, root: Path, http: httpx.Client, say: Callable[[str], None]
+    stack: ExitStack,
+    root: Path,
+    http: httpx.Client,
+    say: Callable[[str], None],
+    svid_ttl: int = DEFAULT_SVID_TTL,
 ) -> Federation:
     logs = root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -55,7 +61,8 @@ def start_federation(
         say(f"simulated cluster {name}: service-account issuer {cluster.issuer}")
     rogue = SimulatedCluster(ROGUE_CLUSTER)  # never registered: the intruder's cluster
     stack.enter_context(rogue.serve())
-    policy = apply_initial(admin, root, {name: c.issuer for name, c in clusters.items()}, say)
+    issuers = {name: c.issuer for name, c in clusters.items()}
+    policy = apply_initial(admin, root, issuers, say, svid_ttl)
     agents: list[Child] = []
     agent_urls = start_agents(stack, root, logs, admin.cluster_credential, server_url, agents)
     for name, url in agent_urls.items():
@@ -64,21 +71,27 @@ def start_federation(
 
 
 def apply_initial(
-    admin: Admin, root: Path, issuers: dict[str, str], say: Callable[[str], None]
+    admin: Admin,
+    root: Path,
+    issuers: dict[str, str],
+    say: Callable[[str], None],
+    svid_ttl: int = DEFAULT_SVID_TTL,
 ) -> PolicyState:
     """Registry and initial policy in one apply (the PolicyTest runs before publishing)."""
-    files = {"registry.yaml": manifest(issuers), "policy.yaml": policy_manifest(0)}
+    files = {"registry.yaml": manifest(issuers, svid_ttl), "policy.yaml": policy_manifest(0)}
     result = admin.apply(files, "trustmesh demo: registry and initial policy")
     revision = int(result["policyRevision"])
     say(
         f"registered {len(CLUSTERS)} clusters (keys by OIDC discovery) "
-        f"and {len(WORKLOADS)} workloads: registry revision {result['registryRevision']}"
+        f"and {len(WORKLOADS) + len(MESH_WORKLOADS)} workloads ({len(MESH_WORKLOADS)} of them "
+        f"in the mesh, maxTokenTTL {svid_ttl} s): registry revision {result['registryRevision']}"
     )
     say(
         f"policy revision {revision}: GlobalRoles orders-reader, ledger-writer; RoleBindings "
         "shop-reads-orders (project shop, production clusters), ledger-writers (workload "
         "payments), finance-writes-ledger (project finance), bronze-never-writes-ledger "
-        f"(deny, tier bronze); PolicyTest demo-expectations: {tests_passed(result)} cases passed"
+        "(deny, tier bronze), gold-web-reads-orders (project web, tier gold); PolicyTest "
+        f"demo-expectations: {tests_passed(result)} cases passed"
     )
     write_policy_files(root)
     return PolicyState(revision, tests_passed(result), {revision: 0})

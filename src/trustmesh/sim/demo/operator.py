@@ -2,7 +2,8 @@
 force at every agent: a bad policy change (refused by its PolicyTest, the revision in
 force unmoved) then a good one, timed to every agent; the revocation of a workload,
 timed to each cluster it calls by probing with the token it holds; the rotation of
-the control plane's signing key."""
+the control plane's signing key; and in the mesh act, the suspension of a workload,
+timed until its mTLS calls are refused at the agent behind the Envoy it calls."""
 
 from __future__ import annotations
 
@@ -12,16 +13,26 @@ import httpx
 
 from trustmesh.sim.demo._http import json_body
 from trustmesh.sim.demo.admin import Admin, tests_passed
-from trustmesh.sim.demo.display import Events, propagation_text, revocation_text, short_kid
+from trustmesh.sim.demo.display import (
+    Events,
+    mesh_cut_text,
+    propagation_text,
+    revocation_text,
+    short_kid,
+)
 from trustmesh.sim.demo.errors import ApiError, DemoError
+from trustmesh.sim.demo.mesh_traffic import MeshTraffic
 from trustmesh.sim.demo.scenario import (
     BAD_CHANGE,
     GOOD_CHANGE,
     REVOCATION_REASON,
     REVOKED_WORKLOAD,
+    SUSPENDED_WORKLOAD,
+    SUSPENSION_REASON,
     policy_manifest,
 )
 from trustmesh.sim.demo.scoreboard import (
+    MeshCutOff,
     PairStats,
     PolicyChange,
     RevocationRun,
@@ -29,11 +40,13 @@ from trustmesh.sim.demo.scoreboard import (
     Scoreboard,
 )
 from trustmesh.sim.demo.traffic import Refused, Traffic, probe
+from trustmesh.sim.demo.upstream import serial_hex
 
 PROPAGATION_TIMEOUT = 15.0  # seconds every agent has to take up a new policy revision
 PROPAGATION_POLL = 0.01
 REVOCATION_TIMEOUT = 5.0  # seconds every target agent has to refuse the revoked token
 REVOCATION_POLL = 0.005  # seconds between two rounds of probes at the target agents
+SUSPENSION_TIMEOUT = 5.0  # seconds the mesh's agent has to refuse the suspended workload
 
 
 class Operator:
@@ -253,3 +266,60 @@ class Operator:
             f"kid {short_kid(new)} active; "
             "agents verify the new kid from their key set or refresh it on first sight"
         )
+
+    # -- the mesh act: suspension
+
+    def suspend(self, mesh: MeshTraffic) -> None:
+        """Suspend a mesh workload while it calls orders over mTLS, and time how long the
+        agent behind orders' Envoy takes to refuse its certificate (401 revoked)."""
+        run = mesh.run
+        cut = MeshCutOff(SUSPENDED_WORKLOAD, SUSPENSION_REASON, self.board.elapsed())
+        run.cut = cut
+        route = next(
+            f.route for f in run.flows if f.route.workload == cut.workload and f.route.status == 200
+        )
+        before = mesh.probe(route)
+        if before.kind != "allowed":
+            self.suspension_problem(
+                cut, f"before its suspension, {cut.workload}'s call got {before.text}"
+            )
+            return
+        leaf = mesh.held(cut.workload)
+        cut.held_serial = serial_hex(leaf.serial_number) if leaf is not None else ""
+        cut.at = self.board.elapsed()
+        started = time.monotonic()
+        try:
+            result = self.admin.suspend_workload(cut.workload, cut.reason)
+            entry = result["revocation"]
+            cut.revision, cut.revoked_at = int(entry["revision"]), float(entry["revoked_at"])
+        except (DemoError, KeyError, TypeError, ValueError) as exc:
+            self.suspension_problem(cut, f"suspending workload {cut.workload} failed: {exc}")
+            return
+        flow = next(f for f in run.flows if f.route == route)
+        while True:
+            answer = mesh.probe(route)
+            cut.probes += 1
+            if answer.text == "401 revoked":
+                cut.cut_off = time.monotonic() - started
+                cut.refusals[answer.text] += 1
+                flow.calls += 1  # the refusal that marks the cut-off counts, as for tokens
+                flow.cut_off += 1
+                break
+            if answer.kind != "allowed":
+                self.suspension_problem(
+                    cut, f"after its suspension, {cut.workload}'s call got {answer.text}"
+                )
+                return
+            if time.monotonic() - started > SUSPENSION_TIMEOUT:
+                self.suspension_problem(
+                    cut,
+                    f"{cut.workload}'s mTLS calls were still allowed "
+                    f"{SUSPENSION_TIMEOUT:.0f} s after its suspension",
+                )
+                return
+            time.sleep(REVOCATION_POLL)
+        self.events.event(mesh_cut_text(cut, route.target))
+
+    def suspension_problem(self, cut: MeshCutOff, text: str) -> None:
+        cut.errors.append(text)
+        self.events.event(f"mesh: {text}")

@@ -1,10 +1,12 @@
 """The demo's processes: the control plane and one agent per cluster as ``trustmesh``
-subprocesses, and the simulated clusters' issuers; started in order, each waited for
-until it prints its ready line, and stopped (SIGTERM, then SIGKILL after a timeout) by
-the ExitStack that started them, so none outlives the demo."""
+subprocesses, and the simulated clusters' issuers; for the mesh act, a ``trustmesh
+sidecar`` per mesh workload and Envoys (waited for on their admin ``/ready``). Started in
+order, each waited for until it is ready, and stopped (SIGTERM, then SIGKILL after a
+timeout) by the ExitStack that started them, so none outlives the demo."""
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -13,6 +15,9 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
+
+import httpx
 
 from trustmesh.common.files import write_atomically
 from trustmesh.sim.cluster import SimulatedCluster
@@ -24,6 +29,7 @@ STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL
 
 SERVER_READY = re.compile(r"trustmesh server listening on (\S+) \(")
 AGENT_READY = re.compile(r"trustmesh agent for cluster (\S+) ready on (\S+) \(")
+SIDECAR_READY = re.compile(r"trustmesh sidecar ready: (\S+) ")
 
 
 class Child:
@@ -32,13 +38,17 @@ class Child:
     It runs in its own process group, so a Ctrl-C in the terminal reaches the demo only
     and the demo stops its children in order (agents first, then the control plane)."""
 
-    def __init__(self, name: str, argv: list[str], log_dir: Path) -> None:
+    def __init__(self, name: str, argv: list[str | Path], log_dir: Path) -> None:
         self.name = name
         self.stdout_path = log_dir / f"{name}.out"
         self.stderr_path = log_dir / f"{name}.err"
         with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
             self.proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, process_group=0
+                [str(arg) for arg in argv],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                process_group=0,
             )
 
     def wait_ready(self, pattern: re.Pattern[str], deadline: float) -> re.Match[str]:
@@ -50,16 +60,19 @@ class Child:
                 match = pattern.search(line)
                 if match is not None and line.endswith("\n"):
                     return match
-            code = self.proc.poll()
-            if code is not None:
-                raise DemoError(
-                    f"{self.name} exited with code {code} before it was ready{self._stderr_tail()}"
-                )
+            self.check_running()
             if time.monotonic() > deadline:
                 raise DemoError(
                     f"{self.name} was not ready within {READY_TIMEOUT:.0f} s{self._stderr_tail()}"
                 )
             time.sleep(0.05)
+
+    def check_running(self) -> None:
+        code = self.proc.poll()
+        if code is not None:
+            raise DemoError(
+                f"{self.name} exited with code {code} before it was ready{self._stderr_tail()}"
+            )
 
     def _stderr_tail(self) -> str:
         try:
@@ -90,8 +103,8 @@ def stop_children(children: list[Child]) -> None:
         child.wait_stopped()
 
 
-def trustmesh_argv(*args: str | Path) -> list[str]:
-    return [sys.executable, "-m", "trustmesh.cli.main", *(str(arg) for arg in args)]
+def trustmesh_argv(*args: str | Path) -> list[str | Path]:
+    return [sys.executable, "-m", "trustmesh.cli.main", *args]
 
 
 def start_server(stack: ExitStack, root: Path, logs: Path) -> str:
@@ -114,6 +127,20 @@ def start_clusters(stack: ExitStack, root: Path) -> dict[str, SimulatedCluster]:
     return clusters
 
 
+def write_credential(path: Path, credential: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, credential + "\n")  # 0600: a credential
+    return path
+
+
+def agent_argv(cluster: str, server_url: str, data_dir: Path, token_file: Path) -> list[str | Path]:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return trustmesh_argv(
+        "agent", "--cluster", cluster, "--server", server_url, "--listen", "127.0.0.1:0",
+        "--data-dir", data_dir, "--token-file", token_file,
+    )  # fmt: skip
+
+
 def start_agents(
     stack: ExitStack,
     root: Path,
@@ -126,17 +153,66 @@ def start_agents(
     gives for its cluster, then wait for all of them (they start in parallel)."""
     stack.callback(stop_children, agents)  # all at once, before the control plane stops
     for spec in CLUSTERS:
-        data_dir = root / "agents" / spec.name
-        data_dir.mkdir(parents=True, exist_ok=True)
-        token_file = root / "agents" / f"{spec.name}.token"
-        write_atomically(token_file, credential(spec.name) + "\n")  # 0600: a credential
-        argv = trustmesh_argv(
-            "agent", "--cluster", spec.name, "--server", server_url, "--listen", "127.0.0.1:0",
-            "--data-dir", data_dir, "--token-file", token_file,
-        )  # fmt: skip
+        token_file = write_credential(root / "agents" / f"{spec.name}.token", credential(spec.name))
+        argv = agent_argv(spec.name, server_url, root / "agents" / spec.name, token_file)
         agents.append(Child(f"agent-{spec.name}", argv, logs))
     deadline = time.monotonic() + READY_TIMEOUT
     return {
         spec.name: agent.wait_ready(AGENT_READY, deadline).group(2)
         for spec, agent in zip(CLUSTERS, agents, strict=True)
     }
+
+
+# -- the mesh act: sidecars and Envoys ------------------------------------------------------
+
+
+def sidecar_argv(
+    server_url: str, token_file: Path, socket: Path, sds_socket: Path, folder: Path
+) -> list[str | Path]:
+    return trustmesh_argv(
+        "sidecar", "--server", server_url, "--sa-token-file", token_file, "--socket", socket,
+        "--sds-socket", sds_socket, "--credential-dir", folder,
+    )  # fmt: skip
+
+
+class EnvoyChild(Child):
+    """An Envoy started from a configuration file; ready once its admin interface
+    answers ``/ready`` (its TLS listeners warm until SDS has sent both secrets)."""
+
+    def __init__(
+        self, name: str, envoy: Path, config: dict[str, Any], directory: Path, logs: Path
+    ) -> None:
+        self.config_path = directory / f"{name}.json"
+        self.config_path.write_text(json.dumps(config, indent=1), encoding="utf-8")  # JSON is YAML
+        self.admin_path = directory / f"{name}.admin-address"
+        self.admin_path.unlink(missing_ok=True)
+        argv: list[str | Path] = [
+            envoy, "--config-path", self.config_path, "--admin-address-path", self.admin_path,
+            "--disable-hot-restart", "--concurrency", "1", "--log-level", "warning",
+        ]  # fmt: skip
+        super().__init__(name, argv, logs)
+        self.admin = ""
+
+    def wait_envoy_ready(self, http: httpx.Client, deadline: float) -> None:
+        while True:
+            self.check_running()
+            if time.monotonic() > deadline:
+                raise DemoError(
+                    f"{self.name} was not ready within {READY_TIMEOUT:.0f} s{self._stderr_tail()}"
+                )
+            admin = self.admin_path.read_text().strip() if self.admin_path.exists() else ""
+            if admin:
+                try:
+                    if http.get(f"http://{admin}/ready", timeout=1).status_code == 200:
+                        self.admin = admin
+                        return
+                except httpx.HTTPError:
+                    pass
+            time.sleep(0.05)
+
+    def listener_port(self, http: httpx.Client, name: str) -> int:
+        listeners = http.get(f"http://{self.admin}/listeners?format=json", timeout=2).json()
+        for status in listeners.get("listener_statuses") or []:
+            if status.get("name") == name:
+                return int(status["local_address"]["socket_address"]["port_value"])
+        raise DemoError(f"{self.name} has no listener {name}")

@@ -1,8 +1,9 @@
-"""``run_demo``: the wiring. Bring the federation up, drive the traffic in rounds with
-the operator's actions on schedule (policy change at a third, revocation at half time,
-key rotation at two thirds), prove the audit log once the agents have stopped, print
-the final summary; Ctrl-C or SIGTERM ends it the same way, with everything stopped and
-the temporary data dir removed."""
+"""``run_demo``: the wiring. Bring the federation up, then the mesh act (when an Envoy
+is installed), drive the traffic in rounds with the operator's actions on schedule
+(policy change at a third, revocation at half time, key rotation at two thirds, the
+mesh workload's suspension at five sixths), prove the audit log once the agents have
+stopped, print the final summary; Ctrl-C or SIGTERM ends it the same way, with
+everything stopped and the temporary data dir removed."""
 
 from __future__ import annotations
 
@@ -21,10 +22,18 @@ from trustmesh.sim.demo.display import Display, LiveDisplay, PlainDisplay, cell,
 from trustmesh.sim.demo.errors import DemoError
 from trustmesh.sim.demo.federation import Federation, data_root, start_federation
 from trustmesh.sim.demo.finale import run_finale
+from trustmesh.sim.demo.mesh import NO_ENVOY, Mesh, start_mesh
+from trustmesh.sim.demo.mesh_traffic import MeshTraffic
 from trustmesh.sim.demo.operator import Operator
 from trustmesh.sim.demo.processes import stop_children
-from trustmesh.sim.demo.scenario import ROGUE_CLUSTER, ROUTES, WORKLOAD_BY_NAME
-from trustmesh.sim.demo.scoreboard import IntruderStats, PairStats, Scoreboard
+from trustmesh.sim.demo.scenario import (
+    DEFAULT_SVID_TTL,
+    MESH_ROUTES,
+    ROGUE_CLUSTER,
+    ROUTES,
+    WORKLOAD_BY_NAME,
+)
+from trustmesh.sim.demo.scoreboard import IntruderStats, MeshFlow, MeshRun, PairStats, Scoreboard
 from trustmesh.sim.demo.traffic import Traffic
 
 ROUND_INTERVAL = 0.3  # seconds between traffic rounds (~3 rounds per second)
@@ -32,6 +41,11 @@ HTTP_TIMEOUT = 3.0
 INTERACTIVE_POLICY_CHANGE = 8.0  # seconds into the traffic when running until Ctrl-C
 INTERACTIVE_REVOCATION = 12.0
 INTERACTIVE_ROTATION = 16.0
+INTERACTIVE_SUSPENSION = 20.0  # after the first rotation of the mesh's 20 s X.509-SVIDs
+MIN_SVID_TTL = 10  # the shortest X.509-SVID lifetime the demo asks for
+# Shorter runs cannot show a certificate rotation before the suspension (the first
+# renewal comes at about half of MIN_SVID_TTL): they say so instead of failing.
+MIN_ROTATION_DURATION = 10.0
 # JWT-SVID lifetime until Ctrl-C: renewed every 4.8 s, between those three, so the
 # traffic presents the revoked token and the retired key's tokens before renewing them,
 # and tokens signed by the new key show within ~3 s of the rotation, the last event.
@@ -97,12 +111,32 @@ def rotation_time(duration: float) -> float:
     return INTERACTIVE_ROTATION if duration <= 0 else 2 * duration / 3
 
 
-def drive(traffic: Traffic, display: Display, operator: Operator, duration: float) -> None:
+def suspension_time(duration: float) -> float:
+    return INTERACTIVE_SUSPENSION if duration <= 0 else 5 * duration / 6
+
+
+def svid_ttl(duration: float) -> int:
+    """The mesh workloads' X.509-SVID lifetime (their maxTokenTTL): the sidecars renew at
+    half of it, so the first rotation falls by about half of it, well before the
+    suspension at five sixths of the run; never below 10 s."""
+    if duration <= 0:
+        return DEFAULT_SVID_TTL
+    return max(MIN_SVID_TTL, min(DEFAULT_SVID_TTL, int(duration * 2 / 3)))
+
+
+def drive(
+    traffic: Traffic,
+    display: Display,
+    operator: Operator,
+    duration: float,
+    mesh: MeshTraffic | None = None,
+) -> None:
     """Traffic rounds until ``duration`` (0: until Ctrl-C); change the policy at a third,
-    revoke a workload at half time, rotate the key at two thirds."""
+    revoke a workload at half time, rotate the key at two thirds, suspend the mesh
+    workload at five sixths."""
     board = traffic.board
     change_at, rotate_at = policy_change_time(duration), rotation_time(duration)
-    revoke_at = revocation_time(duration)
+    revoke_at, suspend_at = revocation_time(duration), suspension_time(duration)
     while duration <= 0 or board.elapsed() < duration:
         began = time.monotonic()
         if board.policy.change is None and board.elapsed() >= change_at:
@@ -111,17 +145,28 @@ def drive(traffic: Traffic, display: Display, operator: Operator, duration: floa
             operator.revoke(traffic)
         if board.rotation is None and not board.rotation_error and board.elapsed() >= rotate_at:
             operator.rotate()
+        if mesh is not None and mesh.run.cut is None and board.elapsed() >= suspend_at:
+            operator.suspend(mesh)
         traffic.run_round()
+        if mesh is not None:
+            mesh.run_round()
         display.tick()
         time.sleep(max(0.0, ROUND_INTERVAL - (time.monotonic() - began)))
 
 
 def finish_with_audit(
-    board: Scoreboard, fed: Federation, http: httpx.Client, say: Callable[[str], None]
+    board: Scoreboard,
+    fed: Federation,
+    mesh: Mesh | None,
+    http: httpx.Client,
+    say: Callable[[str], None],
 ) -> None:
-    """Stop the agents (they ship what their spools hold), then prove the log."""
+    """Stop the mesh's Envoys and sidecars, then the agents (they ship what their spools
+    hold), then prove the log."""
     if board.audit is not None:
         return
+    if mesh is not None:
+        stop_children(mesh.children)
     stop_children(fed.agents)
     board.audit = run_finale(http, fed.server_url, fed.admin.token, board.sample_trace, say)
 
@@ -181,7 +226,11 @@ def run_demo(duration: float = 0.0, data_dir: Path | None = None, plain: bool = 
         try:
             root, temporary = data_root(stack, data_dir)
             http = stack.enter_context(httpx.Client(timeout=HTTP_TIMEOUT))
-            fed = start_federation(stack, root, http, say)
+            ttl = svid_ttl(duration)
+            fed = start_federation(stack, root, http, say, ttl)
+            mesh = start_mesh(stack, root, fed, http, say, ttl)
+            if mesh is None:
+                say(NO_ENVOY)
             board = make_board(fed, root, temporary, duration)
             display: Display = (
                 PlainDisplay(console, board) if plain else LiveDisplay(console, board)
@@ -189,15 +238,26 @@ def run_demo(duration: float = 0.0, data_dir: Path | None = None, plain: bool = 
             traffic = Traffic(
                 board, http, fed.clusters, fed.rogue, display, lease_seconds(duration)
             )
+            mesh_traffic = None
+            if mesh is None:
+                board.mesh_skipped = NO_ENVOY
+            else:
+                board.mesh = MeshRun(
+                    ttl,
+                    [MeshFlow(route) for route in MESH_ROUTES],
+                    rotation_due=duration <= 0 or duration >= MIN_ROTATION_DURATION,
+                )
+                mesh_traffic = MeshTraffic(board.mesh, http, mesh.endpoints, fed.clusters, display)
+            operator = Operator(board, fed.admin, http, display)
             with display:
-                drive(traffic, display, Operator(board, fed.admin, http, display), duration)
-            finish_with_audit(board, fed, http, say)
+                drive(traffic, display, operator, duration, mesh_traffic)
+            finish_with_audit(board, fed, mesh, http, say)
         except KeyboardInterrupt:
             if board is not None:
                 board.interrupted = True
-                say("interrupted: stopping agents, then proving the audit log")
+                say("interrupted: stopping the mesh and the agents, then proving the audit log")
                 with signals_ignored():
-                    finish_with_audit(board, fed, http, say)
+                    finish_with_audit(board, fed, mesh, http, say)
             say("stopping the control plane and simulated clusters")
         finally:
             with signals_ignored():

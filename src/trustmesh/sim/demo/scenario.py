@@ -1,7 +1,9 @@
 """The demo's federation and what it must show: three clusters and six workloads, the
 twelve (workload -> cluster) routes the traffic follows with the decision each must
 get, the policy documents of both stages (and the PolicyTest made from the routes),
-the bad and the good policy change, and the workload the demo revokes.
+the bad and the good policy change, and the workload the demo revokes; and the mesh
+act's three workloads (two callers in eu-west, the orders service in us-east), the
+calls they make over mTLS with the answer each must get, and the workload it suspends.
 
 Everything here is data and pure functions: no process, no HTTP."""
 
@@ -70,23 +72,43 @@ WORKLOAD_BY_NAME = {wl.name: wl for wl in WORKLOADS}
 ROGUE_CLUSTER = "rogue"
 FORGED_AUDIENCE = "us-east"  # where the intruder's forged token wants to go
 
+# The mesh act: workloads that hold X.509-SVIDs (from a trustmesh sidecar each) and talk
+# over mTLS through Envoys. frontend and crawler call orders; orders only answers.
+MESH_WORKLOADS = (
+    DemoWorkload("frontend", "eu-west", "web", "frontend", "web", "production", "gold"),
+    DemoWorkload("crawler", "eu-west", "web", "crawler", "web", "production", "bronze"),
+    DemoWorkload("orders", "us-east", "shop", "orders", "shop", "production", "gold"),
+)
+MESH_BY_NAME = {wl.name: wl for wl in MESH_WORKLOADS}
+MESH_CALLERS = ("frontend", "crawler")
+MESH_SERVER = "orders"
+MESH_AGENT_ID = "us-east-mesh"  # the agent behind orders' Envoy: its own credential
+SUSPENDED_WORKLOAD = "frontend"
+SUSPENSION_REASON = "frontend pod compromised: suspended pending investigation"
+DEFAULT_SVID_TTL = 20  # the mesh workloads' maxTokenTTL: X.509-SVIDs renewed every ~10 s
 
-def manifest(issuers: dict[str, str]) -> str:
-    """Cluster (issuer only: keys by OIDC discovery) and Workload documents."""
+
+def manifest(issuers: dict[str, str], svid_ttl: int = DEFAULT_SVID_TTL) -> str:
+    """Cluster (issuer only: keys by OIDC discovery) and Workload documents; the mesh
+    workloads' credentials live ``svid_ttl`` seconds (``maxTokenTTL``), so their
+    sidecars renew them at half-life within the demo."""
     documents: list[dict[str, Any]] = []
     for spec in CLUSTERS:
         labels = {"region": spec.region, "environment": spec.environment}
         documents.append(
             _document("Cluster", spec.name, {"issuer": issuers[spec.name], "labels": labels})
         )
-    for wl in WORKLOADS:
+    for wl in (*WORKLOADS, *MESH_WORKLOADS):
         selector = {
             "cluster": wl.cluster,
             "namespace": wl.namespace,
             "serviceAccount": wl.service_account,
         }
         claims = {"project": wl.project, "environment": wl.environment, "tier": wl.tier}
-        documents.append(_document("Workload", wl.name, {"selector": selector, "claims": claims}))
+        workload: dict[str, Any] = {"selector": selector, "claims": claims}
+        if wl in MESH_WORKLOADS:
+            workload["maxTokenTTL"] = svid_ttl
+        documents.append(_document("Workload", wl.name, workload))
     return yaml.safe_dump_all(documents, sort_keys=False)
 
 
@@ -122,6 +144,7 @@ class ServiceCall:
 
 
 ORDERS_READ = ServiceCall("GET", "orders.shop.internal", "/api/orders/1042")
+ORDERS_DELETE = ServiceCall("DELETE", "orders.shop.internal", "/api/orders/1042")
 LEDGER_WRITE = ServiceCall("POST", "ledger.finance.internal", "/api/ledger/entries")
 
 
@@ -197,6 +220,38 @@ TEST_ONLY_ROUTES = (_route("checkout", "ap-south", ORDERS_READ, DEFAULT_DENY),)
 
 
 @dataclass(frozen=True)
+class MeshRoute:
+    """A call of the mesh act: a workload calls orders (in us-east) over mTLS through
+    the Envoys, and the agent behind orders' Envoy decides from its client certificate.
+    The same under both policy stages."""
+
+    workload: str
+    call: ServiceCall
+    expect: Expect
+
+    @property
+    def status(self) -> int:
+        """What the caller must get: the upstream's 200, or ext_authz's 403."""
+        return 200 if self.expect.effect == "allow" else 403
+
+    @property
+    def target(self) -> str:
+        return MESH_BY_NAME[MESH_SERVER].cluster
+
+    @property
+    def name(self) -> str:
+        wl = MESH_BY_NAME[self.workload]
+        return f"{wl.name}@{wl.cluster} -> {MESH_SERVER}@{self.target} {self.call}"
+
+
+MESH_ROUTES = (
+    MeshRoute("frontend", ORDERS_READ, allow("gold-web-reads-orders")),
+    MeshRoute("frontend", ORDERS_DELETE, DEFAULT_DENY),
+    MeshRoute("crawler", ORDERS_READ, DEFAULT_DENY),
+)
+
+
+@dataclass(frozen=True)
 class PolicyChangeSpec:
     title: str
     stage: int  # the policy stage the manifest describes
@@ -241,6 +296,7 @@ def policy_documents(stage: int) -> list[dict[str, Any]]:
         _binding("ledger-writers", "ledger-writer", [{"workload": name} for name in writers]),
         _binding("finance-writes-ledger", "ledger-writer", [{"claims": {"project": "finance"}}]),
         _binding("bronze-never-writes-ledger", "ledger-writer", [{"claims": {"tier": "bronze"}}], effect="deny"),
+        _binding("gold-web-reads-orders", "orders-reader", [{"claims": {"project": "web", "tier": "gold"}}]),
         _document("PolicyTest", "demo-expectations", {"cases": policy_test_cases(stage)}),
     ]  # fmt: skip
 
@@ -255,6 +311,15 @@ def policy_test_cases(stage: int) -> list[dict[str, Any]]:
             "expect": route.expect[stage].verdict,
         }
         for route in (*ROUTES, *TEST_ONLY_ROUTES)
+    ] + [
+        {
+            "name": f"{route.workload} -> {route.target} over mTLS: {route.call} is {route.expect}",
+            "subject": {"workload": route.workload},
+            "cluster": route.target,
+            "request": route.call.request(),
+            "expect": route.expect.verdict,
+        }
+        for route in MESH_ROUTES
     ]
 
 

@@ -1,7 +1,8 @@
 """What the demo keeps count of while it runs: per flow and per intruder, the policy
-change, the revocation and the key rotation, and the judgement at the end (which
-problems the run showed, if any). The traffic and the operator write it; the display
-reads it."""
+change, the revocation and the key rotation, the mesh act (its calls over mTLS, the
+certificate rotations the upstream saw, the suspended workload's cut-off), and the
+judgement at the end (which problems the run showed, if any). The traffic and the
+operator write it; the display reads it."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trustmesh.sim.demo.finale import AuditFinale
-from trustmesh.sim.demo.scenario import DemoWorkload, Expect, Route
+from trustmesh.sim.demo.scenario import DemoWorkload, Expect, MeshRoute, Route
 
 
 @dataclass
@@ -107,6 +108,123 @@ class RevocationRun:
 
 
 @dataclass
+class MeshFlow:
+    """One call of the mesh act, made every round: what its answers were."""
+
+    route: MeshRoute
+    calls: int = 0
+    allowed: int = 0  # the upstream answered (200)
+    denied: int = 0  # ext_authz denied by policy (403)
+    unexpected: int = 0  # allowed where the policy denies, or denied where it allows
+    failed: int = 0  # any other answer while the workload was not cut off
+    cut_off: int = 0  # refused after its workload's cut-off: expected, not failures
+    last: str = ""  # the last answer, for the table
+    last_failure: str = ""
+    outcome: str = ""  # the last outcome, to report changes only
+
+    @property
+    def name(self) -> str:
+        return self.route.name
+
+
+@dataclass
+class MeshCutOff:
+    """The suspension of a mesh workload (DESIGN §5: no new credential, issued ones
+    revoked), and what its mTLS calls got from then on."""
+
+    workload: str
+    reason: str
+    at: float  # seconds into the traffic, just before the suspension request
+    revoked_at: float | None = None  # certificates with notBefore <= it are revoked
+    revision: int | None = None  # the revocation revision the suspension wrote
+    held_serial: str = ""  # the SVID its sidecar served when it was suspended
+    cut_off: float | None = None  # seconds until its calls were refused (401 revoked)
+    probes: int = 0  # presentations while waiting for the cut-off
+    refusals: Counter[str] = field(default_factory=Counter)  # after the cut-off, by answer
+    accepted_after: int = 0  # answers (200, 403) that authenticated it after the cut-off
+    new_svid: str = ""  # an SVID its sidecar got after the suspension: a problem
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def refused(self) -> int:
+        return sum(self.refusals.values())
+
+
+@dataclass
+class MeshRun:
+    """The mesh act: its calls, the X.509-SVID serials seen, the cut-off."""
+
+    svid_ttl: int  # the mesh workloads' maxTokenTTL, seconds
+    flows: list[MeshFlow]
+    rotation_due: bool = True  # False: the run is too short for a renewal at half-life
+    # workload -> serials (hex) of the client certificates the upstream saw in XFCC,
+    # in the order they appeared
+    seen: dict[str, list[str]] = field(default_factory=dict)
+    # workload -> serials of the X.509-SVIDs its sidecar served (its credential folder)
+    held: dict[str, list[str]] = field(default_factory=dict)
+    claims: dict[str, str] = field(default_factory=dict)  # what the upstream saw, last
+    cut: MeshCutOff | None = None
+    errors: list[str] = field(default_factory=list)
+
+    def rotations_seen(self, workload: str) -> int:
+        """Certificate changes the upstream saw for ``workload``, calls going on."""
+        return max(0, len(self.seen.get(workload, [])) - 1)
+
+    def rotations_held(self, workload: str) -> int:
+        """Renewals of ``workload``'s X.509-SVID by its sidecar, seen in its folder."""
+        return max(0, len(self.held.get(workload, [])) - 1)
+
+    def totals(self) -> dict[str, int]:
+        return {
+            "calls": sum(f.calls for f in self.flows),
+            "allowed": sum(f.allowed for f in self.flows),
+            "denied": sum(f.denied for f in self.flows),
+            "unexpected": sum(f.unexpected for f in self.flows),
+            "failed": sum(f.failed for f in self.flows),
+            "cut_off": sum(f.cut_off for f in self.flows),
+        }
+
+    def problems(self, interrupted: bool) -> list[str]:
+        """What went wrong in the mesh act; a run cut short must only not have failed
+        a call, decided one against the policy or let the suspended workload through."""
+        t = self.totals()
+        problems = list(self.errors)
+        if t["failed"]:
+            last = next(f.last_failure for f in self.flows if f.failed)
+            problems.append(f"{t['failed']} mesh calls failed (first flow's last: {last})")
+        if t["unexpected"]:
+            problems.append(f"{t['unexpected']} mesh answers did not match the policy")
+        cut = self.cut
+        if cut is not None:
+            problems += cut.errors
+            if cut.accepted_after:
+                problems.append(
+                    f"{cut.workload} was authenticated {cut.accepted_after} times after its cut-off"
+                )
+            if cut.new_svid:
+                problems.append(cut.new_svid)
+        if interrupted:
+            return problems
+        if not t["allowed"] or not t["denied"]:
+            problems.append(
+                f"expected allowed and denied mesh calls, got {t['allowed']} and {t['denied']}"
+            )
+        if cut is None:
+            problems.append("no mesh workload was suspended")
+        elif cut.cut_off is None and not cut.errors:
+            problems.append(f"{cut.workload}'s mTLS calls were never refused after its suspension")
+        if not self.rotation_due:
+            return problems
+        for caller in sorted({f.route.workload for f in self.flows if f.route.status == 200}):
+            if not self.rotations_seen(caller):
+                problems.append(
+                    f"the upstream saw no rotation of {caller}'s client certificate "
+                    f"(X.509-SVIDs of {self.svid_ttl} s, renewed at half-life)"
+                )
+        return problems
+
+
+@dataclass
 class PolicyState:
     revision: int  # in force at the control plane
     tests: str  # the PolicyTest cases passed at the last accepted apply, "13/13"
@@ -139,6 +257,8 @@ class Scoreboard:
     interrupted: bool = False
     sample_trace: str | None = None  # an allowed call's trace, shown by the audit finale
     audit: AuditFinale | None = None
+    mesh: MeshRun | None = None  # None when the mesh act did not run (mesh_skipped: why)
+    mesh_skipped: str = ""
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -171,6 +291,8 @@ class Scoreboard:
             problems += self.revocation.errors
         if self.rotation_error:
             problems.append(self.rotation_error)
+        if self.mesh is not None:
+            problems += self.mesh.problems(self.interrupted)
         if self.audit is not None:
             problems += self.audit.problems
         return problems
