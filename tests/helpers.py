@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -160,6 +160,24 @@ class Server:
             **extra,
         }
         return httpx.post(self.url + "/oauth2/token", data=form, timeout=10, verify=self.verify)
+
+    def audit_events_until(
+        self,
+        event_type: str,
+        found: Callable[[list[dict[str, Any]]], bool],
+        timeout: float = 30.0,
+    ) -> list[dict[str, Any]]:
+        """The log's events of ``event_type`` (``/v1/audit/query``), polled until
+        ``found`` holds for them or ``timeout``: a refusal waits for no commit
+        (server/recorder.py), so its event lands a moment after the answer."""
+        deadline = time.monotonic() + timeout
+        while True:
+            answer = self.admin.get("/v1/audit/query", params={"type": event_type, "limit": 1000})
+            assert answer.status_code == 200, answer.text
+            events = [entry["event"] for entry in answer.json()["entries"]]
+            if found(events) or time.monotonic() > deadline:
+                return events
+            time.sleep(0.1)
 
     def stop(self) -> int:
         if self._client is not None:

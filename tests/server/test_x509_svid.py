@@ -398,16 +398,17 @@ def test_refusals_are_audited_as_refused_exchanges(
         bad = make_csr(names=[x509.DNSName("evil.example")])
         assert request_svid(server, token, bad).status_code == 400
         digest = hashlib.sha256(token.encode()).hexdigest()
-        deadline = time.monotonic() + 30
-        while True:  # a refusal waits for no commit (server/recorder.py): poll the log
-            events = [
-                e
-                for e in audit_events(server, type="token.exchange_failed")
-                if e.get("identity", {}).get("token_sha256") == digest
-            ]
-            if events or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
+
+        def ours(event: dict[str, Any]) -> bool:
+            return bool(event.get("identity", {}).get("token_sha256") == digest)
+
+        events = [
+            e
+            for e in server.audit_events_until(
+                "token.exchange_failed", lambda found: any(map(ours, found))
+            )
+            if ours(e)
+        ]
     finally:
         assert server.stop() == 0
     assert len(events) == 1
