@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from sqlalchemy import select, update
 
 from trustmesh.common.errors import Conflict, CsrRejected, MasterKeyError, PayloadTooLarge
-from trustmesh.identity.keys import ACTIVE, PREPARED, REMOVED, RETIRED
+from trustmesh.identity.keys import ACTIVE, PREPARED, REMOVED, RETIRED, REVOKED
 from trustmesh.identity.sealing import MasterKey
 from trustmesh.identity.x509ca import (
     RETIRED_FOR,
@@ -82,6 +82,34 @@ def test_rotation_walks_prepared_active_retired_removed(manager: CaManager) -> N
             select(ca_roots.c.private_key).where(ca_roots.c.id == before.active.id)
         ).scalar()
     assert sealed == ""
+
+
+@pytest.mark.parametrize("which", [ACTIVE, PREPARED, RETIRED])
+def test_a_revoked_root_leaves_at_once_and_a_pair_remains(manager: CaManager, which: str) -> None:
+    if which == RETIRED:
+        prepared = manager.load().next_prepared()
+        assert prepared is not None
+        manager.rotate(now=NOW + 10, expected_prepared=prepared.id)
+    before = states(manager)
+    target = next(i for i, s in before.items() if s == which)
+    revoked = manager.revoke(target, now=NOW + 20)
+    assert revoked.state == REVOKED
+    after = states(manager)
+    assert after[target] == REVOKED
+    published = [s for s in after.values() if s not in (REVOKED, REMOVED)]
+    assert published.count(ACTIVE) == 1 and published.count(PREPARED) == 1
+    if which == ACTIVE:  # the prepared root every holder has took over
+        old_prepared = next(i for i, s in before.items() if s == PREPARED)
+        assert after[old_prepared] == ACTIVE
+    ca = manager.load()
+    assert target not in ca.fingerprints() and ca.active.id != target
+    with manager.db.engine.connect() as conn:
+        sealed = conn.execute(
+            select(ca_roots.c.private_key).where(ca_roots.c.id == target)
+        ).scalar()
+    assert sealed == ""
+    with pytest.raises(LookupError):
+        manager.revoke(target, now=NOW + 30)
 
 
 def test_a_rotation_checked_against_another_prepared_root_is_refused(manager: CaManager) -> None:

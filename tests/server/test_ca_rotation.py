@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -269,3 +270,71 @@ def test_reports_and_rotation_requests_are_checked(setup: Setup) -> None:
     assert force_without_ca.returncode == 1 and "--ca" in force_without_ca.stderr
     listing = cli(server, "keys", "list", "--ca")
     assert listing.returncode == 0 and "prepared" in listing.stdout and "active" in listing.stdout
+
+
+def test_a_revoked_ca_root_leaves_the_bundle_and_what_it_signed_is_refused(
+    setup: Setup, tmp_path: Path
+) -> None:
+    """``trustmesh revoke --key <root fingerprint>``: a compromised root leaves the
+    bundle at once (no waiting for holders), the prepared root signs from then on, a new
+    one is prepared, and an agent with --trust-xfcc refuses certificates the revoked
+    root signed (the revocation list entry names its fingerprint)."""
+    server, fed = setup.server, setup.fed
+
+    def active(status: dict[str, Any]) -> str:
+        return str(next(r["id"] for r in status["roots"] if r["state"] == "active"))
+
+    before = ca_status(server)
+    compromised = active(before)
+    leaf = sidecar_renews(fed, [])["svid"][0]
+    agent = start_agent(
+        fed.origin_name,
+        [server.url],
+        tmp_path / "xfcc-agent",
+        server.credential(fed.origin_name),
+        "--trust-xfcc",
+    )
+    try:
+        certificate = x509.load_pem_x509_certificate(leaf.encode())
+        [uri] = certificate.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        ).value.get_values_for_type(x509.UniformResourceIdentifier)
+        header = f'Cert="{quote(leaf, safe="")}";URI={uri}'
+
+        def ext_authz() -> httpx.Response:
+            return httpx.get(
+                agent.url + "/ext_authz/api/orders",
+                headers={"host": "orders.internal", "x-forwarded-client-cert": header},
+                timeout=10,
+            )
+
+        # authenticated (the policy may deny it, the identity is the certificate's)
+        assert ext_authz().status_code in (200, 403)
+        revoked = cli(server, "revoke", "--key", compromised, "--reason", "root key leaked")
+        assert revoked.returncode == 0, revoked.stderr
+        after = ca_status(server)
+        assert active(after) == before["prepared"]
+        assert after["prepared"] not in (compromised, before["prepared"])
+        pem, document = bundles(server)
+        assert compromised not in fingerprints(pem)
+        assert compromised not in x509_fingerprints(document)
+        fresh = sidecar_renews(fed, [])
+        assert chains(fresh["svid"][0], pem)
+        assert not chains(leaf, pem)
+        deadline = time.monotonic() + 30
+        answer = ext_authz()
+        while answer.status_code != 401 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            answer = ext_authz()
+        assert answer.status_code == 401, answer.text
+        assert answer.json()["reason"] in ("revoked", "untrusted")
+        events = server.audit_events_until(
+            "key.rotated", lambda found: any(e.get("detail", {}).get("revoked_root") for e in found)
+        )
+        [event] = [e for e in events if e.get("detail", {}).get("revoked_root")]
+        assert event["detail"]["revoked_root"] == compromised
+        assert event["detail"]["active_root"] == active(after)
+        again = cli(server, "revoke", "--key", "ab" * 32)
+        assert again.returncode == 1 and "no published signing key or CA root" in again.stderr
+    finally:
+        assert agent.stop() == 0

@@ -863,7 +863,9 @@ def revoke(
         None, "--cluster", help="Every token that originated in this cluster before now."
     ),
     key: str | None = typer.Option(
-        None, "--key", help="A signing key (kid): its tokens, and the key leaves JWKS."
+        None,
+        "--key",
+        help="A signing key (kid): its tokens, and the key leaves JWKS; or a CA root (its fingerprint): what it signed, and the root leaves the bundle.",
     ),
     reason: str = typer.Option("", "--reason", help="Why (recorded with the actor)."),
     server: str | None = ServerOption,

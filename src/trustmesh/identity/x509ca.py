@@ -59,6 +59,7 @@ from trustmesh.identity.keys import (
     MAX_TOKEN_TTL,
     PREPARED,
     RETIRED,
+    REVOKED,
     UNPUBLISHED,
     ensure_pair,
     remove_retired,
@@ -418,6 +419,51 @@ class CaManager:
                 if on_commit is not None:
                     on_commit(conn, _record(row), current.id)
                 return _record(row)
+
+    def revoke(self, root_id: str, now: float | None = None) -> RootRecord:
+        """A compromised root leaves the bundle now and its private key is erased (DESIGN
+        §5 key revocation, for the CA). If it was the active root, the prepared one (in
+        every bundle since it was prepared) becomes active at once, without waiting for
+        the evidence a rotation waits for; if it was the prepared one, a new root is
+        prepared. What it signed is refused by agents through the revocation list entry
+        naming its fingerprint. LookupError if no published root has that id."""
+        now = time.time() if now is None else now
+        while True:
+            with self.db.engine.begin() as conn:
+                row = conn.execute(select(ca_roots).where(ca_roots.c.id == root_id)).first()
+                if row is None or row.state in UNPUBLISHED:
+                    raise LookupError(f"no published CA root {root_id!r}")
+                if row.state == ACTIVE:
+                    prepared = (
+                        conn.execute(
+                            select(ca_roots.c.id)
+                            .where(ca_roots.c.state == PREPARED)
+                            .order_by(ca_roots.c.created_at, ca_roots.c.id)
+                        )
+                        .scalars()
+                        .first()
+                    )
+                    if prepared is None:  # never left so by this code; be safe
+                        prepared = self._insert(conn, PREPARED, now)
+                    conn.execute(
+                        update(ca_roots)
+                        .where(ca_roots.c.id == prepared)
+                        .values(state=ACTIVE, activated_at=now)
+                    )
+                if row.state in (ACTIVE, PREPARED):
+                    self._insert(conn, PREPARED, now)
+                revoked = conn.execute(
+                    update(ca_roots)
+                    .where(ca_roots.c.id == root_id, ca_roots.c.state == row.state)
+                    .values(state=REVOKED, removed_at=now, private_key="")
+                )
+                if revoked.rowcount != 1:
+                    conn.rollback()
+                    continue  # changed under us (a concurrent rotation); look again
+                meta_store.bump(conn, meta_store.CA_REVISION)
+                final = conn.execute(select(ca_roots).where(ca_roots.c.id == root_id)).first()
+                assert final is not None
+                return _record(final)
 
     def active_root(self) -> RootRecord:
         with self.db.engine.connect() as conn:

@@ -216,7 +216,9 @@ class ControlPlane:
             self.clock,
         )
         self.credential_admin = CredentialAdmin(self.credentials, self.recorder)
-        self.revoker = Revoker(self.revocation_store, self.keys, self.snapshots, self.recorder)
+        self.revoker = Revoker(
+            self.revocation_store, self.keys, self.snapshots, self.recorder, self.ca
+        )
         self.suspender = Suspender(
             self.db,
             self.suspension_store,

@@ -25,6 +25,7 @@ from trustmesh.common.clock import Clock
 from trustmesh.common.errors import InvalidRequest, NotFound, RevocationError, SpiffeIdError
 from trustmesh.identity.keys import MAX_TOKEN_TTL, KeyManager
 from trustmesh.identity.svid import MAX_PARTNER_SVID_LIFETIME
+from trustmesh.identity.x509ca import CaManager
 from trustmesh.revocation import Revocation
 from trustmesh.revocation.store import RevocationStore
 from trustmesh.revocation.suspension import MAX_REASON, SuspensionStore, check_reason
@@ -45,9 +46,11 @@ class Revoker:
         keys: KeyManager,
         snapshots: Snapshots,
         recorder: AuditRecorder,
+        ca: CaManager,
     ) -> None:
         self.store = store
         self.keys = keys
+        self.ca = ca
         self.snapshots = snapshots
         self.recorder = recorder
 
@@ -75,17 +78,22 @@ class Revoker:
                 raise NotFound(f"cluster {value} is not registered")
         elif kind == "key" and self.snapshots.revocations.latest("key", value) is None:
             try:
-                self.keys.revoke(value)
+                if value in self.snapshots.ca.fingerprints():
+                    self.ca.revoke(value)
+                else:
+                    self.keys.revoke(value)
             except LookupError:
-                raise NotFound(f"no published signing key {value}") from None
+                raise NotFound(f"no published signing key or CA root {value}") from None
         return kind, value
 
     def revoke(self, kind: str, value: str, reason: str, actor: str) -> tuple[Revocation, bool]:
         """``kind``: jti, subject (a SPIFFE ID of the trust domain or of a federated
         one), workload (its SPIFFE ID is revoked), cluster (registered), key (a published
-        kid). Returns the entry and whether it is new (repeating a revocation returns the
+        kid, or a published CA root's fingerprint: the root leaves the bundle and agents
+        refuse what it signed). Returns the entry and whether it is new (repeating a revocation returns the
         one in force). An entry for a federated SPIFFE ID lives as long as the longest
         lifetime accepted of that domain's tokens (``MAX_PARTNER_SVID_LIFETIME``)."""
+        root_ids = set(self.snapshots.ca.fingerprints())  # before a root leaves them
         kind, value = self._target(kind, value)
         lifetime = MAX_TOKEN_TTL
         if kind == "subject" and trust_domain_of(value) != self.snapshots.trust_domain:
@@ -93,7 +101,15 @@ class Revoker:
 
         def record(conn: Connection, entry: Revocation) -> None:
             stage_revocation(self.recorder, conn, entry, actor)
-            if entry.kind == "key":
+            if entry.kind == "key" and entry.value in root_ids:
+                detail = {
+                    "kind": "x509-ca",
+                    "revoked_root": entry.value,
+                    "active_root": self.ca.active_root().id,
+                    "reason": "CA root revoked",
+                }
+                self.recorder.stage(conn, ev.KEY_ROTATED, actor, detail)
+            elif entry.kind == "key":
                 self.recorder.stage(
                     conn,
                     ev.KEY_ROTATED,
