@@ -281,3 +281,26 @@ def test_configuration_errors(tmp_path: Path, cli_env: dict[str, str]) -> None:
 def test_every_command_has_help(command: list[str]) -> None:
     result = run(*command, "--help")
     assert result.returncode == 0 and "Usage:" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("command", "says"),
+    [
+        (["revoke", "--bogus"], "No such option: --bogus"),
+        (["get", "nothing"], "No such command 'nothing'"),
+        (["bench", "rotation", "--ttl", "5"], "Invalid value for '--ttl'"),
+        (["audit", "query", "--limit", "many"], "Invalid value for '--limit'"),
+    ],
+)
+def test_a_usage_error_is_one_line(command: list[str], says: str) -> None:
+    """Click's usage errors too: one line naming the problem and the help, exit 2."""
+    result = run(*command)
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], lines
+    assert "--help" in lines[0]
+
+
+def test_a_group_alone_prints_its_help() -> None:
+    result = run("get")
+    assert "Usage:" in result.stdout and "clusters" in result.stdout

@@ -1218,9 +1218,30 @@ def _print_bench(result: dict[str, Any]) -> None:
         print_line(line)
 
 
+def usage_line(exc: typer.TyperException) -> str:
+    """A usage error of Typer's Click as one line: what is wrong, and where the help is
+    (``ctx``: the command it concerns, when Click knows it)."""
+    message = " ".join(exc.format_message().split())  # type: ignore[attr-defined]
+    context = getattr(exc, "ctx", None)
+    if context is not None:
+        return f"error: {message} (see '{context.command_path} --help')"
+    return f"error: {message}"
+
+
 def main() -> None:
     try:
-        app()
+        # standalone_mode=False: Click raises its errors to us instead of printing a
+        # box, so a bad flag is one line like every other error
+        code = app(standalone_mode=False)
+    except typer.Abort:
+        sys.exit(130)
+    except typer.TyperException as exc:  # Click's usage errors, as Typer ships Click
+        context = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" and context is not None:
+            typer.echo(context.get_help())  # a group alone: its help, as before
+        else:
+            print_line(usage_line(exc), err=True)
+        sys.exit(int(getattr(exc, "exit_code", 2)))
     except CliError as exc:
         print_line(f"error: {exc}", err=True)
         sys.exit(1)
@@ -1233,6 +1254,8 @@ def main() -> None:
         message = lines[0] if lines else exc.__class__.__name__
         print_line(f"error: {message}", err=True)
         sys.exit(1)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":
