@@ -160,8 +160,8 @@ def test_a_fresh_control_plane_verifies_with_the_stored_set_while_every_source_i
         detail = readyz_detail(second)
         stored = detail["stored_cluster_keys"]
         assert isinstance(stored, dict) and set(stored) >= {name}
-        assert set(stored[name]) == {"since", "fetched_at", "age_seconds"}
-        assert stored[name]["age_seconds"] >= 0
+        assert set(stored[name]) == {"since", "fetched_at", "age_seconds", "expired"}
+        assert stored[name]["age_seconds"] >= 0 and stored[name]["expired"] is False
         public = httpx.get(second.url + "/readyz", timeout=10).json()
         assert "stored_cluster_keys" not in public  # the detail is the admin's only
         assert metric(second, "trustmesh_cluster_keys_stored", name) == 1.0
@@ -187,6 +187,7 @@ def test_a_fresh_control_plane_verifies_with_the_stored_set_while_every_source_i
         assert len(expired) == 1
         assert expired[0]["detail"]["max_age"] == 1
         assert expired[0]["detail"]["fetched_from"] == sources.discovery_url
+        assert readyz_detail(third)["stored_cluster_keys"][name]["expired"] is True  # type: ignore[index]
 
         # A source answers again: the cluster's tokens verify with fresh keys.
         port = int(sources.mirror_url.split(":")[2].split("/")[0])

@@ -2,22 +2,30 @@
 PostgreSQL: migration 9 on a version 8 database, a newer set replaces an older one
 and never the reverse, a set fetched for other key sources replaces any, and the
 expiry of a set is recorded once (``cluster.keys_expired``) whichever replica finds
-it first."""
+it first; and a replica's key cache takes the stored set only when no source
+answers and the set is newer than its own and fetched for the same sources."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
 
+import httpx
+import pytest
 from sqlalchemy import delete, inspect, select, text
 
 from trustmesh.audit import events as ev
 from trustmesh.audit.log import AuditLog
-from trustmesh.identity.kubernetes_sa import StoredKeySet
+from trustmesh.common.errors import ClusterKeysUnavailable
+from trustmesh.identity.kubernetes_sa import ClusterKeyCache, StoredKeySet
 from trustmesh.identity.sealing import MasterKey
+from trustmesh.manifests import ClusterSpec
 from trustmesh.server.cluster_keys import ClusterKeyStore
 from trustmesh.server.recorder import AuditRecorder
+from trustmesh.sim import SimulatedCluster
+from trustmesh.sim.cluster import JWKS_PATH
 from trustmesh.storage import open_database
 from trustmesh.storage.migrations import LATEST, current_version, migrate
 from trustmesh.storage.schema import audit_entries, schema_migrations
@@ -110,3 +118,71 @@ def test_the_expiry_of_a_set_is_recorded_once_across_replicas(
     finally:
         first.db.dispose()
         second.db.dispose()
+
+
+def test_a_replica_takes_a_newer_stored_set_when_no_source_answers(
+    db_url: str | None, tmp_path: Path
+) -> None:
+    """Two replicas' key caches over one database, on a clock the test moves: a replica
+    with nothing in memory takes the stored set; one whose own keys are older than
+    the stored set (another replica fetched since) takes the newer set; a set stored
+    for other key sources is never taken."""
+    store_a = open_store(db_url, tmp_path / "a", "ra")
+    store_b = open_store(
+        db_url or f"sqlite:///{tmp_path / 'a' / 'trustmesh.db'}", tmp_path / "b", "rb"
+    )
+    cluster = SimulatedCluster("c", data_dir=tmp_path / "cluster")
+    now = [1_000_000.0]
+
+    def clock() -> float:
+        return now[0]
+
+    async def scenario() -> None:
+        cluster.serve(path="/iss")
+        port = int(cluster.issuer.split(":")[2].split("/")[0])
+        spec = ClusterSpec(
+            issuer=cluster.issuer, jwks=None, jwks_uri=None, audience="trustmesh", labels={}
+        )
+        kid = cluster.signing_kid
+        async with httpx.AsyncClient() as client:
+            a, b = (
+                ClusterKeyCache(
+                    client, clock=clock, min_refresh_interval=0.0, max_keys_age=1000.0, store=s
+                )
+                for s in (store_a, store_b)
+            )
+            assert (await a.keys_for("c", spec, kid)).kids() == [kid]  # fetched, stored
+            cluster.stop()
+            now[0] += 100
+            assert (await b.keys_for("c", spec, kid)).kids() == [kid]  # from the database
+            assert set(b.stored_in_use()) == {"c"}
+            assert b.stored_in_use()["c"].fetched_at == 1_000_000.0
+
+            cluster.serve(port=port, path="/iss")
+            now[0] += 3600  # past the keys' max-age: fetched again, by a only
+            await a.keys_for("c", spec, kid)
+            assert a.fetches == 2 and a.stored_in_use() == {}
+            cluster.stop()
+            now[0] += 500  # b's own set is 4200 s old; the stored one 500 s
+            assert (await b.keys_for("c", spec, kid)).kids() == [kid]
+            assert b.stored_in_use()["c"].fetched_at == 1_003_700.0
+
+            # Other key sources: the stored set is not theirs.
+            other = ClusterSpec(
+                issuer=cluster.issuer,
+                jwks=None,
+                jwks_uri=None,
+                audience="trustmesh",
+                labels={},
+                jwks_uris=(cluster.issuer + JWKS_PATH,),
+            )
+            fresh = ClusterKeyCache(client, clock=clock, min_refresh_interval=0.0, store=store_b)
+            with pytest.raises(ClusterKeysUnavailable, match="cannot be fetched"):
+                await fresh.keys_for("c", other, kid)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        cluster.stop()
+        store_a.db.dispose()
+        store_b.db.dispose()

@@ -116,12 +116,14 @@ class ClusterKeyStore:
 
 def stored_keys_report(cache: ClusterKeyCache, now: float) -> dict[str, Any]:
     """``/readyz`` (admin detail): cluster -> since when it is served from its last good
-    key set (no source answering), when that set was fetched and its age."""
+    key set (no source answering), when that set was fetched, its age, and whether it
+    is past ``--cluster-keys-max-age`` (``expired``: the cluster's tokens are refused)."""
     return {
         name: {
             "since": ev.now_time(use.since),
             "fetched_at": ev.now_time(use.fetched_at),
             "age_seconds": round(now - use.fetched_at, 3),
+            "expired": now - use.fetched_at > cache.max_keys_age,
         }
         for name, use in sorted(cache.stored_in_use().items())
     }
