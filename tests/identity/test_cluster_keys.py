@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from trustmesh.common.errors import ClusterKeysUnavailable, InvalidToken
+from trustmesh.common.errors import ClusterKeysTooOld, ClusterKeysUnavailable, InvalidToken
 from trustmesh.common.serving import BackgroundServer
 from trustmesh.identity.kubernetes_sa import (
     ClusterKeyCache,
@@ -196,7 +196,7 @@ def test_origin_makes_the_port_explicit() -> None:
 def test_stale_keys_are_kept_for_at_most_the_max_age() -> None:
     """On a clock the test moves: the keys of a cluster that went down keep serving
     for --cluster-keys-max-age after their last fetch, then the cluster is refused
-    as having keys too old; when it comes back its keys are fetched again."""
+    as having keys too old (invalid_grant); when it comes back its keys are fetched again."""
     cluster = SimulatedCluster("down").serve()
     now = [1_000_000.0]
 
@@ -214,7 +214,10 @@ def test_stale_keys_are_kept_for_at_most_the_max_age() -> None:
             now[0] += 86400 - 7200  # exactly the max age: still in use
             assert await keys(cache, "c", spec, kid) == [kid]
             now[0] += 1
-            with pytest.raises(ClusterKeysUnavailable, match="are too old: fetched 86401 s ago"):
+            with pytest.raises(
+                ClusterKeysTooOld,
+                match="are too old: its last good key set was fetched 86401 s ago",
+            ):
                 await cache.keys_for("c", spec, kid)
 
     run(scenario())

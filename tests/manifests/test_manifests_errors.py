@@ -149,6 +149,68 @@ CASES: list[tuple[str, str, int, str, str]] = [
         "'jwks' and 'jwksUri' are mutually exclusive",
     ),
     (
+        "jwksUri and jwksUris",
+        CLUSTER_HEAD
+        + ISSUER
+        + "  jwksUri: https://i.example/k\n  jwksUris: [https://m.example/k]\n",
+        8,
+        "spec.jwksUris",
+        "'jwksUri' and 'jwksUris' are mutually exclusive; give one of jwks, jwksUri or jwksUris",
+    ),
+    (
+        "jwks and jwksUris",
+        CLUSTER_HEAD + ISSUER + KEYS + ec_key() + "  jwksUris: [https://i.example/k]\n",
+        13,
+        "spec.jwksUris",
+        "'jwks' and 'jwksUris' are mutually exclusive",
+    ),
+    (
+        "empty jwksUris",
+        CLUSTER_HEAD + ISSUER + "  jwksUris: []\n",
+        7,
+        "spec.jwksUris",
+        "at least 1",
+    ),
+    (
+        "jwksUris not a list",
+        CLUSTER_HEAD + ISSUER + "  jwksUris: https://i.example/k\n",
+        7,
+        "spec.jwksUris",
+        "expected a list, got a string",
+    ),
+    (
+        "http in jwksUris",
+        CLUSTER_HEAD + ISSUER + "  jwksUris: [https://i.example/k, http://10.0.0.1/k]\n",
+        7,
+        "spec.jwksUris[1]",
+        "must use https (plain http is allowed only on loopback)",
+    ),
+    (
+        "jwksUris with a query",
+        CLUSTER_HEAD + ISSUER + '  jwksUris: ["https://i.example/k?x=1"]\n',
+        7,
+        "spec.jwksUris[0]",
+        "must not have a query or fragment",
+    ),
+    (
+        "a URL listed twice in jwksUris",
+        CLUSTER_HEAD + ISSUER + "  jwksUris:\n  - https://i.example/k\n  - https://i.example/k\n",
+        9,
+        "spec.jwksUris[1]",
+        "'https://i.example/k' is listed twice",
+    ),
+    (
+        "too many jwksUris",
+        CLUSTER_HEAD
+        + ISSUER
+        + "  jwksUris: ["
+        + ", ".join(f"https://i.example/{n}" for n in range(9))
+        + "]\n",
+        7,
+        "spec.jwksUris",
+        "at most 8",
+    ),
+    (
         "audience not a string",
         CLUSTER_HEAD + ISSUER + "  audience: 42\n",
         7,

@@ -87,6 +87,41 @@ spec:
     assert doc.body["spec"]["jwksUri"] == "https://oidc.west.example/keys"
 
 
+def test_cluster_with_redundant_key_sources() -> None:
+    """``jwksUris``: JWKS and discovery URLs, tried in that order (DESIGN §10)."""
+    text = """\
+apiVersion: trustmesh.io/v1alpha1
+kind: Cluster
+metadata:
+  name: west
+spec:
+  issuer: https://oidc.west.example/id
+  jwksUris:
+  - https://keys.west.example/jwks
+  - https://oidc.west.example/id/.well-known/openid-configuration
+  - http://127.0.0.1:8443/openid/v1/jwks
+"""
+    [doc] = parse_text(text)
+    assert isinstance(doc.spec, ClusterSpec)
+    sources = (
+        "https://keys.west.example/jwks",
+        "https://oidc.west.example/id/.well-known/openid-configuration",
+        "http://127.0.0.1:8443/openid/v1/jwks",
+    )
+    assert doc.spec.jwks_uris == sources and doc.spec.key_sources == sources
+    assert doc.body["spec"]["jwksUris"] == list(sources)
+    # Without jwksUris: the one jwksUri, else the issuer's discovery document.
+    [single] = parse_text(text.split("  jwksUris:")[0] + "  jwksUri: https://k.example/j\n")
+    assert isinstance(single.spec, ClusterSpec)
+    assert single.spec.key_sources == ("https://k.example/j",)
+    [discovered] = parse_text(text.split("  jwksUris:")[0])
+    assert isinstance(discovered.spec, ClusterSpec)
+    assert discovered.spec.key_sources == (
+        "https://oidc.west.example/id/.well-known/openid-configuration",
+    )
+    assert "jwksUris" not in discovered.body["spec"]  # old Clusters keep their hash
+
+
 def test_cluster_with_discovery_and_loopback_http() -> None:
     text = CLUSTER.split("  jwks:")[0].replace("https://oidc.east.example", "http://127.0.0.1:9000")
     [doc] = parse_text(text)

@@ -71,6 +71,10 @@ and previous ``spiffe_sequence``, the counts of JWT-SVID keys and X.509 roots.""
 FEDERATION_BUNDLE_DROPPED = "federation.bundle_dropped"
 """A federated trust domain's last good bundle passed its ``maxStale`` and was dropped:
 its identities are refused from then on."""
+CLUSTER_KEYS_EXPIRED = "cluster.keys_expired"
+"""No key source of a cluster answers and its last good key set passed
+``--cluster-keys-max-age`` (DESIGN §10): its tokens are refused until a source answers.
+Written once per key set, by the replica that found it first."""
 AUDIT_GAP = "audit.gap_detected"
 REFUSALS_FOLDED = "audit.refusals_folded"
 
@@ -87,6 +91,7 @@ EVENT_TYPES = frozenset(
         KEY_ROTATED,
         FEDERATION_BUNDLE_UPDATED,
         FEDERATION_BUNDLE_DROPPED,
+        CLUSTER_KEYS_EXPIRED,
         AUDIT_GAP,
         REFUSALS_FOLDED,
     }

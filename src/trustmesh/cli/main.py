@@ -265,8 +265,9 @@ def server(
         86400.0,
         "--cluster-keys-max-age",
         min=1.0,
-        help="Keep verifying with a cluster's last fetched keys for at most this many seconds "
-        "while its issuer is unreachable.",
+        help="Keep verifying a cluster's tokens with its last good key set (kept in the "
+        "database, shared by replicas) for at most this many seconds after it was fetched "
+        "while none of its key sources answers; then refuse them (invalid_grant).",
     ),
     sa_token_cache_size: int = typer.Option(
         100_000,
@@ -718,11 +719,12 @@ def get_clusters(
     rows = []
     for item in items:
         spec = item["spec"]
-        keys = (
-            "inline jwks"
-            if spec.get("jwks")
-            else ("jwksUri" if spec.get("jwksUri") else "discovery")
-        )
+        if spec.get("jwks"):
+            keys = "inline jwks"
+        elif spec.get("jwksUris"):
+            keys = f"jwksUris ({len(spec['jwksUris'])})"
+        else:
+            keys = "jwksUri" if spec.get("jwksUri") else "discovery"
         policy = item.get("status", {}).get("policy", {})
         applied = policy.get("appliedRevisions") or []
         rows.append(

@@ -23,7 +23,9 @@ descriptions are sentences for people and never contain a token or a secret::
     ├── OAuthError                    400, RFC 6749 §5.2 / RFC 8693 §2.2.2 codes
     │   ├── InvalidGrant, InvalidTarget, InvalidScope, UnauthorizedClient,
     │   │   UnsupportedGrantType
-    │   └── SubjectSuspended          400 invalid_grant (a suspended subject, DESIGN §5)
+    │   ├── SubjectSuspended          400 invalid_grant (a suspended subject, DESIGN §5)
+    │   └── ClusterKeysTooOld         400 invalid_grant (a cluster's last good keys are
+    │                                 older than --cluster-keys-max-age, DESIGN §10)
     ├── Unauthenticated               401 invalid_token
     │   └── InvalidToken              ``reason``: a short machine code
     ├── Forbidden                     403 insufficient_scope
@@ -216,6 +218,12 @@ class InvalidGrant(OAuthError):
     """The subject token failed verification."""
 
     error = "invalid_grant"
+
+
+class ClusterKeysTooOld(InvalidGrant):
+    """No key source of the token's cluster answers and its last good key set is older
+    than ``--cluster-keys-max-age``: the token cannot be verified with keys we may still
+    trust (DESIGN §10)."""
 
 
 class InvalidTarget(OAuthError):

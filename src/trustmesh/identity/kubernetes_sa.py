@@ -1,16 +1,20 @@
 """Verification of Kubernetes projected service-account tokens (the RFC 8693
 ``subject_token``) against the issuing cluster's keys.
 
-A cluster's keys come from its manifest (inline ``jwks``), from ``jwksUri``, or from
-its OIDC discovery document (OpenID Connect Discovery 1.0 §4: the document's
-``issuer`` must equal the configured issuer exactly, §4.3, and its ``jwks_uri`` must
-have the issuer's origin, RFC 6454). Fetched key sets are cached for their
-``Cache-Control: max-age`` (bounded), refreshed when a token names an unknown ``kid``
-— at most once per ``min_refresh_interval`` per cluster, and one fetch at a time, so a
-stream of garbage tokens cannot make us hammer a cluster — and kept (stale) when the
-cluster cannot be reached, for at most ``--cluster-keys-max-age`` after they were
-fetched (DESIGN §10). A token lives at most ``--max-sa-token-lifetime`` (``exp -
-iat``). Why a fetch failed is logged; callers are told only that it failed."""
+A cluster's keys come from its manifest (inline ``jwks``), from its key sources tried
+in order (``jwksUris``, or the one ``jwksUri``: JWKS URLs, or OIDC discovery URLs), or
+from its issuer's OIDC discovery document (OpenID Connect Discovery 1.0 §4: the
+document's ``issuer`` must equal the configured issuer exactly, §4.3, and its
+``jwks_uri`` must have the origin of the document, RFC 6454). Fetched key sets are
+cached for their ``Cache-Control: max-age`` (bounded), refreshed when a token names an
+unknown ``kid`` — at most once per ``min_refresh_interval`` per cluster, and one fetch
+at a time, so a stream of garbage tokens cannot make us hammer a cluster — and kept
+(stale) when no source answers, for at most ``--cluster-keys-max-age`` after they were
+fetched (DESIGN §10). The last good set of each cluster is also kept in a
+:class:`KeySetStore` (the control plane's database), so a replica that has just started
+verifies with it while every source is down, within the same bound. A token lives at
+most ``--max-sa-token-lifetime`` (``exp - iat``). Why a fetch failed is logged; callers
+are told only that it failed."""
 
 from __future__ import annotations
 
@@ -21,14 +25,14 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import httpx
 
 from trustmesh.common.addresses import check_fetch_url
 from trustmesh.common.clock import Clock, system_clock
-from trustmesh.common.errors import ClusterKeysUnavailable, InvalidToken
+from trustmesh.common.errors import ClusterKeysTooOld, ClusterKeysUnavailable, InvalidToken
 from trustmesh.identity.jws import (
     VerificationKey,
     check_registered_claims,
@@ -37,7 +41,7 @@ from trustmesh.identity.jws import (
     verify_compact,
 )
 from trustmesh.identity.svid import KeyRing
-from trustmesh.manifests import ClusterSpec
+from trustmesh.manifests import DISCOVERY_SUFFIX, ClusterSpec
 
 log = logging.getLogger("trustmesh.identity.kubernetes_sa")
 
@@ -224,6 +228,42 @@ def _str_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+@dataclass(frozen=True)
+class StoredKeySet:
+    """A cluster's last good key set as fetched: ``source`` (a digest of the Cluster's
+    key-source fields: a set fetched for other fields is not used), the JWKS, when
+    (clock seconds) and from which URL."""
+
+    source: str
+    jwks: dict[str, Any]
+    fetched_at: float
+    fetched_from: str
+
+
+class KeySetStore(Protocol):
+    """Where the last good key set of each cluster is kept between processes and shared
+    by replicas (the control plane's database, ``server/cluster_keys.py``). Called on
+    a worker thread; a failure is logged by the caller and verification goes on from
+    memory."""
+
+    def load(self, cluster: str) -> StoredKeySet | None: ...
+
+    def save(self, cluster: str, keys: StoredKeySet) -> None:
+        """Keep ``keys`` unless a newer set (of the same source) is kept already."""
+
+    def expired(self, cluster: str, keys: StoredKeySet, max_age: float, now: float) -> None:
+        """``keys`` are older than ``max_age`` and no source answers: say so once (the
+        audit event), whichever replica finds it first."""
+
+
+@dataclass(frozen=True)
+class StoredKeysInUse:
+    """A cluster served from its last good key set because no source answered."""
+
+    fetched_at: float  # clock: when that set was fetched
+    since: float  # clock: since when this replica serves it (no source answering)
+
+
 @dataclass
 class _Entry:
     source: str  # what the keys were loaded from; a changed manifest invalidates the entry
@@ -232,6 +272,9 @@ class _Entry:
     fetched_at: float  # monotonic: the last fetch attempt (rate limit)
     expires_at: float  # clock: until when the keys are fresh (Cache-Control max-age)
     good_at: float  # clock: the last successful fetch (bounded by max_keys_age)
+    stored: StoredKeySet | None = None  # the last good set, as fetched or loaded
+    stale_since: float | None = None  # clock: no source answered since (None: one did)
+    reported: float | None = None  # good_at of the set reported expired
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -239,11 +282,13 @@ class ClusterKeyCache:
     """Per-cluster key sets for SA-token verification, shared by all exchanges.
 
     Keys fetched from a cluster are used while they are fresh (their ``max-age``,
-    30 s - 1 h), then fetched again when a token needs them. When the cluster cannot be
-    reached the last good keys stay in use, but for at most ``max_keys_age`` seconds
-    after they were fetched (``--cluster-keys-max-age``, DESIGN §10): older keys may
-    include one the cluster has since withdrawn, so the exchange then answers 503.
-    Why a fetch failed is logged, never told to the caller."""
+    30 s - 1 h), then fetched again when a token needs them, from the first of its
+    sources that answers. When no source answers the last good keys stay in use —
+    this replica's, or, when it has none or older ones, those kept in ``store`` —
+    but for at most ``max_keys_age`` seconds after they were fetched
+    (``--cluster-keys-max-age``, DESIGN §10): older keys may include one the cluster
+    has since withdrawn, so the exchange is then refused (``invalid_grant``). Why a
+    fetch failed is logged, never told to the caller."""
 
     def __init__(
         self,
@@ -255,6 +300,7 @@ class ClusterKeyCache:
         max_max_age: float = 3600.0,
         min_max_age: float = 30.0,
         max_keys_age: float = DEFAULT_CLUSTER_KEYS_MAX_AGE,
+        store: KeySetStore | None = None,
     ) -> None:
         self.client = client
         self.clock = clock
@@ -263,24 +309,88 @@ class ClusterKeyCache:
         self.max_max_age = max_max_age
         self.min_max_age = min_max_age
         self.max_keys_age = max_keys_age
+        self.store = store
         self._entries: dict[str, _Entry] = {}
         self.fetches = 0
+
+    def stored_in_use(self) -> dict[str, StoredKeysInUse]:
+        """The clusters whose last fetch found no source answering and which are served
+        from their last good key set (for ``/readyz`` and the metrics)."""
+        return {
+            name: StoredKeysInUse(entry.good_at, entry.stale_since)
+            for name, entry in self._entries.items()
+            if entry.stale_since is not None and len(entry.keys) > 0
+        }
+
+    def key_ages(self, now: float) -> dict[str, float]:
+        """Seconds since each cluster's keys in use were fetched (inline keys: none)."""
+        return {
+            name: now - entry.good_at
+            for name, entry in self._entries.items()
+            if len(entry.keys) > 0 and entry.good_at != float("inf")
+        }
 
     def _fresh(self, entry: _Entry, now: float) -> bool:
         return now < entry.expires_at and now - entry.good_at <= self.max_keys_age
 
-    def _still_usable(self, entry: _Entry, cluster_name: str, now: float) -> KeyRing:
-        """The keys kept while the cluster cannot be reached, if not too old."""
+    async def _still_usable(self, entry: _Entry, cluster_name: str, now: float) -> KeyRing:
+        """The keys kept while no source answers, if not too old."""
         if len(entry.keys) == 0:
             raise ClusterKeysUnavailable(f"the keys of cluster {cluster_name} cannot be fetched")
         age = now - entry.good_at
         if age > self.max_keys_age:
-            raise ClusterKeysUnavailable(
-                f"the keys of cluster {cluster_name} are too old: fetched {age:.0f} s ago, "
-                f"more than the {self.max_keys_age:.0f} s allowed (--cluster-keys-max-age), "
-                "and they cannot be fetched again now"
+            if entry.reported != entry.good_at and entry.stored is not None:
+                entry.reported = entry.good_at
+                await self._call_store(
+                    "report", self._store_expired, cluster_name, entry.stored, now
+                )
+            raise ClusterKeysTooOld(
+                f"the keys of cluster {cluster_name} are too old: its last good key set was "
+                f"fetched {age:.0f} s ago, more than the {self.max_keys_age:.0f} s allowed "
+                "(--cluster-keys-max-age), and none of its key sources answers now"
             )
         return entry.keys
+
+    def _store_expired(self, cluster_name: str, keys: StoredKeySet, now: float) -> None:
+        assert self.store is not None
+        self.store.expired(cluster_name, keys, self.max_keys_age, now)
+
+    async def _call_store(self, what: str, call: Any, *args: Any) -> Any:
+        """Run a store call on a worker thread; a failure is logged (the database may be
+        down: verification goes on from memory)."""
+        if self.store is None:
+            return None
+        try:
+            return await asyncio.to_thread(call, *args)
+        except Exception as exc:
+            log.warning("cluster keys: %s in the database failed: %s", what, exc)
+            return None
+
+    async def _adopt_stored(self, entry: _Entry, cluster_name: str) -> None:
+        """No source answered: take the stored set if it is newer than ours (a replica
+        that has just started has none; another replica may have fetched since)."""
+        if self.store is None:
+            return
+        stored: StoredKeySet | None = await self._call_store(
+            "loading the last good key set", self.store.load, cluster_name
+        )
+        if stored is None or stored.source != entry.source or stored.fetched_at <= entry.good_at:
+            return
+        try:
+            keys = KeyRing(stored.jwks, SA_TOKEN_ALGS)
+        except (ValueError, TypeError) as exc:
+            log.warning("cluster keys: the stored key set of %s is unusable: %s", cluster_name, exc)
+            return
+        entry.keys = keys
+        entry.good_at = stored.fetched_at
+        entry.stored = stored
+        log.warning(
+            "cluster keys: no key source of cluster %s answers; verifying with its last good "
+            "key set from the database (fetched %.0f s ago from %s)",
+            cluster_name,
+            self.clock() - stored.fetched_at,
+            stored.fetched_from,
+        )
 
     async def keys_for(self, cluster_name: str, spec: ClusterSpec, kid: str | None) -> KeyRing:
         entry = self._entries.get(cluster_name)
@@ -322,18 +432,25 @@ class ClusterKeyCache:
                         "retry later"
                     )
                 # Rate limit: an unknown kid simply fails verification.
-                return self._still_usable(entry, cluster_name, now)
+                return await self._still_usable(entry, cluster_name, now)
             entry.fetched_at = started
-            try:
-                jwks, max_age = await self._fetch(spec)
-            except (httpx.HTTPError, ValueError) as exc:
-                # The detail (URLs, answers of a cluster's servers) is for the operator only.
-                log.warning("fetching keys of cluster %s failed: %s", cluster_name, exc)
-                return self._still_usable(entry, cluster_name, now)
+            fetched = await self._fetch(cluster_name, spec)
+            if fetched is None:
+                if entry.stale_since is None:
+                    entry.stale_since = now
+                await self._adopt_stored(entry, cluster_name)
+                return await self._still_usable(entry, cluster_name, now)
+            jwks, max_age, url = fetched
             self.fetches += 1
             entry.keys = KeyRing(jwks, SA_TOKEN_ALGS)
             entry.expires_at = now + max_age
             entry.good_at = now
+            entry.stale_since = None
+            entry.stored = StoredKeySet(source, jwks, now, url)
+            if self.store is not None:
+                await self._call_store(
+                    "keeping the last good key set", self.store.save, cluster_name, entry.stored
+                )
             return entry.keys
 
     async def _get_json(self, url: str) -> tuple[dict[str, Any], httpx.Response]:
@@ -354,26 +471,61 @@ class ClusterKeyCache:
             raise ValueError(f"GET {url} did not answer a JSON object")
         return document, response
 
-    async def _fetch(self, spec: ClusterSpec) -> tuple[dict[str, Any], float]:
-        jwks_uri = spec.jwks_uri  # listed in the manifest: allowed wherever it points
-        if jwks_uri is None:
-            discovery_url = spec.issuer.rstrip("/") + "/.well-known/openid-configuration"
-            document, _ = await self._get_json(discovery_url)
+    async def _fetch(
+        self, cluster_name: str, spec: ClusterSpec
+    ) -> tuple[dict[str, Any], float, str] | None:
+        """The key set from the first of the cluster's sources that answers one (the
+        JWKS, its max-age, the URL it came from); None when none does (each failure
+        logged)."""
+        sources = spec.key_sources
+        for number, url in enumerate(sources, 1):
+            try:
+                jwks, max_age = await self._fetch_from(spec, url)
+            except (httpx.HTTPError, ValueError) as exc:
+                # The detail (URLs, answers of a cluster's servers) is for the operator only.
+                log.warning(
+                    "fetching keys of cluster %s from source %d of %d failed: %s",
+                    cluster_name,
+                    number,
+                    len(sources),
+                    exc,
+                )
+                continue
+            if number > 1:
+                log.warning(
+                    "fetched keys of cluster %s from source %d of %d (%s)",
+                    cluster_name,
+                    number,
+                    len(sources),
+                    url,
+                )
+            return jwks, max_age, url
+        return None
+
+    async def _fetch_from(self, spec: ClusterSpec, url: str) -> tuple[dict[str, Any], float]:
+        jwks_uri = url  # listed in the manifest: allowed wherever it points
+        if urlsplit(url).path.endswith(DISCOVERY_SUFFIX):
+            document, _ = await self._get_json(url)
             if document.get("issuer") != spec.issuer:
                 raise ValueError(
-                    f"discovery document of {spec.issuer} names issuer {str(document.get('issuer'))[:200]!r}"
+                    f"discovery document {url} names issuer {str(document.get('issuer'))[:200]!r}, "
+                    f"not {spec.issuer}"
                 )
-            jwks_uri = document.get("jwks_uri")
-            if not isinstance(jwks_uri, str):
-                raise ValueError(f"discovery document of {spec.issuer} has no jwks_uri")
-            # A cluster's discovery document may only point at its own origin; keys served
-            # elsewhere (another port on loopback, any https host) must be listed as the
-            # Cluster's jwksUri by whoever registers it.
-            if origin(jwks_uri) != origin(spec.issuer):
+            listed = document.get("jwks_uri")
+            if not isinstance(listed, str):
+                raise ValueError(f"discovery document {url} has no jwks_uri")
+            # A discovery document may only point at its own origin; keys served
+            # elsewhere (another port on loopback, any https host) must be listed in the
+            # Cluster's jwksUris by whoever registers it.
+            if origin(listed) != origin(url):
+                where = (
+                    "the issuer's origin" if origin(url) == origin(spec.issuer) else "its origin"
+                )
                 raise ValueError(
-                    f"discovery document of {spec.issuer} points jwks_uri at {jwks_uri[:200]!r}, "
-                    "outside the issuer's origin (list it as the Cluster's jwksUri to allow it)"
+                    f"discovery document {url} points jwks_uri at {listed[:200]!r}, outside "
+                    f"{where} (list it in the Cluster's jwksUris to allow it)"
                 )
+            jwks_uri = listed
         jwks, response = await self._get_json(jwks_uri)
         if not isinstance(jwks.get("keys"), list):
             raise ValueError(f"{jwks_uri} is not a JWKS (no keys list)")
@@ -399,5 +551,7 @@ def origin(url: str) -> tuple[str, str, int | None]:
 
 
 def _source_of(spec: ClusterSpec) -> str:
-    material = json.dumps([spec.issuer, spec.jwks, spec.jwks_uri], sort_keys=True)
+    material = json.dumps(
+        [spec.issuer, spec.jwks, spec.jwks_uri, list(spec.jwks_uris)], sort_keys=True
+    )
     return hashlib.sha256(material.encode()).hexdigest()

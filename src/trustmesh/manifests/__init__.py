@@ -8,6 +8,7 @@ from ._errors import ManifestError, Problem
 from ._kinds import (
     API_VERSION,
     DEFAULT_MAX_STALE,
+    DISCOVERY_SUFFIX,
     ClusterSpec,
     FederatedTrustDomainSpec,
     WorkloadSelector,
@@ -34,6 +35,7 @@ POLICY_KINDS = ("GlobalRole", "RoleBinding", "PolicyTest")
 __all__ = [
     "API_VERSION",
     "DEFAULT_MAX_STALE",
+    "DISCOVERY_SUFFIX",
     "POLICY_KINDS",
     "REGISTRY_KINDS",
     "ClusterScope",

@@ -34,6 +34,7 @@ from ._schema import (
     exclusive,
     in_range,
     is_int,
+    list_of,
     map_of,
     obj,
     refused,
@@ -164,6 +165,25 @@ class ClusterSpec:
     # The cluster's DNS domain (kubelet --cluster-domain): hosts
     # <svc>.<ns>.svc.<clusterDomain> are matched as <svc>.<ns>.svc (DESIGN §3).
     cluster_domain: str = DEFAULT_CLUSTER_DOMAIN
+    # Key sources tried in order (DESIGN §10): JWKS URLs, or OIDC discovery URLs (a path
+    # ending in /.well-known/openid-configuration). Empty: jwks, jwksUri or discovery.
+    jwks_uris: tuple[str, ...] = ()
+
+    @property
+    def key_sources(self) -> tuple[str, ...]:
+        """The URLs the keys are fetched from, in order: ``jwksUris``, else ``jwksUri``,
+        else the issuer's discovery document; none for inline ``jwks``."""
+        if self.jwks is not None:
+            return ()
+        if self.jwks_uris:
+            return self.jwks_uris
+        if self.jwks_uri is not None:
+            return (self.jwks_uri,)
+        return (self.issuer.rstrip("/") + DISCOVERY_SUFFIX,)
+
+
+DISCOVERY_SUFFIX = "/.well-known/openid-configuration"  # OIDC Discovery 1.0 §4
+MAX_JWKS_URIS = 8
 
 
 def cluster_domain(value: str) -> None:
@@ -175,12 +195,29 @@ CLUSTER_SPEC = obj(
     Field("issuer", string(fetch_url("issuer")), required=True),
     Field("jwks", JWKS),
     Field("jwksUri", string(fetch_url("jwksUri"))),
+    Field(
+        "jwksUris",
+        list_of(
+            string(fetch_url("jwksUris")),
+            min_items=1,
+            max_items=MAX_JWKS_URIS,
+            distinct=True,
+        ),
+    ),
     Field("audience", string(), default=lambda: "trustmesh"),
     Field("labels", string_map(), default=dict),
     # No default in the canonical body: Clusters applied before the field existed
     # keep their content hash; the typed spec supplies cluster.local.
     Field("clusterDomain", string(cluster_domain)),
-    rules=(exclusive("jwks", "jwksUri", hint="; give one, or neither to use OIDC discovery"),),
+    rules=(
+        exclusive(
+            "jwks",
+            "jwksUri",
+            "jwksUris",
+            hint="; give one of jwks, jwksUri or jwksUris (jwksUris may list the jwksUri "
+            "first, then other sources), or none to use OIDC discovery",
+        ),
+    ),
 )
 
 
@@ -192,6 +229,7 @@ def _build_cluster(spec: dict[str, Any]) -> ClusterSpec:
         audience=spec["audience"],
         labels=dict(spec["labels"]),
         cluster_domain=spec.get("clusterDomain") or DEFAULT_CLUSTER_DOMAIN,
+        jwks_uris=tuple(spec.get("jwksUris") or ()),
     )
 
 

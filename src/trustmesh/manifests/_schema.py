@@ -219,15 +219,29 @@ def in_range(
     return value
 
 
-def list_of(item: Checker, *, min_items: int = 0) -> Checker:
+def list_of(
+    item: Checker, *, min_items: int = 0, max_items: int | None = None, distinct: bool = False
+) -> Checker:
+    """A list of checked items; ``distinct``: no item may be listed twice."""
+
     def check_list(node: Node, path: str, sink: Sink) -> Any:
         if not isinstance(node, SeqNode):
             return type_problem(node, path, sink, "a list")
         if len(node.items) < min_items:
             sink.add(node.line, path, f"must list at least {min_items} item(s)")
             return INVALID
+        if max_items is not None and len(node.items) > max_items:
+            sink.add(node.line, path, f"must list at most {max_items} item(s)")
+            return INVALID
         values = [check(item, child, f"{path}[{i}]", sink) for i, child in enumerate(node.items)]
-        return INVALID if any(v is INVALID for v in values) else values
+        if any(v is INVALID for v in values):
+            return INVALID
+        if distinct:
+            for i, value in enumerate(values):
+                if value in values[:i]:
+                    sink.add(node.items[i].line, f"{path}[{i}]", f"{value!r} is listed twice")
+                    return INVALID
+        return values
 
     return check_list
 

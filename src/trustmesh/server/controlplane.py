@@ -60,6 +60,11 @@ from trustmesh.revocation.suspension import SuspensionStore
 from trustmesh.server.agents import Agents
 from trustmesh.server.bundles import BundleSigner
 from trustmesh.server.changes import Changes
+from trustmesh.server.cluster_keys import (
+    ClusterKeysCollector,
+    ClusterKeyStore,
+    stored_keys_report,
+)
 from trustmesh.server.credentials import CredentialAdmin, CredentialStore
 from trustmesh.server.federation import Federation
 from trustmesh.server.inventory import Inventory
@@ -130,6 +135,7 @@ class ControlPlane:
         self.audit: AuditLog
         self.recorder: AuditRecorder
         self.sa_tokens: VerifiedSaTokenCache
+        self.cluster_keys: ClusterKeyCache
         self.metrics: ServerMetrics
         self.issuance: Issuance
         self.changes: Changes
@@ -251,15 +257,18 @@ class ControlPlane:
     async def start(self) -> None:
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(5.0), trust_env=False)
         snapshots = self.snapshots
+        self.cluster_keys = ClusterKeyCache(
+            self._http,
+            clock=self.clock,
+            min_refresh_interval=self.config.cluster_jwks_min_refresh,
+            max_keys_age=self.config.cluster_keys_max_age,
+            store=ClusterKeyStore(self.db, self.recorder),  # the last good sets (DESIGN §10)
+        )
+        self.metrics.registry.register(ClusterKeysCollector(self.cluster_keys, self.clock))
         exchange = TokenExchange(
             issuer=self.issuer,
             trust_domain=self.trust_domain,
-            cluster_keys=ClusterKeyCache(
-                self._http,
-                clock=self.clock,
-                min_refresh_interval=self.config.cluster_jwks_min_refresh,
-                max_keys_age=self.config.cluster_keys_max_age,
-            ),
+            cluster_keys=self.cluster_keys,
             registry=lambda: snapshots.registry,
             keyset=lambda: snapshots.keyset,
             revoked_until=snapshots.revoked_until,
@@ -359,7 +368,8 @@ class ControlPlane:
     def ready(self, detail: bool = False) -> tuple[bool, dict[str, Any]]:
         """Readiness as an orchestrator needs it: ``ready`` and, when not, ``reasons``;
         ``audit_inconsistent`` says why no checkpoint is signed. ``detail`` (for an
-        authenticated caller) adds the revisions, the active kid and the log's size."""
+        authenticated caller) adds the revisions, the active kid, the log's size and the
+        clusters served from their last good key set (no key source answering)."""
         snapshots = self.snapshots
         age = snapshots.age()
         bound = max(10.0, 5 * self.config.refresh_interval)
@@ -379,5 +389,6 @@ class ControlPlane:
                 keys_revision=snapshots.keyset.revision,
                 active_kid=snapshots.keyset.active.kid,
                 audit_size=self.audit.size,
+                stored_cluster_keys=stored_keys_report(self.cluster_keys, self.clock()),
             )
         return fresh, body

@@ -112,6 +112,23 @@ federated_bundles = Table(
     Column("dropped_at", Float),  # the bundle was older than maxStale and dropped
 )
 
+# The last good key set of each registered cluster (DESIGN §10), as fetched from one of
+# its key sources, so a replica that starts while every source is down still verifies
+# the cluster's tokens, for at most --cluster-keys-max-age after ``fetched_at``.
+# ``source`` is a digest of the Cluster's key-source fields: a set fetched for other
+# fields is not used. ``expired_at``: when a replica found the set too old with no
+# source answering and recorded ``cluster.keys_expired`` (once per set).
+cluster_keys = Table(
+    "cluster_keys",
+    metadata,
+    Column("cluster", String(253), primary_key=True),
+    Column("source", String(64), nullable=False),
+    Column("jwks", Text, nullable=False),  # the JWKS as fetched, JSON
+    Column("fetched_at", Float, nullable=False),
+    Column("fetched_from", Text, nullable=False),  # the URL that answered it
+    Column("expired_at", Float),
+)
+
 # Registry objects (Cluster, Workload, FederatedTrustDomain): the canonical manifest
 # body as JSON.
 registry_objects = Table(
