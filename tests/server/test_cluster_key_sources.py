@@ -6,7 +6,7 @@ processes and real simulated clusters whose servers are stopped to make the outa
 * the last good key set is kept in the database, so a control plane started afresh
   (a new process on the same database) while every source is down verifies the
   cluster's tokens from it, and says so in ``/readyz`` (admin detail) and metrics;
-* past ``--cluster-keys-max-age`` the stored set is refused (``invalid_grant``, a
+* past ``--cluster-keys-max-age`` the stored set is not used (503 ``temporarily_unavailable``, a
   ``cluster.keys_expired`` event), until a source answers again.
 
 Both engines: the stored set lives in SQLite or PostgreSQL."""
@@ -175,9 +175,9 @@ def test_a_fresh_control_plane_verifies_with_the_stored_set_while_every_source_i
     third = start_server(data_dir, db_url, "--cluster-keys-max-age", "1")
     try:
         answer = third.exchange(sources.token(), audience)
-        assert answer.status_code == 400, answer.text
+        assert answer.status_code == 503, answer.text
         body = answer.json()
-        assert body["error"] == "invalid_grant"
+        assert body["error"] == "temporarily_unavailable"
         assert body["error_description"].startswith(f"the keys of cluster {name} are too old")
         assert "--cluster-keys-max-age" in body["error_description"]
         events = third.audit_events_until(

@@ -1,7 +1,7 @@
 """How far the control plane trusts a member cluster (issue 10, finding 9), through a
 real control plane and real simulated clusters: service-account tokens valid for
 longer than ``--max-sa-token-lifetime`` are refused; a cluster's last keys serve for
-at most ``--cluster-keys-max-age`` while its issuer is down (then invalid_grant); a discovery document may
+at most ``--cluster-keys-max-age`` while its issuer is down; a discovery document may
 point ``jwks_uri`` only at the issuer's own origin unless the Cluster lists it; and a
 caller is never told why a cluster's keys could not be fetched (the log is)."""
 
@@ -89,16 +89,16 @@ def test_the_default_maximum_is_24_hours(tmp_path: Path, sim_cluster: SimulatedC
 
 def test_keys_of_an_unreachable_cluster_serve_for_at_most_the_max_age(server: Server) -> None:
     """A real cluster that stops: its last keys keep serving (within 2 s here), then
-    the exchange is refused (invalid_grant) saying its keys are too old."""
+    the exchange answers 503 saying its keys are too old."""
     cluster = serve_cluster("stops")
     audience = register(server, cluster)
     assert server.exchange(cluster.mint("shop", "payments", ttl=300), audience).is_success
     cluster.stop()
     time.sleep(2.5)
     answer = server.exchange(cluster.mint("shop", "payments", ttl=300), audience)
-    assert answer.status_code == 400, answer.text
+    assert answer.status_code == 503, answer.text
     body = answer.json()
-    assert body["error"] == "invalid_grant"
+    assert body["error"] == "temporarily_unavailable"
     assert "are too old" in body["error_description"]
     assert "--cluster-keys-max-age" in body["error_description"]
 

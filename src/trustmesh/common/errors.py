@@ -220,12 +220,6 @@ class InvalidGrant(OAuthError):
     error = "invalid_grant"
 
 
-class ClusterKeysTooOld(InvalidGrant):
-    """No key source of the token's cluster answers and its last good key set is older
-    than ``--cluster-keys-max-age``: the token cannot be verified with keys we may still
-    trust (DESIGN §10)."""
-
-
 class InvalidTarget(OAuthError):
     """An audience we cannot issue for (RFC 8693 §2.2.2)."""
 
@@ -348,6 +342,13 @@ class NotReady(Unavailable):
 
 class ClusterKeysUnavailable(Unavailable):
     """A cluster's keys could not be fetched and none are cached."""
+
+
+class ClusterKeysTooOld(ClusterKeysUnavailable):
+    """No key source of the token's cluster answers and its last good key set is older
+    than ``--cluster-keys-max-age``: the token cannot be verified with keys we may still
+    trust (DESIGN §10). A 503, not a refusal of the grant: the token may be good, and a
+    client tries the next replica (which may reach a source) or again later."""
 
 
 class AuditUnavailable(Unavailable):
