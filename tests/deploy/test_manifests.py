@@ -15,6 +15,7 @@ manifests' probes."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import os
 import re
@@ -33,7 +34,7 @@ import typer.main
 import yaml
 
 from helpers import Process, cluster_yaml, new_postgres_database, serve_cluster, trustmesh_cmd
-from tls_support import make_tls
+from tls_support import Tls, make_tls
 from trustmesh import __version__
 from trustmesh.cli.main import app
 
@@ -381,34 +382,33 @@ def test_the_webhooks_are_what_trustmesh_admission_config_prints(
     expected = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(printed)}
     kinds = ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration")
     found = {(d["kind"], d["metadata"]["name"]): d for d in rendered(overlay) if d["kind"] in kinds}
-    assert found == expected
-    service_ports = {}
+    assert found == expected  # no caBundle: `… --ca-file CA | kubectl apply -f -` adds it
     for config in found.values():
         for webhook in config["webhooks"]:
             ref = webhook["clientConfig"]["service"]
             service = one(overlay, "Service", ref["name"])
             assert service["metadata"]["namespace"] == ref["namespace"]
-            service_ports = {p["port"]: p["targetPort"] for p in service["spec"]["ports"]}
-            assert service_ports[ref["port"]] == "https"
-    assert listen_port(params) == container["ports"][0]["containerPort"]
+            assert service["spec"]["selector"] == agent["spec"]["selector"]["matchLabels"]
+            targets = {p["port"]: p["targetPort"] for p in service["spec"]["ports"]}
+            named = {p["name"]: p["containerPort"] for p in container["ports"]}
+            assert named[targets[ref["port"]]] == listen_port(params)
 
 
-def test_the_member_cluster_has_no_control_plane_in_it() -> None:
-    assert not objects("member-cluster", "MutatingWebhookConfiguration")[0]["webhooks"][0][
-        "clientConfig"
-    ].get("caBundle")  # set by `trustmesh admission config --ca-file` (docs/operations.md)
+def test_a_member_cluster_runs_only_its_agent() -> None:
     assert {d["metadata"]["name"] for d in objects("member-cluster", "Service")} == {
         "trustmesh-agent",
         "trustmesh-agent-pods",
     }
+    assert {d["metadata"]["name"] for d in objects("member-cluster", "Secret")} == set()
 
 
 # -- the real processes, with the manifests' own arguments ------------------------------------------
 def localized(
-    args: list[str], container: dict[str, Any], root: Path, port: int
+    args: list[str], container: dict[str, Any], root: Path
 ) -> tuple[list[str], dict[str, Path]]:
     """The container's arguments on this machine: each volume's mount path moved under
-    ``root``, ``0.0.0.0:P`` to loopback on ``port``. Returns the mounts' directories."""
+    ``root`` (a directory per volume, by its name), ``0.0.0.0:P`` to a port of
+    loopback the kernel picks. Returns the volumes' directories."""
     mounts = {m["mountPath"]: root / m["name"] for m in container["volumeMounts"]}
     out = []
     for arg in args:
@@ -416,7 +416,7 @@ def localized(
             if arg == mount_path or arg.startswith(mount_path + "/"):
                 arg = str(directory) + arg[len(mount_path) :]
                 break
-        out.append(re.sub(r"^0\.0\.0\.0:\d+$", f"127.0.0.1:{port}", arg))
+        out.append(re.sub(r"^0\.0\.0\.0:\d+$", "127.0.0.1:0", arg))
     for directory in mounts.values():
         directory.mkdir(parents=True, exist_ok=True)
         directory.chmod(0o777)  # as an emptyDir is made
@@ -438,66 +438,59 @@ def test_the_manifests_command_lines_run_and_answer_their_probes(
     probe path 200 over HTTPS."""
     tls = make_tls(tmp_path / "tls")
     ca = ssl.create_default_context(cafile=str(tls.ca))
-    # -- the control plane
-    server_container = one("single-cluster", "Deployment", "trustmesh-server")["spec"]["template"][
-        "spec"
-    ]["containers"][0]
-    _, _, env = parsed(monkeypatch, "trustmesh-server", server_container)
-    env["TRUSTMESH_DB"] = new_postgres_database(postgres_base_url)
-    args, dirs = localized(server_container["args"], server_container, tmp_path / "server", 0)
-    shutil.copy(tls.cert, dirs["tls"] / "tls.crt")
-    shutil.copy(tls.key, dirs["tls"] / "tls.key")
-    master = base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode()
-    (dirs["master-key"] / "master.key").write_text(master + "\n")
-    server = Process(trustmesh_cmd(*args), tmp_path / "server.log", env={**os.environ, **env})
-    line = server.wait_line("trustmesh server listening on ")
-    assert "postgresql" in line and "issuer https://trustmesh.corp.example" in line
-    url = line.split()[4]
-    for path in probe_paths(server_container):
-        assert httpx.get(url + path, verify=ca, timeout=10).status_code == 200, path
-    # -- its agent, for cluster alpha
-    agent_container = one("single-cluster", "StatefulSet", "trustmesh-agent")["spec"]["template"][
-        "spec"
-    ]["containers"][0]
-    _, params, agent_env = parsed(monkeypatch, "trustmesh-agent-0", agent_container)
-    token_dir = tmp_path / "server" / "data" / "server"
-    admin = {"Authorization": f"Bearer {(token_dir / 'admin.token').read_text().strip()}"}
-    origin = serve_cluster(params["cluster"])
-    with httpx.Client(base_url=url, headers=admin, verify=ca, timeout=10) as client:
-        applied = client.post(
-            "/v1/apply",
-            json={
-                "files": [
-                    {"path": "c.yaml", "content": cluster_yaml(params["cluster"], origin.issuer)}
-                ]
-            },
+    pods = {
+        workload["kind"]: workload["spec"]["template"]["spec"]["containers"][0]
+        for workload in workloads("single-cluster")
+    }
+    with contextlib.ExitStack() as stack:
+        # -- the control plane
+        server_container = pods["Deployment"]
+        _, _, env = parsed(monkeypatch, "trustmesh-server", server_container)
+        env["TRUSTMESH_DB"] = new_postgres_database(postgres_base_url)
+        args, dirs = localized(server_container["args"], server_container, tmp_path / "server")
+        give_tls(tls, dirs["tls"])
+        master = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
+        (dirs["master-key"] / "master.key").write_text(master + "\n")
+        server = Process(trustmesh_cmd(*args), tmp_path / "server.log", {**os.environ, **env})
+        stack.callback(server.stop)
+        line = server.wait_line("trustmesh server listening on ")
+        assert "postgresql" in line and "issuer https://trustmesh.corp.example" in line
+        url = line.split()[4]
+        for path in probe_paths(server_container):
+            assert httpx.get(url + path, verify=ca, timeout=10).status_code == 200, path
+
+        # -- its agent: its cluster registered, a credential for its first pod
+        agent_container = pods["StatefulSet"]
+        _, params, agent_env = parsed(monkeypatch, "trustmesh-agent-0", agent_container)
+        origin = serve_cluster(params["cluster"])
+        stack.callback(origin.stop)
+        admin_token = (dirs["data"] / "server" / "admin.token").read_text().strip()
+        admin = httpx.Client(
+            base_url=url, headers={"Authorization": f"Bearer {admin_token}"}, verify=ca
         )
+        stack.callback(admin.close)
+        manifest = cluster_yaml(params["cluster"], origin.issuer)
+        applied = admin.post("/v1/apply", json={"files": [{"path": "c.yaml", "content": manifest}]})
         assert applied.status_code == 200, applied.text
-        credential = client.post(
+        credential = admin.post(
             f"/v1/clusters/{params['cluster']}/credentials", json={"agent": "trustmesh-agent-0"}
         )
         assert credential.status_code == 200, credential.text
-    args, dirs = localized(
-        [expand(a, agent_env) for a in agent_container["args"]],
-        agent_container,
-        tmp_path / "agent",
-        0,
-    )
-    args[args.index("--server") + 1] = url  # the Service's name, here
-    (dirs["credentials"] / "trustmesh-agent-0").write_text(credential.json()["token"])
-    shutil.copy(tls.cert, dirs["tls"] / "tls.crt")
-    shutil.copy(tls.key, dirs["tls"] / "tls.key")
-    agent = Process(
-        trustmesh_cmd(*args),
-        tmp_path / "agent.log",
-        env={**os.environ, **agent_env, "TRUSTMESH_CA_FILE": str(tls.ca)},
-    )
-    try:
+        expanded = [expand(arg, agent_env) for arg in agent_container["args"]]
+        args, dirs = localized(expanded, agent_container, tmp_path / "agent")
+        args[args.index("--server") + 1] = url  # the Service's name, on this machine
+        (dirs["credentials"] / "trustmesh-agent-0").write_text(credential.json()["token"])
+        give_tls(tls, dirs["tls"])
+        agent_env["TRUSTMESH_CA_FILE"] = str(tls.ca)  # the test CA signed the server's cert
+        agent = Process(trustmesh_cmd(*args), tmp_path / "agent.log", {**os.environ, **agent_env})
+        stack.callback(agent.stop)
         agent_url = agent.wait_line("trustmesh agent for cluster ").split()[7]
         assert agent_url.startswith("https://")
         for path in probe_paths(agent_container):
             assert httpx.get(agent_url + path, verify=ca, timeout=10).status_code == 200, path
-    finally:
-        agent.stop()
-        server.stop()
-        origin.stop()
+
+
+def give_tls(tls: Tls, directory: Path) -> None:
+    """What a kubernetes.io/tls Secret mounts: tls.crt and tls.key."""
+    shutil.copy(tls.cert, directory / "tls.crt")
+    shutil.copy(tls.key, directory / "tls.key")
