@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import functools
+import json
 import os
 import re
 import secrets
@@ -28,6 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import httpx
+import jsonpatch
 import kubernetes_validate
 import pytest
 import typer.main
@@ -488,6 +490,46 @@ def test_the_manifests_command_lines_run_and_answer_their_probes(
         assert agent_url.startswith("https://")
         for path in probe_paths(agent_container):
             assert httpx.get(agent_url + path, verify=ca, timeout=10).status_code == 200, path
+        injected_sidecar_runs(monkeypatch, agent_url, ca, agent_container)
+
+
+def injected_sidecar_runs(
+    monkeypatch: pytest.MonkeyPatch, agent_url: str, ca: ssl.SSLContext, agent: dict[str, Any]
+) -> None:
+    """The agent injects into a pod a sidecar that the Kubernetes schemas accept, that
+    runs the agent's own image as the image's user, and whose command line the
+    `trustmesh sidecar` command parses."""
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {"serviceAccountName": "web", "containers": [{"name": "app", "image": "web:1"}]},
+    }
+    review = {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "shop",
+            "operation": "CREATE",
+            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+            "object": pod,
+        },
+    }
+    answer = httpx.post(agent_url + "/k8s/admission/mutate", json=review, verify=ca, timeout=10)
+    assert answer.status_code == 200, answer.text
+    response = answer.json()["response"]
+    assert response["allowed"] is True and response["patchType"] == "JSONPatch", response
+    operations = json.loads(base64.b64decode(response["patch"]))
+    injected = jsonpatch.JsonPatch(operations).apply(pod)
+    kubernetes_validate.validate(injected, KUBERNETES_VERSION, strict=True)
+    sidecar = next(c for c in injected["spec"]["containers"] if c["name"] == "trustmesh-sidecar")
+    assert sidecar["image"] == agent["image"]
+    assert sidecar["securityContext"]["runAsUser"] == 65532  # the Dockerfile's USER
+    name, params, _ = parsed(monkeypatch, "web", sidecar)
+    assert name == "sidecar" and params["server"].startswith("https://")
 
 
 def give_tls(tls: Tls, directory: Path) -> None:
