@@ -41,7 +41,8 @@ from trustmesh import __version__
 from trustmesh.cli.main import app
 
 # The Kubernetes version the manifests are validated against (kubernetes-validate's
-# schemas; the manifests use nothing newer than 1.27: persistentVolumeClaimRetentionPolicy).
+# schemas). The newest field they use is the StatefulSet's
+# persistentVolumeClaimRetentionPolicy (on by default since 1.27, GA in 1.32).
 KUBERNETES_VERSION = "1.32.0"
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
