@@ -220,7 +220,11 @@ def server(
         None, "--issuer", help="Issuer URL in tokens and discovery (default: the listen URL)."
     ),
     db: str | None = typer.Option(
-        None, "--db", help="postgresql://… for PostgreSQL (default: SQLite in the data dir)."
+        None,
+        "--db",
+        envvar="TRUSTMESH_DB",
+        help="postgresql://… for PostgreSQL (default: SQLite in the data dir); or "
+        "TRUSTMESH_DB, e.g. from a Kubernetes Secret, to keep a password out of argv.",
     ),
     master_key_file: Path | None = typer.Option(
         None,
