@@ -5,23 +5,34 @@ with SIGKILL while the SDK, a sidecar and an agent are under load."""
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from outage_support import StoppablePostgres, stoppable_postgres
+from sidecar_support import Sidecar, short_dir, start_sidecar, write_token
 
 from helpers import (
+    TRUST_DOMAIN,
+    Agent,
+    Federation,
     Server,
+    cluster_yaml,
     new_postgres_database,
     register_federation,
     serve_cluster,
+    start_agent,
     start_replica,
     start_server,
+    unique,
 )
+from trustmesh.client import TokenSource
 
 PUBLIC = (
     "/.well-known/openid-configuration",
@@ -128,3 +139,158 @@ def test_readyz_names_its_checks_and_refuses_an_unknown_one(shared_server: Serve
     wrong = readyz(shared_server, "everything")
     assert wrong.status_code == 400
     assert "check must be one of serve, issue" in wrong.json()["error_description"]
+
+
+# --- a replica killed under load ---------------------------------------------------------
+
+HOST = "replicas.internal"
+POLICY = f"""
+apiVersion: trustmesh.io/v1alpha1
+kind: GlobalRole
+metadata: {{name: replicas-reader}}
+spec:
+  rules:
+  - services: [{HOST}]
+    paths: [/**]
+    methods: [GET]
+---
+apiVersion: trustmesh.io/v1alpha1
+kind: RoleBinding
+metadata: {{name: shop-reads-replicas}}
+spec:
+  role: replicas-reader
+  subjects: [{{claims: {{project: shop}}}}]
+"""
+ALLOWED = {"host": HOST, "path": "/a", "method": "GET"}
+TARGETS = 8  # 255 audience sets, more than the sidecar keeps (64): each fetch exchanges
+
+
+@dataclass
+class Load:
+    """Operations a client ran, and the ones that failed (with what they raised)."""
+
+    name: str
+    done: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    def run(self, stop: threading.Event, operation: Callable[[int], None]) -> None:
+        while not stop.is_set():
+            try:
+                operation(self.done)
+            except Exception as exc:  # every failure is counted, none ends the load
+                self.failures.append(f"{self.name}: {exc.__class__.__name__}: {exc}")
+            self.done += 1
+
+
+def test_a_replica_killed_under_load_costs_the_sdk_the_sidecar_and_the_agent_nothing(
+    tmp_path: Path, postgres_base_url: str
+) -> None:
+    db = new_postgres_database(postgres_base_url)
+    first = start_server(tmp_path / "a", db)
+    second = start_replica(tmp_path / "b", first)
+    urls = [first.url, second.url]  # everyone prefers the first: the one killed
+    cluster = serve_cluster("fire")
+    targets = [unique("aud-") for _ in range(TARGETS)]
+    agent = None
+    try:
+        fed = register_federation(first, cluster)
+        first.apply(
+            "---\n".join(cluster_yaml(name, f"http://127.0.0.1:9/{name}") for name in targets)
+        )
+        first.apply(POLICY, path="policy.yaml")
+        audiences = [f"spiffe://{TRUST_DOMAIN}/cluster/{name}" for name in targets]
+        until(
+            "the replica knows the targets",
+            lambda: second.exchange(fed.sa_token(), audiences[-1]).status_code == 200,
+        )
+        agent = start_agent(
+            fed.target_name, urls, tmp_path / "agent", first.credential(fed.target_name)
+        )
+        until(
+            "the agent allows",
+            lambda: agent.authorize(fed.svid(), ALLOWED).json().get("allowed") is True,
+        )
+        with short_dir() as directory:
+            token_file = write_token(directory / "sa.token", cluster, "shop", "payments")
+            sidecar = start_sidecar(urls, token_file, directory)
+            try:
+                loads = _run_under_fire(first, fed, urls, audiences, agent, sidecar)
+            finally:
+                assert sidecar.stop() == 0, sidecar.log()
+        assert first.process.proc.returncode == -signal.SIGKILL
+        for load in loads:
+            assert load.done > 0, load.name
+            assert load.failures == [], load.failures[:5]
+        # The agent's syncs and its audit shipping moved to the survivor: nothing lost.
+        until(
+            "the agent ships its decisions to the survivor",
+            lambda: httpx.get(agent.url + "/readyz").json()["audit"]["backlog"] == 0,  # type: ignore[union-attr]
+        )
+        assert httpx.get(agent.url + "/readyz").json()["failing"] == []
+        decided = second.audit_events_until(
+            "authz.decision", lambda found: len(found) >= loads[2].done
+        )
+        assert len(decided) >= loads[2].done
+    finally:
+        if agent is not None:
+            agent.stop()
+        cluster.stop()
+        first.process.kill()
+        assert second.stop() == 0, second.process.stderr()
+
+
+def _run_under_fire(
+    victim: Server,
+    fed: Federation,
+    urls: list[str],
+    audiences: list[str],
+    agent: Agent,
+    sidecar: Sidecar,
+) -> list[Load]:
+    """The SDK (two token sources exchanging in a loop), a sidecar (JWT-SVIDs for ever
+    new audience sets, each an exchange, and its X.509-SVID) and an agent (decisions it
+    spools and ships) under load; ``victim`` is SIGKILLed in the middle."""
+    sources = [TokenSource(urls, lambda: fed.sa_token(), [fed.audience]) for _ in range(2)]
+    workload = sidecar.client()
+    subsets = [
+        {audiences[i] for i in range(len(audiences)) if mask >> i & 1}
+        for mask in range(1, 2 ** len(audiences))
+    ]
+    token = fed.svid()
+
+    def decide(_: int) -> None:
+        answer = agent.authorize(token, ALLOWED)
+        if answer.status_code != 200 or answer.json().get("allowed") is not True:
+            raise AssertionError(f"HTTP {answer.status_code}: {answer.text[:200]}")
+
+    def sidecar_fetch(n: int) -> None:
+        workload.fetch_jwt_svid(audience=subsets[n % len(subsets)])
+        workload.fetch_x509_svid()
+
+    loads = [Load("sdk-1"), Load("sdk-2"), Load("agent"), Load("sidecar")]
+    operations: list[Callable[[int], None]] = [
+        lambda _: sources[0].refresh() and None,
+        lambda _: sources[1].refresh() and None,
+        decide,
+        sidecar_fetch,
+    ]
+    stop = threading.Event()
+    threads = [
+        threading.Thread(target=load.run, args=(stop, operation), daemon=True)
+        for load, operation in zip(loads, operations, strict=True)
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(3)
+        victim.process.proc.send_signal(signal.SIGKILL)
+        victim.process.proc.wait()
+        time.sleep(6)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+        for source in sources:
+            source.close()
+        workload.close()
+    return loads
