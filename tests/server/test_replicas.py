@@ -5,6 +5,7 @@ with SIGKILL while the SDK, a sidecar and an agent are under load."""
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -33,6 +34,7 @@ from helpers import (
     unique,
 )
 from trustmesh.client import TokenSource
+from trustmesh.identity.jws import b64decode
 
 PUBLIC = (
     "/.well-known/openid-configuration",
@@ -53,6 +55,15 @@ def readyz(server: Server, check: str | None = None) -> httpx.Response:
     return httpx.get(server.url + "/readyz", params=params, timeout=5)
 
 
+def issues(server: Server, fed: Federation) -> bool:
+    return server.exchange(fed.sa_token(), fed.audience).status_code == 200
+
+
+def allowed(agent: Agent, token: str) -> bool:
+    answer = agent.authorize(token, ALLOWED)
+    return answer.status_code == 200 and answer.json().get("allowed") is True
+
+
 @pytest.fixture
 def outage_pg() -> Iterator[StoppablePostgres]:
     with stoppable_postgres() as pg:
@@ -66,14 +77,19 @@ def test_a_replica_without_its_database_serves_from_memory_refuses_to_issue_and_
     first = start_server(tmp_path / "a", db)
     second = start_replica(tmp_path / "b", first)
     cluster = serve_cluster("outage")
+    agent = None
     try:
         fed = register_federation(first, cluster)
-        until(
-            "the replica issues",
-            lambda: second.exchange(fed.sa_token(), fed.audience).status_code == 200,
-        )
+        first.apply(POLICY, path="policy.yaml")
+        until("the replica issues", lambda: issues(second, fed))
         documents = {path: httpx.get(second.url + path).json() for path in PUBLIC}
         assert readyz(second, "issue").status_code == 200
+        credential = first.credential(fed.target_name)
+        agent = start_agent(
+            fed.target_name, [first.url, second.url], tmp_path / "agent", credential
+        )
+        token = fed.svid()
+        until("the agent allows", lambda: allowed(agent, token))  # type: ignore[arg-type]
 
         outage_pg.stop()
         for server in (first, second):
@@ -82,6 +98,7 @@ def test_a_replica_without_its_database_serves_from_memory_refuses_to_issue_and_
             assert refused.json()["error"] == "temporarily_unavailable"
             assert "access_token" not in refused.json()
         until("check=issue fails", lambda: readyz(second, "issue").status_code == 503)
+        assert allowed(agent, token)  # the agent decides on what it holds
         down = readyz(second, "issue").json()
         assert down["ready"] is False and down["checks"]["database"]["ok"] is False
         assert down["checks"]["keys"]["ok"] and down["checks"]["jwks"]["ok"]
@@ -94,6 +111,7 @@ def test_a_replica_without_its_database_serves_from_memory_refuses_to_issue_and_
         assert serving.status_code == 200, serving.text
         assert set(serving.json()["checks"]) == {"keys", "discovery", "jwks", "bundle"}
         assert httpx.get(second.url + "/healthz").json() == {"ok": True}
+        assert allowed(agent, token)
         for path, document in documents.items():
             answer = httpx.get(second.url + path)
             assert answer.status_code == 200 and answer.json() == document
@@ -102,18 +120,23 @@ def test_a_replica_without_its_database_serves_from_memory_refuses_to_issue_and_
         assert listing.status_code == 503 and listing.json()["error"] == "temporarily_unavailable"
 
         outage_pg.start()  # no replica restarts
-        for server in (first, second):
-            until(
-                "issuing again",
-                lambda s=server: s.exchange(fed.sa_token(), fed.audience).status_code == 200,
-            )  # type: ignore[misc]
-            until("ready to issue", lambda s=server: readyz(s, "issue").status_code == 200)  # type: ignore[misc]
+        until("the first replica issues again", lambda: issues(first, fed))
+        until("the second replica issues again", lambda: issues(second, fed))
+        until("the first is ready to issue", lambda: readyz(first, "issue").status_code == 200)
+        until("the second is ready to issue", lambda: readyz(second, "issue").status_code == 200)
         back = readyz(second, "issue").json()
         assert all(check["ok"] for check in back["checks"].values()), back
         assert second.admin.get("/v1/clusters").status_code == 200
         events = first.audit_events_until("token.issued", lambda found: len(found) >= 3)
         assert len(events) >= 3
+        # The agent's syncs resumed too: a revocation made now reaches it.
+        jti = json.loads(b64decode(token.split(".")[1]))["jti"]
+        revoked = second.admin.post("/v1/revocations", json={"kind": "jti", "value": jti})
+        assert revoked.status_code == 201, revoked.text
+        until("the agent enforces the new revocation", lambda: not allowed(agent, token))  # type: ignore[arg-type]
     finally:
+        if agent is not None:
+            agent.stop()
         cluster.stop()
         assert second.stop() == 0, second.process.stderr()
         assert first.stop() == 0, first.process.stderr()
