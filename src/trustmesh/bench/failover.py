@@ -340,7 +340,7 @@ def _report(
         "restarted_replica_seconds": restart,
         "timeline_seconds": {
             "killed_at": round(killed_at - load_started, 3),
-            "restarted_at_back": round(back_at - load_started, 3),
+            "serving_again_at": round(back_at - load_started, 3),
             "ended_at": round(ended_at - load_started, 3),
         },
         "concurrency": concurrency,
