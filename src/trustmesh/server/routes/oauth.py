@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import orjson
+from sqlalchemy.exc import OperationalError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -34,6 +35,7 @@ from trustmesh.common.http import (
 from trustmesh.oauth.rfc7662 import introspect
 from trustmesh.oauth.rfc8693 import parse_form
 from trustmesh.server.controlplane import ControlPlane
+from trustmesh.server.health import DATABASE_DOWN
 from trustmesh.server.routes._auth import Callers
 
 log = logging.getLogger("trustmesh.http")
@@ -109,6 +111,10 @@ def token_endpoint(plane: ControlPlane) -> ASGIApp:
             answer = error_response(
                 400, "invalid_request", "the client left before its body arrived"
             )
+            await answer(scope, receive, send)
+            return
+        except OperationalError:  # the database is down: fail over, as on any 503
+            answer = error_response(503, "temporarily_unavailable", DATABASE_DOWN)
             await answer(scope, receive, send)
             return
         except Exception:

@@ -1,6 +1,6 @@
 """Public documents (OIDC discovery, JWKS, the SPIFFE bundle) and health. ``/readyz``
-tells anyone whether the replica is ready and why not; its detail needs the admin
-credential."""
+tells anyone whether the replica is ready and why not (``?check=issue``: ready to
+issue, ``server/health.py``); its detail needs the admin credential."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from trustmesh.common.errors import InvalidRequest
 from trustmesh.common.http import bearer_token
 from trustmesh.server.controlplane import ControlPlane
 from trustmesh.server.discovery import discovery, spiffe_bundle
+from trustmesh.server.health import parse_check
 from trustmesh.server.routes._auth import Callers
 
 PUBLIC_CACHE = {"Cache-Control": "public, max-age=60"}
@@ -36,10 +38,14 @@ def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
     async def readyz(request: Request) -> Response:
         """Ready or not, and why, for anyone; the revisions and the log's size only for
         the admin credential (a request that sends another is refused)."""
+        try:
+            check = parse_check(request.query_params.get("check"))
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
         detail = bearer_token(request) is not None
         if detail:
             await callers.admin(request)
-        ready, body = plane.ready(detail)
+        ready, body = plane.ready(detail, check)
         return JSONResponse(body, 200 if ready else 503)
 
     async def metrics(request: Request) -> Response:
