@@ -357,6 +357,26 @@ def test_each_agent_has_its_own_credential_and_the_control_plane_sees_both(pair:
     assert eventually(lambda: reporting() == ["agent-a", "agent-b"], "both agents reporting")
 
 
+def test_a_third_agent_given_a_running_agents_data_dir_is_refused(pair: Pair) -> None:
+    """Two agents on one data dir would write one spool, numbering their events alike
+    (and the control plane would refuse every second one): refused at start."""
+    cluster = pair.federation.target_name
+    token_file = agent_credential(pair.first, cluster, "agent-c", pair.directory / "c.token")
+    args = ["agent", "--cluster", cluster, "--server", pair.first.url]
+    args += ["--listen", "127.0.0.1:0", "--data-dir", str(pair.a.data_dir)]
+    answer = subprocess.run(
+        trustmesh_cmd(*args, "--token-file", str(token_file)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert answer.returncode != 0 and answer.stdout == ""
+    assert answer.stderr.startswith("error: the audit spool "), answer.stderr
+    assert "in use by another agent process" in answer.stderr
+    assert len(answer.stderr.strip().splitlines()) == 1, answer.stderr
+    assert pair.a.ready()["ready"] is True  # the agent that has it never noticed
+
+
 def test_a_policy_change_and_a_revocation_reach_both_agents(pair: Pair) -> None:
     fed = pair.federation
     token, victim = fed.svid(), fed.svid()
