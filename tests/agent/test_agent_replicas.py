@@ -120,6 +120,7 @@ class Replica:
     servers: list[str]
     cluster: str
     agent: Agent | None = None
+    flags: tuple[str, ...] = ()
 
     @property
     def url(self) -> str:
@@ -128,7 +129,7 @@ class Replica:
     def start(self) -> Agent:
         args = ["agent", "--cluster", self.cluster, "--server", ",".join(self.servers)]
         args += ["--listen", f"127.0.0.1:{self.port}", "--data-dir", str(self.data_dir)]
-        args += ["--token-file", str(self.token_file)]
+        args += ["--token-file", str(self.token_file), *self.flags]
         log = self.data_dir.parent / f"{self.data_dir.name}.agent.log"
         process = Process(trustmesh_cmd(*args), log)
         line = process.wait_line("trustmesh agent for cluster ", timeout=WAIT)
@@ -480,3 +481,67 @@ def test_one_agent_killed_under_load_costs_nothing_and_every_decision_is_logged_
         assert len(mine) == 1 and mine[0]["gaps"] == [], mine
     resumed_seqs = by_source[f"{cluster}/agent-a/{source_a}"]
     assert acknowledged < killed_at and max(resumed_seqs) > acknowledged
+
+
+def test_two_agents_on_one_address_with_reuse_port(pair: Pair) -> None:
+    """Behind one address without a proxy: two agents (own credentials, own data
+    dirs) listen on one port with ``--reuse-port``; the kernel spreads new connections
+    over both. One killed, new connections reach the other; restarted, it takes its
+    share again; every answered decision is logged once. Without the flag the second
+    agent cannot listen there (one line)."""
+    fed = pair.federation
+    cluster = fed.target_name
+    port = free_port()
+    shared: list[Replica] = []
+    for agent_id in ("agent-d", "agent-e"):
+        token_file = agent_credential(pair.first, cluster, agent_id, pair.directory / agent_id)
+        data_dir = pair.directory / f"{agent_id}-data"
+        data_dir.mkdir()
+        shared.append(
+            Replica(agent_id, data_dir, token_file, port, [pair.first.url, pair.second.url],
+                    cluster, flags=("--reuse-port",))
+        )  # fmt: skip
+    d, e = shared
+    token = fed.svid()
+    answered: list[str] = []
+
+    def ask(times: int) -> set[str]:
+        """``times`` questions, each on a new connection; the agents that answered."""
+        ids = []
+        for _ in range(times):
+            ids.append(d.authorize(token, ALLOWED)["decision_id"])  # d.url is the one address
+        answered.extend(ids)
+        found = decisions_of(pair.first, cluster)
+        return {ev["source"]["agent"] for ev in found if ev["decision"].get("decision_id") in ids}
+
+    try:
+        d.start()
+        alone = subprocess.run(
+            trustmesh_cmd("agent", "--cluster", cluster, "--server", pair.first.url,
+                          "--listen", f"127.0.0.1:{port}", "--data-dir", str(e.data_dir),
+                          "--token-file", str(e.token_file)),
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert alone.returncode == 1 and "--reuse-port" in alone.stderr, alone.stderr
+        assert len(alone.stderr.strip().splitlines()) == 1
+        e.start()
+        assert eventually(lambda: ask(40) == {"agent-d", "agent-e"}, "both agents answering")
+        assert d.agent is not None
+        d.agent.process.kill()
+        assert eventually(lambda: ask(40) == {"agent-e"}, "the other agent answering alone")
+        d.start()
+        assert eventually(lambda: ask(40) == {"agent-d", "agent-e"}, "both again")
+    finally:
+        for replica in shared:
+            if replica.agent is not None:
+                assert replica.agent.process.stop() == 0, replica.agent.process.stderr()
+    events = eventually(
+        lambda: (
+            (found := decisions_of(pair.first, cluster))
+            and {ev["decision"].get("decision_id") for ev in found} >= set(answered)
+            and found
+        ),
+        "every answered decision in the log",
+    )
+    logged = Counter(ev["decision"].get("decision_id") for ev in events)
+    assert all(logged[decision] == 1 for decision in answered)
