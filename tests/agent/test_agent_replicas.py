@@ -279,6 +279,14 @@ def decisions_of(server: Server, cluster: str) -> list[dict[str, Any]]:
     return [e for e in agent_events(server, cluster) if e["type"] == "authz.decision"]
 
 
+def policy_status(server: Server, cluster: str) -> dict[str, Any]:
+    """``status.policy`` of the cluster (``trustmesh get clusters -o json``)."""
+    items = server.admin.get("/v1/clusters").json()["items"]
+    [item] = [i for i in items if i["metadata"]["name"] == cluster]
+    status: dict[str, Any] = item["status"]["policy"]
+    return status
+
+
 # --- the setup -------------------------------------------------------------------------
 
 
@@ -348,12 +356,7 @@ def test_each_agent_has_its_own_credential_and_the_control_plane_sees_both(pair:
     assert again.returncode != 0 and "has a live credential" in again.stderr
 
     def reporting() -> list[str]:
-        found = pair.first.admin.get("/v1/clusters").json()
-        items = found["items"] if isinstance(found, dict) else found
-        for item in items:
-            if item["metadata"]["name"] == cluster:
-                return sorted(a["agentId"] for a in item["status"]["policy"]["agents"])
-        return []
+        return sorted(a["agentId"] for a in policy_status(pair.second, cluster)["agents"])
 
     assert eventually(lambda: reporting() == ["agent-a", "agent-b"], "both agents reporting")
 
@@ -398,6 +401,16 @@ def test_a_policy_change_and_a_revocation_reach_both_agents(pair: Pair) -> None:
     answers = [r.authorize(token, REPORTS) for r in pair.replicas]
     assert [a["allowed"] for a in answers] == [True, True], answers
     assert answers[0]["policy_revision"] == answers[1]["policy_revision"] > before
+
+    def applied_everywhere() -> bool:  # as the control plane sees it: no drift
+        status = policy_status(pair.first, fed.target_name)
+        reported = {a["agentId"]: a["appliedRevision"] for a in status["agents"]}
+        return status["drift"] is False and reported == {
+            "agent-a": status["desiredRevision"],
+            "agent-b": status["desiredRevision"],
+        }
+
+    eventually(applied_everywhere, "both agents reported at the desired revision", BOUND)
 
     jti = jwt.decode(victim, options={"verify_signature": False})["jti"]
     made = pair.second.admin.post(  # at the other replica
