@@ -218,14 +218,15 @@ def start_server(
     )
 
 
-def start_replica(data_dir: Path, first: Server) -> Server:
+def start_replica(data_dir: Path, first: Server, *extra: str) -> Server:
     """Another replica on ``first``'s PostgreSQL database, with its master key: the admin
-    credential already exists in the shared database, so it writes no admin.token."""
+    credential already exists in the shared database, so it writes no admin.token.
+    ``extra``: more flags (the ``--issuer`` the replicas share)."""
     assert first.db is not None
     data_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy(first.data_dir / "master.key", data_dir / "master.key")
     args = ["server", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0"]
-    args += ["--trust-domain", TRUST_DOMAIN, "--db", first.db]
+    args += ["--trust-domain", TRUST_DOMAIN, "--db", first.db, *extra]
     process = Process(trustmesh_cmd(*args), data_dir.parent / f"{data_dir.name}.replica.log")
     line = process.wait_line("trustmesh server listening on ")
     assert "admin credential written" not in line

@@ -271,6 +271,29 @@ def test_sigkill_loses_nothing_append_returned(directory: Path) -> None:
     spool.close()
 
 
+def test_a_spool_has_one_writer_until_it_dies(directory: Path) -> None:
+    """Two writers would number their events alike (two agent replicas given one data
+    dir): a second process is refused while the first has the spool open, and the
+    kernel lets go of the lock when the first is killed, so its restart opens it."""
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(directory)], stdout=subprocess.PIPE, text=True
+    )
+    assert writer.stdout is not None
+    assert int(writer.stdout.readline()) >= 1  # it has the spool open
+    with pytest.raises(SpoolError, match="in use by another agent process") as refused:
+        AuditSpool.open(directory, fsync_interval=0)
+    assert "--data-dir of its own" in str(refused.value)
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    spool = AuditSpool.open(directory, fsync_interval=0)
+    seqs = [e["source"]["seq"] for e in all_lines(directory)]
+    assert spool.append(event()) == len(seqs) + 1
+    with pytest.raises(SpoolError, match="in use"):  # one holder, in this process too
+        AuditSpool.open(directory, fsync_interval=0)
+    spool.close()
+    AuditSpool.open(directory, fsync_interval=0).close()  # closing lets go
+
+
 def test_a_line_too_long_is_refused_without_using_a_seq(directory: Path) -> None:
     spool = AuditSpool.open(directory, fsync_interval=0)
     with pytest.raises(LineTooLong):

@@ -58,6 +58,8 @@ def test_the_printed_configuration_loads_in_envoy(tmp_path: Path, mtls: bool) ->
     "flags",
     [
         ["--agent", "ftp://127.0.0.1:8181"],
+        ["--agent", "http://10.0.0.1:8181", "--agent", "https://10.0.0.2:8181"],
+        ["--agent", "http://10.0.0.1:8181", "--agent", "http://10.0.0.1:8181/"],
         ["--listen", "nowhere"],
         ["--egress-listen", "127.0.0.1:15001", "--egress-to", "127.0.0.1:1"],
         ["--sds-socket", "/s", "--trust-domain", "Not A Domain"],
@@ -150,3 +152,64 @@ def test_an_https_agent_is_verified_against_its_ca_and_host(
     assert trusted["validation_context"]["trusted_ca"] == {
         "filename": "/etc/ssl/certs/ca-certificates.crt"
     }
+
+
+def agent_cluster(config: dict[str, Any]) -> dict[str, Any]:
+    [cluster] = [
+        c for c in config["static_resources"]["clusters"] if c["name"] == "trustmesh_agent"
+    ]
+    return cluster
+
+
+@pytest.mark.parametrize(
+    ("agents", "kind"),
+    [(["http://10.0.0.1:8181", "http://10.0.0.2:8181", "http://10.0.0.3:8181"], "STATIC"),
+     (["https://agent-a.trustmesh.svc:8443", "https://10.0.0.2:8443"], "STRICT_DNS")],
+)  # fmt: skip
+def test_several_agents_are_one_cluster_and_a_failed_check_is_retried_at_another(
+    tmp_path: Path, agents: list[str], kind: str
+) -> None:
+    """Several agent replicas of the cluster (DESIGN §10): the endpoints of one Envoy
+    cluster; a check that fails at one is retried once at each other (never the same
+    one), and one that keeps failing is left out a while. Envoy runs it in
+    tests/agent/test_agent_replicas.py with one agent SIGKILLed."""
+    flags = [flag for url in agents for flag in ("--agent", url)]
+    answer = printed("--cluster", "east", *flags)
+    assert answer.returncode == 0, answer.stderr
+    path = tmp_path / "envoy.yaml"
+    path.write_text(answer.stdout)
+    checked = subprocess.run(
+        [str(envoy_binary()), "--mode", "validate", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    config = yaml.safe_load(answer.stdout)
+    cluster = agent_cluster(config)
+    assert cluster["type"] == kind
+    endpoints = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    addresses = [e["endpoint"]["address"]["socket_address"] for e in endpoints]
+    assert [f"{a['address']}:{a['port_value']}" for a in addresses] == [
+        url.split("://")[1] for url in agents
+    ]
+    assert cluster["outlier_detection"]["consecutive_5xx"] == 2
+    ext_authz = manager(config)["http_filters"][1]["typed_config"]["http_service"]
+    retry = ext_authz["retry_policy"]
+    assert retry["retry_on"] == "5xx" and retry["num_retries"] == len(agents) - 1
+    [predicate] = retry["retry_host_predicate"]
+    assert predicate["name"] == "envoy.retry_host_predicates.previous_hosts"
+    if kind == "STRICT_DNS":  # https: a certificate naming any one of the agents
+        tls = cluster["transport_socket"]["typed_config"]
+        sans = tls["common_tls_context"]["validation_context"]["match_typed_subject_alt_names"]
+        assert sans == [
+            {"san_type": "DNS", "matcher": {"exact": "agent-a.trustmesh.svc"}},
+            {"san_type": "IP_ADDRESS", "matcher": {"exact": "10.0.0.2"}},
+        ]
+        assert "sni" not in tls  # two names: none of them for all
+
+
+def test_one_agent_has_no_retry_to_make() -> None:
+    config = yaml.safe_load(printed("--cluster", "east").stdout)
+    assert "retry_policy" not in manager(config)["http_filters"][1]["typed_config"]["http_service"]
+    assert "outlier_detection" not in agent_cluster(config)

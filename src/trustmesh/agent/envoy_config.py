@@ -26,7 +26,15 @@ What the configuration guarantees, and why:
 * **The agent is who it says.** With an ``https`` agent, Envoy verifies the agent's
   certificate against ``--agent-ca-file`` (default: the system CA bundle) and requires
   it to name the agent's host, so nobody on the path can answer the checks.
-* **Fail closed.** An agent that cannot be reached, or answers 5xx, denies (503).
+* **Several agents, one answer.** ``--agent`` may be given once per agent replica of
+  the cluster (DESIGN §10: each its own credential, sharing nothing but the control
+  plane): they are the endpoints of one Envoy cluster, taken in turn. A check that
+  fails at one of them (refused or reset connection, a 5xx answer) is retried once
+  per other agent, at an agent not yet tried (``previous_hosts``), and an agent that
+  fails twice in a row is left out for a few seconds (outlier detection), so losing
+  one agent costs the callers nothing.
+* **Fail closed.** An agent that cannot be reached, or answers 5xx, denies (503);
+  with several, only when none of them answers.
 * **One reading of the path.** ``normalize_path``, ``merge_slashes`` and encoded
   slashes refused, so the agent and the upstream see the same path (DESIGN §3)."""
 
@@ -34,6 +42,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -59,6 +68,10 @@ _TYPE = "type.googleapis.com/envoy.extensions."
 SYSTEM_CA_FILE = "/etc/ssl/certs/ca-certificates.crt"
 HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 DEFAULT_MAX_CONNECTION_DURATION = "300s"
+MAX_AGENTS = 16
+# an agent that failed this many checks in a row is left out for EJECTION_TIME
+CONSECUTIVE_FAILURES = 2
+EJECTION_TIME = "5s"
 _SECONDS = re.compile(r"(?:0|[1-9][0-9]{0,8})(?:\.[0-9]{1,9})?s")
 
 
@@ -66,19 +79,33 @@ def _address(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
-def _cluster(name: str, host: str, port: int, timeout: str = "1s") -> dict[str, Any]:
+def _is_address(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
-        kind = "STATIC"
     except ValueError:
-        kind = "LOGICAL_DNS"
+        return False
+    return True
+
+
+def _cluster(
+    name: str, host: str, port: int, timeout: str = "1s", more: Sequence[tuple[str, int]] = ()
+) -> dict[str, Any]:
+    """A cluster of ``host:port`` (and ``more`` endpoints): STATIC for addresses, DNS
+    names resolved by Envoy (LOGICAL_DNS for one endpoint, STRICT_DNS for several)."""
+    endpoints = [(host, port), *more]
+    if all(_is_address(h) for h, _ in endpoints):
+        kind = "STATIC"
+    else:
+        kind = "LOGICAL_DNS" if len(endpoints) == 1 else "STRICT_DNS"
     return {
         "name": name,
         "type": kind,
         "connect_timeout": timeout,
         "load_assignment": {
             "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(host, port)}}]}],
+            "endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": _address(h, p)}} for h, p in endpoints]}
+            ],
         },
     }
 
@@ -147,7 +174,28 @@ def _tls_context(trust_domain: str | None, peer: str | None = None) -> dict[str,
     }
 
 
-def _ext_authz(agent: tuple[str, str, int], mtls: bool, timeout: str) -> dict[str, Any]:
+def _retry(others: int) -> dict[str, Any]:
+    """A failed check (no answer, or a 5xx) retried at each agent not yet tried."""
+    return {
+        "retry_on": "5xx",
+        "num_retries": others,
+        "retry_host_predicate": [
+            {
+                "name": "envoy.retry_host_predicates.previous_hosts",
+                "typed_config": {
+                    "@type": _TYPE + "retry.host.previous_hosts.v3.PreviousHostsPredicate"
+                },
+            }
+        ],
+        "host_selection_retry_max_attempts": 3 * (others + 1),
+    }
+
+
+def _ext_authz(
+    agent: tuple[str, str, int], mtls: bool, timeout: str, others: int = 0
+) -> dict[str, Any]:
+    """The ext_authz filter asking the agent cluster (``others``: how many more agents
+    it has besides ``agent``; a failed check is retried at them)."""
     scheme, host, port = agent
     allowed = [{"exact": "authorization"}, {"exact": TRACEPARENT_HEADER}]
     if mtls:
@@ -192,6 +240,7 @@ def _ext_authz(agent: tuple[str, str, int], mtls: bool, timeout: str) -> dict[st
                         ]
                     },
                 },
+                **({"retry_policy": _retry(others)} if others else {}),
             },
         },
     }
@@ -253,27 +302,26 @@ def _listener(
     return {"name": name, "address": _address(*listen), "filter_chains": [chain]}
 
 
-def _agent_tls(host: str, ca_file: str) -> dict[str, Any]:
-    """TLS to an https agent, verified: its certificate must chain to ``ca_file`` and
-    name ``host`` (a DNS name, or an IP address SAN for an address)."""
-    try:
-        ipaddress.ip_address(host)
-        san_type = "IP_ADDRESS"
-    except ValueError:
-        san_type = "DNS"
+def _agent_tls(hosts: Sequence[str], ca_file: str) -> dict[str, Any]:
+    """TLS to https agents, verified: a certificate must chain to ``ca_file`` and name
+    one of ``hosts`` (a DNS name, or an IP address SAN for an address). SNI names the
+    host when there is one DNS name for them all."""
+    matchers = [
+        {"san_type": "IP_ADDRESS" if _is_address(h) else "DNS", "matcher": {"exact": h}}
+        for h in dict.fromkeys(hosts)
+    ]
     context: dict[str, Any] = {
         "@type": _TYPE + "transport_sockets.tls.v3.UpstreamTlsContext",
         "common_tls_context": {
             "validation_context": {
                 "trusted_ca": {"filename": ca_file},
-                "match_typed_subject_alt_names": [
-                    {"san_type": san_type, "matcher": {"exact": host}}
-                ],
+                "match_typed_subject_alt_names": matchers,
             }
         },
     }
-    if san_type == "DNS":
-        context["sni"] = host
+    names = set(hosts)
+    if len(names) == 1 and not _is_address(hosts[0]):
+        context["sni"] = hosts[0]
     return {"name": "envoy.transport_sockets.tls", "typed_config": context}
 
 
@@ -288,11 +336,30 @@ def _agent_url(url: str) -> tuple[str, str, int]:
     return parts.scheme, parts.hostname, port
 
 
+def _agent_urls(agents: str | Sequence[str]) -> list[tuple[str, str, int]]:
+    """The agents of the cluster, one scheme for all, none twice; ValueError naming
+    the problem."""
+    urls = [agents] if isinstance(agents, str) else list(agents)
+    if not urls:
+        raise ValueError("--agent: name at least one agent")
+    if len(urls) > MAX_AGENTS:
+        raise ValueError(f"--agent: at most {MAX_AGENTS} agents")
+    parsed = [_agent_url(url) for url in urls]
+    if len({scheme for scheme, _, _ in parsed}) > 1:
+        raise ValueError("--agent: every agent must be http, or every agent https")
+    seen: set[tuple[str, int]] = set()
+    for _, host, port in parsed:
+        if (host, port) in seen:
+            raise ValueError(f"--agent {host}:{port} is given twice")
+        seen.add((host, port))
+    return parsed
+
+
 def build_config(
     *,
     cluster: str,
     listen: str,
-    agent: str,
+    agent: str | Sequence[str],
     upstream: str,
     admin: str,
     namespace: str | None = None,
@@ -306,14 +373,16 @@ def build_config(
     agent_ca_file: str = SYSTEM_CA_FILE,
 ) -> dict[str, Any]:
     """The configuration as data (``trustmesh envoy config`` prints it as YAML); raises
-    ValueError naming a bad flag."""
+    ValueError naming a bad flag. ``agent``: the cluster's agent, or its several agent
+    replicas (one Envoy cluster, a failed check retried at another)."""
     mtls = sds_socket is not None
     if not _SECONDS.fullmatch(max_connection_duration) or not float(max_connection_duration[:-1]):
         raise ValueError(
             f"--max-connection-duration {max_connection_duration!r} is not a positive "
             "number of seconds such as 300s or 2.5s"
         )
-    agent_scheme, agent_host, agent_port = _agent_url(agent)
+    agents = _agent_urls(agent)
+    agent_scheme, agent_host, agent_port = agents[0]
     if trust_domain is not None:
         trust_domain = normalize_trust_domain(trust_domain)
     if (egress_listen is None) != (egress_to is None):
@@ -335,7 +404,7 @@ def build_config(
         }
     filters = [
         _strip_ours(),
-        _ext_authz((agent_scheme, agent_host, agent_port), mtls, authz_timeout),
+        _ext_authz(agents[0], mtls, authz_timeout, others=len(agents) - 1),
     ]
     listeners = [
         _listener(
@@ -345,9 +414,17 @@ def build_config(
             ingress_tls,
         )
     ]
-    agent_cluster = _cluster(AGENT_CLUSTER, agent_host, agent_port)
+    more = [(host, port) for _, host, port in agents[1:]]
+    agent_cluster = _cluster(AGENT_CLUSTER, agent_host, agent_port, more=more)
+    if more:  # an agent that keeps failing is left out a while
+        agent_cluster["outlier_detection"] = {
+            "consecutive_5xx": CONSECUTIVE_FAILURES,
+            "interval": "1s",
+            "base_ejection_time": EJECTION_TIME,
+            "max_ejection_percent": 100,
+        }
     if agent_scheme == "https":
-        agent_cluster["transport_socket"] = _agent_tls(agent_host, agent_ca_file)
+        agent_cluster["transport_socket"] = _agent_tls([h for _, h, _ in agents], agent_ca_file)
     clusters = [agent_cluster, _cluster(UPSTREAM_CLUSTER, *parse_listen(upstream))]
     if egress_listen is not None and egress_to is not None:
         egress = _cluster("egress", *parse_listen(egress_to))

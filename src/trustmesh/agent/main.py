@@ -6,7 +6,11 @@ and what is left is shipped within ``AUDIT_FINAL_SHIP_TIMEOUT`` seconds (the res
 in the spool for the next start).
 
 With ``--workers N`` (N > 1) this process supervises N workers, each an agent as
-above on the same port with a spool of its own (``agent/workers.py``)."""
+above on the same port with a spool of its own (``agent/workers.py``). With
+``--reuse-port`` a single agent listens with ``SO_REUSEPORT``, so several agents of the
+cluster — each its own credential and data dir — can listen on one address of one host
+(the kernel spreads new connections over them; docs/operations.md, "Several agents per
+cluster")."""
 
 from __future__ import annotations
 
@@ -78,6 +82,7 @@ class AgentConfig:
     otel_exporter: str = "none"
     http_limits: HttpLimits = DEFAULT_LIMITS
     workers: int = 1
+    reuse_port: bool = False  # share the address with other agents (SO_REUSEPORT)
     trust_xfcc: bool = False
     gateway_claims: tuple[str, ...] = DEFAULT_GATEWAY_CLAIMS
     extra: dict[str, str] = field(default_factory=dict)
@@ -285,7 +290,11 @@ def run_agent(config: AgentConfig, listen: str) -> None:
     if config.workers > 1:
         _supervise(config, host, port, "https" if tls else "http")
         return
-    sock = bind_socket(host, port)
+    try:
+        sock = bind_socket(host, port, reuse_port=config.reuse_port)
+    except OSError as exc:
+        shared = "" if config.reuse_port else " (agents that share one address: --reuse-port)"
+        raise ConfigError(f"cannot listen on {listen}: {exc.strerror}{shared}") from None
     url = url_for(host, sock.getsockname()[1], "https" if tls else "http")
     announced = False
 

@@ -15,6 +15,14 @@ Layout of ``DATA_DIR/audit-spool/``:
 ``cursor``
     the highest seq the control plane acknowledged (written to a temporary file,
     fsynced, renamed over the old one: a crash leaves the old or the new value).
+``lock``
+    held (``flock``, exclusive) by the one process that has the spool open, for as
+    long as it does; the kernel lets go when the process dies, even by ``kill -9``.
+    Two writers would number their events alike and the control plane would refuse
+    the second of each pair (same source and seq, other content), so a second agent
+    given the same data dir (two agent replicas on one volume) is refused at start:
+    every agent needs a data dir of its own (``--workers`` agents share one, each
+    worker with a spool of its own).
 
 Durability. :meth:`AuditSpool.append` writes the line with one ``os.write`` on an
 ``O_APPEND`` descriptor before it returns, so once the agent has answered, the event
@@ -34,6 +42,7 @@ cursor is shipped again; resending what the control plane already holds is harml
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import re
@@ -53,6 +62,7 @@ log = logging.getLogger("trustmesh.agent.audit")
 SPOOL_DIR = "audit-spool"
 SOURCE_FILE = "source"
 CURSOR_FILE = "cursor"
+LOCK_FILE = "lock"
 DEFAULT_SEGMENT_BYTES = 16 * 1024 * 1024
 DEFAULT_FSYNC_INTERVAL = 0.1
 MAX_LINE_BYTES = 15 * 1024
@@ -139,6 +149,7 @@ class AuditSpool:
         self._lock = threading.Lock()  # segments, fds and the synced mark (vs. the fsync thread)
         self._segments: list[int] = []  # first seqs, ascending; the last one is written
         self._fd = -1
+        self._lock_fd = -1  # holds the spool's flock while it is open
         self._retired: list[int] = []  # fds of finished segments, for the fsync thread
         self._dir_dirty = False
         self._segment_size = 0
@@ -183,6 +194,7 @@ class AuditSpool:
     def _recover(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         os.chmod(self.directory, 0o700)
+        self._take_lock()
         segments = self._list_segments()
         self.source_id = self._load_or_create_source(bool(segments))
         self._acked_seq = self._read_cursor()
@@ -203,6 +215,18 @@ class AuditSpool:
         self._written_seq = self._synced_seq = self._next_seq - 1
         self._position = self._locate(self._acked_seq + 1)
         self._delete_acknowledged_segments()
+
+    def _take_lock(self) -> None:
+        """This process's exclusive hold on the spool (SpoolError if another has it)."""
+        path = self.directory / LOCK_FILE
+        self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SpoolError(
+                f"the audit spool {self.directory} is in use by another agent process: "
+                "every agent needs a --data-dir of its own"
+            ) from None
 
     def _list_segments(self) -> list[int]:
         found = []
@@ -553,12 +577,12 @@ class AuditSpool:
             self._close_fds()
 
     def _close_fds(self) -> None:
-        for fd in [*self._retired, self._fd]:
+        for fd in [*self._retired, self._fd, self._lock_fd]:  # the lock last
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self._retired = []
-        self._fd = -1
+        self._fd = self._lock_fd = -1
 
     def status(self) -> dict[str, Any]:
         return {

@@ -28,10 +28,11 @@ def envoy_config(
     listen: str = typer.Option(
         "0.0.0.0:10000", "--listen", help="HOST:PORT Envoy serves the workload's callers on."
     ),
-    agent: str = typer.Option(
-        "http://127.0.0.1:8181",
+    agent: list[str] = typer.Option(
+        ["http://127.0.0.1:8181"],
         "--agent",
-        help="The cluster's agent (ext_authz), http(s)://HOST:PORT.",
+        help="The cluster's agent (ext_authz), http(s)://HOST:PORT; repeat it for each "
+        "agent replica (a check that fails at one is retried at another).",
     ),
     upstream: str = typer.Option(
         "127.0.0.1:8080", "--upstream", help="HOST:PORT of the workload behind Envoy."

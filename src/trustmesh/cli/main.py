@@ -458,6 +458,12 @@ def agent(
         help="Worker processes serving the port (SO_REUSEPORT), each with its own audit "
         "spool, under a supervisor that restarts one that dies.",
     ),
+    reuse_port: bool = typer.Option(
+        False,
+        "--reuse-port",
+        help="Listen with SO_REUSEPORT, so other agents of the cluster (each its own "
+        "credential and --data-dir, same user) can listen on the same address.",
+    ),
     trust_xfcc: bool = typer.Option(
         False,
         "--trust-xfcc",
@@ -542,6 +548,7 @@ def agent(
                     max_connections,
                 ),
                 workers=workers,
+                reuse_port=reuse_port,
                 trust_xfcc=trust_xfcc,
                 gateway_claims=claims,
                 tls_cert=tls_cert,
