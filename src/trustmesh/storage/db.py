@@ -86,13 +86,18 @@ class Database:
 
 
 def open_database(
-    db: str | None, data_dir: Path, *, background_wal_checkpoints: bool = False
+    db: str | None,
+    data_dir: Path,
+    *,
+    background_wal_checkpoints: bool = False,
+    schema_version: int | None = None,
 ) -> Database:
     """``background_wal_checkpoints``: SQLite's WAL is not checkpointed by the commit
     that fills it (which then copies and syncs some 64 MiB while every transaction
     waiting behind it waits too) but by whoever opened the database, calling
     :meth:`Database.checkpoint_wal` on a schedule of its own (the control plane: every
-    second, on its own thread)."""
+    second, on its own thread). ``schema_version``: migrate only that far (a restore of
+    an older backup; see ``migrate``)."""
     url = engine_url(db, data_dir)
     try:
         parsed = make_url(url)
@@ -106,5 +111,5 @@ def open_database(
         event.listen(engine, "connect", _sqlite_pragmas(autocheckpoint))
     else:
         engine = create_engine(url, pool_size=5, max_overflow=10, pool_pre_ping=True)
-    migrate(engine)
+    migrate(engine, schema_version)
     return Database(engine=engine, url=parsed.render_as_string(hide_password=True))
