@@ -463,6 +463,7 @@ class RestoreResult:
     published: Published | None
     new_origin: str | None
     origin_entry: int | None
+    verifier_key: str
     warnings: tuple[str, ...]
 
     def to_json(self) -> dict[str, Any]:
@@ -483,6 +484,7 @@ class RestoreResult:
             else f"{self.published.lost} published entries lost; new log origin started",
             "new_origin": self.new_origin,
             "origin_entry": self.origin_entry,
+            "verifier_key": self.verifier_key,
             "warnings": list(self.warnings),
         }
 
@@ -666,6 +668,7 @@ def restore(
             size = int(
                 conn.execute(select(func.count()).select_from(schema.audit_entries)).scalar() or 0
             )
+            key = str(meta_store.get(conn, VERIFIER_KEY) or "")
         shown = database.url
     finally:
         database.dispose()
@@ -681,5 +684,6 @@ def restore(
         published=published,
         new_origin=new_origin,
         origin_entry=origin_entry,
+        verifier_key=key,
         warnings=tuple(checked.warnings),
     )
