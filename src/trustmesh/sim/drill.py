@@ -535,7 +535,8 @@ def _prove(plane: Plane, published_before: str, old_key: str, new_key: str) -> d
     except (ProofError, TrustmeshError, ValueError, KeyError) as exc:
         result["detail"] = f"no proof: {exc}"
         return result
-    return _proved(first, second, hashes)
+    return {**_proved(first, second, hashes), "notes": [published_before, note],
+            "keys": [old_key, new_key]}  # fmt: skip
 
 
 def _proved(first: Checkpoint, second: Checkpoint, hashes: list[bytes]) -> dict[str, Any]:
