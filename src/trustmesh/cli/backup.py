@@ -13,10 +13,12 @@ import typer
 from trustmesh.cli._common import (
     Output,
     OutputOption,
+    TokenFileOption,
     fail,
     print_facts,
     print_json,
     print_table,
+    resolve_token,
 )
 from trustmesh.common.errors import ConfigError, TrustmeshError
 from trustmesh.common.files import read_mounted_file
@@ -145,15 +147,45 @@ def drill(
     data_dir: Path | None = typer.Option(
         None, "--data-dir", help="Keep the drill's files (logs, backup) here (default: a temp dir)."
     ),
+    server: str | None = typer.Option(
+        None,
+        "--server",
+        help="Drill beside this live control plane instead: back it up (read only) and "
+        "restore into a scratch instance (--db, else SQLite in the drill's data dir).",
+    ),
+    live_data_dir: Path | None = typer.Option(
+        None, "--live-data-dir", help="With --server: the live server's data dir."
+    ),
+    live_db: str | None = typer.Option(
+        None, "--live-db", help="With --server: the live server's postgresql://… database."
+    ),
+    master_key_file: Path | None = typer.Option(
+        None,
+        "--master-key-file",
+        help="With --server: the live master key (default: LIVE_DATA_DIR/master.key).",
+    ),
+    token_file: Path | None = TokenFileOption,
     output: Output = OutputOption,
 ) -> None:
     """A disaster-recovery drill on a local federation: back up, generate traffic, crash
     the control plane and destroy its database, restore, restart; report recovery time,
-    what was lost, and whether each guarantee held (exit 1 if one failed)."""
-    from trustmesh.sim.drill import run_drill
+    what was lost, and whether each guarantee held (exit 1 if one failed). With --server,
+    a live control plane is backed up and restored beside itself, never touched."""
+    from trustmesh.sim.drill import run_drill, run_live_drill
 
     try:
-        report = run_drill(db, data_dir)
+        if server is None:
+            report = run_drill(db, data_dir)
+        else:
+            report = run_live_drill(
+                server,
+                resolve_token(token_file),
+                live_data_dir,
+                live_db,
+                master_key_file,
+                db,
+                data_dir,
+            )
     except ConfigError as exc:
         fail(exc.description)
     except TrustmeshError as exc:
@@ -167,13 +199,22 @@ def drill(
                 ("engine", report.engine),
                 (
                     "recovery time",
-                    f"{report.recovery_seconds:.2f} s (database destroyed -> serving)",
+                    f"{report.recovery_seconds:.2f} s "
+                    + (
+                        "(database destroyed -> serving)"
+                        if report.mode == "local"
+                        else "(restore -> scratch instance serving)"
+                    ),
                 ),
                 (
                     "lost (after the backup)",
                     f"{lost['entries']} log entries"
                     + (f" [{lost['first_index']}..{lost['last_index']}]" if lost["entries"] else "")
-                    + f"; registry revision {lost['changes']['registry_revision']}",
+                    + (
+                        f"; registry revision {lost['changes']['registry_revision']}"
+                        if lost["changes"]
+                        else ""
+                    ),
                 ),
                 ("lost by type", ", ".join(f"{k} {v}" for k, v in lost["by_type"].items()) or "-"),
                 ("new log origin", lost["new_log_origin"] or "-"),
@@ -182,7 +223,7 @@ def drill(
         print_table(
             ["guarantee", "held", "detail"],
             [
-                [name, "yes" if g["ok"] else "NO", g["detail"]]
+                [name, {True: "yes", False: "NO", None: "n/a"}[g["ok"]], g["detail"]]
                 for name, g in report.guarantees.items()
             ],
             title="drill",

@@ -454,6 +454,7 @@ def check_backup(path: Path, master: MasterKey, published_checkpoint: str | None
 class RestoreResult:
     data_dir: str
     database: str
+    trust_domain: str
     seconds: float
     backup_created_at: float
     schema_version: int
@@ -470,6 +471,7 @@ class RestoreResult:
         return {
             "data_dir": self.data_dir,
             "database": self.database,
+            "trust_domain": self.trust_domain,
             "seconds": round(self.seconds, 3),
             "backup_created_at": self.backup_created_at,
             "schema_version": self.schema_version,
@@ -577,14 +579,18 @@ def _new_origin_name(old: str) -> str:
 
 
 def _start_new_origin(
-    db: Database, master: MasterKey, checked: Checked, published: Published
+    db: Database, master: MasterKey, checked: Checked, published: Published | None, reason: str
 ) -> tuple[str, int]:
     """DESIGN §10: the backup's log falls short of a published checkpoint. A new log key
     under a new origin continues the restored entries; its first entry records the old
     origin's last checkpoint the restored entries verify against and what was lost, and
     the old key's checkpoints leave the table (they stay in the backup and in that
     entry), so no key ever signs two inconsistent checkpoints. Returns the new origin
-    and the index of its first entry."""
+    and the index of its first entry.
+
+    A scratch copy beside a live control plane (``trustmesh drill --server``) starts one
+    too, whatever it lost: it will append entries of its own, which the live log's key
+    must never sign."""
     trust_domain = checked.meta.get("trust_domain", "")
     old_origin = checked.meta[ORIGIN]
     origin = _new_origin_name(old_origin)
@@ -603,14 +609,15 @@ def _start_new_origin(
         source={"kind": "control-plane", "id": RESTORE_REPLICA},
         actor="admin:restore",
         detail={
+            "reason": reason,
             "old_origin": old_origin,
             "old_verifier_key": checked.meta.get(VERIFIER_KEY),
             "last_consistent_checkpoint": None if last is None else last[1],
-            "published_checkpoint": published.note,
+            "published_checkpoint": None if published is None else published.note,
             "restored_entries": checked.tree.size,
             "lost_from_index": checked.tree.size,
-            "lost_to_index": published.checkpoint.size,
-            "lost_entries": published.lost,
+            "lost_to_index": checked.tree.size + (0 if published is None else published.lost),
+            "lost_entries": 0 if published is None else published.lost,
             "backup_created_at": ev.now_time(float(checked.header.get("created_at", 0.0))),
         },
     )
@@ -628,9 +635,11 @@ def restore(
     *,
     published_checkpoint: str | None = None,
     accept_loss: bool = False,
+    scratch: bool = False,
 ) -> RestoreResult:
     """Check the backup (:func:`check_backup`), then rebuild a control plane's database
-    from it into an empty ``db`` (SQLite in ``data_dir`` by default)."""
+    from it into an empty ``db`` (SQLite in ``data_dir`` by default). ``scratch``: a copy
+    beside a live control plane, under a log origin of its own (:func:`_start_new_origin`)."""
     started = time.monotonic()
     if not data_dir.exists():
         data_dir.mkdir(parents=True, mode=0o700)
@@ -638,7 +647,7 @@ def restore(
     master = load_master_key(data_dir, master_key_file)
     checked = check_backup(path, master, published_checkpoint)
     published = checked.published
-    if published is not None and published.lost and not accept_loss:
+    if published is not None and published.lost and not (accept_loss or scratch):
         raise BackupError(
             f"the backup's log has {checked.tree.size} entries but a checkpoint of "
             f"{published.checkpoint.size} was published: restoring it would fork the log. "
@@ -662,8 +671,14 @@ def restore(
         database.dispose()
         database = open_database(db, data_dir)  # the migrations after the backup's version
         new_origin, origin_entry = None, None
-        if published is not None and published.lost:
-            new_origin, origin_entry = _start_new_origin(database, master, checked, published)
+        if scratch:
+            new_origin, origin_entry = _start_new_origin(
+                database, master, checked, published, "scratch copy beside a live control plane"
+            )
+        elif published is not None and published.lost:
+            new_origin, origin_entry = _start_new_origin(
+                database, master, checked, published, "restore accepted loss"
+            )
         with database.engine.connect() as conn:
             size = int(
                 conn.execute(select(func.count()).select_from(schema.audit_entries)).scalar() or 0
@@ -675,6 +690,7 @@ def restore(
     return RestoreResult(
         data_dir=str(data_dir),
         database=shown,
+        trust_domain=checked.meta.get("trust_domain", ""),
         seconds=time.monotonic() - started,
         backup_created_at=float(checked.header.get("created_at", 0.0)),
         schema_version=version,

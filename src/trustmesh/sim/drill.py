@@ -168,9 +168,9 @@ class Prober:
 
 @dataclass
 class Plane:
-    """The control plane as a child process, and an admin client of it."""
+    """A control plane (our child process, or None: a live one), and an admin client."""
 
-    child: Child
+    child: Child | None
     url: str
     http: httpx.Client
 
@@ -185,14 +185,23 @@ class Plane:
 
 
 def _start_plane(
-    data_dir: Path, db: str | None, listen: str, logs: Path, name: str, admin_token: str | None
+    data_dir: Path,
+    db: str | None,
+    listen: str,
+    logs: Path,
+    name: str,
+    admin_token: str | None,
+    trust_domain: str = TRUST_DOMAIN,
+    master_key_file: Path | None = None,
 ) -> Plane:
     argv = trustmesh_argv(
-        "server", "--data-dir", data_dir, "--listen", listen, "--trust-domain", TRUST_DOMAIN,
+        "server", "--data-dir", data_dir, "--listen", listen, "--trust-domain", trust_domain,
         "--audit-checkpoint-interval", "0.2",
     )  # fmt: skip
     if db:
         argv += ["--db", db]
+    if master_key_file is not None:
+        argv += ["--master-key-file", master_key_file]
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     child = Child(name, argv, logs)
     try:
@@ -277,6 +286,7 @@ def _lost_entries(data_dir: Path, db: str | None, backup_size: int) -> list[dict
 
 @dataclass
 class DrillReport:
+    mode: str  # "local" | "beside-live"
     engine: str
     ok: bool
     guarantees: dict[str, dict[str, Any]]
@@ -289,6 +299,7 @@ class DrillReport:
     def to_json(self) -> dict[str, Any]:
         return {
             "ok": self.ok,
+            "mode": self.mode,
             "engine": self.engine,
             "recovery_seconds": round(self.recovery_seconds, 3),
             "guarantees": self.guarantees,
@@ -364,6 +375,7 @@ def run_drill(db: str | None = None, data_dir: Path | None = None) -> DrillRepor
 
         def stop_planes() -> None:
             for p in planes:
+                assert p.child is not None
                 if p.child.proc.poll() is None:
                     p.child.proc.send_signal(signal.SIGTERM)
                 p.child.wait_stopped()
@@ -428,6 +440,7 @@ def run_drill(db: str | None = None, data_dir: Path | None = None) -> DrillRepor
         }
 
         # The disaster: the control plane dies, its database is destroyed.
+        assert plane.child is not None
         plane.child.proc.send_signal(signal.SIGKILL)
         plane.child.proc.wait()
         outage_start = time.time()
@@ -502,6 +515,7 @@ def run_drill(db: str | None = None, data_dir: Path | None = None) -> DrillRepor
         },
     }
     return DrillReport(
+        mode="local",
         engine="postgresql" if db else "sqlite",
         ok=all(g["ok"] for g in guarantees.values()),
         guarantees=guarantees,
@@ -519,6 +533,10 @@ def _prove(plane: Plane, published_before: str, old_key: str, new_key: str) -> d
     result: dict[str, Any] = {"ok": False}
     try:
         first = verify_checkpoint(published_before, old_key)
+        if first.size == 0:
+            return {"ok": True, "detail": "the checkpoint published before the drill is of "
+                    "the empty log, which every log extends", "notes": [published_before],
+                    "keys": [old_key, new_key]}  # fmt: skip
         note = _checkpoint(plane)
         served_key = plane.call("GET", "/v1/audit/key").text.strip()
         if served_key != new_key:
@@ -550,3 +568,130 @@ def _proved(first: Checkpoint, second: Checkpoint, hashes: list[bytes]) -> dict[
                    "root_hash": base64.b64encode(second.root_hash).decode()},
         "proof": [base64.b64encode(h).decode() for h in hashes],
     }  # fmt: skip
+
+
+# -- beside a live control plane (--server) ------------------------------------------------
+def _served_kids(http: httpx.Client, url: str) -> set[str]:
+    try:
+        discovery = http.get(url + "/.well-known/openid-configuration").json()
+        keys = http.get(discovery["jwks_uri"]).json()["keys"]
+    except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+        raise DrillError(f"cannot read the JWKS of {url}: {exc}") from None
+    return {str(k.get("kid")) for k in keys if isinstance(k, dict)}
+
+
+def run_live_drill(
+    server: str,
+    admin_token: str,
+    live_data_dir: Path | None,
+    live_db: str | None,
+    master_key_file: Path | None,
+    db: str | None = None,
+    data_dir: Path | None = None,
+) -> DrillReport:
+    """``--server``: back up a live control plane (one read transaction on its database,
+    which is never written), restore into a scratch instance beside it (SQLite in the
+    drill's data dir, or the scratch ``db``) under a log origin of its own, start it on
+    a free loopback port, and check it against the live one. The live agents are left
+    alone, so that guarantee is not exercised."""
+    if db:
+        _check_scratch(db)
+    if live_data_dir is None and live_db is None:
+        raise DrillError("--server needs the live database: --live-data-dir and/or --live-db")
+    key_file = master_key_file or (live_data_dir / "master.key" if live_data_dir else None)
+    if key_file is None:
+        raise DrillError("pass --master-key-file: the live control plane's master key")
+    headers = {"Authorization": f"Bearer {admin_token}"}
+    live = Plane(None, server.rstrip("/"), httpx.Client(headers=headers, timeout=30.0))
+    with _root(data_dir) as root, ExitStack() as stack:
+        stack.callback(live.http.close)
+        logs = root / "logs"
+        logs.mkdir(exist_ok=True)
+        published_before = _checkpoint(live)
+        old_key = live.call("GET", "/v1/audit/key").text.strip()
+        live_kids = _served_kids(live.http, live.url)
+        backup_path = root / "drill.tmbk"
+        summary = write_backup(live_data_dir, live_db, backup_path)
+        published_last = _checkpoint(live)
+        last = verify_checkpoint(published_last, old_key)
+        started = time.monotonic()
+        scratch_dir = root / "scratch"
+        restored = restore(
+            backup_path,
+            scratch_dir,
+            db,
+            key_file,
+            published_checkpoint=published_last,
+            scratch=True,
+        )
+        scratch = _start_plane(
+            scratch_dir,
+            db,
+            "127.0.0.1:0",
+            logs,
+            "scratch",
+            admin_token,
+            restored.trust_domain,
+            key_file,
+        )
+
+        def stop_scratch() -> None:
+            assert scratch.child is not None
+            scratch.child.terminate()
+            scratch.child.wait_stopped()
+            scratch.http.close()
+
+        stack.callback(stop_scratch)
+        recovery = time.monotonic() - started
+        missing_kids = live_kids - _served_kids(scratch.http, scratch.url)
+        consistency = _prove(scratch, published_before, old_key, restored.verifier_key)
+        lost_entries: list[dict[str, Any]] = []
+        start = summary.audit_size
+        while start < last.size:
+            page = live.call(
+                "GET", "/v1/audit/entries", params={"start": start, "end": last.size}
+            ).json()["entries"]
+            if not page:
+                break
+            lost_entries.extend({"index": e["index"], "type": e["event"].get("type")} for e in page)
+            start = int(page[-1]["index"]) + 1
+    lost_types = Counter(str(e["type"]) for e in lost_entries)
+    guarantees: dict[str, dict[str, Any]] = {
+        "restore_verified": {
+            "ok": restored.checkpoints_verified > 0,
+            "detail": f"{restored.audit_size} entries; {restored.checkpoints_verified} "
+            "checkpoint(s) verified",
+        },
+        "tokens_still_verify": {
+            "ok": not missing_kids,
+            "detail": "every signing key the live control plane publishes is served by the "
+            "restored instance"
+            if not missing_kids
+            else f"keys missing from the restored instance: {', '.join(sorted(missing_kids))}",
+        },
+        "agents_kept_deciding": {
+            "ok": None,
+            "detail": "not exercised: --server leaves the live agents alone",
+        },
+        "log_extends_published": {"ok": consistency["ok"], "detail": consistency["detail"]},
+    }
+    return DrillReport(
+        mode="beside-live",
+        engine="postgresql" if db else "sqlite",
+        ok=all(g["ok"] is not False for g in guarantees.values()),
+        guarantees=guarantees,
+        recovery_seconds=recovery,
+        lost={
+            "backup_entries": summary.audit_size,
+            "entries": len(lost_entries),
+            "first_index": lost_entries[0]["index"] if lost_entries else None,
+            "last_index": lost_entries[-1]["index"] if lost_entries else None,
+            "by_type": dict(sorted(lost_types.items())),
+            "published_entries_lost": restored.published.lost if restored.published else 0,
+            "changes": {},
+            "new_log_origin": restored.new_origin,
+        },
+        agent={},
+        consistency=consistency,
+        restore=restored.to_json(),
+    )
