@@ -147,6 +147,12 @@ def write_backup(data_dir: Path | None, db: str | None, out: Path) -> BackupSumm
     started = time.monotonic()
     engine = offline.open_engine(data_dir, db)
     version = current_version(engine)
+    if version > LATEST:  # its tables and columns would be left out without a word
+        engine.dispose()
+        raise BackupError(
+            f"the database is of schema version {version}, newer than this trustmesh "
+            f"({LATEST}): back it up with the trustmesh that serves it"
+        )
     temporary = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
