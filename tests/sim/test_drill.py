@@ -31,7 +31,7 @@ def drill(*args: str) -> subprocess.CompletedProcess[str]:
 def test_the_drill_passes_and_says_what_it_proved(
     engine: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    args = ["--data-dir", str(tmp_path / "drill"), "-o", "json"]
+    args = ["--data-dir", str(tmp_path / "drill"), "--log-entries", "1500", "-o", "json"]
     if engine == "postgresql":
         args += ["--db", new_postgres_database(request.getfixturevalue("postgres_base_url"))]
     result = drill(*args)
@@ -47,6 +47,8 @@ def test_the_drill_passes_and_says_what_it_proved(
     assert lost["by_type"]["admin.apply"] == 1
     assert sum(lost["by_type"].values()) == lost["entries"]
     assert lost["first_index"] == lost["backup_entries"]
+    assert lost["backup_entries"] == 1500 + 1  # the log filled, then the pre-drill token
+    assert report["restore"]["audit_size"] == 1500 + 1 + 1  # and the new origin's first entry
     assert lost["last_index"] == lost["backup_entries"] + lost["entries"] - 1
     assert lost["changes"]["registry_revision"] is not None
     assert lost["new_log_origin"] == report["restore"]["new_origin"] is not None

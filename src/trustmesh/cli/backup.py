@@ -147,6 +147,13 @@ def drill(
     data_dir: Path | None = typer.Option(
         None, "--data-dir", help="Keep the drill's files (logs, backup) here (default: a temp dir)."
     ),
+    log_entries: int = typer.Option(
+        0,
+        "--log-entries",
+        min=0,
+        help="Fill the drill's audit log to this many entries first (agent decisions "
+        "shipped through the ingest endpoint), to see the recovery time of a log that size.",
+    ),
     server: str | None = typer.Option(
         None,
         "--server",
@@ -175,7 +182,7 @@ def drill(
 
     try:
         if server is None:
-            report = run_drill(db, data_dir)
+            report = run_drill(db, data_dir, log_entries)
         else:
             report = run_live_drill(
                 server,

@@ -31,6 +31,7 @@ import signal
 import tempfile
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -42,6 +43,7 @@ import httpx
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from trustmesh.audit import events as ev
 from trustmesh.audit import offline
 from trustmesh.audit.checkpoint import Checkpoint, verify_checkpoint
 from trustmesh.audit.proof import verify_consistency
@@ -356,8 +358,43 @@ def _check_scratch(db: str) -> None:
         )
 
 
-def run_drill(db: str | None = None, data_dir: Path | None = None) -> DrillReport:
-    """Run the drill (see the module doc) and return its report."""
+FILL_BATCH = 1000  # the most events one POST /v1/audit/events takes
+
+
+def _fill_log(plane: Plane, entries: int) -> None:
+    """Bring the log to ``entries`` entries before the drill (to see the recovery time of
+    a log of that size): decisions shipped as an agent of the target cluster would, in
+    batches, through the control plane's own ingest endpoint."""
+    credential = plane.call(
+        "POST", f"/v1/clusters/{TARGET}/credentials", json={"agent": "drill-filler"}
+    ).json()["token"]
+    spool, seq = uuid.uuid4().hex, 0
+    spiffe_id = f"spiffe://{TRUST_DOMAIN}/cluster/{ORIGIN}/ns/shop/sa/payments"
+    size = int(_checkpoint(plane).splitlines()[1])
+    with httpx.Client(timeout=60.0, headers={"Authorization": f"Bearer {credential}"}) as http:
+        while size < entries:
+            batch = []
+            for _ in range(min(FILL_BATCH, entries - size)):
+                seq += 1
+                batch.append(ev.new_event(
+                    ev.AUTHZ_DECISION,
+                    source={"kind": "agent", "id": spool, "agent": "drill-filler", "seq": seq},
+                    cluster=TARGET, actor=spiffe_id,
+                    identity={"spiffe_id": spiffe_id, "origin_cluster": ORIGIN},
+                    request={"surface": "native", **REQUEST},
+                    decision={"allowed": True, "reason": "drill filler", "policy_revision": 1},
+                ))  # fmt: skip
+            answer = http.post(plane.url + "/v1/audit/events", json={"events": batch})
+            if answer.status_code != 200:
+                raise DrillError(f"filling the log: {answer.status_code} {answer.text[:200]}")
+            size = int(answer.json()["tree_size"])
+
+
+def run_drill(
+    db: str | None = None, data_dir: Path | None = None, log_entries: int = 0
+) -> DrillReport:
+    """Run the drill (see the module doc) and return its report. ``log_entries``: fill
+    the log to that many entries first."""
     if db:
         _check_scratch(db)
     with _root(data_dir) as root, ExitStack() as stack:
@@ -412,6 +449,8 @@ def run_drill(db: str | None = None, data_dir: Path | None = None) -> DrillRepor
             raise DrillError(exc.description) from None
         agent = agent_url.group(2)
 
+        if log_entries:
+            _fill_log(plane, log_entries)
         # Before the drill: a token the agent allows, and the checkpoint published.
         before_token = _exchange(plane, origin)
         if not _allowed(agent, before_token):
