@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+from sqlalchemy import Engine, event, func, select
 
 from helpers import (
     Federation,
@@ -32,7 +33,9 @@ from helpers import (
 from trustmesh.audit.checkpoint import verify_checkpoint
 from trustmesh.audit.compact import MerkleLog
 from trustmesh.audit.rfc6962 import leaf_hash
+from trustmesh.server.backup import write_backup
 from trustmesh.sim import SimulatedCluster
+from trustmesh.storage import open_database, schema
 
 
 def run(*args: str, token_file: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -316,3 +319,33 @@ def test_damaged_altered_or_foreign_backups_are_refused(
     # a target that is not empty: the old server's own database
     result = run("restore", "--in", str(backup), "--data-dir", str(old.data_dir))
     assert result.returncode == 1 and "not empty" in result.stderr, result.stderr
+
+
+def test_a_backup_reads_every_table_at_one_moment(db_url: str | None, tmp_path: Path) -> None:
+    """A row committed by another writer while the backup runs -- after it read its
+    first table, before it reads the table the row goes to -- is not in the backup."""
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    database = open_database(db_url, data)
+    fired: list[bool] = []
+
+    def concurrent_writer(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if "audit_checkpoints" in statement and not fired:  # read after meta, before suspensions
+            fired.append(True)
+            with database.engine.begin() as other:
+                other.execute(
+                    schema.suspensions.insert().values(
+                        kind="workload", value="late", reason="r", actor="a", created_at=0.0
+                    )
+                )
+
+    event.listen(Engine, "before_cursor_execute", concurrent_writer)
+    try:
+        summary = write_backup(data, db_url, tmp_path / "backup.tmbk")
+    finally:
+        event.remove(Engine, "before_cursor_execute", concurrent_writer)
+        with database.engine.connect() as conn:
+            stored = conn.execute(select(func.count()).select_from(schema.suspensions)).scalar()
+        database.dispose()
+    assert fired and stored == 1
+    assert summary.rows["suspensions"] == 0
