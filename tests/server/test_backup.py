@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import jwt
 import pytest
-from sqlalchemy import Engine, event, func, select
+from sqlalchemy import Engine, event, func, inspect, select
 
 from helpers import (
     Federation,
@@ -30,12 +30,17 @@ from helpers import (
     start_server,
     trustmesh_cmd,
 )
+from trustmesh.audit import events as ev
+from trustmesh.audit import offline
 from trustmesh.audit.checkpoint import verify_checkpoint
 from trustmesh.audit.compact import MerkleLog
+from trustmesh.audit.log import AuditLog, record_of
 from trustmesh.audit.rfc6962 import leaf_hash
+from trustmesh.identity.sealing import MasterKey
 from trustmesh.server.backup import write_backup
 from trustmesh.sim import SimulatedCluster
 from trustmesh.storage import open_database, schema
+from trustmesh.storage.migrations import LATEST, current_version
 
 
 def run(*args: str, token_file: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -349,3 +354,37 @@ def test_a_backup_reads_every_table_at_one_moment(db_url: str | None, tmp_path: 
         database.dispose()
     assert fired and stored == 1
     assert summary.rows["suspensions"] == 0
+
+
+def test_a_backup_of_an_older_schema_is_restored_then_migrated(tmp_path: Path) -> None:
+    old = tmp_path / "old"
+    old.mkdir(mode=0o700)
+    master = MasterKey.load_or_create(old / "master.key")
+    database = open_database(None, old, schema_version=7)  # before federated trust domains
+    try:
+        log = AuditLog(database, master, "corp.example", "test")
+        log.open()
+        event = ev.new_event(
+            ev.KEY_ROTATED, source={"kind": "control-plane", "id": "test"}, actor="admin"
+        )
+        log.append([record_of(event)])
+        log.checkpoint_now()
+    finally:
+        database.dispose()
+    result = run("backup", "--data-dir", str(old), "--out", str(tmp_path / "b.tmbk"), "-o", "json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["schema_version"] == 7
+
+    target = tmp_path / "new"
+    target.mkdir(mode=0o700)
+    shutil.copy(old / "master.key", target / "master.key")
+    result = run("restore", "--in", str(tmp_path / "b.tmbk"), "--data-dir", str(target), "-o",
+                 "json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["audit_size"] == 1
+    engine = offline.open_engine(target, None)
+    try:
+        assert current_version(engine) == LATEST
+        assert "federated_bundles" in inspect(engine).get_table_names()
+    finally:
+        engine.dispose()
