@@ -388,3 +388,35 @@ def test_a_backup_of_an_older_schema_is_restored_then_migrated(tmp_path: Path) -
         assert "federated_bundles" in inspect(engine).get_table_names()
     finally:
         engine.dispose()
+
+
+def test_bad_arguments_get_one_line(tmp_path: Path) -> None:
+    cases = [
+        (["backup", "--out", str(tmp_path / "b")], "pass --data-dir"),
+        (["backup", "--data-dir", str(tmp_path), "--out", str(tmp_path / "b")], "no database"),
+        (["backup", "--db", "mysql://x/y", "--out", str(tmp_path / "b")], "not supported"),
+        (
+            [
+                "restore",
+                "--in",
+                str(tmp_path / "none"),
+                "--data-dir",
+                str(tmp_path / "d"),
+                "--master-key-file",
+                str(tmp_path / "none.key"),
+            ],
+            "master key",
+        ),
+    ]
+    for args, expected in cases:
+        result = run(*args)
+        assert result.returncode == 1, (args, result.stdout)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+    (tmp_path / "k").mkdir(mode=0o700)
+    (tmp_path / "k" / "master.key").write_text("A" * 43 + "\n")
+    (tmp_path / "k" / "master.key").chmod(0o600)
+    (tmp_path / "junk").write_bytes(b"not gzip")
+    for path, expected in ((tmp_path / "none", "no backup at"), (tmp_path / "junk", "not a")):
+        result = run("restore", "--in", str(path), "--data-dir", str(tmp_path / "k"))
+        assert result.returncode == 1 and expected in result.stderr, result.stderr
