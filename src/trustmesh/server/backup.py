@@ -79,12 +79,14 @@ RESTORE_REPLICA = "restore"
 
 # -- writing --------------------------------------------------------------------------------
 def _tables(engine: Engine) -> list[Table]:
-    """Every table of the schema the database holds, ``meta`` first (a restore needs
-    the log's key before it reads the log), ``schema_migrations`` left out (the restore
-    runs the migrations itself)."""
+    """Every table of the schema the database holds, ``meta`` first and the checkpoints
+    before the entries (a restore verifies the log as it streams: it needs the log's key,
+    then the signed checkpoints, before the first entry), ``schema_migrations`` left out
+    (the restore runs the migrations itself)."""
     present = set(inspect(engine).get_table_names())
     tables = [t for t in schema.metadata.sorted_tables if t.name in present]
-    tables.sort(key=lambda t: (t.name != "meta", t.name))
+    first = {"meta": 0, "audit_checkpoints": 1}
+    tables.sort(key=lambda t: (first.get(t.name, 2), t.name))
     return [t for t in tables if t.name != "schema_migrations"]
 
 
