@@ -276,6 +276,9 @@ def test_configuration_errors(tmp_path: Path, cli_env: dict[str, str]) -> None:
         ["bench", "exchange"],
         ["bench", "verify"],
         ["sim", "cluster"],
+        ["backup"],
+        ["restore"],
+        ["drill"],
     ],
 )
 def test_every_command_has_help(command: list[str]) -> None:

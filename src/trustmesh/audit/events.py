@@ -77,6 +77,11 @@ CLUSTER_KEYS_EXPIRED = "cluster.keys_expired"
 Written once per key set, by the replica that found it first."""
 AUDIT_GAP = "audit.gap_detected"
 REFUSALS_FOLDED = "audit.refusals_folded"
+ORIGIN_STARTED = "audit.origin_started"
+"""A restore that accepted loss started a new log origin (DESIGN §10, ``trustmesh restore
+--accept-loss``): the first entry signed by the new log key names the old origin and
+its verifier key, the old origin's last checkpoint the restored entries are consistent
+with, the published checkpoint they fall short of, and the entries lost between."""
 
 EVENT_TYPES = frozenset(
     {
@@ -94,6 +99,7 @@ EVENT_TYPES = frozenset(
         CLUSTER_KEYS_EXPIRED,
         AUDIT_GAP,
         REFUSALS_FOLDED,
+        ORIGIN_STARTED,
     }
 )
 ADMIN_PREFIX = "admin."

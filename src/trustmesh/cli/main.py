@@ -35,6 +35,7 @@ from trustmesh.cli._common import (
 )
 from trustmesh.cli.admission import admission_app
 from trustmesh.cli.audit import audit_app
+from trustmesh.cli.backup import backup, drill, restore
 from trustmesh.cli.credentials import cluster_app, credentials_app
 from trustmesh.cli.federation import get_trustdomains
 from trustmesh.cli.suspension import get_suspensions, resume, suspend
@@ -63,6 +64,9 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(credentials_app, name="credentials")
 app.command("suspend")(suspend)
+app.command("backup")(backup)
+app.command("restore")(restore)
+app.command("drill")(drill)
 app.command("resume")(resume)
 get_app.command("suspensions")(get_suspensions)
 get_app.command("trustdomains")(get_trustdomains)

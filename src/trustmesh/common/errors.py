@@ -44,7 +44,7 @@ descriptions are sentences for people and never contain a token or a secret::
     ├── AdmissionFailed               an admission webhook could not decide (its own error):
     │                                 answered inside the AdmissionReview, as configured
     ├── ConfigError                   start-up configuration that cannot work
-    │   └── MasterKeyError, DatabaseUrlError, TracingError, SpoolError
+    │   └── MasterKeyError, DatabaseUrlError, TracingError, SpoolError, BackupError
     └── ControlPlaneError             a client's call to the control plane failed
         ├── Unreachable               no control-plane URL answered
         ├── CredentialRejected        the credential was refused (401/403)
@@ -396,6 +396,11 @@ class TracingError(ConfigError):
 class SpoolError(ConfigError, RuntimeError):
     """The agent's audit spool cannot be opened or written (disk full, I/O error,
     damaged files)."""
+
+
+class BackupError(ConfigError):
+    """A backup that cannot be written, read or restored (damaged, not verifying, a
+    target that is not empty, a restore that would fork the published log)."""
 
 
 # -- clients of the control plane -----------------------------------------------------------

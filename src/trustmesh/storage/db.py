@@ -87,13 +87,18 @@ class Database:
 
 
 def open_database(
-    db: str | None, data_dir: Path, *, background_wal_checkpoints: bool = False
+    db: str | None,
+    data_dir: Path,
+    *,
+    background_wal_checkpoints: bool = False,
+    schema_version: int | None = None,
 ) -> Database:
     """``background_wal_checkpoints``: SQLite's WAL is not checkpointed by the commit
     that fills it (which then copies and syncs some 64 MiB while every transaction
     waiting behind it waits too) but by whoever opened the database, calling
     :meth:`Database.checkpoint_wal` on a schedule of its own (the control plane: every
-    second, on its own thread)."""
+    second, on its own thread). ``schema_version``: migrate only that far (a restore of
+    an older backup; see ``migrate``)."""
     url = engine_url(db, data_dir)
     try:
         parsed = make_url(url)
@@ -118,5 +123,5 @@ def open_database(
             pool_timeout=10,
             connect_args={"connect_timeout": CONNECT_TIMEOUT},
         )
-    migrate(engine)
+    migrate(engine, schema_version)
     return Database(engine=engine, url=parsed.render_as_string(hide_password=True))

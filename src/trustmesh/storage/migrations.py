@@ -159,8 +159,9 @@ MIGRATIONS: list[Migration] = [
 LATEST = MIGRATIONS[-1][0]
 
 
-def migrate(engine: Engine) -> int:
-    """Bring the schema to the latest version; returns that version."""
+def migrate(engine: Engine, target: int | None = None) -> int:
+    """Bring the schema to the latest version (or to ``target``, which a restore uses to
+    load a backup of an older schema before migrating it); returns that version."""
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_ID})
@@ -173,7 +174,7 @@ def migrate(engine: Engine) -> int:
                 "upgrade trustmesh"
             )
         for version, description, apply in MIGRATIONS:
-            if version in applied:
+            if version in applied or (target is not None and version > target):
                 continue
             apply(conn)
             conn.execute(
@@ -181,7 +182,7 @@ def migrate(engine: Engine) -> int:
                     version=version, description=description, applied_at=time.time()
                 )
             )
-    return LATEST
+    return LATEST if target is None else min(target, LATEST)
 
 
 def current_version(engine: Engine) -> int:
