@@ -10,6 +10,7 @@ import base64
 import gzip
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import threading
@@ -324,6 +325,69 @@ def test_damaged_altered_or_foreign_backups_are_refused(
     # a target that is not empty: the old server's own database
     result = run("restore", "--in", str(backup), "--data-dir", str(old.data_dir))
     assert result.returncode == 1 and "not empty" in result.stderr, result.stderr
+
+
+def test_a_backup_that_changes_between_the_passes_restores_nothing(
+    backed_up: dict[str, Any], tmp_path: Path
+) -> None:
+    """The first pass checks one file, the second loads another (a checksum is no MAC:
+    this one is altered with a checksum to match). The restore refuses, leaves the
+    target empty, and a retry from the real backup succeeds. The two files come through
+    a FIFO, one per opening, as a file replaced between the passes would."""
+    old: Server = backed_up["server"]
+    backup = tmp_path / "backup.tmbk"
+
+    def alter(body: list[bytes]) -> list[bytes]:
+        for i, line in enumerate(body):
+            if b"token.issued" in line and line.startswith(b"["):
+                body[i] = line.replace(b"token.issued", b"token.issueD", 1)
+                return body
+        raise AssertionError("no token.issued entry in the backup")
+
+    rewrite(backup, tmp_path / "altered.tmbk", alter)
+    fifo = tmp_path / "swapped.tmbk"
+    os.mkfifo(fifo)
+
+    data_dir = restore_dir(tmp_path, "restored", old)
+    restore = subprocess.Popen(
+        trustmesh_cmd("restore", "--in", str(fifo), "--data-dir", str(data_dir)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+    def reading() -> bool:
+        """The restore holds the FIFO open (between the passes it does not)."""
+        try:
+            links = [os.readlink(f) for f in Path(f"/proc/{restore.pid}/fd").iterdir()]
+        except OSError:
+            return False
+        return str(fifo) in links
+
+    for source in (backup, tmp_path / "altered.tmbk"):
+        with open(fifo, "wb") as pipe:  # waits for the restore to open it
+            pipe.write(source.read_bytes())
+        deadline = time.monotonic() + 60
+        while reading() and time.monotonic() < deadline:  # one file per opening
+            time.sleep(0.01)
+    stdout, stderr = restore.communicate(timeout=120)
+    result = subprocess.CompletedProcess(restore.args, restore.returncode, stdout, stderr)
+    assert result.returncode == 1, result.stdout
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "changed while it was restored" in result.stderr
+    database = data_dir / "trustmesh.db"
+    if database.exists():
+        engine = open_database(None, data_dir).engine
+        try:
+            with engine.connect() as conn:
+                assert (
+                    conn.execute(select(func.count()).select_from(schema.audit_entries)).scalar()
+                    == 0
+                )
+        finally:
+            engine.dispose()
+    retried = run("restore", "--in", str(backup), "--data-dir", str(data_dir))
+    assert retried.returncode == 0, retried.stderr
 
 
 def test_a_backup_reads_every_table_at_one_moment(db_url: str | None, tmp_path: Path) -> None:

@@ -36,6 +36,7 @@ import base64
 import gzip
 import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import Iterator, Mapping
@@ -45,7 +46,19 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
-from sqlalchemy import Connection, Engine, LargeBinary, Table, delete, func, inspect, select
+from sqlalchemy import (
+    Connection,
+    Engine,
+    LargeBinary,
+    MetaData,
+    Table,
+    create_engine,
+    delete,
+    func,
+    inspect,
+    select,
+)
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from trustmesh.audit import events as ev
@@ -73,6 +86,7 @@ from trustmesh.storage.migrations import LATEST, current_version
 FORMAT = "trustmesh-backup"
 VERSION = 1
 MASTER_KEY_CHECK = "master_key_check"  # identity/keys.py
+log = logging.getLogger(__name__)
 BATCH = 2000
 RESTORE_REPLICA = "restore"
 
@@ -250,10 +264,15 @@ def _lines(path: Path) -> Iterator[bytes]:
         raise BackupError(f"{path} is not a readable backup (gzip: {exc})") from None
 
 
-def _read(path: Path) -> Iterator[tuple[dict[str, Any], _Section | None, list[Any] | None]]:
+def _read(
+    path: Path, digests: list[str] | None = None, expected: str | None = None
+) -> Iterator[tuple[dict[str, Any], _Section | None, list[Any] | None]]:
     """(header, section, row) for every row; a section's start comes with row None.
     Checks the structure, the row counts and the checksum at the end (raising
-    BackupError): a reader acts on the rows only after the iteration completed."""
+    BackupError): a reader acts on the rows only after the iteration completed.
+    ``digests`` gets the checksum once it verified; ``expected``: the one the first pass
+    verified — the file must not have changed between the passes (its checksum is no
+    MAC: a file rewritten with a fresh one would otherwise load unchecked)."""
     sha = hashlib.sha256()
     header: dict[str, Any] | None = None
     section: _Section | None = None
@@ -309,6 +328,10 @@ def _read(path: Path) -> Iterator[tuple[dict[str, Any], _Section | None, list[An
         raise BackupError(f"{path} does not match its checksum: the backup is damaged")
     if trailer.get("rows") != counts:
         raise BackupError(f"{path} row counts do not match its end: the backup is damaged")
+    if expected is not None and sha.hexdigest() != expected:
+        raise BackupError(f"{path} changed while it was restored: nothing was restored")
+    if digests is not None:
+        digests.append(sha.hexdigest())
 
 
 def _decode(section: _Section, values: list[Any]) -> dict[str, Any]:
@@ -352,6 +375,7 @@ class Checked:
     rows: dict[str, int] = field(default_factory=dict)
     published: Published | None = None
     warnings: list[str] = field(default_factory=list)
+    sha256: str = ""  # the checksum the first pass verified
 
     @property
     def last_checkpoint(self) -> tuple[int, str] | None:
@@ -405,7 +429,8 @@ def check_backup(path: Path, master: MasterKey, published_checkpoint: str | None
     header: dict[str, Any] = {}
     rows: dict[str, int] = {}
     warnings: list[str] = []
-    for line_header, section, values in _read(path):
+    digests: list[str] = []
+    for line_header, section, values in _read(path, digests):
         assert section is not None
         header = line_header
         name = section.table.name
@@ -446,6 +471,7 @@ def check_backup(path: Path, master: MasterKey, published_checkpoint: str | None
             f"first{where}{message}"
         )
     checked = Checked(header, meta, report, tree, sorted(checkpoints), rows, None, warnings)
+    checked.sha256 = digests[0]
     if published_checkpoint is not None:
         checked.published = _published(published_checkpoint, verifier, tree)
         if checked.published.lost == 0 and not checked.published.consistent:
@@ -534,9 +560,6 @@ def _existing_rows(engine: Engine) -> tuple[str, int] | None:
 
 
 def _target_engine_is_empty(db: str | None, data_dir: Path) -> None:
-    from sqlalchemy import create_engine
-    from sqlalchemy.engine import make_url
-
     url = make_url(engine_url(db, data_dir))
     if url.get_backend_name() == "sqlite" and not Path(url.database or "").exists():
         return
@@ -555,15 +578,16 @@ def _target_engine_is_empty(db: str | None, data_dir: Path) -> None:
         )
 
 
-def _load(db: Database, path: Path) -> None:
+def _load(db: Database, path: Path, expected: str) -> None:
     """The second pass: every row, in one transaction, over whatever the migrations
-    seeded (the backup's own counters replace them)."""
+    seeded (the backup's own counters replace them); the file must be the one the first
+    pass checked (``expected``, its checksum), else the transaction rolls back."""
     with db.engine.begin() as conn:
         for table in _tables(db.engine):
             conn.execute(delete(table))
         batch: list[dict[str, Any]] = []
         current: Table | None = None
-        for _, section, values in _read(path):
+        for _, section, values in _read(path, expected=expected):
             assert section is not None
             if values is None:
                 if batch and current is not None:
@@ -576,6 +600,25 @@ def _load(db: Database, path: Path) -> None:
                 batch = []
         if batch and current is not None:
             conn.execute(current.insert(), batch)
+
+
+def _empty(db: str | None, data_dir: Path) -> None:
+    """Drop every table a failed restore created or filled in the target, which was
+    empty when the restore began (``_target_engine_is_empty``), so a retry starts from
+    nothing."""
+    url = engine_url(db, data_dir)
+    engine = create_engine(url)
+    try:
+        tables = MetaData()
+        tables.reflect(engine)
+        tables.drop_all(engine)
+    except SQLAlchemyError:
+        log.exception(
+            "a failed restore could not empty %s again",
+            make_url(url).render_as_string(hide_password=True),
+        )
+    finally:
+        engine.dispose()
 
 
 def _new_origin_name(old: str) -> str:
@@ -672,10 +715,11 @@ def restore(
         database = open_database(db, data_dir, schema_version=version)
     except (ConfigError, SQLAlchemyError) as exc:
         raise BackupError(f"cannot open the target database: {exc}") from None
+    if _existing_rows(database.engine) is not None:  # a race with another writer
+        database.dispose()
+        raise BackupError("the target database filled while the restore began")
     try:
-        if _existing_rows(database.engine) is not None:  # a race with another writer
-            raise BackupError("the target database filled while the restore began")
-        _load(database, path)
+        _load(database, path, checked.sha256)
         database.dispose()
         database = open_database(db, data_dir)  # the migrations after the backup's version
         new_origin, origin_entry = None, None
@@ -693,6 +737,11 @@ def restore(
             )
             key = str(meta_store.get(conn, VERIFIER_KEY) or "")
         shown = database.url
+    except BaseException:
+        # nothing half-restored: the target was empty (checked above), so leave it so
+        database.dispose()
+        _empty(db, data_dir)
+        raise
     finally:
         database.dispose()
     return RestoreResult(
