@@ -90,8 +90,15 @@ def test_engine_url_selection(tmp_path: Path) -> None:
         engine_url("mysql://u@h/db", tmp_path)
 
 
+def _undo_migration_9(conn: Connection) -> None:
+    """The database as version 8 left it: no template identities."""
+    conn.execute(text("DROP TABLE template_identities"))
+    conn.execute(delete(schema_migrations).where(schema_migrations.c.version == 9))
+
+
 def _undo_migration_8(conn: Connection) -> None:
     """The database as version 7 left it: no federated bundles, no federation counter."""
+    _undo_migration_9(conn)
     conn.execute(text("DROP TABLE federated_bundles"))
     conn.execute(text("DELETE FROM meta WHERE name = 'federation_revision'"))
     conn.execute(delete(schema_migrations).where(schema_migrations.c.version == 8))
@@ -143,13 +150,38 @@ def test_migration_8_adds_federated_bundles_to_a_version_7_database(
         with db.engine.begin() as conn:
             _undo_migration_8(conn)
         assert current_version(db.engine) == 7
-        assert migrate(db.engine) == LATEST == 8
+        assert migrate(db.engine) == LATEST == 9
         assert "federated_bundles" in inspect(db.engine).get_table_names()
         store = FederationStore(db)
         assert store.load().revision == 0 and store.load().records == {}
         taken = store.claim("partner.example", "https://p.example/b", 100.0, 30.0)
         assert taken is not None and taken.bundle is None and taken.next_refresh_at == 130.0
         assert store.claim("partner.example", "https://p.example/b", 101.0, 30.0) is None
+    finally:
+        db.dispose()
+
+
+def test_migration_9_adds_template_identities_to_a_version_8_database(
+    db_url: str | None, tmp_path: Path
+) -> None:
+    """A version 8 database gets the table of template-derived identities, which the
+    observation store then writes once per identity and lists."""
+    from trustmesh.registry.observed import TemplateObservations
+
+    db = open_database(db_url, tmp_path)
+    try:
+        with db.engine.begin() as conn:
+            _undo_migration_9(conn)
+        assert current_version(db.engine) == 8
+        assert migrate(db.engine) == LATEST == 9
+        store = TemplateObservations(db)
+        store.record("teams", "east", "team-a", "api", "spiffe://corp.example/x", 10.0)
+        # another replica (a fresh store) records the same identity: one row, the first
+        TemplateObservations(db).record(
+            "teams", "east", "team-a", "api", "spiffe://corp.example/x", 20.0
+        )
+        (seen,) = store.list()
+        assert (seen.template, seen.namespace, seen.first_issued_at) == ("teams", "team-a", 10.0)
     finally:
         db.dispose()
 

@@ -759,7 +759,7 @@ def get_workloads(
     token_file: Path | None = TokenFileOption,
     output: Output = OutputOption,
 ) -> None:
-    """List registered workloads."""
+    """List registered workloads, and the identities WorkloadTemplates gave (TEMPLATE)."""
     items = admin_client(server, token_file).request("GET", "/v1/workloads")["items"]
     if output is Output.json:
         print_json(items)
@@ -776,9 +776,19 @@ def get_workloads(
                 item.get("status", {}).get("spiffeId", spec.get("spiffeId")),
                 _labels(spec.get("claims")),
                 spec.get("maxTokenTTL") or "",
+                item.get("status", {}).get("template") or "-",
             ]
         )
-    columns = ["NAME", "CLUSTER", "NAMESPACE", "SERVICE ACCOUNT", "SPIFFE ID", "CLAIMS", "MAX TTL"]
+    columns = [
+        "NAME",
+        "CLUSTER",
+        "NAMESPACE",
+        "SERVICE ACCOUNT",
+        "SPIFFE ID",
+        "CLAIMS",
+        "MAX TTL",
+        "TEMPLATE",
+    ]
     _print_with_suspensions(columns, rows, items)
 
 

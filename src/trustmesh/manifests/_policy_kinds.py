@@ -289,13 +289,24 @@ class ClusterScope:
     has_selector: bool
 
 
-CLUSTERS = obj(
+CLUSTER_FIELDS = (
     Field("names", strings(_pattern(_NAME, "cluster name"))),
     Field(
         "selector",
         obj(Field("matchLabels", string_map()), Field("matchExpressions", list_of(EXPRESSION))),
     ),
 )
+CLUSTERS = obj(*CLUSTER_FIELDS)
+
+
+def build_cluster_scope(clusters: dict[str, Any]) -> ClusterScope:
+    selector = clusters.get("selector") or {}
+    return ClusterScope(
+        names=tuple(clusters.get("names", ())),
+        match_labels=dict(selector.get("matchLabels", {})),
+        match_expressions=_expressions(selector.get("matchExpressions", [])),
+        has_selector="selector" in clusters,
+    )
 
 
 @dataclass(frozen=True)
@@ -318,15 +329,7 @@ ROLE_BINDING_SPEC = obj(
 
 def build_role_binding(spec: dict[str, Any]) -> RoleBindingSpec:
     clusters = spec.get("clusters")
-    scope = None
-    if clusters is not None:
-        selector = clusters.get("selector") or {}
-        scope = ClusterScope(
-            names=tuple(clusters.get("names", ())),
-            match_labels=dict(selector.get("matchLabels", {})),
-            match_expressions=_expressions(selector.get("matchExpressions", [])),
-            has_selector="selector" in clusters,
-        )
+    scope = build_cluster_scope(clusters) if clusters is not None else None
     namespaces = spec.get("namespaces")
     return RoleBindingSpec(
         role=spec["role"],

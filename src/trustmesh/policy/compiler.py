@@ -268,7 +268,7 @@ def _bundle(
     counts: dict[str, dict[str, int]],
 ) -> dict[str, Any]:
     used_roles = {binding["role"] for binding in bindings}
-    return {
+    bundle = {
         "apiVersion": "trustmesh.io/v1alpha1",
         "kind": BUNDLE_KIND,
         "cluster": cluster,
@@ -282,6 +282,10 @@ def _bundle(
         "identities": identities,
         "claimCounts": counts,
     }
+    if registry.compiled_templates:
+        # every cluster's agent reads back template-derived SPIFFE IDs (X.509, SAR)
+        bundle["templates"] = [t.as_json() for t in registry.compiled_templates]
+    return bundle
 
 
 def compile_bundle(

@@ -135,6 +135,10 @@ def _v8_federation(conn: Connection) -> None:
     meta_store.insert_if_absent(conn, meta_store.FEDERATION_REVISION, "0")
 
 
+def _v9_template_identities(conn: Connection) -> None:
+    schema.template_identities.create(conn, checkfirst=True)
+
+
 MIGRATIONS: list[Migration] = [
     (1, "initial schema: meta, signing keys, registry, credentials", _v1_initial),
     (2, "policy versions and agent status", _v2_policy),
@@ -149,6 +153,7 @@ MIGRATIONS: list[Migration] = [
     ),
     (7, "X.509 CA roots and the roots each agent and sidecar holds", _v7_x509_ca),
     (8, "the SPIFFE bundles of federated trust domains", _v8_federation),
+    (9, "identities WorkloadTemplates gave, as first issued", _v9_template_identities),
 ]
 
 LATEST = MIGRATIONS[-1][0]
