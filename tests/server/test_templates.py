@@ -350,3 +350,59 @@ def test_bad_placeholders_are_refused_at_apply(setup: Setup, template: str, prob
     assert problem in answer.text
     assert exchange(setup, "bad-ns", "x").status_code == 400
     assert exchange(setup, "misc", "bystander2").status_code == 400
+
+
+def test_policy_diff_and_policy_tests_see_template_identities(setup: Setup) -> None:
+    """A PolicyTest may name a template-derived identity by its workload name
+    (TEMPLATE/CLUSTER/NAMESPACE/SA) even before it was issued, and gates the apply like
+    any case; ``policy diff`` lists the grants of the identities templates gave (as
+    observed), under that name."""
+    server = setup.server
+    team_a = f"teams/{setup.origin_name}/team-a/api"
+    team_b = f"teams/{setup.origin_name}/team-b/api"
+
+    def policy_test(name: str, workload: str, expect: str) -> str:
+        return f"""apiVersion: trustmesh.io/v1alpha1
+kind: PolicyTest
+metadata:
+  name: {name}
+spec:
+  cases:
+    - name: reads orders
+      subject: {{workload: {workload}}}
+      cluster: {setup.target_name}
+      request: {{host: {HOST}, path: /api/orders, method: GET}}
+      expect: {expect}
+"""
+
+    server.apply(policy_test("team-a-reads-orders", team_a, "allow"))
+    failed = server.apply(policy_test("team-b-reads-orders", team_b, "allow"), expect=422)
+    assert "team-b-reads-orders" in str(failed) and "expected allow, got deny" in str(failed)
+    unknown = server.apply(
+        policy_test("nobody", f"teams/{setup.origin_name}/payments/api", "deny"), expect=409
+    )
+    assert "nor an identity a WorkloadTemplate gives" in str(unknown)
+
+    # team-b/api is issued once (observed), then a binding names it
+    assert exchange(setup, "team-b", "api").status_code == 200
+    revision = server.admin.get("/v1/policy/versions/current").json()["revision"]
+    server.apply(
+        f"""apiVersion: trustmesh.io/v1alpha1
+kind: RoleBinding
+metadata:
+  name: team-b-reads
+spec:
+  role: orders-reader
+  subjects:
+    - workload: {team_b}
+"""
+    )
+    diff = cli(server, "policy", "diff", str(revision), "current", "-o", "json")
+    assert diff.returncode == 0, diff.stderr
+    appeared = json.loads(diff.stdout)["appeared"]
+    assert {(g["workload"], g["cluster"], g["target"]) for g in appeared} == {
+        (team_b, setup.target_name, f"{HOST} /api/**"),
+        (team_b, setup.origin_name, f"{HOST} /api/**"),
+    }
+    listed = cli(server, "get", "workloadtemplates")
+    assert listed.returncode == 0 and "teams" in listed.stdout and "team-*" in listed.stdout

@@ -792,6 +792,42 @@ def get_workloads(
     _print_with_suspensions(columns, rows, items)
 
 
+@get_app.command("workloadtemplates")
+def get_workload_templates(
+    server: str | None = ServerOption,
+    token_file: Path | None = TokenFileOption,
+    output: Output = OutputOption,
+) -> None:
+    """List WorkloadTemplates (the identities they gave: get workloads, TEMPLATE)."""
+    items = admin_client(server, token_file).request("GET", "/v1/workloadtemplates")["items"]
+    if output is Output.json:
+        print_json(items)
+        return
+    rows = []
+    for item in items:
+        spec = item["spec"]
+        clusters = spec.get("clusters") or {}
+        selector = (clusters.get("selector") or {}).get("matchLabels")
+        chosen = ",".join(clusters.get("names") or [])
+        if clusters.get("selector") is not None:
+            chosen = ";".join(p for p in (chosen, f"selector {_labels(selector)}") if p)
+        rows.append(
+            [
+                item["metadata"]["name"],
+                chosen,
+                ",".join(spec["namespaces"]),
+                ",".join(spec["serviceAccounts"]),
+                spec.get("spiffeIdTemplate") or "(default)",
+                _labels(spec.get("claims")),
+                spec.get("maxTokenTTL") or "",
+            ]
+        )
+    print_table(
+        ["NAME", "CLUSTERS", "NAMESPACES", "SERVICE ACCOUNTS", "SPIFFE ID", "CLAIMS", "MAX TTL"],
+        rows,
+    )
+
+
 def _print_with_suspensions(
     columns: list[str], rows: list[list[Any]], items: list[dict[str, Any]]
 ) -> None:

@@ -29,6 +29,9 @@ _VERB = re.compile(r"^(\*|[a-z][a-z0-9-]{0,62})$")
 _METHOD = re.compile(r"^(\*|[A-Z][A-Z0-9-]{0,31})$")
 _HOST = re.compile(r"^(\*|(\*\.)?[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?)$")
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+_PART = r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?"
+# a Workload's name, or a template-derived identity's TEMPLATE/CLUSTER/NAMESPACE/SA
+_WORKLOAD = re.compile(rf"^{_PART}(/{_PART}/{_PART}/{_PART})?$")
 
 
 def _pattern(rule: re.Pattern[str], what: str) -> Any:
@@ -265,7 +268,7 @@ def _spiffe_or_pattern(value: str) -> None:
 
 SUBJECT = obj(
     Field("spiffeId", string(_spiffe_or_pattern)),
-    Field("workload", string(_pattern(_NAME, "workload name"))),
+    Field("workload", string(_pattern(_WORKLOAD, "workload name"))),
     Field("claims", string_map()),
     Field("matchExpressions", list_of(EXPRESSION)),
     rules=(exclusive("spiffeId", "workload"), _some_condition),
@@ -398,7 +401,7 @@ TEST_CASE = obj(
     Field(
         "subject",
         obj(
-            Field("workload", string(_pattern(_NAME, "workload name"))),
+            Field("workload", string(_pattern(_WORKLOAD, "workload name"))),
             Field("spiffeId", string(_spiffe)),
             Field("claims", string_map()),
             rules=(

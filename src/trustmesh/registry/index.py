@@ -53,9 +53,34 @@ class Registry:
     templates: dict[str, WorkloadTemplateSpec] = field(default_factory=dict)
     compiled_templates: tuple[CompiledTemplate, ...] = ()
     """By name; each with the registered clusters it selects."""
+    observed: tuple[tuple[str, str, str], ...] = ()
+    """(cluster, namespace, service account) of the identities templates gave, as
+    observed at their first credential (``policy diff`` counts them in the inventory)."""
     _resolved: dict[tuple[str, str, str], Identity | None] = field(
         default_factory=dict, compare=False, repr=False
     )
+
+    def identity_named(self, name: str) -> Identity | None:
+        """A Workload by name, or a template-derived identity by its workload name
+        ``TEMPLATE/CLUSTER/NAMESPACE/SERVICE-ACCOUNT`` (as the template gives it today)."""
+        if name in self.workloads:
+            sel = self.workloads[name].selector
+            return self.resolve(sel.cluster, sel.namespace, sel.service_account)
+        parts = name.split("/")
+        if len(parts) != 4:
+            return None
+        found = self.resolve(parts[1], parts[2], parts[3])
+        return found if found is not None and found.template == parts[0] else None
+
+    def inventory_identities(self) -> list[Identity]:
+        """Every Workload's identity, then those of the observed template-derived
+        service accounts a template still gives (each once)."""
+        out = [self.identity_named(name) for name in sorted(self.workloads)]
+        seen = set(self.workload_by_selector)
+        for account in sorted(set(self.observed)):
+            if account not in seen:
+                out.append(self.resolve(*account))
+        return [identity for identity in out if identity is not None]
 
     def resolve(self, cluster: str, namespace: str, service_account: str) -> Identity | None:
         """The identity of a canonical (cluster, namespace, service account): the
