@@ -1141,12 +1141,24 @@ def bench_verify(
 def bench_engine(
     requests: int = typer.Option(100_000, "--requests", min=1, help="Requests to decide."),
     seed: int = typer.Option(7, "--seed", help="Seed of the generated policy and requests."),
+    workloads: int = typer.Option(10_000, "--workloads", min=1, help="Explicit Workloads."),
+    template_identities: int = typer.Option(
+        0,
+        "--template-identities",
+        min=0,
+        help="Identities WorkloadTemplates give, beside the explicit Workloads.",
+    ),
     output: Output = OutputOption,
 ) -> None:
     """The policy engine in-process next to Cedar (cedarpy) and Casbin, same semantics."""
     from trustmesh.bench.engine import run
 
-    result = run(requests=requests, seed=seed)
+    result = run(
+        requests=requests,
+        seed=seed,
+        workloads=workloads,
+        template_identities=template_identities,
+    )
     print_json(result) if output is Output.json else _print_bench(result)
 
 

@@ -29,6 +29,7 @@ from ._policy_kinds import (
 )
 from ._templates import (
     CompiledTemplate,
+    TemplateIndex,
     WorkloadTemplateSpec,
     compile_template,
     spiffe_ids_can_meet,
@@ -58,6 +59,7 @@ __all__ = [
     "Problem",
     "RoleBindingSpec",
     "SubjectSpec",
+    "TemplateIndex",
     "TestSubject",
     "WorkloadSelector",
     "WorkloadSpec",

@@ -220,10 +220,14 @@ class CompiledTemplate:
             "service_account": sa,
         }
 
-    def read_back(self, spiffe_id: str) -> tuple[str, str, str] | None:
-        """The (cluster, namespace, service account) this template would give
-        ``spiffe_id`` to, or None; the template must still match it."""
-        prefix: str = self._prefix  # type: ignore[attr-defined]
+    @property
+    def prefix(self) -> str:
+        return self._prefix  # type: ignore[attr-defined,no-any-return]
+
+    def parse(self, spiffe_id: str) -> tuple[str, str, str] | None:
+        """The (cluster, namespace, service account) ``spiffe_id`` spells in this
+        template's shape, whether or not the template matches it."""
+        prefix = self.prefix
         if not spiffe_id.startswith(prefix):
             return None
         parts = spiffe_id[len(prefix) :].split("/")
@@ -236,8 +240,13 @@ class CompiledTemplate:
                 values[placeholder.group(1)] = part
             elif segment != part:
                 return None
-        found = (values["cluster"], values["namespace"], values["serviceAccount"])
-        return found if self.matches(*found) else None
+        return (values["cluster"], values["namespace"], values["serviceAccount"])
+
+    def read_back(self, spiffe_id: str) -> tuple[str, str, str] | None:
+        """The (cluster, namespace, service account) this template would give
+        ``spiffe_id`` to, or None; the template must still match it."""
+        found = self.parse(spiffe_id)
+        return found if found is not None and self.matches(*found) else None
 
     def as_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -283,6 +292,10 @@ def compile_template(
 def _any_overlap(a: Sequence[str], b: Sequence[str]) -> str | None:
     for x in a:
         for y in b:
+            if "*" not in x and "*" not in y:
+                if x == y:
+                    return x
+                continue
             found = globs_overlap(x, y)
             if found is not None:
                 return found
@@ -347,3 +360,51 @@ def spiffe_ids_can_meet(a: CompiledTemplate, b: CompiledTemplate) -> bool:
         elif py is not None and not _literal_fits(b, py.group(1), x):
             return False
     return True
+
+
+class TemplateIndex:
+    """Templates indexed for lookups at scale: the one template matching a (cluster,
+    namespace, service account) — by exact namespace first, then those with a glob —
+    and a SPIFFE ID read back once per distinct SPIFFE ID template shape. Templates an
+    apply accepted never overlap, so at most one matches."""
+
+    def __init__(self, templates: Iterable[CompiledTemplate]) -> None:
+        self.templates = tuple(templates)
+        self._by_namespace: dict[str, list[CompiledTemplate]] = {}
+        self._globbed: list[CompiledTemplate] = []
+        shapes: dict[tuple[str, tuple[str, ...]], CompiledTemplate] = {}
+        for template in self.templates:
+            if any("*" in n for n in template.namespaces):
+                self._globbed.append(template)
+            else:
+                for namespace in template.namespaces:
+                    self._by_namespace.setdefault(namespace, []).append(template)
+            shapes.setdefault((template.prefix, template.segments), template)
+        self._shapes = tuple(shapes.values())  # one template stands for its shape
+
+    def __bool__(self) -> bool:
+        return bool(self.templates)
+
+    def match(self, cluster: str, namespace: str, sa: str) -> CompiledTemplate | None:
+        for template in self._by_namespace.get(namespace, ()):
+            if template.matches(cluster, namespace, sa):
+                return template
+        for template in self._globbed:
+            if template.matches(cluster, namespace, sa):
+                return template
+        return None
+
+    def read_back(self, spiffe_id: str) -> tuple[CompiledTemplate, tuple[str, str, str]] | None:
+        """The template that gives ``spiffe_id`` and to which service account."""
+        for shape in self._shapes:
+            account = shape.parse(spiffe_id)
+            if account is None:
+                continue
+            template = self.match(*account)
+            if (
+                template is not None
+                and template.segments == shape.segments
+                and template.prefix == shape.prefix
+            ):
+                return template, account
+        return None

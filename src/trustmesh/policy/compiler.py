@@ -287,9 +287,9 @@ def _bundle(
         "identities": identities,
         "claimCounts": counts,
     }
-    if registry.compiled_templates:
+    if registry.templates_json:
         # every cluster's agent reads back template-derived SPIFFE IDs (X.509, SAR)
-        bundle["templates"] = [t.as_json() for t in registry.compiled_templates]
+        bundle["templates"] = list(registry.templates_json)
     return bundle
 
 

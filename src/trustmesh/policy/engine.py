@@ -53,7 +53,7 @@ from itertools import filterfalse
 from operator import attrgetter
 from typing import Any
 
-from trustmesh.manifests import CompiledTemplate, template_workload_name
+from trustmesh.manifests import CompiledTemplate, TemplateIndex, template_workload_name
 from trustmesh.policy.compiler import claim_counts
 from trustmesh.policy.matching import (
     CandidateIndex,
@@ -375,7 +375,9 @@ class Engine:
         self.identities: dict[str, dict[str, Any]] = (
             identities if type(identities) is dict else dict(identities)
         )
-        self.templates = tuple(CompiledTemplate.from_json(t) for t in bundle.get("templates") or ())
+        self.templates = TemplateIndex(
+            CompiledTemplate.from_json(t) for t in bundle.get("templates") or ()
+        )
         self._derived: dict[str, dict[str, Any] | None] = {}
         self._explicit_accounts: frozenset[tuple[str, str, str]] | None = None
         self.cluster_domain: str = bundle.get("clusterDomain") or DEFAULT_CLUSTER_DOMAIN
@@ -446,12 +448,8 @@ class Engine:
             return entry
         if spiffe_id in self._derived:
             return self._derived[spiffe_id]
-        found: dict[str, Any] | None = None
-        for template in self.templates:
-            account = template.read_back(spiffe_id)
-            if account is not None:
-                found = self._derived_entry(template, account)
-                break
+        read = self.templates.read_back(spiffe_id)
+        found = self._derived_entry(*read) if read is not None else None
         if len(self._derived) >= self.MEMO_SIZE:
             self._derived.clear()
         self._derived[spiffe_id] = found
@@ -462,12 +460,10 @@ class Engine:
     ) -> tuple[str, dict[str, Any]] | None:
         """(SPIFFE ID, entry) a template gives this service account, when no Workload
         selects it; None otherwise (Workloads are in ``identities``)."""
-        for template in self.templates:
-            if template.matches(cluster, namespace, service_account):
-                account = (cluster, namespace, service_account)
-                entry = self._derived_entry(template, account)
-                return (template.spiffe_id(*account), entry) if entry is not None else None
-        return None
+        account = (cluster, namespace, service_account)
+        template = self.templates.match(*account)
+        entry = self._derived_entry(template, account) if template is not None else None
+        return (template.spiffe_id(*account), entry) if template and entry else None
 
     def _derived_entry(
         self, template: CompiledTemplate, account: tuple[str, str, str]

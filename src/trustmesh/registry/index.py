@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from trustmesh.common.errors import RegistryConflict
 from trustmesh.manifests import (
@@ -14,6 +15,7 @@ from trustmesh.manifests import (
     CompiledTemplate,
     Document,
     FederatedTrustDomainSpec,
+    TemplateIndex,
     WorkloadSpec,
     WorkloadTemplateSpec,
     compile_template,
@@ -53,6 +55,9 @@ class Registry:
     templates: dict[str, WorkloadTemplateSpec] = field(default_factory=dict)
     compiled_templates: tuple[CompiledTemplate, ...] = ()
     """By name; each with the registered clusters it selects."""
+    template_index: TemplateIndex = field(default_factory=lambda: TemplateIndex(()))
+    templates_json: tuple[dict[str, Any], ...] = ()
+    """What every cluster's bundle carries (``templates``), built once."""
     observed: tuple[tuple[str, str, str], ...] = ()
     """(cluster, namespace, service account) of the identities templates gave, as
     observed at their first credential (``policy diff`` counts them in the inventory)."""
@@ -104,16 +109,15 @@ class Registry:
                 spec.max_token_ttl,
             )
         else:
-            for template in self.compiled_templates:
-                if template.matches(cluster, namespace, service_account):
-                    found = Identity(
-                        template_workload_name(template.name, *key),
-                        template.spiffe_id(*key),
-                        template.claims_for(*key),
-                        template.max_token_ttl,
-                        template.name,
-                    )
-                    break
+            template = self.template_index.match(*key)
+            if template is not None:
+                found = Identity(
+                    template_workload_name(template.name, *key),
+                    template.spiffe_id(*key),
+                    template.claims_for(*key),
+                    template.max_token_ttl,
+                    template.name,
+                )
         if len(self._resolved) >= RESOLVED_MEMO:
             self._resolved.clear()
         self._resolved[key] = found
@@ -205,7 +209,8 @@ def build_registry(trust_domain: str, revision: int, documents: Iterable[Documen
                 f"{at}: spec.trustDomain {domain} is already federated by FederatedTrustDomain {other}"
             )
     compiled = _compile_templates(trust_domain, clusters, templates, where, problems)
-    problems.extend(_template_conflicts(compiled, workloads, by_selector, by_spiffe, where))
+    index = TemplateIndex(compiled)
+    problems.extend(_template_conflicts(compiled, index, by_selector, by_spiffe, where))
     if problems:
         raise RegistryConflict(problems)
     return Registry(
@@ -219,6 +224,8 @@ def build_registry(trust_domain: str, revision: int, documents: Iterable[Documen
         federation_by_domain=by_domain,
         templates=templates,
         compiled_templates=compiled,
+        template_index=index,
+        templates_json=tuple(t.as_json() for t in compiled),
     )
 
 
@@ -275,7 +282,7 @@ def _compile_templates(
 
 def _template_conflicts(
     compiled: tuple[CompiledTemplate, ...],
-    workloads: dict[str, WorkloadSpec],
+    index: TemplateIndex,
     by_selector: dict[tuple[str, str, str], str],
     by_spiffe: dict[str, str],
     where: dict[tuple[str, str], str],
@@ -284,9 +291,9 @@ def _template_conflicts(
     derived identity records its template) or give two service accounts one SPIFFE ID,
     and a template that would give a service account a Workload's SPIFFE ID."""
     problems = []
-    for index, a in enumerate(compiled):
+    for position, a in enumerate(compiled):
         at = f"{where[('WorkloadTemplate', a.name)]}: WorkloadTemplate {a.name}"
-        for b in compiled[index + 1 :]:
+        for b in compiled[position + 1 :]:
             both = templates_overlap(a, b)
             if both is not None:
                 problems.append(
@@ -301,12 +308,15 @@ def _template_conflicts(
                     f"{a.spiffe_id_template} and {b.spiffe_id_template} can give one SPIFFE ID "
                     "to two service accounts; give them different literal path segments"
                 )
+    if index:
         for spiffe_id, workload in sorted(by_spiffe.items()):
-            account = a.read_back(spiffe_id)
-            if account is not None and account not in by_selector:
+            found = index.read_back(spiffe_id)
+            if found is not None and found[1] not in by_selector:
+                template, account = found
                 problems.append(
-                    f"{at}: would give {spiffe_id}, the SPIFFE ID of Workload {workload}, to "
-                    f"service account {account[1]}/{account[2]} of cluster {account[0]}"
+                    f"{where[('WorkloadTemplate', template.name)]}: WorkloadTemplate "
+                    f"{template.name}: would give {spiffe_id}, the SPIFFE ID of Workload "
+                    f"{workload}, to service account {account[1]}/{account[2]} of cluster "
+                    f"{account[0]}"
                 )
-    del workloads
     return problems
