@@ -406,3 +406,22 @@ spec:
     }
     listed = cli(server, "get", "workloadtemplates")
     assert listed.returncode == 0 and "teams" in listed.stdout and "team-*" in listed.stdout
+
+
+def test_a_template_identity_is_revoked_and_suspended_by_its_workload_name(setup: Setup) -> None:
+    """``revoke --workload TEMPLATE/CLUSTER/NAMESPACE/SA`` revokes what that identity
+    holds (the agent denies its token); ``suspend --workload`` stops new credentials."""
+    server = setup.server
+    name = f"teams/{setup.origin_name}/team-a/api"
+    token = exchange(setup, "team-a", "api").json()["access_token"]
+    assert authorize_until(setup, token, True)["allowed"] is True
+    revoked = cli(server, "revoke", "--workload", name, "--reason", "test")
+    assert revoked.returncode == 0, revoked.stderr
+    answer = authorize_until(setup, token, False)
+    assert answer["allowed"] is False and answer["reason"] == "revoked", answer
+    suspended = cli(server, "suspend", "--workload", name, "--reason", "test")
+    assert suspended.returncode == 0, suspended.stderr
+    refused = exchange(setup, "team-a", "api")
+    assert refused.status_code in (400, 403), refused.text
+    unknown = cli(server, "revoke", "--workload", f"teams/{setup.origin_name}/other/api")
+    assert unknown.returncode == 1 and "is not registered" in unknown.stderr
