@@ -86,6 +86,15 @@ def test_a_derived_spiffe_id_reads_back_into_its_service_account() -> None:
     assert compiled.read_back("spiffe://corp.example/x/api/east/other") is None  # no match
     assert compiled.read_back("spiffe://corp.example/x/api/west/ns-a") is None  # cluster
     assert reg.resolve("west", "ns-a", "api") is None
+    # only names spelled as Kubernetes spells them reach the globs and the SPIFFE ID
+    for namespace, account in (
+        ("ns-a/../b", "api"),
+        ("ns-A", "api"),
+        ("ns-a", "a/b"),
+        ("ns-a.b", "x"),
+    ):
+        assert reg.resolve("east", namespace, account) is None
+    assert compiled.read_back("spiffe://corp.example/x/API/east/ns-a") is None
 
 
 @pytest.mark.parametrize(

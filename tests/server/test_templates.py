@@ -37,6 +37,7 @@ from helpers import (
     unique,
     workload_yaml,
 )
+from trustmesh.identity.keys import generate_private_key, public_jwk
 from trustmesh.identity.x509svid import csr_pem
 from trustmesh.sim.cluster import SimulatedCluster
 
@@ -73,6 +74,16 @@ spec:
       methods: [GET]
 ---
 apiVersion: trustmesh.io/v1alpha1
+kind: GlobalRole
+metadata:
+  name: pod-reader
+spec:
+  rules:
+    - apiGroups: [""]
+      resources: [pods]
+      verbs: [get, list]
+---
+apiVersion: trustmesh.io/v1alpha1
 kind: RoleBinding
 metadata:
   name: team-a-reads
@@ -80,6 +91,15 @@ spec:
   role: orders-reader
   subjects:
     - claims: {{project: team-a, environment: prod}}
+---
+apiVersion: trustmesh.io/v1alpha1
+kind: RoleBinding
+metadata:
+  name: team-a-pods
+spec:
+  role: pod-reader
+  subjects:
+    - claims: {{project: team-a}}
 """
 
 
@@ -131,6 +151,40 @@ def setup(tmp_path: Path) -> Iterator[Setup]:
             agent.stop()
         origin.stop()
         assert server.stop() == 0
+
+
+class OddIssuer:
+    """A registered cluster (label environment: prod, inline JWKS) whose issuer signs
+    whatever names it is given, as a misbehaving API server could."""
+
+    def __init__(self, server: Server, audience: str) -> None:
+        self.server, self.audience = server, audience
+        self.key = generate_private_key("ES256")
+        self.jwk = public_jwk(self.key, "ES256")
+        self.name = unique("odd-")
+        self.issuer = f"https://{self.name}.example"
+        server.apply(
+            cluster_yaml(
+                self.name,
+                self.issuer,
+                labels="{environment: prod}",
+                jwks=json.dumps({"keys": [self.jwk]}),
+            )
+        )
+
+    def exchange(self, namespace: str, account: str) -> httpx.Response:
+        now = int(time.time())
+        claims = {
+            "iss": self.issuer,
+            "aud": ["trustmesh"],
+            "sub": f"system:serviceaccount:{namespace}:{account}",
+            "iat": now,
+            "nbf": now,
+            "exp": now + 600,
+            "kubernetes.io": {"namespace": namespace, "serviceaccount": {"name": account}},
+        }
+        token = jwt.encode(claims, self.key, algorithm="ES256", headers={"kid": self.jwk["kid"]})
+        return self.server.exchange(token, self.audience)
 
 
 def exchange(setup: Setup, namespace: str, account: str) -> httpx.Response:
@@ -197,6 +251,36 @@ def test_a_template_onboards_a_namespace_with_no_workload_manifest(setup: Setup)
     refused = exchange(setup, "payments", "api")
     assert refused.status_code == 400 and refused.json()["error"] == "unauthorized_client"
     assert "no WorkloadTemplate matches it" in refused.json()["error_description"]
+    # names as Kubernetes never spells them, from an issuer that signs anything, match
+    # no glob ("team-*" would match the text) and never reach a SPIFFE ID
+    odd = OddIssuer(server, setup.audience)
+    for namespace, account in (("team-a.x", "api"), ("team-A", "api"), ("team-a", "a/../b")):
+        answer = odd.exchange(namespace, account)
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"] == "unauthorized_client", answer.text
+    assert odd.exchange("team-a", "api").status_code == 200  # its canonical names do match
+
+    # SubjectAccessReview of the derived SPIFFE ID: the agent derives its claims
+    def sar(user: str) -> dict[str, Any]:
+        review = httpx.post(
+            setup.agent.url + "/k8s/authorize",
+            json={
+                "apiVersion": "authorization.k8s.io/v1",
+                "kind": "SubjectAccessReview",
+                "spec": {
+                    "user": user,
+                    "resourceAttributes": {"verb": "list", "resource": "pods", "namespace": "x"},
+                },
+            },
+            timeout=10,
+        )
+        assert review.status_code == 200, review.text
+        status: dict[str, Any] = review.json()["status"]
+        return status
+
+    assert sar(spiffe_id)["allowed"] is True
+    stranger = f"spiffe://{TRUST_DOMAIN}/cluster/{setup.origin_name}/ns/payments/sa/api"
+    assert sar(stranger)["allowed"] is False and "denied" not in sar(stranger)  # no opinion
 
     # the X.509-SVID of the same service account, through the sidecar's endpoint
     issued = httpx.post(
@@ -239,6 +323,7 @@ def test_a_template_onboards_a_namespace_with_no_workload_manifest(setup: Setup)
     assert set(derived) == {
         f"teams/{setup.origin_name}/team-a/api",
         f"teams/{setup.origin_name}/team-b/api",
+        f"teams/{odd.name}/team-a/api",
     }
     item = derived[f"teams/{setup.origin_name}/team-a/api"]
     assert item["status"]["spiffeId"] == spiffe_id

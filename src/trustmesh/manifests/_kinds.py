@@ -41,13 +41,12 @@ from ._schema import (
     string_map,
     type_problem,
 )
+from ._templates import DNS_LABEL as _DNS_LABEL
+from ._templates import DNS_SUBDOMAIN as _DNS_SUBDOMAIN
 
 API_VERSION = "trustmesh.io/v1alpha1"
 
 # --- value rules -------------------------------------------------------------------
-
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
 def dns_label(value: str) -> None:

@@ -35,6 +35,22 @@ PLACEHOLDERS = {
 }
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 _GLOB_NAME = re.compile(r"^[a-z0-9*]([-a-z0-9.*]*[a-z0-9*])?$")
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+def canonical_account(namespace: str, sa: str) -> bool:
+    """Whether a namespace and service-account name are spelled as Kubernetes spells
+    them (a DNS-1123 label, a DNS-1123 subdomain): only such names are matched against
+    templates' globs and put into SPIFFE IDs; anything else matches no template."""
+    return (
+        len(namespace) <= 63
+        and len(sa) <= 253
+        and DNS_LABEL.match(namespace) is not None
+        and DNS_SUBDOMAIN.match(sa) is not None
+    )
+
+
 DEFAULT_SPIFFE_ID_TEMPLATE = "/cluster/{cluster}/ns/{namespace}/sa/{serviceAccount}"
 """The path of the default SPIFFE ID (DESIGN §2), with the placeholders."""
 
@@ -246,7 +262,9 @@ class CompiledTemplate:
         """The (cluster, namespace, service account) this template would give
         ``spiffe_id`` to, or None; the template must still match it."""
         found = self.parse(spiffe_id)
-        return found if found is not None and self.matches(*found) else None
+        if found is None or not canonical_account(found[1], found[2]):
+            return None
+        return found if self.matches(*found) else None
 
     def as_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -386,6 +404,8 @@ class TemplateIndex:
         return bool(self.templates)
 
     def match(self, cluster: str, namespace: str, sa: str) -> CompiledTemplate | None:
+        if not canonical_account(namespace, sa):
+            return None
         for template in self._by_namespace.get(namespace, ()):
             if template.matches(cluster, namespace, sa):
                 return template
