@@ -776,19 +776,13 @@ def get_workloads(
                 item.get("status", {}).get("spiffeId", spec.get("spiffeId")),
                 _labels(spec.get("claims")),
                 spec.get("maxTokenTTL") or "",
-                item.get("status", {}).get("template") or "-",
             ]
         )
-    columns = [
-        "NAME",
-        "CLUSTER",
-        "NAMESPACE",
-        "SERVICE ACCOUNT",
-        "SPIFFE ID",
-        "CLAIMS",
-        "MAX TTL",
-        "TEMPLATE",
-    ]
+    columns = ["NAME", "CLUSTER", "NAMESPACE", "SERVICE ACCOUNT", "SPIFFE ID", "CLAIMS", "MAX TTL"]
+    templates = [item.get("status", {}).get("template") or "-" for item in items]
+    if any(t != "-" for t in templates):  # the column only when a template gave an identity
+        columns.append("TEMPLATE")
+        rows = [[*r, t] for r, t in zip(rows, templates, strict=True)]
     _print_with_suspensions(columns, rows, items)
 
 
