@@ -510,3 +510,47 @@ def test_a_template_identity_is_revoked_and_suspended_by_its_workload_name(setup
     assert refused.status_code in (400, 403), refused.text
     unknown = cli(server, "revoke", "--workload", f"teams/{setup.origin_name}/other/api")
     assert unknown.returncode == 1 and "is not registered" in unknown.stderr
+
+
+def test_policy_test_offline_names_template_identities(tmp_path: Path) -> None:
+    """``trustmesh policy test DIR`` (no server) reads WorkloadTemplates too, so a CI
+    pipeline checks what a namespace a template onboards will be allowed."""
+    (tmp_path / "all.yaml").write_text(
+        "---\n".join(
+            [
+                cluster_yaml("east", "https://east.example", labels="{environment: prod}"),
+                cluster_yaml("west", "https://west.example"),
+                template_yaml(
+                    "teams", "{selector: {matchLabels: {environment: prod}}}", '["team-*"]', '["*"]'
+                ),
+                POLICY,
+                f"""apiVersion: trustmesh.io/v1alpha1
+kind: PolicyTest
+metadata:
+  name: onboarded
+spec:
+  cases:
+    - name: team-a reads orders
+      subject: {{workload: teams/east/team-a/api}}
+      cluster: west
+      request: {{host: {HOST}, path: /api/orders, method: GET}}
+      expect: allow
+    - name: team-b does not
+      subject: {{workload: teams/east/team-b/api}}
+      cluster: west
+      request: {{host: {HOST}, path: /api/orders, method: GET}}
+      expect: allow
+""",
+            ]
+        )
+    )
+    result = subprocess.run(
+        trustmesh_cmd("policy", "test", str(tmp_path), "-o", "json"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1, result.stderr
+    results = {r["case"]: r for r in json.loads(result.stdout)["results"]}
+    assert results["team-a reads orders"]["passed"] is True
+    assert results["team-b does not"]["got"] == "deny"
