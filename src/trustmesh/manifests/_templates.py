@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from trustmesh.common.errors import SpiffeIdError
@@ -130,11 +130,11 @@ def globs_overlap(a: str, b: str) -> str | None:
         i, j = state = queue.popleft()
         if i == len(a) and j == len(b):
             out: list[str] = []
-            at: tuple[int, int] | None = state
-            while at is not None and parent[at] is not None:
-                previous, char = parent[at]  # type: ignore[misc]
+            step = parent[state]
+            while step is not None:
+                previous, char = step
                 out.append(char)
-                at = previous
+                step = parent[previous]
             return "".join(reversed(out))
         moves: list[tuple[tuple[int, int], str]] = []
         star_a = i < len(a) and a[i] == "*"
@@ -204,22 +204,29 @@ class CompiledTemplate:
     claims: Mapping[str, str]
     max_token_ttl: int | None
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "_ns", [glob_regex(g) for g in self.namespaces])
-        object.__setattr__(self, "_sa", [glob_regex(g) for g in self.service_accounts])
-        domain, path = self.spiffe_id_template[len("spiffe://") :].partition("/")[::2]
-        object.__setattr__(self, "_prefix", f"spiffe://{domain}/")
-        object.__setattr__(self, "_segments", tuple(path.split("/")))
+    _ns: tuple[re.Pattern[str], ...] = field(init=False, repr=False, compare=False)
+    _sa: tuple[re.Pattern[str], ...] = field(init=False, repr=False, compare=False)
+    prefix: str = field(init=False, repr=False, compare=False)
+    """``spiffe://<trust domain>/``"""
+    segments: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    """The path's segments, placeholders as written (``{namespace}``)."""
 
-    @property
-    def segments(self) -> tuple[str, ...]:
-        return self._segments  # type: ignore[attr-defined,no-any-return]
+    def __post_init__(self) -> None:
+        domain, _, path = self.spiffe_id_template[len("spiffe://") :].partition("/")
+        derived = {
+            "_ns": tuple(glob_regex(g) for g in self.namespaces),
+            "_sa": tuple(glob_regex(g) for g in self.service_accounts),
+            "prefix": f"spiffe://{domain}/",
+            "segments": tuple(path.split("/")),
+        }
+        for name, value in derived.items():  # frozen: set once, here
+            object.__setattr__(self, name, value)
 
     def matches(self, cluster: str, namespace: str, sa: str) -> bool:
         return (
             cluster in self.clusters
-            and any(r.fullmatch(namespace) for r in self._ns)  # type: ignore[attr-defined]
-            and any(r.fullmatch(sa) for r in self._sa)  # type: ignore[attr-defined]
+            and any(r.fullmatch(namespace) for r in self._ns)
+            and any(r.fullmatch(sa) for r in self._sa)
         )
 
     def spiffe_id(self, cluster: str, namespace: str, sa: str) -> str:
@@ -235,10 +242,6 @@ class CompiledTemplate:
             "namespace": namespace,
             "service_account": sa,
         }
-
-    @property
-    def prefix(self) -> str:
-        return self._prefix  # type: ignore[attr-defined,no-any-return]
 
     def parse(self, spiffe_id: str) -> tuple[str, str, str] | None:
         """The (cluster, namespace, service account) ``spiffe_id`` spells in this
