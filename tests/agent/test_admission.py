@@ -53,6 +53,14 @@ kind: Workload
 metadata: {{name: ledger}}
 spec:
   selector: {{cluster: other, namespace: billing, serviceAccount: ledger}}
+---
+apiVersion: trustmesh.io/v1alpha1
+kind: WorkloadTemplate
+metadata: {{name: teams}}
+spec:
+  clusters: {{names: [target]}}
+  namespaces: ["team-*"]
+  serviceAccounts: ["*"]
 """
 
 
@@ -369,6 +377,44 @@ def test_validate_denies_a_pod_without_a_workload_and_names_what_is_missing(
         "cluster target selects namespace billing, service account ledger"
         in other["status"]["message"]
     )
+
+
+def test_validate_allows_a_pod_a_workload_template_gives_an_identity(
+    webhooks: Webhooks,
+) -> None:
+    """No Workload names team-x/api, the template ``teams`` (cluster target, namespaces
+    team-*) does: allowed, and its audit event says which template; a namespace the
+    template does not match is still denied."""
+    onboarded = pod(service_account="api")
+    onboarded.metadata.namespace = "team-x"
+    onboarding = review(onboarded, namespace="team-x")
+    answer = webhooks.answer(webhooks.deny, "validate", onboarding)
+    assert answer == {"uid": answer["uid"], "allowed": True}
+    deadline = time.monotonic() + 30
+    while True:
+        response = webhooks.server.admin.get(
+            "/v1/audit/query", params={"type": "admission.reviewed", "limit": "1000"}
+        )
+        assert response.status_code == 200, response.text
+        found = [
+            entry["event"]
+            for entry in response.json()["entries"]
+            if entry["event"]["request"]["uid"] == onboarding["request"]["uid"]
+        ]
+        if found:
+            break
+        assert time.monotonic() < deadline, "the agent's admission event was not shipped"
+        time.sleep(0.2)
+    assert found[0]["decision"] == {
+        "allowed": True,
+        "policy_revision": 0,
+        "reason": "WorkloadTemplate teams (spiffe://corp.example/cluster/target/ns/team-x/sa/api)",
+    }
+    outside = pod(service_account="api")
+    outside.metadata.namespace = "teamx"
+    denied = webhooks.answer(webhooks.deny, "validate", review(outside, namespace="teamx"))
+    assert denied["allowed"] is False
+    assert "no Workload of cluster target selects namespace teamx" in denied["status"]["message"]
 
 
 def test_validate_with_admission_warn_allows_with_a_warning(webhooks: Webhooks) -> None:

@@ -415,3 +415,30 @@ def test_known_cases_all_engines_agree_with_expectations() -> None:
             if answer != case[3]
         ]
         assert got == expected, f"{name}: {wrong}"
+
+
+def test_a_run_with_template_identities_beside_workloads() -> None:
+    """``--template-identities N``: N identities WorkloadTemplates give, drawn into the
+    requests alike, decided as the explicit ones are (peers agree)."""
+    result = engine.run(requests=600, seed=5, template_identities=200, **SMALL)
+    workload = result["workload"]
+    assert workload["template_identities"] == 200 and workload["workloads"] == SMALL["workloads"]
+    assert 0 < workload["template_identity_requests"] < 1
+    assert result["agreement"] == {"cedar": 1.0, "casbin": 1.0}, result["disagreements"]
+
+
+def test_template_identities_resolve_through_their_templates() -> None:
+    from trustmesh.bench._policygen import template_accounts
+
+    sizes = Sizes(
+        clusters=3, workloads=50, projects=5, roles=10, bindings=30, template_identities=40
+    )
+    world = load_world(generate_bodies(sizes, 3), accounts=template_accounts(sizes, 3))
+    derived = [i for i in world.identities if "/" in i.workload]
+    assert len(derived) == 40 and len(world.identities) == 90
+    for identity in derived:
+        template = identity.workload.split("/")[0]
+        assert template == f"tpl-{identity.claims['project']}-{identity.claims['environment']}"
+        assert (
+            identity.claims["environment"] == world.cluster_labels(identity.cluster)["environment"]
+        )

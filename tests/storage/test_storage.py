@@ -90,6 +90,12 @@ def test_engine_url_selection(tmp_path: Path) -> None:
         engine_url("mysql://u@h/db", tmp_path)
 
 
+def _undo_migration_10(conn: Connection) -> None:
+    """The database as version 9 left it: no template identities."""
+    conn.execute(text("DROP TABLE template_identities"))
+    conn.execute(delete(schema_migrations).where(schema_migrations.c.version == 10))
+
+
 def _undo_migration_8(conn: Connection) -> None:
     """The database as version 7 left it: no federated bundles, no federation counter."""
     _undo_migration_9(conn)
@@ -100,6 +106,7 @@ def _undo_migration_8(conn: Connection) -> None:
 
 def _undo_migration_9(conn: Connection) -> None:
     """The database as version 8 left it: no stored cluster key sets."""
+    _undo_migration_10(conn)
     conn.execute(text("DROP TABLE cluster_keys"))
     conn.execute(delete(schema_migrations).where(schema_migrations.c.version == 9))
 
@@ -157,6 +164,31 @@ def test_migration_8_adds_federated_bundles_to_a_version_7_database(
         taken = store.claim("partner.example", "https://p.example/b", 100.0, 30.0)
         assert taken is not None and taken.bundle is None and taken.next_refresh_at == 130.0
         assert store.claim("partner.example", "https://p.example/b", 101.0, 30.0) is None
+    finally:
+        db.dispose()
+
+
+def test_migration_10_adds_template_identities_to_a_version_9_database(
+    db_url: str | None, tmp_path: Path
+) -> None:
+    """A version 9 database gets the table of template-derived identities, which the
+    observation store then writes once per identity and lists."""
+    from trustmesh.registry.observed import TemplateObservations
+
+    db = open_database(db_url, tmp_path)
+    try:
+        with db.engine.begin() as conn:
+            _undo_migration_10(conn)
+        assert current_version(db.engine) == 9
+        assert migrate(db.engine) == LATEST == 10
+        store = TemplateObservations(db)
+        store.record("teams", "east", "team-a", "api", "spiffe://corp.example/x", 10.0)
+        # another replica (a fresh store) records the same identity: one row, the first
+        TemplateObservations(db).record(
+            "teams", "east", "team-a", "api", "spiffe://corp.example/x", 20.0
+        )
+        (seen,) = store.list()
+        assert (seen.template, seen.namespace, seen.first_issued_at) == ("teams", "team-a", 10.0)
     finally:
         db.dispose()
 

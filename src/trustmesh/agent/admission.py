@@ -636,6 +636,11 @@ class Admission:
         if found is not None:
             reason = f"Workload {found[0]} ({found[1]})"
             return Answer(True, "allowed", reason, policy_revision=engine.revision)
+        derived = engine.account_identity(self.cluster, pod.namespace, pod.service_account)
+        if derived is not None:
+            spiffe_id, entry = derived
+            reason = f"WorkloadTemplate {entry['template']} ({spiffe_id})"
+            return Answer(True, "allowed", reason, policy_revision=engine.revision)
         message = missing_workload(self.cluster, pod)
         if self.config.validation == "warn":
             return Answer(

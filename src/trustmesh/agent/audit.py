@@ -107,7 +107,7 @@ def registered_provenance(
 ) -> dict[str, Any]:
     """``identity`` of a SubjectAccessReview event: the API server authenticated the
     user; the bundle's inventory says which workload and cluster it is (no token)."""
-    entry = engine.identities.get(spiffe_id) or {}
+    entry = engine.identity(spiffe_id) or {}
     return {
         "spiffe_id": spiffe_id,
         "workload": _text(entry.get("workload")),

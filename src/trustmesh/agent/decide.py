@@ -116,7 +116,7 @@ def registered_claims(engine: Engine, username: str) -> Mapping[str, Any] | None
     claims its policy is evaluated with. The username alone is as strong as a native
     RBAC ``User`` subject; impersonating a user needs ``impersonate`` on that very
     user name."""
-    entry = engine.identities.get(username) if username else None
+    entry = engine.identity(username) if username else None
     if entry is None:
         return None
     claims = entry.get("claims")

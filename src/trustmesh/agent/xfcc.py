@@ -193,7 +193,7 @@ def registered_identity(svid: VerifiedSvid, engine: Engine) -> VerifiedIdentity:
     holds for it (those a JWT-SVID of that workload carries) and the certificate's
     validity as ``iat``/``nbf``/``exp``; InvalidToken ``unregistered`` for an ID the
     inventory does not hold."""
-    entry = engine.identities.get(svid.spiffe_id)
+    entry = engine.identity(svid.spiffe_id)
     registered = entry.get("claims") if entry is not None else None
     if not isinstance(registered, dict):
         raise InvalidToken(

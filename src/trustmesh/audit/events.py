@@ -21,7 +21,8 @@ not apply (never ``null``):
 ``actor``      who acted: a SPIFFE ID, ``admin:NAME``, ``cluster:NAME`` or ``system``
 ``identity``   provenance of the credential: ``spiffe_id``, ``workload``,
                ``origin_cluster``, ``sa_issuer``, ``sa_subject``, ``jti``, ``kid``,
-               ``token_sha256`` (SHA-256 hex of the presented token: never the token);
+               ``token_sha256`` (SHA-256 hex of the presented token: never the token),
+               ``template`` (the WorkloadTemplate that gave the identity, if one did);
                for a client certificate forwarded by Envoy (XFCC), ``credential:
                "x509-svid"``, ``x509_serial`` (hex) and ``x509_sha256`` (of its DER:
                never the certificate); no ``credential``: a bearer JWT-SVID
@@ -140,6 +141,7 @@ IDENTITY_FIELDS = frozenset(
         "credential",
         "x509_serial",
         "x509_sha256",
+        "template",
     }
 )
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")

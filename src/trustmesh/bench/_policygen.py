@@ -57,6 +57,9 @@ class Sizes:
     projects: int = 100
     roles: int = 500
     bindings: int = 2_000
+    template_identities: int = 0
+    """Identities WorkloadTemplates give, beside the ``workloads`` explicit ones (one
+    template per project and environment; namespace ``<project>-tpl``)."""
 
     def to_json(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -328,14 +331,67 @@ def generate_bodies(sizes: Sizes, seed: int) -> list[dict[str, Any]]:
                 {first, f"{first}-jobs", _project(rng.randrange(sizes.projects))}
             )
         bodies.append(_doc("RoleBinding", f"rb-{i:04d}", spec))
+    if sizes.template_identities:
+        bodies.extend(_templates(sizes))
     return bodies
 
 
-def load_world(bodies: Sequence[dict[str, Any]], revision: int = 1) -> World:
-    """Validate every body as a manifest and index it, as ``trustmesh apply`` would."""
+def _templates(sizes: Sizes) -> list[dict[str, Any]]:
+    """One WorkloadTemplate per (project, environment): the clusters of that
+    environment, namespace ``<project>-tpl``, any service account; claims as the
+    explicit workloads carry them (project, environment, a tier)."""
+    out = []
+    for p in range(sizes.projects):
+        project = _project(p)
+        for env in ENVIRONMENTS:
+            spec = {
+                "clusters": {
+                    "selector": {
+                        "matchExpressions": [
+                            {"key": "environment", "operator": "In", "values": [env]}
+                        ]
+                    }
+                },
+                "namespaces": [f"{project}-tpl"],
+                "serviceAccounts": ["*"],
+                "claims": {
+                    "project": project,
+                    "environment": env,
+                    "tier": TIERS[p % len(TIERS)],
+                },
+            }
+            out.append(_doc("WorkloadTemplate", f"tpl-{project}-{env}", spec))
+    return out
+
+
+def template_accounts(sizes: Sizes, seed: int) -> list[tuple[str, str, str]]:
+    """The (cluster, namespace, service account) of ``sizes.template_identities``
+    service accounts the templates of ``generate_bodies`` match."""
+    rng = random.Random(seed * 104_729 + 3)  # noqa: S311 - a benchmark workload
+    clusters = [f"c{i:02d}" for i in range(sizes.clusters)]
+    return [
+        (
+            rng.choice(clusters),
+            f"{_project(rng.randrange(sizes.projects))}-tpl",
+            f"t{i:05d}",
+        )
+        for i in range(sizes.template_identities)
+    ]
+
+
+def load_world(
+    bodies: Sequence[dict[str, Any]],
+    revision: int = 1,
+    accounts: Sequence[tuple[str, str, str]] = (),
+) -> World:
+    """Validate every body as a manifest and index it, as ``trustmesh apply`` would.
+    ``accounts``: service accounts the templates give identities to (``template_accounts``),
+    counted in the inventory as observed."""
     documents = [document_from_body(body) for body in bodies]
     registry = build_registry(
-        TRUST_DOMAIN, revision, [d for d in documents if d.kind in ("Cluster", "Workload")]
+        TRUST_DOMAIN,
+        revision,
+        [d for d in documents if d.kind in ("Cluster", "Workload", "WorkloadTemplate")],
     )
     policy = PolicySet.from_documents(documents)
     identities = [
@@ -347,6 +403,13 @@ def load_world(bodies: Sequence[dict[str, Any]], revision: int = 1) -> World:
         )
         for name in sorted(registry.workloads)
     ]
+    for account in accounts:
+        derived = registry.resolve(*account)
+        if derived is None or derived.template is None:
+            raise ValueError(f"no template gives {account}")
+        identities.append(
+            Identity(derived.workload, derived.spiffe_id, dict(derived.claims), account[0])
+        )
     world = World(documents=documents, registry=registry, policy=policy, identities=identities)
     for doc in documents:
         if doc.kind == "GlobalRole":

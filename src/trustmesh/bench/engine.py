@@ -50,6 +50,7 @@ from trustmesh.bench._policygen import (
     generate_bodies,
     generate_requests,
     load_world,
+    template_accounts,
 )
 from trustmesh.bench._stats import Distribution, row, summarise, timer_overhead, verdict
 from trustmesh.bench._translate import peer_bindings
@@ -341,6 +342,10 @@ def _workload(
         "generated_as": {k: round(v / n, 3) for k, v in sorted(origins.items())},
         "allow_fraction": round(sum(ours) / n, 3),
         "distinct_identities": len({r.identity.spiffe_id for r in requests}),
+        # a template-derived identity's workload name is TEMPLATE/CLUSTER/NAMESPACE/SA
+        "template_identity_requests": round(
+            sum(1 for r in requests if "/" in r.identity.workload) / n, 3
+        ),
         "distinct_identity_cluster_pairs": len(
             {(r.identity.spiffe_id, r.cluster) for r in requests}
         ),
@@ -362,13 +367,16 @@ def run(
     projects: int = 100,
     roles: int = 500,
     bindings: int = 2_000,
+    template_identities: int = 0,
     batch_size: int = 1_000,
     cedar_every: int = 1,
     casbin_every: int | None = None,
 ) -> dict[str, Any]:
     """Generate the federation and the requests, measure every engine, compare answers.
     ``casbin_every`` (default: so that about 10,000 requests are timed) and
-    ``cedar_every`` (default: all) pick every k-th request for a peer."""
+    ``cedar_every`` (default: all) pick every k-th request for a peer.
+    ``template_identities``: that many identities WorkloadTemplates give, beside the
+    ``workloads`` explicit ones; requests are drawn from both alike."""
     unknown = set(peers) - set(PEERS)
     if unknown:
         raise ValueError(f"unknown peer {sorted(unknown)[0]!r}; peers are {', '.join(PEERS)}")
@@ -383,10 +391,15 @@ def run(
     if casbin_every is None:
         casbin_every = max(1, requests // CASBIN_SAMPLE)
     sizes = Sizes(
-        clusters=clusters, workloads=workloads, projects=projects, roles=roles, bindings=bindings
+        clusters=clusters,
+        workloads=workloads,
+        projects=projects,
+        roles=roles,
+        bindings=bindings,
+        template_identities=template_identities,
     )
     t0 = time.perf_counter()
-    world = load_world(generate_bodies(sizes, seed))
+    world = load_world(generate_bodies(sizes, seed), accounts=template_accounts(sizes, seed))
     load_seconds = time.perf_counter() - t0
     bench_requests = generate_requests(world, requests, seed, sizes)
 

@@ -776,7 +776,7 @@ def get_workloads(
     token_file: Path | None = TokenFileOption,
     output: Output = OutputOption,
 ) -> None:
-    """List registered workloads."""
+    """List registered workloads, and the identities WorkloadTemplates gave (TEMPLATE)."""
     items = admin_client(server, token_file).request("GET", "/v1/workloads")["items"]
     if output is Output.json:
         print_json(items)
@@ -796,7 +796,47 @@ def get_workloads(
             ]
         )
     columns = ["NAME", "CLUSTER", "NAMESPACE", "SERVICE ACCOUNT", "SPIFFE ID", "CLAIMS", "MAX TTL"]
+    templates = [item.get("status", {}).get("template") or "-" for item in items]
+    if any(t != "-" for t in templates):  # the column only when a template gave an identity
+        columns.append("TEMPLATE")
+        rows = [[*r, t] for r, t in zip(rows, templates, strict=True)]
     _print_with_suspensions(columns, rows, items)
+
+
+@get_app.command("workloadtemplates")
+def get_workload_templates(
+    server: str | None = ServerOption,
+    token_file: Path | None = TokenFileOption,
+    output: Output = OutputOption,
+) -> None:
+    """List WorkloadTemplates (the identities they gave: get workloads, TEMPLATE)."""
+    items = admin_client(server, token_file).request("GET", "/v1/workloadtemplates")["items"]
+    if output is Output.json:
+        print_json(items)
+        return
+    rows = []
+    for item in items:
+        spec = item["spec"]
+        clusters = spec.get("clusters") or {}
+        selector = (clusters.get("selector") or {}).get("matchLabels")
+        chosen = ",".join(clusters.get("names") or [])
+        if clusters.get("selector") is not None:
+            chosen = ";".join(p for p in (chosen, f"selector {_labels(selector)}") if p)
+        rows.append(
+            [
+                item["metadata"]["name"],
+                chosen,
+                ",".join(spec["namespaces"]),
+                ",".join(spec["serviceAccounts"]),
+                spec.get("spiffeIdTemplate") or "(default)",
+                _labels(spec.get("claims")),
+                spec.get("maxTokenTTL") or "",
+            ]
+        )
+    print_table(
+        ["NAME", "CLUSTERS", "NAMESPACES", "SERVICE ACCOUNTS", "SPIFFE ID", "CLAIMS", "MAX TTL"],
+        rows,
+    )
 
 
 def _print_with_suspensions(
@@ -1112,12 +1152,24 @@ def bench_verify(
 def bench_engine(
     requests: int = typer.Option(100_000, "--requests", min=1, help="Requests to decide."),
     seed: int = typer.Option(7, "--seed", help="Seed of the generated policy and requests."),
+    workloads: int = typer.Option(10_000, "--workloads", min=1, help="Explicit Workloads."),
+    template_identities: int = typer.Option(
+        0,
+        "--template-identities",
+        min=0,
+        help="Identities WorkloadTemplates give, beside the explicit Workloads.",
+    ),
     output: Output = OutputOption,
 ) -> None:
     """The policy engine in-process next to Cedar (cedarpy) and Casbin, same semantics."""
     from trustmesh.bench.engine import run
 
-    result = run(requests=requests, seed=seed)
+    result = run(
+        requests=requests,
+        seed=seed,
+        workloads=workloads,
+        template_identities=template_identities,
+    )
     print_json(result) if output is Output.json else _print_bench(result)
 
 

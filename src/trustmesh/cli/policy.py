@@ -141,7 +141,7 @@ def rollback(
 def test(
     paths: list[Path] = typer.Argument(
         ...,
-        help="Manifest files or directories: policy plus the Clusters and Workloads the tests name.",
+        help="Manifest files or directories: policy plus the Clusters, Workloads and WorkloadTemplates the tests name.",
     ),
     trust_domain: str = typer.Option(
         "example.org",
@@ -164,7 +164,7 @@ def test(
     from trustmesh.common.errors import SpiffeIdError
     from trustmesh.spiffeid import normalize_trust_domain
 
-    registry_docs = [d for d in documents if d.kind in ("Cluster", "Workload")]
+    registry_docs = [d for d in documents if d.kind in ("Cluster", "Workload", "WorkloadTemplate")]
     try:
         registry = build_registry(normalize_trust_domain(trust_domain), 0, registry_docs)
         policy = PolicySet.from_documents(documents)

@@ -4,6 +4,7 @@ and today's registry, both fetched from the control plane's admin API."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any
@@ -69,13 +70,38 @@ def fetch_registry(client: ApiClient) -> Registry:
     if not trust_domain:
         fail("the control plane's discovery document names no trust_domain")
     documents = []
-    for kind in ("clusters", "workloads"):
+    observed: list[tuple[str, str, str]] = []
+    for kind in ("clusters", "workloads", "workloadtemplates"):
         items = (client.request("GET", f"/v1/{kind}") or {}).get("items")
+        if kind == "workloads" and isinstance(items, list):
+            # identities templates gave are listed as Workloads with status.template
+            derived = [i for i in items if isinstance(i, dict) and _template_of(i)]
+            items = [i for i in items if not (isinstance(i, dict) and _template_of(i))]
+            observed += [_account_of(i) for i in derived]
         documents += _documents(kind, items)
     try:
-        return build_registry(trust_domain, 0, documents)
+        registry = build_registry(trust_domain, 0, documents)
     except RegistryConflict as exc:
         fail(f"the registry does not fit together: {exc}")
+    return dataclasses.replace(registry, observed=tuple(observed))
+
+
+def _template_of(item: dict[str, Any]) -> str | None:
+    status = item.get("status")
+    template = status.get("template") if isinstance(status, dict) else None
+    return template if isinstance(template, str) else None
+
+
+def _account_of(item: dict[str, Any]) -> tuple[str, str, str]:
+    try:
+        selector = item["spec"]["selector"]
+        return (
+            str(selector["cluster"]),
+            str(selector["namespace"]),
+            str(selector["serviceAccount"]),
+        )
+    except (KeyError, TypeError):
+        fail("the control plane listed a template-derived identity without its selector")
 
 
 def _client(server: str | None, token_file: Path | None) -> ApiClient:

@@ -28,8 +28,17 @@ from ._policy_kinds import (
     SubjectSpec,
     TestSubject,
 )
+from ._templates import (
+    CompiledTemplate,
+    TemplateIndex,
+    WorkloadTemplateSpec,
+    compile_template,
+    spiffe_ids_can_meet,
+    template_workload_name,
+    templates_overlap,
+)
 
-REGISTRY_KINDS = ("Cluster", "Workload", "FederatedTrustDomain")
+REGISTRY_KINDS = ("Cluster", "Workload", "WorkloadTemplate", "FederatedTrustDomain")
 POLICY_KINDS = ("GlobalRole", "RoleBinding", "PolicyTest")
 
 __all__ = [
@@ -40,6 +49,7 @@ __all__ = [
     "REGISTRY_KINDS",
     "ClusterScope",
     "ClusterSpec",
+    "CompiledTemplate",
     "Document",
     "Expression",
     "FederatedTrustDomainSpec",
@@ -51,12 +61,18 @@ __all__ = [
     "Problem",
     "RoleBindingSpec",
     "SubjectSpec",
+    "TemplateIndex",
     "TestSubject",
     "WorkloadSelector",
     "WorkloadSpec",
+    "WorkloadTemplateSpec",
+    "compile_template",
     "dns_label",
     "dns_subdomain",
     "document_from_body",
     "load_paths",
     "parse_text",
+    "spiffe_ids_can_meet",
+    "template_workload_name",
+    "templates_overlap",
 ]

@@ -42,13 +42,12 @@ from ._schema import (
     string_map,
     type_problem,
 )
+from ._templates import DNS_LABEL as _DNS_LABEL
+from ._templates import DNS_SUBDOMAIN as _DNS_SUBDOMAIN
 
 API_VERSION = "trustmesh.io/v1alpha1"
 
 # --- value rules -------------------------------------------------------------------
-
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
 def dns_label(value: str) -> None:
@@ -376,6 +375,7 @@ def _build_federated_trust_domain(spec: dict[str, Any]) -> FederatedTrustDomainS
 # --- the table ---------------------------------------------------------------------
 
 from ._policy_kinds import (  # noqa: E402  (the policy kinds reuse the helpers above)
+    CLUSTER_FIELDS,
     GLOBAL_ROLE_SPEC,
     POLICY_TEST_SPEC,
     ROLE_BINDING_SPEC,
@@ -386,10 +386,36 @@ from ._policy_kinds import (  # noqa: E402  (the policy kinds reuse the helpers 
     build_policy_test,
     build_role_binding,
 )
+from ._schema import list_of  # noqa: E402
+from ._templates import (  # noqa: E402
+    WorkloadTemplateSpec,
+    build_workload_template,
+    claim_template,
+    glob_value,
+    spiffe_id_template,
+)
+
+
+def _scope_given(node: Any, result: dict[str, Any], path: str, sink: Sink) -> bool:
+    if not result.get("names") and "selector" not in result:
+        sink.add(node.line, path, "give names and/or a selector: the clusters the template covers")
+        return False
+    return True
+
+
+WORKLOAD_TEMPLATE_SPEC = obj(
+    Field("clusters", obj(*CLUSTER_FIELDS, rules=(_scope_given,)), required=True),
+    Field("namespaces", list_of(string(glob_value), min_items=1), required=True),
+    Field("serviceAccounts", list_of(string(glob_value), min_items=1), required=True),
+    Field("spiffeIdTemplate", string(spiffe_id_template, max_length=2048)),
+    Field("claims", map_of(string(claim_template, max_length=253), claim_key), default=dict),
+    Field("maxTokenTTL", duration(1, 3600)),
+)
 
 Spec = (
     ClusterSpec
     | WorkloadSpec
+    | WorkloadTemplateSpec
     | FederatedTrustDomainSpec
     | GlobalRoleSpec
     | RoleBindingSpec
@@ -414,6 +440,7 @@ KINDS: dict[str, KindSpec] = {
     for k in (
         KindSpec("Cluster", CLUSTER_SPEC, _build_cluster),
         KindSpec("Workload", WORKLOAD_SPEC, _build_workload, _finalize_workload),
+        KindSpec("WorkloadTemplate", WORKLOAD_TEMPLATE_SPEC, build_workload_template),
         KindSpec(
             "FederatedTrustDomain", FEDERATED_TRUST_DOMAIN_SPEC, _build_federated_trust_domain
         ),

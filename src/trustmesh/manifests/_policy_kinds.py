@@ -29,6 +29,9 @@ _VERB = re.compile(r"^(\*|[a-z][a-z0-9-]{0,62})$")
 _METHOD = re.compile(r"^(\*|[A-Z][A-Z0-9-]{0,31})$")
 _HOST = re.compile(r"^(\*|(\*\.)?[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?)$")
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+_PART = r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?"
+# a Workload's name, or a template-derived identity's TEMPLATE/CLUSTER/NAMESPACE/SA
+_WORKLOAD = re.compile(rf"^{_PART}(/{_PART}/{_PART}/{_PART})?$")
 
 
 def _pattern(rule: re.Pattern[str], what: str) -> Any:
@@ -265,7 +268,7 @@ def _spiffe_or_pattern(value: str) -> None:
 
 SUBJECT = obj(
     Field("spiffeId", string(_spiffe_or_pattern)),
-    Field("workload", string(_pattern(_NAME, "workload name"))),
+    Field("workload", string(_pattern(_WORKLOAD, "workload name"))),
     Field("claims", string_map()),
     Field("matchExpressions", list_of(EXPRESSION)),
     rules=(exclusive("spiffeId", "workload"), _some_condition),
@@ -289,13 +292,24 @@ class ClusterScope:
     has_selector: bool
 
 
-CLUSTERS = obj(
+CLUSTER_FIELDS = (
     Field("names", strings(_pattern(_NAME, "cluster name"))),
     Field(
         "selector",
         obj(Field("matchLabels", string_map()), Field("matchExpressions", list_of(EXPRESSION))),
     ),
 )
+CLUSTERS = obj(*CLUSTER_FIELDS)
+
+
+def build_cluster_scope(clusters: dict[str, Any]) -> ClusterScope:
+    selector = clusters.get("selector") or {}
+    return ClusterScope(
+        names=tuple(clusters.get("names", ())),
+        match_labels=dict(selector.get("matchLabels", {})),
+        match_expressions=_expressions(selector.get("matchExpressions", [])),
+        has_selector="selector" in clusters,
+    )
 
 
 @dataclass(frozen=True)
@@ -318,15 +332,7 @@ ROLE_BINDING_SPEC = obj(
 
 def build_role_binding(spec: dict[str, Any]) -> RoleBindingSpec:
     clusters = spec.get("clusters")
-    scope = None
-    if clusters is not None:
-        selector = clusters.get("selector") or {}
-        scope = ClusterScope(
-            names=tuple(clusters.get("names", ())),
-            match_labels=dict(selector.get("matchLabels", {})),
-            match_expressions=_expressions(selector.get("matchExpressions", [])),
-            has_selector="selector" in clusters,
-        )
+    scope = build_cluster_scope(clusters) if clusters is not None else None
     namespaces = spec.get("namespaces")
     return RoleBindingSpec(
         role=spec["role"],
@@ -395,7 +401,7 @@ TEST_CASE = obj(
     Field(
         "subject",
         obj(
-            Field("workload", string(_pattern(_NAME, "workload name"))),
+            Field("workload", string(_pattern(_WORKLOAD, "workload name"))),
             Field("spiffeId", string(_spiffe)),
             Field("claims", string_map()),
             rules=(

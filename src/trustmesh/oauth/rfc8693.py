@@ -50,8 +50,8 @@ from trustmesh.identity.kubernetes_sa import (
     verify_service_account_token,
 )
 from trustmesh.identity.svid import KeyRing, mint_svid
-from trustmesh.manifests import ClusterSpec, WorkloadSpec
-from trustmesh.registry import Registry
+from trustmesh.manifests import ClusterSpec
+from trustmesh.registry import Identity, Registry
 from trustmesh.revocation.suspension import SuspensionSet
 from trustmesh.spiffeid import cluster_audience, trust_domain_of
 
@@ -79,8 +79,7 @@ class VerifiedSubject:
 
     cluster: str
     sa_token: ServiceAccountToken
-    workload_name: str
-    workload: WorkloadSpec
+    identity: Identity
     token_sha256: bytes  # of the SA token: what audit records of it, never the token
 
 
@@ -97,6 +96,7 @@ class Exchanged:
     jti: str
     kid: str
     subject_token_sha256: str  # hex, as audit events hold it
+    template: str | None = None  # the WorkloadTemplate the identity comes from
 
 
 def parse_form(body: bytes) -> dict[str, list[str]]:
@@ -316,16 +316,12 @@ class TokenExchange:
         Raises the error the caller answers with."""
         digest = hashlib.sha256(subject_token.encode("utf-8", "surrogatepass")).digest()
         cluster_name, sa = await self._verified_subject(subject_token, digest, registry, now)
-        workload_name = registry.workload_by_selector.get(
-            (cluster_name, sa.namespace, sa.service_account)
-        )
-        if workload_name is None:
+        identity = registry.resolve(cluster_name, sa.namespace, sa.service_account)
+        if identity is None:
             raise UnauthorizedClient(
-                f"no Workload selects service account {sa.namespace}/{sa.service_account} in cluster {cluster_name}",
+                f"no Workload selects service account {sa.namespace}/{sa.service_account} in cluster {cluster_name}, and no WorkloadTemplate matches it",
             )
-        return VerifiedSubject(
-            cluster_name, sa, workload_name, registry.workloads[workload_name], digest
-        )
+        return VerifiedSubject(cluster_name, sa, identity, digest)
 
     async def exchange(self, form: Mapping[str, list[str]]) -> Exchanged:
         now = self.clock()
@@ -334,11 +330,12 @@ class TokenExchange:
         audiences = self._check_audiences(audiences, registry)
         subject = await self.verify_subject(subject_token, registry, now)
         cluster_name, sa = subject.cluster, subject.sa_token
-        workload_name, workload = subject.workload_name, subject.workload
-        max_ttl = min(workload.max_token_ttl or MAX_TOKEN_TTL, MAX_TOKEN_TTL)
+        identity = subject.identity
+        workload_name = identity.workload
+        max_ttl = min(identity.max_token_ttl or MAX_TOKEN_TTL, MAX_TOKEN_TTL)
         ttl = min(lifetime or min(self.default_ttl, max_ttl), max_ttl)
         issued_at = int(now)
-        spiffe_id = registry.spiffe_id_of(workload_name)
+        spiffe_id = identity.spiffe_id
         # DESIGN §5: a suspended subject gets no new credential of any kind.
         self.suspensions().check(workload=workload_name, spiffe_id=spiffe_id, cluster=cluster_name)
         revoked_until = self.revoked_until(spiffe_id, cluster_name)
@@ -354,10 +351,7 @@ class TokenExchange:
             "nbf": issued_at,
             "exp": issued_at + ttl,
             "jti": secrets.token_urlsafe(16),
-            **workload.claims,
-            "cluster": cluster_name,
-            "namespace": sa.namespace,
-            "service_account": sa.service_account,
+            **identity.claims,  # cluster, namespace and service_account included
         }
         key = self.keyset().active
         token = mint_svid(key, claims)
@@ -376,4 +370,5 @@ class TokenExchange:
             jti=claims["jti"],
             kid=key.kid,
             subject_token_sha256=subject.token_sha256.hex(),
+            template=identity.template,
         )

@@ -180,9 +180,10 @@ def check_policy(policy: PolicySet, registry: Registry) -> list[str]:
         if binding.role not in policy.roles:
             problems.append(f"RoleBinding {name}: role {binding.role!r} is not a GlobalRole")
         for subject in binding.subjects:
-            if subject.workload and subject.workload not in registry.workloads:
+            if subject.workload and registry.identity_named(subject.workload) is None:
                 problems.append(
-                    f"RoleBinding {name}: subject workload {subject.workload!r} is not a registered Workload"
+                    f"RoleBinding {name}: subject workload {subject.workload!r} is not a "
+                    "registered Workload nor an identity a WorkloadTemplate gives"
                 )
         if binding.clusters is not None:
             for cluster in binding.clusters.names:
@@ -196,9 +197,10 @@ def check_policy(policy: PolicySet, registry: Registry) -> list[str]:
                 problems.append(
                     f"PolicyTest {name} {case.name}: cluster {case.cluster!r} is not a registered Cluster"
                 )
-            if case.subject.workload and case.subject.workload not in registry.workloads:
+            if case.subject.workload and registry.identity_named(case.subject.workload) is None:
                 problems.append(
-                    f"PolicyTest {name} {case.name}: workload {case.subject.workload!r} is not a registered Workload"
+                    f"PolicyTest {name} {case.name}: workload {case.subject.workload!r} is not a "
+                    "registered Workload nor an identity a WorkloadTemplate gives"
                 )
     return problems
 
@@ -237,7 +239,10 @@ def claim_counts(identities: dict[str, dict[str, Any]]) -> dict[str, dict[str, i
 def _subject_body(subject: SubjectSpec, registry: Registry) -> dict[str, Any]:
     body: dict[str, Any] = {}
     if subject.workload:
-        body["spiffeId"] = registry.spiffe_id_of(subject.workload)
+        named = registry.identity_named(subject.workload)
+        body["spiffeId"] = (
+            named.spiffe_id if named is not None else registry.spiffe_id_of(subject.workload)
+        )
     elif subject.spiffe_id:
         body["spiffeId"] = subject.spiffe_id
     if subject.claims:
@@ -268,7 +273,7 @@ def _bundle(
     counts: dict[str, dict[str, int]],
 ) -> dict[str, Any]:
     used_roles = {binding["role"] for binding in bindings}
-    return {
+    bundle = {
         "apiVersion": "trustmesh.io/v1alpha1",
         "kind": BUNDLE_KIND,
         "cluster": cluster,
@@ -282,6 +287,10 @@ def _bundle(
         "identities": identities,
         "claimCounts": counts,
     }
+    if registry.templates_json:
+        # every cluster's agent reads back template-derived SPIFFE IDs (X.509, SAR)
+        bundle["templates"] = list(registry.templates_json)
+    return bundle
 
 
 def compile_bundle(

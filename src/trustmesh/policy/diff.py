@@ -1,8 +1,9 @@
 """The *effective* policy diff (DESIGN §3, ``trustmesh policy diff A B``).
 
 A policy is reduced to the set of grants it makes over the registered inventory: for
-every registered Workload identity (with the claims a token of it carries,
-``compiler.identity_claims``) and every registered Cluster, each allow RoleBinding that
+every registered Workload identity and every identity a WorkloadTemplate gave (as
+observed at its first credential; ``Registry.inventory_identities``, with the claims a
+token of it carries) and every registered Cluster, each allow RoleBinding that
 applies to the cluster (``compiler.cluster_selected``) and names the identity (the
 engine's own subject matching, ``Engine.applicable``) contributes one :class:`Grant`
 per (namespace, verb or method, resource or path) its role's rules spell out. Two
@@ -59,7 +60,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from trustmesh.common.errors import PolicyError
-from trustmesh.policy.compiler import PolicySet, compile_all, flatten_roles, identity_claims
+from trustmesh.policy.compiler import PolicySet, compile_all, flatten_roles
 from trustmesh.policy.engine import Engine
 from trustmesh.policy.matching import compile_rule
 from trustmesh.registry import Registry
@@ -148,7 +149,9 @@ def _for_inventory(policy: PolicySet, registry: Registry) -> PolicySet:
     bindings = {}
     for name, binding in policy.bindings.items():
         subjects = tuple(
-            s for s in binding.subjects if not s.workload or s.workload in registry.workloads
+            s
+            for s in binding.subjects
+            if not s.workload or registry.identity_named(s.workload) is not None
         )
         if not subjects:
             continue
@@ -296,12 +299,12 @@ def _denied(
 
 def _effective(policy: PolicySet, registry: Registry) -> dict[Grant, _Detail]:
     bundles = inventory_bundles(policy, registry)
+    identities = registry.inventory_identities()
     grants: dict[Grant, _Detail] = {}
     for cluster, bundle in sorted(bundles.items()):
         engine = Engine(bundle)
-        for workload in sorted(registry.workloads):
-            spiffe_id = registry.spiffe_id_of(workload)
-            claims = identity_claims(registry, workload)
+        for identity in identities:
+            workload, spiffe_id, claims = identity.workload, identity.spiffe_id, identity.claims
             _, allows = engine.applicable(spiffe_id, claims)
             for binding in allows:
                 namespaces = sorted(binding.namespaces) if binding.namespaces is not None else None
@@ -348,8 +351,9 @@ def _escalation_flags(grant: Grant, detail: _Detail, registry: Registry) -> list
             else:
                 verbs.update(_ESCALATING_RESOURCES.get(base, ()))
         flags.extend(v for v in ESCALATION_VERBS if v in verbs)
-    if grant.workload in registry.workloads and grant.cluster in registry.clusters:
-        mine = registry.workloads[grant.workload].claims.get("environment")
+    named = registry.identity_named(grant.workload)
+    if named is not None and grant.cluster in registry.clusters:
+        mine = named.claims.get("environment")
         theirs = registry.clusters[grant.cluster].labels.get("environment")
         if mine is not None and theirs is not None and mine != theirs:
             flags.append("cross-environment")

@@ -53,6 +53,7 @@ from itertools import filterfalse
 from operator import attrgetter
 from typing import Any
 
+from trustmesh.manifests import CompiledTemplate, TemplateIndex, template_workload_name
 from trustmesh.policy.compiler import claim_counts
 from trustmesh.policy.matching import (
     CandidateIndex,
@@ -374,6 +375,11 @@ class Engine:
         self.identities: dict[str, dict[str, Any]] = (
             identities if type(identities) is dict else dict(identities)
         )
+        self.templates = TemplateIndex(
+            CompiledTemplate.from_json(t) for t in bundle.get("templates") or ()
+        )
+        self._derived: dict[str, dict[str, Any] | None] = {}
+        self._explicit_accounts: frozenset[tuple[str, str, str]] | None = None
         self.cluster_domain: str = bundle.get("clusterDomain") or DEFAULT_CLUSTER_DOMAIN
         self._domain_suffix = domain_suffix(self.cluster_domain)
         roles = bundle["roles"]
@@ -431,6 +437,54 @@ class Engine:
         self._hosts: dict[tuple[str, str], _Read] = {}
         self._ids = itertools.count(1)
         self._id_prefix = f"{secrets.token_hex(4)}-{self.revision}-"
+
+    def identity(self, spiffe_id: str) -> dict[str, Any] | None:
+        """The inventory entry (``workload``, ``claims``) of a registered SPIFFE ID: a
+        Workload's from the bundle's ``identities``, else one a template of the bundle
+        gives (read back into its cluster, namespace and service account, which no
+        Workload selects; with ``template``). None for an ID neither holds."""
+        entry = self.identities.get(spiffe_id)
+        if entry is not None or not self.templates:
+            return entry
+        if spiffe_id in self._derived:
+            return self._derived[spiffe_id]
+        read = self.templates.read_back(spiffe_id)
+        found = self._derived_entry(*read) if read is not None else None
+        if len(self._derived) >= self.MEMO_SIZE:
+            self._derived.clear()
+        self._derived[spiffe_id] = found
+        return found
+
+    def account_identity(
+        self, cluster: str, namespace: str, service_account: str
+    ) -> tuple[str, dict[str, Any]] | None:
+        """(SPIFFE ID, entry) a template gives this service account, when no Workload
+        selects it; None otherwise (Workloads are in ``identities``)."""
+        account = (cluster, namespace, service_account)
+        template = self.templates.match(*account)
+        entry = self._derived_entry(template, account) if template is not None else None
+        return (template.spiffe_id(*account), entry) if template and entry else None
+
+    def _derived_entry(
+        self, template: CompiledTemplate, account: tuple[str, str, str]
+    ) -> dict[str, Any] | None:
+        if self._explicit_accounts is None:
+            self._explicit_accounts = frozenset(
+                (
+                    str(e["claims"].get("cluster")),
+                    str(e["claims"].get("namespace")),
+                    str(e["claims"].get("service_account")),
+                )
+                for e in self.identities.values()
+                if isinstance(e.get("claims"), dict)
+            )
+        if account in self._explicit_accounts:
+            return None  # a Workload selects it: explicit wins
+        return {
+            "workload": template_workload_name(template.name, *account),
+            "claims": template.claims_for(*account),
+            "template": template.name,
+        }
 
     def _canonical_rule(self, body: dict[str, Any]) -> dict[str, Any]:
         """A service rule's hosts as canonical requests are matched against them

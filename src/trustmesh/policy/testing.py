@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from trustmesh.policy.compiler import PolicySet, compile_all, identity_claims
+from trustmesh.policy.compiler import PolicySet, compile_all
 from trustmesh.policy.engine import Engine
 from trustmesh.registry import Registry
 
@@ -52,9 +52,10 @@ def run_policy_tests(
             if engine is None:
                 engine = engines[case.cluster] = Engine(bundles[case.cluster])
             subject = case.subject
-            if subject.workload:
-                spiffe_id = registry.spiffe_id_of(subject.workload)
-                claims: dict[str, Any] = identity_claims(registry, subject.workload)
+            named = registry.identity_named(subject.workload) if subject.workload else None
+            if named is not None:  # a Workload, or an identity a template gives
+                spiffe_id = named.spiffe_id
+                claims: dict[str, Any] = dict(named.claims)
             else:
                 spiffe_id = (
                     subject.spiffe_id or f"spiffe://{registry.trust_domain}/policy-test/{test_name}"

@@ -2,7 +2,14 @@
 stored manifests, plus the checks that span documents (references, conflicts)."""
 
 from trustmesh.common.errors import RegistryConflict
-from trustmesh.registry.index import Registry, build_registry
+from trustmesh.registry.index import Identity, Registry, build_registry
 from trustmesh.registry.store import AppliedChange, RegistryStore
 
-__all__ = ["AppliedChange", "Registry", "RegistryConflict", "RegistryStore", "build_registry"]
+__all__ = [
+    "AppliedChange",
+    "Identity",
+    "Registry",
+    "RegistryConflict",
+    "RegistryStore",
+    "build_registry",
+]

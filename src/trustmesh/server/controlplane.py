@@ -57,6 +57,7 @@ from trustmesh.oauth.rfc8693 import DEFAULT_TTL, TokenExchange
 from trustmesh.policy.catalog import PolicyCatalog
 from trustmesh.registry import RegistryStore
 from trustmesh.registry.federation import FederationStore
+from trustmesh.registry.observed import TemplateObservations
 from trustmesh.revocation.store import RevocationStore
 from trustmesh.revocation.suspension import SuspensionStore
 from trustmesh.server.agents import Agents
@@ -183,6 +184,7 @@ class ControlPlane:
         self.credentials = CredentialStore(self.db, self.clock)
         self.admin_token_created = self.credentials.ensure_admin(data_dir / "admin.token")
         self.registry_store = RegistryStore(self.db, self.trust_domain)
+        self.observations = TemplateObservations(self.db)
         self.catalog = PolicyCatalog(self.db)
         self.revocation_store = RevocationStore(self.db)
         self.suspension_store = SuspensionStore(self.db)
@@ -253,7 +255,7 @@ class ControlPlane:
             self.clock,
         )
         self.inventory = Inventory(
-            self.registry_store, self.snapshots, self.agents, self.ca_rotation
+            self.registry_store, self.snapshots, self.agents, self.ca_rotation, self.observations
         )
         self.federation = Federation(
             federation_store, self.registry_store, self.snapshots, self.recorder, self.clock
@@ -283,7 +285,9 @@ class ControlPlane:
             max_sa_token_lifetime=self.config.max_sa_token_lifetime,
             sa_tokens=self.sa_tokens,
         )
-        self.issuance = Issuance(exchange, self.recorder, self.tracing, self.metrics)
+        self.issuance = Issuance(
+            exchange, self.recorder, self.tracing, self.metrics, self.observations
+        )
         signer = X509Signer(
             exchange=exchange,
             registry=lambda: snapshots.registry,
@@ -294,7 +298,7 @@ class ControlPlane:
             default_ttl=self.config.svid_ttl,
         )
         self.x509 = X509Issuance(
-            signer, self.recorder, self.tracing, self.metrics, self.root_holders
+            signer, self.recorder, self.tracing, self.metrics, self.root_holders, self.observations
         )
         self.recorder.start()
         self._tasks = [

@@ -8,9 +8,12 @@ cluster's), or null."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+from trustmesh.manifests import API_VERSION
 from trustmesh.registry import RegistryStore
+from trustmesh.registry.observed import TemplateObservations
 from trustmesh.server.agents import Agents
 from trustmesh.server.roots import CaRotation
 from trustmesh.server.snapshots import Snapshots
@@ -23,7 +26,9 @@ class Inventory:
         snapshots: Snapshots,
         agents: Agents,
         ca_rotation: CaRotation | None = None,
+        observations: TemplateObservations | None = None,
     ):
+        self.observations = observations
         self.registry_store = registry_store
         self.snapshots = snapshots
         self.agents = agents
@@ -56,4 +61,51 @@ class Inventory:
                         cluster=registry.workloads[name].selector.cluster,
                     )
                 item["status"]["suspended"] = suspended.to_json() if suspended else None
+                item["status"]["template"] = None
+            items.extend(self._template_derived())
         return items
+
+    def _template_derived(self) -> Sequence[dict[str, Any]]:
+        """The identities templates gave, as observed at their first credential, shaped
+        as Workloads with ``status.template``; those the registry in force still gives
+        through that template (an explicit Workload applied since wins)."""
+        if self.observations is None:
+            return []
+        registry, suspensions = self.snapshots.registry, self.snapshots.suspensions
+        out = []
+        for seen in self.observations.list():
+            identity = registry.resolve(seen.cluster, seen.namespace, seen.service_account)
+            if identity is None or identity.template != seen.template:
+                continue
+            spec: dict[str, Any] = {
+                "selector": {
+                    "cluster": seen.cluster,
+                    "namespace": seen.namespace,
+                    "serviceAccount": seen.service_account,
+                },
+                "claims": {
+                    k: v
+                    for k, v in identity.claims.items()
+                    if k not in ("cluster", "namespace", "service_account")
+                },
+            }
+            if identity.max_token_ttl is not None:
+                spec["maxTokenTTL"] = identity.max_token_ttl
+            suspended = suspensions.covering(
+                workload=identity.workload, spiffe_id=identity.spiffe_id, cluster=seen.cluster
+            )
+            out.append(
+                {
+                    "apiVersion": API_VERSION,
+                    "kind": "Workload",
+                    "metadata": {"name": identity.workload},
+                    "spec": spec,
+                    "status": {
+                        "spiffeId": identity.spiffe_id,
+                        "template": seen.template,
+                        "firstIssuedAt": seen.first_issued_at,
+                        "suspended": suspended.to_json() if suspended else None,
+                    },
+                }
+            )
+        return out

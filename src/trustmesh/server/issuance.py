@@ -7,6 +7,8 @@ counted in an ``audit.refusals_folded`` summary (``audit/folding.py``)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -15,10 +17,35 @@ from typing import Any
 from trustmesh.common.errors import TrustmeshError, Unavailable
 from trustmesh.common.tracing import Tracing
 from trustmesh.oauth.rfc8693 import TokenExchange, parse_form
+from trustmesh.registry.observed import TemplateObservations
 from trustmesh.server.metrics import ServerMetrics
 from trustmesh.server.recorder import AuditRecorder, issued_event
 
 SPAN_NAME = "token.exchange"
+log = logging.getLogger(__name__)
+
+
+async def observe(
+    observations: TemplateObservations | None,
+    template: str | None,
+    cluster: str,
+    namespace: str,
+    sa: str,
+    spiffe_id: str,
+    now: float,
+) -> None:
+    """Record a template-derived identity the first time it is issued a credential
+    (once per replica; a failure is logged and retried at its next credential)."""
+    if observations is None or template is None:
+        return
+    if not observations.is_new(template, cluster, namespace, sa):
+        return
+    try:
+        await asyncio.to_thread(
+            observations.record, template, cluster, namespace, sa, spiffe_id, now
+        )
+    except Exception:
+        log.exception("recording a template-derived identity failed")
 
 
 @dataclass(frozen=True)
@@ -34,8 +61,10 @@ class Issuance:
         recorder: AuditRecorder,
         tracing: Tracing,
         metrics: ServerMetrics,
+        observations: TemplateObservations | None = None,
     ) -> None:
         self.exchange = exchange
+        self.observations = observations
         self.recorder = recorder
         self.tracing = tracing
         self.metrics = metrics
@@ -74,6 +103,16 @@ class Issuance:
                 raise Unavailable(
                     "the audit log cannot be written; no token is issued without its audit record"
                 ) from None
+        sa = result.sa_token
+        await observe(
+            self.observations,
+            result.template,
+            result.cluster,
+            sa.namespace,
+            sa.service_account,
+            result.spiffe_id,
+            self.exchange.clock(),
+        )
         self._issued.inc()
         self.metrics.exchange_seconds.observe(time.perf_counter() - started)
         return Issued(result.response, span.traceparent())

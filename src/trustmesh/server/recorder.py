@@ -295,6 +295,7 @@ def issued_event(
             "jti": result.jti,
             "kid": result.kid,
             "token_sha256": result.subject_token_sha256,
+            **({"template": result.template} if result.template else {}),
         },
         request={"surface": "token", "audience": list(result.audiences)},
         detail={

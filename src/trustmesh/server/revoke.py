@@ -59,10 +59,11 @@ class Revoker:
         must name something that exists. A key leaves JWKS here (the prepared key takes
         over if it was the active one)."""
         registry = self.snapshots.registry
-        if kind == "workload":
-            if value not in registry.workloads:
+        if kind == "workload":  # a Workload, or TEMPLATE/CLUSTER/NAMESPACE/SA
+            named = registry.identity_named(value)
+            if named is None:
                 raise NotFound(f"workload {value} is not registered")
-            return "subject", registry.spiffe_id_of(value)
+            return "subject", named.spiffe_id
         if kind == "subject":
             try:
                 domain, _ = parse_spiffe_id(value)
@@ -182,10 +183,11 @@ class Suspender:
         """The revocation (kind, value) that revokes what was issued to the subject; the
         workload or cluster must be registered, the SPIFFE ID in the trust domain."""
         registry = self.snapshots.registry
-        if kind == "workload":
-            if value not in registry.workloads:
+        if kind == "workload":  # a Workload, or TEMPLATE/CLUSTER/NAMESPACE/SA
+            named = registry.identity_named(value)
+            if named is None:
                 raise NotFound(f"workload {value} is not registered")
-            return "subject", registry.spiffe_id_of(value)
+            return "subject", named.spiffe_id
         if kind == "cluster":
             if value not in registry.clusters:
                 raise NotFound(f"cluster {value} is not registered")

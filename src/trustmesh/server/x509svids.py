@@ -56,7 +56,9 @@ from trustmesh.identity.x509ca import MAX_SVID_TTL, CaSet, parse_fingerprints
 from trustmesh.identity.x509svid import check_csr, pem_of, sign_svid
 from trustmesh.oauth.rfc8693 import TokenExchange, VerifiedSubject
 from trustmesh.registry import Registry
+from trustmesh.registry.observed import TemplateObservations
 from trustmesh.revocation.suspension import SuspensionSet
+from trustmesh.server.issuance import observe
 from trustmesh.server.metrics import ServerMetrics
 from trustmesh.server.recorder import AuditRecorder
 from trustmesh.server.roots import SIDECAR, RootHolders
@@ -139,12 +141,12 @@ class X509Signer:
         now = self.clock()
         registry = self.registry()
         subject = await self.exchange.verify_subject(request.subject_token, registry, now)
-        spiffe_id = registry.spiffe_id_of(subject.workload_name)
+        spiffe_id = subject.identity.spiffe_id
         self.suspensions().check(
-            workload=subject.workload_name, spiffe_id=spiffe_id, cluster=subject.cluster
+            workload=subject.identity.workload, spiffe_id=spiffe_id, cluster=subject.cluster
         )
         public_key = check_csr(request.csr, spiffe_id)
-        max_ttl = min(subject.workload.max_token_ttl or MAX_SVID_TTL, MAX_SVID_TTL)
+        max_ttl = min(subject.identity.max_token_ttl or MAX_SVID_TTL, MAX_SVID_TTL)
         ttl = min(self.default_ttl, max_ttl)
         not_before = int(now) - NOT_BEFORE_SKEW
         revoked_until = self.revoked_until(spiffe_id, subject.cluster)
@@ -181,7 +183,9 @@ class X509Issuance:
         tracing: Tracing,
         metrics: ServerMetrics,
         holders: RootHolders,
+        observations: TemplateObservations | None = None,
     ) -> None:
+        self.observations = observations
         self.signer = signer
         self.recorder = recorder
         self.tracing = tracing
@@ -228,6 +232,16 @@ class X509Issuance:
                     "audit record"
                 ) from None
         await self._report_roots(request, signed)
+        sa = signed.subject.sa_token
+        await observe(
+            self.observations,
+            signed.subject.identity.template,
+            signed.subject.cluster,
+            sa.namespace,
+            sa.service_account,
+            signed.spiffe_id,
+            self.signer.clock(),
+        )
         self.metrics.x509_svids.labels("issued").inc()
         self.metrics.x509_svid_seconds.observe(time.perf_counter() - started)
         return signed.response, span.traceparent()
@@ -275,11 +289,16 @@ def svid_issued_event(
         actor=signed.spiffe_id,
         identity={
             "spiffe_id": signed.spiffe_id,
-            "workload": signed.subject.workload_name,
+            "workload": signed.subject.identity.workload,
             "origin_cluster": signed.subject.cluster,
             "sa_issuer": sa.issuer,
             "sa_subject": f"system:serviceaccount:{sa.namespace}:{sa.service_account}",
             "token_sha256": ev.token_sha256(subject_token),
+            **(
+                {"template": signed.subject.identity.template}
+                if signed.subject.identity.template
+                else {}
+            ),
         },
         request={"surface": SURFACE},
         detail={

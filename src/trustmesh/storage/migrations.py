@@ -139,6 +139,10 @@ def _v9_keys_cluster_keys(conn: Connection) -> None:
     schema.cluster_keys.create(conn, checkfirst=True)
 
 
+def _v10_template_identities(conn: Connection) -> None:
+    schema.template_identities.create(conn, checkfirst=True)
+
+
 MIGRATIONS: list[Migration] = [
     (1, "initial schema: meta, signing keys, registry, credentials", _v1_initial),
     (2, "policy versions and agent status", _v2_policy),
@@ -154,6 +158,7 @@ MIGRATIONS: list[Migration] = [
     (7, "X.509 CA roots and the roots each agent and sidecar holds", _v7_x509_ca),
     (8, "the SPIFFE bundles of federated trust domains", _v8_federation),
     (9, "keys: the last good key set of each cluster", _v9_keys_cluster_keys),
+    (10, "identities WorkloadTemplates gave, as first issued", _v10_template_identities),
 ]
 
 LATEST = MIGRATIONS[-1][0]

@@ -143,6 +143,19 @@ registry_objects = Table(
     Column("updated_by", String(200), nullable=False),
 )
 
+# The identities WorkloadTemplates gave (DESIGN §11): one row per (template, cluster,
+# namespace, service account), written when the identity is first issued a credential.
+template_identities = Table(
+    "template_identities",
+    metadata,
+    Column("template", String(253), primary_key=True),
+    Column("cluster", String(63), primary_key=True),
+    Column("namespace", String(63), primary_key=True),
+    Column("service_account", String(253), primary_key=True),
+    Column("spiffe_id", Text, nullable=False),
+    Column("first_issued_at", Float, nullable=False),
+)
+
 # Bearer credentials: the admin credential and one credential per agent instance of a
 # cluster (server/credentials.py). Only SHA-256 hashes of secrets are stored. A rotation
 # keeps the row (its id, cluster and agent: the credential's identity) and moves the

@@ -146,6 +146,7 @@ def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
         Route("/v1/apply", apply, methods=["POST"]),
         Route("/v1/clusters", lister("Cluster"), methods=["GET"]),
         Route("/v1/workloads", lister("Workload"), methods=["GET"]),
+        Route("/v1/workloadtemplates", lister("WorkloadTemplate"), methods=["GET"]),
         Route("/v1/keys", list_keys, methods=["GET"]),
         Route("/v1/keys/rotate", rotate_keys, methods=["POST"]),
         Route("/v1/policy/versions", policy_versions, methods=["GET"]),
