@@ -384,6 +384,36 @@ def signal_name(code: int) -> str:
     return signal.Signals(-code).name if code < 0 else str(code)
 
 
+BENCH_ROW_KEYS = {"name", "p50_us", "p99_us", "per_s", "note"}
+
+
+def check_bench_shape(result: dict[str, Any]) -> None:
+    """What every ``trustmesh bench`` report holds: a title, table rows, summary lines,
+    all printable by ``-o json``."""
+    assert isinstance(result["title"], str) and result["title"]
+    assert result["results"] and all(set(r) >= BENCH_ROW_KEYS for r in result["results"])
+    assert result["summary"] and all(isinstance(line, str) for line in result["summary"])
+    json.dumps(result)  # -o json must be able to print it
+
+
+def child_pids() -> set[int]:
+    """This process's children now (empty where /proc cannot say)."""
+    try:
+        with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as f:
+            return {int(pid) for pid in f.read().split()}
+    except OSError:
+        return set()
+
+
+def kill_leftover_children(before: set[int]) -> set[int]:
+    """The children started since ``before`` (from :func:`child_pids`) that are still
+    running, killed so they outlive no test; the caller asserts there were none."""
+    leftovers = child_pids() - before
+    for pid in leftovers:
+        os.kill(pid, signal.SIGKILL)
+    return leftovers
+
+
 def new_postgres_database(base_url: str) -> str:
     """A fresh, empty database on the test server, so tests never share state."""
     name = f"tm_{secrets.token_hex(6)}"
