@@ -11,6 +11,7 @@ import queue
 import secrets
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from typing import Any
 
 import httpx
 import psycopg
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -382,6 +384,40 @@ def register_federation(
 
 def signal_name(code: int) -> str:
     return signal.Signals(-code).name if code < 0 else str(code)
+
+
+def free_port() -> int:
+    """A loopback port free now, for a process that must come back on the same one."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def eventually(check: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
+    """Poll ``check`` until it returns something truthy (returned); fail the test after
+    ``timeout`` seconds, naming ``what`` was awaited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout:.0f} s: {what}")
+        time.sleep(0.1)
+
+
+def log_entries(server: Server) -> list[dict[str, Any]]:
+    """Every entry of the control plane's audit log, read page by page."""
+    entries: list[dict[str, Any]] = []
+    while True:
+        response = server.admin.get(
+            "/v1/audit/entries", params={"start": len(entries), "end": len(entries) + 1000}
+        )
+        assert response.status_code == 200, response.text
+        page = response.json()["entries"]
+        if not page:
+            return entries
+        entries.extend(page)
 
 
 BENCH_ROW_KEYS = {"name", "p50_us", "p99_us", "per_s", "note"}
