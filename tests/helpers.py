@@ -386,6 +386,34 @@ def signal_name(code: int) -> str:
     return signal.Signals(-code).name if code < 0 else str(code)
 
 
+def database_for(engine: str, request: pytest.FixtureRequest) -> str | None:
+    """``--db`` for ``engine``: None for SQLite (the data dir's default), else a fresh
+    database on the session's PostgreSQL."""
+    if engine == "sqlite":
+        return None
+    return new_postgres_database(request.getfixturevalue("postgres_base_url"))
+
+
+@contextmanager
+def issuing(fed: Federation) -> Iterator[list[str]]:
+    """A thread asking ``fed`` for JWT-SVIDs until the block ends (the control plane
+    keeps working through whatever the block does); yields the SVIDs it got."""
+    stop = threading.Event()
+    issued: list[str] = []
+
+    def traffic() -> None:
+        while not stop.is_set():
+            issued.append(fed.svid())
+
+    thread = threading.Thread(target=traffic)
+    thread.start()
+    try:
+        yield issued
+    finally:
+        stop.set()
+        thread.join()
+
+
 def free_port() -> int:
     """A loopback port free now, for a process that must come back on the same one."""
     with socket.socket() as sock:
