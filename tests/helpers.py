@@ -581,6 +581,21 @@ def envoy_binary() -> Path:
     return found
 
 
+def envoy_validate(config_yaml: str, directory: Path) -> str:
+    """``envoy --mode validate`` on ``config_yaml`` (written to ``directory``): the test
+    fails unless the real Envoy loads it. Returns what Envoy printed."""
+    path = directory / "validate.yaml"
+    path.write_text(config_yaml)
+    checked = subprocess.run(
+        [str(envoy_binary()), "--mode", "validate", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    return checked.stdout
+
+
 def start_envoy(directory: Path, config: dict[str, Any], timeout: float = 15.0) -> Envoy:
     config_path = directory / "envoy.yaml"
     config_path.write_text(json.dumps(config, indent=1))  # JSON is YAML

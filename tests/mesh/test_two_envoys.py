@@ -40,7 +40,7 @@ from helpers import (
     Envoy,
     Server,
     cluster_yaml,
-    envoy_binary,
+    envoy_validate,
     serve_cluster,
     serve_echo,
     start_agent,
@@ -105,16 +105,7 @@ def envoy_config(*flags: str) -> dict[str, Any]:
 
 
 def validate(config: dict[str, Any], directory: Path) -> str:
-    path = directory / "validate.yaml"
-    path.write_text(yaml.safe_dump(config))
-    checked = subprocess.run(
-        [str(envoy_binary()), "--mode", "validate", "-c", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert checked.returncode == 0, checked.stdout + checked.stderr
-    return checked.stdout
+    return envoy_validate(yaml.safe_dump(config), directory)
 
 
 @dataclass
