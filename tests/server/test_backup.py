@@ -262,6 +262,15 @@ def rewrite(path: Path, out: Path, change: Any) -> None:
     out.write_bytes(gzip.compress(b"".join(body) + json.dumps(trailer).encode() + b"\n"))
 
 
+def alter_leaf(body: list[bytes]) -> list[bytes]:
+    """A change for :func:`rewrite`: one token.issued leaf of the audit log altered."""
+    for i, line in enumerate(body):
+        if b"token.issued" in line and line.startswith(b"["):
+            body[i] = line.replace(b"token.issued", b"token.issueD", 1)
+            return body
+    raise AssertionError("no token.issued entry in the backup")
+
+
 def test_damaged_altered_or_foreign_backups_are_refused(
     backed_up: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -286,13 +295,6 @@ def test_damaged_altered_or_foreign_backups_are_refused(
     assert "truncated" in refused(tmp_path / "truncated.tmbk", data_dir)
 
     # a leaf altered (the checksum recomputed to match): the audit log does not verify
-    def alter_leaf(body: list[bytes]) -> list[bytes]:
-        for i, line in enumerate(body):
-            if b"token.issued" in line and line.startswith(b"["):
-                body[i] = line.replace(b"token.issued", b"token.issueD", 1)
-                return body
-        raise AssertionError("no token.issued entry in the backup")
-
     rewrite(backup, tmp_path / "altered.tmbk", alter_leaf)
     assert "audit log does not verify" in refused(tmp_path / "altered.tmbk", data_dir)
 
@@ -320,14 +322,7 @@ def test_a_backup_that_changes_between_the_passes_restores_nothing(
     old: Server = backed_up["server"]
     backup = tmp_path / "backup.tmbk"
 
-    def alter(body: list[bytes]) -> list[bytes]:
-        for i, line in enumerate(body):
-            if b"token.issued" in line and line.startswith(b"["):
-                body[i] = line.replace(b"token.issued", b"token.issueD", 1)
-                return body
-        raise AssertionError("no token.issued entry in the backup")
-
-    rewrite(backup, tmp_path / "altered.tmbk", alter)
+    rewrite(backup, tmp_path / "altered.tmbk", alter_leaf)
     fifo = tmp_path / "swapped.tmbk"
     os.mkfifo(fifo)
 
