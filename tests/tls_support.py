@@ -109,3 +109,27 @@ def make_tls(directory: Path) -> Tls:
     _write(key_path, _key_pem(key), 0o600)
     _write(cert_path, certificate.public_bytes(serialization.Encoding.PEM), 0o644)
     return Tls(ca, cert_path, key_path, ca_key, ca_cert)
+
+
+def stranger_svid(directory: Path, spiffe_id: str) -> tuple[Path, Path]:
+    """A client certificate naming ``spiffe_id``, from a CA nobody trusts (self-signed):
+    (certificate, key) PEM files in ``directory``."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(x509.Name([]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]), critical=True
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "stranger.pem", directory / "stranger-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(_key_pem(key))
+    return cert_path, key_path

@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 
 from trustmesh.agent.app import build_agent_app
+from trustmesh.agent.decide import Outcome
 from trustmesh.agent.hot import HotSurfaces
 from trustmesh.agent.main import Agent, AgentConfig, build_agent
 
@@ -61,3 +62,8 @@ def client_of(agent: Agent) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app_of(agent)), base_url="http://agent"
     )
+
+
+def reason(outcome: Outcome) -> str | None:
+    """Why the decision refused, or None if it allowed."""
+    return outcome.refusal.reason if outcome.refusal is not None else None

@@ -13,12 +13,10 @@ each agent's source numbered without a hole."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import threading
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,9 @@ from helpers import (
     Federation,
     Process,
     Server,
+    eventually,
+    free_port,
+    log_entries,
     new_postgres_database,
     register_federation,
     serve_echo,
@@ -86,23 +87,6 @@ REPORTS = {"host": HOST, "path": "/reports/q3", "method": "GET"}
 DECISION = "x-trustmesh-decision-id"
 WAIT = 60.0
 BOUND = DEFAULT_STALENESS_BOUND  # how long an agent may lag the control plane
-
-
-def eventually(check: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout:.0f} s: {what}")
-        time.sleep(0.1)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --- the processes -----------------------------------------------------------------------
@@ -250,19 +234,6 @@ def envoy_stats(envoy: Envoy) -> dict[str, int]:
 
 
 # --- the central log -------------------------------------------------------------------
-
-
-def log_entries(server: Server) -> list[dict[str, Any]]:
-    entries: list[dict[str, Any]] = []
-    while True:
-        response = server.admin.get(
-            "/v1/audit/entries", params={"start": len(entries), "end": len(entries) + 1000}
-        )
-        assert response.status_code == 200, response.text
-        page = response.json()["entries"]
-        if not page:
-            return entries
-        entries.extend(page)
 
 
 def agent_events(server: Server, cluster: str) -> list[dict[str, Any]]:

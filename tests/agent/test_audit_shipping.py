@@ -6,7 +6,6 @@ into, or squat, an agent's audit source (issue 10, finding 1)."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections import Counter
@@ -24,6 +23,8 @@ from helpers import (
     Process,
     Server,
     cluster_yaml,
+    free_port,
+    log_entries,
     register_federation,
     start_agent,
     start_server,
@@ -60,19 +61,6 @@ SPOOL_SOURCE = Path("audit-spool") / "source"
 
 
 # --- reading the central log ---------------------------------------------------------
-
-
-def log_entries(server: Server) -> list[dict[str, Any]]:
-    entries: list[dict[str, Any]] = []
-    while True:
-        response = server.admin.get(
-            "/v1/audit/entries", params={"start": len(entries), "end": len(entries) + 1000}
-        )
-        assert response.status_code == 200, response.text
-        page = response.json()["entries"]
-        if not page:
-            return entries
-        entries.extend(page)
 
 
 def of_spool(source_id: str, spool: str) -> bool:
@@ -409,12 +397,6 @@ def test_agent_killed_mid_traffic_loses_and_repeats_nothing(
         assert restarted.stop() == 0, restarted.process.stderr()
     final = agent_events(federation.server, source)
     assert len(final) == len({e["source"]["seq"] for e in final})
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_control_plane_outage_mid_traffic_delivers_everything_once(

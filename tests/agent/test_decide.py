@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 import pytest
-from agent_support import FakeClock, client_of, local_agent
+from agent_support import FakeClock, client_of, local_agent, reason
 
 from trustmesh.agent.decide import AUTHORIZE, Decider, Outcome
 from trustmesh.agent.main import Agent
@@ -115,19 +115,10 @@ class Federation:
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
 def federation(tmp_path: Path, clock: FakeClock) -> Iterator[Federation]:
     federation = Federation(tmp_path, clock, staleness_bound=BOUND)
     yield federation
     federation.agent.spool.close()
-
-
-def reason(outcome: Outcome) -> str | None:
-    return outcome.refusal.reason if outcome.refusal is not None else None
 
 
 def test_allows_by_policy_and_audits_before_answering(federation: Federation) -> None:

@@ -127,11 +127,6 @@ class Federation:
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
 def federation(tmp_path: Path, clock: FakeClock) -> Iterator[Federation]:
     federation = Federation(tmp_path / "agent", clock)
     yield federation

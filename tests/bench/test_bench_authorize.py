@@ -5,11 +5,10 @@ in the control plane's log."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 
 import pytest
 
+from helpers import child_pids, kill_leftover_children
 from trustmesh.bench import authorize
 
 WRK_OUTPUT = """Running 10s test @ http://127.0.0.1:41019/v1/authorize
@@ -41,20 +40,12 @@ def test_wrk_output_is_read_with_its_units() -> None:
         authorize.parse_wrk("unable to connect to 127.0.0.1:9 Connection refused")
 
 
-def _children() -> set[int]:
-    with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as handle:
-        return {int(pid) for pid in handle.read().split()}
-
-
 @pytest.mark.parametrize("wrk", [True, False])
 def test_authorize_bench_counts_every_decision_in_the_log(wrk: bool) -> None:
-    before = _children()
+    before = child_pids()
     result = authorize.run(seconds=1, concurrency=4, workloads=3, warmup=10, wrk=wrk,
                            workers=(1, 2))  # fmt: skip
-    leftovers = _children() - before
-    for pid in leftovers:
-        os.kill(pid, signal.SIGKILL)
-    assert not leftovers, "the bench left child processes running"
+    assert not kill_leftover_children(before), "the bench left child processes running"
     json.dumps(result)
     assert [r["name"] for r in result["http"]] == [
         f"{surface}, {workers}" for workers in ("1 worker", "2 workers")

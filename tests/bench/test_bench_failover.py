@@ -6,23 +6,13 @@ asserts speed."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 
-from helpers import trustmesh_cmd
-
-
-def _children() -> set[int]:
-    try:
-        with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as f:
-            return {int(pid) for pid in f.read().split()}
-    except OSError:
-        return set()
+from helpers import child_pids, kill_leftover_children, trustmesh_cmd
 
 
 def test_a_replica_killed_mid_run_fails_no_exchange_and_comes_back() -> None:
-    before = _children()
+    before = child_pids()
     completed = subprocess.run(
         trustmesh_cmd("bench", "failover", "--before", "2", "--down", "1.5", "--after", "1.5",
                       "--window", "1", "--concurrency", "2", "-o", "json"),
@@ -43,10 +33,7 @@ def test_a_replica_killed_mid_run_fails_no_exchange_and_comes_back() -> None:
     restarted = result["restarted_replica_seconds"]
     assert 0 < restarted["listening"] <= restarted["ready_to_issue"] <= restarted["first_exchange"]
     assert "failed: 0 (goal 0)" in result["summary"][0]
-    leftovers = _children() - before
-    for pid in leftovers:
-        os.kill(pid, signal.SIGKILL)
-    assert not leftovers
+    assert not kill_leftover_children(before)
 
 
 def test_a_database_that_cannot_be_reached_is_one_line_and_exit_1() -> None:

@@ -4,35 +4,16 @@ speed (these machines are shared and noisy)."""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-
+from helpers import check_bench_shape, child_pids, kill_leftover_children
 from trustmesh.bench import revocation
-
-ROW_KEYS = {"name", "p50_us", "p99_us", "per_s", "note"}
-
-
-def _children() -> set[int]:
-    try:
-        with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as f:
-            return {int(pid) for pid in f.read().split()}
-    except OSError:
-        return set()
 
 
 def test_revocation_bench_small() -> None:
-    before = _children()
+    before = child_pids()
     result = revocation.run(agents=3, trials=3, iterations=2_000, entries=1_000, rounds=2)
-    leftovers = _children() - before
-    for pid in leftovers:
-        os.kill(pid, signal.SIGKILL)
-    assert not leftovers, "the bench left child processes running"
+    assert not kill_leftover_children(before), "the bench left child processes running"
 
-    assert isinstance(result["title"], str) and result["title"]
-    assert result["results"] and all(set(r) >= ROW_KEYS for r in result["results"])
-    assert result["summary"] and all(isinstance(line, str) for line in result["summary"])
-    json.dumps(result)  # -o json must be able to print it
+    check_bench_shape(result)
 
     assert result["agents"] == 3 and result["kinds"] == ["jti", "workload"]
     trials = result["trials"]

@@ -7,36 +7,16 @@ for any rotation says it proved nothing and exits 1. Nothing here asserts speed.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-from typing import Any
 
-from helpers import trustmesh_cmd
+from helpers import check_bench_shape, child_pids, kill_leftover_children, trustmesh_cmd
 from trustmesh.bench import rotation
-
-ROW_KEYS = {"name", "p50_us", "p99_us", "per_s", "note"}
-
-
-def check_shape(result: dict[str, Any]) -> None:
-    assert isinstance(result["title"], str) and result["title"]
-    assert result["results"] and all(set(r) >= ROW_KEYS for r in result["results"])
-    assert result["summary"] and all(isinstance(line, str) for line in result["summary"])
-    json.dumps(result)  # -o json must be able to print it
-
-
-def _children() -> set[int]:
-    try:
-        with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as f:
-            return {int(pid) for pid in f.read().split()}
-    except OSError:
-        return set()
 
 
 def test_every_svid_of_a_small_fleet_rotates_under_load_without_a_failed_request() -> None:
-    before = _children()
+    before = child_pids()
     result = rotation.run(sidecars=3, ttl=10, seconds=14)
-    check_shape(result)
+    check_bench_shape(result)
     assert result["failed"] == 0 and result["failures"] == {}, result["failure_examples"]
     assert result["sent"] == result["succeeded"] > 0
     assert result["ok"] and result["problems"] == [] and result["goal_met"]
@@ -61,10 +41,7 @@ def test_every_svid_of_a_small_fleet_rotates_under_load_without_a_failed_request
     assert result["processes_ended"] == []
     assert set(result["cpu_percent"]) >= {"control_plane", "agent", "envoy", "sidecars", "load"}
     # every process it started was stopped and reaped
-    leftovers = _children() - before
-    for pid in leftovers:
-        os.kill(pid, signal.SIGKILL)
-    assert not leftovers
+    assert not kill_leftover_children(before)
 
 
 def test_a_run_too_short_for_a_rotation_says_it_proved_nothing_and_exits_1() -> None:
@@ -75,7 +52,7 @@ def test_a_run_too_short_for_a_rotation_says_it_proved_nothing_and_exits_1() -> 
     )  # fmt: skip
     assert completed.returncode == 1, completed.stderr
     result = json.loads(completed.stdout)
-    check_shape(result)
+    check_bench_shape(result)
     assert result["failed"] == 0 and result["succeeded"] > 0 and result["goal_met"]
     assert not result["every_svid_rotated"] and not result["ok"]
     assert result["workloads"][0]["rotations"] == 0

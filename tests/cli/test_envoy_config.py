@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from helpers import envoy_binary, trustmesh_cmd
+from helpers import envoy_validate, trustmesh_cmd
 
 
 def printed(*flags: str) -> subprocess.CompletedProcess[str]:
@@ -33,15 +33,7 @@ def test_the_printed_configuration_loads_in_envoy(tmp_path: Path, mtls: bool) ->
         flags += ["--sds-socket", "/run/trustmesh/sds.sock", "--trust-domain", "corp.example"]
     answer = printed(*flags)
     assert answer.returncode == 0, answer.stderr
-    path = tmp_path / "envoy.yaml"
-    path.write_text(answer.stdout)
-    checked = subprocess.run(
-        [str(envoy_binary()), "--mode", "validate", "-c", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert checked.returncode == 0, checked.stdout + checked.stderr
+    envoy_validate(answer.stdout, tmp_path)
     hcm = manager(yaml.safe_load(answer.stdout))
     names = [f["name"] for f in hcm["http_filters"]]
     assert names == [
@@ -104,15 +96,7 @@ def test_egress_connections_live_a_bounded_time_so_a_rotated_svid_is_presented(
     for extra, expected in (([], "300s"), (["--max-connection-duration", "2.5s"], "2.5s")):
         answer = printed(*flags, *extra)
         assert answer.returncode == 0, answer.stderr
-        path = tmp_path / "envoy.yaml"
-        path.write_text(answer.stdout)
-        checked = subprocess.run(
-            [str(envoy_binary()), "--mode", "validate", "-c", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert checked.returncode == 0, checked.stdout + checked.stderr
+        envoy_validate(answer.stdout, tmp_path)
         clusters = yaml.safe_load(answer.stdout)["static_resources"]["clusters"]
         [egress] = [c for c in clusters if c["name"] == "egress"]
         options = egress["typed_extension_protocol_options"][
@@ -176,15 +160,7 @@ def test_several_agents_are_one_cluster_and_a_failed_check_is_retried_at_another
     flags = [flag for url in agents for flag in ("--agent", url)]
     answer = printed("--cluster", "east", *flags)
     assert answer.returncode == 0, answer.stderr
-    path = tmp_path / "envoy.yaml"
-    path.write_text(answer.stdout)
-    checked = subprocess.run(
-        [str(envoy_binary()), "--mode", "validate", "-c", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert checked.returncode == 0, checked.stdout + checked.stderr
+    envoy_validate(answer.stdout, tmp_path)
     config = yaml.safe_load(answer.stdout)
     cluster = agent_cluster(config)
     assert cluster["type"] == kind

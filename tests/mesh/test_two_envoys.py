@@ -15,7 +15,6 @@ caller sends never reach the upstream; a revoked workload is cut off."""
 
 from __future__ import annotations
 
-import datetime
 import ssl
 import subprocess
 import threading
@@ -30,8 +29,6 @@ import httpx
 import pytest
 import yaml
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from sidecar_support import Sidecar, short_dir, start_sidecar, write_token
 
 from helpers import (
@@ -40,7 +37,7 @@ from helpers import (
     Envoy,
     Server,
     cluster_yaml,
-    envoy_binary,
+    envoy_validate,
     serve_cluster,
     serve_echo,
     start_agent,
@@ -50,7 +47,7 @@ from helpers import (
     trustmesh_cmd,
     unique,
 )
-from tls_support import make_tls
+from tls_support import make_tls, stranger_svid
 from trustmesh.sim import SimulatedCluster
 from trustmesh.spiffeid import workload_spiffe_id
 
@@ -105,16 +102,7 @@ def envoy_config(*flags: str) -> dict[str, Any]:
 
 
 def validate(config: dict[str, Any], directory: Path) -> str:
-    path = directory / "validate.yaml"
-    path.write_text(yaml.safe_dump(config))
-    checked = subprocess.run(
-        [str(envoy_binary()), "--mode", "validate", "-c", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert checked.returncode == 0, checked.stdout + checked.stderr
-    return checked.stdout
+    return envoy_validate(yaml.safe_dump(config), directory)
 
 
 @dataclass
@@ -303,37 +291,8 @@ def test_a_call_the_policy_does_not_allow_is_denied(mesh: Mesh) -> None:
     assert "x-trustmesh-decision-id" in answer.headers
 
 
-def _stranger(directory: Path, spiffe_id: str) -> tuple[Path, Path]:
-    """A client certificate naming ``spiffe_id``, from a CA nobody trusts."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([]))
-        .issuer_name(x509.Name([]))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]), critical=True
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "stranger.pem", directory / "stranger-key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 def test_a_certificate_of_another_ca_is_refused_at_tls(mesh: Mesh) -> None:
-    cert, key = _stranger(mesh.directory, mesh.spiffe_id(mesh.east_name, "frontend"))
+    cert, key = stranger_svid(mesh.directory, mesh.spiffe_id(mesh.east_name, "frontend"))
     with (
         tls_client(None, mesh, cert, key) as client,
         pytest.raises((httpx.HTTPError, ssl.SSLError)),

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import subprocess
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,8 @@ from sqlalchemy import Engine, event, func, inspect, select
 from helpers import (
     Federation,
     Server,
-    new_postgres_database,
+    database_for,
+    issuing,
     register_federation,
     start_server,
     trustmesh_cmd,
@@ -109,35 +109,18 @@ def test_online_backup_restores_into_the_other_engine(
     sim_cluster: SimulatedCluster,
     request: pytest.FixtureRequest,
 ) -> None:
-    def database(engine: str) -> str | None:
-        if engine == "sqlite":
-            return None
-        return new_postgres_database(request.getfixturevalue("postgres_base_url"))
-
-    old = start_server(tmp_path / "old", database(source))
+    old = start_server(tmp_path / "old", database_for(source, request))
     try:
         fed: Federation = register_federation(old, sim_cluster)
         before = fed.svid()
-        stop = threading.Event()
-        issued: list[str] = []
-
-        def traffic() -> None:  # the server keeps issuing while the backup reads
-            while not stop.is_set():
-                issued.append(fed.svid())
-
-        thread = threading.Thread(target=traffic)
-        thread.start()
-        try:
+        with issuing(fed) as issued:  # the server keeps issuing while the backup reads
             summary = take_backup(old, tmp_path / "backup.tmbk")
-        finally:
-            stop.set()
-            thread.join()
     finally:
         assert old.stop() == 0
     assert issued, "no token was issued while the backup ran"
     assert (tmp_path / "backup.tmbk").stat().st_mode & 0o777 == 0o600
 
-    target_db = database(target)
+    target_db = database_for(target, request)
     data_dir = restore_dir(tmp_path, "restored", old)
     result = run("restore", "--in", str(tmp_path / "backup.tmbk"), "--data-dir", str(data_dir),
                  *db_args(target_db), "-o", "json")  # fmt: skip
@@ -279,6 +262,15 @@ def rewrite(path: Path, out: Path, change: Any) -> None:
     out.write_bytes(gzip.compress(b"".join(body) + json.dumps(trailer).encode() + b"\n"))
 
 
+def alter_leaf(body: list[bytes]) -> list[bytes]:
+    """A change for :func:`rewrite`: one token.issued leaf of the audit log altered."""
+    for i, line in enumerate(body):
+        if b"token.issued" in line and line.startswith(b"["):
+            body[i] = line.replace(b"token.issued", b"token.issueD", 1)
+            return body
+    raise AssertionError("no token.issued entry in the backup")
+
+
 def test_damaged_altered_or_foreign_backups_are_refused(
     backed_up: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -303,13 +295,6 @@ def test_damaged_altered_or_foreign_backups_are_refused(
     assert "truncated" in refused(tmp_path / "truncated.tmbk", data_dir)
 
     # a leaf altered (the checksum recomputed to match): the audit log does not verify
-    def alter_leaf(body: list[bytes]) -> list[bytes]:
-        for i, line in enumerate(body):
-            if b"token.issued" in line and line.startswith(b"["):
-                body[i] = line.replace(b"token.issued", b"token.issueD", 1)
-                return body
-        raise AssertionError("no token.issued entry in the backup")
-
     rewrite(backup, tmp_path / "altered.tmbk", alter_leaf)
     assert "audit log does not verify" in refused(tmp_path / "altered.tmbk", data_dir)
 
@@ -337,14 +322,7 @@ def test_a_backup_that_changes_between_the_passes_restores_nothing(
     old: Server = backed_up["server"]
     backup = tmp_path / "backup.tmbk"
 
-    def alter(body: list[bytes]) -> list[bytes]:
-        for i, line in enumerate(body):
-            if b"token.issued" in line and line.startswith(b"["):
-                body[i] = line.replace(b"token.issued", b"token.issueD", 1)
-                return body
-        raise AssertionError("no token.issued entry in the backup")
-
-    rewrite(backup, tmp_path / "altered.tmbk", alter)
+    rewrite(backup, tmp_path / "altered.tmbk", alter_leaf)
     fifo = tmp_path / "swapped.tmbk"
     os.mkfifo(fifo)
 

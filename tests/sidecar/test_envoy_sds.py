@@ -18,11 +18,10 @@ from typing import Any
 import httpx
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from sidecar_support import TTL, Sidecar, next_rotation, our_id
 
 from helpers import TRUST_DOMAIN, Envoy, Federation, start_envoy, stop_envoy
+from tls_support import stranger_svid
 
 MARKER = "served by envoy"
 
@@ -206,38 +205,6 @@ def test_a_client_with_an_svid_gets_in_and_envoy_sees_its_spiffe_id(
     assert uri_sans(served_leaf(envoy, sidecar)) == [our_id(federation)]
 
 
-def _stranger(directory: Path) -> tuple[Path, Path]:
-    """A certificate for our trust domain's name, from a CA nobody trusts."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([]))
-        .issuer_name(x509.Name([]))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.UniformResourceIdentifier(f"spiffe://{TRUST_DOMAIN}/intruder")]
-            ),
-            critical=True,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "stranger.pem", directory / "stranger-key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 @pytest.mark.parametrize("who", ["no certificate", "another CA"])
 def test_a_client_without_an_svid_of_the_trust_domain_is_refused(
     envoy: Envoy, sidecar: Sidecar, who: str
@@ -247,7 +214,7 @@ def test_a_client_without_an_svid_of_the_trust_domain_is_refused(
     if who == "no certificate":
         context = client_context(roots=folder / "svid_bundle.pem")
     else:
-        cert, key = _stranger(sidecar.directory)
+        cert, key = stranger_svid(sidecar.directory, f"spiffe://{TRUST_DOMAIN}/intruder")
         context = client_context(cert, key, folder / "svid_bundle.pem")
     with (
         httpx.Client(verify=context, timeout=10) as client,

@@ -9,12 +9,18 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
 
-from helpers import new_postgres_database, register_federation, start_server, trustmesh_cmd
+from helpers import (
+    database_for,
+    issuing,
+    new_postgres_database,
+    register_federation,
+    start_server,
+    trustmesh_cmd,
+)
 from trustmesh.audit.checkpoint import verify_checkpoint
 from trustmesh.audit.proof import verify_consistency
 from trustmesh.sim import SimulatedCluster
@@ -99,38 +105,22 @@ def test_beside_a_live_control_plane_the_drill_never_touches_it(
     sim_cluster: SimulatedCluster,
     request: pytest.FixtureRequest,
 ) -> None:
-    def database(engine: str) -> str | None:
-        if engine == "sqlite":
-            return None
-        return new_postgres_database(request.getfixturevalue("postgres_base_url"))
-
-    live = start_server(tmp_path / "live", database(live_engine))
+    live = start_server(tmp_path / "live", database_for(live_engine, request))
     try:
         fed = register_federation(live, sim_cluster)
         for _ in range(3):
             fed.svid()
         key_before = live.admin.get("/v1/audit/key").text
-        stop = threading.Event()
-
-        def traffic() -> None:  # the live control plane keeps working through the drill
-            while not stop.is_set():
-                fed.svid()
-
-        thread = threading.Thread(target=traffic)
-        thread.start()
-        try:
+        with issuing(fed):  # the live control plane keeps working through the drill
             args = ["--server", live.url, "--live-data-dir", str(live.data_dir),
                     "--token-file", str(live.data_dir / "admin.token"),
                     "--data-dir", str(tmp_path / "drill"), "-o", "json"]  # fmt: skip
             if live.db:
                 args += ["--live-db", live.db]
-            scratch_db = database(scratch_engine)
+            scratch_db = database_for(scratch_engine, request)
             if scratch_db:
                 args += ["--db", scratch_db]
             result = drill(*args)
-        finally:
-            stop.set()
-            thread.join()
         assert result.returncode == 0, result.stdout + result.stderr
         report = json.loads(result.stdout)
         assert report["ok"] is True and report["mode"] == "beside-live"

@@ -145,6 +145,12 @@ def median_of(rounds: Sequence[dict[str, Distribution]], key: str) -> tuple[floa
     )
 
 
+def limit_note(rounds: Sequence[dict[str, Distribution]], key: str = "both") -> str:
+    """The note of a single-core limit's table row: how many rounds, and their spread."""
+    limits = sorted(r[key].per_s for r in rounds)
+    return f"one core, median of {len(rounds)} rounds ({limits[0]:,.0f} to {limits[-1]:,.0f}/s)"
+
+
 @dataclass(frozen=True)
 class LoadFigures:
     """What an HTTP load's report says of it, whatever the endpoint: the latency

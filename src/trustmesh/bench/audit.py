@@ -47,12 +47,10 @@ import contextlib
 import gc
 import random
 import secrets
-import shutil
 import statistics
 import tempfile
 import time
 import uuid
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +67,7 @@ from trustmesh.audit.log import AuditLog, agent_records
 from trustmesh.audit.proof import verify_consistency, verify_inclusion
 from trustmesh.audit.verify import verify_log
 from trustmesh.bench._extra import INSTALL
+from trustmesh.bench._postgres import embedded_postgres
 from trustmesh.bench._stats import Distribution, row, summarise, timer_overhead, verdict
 from trustmesh.identity.sealing import MasterKey
 from trustmesh.storage.db import Database, engine_url, open_database
@@ -222,33 +221,17 @@ def _postgres_server(spec: str) -> Iterator[_Postgres]:
         shown = make_url(engine_url(spec, Path())).render_as_string(hide_password=True)
         yield _Postgres(spec, f"PostgreSQL at {shown} (a fresh database, dropped after)")
         return
-    try:
-        with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset
-            warnings.simplefilter("ignore")
-            from embedded_postgres.postgres_server import get_server
-    except ImportError:
-        yield _Postgres(
-            None,
-            "PostgreSQL skipped: the embedded-postgres package is not installed "
-            f"({INSTALL}, or pass --postgres URL)",
-        )
-        return
-    # Outside any private temp tree: run as root, the server runs as its own user.
-    root = Path(tempfile.mkdtemp(prefix="trustmesh-bench-pg-"))
-    root.chmod(0o755)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            server = get_server(root / "data")
-        try:
+    with embedded_postgres() as url:
+        if url is None:
             yield _Postgres(
-                str(server.get_uri("postgres")),
-                "PostgreSQL: a temporary embedded-postgres server (its default settings)",
+                None,
+                "PostgreSQL skipped: the embedded-postgres package is not installed "
+                f"({INSTALL}, or pass --postgres URL)",
             )
-        finally:
-            server.cleanup()
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+        else:
+            yield _Postgres(
+                url, "PostgreSQL: a temporary embedded-postgres server (its default settings)"
+            )
 
 
 def _admin_engine(base_url: str) -> Any:

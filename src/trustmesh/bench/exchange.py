@@ -49,7 +49,7 @@ import shutil
 import sqlite3
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,7 +72,15 @@ from trustmesh.bench._federation import (
 )
 from trustmesh.bench._load import request_bytes, run_load
 from trustmesh.bench._procs import cpu_seconds
-from trustmesh.bench._stats import Distribution, median_of, row, summarise, verdict
+from trustmesh.bench._stats import (
+    Distribution,
+    limit_note,
+    median_of,
+    row,
+    summarise,
+    timed,
+    verdict,
+)
 from trustmesh.common.token_exchange import exchange_form
 from trustmesh.identity.jws import b64decode
 from trustmesh.identity.svid import mint_svid
@@ -163,16 +171,6 @@ class _Limit:
         self.hash = SHA256()
         self.ecdsa = ec.ECDSA(SHA256())
 
-    def _timed(self, op: Callable[[int], None], n: int) -> Distribution:
-        clock = time.perf_counter_ns
-        out = [0] * n
-        started = clock()
-        for i in range(n):
-            t0 = clock()
-            op(i)
-            out[i] = clock() - t0
-        return summarise(out, clock() - started)
-
     def verify(self, i: int) -> None:
         signature, signing_input = self.inputs[i % len(self.inputs)]
         self.public.verify(signature, signing_input, self.padding, self.hash)
@@ -188,13 +186,13 @@ class _Limit:
     def round(self, budget_s: float) -> dict[str, Distribution]:
         """One round: verify alone, sign alone, then both in one loop, each sized to
         about a third of ``budget_s`` from a short calibration."""
-        probe = self._timed(self.both, 20)
+        probe = timed(self.both, 20)
         per_op_s = max(probe.mean_ns / 1e9, 1e-6)
         n = max(50, int(budget_s / 3 / per_op_s))
         return {
-            "verify": self._timed(self.verify, 2 * n),
-            "sign": self._timed(self.sign, 2 * n),
-            "both": self._timed(self.both, n),
+            "verify": timed(self.verify, 2 * n),
+            "sign": timed(self.sign, 2 * n),
+            "both": timed(self.both, n),
         }
 
 
@@ -521,8 +519,7 @@ def _report(
             p50_us=both_p50,
             p99_us=both_p99,
             per_s=limit_per_s,
-            note=f"one core, median of {len(rounds)} rounds "
-            f"({limits[0]:,.0f} to {limits[-1]:,.0f}/s)",
+            note=limit_note(rounds),
         ),
         row(
             "  RS256 verify (SA token)",

@@ -27,7 +27,6 @@ import sys
 import tempfile
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any
 import httpx
 
 from trustmesh.bench._federation import TRUST_DOMAIN, cluster_doc, workload_doc
+from trustmesh.bench._postgres import embedded_postgres
 from trustmesh.bench._procs import Child, start, stop, stop_all
 from trustmesh.bench._stats import percentile
 from trustmesh.client import TokenSource
@@ -80,26 +80,13 @@ def _postgres(spec: str) -> Iterator[tuple[str, str]]:
     if spec != "auto":
         yield spec, "PostgreSQL at the URL given (--postgres)"
         return
-    try:
-        with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset
-            warnings.simplefilter("ignore")
-            from embedded_postgres.postgres_server import get_server
-    except ImportError:
-        raise RuntimeError(
-            f"the embedded-postgres package is not installed ({INSTALL}, or pass --postgres URL)"
-        ) from None
-    root = Path(tempfile.mkdtemp(prefix="trustmesh-bench-pg-"))
-    root.chmod(0o755)  # run as root, the server runs as a user of its own
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            server = get_server(root / "data")
-        try:
-            yield str(server.get_uri("postgres")), "a temporary embedded-postgres server"
-        finally:
-            server.cleanup()
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    with embedded_postgres() as url:
+        if url is None:
+            raise RuntimeError(
+                "the embedded-postgres package is not installed "
+                f"({INSTALL}, or pass --postgres URL)"
+            )
+        yield url, "a temporary embedded-postgres server"
 
 
 def _server_argv(data_dir: Path, port: int, db: str) -> list[str]:

@@ -41,7 +41,15 @@ from trustmesh.bench._federation import (
     numbered_workloads,
 )
 from trustmesh.bench._load import LoadResult, request_bytes
-from trustmesh.bench._stats import Distribution, load_figures, median_of, row, timed, verdict
+from trustmesh.bench._stats import (
+    Distribution,
+    limit_note,
+    load_figures,
+    median_of,
+    row,
+    timed,
+    verdict,
+)
 from trustmesh.identity.jws import b64decode
 from trustmesh.identity.x509ca import ActiveRoot, build_root, fingerprint
 from trustmesh.identity.x509svid import check_csr, csr_pem, sign_svid
@@ -229,8 +237,7 @@ def _report(
             p50_us=both_p50,
             p99_us=both_p99,
             per_s=limit_per_s,
-            note=f"one core, median of {len(rounds)} rounds "
-            f"({limits[0]:,.0f} to {limits[-1]:,.0f}/s)",
+            note=limit_note(rounds),
         ),
         row(
             "  CSR checks + verify",

@@ -18,7 +18,7 @@ What to do after a failed round (wait, back off) is the caller's: see
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TypeVar
 
 import httpx
@@ -34,6 +34,10 @@ _DROPPED = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 class TryNext(Exception):
     """Raised by an attempt: this URL failed in a way the next one may not."""
+
+
+_FAILED = (*_DROPPED, httpx.HTTPError, TryNext)
+"""What moves a round on to the next URL (or the same one again, for _DROPPED)."""
 
 
 def normalise_urls(urls: Sequence[str] | str) -> list[str]:
@@ -82,38 +86,55 @@ class Failover:
 
     async def run(self, attempt: Callable[[str], Awaitable[T]]) -> T:
         """``await attempt(url)`` on each URL in turn; the first result wins."""
-        problems: list[str] = []
-        for url in self.order():
-            for again in (True, False):
-                try:
-                    result = await attempt(url)
-                except _DROPPED as exc:
-                    if again:
-                        continue
-                    problems.append(describe(url, exc))
-                except (httpx.HTTPError, TryNext) as exc:
-                    problems.append(describe(url, exc))
-                else:
-                    self._answered(url)
-                    return result
-                break
-        raise Unreachable("; ".join(problems))
+        tries = _Tries(self.order())
+        for url in tries:
+            try:
+                result = await attempt(url)
+            except _FAILED as exc:
+                tries.failed(url, exc)
+            else:
+                self._answered(url)
+                return result
+        raise tries.unreachable()
 
     def run_sync(self, attempt: Callable[[str], T]) -> T:
         """:meth:`run` for threaded code."""
-        problems: list[str] = []
-        for url in self.order():
-            for again in (True, False):
-                try:
-                    result = attempt(url)
-                except _DROPPED as exc:
-                    if again:
-                        continue
-                    problems.append(describe(url, exc))
-                except (httpx.HTTPError, TryNext) as exc:
-                    problems.append(describe(url, exc))
-                else:
-                    self._answered(url)
-                    return result
-                break
-        raise Unreachable("; ".join(problems))
+        tries = _Tries(self.order())
+        for url in tries:
+            try:
+                result = attempt(url)
+            except _FAILED as exc:
+                tries.failed(url, exc)
+            else:
+                self._answered(url)
+                return result
+        raise tries.unreachable()
+
+
+class _Tries:
+    """One round over ``urls``, the same for :meth:`Failover.run` and
+    :meth:`Failover.run_sync`: each URL once, and once more at once if its first
+    try's connection dropped; what each failure was, for Unreachable."""
+
+    def __init__(self, urls: list[str]) -> None:
+        self._urls = urls
+        self._problems: list[str] = []
+        self._first = False
+        self._again = False
+
+    def __iter__(self) -> Iterator[str]:
+        for url in self._urls:
+            self._first, self._again = True, False
+            yield url
+            if self._again:
+                self._first = False
+                yield url
+
+    def failed(self, url: str, exc: BaseException) -> None:
+        if self._first and isinstance(exc, _DROPPED):
+            self._again = True
+        else:
+            self._problems.append(describe(url, exc))
+
+    def unreachable(self) -> Unreachable:
+        return Unreachable("; ".join(self._problems))

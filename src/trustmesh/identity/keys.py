@@ -158,6 +158,120 @@ def remove_retired(conn: Connection, key: Column[Any], now: float, counter: str)
     return ids
 
 
+Insert = Callable[[Connection, str, float], str]  # (conn, state, now) -> the new row's id
+
+
+def oldest_prepared(conn: Connection, key: Column[Any]) -> str | None:
+    """The id of the prepared row of ``key``'s table the next rotation makes active."""
+    table = key.table
+    found = (
+        conn.execute(select(key).where(table.c.state == PREPARED).order_by(table.c.created_at, key))
+        .scalars()
+        .first()
+    )
+    return None if found is None else str(found)
+
+
+def promote_prepared(conn: Connection, key: Column[Any], insert: Insert, now: float) -> str:
+    """The oldest prepared row (published already) becomes active and a new one is
+    prepared; returns the newly active id. Inside the caller's transaction."""
+    prepared = oldest_prepared(conn, key)
+    if prepared is None:  # never left so by this code; be safe
+        prepared = insert(conn, PREPARED, now)
+    conn.execute(update(key.table).where(key == prepared).values(state=ACTIVE, activated_at=now))
+    insert(conn, PREPARED, now)
+    return prepared
+
+
+def rotate_active(
+    db: Database,
+    key: Column[Any],
+    what: str,
+    now: float,
+    retired_for: float,
+    insert: Insert,
+    counter: str,
+    *,
+    expected_active: str | None = None,
+    check_prepared: Callable[[str | None], None] | None = None,
+    on_commit: Callable[[Connection, Any, str], None] | None = None,
+) -> Any:
+    """Prepared -> active, active -> retired (kept ``retired_for`` seconds), and a new
+    prepared row in ``key``'s table (rows called ``what`` in errors); returns the new
+    active row. With ``expected_active``, rotate only if that row is still active
+    (otherwise returns the active row, unchanged). ``check_prepared(oldest prepared
+    id)`` may refuse before anything is written.
+
+    The retirement is a compare-and-set (``UPDATE … WHERE id = K AND state =
+    'active'``): of two concurrent rotations of K one updates the row and the other
+    updates nothing and starts over, so there is always exactly one active row.
+    ``on_commit(conn, new active row, previous id)`` runs inside the transaction of a
+    rotation that happened; ``counter`` moves with it."""
+    table = key.table
+    while True:
+        with db.engine.begin() as conn:
+            current = conn.execute(select(table).where(table.c.state == ACTIVE)).first()
+            if current is None:
+                raise MasterKeyError(f"no active {what} in the database")
+            current_id = str(current._mapping[key])
+            if expected_active is not None and current_id != expected_active:
+                return current
+            if check_prepared is not None:
+                check_prepared(oldest_prepared(conn, key))
+            retired = conn.execute(
+                update(table)
+                .where(key == current_id, table.c.state == ACTIVE)
+                .values(state=RETIRED, retired_at=now, remove_after=now + retired_for)
+            )
+            if retired.rowcount != 1:
+                conn.rollback()
+                continue  # another replica rotated first; look again
+            prepared = promote_prepared(conn, key, insert, now)
+            meta_store.bump(conn, counter)
+            row = conn.execute(select(table).where(key == prepared)).first()
+            assert row is not None
+            if on_commit is not None:
+                on_commit(conn, row, current_id)
+            return row
+
+
+def revoke_row(
+    db: Database,
+    key: Column[Any],
+    what: str,
+    row_id: str,
+    now: float,
+    insert: Insert,
+    counter: str,
+) -> Any:
+    """Unpublish row ``row_id`` of ``key``'s table (rows called ``what``) now and erase its private key. If it
+    was the active row, the prepared one (already published) becomes active first; if it
+    was the prepared one, a new one is prepared. Returns the revoked row; LookupError if
+    there is no such published row."""
+    table = key.table
+    while True:
+        with db.engine.begin() as conn:
+            row = conn.execute(select(table).where(key == row_id)).first()
+            if row is None or row.state in UNPUBLISHED:
+                raise LookupError(f"no published {what} {row_id!r}")
+            if row.state == ACTIVE:
+                promote_prepared(conn, key, insert, now)
+            elif row.state == PREPARED:
+                insert(conn, PREPARED, now)
+            revoked = conn.execute(
+                update(table)
+                .where(key == row_id, table.c.state == row.state)
+                .values(state=REVOKED, removed_at=now, private_key="")
+            )
+            if revoked.rowcount != 1:
+                conn.rollback()
+                continue  # changed under us (a concurrent rotation); look again
+            meta_store.bump(conn, counter)
+            final = conn.execute(select(table).where(key == row_id)).first()
+            assert final is not None
+            return final
+
+
 class KeyManager:
     """Owns the ``signing_keys`` table. Every write bumps ``keys_revision``."""
 
@@ -244,91 +358,33 @@ class KeyManager:
     ) -> KeyRecord:
         """Prepared -> active, active -> retired, and a new prepared key. Returns the new
         active key. With ``expected_active``, rotate only if that key is still active
-        (automatic rotation: concurrent replicas then rotate once).
-
-        The retirement is a compare-and-set (``UPDATE … WHERE kid = K AND state =
-        'active'``): of two concurrent rotations of K one updates the row and the other
-        updates nothing and starts over, so there is always exactly one active key.
-        ``on_commit(conn, new active key, previous kid)`` runs inside the transaction of a
-        rotation that happened (the audit event is written with it)."""
+        (automatic rotation: concurrent replicas then rotate once). A compare-and-set,
+        see ``rotate_active``. ``on_commit(conn, new active key, previous kid)`` runs
+        inside the transaction of a rotation that happened (the audit event is written
+        with it)."""
         now = time.time() if now is None else now
-        while True:
-            with self.db.engine.begin() as conn:
-                current = conn.execute(
-                    select(signing_keys).where(signing_keys.c.state == ACTIVE)
-                ).first()
-                if current is None:
-                    raise MasterKeyError("no active signing key in the database")
-                if expected_active is not None and current.kid != expected_active:
-                    return _record(current)
-                retired = conn.execute(
-                    update(signing_keys)
-                    .where(signing_keys.c.kid == current.kid, signing_keys.c.state == ACTIVE)
-                    .values(
-                        state=RETIRED, retired_at=now, remove_after=now + MAX_TOKEN_TTL + CLOCK_SKEW
-                    )
-                )
-                if retired.rowcount != 1:
-                    conn.rollback()
-                    continue  # another replica rotated first; look again
-                prepared = self._promote_prepared(conn, now)
-                meta_store.bump(conn, meta_store.KEYS_REVISION)
-                row = conn.execute(
-                    select(signing_keys).where(signing_keys.c.kid == prepared)
-                ).first()
-                assert row is not None
-                if on_commit is not None:
-                    on_commit(conn, _record(row), current.kid)
-                return _record(row)
-
-    def _promote_prepared(self, conn: Connection, now: float) -> str:
-        """The oldest prepared key (known to agents already) becomes active and a new
-        key is prepared; returns the newly active kid. Inside the caller's transaction."""
-        prepared = (
-            conn.execute(
-                select(signing_keys.c.kid)
-                .where(signing_keys.c.state == PREPARED)
-                .order_by(signing_keys.c.created_at)
-            )
-            .scalars()
-            .first()
+        row = rotate_active(
+            self.db,
+            signing_keys.c.kid,
+            "signing key",
+            now,
+            MAX_TOKEN_TTL + CLOCK_SKEW,
+            self._insert,
+            KEYS,
+            expected_active=expected_active,
+            on_commit=None
+            if on_commit is None
+            else lambda conn, row, previous: on_commit(conn, _record(row), previous),
         )
-        if prepared is None:
-            prepared = self._insert(conn, PREPARED, now)
-        conn.execute(
-            update(signing_keys)
-            .where(signing_keys.c.kid == prepared)
-            .values(state=ACTIVE, activated_at=now)
-        )
-        self._insert(conn, PREPARED, now)
-        return str(prepared)
+        return _record(row)
 
     def revoke(self, kid: str, now: float | None = None) -> KeyRecord:
         """Unpublish ``kid`` now and erase its private key. If it was the active key, the
         prepared key (already in every agent's JWKS) becomes active first. Returns the
         revoked key's record; LookupError if there is no such published key."""
         now = time.time() if now is None else now
-        while True:
-            with self.db.engine.begin() as conn:
-                row = conn.execute(select(signing_keys).where(signing_keys.c.kid == kid)).first()
-                if row is None or row.state in UNPUBLISHED:
-                    raise LookupError(f"no published signing key {kid!r}")
-                if row.state == ACTIVE:
-                    self._promote_prepared(conn, now)
-                elif row.state == PREPARED:
-                    self._insert(conn, PREPARED, now)
-                revoked = conn.execute(
-                    update(signing_keys)
-                    .where(signing_keys.c.kid == kid, signing_keys.c.state == row.state)
-                    .values(state=REVOKED, removed_at=now, private_key="")
-                )
-                if revoked.rowcount != 1:
-                    conn.rollback()
-                    continue  # changed under us (a concurrent rotation); look again
-                meta_store.bump(conn, meta_store.KEYS_REVISION)
-                final = conn.execute(select(signing_keys).where(signing_keys.c.kid == kid)).first()
-                assert final is not None
-                return _record(final)
+        row = revoke_row(self.db, signing_keys.c.kid, "signing key", kid, now, self._insert, KEYS)
+        return _record(row)
 
     def rotate_if_older_than(
         self,

@@ -50,7 +50,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, select
 
 from trustmesh.common.errors import Conflict, InvalidRequest, MasterKeyError
 from trustmesh.identity.keys import (
@@ -58,11 +58,11 @@ from trustmesh.identity.keys import (
     CLOCK_SKEW,
     MAX_TOKEN_TTL,
     PREPARED,
-    RETIRED,
-    REVOKED,
     UNPUBLISHED,
     ensure_pair,
     remove_retired,
+    revoke_row,
+    rotate_active,
 )
 from trustmesh.identity.sealing import MasterKey
 from trustmesh.storage import Database
@@ -373,52 +373,33 @@ class CaManager:
         the one whose holders the caller checked (Conflict otherwise: look again).
         ``expected_active``: rotate only if that root is still active (automatic
         rotation; another replica rotated first: returns the active root, unchanged).
-        The retirement is a compare-and-set on the active row, as for the signing keys.
-        ``on_commit(conn, new active, previous id)`` runs inside the transaction."""
+        The retirement is a compare-and-set on the active row, as for the signing keys
+        (``rotate_active``). ``on_commit(conn, new active, previous id)`` runs inside
+        the transaction."""
         now = time.time() if now is None else now
-        while True:
-            with self.db.engine.begin() as conn:
-                current = conn.execute(select(ca_roots).where(ca_roots.c.state == ACTIVE)).first()
-                if current is None:
-                    raise MasterKeyError("no active CA root in the database")
-                if expected_active is not None and current.id != expected_active:
-                    return _record(current)
-                prepared = (
-                    conn.execute(
-                        select(ca_roots.c.id)
-                        .where(ca_roots.c.state == PREPARED)
-                        .order_by(ca_roots.c.created_at, ca_roots.c.id)
-                    )
-                    .scalars()
-                    .first()
+
+        def check_prepared(prepared: str | None) -> None:
+            if expected_prepared is not None and prepared != expected_prepared:
+                raise Conflict(
+                    "the prepared CA root changed while its holders were checked "
+                    "(another rotation ran): check again"
                 )
-                if expected_prepared is not None and prepared != expected_prepared:
-                    raise Conflict(
-                        "the prepared CA root changed while its holders were checked "
-                        "(another rotation ran): check again"
-                    )
-                retired = conn.execute(
-                    update(ca_roots)
-                    .where(ca_roots.c.id == current.id, ca_roots.c.state == ACTIVE)
-                    .values(state=RETIRED, retired_at=now, remove_after=now + RETIRED_FOR)
-                )
-                if retired.rowcount != 1:
-                    conn.rollback()
-                    continue  # another replica rotated first; look again
-                if prepared is None:  # never left so by this code; be safe
-                    prepared = self._insert(conn, PREPARED, now)
-                conn.execute(
-                    update(ca_roots)
-                    .where(ca_roots.c.id == prepared)
-                    .values(state=ACTIVE, activated_at=now)
-                )
-                self._insert(conn, PREPARED, now)
-                meta_store.bump(conn, meta_store.CA_REVISION)
-                row = conn.execute(select(ca_roots).where(ca_roots.c.id == prepared)).first()
-                assert row is not None
-                if on_commit is not None:
-                    on_commit(conn, _record(row), current.id)
-                return _record(row)
+
+        row = rotate_active(
+            self.db,
+            ca_roots.c.id,
+            "CA root",
+            now,
+            RETIRED_FOR,
+            self._insert,
+            CA,
+            expected_active=expected_active,
+            check_prepared=check_prepared,
+            on_commit=None
+            if on_commit is None
+            else lambda conn, row, previous: on_commit(conn, _record(row), previous),
+        )
+        return _record(row)
 
     def revoke(self, root_id: str, now: float | None = None) -> RootRecord:
         """A compromised root leaves the bundle now and its private key is erased (DESIGN
@@ -428,42 +409,8 @@ class CaManager:
         prepared. What it signed is refused by agents through the revocation list entry
         naming its fingerprint. LookupError if no published root has that id."""
         now = time.time() if now is None else now
-        while True:
-            with self.db.engine.begin() as conn:
-                row = conn.execute(select(ca_roots).where(ca_roots.c.id == root_id)).first()
-                if row is None or row.state in UNPUBLISHED:
-                    raise LookupError(f"no published CA root {root_id!r}")
-                if row.state == ACTIVE:
-                    prepared = (
-                        conn.execute(
-                            select(ca_roots.c.id)
-                            .where(ca_roots.c.state == PREPARED)
-                            .order_by(ca_roots.c.created_at, ca_roots.c.id)
-                        )
-                        .scalars()
-                        .first()
-                    )
-                    if prepared is None:  # never left so by this code; be safe
-                        prepared = self._insert(conn, PREPARED, now)
-                    conn.execute(
-                        update(ca_roots)
-                        .where(ca_roots.c.id == prepared)
-                        .values(state=ACTIVE, activated_at=now)
-                    )
-                if row.state in (ACTIVE, PREPARED):
-                    self._insert(conn, PREPARED, now)
-                revoked = conn.execute(
-                    update(ca_roots)
-                    .where(ca_roots.c.id == root_id, ca_roots.c.state == row.state)
-                    .values(state=REVOKED, removed_at=now, private_key="")
-                )
-                if revoked.rowcount != 1:
-                    conn.rollback()
-                    continue  # changed under us (a concurrent rotation); look again
-                meta_store.bump(conn, meta_store.CA_REVISION)
-                final = conn.execute(select(ca_roots).where(ca_roots.c.id == root_id)).first()
-                assert final is not None
-                return _record(final)
+        row = revoke_row(self.db, ca_roots.c.id, "CA root", root_id, now, self._insert, CA)
+        return _record(row)
 
     def active_root(self) -> RootRecord:
         with self.db.engine.connect() as conn:
