@@ -38,10 +38,14 @@ from trustmesh.cli.audit import audit_app
 from trustmesh.cli.backup import backup, drill, restore
 from trustmesh.cli.credentials import cluster_app, credentials_app
 from trustmesh.cli.federation import get_trustdomains
+from trustmesh.cli.lifecycle import get_pending, report_app
+from trustmesh.cli.lifecycle import when as _used_at
 from trustmesh.cli.suspension import get_suspensions, resume, suspend
 from trustmesh.common.limits import (
     DEFAULT_LIMITS,
     DEFAULT_LONG_POLLS_PER_CREDENTIAL,
+    DEFAULT_PENDING_PER_CLUSTER,
+    DEFAULT_PENDING_TOTAL,
     HttpLimits,
 )
 from trustmesh.common.token_exchange import TOKEN_PATH, exchange_form
@@ -69,6 +73,8 @@ app.command("restore")(restore)
 app.command("drill")(drill)
 app.command("resume")(resume)
 get_app.command("suspensions")(get_suspensions)
+get_app.command("pending")(get_pending)
+app.add_typer(report_app, name="report")
 get_app.command("trustdomains")(get_trustdomains)
 get_app.command("federation", help="The same as get trustdomains.")(get_trustdomains)
 app.add_typer(token_app, name="token")
@@ -324,6 +330,21 @@ def server(
         help="Long polls and revocation streams one credential may hold at once on this "
         "replica; beyond: 429 with Retry-After.",
     ),
+    pending_per_cluster: int = typer.Option(
+        DEFAULT_PENDING_PER_CLUSTER,
+        "--pending-per-cluster",
+        min=1,
+        max=100_000,
+        help="Service accounts refused for want of a Workload kept per cluster for "
+        "`trustmesh get pending`; refusals of others beyond it are dropped and counted.",
+    ),
+    pending_total: int = typer.Option(
+        DEFAULT_PENDING_TOTAL,
+        "--pending-total",
+        min=1,
+        max=1_000_000,
+        help="The same, over all clusters.",
+    ),
     workers: int = typer.Option(
         1,
         "--workers",
@@ -372,6 +393,8 @@ def server(
         ),
         otel_exporter=otel_exporter,
         long_polls_per_credential=long_polls_per_credential,
+        pending_per_cluster=pending_per_cluster,
+        pending_total=pending_total,
     )
     limits = http_limits(
         max_header_bytes,
@@ -784,6 +807,7 @@ def get_workloads(
     rows = []
     for item in items:
         spec, sel = item["spec"], item["spec"]["selector"]
+        usage = item.get("status", {}).get("usage") or {}
         rows.append(
             [
                 item["metadata"]["name"],
@@ -793,9 +817,12 @@ def get_workloads(
                 item.get("status", {}).get("spiffeId", spec.get("spiffeId")),
                 _labels(spec.get("claims")),
                 spec.get("maxTokenTTL") or "",
+                _used_at(usage.get("lastCredentialAt")),
+                _used_at(usage.get("lastDecisionAt")),
             ]
         )
     columns = ["NAME", "CLUSTER", "NAMESPACE", "SERVICE ACCOUNT", "SPIFFE ID", "CLAIMS", "MAX TTL"]
+    columns += ["LAST CREDENTIAL", "LAST DECISION"]
     _print_with_suspensions(columns, rows, items)
 
 

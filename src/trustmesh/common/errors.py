@@ -236,6 +236,21 @@ class UnauthorizedClient(OAuthError):
     error = "unauthorized_client"
 
 
+class NoWorkload(UnauthorizedClient):
+    """A verified service account that no Workload selects: what ``trustmesh get
+    pending`` lists (DESIGN §11). Carries the verified (cluster, namespace, service
+    account), never the token."""
+
+    def __init__(self, cluster: str, namespace: str, service_account: str) -> None:
+        super().__init__(
+            f"no Workload selects service account {namespace}/{service_account} "
+            f"in cluster {cluster}"
+        )
+        self.cluster = cluster
+        self.namespace = namespace
+        self.service_account = service_account
+
+
 class UnsupportedGrantType(OAuthError):
     error = "unsupported_grant_type"
 

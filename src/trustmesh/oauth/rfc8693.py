@@ -33,7 +33,7 @@ from trustmesh.common.errors import (
     InvalidScope,
     InvalidTarget,
     InvalidToken,
-    UnauthorizedClient,
+    NoWorkload,
     Unavailable,
     UnsupportedGrantType,
 )
@@ -320,9 +320,7 @@ class TokenExchange:
             (cluster_name, sa.namespace, sa.service_account)
         )
         if workload_name is None:
-            raise UnauthorizedClient(
-                f"no Workload selects service account {sa.namespace}/{sa.service_account} in cluster {cluster_name}",
-            )
+            raise NoWorkload(cluster_name, sa.namespace, sa.service_account)
         return VerifiedSubject(
             cluster_name, sa, workload_name, registry.workloads[workload_name], digest
         )

@@ -18,6 +18,7 @@ routes (``server/routes/``) call the services it holds.
 ``credential_admin``   listing, rotating and revoking credentials, audited
 ``inventory``          the registry's objects with their status
 ``federation``         federated trust domains: their bundles polled, kept, published
+``usage``              pending service accounts and identities' last use (coalesced)
 =====================  ===========================================================
 
 State has one owner, the database; see ``server/snapshots.py`` for how replicas agree."""
@@ -79,6 +80,12 @@ from trustmesh.server.revoke import Revoker, Suspender
 from trustmesh.server.roots import CaRotation, RootHolders
 from trustmesh.server.rotation import KeyRotation
 from trustmesh.server.snapshots import Snapshots
+from trustmesh.server.usage import (
+    DEFAULT_FLUSH_INTERVAL,
+    PENDING_PER_CLUSTER,
+    PENDING_TOTAL,
+    UsageTracker,
+)
 from trustmesh.server.x509svids import DEFAULT_SVID_TTL, X509Issuance, X509Signer
 from trustmesh.spiffeid import normalize_trust_domain
 from trustmesh.storage import Database, open_database
@@ -113,6 +120,9 @@ class ServerConfig:
     audit_refusals: FoldingLimits = field(default_factory=FoldingLimits)
     otel_exporter: str = "none"
     long_polls_per_credential: int = DEFAULT_LONG_POLLS_PER_CREDENTIAL
+    usage_flush_interval: float = DEFAULT_FLUSH_INTERVAL
+    pending_per_cluster: int = PENDING_PER_CLUSTER
+    pending_total: int = PENDING_TOTAL
 
 
 class ControlPlane:
@@ -154,6 +164,7 @@ class ControlPlane:
         self.ca_rotation: CaRotation
         self.x509: X509Issuance
         self.federation: Federation
+        self.usage: UsageTracker
 
     # -- start-up -----------------------------------------------------------------------
     def open(self) -> None:
@@ -252,8 +263,17 @@ class ControlPlane:
             config.ca_rotation_interval,
             self.clock,
         )
+        snapshots = self.snapshots
+        self.usage = UsageTracker(
+            self.db,
+            self.clock,
+            lambda: snapshots.registry,
+            self.trust_domain,
+            per_cluster=config.pending_per_cluster,
+            total=config.pending_total,
+        )
         self.inventory = Inventory(
-            self.registry_store, self.snapshots, self.agents, self.ca_rotation
+            self.registry_store, self.snapshots, self.agents, self.ca_rotation, self.usage
         )
         self.federation = Federation(
             federation_store, self.registry_store, self.snapshots, self.recorder, self.clock
@@ -283,7 +303,9 @@ class ControlPlane:
             max_sa_token_lifetime=self.config.max_sa_token_lifetime,
             sa_tokens=self.sa_tokens,
         )
-        self.issuance = Issuance(exchange, self.recorder, self.tracing, self.metrics)
+        self.issuance = Issuance(
+            exchange, self.recorder, self.tracing, self.metrics, self.usage, self.clock
+        )
         signer = X509Signer(
             exchange=exchange,
             registry=lambda: snapshots.registry,
@@ -294,7 +316,7 @@ class ControlPlane:
             default_ttl=self.config.svid_ttl,
         )
         self.x509 = X509Issuance(
-            signer, self.recorder, self.tracing, self.metrics, self.root_holders
+            signer, self.recorder, self.tracing, self.metrics, self.root_holders, self.usage
         )
         self.recorder.start()
         self._tasks = [
@@ -302,6 +324,7 @@ class ControlPlane:
             asyncio.create_task(self._maintenance_loop(), name="maintenance"),
             asyncio.create_task(self._checkpoint_loop(), name="audit-checkpoints"),
             asyncio.create_task(self.federation.run(), name="federation"),
+            asyncio.create_task(self._usage_loop(), name="usage"),
         ]
         if self.db.dialect == "sqlite":
             self._tasks.append(asyncio.create_task(self._wal_loop(), name="sqlite-wal"))
@@ -310,6 +333,7 @@ class ControlPlane:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.flush_usage()
         await self.recorder.close()
         self.tracing.shutdown()
         try:  # the last events get a signed checkpoint before the process ends
@@ -349,6 +373,22 @@ class ControlPlane:
                 )
             else:
                 self.health.ok(AUDIT)
+
+    async def _usage_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.usage_flush_interval)
+            await self.flush_usage()
+
+    async def flush_usage(self) -> None:
+        """Write the pending refusals and last-use times gathered since the last flush
+        (``server/usage.py``); on failure they wait for the next one."""
+        batch = self.usage.take()
+        try:
+            await asyncio.to_thread(self.usage.write, batch)
+        except Exception as exc:
+            self.usage.failures += 1
+            self.usage.give_back(batch)
+            self._database_failed("writing pending service accounts and last use failed", exc)
 
     def _database_failed(self, what: str, exc: Exception) -> None:
         """A loop's round failed: a database that cannot be reached is an outage, said in

@@ -12,11 +12,13 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
-from trustmesh.common.errors import TrustmeshError, Unavailable
+from trustmesh.common.clock import Clock
+from trustmesh.common.errors import NoWorkload, TrustmeshError, Unavailable
 from trustmesh.common.tracing import Tracing
 from trustmesh.oauth.rfc8693 import TokenExchange, parse_form
 from trustmesh.server.metrics import ServerMetrics
 from trustmesh.server.recorder import AuditRecorder, issued_event
+from trustmesh.server.usage import JWT_SVID, UsageTracker
 
 SPAN_NAME = "token.exchange"
 
@@ -34,8 +36,12 @@ class Issuance:
         recorder: AuditRecorder,
         tracing: Tracing,
         metrics: ServerMetrics,
+        usage: UsageTracker,
+        clock: Clock,
     ) -> None:
         self.exchange = exchange
+        self.usage = usage
+        self.clock = clock
         self.recorder = recorder
         self.tracing = tracing
         self.metrics = metrics
@@ -62,6 +68,10 @@ class Issuance:
                 self.recorder.exchange_refused(
                     error, exc.description, subject, peer, span.trace_id, span.span_id
                 )
+                if isinstance(exc, NoWorkload):  # onboarding: trustmesh get pending
+                    self.usage.refused(
+                        exc.cluster, exc.namespace, exc.service_account, self.clock()
+                    )
                 raise
             span.set("trustmesh.spiffe_id", result.spiffe_id)
             span.set("trustmesh.outcome", "issued")
@@ -75,5 +85,6 @@ class Issuance:
                     "the audit log cannot be written; no token is issued without its audit record"
                 ) from None
         self._issued.inc()
+        self.usage.credential(result.spiffe_id, result.workload, JWT_SVID, self.clock())
         self.metrics.exchange_seconds.observe(time.perf_counter() - started)
         return Issued(result.response, span.traceparent())

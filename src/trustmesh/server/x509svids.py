@@ -49,7 +49,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from trustmesh.audit import events as ev
 from trustmesh.common.clock import Clock
-from trustmesh.common.errors import InvalidRequest, TrustmeshError, Unavailable
+from trustmesh.common.errors import InvalidRequest, NoWorkload, TrustmeshError, Unavailable
 from trustmesh.common.strictjson import loads_strict
 from trustmesh.common.tracing import Tracing
 from trustmesh.identity.x509ca import MAX_SVID_TTL, CaSet, parse_fingerprints
@@ -60,6 +60,7 @@ from trustmesh.revocation.suspension import SuspensionSet
 from trustmesh.server.metrics import ServerMetrics
 from trustmesh.server.recorder import AuditRecorder
 from trustmesh.server.roots import SIDECAR, RootHolders
+from trustmesh.server.usage import X509_SVID, UsageTracker
 
 log = logging.getLogger("trustmesh.server")
 
@@ -181,8 +182,10 @@ class X509Issuance:
         tracing: Tracing,
         metrics: ServerMetrics,
         holders: RootHolders,
+        usage: UsageTracker,
     ) -> None:
         self.signer = signer
+        self.usage = usage
         self.recorder = recorder
         self.tracing = tracing
         self.metrics = metrics
@@ -212,6 +215,10 @@ class X509Issuance:
                     span.span_id,
                     surface=SURFACE,
                 )
+                if isinstance(exc, NoWorkload):  # onboarding: trustmesh get pending
+                    self.usage.refused(
+                        exc.cluster, exc.namespace, exc.service_account, self.signer.clock()
+                    )
                 raise
             span.set("trustmesh.spiffe_id", signed.spiffe_id)
             span.set("trustmesh.outcome", "issued")
@@ -227,6 +234,9 @@ class X509Issuance:
                     "the audit log cannot be written; no certificate is issued without its "
                     "audit record"
                 ) from None
+        self.usage.credential(
+            signed.spiffe_id, signed.subject.workload_name, X509_SVID, self.signer.clock()
+        )
         await self._report_roots(request, signed)
         self.metrics.x509_svids.labels("issued").inc()
         self.metrics.x509_svid_seconds.observe(time.perf_counter() - started)

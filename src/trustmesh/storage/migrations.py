@@ -139,6 +139,11 @@ def _v9_keys_cluster_keys(conn: Connection) -> None:
     schema.cluster_keys.create(conn, checkfirst=True)
 
 
+def _v10_onboarding_and_usage(conn: Connection) -> None:
+    schema.pending_accounts.create(conn, checkfirst=True)
+    schema.identity_usage.create(conn, checkfirst=True)
+
+
 MIGRATIONS: list[Migration] = [
     (1, "initial schema: meta, signing keys, registry, credentials", _v1_initial),
     (2, "policy versions and agent status", _v2_policy),
@@ -154,6 +159,11 @@ MIGRATIONS: list[Migration] = [
     (7, "X.509 CA roots and the roots each agent and sidecar holds", _v7_x509_ca),
     (8, "the SPIFFE bundles of federated trust domains", _v8_federation),
     (9, "keys: the last good key set of each cluster", _v9_keys_cluster_keys),
+    (
+        10,
+        "life cycle: service accounts refused for want of a Workload, identities' last use",
+        _v10_onboarding_and_usage,
+    ),
 ]
 
 LATEST = MIGRATIONS[-1][0]
