@@ -205,3 +205,84 @@ def test_last_credential_and_last_decision_and_the_stale_report(
         assert bad.returncode != 0
         raw = server.admin.get("/v1/reports/stale", params={"days": "x"})
         assert raw.status_code == 400 and "days" in raw.json()["error_description"]
+
+
+def test_an_unused_workload_retires_and_an_apply_restores_it(
+    server: Server, tmp_path: Path
+) -> None:
+    """``retireAfterUnused: 4s``: once its last credential is 4 s old the workload is
+    retired — ``workload.retired``, no JWT-SVID nor X.509-SVID (a clear error), the
+    agent denies the token it still holds — and applying its manifest again restores it
+    as a registry revision of its own."""
+    with serve_cluster("retire") as origin:
+        name, target, workload = unique("origin-"), unique("target-"), unique("old-")
+        manifest = workload_yaml(workload, name, "shop", "legacy", "  retireAfterUnused: 4s\n")
+        server.apply(
+            "---\n".join(
+                [
+                    cluster_yaml(name, origin.issuer),
+                    cluster_yaml(target, f"http://127.0.0.1:9/{target}"),
+                    manifest,
+                ]
+            )
+        )
+        assert workload_status(server, workload)["suspended"] is None
+        agent = start_agent(target, [server.url], tmp_path / "agent", server.credential(target))
+        try:
+            sa_token = origin.mint("shop", "legacy")
+            issued = server.exchange(sa_token, audience(target))
+            assert issued.status_code == 200, issued.text
+            token = issued.json()["access_token"]
+            assert agent.authorize(token).json()["reason"] != "revoked"
+
+            retired = until(lambda: workload_status(server, workload)["suspended"] or {})
+            assert retired.get("retired") is True, retired
+            assert retired["actor"] == "trustmesh:retirement"
+            assert retired["reason"] == "unused for 4s"
+
+            refused = server.exchange(sa_token, audience(target))
+            assert refused.status_code == 400, refused.text
+            assert refused.json()["error"] == "invalid_grant"
+            assert "retired" in refused.json()["error_description"]
+            assert "applied again" in refused.json()["error_description"]
+            by_x509 = request_svid(server, sa_token, make_csr())
+            assert by_x509.status_code == 400
+            assert "retired" in by_x509.json()["error_description"]
+            assert until(lambda: agent.authorize(token).json()["reason"] == "revoked")
+
+            events = server.audit_events_until(
+                "workload.retired", lambda es: any(e["detail"]["workload"] == workload for e in es)
+            )
+            (event,) = [e for e in events if e["detail"]["workload"] == workload]
+            assert event["actor"] == "system"
+            assert event["detail"]["retire_after_unused"] == 4
+            listing = cli(server, "get", "workloads")
+            assert "retired" in listing.stdout
+
+            before = server.admin.get("/v1/workloads").json()
+            revision_before = next(
+                i["status"]["generation"]
+                for i in before["items"]
+                if i["metadata"]["name"] == workload
+            )
+            again = server.apply(manifest)
+            assert {"kind": "Workload", "name": workload, "action": "restored"} in again["changes"]
+            admitted = server.exchange(sa_token, audience(target))
+            assert admitted.status_code == 200, admitted.text
+            status = workload_status(server, workload)
+            assert status["generation"] == revision_before + 1
+            restored = server.audit_events_until(
+                "workload.restored",
+                lambda es: any(e["detail"]["workload"] == workload for e in es),
+            )
+            assert any(e["detail"]["workload"] == workload for e in restored)
+            fresh = admitted.json()["access_token"]
+            assert agent.authorize(fresh).json()["reason"] != "revoked"
+        finally:
+            assert agent.stop() == 0
+
+
+def test_retire_after_unused_must_be_a_duration(server: Server) -> None:
+    bad = workload_yaml(unique("w-"), "c", "ns", "sa", "  retireAfterUnused: soon\n")
+    answer = server.apply(bad, expect=400)
+    assert "retireAfterUnused" in json.dumps(answer)

@@ -836,6 +836,8 @@ def _print_with_suspensions(
         suspension = item.get("status", {}).get("suspended")
         if not suspension:
             marks.append("")
+        elif suspension.get("retired"):
+            marks.append("retired")
         elif suspension["kind"] == str(item.get("kind", "")).lower():
             marks.append("yes")
         else:

@@ -260,6 +260,11 @@ class SubjectSuspended(InvalidGrant):
     no credential of any kind is issued for it until ``trustmesh resume``."""
 
 
+class WorkloadRetired(SubjectSuspended):
+    """The Workload was retired for going unused (``spec.retireAfterUnused``, DESIGN
+    §11): no credential until an apply of its manifest restores it."""
+
+
 # -- 401 / 403 / 404 / 409 / 422 ------------------------------------------------------------
 class Unauthenticated(TrustmeshError):
     status = 401

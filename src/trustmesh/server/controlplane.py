@@ -19,6 +19,7 @@ routes (``server/routes/``) call the services it holds.
 ``inventory``          the registry's objects with their status
 ``federation``         federated trust domains: their bundles polled, kept, published
 ``usage``              pending service accounts and identities' last use (coalesced)
+``retirement``         retiring Workloads unused for their ``retireAfterUnused``
 =====================  ===========================================================
 
 State has one owner, the database; see ``server/snapshots.py`` for how replicas agree."""
@@ -76,6 +77,7 @@ from trustmesh.server.inventory import Inventory
 from trustmesh.server.issuance import Issuance
 from trustmesh.server.metrics import ServerMetrics
 from trustmesh.server.recorder import AuditRecorder
+from trustmesh.server.retirement import Retirement
 from trustmesh.server.revoke import Revoker, Suspender
 from trustmesh.server.roots import CaRotation, RootHolders
 from trustmesh.server.rotation import KeyRotation
@@ -165,6 +167,7 @@ class ControlPlane:
         self.x509: X509Issuance
         self.federation: Federation
         self.usage: UsageTracker
+        self.retirement: Retirement
 
     # -- start-up -----------------------------------------------------------------------
     def open(self) -> None:
@@ -224,8 +227,33 @@ class ControlPlane:
         self.recorder = AuditRecorder(self.audit, self.clock, config.audit_refusals)
         self.sa_tokens = VerifiedSaTokenCache(config.sa_token_cache_size)
         self.metrics = ServerMetrics(self.audit, self.recorder, self.sa_tokens)
+        snapshots = self.snapshots
+        self.usage = UsageTracker(
+            self.db,
+            self.clock,
+            lambda: snapshots.registry,
+            self.trust_domain,
+            per_cluster=config.pending_per_cluster,
+            total=config.pending_total,
+        )
+        self.retirement = Retirement(
+            self.db,
+            self.suspension_store,
+            self.revocation_store,
+            self.registry_store,
+            self.snapshots,
+            self.recorder,
+            self.usage,
+            self.clock,
+            grace=max(SUSPENSION_GRACE, 2 * config.refresh_interval),
+        )
         self.changes = Changes(
-            self.db, self.registry_store, self.catalog, self.snapshots, self.recorder
+            self.db,
+            self.registry_store,
+            self.catalog,
+            self.snapshots,
+            self.recorder,
+            self.retirement,
         )
         self.bundles = BundleSigner(self.snapshots)
         self.agents = Agents(
@@ -262,15 +290,6 @@ class ControlPlane:
             self.recorder,
             config.ca_rotation_interval,
             self.clock,
-        )
-        snapshots = self.snapshots
-        self.usage = UsageTracker(
-            self.db,
-            self.clock,
-            lambda: snapshots.registry,
-            self.trust_domain,
-            per_cluster=config.pending_per_cluster,
-            total=config.pending_total,
         )
         self.inventory = Inventory(
             self.registry_store, self.snapshots, self.agents, self.ca_rotation, self.usage
@@ -375,9 +394,14 @@ class ControlPlane:
                 self.health.ok(AUDIT)
 
     async def _usage_loop(self) -> None:
+        """Flush last use, then retire what went unused (``server/retirement.py``)."""
         while True:
             await asyncio.sleep(self.config.usage_flush_interval)
             await self.flush_usage()
+            try:
+                await asyncio.to_thread(self.retirement.retire_due)
+            except Exception as exc:
+                self._database_failed("retiring unused workloads failed", exc)
 
     async def flush_usage(self) -> None:
         """Write the pending refusals and last-use times gathered since the last flush
