@@ -25,8 +25,10 @@ from helpers import (
     TRUST_DOMAIN,
     Server,
     cluster_yaml,
+    new_postgres_database,
     serve_cluster,
     start_agent,
+    start_replica,
     start_server,
     trustmesh_cmd,
     unique,
@@ -286,3 +288,42 @@ def test_retire_after_unused_must_be_a_duration(server: Server) -> None:
     bad = workload_yaml(unique("w-"), "c", "ns", "sa", "  retireAfterUnused: soon\n")
     answer = server.apply(bad, expect=400)
     assert "retireAfterUnused" in json.dumps(answer)
+
+
+def test_replicas_share_the_pending_list_and_the_last_use(
+    tmp_path: Path, postgres_base_url: str
+) -> None:
+    """Two replicas on one PostgreSQL: refusals at each add to one row, a credential
+    issued by one shows in the other's listing, and a Workload applied through one
+    clears the row for both."""
+    first = start_server(tmp_path / "a", new_postgres_database(postgres_base_url))
+    second = start_replica(tmp_path / "b", first)
+    try:
+        with serve_cluster("replicas") as origin:
+            name = unique("origin-")
+            first.apply(cluster_yaml(name, origin.issuer))
+            token = origin.mint("team", "batch")
+            # The second replica knows the cluster once its snapshot refreshes (1 s).
+            assert until(
+                lambda: (
+                    second.exchange(token, audience(name)).json()["error"] == "unauthorized_client"
+                )
+            )
+            for replica in (first, second):
+                refused = replica.exchange(token, audience(name))
+                assert refused.json()["error"] == "unauthorized_client"
+            key = (name, "team", "batch")
+            assert until(lambda: pending(first).get(key, {}).get("count") == 3)
+            assert pending(second)[key]["count"] == 3
+
+            workload = unique("batch-")
+            second.apply(workload_yaml(workload, name, "team", "batch"))
+            assert key not in pending(first)
+            assert until(lambda: second.exchange(token, audience(name)).status_code == 200)
+            status = until(
+                lambda: (s := workload_status(first, workload))["usage"]["lastCredentialAt"] and s
+            )
+            assert status, workload_status(first, workload)
+    finally:
+        assert second.stop() == 0, second.process.stderr()
+        assert first.stop() == 0, first.process.stderr()

@@ -34,6 +34,7 @@ from trustmesh.registry import AppliedChange, RegistryStore
 from trustmesh.server.recorder import AuditRecorder
 from trustmesh.server.retirement import Retirement
 from trustmesh.server.snapshots import Snapshots
+from trustmesh.server.usage import UsageTracker
 from trustmesh.storage import Database
 
 
@@ -103,8 +104,10 @@ class Changes:
         snapshots: Snapshots,
         recorder: AuditRecorder,
         retirement: Retirement,
+        usage: UsageTracker,
     ) -> None:
         self.retirement = retirement
+        self.usage = usage
         self.db = db
         self.registry_store = registry_store
         self.catalog = catalog
@@ -173,6 +176,7 @@ class Changes:
                 return result
             if registry_plan.changed:
                 self.registry_store.write(conn, registry_plan, actor)
+                self.usage.clear_admitted_in(conn, candidate)  # get pending, on every replica
             if retired:
                 self.retirement.restore_in(conn, retired, actor, registry_plan.changed)
             if policy_plan.changed:

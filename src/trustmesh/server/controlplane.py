@@ -254,6 +254,7 @@ class ControlPlane:
             self.snapshots,
             self.recorder,
             self.retirement,
+            self.usage,
         )
         self.bundles = BundleSigner(self.snapshots)
         self.agents = Agents(

@@ -6,9 +6,10 @@ Two records, both kept in the database so every replica sees the same:
   refused with ``unauthorized_client`` because no Workload selects it — at the token
   endpoint or at ``POST /v1/x509-svid`` — with a count and when it was first and last
   seen. ``trustmesh get pending`` lists them, and prints the Workload that would admit
-  each. A row leaves as soon as a Workload admits its service account (checked against
-  the registry in force, so whatever admits — an explicit Workload today, a template
-  later — clears it) or after :data:`PENDING_RETENTION` without a refusal.
+  each. A row leaves when a Workload admits its service account — deleted by the
+  apply that writes it, in its transaction, and checked again against the registry in
+  force at every read and every 30 s (:func:`admitted`: whatever admits clears it, a
+  template too once they exist) — or after :data:`PENDING_RETENTION` without a refusal.
 - **Last use** (``identity_usage``), keyed by SPIFFE ID (and the Workload, when the
   credential was issued for one): when the identity last received a credential
   (JWT-SVID or X.509-SVID) and when it was last seen in an agent's ``authz.decision``
@@ -444,11 +445,12 @@ class UsageTracker:
         """Rows not refused for ``retention`` leave; so do rows a Workload now admits."""
         table = pending_accounts
         conn.execute(delete(table).where(table.c.last_seen < now - self.retention))
-        self._clear_admitted(conn)
+        self.clear_admitted_in(conn, self.registry())
 
-    def _clear_admitted(self, conn: Connection) -> None:
+    def clear_admitted_in(self, conn: Connection, registry: Registry) -> None:
+        """Delete the rows ``registry`` admits, in the caller's transaction (an apply
+        calls it with the registry it writes, so no replica lists them afterwards)."""
         table = pending_accounts
-        registry = self.registry()
         rows = conn.execute(
             select(table.c.cluster, table.c.namespace, table.c.service_account)
         ).all()
@@ -468,7 +470,7 @@ class UsageTracker:
         admits by now are deleted first (the refusal is history, not a to-do)."""
         table = pending_accounts
         with self.db.engine.begin() as conn:
-            self._clear_admitted(conn)
+            self.clear_admitted_in(conn, self.registry())
             rows = conn.execute(
                 select(table).order_by(
                     table.c.last_seen.desc(),
