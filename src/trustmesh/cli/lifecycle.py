@@ -29,6 +29,14 @@ from trustmesh.cli._common import (
 report_app = typer.Typer(help="Reports over the registry and its use.", no_args_is_help=True)
 
 
+class WideOutput(StrEnum):
+    """``get workloads -o``: ``wide`` adds the last-use columns (DESIGN §11)."""
+
+    table = "table"
+    wide = "wide"
+    json = "json"
+
+
 class PendingOutput(StrEnum):
     table = "table"
     json = "json"

@@ -38,8 +38,8 @@ from trustmesh.cli.audit import audit_app
 from trustmesh.cli.backup import backup, drill, restore
 from trustmesh.cli.credentials import cluster_app, credentials_app
 from trustmesh.cli.federation import get_trustdomains
-from trustmesh.cli.lifecycle import get_pending, report_app
-from trustmesh.cli.lifecycle import when as _used_at
+from trustmesh.cli.lifecycle import WideOutput, get_pending, report_app
+from trustmesh.cli.lifecycle import when as _when_used
 from trustmesh.cli.suspension import get_suspensions, resume, suspend
 from trustmesh.common.limits import (
     DEFAULT_LIMITS,
@@ -797,32 +797,42 @@ def _ca_roots_cell(roots: dict[str, Any] | None) -> str:
 def get_workloads(
     server: str | None = ServerOption,
     token_file: Path | None = TokenFileOption,
-    output: Output = OutputOption,
+    output: WideOutput = typer.Option(
+        WideOutput.table,
+        "--output",
+        "-o",
+        help="table for people, wide: also when each last received a credential and was "
+        "last seen in a decision, json for scripts.",
+    ),
 ) -> None:
     """List registered workloads."""
     items = admin_client(server, token_file).request("GET", "/v1/workloads")["items"]
-    if output is Output.json:
+    if output is WideOutput.json:
         print_json(items)
         return
+    wide = output is WideOutput.wide
     rows = []
     for item in items:
         spec, sel = item["spec"], item["spec"]["selector"]
-        usage = item.get("status", {}).get("usage") or {}
-        rows.append(
-            [
-                item["metadata"]["name"],
-                sel["cluster"],
-                sel["namespace"],
-                sel["serviceAccount"],
-                item.get("status", {}).get("spiffeId", spec.get("spiffeId")),
-                _labels(spec.get("claims")),
-                spec.get("maxTokenTTL") or "",
-                _used_at(usage.get("lastCredentialAt")),
-                _used_at(usage.get("lastDecisionAt")),
+        row = [
+            item["metadata"]["name"],
+            sel["cluster"],
+            sel["namespace"],
+            sel["serviceAccount"],
+            item.get("status", {}).get("spiffeId", spec.get("spiffeId")),
+            _labels(spec.get("claims")),
+            spec.get("maxTokenTTL") or "",
+        ]
+        if wide:
+            usage = item.get("status", {}).get("usage") or {}
+            row += [
+                _when_used(usage.get("lastCredentialAt")),
+                _when_used(usage.get("lastDecisionAt")),
             ]
-        )
+        rows.append(row)
     columns = ["NAME", "CLUSTER", "NAMESPACE", "SERVICE ACCOUNT", "SPIFFE ID", "CLAIMS", "MAX TTL"]
-    columns += ["LAST CREDENTIAL", "LAST DECISION"]
+    if wide:
+        columns += ["LAST CREDENTIAL", "LAST DECISION"]
     _print_with_suspensions(columns, rows, items)
 
 
