@@ -279,6 +279,8 @@ def test_an_unused_workload_retires_and_an_apply_restores_it(
             assert any(e["detail"]["workload"] == workload for e in restored)
             fresh = admitted.json()["access_token"]
             assert agent.authorize(fresh).json()["reason"] != "revoked"
+            verified = cli(server, "audit", "verify")
+            assert verified.returncode == 0, verified.stdout + verified.stderr
         finally:
             assert agent.stop() == 0
 
