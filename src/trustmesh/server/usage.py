@@ -248,9 +248,11 @@ class UsageTracker:
     def decisions(self, events: Iterable[Mapping[str, Any]]) -> None:
         """Note the identities of ``authz.decision`` events an agent shipped: those
         with a verified identity of our trust domain (``actor`` is its SPIFFE ID). The
-        event's time counts, never later than now."""
-        now = self.clock()
-        seen = self._batch.decisions
+        event's time counts, never later than now. Runs on the event loop, where the
+        other notes are taken: per event only comparisons — canonical times are
+        fixed-width RFC 3339 UTC, so they order as strings — and one time parsed per
+        identity in the batch."""
+        latest: dict[str, tuple[str, Any]] = {}
         for event in events:
             if event.get("type") != AUTHZ_DECISION:
                 continue
@@ -263,17 +265,27 @@ class UsageTracker:
                 or identity.get("spiffe_id") != actor
             ):
                 continue
+            at = event.get("time")
+            if not isinstance(at, str):
+                continue
+            known = latest.get(actor)
+            if known is None or at > known[0]:
+                latest[actor] = (at, event.get("cluster"))
+        if not latest:
+            return
+        now = self.clock()
+        seen = self._batch.decisions
+        for actor, (text, cluster) in latest.items():
             try:
-                at = min(parse_time(str(event.get("time"))).timestamp(), now)
+                when = min(parse_time(text).timestamp(), now)
             except CanonicalError:
                 continue
-            cluster = str(event.get("cluster") or "")
-            known = seen.get(actor)
-            if known is None:
+            previous = seen.get(actor)
+            if previous is None:
                 if len(seen) < MAX_BUFFERED:
-                    seen[actor] = (at, cluster)
-            elif at > known[0]:
-                seen[actor] = (at, cluster)
+                    seen[actor] = (when, str(cluster or ""))
+            elif when > previous[0]:
+                seen[actor] = (when, str(cluster or ""))
 
     # -- flushing ---------------------------------------------------------------------------
     def take(self) -> Batch:
