@@ -92,6 +92,7 @@ def test_engine_url_selection(tmp_path: Path) -> None:
 
 def _undo_migration_10(conn: Connection) -> None:
     """The database as version 9 left it: no template identities."""
+    _undo_migration_11(conn)
     conn.execute(text("DROP TABLE template_identities"))
     conn.execute(delete(schema_migrations).where(schema_migrations.c.version == 10))
 
@@ -102,6 +103,13 @@ def _undo_migration_8(conn: Connection) -> None:
     conn.execute(text("DROP TABLE federated_bundles"))
     conn.execute(text("DELETE FROM meta WHERE name = 'federation_revision'"))
     conn.execute(delete(schema_migrations).where(schema_migrations.c.version == 8))
+
+
+def _undo_migration_11(conn: Connection) -> None:
+    """The database as version 10 left it: no pending service accounts, no last use."""
+    conn.execute(text("DROP TABLE pending_accounts"))
+    conn.execute(text("DROP TABLE identity_usage"))
+    conn.execute(delete(schema_migrations).where(schema_migrations.c.version == 11))
 
 
 def _undo_migration_9(conn: Connection) -> None:
@@ -180,7 +188,7 @@ def test_migration_10_adds_template_identities_to_a_version_9_database(
         with db.engine.begin() as conn:
             _undo_migration_10(conn)
         assert current_version(db.engine) == 9
-        assert migrate(db.engine) == LATEST == 10
+        assert migrate(db.engine) == LATEST == 11
         store = TemplateObservations(db)
         store.record("teams", "east", "team-a", "api", "spiffe://corp.example/x", 10.0)
         # another replica (a fresh store) records the same identity: one row, the first
@@ -289,5 +297,39 @@ def test_postgresql_has_no_wal_to_checkpoint(postgres_base_url: str, tmp_path: P
     )
     try:
         assert db.checkpoint_wal() is None
+    finally:
+        db.dispose()
+
+
+def test_migration_11_adds_pending_accounts_and_identity_usage_to_a_version_10_database(
+    db_url: str | None, tmp_path: Path
+) -> None:
+    """A version 10 database gets the two life-cycle tables, which the usage tracker then
+    writes (an upsert on both engines) and reads."""
+    from trustmesh.registry.index import build_registry
+    from trustmesh.server.usage import Batch, UsageTracker
+
+    db = open_database(db_url, tmp_path)
+    try:
+        with db.engine.begin() as conn:
+            _undo_migration_11(conn)
+        assert current_version(db.engine) == 10
+        assert migrate(db.engine) == LATEST == 11
+        tables = set(inspect(db.engine).get_table_names())
+        assert {"pending_accounts", "identity_usage"} <= tables
+        empty = build_registry("corp.example", 0, [])
+        tracker = UsageTracker(db, lambda: 1000.0, lambda: empty, "corp.example")
+        for at in (10.0, 20.0):
+            tracker.refused("c1", "ns", "sa", at)
+            tracker.credential("spiffe://corp.example/x", "x", "jwt-svid", at)
+            tracker.write(tracker.take())
+        tracker.credential("spiffe://corp.example/x", "x", "x509-svid", 15.0)  # older: kept
+        tracker.write(tracker.take())
+        (row,) = tracker.pending()
+        assert (row.count, row.first_seen, row.last_seen) == (2, 10.0, 20.0)
+        usage = tracker.usage(["spiffe://corp.example/x"])["spiffe://corp.example/x"]
+        assert (usage.last_credential_at, usage.last_credential_kind) == (20.0, "jwt-svid")
+        assert usage.last_decision_at is None
+        assert len(Batch({}, {}, {})) == 0
     finally:
         db.dispose()

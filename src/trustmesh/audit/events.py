@@ -76,6 +76,11 @@ CLUSTER_KEYS_EXPIRED = "cluster.keys_expired"
 """No key source of a cluster answers and its last good key set passed
 ``--cluster-keys-max-age`` (DESIGN §10): its tokens are refused until a source answers.
 Written once per key set, by the replica that found it first."""
+WORKLOAD_RETIRED = "workload.retired"
+"""A Workload with ``spec.retireAfterUnused`` went unused that long (DESIGN §11): no
+credential and no decision. It gets no credential from then on and what it was issued is
+revoked, until an apply of its manifest restores it (``workload.restored``)."""
+WORKLOAD_RESTORED = "workload.restored"
 AUDIT_GAP = "audit.gap_detected"
 REFUSALS_FOLDED = "audit.refusals_folded"
 ORIGIN_STARTED = "audit.origin_started"
@@ -98,6 +103,8 @@ EVENT_TYPES = frozenset(
         FEDERATION_BUNDLE_UPDATED,
         FEDERATION_BUNDLE_DROPPED,
         CLUSTER_KEYS_EXPIRED,
+        WORKLOAD_RETIRED,
+        WORKLOAD_RESTORED,
         AUDIT_GAP,
         REFUSALS_FOLDED,
         ORIGIN_STARTED,

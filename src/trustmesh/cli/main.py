@@ -38,10 +38,14 @@ from trustmesh.cli.audit import audit_app
 from trustmesh.cli.backup import backup, drill, restore
 from trustmesh.cli.credentials import cluster_app, credentials_app
 from trustmesh.cli.federation import get_trustdomains
+from trustmesh.cli.lifecycle import WideOutput, get_pending, report_app
+from trustmesh.cli.lifecycle import when as _when_used
 from trustmesh.cli.suspension import get_suspensions, resume, suspend
 from trustmesh.common.limits import (
     DEFAULT_LIMITS,
     DEFAULT_LONG_POLLS_PER_CREDENTIAL,
+    DEFAULT_PENDING_PER_CLUSTER,
+    DEFAULT_PENDING_TOTAL,
     HttpLimits,
 )
 from trustmesh.common.token_exchange import TOKEN_PATH, exchange_form
@@ -69,6 +73,8 @@ app.command("restore")(restore)
 app.command("drill")(drill)
 app.command("resume")(resume)
 get_app.command("suspensions")(get_suspensions)
+get_app.command("pending")(get_pending)
+app.add_typer(report_app, name="report")
 get_app.command("trustdomains")(get_trustdomains)
 get_app.command("federation", help="The same as get trustdomains.")(get_trustdomains)
 app.add_typer(token_app, name="token")
@@ -324,6 +330,21 @@ def server(
         help="Long polls and revocation streams one credential may hold at once on this "
         "replica; beyond: 429 with Retry-After.",
     ),
+    pending_per_cluster: int = typer.Option(
+        DEFAULT_PENDING_PER_CLUSTER,
+        "--pending-per-cluster",
+        min=1,
+        max=100_000,
+        help="Service accounts refused for want of a Workload kept per cluster for "
+        "`trustmesh get pending`; refusals of others beyond it are dropped and counted.",
+    ),
+    pending_total: int = typer.Option(
+        DEFAULT_PENDING_TOTAL,
+        "--pending-total",
+        min=1,
+        max=1_000_000,
+        help="The same, over all clusters.",
+    ),
     workers: int = typer.Option(
         1,
         "--workers",
@@ -372,6 +393,8 @@ def server(
         ),
         otel_exporter=otel_exporter,
         long_polls_per_credential=long_polls_per_credential,
+        pending_per_cluster=pending_per_cluster,
+        pending_total=pending_total,
     )
     limits = http_limits(
         max_header_bytes,
@@ -774,28 +797,42 @@ def _ca_roots_cell(roots: dict[str, Any] | None) -> str:
 def get_workloads(
     server: str | None = ServerOption,
     token_file: Path | None = TokenFileOption,
-    output: Output = OutputOption,
+    output: WideOutput = typer.Option(
+        WideOutput.table,
+        "--output",
+        "-o",
+        help="table for people, wide: also when each last received a credential and was "
+        "last seen in a decision, json for scripts.",
+    ),
 ) -> None:
     """List registered workloads, and the identities WorkloadTemplates gave (TEMPLATE)."""
     items = admin_client(server, token_file).request("GET", "/v1/workloads")["items"]
-    if output is Output.json:
+    if output is WideOutput.json:
         print_json(items)
         return
+    wide = output is WideOutput.wide
     rows = []
     for item in items:
         spec, sel = item["spec"], item["spec"]["selector"]
-        rows.append(
-            [
-                item["metadata"]["name"],
-                sel["cluster"],
-                sel["namespace"],
-                sel["serviceAccount"],
-                item.get("status", {}).get("spiffeId", spec.get("spiffeId")),
-                _labels(spec.get("claims")),
-                spec.get("maxTokenTTL") or "",
+        row = [
+            item["metadata"]["name"],
+            sel["cluster"],
+            sel["namespace"],
+            sel["serviceAccount"],
+            item.get("status", {}).get("spiffeId", spec.get("spiffeId")),
+            _labels(spec.get("claims")),
+            spec.get("maxTokenTTL") or "",
+        ]
+        if wide:
+            usage = item.get("status", {}).get("usage") or {}
+            row += [
+                _when_used(usage.get("lastCredentialAt")),
+                _when_used(usage.get("lastDecisionAt")),
             ]
-        )
+        rows.append(row)
     columns = ["NAME", "CLUSTER", "NAMESPACE", "SERVICE ACCOUNT", "SPIFFE ID", "CLAIMS", "MAX TTL"]
+    if wide:
+        columns += ["LAST CREDENTIAL", "LAST DECISION"]
     templates = [item.get("status", {}).get("template") or "-" for item in items]
     if any(t != "-" for t in templates):  # the column only when a template gave an identity
         columns.append("TEMPLATE")
@@ -849,6 +886,8 @@ def _print_with_suspensions(
         suspension = item.get("status", {}).get("suspended")
         if not suspension:
             marks.append("")
+        elif suspension.get("retired"):
+            marks.append("retired")
         elif suspension["kind"] == str(item.get("kind", "")).lower():
             marks.append("yes")
         else:

@@ -236,6 +236,21 @@ class UnauthorizedClient(OAuthError):
     error = "unauthorized_client"
 
 
+class NoWorkload(UnauthorizedClient):
+    """A verified service account that no Workload selects and no WorkloadTemplate
+    matches: what ``trustmesh get pending`` lists (DESIGN §11). Carries the verified
+    (cluster, namespace, service account), never the token."""
+
+    def __init__(self, cluster: str, namespace: str, service_account: str) -> None:
+        super().__init__(
+            f"no Workload selects service account {namespace}/{service_account} "
+            f"in cluster {cluster}, and no WorkloadTemplate matches it"
+        )
+        self.cluster = cluster
+        self.namespace = namespace
+        self.service_account = service_account
+
+
 class UnsupportedGrantType(OAuthError):
     error = "unsupported_grant_type"
 
@@ -243,6 +258,11 @@ class UnsupportedGrantType(OAuthError):
 class SubjectSuspended(InvalidGrant):
     """The verified subject (its workload, SPIFFE ID or origin cluster) is suspended:
     no credential of any kind is issued for it until ``trustmesh resume``."""
+
+
+class WorkloadRetired(SubjectSuspended):
+    """The Workload was retired for going unused (``spec.retireAfterUnused``, DESIGN
+    §11): no credential until an apply of its manifest restores it."""
 
 
 # -- 401 / 403 / 404 / 409 / 422 ------------------------------------------------------------

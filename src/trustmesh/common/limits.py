@@ -32,3 +32,8 @@ DEFAULT_LIMITS = HttpLimits()
 # Long polls and revocation streams one credential may hold at once on a control-plane
 # replica (an agent holds two: its bundle and its revocations).
 DEFAULT_LONG_POLLS_PER_CREDENTIAL = 8
+# Service accounts refused for want of a Workload that ``trustmesh get pending`` keeps,
+# per cluster and in all (server/usage.py): anyone with a valid SA token of a registered
+# cluster can invent service accounts, so the list is bounded.
+DEFAULT_PENDING_PER_CLUSTER = 500
+DEFAULT_PENDING_TOTAL = 10_000

@@ -83,8 +83,8 @@ def fetch_url(what: str) -> Callable[[str], None]:
     return validate
 
 
-_DURATION = re.compile(r"^(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s)?$")
-_DURATION_HINT = "an integer number of seconds or a duration such as '300s', '5m' or '1h30m'"
+_DURATION = re.compile(r"^(?:([0-9]+)d)?(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s)?$")
+_DURATION_HINT = "an integer number of seconds or a duration such as '300s', '5m', '1h30m' or '30d'"
 
 
 def duration(minimum: int, maximum: int) -> Checker:
@@ -100,8 +100,8 @@ def duration(minimum: int, maximum: int) -> Checker:
             if not node.value or match is None:
                 sink.add(node.line, path, f"{node.value!r} is not {_DURATION_HINT}")
                 return INVALID
-            hours, minutes, seconds = (int(g or 0) for g in match.groups())
-            total = hours * 3600 + minutes * 60 + seconds
+            days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
+            total = days * 86400 + hours * 3600 + minutes * 60 + seconds
         else:
             total = int(node.value)
         return in_range(total, minimum, maximum, node, path, sink, " seconds")
@@ -253,7 +253,10 @@ class WorkloadSpec:
     spiffe_id: str | None
     claims: dict[str, str]
     max_token_ttl: int | None
+    retire_after_unused: int | None = None  # seconds; DESIGN §11, server/retirement.py
 
+
+MAX_RETIRE_AFTER_UNUSED = 3650 * 86400
 
 WORKLOAD_SPEC = obj(
     Field(
@@ -270,6 +273,7 @@ WORKLOAD_SPEC = obj(
     Field("spiffeId", string(spiffe_id)),
     Field("claims", map_of(string(max_length=253), claim_key), default=dict),
     Field("maxTokenTTL", duration(1, 3600)),
+    Field("retireAfterUnused", duration(1, MAX_RETIRE_AFTER_UNUSED)),
 )
 
 
@@ -291,6 +295,7 @@ def _build_workload(spec: dict[str, Any]) -> WorkloadSpec:
         spiffe_id=spec.get("spiffeId"),
         claims=dict(spec["claims"]),
         max_token_ttl=spec.get("maxTokenTTL"),
+        retire_after_unused=spec.get("retireAfterUnused"),
     )
 
 

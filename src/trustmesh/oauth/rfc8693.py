@@ -33,7 +33,7 @@ from trustmesh.common.errors import (
     InvalidScope,
     InvalidTarget,
     InvalidToken,
-    UnauthorizedClient,
+    NoWorkload,
     Unavailable,
     UnsupportedGrantType,
 )
@@ -318,9 +318,7 @@ class TokenExchange:
         cluster_name, sa = await self._verified_subject(subject_token, digest, registry, now)
         identity = registry.resolve(cluster_name, sa.namespace, sa.service_account)
         if identity is None:
-            raise UnauthorizedClient(
-                f"no Workload selects service account {sa.namespace}/{sa.service_account} in cluster {cluster_name}, and no WorkloadTemplate matches it",
-            )
+            raise NoWorkload(cluster_name, sa.namespace, sa.service_account)
         return VerifiedSubject(cluster_name, sa, identity, digest)
 
     async def exchange(self, form: Mapping[str, list[str]]) -> Exchanged:

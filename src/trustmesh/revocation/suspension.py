@@ -22,12 +22,16 @@ from typing import Any
 
 from sqlalchemy import Connection, delete, select
 
-from trustmesh.common.errors import InvalidRequest, SubjectSuspended
+from trustmesh.common.errors import InvalidRequest, SubjectSuspended, WorkloadRetired
 from trustmesh.storage import Database
 from trustmesh.storage import meta as meta_store
 from trustmesh.storage.schema import suspensions
 
 KINDS = ("workload", "subject", "cluster")
+RETIREMENT_ACTOR = "trustmesh:retirement"
+"""The actor of a Workload's retirement (DESIGN §11, ``server/retirement.py``): a
+suspension of kind ``workload`` that an apply of its manifest ends, as ``trustmesh
+resume`` ends any other."""
 MAX_REASON = 1000
 _WHAT = {"workload": "workload", "subject": "SPIFFE ID", "cluster": "cluster"}
 
@@ -43,6 +47,10 @@ class Suspension:
     def describe(self) -> str:
         return f"{_WHAT[self.kind]} {self.value}"
 
+    @property
+    def retired(self) -> bool:
+        return self.kind == "workload" and self.actor == RETIREMENT_ACTOR
+
     def to_json(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
@@ -50,6 +58,7 @@ class Suspension:
             "reason": self.reason,
             "actor": self.actor,
             "suspended_at": self.suspended_at,
+            "retired": self.retired,
         }
 
 
@@ -88,6 +97,11 @@ class SuspensionSet:
         found = self.covering(workload=workload, spiffe_id=spiffe_id, cluster=cluster)
         if found is None:
             return
+        if found.retired:
+            raise WorkloadRetired(
+                f"workload {found.value} was retired ({found.reason}): no credential is "
+                "issued for it until its manifest is applied again"
+            )
         origin = " (the service account's cluster)" if found.kind == "cluster" else ""
         raise SubjectSuspended(
             f"{found.describe()}{origin} is suspended: no credential is issued for it until "

@@ -32,7 +32,9 @@ from trustmesh.policy.gate import gate
 from trustmesh.policy.testing import CaseResult
 from trustmesh.registry import AppliedChange, RegistryStore
 from trustmesh.server.recorder import AuditRecorder
+from trustmesh.server.retirement import Retirement
 from trustmesh.server.snapshots import Snapshots
+from trustmesh.server.usage import UsageTracker
 from trustmesh.storage import Database
 
 
@@ -101,7 +103,11 @@ class Changes:
         catalog: PolicyCatalog,
         snapshots: Snapshots,
         recorder: AuditRecorder,
+        retirement: Retirement,
+        usage: UsageTracker,
     ) -> None:
+        self.retirement = retirement
+        self.usage = usage
         self.db = db
         self.registry_store = registry_store
         self.catalog = catalog
@@ -147,10 +153,21 @@ class Changes:
             tests: list[CaseResult] = []
             if registry_plan.changed or policy_plan.changed:
                 tests = gate(policy_plan.policy, candidate, next_policy)
+            # DESIGN §11: applying a retired Workload's manifest restores it.
+            retired = self.retirement.retired_in(
+                conn, [d.name for d in registry_docs if d.kind == "Workload"]
+            )
+            registry_changes = [
+                AppliedChange(c.kind, c.name, "restored")
+                if c.kind == "Workload" and c.name in retired and c.action == "unchanged"
+                else c
+                for c in registry_plan.changes
+            ]
+            restore_only = bool(retired) and not registry_plan.changed
             result = ApplyResult(
-                registry_revision=candidate.revision,
+                registry_revision=candidate.revision + (1 if restore_only else 0),
                 policy_revision=next_policy,
-                changes=registry_plan.changes + policy_plan.changes,
+                changes=registry_changes + policy_plan.changes,
                 tests=tests,
                 dry_run=dry_run,
             )
@@ -159,6 +176,9 @@ class Changes:
                 return result
             if registry_plan.changed:
                 self.registry_store.write(conn, registry_plan, actor)
+                self.usage.clear_admitted_in(conn, candidate)  # get pending, on every replica
+            if retired:
+                self.retirement.restore_in(conn, retired, actor, registry_plan.changed)
             if policy_plan.changed:
                 self.catalog.write(conn, policy_plan, actor, message, claimed_author=claimed_author)
             self._stage_applied(conn, actor, result, message, "apply", claimed_author)

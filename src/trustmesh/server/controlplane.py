@@ -18,6 +18,8 @@ routes (``server/routes/``) call the services it holds.
 ``credential_admin``   listing, rotating and revoking credentials, audited
 ``inventory``          the registry's objects with their status
 ``federation``         federated trust domains: their bundles polled, kept, published
+``usage``              pending service accounts and identities' last use (coalesced)
+``retirement``         retiring Workloads unused for their ``retireAfterUnused``
 =====================  ===========================================================
 
 State has one owner, the database; see ``server/snapshots.py`` for how replicas agree."""
@@ -76,10 +78,17 @@ from trustmesh.server.inventory import Inventory
 from trustmesh.server.issuance import Issuance
 from trustmesh.server.metrics import ServerMetrics
 from trustmesh.server.recorder import AuditRecorder
+from trustmesh.server.retirement import Retirement
 from trustmesh.server.revoke import Revoker, Suspender
 from trustmesh.server.roots import CaRotation, RootHolders
 from trustmesh.server.rotation import KeyRotation
 from trustmesh.server.snapshots import Snapshots
+from trustmesh.server.usage import (
+    DEFAULT_FLUSH_INTERVAL,
+    PENDING_PER_CLUSTER,
+    PENDING_TOTAL,
+    UsageTracker,
+)
 from trustmesh.server.x509svids import DEFAULT_SVID_TTL, X509Issuance, X509Signer
 from trustmesh.spiffeid import normalize_trust_domain
 from trustmesh.storage import Database, open_database
@@ -114,6 +123,9 @@ class ServerConfig:
     audit_refusals: FoldingLimits = field(default_factory=FoldingLimits)
     otel_exporter: str = "none"
     long_polls_per_credential: int = DEFAULT_LONG_POLLS_PER_CREDENTIAL
+    usage_flush_interval: float = DEFAULT_FLUSH_INTERVAL
+    pending_per_cluster: int = PENDING_PER_CLUSTER
+    pending_total: int = PENDING_TOTAL
 
 
 class ControlPlane:
@@ -155,6 +167,8 @@ class ControlPlane:
         self.ca_rotation: CaRotation
         self.x509: X509Issuance
         self.federation: Federation
+        self.usage: UsageTracker
+        self.retirement: Retirement
 
     # -- start-up -----------------------------------------------------------------------
     def open(self) -> None:
@@ -215,8 +229,34 @@ class ControlPlane:
         self.recorder = AuditRecorder(self.audit, self.clock, config.audit_refusals)
         self.sa_tokens = VerifiedSaTokenCache(config.sa_token_cache_size)
         self.metrics = ServerMetrics(self.audit, self.recorder, self.sa_tokens)
+        snapshots = self.snapshots
+        self.usage = UsageTracker(
+            self.db,
+            self.clock,
+            lambda: snapshots.registry,
+            self.trust_domain,
+            per_cluster=config.pending_per_cluster,
+            total=config.pending_total,
+        )
+        self.retirement = Retirement(
+            self.db,
+            self.suspension_store,
+            self.revocation_store,
+            self.registry_store,
+            self.snapshots,
+            self.recorder,
+            self.usage,
+            self.clock,
+            grace=max(SUSPENSION_GRACE, 2 * config.refresh_interval),
+        )
         self.changes = Changes(
-            self.db, self.registry_store, self.catalog, self.snapshots, self.recorder
+            self.db,
+            self.registry_store,
+            self.catalog,
+            self.snapshots,
+            self.recorder,
+            self.retirement,
+            self.usage,
         )
         self.bundles = BundleSigner(self.snapshots)
         self.agents = Agents(
@@ -255,7 +295,12 @@ class ControlPlane:
             self.clock,
         )
         self.inventory = Inventory(
-            self.registry_store, self.snapshots, self.agents, self.ca_rotation, self.observations
+            self.registry_store,
+            self.snapshots,
+            self.agents,
+            self.ca_rotation,
+            self.observations,
+            self.usage,
         )
         self.federation = Federation(
             federation_store, self.registry_store, self.snapshots, self.recorder, self.clock
@@ -286,7 +331,13 @@ class ControlPlane:
             sa_tokens=self.sa_tokens,
         )
         self.issuance = Issuance(
-            exchange, self.recorder, self.tracing, self.metrics, self.observations
+            exchange,
+            self.recorder,
+            self.tracing,
+            self.metrics,
+            self.usage,
+            self.clock,
+            self.observations,
         )
         signer = X509Signer(
             exchange=exchange,
@@ -298,7 +349,13 @@ class ControlPlane:
             default_ttl=self.config.svid_ttl,
         )
         self.x509 = X509Issuance(
-            signer, self.recorder, self.tracing, self.metrics, self.root_holders, self.observations
+            signer,
+            self.recorder,
+            self.tracing,
+            self.metrics,
+            self.root_holders,
+            self.usage,
+            self.observations,
         )
         self.recorder.start()
         self._tasks = [
@@ -306,6 +363,7 @@ class ControlPlane:
             asyncio.create_task(self._maintenance_loop(), name="maintenance"),
             asyncio.create_task(self._checkpoint_loop(), name="audit-checkpoints"),
             asyncio.create_task(self.federation.run(), name="federation"),
+            asyncio.create_task(self._usage_loop(), name="usage"),
         ]
         if self.db.dialect == "sqlite":
             self._tasks.append(asyncio.create_task(self._wal_loop(), name="sqlite-wal"))
@@ -314,6 +372,7 @@ class ControlPlane:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.flush_usage()
         await self.recorder.close()
         self.tracing.shutdown()
         try:  # the last events get a signed checkpoint before the process ends
@@ -353,6 +412,27 @@ class ControlPlane:
                 )
             else:
                 self.health.ok(AUDIT)
+
+    async def _usage_loop(self) -> None:
+        """Flush last use, then retire what went unused (``server/retirement.py``)."""
+        while True:
+            await asyncio.sleep(self.config.usage_flush_interval)
+            await self.flush_usage()
+            try:
+                await asyncio.to_thread(self.retirement.retire_due)
+            except Exception as exc:
+                self._database_failed("retiring unused workloads failed", exc)
+
+    async def flush_usage(self) -> None:
+        """Write the pending refusals and last-use times gathered since the last flush
+        (``server/usage.py``); on failure they wait for the next one."""
+        batch = self.usage.take()
+        try:
+            await asyncio.to_thread(self.usage.write, batch)
+        except Exception as exc:
+            self.usage.failures += 1
+            self.usage.give_back(batch)
+            self._database_failed("writing pending service accounts and last use failed", exc)
 
     def _database_failed(self, what: str, exc: Exception) -> None:
         """A loop's round failed: a database that cannot be reached is an outage, said in

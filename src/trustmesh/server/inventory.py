@@ -4,11 +4,13 @@ for a Workload its SPIFFE ID; for a Cluster also ``status.caRoots``, its agents 
 sidecars that report the CA roots they hold and which lag behind the prepared root — and
 ``status.suspended``: the suspension that stops
 credentials for it (DESIGN §5; for a Workload its own, its SPIFFE ID's or its
-cluster's), or null."""
+cluster's), or null. A Workload's ``status.usage`` says when it last received a credential
+and was last seen in an agent's decision (``server/usage.py``); :meth:`Inventory.stale`
+lists the Workloads unused for N days (``trustmesh report stale``)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import builtins
 from typing import Any
 
 from trustmesh.manifests import API_VERSION
@@ -17,6 +19,9 @@ from trustmesh.registry.observed import TemplateObservations
 from trustmesh.server.agents import Agents
 from trustmesh.server.roots import CaRotation
 from trustmesh.server.snapshots import Snapshots
+from trustmesh.server.usage import NO_USAGE, Usage, UsageTracker
+
+DAY = 86400.0
 
 
 class Inventory:
@@ -27,8 +32,10 @@ class Inventory:
         agents: Agents,
         ca_rotation: CaRotation | None = None,
         observations: TemplateObservations | None = None,
+        usage: UsageTracker | None = None,
     ):
         self.observations = observations
+        self.usage = usage
         self.registry_store = registry_store
         self.snapshots = snapshots
         self.agents = agents
@@ -63,9 +70,13 @@ class Inventory:
                 item["status"]["suspended"] = suspended.to_json() if suspended else None
                 item["status"]["template"] = None
             items.extend(self._template_derived())
+            usage = self._usage_of(items)
+            for item in items:
+                found = usage.get(item["status"].get("spiffeId", ""), NO_USAGE)
+                item["status"]["usage"] = found.to_json()
         return items
 
-    def _template_derived(self) -> Sequence[dict[str, Any]]:
+    def _template_derived(self) -> builtins.list[dict[str, Any]]:
         """The identities templates gave, as observed at their first credential, shaped
         as Workloads with ``status.template``; those the registry in force still gives
         through that template (an explicit Workload applied since wins)."""
@@ -108,4 +119,44 @@ class Inventory:
                     },
                 }
             )
+        return out
+
+    def _usage_of(self, items: builtins.list[dict[str, Any]]) -> dict[str, Usage]:
+        """The last use of every listed identity (explicit or template-derived), by
+        SPIFFE ID."""
+        if self.usage is None:
+            return {}
+        return self.usage.usage(
+            i["status"]["spiffeId"] for i in items if i["status"].get("spiffeId")
+        )
+
+    def stale(self, days: float, now: float) -> builtins.list[dict[str, Any]]:
+        """Workloads that have neither received a credential nor been seen in a decision
+        for ``days``; one never used counts from its last apply. Longest idle first.
+        Explicit Workloads only: a template-derived identity has no apply of its own to
+        count from, and nothing to retire (its template admits it again)."""
+        cutoff = now - days * DAY
+        out = []
+        for item in self.list("Workload"):
+            status = item["status"]
+            if status.get("template"):
+                continue
+            usage = status["usage"]
+            times = [t for t in (usage["lastCredentialAt"], usage["lastDecisionAt"]) if t]
+            since = max(times) if times else float(status["updatedAt"])
+            if since > cutoff:
+                continue
+            out.append(
+                {
+                    "name": item["metadata"]["name"],
+                    "spiffeId": status.get("spiffeId"),
+                    "cluster": item["spec"]["selector"]["cluster"],
+                    "lastUsed": max(times) if times else None,
+                    "idleSince": since,
+                    "idleDays": round((now - since) / DAY, 2),
+                    "usage": usage,
+                    "suspended": status.get("suspended"),
+                }
+            )
+        out.sort(key=lambda r: (r["idleSince"], r["name"]))
         return out

@@ -14,12 +14,14 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
-from trustmesh.common.errors import TrustmeshError, Unavailable
+from trustmesh.common.clock import Clock
+from trustmesh.common.errors import NoWorkload, TrustmeshError, Unavailable
 from trustmesh.common.tracing import Tracing
 from trustmesh.oauth.rfc8693 import TokenExchange, parse_form
 from trustmesh.registry.observed import TemplateObservations
 from trustmesh.server.metrics import ServerMetrics
 from trustmesh.server.recorder import AuditRecorder, issued_event
+from trustmesh.server.usage import JWT_SVID, UsageTracker
 
 SPAN_NAME = "token.exchange"
 log = logging.getLogger(__name__)
@@ -61,9 +63,13 @@ class Issuance:
         recorder: AuditRecorder,
         tracing: Tracing,
         metrics: ServerMetrics,
+        usage: UsageTracker,
+        clock: Clock,
         observations: TemplateObservations | None = None,
     ) -> None:
         self.exchange = exchange
+        self.usage = usage
+        self.clock = clock
         self.observations = observations
         self.recorder = recorder
         self.tracing = tracing
@@ -91,6 +97,10 @@ class Issuance:
                 self.recorder.exchange_refused(
                     error, exc.description, subject, peer, span.trace_id, span.span_id
                 )
+                if isinstance(exc, NoWorkload):  # onboarding: trustmesh get pending
+                    self.usage.refused(
+                        exc.cluster, exc.namespace, exc.service_account, self.clock()
+                    )
                 raise
             span.set("trustmesh.spiffe_id", result.spiffe_id)
             span.set("trustmesh.outcome", "issued")
@@ -114,5 +124,9 @@ class Issuance:
             self.exchange.clock(),
         )
         self._issued.inc()
+        # keyed by SPIFFE ID; the Workload named only for an explicit one (what report
+        # stale and retirement read), a template-derived identity's name is not stored
+        workload = result.workload if result.template is None else None
+        self.usage.credential(result.spiffe_id, workload, JWT_SVID, self.clock())
         self.metrics.exchange_seconds.observe(time.perf_counter() - started)
         return Issued(result.response, span.traceparent())

@@ -49,7 +49,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from trustmesh.audit import events as ev
 from trustmesh.common.clock import Clock
-from trustmesh.common.errors import InvalidRequest, TrustmeshError, Unavailable
+from trustmesh.common.errors import InvalidRequest, NoWorkload, TrustmeshError, Unavailable
 from trustmesh.common.strictjson import loads_strict
 from trustmesh.common.tracing import Tracing
 from trustmesh.identity.x509ca import MAX_SVID_TTL, CaSet, parse_fingerprints
@@ -62,6 +62,7 @@ from trustmesh.server.issuance import observe
 from trustmesh.server.metrics import ServerMetrics
 from trustmesh.server.recorder import AuditRecorder
 from trustmesh.server.roots import SIDECAR, RootHolders
+from trustmesh.server.usage import X509_SVID, UsageTracker
 
 log = logging.getLogger("trustmesh.server")
 
@@ -183,10 +184,12 @@ class X509Issuance:
         tracing: Tracing,
         metrics: ServerMetrics,
         holders: RootHolders,
+        usage: UsageTracker,
         observations: TemplateObservations | None = None,
     ) -> None:
         self.observations = observations
         self.signer = signer
+        self.usage = usage
         self.recorder = recorder
         self.tracing = tracing
         self.metrics = metrics
@@ -216,6 +219,10 @@ class X509Issuance:
                     span.span_id,
                     surface=SURFACE,
                 )
+                if isinstance(exc, NoWorkload):  # onboarding: trustmesh get pending
+                    self.usage.refused(
+                        exc.cluster, exc.namespace, exc.service_account, self.signer.clock()
+                    )
                 raise
             span.set("trustmesh.spiffe_id", signed.spiffe_id)
             span.set("trustmesh.outcome", "issued")
@@ -231,6 +238,13 @@ class X509Issuance:
                     "the audit log cannot be written; no certificate is issued without its "
                     "audit record"
                 ) from None
+        identity = signed.subject.identity
+        self.usage.credential(  # the Workload named only for an explicit one, as for JWT-SVIDs
+            signed.spiffe_id,
+            identity.workload if identity.template is None else None,
+            X509_SVID,
+            self.signer.clock(),
+        )
         await self._report_roots(request, signed)
         sa = signed.subject.sa_token
         await observe(

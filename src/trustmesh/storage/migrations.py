@@ -143,6 +143,11 @@ def _v10_template_identities(conn: Connection) -> None:
     schema.template_identities.create(conn, checkfirst=True)
 
 
+def _v11_onboarding_and_usage(conn: Connection) -> None:
+    schema.pending_accounts.create(conn, checkfirst=True)
+    schema.identity_usage.create(conn, checkfirst=True)
+
+
 MIGRATIONS: list[Migration] = [
     (1, "initial schema: meta, signing keys, registry, credentials", _v1_initial),
     (2, "policy versions and agent status", _v2_policy),
@@ -159,6 +164,11 @@ MIGRATIONS: list[Migration] = [
     (8, "the SPIFFE bundles of federated trust domains", _v8_federation),
     (9, "keys: the last good key set of each cluster", _v9_keys_cluster_keys),
     (10, "identities WorkloadTemplates gave, as first issued", _v10_template_identities),
+    (
+        11,
+        "life cycle: service accounts refused for want of a Workload, identities' last use",
+        _v11_onboarding_and_usage,
+    ),
 ]
 
 LATEST = MIGRATIONS[-1][0]

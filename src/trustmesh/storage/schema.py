@@ -194,6 +194,36 @@ suspensions = Table(
     Column("created_at", Float, nullable=False),
 )
 
+# Onboarding from refusals (DESIGN §11): service accounts whose verified SA token was
+# refused with ``unauthorized_client`` (no Workload selects them), counted by replicas'
+# coalesced flushes (server/usage.py). Bounded per cluster and in total; a row leaves
+# when a Workload admits its service account or when it has not been seen for a while.
+pending_accounts = Table(
+    "pending_accounts",
+    metadata,
+    Column("cluster", String(253), primary_key=True),
+    Column("namespace", String(63), primary_key=True),
+    Column("service_account", String(253), primary_key=True),
+    Column("count", BigInteger, nullable=False),
+    Column("first_seen", Float, nullable=False),
+    Column("last_seen", Float, nullable=False),
+)
+
+# When each identity last received a credential (exchange or X.509-SVID) and was last
+# seen in an agent's decision (DESIGN §11), keyed by SPIFFE ID; ``workload`` names the
+# Workload it was issued for, when there is one. Written in coalesced batches.
+identity_usage = Table(
+    "identity_usage",
+    metadata,
+    Column("spiffe_id", String(2048), primary_key=True),
+    Column("workload", String(253)),
+    Column("last_credential_at", Float),
+    Column("last_credential_kind", String(16)),  # "jwt-svid" | "x509-svid"
+    Column("last_decision_at", Float),
+    Column("last_decision_cluster", String(253)),
+    Index("ix_identity_usage_workload", "workload"),
+)
+
 # Policy versions: each is the complete set of policy documents at that revision.
 policy_versions = Table(
     "policy_versions",

@@ -130,6 +130,29 @@ def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
 
         return handler
 
+    async def pending(request: Request) -> Response:
+        await callers.admin(request)
+        accounts = await run_in_threadpool(plane.usage.pending)
+        return JSONResponse(
+            {
+                "kind": "PendingServiceAccountList",
+                "items": [a.to_json() for a in accounts],
+                "limits": {
+                    "perCluster": plane.usage.per_cluster,
+                    "total": plane.usage.total,
+                    "droppedByThisReplica": plane.usage.dropped,
+                },
+            }
+        )
+
+    async def stale(request: Request) -> Response:
+        await callers.admin(request)
+        days = parse_decimal(request.query_params.get("days", ""), 6)
+        if days is None or not 0 <= days <= 36500:
+            raise InvalidRequest("days must be a number of days from 0 to 36500")
+        items = await run_in_threadpool(plane.inventory.stale, float(days), plane.clock())
+        return JSONResponse({"kind": "StaleIdentityReport", "days": days, "items": items})
+
     async def list_keys(request: Request) -> Response:
         await callers.admin(request)
         records = await run_in_threadpool(plane.keys.list_keys)
@@ -147,6 +170,8 @@ def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
         Route("/v1/clusters", lister("Cluster"), methods=["GET"]),
         Route("/v1/workloads", lister("Workload"), methods=["GET"]),
         Route("/v1/workloadtemplates", lister("WorkloadTemplate"), methods=["GET"]),
+        Route("/v1/pending", pending, methods=["GET"]),
+        Route("/v1/reports/stale", stale, methods=["GET"]),
         Route("/v1/keys", list_keys, methods=["GET"]),
         Route("/v1/keys/rotate", rotate_keys, methods=["POST"]),
         Route("/v1/policy/versions", policy_versions, methods=["GET"]),

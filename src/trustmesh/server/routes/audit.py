@@ -5,7 +5,7 @@ credential owns (``audit/log.py``, ``agent_records``)."""
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -47,7 +47,15 @@ QUERY_FILTERS = {
 }
 
 
-def routes(audit: AuditLog, callers: Callers, stopping: Callable[[], bool]) -> list[Route]:
+def routes(
+    audit: AuditLog,
+    callers: Callers,
+    stopping: Callable[[], bool],
+    decided: Callable[[Iterable[Mapping[str, Any]]], None] = lambda events: None,
+) -> list[Route]:
+    """``decided``: told the events of every batch the log accepted (the last-use record
+    of identities, ``server/usage.py``)."""
+
     async def ingest(request: Request) -> Response:
         """An agent's batch of spooled events (its cluster credential; the admin's for
         any cluster)."""
@@ -61,6 +69,7 @@ def routes(audit: AuditLog, callers: Callers, stopping: Callable[[], bool]) -> l
         else:  # the credential's own source: CLUSTER/AGENT/SPOOL
             records = agent_records(body, principal.cluster, principal.agent)
         result = await run_in_threadpool(audit.append, records)
+        decided(record.event for record in records)
         return JSONResponse(
             {
                 "accepted": result.accepted - len(result.gaps),
