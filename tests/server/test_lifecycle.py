@@ -5,7 +5,8 @@ and last seen, from both the token endpoint and ``POST /v1/x509-svid``), its sug
 manifest is accepted by ``trustmesh apply`` and admits it, after which the row is gone;
 the list is bounded per cluster; every Workload shows its last credential and its last
 decision (from the agent's shipped ``authz.decision`` events); ``trustmesh report stale``
-lists the unused ones."""
+lists the unused ones; a WorkloadTemplate clears the pending rows it matches and the
+identities it gives show their last use."""
 
 from __future__ import annotations
 
@@ -283,6 +284,68 @@ def test_an_unused_workload_retires_and_an_apply_restores_it(
             assert verified.returncode == 0, verified.stdout + verified.stderr
         finally:
             assert agent.stop() == 0
+
+
+def test_a_template_admits_pending_accounts_and_its_identities_show_last_use(
+    server: Server,
+) -> None:
+    """Where templates and the life cycle meet: applying a WorkloadTemplate clears the
+    pending service accounts it matches (not the others); those it matches are issued
+    at once, never listed again, and their last use — a JWT-SVID, then an X.509-SVID —
+    shows on the template-derived identity in ``get workloads``; ``report stale`` stays
+    for explicit Workloads."""
+    with serve_cluster("templated") as origin:
+        name, template = unique("origin-"), unique("tpl-")
+        server.apply(cluster_yaml(name, origin.issuer))
+        matched, other = origin.mint("team-z", "api"), origin.mint("payments", "api")
+        for token in (matched, other):
+            refused = server.exchange(token, audience(name))
+            assert refused.json()["error"] == "unauthorized_client", refused.text
+        keys = {(name, "team-z", "api"), (name, "payments", "api")}
+        assert until(lambda: keys <= set(pending(server))), pending(server)
+
+        server.apply(
+            f"""apiVersion: trustmesh.io/v1alpha1
+kind: WorkloadTemplate
+metadata:
+  name: {template}
+spec:
+  clusters: {{names: [{name}]}}
+  namespaces: ["team-*"]
+  serviceAccounts: ["*"]
+"""
+        )
+        listed = set(pending(server))
+        assert (name, "team-z", "api") not in listed  # the template admits it
+        assert (name, "payments", "api") in listed  # it matches no template
+
+        issued = server.exchange(matched, audience(name))
+        assert issued.status_code == 200, issued.text
+        again = server.exchange(other, audience(name))
+        assert again.json()["error"] == "unauthorized_client"
+        identity = f"{template}/{name}/team-z/api"
+        status = until(
+            lambda: (s := workload_status(server, identity))["usage"]["lastCredentialAt"] and s
+        )
+        assert status, workload_status(server, identity)
+        assert status["template"] == template
+        assert status["spiffeId"] == f"spiffe://{TRUST_DOMAIN}/cluster/{name}/ns/team-z/sa/api"
+        assert status["usage"]["lastCredentialKind"] == "jwt-svid"
+
+        certificate = request_svid(server, matched, make_csr())
+        assert certificate.status_code == 200, certificate.text
+        assert until(
+            lambda: workload_status(server, identity)["usage"]["lastCredentialKind"] == "x509-svid"
+        ), workload_status(server, identity)
+        # the exchange never refused it again, so a later read does not list it either
+        assert until(lambda: pending(server).get((name, "payments", "api"), {}).get("count") == 2)
+        assert (name, "team-z", "api") not in pending(server)
+
+        wide = cli(server, "get", "workloads", "-o", "wide")
+        assert wide.returncode == 0, wide.stderr
+        assert "TEMPLATE" in wide.stdout and "LAST CREDENTIAL" in wide.stdout
+        stale = json.loads(cli(server, "report", "stale", "--days", "0", "-o", "json").stdout)
+        assert identity not in [i["name"] for i in stale["items"]]  # explicit Workloads only
 
 
 def test_retire_after_unused_must_be_a_duration(server: Server) -> None:

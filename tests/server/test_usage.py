@@ -1,7 +1,8 @@
 """The usage tracker's store on SQLite and PostgreSQL (``server/usage.py``): the caps of
 the pending list (per cluster and in total), its retention, rows a registry admits
-leaving, suggested Workload names that are valid labels and stay apart when cut, and
-last-use times that never move backwards whatever order the batches come in."""
+leaving (by a Workload or a matching WorkloadTemplate), suggested Workload names that
+are valid labels and stay apart when cut, and last-use times that never move backwards
+whatever order the batches come in."""
 
 from __future__ import annotations
 
@@ -101,3 +102,46 @@ def test_suggested_names_are_labels_that_stay_apart() -> None:
     long_b = suggested_name("c" * 40, "n" * 30, "a" * 49 + "b")
     assert len(long_a) <= 63 and len(long_b) <= 63 and long_a != long_b
     assert not long_a.startswith("-") and not long_a.endswith("-")
+
+
+def test_a_matching_workload_template_admits_pending_rows(
+    db_url: str | None, tmp_path: Path
+) -> None:
+    """A WorkloadTemplate admits as a Workload does (the exchange's own resolution): the
+    rows it matches leave — in the caller's transaction, as an apply clears them — and
+    the rows it does not match stay, a name Kubernetes would not spell included."""
+    db = open_database(db_url, tmp_path)
+    clock = Clock(1000.0)
+    documents = parse_text(
+        """apiVersion: trustmesh.io/v1alpha1
+kind: Cluster
+metadata:
+  name: c1
+spec:
+  issuer: https://c1.example
+---
+apiVersion: trustmesh.io/v1alpha1
+kind: WorkloadTemplate
+metadata:
+  name: teams
+spec:
+  clusters: {names: [c1]}
+  namespaces: ["team-*"]
+  serviceAccounts: ["*"]
+""",
+        "t.yaml",
+    )
+    empty = build_registry(TD, 0, [])
+    tracker = UsageTracker(db, clock, lambda: empty, TD)
+    try:
+        for cluster_name, namespace in [("c1", "team-a"), ("c1", "payments"),
+                                        ("c1", "team-A"), ("c2", "team-a")]:  # fmt: skip
+            tracker.refused(cluster_name, namespace, "api", clock.now)
+        tracker.write(tracker.take())
+        assert len(tracker.pending()) == 4  # nothing admits them yet
+        with db.engine.begin() as conn:
+            tracker.clear_admitted_in(conn, build_registry(TD, 1, documents))
+        listed = {(p.cluster, p.namespace) for p in tracker.pending()}
+        assert listed == {("c1", "payments"), ("c1", "team-A"), ("c2", "team-a")}
+    finally:
+        db.dispose()
