@@ -289,6 +289,8 @@ def test_damaged_altered_or_foreign_backups_are_refused(
     raw = bytearray(backup.read_bytes())
     raw[len(raw) // 2] ^= 0x01
     (tmp_path / "flipped.tmbk").write_bytes(bytes(raw))
+    # (a flipped bit may break the gzip stream or, now and then, inflate to other lines:
+    # either way a damaged backup, said so)
     assert "backup" in refused(tmp_path / "flipped.tmbk", data_dir)
     lines = gzip.decompress(backup.read_bytes()).splitlines(keepends=True)
     (tmp_path / "truncated.tmbk").write_bytes(gzip.compress(b"".join(lines[:-1])))

@@ -280,7 +280,9 @@ def _read(
     trailer: dict[str, Any] | None = None
     for number, raw in enumerate(_lines(path), start=1):
         if trailer is not None:
-            raise BackupError(f"{path} has data after its end (line {number})")
+            raise BackupError(
+                f"{path} has data after its end (line {number}): the backup is damaged"
+            )
         try:
             value = json.loads(raw)
         except ValueError:
@@ -305,7 +307,9 @@ def _read(
             table = schema.metadata.tables.get(str(name))
             columns = value.get("columns")
             if table is None or not isinstance(columns, list):
-                raise BackupError(f"{path} line {number}: unknown table {name!r}")
+                raise BackupError(
+                    f"{path} line {number}: unknown table {name!r}: the backup is damaged"
+                )
             unknown = set(columns) - set(table.columns.keys())
             if unknown:
                 raise BackupError(
@@ -317,7 +321,9 @@ def _read(
             yield header, section, None
             continue
         if section is None or not isinstance(value, list) or len(value) != len(section.columns):
-            raise BackupError(f"{path} line {number} is not a row of its table")
+            raise BackupError(
+                f"{path} line {number} is not a row of its table: the backup is damaged"
+            )
         counts[section.table.name] += 1
         yield header, section, value
     if header is None:
