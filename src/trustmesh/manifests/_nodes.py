@@ -93,14 +93,32 @@ def node_type(node: Node) -> str:
     return "an invalid value"
 
 
+class _TooDeep(Exception):
+    """The composer went deeper than the converter would ever read (private: caught in
+    :func:`compose_documents` as the one "nesting is too deep" refusal)."""
+
+
 class _Loader(yaml.SafeLoader):
-    """Safe loader that refuses anchors and aliases instead of resolving them."""
+    """Safe loader that refuses anchors and aliases instead of resolving them, and
+    stops composing past :data:`MAX_DEPTH` levels itself rather than when Python's
+    recursion limit happens to be reached (which depends on the caller's stack and
+    limit, so the same text would get different refusals)."""
 
     def __init__(self, text: str) -> None:
         super().__init__(text)
         self.refusals: list[tuple[int, str]] = []
+        self._depth = 0
 
     def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH + 1:  # the root is level 1 here, 0 to the converter
+                raise _TooDeep
+            return self._compose(parent, index)
+        finally:
+            self._depth -= 1
+
+    def _compose(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
         parser: Any = self  # PyYAML's parser methods are untyped in the stubs
         event = parser.peek_event()
         line = event.start_mark.line + 1
@@ -153,7 +171,7 @@ def compose_documents(text: str, sink: Sink) -> list[Node]:
             documents.append(_Converter(sink).convert(root, "", root.start_mark.line + 1, 0))
     except yaml.YAMLError as exc:
         sink.add(_yaml_error_line(exc, text), "", _yaml_error_message(exc))
-    except RecursionError:
+    except (_TooDeep, RecursionError):
         sink.add(1, "", f"invalid YAML: nesting is too deep (more than {MAX_DEPTH} levels)")
     finally:
         if loader is not None:
