@@ -286,12 +286,14 @@ def test_damaged_altered_or_foreign_backups_are_refused(
 
     data_dir = restore_dir(tmp_path, "restored", old)
     # a flipped byte inside the compressed stream, or a truncated file
-    raw = bytearray(backup.read_bytes())
-    raw[len(raw) // 2] ^= 0x01
-    (tmp_path / "flipped.tmbk").write_bytes(bytes(raw))
-    # (a flipped bit may break the gzip stream or, now and then, inflate to other lines:
-    # either way a damaged backup, said so)
-    assert "backup" in refused(tmp_path / "flipped.tmbk", data_dir)
+    original = backup.read_bytes()
+    # (a flipped bit may break the deflate stream, the gzip trailer or, now and then,
+    # inflate to other lines: each a damaged backup, said so) — at several places
+    for where in (len(original) // 4, len(original) // 2, 3 * len(original) // 4):
+        raw = bytearray(original)
+        raw[where] ^= 0x01
+        (tmp_path / "flipped.tmbk").write_bytes(bytes(raw))
+        assert "backup" in refused(tmp_path / "flipped.tmbk", data_dir)
     lines = gzip.decompress(backup.read_bytes()).splitlines(keepends=True)
     (tmp_path / "truncated.tmbk").write_bytes(gzip.compress(b"".join(lines[:-1])))
     assert "truncated" in refused(tmp_path / "truncated.tmbk", data_dir)

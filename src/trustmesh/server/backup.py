@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import time
+import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,7 +261,7 @@ def _lines(path: Path) -> Iterator[bytes]:
             yield from handle
     except FileNotFoundError:
         raise BackupError(f"no backup at {path}") from None
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:  # zlib.error: a damaged deflate stream
         raise BackupError(f"{path} is not a readable backup (gzip: {exc})") from None
 
 
