@@ -139,6 +139,14 @@ def _v9_keys_cluster_keys(conn: Connection) -> None:
     schema.cluster_keys.create(conn, checkfirst=True)
 
 
+def _v10_people(conn: Connection) -> None:
+    _add_missing_columns(conn, schema.credentials)
+    indexes = {i["name"] for i in inspect(conn).get_indexes("credentials")}
+    for index in schema.credentials.indexes:
+        if index.name not in indexes:
+            index.create(conn)
+
+
 MIGRATIONS: list[Migration] = [
     (1, "initial schema: meta, signing keys, registry, credentials", _v1_initial),
     (2, "policy versions and agent status", _v2_policy),
@@ -154,6 +162,7 @@ MIGRATIONS: list[Migration] = [
     (7, "X.509 CA roots and the roots each agent and sidecar holds", _v7_x509_ca),
     (8, "the SPIFFE bundles of federated trust domains", _v8_federation),
     (9, "keys: the last good key set of each cluster", _v9_keys_cluster_keys),
+    (10, "people: named credentials with a role", _v10_people),
 ]
 
 LATEST = MIGRATIONS[-1][0]
