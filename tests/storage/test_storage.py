@@ -98,8 +98,21 @@ def _undo_migration_8(conn: Connection) -> None:
     conn.execute(delete(schema_migrations).where(schema_migrations.c.version == 8))
 
 
+def _undo_migration_10(conn: Connection) -> None:
+    """The database as version 9 left it: credentials without a person or a role."""
+    inspector = inspect(conn)
+    if inspector.has_table("credentials") and "person" in {
+        c["name"] for c in inspector.get_columns("credentials")
+    }:
+        conn.execute(text("DROP INDEX uq_credentials_person"))
+        conn.execute(text("ALTER TABLE credentials DROP COLUMN person"))
+        conn.execute(text("ALTER TABLE credentials DROP COLUMN role"))
+    conn.execute(delete(schema_migrations).where(schema_migrations.c.version == 10))
+
+
 def _undo_migration_9(conn: Connection) -> None:
     """The database as version 8 left it: no stored cluster key sets."""
+    _undo_migration_10(conn)
     conn.execute(text("DROP TABLE cluster_keys"))
     conn.execute(delete(schema_migrations).where(schema_migrations.c.version == 9))
 
@@ -157,6 +170,39 @@ def test_migration_8_adds_federated_bundles_to_a_version_7_database(
         taken = store.claim("partner.example", "https://p.example/b", 100.0, 30.0)
         assert taken is not None and taken.bundle is None and taken.next_refresh_at == 130.0
         assert store.claim("partner.example", "https://p.example/b", 101.0, 30.0) is None
+    finally:
+        db.dispose()
+
+
+def test_migration_10_adds_people_to_a_version_9_database(
+    db_url: str | None, tmp_path: Path
+) -> None:
+    """A version 9 database (credentials without person and role) is upgraded in place:
+    the bootstrap admin credential it holds keeps working, as ``user:bootstrap``, and a
+    person can be added, once per name."""
+    from trustmesh.common.errors import Conflict
+    from trustmesh.server.credentials import ADMIN, PERSON, CredentialStore
+
+    db = open_database(db_url, tmp_path)
+    try:
+        store = CredentialStore(db, lambda: 2.0)
+        _, bootstrap = store.create(ADMIN, created_by="first start")
+        with db.engine.begin() as conn:
+            _undo_migration_10(conn)
+        assert current_version(db.engine) == 9
+        assert migrate(db.engine) == LATEST
+        inspector = inspect(db.engine)
+        assert {"person", "role"} <= {c["name"] for c in inspector.get_columns("credentials")}
+        assert "uq_credentials_person" in {i["name"] for i in inspector.get_indexes("credentials")}
+        principal = store.authenticate(bootstrap)
+        assert principal is not None and principal.name == "user:bootstrap"
+        assert principal.role == "admin"
+        _, secret = store.create(PERSON, created_by="user:bootstrap", person="ann", role="auditor")
+        person = store.authenticate(secret)
+        assert person is not None and (person.name, person.role) == ("user:ann", "auditor")
+        with pytest.raises(Conflict, match="exists already"):
+            store.create(PERSON, created_by="user:bootstrap", person="ann", role="admin")
+        assert migrate(db.engine) == LATEST  # and again: nothing to do
     finally:
         db.dispose()
 
