@@ -175,6 +175,9 @@ def test_people_roles_bootstrap_and_credentials(db_url: str | None, tmp_path: Pa
         assert version["author"] == "user:bob" and version["claimedAuthor"] == "someone else"
         published = events(server, alice, "policy.published")
         assert published[-1]["actor"] == "user:bob"
+        by_bob = run(server, alice, "audit", "query", "--identity", "user:bob", "-o", "json")
+        assert by_bob.returncode == 0, by_bob.stderr
+        assert "policy.published" in by_bob.stdout and "user:bootstrap" not in by_bob.stdout
         added = {e["detail"]["person"]: e for e in events(server, bob, "admin.user_added")}
         assert added["bob"]["actor"] == "user:bootstrap" and added["bob"]["detail"]["role"]
         assert alice not in json.dumps(added)  # only a hash of the secret is recorded
