@@ -199,16 +199,16 @@ def test_people_roles_bootstrap_and_credentials(db_url: str | None, tmp_path: Pa
         assert rotated.returncode == 0, rotated.stderr
         new_alice = rotated.stdout.strip()
         assert new_alice.startswith(f"tmu_{alice_id}_")
-        refused(run(server, alice, "get", "clusters"), "not valid")
+        refused(run(server, alice, "get", "clusters"), "replaced by a rotation")
         assert run(server, new_alice, "get", "clusters").returncode == 0
 
         carol_id = by_owner[("person", "carol")]["id"]
         revoked = run(server, bob, "credentials", "revoke", carol_id, "--reason", "left")
         assert revoked.returncode == 0 and "user:carol, approver" in revoked.stdout
-        refused(run(server, carol, "get", "clusters"), "not valid")
+        refused(run(server, carol, "get", "clusters"), "(user:carol) was revoked")
 
         time.sleep(2.2)  # dora's credential expires
-        refused(run(server, dora, "get", "clusters"), "not valid")
+        refused(run(server, dora, "get", "clusters"), "(user:dora) expired at")
         people = json.loads(run(server, new_alice, "user", "list", "-o", "json").stdout)
         states = {p["person"]: (p["role"], p["state"]) for p in people}
         assert states == {
@@ -221,7 +221,7 @@ def test_people_roles_bootstrap_and_credentials(db_url: str | None, tmp_path: Pa
         erin = add(server, bob, "erin", "admin")
         removed = run(server, erin, "user", "remove", "bob", "--reason", "moved on")
         assert removed.returncode == 0 and "user:bob" in removed.stdout
-        refused(run(server, bob, "get", "clusters"), "not valid")
+        refused(run(server, bob, "get", "clusters"), "(user:bob) was revoked")
         assert events(server, erin, "admin.user_removed")[-1]["actor"] == "user:erin"
         boot_id = by_owner[("admin", None)]["id"]
         gone = run(server, erin, "credentials", "revoke", boot_id, "--reason", "bootstrapped")
@@ -230,10 +230,11 @@ def test_people_roles_bootstrap_and_credentials(db_url: str | None, tmp_path: Pa
         refused(run(server, erin, "user", "remove", "nobody"), "no person")
         # an admin whose credential expires is the only one left: then none is live
         fay_until = time.monotonic() + 10
-        add(server, erin, "fay", "admin", "--expires", "10s")
+        fay = add(server, erin, "fay", "admin", "--expires", "10s")
         assert run(server, erin, "user", "remove", "erin").returncode == 0
-        refused(run(server, erin, "get", "clusters"), "not valid")
+        refused(run(server, erin, "get", "clusters"), "(user:erin) was revoked")
         time.sleep(max(0.0, fay_until - time.monotonic()) + 0.5)
+        refused(run(server, fay, "get", "clusters"), "(user:fay) expired at")
     finally:
         assert server.stop() == 0, server.process.stderr()
 
@@ -242,6 +243,6 @@ def test_people_roles_bootstrap_and_credentials(db_url: str | None, tmp_path: Pa
     try:
         assert restarted.admin_token != boot
         assert run(restarted, restarted.admin_token, "user", "list").returncode == 0
-        refused(run(restarted, boot, "get", "clusters"), "not valid")
+        refused(run(restarted, boot, "get", "clusters"), "(user:bootstrap) was revoked")
     finally:
         assert restarted.stop() == 0, restarted.process.stderr()

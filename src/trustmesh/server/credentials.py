@@ -186,6 +186,12 @@ def _record(row: Any) -> CredentialRecord:
     )
 
 
+def _owner(kind: str, person: str | None, cluster: str | None, agent: str | None) -> str:
+    if kind == CLUSTER:
+        return f"agent {agent} of cluster {cluster}"
+    return f"user:{person if kind == PERSON else BOOTSTRAP}"
+
+
 def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
@@ -353,8 +359,10 @@ class CredentialStore:
 
     def authenticate(self, secret: str) -> Principal | None:
         """The principal of a live secret: the credential's current secret, or the
-        replaced one within its overlap; None otherwise. The bootstrap credential is
-        refused (Unauthenticated, saying why) while a live admin person exists."""
+        replaced one within its overlap; None for an unknown secret. A revoked or
+        expired credential, a replaced secret past its overlap, and the bootstrap
+        credential while a live admin person exists are refused with Unauthenticated
+        saying which."""
         if len(secret) > MAX_SECRET:
             return None
         digest = _hash(secret)
@@ -376,14 +384,27 @@ class CredentialStore:
                 )
             ).first()
         now = self.clock()
-        if row is None or row.revoked_at is not None:
+        if row is None:
             return None
+        # The caller holds this secret: telling them why it stopped is no disclosure.
+        owner = _owner(row.kind, row.person, row.cluster, row.agent)
+        if row.revoked_at is not None:
+            raise Unauthenticated(
+                f"credential {row.id} ({owner}) was revoked at {ev.now_time(row.revoked_at)}; "
+                "ask an admin for a new one"
+            )
         if row.expires_at is not None and row.expires_at <= now:
-            return None
+            raise Unauthenticated(
+                f"credential {row.id} ({owner}) expired at {ev.now_time(row.expires_at)}; "
+                "ask an admin for a new one"
+            )
         if row.secret_hash != digest and not (
             row.previous_until is not None and now < row.previous_until
         ):
-            return None
+            raise Unauthenticated(
+                f"this secret of credential {row.id} ({owner}) was replaced by a rotation and "
+                "its overlap has ended; use the new secret"
+            )
         if row.kind == ADMIN:
             admin = self.live_admin_person(now)
             if admin is not None:
