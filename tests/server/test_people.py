@@ -243,6 +243,10 @@ def test_people_roles_bootstrap_and_credentials(db_url: str | None, tmp_path: Pa
     try:
         assert restarted.admin_token != boot
         assert run(restarted, restarted.admin_token, "user", "list").returncode == 0
+        # an expired person is removed like any other, and the name is free again
+        again = run(restarted, restarted.admin_token, "user", "remove", "fay")
+        assert again.returncode == 0, again.stderr
+        add(restarted, restarted.admin_token, "fay", "auditor")
         refused(run(restarted, boot, "get", "clusters"), "(user:bootstrap) was revoked")
     finally:
         assert restarted.stop() == 0, restarted.process.stderr()

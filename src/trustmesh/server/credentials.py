@@ -538,6 +538,8 @@ class CredentialStore:
         bootstrap's or an admin person's)."""
         if not (current.kind == ADMIN or (current.kind == PERSON and current.role == ADMIN)):
             return
+        if current.state(now) != ACTIVE:  # an expired one leaves nobody without access
+            return
         others = conn.execute(
             select(credentials.c.id).where(
                 _admin_capable(), credentials.c.id != current.id, _live(now)
