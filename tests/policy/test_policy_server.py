@@ -99,7 +99,7 @@ def test_versions_gate_and_rollback(shared_server: Server, sim_cluster: Simulate
     assert first["tests"] == {"passed": 2, "total": 2}
     rev1 = first["policyRevision"]
     version = shared_server.admin.get(f"/v1/policy/versions/{rev1}").json()
-    assert version["author"] == "admin" and version["claimedAuthor"] == "alice"
+    assert version["author"] == "user:bootstrap" and version["claimedAuthor"] == "alice"
     assert version["message"] == "orders read access"
     assert {(c["kind"], c["name"], c["action"]) for c in version["changes"]} >= {
         ("GlobalRole", policy.role, "created"),

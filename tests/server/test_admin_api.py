@@ -345,19 +345,19 @@ spec:
     assert applied.status_code == 200, applied.text
     revision = applied.json()["policyRevision"]
     version = server.admin.get(f"/v1/policy/versions/{revision}").json()
-    assert version["author"] == "admin" and version["claimedAuthor"] == "alice@corp"
+    assert version["author"] == "user:bootstrap" and version["claimedAuthor"] == "alice@corp"
     entries = server.admin.get(
         "/v1/audit/query", params={"type": "policy.published", "limit": "1000"}
     ).json()["entries"]
     published = [e["event"] for e in entries if e["event"]["detail"]["policy_revision"] == revision]
-    assert published[0]["actor"] == "admin"
+    assert published[0]["actor"] == "user:bootstrap"
     assert published[0]["detail"]["claimed_author"] == "alice@corp"
     rolled = server.admin.post(
         "/v1/policy/rollback", json={"revision": revision - 1, "author": "bob"}
     )
     assert rolled.status_code == 200, rolled.text
     back = server.admin.get(f"/v1/policy/versions/{rolled.json()['policyRevision']}").json()
-    assert back["author"] == "admin" and back["claimedAuthor"] == "bob"
+    assert back["author"] == "user:bootstrap" and back["claimedAuthor"] == "bob"
     for author in ("x" * 201, "a\nb", 7):
         bad = server.admin.post(
             "/v1/apply",

@@ -94,7 +94,7 @@ def test_one_credential_per_agent_with_expiry_last_use_and_audit(
         e for e in events_of(server, "admin.credential_issued", cluster)
         if e["detail"]["credential_id"] == first["id"]
     ]  # fmt: skip
-    assert len(issued) == 1 and issued[0]["actor"] == "admin"
+    assert len(issued) == 1 and issued[0]["actor"] == "user:bootstrap"
     assert issued[0]["detail"]["agent"] == "agent-a"
     assert issued[0]["detail"]["credential_sha256"] == ev.token_sha256(first["token"])
 
@@ -158,7 +158,7 @@ def test_revocation_stops_a_credential_everywhere_but_revoke_cluster_does_not(
     ingest = httpx.post(server.url + "/v1/audit/events", json=event, headers=bearer(secret))
     assert ingest.status_code == 401
     state = listed(server, cluster)[issued["id"]]
-    assert state["state"] == "revoked" and state["revoked_by"] == "admin"
+    assert state["state"] == "revoked" and state["revoked_by"] == "user:bootstrap"
     assert state["revoke_reason"] == "agent host retired"
     repeat = server.admin.post(f"/v1/credentials/{issued['id']}/revoke")
     assert repeat.status_code == 200 and repeat.json()["revoked"] is False

@@ -107,9 +107,22 @@ def _undo_migration_8(conn: Connection) -> None:
 
 def _undo_migration_11(conn: Connection) -> None:
     """The database as version 10 left it: no pending service accounts, no last use."""
+    _undo_migration_12(conn)
     conn.execute(text("DROP TABLE pending_accounts"))
     conn.execute(text("DROP TABLE identity_usage"))
     conn.execute(delete(schema_migrations).where(schema_migrations.c.version == 11))
+
+
+def _undo_migration_12(conn: Connection) -> None:
+    """The database as version 11 left it: credentials without a person or a role."""
+    inspector = inspect(conn)
+    if inspector.has_table("credentials") and "person" in {
+        c["name"] for c in inspector.get_columns("credentials")
+    }:
+        conn.execute(text("DROP INDEX uq_credentials_person"))
+        conn.execute(text("ALTER TABLE credentials DROP COLUMN person"))
+        conn.execute(text("ALTER TABLE credentials DROP COLUMN role"))
+    conn.execute(delete(schema_migrations).where(schema_migrations.c.version == 12))
 
 
 def _undo_migration_9(conn: Connection) -> None:
@@ -188,7 +201,7 @@ def test_migration_10_adds_template_identities_to_a_version_9_database(
         with db.engine.begin() as conn:
             _undo_migration_10(conn)
         assert current_version(db.engine) == 9
-        assert migrate(db.engine) == LATEST == 11
+        assert migrate(db.engine) == LATEST == 12
         store = TemplateObservations(db)
         store.record("teams", "east", "team-a", "api", "spiffe://corp.example/x", 10.0)
         # another replica (a fresh store) records the same identity: one row, the first
@@ -197,6 +210,39 @@ def test_migration_10_adds_template_identities_to_a_version_9_database(
         )
         (seen,) = store.list()
         assert (seen.template, seen.namespace, seen.first_issued_at) == ("teams", "team-a", 10.0)
+    finally:
+        db.dispose()
+
+
+def test_migration_12_adds_people_to_a_version_11_database(
+    db_url: str | None, tmp_path: Path
+) -> None:
+    """A version 11 database (credentials without person and role) is upgraded in place:
+    the bootstrap admin credential it holds keeps working, as ``user:bootstrap``, and a
+    person can be added, once per name."""
+    from trustmesh.common.errors import Conflict
+    from trustmesh.server.credentials import ADMIN, PERSON, CredentialStore
+
+    db = open_database(db_url, tmp_path)
+    try:
+        store = CredentialStore(db, lambda: 2.0)
+        _, bootstrap = store.create(ADMIN, created_by="first start")
+        with db.engine.begin() as conn:
+            _undo_migration_12(conn)
+        assert current_version(db.engine) == 11
+        assert migrate(db.engine) == LATEST
+        inspector = inspect(db.engine)
+        assert {"person", "role"} <= {c["name"] for c in inspector.get_columns("credentials")}
+        assert "uq_credentials_person" in {i["name"] for i in inspector.get_indexes("credentials")}
+        principal = store.authenticate(bootstrap)
+        assert principal is not None and principal.name == "user:bootstrap"
+        assert principal.role == "admin"
+        _, secret = store.create(PERSON, created_by="user:bootstrap", person="ann", role="auditor")
+        person = store.authenticate(secret)
+        assert person is not None and (person.name, person.role) == ("user:ann", "auditor")
+        with pytest.raises(Conflict, match="exists already"):
+            store.create(PERSON, created_by="user:bootstrap", person="ann", role="admin")
+        assert migrate(db.engine) == LATEST  # and again: nothing to do
     finally:
         db.dispose()
 
@@ -314,7 +360,7 @@ def test_migration_11_adds_pending_accounts_and_identity_usage_to_a_version_10_d
         with db.engine.begin() as conn:
             _undo_migration_11(conn)
         assert current_version(db.engine) == 10
-        assert migrate(db.engine) == LATEST == 11
+        assert migrate(db.engine) == LATEST == 12
         tables = set(inspect(db.engine).get_table_names())
         assert {"pending_accounts", "identity_usage"} <= tables
         empty = build_registry("corp.example", 0, [])

@@ -18,7 +18,8 @@ not apply (never ``null``):
                collide with, another agent's source
 ``cluster``    the cluster where it happened (the agent's; the token's origin cluster
                for exchanges)
-``actor``      who acted: a SPIFFE ID, ``admin:NAME``, ``cluster:NAME`` or ``system``
+``actor``      who acted: a SPIFFE ID, ``user:NAME`` (a person), ``cluster:NAME``,
+               ``admin:NAME`` (the server's own operations) or ``system``
 ``identity``   provenance of the credential: ``spiffe_id``, ``workload``,
                ``origin_cluster``, ``sa_issuer``, ``sa_subject``, ``jti``, ``kid``,
                ``token_sha256`` (SHA-256 hex of the presented token: never the token),

@@ -214,7 +214,7 @@ ServerOption = typer.Option(
     None, "--server", help="Control-plane URL (or TRUSTMESH_SERVER, or the config file)."
 )
 TokenFileOption = typer.Option(
-    None, "--token-file", help="File holding the admin credential (or TRUSTMESH_TOKEN)."
+    None, "--token-file", help="File holding your credential (or TRUSTMESH_TOKEN)."
 )
 OutputOption = typer.Option(
     Output.table, "--output", "-o", help="table for people, json for scripts."

@@ -1,6 +1,7 @@
-"""``trustmesh cluster credential`` and ``trustmesh credentials list|rotate|revoke``
-(DESIGN §7): a credential for one agent instance of one cluster, and the life cycle of
-every credential. Secrets go to stdout alone (so ``> file`` captures exactly the
+"""``trustmesh cluster credential``, ``trustmesh user add|list|remove`` and ``trustmesh
+credentials list|rotate|revoke`` (DESIGN §7, §11): a credential for one agent instance
+of one cluster, named people with a role, and the life cycle of every credential
+(people's and clusters' alike). Secrets go to stdout alone (so ``> file`` captures exactly the
 secret); what people need to know about them goes to stderr."""
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ from trustmesh.cli._common import (
 cluster_app = typer.Typer(help="Cluster operations.", no_args_is_help=True)
 credentials_app = typer.Typer(
     help="Every credential of the control plane: list (with last use), rotate, revoke.",
+    no_args_is_help=True,
+)
+
+user_app = typer.Typer(
+    help="Named people with a role (admin, approver, auditor) and their credentials.",
     no_args_is_help=True,
 )
 
@@ -88,6 +94,77 @@ def cluster_credential(
     _note(f"credential {result['id']} for agent {result['agent']} of cluster {name}{until}")
 
 
+@user_app.command("add")
+def user_add(
+    name: str = typer.Argument(..., help="The person's name: lowercase letters, digits, . _ -"),
+    role: str = typer.Option(..., "--role", help="admin, approver or auditor."),
+    expires: str | None = typer.Option(
+        None, "--expires", help="Valid for this long (90s, 30m, 12h, 30d, 2w); default: no expiry."
+    ),
+    server: str | None = ServerOption,
+    token_file: Path | None = TokenFileOption,
+    output: Output = OutputOption,
+) -> None:
+    """Add person NAME with a role and print their personal credential (shown once)."""
+    body: dict[str, Any] = {"name": name, "role": role}
+    if expires is not None:
+        body["expires_in"] = parse_duration(expires, "--expires")
+    result = _client(server, token_file).request("POST", "/v1/people", json=body)
+    if output is Output.json:
+        print_json(result)
+        return
+    print_line(result["token"])
+    until = f", expires {_when(result['expires_at'])}" if result.get("expires_at") else ""
+    _note(
+        f"user:{result['person']} ({result['role']}), credential {result['id']}{until}: "
+        "give them this secret; it is not shown again"
+    )
+
+
+@user_app.command("list")
+def user_list(
+    server: str | None = ServerOption,
+    token_file: Path | None = TokenFileOption,
+    output: Output = OutputOption,
+) -> None:
+    """Every person: role, credential, state, expiry and last use."""
+    items: list[dict[str, Any]] = _client(server, token_file).request("GET", "/v1/people")["people"]
+    if output is Output.json:
+        print_json(items)
+        return
+    print_table(
+        ["NAME", "ROLE", "CREDENTIAL", "STATE", "CREATED", "CREATED BY", "EXPIRES", "LAST USED"],
+        [[p["person"], p["role"], p["id"], p["state"], _when(p["created_at"]), p["created_by"],
+          _when(p["expires_at"]), _when(p["last_used_at"])] for p in items],
+    )  # fmt: skip
+
+
+@user_app.command("remove")
+def user_remove(
+    name: str = typer.Argument(..., help="The person's name (user list)."),
+    reason: str = typer.Option("", "--reason", help="Why (recorded in the audit log)."),
+    server: str | None = ServerOption,
+    token_file: Path | None = TokenFileOption,
+    output: Output = OutputOption,
+) -> None:
+    """Remove person NAME: their credential stops now (not the last admin)."""
+    result = _client(server, token_file).request(
+        "POST", f"/v1/people/{name}/remove", json={"reason": reason}
+    )
+    if output is Output.json:
+        print_json(result)
+        return
+    print_line(f"removed: user:{name} (credential {result['credential']['id']} revoked)")
+
+
+def _owner(credential: dict[str, Any]) -> str:
+    if credential["kind"] == "cluster":
+        return f"agent {credential['agent']} of cluster {credential['cluster']}"
+    if credential["kind"] == "person":
+        return f"user:{credential['person']}, {credential['role']}"
+    return "user:bootstrap, the admin.token"
+
+
 @credentials_app.command("list")
 def credentials_list(
     cluster: str | None = typer.Option(None, "--cluster", help="Only this cluster's agents."),
@@ -95,7 +172,8 @@ def credentials_list(
     token_file: Path | None = TokenFileOption,
     output: Output = OutputOption,
 ) -> None:
-    """Every credential: its agent, state, expiry, last use, rotation and revocation."""
+    """Every credential, people's and clusters': owner, state, expiry, last use, rotation
+    and revocation."""
     params = {"cluster": cluster} if cluster else None
     found = _client(server, token_file).request("GET", "/v1/credentials", params=params)
     items: list[dict[str, Any]] = found["credentials"]
@@ -103,9 +181,9 @@ def credentials_list(
         print_json(items)
         return
     print_table(
-        ["ID", "KIND", "CLUSTER", "AGENT", "STATE", "CREATED", "EXPIRES", "LAST USED",
+        ["ID", "KIND", "OWNER", "STATE", "CREATED", "EXPIRES", "LAST USED",
          "OLD SECRET UNTIL", "REVOKED"],
-        [[c["id"], c["kind"], c["cluster"], c["agent"], c["state"], _when(c["created_at"]),
+        [[c["id"], c["kind"], _owner(c), c["state"], _when(c["created_at"]),
           _when(c["expires_at"]), _when(c["last_used_at"]), _when(c["previous_valid_until"]),
           _when(c["revoked_at"])] for c in items],
     )  # fmt: skip
@@ -151,10 +229,6 @@ def credentials_revoke(
         print_json(result)
         return
     credential = result["credential"]
-    owner = (
-        f"agent {credential['agent']} of cluster {credential['cluster']}"
-        if credential["kind"] == "cluster"
-        else "admin"
-    )
+    owner = _owner(credential)
     verb = "revoked" if result["revoked"] else "already revoked"
     print_line(f"{verb}: credential {credential_id} ({owner})")

@@ -97,7 +97,12 @@ class Agents:
                 "name the cluster (?cluster=NAME) when calling with the admin credential"
             )
         if not principal.may_act_for(name):
-            raise Forbidden(f"this credential is for cluster {principal.cluster}, not {name}")
+            raise Forbidden(
+                f"this credential is for cluster {principal.cluster}, not {name}"
+                if principal.cluster is not None
+                else f"this endpoint needs the admin role; {principal.name} has the "
+                f"{principal.role} role"
+            )
         if name not in self.snapshots.registry.clusters:
             raise NotFound(f"cluster {name} is not registered")
         trust_domain = self.snapshots.trust_domain

@@ -364,10 +364,14 @@ def exchange_failed_event(
 
 
 def actor_name(actor: str) -> str:
-    """Actors in audit events: the authenticated principal — ``admin`` for the admin
-    credential (``admin:NAME`` for named people; a claimed ``--author`` is never the
-    actor), ``cluster:NAME`` for agents, ``system`` for the server itself."""
-    if actor.startswith(("admin:", "cluster:", "spiffe://")) or actor in ("system", "admin"):
+    """Actors in audit events: the authenticated principal — ``user:NAME`` for a person
+    (``user:bootstrap`` for the bootstrap admin.token; a claimed ``--author`` is never
+    the actor), ``cluster:NAME`` for agents, ``system`` for the server itself
+    (``admin:NAME`` for its own operations, e.g. ``admin:restore``)."""
+    if actor.startswith(("user:", "admin:", "cluster:", "spiffe://")) or actor in (
+        "system",
+        "admin",
+    ):
         return actor[:200]
     return f"admin:{actor}"[:200]
 

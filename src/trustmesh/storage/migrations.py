@@ -148,6 +148,14 @@ def _v11_onboarding_and_usage(conn: Connection) -> None:
     schema.identity_usage.create(conn, checkfirst=True)
 
 
+def _v12_people(conn: Connection) -> None:
+    _add_missing_columns(conn, schema.credentials)
+    indexes = {i["name"] for i in inspect(conn).get_indexes("credentials")}
+    for index in schema.credentials.indexes:
+        if index.name not in indexes:
+            index.create(conn)
+
+
 MIGRATIONS: list[Migration] = [
     (1, "initial schema: meta, signing keys, registry, credentials", _v1_initial),
     (2, "policy versions and agent status", _v2_policy),
@@ -169,6 +177,7 @@ MIGRATIONS: list[Migration] = [
         "life cycle: service accounts refused for want of a Workload, identities' last use",
         _v11_onboarding_and_usage,
     ),
+    (12, "people: named credentials with a role", _v12_people),
 ]
 
 LATEST = MIGRATIONS[-1][0]

@@ -17,6 +17,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 
 metadata = MetaData()
@@ -164,7 +165,7 @@ credentials = Table(
     "credentials",
     metadata,
     Column("id", String(32), primary_key=True),
-    Column("kind", String(16), nullable=False),  # "admin" | "cluster"
+    Column("kind", String(16), nullable=False),  # "admin" (bootstrap) | "cluster" | "person"
     Column("cluster", String(253)),
     Column("secret_hash", String(64), nullable=False),
     Column("created_at", Float, nullable=False),
@@ -178,8 +179,18 @@ credentials = Table(
     Column("previous_until", Float),
     Column("revoked_by", String(200)),
     Column("revoke_reason", Text),
+    Column("person", String(64)),  # a person's credential: the person's name
+    Column("role", String(16)),  # and role: "admin" | "approver" | "auditor"
     UniqueConstraint("secret_hash", name="uq_credentials_secret_hash"),
     Index("ix_credentials_previous_hash", "previous_hash"),
+    # one unrevoked credential per person name (two concurrent `user add` cannot both win)
+    Index(
+        "uq_credentials_person",
+        "person",
+        unique=True,
+        sqlite_where=text("revoked_at IS NULL"),
+        postgresql_where=text("revoked_at IS NULL"),
+    ),
 )
 
 # Suspensions (DESIGN §5): while a row exists, no credential of any kind is issued for

@@ -1,5 +1,6 @@
 """The admin API (DESIGN §3, §7): apply, policy versions and rollback, the registry's
-objects, signing keys. Every route needs the admin credential. The actor of a change is
+objects, signing keys. Reading needs a person of any role (auditors and approvers
+included); every change needs the admin role. The actor of a change is
 always the authenticated principal; an ``author`` in the body is kept beside it as the
 claimed author (the policy version's ``claimedAuthor``, the audit event's
 ``detail.claimed_author``), never in its place. Credentials are in ``credentials.py``,
@@ -88,12 +89,12 @@ def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
         return JSONResponse(result.to_json())
 
     async def policy_versions(request: Request) -> Response:
-        await callers.admin(request)
+        await callers.read(request)
         versions = await run_in_threadpool(plane.catalog.history)
         return JSONResponse({"versions": [v.summary() for v in versions]})
 
     async def policy_version(request: Request) -> Response:
-        await callers.admin(request)
+        await callers.read(request)
         wanted = request.path_params["revision"]
         if wanted == "current":
             version = await run_in_threadpool(plane.catalog.current)
@@ -124,7 +125,7 @@ def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
 
     def lister(kind: str) -> Callable[[Request], Awaitable[Response]]:
         async def handler(request: Request) -> Response:
-            await callers.admin(request)
+            await callers.read(request)
             items = await run_in_threadpool(plane.inventory.list, kind)
             return JSONResponse({"kind": f"{kind}List", "items": items})
 
@@ -154,7 +155,7 @@ def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
         return JSONResponse({"kind": "StaleIdentityReport", "days": days, "items": items})
 
     async def list_keys(request: Request) -> Response:
-        await callers.admin(request)
+        await callers.read(request)
         records = await run_in_threadpool(plane.keys.list_keys)
         return JSONResponse({"keys": [key_json(r) for r in records]})
 

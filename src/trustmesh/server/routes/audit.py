@@ -18,7 +18,8 @@ from trustmesh.audit.log import MAX_PAGE, AuditLog, agent_records
 from trustmesh.common.errors import CanonicalError, InvalidRequest, Unavailable
 from trustmesh.common.http import NO_STORE, read_body, require_content_type
 from trustmesh.common.numbers import require_decimal
-from trustmesh.server.routes._auth import Callers
+from trustmesh.server.credentials import ADMIN
+from trustmesh.server.routes._auth import Callers, allowed
 
 MAX_INGEST_BODY = 8 * 1024 * 1024
 
@@ -60,6 +61,8 @@ def routes(
         """An agent's batch of spooled events (its cluster credential; the admin's for
         any cluster)."""
         principal = await callers.principal(request)
+        if principal.cluster is None:  # a person: only an admin writes for any cluster
+            allowed(principal, {ADMIN})
         require_content_type(request, "application/json")
         if stopping():
             raise Unavailable("the control plane is shutting down; retry", error="stopping")
@@ -80,16 +83,16 @@ def routes(
         )
 
     async def checkpoint(request: Request) -> Response:
-        await callers.admin(request)
+        await callers.read(request)
         note = await run_in_threadpool(audit.latest_checkpoint)
         return PlainTextResponse(note, headers=NO_STORE)
 
     async def key(request: Request) -> Response:
-        await callers.admin(request)
+        await callers.read(request)
         return PlainTextResponse(audit.verifier_key + "\n")
 
     async def checkpoints(request: Request) -> Response:
-        await callers.admin(request)
+        await callers.read(request)
         after = request.query_params.get("after", "")
         found = await run_in_threadpool(
             audit.checkpoints, -1 if after == "" else _int(request, "after")
@@ -97,26 +100,26 @@ def routes(
         return JSONResponse({"checkpoints": found}, headers=NO_STORE)
 
     async def inclusion(request: Request) -> Response:
-        await callers.admin(request)
+        await callers.read(request)
         index, size = _int(request, "index"), _int(request, "size")
         hashes = await run_in_threadpool(audit.inclusion, index, size)
         return JSONResponse({"leaf_index": index, "tree_size": size, "hashes": _b64(hashes)})
 
     async def consistency(request: Request) -> Response:
-        await callers.admin(request)
+        await callers.read(request)
         first, second = _int(request, "first"), _int(request, "second")
         hashes = await run_in_threadpool(audit.consistency, first, second)
         return JSONResponse({"first": first, "second": second, "hashes": _b64(hashes)})
 
     async def entries(request: Request) -> Response:
-        await callers.admin(request)
+        await callers.read(request)
         start = _int(request, "start")
         end = _int(request, "end", start + MAX_PAGE)
         found = await run_in_threadpool(audit.entries, start, end)
         return JSONResponse({"entries": found}, headers=NO_STORE)
 
     async def query(request: Request) -> Response:
-        await callers.admin(request)
+        await callers.read(request)
         params = request.query_params
         filters: dict[str, str] = {}
         for name, column in QUERY_FILTERS.items():
@@ -146,7 +149,7 @@ def routes(
         return JSONResponse({"entries": found, "next": cursor}, headers=NO_STORE)
 
     async def sources(request: Request) -> Response:
-        await callers.admin(request)
+        await callers.read(request)
         found: list[dict[str, Any]] = await run_in_threadpool(audit.sources)
         return JSONResponse({"sources": found}, headers=NO_STORE)
 

@@ -1,6 +1,7 @@
 """Credentials of the control plane's APIs (DESIGN §7): a new credential for one agent
-instance of a cluster, and listing, rotating and revoking any credential. Every route
-needs the admin credential; every change is an audit event (``admin.credential_*``)
+instance of a cluster, people (``trustmesh user add|list|remove``), and listing,
+rotating and revoking any credential. Listing needs a person of any role; every change
+the admin role; every change is an audit event (``admin.credential_*``)
 committed with it (``server/credentials.py``). Secrets appear once, in the answer that
 creates them, never cached."""
 
@@ -21,6 +22,8 @@ from trustmesh.server.credentials import (
     MAX_LIFETIME,
     MAX_OVERLAP,
     check_agent_id,
+    check_person,
+    check_role,
     check_seconds,
 )
 from trustmesh.server.routes._auth import Callers
@@ -71,7 +74,7 @@ def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
         )
 
     async def listing(request: Request) -> Response:
-        await callers.admin(request)
+        await callers.read(request)
         cluster = request.query_params.get("cluster") or None
         unknown = sorted(set(request.query_params) - {"cluster"})
         if unknown:
@@ -108,7 +111,53 @@ def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
             {"revoked": revoked, "credential": record.to_json(plane.clock())}, headers=NO_STORE
         )
 
+    async def add_person(request: Request) -> Response:
+        """``{"name", "role", "expires_in"?}`` -> the person's credential, once."""
+        principal = await callers.admin(request)
+        document = await optional_json(request, {"name", "role", "expires_in"})
+        name = check_person(document.get("name"))
+        role = check_role(document.get("role"))
+        expires_in = document.get("expires_in")
+        if expires_in is not None:
+            expires_in = check_seconds(expires_in, "expires_in", 1, MAX_LIFETIME)
+        record, secret = await run_in_threadpool(
+            plane.credential_admin.add_person, name, role, principal.name, expires_in
+        )
+        return JSONResponse(
+            {
+                "person": name,
+                "role": role,
+                "id": record.id,
+                "expires_at": record.expires_at,
+                "token": secret,
+            },
+            headers=NO_STORE,
+        )
+
+    async def people(request: Request) -> Response:
+        await callers.read(request)
+        found = await run_in_threadpool(plane.credential_admin.people)
+        return JSONResponse({"people": found}, headers=NO_STORE)
+
+    async def remove_person(request: Request) -> Response:
+        """``{"reason"?}``: the person's credential is revoked now."""
+        principal = await callers.admin(request)
+        document = await optional_json(request, {"reason"})
+        reason = document.get("reason", "")
+        if not isinstance(reason, str):
+            raise InvalidRequest("reason must be a string")
+        record = await run_in_threadpool(
+            plane.credential_admin.remove_person,
+            request.path_params["name"],
+            principal.name,
+            reason,
+        )
+        return JSONResponse({"credential": record.to_json(plane.clock())}, headers=NO_STORE)
+
     return [
+        Route("/v1/people", add_person, methods=["POST"]),
+        Route("/v1/people", people, methods=["GET"]),
+        Route("/v1/people/{name}/remove", remove_person, methods=["POST"]),
         Route("/v1/clusters/{name}/credentials", issue, methods=["POST"]),
         Route("/v1/credentials", listing, methods=["GET"]),
         Route("/v1/credentials/{id}/rotate", rotate, methods=["POST"]),

@@ -22,7 +22,7 @@ def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
         return JSONResponse(plane.federation.published(plane.clock()), headers=PUBLIC_CACHE)
 
     async def trust_domains(request: Request) -> Response:
-        await callers.admin(request)
+        await callers.read(request)
         items = await run_in_threadpool(plane.federation.status)
         return JSONResponse({"kind": "FederatedTrustDomainList", "items": items})
 

@@ -44,7 +44,7 @@ def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
             raise InvalidRequest(str(exc)) from None
         detail = bearer_token(request) is not None
         if detail:
-            await callers.admin(request)
+            await callers.read(request)
         ready, body = plane.ready(detail, check)
         return JSONResponse(body, 200 if ready else 503)
 

@@ -169,7 +169,7 @@ def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
         return JSONResponse(result)
 
     async def suspensions(request: Request) -> Response:
-        await callers.admin(request)
+        await callers.read(request)
         return JSONResponse({"suspensions": plane.suspender.listing()}, headers=NO_STORE)
 
     return [

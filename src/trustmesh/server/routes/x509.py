@@ -47,7 +47,7 @@ def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
         )
 
     async def ca_status(request: Request) -> Response:
-        await callers.admin(request)
+        await callers.read(request)
         return JSONResponse(await run_in_threadpool(plane.ca_rotation.status))
 
     async def ca_rotate(request: Request) -> Response:
