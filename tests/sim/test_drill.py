@@ -53,8 +53,13 @@ def test_the_drill_passes_and_says_what_it_proved(
     assert lost["by_type"]["admin.apply"] == 1
     assert sum(lost["by_type"].values()) == lost["entries"]
     assert lost["first_index"] == lost["backup_entries"]
-    assert lost["backup_entries"] == 1500 + 1  # the log filled, then the pre-drill token
-    assert report["restore"]["audit_size"] == 1500 + 1 + 1  # and the new origin's first entry
+    # The log filled, then the pre-drill token; the agent's decisions on that token (its
+    # check and the prober's) are shipped on the agent's own schedule, before the backup
+    # on a busy machine or after it: they are in the backup or counted as lost, never both.
+    assert lost["backup_entries"] >= 1500 + 1
+    assert set(lost["by_type"]) <= {"token.issued", "admin.apply", "authz.decision"}
+    backed_up = lost["backup_entries"]
+    assert report["restore"]["audit_size"] == backed_up + 1  # and the new origin's first entry
     assert lost["last_index"] == lost["backup_entries"] + lost["entries"] - 1
     assert lost["changes"]["registry_revision"] is not None
     assert lost["new_log_origin"] == report["restore"]["new_origin"] is not None
