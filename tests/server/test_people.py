@@ -38,6 +38,9 @@ MUTATIONS: list[tuple[str, str, dict[str, Any] | None]] = [
 READS = [
     "/v1/clusters",
     "/v1/workloads",
+    "/v1/workloadtemplates",
+    "/v1/pending",
+    "/v1/reports/stale?days=30",
     "/v1/keys",
     "/v1/policy/versions",
     "/v1/policy/versions/current",

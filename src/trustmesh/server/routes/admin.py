@@ -132,7 +132,7 @@ def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
         return handler
 
     async def pending(request: Request) -> Response:
-        await callers.admin(request)
+        await callers.read(request)
         accounts = await run_in_threadpool(plane.usage.pending)
         return JSONResponse(
             {
@@ -147,7 +147,7 @@ def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
         )
 
     async def stale(request: Request) -> Response:
-        await callers.admin(request)
+        await callers.read(request)
         days = parse_decimal(request.query_params.get("days", ""), 6)
         if days is None or not 0 <= days <= 36500:
             raise InvalidRequest("days must be a number of days from 0 to 36500")
