@@ -19,6 +19,7 @@ from ._schema import (
     Field,
     Rule,
     choice,
+    duration,
     exclusive,
     list_of,
     obj,
@@ -125,8 +126,6 @@ def timestamp(node: Node, path: str, sink: Sink) -> Any:
 
 def _access_duration(node: Node, path: str, sink: Sink) -> Any:
     """maxTokenTTL's duration syntax (``30m``, ``8h``, ``2d``), > 0 and at most 30 days."""
-    from ._kinds import duration  # _kinds imports this module once its helpers exist
-
     return duration(1, MAX_ACCESS_DURATION)(node, path, sink)
 
 
