@@ -142,7 +142,7 @@ def register(policy_app: typer.Typer) -> None:
             ["-", *grant, ""] for grant in result.disappeared
         ]
         print_table(
-            ["", "WORKLOAD", "CLUSTER", "NAMESPACE", "ACTION", "TARGET", "KIND", "FLAGS"],
+            ["", "SUBJECT", "CLUSTER", "NAMESPACE", "ACTION", "TARGET", "KIND", "EXPIRES", "FLAGS"],
             rows,
             title=f"policy revision {old_rev} -> {new_rev}: {len(result.appeared)} appeared, "
             f"{len(result.disappeared)} disappeared, {len(result.escalations)} flagged",
