@@ -226,3 +226,23 @@ def test_diff_shows_people_and_expiry() -> None:
     )
     grants = diff_policies(policy(READER), both, REGISTRY).appeared
     assert grants and all(g.expires == "" for g in grants)
+
+
+def test_rbac_export_names_people_and_warns_of_expiry() -> None:
+    from trustmesh.policy.rbac import export_rbac
+
+    exported = export_rbac(
+        policy(READER + binding("ann-reads", "reader", "[{user: ann}, {workload: payments}]", AT)),
+        REGISTRY,
+        "prod-eu",
+    )
+    (manifest,) = [m for m in exported if m["kind"] == "ClusterRoleBinding"]
+    assert manifest["subjects"] == [
+        {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "user:ann"},
+        {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "User",
+            "name": REGISTRY.spiffe_id_of("payments"),
+        },
+    ]
+    assert any("expires at 2026-12-01T03:00:00Z" in w for w in exported.warnings)
