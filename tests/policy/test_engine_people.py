@@ -44,7 +44,8 @@ def payments() -> tuple[str, dict[str, Any]]:
 
 def test_a_user_binding_allows_that_person_only() -> None:
     bundle = bundles(READER, binding("ann-reads", "reader", "[{user: ann}]"))["prod-eu"]
-    assert bundle["bindings"][0]["subjects"] == [{"user": "ann"}]
+    # spiffeId user:ann: an agent from before user subjects matches no workload with it
+    assert bundle["bindings"][0]["subjects"] == [{"user": "ann", "spiffeId": "user:ann"}]
     engine = Engine(bundle)
     decision = engine.decide_user("ann", GET_PODS)
     assert decision.allowed and decision.bindings == ("ann-reads",)
@@ -67,6 +68,15 @@ def test_a_deny_user_binding_denies_and_nothing_is_no_opinion() -> None:
     other = engine.decide_user("carol", GET_PODS)
     assert not other.allowed and not other.denied
     assert "no allow RoleBinding names this identity" in other.reason
+
+
+def test_an_engine_reading_the_subject_without_user_matches_no_workload() -> None:
+    """What an agent from before user subjects makes of one: a subject of SPIFFE ID
+    user:ann, which no workload has."""
+    bundle = bundles(READER, binding("ann-reads", "reader", "[{user: ann}]"))["prod-eu"]
+    for subject in bundle["bindings"][0]["subjects"]:
+        del subject["user"]
+    assert not Engine(bundle).decide(*payments(), GET_PODS).allowed
 
 
 def test_workload_subjects_never_match_a_person() -> None:

@@ -239,7 +239,10 @@ def claim_counts(identities: dict[str, dict[str, Any]]) -> dict[str, dict[str, i
 
 def _subject_body(subject: SubjectSpec, registry: Registry) -> dict[str, Any]:
     if subject.user:
-        return {"user": subject.user}  # a person: exclusive with the rest
+        # A person: the engine reads ``user`` alone. ``spiffeId: user:NAME`` (never a
+        # SPIFFE ID) is for agents from before people had subjects: they would read a
+        # subject without a condition they know as "any identity"; with it, none.
+        return {"user": subject.user, "spiffeId": f"user:{subject.user}"}
     body: dict[str, Any] = {}
     if subject.workload:
         named = registry.identity_named(subject.workload)
