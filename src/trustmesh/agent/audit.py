@@ -61,6 +61,7 @@ from trustmesh.common.errors import (
     Unreachable,
 )
 from trustmesh.common.tracing import Span
+from trustmesh.identity.login import is_person
 from trustmesh.identity.svid import VerifiedIdentity
 from trustmesh.identity.x509validate import VerifiedSvid
 from trustmesh.policy.engine import Decision, Engine
@@ -83,6 +84,12 @@ def identity_provenance(
     from a verified client certificate: the credential kind, its serial and the SHA-256
     of its DER (never the certificate)."""
     claims = identity.claims
+    if is_person(identity):  # a login token: the person is the event's actor
+        return {
+            "jti": identity.jti,
+            "kid": identity.kid,
+            "token_sha256": token_sha256(token) if isinstance(token, str) else None,
+        }
     if isinstance(token, VerifiedSvid):
         return {
             "spiffe_id": identity.spiffe_id,
@@ -327,6 +334,20 @@ class DecisionAudit:
             request,
             decision_fields(decision, f"no opinion: {decision.reason}" if no_opinion else None),
             registered_provenance(engine, user, claims),
+            user,
+        )
+
+    def person_reviewed(
+        self, span: Span, request: Mapping[str, Any], user: str, decision: Decision
+    ) -> int:
+        """A SubjectAccessReview of a person (``user:NAME``, the actor): allowed or
+        denied by a binding naming them, else no opinion."""
+        no_opinion = not decision.allowed and not decision.denied
+        return self.record(
+            span,
+            request,
+            decision_fields(decision, f"no opinion: {decision.reason}" if no_opinion else None),
+            None,
             user,
         )
 

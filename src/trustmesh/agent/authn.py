@@ -7,6 +7,12 @@ federation; a ``kid`` they do not know sends the token to the bundle of the trus
 domain its ``sub`` names, which takes only IDs of that domain — a partner's keys can
 never vouch for ours or a third's.
 
+A person's login token (``identity/login.py``, ``typ: trustmesh-login+jwt``) is
+verified only by :meth:`Authenticator.authenticate_person`, which the TokenReview
+webhook alone calls, with its own key ring (accepting that type only) and no cache
+shared with the JWT-SVIDs: the SVID path refuses the type, so a login token never
+authenticates at ``/v1/authorize`` or ext_authz.
+
 This is the only place a federated token turns into a VerifiedIdentity; whether the
 identity is revoked, and what it may do, is decided after it (``agent/decide.py``)."""
 
@@ -17,6 +23,7 @@ from collections.abc import Mapping
 from trustmesh.agent.cache import VerifiedTokenCache, token_digest
 from trustmesh.common.clock import Clock
 from trustmesh.common.errors import InvalidToken
+from trustmesh.identity.login import LOGIN_TYPS, LoginVerifier
 from trustmesh.identity.svid import (
     SVID_TYPS,
     KeyRing,
@@ -43,6 +50,8 @@ class Authenticator:
         self.cache = VerifiedTokenCache(cache_size, leeway)
         self.keys = KeyRing(accepted_typs=SVID_TYPS)
         self._verifier: SvidVerifier | None = None
+        self.login_keys = KeyRing(accepted_typs=LOGIN_TYPS)
+        self._login: LoginVerifier | None = None
         self.partners: Mapping[str, PartnerVerifier] = {}
 
     @property
@@ -53,6 +62,7 @@ class Authenticator:
         """Install the control plane's identity and key set. A key that disappears drops
         every cached verification (a removed or revoked key must stop working at once)."""
         removed = self.keys.replace(jwks)
+        self.login_keys.replace(jwks)
         verifier = self._verifier
         if verifier is None or verifier.issuer != issuer or verifier.trust_domain != trust_domain:
             self._verifier = SvidVerifier(
@@ -61,6 +71,12 @@ class Authenticator:
                 audience=cluster_audience(trust_domain, self.cluster),
                 keys=self.keys,
                 clock=self.clock,
+                leeway=self.leeway,
+            )
+            self._login = LoginVerifier(
+                issuer=issuer,
+                audience=cluster_audience(trust_domain, self.cluster),
+                keys=self.login_keys,
                 leeway=self.leeway,
             )
             self.cache.clear()
@@ -102,6 +118,15 @@ class Authenticator:
                 identity = self._verify_partner(token, verifier, now, exc)
             self.cache.put(digest, identity)
         return identity
+
+    def authenticate_person(self, token: str, now: float) -> VerifiedIdentity:
+        """A person's login token for this cluster (``user:NAME``), or InvalidToken (a
+        token for another cluster: ``wrong_audience``). Not cached: the API server
+        caches its TokenReview answers itself."""
+        verifier = self._login
+        if verifier is None:
+            raise InvalidToken("not_ready", "agent has no keys from the control plane yet")
+        return verifier.verify(token, now)
 
     def _verify_partner(
         self, token: str, ours: SvidVerifier, now: float, unknown: InvalidToken

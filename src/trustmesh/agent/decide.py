@@ -43,7 +43,9 @@ from trustmesh.agent.revocations import RevocationHolder
 from trustmesh.agent.xfcc import CertificateAuthenticator, XfccHeader
 from trustmesh.common.clock import Clock
 from trustmesh.common.errors import InvalidToken, NotReady
+from trustmesh.common.names import person_of
 from trustmesh.common.tracing import Span, Tracing
+from trustmesh.identity.login import is_login_token
 from trustmesh.identity.svid import VerifiedIdentity
 from trustmesh.identity.x509validate import VerifiedSvid
 from trustmesh.policy.engine import Decision, Engine
@@ -166,13 +168,18 @@ class Decider:
         return engine
 
     async def _verify(self, token: str, now: float) -> VerifiedIdentity:
-        """Step 1 for a TokenReview; InvalidToken: the token did not authenticate."""
+        """Step 1 for a TokenReview: a JWT-SVID, or a person's login token for this
+        cluster (its header's type chooses the verifier); InvalidToken: the token did
+        not authenticate."""
+        authenticate = (
+            self.authn.authenticate_person if is_login_token(token) else self.authn.authenticate
+        )
         try:
-            return self.authn.authenticate(token, now)
+            return authenticate(token, now)
         except InvalidToken as exc:
             if exc.reason != "unknown_kid" or not await self.refresh_keys():
                 raise
-            return self.authn.authenticate(token, now)  # with the refreshed key set
+            return authenticate(token, now)  # with the refreshed key set
 
     def _refused(
         self,
@@ -286,10 +293,20 @@ class Decider:
     def review_access(self, user: str, request: Request, span: Span) -> AccessOutcome:
         """A SubjectAccessReview of ``user`` (the API server authenticated it): the
         engine decides for a registered identity, with the claims the registry gives it
-        (:func:`registered_claims`); anyone else gets no opinion. Raises NotReady
+        (:func:`registered_claims`), and for a person ``user:NAME`` with the bindings
+        naming that person (``Engine.decide_user``; a workload subject never matches a
+        person); anyone else gets no opinion. Raises NotReady
         before the first verified bundle."""
         engine = self._engine()
         asked = {"surface": ACCESS_REVIEW, "user": user or None, **request.to_json()}
+        person = person_of(user)
+        if person is not None:  # user:NAME: the bindings naming that person only
+            verdict = engine.decide_user(person, request)
+            (self.metrics.allowed if verdict.allowed else self.metrics.denied).inc()
+            span.set("trustmesh.decision_id", verdict.decision_id)
+            span.set("trustmesh.allowed", verdict.allowed)
+            self.audit.person_reviewed(span, asked, user, verdict)
+            return AccessOutcome(verdict, engine.revision)
         claims = registered_claims(engine, user)
         decision = None
         if claims is not None:

@@ -24,6 +24,7 @@ from typing import Any
 
 from trustmesh.agent.decide import AccessOutcome, TokenOutcome, token_audiences
 from trustmesh.common.errors import RequestError, ReviewError
+from trustmesh.identity.login import PEOPLE_GROUP, is_person
 from trustmesh.identity.svid import VerifiedIdentity
 from trustmesh.policy.engine import Decision
 from trustmesh.policy.rbac import groups_for_claims
@@ -82,7 +83,14 @@ def _token_review(review: TokenReview, status: dict[str, Any]) -> dict[str, Any]
 
 def user_info(identity: VerifiedIdentity) -> dict[str, Any]:
     """``status.user``. The uid names the workload (stable across its tokens, as a
-    Kubernetes uid should be); the token's ``jti`` is in ``extra``."""
+    Kubernetes uid should be); the token's ``jti`` is in ``extra``. A person (a login
+    token): username and uid ``user:NAME``, group ``trustmesh:people``, no extra."""
+    if is_person(identity):
+        return {
+            "username": identity.spiffe_id,
+            "uid": identity.spiffe_id,
+            "groups": [PEOPLE_GROUP],
+        }
     claims = identity.claims
     uid = claims.get("workload_id")
     return {

@@ -68,7 +68,7 @@ class PolicyHolder:
         version = bundle_version(bundle)
         if self.version is not None and version <= self.version:
             return False  # revisions only move forward
-        engine = Engine(bundle)
+        engine = Engine(bundle, clock=self.clock)  # time-bound bindings expire on their own
         self.engine, self.version = engine, version
         self.received_at = self.clock()
         if persist:

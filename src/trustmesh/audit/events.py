@@ -85,6 +85,9 @@ WORKLOAD_RESTORED = "workload.restored"
 AUDIT_GAP = "audit.gap_detected"
 REFUSALS_FOLDED = "audit.refusals_folded"
 ORIGIN_STARTED = "audit.origin_started"
+USER_LOGIN = "user.login"
+"""A person's login token for a cluster was issued (``POST /v1/login``): the cluster,
+the token's ``jti`` and expiry in ``detail``, never the token; the person is the actor."""
 """A restore that accepted loss started a new log origin (DESIGN §10, ``trustmesh restore
 --accept-loss``): the first entry signed by the new log key names the old origin and
 its verifier key, the old origin's last checkpoint the restored entries are consistent
@@ -109,6 +112,7 @@ EVENT_TYPES = frozenset(
         AUDIT_GAP,
         REFUSALS_FOLDED,
         ORIGIN_STARTED,
+        USER_LOGIN,
     }
 )
 ADMIN_PREFIX = "admin."

@@ -1,4 +1,5 @@
-"""``trustmesh cluster credential``, ``trustmesh user add|list|remove`` and ``trustmesh
+"""``trustmesh cluster credential``, ``trustmesh user add|list|remove``, ``trustmesh login``
+(a person's token for a cluster's API server) and ``trustmesh
 credentials list|rotate|revoke`` (DESIGN §7, §11): a credential for one agent instance
 of one cluster, named people with a role, and the life cycle of every credential
 (people's and clusters' alike). Secrets go to stdout alone (so ``> file`` captures exactly the
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +149,8 @@ def user_remove(
     token_file: Path | None = TokenFileOption,
     output: Output = OutputOption,
 ) -> None:
-    """Remove person NAME: their credential stops now (not the last admin)."""
+    """Remove person NAME: their credential stops now (not the last admin), and so do their
+    login tokens at every cluster (a revocation of user:NAME)."""
     result = _client(server, token_file).request(
         "POST", f"/v1/people/{name}/remove", json={"reason": reason}
     )
@@ -155,6 +158,56 @@ def user_remove(
         print_json(result)
         return
     print_line(f"removed: user:{name} (credential {result['credential']['id']} revoked)")
+
+
+class LoginOutput(StrEnum):
+    token = "token"  # noqa: S105 (an output format, not a secret)
+    exec_credential = "exec-credential"
+    json = "json"
+
+
+EXEC_CREDENTIAL_API = "client.authentication.k8s.io/v1"
+
+
+def exec_credential(result: dict[str, Any]) -> dict[str, Any]:
+    """kubectl's exec credential plugin answer (``client.authentication.k8s.io/v1``)."""
+    expires = datetime.fromtimestamp(result["expiresAt"], UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {
+        "apiVersion": EXEC_CREDENTIAL_API,
+        "kind": "ExecCredential",
+        "status": {"token": result["token"], "expirationTimestamp": expires},
+    }
+
+
+def login_command(
+    cluster: str = typer.Option(..., "--cluster", help="The registered cluster to log in to."),
+    ttl: str = typer.Option(
+        "15m", "--ttl", help="How long the token lives (60s to 1h: 90s, 15m, 1h)."
+    ),
+    server: str | None = ServerOption,
+    token_file: Path | None = TokenFileOption,
+    output: LoginOutput = typer.Option(
+        LoginOutput.token,
+        "--output",
+        "-o",
+        help="token (the bare token), exec-credential (kubectl's exec plugin) or json.",
+    ),
+) -> None:
+    """Print a short-lived token for CLUSTER's API server, as the person of your credential
+    (username user:NAME at the cluster's agent; what you may do there is the policy's)."""
+    seconds = parse_duration(ttl, "--ttl")
+    result = _client(server, token_file).request(
+        "POST", "/v1/login", json={"cluster": cluster, "ttl": seconds}
+    )
+    if output is LoginOutput.json:
+        print_json(result)
+    elif output is LoginOutput.exec_credential:
+        print_json(exec_credential(result))
+    else:
+        print_line(result["token"])
+        _note(
+            f"{result['username']} at cluster {result['cluster']}, expires {_when(result['expiresAt'])}"
+        )
 
 
 def _owner(credential: dict[str, Any]) -> str:

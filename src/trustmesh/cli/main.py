@@ -36,7 +36,7 @@ from trustmesh.cli._common import (
 from trustmesh.cli.admission import admission_app
 from trustmesh.cli.audit import audit_app
 from trustmesh.cli.backup import backup, drill, restore
-from trustmesh.cli.credentials import cluster_app, credentials_app, user_app
+from trustmesh.cli.credentials import cluster_app, credentials_app, login_command, user_app
 from trustmesh.cli.federation import get_trustdomains
 from trustmesh.cli.lifecycle import WideOutput, get_pending, report_app
 from trustmesh.cli.lifecycle import when as _when_used
@@ -69,6 +69,7 @@ app.add_typer(cluster_app, name="cluster")
 app.add_typer(credentials_app, name="credentials")
 app.add_typer(user_app, name="user")
 app.command("suspend")(suspend)
+app.command("login")(login_command)
 app.command("backup")(backup)
 app.command("restore")(restore)
 app.command("drill")(drill)

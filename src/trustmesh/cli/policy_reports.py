@@ -121,7 +121,7 @@ def register(policy_app: typer.Typer) -> None:
     ) -> None:
         """Effective grants that appear (+) or disappear (-) between two policy
         revisions over the registered inventory, with escalation flags."""
-        from trustmesh.policy.diff import diff_policies
+        from trustmesh.policy.diff import Grant, diff_policies
 
         client = _client(server, token_file)
         old_rev, old_policy = fetch_policy(client, _revision(old))
@@ -138,11 +138,15 @@ def register(policy_app: typer.Typer) -> None:
             print_line(f"no effective change from revision {old_rev} to {new_rev}")
             return
         flagged = {grant: flags for grant, flags in result.escalations}
-        rows = [["+", *grant, ",".join(flagged.get(grant, ()))] for grant in result.appeared] + [
-            ["-", *grant, ""] for grant in result.disappeared
-        ]
+        # EXPIRES only when a time-bound grant is listed (keeps the usual table narrow)
+        timed = any(g.expires for g in (*result.appeared, *result.disappeared))
+        width = len(Grant._fields) - (0 if timed else 1)
+        rows = [
+            ["+", *grant[:width], ",".join(flagged.get(grant, ()))] for grant in result.appeared
+        ] + [["-", *grant[:width], ""] for grant in result.disappeared]
+        headers = ["", "SUBJECT", "CLUSTER", "NAMESPACE", "ACTION", "TARGET", "KIND"]
         print_table(
-            ["", "WORKLOAD", "CLUSTER", "NAMESPACE", "ACTION", "TARGET", "KIND", "FLAGS"],
+            [*headers, *(["EXPIRES"] if timed else []), "FLAGS"],
             rows,
             title=f"policy revision {old_rev} -> {new_rev}: {len(result.appeared)} appeared, "
             f"{len(result.disappeared)} disappeared, {len(result.escalations)} flagged",

@@ -18,6 +18,8 @@ from ._kinds import (
 )
 from ._load import Document, document_from_body, load_paths, parse_text
 from ._policy_kinds import (
+    DEFAULT_MAX_ACCESS_DURATION,
+    MAX_ACCESS_DURATION,
     ClusterScope,
     Expression,
     GlobalRoleSpec,
@@ -27,6 +29,7 @@ from ._policy_kinds import (
     RoleBindingSpec,
     SubjectSpec,
     TestSubject,
+    parse_rfc3339,
 )
 from ._templates import (
     CompiledTemplate,
@@ -43,8 +46,10 @@ POLICY_KINDS = ("GlobalRole", "RoleBinding", "PolicyTest")
 
 __all__ = [
     "API_VERSION",
+    "DEFAULT_MAX_ACCESS_DURATION",
     "DEFAULT_MAX_STALE",
     "DISCOVERY_SUFFIX",
+    "MAX_ACCESS_DURATION",
     "POLICY_KINDS",
     "REGISTRY_KINDS",
     "ClusterScope",
@@ -71,6 +76,7 @@ __all__ = [
     "dns_subdomain",
     "document_from_body",
     "load_paths",
+    "parse_rfc3339",
     "parse_text",
     "spiffe_ids_can_meet",
     "template_workload_name",

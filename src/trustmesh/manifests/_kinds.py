@@ -25,22 +25,18 @@ from trustmesh.spiffeid import normalize_trust_domain, parse_spiffe_id
 
 from ._errors import Sink
 from ._jwks import JWKS
-from ._nodes import Node, ScalarNode
 from ._schema import (
-    INVALID,
     Checker,
     Field,
     choice,
+    duration,
     exclusive,
-    in_range,
-    is_int,
     list_of,
     map_of,
     obj,
     refused,
     string,
     string_map,
-    type_problem,
 )
 from ._templates import DNS_LABEL as _DNS_LABEL
 from ._templates import DNS_SUBDOMAIN as _DNS_SUBDOMAIN
@@ -81,32 +77,6 @@ def fetch_url(what: str) -> Callable[[str], None]:
             raise ValueError(f"{what} {value!r} must not have a query or fragment")
 
     return validate
-
-
-_DURATION = re.compile(r"^(?:([0-9]+)d)?(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s)?$")
-_DURATION_HINT = "an integer number of seconds or a duration such as '300s', '5m', '1h30m' or '30d'"
-
-
-def duration(minimum: int, maximum: int) -> Checker:
-    """Seconds as an integer, or a string of h/m/s parts; canonical form is int seconds."""
-
-    def check_duration(node: Node, path: str, sink: Sink) -> Any:
-        if not isinstance(node, ScalarNode) or not (
-            is_int(node.value) or isinstance(node.value, str)
-        ):
-            return type_problem(node, path, sink, _DURATION_HINT)
-        if isinstance(node.value, str):
-            match = _DURATION.match(node.value)
-            if not node.value or match is None:
-                sink.add(node.line, path, f"{node.value!r} is not {_DURATION_HINT}")
-                return INVALID
-            days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
-            total = days * 86400 + hours * 3600 + minutes * 60 + seconds
-        else:
-            total = int(node.value)
-        return in_range(total, minimum, maximum, node, path, sink, " seconds")
-
-    return check_duration
 
 
 KNOWN_CLAIMS = ("workload_id", "project", "environment", "tier")

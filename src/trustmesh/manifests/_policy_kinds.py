@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from trustmesh.common.errors import RequestError
-from trustmesh.request import Request, parse_request
+from trustmesh.common.names import PERSON_NAME, PERSON_NAME_RULE
+from trustmesh.request import KubernetesRequest, Request, parse_request
 
 from ._errors import Sink
-from ._nodes import MapNode, Node, join
+from ._nodes import MapNode, Node, ScalarNode, join
 from ._schema import (
     INVALID,
     Checker,
     Field,
     Rule,
     choice,
+    duration,
     exclusive,
     list_of,
     obj,
@@ -32,6 +35,12 @@ _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 _PART = r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?"
 # a Workload's name, or a template-derived identity's TEMPLATE/CLUSTER/NAMESPACE/SA
 _WORKLOAD = re.compile(rf"^{_PART}(/{_PART}/{_PART}/{_PART})?$")
+# RFC 3339 date-time: a time zone is required (Z or an offset), fractions allowed
+_RFC3339 = re.compile(
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:[0-9]{2})$"
+)
+DEFAULT_MAX_ACCESS_DURATION = 8 * 3600  # seconds: a GlobalRole's default maxAccessDuration
+MAX_ACCESS_DURATION = 30 * 86400  # seconds: the longest maxAccessDuration a GlobalRole may set
 
 
 def _pattern(rule: re.Pattern[str], what: str) -> Any:
@@ -70,6 +79,54 @@ def _resource(value: str) -> None:
         )
     if value != "*" and not re.match(r"^(\*|[a-z][a-z0-9.-]*)(/[a-z][a-z0-9.-]*)?$", value):
         raise ValueError(f"{value!r} is not a resource (e.g. pods, pods/log, */scale or *)")
+
+
+def _person(value: str) -> None:
+    if value.startswith("user:"):
+        raise ValueError(f"{value!r}: write the person's name without the user: prefix")
+    if not PERSON_NAME.fullmatch(value):
+        raise ValueError(f"{value!r} is not a valid person name ({PERSON_NAME_RULE})")
+
+
+def parse_rfc3339(value: str) -> float:
+    """Epoch seconds of an RFC 3339 timestamp with ``Z`` or an offset; ValueError
+    otherwise (no local times: agents in any zone must read the same instant)."""
+    if not _RFC3339.match(value):
+        raise ValueError(
+            f"{value!r} is not an RFC 3339 timestamp with a time zone (e.g. 2026-12-01T03:00:00Z "
+            "or 2026-12-01T04:00:00+01:00)"
+        )
+    text = value[:-1] + "+00:00" if value[-1] in "Zz" else value
+    text = text[:10] + "T" + text[11:]
+    whole, dot, rest = text.partition(".")
+    if dot:  # fromisoformat takes at most 6 fraction digits
+        digits = rest[: len(rest) - 6]
+        text = f"{whole}.{(digits + '000000')[:6]}{rest[len(digits) :]}"
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise ValueError(f"{value!r} is not a valid date and time") from None
+
+
+def timestamp(node: Node, path: str, sink: Sink) -> Any:
+    """An RFC 3339 timestamp, kept as written (a YAML timestamp left unquoted is read
+    from its source text, so ``expiresAt: 2026-12-01T03:00:00Z`` works quoted or not)."""
+    if not isinstance(node, ScalarNode) or not (
+        isinstance(node.value, str) or hasattr(node.value, "year")
+    ):
+        return type_problem(node, path, sink, "an RFC 3339 timestamp (2026-12-01T03:00:00Z)")
+    text = node.value if isinstance(node.value, str) else node.raw.strip("'\"")
+    try:
+        parse_rfc3339(text)
+    except ValueError as exc:
+        sink.add(node.line, path, str(exc))
+        return INVALID
+    return text
+
+
+def _access_duration(node: Node, path: str, sink: Sink) -> Any:
+    """maxTokenTTL's duration syntax (``30m``, ``8h``, ``2d``), > 0 and at most 30 days."""
+    return duration(1, MAX_ACCESS_DURATION)(node, path, sink)
 
 
 def strings(*validators: Any) -> Checker:
@@ -178,11 +235,16 @@ class PolicyRule:
 class GlobalRoleSpec:
     rules: tuple[PolicyRule, ...]
     include: tuple[str, ...]
+    # seconds: the longest access request for this role may be granted for
+    max_access_duration: int = DEFAULT_MAX_ACCESS_DURATION
 
 
+# maxAccessDuration has no default in the canonical body (a stored role without it
+# keeps its policy hash); build_global_role fills the default in.
 GLOBAL_ROLE_SPEC = obj(
     Field("rules", list_of(RULE), default=list),
     Field("include", list_of(string(_pattern(_NAME, "role name"))), default=list),
+    Field("maxAccessDuration", _access_duration),
 )
 
 
@@ -190,6 +252,7 @@ def build_global_role(spec: dict[str, Any]) -> GlobalRoleSpec:
     return GlobalRoleSpec(
         rules=tuple(PolicyRule.from_body(r) for r in spec["rules"]),
         include=tuple(spec["include"]),
+        max_access_duration=spec.get("maxAccessDuration", DEFAULT_MAX_ACCESS_DURATION),
     )
 
 
@@ -231,17 +294,38 @@ def _expressions(body: list[dict[str, Any]]) -> tuple[Expression, ...]:
 
 @dataclass(frozen=True)
 class SubjectSpec:
-    """All given conditions must hold."""
+    """All given conditions must hold. ``user``: a person (exclusive with the rest, which
+    name workloads)."""
 
     spiffe_id: str | None
     workload: str | None
     claims: dict[str, str]
     match_expressions: tuple[Expression, ...]
+    user: str | None = None
+
+
+_WORKLOAD_CONDITIONS = ("spiffeId", "workload", "claims", "matchExpressions")
+
+
+def _user_alone(node: MapNode, result: dict[str, Any], path: str, sink: Sink) -> bool:
+    if "user" not in node.entries:
+        return True
+    others = [name for name in node.entries if name in _WORKLOAD_CONDITIONS]
+    for other in others:
+        sink.add(
+            node.entries[other].line,
+            join(path, other),
+            f"'user' and {other!r} are mutually exclusive: a user subject names a person, "
+            "the other fields name workloads",
+        )
+    return not others
 
 
 def _some_condition(node: MapNode, result: dict[str, Any], path: str, sink: Sink) -> bool:
-    if not ({"spiffeId", "workload", "claims", "matchExpressions"} & set(node.entries)):
-        sink.add(node.line, path, "a subject needs spiffeId, workload, claims or matchExpressions")
+    if not ({"user", *_WORKLOAD_CONDITIONS} & set(node.entries)):
+        sink.add(
+            node.line, path, "a subject needs user, spiffeId, workload, claims or matchExpressions"
+        )
         return False
     if "claims" in result and not result["claims"]:
         sink.add(node.line, join(path, "claims"), "claims must list at least one claim")
@@ -271,7 +355,8 @@ SUBJECT = obj(
     Field("workload", string(_pattern(_WORKLOAD, "workload name"))),
     Field("claims", string_map()),
     Field("matchExpressions", list_of(EXPRESSION)),
-    rules=(exclusive("spiffeId", "workload"), _some_condition),
+    Field("user", string(_person)),
+    rules=(_user_alone, exclusive("spiffeId", "workload"), _some_condition),
 )
 
 
@@ -281,6 +366,7 @@ def build_subject(body: dict[str, Any]) -> SubjectSpec:
         workload=body.get("workload"),
         claims=dict(body.get("claims", {})),
         match_expressions=_expressions(body.get("matchExpressions", [])),
+        user=body.get("user"),
     )
 
 
@@ -319,6 +405,9 @@ class RoleBindingSpec:
     subjects: tuple[SubjectSpec, ...]
     clusters: ClusterScope | None
     namespaces: tuple[str, ...] | None
+    # epoch seconds of expiresAt (as written in the manifest: expires_at_text)
+    expires_at: float | None = None
+    expires_at_text: str | None = None
 
 
 ROLE_BINDING_SPEC = obj(
@@ -327,6 +416,7 @@ ROLE_BINDING_SPEC = obj(
     Field("subjects", list_of(SUBJECT, min_items=1), required=True),
     Field("clusters", CLUSTERS),
     Field("namespaces", strings(_pattern(_NAME, "namespace"))),
+    Field("expiresAt", timestamp),
 )
 
 
@@ -340,6 +430,8 @@ def build_role_binding(spec: dict[str, Any]) -> RoleBindingSpec:
         subjects=tuple(build_subject(s) for s in spec["subjects"]),
         clusters=scope,
         namespaces=tuple(namespaces) if namespaces is not None else None,
+        expires_at=parse_rfc3339(spec["expiresAt"]) if "expiresAt" in spec else None,
+        expires_at_text=spec.get("expiresAt"),
     )
 
 
@@ -371,6 +463,7 @@ class TestSubject:
     workload: str | None
     spiffe_id: str | None
     claims: dict[str, str]
+    user: str | None = None  # a person (Kubernetes requests only)
 
 
 @dataclass(frozen=True)
@@ -388,12 +481,44 @@ class PolicyTestSpec:
 
 
 def _workload_or_claims(node: MapNode, result: dict[str, Any], path: str, sink: Sink) -> bool:
-    if "workload" not in node.entries and "claims" not in node.entries:
+    if not ({"workload", "claims", "user"} & set(node.entries)):
         sink.add(
-            node.line, path, "a test subject needs workload, or claims (with an optional spiffeId)"
+            node.line,
+            path,
+            "a test subject needs workload, user, or claims (with an optional spiffeId)",
         )
         return False
     return True
+
+
+def _test_user_alone(node: MapNode, result: dict[str, Any], path: str, sink: Sink) -> bool:
+    if "user" not in node.entries:
+        return True
+    others = [name for name in node.entries if name in ("workload", "spiffeId", "claims")]
+    for other in others:
+        sink.add(
+            node.entries[other].line,
+            join(path, other),
+            f"'user' and {other!r} are mutually exclusive: a test subject is a person or a workload",
+        )
+    return not others
+
+
+def _people_ask_kubernetes(node: MapNode, result: dict[str, Any], path: str, sink: Sink) -> bool:
+    """People reach a cluster only through its Kubernetes API server."""
+    subject, request = result.get("subject"), result.get("request")
+    if not isinstance(subject, dict) or "user" not in subject or not isinstance(request, dict):
+        return True
+    if isinstance(parse_request(request), KubernetesRequest):
+        return True
+    where = node.entries.get("request", node)
+    sink.add(
+        where.line,
+        join(path, "request"),
+        "a case with a user subject asks a Kubernetes request (people reach a cluster only "
+        "through its API server)",
+    )
+    return False
 
 
 TEST_CASE = obj(
@@ -404,7 +529,9 @@ TEST_CASE = obj(
             Field("workload", string(_pattern(_WORKLOAD, "workload name"))),
             Field("spiffeId", string(_spiffe)),
             Field("claims", string_map()),
+            Field("user", string(_person)),
             rules=(
+                _test_user_alone,
                 exclusive("workload", "claims"),
                 exclusive("workload", "spiffeId"),
                 _workload_or_claims,
@@ -415,6 +542,7 @@ TEST_CASE = obj(
     Field("cluster", string(_pattern(_NAME, "cluster name")), required=True),
     Field("request", _request, required=True),
     Field("expect", string(choice("allow", "deny")), required=True),
+    rules=(_people_ask_kubernetes,),
 )
 
 POLICY_TEST_SPEC = obj(Field("cases", list_of(TEST_CASE, min_items=1), required=True))
@@ -431,6 +559,7 @@ def build_policy_test(spec: dict[str, Any]) -> PolicyTestSpec:
                     workload=subject.get("workload"),
                     spiffe_id=subject.get("spiffeId"),
                     claims=dict(subject.get("claims", {})),
+                    user=subject.get("user"),
                 ),
                 cluster=case["cluster"],
                 request=parse_request(case["request"]),
@@ -441,7 +570,9 @@ def build_policy_test(spec: dict[str, Any]) -> PolicyTestSpec:
 
 
 __all__ = [
+    "DEFAULT_MAX_ACCESS_DURATION",
     "GLOBAL_ROLE_SPEC",
+    "MAX_ACCESS_DURATION",
     "POLICY_TEST_SPEC",
     "ROLE_BINDING_SPEC",
     "ClusterScope",
@@ -457,4 +588,5 @@ __all__ = [
     "build_global_role",
     "build_policy_test",
     "build_role_binding",
+    "parse_rfc3339",
 ]

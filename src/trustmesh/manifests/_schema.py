@@ -11,6 +11,7 @@ canonical JSON-able value (defaults filled in, the manifest's field names kept) 
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -279,3 +280,29 @@ def map_of(value: Checker, *key_validators: Validate) -> Checker:
 def string_map(*key_validators: Validate) -> Checker:
     """Labels, annotations: string keys to string values."""
     return map_of(string(allow_empty=True), *key_validators)
+
+
+_DURATION = re.compile(r"^(?:([0-9]+)d)?(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s)?$")
+_DURATION_HINT = "an integer number of seconds or a duration such as '300s', '5m', '1h30m' or '30d'"
+
+
+def duration(minimum: int, maximum: int) -> Checker:
+    """Seconds as an integer, or a string of h/m/s parts; canonical form is int seconds."""
+
+    def check_duration(node: Node, path: str, sink: Sink) -> Any:
+        if not isinstance(node, ScalarNode) or not (
+            is_int(node.value) or isinstance(node.value, str)
+        ):
+            return type_problem(node, path, sink, _DURATION_HINT)
+        if isinstance(node.value, str):
+            match = _DURATION.match(node.value)
+            if not node.value or match is None:
+                sink.add(node.line, path, f"{node.value!r} is not {_DURATION_HINT}")
+                return INVALID
+            days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
+            total = days * 86400 + hours * 3600 + minutes * 60 + seconds
+        else:
+            total = int(node.value)
+        return in_range(total, minimum, maximum, node, path, sink, " seconds")
+
+    return check_duration

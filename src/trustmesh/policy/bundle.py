@@ -26,7 +26,8 @@ def sign_bundle(bundle: dict[str, Any], key: ActiveKey) -> str:
     """The bundle as a compact JWS. The payload is the bytes ``jwt.encode`` would sign
     (``json.dumps`` with compact separators, non-ASCII escaped), serialised by orjson,
     which writes the same bytes for what a bundle holds (strings, integers, booleans,
-    null; no floats) ten times faster (2.0 s -> 0.2 s for a bundle of 100,000
+    null; floats only for a binding's ``expiresAt``, which the verifier reads back
+    from the signed bytes, never re-serialises) ten times faster (2.0 s -> 0.2 s for a bundle of 100,000
     identities); a bundle with non-ASCII text, which orjson would not escape, takes the
     ``json.dumps`` path."""
     payload = orjson.dumps(bundle)

@@ -2,7 +2,8 @@
 
 A bundle holds only what applies to its cluster: the bindings whose ``clusters`` scope
 selects it (by name or label selector; absent = every cluster), each binding's
-``workload`` subjects resolved to SPIFFE IDs, the flattened rules of the roles those
+``workload`` subjects resolved to SPIFFE IDs (``user`` subjects kept as the person's
+name; ``expiresAt`` as epoch seconds), the flattened rules of the roles those
 bindings use (``include`` expanded), and the inventory of registered identities (for
 SubjectAccessReview and the effective diff), and the cluster's ``clusterDomain``
 (DESIGN §3 "Canonical requests"). The bundle is plain JSON; the agent builds its
@@ -237,6 +238,11 @@ def claim_counts(identities: dict[str, dict[str, Any]]) -> dict[str, dict[str, i
 
 
 def _subject_body(subject: SubjectSpec, registry: Registry) -> dict[str, Any]:
+    if subject.user:
+        # A person: the engine reads ``user`` alone. ``spiffeId: user:NAME`` (never a
+        # SPIFFE ID) is for agents from before people had subjects: they would read a
+        # subject without a condition they know as "any identity"; with it, none.
+        return {"user": subject.user, "spiffeId": f"user:{subject.user}"}
     body: dict[str, Any] = {}
     if subject.workload:
         named = registry.identity_named(subject.workload)
@@ -253,13 +259,17 @@ def _subject_body(subject: SubjectSpec, registry: Registry) -> dict[str, Any]:
 
 
 def _binding_body(name: str, binding: RoleBindingSpec, registry: Registry) -> dict[str, Any]:
-    return {
+    body: dict[str, Any] = {
         "name": name,
         "role": binding.role,
         "effect": binding.effect,
         "subjects": [_subject_body(s, registry) for s in binding.subjects],
         "namespaces": list(binding.namespaces) if binding.namespaces is not None else None,
     }
+    if binding.expires_at is not None:
+        # epoch seconds: agents stop matching it then, without another publish
+        body["expiresAt"] = binding.expires_at
+    return body
 
 
 def _bundle(

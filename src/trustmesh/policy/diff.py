@@ -46,6 +46,14 @@ Approximations, all on the side of showing more grants rather than fewer:
 * Non-resource rules in a binding that lists namespaces grant nothing (a non-resource
   request has no namespace, and the engine requires it to be listed), so they make no
   grant; a non-resource grant's namespace is ``*``.
+* People: each person a ``user`` subject names (on a cluster whose bundle has the
+  binding) is a subject of the diff too, written ``user:NAME`` in the workload column;
+  their grants are found and denied by the engine's person lookup
+  (``Engine.applicable_user``), never by workload subjects.
+* A grant that only a time-bound binding makes carries its ``expiresAt`` (``expires``,
+  RFC 3339 UTC; the latest when several make it; empty when a binding without one
+  makes it too). The diff is of policies, not of a moment: a binding past its expiry
+  still shows, marked.
 * References the current inventory no longer has (a binding subject naming a deleted
   Workload, a cluster name no longer registered) match nothing, so they are dropped
   before compiling instead of failing the diff of an old revision.
@@ -55,13 +63,15 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import partial
 from typing import Any, NamedTuple
 
 from trustmesh.common.errors import PolicyError
 from trustmesh.policy.compiler import PolicySet, compile_all, flatten_roles
-from trustmesh.policy.engine import Engine
+from trustmesh.policy.engine import Decision, Engine
 from trustmesh.policy.matching import compile_rule
 from trustmesh.registry import Registry
 from trustmesh.request import (
@@ -92,7 +102,8 @@ class Grant(NamedTuple):
     binding lists none; ``action`` is a Kubernetes verb or an HTTP method; ``target`` is
     a resource (``pods``, ``pods/log``, ``apps/deployments``, ``*``), a non-resource URL
     or ``"<host> <path-glob>"``; ``kind`` is ``resource``, ``nonResource`` or
-    ``service``."""
+    ``service``. ``workload`` is ``user:NAME`` for a person; ``expires`` the RFC 3339
+    time a time-bound grant ends (empty: it does not)."""
 
     workload: str
     cluster: str
@@ -100,9 +111,13 @@ class Grant(NamedTuple):
     action: str
     target: str
     kind: str
+    expires: str = ""
 
     def to_json(self) -> dict[str, str]:
-        return self._asdict()
+        body = self._asdict()
+        if not self.expires:
+            del body["expires"]
+        return body
 
 
 @dataclass(frozen=True)
@@ -274,16 +289,16 @@ def _expand(
 
 
 def _denied(
-    engine: Engine,
+    decide: Callable[[Request], Decision],
+    denies: tuple[Any, ...],
     bundle: Mapping[str, Any],
-    spiffe_id: str,
-    claims: Mapping[str, Any],
     candidate: _Candidate,
 ) -> bool:
+    """``decide``: the subject's decision on one probe as given (``decide_reading``);
+    ``denies``: the subject's deny bindings."""
     if len(candidate.probes) == 1:
-        return engine.decide_reading(spiffe_id, claims, candidate.probes[0]).denied
+        return decide(candidate.probes[0]).denied
     # ** paths: one deny path pattern must match every probe (module docstring).
-    denies, _ = engine.applicable(spiffe_id, claims)
     for deny in denies:
         if deny.namespaces is not None and not all(
             p.namespace in deny.namespaces for p in candidate.probes
@@ -297,6 +312,46 @@ def _denied(
     return False
 
 
+def _until(expires_at: float | None) -> str:
+    if expires_at is None:
+        return ""
+    return datetime.fromtimestamp(expires_at, UTC).isoformat().replace("+00:00", "Z")
+
+
+def _subject_grants(
+    grants: dict[Grant, _Detail],
+    subject: str,
+    cluster: str,
+    bundle: Mapping[str, Any],
+    found: tuple[tuple[Any, ...], tuple[Any, ...]],
+    decide: Callable[[Request], Decision],
+) -> None:
+    """The grants of one subject (a workload identity or a person) on one cluster."""
+    denies, allows = found
+    for binding in allows:
+        namespaces = sorted(binding.namespaces) if binding.namespaces is not None else None
+        until = _until(binding.expires_at)
+        for rule in bundle["roles"][binding.role]:
+            for candidate in _expand(subject, cluster, rule, namespaces):
+                grant = candidate.grant._replace(expires=until)
+                if grant in grants:
+                    continue
+                if not _denied(decide, denies, bundle, candidate):
+                    grants[grant] = candidate.detail
+
+
+def _settle_expiries(grants: dict[Grant, _Detail]) -> dict[Grant, _Detail]:
+    """One entry per grant: without ``expires`` when a lasting binding makes it, else
+    with the latest expiry."""
+    best: dict[Grant, Grant] = {}
+    for grant in grants:
+        key = grant._replace(expires="")
+        held = best.get(key)
+        if held is None or (held.expires and (not grant.expires or grant.expires > held.expires)):
+            best[key] = grant
+    return {grant: grants[grant] for grant in best.values()}
+
+
 def _effective(policy: PolicySet, registry: Registry) -> dict[Grant, _Detail]:
     bundles = inventory_bundles(policy, registry)
     identities = registry.inventory_identities()
@@ -304,17 +359,25 @@ def _effective(policy: PolicySet, registry: Registry) -> dict[Grant, _Detail]:
     for cluster, bundle in sorted(bundles.items()):
         engine = Engine(bundle)
         for identity in identities:
-            workload, spiffe_id, claims = identity.workload, identity.spiffe_id, identity.claims
-            _, allows = engine.applicable(spiffe_id, claims)
-            for binding in allows:
-                namespaces = sorted(binding.namespaces) if binding.namespaces is not None else None
-                for rule in bundle["roles"][binding.role]:
-                    for candidate in _expand(workload, cluster, rule, namespaces):
-                        if candidate.grant in grants:
-                            continue
-                        if not _denied(engine, bundle, spiffe_id, claims, candidate):
-                            grants[candidate.grant] = candidate.detail
-    return grants
+            spiffe_id, claims = identity.spiffe_id, identity.claims
+            _subject_grants(
+                grants,
+                identity.workload,
+                cluster,
+                bundle,
+                engine.applicable(spiffe_id, claims),
+                partial(engine.decide_reading, spiffe_id, claims),
+            )
+        for person in engine.people:
+            _subject_grants(
+                grants,
+                f"user:{person}",
+                cluster,
+                bundle,
+                engine.applicable_user(person),
+                partial(engine.decide_reading_user, person),
+            )
+    return _settle_expiries(grants)
 
 
 def effective_grants(policy: PolicySet, registry: Registry) -> set[Grant]:

@@ -22,6 +22,18 @@ most ``EXPLAIN_BINDINGS`` bindings and ``EXPLAIN_RULES`` rules each.
 
 Subjects match by SPIFFE ID — one ID, or a pattern of one trust domain (``*`` one path
 segment, ``**`` any number: ``spiffe://partner.example/**``, DESIGN §9) — and by claims.
+A ``user`` subject names a person and matches only that person (:meth:`Engine.decide_user`,
+the Kubernetes username ``user:NAME``); no workload subject — not even a
+``DoesNotExist`` expression, which every claim set without the key meets — ever
+matches a person, and a ``user`` subject never matches a workload: people and workloads
+are looked up in separate indexes.
+
+A binding with ``expiresAt`` (epoch seconds) stops matching once the engine's clock
+reaches it, on its own, without another bundle. The engine keeps the next expiry; a
+decision compares against it only when some binding expires (one attribute test
+otherwise), and when the clock passes it the expired bindings leave the indexes and
+the memos are dropped. Without a clock (the control plane's gate, the diff) every
+binding of the bundle counts.
 
 Speed comes from indexing, not from skipping checks (``bench engine``; docs/benchmarks.md):
 
@@ -46,13 +58,16 @@ from __future__ import annotations
 
 import gc
 import itertools
+import math
 import secrets
+import threading
 from collections.abc import Callable, Mapping
 from functools import partial
 from itertools import filterfalse
 from operator import attrgetter
 from typing import Any
 
+from trustmesh.common.clock import Clock
 from trustmesh.manifests import CompiledTemplate, TemplateIndex, template_workload_name
 from trustmesh.policy.compiler import claim_counts
 from trustmesh.policy.matching import (
@@ -220,9 +235,10 @@ def _all_of(checks: list[_Check]) -> _Check | None:
 
 
 class _Subject:
-    __slots__ = ("claims", "expressions", "pattern", "spiffe_id")
+    __slots__ = ("claims", "expressions", "pattern", "spiffe_id", "user")
 
     def __init__(self, body: dict[str, Any]) -> None:
+        self.user: str | None = body.get("user")  # a person: matches no workload
         self.spiffe_id: str | None = body.get("spiffeId")
         self.pattern: SpiffeIdPattern | None = None
         if self.spiffe_id is not None and is_spiffe_id_pattern(self.spiffe_id):
@@ -235,6 +251,8 @@ class _Subject:
         )
 
     def matches(self, spiffe_id: str, claims: Mapping[str, Any]) -> bool:
+        if self.user is not None:
+            return False
         if self.spiffe_id is not None and self.spiffe_id != spiffe_id:
             return False
         if self.pattern is not None and not self.pattern.matches(spiffe_id):
@@ -269,6 +287,7 @@ class _Binding:
         "bit",
         "decides",
         "deny",
+        "expires_at",
         "name",
         "namespace_list",
         "namespaces",
@@ -283,6 +302,8 @@ class _Binding:
         self.name: str = body["name"]
         self.role: str = body["role"]
         self.deny = body["effect"] == "deny"
+        expires = body.get("expiresAt")
+        self.expires_at: float | None = float(expires) if expires is not None else None
         self.subjects = tuple(_Subject(s) for s in body["subjects"])
         namespaces = body.get("namespaces")
         self.namespaces = frozenset(namespaces) if namespaces is not None else None
@@ -350,11 +371,15 @@ _Read = tuple[str, str, bool, bool, int]
 
 
 class Engine:
-    """Immutable once built: a new bundle means a new Engine, swapped atomically."""
+    """Immutable once built but for expiry (``_expire``, module docstring): a new bundle
+    means a new Engine, swapped atomically."""
 
     MEMO_SIZE = 100_000
 
-    def __init__(self, bundle: Mapping[str, Any]) -> None:
+    def __init__(self, bundle: Mapping[str, Any], clock: Clock | None = None) -> None:
+        """``clock``: bindings whose ``expiresAt`` it has reached stop matching (agents);
+        None: every binding of the bundle counts (the gate, the diff)."""
+        self._clock = clock
         # Building allocates many small objects and frees none: the cyclic collector
         # would walk the whole heap several times over for nothing (none of them form
         # cycles), which was half of the build. Paused for the build only.
@@ -409,6 +434,8 @@ class Engine:
         self._unindexed: list[_Entry] = []
         # subjects with a SPIFFE ID pattern, by its trust domain: checked in full
         self._by_pattern_domain: dict[str, list[tuple[_Binding, _Subject]]] = {}
+        # people, by name: their bindings, in bundle order (never a workload's)
+        self._by_user: dict[str, list[_Binding]] = {}
         # How many registered identities carry each claim value: a subject is indexed
         # under its most selective condition, so an identity meets few candidates.
         counts: dict[str, dict[str, int]] = bundle.get("claimCounts") or claim_counts(
@@ -421,6 +448,11 @@ class Engine:
         claim_keys: set[str] = set()
         for binding in self.bindings:
             for subject in binding.subjects:
+                if subject.user is not None:
+                    people = self._by_user.setdefault(subject.user, [])
+                    if binding not in people:
+                        people.append(binding)
+                    continue
                 claim_keys.update(k for k, _ in subject.claims)
                 claim_keys.update(e[0] for e in subject.expressions)
                 if subject.pattern is not None:
@@ -434,7 +466,14 @@ class Engine:
         self._absent = (_ABSENT,) * len(self._claim_keys)
         self._index_keys = tuple(sorted({key for key, _ in self._by_claim}))
         self._memo: dict[str, tuple[tuple[Any, ...], _Found]] = {}
+        self._user_memo: dict[str, _Found] = {}
         self._hosts: dict[tuple[str, str], _Read] = {}
+        expiries = [b.expires_at for b in self.bindings if b.expires_at is not None]
+        self._next_expiry = min(expiries) if expiries else math.inf
+        # only then does a decision read the clock (module docstring)
+        self._expiring = self._clock is not None and bool(expiries)
+        self._expired = 0  # the bits of the bindings that have expired
+        self._expiry_lock = threading.Lock()
         self._ids = itertools.count(1)
         self._id_prefix = f"{secrets.token_hex(4)}-{self.revision}-"
 
@@ -564,6 +603,8 @@ class Engine:
         per SPIFFE ID with the values of the claims bindings name: an identity whose
         claims differ from the remembered ones is looked up again (and remembered
         instead). Compared with ``==``, so unhashable claim values are remembered too."""
+        if self._expiring and self._clock() >= self._next_expiry:  # type: ignore[misc]
+            self._expire()
         values = tuple(map(claims.get, self._claim_keys, self._absent))
         remembered = self._memo.get(spiffe_id)
         if remembered is not None and remembered[0] == values:
@@ -573,8 +614,8 @@ class Engine:
     def _remember(
         self, spiffe_id: str, claims: Mapping[str, Any], values: tuple[Any, ...]
     ) -> _Found:
+        memo = self._memo  # before the lookup: see _expire
         found = self._lookup(spiffe_id, claims)
-        memo = self._memo
         if len(memo) >= self.MEMO_SIZE:
             memo.clear()
         memo[spiffe_id] = (values, found)
@@ -604,6 +645,89 @@ class Engine:
         denies = tuple(filter(_is_deny, matched))
         allows = tuple(filterfalse(_is_deny, matched))
         return denies, allows, sum(map(_bit, denies)), sum(map(_bit, allows))
+
+    @property
+    def people(self) -> tuple[str, ...]:
+        """The people ``user`` subjects name, sorted."""
+        return tuple(sorted(self._by_user))
+
+    @property
+    def next_expiry(self) -> float | None:
+        """When the next binding expires (epoch seconds), None when none will."""
+        return None if self._next_expiry == math.inf else self._next_expiry
+
+    def _expire(self) -> None:
+        """Drop the bindings whose ``expiresAt`` the clock has reached: out of every
+        index (new lists, so a decision iterating the old ones finishes undisturbed),
+        then fresh memos (a lookup started before keeps writing into the old memo)."""
+        assert self._clock is not None
+        with self._expiry_lock:
+            now = self._clock()
+            if now < self._next_expiry:
+                return  # another thread did it
+            dead = 0
+            upcoming = math.inf
+            for binding in self.bindings:
+                expires = binding.expires_at
+                if expires is None:
+                    continue
+                if expires <= now:
+                    dead |= binding.bit
+                elif expires < upcoming:
+                    upcoming = expires
+            self._expired |= dead
+            gone = self._expired
+
+            def alive(entries: list[Any]) -> list[Any]:
+                return [e for e in entries if not (e[0].bit if type(e) is tuple else e.bit) & gone]
+
+            for index in (self._by_spiffe, self._by_claim, self._by_user):
+                for key in list(index):
+                    index[key] = alive(index[key])  # type: ignore[index]
+            for domain in list(self._by_pattern_domain):
+                self._by_pattern_domain[domain] = alive(self._by_pattern_domain[domain])
+            self._unindexed = alive(self._unindexed)
+            self._next_expiry = upcoming
+            self._expiring = upcoming != math.inf
+            self._memo = {}
+            self._user_memo = {}
+
+    def expired(self, name: str) -> bool:
+        """Whether the binding ``name`` has expired (by this engine's clock)."""
+        if self._expiring and self._clock() >= self._next_expiry:  # type: ignore[misc]
+            self._expire()
+        return any(b.name == name and b.bit & self._expired for b in self.bindings)
+
+    def applicable_user(self, name: str) -> tuple[tuple[_Binding, ...], tuple[_Binding, ...]]:
+        """(deny bindings, allow bindings) that name the person ``name``."""
+        denies, allows, _, _ = self._user_found(name)
+        return denies, allows
+
+    def _user_found(self, name: str) -> _Found:
+        if self._expiring and self._clock() >= self._next_expiry:  # type: ignore[misc]
+            self._expire()
+        memo = self._user_memo
+        found = memo.get(name)
+        if found is None:
+            matched = self._by_user.get(name, ())
+            denies = tuple(filter(_is_deny, matched))
+            allows = tuple(filterfalse(_is_deny, matched))
+            found = (denies, allows, sum(map(_bit, denies)), sum(map(_bit, allows)))
+            if len(memo) >= self.MEMO_SIZE:
+                memo.clear()
+            memo[name] = found
+        return found
+
+    def decide_user(self, name: str, request: Request) -> Decision:
+        """The decision for the person ``name`` (the Kubernetes username ``user:NAME``):
+        the bindings with a ``user: name`` subject only, never a workload subject."""
+        return self._decide_found(self._user_found(name), request)
+
+    def decide_reading_user(self, name: str, request: Request) -> Decision:
+        """:meth:`decide_reading` for a person (the effective diff's probes)."""
+        family = family_of(request)
+        found = self._user_found(name)
+        return self._decide_one(found, request, family, self._candidates.of(request, family))
 
     def resolve(self, request: Request) -> Request:
         """The request as this cluster reads it (module docstring): the cluster domain
@@ -642,6 +766,8 @@ class Engine:
         return read
 
     def decide(self, spiffe_id: str, claims: Mapping[str, Any], request: Request) -> Decision:
+        if self._expiring and self._clock() >= self._next_expiry:  # type: ignore[misc]
+            self._expire()
         # _applicable, inlined for an identity already seen
         values = tuple(map(claims.get, self._claim_keys, self._absent))
         remembered = self._memo.get(spiffe_id)
@@ -649,6 +775,32 @@ class Engine:
             found = remembered[1]
         else:
             found = self._remember(spiffe_id, claims, values)
+        # _decide_found, inlined (the hot path: one call less)
+        kind = type(request)
+        candidates = self._candidates
+        if kind is ServiceRequest:
+            # _read_service and CandidateIndex.service, inlined
+            host, namespace = request.host, request.namespace  # type: ignore[union-attr]
+            read = self._hosts.get((host, namespace)) or self._read_host(host, namespace)
+            if not read[3]:
+                request = ServiceRequest(read[0], request.path, request.method, read[1])  # type: ignore[union-attr]
+            if read[2]:
+                return self._decide_readings(found[0], found[1], request)  # type: ignore[arg-type]
+            methods = candidates.methods.get(request.method, candidates.any_method)  # type: ignore[union-attr]
+            return self._decide_one(found, request, "service", methods & read[4])
+        if kind is KubernetesRequest:
+            return self._decide_one(
+                found,
+                request,
+                "resource",
+                candidates.resource(request),  # type: ignore[arg-type]
+            )
+        family = family_of(request)
+        return self._decide_one(found, request, family, candidates.of(request, family))
+
+    def _decide_found(self, found: _Found, request: Request) -> Decision:
+        """The decision on ``request`` over the bindings ``found`` for one subject
+        (:meth:`decide` inlines it)."""
         kind = type(request)
         candidates = self._candidates
         if kind is ServiceRequest:

@@ -16,7 +16,8 @@ that way can then authorize them with plain ``rbac.authorization.k8s.io/v1`` obj
   no namespaces, else one ``RoleBinding`` ``trustmesh:<binding>`` in each listed
   namespace (RBAC semantics then match the engine's: a namespaced binding grants
   neither cluster-scoped resources nor non-resource URLs).
-* subjects: ``spiffeId``/``workload`` → ``User <SPIFFE ID>``; exactly one claim that
+* subjects: ``spiffeId``/``workload`` → ``User <SPIFFE ID>``; ``user: NAME`` (a person)
+  → ``User user:NAME`` (the username the agent's TokenReview gives a login token); exactly one claim that
   has a group, without ``matchExpressions`` → ``Group trustmesh:<claim>:<value>``;
   anything RBAC cannot express (several claims ANDed, ``matchExpressions``, a claim
   without a group, a workload ANDed with claims, a ``spiffeId`` pattern) is expanded into ``User`` subjects
@@ -24,8 +25,8 @@ that way can then authorize them with plain ``rbac.authorization.k8s.io/v1`` obj
   subject matching, and the binding's annotation says it was expanded (re-export
   after the registry changes).
 
-What RBAC cannot express is returned as warnings, never silently dropped: deny
-bindings (RBAC only grants; the trustmesh authorizer webhook's ``denied: true`` is
+What RBAC cannot express is returned as warnings, never silently dropped: a binding's
+``expiresAt`` (RBAC objects do not expire), deny bindings (RBAC only grants; the trustmesh authorizer webhook's ``denied: true`` is
 what enforces them, so native RBAC alone is *more* permissive), and resources written
 ``<resource>/*`` (the engine reads "every subresource", RBAC matches only ``*`` and
 ``*/<subresource>``, so natively they grant nothing).
@@ -34,6 +35,7 @@ what enforces them, so native RBAC alone is *more* permissive), and resources wr
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import yaml
@@ -174,6 +176,9 @@ def _subjects(
         claims = body.get("claims", {})
         expressions = body.get("matchExpressions", ())
         exact = "spiffeId" in body and not is_spiffe_id_pattern(body["spiffeId"])
+        if "user" in body:  # a person: the agent's TokenReview username user:NAME
+            subjects += [s for s in [_subject("User", f"user:{body['user']}")] if s not in subjects]
+            continue
         if exact and not claims and not expressions:
             found = [_subject("User", body["spiffeId"])]
         elif "spiffeId" not in body and not expressions and len(claims) == 1:
@@ -218,6 +223,12 @@ def export_rbac(policy: PolicySet, registry: Registry, cluster: str) -> RbacExpo
                 "allow what it denies"
             )
             continue
+        if "expiresAt" in binding:
+            warnings.append(
+                f"RoleBinding {name} expires at {_rfc3339(binding['expiresAt'])}; RBAC has no "
+                "expiry: delete its exported binding then (the trustmesh authorizer webhook "
+                "stops matching it on its own)"
+            )
         if role not in roles:
             roles[role] = _cluster_role(role, bundle["roles"][role])
         subjects, notes = _subjects(cluster, binding["subjects"], identities)
@@ -240,6 +251,10 @@ def export_rbac(policy: PolicySet, registry: Registry, cluster: str) -> RbacExpo
     role_bindings.sort(key=lambda m: (m["metadata"]["name"], m["metadata"]["namespace"]))
     manifests = [roles[r] for r in sorted(roles)] + cluster_bindings + role_bindings
     return RbacExport(manifests, warnings)
+
+
+def _rfc3339(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def render_yaml(manifests: list[dict[str, Any]], warnings: list[str] | None = None) -> str:

@@ -7,8 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from trustmesh.manifests import PolicyTestCase
 from trustmesh.policy.compiler import PolicySet, compile_all
-from trustmesh.policy.engine import Engine
+from trustmesh.policy.engine import Decision, Engine
 from trustmesh.registry import Registry
 
 
@@ -52,6 +53,11 @@ def run_policy_tests(
             if engine is None:
                 engine = engines[case.cluster] = Engine(bundles[case.cluster])
             subject = case.subject
+            if subject.user is not None:  # a person (Kubernetes requests only)
+                results.append(
+                    _result(test_name, case, engine.decide_user(subject.user, case.request))
+                )
+                continue
             named = registry.identity_named(subject.workload) if subject.workload else None
             if named is not None:  # a Workload, or an identity a template gives
                 spiffe_id = named.spiffe_id
@@ -62,14 +68,16 @@ def run_policy_tests(
                 )
                 claims = dict(subject.claims)
             decision = engine.decide(spiffe_id, claims, case.request)
-            results.append(
-                CaseResult(
-                    test=test_name,
-                    case=case.name,
-                    cluster=case.cluster,
-                    expected=case.expect,
-                    got="allow" if decision.allowed else "deny",
-                    reason=decision.reason,
-                )
-            )
+            results.append(_result(test_name, case, decision))
     return results
+
+
+def _result(test: str, case: PolicyTestCase, decision: Decision) -> CaseResult:
+    return CaseResult(
+        test=test,
+        case=case.name,
+        cluster=case.cluster,
+        expected=case.expect,
+        got="allow" if decision.allowed else "deny",
+        reason=decision.reason,
+    )

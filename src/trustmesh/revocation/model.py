@@ -4,7 +4,8 @@ Four kinds (DESIGN §5):
 
 * ``jti`` — one token;
 * ``subject`` — a SPIFFE ID (``--workload`` resolves to one): every token issued at or
-  before the revocation's second;
+  before the revocation's second; or ``user:NAME``, a person's login tokens for the
+  clusters' API servers (``trustmesh user remove`` writes it; ``identity/login.py``);
 * ``cluster`` — every token that originated in that cluster at or before it;
 * ``key`` — every token signed with that ``kid`` (the key also leaves JWKS).
 

@@ -44,6 +44,7 @@ from trustmesh.common.clock import Clock, system_clock
 from trustmesh.common.errors import ConfigError
 from trustmesh.common.files import private_directory
 from trustmesh.common.limits import DEFAULT_LONG_POLLS_PER_CREDENTIAL
+from trustmesh.common.names import USER_PREFIX
 from trustmesh.common.tracing import Tracing
 from trustmesh.identity.keys import KeyManager
 from trustmesh.identity.kubernetes_sa import (
@@ -70,12 +71,13 @@ from trustmesh.server.cluster_keys import (
     ClusterKeyStore,
     stored_keys_report,
 )
-from trustmesh.server.credentials import CredentialAdmin, CredentialStore
+from trustmesh.server.credentials import CredentialAdmin, CredentialRecord, CredentialStore
 from trustmesh.server.discovery import discovery, spiffe_bundle
 from trustmesh.server.federation import Federation
 from trustmesh.server.health import AUDIT, DATABASE, ISSUE, SERVE, Health
 from trustmesh.server.inventory import Inventory
 from trustmesh.server.issuance import Issuance
+from trustmesh.server.login import Logins
 from trustmesh.server.metrics import ServerMetrics
 from trustmesh.server.recorder import AuditRecorder
 from trustmesh.server.retirement import Retirement
@@ -269,6 +271,9 @@ class ControlPlane:
             self.clock,
         )
         self.credential_admin = CredentialAdmin(self.credentials, self.recorder)
+        self.logins = Logins(
+            self.snapshots, self.recorder, self.clock, self.issuer, self.trust_domain
+        )
         self.revoker = Revoker(
             self.revocation_store, self.keys, self.snapshots, self.recorder, self.ca
         )
@@ -305,6 +310,13 @@ class ControlPlane:
         self.federation = Federation(
             federation_store, self.registry_store, self.snapshots, self.recorder, self.clock
         )
+
+    def remove_person(self, name: str, actor: str, reason: str) -> CredentialRecord:
+        """``trustmesh user remove``: the person's credential is revoked, and so are
+        their login tokens on every agent (a subject revocation of ``user:NAME``)."""
+        removed = self.credential_admin.remove_person(name, actor, reason)
+        self.revoker.revoke("subject", f"{USER_PREFIX}{name}", reason or "user removed", actor)
+        return removed
 
     async def start(self) -> None:
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(5.0), trust_env=False)

@@ -54,6 +54,7 @@ from trustmesh.audit import events as ev
 from trustmesh.common.clock import Clock
 from trustmesh.common.errors import Conflict, InvalidRequest, NotFound, Unauthenticated
 from trustmesh.common.files import write_atomically
+from trustmesh.common.names import PERSON_NAME, PERSON_NAME_RULE
 from trustmesh.revocation.suspension import check_reason
 from trustmesh.server.recorder import AuditRecorder
 from trustmesh.storage import Database
@@ -73,7 +74,6 @@ AUDITOR = "auditor"
 ROLES = (ADMIN, APPROVER, AUDITOR)
 READERS = frozenset(ROLES)
 BOOTSTRAP = "bootstrap"  # the name the bootstrap credential acts under
-PERSON_NAME = re.compile(r"^[a-z][a-z0-9._-]{0,62}[a-z0-9]$|^[a-z]$")
 MAX_SECRET = 200
 LAST_USE_RESOLUTION = 60.0  # seconds: the last use is written at most this often
 DEFAULT_OVERLAP = 3600  # seconds the replaced secret keeps working after a rotation
@@ -213,10 +213,7 @@ def check_person(name: Any) -> str:
     and in policy versions)."""
     if not isinstance(name, str) or not PERSON_NAME.fullmatch(name):
         shown = repr(name[:64]) if isinstance(name, str) else "that"
-        raise InvalidRequest(
-            f"person name {shown} is not valid: 1-64 lowercase letters, digits, '.', '_' "
-            "or '-', starting with a letter and ending with a letter or digit"
-        )
+        raise InvalidRequest(f"person name {shown} is not valid: {PERSON_NAME_RULE}")
     if name == BOOTSTRAP:
         raise InvalidRequest(f"{BOOTSTRAP!r} is reserved for the bootstrap admin.token")
     return name

@@ -23,6 +23,7 @@ from sqlalchemy import Connection
 from trustmesh.audit import events as ev
 from trustmesh.common.clock import Clock
 from trustmesh.common.errors import InvalidRequest, NotFound, RevocationError, SpiffeIdError
+from trustmesh.common.names import USER_PREFIX, person_of
 from trustmesh.identity.keys import MAX_TOKEN_TTL, KeyManager
 from trustmesh.identity.svid import MAX_PARTNER_SVID_LIFETIME
 from trustmesh.identity.x509ca import CaManager
@@ -64,6 +65,10 @@ class Revoker:
             if named is None:
                 raise NotFound(f"workload {value} is not registered")
             return "subject", named.spiffe_id
+        if kind == "subject" and value.startswith(USER_PREFIX):
+            if person_of(value) is None:  # a person's login tokens (identity/login.py)
+                raise RevocationError(f"{value[:100]!r} is not user:NAME of a valid person name")
+            return kind, value
         if kind == "subject":
             try:
                 domain, _ = parse_spiffe_id(value)
@@ -89,15 +94,19 @@ class Revoker:
 
     def revoke(self, kind: str, value: str, reason: str, actor: str) -> tuple[Revocation, bool]:
         """``kind``: jti, subject (a SPIFFE ID of the trust domain or of a federated
-        one), workload (its SPIFFE ID is revoked), cluster (registered), key (a published
+        one, or ``user:NAME``: a person's login tokens), workload (its SPIFFE ID is revoked), cluster (registered), key (a published
         kid, or a published CA root's fingerprint: the root leaves the bundle and agents
         refuse what it signed). Returns the entry and whether it is new (repeating a revocation returns the
         one in force). An entry for a federated SPIFFE ID lives as long as the longest
         lifetime accepted of that domain's tokens (``MAX_PARTNER_SVID_LIFETIME``)."""
         root_ids = set(self.snapshots.ca.fingerprints())  # before a root leaves them
         kind, value = self._target(kind, value)
-        lifetime = MAX_TOKEN_TTL
-        if kind == "subject" and trust_domain_of(value) != self.snapshots.trust_domain:
+        lifetime = MAX_TOKEN_TTL  # login tokens live at most as long (MAX_LOGIN_TTL)
+        if (
+            kind == "subject"
+            and not value.startswith(USER_PREFIX)
+            and trust_domain_of(value) != self.snapshots.trust_domain
+        ):
             lifetime = MAX_PARTNER_SVID_LIFETIME
 
         def record(conn: Connection, entry: Revocation) -> None:

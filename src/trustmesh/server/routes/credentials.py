@@ -26,6 +26,7 @@ from trustmesh.server.credentials import (
     check_role,
     check_seconds,
 )
+from trustmesh.server.login import check_login
 from trustmesh.server.routes._auth import Callers
 
 MAX_CREDENTIAL_BODY = 16 * 1024
@@ -147,14 +148,22 @@ def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
         if not isinstance(reason, str):
             raise InvalidRequest("reason must be a string")
         record = await run_in_threadpool(
-            plane.credential_admin.remove_person,
+            plane.remove_person,
             request.path_params["name"],
             principal.name,
             reason,
         )
         return JSONResponse({"credential": record.to_json(plane.clock())}, headers=NO_STORE)
 
+    async def login(request: Request) -> Response:
+        """``{"cluster", "ttl"?}`` -> a person's login token for that cluster."""
+        principal = await callers.read(request)
+        cluster, ttl = check_login(await optional_json(request, {"cluster", "ttl"}))
+        answer = await plane.logins.login(principal, cluster, ttl)
+        return JSONResponse(answer, headers=NO_STORE)
+
     return [
+        Route("/v1/login", login, methods=["POST"]),
         Route("/v1/people", add_person, methods=["POST"]),
         Route("/v1/people", people, methods=["GET"]),
         Route("/v1/people/{name}/remove", remove_person, methods=["POST"]),
