@@ -19,10 +19,13 @@ import pytest
 from test_people import add, call, events, refused, run
 
 from helpers import (
+    TRUST_DOMAIN,
     Server,
     cluster_yaml,
     database_for,
     eventually,
+    serve_cluster,
+    start_agent,
     start_replica,
     start_server,
     workload_yaml,
@@ -351,3 +354,64 @@ def test_expiry_is_recorded_once_across_two_replicas(
     finally:
         second.stop()
         first.stop()
+
+
+def test_an_approved_access_is_in_force_at_the_agent_until_its_expiry(tmp_path: Path) -> None:
+    """A real agent of the target cluster: workload web's JWT-SVID is denied the orders
+    API; an approved request of 8 s lets it in, and at the expiry the agent denies it
+    again by itself — no policy version is published in between."""
+    server = start_server(tmp_path / "cp")
+    origin = serve_cluster("access")
+    agent = None
+    try:
+        boot = server.admin_token
+        rita = add(server, boot, "rita", "auditor")
+        dave = add(server, boot, "dave", "approver")
+        ada = add(server, boot, "ada", "admin")
+        manifests = "---\n".join(
+            [
+                cluster_yaml("east", origin.issuer),
+                cluster_yaml("target", "http://127.0.0.1:9/target"),
+                workload_yaml("web", "east", "shop", "web"),
+                ROLE,
+            ]
+        )
+        answer = post(server, ada, "/v1/apply", {"files": [{"path": "a.yaml", "content": manifests}]})  # fmt: skip
+        assert answer.status_code == 200, answer.text
+        credential = post(server, ada, "/v1/clusters/target/credentials", {}).json()["token"]
+        agent = start_agent("target", [server.url], tmp_path / "agent", credential)
+        exchanged = server.exchange(
+            origin.mint("shop", "web"), f"spiffe://{TRUST_DOMAIN}/cluster/target"
+        )
+        assert exchanged.status_code == 200, exchanged.text
+        token = exchanged.json()["access_token"]
+        orders = {"host": "orders.test", "path": "/api/orders", "method": "GET"}
+
+        def allowed() -> bool:
+            assert agent is not None
+            answer = agent.authorize(token, orders)
+            assert answer.status_code == 200, answer.text
+            return bool(answer.json()["allowed"])
+
+        assert allowed() is False
+        body = {"role": "orders-reader", "subject": {"workload": "web"}, "clusters": ["target"],
+                "duration": 8, "reason": "INC-7: read the orders"}  # fmt: skip
+        created = post(server, rita, "/v1/access", body)
+        assert created.status_code == 201, created.text
+        request_id = created.json()["id"]
+        approved = post(server, dave, f"/v1/access/{request_id}/approve", {})
+        assert approved.status_code == 200, approved.text
+        revision = approved.json()["policyRevision"]
+        expires_at = approved.json()["expiresAt"]
+        eventually(allowed, "the agent allows web once the approval reached it")
+        eventually(lambda: not allowed(), "the agent denies web again at the expiry")
+        assert time.time() >= expires_at - 1  # not before the expiry (clock granularity)
+        assert current_policy(server, rita)["revision"] == revision  # no publish between
+        eventually(
+            lambda: shown(server, rita, request_id)["state"] == "expired", "the request expired"
+        )
+    finally:
+        if agent is not None:
+            agent.stop()
+        origin.stop()
+        server.stop()

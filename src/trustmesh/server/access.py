@@ -315,7 +315,7 @@ class AccessRequests:
                 return body, version.revision
         raise NotFound(
             f"role {_printable(role)} does not exist in the current policy (revision "
-            f"{version.revision}); trustmesh get roles lists the GlobalRoles"
+            f"{version.revision}); trustmesh policy show lists its GlobalRoles"
         )
 
     def _subject(self, subject: Any) -> tuple[str, str]:
