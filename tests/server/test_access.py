@@ -123,6 +123,11 @@ def test_refusals_of_bad_requests(db_url: str | None, tmp_path: Path) -> None:
     body naming the problem), and none is stored."""
     server = start_server(tmp_path / "data", db_url)
     try:
+        body = {"role": "orders-reader", "subject": {"workload": "web"}, "clusters": ["east"],
+                "duration": 3600, "reason": "incident 42"}  # fmt: skip
+        answer = post(server, server.admin_token, "/v1/access", body)  # before any person
+        assert answer.status_code == 403, answer.text
+        assert "bootstrap admin.token" in answer.json()["error_description"]
         people = set_up(server)
         rita = people.rita
 
@@ -149,8 +154,6 @@ def test_refusals_of_bad_requests(db_url: str | None, tmp_path: Path) -> None:
         refused(cli("--reason", "x" * 1001), "1001 characters; at most 1000")
         refused(cli("--reason", "a\x1b[2Jb"), "printable")
 
-        body = {"role": "orders-reader", "subject": {"workload": "web"}, "clusters": ["east"],
-                "duration": 3600, "reason": "incident 42"}  # fmt: skip
         for change, fragment in [
             ({"duration": -5}, "more than 0 seconds"),
             ({"duration": 1.5}, "whole number of seconds"),
@@ -192,13 +195,14 @@ def test_refusals_of_bad_requests(db_url: str | None, tmp_path: Path) -> None:
 
 def test_request_approve_deny_and_refused_decisions(db_url: str | None, tmp_path: Path) -> None:
     """carol requests, dave (another approver) approves: RoleBinding access-ID with
-    expiresAt in the current policy, authored by user:dave; the refused decisions
-    (the requester, an auditor, the person who gains the access, a decided request);
-    a denial; the events; the metric."""
+    expiresAt and the namespace in the current policy, authored by user:dave; the
+    refused decisions (the requester, an auditor, an admin, the person who gains the
+    access, a decided request); carol approves dave's own access (a user subject); a
+    denial; the events; the metric."""
     server = start_server(tmp_path / "data", db_url)
     try:
         people = set_up(server)
-        first = request_access(server, people.carol)
+        first = request_access(server, people.carol, "--namespaces", "shop")
         pending = shown(server, people.rita, first)
         assert pending["state"] == "pending" and pending["requester"] == "user:carol"
         assert pending["subject"] == {"workload": "web"} and pending["duration"] == 3600
@@ -234,6 +238,7 @@ def test_request_approve_deny_and_refused_decisions(db_url: str | None, tmp_path
         assert binding["spec"]["role"] == "orders-reader"
         assert binding["spec"]["subjects"] == [{"workload": "web"}]
         assert binding["spec"]["clusters"]["names"] == ["east"]
+        assert binding["spec"]["namespaces"] == ["shop"]
         assert binding["spec"]["expiresAt"].endswith("Z")
         table = run(server, people.rita, "access", "list")
         assert table.returncode == 0 and "59m" in table.stdout, table.stdout
@@ -241,20 +246,33 @@ def test_request_approve_deny_and_refused_decisions(db_url: str | None, tmp_path
         again = run(server, people.dave, "access", "approve", first)
         refused(again, f"access request {first} is approved, not pending")
 
+        # carol (neither the requester nor dave) approves dave's access: a user subject
+        approved = run(server, people.carol, "access", "approve", for_dave)
+        assert approved.returncode == 0, approved.stderr
+        policy = current_policy(server, people.rita)
+        assert policy["author"] == "user:carol"
+        binding = access_bindings(policy)[f"access-{for_dave}"]
+        assert binding["spec"]["subjects"] == [{"user": "dave"}]
+        assert f"access-{first}" in access_bindings(policy)  # still in force
+
         # a denial needs a reason
-        answer = post(server, people.carol, f"/v1/access/{for_dave}/deny", {})
+        later = request_access(server, people.rita)
+        answer = post(server, people.carol, f"/v1/access/{later}/deny", {})
         assert answer.status_code == 400 and "reason" in answer.text
-        denied = run(server, people.carol, "access", "deny", for_dave, "--reason", "not now")
+        denied = run(server, people.carol, "access", "deny", later, "--reason", "not now")
         assert denied.returncode == 0, denied.stderr
-        assert shown(server, people.rita, for_dave)["state"] == "denied"
-        refused(run(server, people.carol, "access", "approve", for_dave), "is denied")
+        assert shown(server, people.rita, later)["state"] == "denied"
+        refused(run(server, people.dave, "access", "approve", later), "is denied")
 
         requested = events(server, people.rita, "access.requested")
         assert {e["detail"]["id"]: e["actor"] for e in requested} == {
             first: "user:carol",
             for_dave: "user:rita",
+            later: "user:rita",
         }
-        (event,) = events(server, people.rita, "access.approved")
+        approvals = {e["detail"]["id"]: e for e in events(server, people.rita, "access.approved")}
+        assert approvals[for_dave]["actor"] == "user:carol"
+        event = approvals[first]
         assert event["actor"] == "user:dave"
         assert event["detail"]["id"] == first and event["detail"]["role"] == "orders-reader"
         assert event["detail"]["subject"] == {"workload": "web"}
@@ -268,7 +286,7 @@ def test_request_approve_deny_and_refused_decisions(db_url: str | None, tmp_path
             "user:dave"
         ]
         metrics = httpx.get(server.url + "/metrics", timeout=10).text
-        assert "trustmesh_access_request_fulfillment_seconds_count 1.0" in metrics
+        assert "trustmesh_access_request_fulfillment_seconds_count 2.0" in metrics
     finally:
         server.stop()
 
