@@ -38,6 +38,14 @@ metadata: {name: orders-reader}
 spec:
   rules: [{services: [orders.test], paths: [/api/*], methods: [GET]}]
 """
+SHORT = """---
+apiVersion: trustmesh.io/v1alpha1
+kind: GlobalRole
+metadata: {name: orders-writer}
+spec:
+  maxAccessDuration: 30m
+  rules: [{services: [orders.test], paths: [/api/*], methods: [POST]}]
+"""
 VETO = """---
 apiVersion: trustmesh.io/v1alpha1
 kind: PolicyTest
@@ -201,7 +209,13 @@ def test_request_approve_deny_and_refused_decisions(db_url: str | None, tmp_path
     denial; the events; the metric."""
     server = start_server(tmp_path / "data", db_url)
     try:
-        people = set_up(server)
+        people = set_up(server, SHORT)
+        # a role's own maxAccessDuration (wip-acc-policy's field), named with the duration
+        over = run(
+            server, people.rita, "access", "request", "--role", "orders-writer", "--subject",
+            "workload=web", "--clusters", "east", "--duration", "1h", "--reason", "x",
+        )  # fmt: skip
+        refused(over, "duration 1h (3600 s) is over role orders-writer's maxAccessDuration 30m")
         first = request_access(server, people.carol, "--namespaces", "shop")
         pending = shown(server, people.rita, first)
         assert pending["state"] == "pending" and pending["requester"] == "user:carol"
