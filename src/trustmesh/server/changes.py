@@ -23,6 +23,7 @@ from sqlalchemy import Connection
 
 from trustmesh.audit import events as ev
 from trustmesh.common.errors import (
+    Conflict,
     ManifestError,
     NotFound,
     PolicyError,
@@ -38,6 +39,14 @@ from trustmesh.server.retirement import Retirement
 from trustmesh.server.snapshots import Snapshots
 from trustmesh.server.usage import UsageTracker
 from trustmesh.storage import Database
+
+PUBLISH_ATTEMPTS = 3  # an approval's publish is built again when another version came between
+
+
+class _PolicyMoved(Exception):
+    """Another policy version was written between reading the current one and taking
+    the revision counter's lock (PostgreSQL, read committed): the candidate is built
+    again on the newer one, so no version drops what the one before added."""
 
 
 @dataclass(frozen=True)
@@ -242,11 +251,19 @@ class Changes:
         together, or nothing does. A candidate the gate refuses raises PolicyError or
         PolicyTestFailed, recorded as ``policy.rejected``; an error ``then`` raises
         rolls everything back."""
-        try:
-            result = self._publish_access(binding, drop, actor, message, via, then)
-        except (PolicyError, PolicyTestFailed, ManifestError) as exc:
-            self._record_refusal(actor, via, exc, [], None)
-            raise
+        for attempt in range(PUBLISH_ATTEMPTS):
+            try:
+                result = self._publish_access(binding, drop, actor, message, via, then)
+            except _PolicyMoved:
+                if attempt + 1 < PUBLISH_ATTEMPTS:
+                    continue
+                raise Conflict(
+                    "the policy changed while the approval was being published; try again"
+                ) from None
+            except (PolicyError, PolicyTestFailed, ManifestError) as exc:
+                self._record_refusal(actor, via, exc, [], None)
+                raise
+            break
         self.recorder.drain()
         return result
 
@@ -270,6 +287,8 @@ class Changes:
             current = self.catalog.current(conn).revision
             tests = gate(plan.policy, registry, current + 1)
             revision = self.catalog.write(conn, plan, actor, message, via)
+            if revision != current + 1:  # another version came between: built on stale docs
+                raise _PolicyMoved
             changes = [AppliedChange(c["kind"], c["name"], c["action"]) for c in plan.diff]
             result = ApplyResult(registry.revision, revision, changes, tests, False)
             self._stage_applied(conn, actor, result, message, via, None)
