@@ -113,8 +113,15 @@ def _undo_migration_11(conn: Connection) -> None:
     conn.execute(delete(schema_migrations).where(schema_migrations.c.version == 11))
 
 
+def _undo_migration_13(conn: Connection) -> None:
+    """The database as version 12 left it: no access requests."""
+    conn.execute(text("DROP TABLE access_requests"))
+    conn.execute(delete(schema_migrations).where(schema_migrations.c.version == 13))
+
+
 def _undo_migration_12(conn: Connection) -> None:
     """The database as version 11 left it: credentials without a person or a role."""
+    _undo_migration_13(conn)
     inspector = inspect(conn)
     if inspector.has_table("credentials") and "person" in {
         c["name"] for c in inspector.get_columns("credentials")
@@ -201,7 +208,7 @@ def test_migration_10_adds_template_identities_to_a_version_9_database(
         with db.engine.begin() as conn:
             _undo_migration_10(conn)
         assert current_version(db.engine) == 9
-        assert migrate(db.engine) == LATEST == 12
+        assert migrate(db.engine) == LATEST == 13
         store = TemplateObservations(db)
         store.record("teams", "east", "team-a", "api", "spiffe://corp.example/x", 10.0)
         # another replica (a fresh store) records the same identity: one row, the first
@@ -242,6 +249,51 @@ def test_migration_12_adds_people_to_a_version_11_database(
         assert person is not None and (person.name, person.role) == ("user:ann", "auditor")
         with pytest.raises(Conflict, match="exists already"):
             store.create(PERSON, created_by="user:bootstrap", person="ann", role="admin")
+        assert migrate(db.engine) == LATEST  # and again: nothing to do
+    finally:
+        db.dispose()
+
+
+def test_migration_13_adds_access_requests_to_a_version_12_database(
+    db_url: str | None, tmp_path: Path
+) -> None:
+    """A version 12 database gets the access requests' table: a request is stored and
+    read back, and its expiry is recorded once however many replicas try."""
+    import json
+
+    from sqlalchemy import select, update
+
+    from trustmesh.storage.schema import access_requests
+
+    db = open_database(db_url, tmp_path)
+    try:
+        with db.engine.begin() as conn:
+            _undo_migration_13(conn)
+        assert current_version(db.engine) == 12
+        assert "access_requests" not in inspect(db.engine).get_table_names()
+        assert migrate(db.engine) == LATEST == 13
+        with db.engine.begin() as conn:
+            conn.execute(
+                access_requests.insert().values(
+                    id="abc", requester="ann", role="reader", subject_kind="workload",
+                    subject_value="web", clusters=json.dumps(["east"]), duration=60,
+                    reason="incident 7", state="approved", created_at=1.0, expires_at=61.0,
+                )
+            )  # fmt: skip
+        with db.engine.connect() as conn:
+            row = conn.execute(select(access_requests)).one()
+        assert (row.expired_recorded, json.loads(row.clusters)) == (0, ["east"])
+        recorded = []
+        for _ in range(2):  # two replicas finding it due: one conditional update wins
+            with db.engine.begin() as conn:
+                recorded.append(
+                    conn.execute(
+                        update(access_requests)
+                        .where(access_requests.c.expired_recorded == 0)
+                        .values(state="expired", expired_recorded=1)
+                    ).rowcount
+                )
+        assert recorded == [1, 0]
         assert migrate(db.engine) == LATEST  # and again: nothing to do
     finally:
         db.dispose()
@@ -360,7 +412,7 @@ def test_migration_11_adds_pending_accounts_and_identity_usage_to_a_version_10_d
         with db.engine.begin() as conn:
             _undo_migration_11(conn)
         assert current_version(db.engine) == 10
-        assert migrate(db.engine) == LATEST == 12
+        assert migrate(db.engine) == LATEST == 13
         tables = set(inspect(db.engine).get_table_names())
         assert {"pending_accounts", "identity_usage"} <= tables
         empty = build_registry("corp.example", 0, [])

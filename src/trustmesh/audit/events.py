@@ -82,6 +82,16 @@ WORKLOAD_RETIRED = "workload.retired"
 credential and no decision. It gets no credential from then on and what it was issued is
 revoked, until an apply of its manifest restores it (``workload.restored``)."""
 WORKLOAD_RESTORED = "workload.restored"
+ACCESS_REQUESTED = "access.requested"
+"""A person asked for a role for a subject, on some clusters, for a while (DESIGN §11,
+``server/access.py``): id, role, subject, clusters, namespaces, duration, reason."""
+ACCESS_APPROVED = "access.approved"
+"""An approver approved an access request: RoleBinding ``access-ID`` was published in
+the same transaction (``policy_revision``), in force until ``expires_at``."""
+ACCESS_DENIED = "access.denied"
+ACCESS_EXPIRED = "access.expired"
+"""An approved access request passed its ``expires_at`` (agents stopped matching its
+binding then, by themselves); written once, by the replica that found it first."""
 AUDIT_GAP = "audit.gap_detected"
 REFUSALS_FOLDED = "audit.refusals_folded"
 ORIGIN_STARTED = "audit.origin_started"
@@ -109,6 +119,10 @@ EVENT_TYPES = frozenset(
         CLUSTER_KEYS_EXPIRED,
         WORKLOAD_RETIRED,
         WORKLOAD_RESTORED,
+        ACCESS_REQUESTED,
+        ACCESS_APPROVED,
+        ACCESS_DENIED,
+        ACCESS_EXPIRED,
         AUDIT_GAP,
         REFUSALS_FOLDED,
         ORIGIN_STARTED,

@@ -33,6 +33,7 @@ from trustmesh.cli._common import (
     resolve_servers,
     resolve_token,
 )
+from trustmesh.cli.access import access_app
 from trustmesh.cli.admission import admission_app
 from trustmesh.cli.audit import audit_app
 from trustmesh.cli.backup import backup, drill, restore
@@ -68,6 +69,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(credentials_app, name="credentials")
 app.add_typer(user_app, name="user")
+app.add_typer(access_app, name="access")
 app.command("suspend")(suspend)
 app.command("login")(login_command)
 app.command("backup")(backup)

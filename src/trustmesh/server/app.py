@@ -15,6 +15,7 @@ from trustmesh.common.http import EXCEPTION_HANDLERS, error_response
 from trustmesh.server.controlplane import ControlPlane
 from trustmesh.server.health import DATABASE_DOWN
 from trustmesh.server.routes import (
+    access,
     admin,
     agents,
     audit,
@@ -60,6 +61,7 @@ def _starlette_app(plane: ControlPlane) -> Starlette:
         *public.routes(plane, callers),
         *admin.routes(plane, callers),
         *credentials.routes(plane, callers),
+        *access.routes(plane, callers),
         *agents.routes(plane, callers),
         *revocations.routes(plane, callers),
         *ssf.routes(plane, callers),

@@ -15,6 +15,7 @@ detail and the policy version's ``claimedAuthor``."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,8 +23,10 @@ from sqlalchemy import Connection
 
 from trustmesh.audit import events as ev
 from trustmesh.common.errors import (
+    Conflict,
     ManifestError,
     NotFound,
+    PolicyError,
     PolicyTestFailed,
 )
 from trustmesh.manifests import POLICY_KINDS, REGISTRY_KINDS, Document, Problem, parse_text
@@ -36,6 +39,14 @@ from trustmesh.server.retirement import Retirement
 from trustmesh.server.snapshots import Snapshots
 from trustmesh.server.usage import UsageTracker
 from trustmesh.storage import Database
+
+PUBLISH_ATTEMPTS = 3  # an approval's publish is built again when another version came between
+
+
+class _PolicyMoved(Exception):
+    """Another policy version was written between reading the current one and taking
+    the revision counter's lock (PostgreSQL, read committed): the candidate is built
+    again on the newer one, so no version drops what the one before added."""
 
 
 @dataclass(frozen=True)
@@ -219,6 +230,69 @@ class Changes:
             changes = [AppliedChange(c["kind"], c["name"], c["action"]) for c in plan.diff]
             result = ApplyResult(registry.revision, new_revision, changes, tests, False)
             self._stage_applied(conn, actor, result, message, via, claimed_author)
+        self.snapshots.refresh()
+        return result
+
+    def publish_access(
+        self,
+        binding: Document,
+        drop: Callable[[Document], bool],
+        actor: str,
+        message: str,
+        via: str,
+        then: Callable[[Connection, int], None],
+    ) -> ApplyResult:
+        """An approved access request's binding published through the gate, as an apply
+        is (``server/access.py``): the current policy without the documents ``drop``
+        selects (expired access bindings), plus ``binding``; every cluster's bundle
+        compiled and every PolicyTest decided on that candidate. In the same transaction
+        the new version, its ``policy.published`` (``via``: ``access:ID``) and whatever
+        ``then(conn, revision)`` writes (the request's state and its event) commit
+        together, or nothing does. A candidate the gate refuses raises PolicyError or
+        PolicyTestFailed, recorded as ``policy.rejected``; an error ``then`` raises
+        rolls everything back."""
+        for attempt in range(PUBLISH_ATTEMPTS):
+            try:
+                result = self._publish_access(binding, drop, actor, message, via, then)
+            except _PolicyMoved:
+                if attempt + 1 < PUBLISH_ATTEMPTS:
+                    continue
+                raise Conflict(
+                    "the policy changed while the approval was being published; try again"
+                ) from None
+            except (PolicyError, PolicyTestFailed, ManifestError) as exc:
+                self._record_refusal(actor, via, exc, [], None)
+                raise
+            break
+        self.recorder.drain()
+        return result
+
+    def _publish_access(
+        self,
+        binding: Document,
+        drop: Callable[[Document], bool],
+        actor: str,
+        message: str,
+        via: str,
+        then: Callable[[Connection, int], None],
+    ) -> ApplyResult:
+        with self.db.engine.begin() as conn:
+            kept = [
+                d
+                for d in documents_of(self.catalog.current(conn))
+                if (d.kind, d.name) != (binding.kind, binding.name) and not drop(d)
+            ]
+            plan = self.catalog.plan(conn, [*kept, binding], replace=True)
+            registry = self.registry_store.load(conn)
+            current = self.catalog.current(conn).revision
+            tests = gate(plan.policy, registry, current + 1)
+            revision = self.catalog.write(conn, plan, actor, message, via)
+            if revision != current + 1:  # another version came between: built on stale docs
+                raise _PolicyMoved
+            changes = [AppliedChange(c["kind"], c["name"], c["action"]) for c in plan.diff]
+            result = ApplyResult(registry.revision, revision, changes, tests, False)
+            self._stage_applied(conn, actor, result, message, via, None)
+            then(conn, revision)
         self.snapshots.refresh()
         return result
 

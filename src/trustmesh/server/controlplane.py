@@ -20,6 +20,7 @@ routes (``server/routes/``) call the services it holds.
 ``federation``         federated trust domains: their bundles polled, kept, published
 ``usage``              pending service accounts and identities' last use (coalesced)
 ``retirement``         retiring Workloads unused for their ``retireAfterUnused``
+``access``             access requests: request, approve (through the gate), deny, expire
 =====================  ===========================================================
 
 State has one owner, the database; see ``server/snapshots.py`` for how replicas agree."""
@@ -63,6 +64,7 @@ from trustmesh.registry.federation import FederationStore
 from trustmesh.registry.observed import TemplateObservations
 from trustmesh.revocation.store import RevocationStore
 from trustmesh.revocation.suspension import SuspensionStore
+from trustmesh.server.access import AccessRequests
 from trustmesh.server.agents import Agents
 from trustmesh.server.bundles import BundleSigner
 from trustmesh.server.changes import Changes
@@ -100,6 +102,7 @@ log = logging.getLogger("trustmesh.server")
 
 SEQUENCER_LOCK_FILE = "audit-sequencer.lock"  # SQLite: where processes queue to sequence
 WAL_CHECKPOINT_INTERVAL = 1.0  # seconds between SQLite WAL checkpoints
+ACCESS_EXPIRY_INTERVAL = 1.0  # seconds between looks for access requests past their expiry
 SUSPENSION_GRACE = 2.0  # seconds a suspension's revocation reaches ahead (other replicas)
 
 
@@ -171,6 +174,7 @@ class ControlPlane:
         self.federation: Federation
         self.usage: UsageTracker
         self.retirement: Retirement
+        self.access: AccessRequests
 
     # -- start-up -----------------------------------------------------------------------
     def open(self) -> None:
@@ -259,6 +263,16 @@ class ControlPlane:
             self.recorder,
             self.retirement,
             self.usage,
+        )
+        self.access = AccessRequests(
+            self.db,
+            self.snapshots,
+            self.catalog,
+            self.changes,
+            self.credentials,
+            self.recorder,
+            self.clock,
+            observe_fulfillment=self.metrics.access_fulfillment.observe,
         )
         self.bundles = BundleSigner(self.snapshots)
         self.agents = Agents(
@@ -376,6 +390,7 @@ class ControlPlane:
             asyncio.create_task(self._checkpoint_loop(), name="audit-checkpoints"),
             asyncio.create_task(self.federation.run(), name="federation"),
             asyncio.create_task(self._usage_loop(), name="usage"),
+            asyncio.create_task(self._access_loop(), name="access-expiry"),
         ]
         if self.db.dialect == "sqlite":
             self._tasks.append(asyncio.create_task(self._wal_loop(), name="sqlite-wal"))
@@ -434,6 +449,16 @@ class ControlPlane:
                 await asyncio.to_thread(self.retirement.retire_due)
             except Exception as exc:
                 self._database_failed("retiring unused workloads failed", exc)
+
+    async def _access_loop(self) -> None:
+        """Record approved access requests past their expiry (``server/access.py``),
+        once across replicas; the agents dropped their bindings at the expiry already."""
+        while True:
+            await asyncio.sleep(ACCESS_EXPIRY_INTERVAL)
+            try:
+                await asyncio.to_thread(self.access.expire_due)
+            except Exception as exc:
+                self._database_failed("recording expired access requests failed", exc)
 
     async def flush_usage(self) -> None:
         """Write the pending refusals and last-use times gathered since the last flush

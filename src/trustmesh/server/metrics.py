@@ -76,3 +76,10 @@ class ServerMetrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0),
             registry=self.registry,
         )
+        self.access_fulfillment = Histogram(
+            "trustmesh_access_request_fulfillment_seconds",
+            "Time from an access request to its approval (observed by the replica that "
+            "approved it)",
+            buckets=(60, 300, 900, 1800, 3600, 4 * 3600, 8 * 3600, 86400, 3 * 86400, 7 * 86400),
+            registry=self.registry,
+        )

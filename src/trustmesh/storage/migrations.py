@@ -156,6 +156,10 @@ def _v12_people(conn: Connection) -> None:
             index.create(conn)
 
 
+def _v13_access_requests(conn: Connection) -> None:
+    schema.access_requests.create(conn, checkfirst=True)
+
+
 MIGRATIONS: list[Migration] = [
     (1, "initial schema: meta, signing keys, registry, credentials", _v1_initial),
     (2, "policy versions and agent status", _v2_policy),
@@ -178,6 +182,11 @@ MIGRATIONS: list[Migration] = [
         _v11_onboarding_and_usage,
     ),
     (12, "people: named credentials with a role", _v12_people),
+    (
+        13,
+        "access requests: a role for a subject, for a while, decided by an approver",
+        _v13_access_requests,
+    ),
 ]
 
 LATEST = MIGRATIONS[-1][0]

@@ -235,6 +235,34 @@ identity_usage = Table(
     Index("ix_identity_usage_workload", "workload"),
 )
 
+# Access requests (DESIGN §11, ``server/access.py``): a person asks for a role for a
+# subject, for a while; an approver's approval publishes RoleBinding ``access-ID``
+# (expiring at ``expires_at``). ``expired_recorded`` is set by the one replica whose
+# conditional update recorded ``access.expired``.
+access_requests = Table(
+    "access_requests",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("requester", String(64), nullable=False),  # a person's name
+    Column("role", String(253), nullable=False),
+    Column("subject_kind", String(16), nullable=False),  # "workload" | "spiffeId" | "user"
+    Column("subject_value", String(2048), nullable=False),
+    Column("clusters", Text, nullable=False),  # JSON list of cluster names
+    Column("namespaces", Text),  # JSON list, or NULL: every namespace
+    Column("duration", Integer, nullable=False),  # seconds, from the approval
+    Column("reason", Text, nullable=False),
+    Column("state", String(16), nullable=False),  # pending|approved|denied|expired
+    Column("created_at", Float, nullable=False),
+    Column("decided_by", String(64)),
+    Column("decided_at", Float),
+    Column("decision_reason", Text),
+    Column("expires_at", Float),
+    Column("policy_revision", Integer),  # the version the approval published
+    Column("expired_recorded", Integer, nullable=False, server_default=text("0")),
+    Index("ix_access_requests_state", "state", "expires_at"),
+    Index("ix_access_requests_requester", "requester", "state"),
+)
+
 # Policy versions: each is the complete set of policy documents at that revision.
 policy_versions = Table(
     "policy_versions",
