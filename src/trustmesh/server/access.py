@@ -44,7 +44,13 @@ from sqlalchemy import Connection, func, select, update
 from trustmesh.audit import events as ev
 from trustmesh.common.clock import Clock
 from trustmesh.common.errors import Conflict, Forbidden, InvalidRequest, NotFound
-from trustmesh.manifests import API_VERSION, Document, document_from_body
+from trustmesh.manifests import (
+    API_VERSION,
+    Document,
+    GlobalRoleSpec,
+    RoleBindingSpec,
+    document_from_body,
+)
 from trustmesh.policy.catalog import PolicyCatalog
 from trustmesh.server.changes import Changes
 from trustmesh.server.credentials import (
@@ -68,7 +74,6 @@ PENDING, APPROVED, DENIED, EXPIRED = "pending", "approved", "denied", "expired"
 STATES = (PENDING, APPROVED, DENIED, EXPIRED)
 SUBJECT_KINDS = ("workload", "spiffeId", "user")
 BINDING_PREFIX = "access-"
-DEFAULT_MAX_ACCESS_DURATION = 8 * 3600  # seconds: a GlobalRole without maxAccessDuration
 MAX_CLUSTERS = 50
 MAX_NAMESPACES = 50
 MAX_REASON = 1000
@@ -79,41 +84,19 @@ ID_LENGTH = 10
 REQUEST_ID = re.compile(r"^[a-z0-9]{1,32}$")
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")  # role, cluster, namespace names
 _WORKLOAD = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/[a-z0-9]([-a-z0-9.]*[a-z0-9])?){0,3}$")
-_DURATION = re.compile(r"^(?:([0-9]+)d)?(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s)?$")
 
 
 def max_access_duration(role_body: dict[str, Any]) -> int:
-    """A GlobalRole's ``spec.maxAccessDuration`` in seconds (default 8 h), read from its
-    stored manifest body: an integer of seconds, or a duration string (``30m``, ``8h``,
-    ``2d``)."""
-    value = (role_body.get("spec") or {}).get("maxAccessDuration")
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value:
-        match = _DURATION.fullmatch(value)
-        if match is not None:
-            days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
-            return days * 86400 + hours * 3600 + minutes * 60 + seconds
-    return DEFAULT_MAX_ACCESS_DURATION
+    """A stored GlobalRole's ``spec.maxAccessDuration`` in seconds (its default when
+    unset), as the manifest parser reads it."""
+    spec = document_from_body(role_body).spec
+    assert isinstance(spec, GlobalRoleSpec)
+    return spec.max_access_duration
 
 
 def rfc3339(moment: float) -> str:
     """Whole seconds, UTC, ``Z``: a RoleBinding's ``expiresAt``."""
     return datetime.fromtimestamp(int(moment), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def binding_expiry(body: dict[str, Any]) -> float | None:
-    """A stored RoleBinding's ``spec.expiresAt`` as epoch seconds (None: none, or not
-    a time)."""
-    value = (body.get("spec") or {}).get("expiresAt")
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, str):
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
 
 
 def _printable(value: str) -> str:
@@ -566,7 +549,8 @@ class AccessRequests:
         """An access binding past its ``expiresAt``: dropped at the next approval."""
         if document.kind != "RoleBinding" or not document.name.startswith(BINDING_PREFIX):
             return False
-        expiry = binding_expiry(document.body)
+        assert isinstance(document.spec, RoleBindingSpec)
+        expiry = document.spec.expires_at
         return expiry is not None and expiry <= now
 
     # -- expiry ---------------------------------------------------------------------------------
