@@ -51,6 +51,17 @@ What it shows, with real processes and real HTTP, no test-only code paths:
     until its mTLS calls are refused at the agent (401 ``revoked``), then shows they stay
     refused and that its sidecar gets no new SVID.
 
+11. The life cycle act (DESIGN §11), stepped between the traffic rounds from the
+    start: the bootstrap ``admin.token`` adds alice (admin), who adds bob (approver) and
+    carol (auditor), and is refused from then on; alice applies a WorkloadTemplate for
+    eu-west's ``analytics-*`` namespaces, and ``analytics-etl/loader`` gets an identity
+    with no Workload of its own; ``billing/invoicer`` in us-east, matched by nothing, is
+    refused, shows in ``get pending``, and is admitted by the Workload the control plane
+    suggests; carol asks for ``orders-reader`` on us-east for the loader for 5 s, her own
+    approval is refused, bob approves, and the act times the grant into force at us-east's
+    agent and out of it at the expiry, with no publish between; ``legacy-export``, never
+    used, retires after its ``retireAfterUnused`` of 3 s and its exchange is refused.
+
 A live table (or, with ``--plain`` or without a terminal, one line per notable event and
 a periodic summary) shows it all. Ctrl-C or the end of ``--duration`` stops the Envoys
 and sidecars, then the agents, then the control plane, then the simulated clusters, prints a final summary and removes the
@@ -61,6 +72,8 @@ The package, one concern per module; imports run down this list, never up:
 - ``run``: ``run_demo``, the wiring and the schedule of the operator's actions;
 - ``mesh``: bringing the mesh act up, in order (its agent, sidecars, Envoys, upstream);
 - ``federation``: bringing the federation up, in order;
+- ``lifecycle``: the life cycle act (people, templates, pending, an access request, a
+  retirement);
 - ``operator``: the policy change, the revocation, the key rotation and the mesh
   workload's suspension, timed;
 - ``mesh_traffic``: the mesh calls through the Envoys, the SVIDs the sidecars hold;

@@ -16,7 +16,12 @@ class Admin:
     """The few admin calls the demo needs, with the admin credential."""
 
     def __init__(self, http: httpx.Client, url: str, token: str) -> None:
-        self.http, self.url, self.token = http, url, token
+        self.http, self.url = http, url
+        self.act_as(token)
+
+    def act_as(self, token: str) -> None:
+        """Call with another credential from now on (a person's, once people exist)."""
+        self.token = token
         self.headers = {"Authorization": f"Bearer {token}"}
 
     def call(
@@ -76,6 +81,30 @@ class Admin:
         revoked. -> ``{"created", "suspension", "revocation", ...}``."""
         body = {"kind": "workload", "value": workload, "reason": reason}
         result: dict[str, Any] = self.call("/v1/suspensions", body, ok=(200, 201))
+        return result
+
+    def add_person(self, name: str, role: str) -> str:
+        """``trustmesh user add NAME --role ROLE``: -> the person's credential."""
+        return str(self.call("/v1/people", {"name": name, "role": role})["token"])
+
+    def request_access(
+        self, role: str, subject: str, clusters: list[str], seconds: int, reason: str
+    ) -> dict[str, Any]:
+        """``trustmesh access request``: -> the request (``id``, ``state``...)."""
+        kind, _, value = subject.partition("=")
+        body = {
+            "role": role,
+            "subject": {"kind": kind, "value": value},
+            "clusters": clusters,
+            "duration": seconds,
+            "reason": reason,
+        }
+        result: dict[str, Any] = self.call("/v1/access", body, ok=(200, 201))
+        return result
+
+    def decide_access(self, ident: str, verdict: str, reason: str) -> dict[str, Any]:
+        """``trustmesh access approve|deny ID``: -> the decided request."""
+        result: dict[str, Any] = self.call(f"/v1/access/{ident}/{verdict}", {"reason": reason})
         return result
 
 

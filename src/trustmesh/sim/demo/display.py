@@ -296,6 +296,29 @@ def rotation_line(board: Scoreboard) -> str:
     )
 
 
+def lifecycle_line(board: Scoreboard) -> str:
+    run = board.lifecycle
+    if run is None:
+        return "life cycle act: not run"
+    if run.errors:
+        return f"life cycle act failed: {'; '.join(run.errors)}"
+    parts = [f"life cycle act: {len(run.completed)}/6 steps done ({', '.join(run.completed)})"]
+    if run.onboarded:
+        parts.append(f"template identity {run.onboarded}")
+    if run.pending_admitted:
+        parts.append(f"pending service account admitted as Workload {run.pending_admitted}")
+    if run.in_force_ms is not None and run.fulfilled_s is not None:
+        parts.append(
+            f"access request approved {run.fulfilled_s:.2f} s after it was made, in force "
+            f"{run.in_force_ms:.0f} ms after approval"
+        )
+    if run.gone_ms is not None:
+        parts.append(f"gone {run.gone_ms:.0f} ms after expiry")
+    if run.retired:
+        parts.append(f"retired workload refused: {run.retired}")
+    return "; ".join(parts)
+
+
 def revocation_line(board: Scoreboard) -> str:
     run = board.revocation
     if run is None:
@@ -455,7 +478,13 @@ def print_final(console: Console, board: Scoreboard) -> None:
     console.print(stats_table(board, title="trustmesh demo: final summary"))
     if board.mesh is not None:
         console.print(mesh_table(board.mesh, title="the mesh: mTLS through Envoys"))
-    for line in (policy_line(board), revocation_line(board), rotation_line(board)):
+    lines = (
+        policy_line(board),
+        revocation_line(board),
+        rotation_line(board),
+        lifecycle_line(board),
+    )
+    for line in lines:
         console.print(cell(line), soft_wrap=True)
     for line in mesh_lines(board) if board.mesh is not None else []:  # skipped: said once
         console.print(cell(line), soft_wrap=True)

@@ -22,6 +22,7 @@ from trustmesh.sim.demo.display import Display, LiveDisplay, PlainDisplay, cell,
 from trustmesh.sim.demo.errors import DemoError
 from trustmesh.sim.demo.federation import Federation, data_root, start_federation
 from trustmesh.sim.demo.finale import run_finale
+from trustmesh.sim.demo.lifecycle import LifecycleAct
 from trustmesh.sim.demo.mesh import NO_ENVOY, Mesh, start_mesh
 from trustmesh.sim.demo.mesh_traffic import MeshTraffic
 from trustmesh.sim.demo.operator import Operator
@@ -50,6 +51,7 @@ MIN_ROTATION_DURATION = 10.0
 # traffic presents the revoked token and the retired key's tokens before renewing them,
 # and tokens signed by the new key show within ~3 s of the rotation, the last event.
 INTERACTIVE_LEASE = 6
+ACT_GRACE = 20.0  # seconds the life cycle act may take after the traffic ends
 
 
 # -- signals ---------------------------------------------------------------------------------
@@ -130,10 +132,12 @@ def drive(
     operator: Operator,
     duration: float,
     mesh: MeshTraffic | None = None,
+    act: LifecycleAct | None = None,
 ) -> None:
-    """Traffic rounds until ``duration`` (0: until Ctrl-C); change the policy at a third,
-    revoke a workload at half time, rotate the key at two thirds, suspend the mesh
-    workload at five sixths."""
+    """Traffic rounds until ``duration`` (0: until Ctrl-C); the life cycle act's steps
+    between rounds from the start; change the policy at a third, revoke a workload at
+    half time, rotate the key at two thirds, suspend the mesh workload at five sixths.
+    The act's steps left when the traffic ends run after it."""
     board = traffic.board
     change_at, rotate_at = policy_change_time(duration), rotation_time(duration)
     revoke_at, suspend_at = revocation_time(duration), suspension_time(duration)
@@ -147,11 +151,15 @@ def drive(
             operator.rotate()
         if mesh is not None and mesh.run.cut is None and board.elapsed() >= suspend_at:
             operator.suspend(mesh)
+        if act is not None:
+            act.step()
         traffic.run_round()
         if mesh is not None:
             mesh.run_round()
         display.tick()
         time.sleep(max(0.0, ROUND_INTERVAL - (time.monotonic() - began)))
+    if act is not None:
+        act.finish(time.monotonic() + ACT_GRACE)
 
 
 def finish_with_audit(
@@ -249,8 +257,9 @@ def run_demo(duration: float = 0.0, data_dir: Path | None = None, plain: bool = 
                 )
                 mesh_traffic = MeshTraffic(board.mesh, http, mesh.endpoints, fed.clusters, display)
             operator = Operator(board, fed.admin, http, display)
+            act = LifecycleAct(board, fed.admin, http, traffic, fed.clusters, display)
             with display:
-                drive(traffic, display, operator, duration, mesh_traffic)
+                drive(traffic, display, operator, duration, mesh_traffic, act)
             finish_with_audit(board, fed, mesh, http, say)
         except KeyboardInterrupt:
             if board is not None:

@@ -341,3 +341,71 @@ def write_policy_files(root: Path) -> Path:
     ):
         (folder / name).write_text(content, encoding="utf-8")
     return folder
+
+
+# -- the life cycle act (DESIGN §11) ------------------------------------------------------
+#
+# People with roles replace the bootstrap admin.token; a team's new namespace is onboarded
+# by a WorkloadTemplate, with no Workload of its own; a service account nobody onboarded is
+# refused, listed as pending and admitted from the manifest the control plane suggests; a
+# Workload nobody uses retires by itself; and one access request runs from request to
+# expiry through two people.
+
+PEOPLE = (("alice", "admin"), ("bob", "approver"), ("carol", "auditor"))
+OPERATOR_PERSON = "alice"  # the demo's changes from then on are hers
+REQUESTER, APPROVER = "carol", "bob"
+
+
+@dataclass(frozen=True)
+class ServiceAccount:
+    cluster: str
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.cluster}/{self.namespace}/{self.name}"
+
+
+ONBOARDING_TEMPLATE = "analytics-teams"
+ONBOARDED = ServiceAccount("eu-west", "analytics-etl", "loader")  # matched by the template
+PENDING = ServiceAccount("us-east", "billing", "invoicer")  # matched by nothing, at first
+RETIRING_WORKLOAD = "legacy-export"
+RETIRING = ServiceAccount("ap-south", "batch", "exporter")
+RETIRE_AFTER = 3  # seconds unused before legacy-export retires
+ACCESS_ROLE = "orders-reader"
+ACCESS_CLUSTER = "us-east"
+ACCESS_CALL = ORDERS_READ
+ACCESS_REASON = "one-off export of the order history for the Q4 audit"
+
+
+def onboarded_workload() -> str:
+    """The name trustmesh gives the identity the template derives (DESIGN §11)."""
+    sa = ONBOARDED
+    return f"{ONBOARDING_TEMPLATE}/{sa.cluster}/{sa.namespace}/{sa.name}"
+
+
+def onboarding_manifest() -> str:
+    """The WorkloadTemplate for every ``analytics-*`` namespace of eu-west, and the
+    Workload that will go unused and retire."""
+    template = {
+        "clusters": {"names": [ONBOARDED.cluster]},
+        "namespaces": ["analytics-*"],
+        "serviceAccounts": ["*"],
+        "claims": {"project": "analytics", "environment": "production", "tier": "silver"},
+    }
+    retiring = {
+        "selector": {
+            "cluster": RETIRING.cluster,
+            "namespace": RETIRING.namespace,
+            "serviceAccount": RETIRING.name,
+        },
+        "claims": {"project": "finance", "environment": "staging", "tier": "bronze"},
+        "retireAfterUnused": RETIRE_AFTER,
+    }
+    return yaml.safe_dump_all(
+        [
+            _document("WorkloadTemplate", ONBOARDING_TEMPLATE, template),
+            _document("Workload", RETIRING_WORKLOAD, retiring),
+        ],
+        sort_keys=False,
+    )

@@ -80,6 +80,27 @@ class PolicyChange:
 
 
 @dataclass
+class LifecycleRun:
+    """The life cycle act (``lifecycle.py``): the steps it completed and its figures."""
+
+    completed: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    onboarded: str = ""  # the SPIFFE ID the template gave
+    pending_admitted: str = ""  # the Workload applied from get pending's suggestion
+    fulfilled_s: float | None = None  # access request -> approval
+    in_force_ms: float | None = None  # approval -> allowed at the agent
+    gone_ms: float | None = None  # expiry -> denied at the agent
+    retired: str = ""  # how the retired workload's exchange was refused
+
+    def problems(self, interrupted: bool) -> list[str]:
+        if self.errors or interrupted:
+            return list(self.errors)
+        if len(self.completed) < 6:
+            return [f"the life cycle act stopped after {', '.join(self.completed) or 'nothing'}"]
+        return []
+
+
+@dataclass
 class RevocationRun:
     """The live revocation of one workload, and what each target cluster made of it."""
 
@@ -259,6 +280,7 @@ class Scoreboard:
     audit: AuditFinale | None = None
     mesh: MeshRun | None = None  # None when the mesh act did not run (mesh_skipped: why)
     mesh_skipped: str = ""
+    lifecycle: LifecycleRun | None = None
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -293,6 +315,8 @@ class Scoreboard:
             problems.append(self.rotation_error)
         if self.mesh is not None:
             problems += self.mesh.problems(self.interrupted)
+        if self.lifecycle is not None:
+            problems += self.lifecycle.problems(self.interrupted)
         if self.audit is not None:
             problems += self.audit.problems
         return problems
