@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from helpers import check_bench_shape, child_pids, kill_leftover_children
 from trustmesh.bench import revocation
+from trustmesh.bench._agentpoll import MAX_AUDIENCES, audience_groups
 
 
 def test_revocation_bench_small() -> None:
@@ -45,7 +46,7 @@ def test_revocation_bench_small() -> None:
 
 def test_groups_respect_the_audience_limit() -> None:
     for agents in (1, 3, 16, 17, 20, 33):
-        groups = revocation._groups(agents)
+        groups = audience_groups(agents)
         assert sorted(i for g in groups for i in g) == list(range(agents))
-        assert all(0 < len(g) <= revocation.MAX_AUDIENCES for g in groups)
-        assert len(groups) == -(-agents // revocation.MAX_AUDIENCES)
+        assert all(0 < len(g) <= MAX_AUDIENCES for g in groups)
+        assert len(groups) == -(-agents // MAX_AUDIENCES)

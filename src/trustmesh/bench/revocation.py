@@ -49,7 +49,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
-import math
 import secrets
 import tempfile
 import time
@@ -62,6 +61,7 @@ import httpx
 
 from trustmesh.agent.authn import Authenticator
 from trustmesh.agent.revocations import RevocationHolder
+from trustmesh.bench._agentpoll import AgentConnection, Spread, audience_groups, rss_mb
 from trustmesh.bench._federation import (
     TRUST_DOMAIN,
     Federation,
@@ -75,9 +75,8 @@ from trustmesh.bench._federation import (
     unverified_claims,
     workload_doc,
 )
-from trustmesh.bench._load import Malformed, round_trip, run_async
-from trustmesh.bench._procs import Child
-from trustmesh.bench._stats import median, percentile, row, summarise, timer_overhead, verdict
+from trustmesh.bench._load import Malformed, run_async
+from trustmesh.bench._stats import median, row, summarise, timer_overhead, verdict
 from trustmesh.common.token_exchange import exchange_form
 from trustmesh.identity.svid import mint_svid
 from trustmesh.revocation import Revocation, RevocationSet
@@ -88,7 +87,6 @@ __all__ = ["run"]
 
 ORIGIN = "origin"
 KINDS = ("jti", "workload")
-MAX_AUDIENCES = 16  # per exchanged token (identity/rfc8693.py)
 GOAL_P99_S = 1.0
 SPIRE_S = 300.0  # SPIRE: no JWT-SVID revocation; default JWT-SVID TTL 5 min
 ENTRA_CAE_S = 900.0  # Microsoft Entra CAE: "up to 15 minutes"
@@ -123,64 +121,7 @@ def _manifests(issuer: str, agents: int, workloads: Sequence[str]) -> list[dict[
     ]
 
 
-def _groups(agents: int) -> list[list[int]]:
-    """Agent indices in near-equal groups of at most MAX_AUDIENCES (one SVID each)."""
-    count = math.ceil(agents / MAX_AUDIENCES)
-    return [list(range(agents))[g::count] for g in range(count)]
-
-
-def _rss_mb(children: Sequence[Child]) -> float | None:
-    total = 0
-    for child in children:
-        try:
-            status = Path(f"/proc/{child.proc.pid}/status").read_text()
-        except OSError:
-            return None
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1])
-    return total / 1024
-
-
 # -- the trials -----------------------------------------------------------------------
-
-
-class _Connection:
-    """One keep-alive HTTP/1.1 connection to an agent; reconnects once if the agent
-    closed it (uvicorn closes idle keep-alive connections after 5 s)."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-
-    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        self.close()
-        self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
-        return self._reader, self._writer
-
-    async def call(self, request: bytes) -> tuple[int, bytes]:
-        for attempt in (1, 2):
-            if self._reader is None or self._writer is None:
-                reader, writer = await self._connect()
-            else:
-                reader, writer = self._reader, self._writer
-            try:
-                status, body, closing = await round_trip(reader, writer, request)
-            except (OSError, asyncio.IncompleteReadError):
-                self.close()
-                if attempt == 2:
-                    raise
-                continue
-            if closing:
-                self.close()
-            return status, body
-        raise AssertionError("unreachable")
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-        self._reader = self._writer = None
 
 
 @dataclass
@@ -221,7 +162,7 @@ class _Bench:
     fed: Federation
     http: httpx.AsyncClient
     agents: list[tuple[str, int]]
-    connections: list[_Connection]
+    connections: list[AgentConnection]
     poll_interval: float
     deny_timeout: float
     trials: list[_Trial] = field(default_factory=list)
@@ -230,7 +171,7 @@ class _Bench:
         """One SVID per agent group, from one fresh service-account token."""
         sa_token = self.fed.cluster.mint(workload, "app")
         svids = []
-        for group in _groups(len(self.agents)):
+        for group in audience_groups(len(self.agents)):
             audiences = [cluster_audience(TRUST_DOMAIN, _target(i)) for i in group]
             form = exchange_form(sa_token, audiences)
             svids.append(exchanged(await self.http.post(self.fed.url + "/oauth2/token", data=form)))
@@ -251,7 +192,7 @@ class _Bench:
         workload = JTI_WORKLOAD if kind == "jti" else f"svc-w{number}"
         svids = await self._svids(workload)
         token_of: dict[int, str] = {}
-        for group, svid in zip(_groups(len(self.agents)), svids, strict=True):
+        for group, svid in zip(audience_groups(len(self.agents)), svids, strict=True):
             token_of.update(dict.fromkeys(group, svid))
         requests = [
             authorize_request(host, port, token_of[i], REQUEST)
@@ -313,7 +254,7 @@ async def _run_trials(
     poll_interval: float,
     deny_timeout: float,
 ) -> list[_Trial]:
-    connections = [_Connection(host, port) for host, port in agents]
+    connections = [AgentConnection(host, port) for host, port in agents]
     try:
         async with httpx.AsyncClient(timeout=30, trust_env=False) as http:
             bench = _Bench(fed, http, agents, connections, poll_interval, deny_timeout)
@@ -451,26 +392,6 @@ def _micro(iterations: int, entries: int, rounds: int) -> dict[str, Any]:
 # -- report ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Spread:
-    n: int
-    p50_ms: float
-    p99_ms: float
-    max_ms: float
-
-    @classmethod
-    def of(cls, values_ns: Sequence[int]) -> _Spread | None:
-        if not values_ns:
-            return None
-        ordered = sorted(values_ns)
-        return cls(len(ordered), percentile(ordered, 50) / 1e6, percentile(ordered, 99) / 1e6,
-                   ordered[-1] / 1e6)  # fmt: skip
-
-    def to_json(self) -> dict[str, Any]:
-        return {"n": self.n, "p50_ms": round(self.p50_ms, 3), "p99_ms": round(self.p99_ms, 3),
-                "max_ms": round(self.max_ms, 3)}  # fmt: skip
-
-
 def _ratio(anchor_s: float, measured_ms: float) -> str:
     return f"{anchor_s * 1000 / measured_ms:,.0f}x" if measured_ms > 0 else "infinitely"
 
@@ -493,15 +414,15 @@ def _report(
     spreads: dict[str, dict[str, Any] | None] = {}
     groups = [("all kinds", complete)] + [(k, [t for t in complete if t.kind == k]) for k in kinds]
     for label, chosen in groups:
-        spread = _Spread.of([t.all_deny_ns for t in chosen if t.all_deny_ns is not None])
+        spread = Spread.of([t.all_deny_ns for t in chosen if t.all_deny_ns is not None])
         spreads[label] = None if spread is None else spread.to_json()
         if spread is None:
             continue
         rows.append(row(f"every agent denies ({label})", p50_us=spread.p50_ms * 1000,
                         p99_us=spread.p99_ms * 1000,
                         note=f"{spread.n} trials, max {spread.max_ms:.1f} ms"))  # fmt: skip
-    per_agent = _Spread.of([t for trial in complete for t in trial.first_deny_ns if t is not None])
-    revoke_req = _Spread.of([t.revoke_ns for t in trials])
+    per_agent = Spread.of([t for trial in complete for t in trial.first_deny_ns if t is not None])
+    revoke_req = Spread.of([t.revoke_ns for t in trials])
     if per_agent is not None:
         rows.append(row("one agent denies (first deny, per agent)", p50_us=per_agent.p50_ms * 1000,
                         p99_us=per_agent.p99_ms * 1000,
@@ -624,12 +545,12 @@ def run(
         began = time.monotonic()
         started = fed.start_agents([_target(i) for i in range(agents)], ready_timeout)
         startup_s = time.monotonic() - began
-        rss_mb = _rss_mb([agent.child for agent in started])
+        memory_mb = rss_mb([agent.child for agent in started])
         addresses = [(agent.host, agent.port) for agent in started]
         measured, loop = run_async(
             _run_trials(fed, addresses, trials, kinds, poll_interval, deny_timeout)
         )
     micro = _micro(iterations, entries, rounds)
-    result = _report(measured, micro, agents, trials, kinds, poll_interval, rss_mb, startup_s)
+    result = _report(measured, micro, agents, trials, kinds, poll_interval, memory_mb, startup_s)
     result["event_loop"] = loop
     return result

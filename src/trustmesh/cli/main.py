@@ -1261,6 +1261,23 @@ def bench_revocation(
     print_json(result) if output is Output.json else _print_bench(result)
 
 
+@bench_app.command("access")
+def bench_access(
+    agents: int = typer.Option(20, "--agents", min=1, help="Agents on loopback."),
+    trials: int = typer.Option(10, "--trials", min=1, help="Access requests, one per trial."),
+    duration: int = typer.Option(
+        2, "--duration", min=1, help="Seconds each approved request lasts."
+    ),
+    output: Output = OutputOption,
+) -> None:
+    """Time from an access request's approval until every agent allows, and from its
+    expiry until every agent denies (no publish between)."""
+    from trustmesh.bench.access import run
+
+    result = run(agents=agents, trials=trials, duration=duration)
+    print_json(result) if output is Output.json else _print_bench(result)
+
+
 @bench_app.command("authorize")
 def bench_authorize(
     seconds: float = typer.Option(10.0, "--seconds", help="Duration of each HTTP load."),
