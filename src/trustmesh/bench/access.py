@@ -217,7 +217,7 @@ class _Bench:
                 )
         asked = await self._call("rick", "/v1/access", {
             "role": ROLE,
-            "subject": {"kind": "workload", "value": WORKLOAD},
+            "subject": {"workload": WORKLOAD},
             "clusters": [_target(i) for i in range(len(self.agents))],
             "duration": self.duration,
             "reason": "bench access",

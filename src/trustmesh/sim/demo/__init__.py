@@ -57,7 +57,8 @@ What it shows, with real processes and real HTTP, no test-only code paths:
     eu-west's ``analytics-*`` namespaces, and ``analytics-etl/loader`` gets an identity
     with no Workload of its own; ``billing/invoicer`` in us-east, matched by nothing, is
     refused, shows in ``get pending``, and is admitted by the Workload the control plane
-    suggests; carol asks for ``orders-reader`` on us-east for the loader for 5 s, her own
+    suggests; after the policy change, carol asks for ``orders-reader`` on us-east for the
+    loader for 5 s, her own
     approval is refused, bob approves, and the act times the grant into force at us-east's
     agent and out of it at the expiry, with no publish between; ``legacy-export``, never
     used, retires after its ``retireAfterUnused`` of 3 s and its exchange is refused.

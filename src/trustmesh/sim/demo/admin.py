@@ -94,7 +94,7 @@ class Admin:
         kind, _, value = subject.partition("=")
         body = {
             "role": role,
-            "subject": {"kind": kind, "value": value},
+            "subject": {kind: value},
             "clusters": clusters,
             "duration": seconds,
             "reason": reason,
