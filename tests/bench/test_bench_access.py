@@ -10,11 +10,11 @@ from trustmesh.bench import access
 
 def test_access_bench_small() -> None:
     before = child_pids()
-    result = access.run(agents=3, trials=2, duration=1)
+    result = access.run(agents=3, trials=2, duration=3)
     assert not kill_leftover_children(before), "the bench left child processes running"
 
     check_bench_shape(result)
-    assert result["agents"] == 3 and result["duration_s"] == 1
+    assert result["agents"] == 3 and result["duration_s"] == 3
     assert result["incomplete"] == 0 and result["errors"] == 0, result["trials"]
     assert result["revision_moved"] == 0
     trials = result["trials"]

@@ -10,7 +10,9 @@ Each trial:
 1. exchanges a fresh service-account token for JWT-SVIDs naming every target cluster
    (at most 16 audiences per token: more agents, more tokens) and confirms every agent
    denies (``POST /v1/authorize``);
-2. the requester asks for the role on every target cluster for ``duration`` seconds;
+2. the requester asks for the role on every target cluster for ``duration`` seconds
+   (the grant's ``expiresAt`` is in whole seconds, never later than asked: it lasts up
+   to a second less);
 3. the clock starts just before the approver's approval and every agent is polled
    concurrently (one keep-alive connection each) until it allows: an agent's figure is
    when its first allowing answer arrived (an upper bound); the trial's is the latest
@@ -332,7 +334,7 @@ def run(
     agents: int = 20,
     trials: int = 10,
     *,
-    duration: int = 2,
+    duration: int = 3,
     poll_interval: float = 0.002,
     timeout: float = 10.0,
     ready_timeout: float = 300.0,

@@ -1266,7 +1266,11 @@ def bench_access(
     agents: int = typer.Option(20, "--agents", min=1, help="Agents on loopback."),
     trials: int = typer.Option(10, "--trials", min=1, help="Access requests, one per trial."),
     duration: int = typer.Option(
-        2, "--duration", min=1, help="Seconds each approved request lasts."
+        3,
+        "--duration",
+        min=2,
+        help="Seconds each approved request asks for (its expiresAt is whole seconds, never "
+        "later than asked: it lasts up to a second less).",
     ),
     output: Output = OutputOption,
 ) -> None:
