@@ -39,15 +39,17 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from trustmesh.agent.answer import Answer
-from trustmesh.agent.decide import Outcome
 from trustmesh.common.errors import ConfigError, RequestError
-from trustmesh.identity.svid import VerifiedIdentity
-from trustmesh.policy.engine import Decision
 from trustmesh.request import ServiceRequest, parse_request
+
+if TYPE_CHECKING:  # annotations only: `trustmesh envoy config` imports this module light
+    from trustmesh.agent.decide import Outcome
+    from trustmesh.identity.svid import VerifiedIdentity
+    from trustmesh.policy.engine import Decision
 
 PREFIX = "/ext_authz"
 NAMESPACE_HEADER = "x-trustmesh-namespace"

@@ -54,6 +54,7 @@ from trustmesh.agent.envoy import (
     SPIFFE_ID_HEADER,
     TRACEPARENT_HEADER,
 )
+from trustmesh.agent.envoy_defaults import DEFAULT_MAX_CONNECTION_DURATION, SYSTEM_CA_FILE
 from trustmesh.agent.xfcc import HEADER as XFCC_HEADER
 from trustmesh.common.addresses import parse_listen
 from trustmesh.spiffeid import normalize_trust_domain
@@ -64,10 +65,7 @@ SDS_CLUSTER = "trustmesh_sds"
 SVID_SECRET = "default"  # noqa: S105 (an SDS resource name, not a secret)
 BUNDLE_SECRET = "ROOTCA"  # noqa: S105 (an SDS resource name)
 _TYPE = "type.googleapis.com/envoy.extensions."
-# Debian's and Ubuntu's CA bundle (the path Envoy's own images use too)
-SYSTEM_CA_FILE = "/etc/ssl/certs/ca-certificates.crt"
 HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
-DEFAULT_MAX_CONNECTION_DURATION = "300s"
 MAX_AGENTS = 16
 # an agent that failed this many checks in a row is left out for EJECTION_TIME
 CONSECUTIVE_FAILURES = 2

@@ -41,10 +41,9 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
 
-from trustmesh.agent.roots import RootHolder
 from trustmesh.common.errors import InvalidToken
 from trustmesh.identity.svid import VerifiedIdentity
 from trustmesh.identity.x509validate import (
@@ -53,7 +52,10 @@ from trustmesh.identity.x509validate import (
     certificates_of_pem,
     validate_svid,
 )
-from trustmesh.policy.engine import Engine
+
+if TYPE_CHECKING:  # annotations only
+    from trustmesh.agent.roots import RootHolder
+    from trustmesh.policy.engine import Engine
 
 HEADER = "x-forwarded-client-cert"
 MAX_XFCC_BYTES = 16 * 1024

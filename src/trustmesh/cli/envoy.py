@@ -9,11 +9,7 @@ from __future__ import annotations
 import typer
 import yaml
 
-from trustmesh.agent.envoy_config import (
-    DEFAULT_MAX_CONNECTION_DURATION,
-    SYSTEM_CA_FILE,
-    build_config,
-)
+from trustmesh.agent.envoy_defaults import DEFAULT_MAX_CONNECTION_DURATION, SYSTEM_CA_FILE
 from trustmesh.cli._common import fail
 from trustmesh.common.errors import SpiffeIdError
 
@@ -85,6 +81,8 @@ def envoy_config(
     ),
 ) -> None:
     """Print an Envoy configuration (YAML, API v3) with ext_authz to the agent."""
+    from trustmesh.agent.envoy_config import build_config
+
     try:
         config = build_config(
             cluster=cluster,

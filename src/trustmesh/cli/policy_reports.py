@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -26,9 +26,10 @@ from trustmesh.cli._common import (
     resolve_token,
 )
 from trustmesh.common.errors import ManifestError, PolicyError, RegistryConflict
-from trustmesh.manifests import document_from_body
-from trustmesh.policy.compiler import PolicySet
-from trustmesh.registry import Registry, build_registry
+
+if TYPE_CHECKING:  # the policy and registry code loads with the commands that use it
+    from trustmesh.policy.compiler import PolicySet
+    from trustmesh.registry import Registry
 
 _REVISION = re.compile(r"^(current|0|[1-9][0-9]{0,17})$")
 
@@ -42,6 +43,8 @@ def _revision(value: str) -> str:
 def _documents(what: str, bodies: Any) -> list[Any]:
     if not isinstance(bodies, list):
         fail(f"{what}: the control plane answered no list of manifests")
+    from trustmesh.manifests import document_from_body
+
     documents = []
     for body in bodies:
         if isinstance(body, dict):
@@ -58,6 +61,8 @@ def fetch_policy(client: ApiClient, revision: str) -> tuple[int | str, PolicySet
     body = client.request("GET", f"/v1/policy/versions/{revision}")
     if not isinstance(body, dict):
         fail(f"policy revision {revision}: the control plane answered no JSON object")
+    from trustmesh.policy.compiler import PolicySet
+
     documents = _documents(f"policy revision {revision}", body.get("documents"))
     return body.get("revision", revision), PolicySet.from_documents(documents)
 
@@ -79,6 +84,8 @@ def fetch_registry(client: ApiClient) -> Registry:
             items = [i for i in items if not (isinstance(i, dict) and _template_of(i))]
             observed += [_account_of(i) for i in derived]
         documents += _documents(kind, items)
+    from trustmesh.registry import build_registry
+
     try:
         registry = build_registry(trust_domain, 0, documents)
     except RegistryConflict as exc:

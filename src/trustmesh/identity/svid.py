@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from cryptography.hazmat.primitives import hashes
@@ -27,9 +27,11 @@ from trustmesh.identity.jws import (
     split_compact,
     verify_compact,
 )
-from trustmesh.identity.keys import ActiveKey
 from trustmesh.identity.spiffe_bundle import SpiffeBundle
 from trustmesh.spiffeid import parse_spiffe_id
+
+if TYPE_CHECKING:  # annotations only: verifying a JWT-SVID needs no key store (SQLAlchemy)
+    from trustmesh.identity.keys import ActiveKey
 
 __all__ = [
     "ALLOWED_ALGS",

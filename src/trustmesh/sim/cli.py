@@ -12,8 +12,7 @@ from pathlib import Path
 import typer
 
 from trustmesh.common.addresses import parse_listen
-from trustmesh.common.serving import serve_foreground
-from trustmesh.sim.cluster import SUPPORTED_ALGS, SimulatedCluster
+from trustmesh.sim.algorithms import SUPPORTED_ALGS
 
 sim_app = typer.Typer(
     help="Simulated Kubernetes clusters (real OIDC service-account issuers) for demos and tests.",
@@ -39,6 +38,9 @@ def cluster_command(
     """Serve a cluster's OIDC issuer in the foreground until SIGINT/SIGTERM."""
     try:
         host, port = parse_listen(listen)
+        from trustmesh.common.serving import serve_foreground
+        from trustmesh.sim.cluster import SimulatedCluster
+
         cluster = SimulatedCluster(name, data_dir=data_dir, alg=alg)
 
         def ready(url: str) -> None:
@@ -60,6 +62,8 @@ def token_command(
 ) -> None:
     """Mint a projected service-account token with the cluster's current signing key."""
     try:
+        from trustmesh.sim.cluster import SimulatedCluster
+
         cluster = SimulatedCluster.from_data_dir(data_dir)
         print(cluster.mint(namespace, service_account, audience=audience, ttl=ttl))
     except (ValueError, OSError) as exc:

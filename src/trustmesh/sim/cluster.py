@@ -47,12 +47,12 @@ from starlette.routing import Route
 
 from trustmesh.common.files import private_directory, read_private_file, write_atomically
 from trustmesh.common.serving import BackgroundServer
+from trustmesh.sim.algorithms import SUPPORTED_ALGS
 
 __all__ = ["DISCOVERY_PATH", "JWKS_PATH", "SUPPORTED_ALGS", "SimulatedCluster", "key_id"]
 
 DISCOVERY_PATH = "/.well-known/openid-configuration"
 JWKS_PATH = "/openid/v1/jwks"
-SUPPORTED_ALGS = ("RS256", "ES256")
 # kube-apiserver: pkg/serviceaccount/openidmetadata.go, ``cacheControl``.
 _CACHE_CONTROL = "public, max-age=3600"
 # One PEM file holds every published key, oldest first; the last one signs.

@@ -17,15 +17,13 @@ import time
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.text import Text
 
-from trustmesh.audit import offline
 from trustmesh.audit.checkpoint import Checkpoint
 from trustmesh.audit.note import Verifier
-from trustmesh.audit.offline import Entry
 from trustmesh.audit.proof import root_from_inclusion_proof, verify_consistency
 from trustmesh.audit.rfc6962 import leaf_hash
 from trustmesh.audit.verify import REWRITTEN, LogVerifier, VerifyReport, narrow_with_proofs
@@ -55,6 +53,9 @@ from trustmesh.cli.audit._shared import (
     signed_checkpoint_at,
 )
 from trustmesh.common.errors import ConfigError, ProofError
+
+if TYPE_CHECKING:  # the offline reader (SQLAlchemy) is imported by verify --data-dir only
+    from trustmesh.audit.offline import Entry
 
 NARROW_LIMIT = 2000
 """Online, a rewritten range up to this many entries is narrowed with inclusion proofs
@@ -202,6 +203,8 @@ def verify(
     client: AuditClient | None = None
     entries: Iterator[Entry]
     if data_dir is not None or db:
+        from trustmesh.audit import offline
+
         try:
             engine = offline.open_engine(data_dir, db)
             stored_log = offline.read_log(engine, data_dir, pinned_key(key) if key else None)
