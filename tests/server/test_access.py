@@ -127,10 +127,12 @@ def post(server: Server, token: str, path: str, body: Any) -> httpx.Response:
     return call(server, token, "POST", path, body)
 
 
-def test_refusals_of_bad_requests(db_url: str | None, tmp_path: Path) -> None:
+def test_refusals_of_bad_requests(tmp_path: Path) -> None:
     """Every bad request is one clear error (CLI: one line, exit 1; API: a 4xx JSON
-    body naming the problem), and none is stored."""
-    server = start_server(tmp_path / "data", db_url)
+    body naming the problem), and none is stored. SQLite only: every refusal is decided
+    before anything is written (what is stored, and how, runs on both engines in
+    test_request_approve_deny_and_refused_decisions)."""
+    server = start_server(tmp_path / "data", None)
     try:
         body = {"role": "orders-reader", "subject": {"workload": "web"}, "clusters": ["east"],
                 "duration": 3600, "reason": "incident 42"}  # fmt: skip
