@@ -12,11 +12,34 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+
+from trustmesh.bench._federation import TRUST_DOMAIN, exchanged
 from trustmesh.bench._load import round_trip
 from trustmesh.bench._procs import Child
 from trustmesh.bench._stats import percentile
+from trustmesh.common.token_exchange import exchange_form
+from trustmesh.spiffeid import cluster_audience
 
 MAX_AUDIENCES = 16  # per exchanged token (identity/rfc8693.py)
+
+
+def target(i: int) -> str:
+    """The name of the target cluster of agent ``i``."""
+    return f"t-{i:02d}"
+
+
+async def group_svids(
+    http: httpx.AsyncClient, server: str, sa_token: str, agents: int
+) -> list[str]:
+    """One JWT-SVID per group of agents (``audience_groups``), each naming its group's
+    target clusters, all exchanged for the same service-account token."""
+    svids = []
+    for group in audience_groups(agents):
+        audiences = [cluster_audience(TRUST_DOMAIN, target(i)) for i in group]
+        form = exchange_form(sa_token, audiences)
+        svids.append(exchanged(await http.post(server + "/oauth2/token", data=form)))
+    return svids
 
 
 def audience_groups(agents: int) -> list[list[int]]:

@@ -34,21 +34,24 @@ from typing import Any
 
 import httpx
 
-from trustmesh.bench._agentpoll import AgentConnection, Spread, audience_groups, rss_mb
+from trustmesh.bench._agentpoll import (
+    AgentConnection,
+    Spread,
+    audience_groups,
+    group_svids,
+    rss_mb,
+    target,
+)
 from trustmesh.bench._federation import (
-    TRUST_DOMAIN,
     Federation,
     authorize_request,
     cluster_doc,
-    exchanged,
     federation,
     role_doc,
     workload_doc,
 )
 from trustmesh.bench._load import Malformed, run_async
 from trustmesh.bench._stats import row, verdict
-from trustmesh.common.token_exchange import exchange_form
-from trustmesh.spiffeid import cluster_audience
 
 __all__ = ["run"]
 
@@ -60,17 +63,13 @@ GOAL_P99_S = 1.0
 PEOPLE = (("ops", "admin"), ("ann", "approver"), ("rick", "auditor"))
 
 
-def _target(i: int) -> str:
-    return f"t-{i:02d}"
-
-
 def _manifests(issuer: str, agents: int) -> list[dict[str, Any]]:
     """The origin, one cluster per agent, the workload, and the role it will ask for —
     no binding: until an access request is approved, every agent denies it."""
     claims = {"project": "bench", "environment": "prod", "tier": "gold"}
     return [
         cluster_doc(ORIGIN, issuer),
-        *(cluster_doc(_target(i)) for i in range(agents)),
+        *(cluster_doc(target(i)) for i in range(agents)),
         workload_doc(WORKLOAD, cluster=ORIGIN, namespace="team", service_account="app",
                      claims=claims),
         role_doc(ROLE, [{"services": ["*"], "paths": ["*"], "methods": ["GET"]}]),
@@ -144,12 +143,7 @@ class _Bench:
 
     async def _svids(self) -> list[str]:
         sa_token = self.fed.cluster.mint("team", "app")
-        svids = []
-        for group in audience_groups(len(self.agents)):
-            audiences = [cluster_audience(TRUST_DOMAIN, _target(i)) for i in group]
-            form = exchange_form(sa_token, audiences)
-            svids.append(exchanged(await self.http.post(self.fed.url + "/oauth2/token", data=form)))
-        return svids
+        return await group_svids(self.http, self.fed.url, sa_token, len(self.agents))
 
     async def _call(self, person: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
         response = await self.http.post(self.fed.url + path, headers=self.people[person], json=body)
@@ -194,7 +188,7 @@ class _Bench:
                 if status != 200:
                     trial.errors += 1
                     if trial.first_error is None:
-                        trial.first_error = f"{_target(index)}: HTTP {status} {body[:200]!r}"
+                        trial.first_error = f"{target(index)}: HTTP {status} {body[:200]!r}"
                 await asyncio.sleep(self.poll_interval)
 
         await asyncio.gather(*(poll(i) for i in range(len(self.agents))))
@@ -215,12 +209,12 @@ class _Bench:
         ):
             if status != 200 or json.loads(body).get("allowed") is not False:
                 raise RuntimeError(
-                    f"agent {_target(i)} did not deny before the approval: {body[:200]!r}"
+                    f"agent {target(i)} did not deny before the approval: {body[:200]!r}"
                 )
         asked = await self._call("rick", "/v1/access", {
             "role": ROLE,
             "subject": {"workload": WORKLOAD},
-            "clusters": [_target(i) for i in range(len(self.agents))],
+            "clusters": [target(i) for i in range(len(self.agents))],
             "duration": self.duration,
             "reason": "bench access",
         })  # fmt: skip
@@ -348,7 +342,7 @@ def run(
     with federation(ORIGIN) as fed:
         fed.apply(_manifests(fed.cluster.issuer, agents))
         began = time.monotonic()
-        started = fed.start_agents([_target(i) for i in range(agents)], ready_timeout)
+        started = fed.start_agents([target(i) for i in range(agents)], ready_timeout)
         startup_s = time.monotonic() - began
         memory_mb = rss_mb([agent.child for agent in started])
         people = _people(fed)

@@ -61,7 +61,14 @@ import httpx
 
 from trustmesh.agent.authn import Authenticator
 from trustmesh.agent.revocations import RevocationHolder
-from trustmesh.bench._agentpoll import AgentConnection, Spread, audience_groups, rss_mb
+from trustmesh.bench._agentpoll import (
+    AgentConnection,
+    Spread,
+    audience_groups,
+    group_svids,
+    rss_mb,
+    target,
+)
 from trustmesh.bench._federation import (
     TRUST_DOMAIN,
     Federation,
@@ -69,7 +76,6 @@ from trustmesh.bench._federation import (
     binding_doc,
     cluster_doc,
     es256_key,
-    exchanged,
     federation,
     role_doc,
     unverified_claims,
@@ -77,7 +83,6 @@ from trustmesh.bench._federation import (
 )
 from trustmesh.bench._load import Malformed, run_async
 from trustmesh.bench._stats import median, row, summarise, timer_overhead, verdict
-from trustmesh.common.token_exchange import exchange_form
 from trustmesh.identity.svid import mint_svid
 from trustmesh.revocation import Revocation, RevocationSet
 from trustmesh.revocation.model import revocation_expiry
@@ -97,17 +102,13 @@ JTI_WORKLOAD = "svc-jti"
 # -- set-up ---------------------------------------------------------------------------
 
 
-def _target(i: int) -> str:
-    return f"t-{i:02d}"
-
-
 def _manifests(issuer: str, agents: int, workloads: Sequence[str]) -> list[dict[str, Any]]:
     """The origin, one cluster per agent, one workload per name (namespace of the same
     name, service account ``app``), and a binding that lets every workload GET."""
     claims = {"project": "bench", "environment": "prod", "tier": "gold"}
     return [
         cluster_doc(ORIGIN, issuer),
-        *(cluster_doc(_target(i)) for i in range(agents)),
+        *(cluster_doc(target(i)) for i in range(agents)),
         *(
             workload_doc(name, cluster=ORIGIN, namespace=name, service_account="app", claims=claims)
             for name in workloads
@@ -170,12 +171,7 @@ class _Bench:
     async def _svids(self, workload: str) -> list[str]:
         """One SVID per agent group, from one fresh service-account token."""
         sa_token = self.fed.cluster.mint(workload, "app")
-        svids = []
-        for group in audience_groups(len(self.agents)):
-            audiences = [cluster_audience(TRUST_DOMAIN, _target(i)) for i in group]
-            form = exchange_form(sa_token, audiences)
-            svids.append(exchanged(await self.http.post(self.fed.url + "/oauth2/token", data=form)))
-        return svids
+        return await group_svids(self.http, self.fed.url, sa_token, len(self.agents))
 
     async def _revoke(self, kind: str, value: str) -> None:
         response = await self.http.post(
@@ -204,7 +200,7 @@ class _Bench:
         for i, (status, body) in enumerate(confirmations):
             if status != 200 or json.loads(body).get("allowed") is not True:
                 raise RuntimeError(
-                    f"agent {_target(i)} did not allow a fresh token before the revocation: "
+                    f"agent {target(i)} did not allow a fresh token before the revocation: "
                     f"HTTP {status} {body[:200]!r}"
                 )
         if kind == "jti":
@@ -236,7 +232,7 @@ class _Bench:
                 if status != 200 or b'"allowed":true' not in body.replace(b" ", b""):
                     result.errors += 1
                     if result.first_error is None:
-                        result.first_error = f"{_target(index)}: HTTP {status} {body[:200]!r}"
+                        result.first_error = f"{target(index)}: HTTP {status} {body[:200]!r}"
                 if now > deadline:
                     return
                 await asyncio.sleep(self.poll_interval)
@@ -543,7 +539,7 @@ def run(
         workloads = [JTI_WORKLOAD, *(f"svc-w{i}" for i in range(trials))]
         fed.apply(_manifests(fed.cluster.issuer, agents, workloads))
         began = time.monotonic()
-        started = fed.start_agents([_target(i) for i in range(agents)], ready_timeout)
+        started = fed.start_agents([target(i) for i in range(agents)], ready_timeout)
         startup_s = time.monotonic() - began
         memory_mb = rss_mb([agent.child for agent in started])
         addresses = [(agent.host, agent.port) for agent in started]
