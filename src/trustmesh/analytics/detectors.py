@@ -41,15 +41,25 @@ CLUSTER_AUDIENCE = "/cluster/"
 
 
 # -- small helpers ---------------------------------------------------------------------
+_parsed: tuple[str, float | None] = ("", None)
+
+
 def event_time(event: Mapping[str, Any]) -> float | None:
-    """The event's ``time`` as epoch seconds, or None when it has none that parses."""
+    """The event's ``time`` as epoch seconds, or None when it has none that parses. The
+    last one parsed is kept: every detector asks for the same event's time in turn."""
+    global _parsed
     text = event.get("time")
     if not isinstance(text, str):
         return None
+    cached = _parsed
+    if cached[0] == text:
+        return cached[1]
     try:
-        return parse_time(text).timestamp()
+        value: float | None = parse_time(text).timestamp()
     except CanonicalError:
-        return None
+        value = None
+    _parsed = (text, value)
+    return value
 
 
 def printable(value: Any, limit: int = MAX_TEXT) -> str:
@@ -160,6 +170,14 @@ class _Base:
         self.first: float | None = None
         self.latest: float | None = None
         self.fired = BoundedMap(cap)
+
+    def _clock(self, event: Mapping[str, Any]) -> float | None:
+        """The event's time, recorded on the detector's clock whatever the event is
+        about: the warm-up counts the log the detector has seen since its first event."""
+        t = event_time(event)
+        if t is not None:
+            self._tick(t)
+        return t
 
     def _tick(self, t: float) -> float:
         """Record ``t``; the detector's clock (the latest event time seen)."""
@@ -280,10 +298,9 @@ class NewEdge(_Base):
         self, index: int, event: Mapping[str, Any], policy: AnomalySettings
     ) -> list[Finding]:
         settings = policy.detector(self.name)
-        t = event_time(event)
+        t = self._clock(event)
         if t is None or not settings.enabled:
             return []
-        self._tick(t)
         findings = []
         for key, severity, facts in self._edges(event):
             last = self.edges.get(key)
@@ -456,7 +473,7 @@ class DenialBurst(_Burst):
         self, index: int, event: Mapping[str, Any], policy: AnomalySettings
     ) -> list[Finding]:
         settings = policy.detector(self.name)
-        t = event_time(event)
+        t = self._clock(event)
         if t is None or not settings.enabled:
             return []
         kind = event.get("type")
@@ -505,7 +522,7 @@ class RefusalBurst(_Burst):
         self, index: int, event: Mapping[str, Any], policy: AnomalySettings
     ) -> list[Finding]:
         settings = policy.detector(self.name)
-        t = event_time(event)
+        t = self._clock(event)
         if t is None or not settings.enabled:
             return []
         kind = event.get("type")
@@ -567,7 +584,7 @@ class WrongCluster(_Base):
         self, index: int, event: Mapping[str, Any], policy: AnomalySettings
     ) -> list[Finding]:
         settings = policy.detector(self.name)
-        t = event_time(event)
+        t = self._clock(event)
         kind = event.get("type")
         if t is None or not settings.enabled:
             return []
@@ -575,7 +592,6 @@ class WrongCluster(_Base):
             identity = _part(event, "identity")
             digest = _text(_part(event, "detail").get("issued_token_sha256"))
             if digest is not None:
-                self._tick(t)
                 audiences = audience_clusters(_part(event, "request").get("audience"))
                 self.issued.put(
                     digest, [_workload(identity), identity.get("spiffe_id"), audiences, index]
@@ -585,7 +601,6 @@ class WrongCluster(_Base):
         if cluster is None:
             return []
         if kind == "authz.decision" and _part(event, "decision").get("reason") == WRONG_AUDIENCE:
-            self._tick(t)
             return self._refused(index, event, cluster, t, settings)
         if kind == "audit.refusals_folded":
             detail = _part(event, "detail")
@@ -596,7 +611,6 @@ class WrongCluster(_Base):
                 n += _count(
                     _part(_part(_part(part, "by"), "error"), "values").get("wrong_audience")
                 )
-            self._tick(t)
             if n < max(settings.threshold, 1) or not self._warm(t, settings):
                 return []
             key = f"cluster:{cluster}"
@@ -703,11 +717,10 @@ class DormantUse(_Base):
         self, index: int, event: Mapping[str, Any], policy: AnomalySettings
     ) -> list[Finding]:
         settings = policy.detector(self.name)
-        t = event_time(event)
+        t = self._clock(event)
         spiffe_id = _used_identity(event)
         if t is None or spiffe_id is None or not settings.enabled:
             return []
-        self._tick(t)
         previous = self.last.get(spiffe_id)
         self.last.put(
             spiffe_id,
@@ -759,7 +772,7 @@ class ConcurrentUse(_Base):
         self, index: int, event: Mapping[str, Any], policy: AnomalySettings
     ) -> list[Finding]:
         settings = policy.detector(self.name)
-        t = event_time(event)
+        t = self._clock(event)
         if t is None or not settings.enabled or event.get("type") != "authz.decision":
             return []
         identity = _part(event, "identity")
@@ -768,7 +781,6 @@ class ConcurrentUse(_Base):
         if cluster is None or (jti is None and serial is None):
             return []
         credential = f"jti:{jti}" if jti is not None else f"x509:{serial}"
-        self._tick(t)
         seen = self.uses.get(credential)
         clusters: dict[str, Any] = dict(seen) if isinstance(seen, dict) else {}
         others = sorted(
