@@ -473,3 +473,188 @@ def test_findings_are_json_and_bounded() -> None:
     assert found
     text = json.dumps(found[0].to_json())
     assert len(found[0].summary) <= 500 and len(text) < 12_000
+
+
+def test_warmup_counts_every_entry_the_detector_sees() -> None:
+    """A log whose first hours hold no edge at all: the warm-up is over by the time
+    the first edge arrives, which is then new."""
+    pol = policy(new_edge=EDGE)
+    early = exchange_failed(T0, "https://eu.example")
+    findings = feed(NewEdge(), [early, issued(T0 + 150, "eu", ["us"])], pol)
+    assert [(f.key, f.evidence) for f in findings] == [("new_edge:payments|eu->us", [1])]
+    assert feed(NewEdge(), [early, issued(T0 + 50, "eu", ["us"])], pol) == []
+
+
+def x509_decision(at: float, cluster: str, serial: str) -> dict[str, Any]:
+    event = new_event(
+        "authz.decision",
+        source=agent_source(cluster),
+        cluster=cluster,
+        actor=spiffe("eu"),
+        identity={
+            "spiffe_id": spiffe("eu"),
+            "workload": "payments",
+            "origin_cluster": "eu",
+            "credential": "x509-svid",
+            "x509_serial": serial,
+            "x509_sha256": "f" * 64,
+        },
+        request={"surface": "ext_authz", "method": "GET", "host": "api.test", "path": "/"},
+        decision={"allowed": True, "reason": "allowed", "policy_revision": 1},
+        at=at,
+    )
+    check_event(event)
+    return event
+
+
+def svid_issued(at: float, serial: str) -> dict[str, Any]:
+    event = new_event(
+        "svid.issued",
+        source=CP,
+        cluster="eu",
+        actor=spiffe("eu"),
+        identity={"spiffe_id": spiffe("eu"), "workload": "payments", "origin_cluster": "eu"},
+        request={"surface": "x509-svid"},
+        detail={"serial": serial, "not_before": int(at), "not_after": int(at) + 3600},
+        at=at,
+    )
+    check_event(event)
+    return event
+
+
+def test_x509_svids_dormant_and_concurrent() -> None:
+    pol = policy(
+        dormant_use=DetectorSettings(window=60, baseline_window=1000, warmup=0),
+        concurrent_use=DetectorSettings(window=60, warmup=0),
+    )
+    events = [
+        svid_issued(T0, "0a1b"),
+        x509_decision(T0 + 10, "us", "0a1b"),
+        svid_issued(T0 + 5000, "0c0d"),  # dormant: 4990 s
+        x509_decision(T0 + 5010, "us", "0c0d"),
+        x509_decision(T0 + 5020, "ap", "0c0d"),  # the same certificate at another cluster
+    ]
+    found = observe_all([DormantUse(), ConcurrentUse()], enumerate(events), pol)
+    assert [(f.key, f.evidence) for f in found] == [
+        (f"dormant_use:{spiffe('eu')}", [1, 2]),
+        ("concurrent_use:x509:0c0d", [3, 4]),
+    ]
+
+
+JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
+FIELDS = [
+    "spiffe_id",
+    "workload",
+    "origin_cluster",
+    "jti",
+    "x509_serial",
+    "token_sha256",
+    "audience",
+    "host",
+    "allowed",
+    "reason",
+    "issued_token_sha256",
+    "claimed",
+    "iss",
+    "folded_type",
+    "folded",
+    "by",
+    "issuer",
+    "error",
+    "values",
+    "dropped",
+    "count",
+]
+PLAUSIBLE = st.sampled_from(
+    [
+        "eu",
+        "us",
+        True,
+        False,
+        3,
+        f"{TD}/cluster/us",
+        [f"{TD}/cluster/ap"],
+        "unauthenticated: wrong_audience",
+        "authz.decision",
+        "token.exchange_failed",
+        "a" * 64,
+    ]
+)
+PARTS = st.recursive(
+    JSONISH | PLAUSIBLE,
+    lambda inner: st.dictionaries(st.sampled_from(FIELDS), inner, max_size=5),
+    max_leaves=10,
+)
+MEMBERS = [
+    "type",
+    "time",
+    "cluster",
+    "actor",
+    "identity",
+    "request",
+    "decision",
+    "detail",
+    "source",
+]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.fixed_dictionaries(
+            {
+                "type": st.sampled_from(
+                    [
+                        "token.issued",
+                        "authz.decision",
+                        "token.exchange_failed",
+                        "audit.refusals_folded",
+                        "svid.issued",
+                    ]
+                ),
+                "time": st.one_of(
+                    st.integers(0, 4000).map(
+                        lambda s: new_event("x", source=CP, at=T0 + s)["time"]
+                    ),
+                    JSONISH,
+                ),
+            },
+            optional={name: PARTS for name in MEMBERS[2:]},
+        ),
+        max_size=10,
+    ),
+    JSONISH,
+)
+def test_odd_events_and_snapshots_are_skipped_not_fatal(
+    events: list[dict[str, Any]], junk: Any
+) -> None:
+    """Events holding anything where a member should be, and a snapshot of anything:
+    no exception, the state stays JSON."""
+    detectors = all_detectors()
+    observe_all(detectors, enumerate(events), SMALL)
+    for detector in detectors:
+        json.dumps(detector.snapshot())
+        detector.restore(junk if isinstance(junk, dict) else {"version": 1, "items": junk})
+        observe_all([detector], enumerate(events), SMALL)
+        json.dumps(detector.snapshot())
+
+
+def test_a_snapshot_of_another_version_or_with_bad_items_starts_fresh_where_bad() -> None:
+    pol = policy(dormant_use=DetectorSettings(window=60, baseline_window=1000, warmup=0))
+    detector = DormantUse()
+    feed(detector, [issued(T0, "eu", ["us"])], pol)
+    state = json.loads(json.dumps(detector.snapshot()))
+    state["last"]["items"].append(["spiffe://corp.example/x", ["soon", 3]])
+    restored = DormantUse()
+    restored.restore(state)
+    assert len(restored.last) == 1 and restored.dropped()["last"] == 1
+    assert feed(restored, [issued(T0 + 5000, "eu", ["us"])], pol, start=1)[0].evidence == [0, 1]
+    other = DormantUse()
+    other.restore({**state, "version": 99})
+    assert len(other.last) == 0 and other.first is None

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 from trustmesh.analytics.findings import MAX_EVIDENCE, MAX_SUMMARY, Finding, Severity
@@ -102,12 +102,57 @@ def _workload(identity: Mapping[str, Any]) -> str | None:
     return _text(identity.get("workload")) or _text(identity.get("spiffe_id"))
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _pairs(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(p, list) and len(p) == 2 and _number(p[0]) and _number(p[1]) for p in value
+    )
+
+
+def _rate_state(state: Any) -> bool:
+    """Whether ``state`` is a key's state as :class:`RateCounter` writes it (a snapshot
+    from elsewhere is not trusted to be)."""
+    return (
+        isinstance(state, dict)
+        and _number(state.get("r"))
+        and _number(state.get("u"))
+        and _pairs(state.get("b"))
+        and _pairs(state.get("e"))
+    )
+
+
+def _use(value: Any) -> bool:
+    """[time, index]: when and where a key was last seen."""
+    return isinstance(value, list) and len(value) == 2 and _number(value[0]) and _number(value[1])
+
+
+def _issuance(value: Any) -> bool:
+    """[workload, spiffe_id, audiences, index] of an issued token."""
+    return (
+        isinstance(value, list)
+        and len(value) == 4
+        and all(v is None or isinstance(v, str) for v in value[:2])
+        and isinstance(value[2], list)
+        and all(isinstance(a, str) for a in value[2])
+        and isinstance(value[3], int)
+    )
+
+
+def _uses(value: Any) -> bool:
+    """cluster -> [time, index]."""
+    return isinstance(value, dict) and all(_use(v) for v in value.values())
+
+
 class BoundedMap:
     """A map of at most ``cap`` keys, least recently touched dropped first; ``dropped``
     counts the keys it had to forget. JSON values only."""
 
-    def __init__(self, cap: int) -> None:
+    def __init__(self, cap: int, valid: Callable[[Any], bool] = lambda value: True) -> None:
         self.cap = cap
+        self.valid = valid
         self.items: OrderedDict[str, Any] = OrderedDict()
         self.dropped = 0
 
@@ -131,13 +176,23 @@ class BoundedMap:
         return {"items": [[k, v] for k, v in self.items.items()], "dropped": self.dropped}
 
     def restore(self, state: Any) -> None:
+        """Take back a :meth:`snapshot`; an item that is not what this map holds is
+        left out and counted as dropped."""
         self.items = OrderedDict()
         self.dropped = 0
         if not isinstance(state, dict):
             return
-        for pair in state.get("items") or []:
-            if isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str):
+        items = state.get("items")
+        for pair in items if isinstance(items, list) else []:
+            if (
+                isinstance(pair, list)
+                and len(pair) == 2
+                and isinstance(pair[0], str)
+                and self.valid(pair[1])
+            ):
                 self.items[pair[0]] = pair[1]
+            else:
+                self.dropped += 1
         while len(self.items) > self.cap:
             self.items.popitem(last=False)
             self.dropped += 1
@@ -169,7 +224,7 @@ class _Base:
     def __init__(self, cap: int = MAX_EDGES) -> None:
         self.first: float | None = None
         self.latest: float | None = None
-        self.fired = BoundedMap(cap)
+        self.fired = BoundedMap(cap, _number)
 
     def _clock(self, event: Mapping[str, Any]) -> float | None:
         """The event's time, recorded on the detector's clock whatever the event is
@@ -232,11 +287,18 @@ class _Base:
             "fired": self.fired.snapshot(),
         }
 
-    def _base_restore(self, state: Mapping[str, Any]) -> None:
+    def _base_restore(self, state: Mapping[str, Any]) -> bool:
+        """Take back the common part; False (and a fresh state) when ``state`` is not
+        a snapshot of this detector at this version."""
+        if state.get("version") != SNAPSHOT_VERSION or state.get("detector") != self.name:
+            self.first = self.latest = None
+            self.fired.restore(None)
+            return False
         first, latest = state.get("first"), state.get("latest")
         self.first = float(first) if isinstance(first, (int, float)) else None
         self.latest = float(latest) if isinstance(latest, (int, float)) else None
         self.fired.restore(state.get("fired"))
+        return True
 
     def dropped(self) -> dict[str, int]:
         """Keys forgotten for lack of room, per map (for metrics and the docs' bounds)."""
@@ -256,7 +318,7 @@ class NewEdge(_Base):
 
     def __init__(self, cap: int = MAX_EDGES) -> None:
         super().__init__(cap)
-        self.edges = BoundedMap(cap)
+        self.edges = BoundedMap(cap, _use)
 
     def _edges(self, event: Mapping[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
         identity = _part(event, "identity")
@@ -331,8 +393,8 @@ class NewEdge(_Base):
         return {**self._base_snapshot(), "edges": self.edges.snapshot()}
 
     def restore(self, state: Mapping[str, Any]) -> None:
-        self._base_restore(state)
-        self.edges.restore(state.get("edges"))
+        known = self._base_restore(state)
+        self.edges.restore(state.get("edges") if known else None)
 
     def dropped(self) -> dict[str, int]:
         return {**super().dropped(), "edges": self.edges.dropped}
@@ -347,7 +409,7 @@ class RateCounter:
     ``{"b": [[bucket_start, count]...], "r": rate_per_s, "u": rate_at, "e": [[t, index]...]}``."""
 
     def __init__(self, cap: int = MAX_KEYS) -> None:
-        self.keys = BoundedMap(cap)
+        self.keys = BoundedMap(cap, _rate_state)
 
     def add(
         self, key: str, t: float, now: float, count: int, index: int, settings: DetectorSettings
@@ -358,7 +420,7 @@ class RateCounter:
         width = window / BUCKETS_PER_WINDOW
         tau = max(settings.baseline_window, window)
         state = self.keys.get(key)
-        if not isinstance(state, dict):
+        if not _rate_state(state):
             state = {"b": [], "r": 0.0, "u": t - window, "e": []}
         rate, updated = float(state["r"]), float(state["u"])
         kept = []
@@ -445,8 +507,8 @@ class _Burst(_Base):
         return {**self._base_snapshot(), "counts": self.counter.snapshot()}
 
     def restore(self, state: Mapping[str, Any]) -> None:
-        self._base_restore(state)
-        self.counter.restore(state.get("counts"))
+        known = self._base_restore(state)
+        self.counter.restore(state.get("counts") if known else None)
 
     def dropped(self) -> dict[str, int]:
         return {**super().dropped(), "counts": self.counter.keys.dropped}
@@ -578,7 +640,7 @@ class WrongCluster(_Base):
 
     def __init__(self, cap: int = MAX_EDGES) -> None:
         super().__init__(cap)
-        self.issued = BoundedMap(cap)
+        self.issued = BoundedMap(cap, _issuance)
 
     def observe(
         self, index: int, event: Mapping[str, Any], policy: AnomalySettings
@@ -681,8 +743,8 @@ class WrongCluster(_Base):
         return {**self._base_snapshot(), "issued": self.issued.snapshot()}
 
     def restore(self, state: Mapping[str, Any]) -> None:
-        self._base_restore(state)
-        self.issued.restore(state.get("issued"))
+        known = self._base_restore(state)
+        self.issued.restore(state.get("issued") if known else None)
 
     def dropped(self) -> dict[str, int]:
         return {**super().dropped(), "issued": self.issued.dropped}
@@ -711,7 +773,7 @@ class DormantUse(_Base):
 
     def __init__(self, cap: int = MAX_EDGES) -> None:
         super().__init__(cap)
-        self.last = BoundedMap(cap)
+        self.last = BoundedMap(cap, _use)
 
     def observe(
         self, index: int, event: Mapping[str, Any], policy: AnomalySettings
@@ -750,8 +812,8 @@ class DormantUse(_Base):
         return {**self._base_snapshot(), "last": self.last.snapshot()}
 
     def restore(self, state: Mapping[str, Any]) -> None:
-        self._base_restore(state)
-        self.last.restore(state.get("last"))
+        known = self._base_restore(state)
+        self.last.restore(state.get("last") if known else None)
 
     def dropped(self) -> dict[str, int]:
         return {**super().dropped(), "last": self.last.dropped}
@@ -766,7 +828,7 @@ class ConcurrentUse(_Base):
 
     def __init__(self, cap: int = MAX_EDGES) -> None:
         super().__init__(cap)
-        self.uses = BoundedMap(cap)
+        self.uses = BoundedMap(cap, _uses)
 
     def observe(
         self, index: int, event: Mapping[str, Any], policy: AnomalySettings
@@ -818,8 +880,8 @@ class ConcurrentUse(_Base):
         return {**self._base_snapshot(), "uses": self.uses.snapshot()}
 
     def restore(self, state: Mapping[str, Any]) -> None:
-        self._base_restore(state)
-        self.uses.restore(state.get("uses"))
+        known = self._base_restore(state)
+        self.uses.restore(state.get("uses") if known else None)
 
     def dropped(self) -> dict[str, int]:
         return {**super().dropped(), "uses": self.uses.dropped}
