@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("entry points", ["sim"]),
     ("processes", ["server", "agent", "sidecar"]),
     ("services", ["oauth"]),
+    ("analytics", ["analytics"]),
     ("domain", ["audit"]),
     ("domain", ["policy"]),
     ("domain", ["revocation"]),

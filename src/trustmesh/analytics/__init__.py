@@ -1,0 +1,1 @@
+"""Security analytics over the audit log: detectors, findings, their settings."""
