@@ -41,6 +41,7 @@ from trustmesh.cli.credentials import cluster_app, credentials_app, login_comman
 from trustmesh.cli.federation import get_trustdomains
 from trustmesh.cli.lifecycle import WideOutput, get_pending, report_app
 from trustmesh.cli.lifecycle import when as _when_used
+from trustmesh.cli.report import report
 from trustmesh.cli.suspension import get_suspensions, resume, suspend
 from trustmesh.common.limits import (
     DEFAULT_LIMITS,
@@ -78,6 +79,7 @@ app.command("drill")(drill)
 app.command("resume")(resume)
 get_app.command("suspensions")(get_suspensions)
 get_app.command("pending")(get_pending)
+report_app.callback(invoke_without_command=True)(report)
 app.add_typer(report_app, name="report")
 get_app.command("trustdomains")(get_trustdomains)
 get_app.command("federation", help="The same as get trustdomains.")(get_trustdomains)
