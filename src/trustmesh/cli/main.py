@@ -1341,6 +1341,21 @@ def bench_audit(
     print_json(result) if output is Output.json else _print_bench(result)
 
 
+@bench_app.command("report")
+def bench_report(
+    entries: int = typer.Option(
+        1_000_000, "--entries", min=1, max=100_000_000, help="Entries the log is filled with."
+    ),
+    rounds: int = typer.Option(1, "--rounds", min=1, max=20, help="Reports timed."),
+    output: Output = OutputOption,
+) -> None:
+    """trustmesh report over an N-entry SQLite log (goal: 1,000,000 entries in 30 s)."""
+    from trustmesh.bench.report import run
+
+    result = run(entries=entries, rounds=rounds)
+    print_json(result) if output is Output.json else _print_bench(result)
+
+
 @bench_app.command("failover")
 def bench_failover(
     concurrency: int = typer.Option(
