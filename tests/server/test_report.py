@@ -219,6 +219,11 @@ def test_report_over_real_traffic(tmp_path: Path) -> None:
         assert {i["name"] for i in found["stale"]["items"]} >= {"batch"}
         assert found["anomalies"] == {"total": 0, "byDetector": {}}
 
+        table = run(server, rita, "report", "--since", "1h")
+        assert table.returncode == 0, table.stderr
+        assert "50.0%" in table.stdout and "web-admin" in table.stdout
+        assert "batch" in table.stdout  # the uncovered workload
+
         out = tmp_path / "report.html"
         result = run(server, rita, "report", "--since", "1h", "-o", "html", "--out", str(out))
         assert result.returncode == 0, result.stderr
