@@ -130,6 +130,40 @@ class _Capped:
 
 
 @dataclass
+class _Paths(_Capped):
+    """Observed paths; also the leading segments every path seen shares, kept over all of
+    them (past the cap too), so the glob that stands for many covers every one."""
+
+    common: list[str] | None = None
+    depths: set[int] = field(default_factory=set)
+
+    def add(self, value: str) -> None:
+        parts = value.strip("/").split("/")
+        if len(self.depths) < 2:
+            self.depths.add(len(parts))
+        if self.common is None:
+            self.common = parts
+        else:
+            keep = 0
+            for mine, theirs in zip(self.common, parts, strict=False):
+                if mine != theirs:
+                    break
+                keep += 1
+            del self.common[keep:]
+        super().add(value)
+
+
+@dataclass
+class _Resource:
+    """Observed verbs of one (API group, resource), and the object names when every
+    request named one."""
+
+    verbs: _Capped = field(default_factory=_Capped)
+    names: _Capped = field(default_factory=_Capped)
+    unnamed: bool = False
+
+
+@dataclass
 class _Usage:
     decisions: int = 0
     evidence: list[int] = field(default_factory=list)
@@ -138,8 +172,8 @@ class _Usage:
     namespaces: _Capped = field(default_factory=_Capped)
     no_namespace: bool = False
     # service: host -> (methods, paths); resource: (group, resource) -> verbs; url -> verbs
-    services: dict[str, tuple[_Capped, _Capped]] = field(default_factory=dict)
-    resources: dict[tuple[str, str], _Capped] = field(default_factory=dict)
+    services: dict[str, tuple[_Capped, _Paths]] = field(default_factory=dict)
+    resources: dict[tuple[str, str], _Resource] = field(default_factory=dict)
     urls: dict[str, _Capped] = field(default_factory=dict)
     rules_overflow: bool = False
 
@@ -168,7 +202,7 @@ class _Usage:
             if key not in self.services and len(self.services) >= MAX_DISTINCT:
                 self.rules_overflow = True
                 return
-            methods, paths = self.services.setdefault(key, (_Capped(), _Capped()))
+            methods, paths = self.services.setdefault(key, (_Capped(), _Paths()))
             methods.add(str(request.get("method", "")))
             paths.add(str(request.get("path", "")))
         elif "resource" in request:
@@ -179,7 +213,12 @@ class _Usage:
             if rkey not in self.resources and len(self.resources) >= MAX_DISTINCT:
                 self.rules_overflow = True
                 return
-            self.resources.setdefault(rkey, _Capped()).add(verb)
+            found = self.resources.setdefault(rkey, _Resource())
+            found.verbs.add(verb)
+            if request.get("name"):
+                found.names.add(str(request["name"]))
+            else:
+                found.unnamed = True
         elif "nonResourceURL" in request:
             url = str(request["nonResourceURL"])
             if url not in self.urls and len(self.urls) >= MAX_DISTINCT:
@@ -188,17 +227,17 @@ class _Usage:
             self.urls.setdefault(url, _Capped()).add(verb)
 
 
-def _paths(paths: _Capped) -> list[str]:
+def _paths(paths: _Paths) -> list[str]:
     """The observed paths, or one glob standing for them all when there are too many:
-    their common leading segments followed by ``/**``."""
+    the leading segments all of them share, then one ``*`` per further segment when all
+    of them have as many segments (``/api/v1/orders/*``), else ``/**``."""
     if not paths.overflow and len(paths.values) <= MAX_PATHS:
         return sorted(paths.values)
-    split = [p.strip("/").split("/") for p in paths.values]
-    common: list[str] = []
-    for parts in zip(*split, strict=False):
-        if len(set(parts)) != 1:
-            break
-        common.append(parts[0])
+    common = list(paths.common or ())
+    if len(paths.depths) == 1:
+        (depth,) = paths.depths
+        return ["/" + "/".join([*common, *["*"] * (depth - len(common))])]
+    common = [p for p in common if p]
     return ["/" + "/".join([*common, "**"]) if common else "/**"]
 
 
@@ -212,14 +251,15 @@ def _observed_rules(usage: _Usage) -> list[dict[str, Any]]:
                 "paths": _paths(paths),
             }
         )
-    for (group, resource), verbs in sorted(usage.resources.items()):
-        rules.append(
-            {
-                "apiGroups": [group],
-                "resources": [resource],
-                "verbs": ["*"] if verbs.overflow else sorted(verbs.values),
-            }
-        )
+    for (group, resource), found in sorted(usage.resources.items()):
+        rule: dict[str, Any] = {
+            "apiGroups": [group],
+            "resources": [resource],
+            "verbs": ["*"] if found.verbs.overflow else sorted(found.verbs.values),
+        }
+        if not found.unnamed and not found.names.overflow:
+            rule["resourceNames"] = sorted(found.names.values)
+        rules.append(rule)
     for url, verbs in sorted(usage.urls.items()):
         rules.append(
             {"nonResourceURLs": [url], "verbs": ["*"] if verbs.overflow else sorted(verbs.values)}
