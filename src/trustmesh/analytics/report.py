@@ -182,12 +182,17 @@ class _Usage:
         if len(self.evidence) < MAX_EVIDENCE:
             self.evidence.append(index)
         identity = event.get("identity") or {}
-        subject = identity.get("workload")
-        self.subjects.add(
-            f"workload:{subject}" if subject else f"spiffeId:{identity.get('spiffe_id', '')}"
-        )
-        self.clusters.add(str(event.get("cluster", "")))
         request = event.get("request") or {}
+        user = str(request.get("user") or "")
+        if identity.get("workload"):
+            self.subjects.add(f"workload:{identity['workload']}")
+        elif user.startswith("user:"):  # a person, at a cluster's API server
+            self.subjects.add(user)
+        elif identity.get("spiffe_id"):
+            self.subjects.add(f"spiffeId:{identity['spiffe_id']}")
+        else:  # nothing to name it by: the binding's own subjects stay
+            self.subjects.overflow = True
+        self.clusters.add(str(event.get("cluster", "")))
         namespace = request.get("namespace")
         if namespace:
             self.namespaces.add(str(namespace))
@@ -297,9 +302,13 @@ def _suggestion(name: str, policy: PolicySet, usage: _Usage) -> dict[str, Any]:
     else:
         binding["subjects"] = [_subject(s) for s in sorted(usage.subjects.values)]
         declared = {
-            f"workload:{s.workload}" if s.workload else f"spiffeId:{s.spiffe_id}"
+            f"workload:{s.workload}"
+            if s.workload
+            else f"user:{s.user}"
+            if s.user
+            else f"spiffeId:{s.spiffe_id}"
             for s in spec.subjects
-            if (s.workload or s.spiffe_id) and not s.claims and not s.match_expressions
+            if (s.workload or s.user or s.spiffe_id) and not s.claims and not s.match_expressions
         }
         if len(declared) != len(spec.subjects) or not declared <= usage.subjects.values:
             narrowed.append("subjects")
