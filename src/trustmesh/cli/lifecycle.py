@@ -26,7 +26,7 @@ from trustmesh.cli._common import (
     resolve_token,
 )
 
-report_app = typer.Typer(help="Reports over the registry and its use.", no_args_is_help=True)
+report_app = typer.Typer(help="Reports over the registry and its use.")
 
 
 class WideOutput(StrEnum):

@@ -41,6 +41,7 @@ from trustmesh.cli.credentials import cluster_app, credentials_app, login_comman
 from trustmesh.cli.federation import get_trustdomains
 from trustmesh.cli.lifecycle import WideOutput, get_pending, report_app
 from trustmesh.cli.lifecycle import when as _when_used
+from trustmesh.cli.report import report
 from trustmesh.cli.suspension import get_suspensions, resume, suspend
 from trustmesh.common.limits import (
     DEFAULT_LIMITS,
@@ -78,6 +79,7 @@ app.command("drill")(drill)
 app.command("resume")(resume)
 get_app.command("suspensions")(get_suspensions)
 get_app.command("pending")(get_pending)
+report_app.callback(invoke_without_command=True)(report)
 app.add_typer(report_app, name="report")
 get_app.command("trustdomains")(get_trustdomains)
 get_app.command("federation", help="The same as get trustdomains.")(get_trustdomains)
@@ -1336,6 +1338,21 @@ def bench_audit(
     from trustmesh.bench.audit import run
 
     result = run(entries=entries, proof_size=proof_size, postgres=postgres)
+    print_json(result) if output is Output.json else _print_bench(result)
+
+
+@bench_app.command("report")
+def bench_report(
+    entries: int = typer.Option(
+        1_000_000, "--entries", min=1, max=100_000_000, help="Entries the log is filled with."
+    ),
+    rounds: int = typer.Option(1, "--rounds", min=1, max=20, help="Reports timed."),
+    output: Output = OutputOption,
+) -> None:
+    """trustmesh report over an N-entry SQLite log (goal: 1,000,000 entries in 30 s)."""
+    from trustmesh.bench.report import run
+
+    result = run(entries=entries, rounds=rounds)
     print_json(result) if output is Output.json else _print_bench(result)
 
 

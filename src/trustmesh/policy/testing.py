@@ -21,6 +21,7 @@ class CaseResult:
     expected: str
     got: str
     reason: str
+    bindings: tuple[str, ...] = ()  # the bindings that matched (coverage reports)
 
     @property
     def passed(self) -> bool:
@@ -33,7 +34,8 @@ class CaseResult:
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.__dict__, "passed": self.passed}
+        body = {k: v for k, v in self.__dict__.items() if k != "bindings"}
+        return {**body, "passed": self.passed}
 
 
 def run_policy_tests(
@@ -80,4 +82,5 @@ def _result(test: str, case: PolicyTestCase, decision: Decision) -> CaseResult:
         expected=case.expect,
         got="allow" if decision.allowed else "deny",
         reason=decision.reason,
+        bindings=tuple(decision.bindings),
     )

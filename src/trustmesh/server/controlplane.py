@@ -82,6 +82,7 @@ from trustmesh.server.issuance import Issuance
 from trustmesh.server.login import Logins
 from trustmesh.server.metrics import ServerMetrics
 from trustmesh.server.recorder import AuditRecorder
+from trustmesh.server.reports import Reports
 from trustmesh.server.retirement import Retirement
 from trustmesh.server.revoke import Revoker, Suspender
 from trustmesh.server.roots import CaRotation, RootHolders
@@ -321,6 +322,7 @@ class ControlPlane:
             self.observations,
             self.usage,
         )
+        self.reports = Reports(self.db, self.snapshots, self.inventory, self.usage)
         self.federation = Federation(
             federation_store, self.registry_store, self.snapshots, self.recorder, self.clock
         )

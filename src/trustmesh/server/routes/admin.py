@@ -154,6 +154,21 @@ def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
         items = await run_in_threadpool(plane.inventory.stale, float(days), plane.clock())
         return JSONResponse({"kind": "StaleIdentityReport", "days": days, "items": items})
 
+    async def report(request: Request) -> Response:
+        await callers.read(request)
+        params = request.query_params
+        days = parse_decimal(params.get("stale_days", "30"), 6)
+        if days is None or not 0 <= days <= 36500:
+            raise InvalidRequest("stale_days must be a number of days from 0 to 36500")
+        body = await run_in_threadpool(
+            plane.reports.report,
+            params.get("since") or None,
+            params.get("until") or None,
+            plane.clock(),
+            float(days),
+        )
+        return JSONResponse(body)
+
     async def list_keys(request: Request) -> Response:
         await callers.read(request)
         records = await run_in_threadpool(plane.keys.list_keys)
@@ -173,6 +188,7 @@ def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
         Route("/v1/workloadtemplates", lister("WorkloadTemplate"), methods=["GET"]),
         Route("/v1/pending", pending, methods=["GET"]),
         Route("/v1/reports/stale", stale, methods=["GET"]),
+        Route("/v1/report", report, methods=["GET"]),
         Route("/v1/keys", list_keys, methods=["GET"]),
         Route("/v1/keys/rotate", rotate_keys, methods=["POST"]),
         Route("/v1/policy/versions", policy_versions, methods=["GET"]),
