@@ -358,8 +358,10 @@ class PushDelivery:
         }
         if outcome.result == "retry":
             values.update(last_error=outcome.error, next_attempt_at=now + retry_delay(attempts))
+        elif outcome.result == DELIVERED:  # the error of an earlier attempt stays shown
+            values.update(state=DELIVERED, finished_at=now)
         else:
-            values.update(state=outcome.result, last_error=outcome.error, finished_at=now)
+            values.update(state=FAILED, last_error=outcome.error, finished_at=now)
         with self.db.engine.begin() as conn:
             conn.execute(
                 update(t)
@@ -379,7 +381,8 @@ class PushDelivery:
     def status(self) -> list[dict[str, Any]]:
         """``trustmesh get receivers``: each EventReceiver as applied, with
         ``status.delivery``: ``delivered``, ``pending``, ``failed`` counts, the last
-        attempt and delivery, and the last error (of the latest attempt that failed)."""
+        attempt and delivery, and the last error (of the latest row attempted that had
+        one: a row delivered after retries keeps the error of its last failed attempt)."""
         items = self.registry_store.list_bodies(RECEIVER_KIND)
         t = anomaly_deliveries
         with self.db.engine.connect() as conn:
@@ -399,25 +402,23 @@ class PushDelivery:
                     ).group_by(t.c.receiver)
                 )
             }
-            errors: dict[str, tuple[str, float | None]] = {}
-            for r, error, at in conn.execute(
-                select(t.c.receiver, t.c.last_error, t.c.last_attempt_at)
+            errors: dict[str, str] = {}
+            for r, error in conn.execute(
+                select(t.c.receiver, t.c.last_error)
                 .where(t.c.last_error.is_not(None))
                 .order_by(t.c.last_attempt_at.desc(), t.c.id.desc())
             ):
-                errors.setdefault(r, (error, at))
+                errors.setdefault(r, error)
         for item in items:
             name = item["metadata"]["name"]
             attempted, delivered = times.get(name, (None, None))
-            error, error_at = errors.get(name, (None, None))
             item["status"]["delivery"] = {
                 "delivered": counts.get((name, DELIVERED), 0),
                 "pending": counts.get((name, PENDING), 0),
                 "failed": counts.get((name, FAILED), 0),
                 "lastAttempt": attempted,
                 "lastDelivered": delivered,
-                "lastError": error,
-                "lastErrorAt": error_at,
+                "lastError": errors.get(name),
             }
         return items
 
