@@ -63,7 +63,7 @@ log = logging.getLogger("trustmesh.server")
 RECEIVER_KIND = "EventReceiver"
 SET_MEDIA_TYPE = "application/secevent+jwt"  # RFC 8417 §2.3, RFC 8935 §2
 PUSH_TICK = 1.0
-BATCH = 32  # rows claimed per tick
+BATCH = 16  # rows claimed per tick: two rounds of attempts, well within CLAIM_LEASE
 CONCURRENCY = 8  # attempts in flight per replica
 ATTEMPT_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 5.0
@@ -125,10 +125,40 @@ def enqueue(conn: Connection, finding_id: str | int, finding: Mapping[str, Any],
     if not rows:
         return 0
     dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    statement = dialect.insert(anomaly_deliveries).on_conflict_do_nothing(
-        index_elements=["finding_id", "receiver"]
+    statement = (
+        dialect.insert(anomaly_deliveries)
+        .on_conflict_do_nothing(index_elements=["finding_id", "receiver"])
+        .returning(anomaly_deliveries.c.id)
     )
-    return int(conn.execute(statement, rows).rowcount or 0)
+    # RETURNING counts what was added (rowcount is -1 on PostgreSQL here), one
+    # statement per receiver (there are a few)
+    return sum(len(conn.execute(statement, row).all()) for row in rows)
+
+
+def claim_due(db: Database, replica: str, now: float, limit: int) -> list[Row[Any]]:
+    """Up to ``limit`` due rows, each claimed for ``replica`` until ``now`` +
+    :data:`CLAIM_LEASE` by a conditional update: a row another replica (or worker)
+    claimed first, and still holds, is left to it."""
+    t = anomaly_deliveries
+    free = or_(t.c.claimed_until.is_(None), t.c.claimed_until < now)
+    due = and_(t.c.state == PENDING, t.c.next_attempt_at <= now, free)
+    with db.engine.connect() as conn:
+        ids = list(
+            conn.execute(
+                select(t.c.id).where(due).order_by(t.c.next_attempt_at, t.c.id).limit(limit)
+            ).scalars()
+        )
+    rows: list[Row[Any]] = []
+    for row_id in ids:
+        with db.engine.begin() as conn:
+            taken = conn.execute(
+                update(t)
+                .where(t.c.id == row_id, due)
+                .values(claimed_by=replica, claimed_until=now + CLAIM_LEASE)
+            ).rowcount
+            if taken == 1:
+                rows.append(conn.execute(select(t).where(t.c.id == row_id)).one())
+    return rows
 
 
 # -- one attempt -------------------------------------------------------------------------------
@@ -290,29 +320,12 @@ class PushDelivery:
         return len(claimed)
 
     def _claim(self, now: float) -> list[Row[Any]]:
-        t = anomaly_deliveries
-        free = or_(t.c.claimed_until.is_(None), t.c.claimed_until < now)
-        due = and_(t.c.state == PENDING, t.c.next_attempt_at <= now, free)
-        with self.db.engine.connect() as conn:
-            ids = list(
-                conn.execute(
-                    select(t.c.id).where(due).order_by(t.c.next_attempt_at, t.c.id).limit(BATCH)
-                ).scalars()
-            )
-        rows: list[Row[Any]] = []
-        for row_id in ids:
-            with self.db.engine.begin() as conn:
-                taken = conn.execute(
-                    update(t)
-                    .where(t.c.id == row_id, due)
-                    .values(claimed_by=self.replica, claimed_until=now + CLAIM_LEASE)
-                ).rowcount
-                if taken == 1:
-                    rows.append(conn.execute(select(t).where(t.c.id == row_id)).one())
-        return rows
+        return claim_due(self.db, self.replica, now, BATCH)
 
     async def _attempt(self, row: Row[Any]) -> None:
         spec = self.snapshots.registry.receivers.get(row.receiver)
+        if spec is None:  # applied on another replica a moment ago, or deleted?
+            spec = await asyncio.to_thread(self._stored_receiver, row.receiver)
         if spec is None:
             outcome = Outcome(FAILED, None, f"EventReceiver {row.receiver} no longer exists")
         else:
@@ -332,6 +345,10 @@ class PushDelivery:
                 "retrying" if outcome.result == "retry" else "failed for good",
             )
         await asyncio.to_thread(self._record, row, attempts, outcome)
+
+    def _stored_receiver(self, name: str) -> EventReceiverSpec | None:
+        with self.db.engine.connect() as conn:
+            return receivers_of(conn).get(name)
 
     async def _send(self, row: Row[Any], spec: EventReceiverSpec, key: ActiveKey) -> Outcome:
         token: str | None = None
