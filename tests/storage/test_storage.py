@@ -447,8 +447,10 @@ def test_migration_14_adds_the_push_outbox_to_a_version_13_database(
     EventReceiver that wants its detector, and a due row is claimed by one replica."""
     import json
 
-    from trustmesh.server.push import claim_due, enqueue
-    from trustmesh.storage.schema import registry_objects
+    from sqlalchemy import update
+
+    from trustmesh.server.push import RETENTION, claim_due, enqueue, prune
+    from trustmesh.storage.schema import anomaly_deliveries, registry_objects
 
     def receiver(name: str, events: list[str] | None) -> dict[str, object]:
         spec: dict[str, object] = {"endpoint": f"https://{name}.example.com/e"}
@@ -483,5 +485,9 @@ def test_migration_14_adds_the_push_outbox_to_a_version_13_database(
         assert json.loads(first[0].finding) == finding
         assert claim_due(db, "replica-b", 101.0, 10) == []  # held by replica-a
         assert [r.claimed_by for r in claim_due(db, "replica-b", 161.0, 10)] == ["replica-b"]
+        with db.engine.begin() as conn:
+            conn.execute(update(anomaly_deliveries).values(state="delivered", finished_at=200.0))
+        assert prune(db, 200.0 + RETENTION) == 0  # kept 30 days as history
+        assert prune(db, 201.0 + RETENTION) == 1
     finally:
         db.dispose()

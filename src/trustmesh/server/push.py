@@ -24,7 +24,8 @@
   :data:`MAX_ATTEMPTS` attempts, then failed for good.
 * **State** is :meth:`PushDelivery.status` (``trustmesh get receivers``: delivered,
   pending and failed counts, the last error) and :meth:`PushDelivery.deliveries`
-  (``trustmesh get deliveries``), and the metrics ``trustmesh_push_deliveries_total
+  (``trustmesh get deliveries``) — delivered and failed rows are kept
+  :data:`RETENTION` seconds after they finished, then deleted — and the metrics ``trustmesh_push_deliveries_total
   {result}`` and ``trustmesh_push_pending``."""
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from typing import Any
 import httpx
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from sqlalchemy import Connection, and_, func, or_, select, update
+from sqlalchemy import Connection, and_, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Row
 
@@ -76,6 +77,8 @@ MAX_ERROR_CHARS = 500
 MAX_TOKEN_BYTES = 8 * 1024
 MAX_FINDING_BYTES = 64 * 1024
 LIST_LIMIT = 1000
+RETENTION = 30 * 86400  # delivered and failed rows are kept this long, as history
+PRUNE_EVERY = 60.0
 
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
 STATES = (PENDING, DELIVERED, FAILED)
@@ -159,6 +162,17 @@ def claim_due(db: Database, replica: str, now: float, limit: int) -> list[Row[An
             if taken == 1:
                 rows.append(conn.execute(select(t).where(t.c.id == row_id)).one())
     return rows
+
+
+def prune(db: Database, now: float) -> int:
+    """Delete the rows delivered or failed more than :data:`RETENTION` seconds ago; how
+    many. Any replica may: a row deleted twice is deleted once."""
+    t = anomaly_deliveries
+    with db.engine.begin() as conn:
+        done = conn.execute(
+            delete(t).where(t.c.state != PENDING, t.c.finished_at < now - RETENTION)
+        )
+    return max(done.rowcount, 0)
 
 
 # -- one attempt -------------------------------------------------------------------------------
@@ -291,10 +305,14 @@ class PushDelivery:
 
     # -- the loop --------------------------------------------------------------------------
     async def run(self) -> None:
+        pruned_at = 0.0
         while True:
             try:
                 while await self.deliver_pending() == BATCH:
                     pass  # a full batch: more may be due now
+                if self.clock() - pruned_at >= PRUNE_EVERY:
+                    pruned_at = self.clock()
+                    await asyncio.to_thread(prune, self.db, pruned_at)
             except Exception:  # the next tick tries again; serving goes on meanwhile
                 log.exception("push: delivering anomaly SETs failed")
             await asyncio.sleep(PUSH_TICK)
