@@ -112,6 +112,7 @@ def enqueue(conn: Connection, finding_id: str | int, finding: Mapping[str, Any],
         raise InvalidRequest(f"a finding is at most {MAX_FINDING_BYTES} bytes of JSON")
     rows = [
         {
+            "id": secrets.token_hex(16),
             "finding_id": str(finding_id),
             "receiver": name,
             "jti": secrets.token_hex(16),
@@ -148,7 +149,10 @@ def claim_due(db: Database, replica: str, now: float, limit: int) -> list[Row[An
     with db.engine.connect() as conn:
         ids = list(
             conn.execute(
-                select(t.c.id).where(due).order_by(t.c.next_attempt_at, t.c.id).limit(limit)
+                select(t.c.id)
+                .where(due)
+                .order_by(t.c.next_attempt_at, t.c.created_at, t.c.id)
+                .limit(limit)
             ).scalars()
         )
     rows: list[Row[Any]] = []
@@ -441,7 +445,7 @@ class PushDelivery:
             for r, error in conn.execute(
                 select(t.c.receiver, t.c.last_error)
                 .where(t.c.last_error.is_not(None))
-                .order_by(t.c.last_attempt_at.desc(), t.c.id.desc())
+                .order_by(t.c.last_attempt_at.desc(), t.c.created_at.desc())
             ):
                 errors.setdefault(r, error)
         for item in items:
@@ -467,7 +471,7 @@ class PushDelivery:
         if not 1 <= limit <= LIST_LIMIT:
             raise InvalidRequest(f"limit must be between 1 and {LIST_LIMIT}")
         t = anomaly_deliveries
-        query = select(t).order_by(t.c.id.desc()).limit(limit)
+        query = select(t).order_by(t.c.created_at.desc(), t.c.id).limit(limit)
         if receiver is not None:
             if receiver not in self.snapshots.registry.receivers and not self._known(receiver):
                 raise NotFound(f"no deliveries for EventReceiver {receiver!r}")

@@ -397,7 +397,9 @@ audit_gaps = Table(
 anomaly_deliveries = Table(
     "anomaly_deliveries",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    # random, not a sequence: a restored backup (server/backup.py) copies rows as they
+    # are, and a PostgreSQL sequence would not follow
+    Column("id", String(32), primary_key=True),
     Column("finding_id", String(64), nullable=False),
     Column("receiver", String(253), nullable=False),  # the EventReceiver's name
     Column("jti", String(64), nullable=False),  # the SET's jti, stable across attempts
