@@ -113,8 +113,15 @@ def _undo_migration_11(conn: Connection) -> None:
     conn.execute(delete(schema_migrations).where(schema_migrations.c.version == 11))
 
 
+def _undo_migration_14(conn: Connection) -> None:
+    """The database as version 13 left it: no push delivery outbox."""
+    conn.execute(text("DROP TABLE anomaly_deliveries"))
+    conn.execute(delete(schema_migrations).where(schema_migrations.c.version == 14))
+
+
 def _undo_migration_13(conn: Connection) -> None:
     """The database as version 12 left it: no access requests."""
+    _undo_migration_14(conn)
     conn.execute(text("DROP TABLE access_requests"))
     conn.execute(delete(schema_migrations).where(schema_migrations.c.version == 13))
 
@@ -208,7 +215,7 @@ def test_migration_10_adds_template_identities_to_a_version_9_database(
         with db.engine.begin() as conn:
             _undo_migration_10(conn)
         assert current_version(db.engine) == 9
-        assert migrate(db.engine) == LATEST == 13
+        assert migrate(db.engine) == LATEST
         store = TemplateObservations(db)
         store.record("teams", "east", "team-a", "api", "spiffe://corp.example/x", 10.0)
         # another replica (a fresh store) records the same identity: one row, the first
@@ -271,7 +278,7 @@ def test_migration_13_adds_access_requests_to_a_version_12_database(
             _undo_migration_13(conn)
         assert current_version(db.engine) == 12
         assert "access_requests" not in inspect(db.engine).get_table_names()
-        assert migrate(db.engine) == LATEST == 13
+        assert migrate(db.engine) == LATEST
         with db.engine.begin() as conn:
             conn.execute(
                 access_requests.insert().values(
@@ -412,7 +419,7 @@ def test_migration_11_adds_pending_accounts_and_identity_usage_to_a_version_10_d
         with db.engine.begin() as conn:
             _undo_migration_11(conn)
         assert current_version(db.engine) == 10
-        assert migrate(db.engine) == LATEST == 13
+        assert migrate(db.engine) == LATEST
         tables = set(inspect(db.engine).get_table_names())
         assert {"pending_accounts", "identity_usage"} <= tables
         empty = build_registry("corp.example", 0, [])
@@ -429,5 +436,58 @@ def test_migration_11_adds_pending_accounts_and_identity_usage_to_a_version_10_d
         assert (usage.last_credential_at, usage.last_credential_kind) == (20.0, "jwt-svid")
         assert usage.last_decision_at is None
         assert len(Batch({}, {}, {})) == 0
+    finally:
+        db.dispose()
+
+
+def test_migration_14_adds_the_push_outbox_to_a_version_13_database(
+    db_url: str | None, tmp_path: Path
+) -> None:
+    """A version 13 database gets ``anomaly_deliveries``: a finding is queued once per
+    EventReceiver that wants its detector, and a due row is claimed by one replica."""
+    import json
+
+    from sqlalchemy import update
+
+    from trustmesh.server.push import RETENTION, claim_due, enqueue, prune
+    from trustmesh.storage.schema import anomaly_deliveries, registry_objects
+
+    def receiver(name: str, events: list[str] | None) -> dict[str, object]:
+        spec: dict[str, object] = {"endpoint": f"https://{name}.example.com/e"}
+        if events:
+            spec["events"] = events
+        body = {
+            "apiVersion": "trustmesh.io/v1alpha1",
+            "kind": "EventReceiver",
+            "metadata": {"name": name},
+            "spec": spec,
+        }
+        return {
+            "kind": "EventReceiver", "name": name, "body": json.dumps(body), "generation": 1,
+            "created_at": 1.0, "updated_at": 1.0, "updated_by": "admin",
+        }  # fmt: skip
+
+    db = open_database(db_url, tmp_path)
+    try:
+        with db.engine.begin() as conn:
+            _undo_migration_14(conn)
+        assert current_version(db.engine) == 13
+        assert "anomaly_deliveries" not in inspect(db.engine).get_table_names()
+        assert migrate(db.engine) == LATEST
+        finding = {"detector": "escalation", "key": "escalation:web", "summary": "web"}
+        with db.engine.begin() as conn:
+            conn.execute(insert(registry_objects), [receiver("siem", None)])
+            conn.execute(insert(registry_objects), [receiver("soar", ["new_edge"])])
+            assert enqueue(conn, 7, finding, 100.0) == 1  # soar wants only new_edge
+            assert enqueue(conn, 7, finding, 100.0) == 0  # queued once
+        first = claim_due(db, "replica-a", 100.0, 10)
+        assert [(r.receiver, r.finding_id, r.state) for r in first] == [("siem", "7", "pending")]
+        assert json.loads(first[0].finding) == finding
+        assert claim_due(db, "replica-b", 101.0, 10) == []  # held by replica-a
+        assert [r.claimed_by for r in claim_due(db, "replica-b", 161.0, 10)] == ["replica-b"]
+        with db.engine.begin() as conn:
+            conn.execute(update(anomaly_deliveries).values(state="delivered", finished_at=200.0))
+        assert prune(db, 200.0 + RETENTION) == 0  # kept 30 days as history
+        assert prune(db, 201.0 + RETENTION) == 1
     finally:
         db.dispose()

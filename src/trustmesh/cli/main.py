@@ -41,6 +41,7 @@ from trustmesh.cli.credentials import cluster_app, credentials_app, login_comman
 from trustmesh.cli.federation import get_trustdomains
 from trustmesh.cli.lifecycle import WideOutput, get_pending, report_app
 from trustmesh.cli.lifecycle import when as _when_used
+from trustmesh.cli.receivers import get_deliveries, get_receivers
 from trustmesh.cli.report import report
 from trustmesh.cli.suspension import get_suspensions, resume, suspend
 from trustmesh.common.limits import (
@@ -83,6 +84,8 @@ report_app.callback(invoke_without_command=True)(report)
 app.add_typer(report_app, name="report")
 get_app.command("trustdomains")(get_trustdomains)
 get_app.command("federation", help="The same as get trustdomains.")(get_trustdomains)
+get_app.command("receivers")(get_receivers)
+get_app.command("deliveries")(get_deliveries)
 app.add_typer(token_app, name="token")
 app.add_typer(bench_app, name="bench")
 

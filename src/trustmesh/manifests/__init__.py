@@ -6,10 +6,12 @@
 
 from ._errors import ManifestError, Problem
 from ._kinds import (
+    ANOMALY_DETECTORS,
     API_VERSION,
     DEFAULT_MAX_STALE,
     DISCOVERY_SUFFIX,
     ClusterSpec,
+    EventReceiverSpec,
     FederatedTrustDomainSpec,
     WorkloadSelector,
     WorkloadSpec,
@@ -41,10 +43,17 @@ from ._templates import (
     templates_overlap,
 )
 
-REGISTRY_KINDS = ("Cluster", "Workload", "WorkloadTemplate", "FederatedTrustDomain")
+REGISTRY_KINDS = (
+    "Cluster",
+    "Workload",
+    "WorkloadTemplate",
+    "FederatedTrustDomain",
+    "EventReceiver",
+)
 POLICY_KINDS = ("GlobalRole", "RoleBinding", "PolicyTest")
 
 __all__ = [
+    "ANOMALY_DETECTORS",
     "API_VERSION",
     "DEFAULT_MAX_ACCESS_DURATION",
     "DEFAULT_MAX_STALE",
@@ -56,6 +65,7 @@ __all__ = [
     "ClusterSpec",
     "CompiledTemplate",
     "Document",
+    "EventReceiverSpec",
     "Expression",
     "FederatedTrustDomainSpec",
     "GlobalRoleSpec",

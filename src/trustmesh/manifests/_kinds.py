@@ -347,6 +347,78 @@ def _build_federated_trust_domain(spec: dict[str, Any]) -> FederatedTrustDomainS
     )
 
 
+# --- EventReceiver -----------------------------------------------------------------
+
+ANOMALY_DETECTORS = (
+    "new_edge",
+    "denial_burst",
+    "refusal_burst",
+    "wrong_cluster",
+    "escalation",
+    "dormant_use",
+    "concurrent_use",
+)
+MAX_AUDIENCE_CHARS = 2048
+MAX_TOKEN_FILE_CHARS = 4096
+NOT_IN_MANIFESTS = (
+    "a token is never written in a manifest (manifests are stored and shown); put it in a "
+    "file on the control plane's host and give its path as spec.authorizationTokenFile"
+)
+
+
+@dataclass(frozen=True)
+class EventReceiverSpec:
+    """Where findings are pushed as signed SETs (RFC 8935; ``server/push.py``)."""
+
+    endpoint: str
+    audience: str
+    events: tuple[str, ...] | None
+    """The detectors whose findings it receives; None: every detector."""
+    authorization_token_file: str | None
+    """A file on the control plane's host holding the bearer token (read at each
+    attempt, so a rotated token is taken without a new apply)."""
+
+    def wants(self, detector: str) -> bool:
+        return self.events is None or detector in self.events
+
+
+def push_endpoint(value: str) -> None:
+    """https, or http only to a loopback address; no credentials, query or fragment."""
+    fetch_url("endpoint")(value)
+
+
+def token_file(value: str) -> None:
+    if not value.startswith("/"):
+        raise ValueError(f"{value!r} must be an absolute path on the control plane's host")
+    if "\x00" in value or any(c in value for c in "\n\r"):
+        raise ValueError("the path must not contain NUL or line breaks")
+
+
+def _finalize_event_receiver(spec: dict[str, Any], name: str) -> None:
+    spec.setdefault("audience", spec.get("endpoint"))
+
+
+EVENT_RECEIVER_SPEC = obj(
+    Field("endpoint", string(push_endpoint, max_length=2048), required=True),
+    Field("audience", string(max_length=MAX_AUDIENCE_CHARS)),
+    Field("events", list_of(string(choice(*ANOMALY_DETECTORS)), min_items=1, distinct=True)),
+    Field("authorizationTokenFile", string(token_file, max_length=MAX_TOKEN_FILE_CHARS)),
+    refused("authorization", NOT_IN_MANIFESTS),
+    refused("token", NOT_IN_MANIFESTS),
+    refused("bearerToken", NOT_IN_MANIFESTS),
+)
+
+
+def _build_event_receiver(spec: dict[str, Any]) -> EventReceiverSpec:
+    events = spec.get("events")
+    return EventReceiverSpec(
+        endpoint=spec["endpoint"],
+        audience=spec.get("audience") or spec["endpoint"],
+        events=tuple(events) if events else None,
+        authorization_token_file=spec.get("authorizationTokenFile"),
+    )
+
+
 # --- the table ---------------------------------------------------------------------
 
 from ._policy_kinds import (  # noqa: E402  (the policy kinds reuse the helpers above)
@@ -395,6 +467,7 @@ Spec = (
     | GlobalRoleSpec
     | RoleBindingSpec
     | PolicyTestSpec
+    | EventReceiverSpec
 )
 
 
@@ -418,6 +491,12 @@ KINDS: dict[str, KindSpec] = {
         KindSpec("WorkloadTemplate", WORKLOAD_TEMPLATE_SPEC, build_workload_template),
         KindSpec(
             "FederatedTrustDomain", FEDERATED_TRUST_DOMAIN_SPEC, _build_federated_trust_domain
+        ),
+        KindSpec(
+            "EventReceiver",
+            EVENT_RECEIVER_SPEC,
+            _build_event_receiver,
+            _finalize_event_receiver,
         ),
         KindSpec("GlobalRole", GLOBAL_ROLE_SPEC, build_global_role),
         KindSpec("RoleBinding", ROLE_BINDING_SPEC, build_role_binding),

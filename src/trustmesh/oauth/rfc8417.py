@@ -22,6 +22,7 @@ SESSION_REVOKED = "https://schemas.openid.net/secevent/caep/event-type/session-r
 CREDENTIAL_CHANGE = "https://schemas.openid.net/secevent/caep/event-type/credential-change"
 EVENTS_SUPPORTED = (SESSION_REVOKED, CREDENTIAL_CHANGE)
 KEY_CREDENTIAL_TYPE = "jwt-svid-signing-key"  # CAEP credential-change: mutually agreed type
+ANOMALY_EVENT = "https://trustmesh.io/secevent/anomaly"  # a finding, pushed (RFC 8935)
 
 
 def receiver_audience(issuer: str, receiver: str) -> str:
@@ -102,6 +103,24 @@ def set_claims(entry: Revocation, issuer: str, receiver: str, now: float) -> dic
         "txn": f"revocation-{entry.revision}",
         "sub_id": subject_id(entry, issuer),
         "events": {event_type: event},
+    }
+
+
+def anomaly_set_claims(
+    finding: dict[str, Any], issuer: str, audience: str, jti: str, finding_id: str, now: float
+) -> dict[str, Any]:
+    """The SET of one finding for one push receiver (RFC 8417 §2.2): ``iss``, ``iat``
+    (this attempt), ``jti`` (stable across attempts: receivers de-duplicate by it),
+    ``aud`` (the EventReceiver's audience), ``txn`` (``anomaly-<finding id>``, the same
+    for every receiver of one finding) and one event, the Finding JSON. Never ``sub``
+    nor ``exp``."""
+    return {
+        "iss": issuer,
+        "iat": int(now),
+        "jti": jti,
+        "aud": audience,
+        "txn": f"anomaly-{finding_id}",
+        "events": {ANOMALY_EVENT: finding},
     }
 
 

@@ -14,6 +14,7 @@ from trustmesh.manifests import (
     ClusterSpec,
     CompiledTemplate,
     Document,
+    EventReceiverSpec,
     FederatedTrustDomainSpec,
     TemplateIndex,
     WorkloadSpec,
@@ -61,6 +62,8 @@ class Registry:
     observed: tuple[tuple[str, str, str], ...] = ()
     """(cluster, namespace, service account) of the identities templates gave, as
     observed at their first credential (``policy diff`` counts them in the inventory)."""
+    receivers: dict[str, EventReceiverSpec] = field(default_factory=dict)
+    """EventReceivers by name: where findings are pushed (``server/push.py``)."""
     _resolved: dict[tuple[str, str, str], Identity | None] = field(
         default_factory=dict, compare=False, repr=False
     )
@@ -146,6 +149,7 @@ def build_registry(trust_domain: str, revision: int, documents: Iterable[Documen
     workloads: dict[str, WorkloadSpec] = {}
     federations: dict[str, FederatedTrustDomainSpec] = {}
     templates: dict[str, WorkloadTemplateSpec] = {}
+    receivers: dict[str, EventReceiverSpec] = {}
     where: dict[tuple[str, str], str] = {}
     for doc in documents:
         where[(doc.kind, doc.name)] = f"{doc.path}:{doc.line}" if doc.line else doc.path
@@ -157,6 +161,8 @@ def build_registry(trust_domain: str, revision: int, documents: Iterable[Documen
             federations[doc.name] = doc.spec
         elif isinstance(doc.spec, WorkloadTemplateSpec):
             templates[doc.name] = doc.spec
+        elif isinstance(doc.spec, EventReceiverSpec):
+            receivers[doc.name] = doc.spec
     problems: list[str] = []
     by_issuer: dict[str, str] = {}
     for name, cluster in sorted(clusters.items()):
@@ -223,6 +229,7 @@ def build_registry(trust_domain: str, revision: int, documents: Iterable[Documen
         federations=federations,
         federation_by_domain=by_domain,
         templates=templates,
+        receivers=receivers,
         compiled_templates=compiled,
         template_index=index,
         templates_json=tuple(t.as_json() for t in compiled),

@@ -23,6 +23,7 @@ from trustmesh.server.routes import (
     federation,
     oauth,
     public,
+    receivers,
     revocations,
     ssf,
     x509,
@@ -67,6 +68,7 @@ def _starlette_app(plane: ControlPlane) -> Starlette:
         *ssf.routes(plane, callers),
         *x509.routes(plane, callers),
         *federation.routes(plane, callers),
+        *receivers.routes(plane, callers),
         *audit.routes(
             plane.audit, callers, lambda: plane.snapshots.stopping, plane.usage.decisions
         ),

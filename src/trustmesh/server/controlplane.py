@@ -21,6 +21,7 @@ routes (``server/routes/``) call the services it holds.
 ``usage``              pending service accounts and identities' last use (coalesced)
 ``retirement``         retiring Workloads unused for their ``retireAfterUnused``
 ``access``             access requests: request, approve (through the gate), deny, expire
+``push``               anomaly findings pushed to EventReceivers as signed SETs (RFC 8935)
 =====================  ===========================================================
 
 State has one owner, the database; see ``server/snapshots.py`` for how replicas agree."""
@@ -81,6 +82,7 @@ from trustmesh.server.inventory import Inventory
 from trustmesh.server.issuance import Issuance
 from trustmesh.server.login import Logins
 from trustmesh.server.metrics import ServerMetrics
+from trustmesh.server.push import PushDelivery
 from trustmesh.server.recorder import AuditRecorder
 from trustmesh.server.reports import Reports
 from trustmesh.server.retirement import Retirement
@@ -173,6 +175,7 @@ class ControlPlane:
         self.ca_rotation: CaRotation
         self.x509: X509Issuance
         self.federation: Federation
+        self.push: PushDelivery
         self.usage: UsageTracker
         self.retirement: Retirement
         self.access: AccessRequests
@@ -326,6 +329,14 @@ class ControlPlane:
         self.federation = Federation(
             federation_store, self.registry_store, self.snapshots, self.recorder, self.clock
         )
+        self.push = PushDelivery(
+            self.db,
+            self.registry_store,
+            self.snapshots,
+            self.replica,
+            self.clock,
+            self.metrics.registry,
+        )
 
     def remove_person(self, name: str, actor: str, reason: str) -> CredentialRecord:
         """``trustmesh user remove``: the person's credential is revoked, and so are
@@ -391,6 +402,7 @@ class ControlPlane:
             asyncio.create_task(self._maintenance_loop(), name="maintenance"),
             asyncio.create_task(self._checkpoint_loop(), name="audit-checkpoints"),
             asyncio.create_task(self.federation.run(), name="federation"),
+            asyncio.create_task(self.push.run(), name="push"),
             asyncio.create_task(self._usage_loop(), name="usage"),
             asyncio.create_task(self._access_loop(), name="access-expiry"),
         ]

@@ -160,6 +160,10 @@ def _v13_access_requests(conn: Connection) -> None:
     schema.access_requests.create(conn, checkfirst=True)
 
 
+def _v14_anomaly_deliveries(conn: Connection) -> None:
+    schema.anomaly_deliveries.create(conn, checkfirst=True)
+
+
 MIGRATIONS: list[Migration] = [
     (1, "initial schema: meta, signing keys, registry, credentials", _v1_initial),
     (2, "policy versions and agent status", _v2_policy),
@@ -187,6 +191,7 @@ MIGRATIONS: list[Migration] = [
         "access requests: a role for a subject, for a while, decided by an approver",
         _v13_access_requests,
     ),
+    (14, "push delivery of anomaly findings (RFC 8935): the outbox", _v14_anomaly_deliveries),
 ]
 
 LATEST = MIGRATIONS[-1][0]

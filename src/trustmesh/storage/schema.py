@@ -387,3 +387,36 @@ audit_gaps = Table(
     Column("last_seq", BigInteger, nullable=False),
     Column("detected_at", Float, nullable=False),
 )
+
+# Push delivery of anomaly findings as signed SETs (RFC 8935, ``server/push.py``): the
+# outbox, one row per (finding, EventReceiver). ``finding`` is the Finding JSON as it
+# was enqueued (the SET is built from it and signed at each attempt). ``state`` is
+# pending|delivered|failed; a pending row is due at ``next_attempt_at`` and is
+# delivered by the one replica whose conditional update set ``claimed_by`` until
+# ``claimed_until``.
+anomaly_deliveries = Table(
+    "anomaly_deliveries",
+    metadata,
+    # random, not a sequence: a restored backup (server/backup.py) copies rows as they
+    # are, and a PostgreSQL sequence would not follow
+    Column("id", String(32), primary_key=True),
+    Column("finding_id", String(64), nullable=False),
+    Column("receiver", String(253), nullable=False),  # the EventReceiver's name
+    Column("jti", String(64), nullable=False),  # the SET's jti, stable across attempts
+    Column("detector", String(32), nullable=False),
+    Column("finding", Text, nullable=False),  # the Finding JSON
+    Column("state", String(16), nullable=False),  # pending|delivered|failed
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_at", Float, nullable=False),
+    Column("claimed_by", String(64)),
+    Column("claimed_until", Float),
+    Column("last_attempt_at", Float),
+    Column("last_status", Integer),  # the receiver's last HTTP status, if it answered
+    Column("last_error", Text),
+    Column("created_at", Float, nullable=False),
+    Column("finished_at", Float),  # delivered or failed for good
+    UniqueConstraint("finding_id", "receiver", name="uq_anomaly_deliveries_finding_receiver"),
+    UniqueConstraint("jti", name="uq_anomaly_deliveries_jti"),
+    Index("ix_anomaly_deliveries_due", "state", "next_attempt_at"),
+    Index("ix_anomaly_deliveries_receiver", "receiver", "state"),
+)
