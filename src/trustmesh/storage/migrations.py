@@ -160,6 +160,10 @@ def _v13_access_requests(conn: Connection) -> None:
     schema.access_requests.create(conn, checkfirst=True)
 
 
+def _v14_revocation_publish_time(conn: Connection) -> None:
+    _add_missing_columns(conn, schema.revocations)
+
+
 MIGRATIONS: list[Migration] = [
     (1, "initial schema: meta, signing keys, registry, credentials", _v1_initial),
     (2, "policy versions and agent status", _v2_policy),
@@ -187,6 +191,7 @@ MIGRATIONS: list[Migration] = [
         "access requests: a role for a subject, for a while, decided by an approver",
         _v13_access_requests,
     ),
+    (14, "metrics: when each revocation was recorded, unrounded", _v14_revocation_publish_time),
 ]
 
 LATEST = MIGRATIONS[-1][0]
