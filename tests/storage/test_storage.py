@@ -113,8 +113,15 @@ def _undo_migration_11(conn: Connection) -> None:
     conn.execute(delete(schema_migrations).where(schema_migrations.c.version == 11))
 
 
+def _undo_migration_14(conn: Connection) -> None:
+    """The database as version 13 left it: revocations without their publish time."""
+    conn.execute(text("ALTER TABLE revocations DROP COLUMN published_at"))
+    conn.execute(delete(schema_migrations).where(schema_migrations.c.version == 14))
+
+
 def _undo_migration_13(conn: Connection) -> None:
     """The database as version 12 left it: no access requests."""
+    _undo_migration_14(conn)
     conn.execute(text("DROP TABLE access_requests"))
     conn.execute(delete(schema_migrations).where(schema_migrations.c.version == 13))
 
@@ -208,7 +215,7 @@ def test_migration_10_adds_template_identities_to_a_version_9_database(
         with db.engine.begin() as conn:
             _undo_migration_10(conn)
         assert current_version(db.engine) == 9
-        assert migrate(db.engine) == LATEST == 13
+        assert migrate(db.engine) == LATEST == 14
         store = TemplateObservations(db)
         store.record("teams", "east", "team-a", "api", "spiffe://corp.example/x", 10.0)
         # another replica (a fresh store) records the same identity: one row, the first
@@ -217,6 +224,38 @@ def test_migration_10_adds_template_identities_to_a_version_9_database(
         )
         (seen,) = store.list()
         assert (seen.template, seen.namespace, seen.first_issued_at) == ("teams", "team-a", 10.0)
+    finally:
+        db.dispose()
+
+
+def test_migration_14_keeps_when_revocations_are_published(
+    db_url: str | None, tmp_path: Path
+) -> None:
+    """A version 13 database's revocations have no publish time: they are still served
+    (published_at None, agents do not time them); one recorded after the upgrade has it."""
+    from trustmesh.revocation.store import RevocationStore
+
+    db = open_database(db_url, tmp_path)
+    try:
+        store = RevocationStore(db)
+        with db.engine.begin() as conn:
+            _undo_migration_14(conn)
+            conn.execute(
+                text(
+                    "INSERT INTO revocations (revision, kind, value, revoked_at, expires_at, "
+                    "reason, actor) VALUES (1, 'jti', 'old', 100, 4000000000, 'r', 'admin')"
+                )
+            )
+        assert current_version(db.engine) == 13
+        assert migrate(db.engine) == LATEST
+        _, (old,) = store.since(0, now=200.0)
+        assert (old.value, old.published_at) == ("old", None)
+        with db.engine.begin() as conn:
+            meta_store.put(conn, meta_store.REVOCATION_REVISION, "1")
+        new, created = store.revoke("jti", "new", "r", "admin", now=300.25)
+        assert created and new.published_at == 300.25
+        _, found = store.since(1, now=301.0)
+        assert [(e.value, e.published_at) for e in found] == [("new", 300.25)]
     finally:
         db.dispose()
 
@@ -271,7 +310,7 @@ def test_migration_13_adds_access_requests_to_a_version_12_database(
             _undo_migration_13(conn)
         assert current_version(db.engine) == 12
         assert "access_requests" not in inspect(db.engine).get_table_names()
-        assert migrate(db.engine) == LATEST == 13
+        assert migrate(db.engine) == LATEST == 14
         with db.engine.begin() as conn:
             conn.execute(
                 access_requests.insert().values(
@@ -412,7 +451,7 @@ def test_migration_11_adds_pending_accounts_and_identity_usage_to_a_version_10_d
         with db.engine.begin() as conn:
             _undo_migration_11(conn)
         assert current_version(db.engine) == 10
-        assert migrate(db.engine) == LATEST == 13
+        assert migrate(db.engine) == LATEST == 14
         tables = set(inspect(db.engine).get_table_names())
         assert {"pending_accounts", "identity_usage"} <= tables
         empty = build_registry("corp.example", 0, [])
