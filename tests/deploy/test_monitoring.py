@@ -37,6 +37,7 @@ from helpers import (
     start_server,
     unique,
 )
+from trustmesh.common.histogram import Histogram
 from trustmesh.sim import SimulatedCluster
 
 MONITORING = Path(__file__).resolve().parents[2] / "deploy" / "monitoring"
@@ -51,6 +52,19 @@ the rules and the dashboard may use before that code is on this branch. Once the
 control plane exposes it, it is checked like every other name."""
 
 SURFACES = ("authorize", "ext_authz", "tokenreview", "subjectaccessreview", "admission")
+
+
+def test_histogram_buckets_are_cumulative_and_inclusive() -> None:
+    """The agent's lock-free histogram exposes what Prometheus' own would: ``le``
+    buckets counting values at or below the bound, cumulative, ending with +Inf."""
+    histogram = Histogram((0.1, 1.0))
+    for value in (0.05, 0.1, 0.5, 1.0, 7.0):
+        histogram.observe(value)
+    buckets, total = histogram.samples()
+    assert buckets == [("0.1", 2.0), ("1.0", 4.0), ("+Inf", 5.0)]
+    assert total == pytest.approx(8.65) and histogram.count == 5
+    with pytest.raises(ValueError, match="increase"):
+        Histogram((1.0, 0.5))
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
