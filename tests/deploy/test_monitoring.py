@@ -304,3 +304,18 @@ def test_every_name_the_rules_and_dashboard_use_is_exposed(
     assert missing == set(), (
         f"referenced by the rules or the dashboard, exposed by no process: {missing}"
     )
+
+    # An agent that stops polling falls behind the next change: the control plane says
+    # by how many revisions, and that it is lagging.
+    assert agent.stop() == 0, agent.process.stderr()
+    server.apply(allow_gets(fed.workload))
+
+    def behind() -> bool:
+        found = scrape(server.url)
+        revisions = count(
+            found, "trustmesh_agent_status_policy_revisions_behind", cluster=fed.target_name
+        )
+        lag = count(found, "trustmesh_agent_status_policy_lag_seconds", cluster=fed.target_name)
+        return revisions == 1 and lag > 0
+
+    eventually(behind, "the control plane reports the stopped agent behind")
