@@ -23,6 +23,7 @@ from helpers import (
     Process,
     Server,
     cluster_yaml,
+    eventually,
     free_port,
     log_entries,
     register_federation,
@@ -399,6 +400,14 @@ def test_agent_killed_mid_traffic_loses_and_repeats_nothing(
     assert len(final) == len({e["source"]["seq"] for e in final})
 
 
+def oldest_unshipped(url: str) -> float:
+    """The agent's ``trustmesh_agent_audit_oldest_unshipped_age_seconds``."""
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith("trustmesh_agent_audit_oldest_unshipped_age_seconds "):
+            return float(line.split()[1])
+    raise AssertionError("the agent exposes no trustmesh_agent_audit_oldest_unshipped_age_seconds")
+
+
 def test_control_plane_outage_mid_traffic_delivers_everything_once(
     tmp_path: Path, sim_cluster: SimulatedCluster
 ) -> None:
@@ -417,6 +426,9 @@ def test_control_plane_outage_mid_traffic_delivers_everything_once(
             traffic.wait_for(during + 300)  # answered from cache meanwhile
             ready = httpx.get(agent.url + "/readyz").json()["audit"]
             assert ready["backlog"] > 0
+            # the oldest event not acknowledged is reported, and ages
+            first = eventually(lambda: oldest_unshipped(agent.url), "an unshipped event's age")
+            eventually(lambda: oldest_unshipped(agent.url) > first, "the age growing")
             server = start_server(tmp_path / "server", None, *listen)
             traffic.wait_for(len(traffic.answered) + 100)
         assert traffic.errors == 0 and not traffic.not_answered
@@ -432,6 +444,7 @@ def test_control_plane_outage_mid_traffic_delivers_everything_once(
             if line.startswith("trustmesh_agent_audit_ship_failures_total")
         ]
         assert failures and float(failures[0].split()[1]) > 0
+        eventually(lambda: oldest_unshipped(agent.url) == 0, "nothing left unshipped")
     finally:
         assert agent.stop() == 0, agent.process.stderr()
         server.stop()

@@ -113,8 +113,15 @@ def _undo_migration_11(conn: Connection) -> None:
     conn.execute(delete(schema_migrations).where(schema_migrations.c.version == 11))
 
 
+def _undo_migration_15(conn: Connection) -> None:
+    """The database as version 14 left it: revocations without their publish time."""
+    conn.execute(text("ALTER TABLE revocations DROP COLUMN published_at"))
+    conn.execute(delete(schema_migrations).where(schema_migrations.c.version == 15))
+
+
 def _undo_migration_14(conn: Connection) -> None:
     """The database as version 13 left it: no push delivery outbox."""
+    _undo_migration_15(conn)
     conn.execute(text("DROP TABLE anomaly_deliveries"))
     conn.execute(delete(schema_migrations).where(schema_migrations.c.version == 14))
 
@@ -224,6 +231,38 @@ def test_migration_10_adds_template_identities_to_a_version_9_database(
         )
         (seen,) = store.list()
         assert (seen.template, seen.namespace, seen.first_issued_at) == ("teams", "team-a", 10.0)
+    finally:
+        db.dispose()
+
+
+def test_migration_15_keeps_when_revocations_are_published(
+    db_url: str | None, tmp_path: Path
+) -> None:
+    """A version 14 database's revocations have no publish time: they are still served
+    (published_at None, agents do not time them); one recorded after the upgrade has it."""
+    from trustmesh.revocation.store import RevocationStore
+
+    db = open_database(db_url, tmp_path)
+    try:
+        store = RevocationStore(db)
+        with db.engine.begin() as conn:
+            _undo_migration_15(conn)
+            conn.execute(
+                text(
+                    "INSERT INTO revocations (revision, kind, value, revoked_at, expires_at, "
+                    "reason, actor) VALUES (1, 'jti', 'old', 100, 4000000000, 'r', 'admin')"
+                )
+            )
+        assert current_version(db.engine) == 14
+        assert migrate(db.engine) == LATEST
+        _, (old,) = store.since(0, now=200.0)
+        assert (old.value, old.published_at) == ("old", None)
+        with db.engine.begin() as conn:
+            meta_store.put(conn, meta_store.REVOCATION_REVISION, "1")
+        new, created = store.revoke("jti", "new", "r", "admin", now=300.25)
+        assert created and new.published_at == 300.25
+        _, found = store.since(1, now=301.0)
+        assert [(e.value, e.published_at) for e in found] == [("new", 300.25)]
     finally:
         db.dispose()
 

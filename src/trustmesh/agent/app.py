@@ -11,6 +11,7 @@ handler (``common/http.py``)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from trustmesh.agent.decide import ACCESS_REVIEW, TOKEN_REVIEW, Decider
 from trustmesh.agent.envoy import ExtAuthzOptions
 from trustmesh.agent.hot import HotSurfaces
 from trustmesh.agent.keys import KeySync
+from trustmesh.agent.metrics import ADMISSION
 from trustmesh.agent.workers import WorkerStatus
 from trustmesh.common.http import EXCEPTION_HANDLERS, read_body, read_json, require_content_type
 
@@ -128,7 +130,9 @@ class AgentApp:
         require_content_type(request, "application/json")
         async with self.admission.slot():
             body = await read_body(request, MAX_ADMISSION_BODY)
+            started = time.perf_counter()
             answer = self.admission.review(webhook, body, request.headers.get("traceparent"))
+            self.decider.metrics.decision_seconds[ADMISSION].observe(time.perf_counter() - started)
         return JSONResponse(answer)
 
     # -- operations --------------------------------------------------------------------

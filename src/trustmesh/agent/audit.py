@@ -35,6 +35,7 @@ import orjson
 from trustmesh.agent.controlplane import ControlPlaneClient
 from trustmesh.agent.spool import MAX_LINE_BYTES, AuditSpool, Batch, LineTooLong
 from trustmesh.agent.xfcc import X509_SVID, XfccHeader
+from trustmesh.audit.canonical import parse_time
 from trustmesh.audit.events import (
     AUTHZ_DECISION,
     REFUSALS_FOLDED,
@@ -56,6 +57,7 @@ from trustmesh.common.clock import Clock, system_clock
 from trustmesh.common.errors import (
     AuditRejected,
     AuditUnavailable,
+    CanonicalError,
     CredentialRejected,
     SpoolError,
     Unreachable,
@@ -446,6 +448,16 @@ class DecisionAudit:
                 log.exception("audit: closing a refusal window failed")
 
 
+def event_time(lines: bytes) -> float | None:
+    """The ``time`` of the first spooled event in ``lines`` (epoch seconds), or None
+    when it cannot be read."""
+    try:
+        event = orjson.loads(lines.split(b"\n", 1)[0])
+        return parse_time(event["time"]).timestamp()
+    except (orjson.JSONDecodeError, KeyError, TypeError, CanonicalError):
+        return None
+
+
 class AuditShipper:
     """Sends spooled events to the control plane in batches, oldest first, and moves
     the spool's cursor once they are acknowledged.
@@ -475,6 +487,9 @@ class AuditShipper:
         self.failures = 0
         self.last_error: str | None = None
         self.last_success = 0.0  # monotonic
+        # (first seq, event time) of the batch being shipped: the oldest unacknowledged
+        # event once it is fsynced (a metric; None: nothing read since the last ack)
+        self._pending: tuple[int, float | None] | None = None
         self._stopping = False
         self._wake = asyncio.Event()
 
@@ -499,10 +514,21 @@ class AuditShipper:
         batch = self.spool.read_batch(self.max_events, self.max_bytes)
         if batch is None:
             return 0
+        if self._pending is None or self._pending[0] != batch.first_seq:
+            self._pending = (batch.first_seq, event_time(batch.data))
         answer = await self.client.ship_audit(batch.body(), timeout)
         await asyncio.to_thread(self.spool.acknowledge, batch)
+        self._pending = None
         self._succeeded(batch, answer)
         return batch.size
+
+    def oldest_unshipped_age(self, now: float) -> float:
+        """Seconds since the oldest event the control plane has not acknowledged was
+        written (its ``time``); 0 when nothing waits or no batch was read since."""
+        pending = self._pending
+        if pending is None or pending[1] is None or not self.spool.backlog:
+            return 0.0
+        return max(0.0, now - pending[1])
 
     def _succeeded(self, batch: Batch, answer: Mapping[str, Any]) -> None:
         self.shipped += batch.size

@@ -21,7 +21,8 @@ in this order, on one clock reading:
    did not verify in step 1 (or of no token) beyond the window's quota are folded into
    a summary instead, on every surface alike; what the engine decided about a verified
    identity, and a verified token refused in step 2, are never folded;
-5. **count** it in the metrics.
+5. **count** it in the metrics, and its time in the surface's latency histogram
+   (``time.perf_counter`` around steps 1-4; no lock, ``common/histogram.py``).
 
 A surface parses its own format, opens the span, calls one method here and renders
 the :class:`Outcome` in its own format. Authentication and authorization meet only at
@@ -30,6 +31,7 @@ the :class:`~trustmesh.identity.svid.VerifiedIdentity`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -204,7 +206,11 @@ class Decider:
         """:meth:`decide` without awaiting anything, or None (nothing done, nothing
         recorded) when the token names a key the agent does not know: then call
         :meth:`decide`, which refreshes the key set once and decides."""
-        return self._decide(credential, request, surface, span, self.clock(), refreshed=False)
+        started = time.perf_counter()
+        outcome = self._decide(credential, request, surface, span, self.clock(), refreshed=False)
+        if outcome is not None:
+            self.metrics.decision_seconds[surface].observe(time.perf_counter() - started)
+        return outcome
 
     async def decide(
         self, credential: Credential, request: Request, surface: str, span: Span
@@ -212,12 +218,14 @@ class Decider:
         """A bearer token or a forwarded client certificate (None: the caller presented
         neither) and what it asks for -> the outcome. Raises NotReady before the first
         verified bundle."""
+        started = time.perf_counter()
         now = self.clock()
         outcome = self._decide(credential, request, surface, span, now, refreshed=False)
         if outcome is None:  # an unknown kid: one key-set refresh (rate-limited), one retry
             await self.refresh_keys()
             outcome = self._decide(credential, request, surface, span, now, refreshed=True)
             assert outcome is not None
+        self.metrics.decision_seconds[surface].observe(time.perf_counter() - started)
         return outcome
 
     def _decide(
@@ -269,6 +277,7 @@ class Decider:
     ) -> TokenOutcome:
         """A TokenReview: does the token authenticate, for one of ``audiences`` when
         the API server names any? Raises NotReady while the agent has no keys."""
+        started = time.perf_counter()
         engine = self.policy.engine
         revision = engine.revision if engine is not None else None
         asked = {"surface": TOKEN_REVIEW, "audiences": list(audiences) or None}
@@ -281,6 +290,7 @@ class Decider:
             if exc.reason == "not_ready":
                 raise NotReady(exc.description) from None
             self._refused(span, asked, token, exc, revision, identity is not None)
+            self.metrics.decision_seconds[TOKEN_REVIEW].observe(time.perf_counter() - started)
             return TokenOutcome(None, exc, (), False)
         carried = token_audiences(identity)
         shared = tuple(a for a in audiences if a in carried)
@@ -288,6 +298,7 @@ class Decider:
         span.set("trustmesh.allowed", authenticated)
         self.audit.token_reviewed(span, asked, identity, token, authenticated, revision)
         self.metrics.authentications.labels("ok" if authenticated else "audience_mismatch").inc()
+        self.metrics.decision_seconds[TOKEN_REVIEW].observe(time.perf_counter() - started)
         return TokenOutcome(identity, None, shared, authenticated)
 
     def review_access(self, user: str, request: Request, span: Span) -> AccessOutcome:
@@ -297,6 +308,7 @@ class Decider:
         naming that person (``Engine.decide_user``; a workload subject never matches a
         person); anyone else gets no opinion. Raises NotReady
         before the first verified bundle."""
+        started = time.perf_counter()
         engine = self._engine()
         asked = {"surface": ACCESS_REVIEW, "user": user or None, **request.to_json()}
         person = person_of(user)
@@ -306,6 +318,7 @@ class Decider:
             span.set("trustmesh.decision_id", verdict.decision_id)
             span.set("trustmesh.allowed", verdict.allowed)
             self.audit.person_reviewed(span, asked, user, verdict)
+            self.metrics.decision_seconds[ACCESS_REVIEW].observe(time.perf_counter() - started)
             return AccessOutcome(verdict, engine.revision)
         claims = registered_claims(engine, user)
         decision = None
@@ -315,4 +328,5 @@ class Decider:
             span.set("trustmesh.decision_id", decision.decision_id)
         span.set("trustmesh.allowed", decision is not None and decision.allowed)
         self.audit.access_reviewed(span, asked, engine, user, claims, decision)
+        self.metrics.decision_seconds[ACCESS_REVIEW].observe(time.perf_counter() - started)
         return AccessOutcome(decision, engine.revision)

@@ -230,7 +230,7 @@ def build_agent(
         revocations=revocations,
         policy=policy,
         audit=audit,
-        metrics=AgentMetrics(authn, revocations, keys.age, audit, shipper),
+        metrics=AgentMetrics(authn, revocations, keys.age, audit, shipper, policy, clock),
         tracing=tracing,
         clock=clock,
     )

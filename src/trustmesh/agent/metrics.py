@@ -8,12 +8,101 @@ from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from trustmesh.agent.audit import AuditShipper, DecisionAudit
 from trustmesh.agent.authn import Authenticator
+from trustmesh.agent.policy import PolicyHolder
 from trustmesh.agent.revocations import RevocationHolder
+from trustmesh.common.clock import Clock
+from trustmesh.common.histogram import DECISION_BUCKETS, Histogram
+
+ADMISSION = "admission"
+DECISION_SURFACES = ("authorize", "ext_authz", "tokenreview", "subjectaccessreview", ADMISSION)
+"""The surfaces as ``agent/decide.py`` names them, and the admission webhooks."""
+
+
+def histogram_family(
+    name: str, documentation: str, label: str | None, histograms: dict[str, Histogram]
+) -> HistogramMetricFamily:
+    """One histogram family from :class:`Histogram` objects, by ``label`` value (None:
+    one unlabelled histogram, keyed by "")."""
+    family = HistogramMetricFamily(name, documentation, labels=[label] if label else None)
+    for value, histogram in histograms.items():
+        buckets, total = histogram.samples()
+        family.add_metric([value] if label else [], buckets, total)
+    return family
+
+
+class LatencyCollector(Collector):
+    """Decision latency per surface, and how late policy, revocations and audit
+    events arrive where they are due."""
+
+    def __init__(
+        self,
+        decisions: dict[str, Histogram],
+        policy: PolicyHolder,
+        revocations: RevocationHolder,
+        shipper: AuditShipper,
+        clock: Clock,
+    ) -> None:
+        self.decisions = decisions
+        self.policy = policy
+        self.revocations = revocations
+        self.shipper = shipper
+        self.clock = clock
+
+    def collect(self) -> Any:
+        yield histogram_family(
+            "trustmesh_agent_decision_seconds",
+            "Time the agent spent answering one question, by surface (authenticate, "
+            "revocation check, policy, audit spool; admission: the whole review)",
+            "surface",
+            self.decisions,
+        )
+        yield histogram_family(
+            "trustmesh_agent_policy_propagation_seconds",
+            "From a policy bundle's publication at the control plane (publishedAt) to "
+            "its being in force at this agent",
+            None,
+            {"": self.policy.propagation},
+        )
+        policy_lag = self.policy.last_lag
+        yield GaugeMetricFamily(
+            "trustmesh_agent_policy_lag_seconds",
+            "Propagation time of the bundle in force (NaN: it carried no publishedAt)",
+            value=float("nan") if policy_lag is None else policy_lag,
+        )
+        yield GaugeMetricFamily(
+            "trustmesh_agent_policy_revision",
+            "Policy revision of the bundle in force (0: none yet)",
+            value=float(self.policy.version[0]) if self.policy.version else 0.0,
+        )
+        yield histogram_family(
+            "trustmesh_agent_revocation_propagation_seconds",
+            "From a revocation's recording at the control plane (published_at) to its "
+            "being enforced by this agent (entries received by the long poll)",
+            None,
+            {"": self.revocations.propagation},
+        )
+        revocation_lag = self.revocations.last_lag
+        yield GaugeMetricFamily(
+            "trustmesh_agent_revocation_lag_seconds",
+            "Propagation time of the last revocation received by the long poll (NaN: none yet)",
+            value=float("nan") if revocation_lag is None else revocation_lag,
+        )
+        yield GaugeMetricFamily(
+            "trustmesh_agent_revocation_revision",
+            "Revision of the revocation list in force",
+            value=float(self.revocations.revocations.revision),
+        )
+        yield GaugeMetricFamily(
+            "trustmesh_agent_audit_oldest_unshipped_age_seconds",
+            "Age of the oldest audit event not yet acknowledged by the control plane "
+            "(0: nothing waiting)",
+            value=self.shipper.oldest_unshipped_age(self.clock()),
+        )
 
 
 class AuditCollector(Collector):
@@ -77,9 +166,18 @@ class AgentMetrics:
         state_age: Callable[[], float | None],
         audit: DecisionAudit,
         shipper: AuditShipper,
+        policy: PolicyHolder,
+        clock: Clock,
     ) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(AuditCollector(audit, shipper))
+        # One histogram per surface, bumped with no lock (observe_decision).
+        self.decision_seconds = {
+            surface: Histogram(DECISION_BUCKETS) for surface in DECISION_SURFACES
+        }
+        self.registry.register(
+            LatencyCollector(self.decision_seconds, policy, revocations, shipper, clock)
+        )
         self.authentications = Counter(
             "trustmesh_agent_authentications_total",
             "Token authentications by result",

@@ -7,7 +7,12 @@ the long poll also the periodic pull. A bundle is used only if its signature ver
 with the agent's key set, it names this cluster, and its (policy revision, registry
 revision) moves forward; then the new engine is swapped in with one assignment.
 The last accepted bundle is kept in the data dir so a restarted agent enforces it
-before reconnecting."""
+before reconnecting.
+
+**Propagation.** A bundle carries ``publishedAt`` (epoch seconds: when the control
+plane's policy or registry revision it is built from was committed); the time from
+then to the bundle being in force here is observed in ``propagation`` and kept as
+``last_lag`` (a bundle restored from the data dir is not counted)."""
 
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from trustmesh.common.backoff import Backoff
 from trustmesh.common.clock import Clock
 from trustmesh.common.errors import ControlPlaneError, CredentialRejected, InvalidToken
 from trustmesh.common.files import write_atomically
+from trustmesh.common.histogram import LAG_BUCKETS, Histogram
 from trustmesh.identity.svid import KeyRing
 from trustmesh.policy.bundle import bundle_version, verify_bundle
 from trustmesh.policy.engine import Engine
@@ -61,6 +67,8 @@ class PolicyHolder:
         self.version: tuple[int, int] | None = None
         self.last_error: str | None = None
         self.received_at = 0.0
+        self.propagation = Histogram(LAG_BUCKETS)
+        self.last_lag: float | None = None
 
     def install(self, token: str, persist: bool = True) -> bool:
         """Verify and install a bundle; returns whether it replaced the current one."""
@@ -73,6 +81,10 @@ class PolicyHolder:
         self.received_at = self.clock()
         if persist:
             write_atomically(self.data_dir / BUNDLE_FILE, token)
+            published = bundle.get("publishedAt")
+            if isinstance(published, int | float) and not isinstance(published, bool):
+                self.last_lag = max(0.0, self.clock() - float(published))
+                self.propagation.observe(self.last_lag)
         log.info("policy revision %s (registry %s) in force", *version)
         return True
 

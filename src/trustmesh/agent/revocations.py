@@ -11,7 +11,11 @@ has even reconnected — and knows how old that knowledge is.
 ``bound`` seconds (default: the default token lifetime, 300 s), its list may miss a
 revocation. In strict mode (the default) it then refuses every token — authentication
 fails with reason ``revocation_state_stale``, so every surface denies; with fail-open
-it keeps answering from what it has and says so in ``/readyz`` and metrics."""
+it keeps answering from what it has and says so in ``/readyz`` and metrics.
+
+**Propagation.** Each entry carries ``published_at`` (when the control plane recorded
+it); for the entries a long poll brings, the time from then to their being enforced
+here is observed in ``propagation`` (a full read's entries are not: most are old)."""
 
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from trustmesh.common.errors import (
     ResyncNeeded,
 )
 from trustmesh.common.files import write_atomically
+from trustmesh.common.histogram import LAG_BUCKETS, Histogram
 from trustmesh.identity.svid import VerifiedIdentity
 from trustmesh.revocation import Revocation, RevocationSet
 
@@ -60,6 +65,8 @@ class RevocationHolder:
         self.revocations = RevocationSet()
         self.synced_at: float | None = None  # wall clock of the last successful sync
         self.last_error: str | None = None
+        self.propagation = Histogram(LAG_BUCKETS)
+        self.last_lag: float | None = None
 
     # -- freshness -------------------------------------------------------------------
     def age(self, now: float | None = None) -> float:
@@ -127,6 +134,12 @@ class RevocationHolder:
         self.revocations.expire(now)
         self.synced_at = now
         self.persist()
+        if not full:
+            enforced = self.clock()
+            for entry in entries:
+                if entry.published_at is not None:
+                    self.last_lag = max(0.0, enforced - entry.published_at)
+                    self.propagation.observe(self.last_lag)
         return changed
 
     def persist(self) -> None:

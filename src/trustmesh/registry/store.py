@@ -145,4 +145,4 @@ class RegistryStore:
                         updated_by=actor,
                     )
                 )
-        return meta_store.bump(conn, meta_store.REGISTRY_REVISION)
+        return meta_store.bump(conn, meta_store.REGISTRY_REVISION, at=now)

@@ -48,13 +48,22 @@ class Revocation:
     expires_at: float
     reason: str
     actor: str
+    published_at: float | None = None
+    """When the control plane recorded it (epoch seconds, not rounded): agents measure
+    how long it took to reach them. None for an entry recorded before it was kept."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Revocation:
-        entry = cls(**{name: data[name] for name in cls.__dataclass_fields__})
+        entry = cls(
+            **{
+                name: data[name]
+                for name in cls.__dataclass_fields__
+                if name != "published_at" or data.get(name) is not None
+            }
+        )
         if entry.kind not in KINDS:
             raise RevocationError(f"unknown revocation kind {entry.kind!r}")
         return entry

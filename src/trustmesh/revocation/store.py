@@ -28,6 +28,7 @@ def entry_of_row(row: Any) -> Revocation:
         expires_at=row.expires_at,
         reason=row.reason,
         actor=row.actor,
+        published_at=row.published_at,
     )
 
 
@@ -108,6 +109,7 @@ class RevocationStore:
             expires_at=revocation_expiry(revoked_at, lifetime),
             reason=reason,
             actor=actor,
+            published_at=now,
         )
         conn.execute(revocations.insert().values(**entry.to_json()))
         return entry, True

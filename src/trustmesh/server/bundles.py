@@ -41,6 +41,7 @@ class BundleSigner:
         bundle = compile_bundle(
             policy, registry, cluster, version[0], flat, identities, policy_hash, counts
         )
+        bundle["publishedAt"] = snapshots.bundle_published_at()  # agents measure the lag
         token = sign_bundle(bundle, snapshots.keyset.active)
         if len(self._signed) > 4 * max(1, len(registry.clusters)):
             self._signed.clear()

@@ -32,7 +32,7 @@ import asyncio
 import logging
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,7 +81,7 @@ from trustmesh.server.health import AUDIT, DATABASE, ISSUE, SERVE, Health
 from trustmesh.server.inventory import Inventory
 from trustmesh.server.issuance import Issuance
 from trustmesh.server.login import Logins
-from trustmesh.server.metrics import ServerMetrics
+from trustmesh.server.metrics import AgentStatusCollector, ServerMetrics
 from trustmesh.server.push import PushDelivery
 from trustmesh.server.recorder import AuditRecorder
 from trustmesh.server.reports import Reports
@@ -238,7 +238,7 @@ class ControlPlane:
         self.audit.open()
         self.recorder = AuditRecorder(self.audit, self.clock, config.audit_refusals)
         self.sa_tokens = VerifiedSaTokenCache(config.sa_token_cache_size)
-        self.metrics = ServerMetrics(self.audit, self.recorder, self.sa_tokens)
+        self.metrics = ServerMetrics(self.audit, self.recorder, self.sa_tokens, self.clock)
         snapshots = self.snapshots
         self.usage = UsageTracker(
             self.db,
@@ -345,6 +345,13 @@ class ControlPlane:
         self.revoker.revoke("subject", f"{USER_PREFIX}{name}", reason or "user removed", actor)
         return removed
 
+    def audit_accepted(self, events: Iterable[Mapping[str, Any]]) -> None:
+        """The events of an agent's batch the log just sequenced: their lag (a metric)
+        and the identities' last use (``server/usage.py``)."""
+        accepted = list(events)
+        self.metrics.sequencing.observe(accepted)
+        self.usage.decisions(accepted)
+
     async def start(self) -> None:
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(5.0), trust_env=False)
         snapshots = self.snapshots
@@ -356,6 +363,14 @@ class ControlPlane:
             store=ClusterKeyStore(self.db, self.recorder),  # the last good sets (DESIGN §10)
         )
         self.metrics.registry.register(ClusterKeysCollector(self.cluster_keys, self.clock))
+        self.metrics.registry.register(
+            AgentStatusCollector(
+                self.agents.reports,
+                snapshots.bundle_version,
+                snapshots.bundle_published_at,
+                self.clock,
+            )
+        )
         exchange = TokenExchange(
             issuer=self.issuer,
             trust_domain=self.trust_domain,

@@ -201,5 +201,5 @@ class Retirement:
             changes.append(AppliedChange("Workload", name, "restored"))
         revision = None
         if changes and not registry_changed:
-            revision = meta_store.bump(conn, meta_store.REGISTRY_REVISION)
+            revision = meta_store.bump(conn, meta_store.REGISTRY_REVISION, at=self.clock())
         return changes, revision

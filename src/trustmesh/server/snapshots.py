@@ -127,7 +127,7 @@ class Snapshots:
 
     def _load(self) -> None:
         self._swap_keys(self.keys.load())
-        self.registry: Registry = self.registry_store.load()
+        self._load_registry()
         self.revocations: RevocationSet = self.revocation_store.load()
         self.suspensions: SuspensionSet = self.suspension_store.load()
         self.ca: CaSet = self.ca_manager.load()
@@ -139,6 +139,20 @@ class Snapshots:
         version = self.catalog.current()
         self.policy = PolicySet.from_documents(documents_of(version))
         self.policy_revision = version.revision
+        self.policy_published_at = version.created_at
+
+    def _load_registry(self) -> None:
+        with self.db.engine.connect() as conn:
+            self.registry: Registry = self.registry_store.load(conn)
+            self.registry_published_at = (
+                meta_store.published_at(conn, meta_store.REGISTRY_REVISION) or 0.0
+            )
+
+    def bundle_published_at(self) -> float:
+        """When the version of :meth:`bundle_version` was published: the later of its
+        policy revision's commit and its registry revision's (a registry changed
+        before this was recorded counts as 0, i.e. the policy's time)."""
+        return max(self.policy_published_at, self.registry_published_at)
 
     def _swap_keys(self, keyset: KeySet) -> None:
         self.keyset = keyset
@@ -157,7 +171,7 @@ class Snapshots:
         if revisions.get(meta_store.KEYS_REVISION, 0) != self.keyset.revision:
             self._swap_keys(self.keys.load())
         if revisions.get(meta_store.REGISTRY_REVISION, 0) != self.registry.revision:
-            self.registry = self.registry_store.load()
+            self._load_registry()
         if revisions.get(meta_store.REVOCATION_REVISION, 0) != self.revocations.revision:
             self.revocations = self.revocation_store.load()
         if revisions.get(meta_store.POLICY_REVISION, 0) != self.policy_revision:

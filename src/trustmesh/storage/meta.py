@@ -51,10 +51,24 @@ def insert_if_absent(conn: Connection, name: str, value: str) -> str:
     return value
 
 
-def bump(conn: Connection, name: str) -> int:
+def published_name(counter: str) -> str:
+    """The meta row holding when ``counter`` last moved (epoch seconds, as text)."""
+    return counter + "_published_at"
+
+
+def published_at(conn: Connection, counter: str) -> float | None:
+    """When ``counter`` last moved, if a :func:`bump` given ``at`` recorded it."""
+    value = get(conn, published_name(counter))
+    return None if value is None else float(value)
+
+
+def bump(conn: Connection, name: str, at: float | None = None) -> int:
     """Increment a revision counter inside the caller's transaction; returns the new value.
     The UPDATE takes the row lock, so concurrent replicas get distinct revisions. The
-    counters' rows are created by the first migration."""
+    counters' rows are created by the first migration. ``at``: record it as the time
+    the new revision was published (the ``publishedAt`` of policy bundles)."""
+    if at is not None:
+        put(conn, published_name(name), repr(float(at)))
     result = conn.execute(
         update(meta)
         .where(meta.c.name == name)

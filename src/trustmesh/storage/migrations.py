@@ -164,6 +164,10 @@ def _v14_anomaly_deliveries(conn: Connection) -> None:
     schema.anomaly_deliveries.create(conn, checkfirst=True)
 
 
+def _v15_revocation_publish_time(conn: Connection) -> None:
+    _add_missing_columns(conn, schema.revocations)
+
+
 MIGRATIONS: list[Migration] = [
     (1, "initial schema: meta, signing keys, registry, credentials", _v1_initial),
     (2, "policy versions and agent status", _v2_policy),
@@ -192,6 +196,7 @@ MIGRATIONS: list[Migration] = [
         _v13_access_requests,
     ),
     (14, "push delivery of anomaly findings (RFC 8935): the outbox", _v14_anomaly_deliveries),
+    (15, "metrics: when each revocation was recorded, unrounded", _v15_revocation_publish_time),
 ]
 
 LATEST = MIGRATIONS[-1][0]

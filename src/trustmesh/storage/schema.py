@@ -300,6 +300,7 @@ revocations = Table(
     Column("expires_at", Float, nullable=False),
     Column("reason", Text, nullable=False),
     Column("actor", String(200), nullable=False),
+    Column("published_at", Float),  # when recorded, unrounded (migration 14; agents' lag)
 )
 
 # OpenID Shared Signals poll delivery (RFC 8936): what each receiver (a credential id)
