@@ -4,6 +4,7 @@
 :class:`ManifestError` listing every :class:`Problem` in the whole input.
 """
 
+from ._anomaly import DETECTOR_FIELDS, DETECTOR_NAMES, AnomalyPolicySpec
 from ._errors import ManifestError, Problem
 from ._kinds import (
     API_VERSION,
@@ -42,16 +43,19 @@ from ._templates import (
 )
 
 REGISTRY_KINDS = ("Cluster", "Workload", "WorkloadTemplate", "FederatedTrustDomain")
-POLICY_KINDS = ("GlobalRole", "RoleBinding", "PolicyTest")
+POLICY_KINDS = ("GlobalRole", "RoleBinding", "PolicyTest", "AnomalyPolicy")
 
 __all__ = [
     "API_VERSION",
     "DEFAULT_MAX_ACCESS_DURATION",
     "DEFAULT_MAX_STALE",
+    "DETECTOR_FIELDS",
+    "DETECTOR_NAMES",
     "DISCOVERY_SUFFIX",
     "MAX_ACCESS_DURATION",
     "POLICY_KINDS",
     "REGISTRY_KINDS",
+    "AnomalyPolicySpec",
     "ClusterScope",
     "ClusterSpec",
     "CompiledTemplate",

@@ -23,6 +23,7 @@ from trustmesh.common.errors import SpiffeIdError
 from trustmesh.request.canonical import DEFAULT_CLUSTER_DOMAIN
 from trustmesh.spiffeid import normalize_trust_domain, parse_spiffe_id
 
+from ._anomaly import ANOMALY_POLICY_SPEC, AnomalyPolicySpec, build_anomaly_policy
 from ._errors import Sink
 from ._jwks import JWKS
 from ._schema import (
@@ -395,6 +396,7 @@ Spec = (
     | GlobalRoleSpec
     | RoleBindingSpec
     | PolicyTestSpec
+    | AnomalyPolicySpec
 )
 
 
@@ -422,5 +424,6 @@ KINDS: dict[str, KindSpec] = {
         KindSpec("GlobalRole", GLOBAL_ROLE_SPEC, build_global_role),
         KindSpec("RoleBinding", ROLE_BINDING_SPEC, build_role_binding),
         KindSpec("PolicyTest", POLICY_TEST_SPEC, build_policy_test),
+        KindSpec("AnomalyPolicy", ANOMALY_POLICY_SPEC, build_anomaly_policy),
     )
 }

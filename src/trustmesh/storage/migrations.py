@@ -160,6 +160,24 @@ def _v13_access_requests(conn: Connection) -> None:
     schema.access_requests.create(conn, checkfirst=True)
 
 
+def _v14_analytics(conn: Connection) -> None:
+    """Security analytics: the runner's state, findings, their push deliveries. The
+    runner starts at the log's end (an upgrade does not replay the whole log)."""
+    for table in (schema.analytics_state, schema.anomalies, schema.anomaly_deliveries):
+        table.create(conn, checkfirst=True)
+    end = conn.execute(text("SELECT MAX(idx) FROM audit_entries")).scalar()
+    conn.execute(
+        schema.analytics_state.insert().values(
+            name="runner",
+            holder=None,
+            lease_until=0.0,
+            cursor=-1 if end is None else int(end),
+            snapshots="{}",
+            updated_at=time.time(),
+        )
+    )
+
+
 MIGRATIONS: list[Migration] = [
     (1, "initial schema: meta, signing keys, registry, credentials", _v1_initial),
     (2, "policy versions and agent status", _v2_policy),
@@ -187,6 +205,7 @@ MIGRATIONS: list[Migration] = [
         "access requests: a role for a subject, for a while, decided by an approver",
         _v13_access_requests,
     ),
+    (14, "security analytics: runner state, anomalies, their push deliveries", _v14_analytics),
 ]
 
 LATEST = MIGRATIONS[-1][0]
