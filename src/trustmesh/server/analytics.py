@@ -142,6 +142,32 @@ def _anomaly(row: Any) -> Anomaly:
     )
 
 
+def _no_floats(value: Any) -> Any:
+    """Audit events hold no floats (``audit/canonical.py``): a whole one becomes an
+    integer, any other its decimal text."""
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else f"{value:.3f}"
+    if isinstance(value, Mapping):
+        return {str(k): _no_floats(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_no_floats(v) for v in value]
+    return value
+
+
+def event_detail(
+    anomaly_id: str, finding: Finding, quarantined: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The ``anomaly.detected`` detail: the finding, its times RFC 3339."""
+    body = finding.to_json()
+    return {
+        "id": anomaly_id,
+        **{k: _no_floats(v) for k, v in body.items()},
+        "detectedAt": ev.now_time(finding.detected_at),
+        "window": [ev.now_time(finding.window[0]), ev.now_time(finding.window[1])],
+        "quarantined": quarantined,
+    }
+
+
 class AnalyticsRunner:
     def __init__(
         self,
@@ -314,6 +340,10 @@ class AnalyticsRunner:
         quarantined = None
         if settings.of(finding.detector).quarantine:
             quarantined = self._quarantine_in(conn, anomaly_id, finding)
+        # the event first: one it refuses (EventError) fails the round before any row
+        self.recorder.stage(
+            conn, ev.ANOMALY_DETECTED, SYSTEM, event_detail(anomaly_id, finding, quarantined)
+        )
         conn.execute(
             anomalies.insert().values(
                 id=anomaly_id,
@@ -341,9 +371,6 @@ class AnalyticsRunner:
                     next_attempt_at=finding.detected_at,
                 )
             )
-        detail = {"id": anomaly_id, **finding.to_json(), "quarantined": quarantined}
-        detail["detectedAt"] = ev.now_time(finding.detected_at)
-        self.recorder.stage(conn, ev.ANOMALY_DETECTED, SYSTEM, detail)
         return Anomaly(anomaly_id, finding, "open", None, None, None, None, None, quarantined)
 
     def _quarantine_in(self, conn: Connection, anomaly_id: str, finding: Finding) -> dict[str, Any]:
