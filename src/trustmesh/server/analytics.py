@@ -43,9 +43,9 @@ from trustmesh.analytics.findings import Finding, printable
 from trustmesh.analytics.settings import AnomalySettings
 from trustmesh.audit import events as ev
 from trustmesh.common.clock import Clock
-from trustmesh.common.errors import Conflict, InvalidRequest, NotFound
+from trustmesh.common.errors import Conflict, EventError, InvalidRequest, NotFound
 from trustmesh.revocation.suspension import MAX_REASON
-from trustmesh.server.recorder import AuditRecorder
+from trustmesh.server.recorder import AuditRecorder, admin_event
 from trustmesh.server.revoke import Suspender
 from trustmesh.server.snapshots import Snapshots
 from trustmesh.storage import Database
@@ -272,6 +272,7 @@ class AnalyticsRunner:
                     found.extend(detector.observe(end, event, settings))
                 except Exception:  # one detector's bug does not stop the others
                     log.exception("detector %s failed on audit entry %d", detector.name, end)
+        found = [f for f in found if self._recordable(f)]
         try:
             recorded = self._commit(start, end, found, settings)
         except Conflict:  # another replica holds the lease now: it reads from its cursor
@@ -293,6 +294,20 @@ class AnalyticsRunner:
                 if self.on_finding is not None:
                     self.on_finding(anomaly.finding)
         return recorded
+
+    def _recordable(self, finding: Finding) -> bool:
+        """Whether the finding's ``anomaly.detected`` passes the event schema: one that
+        does not (a detector's details the log refuses) is logged and dropped, so it
+        cannot stop every later round at the same cursor."""
+        quarantine = {"kind": "workload", "value": "x", "created": True}
+        detail = event_detail("0" * 16, finding, quarantine)
+        try:
+            ev.check_event(admin_event(self.recorder.source, ev.ANOMALY_DETECTED, SYSTEM, detail))
+        except EventError as exc:
+            log.error("detector %s: a finding the audit log refuses, dropped: %s",
+                      finding.detector, exc)  # fmt: skip
+            return False
+        return True
 
     def _commit(
         self, start: int, end: int, found: list[Finding], settings: AnomalySettings
