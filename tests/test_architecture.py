@@ -22,6 +22,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("entry points", ["bench"]),
     ("entry points", ["sim"]),
     ("processes", ["server", "agent", "sidecar"]),
+    ("analytics", ["analytics"]),
     ("services", ["oauth"]),
     ("analytics", ["analytics"]),
     ("domain", ["audit"]),

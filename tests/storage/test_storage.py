@@ -113,8 +113,16 @@ def _undo_migration_11(conn: Connection) -> None:
     conn.execute(delete(schema_migrations).where(schema_migrations.c.version == 11))
 
 
+def _undo_migration_16(conn: Connection) -> None:
+    """The database as version 15 left it: no analytics state or anomalies."""
+    for table in ("anomalies", "analytics_state"):
+        conn.execute(text(f"DROP TABLE {table}"))
+    conn.execute(delete(schema_migrations).where(schema_migrations.c.version == 16))
+
+
 def _undo_migration_15(conn: Connection) -> None:
     """The database as version 14 left it: revocations without their publish time."""
+    _undo_migration_16(conn)
     conn.execute(text("ALTER TABLE revocations DROP COLUMN published_at"))
     conn.execute(delete(schema_migrations).where(schema_migrations.c.version == 15))
 
@@ -340,6 +348,53 @@ def test_migration_13_adds_access_requests_to_a_version_12_database(
                     ).rowcount
                 )
         assert recorded == [1, 0]
+        assert migrate(db.engine) == LATEST  # and again: nothing to do
+    finally:
+        db.dispose()
+
+
+def test_migration_16_starts_the_analytics_runner_at_the_end_of_the_log(
+    db_url: str | None, tmp_path: Path
+) -> None:
+    """A version 15 database with an audit log gets the analytics tables, and the runner's
+    cursor at the log's last entry: an upgrade does not replay the whole log; a finding
+    is stored once per (detector, key, window start)."""
+    from sqlalchemy import select
+    from sqlalchemy.exc import IntegrityError
+
+    from trustmesh.storage.schema import analytics_state, anomalies, audit_entries
+
+    db = open_database(db_url, tmp_path)
+    try:
+        with db.engine.begin() as conn:
+            _undo_migration_16(conn)
+            for idx in range(3):
+                conn.execute(
+                    audit_entries.insert().values(
+                        idx=idx, leaf="{}", leaf_hash=bytes(32), event_id=f"e{idx}",
+                        type="policy.published", time="2026-12-01T00:00:00.000Z",
+                        source="control-plane/x", sequenced_at=1.0,
+                    )
+                )  # fmt: skip
+        assert current_version(db.engine) == 15
+        assert migrate(db.engine) == LATEST == 16
+        with db.engine.connect() as conn:
+            state = conn.execute(select(analytics_state)).one()
+        assert (state.name, state.cursor, state.holder, state.snapshots) == (
+            "runner",
+            2,
+            None,
+            "{}",
+        )
+        row = dict(
+            detector="escalation", key="escalation:policy:1", window_start=5.0, window_end=5.0,
+            subject="{}", summary="s", evidence="[2]", details="{}", severity="high",
+            detected_at=6.0, state="open",
+        )  # fmt: skip
+        with db.engine.begin() as conn:
+            conn.execute(anomalies.insert().values(id="a1", **row))
+        with pytest.raises(IntegrityError), db.engine.begin() as conn:
+            conn.execute(anomalies.insert().values(id="a2", **row))
         assert migrate(db.engine) == LATEST  # and again: nothing to do
     finally:
         db.dispose()

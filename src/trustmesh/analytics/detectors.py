@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
-from trustmesh.analytics.findings import MAX_EVIDENCE, MAX_SUMMARY, Finding, Severity
+from trustmesh.analytics.findings import MAX_EVIDENCE, MAX_SUMMARY, Finding
 from trustmesh.analytics.settings import AnomalySettings, DetectorSettings
 from trustmesh.audit.canonical import parse_time
 from trustmesh.common.errors import CanonicalError
@@ -260,7 +260,7 @@ class _Base:
         subject: dict[str, Any],
         summary: str,
         evidence: Iterable[int],
-        severity: Severity,
+        severity: str,
         t: float,
         start: float,
         details: dict[str, Any],
@@ -274,7 +274,7 @@ class _Base:
             evidence=indexes,
             severity=severity,
             detected_at=t,
-            window=[start, t],
+            window=(start, t),
             details=details,
         )
 
@@ -359,7 +359,7 @@ class NewEdge(_Base):
     def observe(
         self, index: int, event: Mapping[str, Any], policy: AnomalySettings
     ) -> list[Finding]:
-        settings = policy.detector(self.name)
+        settings = policy.of(self.name)
         t = self._clock(event)
         if t is None or not settings.enabled:
             return []
@@ -484,7 +484,7 @@ class _Burst(_Base):
             return None
         if not self._may_fire(key, t, settings):
             return None
-        severity: Severity = "high" if in_window > 10 * limit else "medium"
+        severity: str = "high" if in_window > 10 * limit else "medium"
         return self._finding(
             self.name,
             key,
@@ -534,7 +534,7 @@ class DenialBurst(_Burst):
     def observe(
         self, index: int, event: Mapping[str, Any], policy: AnomalySettings
     ) -> list[Finding]:
-        settings = policy.detector(self.name)
+        settings = policy.of(self.name)
         t = self._clock(event)
         if t is None or not settings.enabled:
             return []
@@ -583,7 +583,7 @@ class RefusalBurst(_Burst):
     def observe(
         self, index: int, event: Mapping[str, Any], policy: AnomalySettings
     ) -> list[Finding]:
-        settings = policy.detector(self.name)
+        settings = policy.of(self.name)
         t = self._clock(event)
         if t is None or not settings.enabled:
             return []
@@ -645,7 +645,7 @@ class WrongCluster(_Base):
     def observe(
         self, index: int, event: Mapping[str, Any], policy: AnomalySettings
     ) -> list[Finding]:
-        settings = policy.detector(self.name)
+        settings = policy.of(self.name)
         t = self._clock(event)
         kind = event.get("type")
         if t is None or not settings.enabled:
@@ -778,7 +778,7 @@ class DormantUse(_Base):
     def observe(
         self, index: int, event: Mapping[str, Any], policy: AnomalySettings
     ) -> list[Finding]:
-        settings = policy.detector(self.name)
+        settings = policy.of(self.name)
         t = self._clock(event)
         spiffe_id = _used_identity(event)
         if t is None or spiffe_id is None or not settings.enabled:
@@ -833,7 +833,7 @@ class ConcurrentUse(_Base):
     def observe(
         self, index: int, event: Mapping[str, Any], policy: AnomalySettings
     ) -> list[Finding]:
-        settings = policy.detector(self.name)
+        settings = policy.of(self.name)
         t = self._clock(event)
         if t is None or not settings.enabled or event.get("type") != "authz.decision":
             return []

@@ -50,7 +50,7 @@ from trustmesh.registry import Registry
 from trustmesh.storage import Database
 from trustmesh.storage.schema import audit_checkpoints, audit_entries, audit_gaps, audit_sources
 
-ANOMALY_DETECTED = "anomaly.detected"
+ANOMALY_DETECTED = ev.ANOMALY_DETECTED
 PAGE = 20_000  # primary-key range read per query
 MAX_DISTINCT = 64  # values an observation keeps per part before it gives up narrowing it
 MAX_PATHS = 16  # paths kept per host before they are folded to a common prefix glob

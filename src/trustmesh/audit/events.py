@@ -92,6 +92,11 @@ ACCESS_DENIED = "access.denied"
 ACCESS_EXPIRED = "access.expired"
 """An approved access request passed its ``expires_at`` (agents stopped matching its
 binding then, by themselves); written once, by the replica that found it first."""
+ANOMALY_DETECTED = "anomaly.detected"
+"""A detector found an anomaly (DESIGN §11, ``server/analytics.py``), actor ``system``:
+the finding's ``id``, ``detector``, ``key``, ``subject``, ``summary``, ``evidence`` (the
+audit indexes it rests on), ``severity``, ``window``, ``details`` and, for a detector that
+quarantines, the suspension it began (``quarantined``)."""
 AUDIT_GAP = "audit.gap_detected"
 REFUSALS_FOLDED = "audit.refusals_folded"
 ORIGIN_STARTED = "audit.origin_started"
@@ -123,6 +128,7 @@ EVENT_TYPES = frozenset(
         ACCESS_APPROVED,
         ACCESS_DENIED,
         ACCESS_EXPIRED,
+        ANOMALY_DETECTED,
         AUDIT_GAP,
         REFUSALS_FOLDED,
         ORIGIN_STARTED,

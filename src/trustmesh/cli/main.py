@@ -35,6 +35,7 @@ from trustmesh.cli._common import (
 )
 from trustmesh.cli.access import access_app
 from trustmesh.cli.admission import admission_app
+from trustmesh.cli.analytics import anomalies_app, get_anomalies
 from trustmesh.cli.audit import audit_app
 from trustmesh.cli.backup import backup, drill, restore
 from trustmesh.cli.credentials import cluster_app, credentials_app, login_command, user_app
@@ -72,6 +73,7 @@ app.add_typer(cluster_app, name="cluster")
 app.add_typer(credentials_app, name="credentials")
 app.add_typer(user_app, name="user")
 app.add_typer(access_app, name="access")
+app.add_typer(anomalies_app, name="anomalies")
 app.command("suspend")(suspend)
 app.command("login")(login_command)
 app.command("backup")(backup)
@@ -81,6 +83,7 @@ app.command("resume")(resume)
 get_app.command("suspensions")(get_suspensions)
 get_app.command("pending")(get_pending)
 report_app.callback(invoke_without_command=True)(report)
+get_app.command("anomalies")(get_anomalies)
 app.add_typer(report_app, name="report")
 get_app.command("trustdomains")(get_trustdomains)
 get_app.command("federation", help="The same as get trustdomains.")(get_trustdomains)

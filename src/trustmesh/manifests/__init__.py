@@ -4,9 +4,9 @@
 :class:`ManifestError` listing every :class:`Problem` in the whole input.
 """
 
+from ._anomaly import DETECTOR_FIELDS, DETECTOR_NAMES, AnomalyPolicySpec
 from ._errors import ManifestError, Problem
 from ._kinds import (
-    ANOMALY_DETECTORS,
     API_VERSION,
     DEFAULT_MAX_STALE,
     DISCOVERY_SUFFIX,
@@ -50,17 +50,19 @@ REGISTRY_KINDS = (
     "FederatedTrustDomain",
     "EventReceiver",
 )
-POLICY_KINDS = ("GlobalRole", "RoleBinding", "PolicyTest")
+POLICY_KINDS = ("GlobalRole", "RoleBinding", "PolicyTest", "AnomalyPolicy")
 
 __all__ = [
-    "ANOMALY_DETECTORS",
     "API_VERSION",
     "DEFAULT_MAX_ACCESS_DURATION",
     "DEFAULT_MAX_STALE",
+    "DETECTOR_FIELDS",
+    "DETECTOR_NAMES",
     "DISCOVERY_SUFFIX",
     "MAX_ACCESS_DURATION",
     "POLICY_KINDS",
     "REGISTRY_KINDS",
+    "AnomalyPolicySpec",
     "ClusterScope",
     "ClusterSpec",
     "CompiledTemplate",

@@ -23,6 +23,7 @@ from trustmesh.common.errors import SpiffeIdError
 from trustmesh.request.canonical import DEFAULT_CLUSTER_DOMAIN
 from trustmesh.spiffeid import normalize_trust_domain, parse_spiffe_id
 
+from ._anomaly import ANOMALY_POLICY_SPEC, DETECTOR_NAMES, AnomalyPolicySpec, build_anomaly_policy
 from ._errors import Sink
 from ._jwks import JWKS
 from ._schema import (
@@ -349,15 +350,6 @@ def _build_federated_trust_domain(spec: dict[str, Any]) -> FederatedTrustDomainS
 
 # --- EventReceiver -----------------------------------------------------------------
 
-ANOMALY_DETECTORS = (
-    "new_edge",
-    "denial_burst",
-    "refusal_burst",
-    "wrong_cluster",
-    "escalation",
-    "dormant_use",
-    "concurrent_use",
-)
 MAX_AUDIENCE_CHARS = 2048
 MAX_TOKEN_FILE_CHARS = 4096
 NOT_IN_MANIFESTS = (
@@ -401,7 +393,7 @@ def _finalize_event_receiver(spec: dict[str, Any], name: str) -> None:
 EVENT_RECEIVER_SPEC = obj(
     Field("endpoint", string(push_endpoint, max_length=2048), required=True),
     Field("audience", string(max_length=MAX_AUDIENCE_CHARS)),
-    Field("events", list_of(string(choice(*ANOMALY_DETECTORS)), min_items=1, distinct=True)),
+    Field("events", list_of(string(choice(*DETECTOR_NAMES)), min_items=1, distinct=True)),
     Field("authorizationTokenFile", string(token_file, max_length=MAX_TOKEN_FILE_CHARS)),
     refused("authorization", NOT_IN_MANIFESTS),
     refused("token", NOT_IN_MANIFESTS),
@@ -468,6 +460,7 @@ Spec = (
     | RoleBindingSpec
     | PolicyTestSpec
     | EventReceiverSpec
+    | AnomalyPolicySpec
 )
 
 
@@ -501,5 +494,6 @@ KINDS: dict[str, KindSpec] = {
         KindSpec("GlobalRole", GLOBAL_ROLE_SPEC, build_global_role),
         KindSpec("RoleBinding", ROLE_BINDING_SPEC, build_role_binding),
         KindSpec("PolicyTest", POLICY_TEST_SPEC, build_policy_test),
+        KindSpec("AnomalyPolicy", ANOMALY_POLICY_SPEC, build_anomaly_policy),
     )
 }

@@ -21,6 +21,7 @@ from typing import Any
 
 from trustmesh.common.errors import PolicyError, RequestError
 from trustmesh.manifests import (
+    AnomalyPolicySpec,
     ClusterScope,
     Document,
     Expression,
@@ -41,6 +42,7 @@ class PolicySet:
     roles: dict[str, GlobalRoleSpec] = field(default_factory=dict)
     bindings: dict[str, RoleBindingSpec] = field(default_factory=dict)
     tests: dict[str, PolicyTestSpec] = field(default_factory=dict)
+    anomaly: dict[str, AnomalyPolicySpec] = field(default_factory=dict)
     bodies: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
@@ -53,6 +55,8 @@ class PolicySet:
                 policy.bindings[doc.name] = doc.spec
             elif isinstance(doc.spec, PolicyTestSpec):
                 policy.tests[doc.name] = doc.spec
+            elif isinstance(doc.spec, AnomalyPolicySpec):  # DESIGN §11: analytics reads it
+                policy.anomaly[doc.name] = doc.spec
             else:
                 continue
             policy.bodies.append(doc.body)

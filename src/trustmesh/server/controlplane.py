@@ -22,6 +22,7 @@ routes (``server/routes/``) call the services it holds.
 ``retirement``         retiring Workloads unused for their ``retireAfterUnused``
 ``access``             access requests: request, approve (through the gate), deny, expire
 ``push``               anomaly findings pushed to EventReceivers as signed SETs (RFC 8935)
+``analytics``          the detectors' runner (one replica at a time); ``anomalies`` its findings
 =====================  ===========================================================
 
 State has one owner, the database; see ``server/snapshots.py`` for how replicas agree."""
@@ -40,6 +41,8 @@ from typing import Any
 import httpx
 from sqlalchemy.exc import OperationalError
 
+from trustmesh.analytics.detectors import Detector, all_detectors
+from trustmesh.analytics.escalation import EscalationDetector
 from trustmesh.audit.folding import FoldingLimits
 from trustmesh.audit.log import AuditLog
 from trustmesh.common.clock import Clock, system_clock
@@ -59,7 +62,8 @@ from trustmesh.identity.kubernetes_sa import (
 from trustmesh.identity.sealing import MasterKey
 from trustmesh.identity.x509ca import CaManager
 from trustmesh.oauth.rfc8693 import DEFAULT_TTL, TokenExchange
-from trustmesh.policy.catalog import PolicyCatalog
+from trustmesh.policy.catalog import PolicyCatalog, documents_of
+from trustmesh.policy.compiler import PolicySet
 from trustmesh.registry import RegistryStore
 from trustmesh.registry.federation import FederationStore
 from trustmesh.registry.observed import TemplateObservations
@@ -67,6 +71,7 @@ from trustmesh.revocation.store import RevocationStore
 from trustmesh.revocation.suspension import SuspensionStore
 from trustmesh.server.access import AccessRequests
 from trustmesh.server.agents import Agents
+from trustmesh.server.analytics import AnalyticsRunner, Anomalies
 from trustmesh.server.bundles import BundleSigner
 from trustmesh.server.changes import Changes
 from trustmesh.server.cluster_keys import (
@@ -107,6 +112,8 @@ SEQUENCER_LOCK_FILE = "audit-sequencer.lock"  # SQLite: where processes queue to
 WAL_CHECKPOINT_INTERVAL = 1.0  # seconds between SQLite WAL checkpoints
 ACCESS_EXPIRY_INTERVAL = 1.0  # seconds between looks for access requests past their expiry
 SUSPENSION_GRACE = 2.0  # seconds a suspension's revocation reaches ahead (other replicas)
+ANALYTICS_INTERVAL = 1.0  # seconds between the analytics runner's rounds
+ANALYTICS_LEASE = 5.0  # seconds the runner's lease lasts unrenewed (another replica then)
 
 
 @dataclass(frozen=True)
@@ -134,6 +141,8 @@ class ServerConfig:
     usage_flush_interval: float = DEFAULT_FLUSH_INTERVAL
     pending_per_cluster: int = PENDING_PER_CLUSTER
     pending_total: int = PENDING_TOTAL
+    analytics_interval: float = ANALYTICS_INTERVAL
+    analytics_lease: float = ANALYTICS_LEASE
 
 
 class ControlPlane:
@@ -179,6 +188,8 @@ class ControlPlane:
         self.usage: UsageTracker
         self.retirement: Retirement
         self.access: AccessRequests
+        self.analytics: AnalyticsRunner
+        self.anomalies: Anomalies
 
     # -- start-up -----------------------------------------------------------------------
     def open(self) -> None:
@@ -337,6 +348,28 @@ class ControlPlane:
             self.clock,
             self.metrics.registry,
         )
+        self.analytics = AnalyticsRunner(
+            self.db,
+            self.detectors(),
+            self.snapshots,
+            self.recorder,
+            self.suspender,
+            self.clock,
+            self.replica,
+            lease_seconds=config.analytics_lease,
+            on_finding=lambda f: self.metrics.anomalies.labels(detector=f.detector).inc(),
+        )
+        self.anomalies = Anomalies(self.db, self.recorder, self.clock)
+
+    def detectors(self) -> list[Detector]:
+        """The detectors the analytics runner feeds (``analytics/``), in order."""
+        snapshots, catalog = self.snapshots, self.catalog
+
+        def policy_at(revision: int) -> PolicySet | None:
+            version = catalog.get(revision)
+            return None if version is None else PolicySet.from_documents(documents_of(version))
+
+        return [EscalationDetector(policy_at, lambda: snapshots.registry), *all_detectors()]
 
     def remove_person(self, name: str, actor: str, reason: str) -> CredentialRecord:
         """``trustmesh user remove``: the person's credential is revoked, and so are
@@ -420,6 +453,7 @@ class ControlPlane:
             asyncio.create_task(self.push.run(), name="push"),
             asyncio.create_task(self._usage_loop(), name="usage"),
             asyncio.create_task(self._access_loop(), name="access-expiry"),
+            asyncio.create_task(self._analytics_loop(), name="analytics"),
         ]
         if self.db.dialect == "sqlite":
             self._tasks.append(asyncio.create_task(self._wal_loop(), name="sqlite-wal"))
@@ -429,6 +463,10 @@ class ControlPlane:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.flush_usage()
+        try:  # another replica takes the runner over at once, not after the lease
+            await asyncio.to_thread(self.analytics.release)
+        except Exception:
+            log.exception("releasing the analytics lease failed")
         await self.recorder.close()
         self.tracing.shutdown()
         try:  # the last events get a signed checkpoint before the process ends
@@ -488,6 +526,16 @@ class ControlPlane:
                 await asyncio.to_thread(self.access.expire_due)
             except Exception as exc:
                 self._database_failed("recording expired access requests failed", exc)
+
+    async def _analytics_loop(self) -> None:
+        """The detectors over the audit log, on the one replica holding the lease
+        (``server/analytics.py``)."""
+        while True:
+            await asyncio.sleep(self.config.analytics_interval)
+            try:
+                await asyncio.to_thread(self.analytics.run_once)
+            except Exception as exc:
+                self._database_failed("running the anomaly detectors failed", exc)
 
     async def flush_usage(self) -> None:
         """Write the pending refusals and last-use times gathered since the last flush

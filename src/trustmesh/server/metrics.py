@@ -218,6 +218,12 @@ class ServerMetrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0),
             registry=self.registry,
         )
+        self.anomalies = Counter(
+            "trustmesh_anomalies_total",
+            "Anomalies the analytics runner recorded on this replica, by detector (DESIGN §11)",
+            ["detector"],
+            registry=self.registry,
+        )
         self.access_fulfillment = Histogram(
             "trustmesh_access_request_fulfillment_seconds",
             "Time from an access request to its approval (observed by the replica that "

@@ -216,50 +216,60 @@ class Suspender:
         "credentials_revoked"}``. Suspending what is suspended changes nothing and
         answers the suspension in force (``created: false``)."""
         check_reason(reason)
+        with self.db.engine.begin() as conn:
+            result = self.suspend_in(conn, kind, value, reason, actor)
+        if result["created"]:
+            self.snapshots.refresh()
+            self.recorder.drain()
+        return result
+
+    def suspend_in(
+        self, conn: Connection, kind: str, value: str, reason: str, actor: str
+    ) -> dict[str, Any]:
+        """:meth:`suspend` inside the caller's transaction (a quarantine records it
+        with the finding that asked for it, ``server/analytics.py``); the caller
+        refreshes the snapshots and drains the recorder once it commits."""
         revoke_kind, revoke_value = self._target(kind, value)
         now = self.clock()
-        with self.db.engine.begin() as conn:
-            suspension, created = self.store.suspend_in(conn, kind, value, reason, actor, now)
-            if not created:
-                return {"created": False, "suspension": suspension.to_json()}
-            why = f"suspended: {reason}" if reason else "suspended"
-            entry, new_entry = self.revocations.revoke_in(
-                conn,
-                revoke_kind,
-                revoke_value,
-                why[:MAX_REASON],
-                actor,
-                now + self.grace,
-                supersede=True,
-            )
-            revoked: list[CredentialRecord] = []
-            if kind == "cluster":
-                revoked = self.credentials.revoke_cluster_in(conn, value, actor, why, now)
+        suspension, created = self.store.suspend_in(conn, kind, value, reason, actor, now)
+        if not created:
+            return {"created": False, "suspension": suspension.to_json()}
+        why = f"suspended: {reason}" if reason else "suspended"
+        entry, new_entry = self.revocations.revoke_in(
+            conn,
+            revoke_kind,
+            revoke_value,
+            why[:MAX_REASON],
+            actor,
+            now + self.grace,
+            supersede=True,
+        )
+        revoked: list[CredentialRecord] = []
+        if kind == "cluster":
+            revoked = self.credentials.revoke_cluster_in(conn, value, actor, why, now)
+        self.recorder.stage(
+            conn,
+            "admin.suspended",
+            actor,
+            {
+                "kind": kind,
+                "value": value,
+                "reason": reason or None,
+                "revocation_revision": entry.revision,
+                "credentials_revoked": [c.id for c in revoked] or None,
+            },
+            cluster=value if kind == "cluster" else None,
+        )
+        if new_entry:
+            stage_revocation(self.recorder, conn, entry, actor)
+        for credential in revoked:
             self.recorder.stage(
                 conn,
-                "admin.suspended",
+                "admin.credential_revoked",
                 actor,
-                {
-                    "kind": kind,
-                    "value": value,
-                    "reason": reason or None,
-                    "revocation_revision": entry.revision,
-                    "credentials_revoked": [c.id for c in revoked] or None,
-                },
-                cluster=value if kind == "cluster" else None,
+                revoked_detail(credential, why, "suspend"),
+                cluster=credential.cluster,
             )
-            if new_entry:
-                stage_revocation(self.recorder, conn, entry, actor)
-            for credential in revoked:
-                self.recorder.stage(
-                    conn,
-                    "admin.credential_revoked",
-                    actor,
-                    revoked_detail(credential, why, "suspend"),
-                    cluster=credential.cluster,
-                )
-        self.snapshots.refresh()
-        self.recorder.drain()
         return {
             "created": True,
             "suspension": suspension.to_json(),

@@ -168,6 +168,25 @@ def _v15_revocation_publish_time(conn: Connection) -> None:
     _add_missing_columns(conn, schema.revocations)
 
 
+def _v16_analytics(conn: Connection) -> None:
+    """Security analytics: the runner's state and findings (their push deliveries are
+    version 14's outbox). The runner starts at the log's end (an upgrade does not replay
+    the whole log)."""
+    for table in (schema.analytics_state, schema.anomalies):
+        table.create(conn, checkfirst=True)
+    end = conn.execute(text("SELECT MAX(idx) FROM audit_entries")).scalar()
+    conn.execute(
+        schema.analytics_state.insert().values(
+            name="runner",
+            holder=None,
+            lease_until=0.0,
+            cursor=-1 if end is None else int(end),
+            snapshots="{}",
+            updated_at=time.time(),
+        )
+    )
+
+
 MIGRATIONS: list[Migration] = [
     (1, "initial schema: meta, signing keys, registry, credentials", _v1_initial),
     (2, "policy versions and agent status", _v2_policy),
@@ -197,6 +216,7 @@ MIGRATIONS: list[Migration] = [
     ),
     (14, "push delivery of anomaly findings (RFC 8935): the outbox", _v14_anomaly_deliveries),
     (15, "metrics: when each revocation was recorded, unrounded", _v15_revocation_publish_time),
+    (16, "security analytics: runner state and findings", _v16_analytics),
 ]
 
 LATEST = MIGRATIONS[-1][0]

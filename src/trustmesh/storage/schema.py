@@ -389,6 +389,49 @@ audit_gaps = Table(
     Column("detected_at", Float, nullable=False),
 )
 
+# Security analytics (DESIGN §11, server/analytics.py). One row, ``name`` "runner": the
+# replica holding the runner's lease (``holder``, until ``lease_until``), the last audit
+# index the detectors read (``cursor``) and their state (``snapshots``: JSON, per
+# detector), all written in the transaction that records what they found.
+analytics_state = Table(
+    "analytics_state",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("holder", String(64)),
+    Column("lease_until", Float, nullable=False),
+    Column("cursor", BigInteger, nullable=False),
+    Column("snapshots", Text, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+# Findings (``trustmesh get anomalies``): one per (detector, key, window start), so a
+# replay or a second runner never reports one twice. JSON columns as text.
+anomalies = Table(
+    "anomalies",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("detector", String(32), nullable=False),
+    Column("key", String(500), nullable=False),
+    Column("window_start", Float, nullable=False),
+    Column("window_end", Float, nullable=False),
+    Column("subject", Text, nullable=False),
+    Column("summary", Text, nullable=False),
+    Column("evidence", Text, nullable=False),
+    Column("details", Text, nullable=False),
+    Column("severity", String(8), nullable=False),
+    Column("detected_at", Float, nullable=False),
+    Column("state", String(16), nullable=False),  # open | acknowledged | resolved
+    Column("acknowledged_by", String(200)),
+    Column("acknowledged_at", Float),
+    Column("resolved_by", String(200)),
+    Column("resolved_at", Float),
+    Column("note", Text),
+    Column("quarantined", Text),  # JSON: the suspension it began, or why it could not
+    UniqueConstraint("detector", "key", "window_start", name="uq_anomalies_detector_key_window"),
+    Index("ix_anomalies_state", "state"),
+    Index("ix_anomalies_detected_at", "detected_at"),
+)
+
 # Push delivery of anomaly findings as signed SETs (RFC 8935, ``server/push.py``): the
 # outbox, one row per (finding, EventReceiver). ``finding`` is the Finding JSON as it
 # was enqueued (the SET is built from it and signed at each attempt). ``state`` is
