@@ -473,6 +473,11 @@ def test_findings_are_json_and_bounded() -> None:
     assert found
     text = json.dumps(found[0].to_json())
     assert len(found[0].summary) <= 500 and len(text) < 12_000
+    # the key an attacker-written issuer makes is bounded too, stable and distinct
+    assert len(found[0].key) <= 500 and found[0].key.startswith("refusal_burst:issuer:https://")
+    again = feed(RefusalBurst(), [exchange_failed(T0 + i, issuer) for i in range(8)], pol)
+    other = feed(RefusalBurst(), [exchange_failed(T0 + i, issuer + "y") for i in range(8)], pol)
+    assert again[0].key == found[0].key != other[0].key
 
 
 def test_warmup_counts_every_entry_the_detector_sees() -> None:

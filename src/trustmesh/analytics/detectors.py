@@ -15,12 +15,13 @@ written; here an odd event is skipped, not fatal).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
-from trustmesh.analytics.findings import MAX_EVIDENCE, MAX_SUMMARY, Finding
+from trustmesh.analytics.findings import MAX_EVIDENCE, MAX_KEY, MAX_SUMMARY, Finding
 from trustmesh.analytics.settings import AnomalySettings, DetectorSettings
 from trustmesh.audit.canonical import parse_time
 from trustmesh.common.errors import CanonicalError
@@ -212,6 +213,16 @@ class Detector(Protocol):
     def restore(self, state: Mapping[str, Any]) -> None: ...
 
 
+def bounded_key(key: str) -> str:
+    """A finding's key within MAX_KEY characters: a longer one (an attacker-written issuer,
+    say) keeps its start and ends in the SHA-256 of the whole, so it stays stable and
+    distinct, and never makes the Finding refuse to exist."""
+    if len(key) <= MAX_KEY:
+        return key
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{key[: MAX_KEY - len(digest) - 1]}#{digest}"
+
+
 class _Base:
     """What every detector shares: the warm-up clock (the time of the first event it
     saw, and the latest), and the keys it reported recently (nothing fires twice for a
@@ -268,7 +279,7 @@ class _Base:
         indexes = sorted(set(evidence))[-MAX_EVIDENCE:]
         return Finding(
             detector=detector,
-            key=f"{detector}:{key}",
+            key=bounded_key(f"{detector}:{key}"),
             subject=subject,
             summary=printable(summary, MAX_SUMMARY),
             evidence=indexes,
