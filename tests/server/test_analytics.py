@@ -152,6 +152,8 @@ def test_an_escalating_apply_is_a_finding_people_acknowledge_and_resolve(tmp_pat
         as_json = run(server, rita, "get", "anomalies", "-o", "json", "--state", "open")
         assert json.loads(as_json.stdout)["items"] == [found]
         assert call(server, rita, "GET", "/v1/anomalies?state=bogus").status_code == 400
+        assert call(server, rita, "GET", "/v1/anomalies?detector=bogus").status_code == 400
+        assert call(server, rita, "GET", "/v1/anomalies?bogus=1").status_code == 400
         assert call(server, rita, "GET", "/v1/anomalies?detector=new_edge").json()["items"] == []
         assert call(server, rita, "GET", f"/v1/anomalies/{found['id']}").json() == found
         assert call(server, rita, "GET", "/v1/anomalies/nope").status_code == 404

@@ -40,7 +40,7 @@ from typing import Any
 from sqlalchemy import Connection, select, update
 
 from trustmesh.analytics.detectors import Detector
-from trustmesh.analytics.findings import Finding, printable
+from trustmesh.analytics.findings import DETECTOR_NAMES, Finding, printable
 from trustmesh.analytics.settings import AnomalySettings
 from trustmesh.audit import events as ev
 from trustmesh.common.clock import Clock
@@ -387,6 +387,8 @@ class Anomalies:
     def listing(self, state: str | None = None, detector: str | None = None) -> list[Anomaly]:
         if state is not None and state not in STATES:
             raise InvalidRequest(f"state must be one of {', '.join(STATES)}")
+        if detector is not None and detector not in DETECTOR_NAMES:
+            raise InvalidRequest(f"detector must be one of {', '.join(DETECTOR_NAMES)}")
         query = select(anomalies).order_by(anomalies.c.detected_at.desc()).limit(MAX_LISTED)
         if state is not None:
             query = query.where(anomalies.c.state == state)

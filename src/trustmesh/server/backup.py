@@ -549,7 +549,8 @@ def load_master_key(data_dir: Path, master_key_file: Path | None) -> MasterKey:
 
 def _existing_rows(engine: Engine) -> tuple[str, int] | None:
     """The first table of the schema that holds data (``meta`` counts only beyond the
-    zero counters a migration seeds); None for an empty database."""
+    zero counters a migration seeds, ``analytics_state`` only beyond the runner's row a
+    migration seeds over an empty log); None for an empty database."""
     present = set(inspect(engine).get_table_names())
     with engine.connect() as conn:
         for table in schema.metadata.sorted_tables:
@@ -559,6 +560,11 @@ def _existing_rows(engine: Engine) -> tuple[str, int] | None:
             if table is schema.meta:
                 query = query.where(
                     ~(schema.meta.c.name.in_(meta_store.COUNTERS) & (schema.meta.c.value == "0"))
+                )
+            if table is schema.analytics_state:
+                state = schema.analytics_state.c
+                query = query.where(
+                    ~(state.holder.is_(None) & (state.cursor == -1) & (state.snapshots == "{}"))
                 )
             count = int(conn.execute(query).scalar() or 0)
             if count:
