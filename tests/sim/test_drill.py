@@ -57,7 +57,7 @@ def test_the_drill_passes_and_says_what_it_proved(
     # check and the prober's) are shipped on the agent's own schedule, before the backup
     # on a busy machine or after it: they are in the backup or counted as lost, never both.
     assert lost["backup_entries"] >= 1500 + 1
-    assert set(lost["by_type"]) <= {"token.issued", "admin.apply", "authz.decision"}
+    assert set(lost["by_type"]) <= {"token.issued", "admin.apply", "authz.decision"}, lost
     backed_up = lost["backup_entries"]
     assert report["restore"]["audit_size"] == backed_up + 1  # and the new origin's first entry
     assert lost["last_index"] == lost["backup_entries"] + lost["entries"] - 1

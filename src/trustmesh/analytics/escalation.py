@@ -26,7 +26,7 @@ from trustmesh.analytics.settings import AnomalySettings
 from trustmesh.audit.canonical import parse_time
 from trustmesh.common.errors import CanonicalError
 from trustmesh.policy.compiler import PolicySet
-from trustmesh.policy.diff import diff_policies
+from trustmesh.policy.diff import Grant, diff_policies
 from trustmesh.registry import Registry
 
 NAME = "escalation"
@@ -144,4 +144,23 @@ class EscalationDetector:
         if new is None or old is None:
             return []
         diff = diff_policies(old, new, self.registry())
-        return [(grant.to_json(), list(flags)) for grant, flags in diff.escalations]
+        found = []
+        for grant, flags in diff.escalations:
+            alarming = [f for f in flags if f != "wildcard" or broad(grant)]
+            if alarming:
+                found.append((grant.to_json(), alarming))
+        return found
+
+
+def broad(grant: Grant) -> bool:
+    """Whether a grant ``policy diff`` flags ``wildcard`` is broad enough to report: any
+    verb or method, any resource, any host or any path. ``policy diff`` also flags a
+    binding without ``namespaces`` and a path glob under a named prefix
+    (``/api/orders/**``) — a second look when reading a diff, but most bindings have one,
+    so as findings they would flood every publish (the demo's own policy among them)."""
+    if grant.action == "*" or grant.target == "*":
+        return True
+    if grant.kind == "service":
+        host, _, path = grant.target.partition(" ")
+        return host == "*" or path in ("*", "/*", "/**")
+    return False

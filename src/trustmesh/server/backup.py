@@ -315,7 +315,8 @@ def _read(
             if unknown:
                 raise BackupError(
                     f"{path} table {name} has columns this trustmesh does not know: "
-                    f"{', '.join(sorted(map(str, unknown)))}"
+                    f"{', '.join(sorted(map(str, unknown)))} (the backup is damaged, or "
+                    "was written by a newer trustmesh)"
                 )
             section = _Section(table, [str(c) for c in columns])
             counts[table.name] = 0
