@@ -174,6 +174,9 @@ def _v16_analytics(conn: Connection) -> None:
     the whole log)."""
     for table in (schema.analytics_state, schema.anomalies):
         table.create(conn, checkfirst=True)
+    state = schema.analytics_state
+    if conn.execute(state.select().where(state.c.name == "runner")).first() is not None:
+        return  # run again over tables a partial downgrade left: the runner keeps its place
     end = conn.execute(text("SELECT MAX(idx) FROM audit_entries")).scalar()
     conn.execute(
         schema.analytics_state.insert().values(
