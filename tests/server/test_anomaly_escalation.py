@@ -140,6 +140,12 @@ def test_forged_tokens_and_a_denial_storm_reach_people_receivers_and_the_agents(
             lambda: (r := server.exchange(fed.sa_token(), fed.audience)).status_code == 400 and r,
         )
         assert refused.json()["error"] == "invalid_grant", refused.text
+        # and the agent refuses the token it holds: the suspension revoked what was issued
+        cut = wait_for(
+            "the agent refusing the quarantined workload's token",
+            lambda: (a := agent.authorize(token)).status_code == 401 and a,
+        )
+        assert cut.json()["reason"] == "revoked", cut.text
     finally:
         if agent is not None:
             agent.stop()
