@@ -237,6 +237,22 @@ class _Base:
         self.latest: float | None = None
         self.fired = BoundedMap(cap, _number)
 
+    def observe(
+        self, index: int, event: Mapping[str, Any], policy: AnomalySettings
+    ) -> list[Finding]:
+        """Every detector's way in: the event's time recorded on the detector's clock,
+        then, if the detector is enabled, :meth:`_seen` with its settings."""
+        settings = policy.of(self.name)
+        t = self._clock(event)
+        if t is None or not settings.enabled:
+            return []
+        return self._seen(index, event, settings, t)
+
+    def _seen(
+        self, index: int, event: Mapping[str, Any], settings: DetectorSettings, t: float
+    ) -> list[Finding]:
+        raise NotImplementedError
+
     def _clock(self, event: Mapping[str, Any]) -> float | None:
         """The event's time, recorded on the detector's clock whatever the event is
         about: the warm-up counts the log the detector has seen since its first event."""
@@ -367,13 +383,9 @@ class NewEdge(_Base):
                     )
         return found
 
-    def observe(
-        self, index: int, event: Mapping[str, Any], policy: AnomalySettings
+    def _seen(
+        self, index: int, event: Mapping[str, Any], settings: DetectorSettings, t: float
     ) -> list[Finding]:
-        settings = policy.of(self.name)
-        t = self._clock(event)
-        if t is None or not settings.enabled:
-            return []
         findings = []
         for key, severity, facts in self._edges(event):
             last = self.edges.get(key)
@@ -542,13 +554,9 @@ class DenialBurst(_Burst):
     name = "denial_burst"
     names = ("denial_burst",)
 
-    def observe(
-        self, index: int, event: Mapping[str, Any], policy: AnomalySettings
+    def _seen(
+        self, index: int, event: Mapping[str, Any], settings: DetectorSettings, t: float
     ) -> list[Finding]:
-        settings = policy.of(self.name)
-        t = self._clock(event)
-        if t is None or not settings.enabled:
-            return []
         kind = event.get("type")
         cluster = _text(event.get("cluster"))
         counts: list[tuple[str, dict[str, Any], str, int]] = []
@@ -591,13 +599,9 @@ class RefusalBurst(_Burst):
     name = "refusal_burst"
     names = ("refusal_burst",)
 
-    def observe(
-        self, index: int, event: Mapping[str, Any], policy: AnomalySettings
+    def _seen(
+        self, index: int, event: Mapping[str, Any], settings: DetectorSettings, t: float
     ) -> list[Finding]:
-        settings = policy.of(self.name)
-        t = self._clock(event)
-        if t is None or not settings.enabled:
-            return []
         kind = event.get("type")
         detail = _part(event, "detail")
         by_issuer: dict[str, int] = {}
@@ -653,14 +657,10 @@ class WrongCluster(_Base):
         super().__init__(cap)
         self.issued = BoundedMap(cap, _issuance)
 
-    def observe(
-        self, index: int, event: Mapping[str, Any], policy: AnomalySettings
+    def _seen(
+        self, index: int, event: Mapping[str, Any], settings: DetectorSettings, t: float
     ) -> list[Finding]:
-        settings = policy.of(self.name)
-        t = self._clock(event)
         kind = event.get("type")
-        if t is None or not settings.enabled:
-            return []
         if kind == "token.issued":
             identity = _part(event, "identity")
             digest = _text(_part(event, "detail").get("issued_token_sha256"))
@@ -786,13 +786,11 @@ class DormantUse(_Base):
         super().__init__(cap)
         self.last = BoundedMap(cap, _use)
 
-    def observe(
-        self, index: int, event: Mapping[str, Any], policy: AnomalySettings
+    def _seen(
+        self, index: int, event: Mapping[str, Any], settings: DetectorSettings, t: float
     ) -> list[Finding]:
-        settings = policy.of(self.name)
-        t = self._clock(event)
         spiffe_id = _used_identity(event)
-        if t is None or spiffe_id is None or not settings.enabled:
+        if spiffe_id is None:
             return []
         previous = self.last.get(spiffe_id)
         self.last.put(
@@ -841,12 +839,10 @@ class ConcurrentUse(_Base):
         super().__init__(cap)
         self.uses = BoundedMap(cap, _uses)
 
-    def observe(
-        self, index: int, event: Mapping[str, Any], policy: AnomalySettings
+    def _seen(
+        self, index: int, event: Mapping[str, Any], settings: DetectorSettings, t: float
     ) -> list[Finding]:
-        settings = policy.of(self.name)
-        t = self._clock(event)
-        if t is None or not settings.enabled or event.get("type") != "authz.decision":
+        if event.get("type") != "authz.decision":
             return []
         identity = _part(event, "identity")
         cluster = _text(event.get("cluster"))
