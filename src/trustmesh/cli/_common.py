@@ -171,6 +171,20 @@ def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=True) + "\n")
 
 
+def items_or_json(
+    server: str | None, token_file: Path | None, path: str, as_json: bool
+) -> list[dict[str, Any]] | None:
+    """The ``items`` of ``GET path`` with the caller's credential — or, for a list
+    command's ``-o json``, those items printed as JSON and None (nothing left to do)."""
+    items: list[dict[str, Any]] = ApiClient(
+        resolve_server(server), resolve_token(token_file)
+    ).request("GET", path)["items"]
+    if as_json:
+        print_json(items)
+        return None
+    return items
+
+
 def cell(value: Any, style: str = "") -> Text:
     """A value as a table cell or grid value: plain text (never markup), every
     character that is not printable escaped, ``None`` empty."""

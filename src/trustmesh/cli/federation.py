@@ -9,15 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from trustmesh.cli._common import (
-    ApiClient,
     Output,
     OutputOption,
     ServerOption,
     TokenFileOption,
-    print_json,
+    items_or_json,
     print_table,
-    resolve_server,
-    resolve_token,
 )
 
 
@@ -43,10 +40,8 @@ def get_trustdomains(
     output: Output = OutputOption,
 ) -> None:
     """List federated trust domains and the state of their bundles."""
-    client = ApiClient(resolve_server(server), resolve_token(token_file))
-    items = client.request("GET", "/v1/trustdomains")["items"]
-    if output is Output.json:
-        print_json(items)
+    items = items_or_json(server, token_file, "/v1/trustdomains", output is Output.json)
+    if items is None:
         return
     now = time.time()
     rows = []

@@ -26,6 +26,7 @@ from trustmesh.cli._common import (
     ServerOption,
     TokenFileOption,
     fail,
+    items_or_json,
     print_json,
     print_line,
     print_table,
@@ -762,9 +763,8 @@ def get_clusters(
     output: Output = OutputOption,
 ) -> None:
     """List registered clusters."""
-    items = admin_client(server, token_file).request("GET", "/v1/clusters")["items"]
-    if output is Output.json:
-        print_json(items)
+    items = items_or_json(server, token_file, "/v1/clusters", output is Output.json)
+    if items is None:
         return
     rows = []
     for item in items:
@@ -818,9 +818,8 @@ def get_workloads(
     ),
 ) -> None:
     """List registered workloads, and the identities WorkloadTemplates gave (TEMPLATE)."""
-    items = admin_client(server, token_file).request("GET", "/v1/workloads")["items"]
-    if output is WideOutput.json:
-        print_json(items)
+    items = items_or_json(server, token_file, "/v1/workloads", output is WideOutput.json)
+    if items is None:
         return
     wide = output is WideOutput.wide
     rows = []
@@ -859,9 +858,8 @@ def get_workload_templates(
     output: Output = OutputOption,
 ) -> None:
     """List WorkloadTemplates (the identities they gave: get workloads, TEMPLATE)."""
-    items = admin_client(server, token_file).request("GET", "/v1/workloadtemplates")["items"]
-    if output is Output.json:
-        print_json(items)
+    items = items_or_json(server, token_file, "/v1/workloadtemplates", output is Output.json)
+    if items is None:
         return
     rows = []
     for item in items:

@@ -16,6 +16,7 @@ from trustmesh.cli._common import (
     OutputOption,
     ServerOption,
     TokenFileOption,
+    items_or_json,
     print_json,
     print_table,
     resolve_server,
@@ -30,10 +31,8 @@ def get_receivers(
     output: Output = OutputOption,
 ) -> None:
     """List EventReceivers and the state of their deliveries."""
-    client = ApiClient(resolve_server(server), resolve_token(token_file))
-    items = client.request("GET", "/v1/receivers")["items"]
-    if output is Output.json:
-        print_json(items)
+    items = items_or_json(server, token_file, "/v1/receivers", output is Output.json)
+    if items is None:
         return
     now = time.time()
     rows = []
