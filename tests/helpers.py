@@ -334,6 +334,26 @@ def unique(prefix: str) -> str:
     return f"{prefix}{next(_counter)}-{os.getpid() % 1000}"
 
 
+def allow_gets_of(workload: str) -> str:
+    """A GlobalRole allowing any GET of any service, bound to one workload only (under
+    unique names): a shared server outlives the test, and a binding for everyone would
+    allow what other tests expect denied."""
+    role, binding = unique("any-get-"), unique("gets-")
+    return f"""apiVersion: trustmesh.io/v1alpha1
+kind: GlobalRole
+metadata: {{name: {role}}}
+spec:
+  rules: [{{services: ['*'], paths: ['*'], methods: [GET]}}]
+---
+apiVersion: trustmesh.io/v1alpha1
+kind: RoleBinding
+metadata: {{name: {binding}}}
+spec:
+  role: {role}
+  subjects: [{{workload: {workload}}}]
+"""
+
+
 def serve_cluster(name: str) -> SimulatedCluster:
     """A simulated cluster serving on a free port under an issuer path of its own. The
     path keeps issuers distinct even when the OS hands a port of an earlier (stopped)

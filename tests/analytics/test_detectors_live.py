@@ -19,11 +19,11 @@ from helpers import (
     Agent,
     Federation,
     Server,
+    allow_gets_of,
     eventually,
     register_federation,
     start_agent,
     start_server,
-    unique,
 )
 from trustmesh.analytics.detectors import (
     ConcurrentUse,
@@ -40,23 +40,6 @@ from trustmesh.analytics.settings import AnomalySettings, DetectorSettings
 from trustmesh.sim import SimulatedCluster
 
 Entry = dict[str, Any]
-
-
-def allow_gets_of(workload: str) -> str:
-    role, binding = unique("any-get-"), unique("gets-")
-    return f"""apiVersion: trustmesh.io/v1alpha1
-kind: GlobalRole
-metadata: {{name: {role}}}
-spec:
-  rules: [{{services: ['*'], paths: ['*'], methods: [GET]}}]
----
-apiVersion: trustmesh.io/v1alpha1
-kind: RoleBinding
-metadata: {{name: {binding}}}
-spec:
-  role: {role}
-  subjects: [{{workload: {workload}}}]
-"""
 
 
 @pytest.fixture(scope="module")

@@ -31,11 +31,11 @@ from helpers import (
     Agent,
     Federation,
     Server,
+    allow_gets_of,
     eventually,
     register_federation,
     start_agent,
     start_server,
-    unique,
 )
 from trustmesh.common.histogram import Histogram
 from trustmesh.sim import SimulatedCluster
@@ -162,30 +162,13 @@ def count(names: dict[str, list[Any]], name: str, **labels: str) -> float:
     )
 
 
-def allow_gets(workload: str) -> str:
-    role, binding = unique("gets-"), unique("gets-of-")
-    return f"""apiVersion: trustmesh.io/v1alpha1
-kind: GlobalRole
-metadata: {{name: {role}}}
-spec:
-  rules: [{{services: ['*'], paths: ['*'], methods: [GET]}}]
----
-apiVersion: trustmesh.io/v1alpha1
-kind: RoleBinding
-metadata: {{name: {binding}}}
-spec:
-  role: {role}
-  subjects: [{{workload: {workload}}}]
-"""
-
-
 @pytest.fixture
 def running(
     tmp_path: Path, sim_cluster: SimulatedCluster
 ) -> Iterator[tuple[Server, Federation, Agent]]:
     server = start_server(tmp_path / "cp")
     fed = register_federation(server, sim_cluster)
-    server.apply(allow_gets(fed.workload))
+    server.apply(allow_gets_of(fed.workload))
     agent = start_agent(
         fed.target_name, [server.url], tmp_path / "agent", server.credential(fed.target_name)
     )
@@ -244,7 +227,7 @@ def test_every_name_the_rules_and_dashboard_use_is_exposed(
     svid = drive_every_surface(fed, agent)
 
     # A policy change after the agent started: its propagation is observed.
-    server.apply(allow_gets(fed.workload))
+    server.apply(allow_gets_of(fed.workload))
     eventually(
         lambda: count(scrape(agent.url), "trustmesh_agent_policy_propagation_seconds_count") >= 1,
         "the agent observes a bundle's propagation",
@@ -308,7 +291,7 @@ def test_every_name_the_rules_and_dashboard_use_is_exposed(
     # An agent that stops polling falls behind the next change: the control plane says
     # by how many revisions, and that it is lagging.
     assert agent.stop() == 0, agent.process.stderr()
-    server.apply(allow_gets(fed.workload))
+    server.apply(allow_gets_of(fed.workload))
 
     def behind() -> bool:
         found = scrape(server.url)

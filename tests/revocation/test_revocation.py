@@ -17,10 +17,10 @@ from helpers import (
     Agent,
     Federation,
     Server,
+    allow_gets_of,
     register_federation,
     start_agent,
     start_server,
-    unique,
 )
 from trustmesh.sim import SimulatedCluster
 
@@ -36,25 +36,6 @@ metadata: {name: everyone-gets}
 spec:
   role: any-get
   subjects: [{matchExpressions: [{key: workload_id, operator: Exists}]}]
-"""
-
-
-def allow_gets_of(workload: str) -> str:
-    """ALLOW_ALL for one workload only: the shared server outlives this file, and a
-    binding for everyone would allow what other files' tests expect denied."""
-    role, binding = unique("any-get-"), unique("gets-")
-    return f"""apiVersion: trustmesh.io/v1alpha1
-kind: GlobalRole
-metadata: {{name: {role}}}
-spec:
-  rules: [{{services: ['*'], paths: ['*'], methods: [GET]}}]
----
-apiVersion: trustmesh.io/v1alpha1
-kind: RoleBinding
-metadata: {{name: {binding}}}
-spec:
-  role: {role}
-  subjects: [{{workload: {workload}}}]
 """
 
 
