@@ -22,7 +22,6 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("entry points", ["bench"]),
     ("entry points", ["sim"]),
     ("processes", ["server", "agent", "sidecar"]),
-    ("analytics", ["analytics"]),
     ("services", ["oauth"]),
     ("analytics", ["analytics"]),
     ("domain", ["audit"]),
