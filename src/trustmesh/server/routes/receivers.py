@@ -29,7 +29,7 @@ def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
         params = request.query_params
         unknown = sorted(set(params) - set(DELIVERY_QUERY))
         if unknown:
-            raise InvalidRequest(f"unknown query parameter {unknown[0]!r}")
+            raise InvalidRequest(f"unknown query parameter {unknown[0][:64]!r}")
         limit = require_decimal(params["limit"], "limit") if params.get("limit") else 100
         items = await run_in_threadpool(
             plane.push.deliveries,
