@@ -265,6 +265,24 @@ def test_denial_burst_baseline_raises_the_bar() -> None:
     assert found and found[0].details["baseline"] > 3
 
 
+def test_a_steady_rate_is_no_burst_when_the_baseline_is_as_short_as_the_window() -> None:
+    """The window being judged is not quiet time: the baseline decays only over the gap
+    between the last bucket it was fed and the window's start. With a time constant
+    equal to the window, 3 denials a second for two minutes never exceed 3 x baseline
+    once the baseline has been fed for a few windows, even in clumps of 12 every 4 s the
+    way agents' batches arrive (it used to be decayed by e^-1 more, and a steady stream
+    looked like a burst)."""
+    pol = policy(
+        denial_burst=DetectorSettings(window=10, threshold=5, baseline_window=10, warmup=40)
+    )
+    detector = DenialBurst()
+    steady = [decision(T0 + 4 * (i // 12), "us", "eu", False) for i in range(3 * 120)]
+    assert feed(detector, steady, pol) == []
+    storm = [decision(T0 + 121 + i / 30, "us", "eu", False) for i in range(150)]
+    found = feed(detector, storm, pol, start=len(steady))
+    assert found and found[0].details["baseline"] > 20
+
+
 # -- refusal bursts and wrong clusters -------------------------------------------------
 def test_refusal_burst_per_claimed_issuer_with_folded_counts() -> None:
     pol = policy(refusal_burst=BURST)

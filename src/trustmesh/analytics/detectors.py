@@ -471,7 +471,9 @@ class RateCounter:
         evidence.append([t, index])
         state = {"b": kept, "r": rate, "u": updated, "e": evidence}
         self.keys.put(key, state)
-        expected = rate * math.exp(-max(now - updated, 0.0) / tau) * window
+        # decayed over the quiet time only: the span between the last bucket fed and the
+        # start of the window (the window itself is the count being judged)
+        expected = rate * math.exp(-max(start_of_window - updated, 0.0) / tau) * window
         in_window = sum(n for _, n in kept)
         return in_window, expected, [i for _, i in evidence]
 

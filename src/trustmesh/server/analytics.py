@@ -63,7 +63,7 @@ RUNNER = "runner"  # the analytics_state row
 SYSTEM = "system"
 LEASE_SECONDS = 5.0  # how long a runner's lease lasts unrenewed
 INTERVAL = 1.0  # seconds between rounds: a finding within about a second of its entry
-BATCH = 500  # audit entries a round reads at most
+BATCH = 500  # audit entries a round reads at most; a full one is followed at once by the next
 STATES = ("open", "acknowledged", "resolved")
 MAX_NOTE = 2000
 MAX_LISTED = 1000
@@ -172,6 +172,7 @@ class AnalyticsRunner:
         self.lease_seconds = lease_seconds
         self.on_finding = on_finding
         self.cursor: int | None = None  # None: state not loaded (not the holder)
+        self.behind = False  # the last round read a full batch: the next need not wait
 
     # -- the lease -------------------------------------------------------------------------
     def _take_lease(self) -> bool:
@@ -221,7 +222,9 @@ class AnalyticsRunner:
         return AnomalySettings.from_specs(policy.anomaly.items(), self.snapshots.policy_revision)
 
     def run_once(self) -> list[Anomaly]:
-        """One round: the findings it recorded (none when another replica runs)."""
+        """One round: the findings it recorded (none when another replica runs).
+        ``behind`` says afterwards whether it read a full batch (more may be waiting)."""
+        self.behind = False
         if not self._take_lease():
             return []
         if self.cursor is None:
@@ -237,6 +240,7 @@ class AnalyticsRunner:
             ).all()
         if not rows:
             return []
+        self.behind = len(rows) == BATCH
         settings = self.settings()
         found: list[Finding] = []
         end = start
@@ -396,6 +400,15 @@ class Anomalies:
             query = query.where(anomalies.c.detector == detector)
         with self.db.engine.connect() as conn:
             return [_anomaly(r) for r in conn.execute(query)]
+
+    def analyzed_through(self) -> int:
+        """The size of the log prefix the detectors have read (the runner's committed
+        cursor + 1): every finding about an entry below it is recorded."""
+        with self.db.engine.connect() as conn:
+            cursor = conn.execute(
+                select(analytics_state.c.cursor).where(analytics_state.c.name == RUNNER)
+            ).scalar()
+        return 0 if cursor is None else max(int(cursor) + 1, 0)
 
     def get(self, anomaly_id: str) -> Anomaly:
         with self.db.engine.connect() as conn:

@@ -34,7 +34,10 @@ def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
             request.query_params.get("state") or None,
             request.query_params.get("detector") or None,
         )
-        return JSONResponse({"items": [a.to_json() for a in found]}, headers=NO_STORE)
+        through = await run_in_threadpool(anomalies.analyzed_through)
+        return JSONResponse(
+            {"items": [a.to_json() for a in found], "analyzedThrough": through}, headers=NO_STORE
+        )
 
     async def show(request: Request) -> Response:
         await callers.read(request)

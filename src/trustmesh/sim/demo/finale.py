@@ -42,6 +42,7 @@ CHECKPOINT_WAIT = 10.0
 class AuditFinale:
     lines: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    size: int = 0  # the entries the log held when it was proven
 
 
 class _Log:
@@ -115,6 +116,7 @@ def _verify(
 ) -> None:
     key = log.get("/v1/audit/key").text.strip()
     size = int(log.json("/readyz")["audit_size"])
+    finale.size = size
     checkpoint, note = latest_checkpoint(log, key, size)
     say("audit: latest checkpoint (C2SP signed note), signature verified with " + key)
     for line in note.rstrip("\n").splitlines():

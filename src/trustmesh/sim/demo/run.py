@@ -18,6 +18,7 @@ from types import FrameType
 import httpx
 from rich.console import Console
 
+from trustmesh.sim.demo.anomalies import count_anomalies
 from trustmesh.sim.demo.display import Display, LiveDisplay, PlainDisplay, cell, print_final
 from trustmesh.sim.demo.errors import DemoError
 from trustmesh.sim.demo.federation import Federation, data_root, start_federation
@@ -177,6 +178,11 @@ def finish_with_audit(
         stop_children(mesh.children)
     stop_children(fed.agents)
     board.audit = run_finale(http, fed.server_url, fed.admin.token, board.sample_trace, say)
+    analysed = count_anomalies(
+        http, fed.server_url, fed.admin.token, board.audit.size, fed.rogue.issuer, say
+    )
+    board.audit.lines += analysed.lines
+    board.audit.problems += analysed.problems
 
 
 def make_board(fed: Federation, root: Path, temporary: bool, duration: float) -> Scoreboard:

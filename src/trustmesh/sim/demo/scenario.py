@@ -285,6 +285,18 @@ def _binding(name: str, role: str, subjects: list[dict[str, Any]], **scope: Any)
     return _document("RoleBinding", name, {"role": role, "subjects": subjects, **scope})
 
 
+# Every detector live after the demo's first seconds (the defaults wait a day before a
+# baseline counts), so the finale's count of findings on normal traffic means something:
+# edges and identities are known after one round of traffic; the bursts judge 10 s
+# windows against a baseline learnt over 30 s, once one window has fed it.
+ANOMALY_DETECTORS: dict[str, dict[str, Any]] = {
+    "new_edge": {"warmup": 15},
+    "dormant_use": {"warmup": 15},
+    "denial_burst": {"warmup": 40, "window": 10, "baselineWindow": 30, "threshold": 20},
+    "refusal_burst": {"warmup": 20, "window": 10, "baselineWindow": 30, "threshold": 5},
+}
+
+
 def policy_documents(stage: int) -> list[dict[str, Any]]:
     """GlobalRoles, RoleBindings and the PolicyTest of ``stage``."""
     writers = ["payments", "checkout"] if stage else ["payments"]
@@ -298,6 +310,7 @@ def policy_documents(stage: int) -> list[dict[str, Any]]:
         _binding("bronze-never-writes-ledger", "ledger-writer", [{"claims": {"tier": "bronze"}}], effect="deny"),
         _binding("gold-web-reads-orders", "orders-reader", [{"claims": {"project": "web", "tier": "gold"}}]),
         _document("PolicyTest", "demo-expectations", {"cases": policy_test_cases(stage)}),
+        _document("AnomalyPolicy", "demo-analytics", {"detectors": ANOMALY_DETECTORS}),
     ]  # fmt: skip
 
 
