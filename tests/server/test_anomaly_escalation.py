@@ -8,21 +8,17 @@ next exchange is refused. Nothing here puts a finding in by hand."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import jwt
 import pytest
+from anomaly_support import Receivers, anomalies, entry, good_receiver, running_receivers, wait_for
 from cryptography.hazmat.primitives.asymmetric import ec
-from test_push import Receivers, receiver_app, receiver_yaml, wait_for
 
-from helpers import Server, register_federation, start_agent, start_server
+from helpers import register_federation, start_agent, start_server
 from trustmesh.sim import SimulatedCluster
-
-TOKEN = "push-test-bearer-0f3c9d2a7b"  # what test_push's /good receiver requires
 
 POLICY = """apiVersion: trustmesh.io/v1alpha1
 kind: AnomalyPolicy
@@ -36,40 +32,8 @@ spec:
 
 @pytest.fixture
 def receivers() -> Iterator[Receivers]:
-    import threading
-
-    import uvicorn
-
-    seen = Receivers()
-    config = uvicorn.Config(
-        receiver_app(seen), host="127.0.0.1", port=0, log_level="warning", lifespan="off"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for("the receiver to listen", lambda: server.started, 10)
-    seen.port = server.servers[0].sockets[0].getsockname()[1]
-    try:
+    with running_receivers() as seen:
         yield seen
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
-def anomalies(server: Server, detector: str) -> list[dict[str, Any]]:
-    answer = server.admin.get("/v1/anomalies", params={"detector": detector})
-    assert answer.status_code == 200, answer.text
-    items: list[dict[str, Any]] = answer.json()["items"]
-    return items
-
-
-def entry(server: Server, index: int) -> dict[str, Any]:
-    answer = server.admin.get("/v1/audit/query", params={"after": index - 1, "limit": 1})
-    assert answer.status_code == 200, answer.text
-    (found,) = answer.json()["entries"]
-    assert found["index"] == index
-    event: dict[str, Any] = found["event"]
-    return event
 
 
 def test_forged_tokens_and_a_denial_storm_reach_people_receivers_and_the_agents(
@@ -78,14 +42,8 @@ def test_forged_tokens_and_a_denial_storm_reach_people_receivers_and_the_agents(
     server = start_server(tmp_path / "cp")
     agent = None
     try:
-        metadata = httpx.get(server.url + "/.well-known/ssf-configuration", timeout=10).json()
-        receivers.issuer, receivers.jwks_uri = metadata["issuer"], metadata["jwks_uri"]
-        token_file = tmp_path / "siem.token"
-        token_file.write_text(TOKEN + "\n")
-        os.chmod(token_file, 0o600)
         fed = register_federation(server, sim_cluster)
-        server.apply(POLICY + "---\n" + receiver_yaml("good", receivers.url("/good"),
-                                                       token_file=str(token_file)))  # fmt: skip
+        server.apply(POLICY + "---\n" + good_receiver(receivers, server, tmp_path))
 
         # 1. forged service-account tokens: a real token's claims, the attacker's key
         genuine = fed.sa_token()

@@ -1,7 +1,7 @@
 """Push delivery of anomaly findings as signed SETs (RFC 8935; docs/ssf.md "Push
 delivery"), with real parts only: a control plane process, and receivers that are a
 Starlette app on loopback which verify every SET with PyJWT from the control plane's
-JWKS alone, fetched over HTTP.
+JWKS alone, fetched over HTTP (``anomaly_support.py``, shared with the detectors' tests).
 
 There is no detector on this branch: findings are put in the outbox with
 ``server/push.py``'s :func:`enqueue` — the function the analytics runner calls in the
@@ -11,128 +11,32 @@ from __future__ import annotations
 
 import os
 import subprocess
-import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import jwt
 import pytest
-import uvicorn
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from anomaly_support import (
+    TOKEN,
+    Receivers,
+    good_receiver,
+    receiver_yaml,
+    running_receivers,
+    wait_for,
+)
 
 from helpers import Server, start_server, trustmesh_cmd
 from trustmesh.oauth.rfc8417 import ANOMALY_EVENT
 from trustmesh.server.push import enqueue
 from trustmesh.storage import open_database
 
-WAIT = 60.0
-TOKEN = "push-test-bearer-0f3c9d2a7b"
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = WAIT) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = check()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
-@dataclass
-class Receivers:
-    """What the receivers saw: per path, the verified claims of each SET accepted and
-    every request's status; ``issuer``/``jwks_uri`` are the control plane's."""
-
-    issuer: str = ""
-    jwks_uri: str = ""
-    accepted: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    answered: dict[str, list[int]] = field(default_factory=dict)
-    headers: dict[str, list[dict[str, str]]] = field(default_factory=dict)
-    port: int = 0
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-
-def receiver_app(seen: Receivers) -> Starlette:
-    """``/good`` (needs the bearer token), ``/flaky`` (503 twice, then as ``/good``
-    without a token), ``/refuse`` (400 with an RFC 8935 error)."""
-    lock = threading.Lock()
-
-    def verify(signed: str, audience: str) -> dict[str, Any]:
-        header = jwt.get_unverified_header(signed)
-        if header.get("typ") != "secevent+jwt":
-            raise jwt.InvalidTokenError(f"typ {header.get('typ')!r}")
-        jwks = httpx.get(seen.jwks_uri, timeout=10).json()  # the JWKS alone, over HTTP
-        keys = {k["kid"]: k for k in jwks["keys"]}
-        jwk = jwt.PyJWK(keys[header["kid"]])
-        claims: dict[str, Any] = jwt.decode(
-            signed,
-            jwk.key,
-            algorithms=[jwk.algorithm_name],
-            audience=audience,
-            issuer=seen.issuer,
-            options={"require": ["iss", "iat", "jti", "aud"]},
-        )
-        return claims
-
-    async def receive(request: Request) -> Response:
-        path = request.url.path
-        body = (await request.body()).decode()
-        with lock:
-            seen.headers.setdefault(path, []).append(dict(request.headers))
-            earlier = seen.answered.setdefault(path, [])
-            if path == "/refuse":
-                earlier.append(400)
-                error = {"err": "invalid_audience", "description": "not for this SIEM"}
-                return JSONResponse(error, status_code=400)
-            if path == "/flaky" and len(earlier) < 2:
-                earlier.append(503)
-                return Response("busy", status_code=503)
-            if path == "/good" and request.headers.get("authorization") != f"Bearer {TOKEN}":
-                earlier.append(401)
-                return Response(status_code=401)
-        if request.headers.get("content-type") != "application/secevent+jwt":
-            return JSONResponse({"err": "invalid_request", "description": "type"}, 400)
-        try:
-            claims = verify(body, f"urn:test:{path.strip('/')}")
-        except (jwt.InvalidTokenError, KeyError) as exc:
-            return JSONResponse({"err": "invalid_key", "description": str(exc)}, 400)
-        with lock:
-            seen.answered[path].append(202)
-            seen.accepted.setdefault(path, []).append(claims)
-        return Response(status_code=202)
-
-    return Starlette(
-        routes=[Route(p, receive, methods=["POST"]) for p in ("/good", "/flaky", "/refuse")]
-    )
-
 
 @pytest.fixture(scope="module")
 def receivers() -> Iterator[Receivers]:
-    seen = Receivers()
-    config = uvicorn.Config(
-        receiver_app(seen), host="127.0.0.1", port=0, log_level="warning", lifespan="off"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for("the receivers to listen", lambda: server.started, 10)
-    seen.port = server.servers[0].sockets[0].getsockname()[1]
-    try:
+    with running_receivers() as seen:
         yield seen
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture(scope="module")
@@ -140,12 +44,8 @@ def plane(tmp_path_factory: pytest.TempPathFactory, receivers: Receivers) -> Ite
     root = tmp_path_factory.mktemp("push")
     # two worker processes: two claimants of every row, as two replicas would be
     server = start_server(root / "cp", None, "--workers", "2")
-    metadata = httpx.get(server.url + "/.well-known/ssf-configuration", timeout=10).json()
-    receivers.issuer, receivers.jwks_uri = metadata["issuer"], metadata["jwks_uri"]
-    token_file = root / "siem.token"
-    token_file.write_text(TOKEN + "\n")
     server.apply(
-        receiver_yaml("good", receivers.url("/good"), token_file=str(token_file))
+        good_receiver(receivers, server, root)
         + "---\n"
         + receiver_yaml("flaky", receivers.url("/flaky"), events=["denial_burst"])
         + "---\n"
@@ -155,24 +55,6 @@ def plane(tmp_path_factory: pytest.TempPathFactory, receivers: Receivers) -> Ite
         yield server
     finally:
         server.stop()
-
-
-def receiver_yaml(
-    name: str, endpoint: str, *, events: list[str] | None = None, token_file: str | None = None
-) -> str:
-    lines = [
-        "apiVersion: trustmesh.io/v1alpha1",
-        "kind: EventReceiver",
-        f"metadata: {{name: {name}}}",
-        "spec:",
-        f'  endpoint: "{endpoint}"',
-        f"  audience: urn:test:{name}",
-    ]
-    if events:
-        lines.append(f"  events: [{', '.join(events)}]")
-    if token_file:
-        lines.append(f"  authorizationTokenFile: {token_file}")
-    return "\n".join(lines) + "\n"
 
 
 def finding(detector: str, key: str) -> dict[str, Any]:
