@@ -216,14 +216,17 @@ def test_every_surface_is_audited_once(federation: Federation, tmp_path: Path) -
         denied = agent.authorize(token, DENIED).json()
         assert allowed["allowed"] is True and denied["allowed"] is False
         assert agent.authorize("not-a-token", ALLOWED).status_code == 401
-        check = httpx.get(
+        check = httpx.get(  # as Envoy asks: the client's address in x-trustmesh-source
             agent.url + "/ext_authz/public/x",
-            headers={"host": HOST, "authorization": f"Bearer {token}"},
+            headers={
+                "host": HOST,
+                "authorization": f"Bearer {token}",
+                "x-trustmesh-source": "2001:DB8:0:0::7",
+            },
         )
         assert check.status_code == 200
-        assert (
-            httpx.get(agent.url + "/ext_authz/public/x", headers={"host": HOST}).status_code == 401
-        )
+        unsourced = {"host": HOST, "x-trustmesh-source": "10.0.0.1:80"}  # not an address
+        assert httpx.get(agent.url + "/ext_authz/public/x", headers=unsourced).status_code == 401
         review = httpx.post(
             agent.url + "/k8s/authenticate",
             json={
@@ -271,7 +274,18 @@ def test_every_surface_is_audited_once(federation: Federation, tmp_path: Path) -
 
         first = events[0]
         assert first["actor"] == spiffe_id
-        assert first["request"] == {"surface": "authorize", **ALLOWED}
+        # where the question came from: the HTTP peer, Envoy's header (canonical), or
+        # nothing (not an address; the Kubernetes webhooks: the API server asks)
+        assert first["request"] == {"surface": "authorize", **ALLOWED, "source": "127.0.0.1"}
+        assert [e["request"].get("source") for e in events] == [
+            "127.0.0.1",
+            "127.0.0.1",
+            "127.0.0.1",
+            "2001:db8::7",
+            None,
+            None,
+            None,
+        ]
         assert first["identity"] == {
             "spiffe_id": spiffe_id,
             "workload": federation.workload,

@@ -165,7 +165,12 @@ def envoy_config(agent_port: int, upstream_port: int) -> dict[str, Any]:
                         {
                             "key": "x-trustmesh-namespace",
                             "value": "%METADATA(ROUTE:trustmesh:namespace)%",
-                        }
+                        },
+                        # the client's address: the connection's peer, never from XFF
+                        {
+                            "key": "x-trustmesh-source",
+                            "value": "%DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT%",
+                        },
                     ]
                 },
                 "authorization_response": {
@@ -350,8 +355,12 @@ def test_one_trace_ties_issuance_decision_and_access_through_envoy(mesh: Mesh) -
     )
     assert exchanged.status_code == 200, exchanged.text
     token = exchanged.json()["access_token"]
-    response = mesh.send(
-        "GET", "/api/orders/7", token, traceparent=f"00-{trace}-00f067aa0ba902b7-01"
+    response = mesh.send(  # with an address of the client's choosing, twice: ignored
+        "GET",
+        "/api/orders/7",
+        token,
+        traceparent=f"00-{trace}-00f067aa0ba902b7-01",
+        **{"x-trustmesh-source": "10.6.6.6", "x-forwarded-for": "10.6.6.6"},
     )
     assert response.status_code == 200, response.text
     upstream_parent = response.json()["headers"]["traceparent"]
@@ -366,6 +375,7 @@ def test_one_trace_ties_issuance_decision_and_access_through_envoy(mesh: Mesh) -
     assert types == ["token.issued", "authz.decision"]
     decision = found["entries"][1]["event"]
     assert decision["request"]["surface"] == "ext_authz"
+    assert decision["request"]["source"] == "127.0.0.1"  # Envoy's peer: this test
     assert decision["decision"]["allowed"] is True
     assert decision["span_id"] == upstream_parent.split("-")[2]  # the upstream's parent
     assert decision["span_id"] != "00f067aa0ba902b7"

@@ -77,7 +77,12 @@ def decision(
     sa: str = "payments",
     jti: str = "j1",
     reason: str | None = None,
+    caller: str | None = None,
 ) -> dict[str, Any]:
+    """``caller``: the request's ``source`` (the caller's address), None for none."""
+    asked: dict[str, Any] = {"surface": "authorize", "method": "GET", "host": host, "path": "/"}
+    if caller is not None:
+        asked["source"] = caller
     event = new_event(
         "authz.decision",
         source=agent_source(cluster),
@@ -89,7 +94,7 @@ def decision(
             "origin_cluster": origin,
             "jti": jti,
         },
-        request={"surface": "authorize", "method": "GET", "host": host, "path": "/"},
+        request=asked,
         decision={
             "allowed": allowed,
             "reason": reason or ("allowed" if allowed else "denied"),
@@ -331,18 +336,142 @@ def test_dormant_use_after_the_baseline_window() -> None:
     assert findings[0].details["idle"] == 1600
 
 
-def test_concurrent_use_of_one_credential_at_two_clusters() -> None:
-    pol = policy(concurrent_use=DetectorSettings(window=60, warmup=0))
+A, B = "10.0.0.1", "10.0.0.2"
+CONCURRENT = DetectorSettings(window=60, warmup=0)
+
+
+def test_concurrent_use_from_two_places_at_two_clusters() -> None:
+    pol = policy(concurrent_use=CONCURRENT)
     events = [
-        decision(T0, "us", "eu", True, jti="j9"),
-        decision(T0 + 1, "us", "eu", True, jti="j9"),  # same cluster: fine
-        decision(T0 + 100, "ap", "eu", True, jti="j9"),  # other cluster, outside the window
-        decision(T0 + 110, "us", "eu", False, jti="j9"),  # inside: reported
-        decision(T0 + 111, "ap", "eu", True, jti="j9"),  # same key within window: once
+        decision(T0, "us", "eu", True, jti="j9", caller=A),
+        decision(T0 + 1, "us", "eu", True, jti="j9", caller=B),  # same cluster: fine
+        decision(T0 + 100, "ap", "eu", True, jti="j9", caller=B),  # outside the window
+        decision(T0 + 110, "us", "eu", False, jti="j9", caller=A),  # inside: reported
+        decision(T0 + 111, "ap", "eu", True, jti="j9", caller=B),  # same key within window: once
     ]
     findings = feed(ConcurrentUse(), events, pol)
-    assert [(f.key, f.evidence) for f in findings] == [("concurrent_use:jti:j9", [2, 3])]
-    assert findings[0].details["clusters"] == ["ap", "us"]
+    assert [(f.key, f.evidence, f.severity) for f in findings] == [
+        ("concurrent_use:jti:j9", [2, 3], "high")
+    ]
+    (found,) = findings
+    assert found.subject == {"spiffeId": spiffe("eu")}
+    assert found.details == {
+        "credential": "jti:j9",
+        "clusters": ["ap", "us"],
+        "sources": [A, B],
+        "uses": [
+            {"cluster": "ap", "source": B, "index": 2},
+            {"cluster": "us", "source": A, "index": 3},
+        ],
+    }
+    assert A in found.summary and B in found.summary and "ap, us" in found.summary
+
+
+def test_one_place_at_two_clusters_is_quiet() -> None:
+    """A token with several audiences (or one workload's X.509-SVID) used by its one
+    workload at agents of two clusters, again and again: never a finding."""
+    pol = policy(concurrent_use=CONCURRENT)
+    events = [
+        decision(T0 + i, cluster, "eu", True, jti="multi", caller=A)
+        for i in range(20)
+        for cluster in ("us", "ap", "eu")
+    ]
+    assert feed(ConcurrentUse(), events, pol) == []
+    # IPv4-mapped IPv6 is the same place as its IPv4 address
+    mapped = [
+        decision(T0, "us", "eu", True, jti="m", caller=A),
+        decision(T0 + 1, "ap", "eu", True, jti="m", caller="::ffff:" + A),
+    ]
+    assert feed(ConcurrentUse(), mapped, pol) == []
+
+
+def test_a_decision_without_a_source_is_quiet() -> None:
+    """Kubernetes webhooks and agents older than ``request.source``: nothing to compare."""
+    pol = policy(concurrent_use=CONCURRENT)
+    one_side = [
+        decision(T0, "us", "eu", True, jti="k", caller=A),
+        decision(T0 + 1, "ap", "eu", True, jti="k"),
+    ]
+    assert feed(ConcurrentUse(), one_side, pol) == []
+    other_side = [
+        decision(T0, "us", "eu", True, jti="k"),
+        decision(T0 + 1, "ap", "eu", True, jti="k", caller=B),
+    ]
+    assert feed(ConcurrentUse(), other_side, pol) == []
+    neither = [decision(T0, "us", "eu", True, jti="k"), decision(T0 + 1, "ap", "eu", True, jti="k")]
+    assert feed(ConcurrentUse(), neither, pol) == []
+
+
+def test_a_source_that_is_not_an_address_is_no_source() -> None:
+    """What an agent wrote is read again as an address: anything else (a compromised
+    agent's text, an IPv6 zone, a port) makes the decision one without a source, and
+    never reaches a finding."""
+    pol = policy(concurrent_use=CONCURRENT)
+    for odd in ["evil\x1b[31m", "10.0.0.2:443", "fe80::1%eth0", "host.example", "1" * 60]:
+        events = [
+            decision(T0, "us", "eu", True, jti="z", caller=A),
+            decision(T0 + 1, "ap", "eu", True, jti="z", caller=odd),
+        ]
+        assert feed(ConcurrentUse(), events, pol) == [], odd
+
+
+def test_concurrent_use_state_is_bounded() -> None:
+    pol = policy(concurrent_use=CONCURRENT)
+    detector = ConcurrentUse(cap=5)
+    # one credential from 20 places at one cluster: 8 kept, the oldest dropped
+    events = [
+        decision(T0 + i, "us", "eu", True, jti="wide", caller=f"10.1.0.{i}") for i in range(20)
+    ]
+    assert feed(detector, events, pol) == []
+    (kept,) = detector.uses.items.values()
+    assert len(kept) == 8 and [use[1] for use in kept] == [f"10.1.0.{i}" for i in range(12, 20)]
+    # a use from another place at another cluster still meets those kept
+    found = feed(detector, [decision(T0 + 20, "ap", "eu", True, jti="wide", caller=B)], pol, 20)
+    assert len(found) == 1 and found[0].evidence == list(range(12, 21))
+    # credentials are capped, least recently used dropped and counted
+    feed(
+        detector,
+        [decision(T0 + 30 + i, "us", "eu", True, jti=f"c{i}", caller=A) for i in range(9)],
+        pol,
+        21,
+    )
+    assert len(detector.uses) == 5 and detector.dropped()["uses"] == 5
+    state = json.loads(json.dumps(detector.snapshot()))
+    assert state["version"] == 2 and all(len(v) <= 8 for _, v in state["uses"]["items"])
+    too_many = [["us", f"10.2.0.{i}", T0, i] for i in range(9)]
+    restored = ConcurrentUse()
+    restored.restore({**state, "uses": {"items": [["jti:x", too_many]], "dropped": 0}})
+    assert len(restored.uses) == 0 and restored.dropped()["uses"] == 1
+
+
+def test_a_version_1_snapshot_is_taken_back() -> None:
+    """Snapshots from before ``request.source`` kept uses per cluster without an
+    address: those can never make a finding now and are left out; the clock and the
+    keys reported (nothing fires twice within its window) are kept."""
+    pol = policy(concurrent_use=CONCURRENT)
+    old = {
+        "version": 1,
+        "detector": "concurrent_use",
+        "first": T0,
+        "latest": T0 + 10,
+        "fired": {"items": [["jti:j9", T0 + 10]], "dropped": 0},
+        "uses": {"items": [["jti:j9", {"us": [T0 + 5, 1], "ap": [T0 + 10, 2]}]], "dropped": 0},
+    }
+    detector = ConcurrentUse()
+    detector.restore(old)
+    assert detector.first == T0 and detector.latest == T0 + 10 and len(detector.uses) == 0
+    assert len(detector.fired) == 1
+    events = [
+        decision(T0 + 20, "us", "eu", True, jti="j9", caller=A),
+        decision(T0 + 21, "ap", "eu", True, jti="j9", caller=B),  # reported within 60 s
+        decision(T0 + 80, "us", "eu", True, jti="j8", caller=A),
+        decision(T0 + 81, "ap", "eu", True, jti="j8", caller=B),
+    ]
+    assert [f.key for f in feed(detector, events, pol, start=3)] == ["concurrent_use:jti:j8"]
+    assert detector.snapshot()["version"] == 2
+    other = ConcurrentUse()
+    other.restore({**old, "version": 3})
+    assert other.first is None and len(other.fired) == 0
 
 
 # -- bounds, snapshots ------------------------------------------------------------------
@@ -379,13 +508,14 @@ def streams(draw: st.DrawFn) -> list[dict[str, Any]]:
                 st.integers(0, 2),
                 st.integers(0, 1),
                 st.floats(0, 400),
+                st.sampled_from([None, "10.0.0.1", "10.0.0.2"]),
             ),
             max_size=60,
         )
     )
     at = T0
     events = []
-    for kind, a, b, w, gap in steps:
+    for kind, a, b, w, gap, caller in steps:
         at += gap
         origin, target, sa = CLUSTERS[a], CLUSTERS[b], WORKLOADS[w]
         if kind == 0:
@@ -399,7 +529,9 @@ def streams(draw: st.DrawFn) -> list[dict[str, Any]]:
                 )
             )
         elif kind in (1, 2):
-            events.append(decision(at, target, origin, kind == 1, sa=sa, jti=f"j{w}"))
+            events.append(
+                decision(at, target, origin, kind == 1, sa=sa, jti=f"j{w}", caller=caller)
+            )
         elif kind == 3:
             events.append(
                 unauthenticated(at, target, "wrong_audience", digest=f"{a}{b}{w}".ljust(64, "0"))
@@ -508,7 +640,7 @@ def test_warmup_counts_every_entry_the_detector_sees() -> None:
     assert feed(NewEdge(), [early, issued(T0 + 50, "eu", ["us"])], pol) == []
 
 
-def x509_decision(at: float, cluster: str, serial: str) -> dict[str, Any]:
+def x509_decision(at: float, cluster: str, serial: str, caller: str = A) -> dict[str, Any]:
     event = new_event(
         "authz.decision",
         source=agent_source(cluster),
@@ -522,7 +654,13 @@ def x509_decision(at: float, cluster: str, serial: str) -> dict[str, Any]:
             "x509_serial": serial,
             "x509_sha256": "f" * 64,
         },
-        request={"surface": "ext_authz", "method": "GET", "host": "api.test", "path": "/"},
+        request={
+            "surface": "ext_authz",
+            "method": "GET",
+            "host": "api.test",
+            "path": "/",
+            "source": caller,
+        },
         decision={"allowed": True, "reason": "allowed", "policy_revision": 1},
         at=at,
     )
@@ -555,12 +693,13 @@ def test_x509_svids_dormant_and_concurrent() -> None:
         x509_decision(T0 + 10, "us", "0a1b"),
         svid_issued(T0 + 5000, "0c0d"),  # dormant: 4990 s
         x509_decision(T0 + 5010, "us", "0c0d"),
-        x509_decision(T0 + 5020, "ap", "0c0d"),  # the same certificate at another cluster
+        x509_decision(T0 + 5015, "ap", "0c0d"),  # one workload calling two clusters: fine
+        x509_decision(T0 + 5020, "ap", "0c0d", B),  # the same certificate from elsewhere
     ]
     found = observe_all([DormantUse(), ConcurrentUse()], enumerate(events), pol)
     assert [(f.key, f.evidence) for f in found] == [
         (f"dormant_use:{spiffe('eu')}", [1, 2]),
-        ("concurrent_use:x509:0c0d", [3, 4]),
+        ("concurrent_use:x509:0c0d", [3, 5]),
     ]
 
 
@@ -577,6 +716,7 @@ FIELDS = [
     "origin_cluster",
     "jti",
     "x509_serial",
+    "source",
     "token_sha256",
     "audience",
     "host",
@@ -607,6 +747,7 @@ PLAUSIBLE = st.sampled_from(
         "authz.decision",
         "token.exchange_failed",
         "a" * 64,
+        "10.0.0.1",
     ]
 )
 PARTS = st.recursive(

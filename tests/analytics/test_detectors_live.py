@@ -10,11 +10,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from helpers import (
+    DEFAULT_REQUEST,
     TRUST_DOMAIN,
     Agent,
     Federation,
@@ -257,7 +259,8 @@ def test_dormant_and_concurrent_use(
         fed.origin_name, [server.url], tmp_path / "origin", server.credential(fed.origin_name)
     )
     try:
-        # one JWT-SVID for both clusters, used at an agent of each
+        # one JWT-SVID for both clusters, used by its workload (one address) at an agent
+        # of each: legitimate, not concurrent use
         answer = server.exchange(fed.sa_token(), [fed.audience, audience(fed.origin_name)])
         assert answer.status_code == 200, answer.text
         token = answer.json()["access_token"]
@@ -271,19 +274,32 @@ def test_dormant_and_concurrent_use(
         )
         time.sleep(2.5)  # longer than the dormancy window below: the identity rests
         assert target_agent.authorize(token).json()["allowed"] is True
+        # then the same token from another address, at the other cluster: a copy
+        elsewhere = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"))
+        with elsewhere:
+            answer = elsewhere.post(
+                origin_agent.url + "/v1/authorize",
+                json={"token": token, "request": DEFAULT_REQUEST},
+                timeout=10,
+            )
+        assert answer.json()["allowed"] is True, answer.text
         log = logged(
             server,
-            lambda log: log if len(of_type(log, "authz.decision", mine)) == 3 else [],
-            "the third decision in the log",
+            lambda log: log if len(of_type(log, "authz.decision", mine)) == 4 else [],
+            "the fourth decision in the log",
         )
     finally:
         assert origin_agent.stop() == 0
-    decisions = of_type(log, "authz.decision", mine)
+    # in the order they happened (two agents ship on their own: not the log's order)
+    decisions = sorted(of_type(log, "authz.decision", mine), key=lambda e: e["event"]["time"])
+    sources = [d["event"]["request"]["source"] for d in decisions]
+    assert sources == ["127.0.0.1", "127.0.0.1", "127.0.0.1", "127.0.0.2"]
     concurrent = run(ConcurrentUse(), log, concurrent_use=DetectorSettings(window=60, warmup=0))
     ours = [f for f in concurrent if f.subject == {"spiffeId": spiffe_of(fed)}]
-    assert len(ours) == 1
-    assert ours[0].evidence == sorted(e["index"] for e in both)
+    assert len(ours) == 1  # the copy only: the first three came from one place
+    assert ours[0].evidence == sorted([decisions[2]["index"], decisions[3]["index"]])
     assert ours[0].details["clusters"] == sorted([fed.origin_name, fed.target_name])
+    assert ours[0].details["sources"] == ["127.0.0.1", "127.0.0.2"]
 
     dormant = run(
         DormantUse(), log, dormant_use=DetectorSettings(window=60, baseline_window=2, warmup=0)
@@ -291,4 +307,5 @@ def test_dormant_and_concurrent_use(
     ours = [f for f in dormant if f.subject == {"spiffeId": spiffe_of(fed)}]
     assert len(ours) == 1
     rested = max(both, key=lambda e: (e["event"]["time"], e["index"]))  # the last use before
-    assert ours[0].evidence == [rested["index"], decisions[2]["index"]]
+    first_after = min(decisions[2]["index"], decisions[3]["index"])  # the first logged
+    assert ours[0].evidence == [rested["index"], first_after]

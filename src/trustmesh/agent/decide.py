@@ -201,29 +201,41 @@ class Decider:
         )
 
     def decide_now(
-        self, credential: Credential, request: Request, surface: str, span: Span
+        self,
+        credential: Credential,
+        request: Request,
+        surface: str,
+        span: Span,
+        source: str | None = None,
     ) -> Outcome | None:
         """:meth:`decide` without awaiting anything, or None (nothing done, nothing
         recorded) when the token names a key the agent does not know: then call
         :meth:`decide`, which refreshes the key set once and decides."""
         started = time.perf_counter()
-        outcome = self._decide(credential, request, surface, span, self.clock(), refreshed=False)
+        now = self.clock()
+        outcome = self._decide(credential, request, surface, span, now, source, refreshed=False)
         if outcome is not None:
             self.metrics.decision_seconds[surface].observe(time.perf_counter() - started)
         return outcome
 
     async def decide(
-        self, credential: Credential, request: Request, surface: str, span: Span
+        self,
+        credential: Credential,
+        request: Request,
+        surface: str,
+        span: Span,
+        source: str | None = None,
     ) -> Outcome:
         """A bearer token or a forwarded client certificate (None: the caller presented
-        neither) and what it asks for -> the outcome. Raises NotReady before the first
-        verified bundle."""
+        neither) and what it asks for -> the outcome. ``source``: the caller's address,
+        canonical (``common/addresses.py``), recorded as ``request.source``; None for
+        none known. Raises NotReady before the first verified bundle."""
         started = time.perf_counter()
         now = self.clock()
-        outcome = self._decide(credential, request, surface, span, now, refreshed=False)
+        outcome = self._decide(credential, request, surface, span, now, source, refreshed=False)
         if outcome is None:  # an unknown kid: one key-set refresh (rate-limited), one retry
             await self.refresh_keys()
-            outcome = self._decide(credential, request, surface, span, now, refreshed=True)
+            outcome = self._decide(credential, request, surface, span, now, source, refreshed=True)
             assert outcome is not None
         self.metrics.decision_seconds[surface].observe(time.perf_counter() - started)
         return outcome
@@ -235,6 +247,7 @@ class Decider:
         surface: str,
         span: Span,
         now: float,
+        source: str | None,
         *,
         refreshed: bool,
     ) -> Outcome | None:
@@ -243,6 +256,8 @@ class Decider:
         engine = self._engine()
         request = engine.resolve(request)  # as the cluster reads it, also in the audit event
         asked = {"surface": surface, **request.to_json()}
+        if source is not None:
+            asked["source"] = source
         identity: VerifiedIdentity | None = None
         proof: str | VerifiedSvid
         try:

@@ -22,6 +22,9 @@ allows, and no body. Envoy uses only the status and the headers of the answer:
   ``request/canonical.py``, DESIGN §3), a missing or repeated ``Host``;
 * 503 — the agent has no verified policy bundle yet.
 
+The client's address (``request.source`` of the decision's audit event) comes from
+:data:`SOURCE_HEADER`, which the filter adds to every check the same way.
+
 The destination namespace (DESIGN §3) comes from :data:`NAMESPACE_HEADER`. Envoy's
 HTTP ext_authz service does not send ``context_extensions`` (they exist in the gRPC
 ``CheckRequest`` only), so the route carries the namespace as metadata and the filter
@@ -53,6 +56,12 @@ if TYPE_CHECKING:  # annotations only: `trustmesh envoy config` imports this mod
 
 PREFIX = "/ext_authz"
 NAMESPACE_HEADER = "x-trustmesh-namespace"
+SOURCE_HEADER = "x-trustmesh-source"
+"""The address of the client Envoy is checking a request of: Envoy adds it to the check
+(``headers_to_add``, ``%DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT%``: the peer of
+the downstream connection, never read from ``X-Forwarded-For``) after its
+``header_mutation`` removed any the client sent. Recorded as ``request.source`` when it
+is one IP address."""
 SPIFFE_ID_HEADER = "x-trustmesh-spiffe-id"
 DECISION_ID_HEADER = "x-trustmesh-decision-id"
 TRACEPARENT_HEADER = "traceparent"

@@ -33,6 +33,11 @@ What the configuration guarantees, and why:
   per other agent, at an agent not yet tried (``previous_hosts``), and an agent that
   fails twice in a row is left out for a few seconds (outlier detection), so losing
   one agent costs the callers nothing.
+* **The agent knows where a request came from.** The check carries
+  ``x-trustmesh-source``: the address of the downstream connection's peer
+  (``%DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT%``, never taken from
+  ``X-Forwarded-For``), recorded as the decision's ``request.source``; a client's own
+  header of that name was removed first, like every ``x-trustmesh-*``.
 * **Fail closed.** An agent that cannot be reached, or answers 5xx, denies (503);
   with several, only when none of them answers.
 * **One reading of the path.** ``normalize_path``, ``merge_slashes`` and encoded
@@ -51,6 +56,7 @@ from trustmesh.agent.envoy import (
     DECISION_ID_HEADER,
     NAMESPACE_HEADER,
     PREFIX,
+    SOURCE_HEADER,
     SPIFFE_ID_HEADER,
     TRACEPARENT_HEADER,
 )
@@ -218,7 +224,11 @@ def _ext_authz(
                         {
                             "key": NAMESPACE_HEADER,
                             "value": "%METADATA(ROUTE:trustmesh:namespace)%",
-                        }
+                        },
+                        {  # the client's address: the connection's peer, never XFF
+                            "key": SOURCE_HEADER,
+                            "value": "%DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT%",
+                        },
                     ]
                 },
                 "authorization_response": {

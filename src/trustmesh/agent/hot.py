@@ -32,6 +32,7 @@ from trustmesh.agent.decide import AUTHORIZE, EXT_AUTHZ, Credential, Decider, Ou
 from trustmesh.agent.envoy import ExtAuthzOptions
 from trustmesh.agent.xfcc import HEADER as XFCC_HEADER
 from trustmesh.agent.xfcc import XfccHeader
+from trustmesh.common.addresses import caller_address
 from trustmesh.common.errors import (
     InvalidRequest,
     NotReady,
@@ -61,6 +62,7 @@ _AUTHORIZE = re.compile("^/v1/authorize$")
 _EXT_AUTHZ = re.compile("^" + envoy.PREFIX + "/(.*)$")
 _NO_STORE = {"Cache-Control": "no-store"}
 _NAMESPACE = envoy.NAMESPACE_HEADER.encode()
+_SOURCE = envoy.SOURCE_HEADER.encode()
 _XFCC = XFCC_HEADER.encode()
 
 
@@ -185,7 +187,15 @@ def _guarded(request: FastRequest, exc: Exception) -> Answer:
     return _refusal(500, "server_error", "internal error; the server logged the details")
 
 
-Question = tuple[Credential, Request, str | None]  # credential, request, traceparent
+Question = tuple[Credential, Request, str | None, str | None]
+"""The credential, the request, the traceparent and the caller's address."""
+
+
+def ext_authz_source(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The client's address Envoy added to the check (:data:`envoy.SOURCE_HEADER`): one
+    IP address in canonical form, else None (absent, repeated, or not an address)."""
+    values = header_values(headers, _SOURCE)
+    return caller_address(values[0]) if len(values) == 1 else None
 
 
 class HotSurfaces:
@@ -238,7 +248,10 @@ class HotSurfaces:
         try:
             if reads_body and method == "POST" and _acceptable(headers, MAX_AUTHORIZE_BODY):
                 body = await read_body(receive, MAX_AUTHORIZE_BODY)
-            request = FastRequest(method, path, scope.get("raw_path") or b"", headers, body)
+            client = scope.get("client")
+            peer = client[0] if client else None
+            raw_path = scope.get("raw_path") or b""
+            request = FastRequest(method, path, raw_path, headers, body, peer)
             answer = await handler(request)
         except ClientGone:  # nobody reads this answer
             answer = _refusal(400, "invalid_request", "the client left before its body arrived")
@@ -300,7 +313,8 @@ class HotSurfaces:
         if not isinstance(token, str) or not token:
             raise InvalidRequest("body needs a string field token")
         attributes = parse_request(document.get("request"))
-        return token, attributes, header(request.headers, b"traceparent")
+        source = caller_address(request.client)  # the HTTP peer (no forwarding header)
+        return token, attributes, header(request.headers, b"traceparent"), source
 
     def _authorize_now(self, request: FastRequest) -> Answer | None:
         """``{token, request}`` -> the decision (200 whether allowed or denied), 401
@@ -309,20 +323,20 @@ class HotSurfaces:
         question = self._authorize_question(request)
         if isinstance(question, Answer):
             return question
-        token, attributes, traceparent = question
+        token, attributes, traceparent, source = question
         decider = self.decider
         with decider.span(AUTHORIZE, traceparent) as span:
-            outcome = decider.decide_now(token, attributes, AUTHORIZE, span)
+            outcome = decider.decide_now(token, attributes, AUTHORIZE, span, source)
         return None if outcome is None else _authorized(outcome)
 
     async def _authorize_later(self, request: FastRequest) -> Answer:
         question = self._authorize_question(request)
         if isinstance(question, Answer):
             return question
-        token, attributes, traceparent = question
+        token, attributes, traceparent, source = question
         decider = self.decider
         with decider.span(AUTHORIZE, traceparent) as span:
-            outcome = await decider.decide(token, attributes, AUTHORIZE, span)
+            outcome = await decider.decide(token, attributes, AUTHORIZE, span, source)
         return _authorized(outcome)
 
     # -- Envoy ext_authz -------------------------------------------------------------------
@@ -342,7 +356,7 @@ class HotSurfaces:
             lines = tuple(value for key, value in headers if key == _XFCC)
             if lines:
                 credential = XfccHeader(lines)
-        return credential, attributes, header(headers, b"traceparent")
+        return credential, attributes, header(headers, b"traceparent"), ext_authz_source(headers)
 
     def _ext_authz_now(self, request: FastRequest) -> Answer | None:
         """Envoy HTTP ext_authz check (any method, body ignored): 200 allow, 401 no or
@@ -351,11 +365,11 @@ class HotSurfaces:
         question = self._ext_authz_question(request)
         if isinstance(question, Answer):
             return question
-        credential, attributes, traceparent = question
+        credential, attributes, traceparent, source = question
         decider = self.decider
         with decider.span(EXT_AUTHZ, traceparent) as span:
             try:
-                outcome = decider.decide_now(credential, attributes, EXT_AUTHZ, span)
+                outcome = decider.decide_now(credential, attributes, EXT_AUTHZ, span, source)
             except NotReady:
                 return envoy.not_ready()
             if outcome is None:
@@ -366,11 +380,11 @@ class HotSurfaces:
         question = self._ext_authz_question(request)
         if isinstance(question, Answer):
             return question
-        credential, attributes, traceparent = question
+        credential, attributes, traceparent, source = question
         decider = self.decider
         with decider.span(EXT_AUTHZ, traceparent) as span:
             try:
-                outcome = await decider.decide(credential, attributes, EXT_AUTHZ, span)
+                outcome = await decider.decide(credential, attributes, EXT_AUTHZ, span, source)
             except NotReady:
                 return envoy.not_ready()
             return envoy.response(outcome, span.traceparent(), self._claims)

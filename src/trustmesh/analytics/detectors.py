@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from trustmesh.analytics.findings import MAX_EVIDENCE, MAX_KEY, MAX_SUMMARY, Finding
 from trustmesh.analytics.settings import AnomalySettings, DetectorSettings
 from trustmesh.audit.canonical import parse_time
+from trustmesh.common.addresses import caller_address
 from trustmesh.common.errors import CanonicalError
 
 SNAPSHOT_VERSION = 1
@@ -36,7 +37,10 @@ MAX_KEYS = 4096
 buckets and ``MAX_EVIDENCE`` indexes)."""
 MAX_EDGES = 50_000
 """Edges, identities, tokens or credentials a detector remembers (small entries)."""
-MAX_CLUSTERS_PER_CREDENTIAL = 8
+MAX_SOURCES_PER_CREDENTIAL = 8
+"""(cluster, caller address) uses concurrent_use keeps per credential."""
+CONCURRENT_SNAPSHOT_VERSION = 2
+"""concurrent_use's snapshots since its uses carry the caller's address (1 before)."""
 MAX_TEXT = 200
 CLUSTER_AUDIENCE = "/cluster/"
 
@@ -142,9 +146,23 @@ def _issuance(value: Any) -> bool:
     )
 
 
-def _uses(value: Any) -> bool:
-    """cluster -> [time, index]."""
-    return isinstance(value, dict) and all(_use(v) for v in value.values())
+def _sourced_uses(value: Any) -> bool:
+    """[[cluster, source, time, index]…] of one credential, at most
+    MAX_SOURCES_PER_CREDENTIAL."""
+    return (
+        isinstance(value, list)
+        and len(value) <= MAX_SOURCES_PER_CREDENTIAL
+        and all(
+            isinstance(u, list)
+            and len(u) == 4
+            and isinstance(u[0], str)
+            and isinstance(u[1], str)
+            and _number(u[2])
+            and isinstance(u[3], int)
+            and not isinstance(u[3], bool)
+            for u in value
+        )
+    )
 
 
 class BoundedMap:
@@ -231,6 +249,10 @@ class _Base:
     name = ""
     names: tuple[str, ...] = ()
     """The detector names whose settings this class uses (one class may report two)."""
+    version = SNAPSHOT_VERSION
+    """The version its snapshots carry."""
+    compatible: tuple[int, ...] = (SNAPSHOT_VERSION,)
+    """The snapshot versions it takes back (the common part at least)."""
 
     def __init__(self, cap: int = MAX_EDGES) -> None:
         self.first: float | None = None
@@ -307,7 +329,7 @@ class _Base:
 
     def _base_snapshot(self) -> dict[str, Any]:
         return {
-            "version": SNAPSHOT_VERSION,
+            "version": self.version,
             "detector": self.name,
             "first": self.first,
             "latest": self.latest,
@@ -316,8 +338,14 @@ class _Base:
 
     def _base_restore(self, state: Mapping[str, Any]) -> bool:
         """Take back the common part; False (and a fresh state) when ``state`` is not
-        a snapshot of this detector at this version."""
-        if state.get("version") != SNAPSHOT_VERSION or state.get("detector") != self.name:
+        a snapshot of this detector at a version it takes back."""
+        version = state.get("version")
+        if (
+            not isinstance(version, int)
+            or isinstance(version, bool)
+            or version not in self.compatible
+            or state.get("detector") != self.name
+        ):
             self.first = self.latest = None
             self.fired.restore(None)
             return False
@@ -831,15 +859,26 @@ class DormantUse(_Base):
 
 
 class ConcurrentUse(_Base):
-    """One credential — a JWT-SVID's ``jti``, an X.509-SVID's serial — in decisions of
-    agents of two different clusters within ``window``."""
+    """One credential — a JWT-SVID's ``jti``, an X.509-SVID's serial — presented from two
+    different places at once: in decisions of agents of two different clusters within
+    ``window``, each with a caller address (``request.source``), and the addresses
+    differ. A credential is bound to the one workload instance it was issued to: the
+    same credential from one address at two clusters (a token with several audiences,
+    one workload's X.509-SVID calling two clusters) is that workload, and a decision
+    without an address (a Kubernetes webhook, an agent older than ``request.source``)
+    says nothing about where the credential is.
+
+    Per credential it keeps the latest use of each (cluster, source) seen, at most
+    :data:`MAX_SOURCES_PER_CREDENTIAL`, the oldest dropped first."""
 
     name = "concurrent_use"
     names = ("concurrent_use",)
+    version = CONCURRENT_SNAPSHOT_VERSION
+    compatible = (SNAPSHOT_VERSION, CONCURRENT_SNAPSHOT_VERSION)
 
     def __init__(self, cap: int = MAX_EDGES) -> None:
         super().__init__(cap)
-        self.uses = BoundedMap(cap, _uses)
+        self.uses = BoundedMap(cap, _sourced_uses)
 
     def _seen(
         self, index: int, event: Mapping[str, Any], settings: DetectorSettings, t: float
@@ -848,27 +887,27 @@ class ConcurrentUse(_Base):
             return []
         identity = _part(event, "identity")
         cluster = _text(event.get("cluster"))
+        # an agent writes it canonical; read again, so nothing else lands in a finding
+        source = caller_address(_part(event, "request").get("source"))
         jti, serial = _text(identity.get("jti")), _text(identity.get("x509_serial"))
-        if cluster is None or (jti is None and serial is None):
+        if cluster is None or source is None or (jti is None and serial is None):
             return []
         credential = f"jti:{jti}" if jti is not None else f"x509:{serial}"
         seen = self.uses.get(credential)
-        clusters: dict[str, Any] = dict(seen) if isinstance(seen, dict) else {}
-        others = sorted(
-            (c, use)
-            for c, use in clusters.items()
-            if c != cluster and isinstance(use, list) and abs(t - use[0]) <= settings.window
-        )
-        clusters[cluster] = [t, index]
-        if len(clusters) > MAX_CLUSTERS_PER_CREDENTIAL:
-            oldest = min(clusters, key=lambda c: clusters[c][0])
-            del clusters[oldest]
-        self.uses.put(credential, clusters)
+        uses: list[list[Any]] = list(seen) if isinstance(seen, list) else []
+        others = [
+            use
+            for use in uses
+            if use[0] != cluster and use[1] != source and abs(t - use[2]) <= settings.window
+        ]
+        self.uses.put(credential, _with_use(uses, [cluster, source, t, index]))
         if not others or not self._warm(t, settings):
             return []
         if not self._may_fire(credential, t, settings):
             return []
-        where = sorted({cluster, *(c for c, _ in others)})
+        both = sorted([[cluster, source, t, index], *others], key=lambda use: use[3])
+        where = sorted({str(use[0]) for use in both})
+        sources = sorted({str(use[1]) for use in both})
         spiffe_id = _text(identity.get("spiffe_id"))
         return [
             self._finding(
@@ -876,12 +915,21 @@ class ConcurrentUse(_Base):
                 credential,
                 {"spiffeId": spiffe_id} if spiffe_id else {"cluster": cluster},
                 f"credential {printable(credential, 80)} of {spiffe_id or 'an unknown identity'} "
-                f"used at agents of {', '.join(where)} within {settings.window:g} s",
-                [index, *(int(use[1]) for _, use in others)],
+                f"presented from {', '.join(sources)} at agents of "
+                f"{', '.join(printable(c, 80) for c in where)} within {settings.window:g} s",
+                [int(use[3]) for use in both],
                 "high",
                 t,
-                min(float(use[0]) for _, use in others),
-                {"clusters": where, "credential": credential},
+                min(float(use[2]) for use in both),
+                {
+                    "credential": credential,
+                    "clusters": [printable(c, 100) for c in where],
+                    "sources": sources,
+                    "uses": [
+                        {"cluster": printable(use[0], 100), "source": use[1], "index": use[3]}
+                        for use in both
+                    ],
+                },
             )
         ]
 
@@ -889,11 +937,27 @@ class ConcurrentUse(_Base):
         return {**self._base_snapshot(), "uses": self.uses.snapshot()}
 
     def restore(self, state: Mapping[str, Any]) -> None:
+        """A snapshot of version 1 (uses without a source, which can never make a
+        finding now) keeps its clock and the keys it reported; its uses are left out."""
         known = self._base_restore(state)
-        self.uses.restore(state.get("uses") if known else None)
+        current = known and state.get("version") == self.version
+        self.uses.restore(state.get("uses") if current else None)
 
     def dropped(self) -> dict[str, int]:
         return {**super().dropped(), "uses": self.uses.dropped}
+
+
+def _with_use(uses: list[list[Any]], use: list[Any]) -> list[list[Any]]:
+    """``uses`` with ``use`` as the latest of its (cluster, source) — a late entry older
+    than the one held leaves it — at most MAX_SOURCES_PER_CREDENTIAL, the oldest
+    dropped first."""
+    place = (use[0], use[1])
+    held = next((u for u in uses if (u[0], u[1]) == place), None)
+    kept = [u for u in uses if (u[0], u[1]) != place]
+    kept.append(use if held is None or use[2] >= held[2] else held)
+    while len(kept) > MAX_SOURCES_PER_CREDENTIAL:
+        kept.remove(min(kept, key=lambda u: u[2]))
+    return kept
 
 
 # -- all of them -----------------------------------------------------------------------

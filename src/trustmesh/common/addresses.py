@@ -48,3 +48,26 @@ def url_for(host: str, port: int, scheme: str = "http") -> str:
     if host in ("0.0.0.0", "::"):
         shown = "127.0.0.1"
     return f"{scheme}://{shown}:{port}"
+
+
+MAX_ADDRESS_TEXT = 45
+"""The longest text form of an IP address (IPv6 with an IPv4 tail)."""
+
+
+def caller_address(value: object) -> str | None:
+    """An IP address in its canonical text form (``ipaddress``: IPv6 compressed and
+    lowercase, an IPv4-mapped IPv6 address as the IPv4 address), or None for anything
+    else — not a string, longer than :data:`MAX_ADDRESS_TEXT`, a host name, an address
+    with a port or an IPv6 zone (``%eth0``: text the sender chose). What a caller sent
+    never passes through: only what ``ipaddress`` prints."""
+    if not isinstance(value, str) or not value or len(value) > MAX_ADDRESS_TEXT:
+        return None
+    if "%" in value:
+        return None
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)

@@ -195,13 +195,15 @@ log = logging.getLogger("trustmesh.http")
 class FastRequest:
     """A request a fast path answers: the method, the path percent-decoded (as ASGI's
     ``scope["path"]``) and as it was sent, the header fields (names lowercase, in
-    order), and the body (None: the route answers without reading it)."""
+    order), the body (None: the route answers without reading it), and the peer's
+    address as the connection gives it (None: not an IP connection)."""
 
     method: str
     path: str
     raw_path: bytes
     headers: list[tuple[bytes, bytes]]
     body: bytes | None
+    client: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -488,7 +490,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _answer_fast(self, cycle: _FastCycle, body: bytes | None) -> None:
         cycle.response_started = True
-        request = FastRequest(cycle.method, cycle.path, cycle.raw_path, cycle.headers, body)
+        peer = self.client[0] if self.client else None
+        request = FastRequest(cycle.method, cycle.path, cycle.raw_path, cycle.headers, body, peer)
         try:
             answer = cycle.route.handler(request)
         except Exception:
