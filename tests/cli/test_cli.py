@@ -275,6 +275,7 @@ def test_configuration_errors(tmp_path: Path, cli_env: dict[str, str]) -> None:
         ["token", "exchange"],
         ["bench", "exchange"],
         ["bench", "verify"],
+        ["bench", "analytics"],
         ["sim", "cluster"],
         ["backup"],
         ["restore"],
@@ -292,6 +293,7 @@ def test_every_command_has_help(command: list[str]) -> None:
         (["revoke", "--bogus"], "No such option: --bogus"),
         (["get", "nothing"], "No such command 'nothing'"),
         (["bench", "rotation", "--ttl", "5"], "Invalid value for '--ttl'"),
+        (["bench", "analytics", "--events", "10"], "Invalid value for '--events'"),
         (["audit", "query", "--limit", "many"], "Invalid value for '--limit'"),
     ],
 )
