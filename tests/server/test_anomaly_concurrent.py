@@ -14,12 +14,21 @@ a finding in by hand."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-from test_anomaly_escalation import TOKEN, anomalies, entry, receivers  # noqa: F401 (fixture)
-from test_push import Receivers, receiver_yaml, wait_for
+import pytest
+from anomaly_support import (
+    TOKEN,
+    Receivers,
+    anomalies,
+    entry,
+    receiver_yaml,
+    running_receivers,
+    wait_for,
+)
 
 from helpers import (
     DEFAULT_REQUEST,
@@ -32,6 +41,13 @@ from helpers import (
     start_server,
 )
 from trustmesh.sim import SimulatedCluster
+
+
+@pytest.fixture
+def receivers() -> Iterator[Receivers]:
+    with running_receivers() as seen:
+        yield seen
+
 
 POLICY = """apiVersion: trustmesh.io/v1alpha1
 kind: AnomalyPolicy
@@ -68,7 +84,7 @@ def decisions_of(server: Server, jti: str) -> list[dict[str, Any]]:
 def test_one_token_from_two_places_at_two_clusters_is_reported_and_from_one_is_not(
     tmp_path: Path,
     sim_cluster: SimulatedCluster,
-    receivers: Receivers,  # noqa: F811
+    receivers: Receivers,
 ) -> None:
     server = start_server(tmp_path / "cp")
     agents: list[Agent] = []

@@ -10,7 +10,8 @@ loops running on an event loop in a thread of the bench process) sequences agent
 of 1000 from 8 spools taking turns). Two arms, the same workload and process:
 
 * ``off``: the analytics runner's loop never wakes (its interval 10⁹ s);
-* ``on``: the runner as the server runs it (``ANALYTICS_INTERVAL``, a round a second,
+* ``on``: the runner as the server runs it (``ANALYTICS_INTERVAL``, a round a second, at
+  once after a round that read a full batch,
   in a worker thread of the same process: the lease, reading the new entries, every
   detector, the commit of findings and state).
 
