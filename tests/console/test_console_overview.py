@@ -8,9 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+from console_support import DOCS, Console
 from playwright.sync_api import Page, expect
 
-from conftest import DOCS, Console
 from helpers import cluster_yaml, start_agent, unique
 
 ROLE = """apiVersion: trustmesh.io/v1alpha1

@@ -14,8 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+from console_support import Console
 
-from conftest import Console
 from helpers import cluster_yaml, start_server, unique
 from tls_support import make_tls
 from trustmesh.server.credentials import PERSON, CredentialStore

@@ -4,9 +4,8 @@ which the session is gone on the server too)."""
 
 from __future__ import annotations
 
+from console_support import DOCS, PHONE, Console, open_page, problems
 from playwright.sync_api import Page, expect
-
-from conftest import DOCS, PHONE, Console, open_page, problems
 
 PAGES = {
     "overview": "Overview",
