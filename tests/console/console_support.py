@@ -101,14 +101,19 @@ def open_page(browser: Browser, viewport: dict[str, int] = DESKTOP) -> Page:
     return page
 
 
+# API refusals a page shows on purpose (a signed-out page's first look at its session,
+# an auditor refused a change): Chromium logs each as a failed resource load.
+REFUSALS = (401, 403)
+
+
 def problems(page: Page) -> list[str]:
-    """Script errors and CSP violations the page reported (a 401 of a signed-out
-    page's first look at its session is expected, not a problem)."""
+    """Script errors, CSP violations and failed loads the page reported, but for the
+    API refusals of ``REFUSALS``."""
     messages: list[str] = page.console_messages  # type: ignore[attr-defined]
     return [
         m
         for m in messages
         if "Content Security Policy" in m
         or m.startswith("pageerror")
-        or (m.startswith("error") and "status of 401" not in m)
+        or (m.startswith("error") and not any(f"status of {c}" in m for c in REFUSALS))
     ]
