@@ -71,7 +71,13 @@ def _starlette_app(plane: ControlPlane) -> Starlette:
         *x509.routes(plane, callers),
         *federation.routes(plane, callers),
         *receivers.routes(plane, callers),
-        *audit.routes(plane.audit, callers, lambda: plane.snapshots.stopping, plane.audit_accepted),
+        *audit.routes(
+            plane.audit,
+            callers,
+            lambda: plane.snapshots.stopping,
+            plane.audit_accepted,
+            clock=plane.clock,
+        ),
     ]
     handlers = {**EXCEPTION_HANDLERS, OperationalError: _database_unavailable}
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
