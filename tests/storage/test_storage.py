@@ -114,16 +114,23 @@ def _undo_migration_11(conn: Connection) -> None:
 
 
 def _undo_migration_18(conn: Connection) -> None:
-    """The database as version 16 left it: the audit entries' one-column indexes."""
+    """The database as version 17 left it: the audit entries' one-column indexes."""
     for column in ("type", "time", "subject", "cluster"):
         conn.execute(text(f"DROP INDEX ix_audit_entries_{column}_idx"))
         conn.execute(text(f"CREATE INDEX ix_audit_entries_{column} ON audit_entries ({column})"))
     conn.execute(delete(schema_migrations).where(schema_migrations.c.version == 18))
 
 
+def _undo_migration_17(conn: Connection) -> None:
+    """The database as version 16 left it: no console sessions."""
+    _undo_migration_18(conn)
+    conn.execute(text("DROP TABLE console_sessions"))
+    conn.execute(delete(schema_migrations).where(schema_migrations.c.version == 17))
+
+
 def _undo_migration_16(conn: Connection) -> None:
     """The database as version 15 left it: no analytics state or anomalies."""
-    _undo_migration_18(conn)
+    _undo_migration_17(conn)
     for table in ("anomalies", "analytics_state"):
         conn.execute(text(f"DROP TABLE {table}"))
     conn.execute(delete(schema_migrations).where(schema_migrations.c.version == 16))
@@ -357,6 +364,34 @@ def test_migration_13_adds_access_requests_to_a_version_12_database(
                     ).rowcount
                 )
         assert recorded == [1, 0]
+        assert migrate(db.engine) == LATEST  # and again: nothing to do
+    finally:
+        db.dispose()
+
+
+def test_migration_17_adds_console_sessions(db_url: str | None, tmp_path: Path) -> None:
+    """A version 16 database gets the console's sessions table, empty, and a session id's
+    hash is its key (one row per session)."""
+    from sqlalchemy import func, select
+    from sqlalchemy.exc import IntegrityError
+
+    from trustmesh.storage.schema import console_sessions
+
+    db = open_database(db_url, tmp_path)
+    try:
+        with db.engine.begin() as conn:
+            _undo_migration_17(conn)
+        assert current_version(db.engine) == 16
+        assert migrate(db.engine) == LATEST
+        row = dict(
+            id_sha256="a" * 64, credential_id="c1", credential_sha256="b" * 64,
+            person="alice", csrf="x", created_at=1.0, last_seen=1.0, expires_at=2.0,
+        )  # fmt: skip
+        with db.engine.begin() as conn:
+            assert conn.execute(select(func.count()).select_from(console_sessions)).scalar() == 0
+            conn.execute(console_sessions.insert().values(**row))
+        with pytest.raises(IntegrityError), db.engine.begin() as conn:
+            conn.execute(console_sessions.insert().values(**row))
         assert migrate(db.engine) == LATEST  # and again: nothing to do
     finally:
         db.dispose()
@@ -599,7 +634,7 @@ def test_migration_14_adds_the_push_outbox_to_a_version_13_database(
 def test_migration_18_indexes_the_audit_filters_with_the_entry_index(
     db_url: str | None, tmp_path: Path
 ) -> None:
-    """A version 16 database's one-column audit indexes become (column, idx) indexes, and
+    """A version 17 database's one-column audit indexes become (column, idx) indexes, and
     a filtered page in log order reads one index range (SQLite's plan: no sort)."""
     db = open_database(db_url, tmp_path)
     try:

@@ -190,6 +190,10 @@ def _v16_analytics(conn: Connection) -> None:
     )
 
 
+def _v17_console_sessions(conn: Connection) -> None:
+    schema.console_sessions.create(conn, checkfirst=True)
+
+
 def _v18_audit_query_indexes(conn: Connection) -> None:
     """The audit log's filter columns indexed together with the entry's index, so that a
     filtered page in log order (the console's audit explorer, ``audit query``) reads one
@@ -234,6 +238,7 @@ MIGRATIONS: list[Migration] = [
     (14, "push delivery of anomaly findings (RFC 8935): the outbox", _v14_anomaly_deliveries),
     (15, "metrics: when each revocation was recorded, unrounded", _v15_revocation_publish_time),
     (16, "security analytics: runner state and findings", _v16_analytics),
+    (17, "console sessions: signed-in people's browsers", _v17_console_sessions),
     (18, "audit entries: filter columns indexed with the entry index", _v18_audit_query_indexes),
 ]
 
