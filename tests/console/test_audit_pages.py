@@ -159,7 +159,7 @@ def apply_filters(page: Page, **values: str) -> None:
 def open_audit(page: Page, traffic: Traffic) -> None:
     traffic.console.sign_in(page, "auditor")
     page.goto(traffic.console.url + "#/audit")
-    expect(page.get_by_role("heading", name="Audit explorer")).to_be_visible()
+    expect(page.get_by_role("heading", name="Audit", exact=True)).to_be_visible()
     expect(page.locator("#audit-results tbody tr").first).to_be_visible()
 
 
@@ -297,7 +297,7 @@ def test_trace_verification_and_a_tampered_record(traffic: Traffic, page: Page) 
     assert altered["event"]["decision"]["allowed"] is False  # served as stored: no cache
 
     page.reload()
-    expect(page.get_by_role("heading", name="Audit explorer")).to_be_visible()
+    expect(page.get_by_role("heading", name="Audit", exact=True)).to_be_visible()
     apply_filters(page, type="authz.decision", identity=traffic.web)
     page.get_by_role("button", name=f"Open entry {decision['index']}").click()
     expect(page.locator("#audit-event")).to_contain_text('"allowed": false')
@@ -318,3 +318,47 @@ def tamper(database: Path, index: int) -> None:
         assert '"allowed":true' in leaf
         changed = leaf.replace('"allowed":true', '"allowed":false', 1)
         conn.execute("UPDATE audit_entries SET leaf = ? WHERE idx = ?", (changed, index))
+
+
+def test_each_altered_input_fails_its_own_step(traffic: Traffic, page: Page) -> None:
+    """The page's verifier over the log's real key, checkpoint, entry and proof, each
+    altered in turn: the check fails at the step that reads it, and only there."""
+    traffic.console.sign_in(page, "auditor")
+    with traffic.console.client("auditor") as client:
+        vkey = client.get("/v1/audit/key").text.strip()
+        note = client.get("/v1/audit/checkpoint").text
+        size = int(note.split("\n")[1])
+        entry = client.get("/v1/audit/entries", params={"start": 0, "end": 1}).json()["entries"][0]
+        proof = client.get("/v1/audit/proof/inclusion", params={"index": 0, "size": size}).json()
+    name, key_hash, material = vkey.split("+", 2)
+    root = note.split("\n")[2]
+    other_root = ("A" if root[0] != "A" else "B") + root[1:]
+    flipped = ("A" if proof["hashes"][0][0] != "A" else "B") + proof["hashes"][0][1:]
+    cases = {
+        "none": {},
+        "key": {"vkey": f"{name}+{'0' * 8 if key_hash != '0' * 8 else '1' * 8}+{material}"},
+        "signature": {"note": note.replace(f"\n{root}\n", f"\n{other_root}\n", 1)},
+        "event": {"shown": {**entry["event"], "type": "policy.published"}},
+        "path": {"proof": {**proof, "tree_size": size + 1}},
+        "root": {"proof": {**proof, "hashes": [flipped, *proof["hashes"][1:]]}},
+    }
+    found = page.evaluate(
+        """async ([base, cases]) => {
+          const verify = await import("/console/js/verify.js");
+          const out = {};
+          for (const [name, change] of Object.entries(cases)) {
+            const outcome = await verify.verifyEntry({ ...base, shown: base.entry.event, ...change });
+            out[name] = outcome.failed;
+          }
+          return out;
+        }""",
+        [{"vkey": vkey, "note": note, "entry": entry, "proof": proof}, cases],
+    )
+    assert found == {
+        "none": None,
+        "key": "key",
+        "signature": "signature",
+        "event": "event",
+        "path": "path",
+        "root": "root",
+    }

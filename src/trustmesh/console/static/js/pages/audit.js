@@ -232,7 +232,7 @@ export async function render(root, ctx) {
   }
 
   root.replaceChildren(
-    h("h1", {}, "Audit explorer"),
+    h("h1", {}, "Audit"),
     h("p", { class: "audit-intro" }, "The log's entries, newest first. Open one to verify its inclusion proof and the signed checkpoint in this browser, as an outside auditor would, or to follow its trace."),
     form,
     status,
