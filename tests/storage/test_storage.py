@@ -113,8 +113,17 @@ def _undo_migration_11(conn: Connection) -> None:
     conn.execute(delete(schema_migrations).where(schema_migrations.c.version == 11))
 
 
+def _undo_migration_18(conn: Connection) -> None:
+    """The database as version 17 left it: the audit entries' one-column indexes."""
+    for column in ("type", "time", "subject", "cluster"):
+        conn.execute(text(f"DROP INDEX ix_audit_entries_{column}_idx"))
+        conn.execute(text(f"CREATE INDEX ix_audit_entries_{column} ON audit_entries ({column})"))
+    conn.execute(delete(schema_migrations).where(schema_migrations.c.version == 18))
+
+
 def _undo_migration_17(conn: Connection) -> None:
     """The database as version 16 left it: no console sessions."""
+    _undo_migration_18(conn)
     conn.execute(text("DROP TABLE console_sessions"))
     conn.execute(delete(schema_migrations).where(schema_migrations.c.version == 17))
 
@@ -373,7 +382,7 @@ def test_migration_17_adds_console_sessions(db_url: str | None, tmp_path: Path) 
         with db.engine.begin() as conn:
             _undo_migration_17(conn)
         assert current_version(db.engine) == 16
-        assert migrate(db.engine) == LATEST == 17
+        assert migrate(db.engine) == LATEST
         row = dict(
             id_sha256="a" * 64, credential_id="c1", credential_sha256="b" * 64,
             person="alice", csrf="x", created_at=1.0, last_seen=1.0, expires_at=2.0,
@@ -618,5 +627,37 @@ def test_migration_14_adds_the_push_outbox_to_a_version_13_database(
             conn.execute(update(anomaly_deliveries).values(state="delivered", finished_at=200.0))
         assert prune(db, 200.0 + RETENTION) == 0  # kept 30 days as history
         assert prune(db, 201.0 + RETENTION) == 1
+    finally:
+        db.dispose()
+
+
+def test_migration_18_indexes_the_audit_filters_with_the_entry_index(
+    db_url: str | None, tmp_path: Path
+) -> None:
+    """A version 17 database's one-column audit indexes become (column, idx) indexes, and
+    a filtered page in log order reads one index range (SQLite's plan: no sort)."""
+    db = open_database(db_url, tmp_path)
+    try:
+        with db.engine.begin() as conn:
+            _undo_migration_18(conn)
+        names = {i["name"] for i in inspect(db.engine).get_indexes("audit_entries")}
+        assert "ix_audit_entries_type" in names and "ix_audit_entries_type_idx" not in names
+        assert migrate(db.engine) == LATEST
+        indexes = {
+            i["name"]: i["column_names"] for i in inspect(db.engine).get_indexes("audit_entries")
+        }
+        for column in ("type", "time", "subject", "cluster"):
+            assert f"ix_audit_entries_{column}" not in indexes
+            assert indexes[f"ix_audit_entries_{column}_idx"] == [column, "idx"]
+        if db.dialect == "sqlite":
+            with db.engine.connect() as conn:
+                plan = " ".join(
+                    str(row[3])
+                    for row in conn.exec_driver_sql(
+                        "EXPLAIN QUERY PLAN SELECT idx FROM audit_entries "
+                        "WHERE type = 'authz.decision' AND idx < 100 ORDER BY idx DESC LIMIT 51"
+                    )
+                )
+            assert "ix_audit_entries_type_idx" in plan and "TEMP B-TREE" not in plan
     finally:
         db.dispose()

@@ -13,7 +13,8 @@ window, for the security team.
   observed decision. Each carries the log indexes of sample entries as evidence
   (``trustmesh audit proof`` proves them).
 * **Decisions**: allowed and denied over time, denials by cluster, the cross-cluster call
-  graph (the caller's origin cluster → the deciding agent's cluster).
+  graph (the caller's origin cluster → the deciding agent's cluster; ``analytics/callgraph.py``,
+  which the console's graph page draws whole).
 * **Audit completeness**: the agents' sources (last seen, next sequence number, gaps),
   gaps detected in the window, refusals folded over quota and counted as dropped
   (``audit.refusals_folded``), the last checkpoint's age and how far the tree is past it.
@@ -39,6 +40,7 @@ from typing import Any
 import orjson
 from sqlalchemy import and_, func, select
 
+from trustmesh.analytics.callgraph import CallGraph
 from trustmesh.audit import events as ev
 from trustmesh.common.errors import InvalidRequest, PolicyError
 from trustmesh.manifests import API_VERSION
@@ -378,7 +380,7 @@ class _Aggregate:
     denied: int = 0
     buckets: list[list[int]] = field(default_factory=lambda: [[0, 0] for _ in range(BUCKETS)])
     denied_by_cluster: Counter[str] = field(default_factory=Counter)
-    edges: Counter[tuple[str, str]] = field(default_factory=Counter)
+    graph: CallGraph = field(default_factory=lambda: CallGraph(max_edges=MAX_LIST))
     usage: dict[str, _Usage] = field(default_factory=dict)
     requested: dict[str, float] = field(default_factory=dict)
     fulfilment: list[float] = field(default_factory=list)
@@ -431,11 +433,7 @@ class _Aggregate:
         at = _epoch(event["time"])
         bucket = min(BUCKETS - 1, int((at - self.start) / (self.end - self.start) * BUCKETS))
         self.buckets[max(0, bucket)][0 if allowed else 1] += 1
-        origin = (event.get("identity") or {}).get("origin_cluster")
-        if origin and origin != cluster:
-            edge = (str(origin), cluster)
-            if edge in self.edges or len(self.edges) < MAX_LIST:
-                self.edges[edge] += 1
+        self.graph.add(event)
         if not allowed:
             self.denied += 1
             self.denied_by_cluster[cluster] += 1
@@ -701,9 +699,7 @@ def build_report(
                 for i, (a, d) in enumerate(agg.buckets)
             ],
             "deniedByCluster": dict(agg.denied_by_cluster.most_common(MAX_LIST)),
-            "crossCluster": [
-                {"from": a, "to": b, "count": n} for (a, b), n in agg.edges.most_common(MAX_LIST)
-            ],
+            "crossCluster": agg.graph.cross_cluster(MAX_LIST),
         },
         "completeness": _completeness(db, agg, now),
         "access": {

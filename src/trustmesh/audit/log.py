@@ -649,12 +649,24 @@ class AuditLog:
         return [entry_json(int(r.idx), r.leaf) for r in rows]
 
     def query(
-        self, filters: Mapping[str, str], after: int = -1, limit: int = 100
+        self,
+        filters: Mapping[str, str],
+        after: int = -1,
+        limit: int = 100,
+        *,
+        descending: bool = False,
     ) -> tuple[list[dict[str, Any]], int | None]:
         """Entries matching every filter (column -> value; ``since``/``until`` compare
-        times), in log order after index ``after``; returns them and the next cursor."""
+        times), in log order after index ``after`` (``descending``: newest first, below
+        ``after``; -1 there means from the end); returns them and the next cursor.
+
+        The page's indexes are chosen first from the indexes alone (every filter column
+        is indexed with ``idx``, migration 18): an equality filter reads one range of its
+        index in order and stops at the page's end; a time range is sorted by ``idx``
+        inside the index (covering, no table reads). Only the page's rows are read."""
         limit = max(1, min(limit, MAX_PAGE))
-        clauses = [audit_entries.c.idx > after]
+        idx = audit_entries.c.idx
+        clauses = [idx < after if descending and after >= 0 else idx > after]
         for name, value in filters.items():
             if name == "since":
                 clauses.append(audit_entries.c.time >= value)
@@ -662,12 +674,11 @@ class AuditLog:
                 clauses.append(audit_entries.c.time < value)
             else:
                 clauses.append(audit_entries.c[name] == value)
+        order = idx.desc() if descending else idx
+        page = select(idx).where(and_(*clauses)).order_by(order).limit(limit + 1)
         with self.db.engine.connect() as conn:
             rows = conn.execute(
-                select(audit_entries.c.idx, audit_entries.c.leaf)
-                .where(and_(*clauses))
-                .order_by(audit_entries.c.idx)
-                .limit(limit + 1)
+                select(idx, audit_entries.c.leaf).where(idx.in_(page)).order_by(order)
             ).all()
         found = [entry_json(int(r.idx), r.leaf) for r in rows[:limit]]
         return found, (found[-1]["index"] if len(rows) > limit else None)

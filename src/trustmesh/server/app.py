@@ -73,7 +73,13 @@ def _starlette_app(plane: ControlPlane) -> Starlette:
         *federation.routes(plane, callers),
         *receivers.routes(plane, callers),
         *console.routes(plane, callers),
-        *audit.routes(plane.audit, callers, lambda: plane.snapshots.stopping, plane.audit_accepted),
+        *audit.routes(
+            plane.audit,
+            callers,
+            lambda: plane.snapshots.stopping,
+            plane.audit_accepted,
+            clock=plane.clock,
+        ),
     ]
     handlers = {**EXCEPTION_HANDLERS, OperationalError: _database_unavailable}
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)

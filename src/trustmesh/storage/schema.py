@@ -340,12 +340,18 @@ audit_entries = Table(
     Column("sequenced_at", Float, nullable=False),
     UniqueConstraint("source", "seq", name="uq_audit_entries_source_seq"),
     UniqueConstraint("event_id", name="uq_audit_entries_event_id"),
-    Index("ix_audit_entries_type", "type"),
-    Index("ix_audit_entries_time", "time"),
-    Index("ix_audit_entries_subject", "subject"),
+    # Each filter column with the index after it (migration 18): a filtered page in log
+    # order is one range of the index, read in order and cut at the page's end, and a
+    # time range is sorted by index from the index alone (``AuditLog.query``).
+    Index("ix_audit_entries_type_idx", "type", "idx"),
+    Index("ix_audit_entries_time_idx", "time", "idx"),
+    Index("ix_audit_entries_subject_idx", "subject", "idx"),
     Index("ix_audit_entries_trace_id", "trace_id"),
-    Index("ix_audit_entries_cluster", "cluster"),
+    Index("ix_audit_entries_cluster_idx", "cluster", "idx"),
 )
+
+AUDIT_ENTRIES_V5_INDEXES = ("type", "time", "subject", "cluster")
+"""The columns that had a one-column index ``ix_audit_entries_<column>`` before version 18."""
 
 # Signed checkpoints (C2SP tlog-checkpoint as a signed note), one per tree size signed.
 audit_checkpoints = Table(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -13,8 +14,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from trustmesh.analytics.callgraph import DEFAULT_LIMIT, MAX_LIMIT, call_graph
+from trustmesh.analytics.report import window
+from trustmesh.audit import events as ev
 from trustmesh.audit.canonical import parse_time
 from trustmesh.audit.log import MAX_PAGE, AuditLog, agent_records
+from trustmesh.common.clock import Clock, system_clock
 from trustmesh.common.errors import CanonicalError, InvalidRequest, Unavailable
 from trustmesh.common.http import NO_STORE, read_body, require_content_type
 from trustmesh.common.numbers import require_decimal
@@ -46,6 +51,7 @@ QUERY_FILTERS = {
     "decision": "decision",
     "source": "source",
 }
+QUERY_PAGING = {"since", "until", "after", "limit", "order"}
 
 
 def routes(
@@ -53,6 +59,8 @@ def routes(
     callers: Callers,
     stopping: Callable[[], bool],
     decided: Callable[[Iterable[Mapping[str, Any]]], None] = lambda events: None,
+    *,
+    clock: Clock = system_clock,
 ) -> list[Route]:
     """``decided``: told the events of every batch the log accepted (the last-use record
     of identities, ``server/usage.py``)."""
@@ -136,17 +144,38 @@ def routes(
                 except CanonicalError as exc:
                     raise InvalidRequest(f"{bound}: {exc}") from None
                 filters[bound] = value
-        unknown = sorted(set(params) - set(QUERY_FILTERS) - {"since", "until", "after", "limit"})
+        unknown = sorted(set(params) - set(QUERY_FILTERS) - QUERY_PAGING)
         if unknown:
-            raise InvalidRequest(f"unknown query parameter {unknown[0]!r}")
+            raise InvalidRequest(f"unknown query parameter {unknown[0][:64]!r}")
+        order = params.get("order") or "asc"
+        if order not in ("asc", "desc"):
+            raise InvalidRequest("order must be asc or desc")
         after = params.get("after")
         found, cursor = await run_in_threadpool(
-            audit.query,
+            partial(audit.query, descending=order == "desc"),
             filters,
             -1 if not after else _int(request, "after"),
             _int(request, "limit", 100),
         )
         return JSONResponse({"entries": found, "next": cursor}, headers=NO_STORE)
+
+    async def graph(request: Request) -> Response:
+        """Who calls whom in a window (``analytics/callgraph.py``): ``since``/``until`` as
+        ``trustmesh report`` takes them (RFC 3339 or a time ago; the last 7 days), the
+        newest ``limit`` decisions of it."""
+        await callers.read(request)
+        params = request.query_params
+        unknown = sorted(set(params) - {"since", "until", "limit"})
+        if unknown:
+            raise InvalidRequest(f"unknown query parameter {unknown[0][:64]!r}")
+        start, end = window(params.get("since") or None, params.get("until") or None, clock())
+        limit = _int(request, "limit", DEFAULT_LIMIT)
+        if not 1 <= limit <= MAX_LIMIT:
+            raise InvalidRequest(f"limit must be 1 to {MAX_LIMIT}")
+        found = await run_in_threadpool(
+            call_graph, audit.db, ev.now_time(start), ev.now_time(end), limit
+        )
+        return JSONResponse(found, headers=NO_STORE)
 
     async def sources(request: Request) -> Response:
         await callers.read(request)
@@ -163,4 +192,5 @@ def routes(
         Route("/v1/audit/entries", entries, methods=["GET"]),
         Route("/v1/audit/query", query, methods=["GET"]),
         Route("/v1/audit/sources", sources, methods=["GET"]),
+        Route("/v1/audit/graph", graph, methods=["GET"]),
     ]
