@@ -318,6 +318,12 @@ def test_demo_runs_changes_policy_rotates_and_leaves_nothing_behind() -> None:
         assert re.search(
             r"^policy revision 1 in force \(PolicyTest 16/16 cases passed", output, re.M
         )
+        assert re.search(
+            r"^web console: http://127\.0\.0\.1:\d+/console/ \(sign in as demo-admin with "
+            r"tmu_\w+_[\w-]+\)$",
+            output,
+            re.M,
+        ), output
         check_traffic(output)
         check_policy_change(output)
         check_revocation(output)

@@ -24,6 +24,7 @@ routes (``server/routes/``) call the services it holds.
 ``push``               anomaly findings pushed to EventReceivers as signed SETs (RFC 8935)
 ``analytics``          the detectors' runner (one replica at a time); ``anomalies`` its findings
 ``sessions``           the web console's sessions (``server/sessions.py``)
+``overview``           the federation at a glance (the console's first page)
 ``live``               what the console's live pages follow (``server/live.py``)
 =====================  ===========================================================
 
@@ -90,6 +91,7 @@ from trustmesh.server.issuance import Issuance
 from trustmesh.server.live import ANOMALIES, OVERVIEW, LiveFeed, anomalies_fingerprint
 from trustmesh.server.login import Logins
 from trustmesh.server.metrics import AgentStatusCollector, ServerMetrics
+from trustmesh.server.overview import Overview
 from trustmesh.server.push import PushDelivery
 from trustmesh.server.recorder import AuditRecorder
 from trustmesh.server.reports import Reports
@@ -166,6 +168,7 @@ class ControlPlane:
         self.credentials: CredentialStore
         self.sessions: SessionStore
         self.live: LiveFeed
+        self.overview: Overview
         self.credential_admin: CredentialAdmin
         self.suspension_store: SuspensionStore
         self.suspender: Suspender
@@ -367,11 +370,9 @@ class ControlPlane:
             on_finding=lambda f: self.metrics.anomalies.labels(detector=f.detector).inc(),
         )
         self.anomalies = Anomalies(self.db, self.recorder, self.clock)
+        self.overview = Overview(self.db, self.snapshots, self.agents, self.keys, self.clock)
         self.live = LiveFeed(
-            {
-                OVERVIEW: lambda: repr(snapshots.bundle_version()),
-                ANOMALIES: anomalies_fingerprint(self.db),
-            }
+            {OVERVIEW: self.overview.fingerprint, ANOMALIES: anomalies_fingerprint(self.db)}
         )
 
     def detectors(self) -> list[Detector]:

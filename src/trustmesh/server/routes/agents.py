@@ -1,5 +1,8 @@
 """What agents fetch (DESIGN §4): their configuration and, by long poll, their
-cluster's signed policy bundle. A cluster credential acts for its own cluster only."""
+cluster's signed policy bundle. A cluster credential acts for its own cluster only.
+And what people read about the agents: ``GET /v1/overview`` (any role), every cluster
+with its agents' applied revisions, drift and staleness in one answer
+(``server/overview.py``)."""
 
 from __future__ import annotations
 
@@ -66,7 +69,12 @@ def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
         version, token = await run_in_threadpool(plane.bundles.signed_bundle, cluster)
         return JSONResponse({"version": list(version), "bundle": token})
 
+    async def overview(request: Request) -> Response:
+        await callers.read(request)
+        return JSONResponse(await run_in_threadpool(plane.overview.build))
+
     return [
+        Route("/v1/overview", overview, methods=["GET"]),
         Route("/v1/agent/config", config, methods=["GET"]),
         Route("/v1/agent/bundle", bundle, methods=["GET"]),
     ]

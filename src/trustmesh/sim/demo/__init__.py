@@ -2,7 +2,10 @@
 
 What it shows, with real processes and real HTTP, no test-only code paths:
 
-1. A control plane (``trustmesh server``, embedded SQLite) starts as a subprocess.
+1. A control plane (``trustmesh server``, embedded SQLite) starts as a subprocess; the
+   demo prints its web console's address and the credential of ``demo-admin``, an
+   admin person it adds to sign in with: the console's overview shows the demo's
+   agents and their audit shipments live.
 2. Three simulated Kubernetes clusters -- ``eu-west``, ``us-east`` and ``ap-south`` --
    each serve their own OIDC service-account issuer (discovery + JWKS). They are
    registered with their issuer URL only, so the control plane finds their keys by
@@ -52,8 +55,9 @@ What it shows, with real processes and real HTTP, no test-only code paths:
     refused and that its sidecar gets no new SVID.
 
 11. The life cycle act (DESIGN §11), stepped between the traffic rounds from the
-    start: the bootstrap ``admin.token`` adds alice (admin), who adds bob (approver) and
-    carol (auditor), and is refused from then on; alice applies a WorkloadTemplate for
+    start: demo-admin (the web console's person, added by the bootstrap ``admin.token``
+    at start, which is refused from then on) adds alice (admin), who adds bob (approver)
+    and carol (auditor); alice applies a WorkloadTemplate for
     eu-west's ``analytics-*`` namespaces, and ``analytics-etl/loader`` gets an identity
     with no Workload of its own; ``billing/invoicer`` in us-east, matched by nothing, is
     refused, shows in ``get pending``, and is admitted by the Workload the control plane

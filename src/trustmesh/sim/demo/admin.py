@@ -17,6 +17,7 @@ class Admin:
 
     def __init__(self, http: httpx.Client, url: str, token: str) -> None:
         self.http, self.url = http, url
+        self.first_token = token  # the one it started with (the bootstrap admin.token)
         self.act_as(token)
 
     def act_as(self, token: str) -> None:

@@ -43,6 +43,18 @@ class Federation:
     agents: list[Child]
 
 
+CONSOLE_PERSON = "demo-admin"
+
+
+def open_console(admin: Admin, server_url: str, say: Callable[[str], None]) -> None:
+    """Add the person the demo's web console is signed in as (an admin) and say where
+    the console is and with which credential; the demo's changes are that person's
+    from now on (the bootstrap admin.token stops working once an admin person exists)."""
+    token = admin.add_person(CONSOLE_PERSON, "admin")
+    admin.act_as(token)
+    say(f"web console: {server_url}/console/ (sign in as {CONSOLE_PERSON} with {token})")
+
+
 def start_federation(
     stack: ExitStack,
     root: Path,
@@ -56,6 +68,7 @@ def start_federation(
     say(f"control plane listening on {server_url}")
     token = (root / "control-plane" / "admin.token").read_text(encoding="utf-8").strip()
     admin = Admin(http, server_url, token)
+    open_console(admin, server_url, say)
     clusters = start_clusters(stack, root)
     for name, cluster in clusters.items():
         say(f"simulated cluster {name}: service-account issuer {cluster.issuer}")

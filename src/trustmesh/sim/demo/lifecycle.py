@@ -1,8 +1,9 @@
 """The life cycle act (DESIGN §11), stepped between traffic rounds like the operator's
 actions, so nothing of it runs beside them:
 
-1. **people**: the bootstrap ``admin.token`` adds alice (admin), who adds bob (approver)
-   and carol (auditor); from then on the demo's changes are alice's, and the bootstrap
+1. **people**: demo-admin (the web console's person, whom the bootstrap ``admin.token``
+   added at start, ``federation.py``) adds alice (admin), who adds bob (approver) and
+   carol (auditor); from then on the demo's changes are alice's, and the bootstrap
    token is refused;
 2. **onboarding**: alice applies a WorkloadTemplate for eu-west's ``analytics-*``
    namespaces (and a Workload, ``legacy-export``, that nobody will use); a service
@@ -132,10 +133,11 @@ class LifecycleAct:
     # -- 1. people
 
     def add_people(self) -> bool:
-        bootstrap = Admin(self.http, self.admin.url, self.admin.token)
+        bootstrap = Admin(self.http, self.admin.url, self.admin.first_token)
+        first = Admin(self.http, self.admin.url, self.admin.token)  # the console's admin
         tokens = {}
         for name, role in PEOPLE:
-            acting = self.people.get(OPERATOR_PERSON, bootstrap)
+            acting = self.people.get(OPERATOR_PERSON, first)
             tokens[name] = acting.add_person(name, role)
             self.people[name] = Admin(self.http, self.admin.url, tokens[name])
         self.admin.act_as(tokens[OPERATOR_PERSON])  # the operator's changes are alice's now

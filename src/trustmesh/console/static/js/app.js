@@ -141,7 +141,7 @@ async function started(answer) {
     history.replaceState(null, "", "#/overview");
   }
   await route();
-  root.focus();
+  root.focus({ preventScroll: true });
 }
 
 async function signOut() {
