@@ -141,6 +141,7 @@ export async function load() {
       empty: `No ${state ? `${state} ` : ""}access requests.`,
     }),
     pager({ page: cursors.length, hasNext: Boolean(answer.next), onPage }));
+  listEl.querySelector("table").classList.add("stack"); // one card a row on a phone
 }
 
 function field(label, input, hint) {
