@@ -462,3 +462,44 @@ def test_an_approved_access_is_in_force_at_the_agent_until_its_expiry(tmp_path: 
             agent.stop()
         origin.stop()
         server.stop()
+
+
+def test_the_list_pages_on_the_server(tmp_path: Path) -> None:
+    """``GET /v1/access?limit=&after=`` (what the console's list pages with): every
+    request once across the pages, newest first, ``next`` null on the last page; a bad
+    limit or cursor is one clear 400."""
+    server = start_server(tmp_path / "data", None)
+    try:
+        people = set_up(server)
+        body = {"role": "orders-reader", "subject": {"workload": "web"}, "clusters": ["east"],
+                "duration": 600, "reason": "paging"}  # fmt: skip
+        made = []
+        for _ in range(5):
+            created = post(server, people.rita, "/v1/access", body)
+            assert created.status_code == 201, created.text
+            made.append(created.json()["id"])
+        whole = call(server, people.rita, "GET", "/v1/access").json()
+        assert whole["next"] is None and len(whole["items"]) == 5
+        seen: list[str] = []
+        after = ""
+        while True:
+            page = call(server, people.rita, "GET", f"/v1/access?limit=2&after={after}")
+            assert page.status_code == 200, page.text
+            seen += [i["id"] for i in page.json()["items"]]
+            after = page.json()["next"]
+            if after is None:
+                break
+        assert seen == [i["id"] for i in whole["items"]] and sorted(seen) == sorted(made)
+        for query, fragment in (
+            ("limit=0", "limit must be 1 to 1000"),
+            ("limit=1001", "limit must be 1 to 1000"),
+            ("limit=x", "limit must be a non-negative integer"),
+            ("after=zzzzzzzzzz", "after: no access request zzzzzzzzzz"),
+            ("after=..", "is not an access request id"),
+        ):
+            answer = call(server, people.rita, "GET", f"/v1/access?{query}")
+            assert answer.status_code == 400 and fragment in answer.json()["error_description"], (
+                answer.text
+            )
+    finally:
+        server.stop()

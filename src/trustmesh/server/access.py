@@ -264,11 +264,16 @@ class AccessRequests:
             raise NotFound(f"no access request {request_id} (trustmesh access list)")
         return _request(row)
 
-    def listing(self, state: str | None = None) -> list[AccessRequest]:
-        """The newest first (at most 1000); ``state`` as shown (an approval past its
-        expiry is ``expired``)."""
+    def listing(
+        self, state: str | None = None, limit: int = MAX_LISTED, after: str | None = None
+    ) -> tuple[list[AccessRequest], str | None]:
+        """The newest first, ``limit`` (1 to 1000) at a time after the request ``after``
+        (the last of the previous page), and the id to pass as ``after`` for the next page
+        (None on the last); ``state`` as shown (an approval past its expiry is ``expired``)."""
         if state is not None and state not in STATES:
             raise InvalidRequest(f"unknown state {_printable(state)} (states: {', '.join(STATES)})")
+        if not 1 <= limit <= MAX_LISTED:
+            raise InvalidRequest(f"limit must be 1 to {MAX_LISTED}, not {limit}")
         now = self.clock()
         query = select(access_requests).order_by(
             access_requests.c.created_at.desc(), access_requests.c.id
@@ -285,7 +290,21 @@ class AccessRequests:
                 | ((access_requests.c.state == APPROVED) & (access_requests.c.expires_at <= now))
             )
         with self.db.engine.connect() as conn:
-            return [_request(row) for row in conn.execute(query.limit(MAX_LISTED))]
+            if after is not None:
+                if not REQUEST_ID.fullmatch(after):
+                    raise InvalidRequest(f"after: {_printable(after)} is not an access request id")
+                mark = conn.execute(
+                    select(access_requests.c.created_at).where(access_requests.c.id == after)
+                ).scalar()
+                if mark is None:
+                    raise InvalidRequest(f"after: no access request {after} (a page's next)")
+                query = query.where(
+                    (access_requests.c.created_at < mark)
+                    | ((access_requests.c.created_at == mark) & (access_requests.c.id > after))
+                )
+            found = [_request(row) for row in conn.execute(query.limit(limit + 1))]
+        more = len(found) > limit
+        return found[:limit], found[limit - 1].id if more else None
 
     # -- the rules ----------------------------------------------------------------------------
     def _role(self, role: Any) -> tuple[dict[str, Any], int]:

@@ -388,18 +388,43 @@ class Anomalies:
         self.recorder = recorder
         self.clock = clock
 
-    def listing(self, state: str | None = None, detector: str | None = None) -> list[Anomaly]:
+    def listing(
+        self,
+        state: str | None = None,
+        detector: str | None = None,
+        limit: int = MAX_LISTED,
+        after: str | None = None,
+    ) -> tuple[list[Anomaly], str | None]:
+        """The newest first, ``limit`` (1 to 1000) at a time after the finding ``after``
+        (the last of the previous page), and the id to pass as ``after`` for the next page
+        (None on the last)."""
         if state is not None and state not in STATES:
             raise InvalidRequest(f"state must be one of {', '.join(STATES)}")
         if detector is not None and detector not in DETECTOR_NAMES:
             raise InvalidRequest(f"detector must be one of {', '.join(DETECTOR_NAMES)}")
-        query = select(anomalies).order_by(anomalies.c.detected_at.desc()).limit(MAX_LISTED)
+        if not 1 <= limit <= MAX_LISTED:
+            raise InvalidRequest(f"limit must be 1 to {MAX_LISTED}, not {limit}")
+        query = select(anomalies).order_by(anomalies.c.detected_at.desc(), anomalies.c.id)
         if state is not None:
             query = query.where(anomalies.c.state == state)
         if detector is not None:
             query = query.where(anomalies.c.detector == detector)
         with self.db.engine.connect() as conn:
-            return [_anomaly(r) for r in conn.execute(query)]
+            if after is not None:
+                mark = conn.execute(
+                    select(anomalies.c.detected_at).where(anomalies.c.id == after)
+                ).scalar()
+                if mark is None:
+                    raise InvalidRequest(
+                        f"after: no anomaly {printable(after, 64)!r} (a page's next)"
+                    )
+                query = query.where(
+                    (anomalies.c.detected_at < mark)
+                    | ((anomalies.c.detected_at == mark) & (anomalies.c.id > after))
+                )
+            found = [_anomaly(r) for r in conn.execute(query.limit(limit + 1))]
+        more = len(found) > limit
+        return found[:limit], found[limit - 1].id if more else None
 
     def analyzed_through(self) -> int:
         """The size of the log prefix the detectors have read (the runner's committed

@@ -13,7 +13,9 @@ from starlette.routing import Route
 
 from trustmesh.common.errors import InvalidRequest
 from trustmesh.common.http import NO_STORE, read_body, require_content_type
+from trustmesh.common.numbers import require_decimal
 from trustmesh.common.strictjson import loads_strict
+from trustmesh.server.access import MAX_LISTED
 from trustmesh.server.controlplane import ControlPlane
 from trustmesh.server.credentials import APPROVER
 from trustmesh.server.routes._auth import Callers
@@ -44,6 +46,16 @@ async def strict_body(
     return document
 
 
+def page_limit(raw: str | None) -> int:
+    """A list's ``limit`` query parameter: 1 to 1000, 1000 when absent."""
+    if raw is None or raw == "":
+        return MAX_LISTED
+    limit = require_decimal(raw, "limit")
+    if not 1 <= limit <= MAX_LISTED:
+        raise InvalidRequest(f"limit must be 1 to {MAX_LISTED}, not {limit}")
+    return limit
+
+
 def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
     access = plane.access
 
@@ -70,14 +82,22 @@ def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
         return render(found, 201)
 
     async def listing(request: Request) -> Response:
+        """``?state=&limit=&after=`` -> ``{"items", "next"}``: a page, newest first."""
         await callers.read(request)
-        unknown = sorted(set(request.query_params) - {"state"})
+        params = request.query_params
+        unknown = sorted(set(params) - {"state", "limit", "after"})
         if unknown:
             raise InvalidRequest(f"unknown query parameter {unknown[0][:64]!r}")
-        state = request.query_params.get("state") or None
-        found = await run_in_threadpool(access.listing, state)
+        found, after = await run_in_threadpool(
+            access.listing,
+            params.get("state") or None,
+            page_limit(params.get("limit")),
+            params.get("after") or None,
+        )
         now = plane.clock()
-        return JSONResponse({"items": [r.to_json(now) for r in found]}, headers=NO_STORE)
+        return JSONResponse(
+            {"items": [r.to_json(now) for r in found], "next": after}, headers=NO_STORE
+        )
 
     async def show(request: Request) -> Response:
         await callers.read(request)

@@ -15,7 +15,7 @@ from trustmesh.server.analytics import Anomaly
 from trustmesh.server.controlplane import ControlPlane
 from trustmesh.server.credentials import ADMIN, APPROVER
 from trustmesh.server.routes._auth import Callers
-from trustmesh.server.routes.access import strict_body
+from trustmesh.server.routes.access import page_limit, strict_body
 
 
 def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
@@ -25,18 +25,24 @@ def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
         return JSONResponse(found.to_json(), headers=NO_STORE)
 
     async def listing(request: Request) -> Response:
+        """``?state=&detector=&limit=&after=`` -> ``{"items", "next", "analyzedThrough"}``:
+        a page, newest first, and how far the detectors have read."""
         await callers.read(request)
-        unknown = sorted(set(request.query_params) - {"state", "detector"})
+        params = request.query_params
+        unknown = sorted(set(params) - {"state", "detector", "limit", "after"})
         if unknown:
             raise InvalidRequest(f"unknown query parameter {unknown[0][:64]!r}")
-        found = await run_in_threadpool(
+        found, after = await run_in_threadpool(
             anomalies.listing,
-            request.query_params.get("state") or None,
-            request.query_params.get("detector") or None,
+            params.get("state") or None,
+            params.get("detector") or None,
+            page_limit(params.get("limit")),
+            params.get("after") or None,
         )
         through = await run_in_threadpool(anomalies.analyzed_through)
         return JSONResponse(
-            {"items": [a.to_json() for a in found], "analyzedThrough": through}, headers=NO_STORE
+            {"items": [a.to_json() for a in found], "next": after, "analyzedThrough": through},
+            headers=NO_STORE,
         )
 
     async def show(request: Request) -> Response:
