@@ -113,8 +113,15 @@ def _undo_migration_11(conn: Connection) -> None:
     conn.execute(delete(schema_migrations).where(schema_migrations.c.version == 11))
 
 
+def _undo_migration_17(conn: Connection) -> None:
+    """The database as version 16 left it: no console sessions."""
+    conn.execute(text("DROP TABLE console_sessions"))
+    conn.execute(delete(schema_migrations).where(schema_migrations.c.version == 17))
+
+
 def _undo_migration_16(conn: Connection) -> None:
     """The database as version 15 left it: no analytics state or anomalies."""
+    _undo_migration_17(conn)
     for table in ("anomalies", "analytics_state"):
         conn.execute(text(f"DROP TABLE {table}"))
     conn.execute(delete(schema_migrations).where(schema_migrations.c.version == 16))
@@ -353,6 +360,34 @@ def test_migration_13_adds_access_requests_to_a_version_12_database(
         db.dispose()
 
 
+def test_migration_17_adds_console_sessions(db_url: str | None, tmp_path: Path) -> None:
+    """A version 16 database gets the console's sessions table, empty, and a session id's
+    hash is its key (one row per session)."""
+    from sqlalchemy import func, select
+    from sqlalchemy.exc import IntegrityError
+
+    from trustmesh.storage.schema import console_sessions
+
+    db = open_database(db_url, tmp_path)
+    try:
+        with db.engine.begin() as conn:
+            _undo_migration_17(conn)
+        assert current_version(db.engine) == 16
+        assert migrate(db.engine) == LATEST == 17
+        row = dict(
+            id_sha256="a" * 64, credential_id="c1", credential_sha256="b" * 64,
+            person="alice", csrf="x", created_at=1.0, last_seen=1.0, expires_at=2.0,
+        )  # fmt: skip
+        with db.engine.begin() as conn:
+            assert conn.execute(select(func.count()).select_from(console_sessions)).scalar() == 0
+            conn.execute(console_sessions.insert().values(**row))
+        with pytest.raises(IntegrityError), db.engine.begin() as conn:
+            conn.execute(console_sessions.insert().values(**row))
+        assert migrate(db.engine) == LATEST  # and again: nothing to do
+    finally:
+        db.dispose()
+
+
 def test_migration_16_starts_the_analytics_runner_at_the_end_of_the_log(
     db_url: str | None, tmp_path: Path
 ) -> None:
@@ -377,7 +412,7 @@ def test_migration_16_starts_the_analytics_runner_at_the_end_of_the_log(
                     )
                 )  # fmt: skip
         assert current_version(db.engine) == 15
-        assert migrate(db.engine) == LATEST == 16
+        assert migrate(db.engine) == LATEST
         with db.engine.connect() as conn:
             state = conn.execute(select(analytics_state)).one()
         assert (state.name, state.cursor, state.holder, state.snapshots) == (

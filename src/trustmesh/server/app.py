@@ -20,6 +20,7 @@ from trustmesh.server.routes import (
     agents,
     analytics,
     audit,
+    console,
     credentials,
     federation,
     oauth,
@@ -35,7 +36,7 @@ from trustmesh.server.routes._auth import Callers
 def build_app(plane: ControlPlane) -> oauth.ASGIApp:
     """The app: ``POST /oauth2/token`` on raw ASGI (``routes/oauth.py``), everything
     else, the lifespan included, through Starlette."""
-    framework = _starlette_app(plane)
+    framework = console.secured(_starlette_app(plane))
     token = oauth.token_endpoint(plane)
 
     async def app(scope: oauth.Scope, receive: oauth.Receive, send: oauth.Send) -> None:
@@ -48,7 +49,7 @@ def build_app(plane: ControlPlane) -> oauth.ASGIApp:
 
 
 def _starlette_app(plane: ControlPlane) -> Starlette:
-    callers = Callers(plane.credentials)
+    callers = Callers(plane.credentials, plane.sessions)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -71,6 +72,7 @@ def _starlette_app(plane: ControlPlane) -> Starlette:
         *x509.routes(plane, callers),
         *federation.routes(plane, callers),
         *receivers.routes(plane, callers),
+        *console.routes(plane, callers),
         *audit.routes(plane.audit, callers, lambda: plane.snapshots.stopping, plane.audit_accepted),
     ]
     handlers = {**EXCEPTION_HANDLERS, OperationalError: _database_unavailable}

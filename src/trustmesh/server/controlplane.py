@@ -23,6 +23,8 @@ routes (``server/routes/``) call the services it holds.
 ``access``             access requests: request, approve (through the gate), deny, expire
 ``push``               anomaly findings pushed to EventReceivers as signed SETs (RFC 8935)
 ``analytics``          the detectors' runner (one replica at a time); ``anomalies`` its findings
+``sessions``           the web console's sessions (``server/sessions.py``)
+``live``               what the console's live pages follow (``server/live.py``)
 =====================  ===========================================================
 
 State has one owner, the database; see ``server/snapshots.py`` for how replicas agree."""
@@ -85,6 +87,7 @@ from trustmesh.server.federation import Federation
 from trustmesh.server.health import AUDIT, DATABASE, ISSUE, SERVE, Health
 from trustmesh.server.inventory import Inventory
 from trustmesh.server.issuance import Issuance
+from trustmesh.server.live import ANOMALIES, OVERVIEW, LiveFeed, anomalies_fingerprint
 from trustmesh.server.login import Logins
 from trustmesh.server.metrics import AgentStatusCollector, ServerMetrics
 from trustmesh.server.policy_views import PolicyViews
@@ -95,6 +98,7 @@ from trustmesh.server.retirement import Retirement
 from trustmesh.server.revoke import Revoker, Suspender
 from trustmesh.server.roots import CaRotation, RootHolders
 from trustmesh.server.rotation import KeyRotation
+from trustmesh.server.sessions import SessionStore
 from trustmesh.server.snapshots import Snapshots
 from trustmesh.server.usage import (
     DEFAULT_FLUSH_INTERVAL,
@@ -161,6 +165,8 @@ class ControlPlane:
         self.db: Database
         self.keys: KeyManager
         self.credentials: CredentialStore
+        self.sessions: SessionStore
+        self.live: LiveFeed
         self.credential_admin: CredentialAdmin
         self.suspension_store: SuspensionStore
         self.suspender: Suspender
@@ -220,6 +226,7 @@ class ControlPlane:
         self.ca.ensure_roots()
         self.credentials = CredentialStore(self.db, self.clock)
         self.admin_token_created = self.credentials.ensure_admin(data_dir / "admin.token")
+        self.sessions = SessionStore(self.db, self.credentials, self.clock)
         self.registry_store = RegistryStore(self.db, self.trust_domain)
         self.observations = TemplateObservations(self.db)
         self.catalog = PolicyCatalog(self.db)
@@ -363,6 +370,12 @@ class ControlPlane:
             on_finding=lambda f: self.metrics.anomalies.labels(detector=f.detector).inc(),
         )
         self.anomalies = Anomalies(self.db, self.recorder, self.clock)
+        self.live = LiveFeed(
+            {
+                OVERVIEW: lambda: repr(snapshots.bundle_version()),
+                ANOMALIES: anomalies_fingerprint(self.db),
+            }
+        )
 
     def detectors(self) -> list[Detector]:
         """The detectors the analytics runner feeds (``analytics/``), in order."""

@@ -190,6 +190,10 @@ def _v16_analytics(conn: Connection) -> None:
     )
 
 
+def _v17_console_sessions(conn: Connection) -> None:
+    schema.console_sessions.create(conn, checkfirst=True)
+
+
 MIGRATIONS: list[Migration] = [
     (1, "initial schema: meta, signing keys, registry, credentials", _v1_initial),
     (2, "policy versions and agent status", _v2_policy),
@@ -220,6 +224,7 @@ MIGRATIONS: list[Migration] = [
     (14, "push delivery of anomaly findings (RFC 8935): the outbox", _v14_anomaly_deliveries),
     (15, "metrics: when each revocation was recorded, unrounded", _v15_revocation_publish_time),
     (16, "security analytics: runner state and findings", _v16_analytics),
+    (17, "console sessions: signed-in people's browsers", _v17_console_sessions),
 ]
 
 LATEST = MIGRATIONS[-1][0]

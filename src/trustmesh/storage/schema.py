@@ -464,3 +464,22 @@ anomaly_deliveries = Table(
     Index("ix_anomaly_deliveries_due", "state", "next_attempt_at"),
     Index("ix_anomaly_deliveries_receiver", "receiver", "state"),
 )
+
+# Console sessions (DESIGN §12, ``server/sessions.py``): a signed-in person's browser
+# holds a random session id in an HttpOnly cookie; only its SHA-256 is stored. A session
+# is bound to the person's credential as it was at sign-in (``credential_sha256``, the
+# credential's ``secret_hash`` then): a rotation, revocation, expiry or removal ends it.
+console_sessions = Table(
+    "console_sessions",
+    metadata,
+    Column("id_sha256", String(64), primary_key=True),
+    Column("credential_id", String(32), nullable=False),
+    Column("credential_sha256", String(64), nullable=False),
+    Column("person", String(64), nullable=False),
+    Column("csrf", String(64), nullable=False),  # sent back in X-CSRF-Token on changes
+    Column("created_at", Float, nullable=False),
+    Column("last_seen", Float, nullable=False),  # written at most every SEEN_RESOLUTION
+    Column("expires_at", Float, nullable=False),  # the absolute end (created_at + 8 h)
+    Index("ix_console_sessions_credential", "credential_id"),
+    Index("ix_console_sessions_expires_at", "expires_at"),
+)

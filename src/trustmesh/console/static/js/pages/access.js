@@ -1,0 +1,9 @@
+// The Access requests page (placeholder: its owner replaces this file).
+import { h } from "../dom.js";
+
+export async function render(root, ctx) {
+  root.appendChild(h("h1", {}, "Access requests"));
+  root.appendChild(h("p", { class: "muted" }, "This page is being built."));
+}
+
+export function cleanup() {}
