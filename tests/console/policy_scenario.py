@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from helpers import TRUST_DOMAIN, Server, cluster_yaml, serve_cluster, unique, workload_yaml
+from helpers import (
+    TRUST_DOMAIN,
+    Server,
+    cluster_yaml,
+    eventually,
+    serve_cluster,
+    unique,
+    workload_yaml,
+)
 from trustmesh.sim import SimulatedCluster
 
 FILLER = 120  # explicit Workloads beyond the named ones: more than two pages of 50
@@ -124,7 +132,7 @@ def populate(server: Server) -> Scenario:
             .replace("project: shop", "project: tools"),
             template_yaml("teams", prod),
             *(
-                workload_yaml(f"batch-{i:03d}", prod, "batch", f"job-{i:03d}")
+                workload_yaml(f"worker-{i:03d}", prod, "batch", f"worker-{i:03d}")
                 for i in range(FILLER)
             ),
         ]
@@ -133,9 +141,19 @@ def populate(server: Server) -> Scenario:
         audience = f"spiffe://{TRUST_DOMAIN}/cluster/{prod}"
         answer = server.exchange(origin.mint("team-a", "api"), audience)
         assert answer.status_code == 200, answer.text
+        derived = f"teams/{prod}/team-a/api"
+
+        def last_seen() -> bool:
+            items = server.admin.get("/v1/workloads", params={"source": "template"}).json()
+            return [
+                (i["metadata"]["name"], bool(i["status"]["usage"]["lastCredentialAt"]))
+                for i in items["items"]
+            ] == [(derived, True)]
+
+        eventually(last_seen, "the template-derived identity's credential recorded (usage flush)")
         after = server.apply(escalation(dev), path="escalation.yaml")["policyRevision"]
         assert after > before
-        return Scenario(server, origin, prod, dev, before, after, f"teams/{prod}/team-a/api")
+        return Scenario(server, origin, prod, dev, before, after, derived)
     except BaseException:
         origin.stop()
         raise
