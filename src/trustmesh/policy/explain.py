@@ -22,7 +22,9 @@ MAX_NAMING = 50
 """Bindings listed as naming the identity (each kind); the count is always given."""
 
 
-def _binding(engine: Engine, bundle: Mapping[str, Any], name: str, request: Request) -> Any:
+def _binding(
+    engine: Engine, bundle: Mapping[str, Any], name: str, request: Request
+) -> dict[str, Any]:
     body = next((b for b in bundle["bindings"] if b["name"] == name), None)
     if body is None:  # the engine decided with it, so the bundle has it
         return {"name": name}

@@ -25,6 +25,7 @@ from trustmesh.policy.compiler import PolicySet
 from trustmesh.policy.diff import diff_policies, inventory_bundle
 from trustmesh.policy.engine import Engine
 from trustmesh.policy.explain import explain
+from trustmesh.registry import Registry
 from trustmesh.request import parse_request
 from trustmesh.server.inventory import Inventory
 from trustmesh.server.snapshots import Snapshots
@@ -139,7 +140,7 @@ def _revision(value: Any) -> Revision:
 
 
 def _identity(
-    value: Any, engine: Engine, registry: Any
+    value: Any, engine: Engine, registry: Registry
 ) -> tuple[str, Mapping[str, Any], dict[str, Any]]:
     """(SPIFFE ID, claims, what the answer shows of it) for ``{"workload": NAME}`` (a
     Workload or a template-derived identity ``TEMPLATE/CLUSTER/NS/SA``) or
