@@ -29,6 +29,7 @@ from trustmesh.common.errors import ManifestError, PolicyError, RegistryConflict
 
 if TYPE_CHECKING:  # the policy and registry code loads with the commands that use it
     from trustmesh.policy.compiler import PolicySet
+    from trustmesh.policy.diff import Grant
     from trustmesh.registry import Registry
 
 _REVISION = re.compile(r"^(current|0|[1-9][0-9]{0,17})$")
@@ -111,6 +112,34 @@ def _account_of(item: dict[str, Any]) -> tuple[str, str, str]:
         fail("the control plane listed a template-derived identity without its selector")
 
 
+def _grant(value: Any) -> Grant:
+    from trustmesh.policy.diff import Grant
+
+    if not isinstance(value, dict):
+        fail("policy diff: the control plane answered a grant that is not an object")
+    try:
+        return Grant(**{k: str(v) for k, v in value.items()})
+    except TypeError:
+        fail("policy diff: the control plane answered a grant with unknown fields")
+
+
+def _diff_of(body: Any) -> tuple[Any, Any, list[Grant], list[Grant], list[tuple[Grant, list[str]]]]:
+    """(from, to, appeared, disappeared, escalations) of ``GET /v1/policy/diff``."""
+    try:
+        escalations = [
+            (_grant(e["grant"]), [str(f) for f in e["flags"]]) for e in body["escalations"]
+        ]
+        return (
+            body["from"],
+            body["to"],
+            [_grant(g) for g in body["appeared"]],
+            [_grant(g) for g in body["disappeared"]],
+            escalations,
+        )
+    except (KeyError, TypeError):
+        fail("policy diff: the control plane's answer is not a policy diff")
+
+
 def _client(server: str | None, token_file: Path | None) -> ApiClient:
     return ApiClient(resolve_server(server), resolve_token(token_file))
 
@@ -127,36 +156,34 @@ def register(policy_app: typer.Typer) -> None:
         output: Output = OutputOption,
     ) -> None:
         """Effective grants that appear (+) or disappear (-) between two policy
-        revisions over the registered inventory, with escalation flags."""
-        from trustmesh.policy.diff import Grant, diff_policies
+        revisions over the registered inventory, with escalation flags (computed by
+        the control plane: ``GET /v1/policy/diff``, as the console shows it)."""
+        from trustmesh.policy.diff import Grant
 
         client = _client(server, token_file)
-        old_rev, old_policy = fetch_policy(client, _revision(old))
-        new_rev, new_policy = fetch_policy(client, _revision(new))
-        registry = fetch_registry(client)
-        try:
-            result = diff_policies(old_policy, new_policy, registry)
-        except PolicyError as exc:
-            fail(f"cannot compile the policy: {exc}")
+        body = client.request(
+            "GET", "/v1/policy/diff", params={"from": _revision(old), "to": _revision(new)}
+        )
         if output is Output.json:
-            print_json({"from": old_rev, "to": new_rev, **result.to_json()})
+            print_json(body)
             return
-        if result.empty:
+        old_rev, new_rev, appeared, disappeared, escalations = _diff_of(body)
+        if not appeared and not disappeared:
             print_line(f"no effective change from revision {old_rev} to {new_rev}")
             return
-        flagged = {grant: flags for grant, flags in result.escalations}
+        flagged = {grant: flags for grant, flags in escalations}
         # EXPIRES only when a time-bound grant is listed (keeps the usual table narrow)
-        timed = any(g.expires for g in (*result.appeared, *result.disappeared))
+        timed = any(g.expires for g in (*appeared, *disappeared))
         width = len(Grant._fields) - (0 if timed else 1)
-        rows = [
-            ["+", *grant[:width], ",".join(flagged.get(grant, ()))] for grant in result.appeared
-        ] + [["-", *grant[:width], ""] for grant in result.disappeared]
+        rows = [["+", *grant[:width], ",".join(flagged.get(grant, ()))] for grant in appeared] + [
+            ["-", *grant[:width], ""] for grant in disappeared
+        ]
         headers = ["", "SUBJECT", "CLUSTER", "NAMESPACE", "ACTION", "TARGET", "KIND"]
         print_table(
             [*headers, *(["EXPIRES"] if timed else []), "FLAGS"],
             rows,
-            title=f"policy revision {old_rev} -> {new_rev}: {len(result.appeared)} appeared, "
-            f"{len(result.disappeared)} disappeared, {len(result.escalations)} flagged",
+            title=f"policy revision {old_rev} -> {new_rev}: {len(appeared)} appeared, "
+            f"{len(disappeared)} disappeared, {len(escalations)} flagged",
         )
 
     @policy_app.command("export-rbac")

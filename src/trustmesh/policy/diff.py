@@ -70,7 +70,13 @@ from functools import partial
 from typing import Any, NamedTuple
 
 from trustmesh.common.errors import PolicyError
-from trustmesh.policy.compiler import PolicySet, compile_all, flatten_roles
+from trustmesh.policy.compiler import (
+    PolicySet,
+    check_policy,
+    compile_all,
+    compile_bundle,
+    flatten_roles,
+)
 from trustmesh.policy.engine import Decision, Engine
 from trustmesh.policy.matching import compile_rule
 from trustmesh.registry import Registry
@@ -179,10 +185,9 @@ def _for_inventory(policy: PolicySet, registry: Registry) -> PolicySet:
     return PolicySet(roles=dict(policy.roles), bindings=bindings, bodies=list(policy.bodies))
 
 
-def inventory_bundles(policy: PolicySet, registry: Registry) -> dict[str, dict[str, Any]]:
-    """Every registered cluster's bundle (``compiler.compile_all``) for the policy as it
-    applies to today's inventory; raises compiler.PolicyError for unknown roles and
-    include cycles, which no inventory can make sense of."""
+def _check_roles(policy: PolicySet) -> None:
+    """Raise compiler.PolicyError for unknown roles and include cycles, which no
+    inventory can make sense of."""
     _, problems = flatten_roles(policy.roles)
     problems += [
         f"RoleBinding {name}: role {b.role!r} is not a GlobalRole"
@@ -191,7 +196,28 @@ def inventory_bundles(policy: PolicySet, registry: Registry) -> dict[str, dict[s
     ]
     if problems:
         raise PolicyError(problems)
+
+
+def inventory_bundles(policy: PolicySet, registry: Registry) -> dict[str, dict[str, Any]]:
+    """Every registered cluster's bundle (``compiler.compile_all``) for the policy as it
+    applies to today's inventory; raises compiler.PolicyError for unknown roles and
+    include cycles, which no inventory can make sense of."""
+    _check_roles(policy)
     return compile_all(_for_inventory(policy, registry), registry, 0)
+
+
+def inventory_bundle(
+    policy: PolicySet, registry: Registry, cluster: str, revision: int = 0
+) -> dict[str, Any]:
+    """One registered cluster's bundle of :func:`inventory_bundles`, compiled alone and
+    carrying ``revision`` ("explain this decision" over any revision: the current one's
+    bundle is the one its agents hold)."""
+    _check_roles(policy)
+    fitted = _for_inventory(policy, registry)
+    problems = check_policy(fitted, registry)
+    if problems:
+        raise PolicyError(problems)
+    return compile_bundle(fitted, registry, cluster, revision)
 
 
 # --- expanding rules into grants -----------------------------------------------------------

@@ -419,6 +419,7 @@ class Engine:
         self.bindings = tuple(
             _Binding(b, by_family[b["role"]], 1 << i) for i, b in enumerate(bundle["bindings"])
         )
+        self._role_rules = compiled  # in the bundle's order, for covering_rules
         role_bits: dict[str, int] = {}
         for binding in self.bindings:
             role_bits[binding.role] = role_bits.get(binding.role, 0) | binding.bit
@@ -728,6 +729,22 @@ class Engine:
         family = family_of(request)
         found = self._user_found(name)
         return self._decide_one(found, request, family, self._candidates.of(request, family))
+
+    def covering_rules(self, binding: str, request: Request) -> list[int]:
+        """The positions, in its role's rules in the bundle, of the rules of the binding
+        named ``binding`` that cover ``request`` (as :meth:`resolve` reads it; the
+        binding's namespaces aside) — what "explain this decision" shows
+        (``policy/explain.py``). Empty for a binding the bundle does not have."""
+        found = next((b for b in self.bindings if b.name == binding), None)
+        if found is None:
+            return []
+        request = self.resolve(request)
+        family = family_of(request)
+        return [
+            i
+            for i, rule in enumerate(self._role_rules[found.role])
+            if rule.family == family and rule.matches(request)  # type: ignore[arg-type]
+        ]
 
     def resolve(self, request: Request) -> Request:
         """The request as this cluster reads it (module docstring): the cluster domain

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,13 +81,16 @@ class RegistryStore:
         revision = int(meta_store.get(conn, meta_store.REGISTRY_REVISION) or 0)
         return build_registry(self.trust_domain, revision, self.documents(conn))
 
-    def list_bodies(self, kind: str) -> list[dict[str, Any]]:
+    def list_bodies(self, kind: str, names: Collection[str] | None = None) -> list[dict[str, Any]]:
+        """Every object of ``kind`` by name, its ``status`` from the row; only those
+        ``names`` when given (a page: ``server/inventory.py``)."""
+        query = select(registry_objects).where(registry_objects.c.kind == kind)
+        if names is not None:
+            if not names:
+                return []
+            query = query.where(registry_objects.c.name.in_(sorted(names)))
         with self.db.engine.connect() as conn:
-            rows = conn.execute(
-                select(registry_objects)
-                .where(registry_objects.c.kind == kind)
-                .order_by(registry_objects.c.name)
-            )
+            rows = conn.execute(query.order_by(registry_objects.c.name))
             out = []
             for row in rows:
                 body = json.loads(row.body)

@@ -92,6 +92,7 @@ from trustmesh.server.live import ANOMALIES, OVERVIEW, LiveFeed, anomalies_finge
 from trustmesh.server.login import Logins
 from trustmesh.server.metrics import AgentStatusCollector, ServerMetrics
 from trustmesh.server.overview import Overview
+from trustmesh.server.policy_views import PolicyViews
 from trustmesh.server.push import PushDelivery
 from trustmesh.server.recorder import AuditRecorder
 from trustmesh.server.reports import Reports
@@ -188,6 +189,7 @@ class ControlPlane:
         self.revoker: Revoker
         self.rotation: KeyRotation
         self.inventory: Inventory
+        self.policy_views: PolicyViews
         self.ca: CaManager
         self.root_holders: RootHolders
         self.ca_rotation: CaRotation
@@ -347,6 +349,7 @@ class ControlPlane:
             self.usage,
         )
         self.reports = Reports(self.db, self.snapshots, self.inventory, self.usage)
+        self.policy_views = PolicyViews(self.catalog, self.snapshots, self.inventory, self.clock)
         self.federation = Federation(
             federation_store, self.registry_store, self.snapshots, self.recorder, self.clock
         )
