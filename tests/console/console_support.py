@@ -12,12 +12,16 @@
 * :func:`open_page`: a page in a browser context of its own (1280 x 800 by default,
   ``PHONE`` for 390 x 844) collecting its console messages and errors;
   :func:`problems` lists the CSP violations and script errors among them.
-* ``DOCS``: where the tests write the screenshots (docs/console/PAGE.png).
+* :func:`screenshot`: a 1280 x 800 picture of a page, written to docs/console/PAGE.png
+  when ``TRUSTMESH_SCREENSHOTS=1`` (how the pictures in the docs are made), else to a
+  temporary folder, so an ordinary test run leaves the work tree as it was.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +33,7 @@ from helpers import Server
 
 ROLES = ("admin", "approver", "auditor")
 DOCS = Path(__file__).resolve().parent.parent.parent / "docs" / "console"
+SHOTS = DOCS if os.environ.get("TRUSTMESH_SCREENSHOTS") == "1" else None
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
 
@@ -41,6 +46,16 @@ def chromium_path() -> str:
             "test command does); the console's tests need a real browser"
         )
     return found
+
+
+def screenshot(page: Page, name: str) -> Path:
+    """Where the picture of ``page`` went (docs/console/NAME.png, or a temporary file)."""
+    folder = SHOTS or Path(tempfile.gettempdir()) / "trustmesh-console-shots"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.png"
+    page.screenshot(path=str(path))
+    assert path.stat().st_size > 0
+    return path
 
 
 @dataclass

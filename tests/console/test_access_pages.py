@@ -13,10 +13,10 @@ import re
 from typing import Any
 
 import jwt
+from console_support import Console, open_page, problems, screenshot
 from cryptography.hazmat.primitives.asymmetric import ec
 from playwright.sync_api import Browser, Locator, Page, expect
 
-from conftest import DOCS, Console, open_page, problems
 from helpers import cluster_yaml, register_federation, unique, workload_yaml
 from trustmesh.sim import SimulatedCluster
 
@@ -175,8 +175,7 @@ def test_request_refused_approve_approve_with_countdown_and_deny(
     expect(row_of(approver, granted)).to_have_count(1)
 
     expect(row_of(approver, waiting).get_by_role("button", name="Approve")).to_be_visible()
-    DOCS.mkdir(parents=True, exist_ok=True)
-    approver.screenshot(path=str(DOCS / "access.png"))
+    screenshot(approver, "access")
     settled(approver)
 
 
@@ -235,8 +234,7 @@ def test_a_real_anomaly_appears_live_and_is_acknowledged_and_resolved(
         "acknowledged by user:console-approver"
     )
     expect(card.get_by_role("button", name="Acknowledge")).to_have_count(0)
-    DOCS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(DOCS / "anomalies.png"))
+    screenshot(page, "anomalies")
 
     card.get_by_label(f"Note on anomaly {anomaly}").fill("origin key rotated; INC-43")
     card.get_by_role("button", name="Resolve").click()

@@ -27,9 +27,9 @@ from typing import Any
 
 import httpx
 import pytest
+from console_support import Console, screenshot, with_people
 from playwright.sync_api import Page, expect
 
-from conftest import DOCS, Console, _with_people
 from helpers import (
     TRUST_DOMAIN,
     cluster_yaml,
@@ -78,7 +78,7 @@ def traffic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traffic]:
     east = serve_cluster("east")
     agent = None
     try:
-        console = _with_people(server)
+        console = with_people(server)
         manifests = "---\n".join(
             [
                 cluster_yaml("east", east.issuer),
@@ -193,8 +193,7 @@ def test_filters_narrow_the_explorer_to_real_entries(traffic: Traffic, page: Pag
 
     apply_filters(page)
     expect(page.locator("#audit-results tbody tr")).to_have_count(len(everything))
-    DOCS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(DOCS / "audit.png"))
+    screenshot(page, "audit")
 
 
 def test_graph_draws_the_cross_cluster_calls(traffic: Traffic, page: Page) -> None:
@@ -230,7 +229,7 @@ def test_graph_draws_the_cross_cluster_calls(traffic: Traffic, page: Page) -> No
     expect(row).to_have_count(1)
     cells = [c.inner_text() for c in row.locator("td").all()]
     assert cells == ["east", traffic.web, "target", "orders.test", "3", "1", "yes"]
-    page.screenshot(path=str(DOCS / "graph.png"))
+    screenshot(page, "graph")
 
     # bad input is a clear 400, not a graph
     with traffic.console.client("auditor") as client:
@@ -288,7 +287,7 @@ def test_trace_verification_and_a_tampered_record(traffic: Traffic, page: Page) 
         key = client.get("/v1/audit/key").text.strip()
     expect(steps.nth(0)).to_contain_text(key.split("+")[1])  # the key hash it checked
     detail.scroll_into_view_if_needed()
-    page.screenshot(path=str(DOCS / "audit-verify.png"))
+    screenshot(page, "audit-verify")
 
     # Alter that record where the control plane stores it: allowed becomes denied.
     database = traffic.console.server.data_dir / "trustmesh.db"

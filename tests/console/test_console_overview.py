@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
-from console_support import DOCS, Console
+from console_support import Console, screenshot
 from playwright.sync_api import Page, expect
 
 from helpers import cluster_yaml, start_agent, unique
@@ -48,9 +48,7 @@ def test_the_overview_follows_clusters_agents_and_policy_without_reload(
         expect(cells).to_contain_text(f"r{revision} / r{revision}", timeout=15_000)
         expect(cells).to_contain_text("in sync")
         assert page.evaluate("() => window.__notReloaded") is True
-
-        DOCS.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(DOCS / "overview.png"))
+        screenshot(page, "overview")
     finally:
         agent.stop()
     # a stopped agent stays listed; its cluster shows drift once a change passes it by

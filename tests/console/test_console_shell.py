@@ -4,7 +4,7 @@ which the session is gone on the server too)."""
 
 from __future__ import annotations
 
-from console_support import DOCS, PHONE, Console, open_page, problems
+from console_support import PHONE, Console, open_page, problems, screenshot
 from playwright.sync_api import Page, expect
 
 PAGES = {
@@ -25,8 +25,7 @@ def test_sign_in_shows_the_person_and_role_then_sign_out_ends_the_session(
     form = page.get_by_role("form", name="Sign in")
     expect(form).to_be_visible()
     expect(page.locator("#nav")).to_be_hidden()
-    DOCS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(DOCS / "signin.png"))
+    screenshot(page, "signin")
 
     console.sign_in(page, "auditor")
     expect(page.locator("#who-person")).to_have_text("console-auditor")

@@ -16,10 +16,10 @@ import re
 from collections.abc import Iterator
 
 import pytest
+from console_support import PHONE, Console, open_page, problems, screenshot, with_people
 from playwright.sync_api import Browser, Page, expect
 from policy_scenario import FILLER, Scenario, populate
 
-from conftest import DOCS, PHONE, Console, _with_people, open_page, problems
 from helpers import start_server
 
 
@@ -27,7 +27,7 @@ from helpers import start_server
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Console, Scenario]]:
     server = start_server(tmp_path_factory.mktemp("console-policy") / "data")
     try:
-        console = _with_people(server)
+        console = with_people(server)
         scenario = populate(server)
         try:
             yield console, scenario
@@ -56,8 +56,7 @@ def test_workloads_page_pages_and_filters_on_the_server(
     expect(table.first).to_contain_text("ci")  # by name: ci, payments, teams/…, worker-000…
     expect(table.nth(2)).to_contain_text(scenario.derived)
     expect(page.get_by_role("heading", name="Pending service accounts")).to_be_visible()
-    DOCS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(DOCS / "workloads.png"))
+    screenshot(page, "workloads")
 
     page.get_by_role("button", name="Next").click()
     expect(page.get_by_text("Page 2 of 3")).to_be_visible()
@@ -183,7 +182,7 @@ def test_explain_shows_allow_with_the_binding_and_deny_without(
     page.get_by_role("button", name="Show diff").click()
     expect(rows(page, "Effective grants")).to_have_count(1)
     page.evaluate("() => document.getElementById('policy-diff-summary').scrollIntoView()")
-    page.screenshot(path=str(DOCS / "policy.png"))
+    screenshot(page, "policy")
 
     explain(page, scenario.prod, "payments", verb="delete", resource="pods", namespace="shop")
     expect(decision.locator(".verdict")).to_have_text("✖ DENY (no binding allows it)")
