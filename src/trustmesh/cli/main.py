@@ -1401,6 +1401,43 @@ def bench_analytics(
     print_json(result) if output is Output.json else _print_bench(result)
 
 
+@bench_app.command("console")
+def bench_console(
+    clusters: int = typer.Option(50, "--clusters", min=1, max=5000, help="Clusters registered."),
+    workloads: int = typer.Option(
+        10_000, "--workloads", min=1, max=1_000_000, help="Workloads, spread over the clusters."
+    ),
+    entries: int = typer.Option(
+        1_000_000, "--entries", min=1, max=100_000_000, help="Entries of the audit log."
+    ),
+    trials: int = typer.Option(20, "--trials", min=1, max=1000, help="Page loads of each page."),
+    api_trials: int = typer.Option(
+        20, "--api-trials", min=1, max=10_000, help="Requests of each API call from httpx."
+    ),
+    filter_type: str = typer.Option(
+        "access.approved", "--filter-type", help="The event type the audit explorer filters by."
+    ),
+    chromium: str = typer.Option(
+        "", "--chromium", help="The Chromium binary (default: chromium on the PATH)."
+    ),
+    output: Output = OutputOption,
+) -> None:
+    """The web console's first render in Chromium: the overview, and the audit
+    explorer's first page over a large log, unfiltered and by type (goals < 1 s)."""
+    from trustmesh.bench.console import run
+
+    result = run(
+        clusters=clusters,
+        workloads=workloads,
+        entries=entries,
+        trials=trials,
+        api_trials=api_trials,
+        filter_type=filter_type,
+        chromium=chromium or None,
+    )
+    print_json(result) if output is Output.json else _print_bench(result)
+
+
 @bench_app.command("failover")
 def bench_failover(
     concurrency: int = typer.Option(
