@@ -36,6 +36,10 @@ DOCS = Path(__file__).resolve().parent.parent.parent / "docs" / "console"
 SHOTS = DOCS if os.environ.get("TRUSTMESH_SCREENSHOTS") == "1" else None
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
+# how long a page's element or state may take to appear: generous, since the suite runs
+# three workers on two shared cores (Playwright's own default is 5 s)
+WAIT_MS = 20_000
+expect.set_options(timeout=WAIT_MS)
 
 
 def chromium_path() -> str:
@@ -109,6 +113,7 @@ def open_page(browser: Browser, viewport: dict[str, int] = DESKTOP) -> Page:
     """A page in a context of its own, collecting its console messages and errors."""
     context = browser.new_context(viewport=viewport)  # type: ignore[arg-type]
     page = context.new_page()
+    page.set_default_timeout(WAIT_MS)
     messages: list[str] = []
     page.on("console", lambda m: messages.append(f"{m.type}: {m.text}"))
     page.on("pageerror", lambda e: messages.append(f"pageerror: {e}"))

@@ -73,8 +73,12 @@ async function route() {
     if (mine !== generation) return;
     current = { name, module };
     clear(root);
+    // each visit renders into an element of its own: a page's fetch that finishes after
+    // the person moved on writes into a detached element, never over the next page
+    const view = h("div", { class: "view" });
+    root.appendChild(view);
     const ctx = { person: session.person, role: session.role, api, live, navigate };
-    await module.render(root, ctx);
+    await module.render(view, ctx);
   } catch (error) {
     if (mine !== generation) return;
     clear(root);
