@@ -7,7 +7,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Connection, delete, insert, inspect, text
+from sqlalchemy import Connection, delete, insert, inspect, select, text, update
 
 from helpers import new_postgres_database
 from trustmesh.common.errors import DatabaseUrlError
@@ -15,7 +15,7 @@ from trustmesh.storage import meta as meta_store
 from trustmesh.storage import open_database
 from trustmesh.storage.db import engine_url
 from trustmesh.storage.migrations import LATEST, current_version, migrate
-from trustmesh.storage.schema import schema_migrations
+from trustmesh.storage.schema import agent_status, schema_migrations
 
 
 def test_migrations_create_schema_and_are_idempotent(db_url: str | None, tmp_path: Path) -> None:
@@ -113,8 +113,15 @@ def _undo_migration_11(conn: Connection) -> None:
     conn.execute(delete(schema_migrations).where(schema_migrations.c.version == 11))
 
 
+def _undo_migration_19(conn: Connection) -> None:
+    """The database as version 18 left it: agents' reports without a revocation revision."""
+    conn.execute(text("ALTER TABLE agent_status DROP COLUMN revocation_revision"))
+    conn.execute(delete(schema_migrations).where(schema_migrations.c.version == 19))
+
+
 def _undo_migration_18(conn: Connection) -> None:
     """The database as version 17 left it: the audit entries' one-column indexes."""
+    _undo_migration_19(conn)
     for column in ("type", "time", "subject", "cluster"):
         conn.execute(text(f"DROP INDEX ix_audit_entries_{column}_idx"))
         conn.execute(text(f"CREATE INDEX ix_audit_entries_{column} ON audit_entries ({column})"))
@@ -330,8 +337,6 @@ def test_migration_13_adds_access_requests_to_a_version_12_database(
     """A version 12 database gets the access requests' table: a request is stored and
     read back, and its expiry is recorded once however many replicas try."""
     import json
-
-    from sqlalchemy import select, update
 
     from trustmesh.storage.schema import access_requests
 
@@ -585,8 +590,6 @@ def test_migration_14_adds_the_push_outbox_to_a_version_13_database(
     EventReceiver that wants its detector, and a due row is claimed by one replica."""
     import json
 
-    from sqlalchemy import update
-
     from trustmesh.server.push import RETENTION, claim_due, enqueue, prune
     from trustmesh.storage.schema import anomaly_deliveries, registry_objects
 
@@ -659,5 +662,34 @@ def test_migration_18_indexes_the_audit_filters_with_the_entry_index(
                     )
                 )
             assert "ix_audit_entries_type_idx" in plan and "TEMP B-TREE" not in plan
+    finally:
+        db.dispose()
+
+
+def test_migration_19_leaves_the_revocation_revision_of_earlier_reports_unknown(
+    db_url: str | None, tmp_path: Path
+) -> None:
+    """A version 18 database's agent reports hold no revocation revision: after the
+    upgrade they read NULL (the overview's "unknown", never "in sync"), and a report
+    can then record one."""
+    db = open_database(db_url, tmp_path)
+    try:
+        with db.engine.begin() as conn:
+            _undo_migration_19(conn)
+            conn.execute(
+                text(
+                    "INSERT INTO agent_status (cluster, agent_id, policy_revision, "
+                    "registry_revision, last_seen) VALUES ('east', 'a1', 3, 7, 100)"
+                )
+            )
+        assert current_version(db.engine) == 18
+        assert migrate(db.engine) == LATEST
+        with db.engine.begin() as conn:
+            row = conn.execute(
+                select(agent_status.c.policy_revision, agent_status.c.revocation_revision)
+            ).one()
+            assert tuple(row) == (3, None)
+            conn.execute(update(agent_status).values(revocation_revision=5))
+            assert conn.execute(select(agent_status.c.revocation_revision)).scalar() == 5
     finally:
         db.dispose()

@@ -205,14 +205,21 @@ class ControlPlaneClient:
 
         return await self.failover.run(attempt)
 
-    async def fetch_revocations(self, since: int, wait: float) -> tuple[int, list[Revocation]]:
+    async def fetch_revocations(
+        self, since: int, wait: float, held: int | None = None
+    ) -> tuple[int, list[Revocation]]:
         """``GET /v1/revocations?since=R&wait=S``: the current revision and the entries
-        after ``since`` (long poll: answers as soon as there are any, or after ``wait``)."""
+        after ``since`` (long poll: answers as soon as there are any, or after ``wait``).
+        ``held``: the revision this agent's list is at, which the control plane records
+        for its overview (``&held=H``)."""
+        params = {"since": str(since), "wait": str(wait)}
+        if held is not None:
+            params["held"] = str(held)
 
         async def attempt(base: str) -> tuple[int, list[Revocation]]:
             response = await self._http.get(
                 base + "/v1/revocations",
-                params={"since": str(since), "wait": str(wait)},
+                params=params,
                 timeout=httpx.Timeout(wait + LONG_POLL_MARGIN),
             )
             self._check(base, response)

@@ -1,6 +1,6 @@
 """The agent's revocation list and how fresh it is (DESIGN §5).
 
-Entries arrive by long poll (``GET /v1/revocations?since=R&wait=25``): the control
+Entries arrive by long poll (``GET /v1/revocations?since=R&wait=25&held=R``): the control
 plane answers the moment a revocation is recorded, so every agent enforces it well
 within a second; every ``full_resync`` seconds the agent re-reads the whole list as a
 backstop. The list is persisted (write, fsync, rename) together with the wall-clock
@@ -170,7 +170,10 @@ RECONNECT_CAP = 5.0  # the longest wait between attempts while the control plane
 
 async def run_revocation_sync(client: ControlPlaneClient, holder: RevocationHolder) -> None:
     """The first round is always a full read, answered at once (never a long poll: with
-    nothing newer to send, that would hold the agent's readiness for its whole wait)."""
+    nothing newer to send, that would hold the agent's readiness for its whole wait).
+    Each long poll reports the revision the list is at (``held``, the overview's
+    revocation lag); a full read does not: it replaces the list, and the revision kept
+    from before may be ahead of a control plane restored from a backup."""
     backoff = Backoff(base=0.2, cap=RECONNECT_CAP)
     last_full: float | None = None  # monotonic; None: no full read yet
     while True:
@@ -178,7 +181,7 @@ async def run_revocation_sync(client: ControlPlaneClient, holder: RevocationHold
         since = 0 if full else holder.revocations.revision
         try:
             revision, entries = await client.fetch_revocations(
-                since, 0.0 if full else LONG_POLL_SECONDS
+                since, 0.0 if full else LONG_POLL_SECONDS, None if full else since
             )
             holder.apply(revision, entries, full)
             if full:

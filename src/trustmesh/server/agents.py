@@ -1,7 +1,9 @@
 """The control plane's side of its agents: the credentials that let one agent instance act
 for one cluster, the configuration each one fetches, and which policy revision each one
 last reported applying (``agent_status``, one row per (cluster, agent), written on every
-bundle poll; the agent is the one its credential names)."""
+bundle poll; the agent is the one its credential names) and which revocation revision
+it holds (the ``held`` of its revocation polls, recorded in the row its bundle polls
+made)."""
 
 from __future__ import annotations
 
@@ -139,6 +141,19 @@ class Agents:
                     )
                 )
 
+    def record_revocations(self, cluster: str, agent_id: str, held: int) -> bool:
+        """An agent of ``cluster`` holds the revocation list up to revision ``held``.
+        Recorded in the row its bundle polls keep; False when it has none yet (a new
+        agent's first revocation poll can come before its first bundle report: its next
+        poll records it)."""
+        with self.db.engine.begin() as conn:
+            updated = conn.execute(
+                update(agent_status)
+                .where(agent_status.c.cluster == cluster, agent_status.c.agent_id == agent_id)
+                .values(revocation_revision=held)
+            )
+            return bool(updated.rowcount)
+
     def reports(self) -> dict[str, list[dict[str, Any]]]:
         """Every agent's last report, by cluster."""
         with self.db.engine.connect() as conn:
@@ -153,6 +168,7 @@ class Agents:
                         "appliedRevision": row.policy_revision,
                         "appliedRegistryRevision": row.registry_revision,
                         "lastSeen": row.last_seen,
+                        "revocationRevision": row.revocation_revision,
                     }
                 )
             return out

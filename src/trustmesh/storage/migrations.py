@@ -208,6 +208,12 @@ def _v18_audit_query_indexes(conn: Connection) -> None:
             index.create(conn)
 
 
+def _v19_agent_revocation_revision(conn: Connection) -> None:
+    """Agents report the revocation revision they hold; rows from before say nothing
+    (NULL: unknown, never "in sync")."""
+    _add_missing_columns(conn, schema.agent_status)
+
+
 MIGRATIONS: list[Migration] = [
     (1, "initial schema: meta, signing keys, registry, credentials", _v1_initial),
     (2, "policy versions and agent status", _v2_policy),
@@ -240,6 +246,7 @@ MIGRATIONS: list[Migration] = [
     (16, "security analytics: runner state and findings", _v16_analytics),
     (17, "console sessions: signed-in people's browsers", _v17_console_sessions),
     (18, "audit entries: filter columns indexed with the entry index", _v18_audit_query_indexes),
+    (19, "agent status: the revocation revision each agent holds", _v19_agent_revocation_revision),
 ]
 
 LATEST = MIGRATIONS[-1][0]

@@ -278,7 +278,9 @@ policy_versions = Table(
     Column("claimed_author", String(200)),  # the author the caller named, if any
 )
 
-# What each agent last reported it enforces (for drift).
+# What each agent last reported it enforces (for drift): the (policy, registry) revision
+# of its bundle poll, and the revocation revision it holds (its revocation poll's
+# ``held``; NULL for an agent that never said, migration 19).
 agent_status = Table(
     "agent_status",
     metadata,
@@ -287,6 +289,7 @@ agent_status = Table(
     Column("policy_revision", Integer, nullable=False),
     Column("registry_revision", Integer, nullable=False),
     Column("last_seen", Float, nullable=False),
+    Column("revocation_revision", Integer),
 )
 
 # Revocations (DESIGN §5); rows past ``expires_at`` cover no valid token and are deleted.

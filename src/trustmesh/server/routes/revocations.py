@@ -1,6 +1,8 @@
 """The revocation list (DESIGN §5): revoke (admin), and the list agents follow, by long
-poll (``GET /v1/revocations?since=R&wait=S``) or as server-sent events
-(``GET /v1/revocations/stream``, which ends once its credential is no longer valid);
+poll (``GET /v1/revocations?since=R&wait=S&held=H``: an agent's credential reports
+with ``held`` the revision its list is at, for the overview's revocation lag) or as
+server-sent events (``GET /v1/revocations/stream``, which ends once its credential is
+no longer valid);
 and suspensions (admin): ``POST /v1/suspensions``, ``POST /v1/suspensions/resume``,
 ``GET /v1/suspensions``."""
 
@@ -59,6 +61,21 @@ def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
             )
         return value
 
+    def held(request: Request) -> int | None:
+        """``held=H``: the revocation revision the caller's list is at (absent: not said)."""
+        text = request.query_params.get("held")
+        if text is None:
+            return None
+        value = parse_decimal(text)
+        if value is None:
+            raise InvalidRequest("held must be a revocation revision (a non-negative integer)")
+        current = snapshots.revocations.revision
+        if value > current:
+            raise InvalidRequest(
+                f"held={value} is ahead of this control plane's revocation revision {current}"
+            )
+        return value
+
     async def create(request: Request) -> Response:
         principal = await callers.admin(request)
         document = await read_json(request, MAX_REVOCATION_BODY)
@@ -86,9 +103,16 @@ def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
 
     async def listing(request: Request) -> Response:
         """Entries after ``since`` (all in force for 0). With ``wait``, a long poll:
-        answers as soon as there is something newer, else empty after ``wait`` s."""
+        answers as soon as there is something newer, else empty after ``wait`` s. An
+        agent's credential reporting ``held`` is recorded as holding that revision (the
+        admin's is checked, not recorded: it is no agent)."""
         principal = await callers.principal(request)
         after = since(request)
+        holding = held(request)
+        if holding is not None and principal.cluster is not None and principal.agent:
+            await run_in_threadpool(
+                plane.agents.record_revocations, principal.cluster, principal.agent, holding
+            )
         await snapshots.wait_until(
             lambda: snapshots.revocations.revision > after,
             long_poll_wait(request),

@@ -1,5 +1,6 @@
 // The overview: every cluster and its agents (desired vs applied policy revision,
-// drift, how long behind, staleness, last audit shipment), the issuers and key sets,
+// drift, how long behind, staleness; the revocations each agent lacks and for how long;
+// last audit shipment), the issuers and key sets,
 // the control plane's signing keys and revocation list. One request (GET /v1/overview);
 // re-fetched when the server says it changed (the "overview" live event), and its
 // relative times re-drawn every few seconds without a request.
@@ -47,6 +48,30 @@ function agentsCell(cluster) {
   );
 }
 
+function revocationText(behind, lag) {
+  if (behind === null) return h("span", { class: "muted" }, "unknown");
+  if (!behind) return h("span", { class: "ok" }, "up to date");
+  return h("span", { class: "bad" }, `${behind} behind${lag === null ? "" : `, ${Math.round(lag)} s`}`);
+}
+
+// Per agent: the revision it holds and how far behind it is ("unknown": it never said).
+function revocationsCell(cluster) {
+  if (!cluster.agents.length) return h("span", { class: "muted" }, "—");
+  return h(
+    "ul",
+    { class: "plain" },
+    cluster.agents.map((a) =>
+      h(
+        "li",
+        { dataset: { revocationsOf: a.agentId } },
+        h("span", { class: "mono" }, a.agentId),
+        a.revocationRevision === null ? " — " : ` — r${a.revocationRevision} `,
+        revocationText(a.revocationsBehind, a.revocationLagSeconds),
+      ),
+    ),
+  );
+}
+
 function draw(root) {
   clear(root);
   root.appendChild(h("h1", {}, "Overview"));
@@ -71,6 +96,7 @@ function draw(root) {
         { label: "State", render: state },
         { label: "Desired / applied", render: (c) => `r${c.desiredRevision} / ${c.appliedRevisions.length ? c.appliedRevisions.map((r) => "r" + r).join(", ") : "—"}` },
         { label: "Agents", render: agentsCell },
+        { label: "Revocations", render: revocationsCell },
         { label: "Last audit shipment", render: (c) => (c.lastShipment ? h("span", {}, timeAgo(c.lastShipment), ` (${c.auditEvents} events)`) : h("span", { class: "muted" }, "none")) },
         { label: "Workloads", key: "workloads" },
       ],
