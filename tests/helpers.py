@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -711,3 +711,27 @@ def stop_envoy(envoy: Envoy) -> None:
         except subprocess.TimeoutExpired:
             envoy.process.kill()
             envoy.process.wait()
+
+
+def processes_mentioning(marker: str) -> list[str]:
+    """Command lines of live processes (other than this one) that mention ``marker``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            raw = (entry / "cmdline").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        cmdline = raw.replace(b"\0", b" ").decode(errors="replace")
+        if marker in cmdline and state != "Z":
+            found.append(f"{entry.name}: {cmdline}")
+    return found
+
+
+def kill_leftovers(marker: str) -> None:
+    """SIGKILL what :func:`processes_mentioning` finds (a failed test's leftovers)."""
+    for line in processes_mentioning(marker):
+        with suppress(ProcessLookupError, PermissionError):
+            os.kill(int(line.split(":", 1)[0]), signal.SIGKILL)

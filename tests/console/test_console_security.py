@@ -3,12 +3,18 @@
 origin (403 otherwise); only people sign in (the bootstrap token and cluster
 credentials cannot); a removed person's or a rotated credential's session ends at once;
 the cookie is HttpOnly, SameSite=Strict, and over HTTPS Secure with the __Host- prefix;
-the security headers are on every console answer. Expiry (idle 30 min, absolute 8 h)
-is checked on the session store with an injected clock, against a real database."""
+the security headers are on every console answer; signing in and out are audit
+events naming the session by a hash prefix (never the cookie or the credential), a
+live credential refused is one too, and a flood of credentials that are not valid is
+folded like refused exchanges. Expiry (idle 30 min, absolute 8 h) is checked on the
+session store with an injected clock, against a real database."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import ssl
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,9 +22,12 @@ from pathlib import Path
 import httpx
 from console_support import Console
 
-from helpers import cluster_yaml, start_server, unique
+from helpers import Server, cluster_yaml, start_server, unique
 from tls_support import make_tls
+from trustmesh.audit.log import AuditLog
+from trustmesh.identity.sealing import MasterKey
 from trustmesh.server.credentials import PERSON, CredentialStore
+from trustmesh.server.recorder import AuditRecorder
 from trustmesh.server.routes.console import CSP
 from trustmesh.server.sessions import ABSOLUTE, IDLE, SessionStore
 from trustmesh.storage import open_database
@@ -212,7 +221,8 @@ def test_sessions_end_when_idle_and_after_eight_hours(tmp_path: Path) -> None:
     try:
         credentials = CredentialStore(db, clock)
         _, secret = credentials.create(PERSON, "test", person="ida", role="auditor")
-        sessions = SessionStore(db, credentials, clock)
+        audit = AuditLog(db, MasterKey(b"m" * 32), "example.org", "r1")
+        sessions = SessionStore(db, credentials, AuditRecorder(audit, clock), clock)
         session_id, session = sessions.begin(secret)
         assert session.person == "ida" and session.role == "auditor"
         assert session.ends_at(IDLE) == clock.now + IDLE
@@ -241,3 +251,122 @@ def test_sessions_end_when_idle_and_after_eight_hours(tmp_path: Path) -> None:
         assert sessions.resume(session_id) is None
     finally:
         db.dispose()
+
+
+def events_of(server: Server, kind: str, wanted: int = 1) -> list[dict[str, object]]:
+    """The log's events of ``kind`` (oldest first), once there are ``wanted`` of them
+    (refusals are written without being awaited; a window's summary when it ends)."""
+    deadline = time.monotonic() + 20
+    while True:
+        answer = server.admin.get("/v1/audit/query", params={"type": kind, "limit": "1000"})
+        assert answer.status_code == 200, answer.text
+        found = [entry["event"] for entry in answer.json()["entries"]]
+        if len(found) >= wanted or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
+def test_signing_in_and_out_are_audit_events_naming_the_session_by_a_hash(
+    console: Console,
+) -> None:
+    server = console.server
+    name = unique("audited-")
+    token = console.add_person(name, "approver")
+    with signed_in(console, token) as (client, csrf):
+        cookie = client.cookies["trustmesh_session"]
+        ref = hashlib.sha256(cookie.encode()).hexdigest()[:16]
+        ended = client.post("/console/session/end", headers={"X-CSRF-Token": csrf})
+        assert ended.status_code == 200
+    signed_in_events = [
+        e for e in events_of(server, "admin.console_signed_in") if e["actor"] == f"user:{name}"
+    ]
+    assert len(signed_in_events) == 1, signed_in_events
+    (event,) = signed_in_events
+    detail = event["detail"]
+    assert isinstance(detail, dict)
+    assert detail["session"] == ref and detail["role"] == "approver"
+    out = [e for e in events_of(server, "admin.console_signed_out") if e["actor"] == f"user:{name}"]
+    assert len(out) == 1 and out[0]["detail"]["session"] == ref  # type: ignore[index]
+    for logged in (event, out[0]):
+        text = json.dumps(logged)
+        assert cookie not in text and token not in text and csrf not in text
+        assert hashlib.sha256(cookie.encode()).hexdigest() not in text  # only a prefix
+    # signing out a session that is gone writes nothing more
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        client.cookies.set("trustmesh_session", cookie)
+        assert (
+            client.post("/console/session/end", headers={"X-CSRF-Token": csrf}).status_code == 401
+        )
+    assert [
+        e for e in events_of(server, "admin.console_signed_out") if e["actor"] == f"user:{name}"
+    ] == out
+
+
+def test_a_live_credential_refused_a_session_is_an_audit_event_of_its_holder(
+    console: Console,
+) -> None:
+    server = console.server
+    cluster = unique("refused-signin-")
+    server.apply(cluster_yaml(cluster, f"http://127.0.0.1:9/{cluster}"))
+    credential = server.credential(cluster)
+    answer = httpx.post(
+        server.url + "/console/session", json={"credential": credential}, timeout=10
+    )
+    assert answer.status_code == 403
+
+    name = unique("rotating-")
+    token = console.add_person(name, "auditor")
+    people = server.admin.get("/v1/credentials").json()["credentials"]
+    (ident,) = [c["id"] for c in people if c["person"] == name]
+    assert server.admin.post(f"/v1/credentials/{ident}/rotate", json={}).status_code == 200
+    answer = httpx.post(server.url + "/console/session", json={"credential": token}, timeout=10)
+    assert answer.status_code == 401  # the replaced secret, within its overlap
+
+    refused = events_of(server, "admin.console_signin_refused")
+    by_actor = {e["actor"]: e["detail"] for e in refused}
+    assert by_actor[f"cluster:{cluster}"]["reason"] == "not_a_person"  # type: ignore[index]
+    assert by_actor[f"user:{name}"] == {  # type: ignore[comparison-overlap]
+        "reason": "secret_replaced",
+        "kind": "person",
+        "credential_id": ident,
+    }
+    assert credential not in json.dumps(refused) and token not in json.dumps(refused)
+
+
+def test_sign_ins_with_credentials_that_are_not_valid_are_folded_like_refused_exchanges(
+    tmp_path: Path,
+) -> None:
+    server = start_server(
+        tmp_path / "cp",
+        None,
+        "--audit-refusal-window",
+        "2",
+        "--audit-refusal-per-source",
+        "2",
+        "--audit-refusal-quota",
+        "3",
+    )
+    try:
+        guesses = [f"tmu_guess{n}_{unique('x')}" for n in range(12)]
+        with httpx.Client(base_url=server.url, timeout=10) as client:
+            for guess in guesses:
+                answer = client.post("/console/session", json={"credential": guess})
+                assert answer.status_code == 401, answer.text
+        individual = [
+            e
+            for e in events_of(server, "token.exchange_failed", 2)
+            if e["request"] == {"surface": "console"}
+        ]
+        assert len(individual) == 2  # the per-source quota, as for refused exchanges
+        assert all(e["actor"] == "anonymous" for e in individual)
+        summaries = events_of(server, "audit.refusals_folded")
+        assert summaries, "the window's summary was not written"
+        folded = sum(s["detail"]["folded"] for s in summaries)  # type: ignore[index,misc]
+        assert folded == len(guesses) - 2
+        by_surface = summaries[0]["detail"]["by"]["surface"]  # type: ignore[index]
+        assert by_surface["values"] == {"console": folded}
+        logged = json.dumps(individual + summaries)
+        assert not any(guess in logged for guess in guesses)  # no credential, not even a hash
+        assert not any(hashlib.sha256(g.encode()).hexdigest() in logged for g in guesses)
+    finally:
+        assert server.stop() == 0

@@ -233,3 +233,36 @@ def test_the_pages_fit_a_phone(world: tuple[Console, Scenario], browser: Browser
         assert not problems(page)
     finally:
         page.context.close()
+
+
+LAYOUT = """() => [...document.querySelectorAll('form.explain label')].map((label) => {
+  const l = label.getBoundingClientRect();
+  const c = document.getElementById(label.htmlFor).getBoundingClientRect();
+  return {name: label.textContent, label: [l.left, l.top, l.bottom], control: [c.left, c.top, c.right]};
+})"""
+
+
+def test_the_explain_form_is_a_grid_of_labels_and_inputs_and_stacks_on_a_phone(
+    world: tuple[Console, Scenario], browser: Browser
+) -> None:
+    console, _ = world
+    for viewport in (None, PHONE):
+        page = open_page(browser, viewport) if viewport else open_page(browser)
+        try:
+            console.sign_in(page, "auditor")
+            page.goto(console.url + "#/policy")
+            expect(page.get_by_label("Verb")).to_be_visible()
+            boxes = page.evaluate(LAYOUT)
+            names = [b["name"] for b in boxes]
+            assert {"Cluster", "Identity", "Request kind", "Verb", "Namespace"} <= set(names)
+            if viewport is None:  # 1280 x 800: one label column, one input column
+                assert len({round(b["control"][0]) for b in boxes}) == 1, boxes
+                assert all(b["control"][0] > b["label"][0] + 50 for b in boxes), boxes
+                assert all(abs(b["control"][1] - b["label"][1]) < 20 for b in boxes), boxes
+            else:  # a phone: each label above its input, all at the left edge, no scrolling
+                assert all(b["label"][2] <= b["control"][1] + 1 for b in boxes), boxes
+                assert all(abs(b["control"][0] - b["label"][0]) < 20 for b in boxes), boxes
+                assert all(b["control"][2] <= PHONE["width"] for b in boxes), boxes
+            assert not problems(page)
+        finally:
+            page.context.close()

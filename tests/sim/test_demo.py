@@ -1,17 +1,15 @@
-"""``trustmesh demo``: real subprocesses, real HTTP, real signals, nothing left behind."""
+"""``trustmesh demo``: real subprocesses, real HTTP, real signals, nothing left behind.
+The run stopped by SIGINT is ``tests/console/test_console_demo.py``, which also signs
+into the demo's web console in a browser while it runs (one run for both)."""
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
-import queue
 import re
-import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import httpx
 import pytest
 import yaml
 
+from helpers import kill_leftovers, processes_mentioning
 from trustmesh.manifests import POLICY_KINDS, REGISTRY_KINDS, parse_text
 from trustmesh.policy.compiler import PolicySet, compile_all, identity_claims
 from trustmesh.policy.engine import Engine
@@ -82,29 +81,6 @@ from trustmesh.sim.demo.upstream import what_reached
 from trustmesh.sim.envoy import find_envoy
 
 DEMO = [sys.executable, "-m", "trustmesh.cli.main", "demo"]
-
-
-def processes_mentioning(marker: str) -> list[str]:
-    """Command lines of live processes (other than this one) that mention ``marker``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            raw = (entry / "cmdline").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        cmdline = raw.replace(b"\0", b" ").decode(errors="replace")
-        if marker in cmdline and state != "Z":
-            found.append(f"{entry.name}: {cmdline}")
-    return found
-
-
-def kill_leftovers(marker: str) -> None:
-    for line in processes_mentioning(marker):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(int(line.split(":", 1)[0]), signal.SIGKILL)
 
 
 VERDICT = {"allow": "ALLOWED", "deny": "DENIED", "default deny": "DENIED"}
@@ -448,55 +424,6 @@ def check_audit(output: str) -> None:
         re.M,
     ), output
     assert "audit: every agent's events arrived, no sequence gaps" in output
-
-
-def read_lines(proc: subprocess.Popen[str], lines: queue.Queue[str]) -> None:
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        lines.put(line)
-
-
-def test_sigint_stops_everything_cleanly(tmp_path: Path) -> None:
-    data_dir = tmp_path / "demo"
-    proc = subprocess.Popen(
-        [*DEMO, "--duration", "120", "--plain", "--data-dir", str(data_dir)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=read_lines, args=(proc, lines), daemon=True).start()
-    seen: list[str] = []
-    try:
-        deadline = time.monotonic() + 45
-        while not any("authenticated as" in line for line in seen):
-            assert time.monotonic() < deadline, "no traffic within 45 s:\n" + "".join(seen)
-            assert proc.poll() is None, "demo exited early:\n" + "".join(seen)
-            with contextlib.suppress(queue.Empty):
-                seen.append(lines.get(timeout=1))
-        assert sum(line.startswith("agent for") and "ready on" in line for line in seen) == 3
-        assert any(line.startswith("mesh: Envoys (") for line in seen), "".join(seen)
-        assert processes_mentioning(str(data_dir)), "the agents and server should be running"
-        proc.send_signal(signal.SIGINT)
-        code = proc.wait(timeout=30)
-        time.sleep(0.2)  # let the reader thread drain the pipe
-        while not lines.empty():
-            seen.append(lines.get())
-        output = "".join(seen)
-        stderr = proc.stderr.read() if proc.stderr else ""
-        assert code == 0, output + stderr
-        assert "interrupted: stopping the mesh and the agents, then proving the audit log" in output
-        assert "audit: every agent's events arrived, no sequence gaps" in output
-        assert "OK: every decision matched the policy in force" in output
-        assert processes_mentioning(str(data_dir)) == []
-        assert (data_dir / "policy" / "accepted-change.yaml").exists()
-        assert (data_dir / "control-plane" / "admin.token").exists(), "a given data dir is kept"
-        assert oct((data_dir / "agents" / "eu-west.token").stat().st_mode & 0o777) == "0o600"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        kill_leftovers(str(data_dir))
 
 
 def test_startup_failure_is_one_clear_error_and_stops_everything(tmp_path: Path) -> None:

@@ -108,6 +108,24 @@ the token's ``jti`` and expiry in ``detail``, never the token; the person is the
 its verifier key, the old origin's last checkpoint the restored entries are consistent
 with, the published checkpoint they fall short of, and the entries lost between."""
 
+CONSOLE_SIGNED_IN = "admin.console_signed_in"
+"""A person signed in to the web console (DESIGN §12, ``server/sessions.py``); actor the
+person: ``session`` (16 hex digits of the session id's SHA-256, what the database keys
+the session by; never the id, the cookie or the credential), ``role``,
+``credential_id``, ``expires_at`` (the session's absolute end)."""
+CONSOLE_SIGNED_OUT = "admin.console_signed_out"
+"""A person signed out of the web console: ``session``, ``credential_id``,
+``signed_in_at``. A session that ends by itself (idle, absolute end, credential
+revoked) writes nothing."""
+CONSOLE_SIGNIN_REFUSED = "admin.console_signin_refused"
+"""A live credential that may not open a console session (the bootstrap ``admin.token``,
+a cluster's credential, a secret a rotation replaced); actor that principal: ``reason``
+(``not_a_person``, ``secret_replaced``), ``kind``, ``credential_id``. A credential that is
+not valid at all is a ``token.exchange_failed`` (``request.surface: console``), folded
+like refused exchanges."""
+ADMIN_TYPES = frozenset({CONSOLE_SIGNED_IN, CONSOLE_SIGNED_OUT, CONSOLE_SIGNIN_REFUSED})
+"""The ``admin.*`` types named here (``admin.*`` is open: any ``admin.<verb>`` is valid)."""
+
 EVENT_TYPES = frozenset(
     {
         TOKEN_ISSUED,

@@ -229,7 +229,6 @@ class ControlPlane:
         self.ca.ensure_roots()
         self.credentials = CredentialStore(self.db, self.clock)
         self.admin_token_created = self.credentials.ensure_admin(data_dir / "admin.token")
-        self.sessions = SessionStore(self.db, self.credentials, self.clock)
         self.registry_store = RegistryStore(self.db, self.trust_domain)
         self.observations = TemplateObservations(self.db)
         self.catalog = PolicyCatalog(self.db)
@@ -260,6 +259,7 @@ class ControlPlane:
         )
         self.audit.open()
         self.recorder = AuditRecorder(self.audit, self.clock, config.audit_refusals)
+        self.sessions = SessionStore(self.db, self.credentials, self.recorder, self.clock)
         self.sa_tokens = VerifiedSaTokenCache(config.sa_token_cache_size)
         self.metrics = ServerMetrics(self.audit, self.recorder, self.sa_tokens, self.clock)
         snapshots = self.snapshots

@@ -143,14 +143,16 @@ class AuditRecorder:
         description: str,
         subject_token: str | None,
         peer: str | None,
-        trace_id: str,
-        span_id: str,
+        trace_id: str | None,
+        span_id: str | None,
         surface: str = "token",
     ) -> bool:
         """Record a refused exchange from the caller at ``peer``: as its own
         ``token.exchange_failed`` event (True), or folded into the window's summary
         (False). Not awaited: nothing changed, and a refusal waits for no commit.
-        ``surface``: ``token`` (RFC 8693) or ``x509-svid`` (``POST /v1/x509-svid``)."""
+        ``surface``: ``token`` (RFC 8693), ``x509-svid`` (``POST /v1/x509-svid``) or
+        ``console`` (a sign-in with a credential that is not valid, which carries no
+        trace)."""
         claimed = claimed_facts(subject_token)
         digest = ev.token_sha256(subject_token) if subject_token else None
         refusal = Refusal(
@@ -337,8 +339,8 @@ def exchange_failed_event(
     error: str,
     description: str,
     subject_token: str | None,
-    trace_id: str,
-    span_id: str,
+    trace_id: str | None,
+    span_id: str | None,
     claimed: Mapping[str, str] | None = None,
     surface: str = "token",
 ) -> dict[str, Any]:

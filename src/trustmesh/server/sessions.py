@@ -15,11 +15,23 @@ SameSite=Strict cookie (``routes/console.py``), never the credential.
   in the same query that finds the session, so it holds on every replica at once.
 * ``last_seen`` is written at most every ``SEEN_RESOLUTION`` seconds per session, so a
   busy page is not a write per request.
+* Sign-in and sign-out are audit events (``admin.console_signed_in``,
+  ``admin.console_signed_out``), staged in the transaction that creates or deletes the
+  session: actor the person, ``detail.session`` the first 16 hex digits of the session
+  id's SHA-256 (never the id, the cookie or the credential). A sign-in refused to a
+  caller who holds a live credential that may not sign in (the bootstrap token, a
+  cluster's, a secret a rotation replaced) is ``admin.console_signin_refused``, actor
+  that principal. A refusal of an unknown, expired or revoked credential proves nothing
+  about the caller, so it goes the way of refused exchanges (:meth:`sign_in`): one
+  ``token.exchange_failed`` with ``request.surface`` ``console``, under the same
+  per-source quota and window, the rest folded into ``audit.refusals_folded``; an
+  unauthenticated caller cannot grow the log faster than by refused exchanges.
 
 Times come from the injected clock, so expiry is tested without waiting."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 from dataclasses import dataclass
@@ -27,9 +39,11 @@ from typing import Any
 
 from sqlalchemy import delete, or_, select, update
 
+from trustmesh.audit import events as ev
 from trustmesh.common.clock import Clock
-from trustmesh.common.errors import Forbidden, Unauthenticated
+from trustmesh.common.errors import Forbidden, InvalidToken, TrustmeshError, Unauthenticated
 from trustmesh.server.credentials import PERSON, CredentialStore, Principal
+from trustmesh.server.recorder import AuditRecorder
 from trustmesh.storage import Database
 from trustmesh.storage.schema import console_sessions, credentials
 
@@ -37,10 +51,18 @@ IDLE = 30 * 60.0  # seconds without a request after which a session ends
 ABSOLUTE = 8 * 3600.0  # seconds after sign-in after which a session ends, however used
 SEEN_RESOLUTION = 15.0  # seconds: last_seen is written at most this often per session
 MAX_SESSION_ID = 100  # characters: a longer cookie value is no session of ours
+SESSION_REF = 16  # hex digits of the session id's SHA-256 an audit event names it by
+SURFACE = "console"  # request.surface of a refused sign-in's token.exchange_failed
 
 
 def _sha256(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
+
+
+def session_ref(key: str) -> str:
+    """How audit events name a session: a prefix of the SHA-256 the database keys it
+    by (``key``), enough to find its row, useless as a cookie."""
+    return key[:SESSION_REF]
 
 
 @dataclass(frozen=True)
@@ -81,29 +103,54 @@ class SessionStore:
         self,
         db: Database,
         credential_store: CredentialStore,
+        recorder: AuditRecorder,
         clock: Clock,
         idle: float = IDLE,
         absolute: float = ABSOLUTE,
     ) -> None:
         self.db = db
         self.credentials = credential_store
+        self.recorder = recorder
         self.clock = clock
         self.idle = idle
         self.absolute = absolute
 
+    async def sign_in(self, secret: str, peer: str | None) -> tuple[str, Session]:
+        """:meth:`begin` off the event loop; a refusal of a credential that is not
+        valid (``InvalidToken``) is recorded as a refused exchange from ``peer`` (the
+        caller's address), individually or folded."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(None, self.begin, secret)
+        except InvalidToken as exc:
+            self.recorder.exchange_refused(
+                exc.error, exc.description, None, peer, None, None, surface=SURFACE
+            )
+            raise
+
     def begin(self, secret: str) -> tuple[str, Session]:
         """Sign in with a person's credential: the new session's id (for the cookie
-        only) and the session. Unauthenticated for a credential that is not valid;
-        Forbidden for one that is not a person's."""
+        only) and the session, and its ``admin.console_signed_in`` event. InvalidToken
+        for a credential that is not valid (recorded by :meth:`sign_in`); Forbidden for
+        one that is not a person's, Unauthenticated for a secret a rotation replaced
+        (both recorded here, ``admin.console_signin_refused``)."""
         if not isinstance(secret, str) or not secret.strip():
-            raise Unauthenticated("give your personal credential (trustmesh user add NAME)")
-        principal = self.credentials.authenticate(secret.strip())
+            raise InvalidToken(
+                "no_credential", "give your personal credential (trustmesh user add NAME)"
+            )
+        try:
+            principal = self.credentials.authenticate(secret.strip())
+        except Unauthenticated as exc:  # revoked or expired: says nothing of the caller
+            raise InvalidToken("credential_not_valid", exc.description) from None
         if principal is None:
-            raise Unauthenticated("credential is not valid (unknown, expired or revoked)")
+            raise InvalidToken(
+                "unknown_credential", "credential is not valid (unknown, expired or revoked)"
+            )
         if principal.kind != PERSON or principal.person is None or principal.role is None:
             what = (
                 "a cluster's agent credential" if principal.cluster else "the bootstrap admin.token"
             )
+            self._refused(principal, "not_a_person")
             raise Forbidden(
                 f"the console signs in people only, and this is {what}; sign in with a "
                 "personal credential (trustmesh user add NAME --role ROLE)"
@@ -125,23 +172,54 @@ class SessionStore:
                 select(credentials.c.secret_hash).where(credentials.c.id == principal.credential_id)
             ).scalar()
             if current != digest:
-                raise Unauthenticated(
+                refused: TrustmeshError | None = Unauthenticated(
                     "this secret was replaced by a rotation; sign in with the new one"
                 )
-            self._forget_ended(conn, now)
-            conn.execute(
-                console_sessions.insert().values(
-                    id_sha256=_sha256(session_id),
-                    credential_id=session.credential_id,
-                    credential_sha256=digest,
-                    person=session.person,
-                    csrf=session.csrf,
-                    created_at=now,
-                    last_seen=now,
-                    expires_at=session.expires_at,
-                )
-            )
+            else:
+                refused = None
+                self._forget_ended(conn, now)
+                self._insert(conn, session_id, session, digest)
+        if refused is not None:
+            self._refused(principal, "secret_replaced")
+            raise refused
+        self.recorder.drain()
         return session_id, session
+
+    def _insert(self, conn: Any, session_id: str, session: Session, digest: str) -> None:
+        """The session's row and its ``admin.console_signed_in`` event (staged: both
+        commit or neither does)."""
+        key = _sha256(session_id)
+        conn.execute(
+            console_sessions.insert().values(
+                id_sha256=key,
+                credential_id=session.credential_id,
+                credential_sha256=digest,
+                person=session.person,
+                csrf=session.csrf,
+                created_at=session.created_at,
+                last_seen=session.last_seen,
+                expires_at=session.expires_at,
+            )
+        )
+        self.recorder.stage(
+            conn,
+            ev.CONSOLE_SIGNED_IN,
+            session.principal().name,
+            {
+                "session": session_ref(key),
+                "role": session.role,
+                "credential_id": session.credential_id,
+                "expires_at": ev.now_time(session.expires_at),
+            },
+        )
+
+    def _refused(self, principal: Principal, reason: str) -> None:
+        """A live credential that may not sign in (nothing changed: written now)."""
+        self.recorder.write_admin(
+            ev.CONSOLE_SIGNIN_REFUSED,
+            principal.name,
+            {"reason": reason, "kind": principal.kind, "credential_id": principal.credential_id},
+        )
 
     def resume(self, session_id: str, touch: bool = True) -> Session | None:
         """The live session the cookie names, its ``last_seen`` moved to now (unless
@@ -208,9 +286,30 @@ class SessionStore:
         )
 
     def end(self, session_id: str) -> None:
-        """Sign out: the session's row is deleted (nothing if there is none)."""
-        if session_id and len(session_id) <= MAX_SESSION_ID:
-            self._delete(_sha256(session_id))
+        """Sign out: the session's row is deleted with its ``admin.console_signed_out``
+        event (nothing if there is none)."""
+        if not session_id or len(session_id) > MAX_SESSION_ID:
+            return
+        key = _sha256(session_id)
+        s = console_sessions.c
+        with self.db.engine.begin() as conn:
+            row = conn.execute(
+                select(s.person, s.credential_id, s.created_at).where(s.id_sha256 == key)
+            ).first()
+            if row is None:
+                return
+            conn.execute(delete(console_sessions).where(s.id_sha256 == key))
+            self.recorder.stage(
+                conn,
+                ev.CONSOLE_SIGNED_OUT,
+                f"user:{row.person}",
+                {
+                    "session": session_ref(key),
+                    "credential_id": row.credential_id,
+                    "signed_in_at": ev.now_time(row.created_at),
+                },
+            )
+        self.recorder.drain()
 
     def _delete(self, key: str) -> None:
         with self.db.engine.begin() as conn:

@@ -155,7 +155,8 @@ def routes(plane: ControlPlane, callers: Callers) -> list[Route]:
         credential = document.get("credential")
         if not isinstance(credential, str):
             raise InvalidRequest('body must be {"credential": "<your personal credential>"}')
-        session_id, session = await run_in_threadpool(sessions.begin, credential)
+        peer = request.client.host if request.client else None
+        session_id, session = await sessions.sign_in(credential, peer)
         response = JSONResponse(session.to_json(sessions.idle))
         response.set_cookie(
             cookie_name(request),

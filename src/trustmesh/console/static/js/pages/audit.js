@@ -14,6 +14,7 @@ const TYPES = [
   "workload.retired", "workload.restored", "access.requested", "access.approved",
   "access.denied", "access.expired", "anomaly.detected", "audit.gap_detected",
   "audit.refusals_folded", "audit.origin_started", "user.login",
+  "admin.console_signed_in", "admin.console_signed_out", "admin.console_signin_refused",
 ];
 
 let state = null;

@@ -262,16 +262,14 @@ function explainForm(ctx, clusters, versions, workloads) {
   const button = h("button", { type: "submit" }, "Explain");
   const form = h(
     "form",
-    { class: "explain", "aria-labelledby": id("explain-title") },
-    h(
-      "div",
-      { class: "filters" },
-      field("Cluster", cluster),
-      field("Policy revision", revision),
-      field("Identity is a", identityKind),
-      field("Identity", identity, "A Workload's name (or TEMPLATE/CLUSTER/NAMESPACE/SA), or a SPIFFE ID"),
-    ),
-    h("div", { class: "filters" }, field("Request kind", kind), fields, h("div", { class: "field actions" }, button)),
+    { class: "explain form-grid", "aria-labelledby": id("explain-title") },
+    field("Cluster", cluster),
+    field("Policy revision", revision),
+    field("Identity is a", identityKind),
+    field("Identity", identity, "A Workload's name (or TEMPLATE/CLUSTER/NAMESPACE/SA), or a SPIFFE ID"),
+    field("Request kind", kind),
+    fields,
+    h("div", { class: "field actions" }, button),
   );
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
