@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from helpers import (
     TRUST_DOMAIN,
     Server,
     cluster_yaml,
+    log_entries,
     register_federation,
     serve_cluster,
     start_server,
@@ -98,6 +100,48 @@ def test_apply_reports_created_configured_unchanged_and_dry_run(shared_server: S
     }
     assert items[name]["spec"]["labels"] == {"region": "eu"}
     assert items[name]["status"]["generation"] == 2
+
+
+def test_a_large_apply_is_recorded_in_bounded_events_every_change_in_one(
+    shared_server: Server,
+) -> None:
+    """An event is at most 16 KiB: 600 Workloads in one apply are recorded as several
+    ``admin.apply`` parts that together name every change; a publish of 300 roles is one
+    ``policy.published`` naming the changes that fit, their total and the digest of all."""
+    cluster = unique("big-")
+    workloads = [unique("w-") + "-" + "x" * 40 for _ in range(600)]
+    text = cluster_yaml(cluster, f"http://127.0.0.1:9/{cluster}") + "".join(
+        "---\n" + workload_yaml(name, cluster, "ns", name[:60]) for name in workloads
+    )
+    result = shared_server.apply(text)
+    revision = result["registryRevision"]
+    roles = [unique("role-") + "-" + "r" * 40 for _ in range(300)]
+    policy = "".join(
+        f"---\napiVersion: trustmesh.io/v1alpha1\nkind: GlobalRole\nmetadata: {{name: {r}}}\n"
+        "spec: {rules: [{apiGroups: [''], verbs: [get], resources: [pods]}]}\n"
+        for r in roles
+    )
+    published = shared_server.apply(policy)["policyRevision"]
+    entries = log_entries(shared_server)
+    parts = [
+        e["event"]["detail"]
+        for e in entries
+        if e["event"]["type"] == "admin.apply"
+        and e["event"]["detail"]["registry_revision"] == revision
+    ]
+    assert len(parts) > 1 and all(len(base64.b64decode(e["leaf"])) <= 16384 for e in entries)
+    assert [p["part"] for p in parts] == list(range(1, len(parts) + 1))
+    assert {p["parts"] for p in parts} == {len(parts)}
+    named = [c["name"] for p in parts for c in p["changes"]]
+    assert sorted(named) == sorted([cluster, *workloads])
+    (publish,) = [
+        e["event"]["detail"]
+        for e in entries
+        if e["event"]["type"] == "policy.published"
+        and e["event"]["detail"]["policy_revision"] == published
+    ]
+    assert publish["changes_total"] >= 300 > len(publish["changes"]) > 0
+    assert len(publish["changes_sha256"]) == 64
 
 
 def test_workload_listing_shows_spiffe_id(

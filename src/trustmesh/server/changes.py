@@ -15,6 +15,7 @@ detail and the policy version's ``claimedAuthor``."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 from sqlalchemy import Connection
 
 from trustmesh.audit import events as ev
+from trustmesh.audit.canonical import canonical_bytes
 from trustmesh.common.errors import (
     Conflict,
     ManifestError,
@@ -41,6 +43,24 @@ from trustmesh.server.usage import UsageTracker
 from trustmesh.storage import Database
 
 PUBLISH_ATTEMPTS = 3  # an approval's publish is built again when another version came between
+
+
+CHANGES_BUDGET = 10_000  # bytes of changes in one event (an event is at most 16 KiB)
+
+
+def change_parts(changes: list[dict[str, str]]) -> list[list[dict[str, str]]]:
+    """``changes`` cut into consecutive parts of at most CHANGES_BUDGET bytes of JSON
+    each (none when there are no changes)."""
+    parts: list[list[dict[str, str]]] = []
+    size = CHANGES_BUDGET
+    for change in changes:
+        length = len(canonical_bytes(change)) + 1
+        if size + length > CHANGES_BUDGET:
+            parts.append([])
+            size = 0
+        parts[-1].append(change)
+        size += length
+    return parts
 
 
 class _PolicyMoved(Exception):
@@ -332,7 +352,10 @@ class Changes:
         changed = [c for c in result.changes if c.action != "unchanged"]
         registry_changes = [c.as_dict() for c in changed if c.kind in REGISTRY_KINDS]
         policy_changes = [c.as_dict() for c in changed if c.kind in POLICY_KINDS]
-        if registry_changes:
+        parts = change_parts(registry_changes)
+        for number, part in enumerate(parts, 1):
+            # an event is at most 16 KiB: a large apply is recorded in parts, every
+            # change in one of them
             self.recorder.stage(
                 conn,
                 "admin.apply",
@@ -340,10 +363,15 @@ class Changes:
                 {
                     "registry_revision": result.registry_revision,
                     "claimed_author": claimed_author,
-                    "changes": registry_changes,
+                    "changes": part,
+                    "part": number if len(parts) > 1 else None,
+                    "parts": len(parts) if len(parts) > 1 else None,
                 },
             )
         if policy_changes:
+            # one publish, one event: the changes that fit, and the count and digest of
+            # all of them (the version itself, GET /v1/policy/versions/N, lists them all)
+            listed = change_parts(policy_changes)[0]
             self.recorder.stage(
                 conn,
                 ev.POLICY_PUBLISHED,
@@ -353,7 +381,13 @@ class Changes:
                     "via": via,
                     "claimed_author": claimed_author,
                     "message": message[:2000] or None,
-                    "changes": policy_changes,
+                    "changes": listed,
+                    "changes_total": len(policy_changes) if listed != policy_changes else None,
+                    "changes_sha256": (
+                        hashlib.sha256(canonical_bytes({"changes": policy_changes})).hexdigest()
+                        if listed != policy_changes
+                        else None
+                    ),
                     "tests_passed": len(result.tests),
                 },
             )
