@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from helpers import Server
+from helpers import Server, eventually
 from trustmesh.oauth.rfc8417 import ANOMALY_EVENT
 
 WAIT = 60.0
@@ -31,14 +30,8 @@ TOKEN = "push-test-bearer-0f3c9d2a7b"  # what the /good receiver requires
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = WAIT) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = check()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
+    """``helpers.eventually`` with the awaited thing named first."""
+    return eventually(check, what, timeout)
 
 
 @dataclass
