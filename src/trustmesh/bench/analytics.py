@@ -62,6 +62,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
+from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any
 
@@ -209,10 +210,27 @@ def _catch_up(plane: ControlPlane, entries: int) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def _own_resource_tracker() -> Iterator[None]:
+    """multiprocessing's spawn starts a resource tracker process beside the first child
+    it starts and keeps it for the life of this process; one the bench started is
+    stopped when the bench is done with its children, so it leaves no process behind."""
+    tracker = resource_tracker._resource_tracker
+    had = getattr(tracker, "_pid", None) is not None
+    try:
+        yield
+    finally:
+        if not had and getattr(tracker, "_pid", None) is not None:
+            tracker._stop()  # type: ignore[attr-defined]  # private, in 3.11 and later
+
+
 def _ingestion(trials: int, events: int, catchup: int, seed: int) -> list[dict[str, Any]]:
     rng = random.Random(seed)  # noqa: S311 -- benchmark data, not security
     arms: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="trustmesh-bench-analytics-") as tmp:
+    with (
+        _own_resource_tracker(),
+        tempfile.TemporaryDirectory(prefix="trustmesh-bench-analytics-") as tmp,
+    ):
         root = Path(tmp)
         for trial in range(trials):
             order = (False, True) if trial % 2 == 0 else (True, False)
