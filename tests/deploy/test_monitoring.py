@@ -46,11 +46,6 @@ RULE_TESTS = MONITORING / "prometheus-rules.test.yaml"
 DASHBOARD = MONITORING / "grafana-dashboard.json"
 NAME = re.compile(r"\btrustmesh_[a-z0-9_]+")
 
-ANOMALIES = "trustmesh_anomalies_total"
-"""Exposed by the anomaly detectors (issue 15 item 2, built beside this): the one name
-the rules and the dashboard may use before that code is on this branch. Once the
-control plane exposes it, it is checked like every other name."""
-
 SURFACES = ("authorize", "ext_authz", "tokenreview", "subjectaccessreview", "admission")
 
 
@@ -282,8 +277,6 @@ def test_every_name_the_rules_and_dashboard_use_is_exposed(
 
     names = set(at_agent) | set(plane)
     missing = referenced_names() - names
-    if ANOMALIES in missing:
-        missing.remove(ANOMALIES)  # not on this branch yet (see ANOMALIES)
     assert missing == set(), (
         f"referenced by the rules or the dashboard, exposed by no process: {missing}"
     )

@@ -224,8 +224,12 @@ def test_a_quarantining_policy_suspends_the_workload_an_escalating_approval_name
             published_index(server, rita, revision), approval_index,
         ]  # fmt: skip
 
-        suspensions = call(server, ada, "GET", "/v1/suspensions").json()
-        (suspension,) = [s for s in suspensions["suspensions"] if s["value"] == "web"]
+        def suspended() -> list[dict[str, Any]]:  # made by the analytics process: the
+            # serving process's snapshots have it within a refresh (about a second)
+            listed = call(server, ada, "GET", "/v1/suspensions").json()["suspensions"]
+            return [s for s in listed if s["value"] == "web"]
+
+        (suspension,) = eventually(suspended, "the suspension served")
         assert suspension["actor"] == "system" and found["id"] in suspension["reason"]
         refused_exchange = eventually(
             lambda: (

@@ -7,13 +7,15 @@ in a temporary data dir, opened and started as ``trustmesh server`` does, its ba
 loops running on an event loop in a thread of the bench process) sequences agents'
 ``authz.decision`` batches the way ``bench audit`` drives the sequencer (its
 ``_append_round``: ``agent_records`` on the JSON body, then ``AuditLog.append``; batches
-of 1000 from 8 spools taking turns). Two arms, the same workload and process:
+of 1000 from 8 spools taking turns). Two arms, the same workload:
 
-* ``off``: the analytics runner's loop never wakes (its interval 10⁹ s);
-* ``on``: the runner as the server runs it (``ANALYTICS_INTERVAL``, a round a second, at
-  once after a round that read a full batch,
-  in a worker thread of the same process: the lease, reading the new entries, every
-  detector, the commit of findings and state).
+* ``off``: no analytics runner (``--analytics off``);
+* ``on``: the runner as ``trustmesh server`` runs it (``--analytics process``): the
+  analytics child process (``server/analysis.py``, started and stopped by the same
+  ``AnalyticsProcess`` the server uses) on the same SQLite database, a round every
+  ``ANALYTICS_INTERVAL`` and at once after a round that read a full batch (the lease,
+  reading the new entries, every detector, the commit of findings and state). The
+  appends start once the child holds the lease.
 
 Each trial runs both arms, each on a fresh control plane, in alternating order (off/on,
 then on/off…); a rate is events / wall time of the arm's appends, the median over
@@ -60,6 +62,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
+from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +79,7 @@ from trustmesh.bench.audit import CLUSTERS, _agent_event, _append_round, _Target
 from trustmesh.common.token_exchange import exchange_form
 from trustmesh.identity.svid import mint_svid
 from trustmesh.manifests import API_VERSION
+from trustmesh.server.analysis import AnalyticsProcess
 from trustmesh.server.analytics import BATCH as RUNNER_BATCH
 from trustmesh.server.analytics import RUNNER
 from trustmesh.server.controlplane import ANALYTICS_INTERVAL, ControlPlane, ServerConfig
@@ -86,7 +90,7 @@ __all__ = ["run"]
 GOAL_INGEST_PER_S = 20_000.0
 GOAL_P99_S = 5.0
 BATCH = 1000  # an agent's full upload
-OFF_INTERVAL = 1e9  # seconds: the runner's loop never wakes
+RUNNER_START_TIMEOUT = 60.0  # seconds the analytics child has to take the lease
 DETECTOR_RATE = 20_000.0  # event times of the detectors-alone run: this many a second
 BURST_THRESHOLD = 3  # refusal_burst fires on the 4th refusal of a key in its window
 BURST_WINDOW = 60
@@ -98,14 +102,10 @@ ORIGIN = "bench-origin"
 
 
 @contextlib.contextmanager
-def _plane(data: Path, runner: bool) -> Iterator[ControlPlane]:
-    """A control plane opened and started as ``trustmesh server`` does (no HTTP: the
-    appends call the sequencer), its loops on an event loop in a thread."""
-    config = ServerConfig(
-        data_dir=data,
-        trust_domain=TRUST_DOMAIN,
-        analytics_interval=ANALYTICS_INTERVAL if runner else OFF_INTERVAL,
-    )
+def _plane(data: Path) -> Iterator[ControlPlane]:
+    """A control plane opened and started as ``trustmesh server --analytics off`` does
+    (no HTTP: the appends call the sequencer), its loops on an event loop in a thread."""
+    config = ServerConfig(data_dir=data, trust_domain=TRUST_DOMAIN, analytics="off")
     plane = ControlPlane(config, "http://127.0.0.1:1")  # never served, never called
     plane.open()
     loop = asyncio.new_event_loop()
@@ -126,20 +126,46 @@ def _plane(data: Path, runner: bool) -> Iterator[ControlPlane]:
         loop.close()
 
 
-def _cursor(plane: ControlPlane) -> int:
-    """The last audit index the runner committed as read."""
+def _state(plane: ControlPlane) -> tuple[str | None, int]:
+    """The runner's lease holder and the last audit index it committed as read."""
     with plane.db.engine.connect() as conn:
-        value = conn.execute(
-            select(analytics_state.c.cursor).where(analytics_state.c.name == RUNNER)
-        ).scalar_one()
-    return int(value)
+        holder, cursor = conn.execute(
+            select(analytics_state.c.holder, analytics_state.c.cursor).where(
+                analytics_state.c.name == RUNNER
+            )
+        ).one()
+    return holder, int(cursor)
+
+
+def _cursor(plane: ControlPlane) -> int:
+    return _state(plane)[1]
+
+
+@contextlib.contextmanager
+def _analytics_process(plane: ControlPlane) -> Iterator[None]:
+    """The analytics child on the plane's database, as ``trustmesh server`` starts it;
+    yields once it holds the lease, stops it (the lease released) afterwards."""
+    config = replace(plane.config, analytics="process", analytics_interval=ANALYTICS_INTERVAL)
+    child = AnalyticsProcess(config, plane.issuer)
+    child.start()
+    try:
+        deadline = time.monotonic() + RUNNER_START_TIMEOUT
+        while _state(plane)[0] is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the analytics process did not take the lease; see above")
+            time.sleep(0.05)
+        yield
+    finally:
+        child.stop()
 
 
 def _arm(
     root: Path, label: str, runner: bool, events: int, catchup: int, rng: random.Random
 ) -> dict[str, Any]:
     data = root / label
-    with _plane(data, runner) as plane:
+    with _plane(data) as plane, contextlib.ExitStack() as stack:
+        if runner:
+            stack.enter_context(_analytics_process(plane))
         target = _Target(label, "", plane.db, plane.audit, (BATCH,))
         first_cursor = _cursor(plane)
         started = time.perf_counter()
@@ -184,10 +210,27 @@ def _catch_up(plane: ControlPlane, entries: int) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def _own_resource_tracker() -> Iterator[None]:
+    """multiprocessing's spawn starts a resource tracker process beside the first child
+    it starts and keeps it for the life of this process; one the bench started is
+    stopped when the bench is done with its children, so it leaves no process behind."""
+    tracker = resource_tracker._resource_tracker
+    had = getattr(tracker, "_pid", None) is not None
+    try:
+        yield
+    finally:
+        if not had and getattr(tracker, "_pid", None) is not None:
+            tracker._stop()  # type: ignore[attr-defined]  # private, in 3.11 and later
+
+
 def _ingestion(trials: int, events: int, catchup: int, seed: int) -> list[dict[str, Any]]:
     rng = random.Random(seed)  # noqa: S311 -- benchmark data, not security
     arms: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="trustmesh-bench-analytics-") as tmp:
+    with (
+        _own_resource_tracker(),
+        tempfile.TemporaryDirectory(prefix="trustmesh-bench-analytics-") as tmp,
+    ):
         root = Path(tmp)
         for trial in range(trials):
             order = (False, True) if trial % 2 == 0 else (True, False)
@@ -404,12 +447,12 @@ def _result(
     latency_met = to_event["p99_s"] <= GOAL_P99_S
     rows = [
         row(
-            "ingest, analytics runner off",
+            "ingest, analytics process off",
             per_s=off_rate,
             note=f"events/s sequenced, SQLite, batches of {BATCH}; median of {len(off)}",
         ),
         row(
-            "ingest, analytics runner on",
+            "ingest, analytics process on",
             per_s=on_rate,
             note=f"on/off {ratio:.2f}; goal ≥ {GOAL_INGEST_PER_S:,.0f}/s {verdict(ingest_met)}",
         ),
@@ -457,7 +500,8 @@ def _result(
         "on a fresh control plane, order alternating; median events/s of the sequencer "
         f"(agent_records + AuditLog.append): off {off_rate:,.0f}, on {on_rate:,.0f} "
         f"(on/off {ratio:.2f}); goal on ≥ {GOAL_INGEST_PER_S:,.0f} {verdict(ingest_met)}",
-        f"the runner read {beside:,.0f} entries/s beside it (at most {RUNNER_BATCH} a round, "
+        f"the runner (its own process) read {beside:,.0f} entries/s beside it (at most "
+        f"{RUNNER_BATCH} a round, "
         f"a round every {ANALYTICS_INTERVAL:g} s; an arm shorter than that ends before its "
         f"first round); backlog at the end of an on arm up to {backlog:,} entries: "
         + ("it kept up" if keeps_up else "it does NOT keep up with this ingestion")

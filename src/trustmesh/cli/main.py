@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +229,12 @@ def http_limits(
     )
 
 
+class AnalyticsMode(StrEnum):
+    process = "process"
+    thread = "thread"
+    off = "off"
+
+
 @app.command()
 def server(
     data_dir: Path = typer.Option(
@@ -366,6 +373,14 @@ def server(
         help="Control-plane processes serving the port (SO_REUSEPORT), each a replica over "
         "the one database; one sequences the audit log at a time.",
     ),
+    analytics: AnalyticsMode = typer.Option(
+        AnalyticsMode.process,
+        "--analytics",
+        help="Where this server runs the anomaly detectors: process (a child process of "
+        "their own, so they never slow the serving processes), thread (in the serving "
+        "process, each worker), off (not here: another replica runs them). One runner is "
+        "active per deployment (a lease in the database).",
+    ),
     max_header_bytes: int = MaxHeaderBytesOption,
     max_headers: int = MaxHeadersOption,
     header_timeout: float = HeaderTimeoutOption,
@@ -408,6 +423,7 @@ def server(
         long_polls_per_credential=long_polls_per_credential,
         pending_per_cluster=pending_per_cluster,
         pending_total=pending_total,
+        analytics=analytics.value,
     )
     limits = http_limits(
         max_header_bytes,

@@ -22,7 +22,9 @@ routes (``server/routes/``) call the services it holds.
 ``retirement``         retiring Workloads unused for their ``retireAfterUnused``
 ``access``             access requests: request, approve (through the gate), deny, expire
 ``push``               anomaly findings pushed to EventReceivers as signed SETs (RFC 8935)
-``analytics``          the detectors' runner (one replica at a time); ``anomalies`` its findings
+``analytics``          the detectors' runner (one replica at a time; run here only with
+                       ``--analytics thread``, else in ``server/analysis.py``'s child
+                       process); ``anomalies`` its findings
 ``sessions``           the web console's sessions (``server/sessions.py``)
 ``overview``           the federation at a glance (the console's first page)
 ``live``               what the console's live pages follow (``server/live.py``)
@@ -74,7 +76,7 @@ from trustmesh.revocation.store import RevocationStore
 from trustmesh.revocation.suspension import SuspensionStore
 from trustmesh.server.access import AccessRequests
 from trustmesh.server.agents import Agents
-from trustmesh.server.analytics import AnalyticsRunner, Anomalies
+from trustmesh.server.analytics import RUNNER, AnalyticsRunner, Anomalies
 from trustmesh.server.bundles import BundleSigner
 from trustmesh.server.changes import Changes
 from trustmesh.server.cluster_keys import (
@@ -90,7 +92,7 @@ from trustmesh.server.inventory import Inventory
 from trustmesh.server.issuance import Issuance
 from trustmesh.server.live import ANOMALIES, OVERVIEW, LiveFeed, anomalies_fingerprint
 from trustmesh.server.login import Logins
-from trustmesh.server.metrics import AgentStatusCollector, ServerMetrics
+from trustmesh.server.metrics import AgentStatusCollector, AnalyticsCollector, ServerMetrics
 from trustmesh.server.overview import Overview
 from trustmesh.server.policy_views import PolicyViews
 from trustmesh.server.push import PushDelivery
@@ -121,6 +123,11 @@ ACCESS_EXPIRY_INTERVAL = 1.0  # seconds between looks for access requests past t
 SUSPENSION_GRACE = 2.0  # seconds a suspension's revocation reaches ahead (other replicas)
 ANALYTICS_INTERVAL = 1.0  # seconds between the analytics runner's rounds
 ANALYTICS_LEASE = 5.0  # seconds the runner's lease lasts unrenewed (another replica then)
+ANALYTICS_MODES = ("process", "thread", "off")
+"""Where a replica runs the analytics runner (``trustmesh server --analytics``):
+``process``, a child process of its own (``server/analysis.py``, started by the serving
+process or the workers' supervisor), so the detectors never share the sequencer's
+interpreter; ``thread``, a loop of this ControlPlane (for embedding); ``off``, none here."""
 
 
 @dataclass(frozen=True)
@@ -150,10 +157,13 @@ class ServerConfig:
     pending_total: int = PENDING_TOTAL
     analytics_interval: float = ANALYTICS_INTERVAL
     analytics_lease: float = ANALYTICS_LEASE
+    analytics: str = "process"
 
 
 class ControlPlane:
     def __init__(self, config: ServerConfig, issuer: str, clock: Clock = system_clock) -> None:
+        if config.analytics not in ANALYTICS_MODES:
+            raise ConfigError(f"analytics must be one of {', '.join(ANALYTICS_MODES)}")
         self.config = config
         self.issuer = issuer.rstrip("/")
         self.trust_domain = normalize_trust_domain(config.trust_domain)
@@ -262,6 +272,7 @@ class ControlPlane:
         self.sessions = SessionStore(self.db, self.credentials, self.recorder, self.clock)
         self.sa_tokens = VerifiedSaTokenCache(config.sa_token_cache_size)
         self.metrics = ServerMetrics(self.audit, self.recorder, self.sa_tokens, self.clock)
+        self.metrics.registry.register(AnalyticsCollector(self.db, RUNNER))
         snapshots = self.snapshots
         self.usage = UsageTracker(
             self.db,
@@ -370,7 +381,6 @@ class ControlPlane:
             self.clock,
             self.replica,
             lease_seconds=config.analytics_lease,
-            on_finding=lambda f: self.metrics.anomalies.labels(detector=f.detector).inc(),
         )
         self.anomalies = Anomalies(self.db, self.recorder, self.clock)
         self.overview = Overview(self.db, self.snapshots, self.agents, self.keys, self.clock)
@@ -470,8 +480,9 @@ class ControlPlane:
             asyncio.create_task(self.push.run(), name="push"),
             asyncio.create_task(self._usage_loop(), name="usage"),
             asyncio.create_task(self._access_loop(), name="access-expiry"),
-            asyncio.create_task(self._analytics_loop(), name="analytics"),
         ]
+        if self.config.analytics == "thread":
+            self._tasks.append(asyncio.create_task(self._analytics_loop(), name="analytics"))
         if self.db.dialect == "sqlite":
             self._tasks.append(asyncio.create_task(self._wal_loop(), name="sqlite-wal"))
 
@@ -480,10 +491,8 @@ class ControlPlane:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.flush_usage()
-        try:  # another replica takes the runner over at once, not after the lease
-            await asyncio.to_thread(self.analytics.release)
-        except Exception:
-            log.exception("releasing the analytics lease failed")
+        if self.config.analytics == "thread":
+            await self._release_analytics()
         await self.recorder.close()
         self.tracing.shutdown()
         try:  # the last events get a signed checkpoint before the process ends
@@ -493,6 +502,29 @@ class ControlPlane:
         if self._http is not None:
             await self._http.aclose()
         self.db.dispose()
+
+    async def analyse(self, stopping: asyncio.Event) -> None:
+        """The analytics process (``server/analysis.py``): this replica only refreshes
+        its snapshots (an AnomalyPolicy change, a suspension) and runs the detectors'
+        rounds, until ``stopping`` is set; then it gives the lease up."""
+        tasks = [
+            asyncio.create_task(self._refresh_loop(), name="refresh"),
+            asyncio.create_task(self._analytics_loop(), name="analytics"),
+        ]
+        try:
+            await stopping.wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._release_analytics()
+            self.db.dispose()
+
+    async def _release_analytics(self) -> None:
+        try:  # another replica takes the runner over at once, not after the lease
+            await asyncio.to_thread(self.analytics.release)
+        except Exception:
+            log.exception("releasing the analytics lease failed")
 
     # -- background loops -----------------------------------------------------------------
     async def _refresh_loop(self) -> None:

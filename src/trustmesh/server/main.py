@@ -1,4 +1,6 @@
-"""``trustmesh server``: open state, bind, serve, print one ready line."""
+"""``trustmesh server``: open state, bind, serve, print one ready line; with
+``--analytics process`` (the default) the anomaly detectors run in a child process
+(``server/analysis.py``), started once the state is open and stopped after serving."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from trustmesh.common.errors import ConfigError
 from trustmesh.common.limits import DEFAULT_LIMITS, HttpLimits
 from trustmesh.common.serving import bind_socket, serve_socket
 from trustmesh.common.tls import ServerTls
+from trustmesh.server.analysis import AnalyticsProcess
 from trustmesh.server.app import build_app
 from trustmesh.server.controlplane import ControlPlane, ServerConfig
 
@@ -46,5 +49,12 @@ def run_server(
             flush=True,
         )
 
-    serve_socket(app, sock, ready, plane.snapshots.begin_stopping, limits, tls=tls)
+    analytics = AnalyticsProcess(config, plane.issuer) if config.analytics == "process" else None
+    if analytics is not None:
+        analytics.start()
+    try:
+        serve_socket(app, sock, ready, plane.snapshots.begin_stopping, limits, tls=tls)
+    finally:
+        if analytics is not None:
+            analytics.stop()
     sys.stdout.flush()

@@ -7,8 +7,9 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from sqlalchemy import func, select
 
 from trustmesh.audit.canonical import parse_time
 from trustmesh.audit.log import AuditLog
@@ -17,7 +18,10 @@ from trustmesh.common.errors import CanonicalError
 from trustmesh.common.histogram import LAG_BUCKETS
 from trustmesh.common.histogram import Histogram as LagHistogram
 from trustmesh.identity.kubernetes_sa import VerifiedSaTokenCache
+from trustmesh.manifests import DETECTOR_NAMES
 from trustmesh.server.recorder import AuditRecorder
+from trustmesh.storage import Database
+from trustmesh.storage.schema import analytics_state, anomalies, audit_entries
 
 REPORTS_KEPT_FOR = 86400.0
 """An agent whose last report is older than this is no longer exposed (gone for good)."""
@@ -86,6 +90,49 @@ class AuditSourcesCollector(Collector):
             last.add_metric([cluster], quiet[cluster])
         yield gaps
         yield last
+
+
+class AnalyticsCollector(Collector):
+    """The anomaly detectors as the database records them, read at scrape time (two
+    queries), so every replica reports the deployment's figures whichever process runs
+    the detectors (``server/analysis.py``): the findings per detector (the rows of
+    ``anomalies``) and the runner's backlog (the log's last index minus the runner's
+    committed cursor)."""
+
+    def __init__(self, db: Database, runner: str) -> None:
+        self.db = db
+        self.runner = runner  # the analytics_state row
+
+    def collect(self) -> Any:
+        with self.db.engine.connect() as conn:
+            counts: dict[str, int] = {
+                str(detector): int(n)
+                for detector, n in conn.execute(
+                    select(anomalies.c.detector, func.count()).group_by(anomalies.c.detector)
+                )
+            }
+            last = conn.execute(select(func.max(audit_entries.c.idx))).scalar()
+            cursor = conn.execute(
+                select(analytics_state.c.cursor).where(analytics_state.c.name == self.runner)
+            ).scalar()
+        found = CounterMetricFamily(
+            "trustmesh_anomalies",
+            "Anomalies the detectors recorded, by detector (DESIGN §11): the deployment's "
+            "total, read from the database (every replica reports the same)",
+            labels=["detector"],
+        )
+        for detector in sorted({*DETECTOR_NAMES, *counts}):
+            found.add_metric([str(detector)], float(counts.get(detector, 0)))
+        yield found
+        backlog = GaugeMetricFamily(
+            "trustmesh_analytics_backlog_entries",
+            "Audit entries the anomaly detectors have not read yet (the log's last index "
+            "minus the runner's committed cursor; the deployment's, read from the database)",
+        )
+        last_index = -1 if last is None else int(last)
+        read = last_index if cursor is None else int(cursor)
+        backlog.add_metric([], float(max(0, last_index - read)))
+        yield backlog
 
 
 AgentReports = Callable[[], Mapping[str, list[dict[str, Any]]]]
@@ -216,12 +263,6 @@ class ServerMetrics:
             "trustmesh_x509_svid_seconds",
             "X.509-SVID issuance latency inside the server",
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0),
-            registry=self.registry,
-        )
-        self.anomalies = Counter(
-            "trustmesh_anomalies_total",
-            "Anomalies the analytics runner recorded on this replica, by detector (DESIGN §11)",
-            ["detector"],
             registry=self.registry,
         )
         self.access_fulfillment = Histogram(

@@ -16,7 +16,9 @@ keys, the admin credential), holds the port (bound with ``SO_REUSEPORT``, never
 listening, so the kernel hands connections only to the workers, which bind it too),
 starts the workers, prints the one ready line when all are ready, restarts a worker
 that dies, and on SIGTERM or SIGINT stops them all (each drains its connections) and
-exits 0.
+exits 0. With ``--analytics process`` (the default) it also starts the one analytics
+child (``server/analysis.py``): the workers only serve; with ``--analytics thread``
+every worker runs the runner as a loop of its own (the lease keeps one active).
 
 What is per worker, as it is per replica: ``/metrics`` (the worker that answers the
 scrape), the refusal-folding windows, the long-poll limits, the SA-token cache, the TLS
@@ -33,7 +35,6 @@ import os
 import signal
 import socket
 import sys
-import threading
 import time
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
@@ -44,6 +45,7 @@ from trustmesh.common.addresses import parse_listen, url_for
 from trustmesh.common.errors import ConfigError
 from trustmesh.common.limits import HttpLimits
 from trustmesh.common.tls import ServerTls
+from trustmesh.server.analysis import AnalyticsProcess, stop_with_supervisor
 from trustmesh.server.controlplane import ControlPlane, ServerConfig
 
 log = logging.getLogger("trustmesh.server")
@@ -84,7 +86,7 @@ def _worker_main(
     from trustmesh.server.app import build_app
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    _stop_with_supervisor(os.getppid())
+    stop_with_supervisor(os.getppid())
     tls = server_tls(*tls_files) if tls_files is not None else None
     sock = reuseport_socket(host, port)
     sock.listen(1024)
@@ -98,18 +100,6 @@ def _worker_main(
         limits,
         tls=tls,
     )
-
-
-def _stop_with_supervisor(supervisor: int) -> None:
-    """A worker whose supervisor is gone (killed: it could not stop its workers) stops
-    itself, as on SIGTERM, rather than serve on unsupervised."""
-
-    def watch() -> None:
-        while os.getppid() == supervisor:
-            time.sleep(1.0)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
 
 
 class Supervisor:
@@ -204,10 +194,13 @@ def run_workers(
     plane.db.dispose()
 
     supervisor = Supervisor(config, plane.issuer, host, port, limits, tls)
+    analytics = AnalyticsProcess(config, plane.issuer) if config.analytics == "process" else None
     previous = {sig: signal.signal(sig, supervisor.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         for _ in range(workers):
             supervisor.workers.append(supervisor.start_worker())
+        if analytics is not None:
+            analytics.start()
         note = f"; admin credential written to {config.data_dir / 'admin.token'}" if created else ""
         print(
             f"trustmesh server listening on {url_for(host, port, scheme)} (issuer {plane.issuer}, trust "
@@ -222,6 +215,8 @@ def run_workers(
                 worker.terminate()
         for worker in supervisor.workers:
             worker.join(15)
+        if analytics is not None:
+            analytics.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         holder.close()
