@@ -23,8 +23,11 @@ from playwright.sync_api import Browser, Page, sync_playwright
 from helpers import start_server
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
+    """One chromium per test file: Playwright's sync API keeps an event loop running in
+    this thread while it is started, so it must stop before another file of the same
+    worker calls ``asyncio.run``."""
     args = ["--no-sandbox"] if os.geteuid() == 0 else []
     with sync_playwright() as playwright:
         launched = playwright.chromium.launch(executable_path=chromium_path(), args=args)

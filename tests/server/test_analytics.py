@@ -155,7 +155,8 @@ def test_an_escalating_apply_is_a_finding_people_acknowledge_and_resolve(tmp_pat
         assert call(server, rita, "GET", "/v1/anomalies?detector=bogus").status_code == 400
         assert call(server, rita, "GET", "/v1/anomalies?bogus=1").status_code == 400
         one = call(server, rita, "GET", "/v1/anomalies?limit=1").json()  # a page, the last
-        assert one == {"items": [found], "next": None}
+        assert one["items"] == [found] and one["next"] is None
+        assert one["analyzedThrough"] > max(found["evidence"])
         assert call(server, rita, "GET", "/v1/anomalies?limit=0").status_code == 400
         assert call(server, rita, "GET", "/v1/anomalies?after=nope").status_code == 400
         assert call(server, rita, "GET", "/v1/anomalies?detector=new_edge").json()["items"] == []
