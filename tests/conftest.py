@@ -32,6 +32,14 @@ from trustmesh.sim import SimulatedCluster
 ENGINES = ["sqlite", "postgresql"]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The files holding a test marked ``slow`` come first: pytest-xdist (``--dist
+    loadfile``) hands whole files to the workers in this order, so the long scenarios
+    start early and run side by side instead of making the run's tail."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_process_left_behind() -> Iterator[None]:
     yield

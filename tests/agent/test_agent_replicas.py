@@ -467,6 +467,7 @@ def test_one_agent_killed_under_load_costs_nothing_and_every_decision_is_logged_
     assert acknowledged < killed_at and max(resumed_seqs) > acknowledged
 
 
+@pytest.mark.slow
 def test_two_agents_on_one_address_with_reuse_port(pair: Pair) -> None:
     """Behind one address without a proxy: two agents (own credentials, own data
     dirs) listen on one port with ``--reuse-port``; the kernel spreads new connections

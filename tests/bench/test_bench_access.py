@@ -4,10 +4,13 @@ Nothing here asserts speed (these machines are shared and noisy)."""
 
 from __future__ import annotations
 
+import pytest
+
 from helpers import check_bench_shape, child_pids, kill_leftover_children
 from trustmesh.bench import access
 
 
+@pytest.mark.slow
 def test_access_bench_small() -> None:
     before = child_pids()
     result = access.run(agents=3, trials=2, duration=3)

@@ -5,10 +5,13 @@ every child stopped. Nothing here asserts speed."""
 
 from __future__ import annotations
 
+import pytest
+
 from helpers import check_bench_shape, child_pids, kill_leftover_children
 from trustmesh.bench import analytics
 
 
+@pytest.mark.slow
 def test_analytics_bench_small() -> None:
     before = child_pids()
     result = analytics.run(

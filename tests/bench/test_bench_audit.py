@@ -58,6 +58,7 @@ def check_verification(result: dict[str, Any], targets: set[str]) -> None:
         assert v["method"] == "trustmesh.audit.verify.verify_log"
 
 
+@pytest.mark.slow
 def test_audit_bench_small_with_postgres(postgres_base_url: str) -> None:
     result = audit.run(postgres=postgres_base_url, **SMALL)
     check_bench_shape(result)

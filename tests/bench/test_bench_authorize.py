@@ -40,6 +40,7 @@ def test_wrk_output_is_read_with_its_units() -> None:
         authorize.parse_wrk("unable to connect to 127.0.0.1:9 Connection refused")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("wrk", [True, False])
 def test_authorize_bench_counts_every_decision_in_the_log(wrk: bool) -> None:
     before = child_pids()

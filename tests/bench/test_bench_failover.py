@@ -8,9 +8,12 @@ from __future__ import annotations
 import json
 import subprocess
 
+import pytest
+
 from helpers import child_pids, kill_leftover_children, trustmesh_cmd
 
 
+@pytest.mark.slow
 def test_a_replica_killed_mid_run_fails_no_exchange_and_comes_back() -> None:
     before = child_pids()
     completed = subprocess.run(

@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 import subprocess
 
+import pytest
+
 from helpers import check_bench_shape, child_pids, kill_leftover_children, trustmesh_cmd
 from trustmesh.bench import rotation
 
 
+@pytest.mark.slow
 def test_every_svid_of_a_small_fleet_rotates_under_load_without_a_failed_request() -> None:
     before = child_pids()
     result = rotation.run(sidecars=3, ttl=10, seconds=14)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from console_support import Console
 from playwright.sync_api import Page, expect
 
@@ -46,6 +47,7 @@ def _revoke(server: Server) -> dict[str, Any]:
     return entry
 
 
+@pytest.mark.slow
 def test_a_stopped_agent_falls_behind_on_revocations_and_catches_up_live(
     console: Console, page: Page, tmp_path: Path
 ) -> None:

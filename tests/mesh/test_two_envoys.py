@@ -260,6 +260,7 @@ def tls_client(
     return httpx.Client(verify=context, timeout=10)
 
 
+@pytest.mark.slow
 def test_an_allowed_call_carries_the_identity_and_claims_from_the_certificate(mesh: Mesh) -> None:
     answer = call(
         mesh,

@@ -205,6 +205,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@pytest.mark.slow
 def test_staleness_bound(tmp_path: Path, sim_cluster: SimulatedCluster) -> None:
     """End to end, strict mode: the control plane goes away, the agent process refuses
     once its list is staler than the bound, and catches up when the control plane

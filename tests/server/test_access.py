@@ -127,6 +127,7 @@ def post(server: Server, token: str, path: str, body: Any) -> httpx.Response:
     return call(server, token, "POST", path, body)
 
 
+@pytest.mark.slow
 def test_refusals_of_bad_requests(tmp_path: Path) -> None:
     """Every bad request is one clear error (CLI: one line, exit 1; API: a 4xx JSON
     body naming the problem), and none is stored. SQLite only: every refusal is decided
@@ -204,6 +205,7 @@ def test_refusals_of_bad_requests(tmp_path: Path) -> None:
         server.stop()
 
 
+@pytest.mark.slow
 def test_request_approve_deny_and_refused_decisions(db_url: str | None, tmp_path: Path) -> None:
     """carol requests, dave (another approver) approves: RoleBinding access-ID with
     expiresAt and the namespace in the current policy, authored by user:dave; the
@@ -340,6 +342,7 @@ def test_a_policy_test_that_vetoes_the_grant_refuses_the_approval(
         server.stop()
 
 
+@pytest.mark.slow
 def test_expiry_is_recorded_once_across_two_replicas(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
@@ -403,6 +406,7 @@ def test_expiry_is_recorded_once_across_two_replicas(
         first.stop()
 
 
+@pytest.mark.slow
 def test_an_approved_access_is_in_force_at_the_agent_until_its_expiry(tmp_path: Path) -> None:
     """A real agent of the target cluster: workload web's JWT-SVID is denied the orders
     API; an approved request of 8 s lets it in, and at the expiry the agent denies it

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from test_people import add, call, events, refused, run
 
 from helpers import (
@@ -255,6 +256,7 @@ def _runner(replicas: list[Server]) -> Server:
     return holder
 
 
+@pytest.mark.slow
 def test_one_runner_across_replicas_survives_a_kill_and_reports_nothing_twice(
     request: Any, tmp_path: Path
 ) -> None:

@@ -108,6 +108,7 @@ def logged_keys(server: Server) -> list[str]:
     return sorted(e["event"]["detail"]["key"] for e in answer.json()["entries"])
 
 
+@pytest.mark.slow
 def test_a_killed_analytics_process_is_restarted_and_reports_nothing_twice(
     tmp_path: Path, sim_cluster: SimulatedCluster
 ) -> None:

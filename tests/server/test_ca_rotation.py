@@ -167,6 +167,7 @@ def x509_fingerprints(document: dict[str, Any]) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_rotation_waits_for_every_holder_and_force_overrides(setup: Setup) -> None:
     server, fed = setup.server, setup.fed
     # the agent fetched both published roots at start and reports them

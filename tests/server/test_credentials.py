@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import httpx
+import pytest
 
 from helpers import TRUST_DOMAIN, Federation, Server, register_federation, unique
 from trustmesh.audit import events as ev
@@ -300,6 +301,7 @@ def test_suspending_a_cluster_revokes_its_agents_credentials_until_resumed(
     assert works(server, issue(server, origin, agent="agent-1")["token"])
 
 
+@pytest.mark.slow
 def test_a_revoked_credential_loses_its_revocation_stream(
     shared_server: Server, sim_cluster: SimulatedCluster
 ) -> None:

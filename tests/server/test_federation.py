@@ -343,6 +343,7 @@ def ec_bundle(sequence: int) -> bytes:
     ).encode()
 
 
+@pytest.mark.slow
 def test_an_oversized_or_malformed_bundle_keeps_the_last_good_one(mesh: Mesh) -> None:
     host = BundleHost()
     try:
@@ -448,6 +449,7 @@ def test_tls_with_the_ca_bundle_and_redirects_under_the_same_rules(
         plain.close()
 
 
+@pytest.mark.slow
 def test_a_partner_endpoint_that_goes_away_breaks_nothing_until_max_stale(mesh: Mesh) -> None:
     """Last in the module: it stops the partner."""
     mesh.ours.apply(

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from helpers import Server, cluster_yaml, start_server, trustmesh_cmd, unique, workload_yaml
 
@@ -122,6 +123,7 @@ def events(server: Server, token: str, type_: str) -> list[dict[str, Any]]:
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_people_roles_bootstrap_and_credentials(db_url: str | None, tmp_path: Path) -> None:
     server = start_server(tmp_path / "data", db_url)
     boot = server.admin_token

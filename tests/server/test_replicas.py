@@ -70,6 +70,7 @@ def outage_pg() -> Iterator[StoppablePostgres]:
         yield pg
 
 
+@pytest.mark.slow
 def test_a_replica_without_its_database_serves_from_memory_refuses_to_issue_and_recovers(
     tmp_path: Path, outage_pg: StoppablePostgres
 ) -> None:
@@ -205,6 +206,7 @@ class Load:
             self.done += 1
 
 
+@pytest.mark.slow
 def test_a_replica_killed_under_load_costs_the_sdk_the_sidecar_and_the_agent_nothing(
     tmp_path: Path, postgres_base_url: str
 ) -> None:

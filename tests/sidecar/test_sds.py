@@ -93,6 +93,7 @@ def leaf_of(secret: secret_pb2.Secret) -> x509.Certificate:
     return x509.load_pem_x509_certificates(secret.tls_certificate.certificate_chain.inline_bytes)[0]
 
 
+@pytest.mark.slow
 def test_default_and_rootca_are_served_then_pushed_on_rotation_with_ack_and_nack(
     stream: SdsStream, sidecar: Sidecar, federation: Federation
 ) -> None:

