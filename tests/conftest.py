@@ -34,8 +34,10 @@ ENGINES = ["sqlite", "postgresql"]
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The files holding a test marked ``slow`` come first: pytest-xdist (``--dist
-    loadfile``) hands whole files to the workers in this order, so the long scenarios
-    start early and run side by side instead of making the run's tail."""
+    loadfile --no-loadscope-reorder``: without the flag it orders files by their number
+    of tests, which put the few long scenarios last) hands whole files to the workers in
+    this order, so the long scenarios start early and run side by side instead of making
+    the run's tail."""
     slow = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow)
 

@@ -241,6 +241,9 @@ class AnalyticsRunner:
         if not rows:
             return []
         self.behind = len(rows) == BATCH
+        # the AnomalyPolicy in force now, not as of the last refresh loop: a policy applied
+        # before these entries were read judges them, in whichever process runs this
+        self.snapshots.refresh()
         settings = self.settings()
         found: list[Finding] = []
         end = start
