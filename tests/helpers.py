@@ -194,9 +194,11 @@ def start_server(
     env: dict[str, str] | None = None,
     trust_domain: str = TRUST_DOMAIN,
     verify: Any = True,
+    analytics: str = "thread",
 ) -> Server:
     """``verify``: how the tests' own clients check the server's certificate (with
-    ``--tls-cert``/``--tls-key`` in ``extra``)."""
+    ``--tls-cert``/``--tls-key`` in ``extra``). ``analytics``: where the detectors run
+    (:func:`analytics_flags`)."""
     args = [
         "server",
         "--data-dir",
@@ -205,6 +207,7 @@ def start_server(
         "127.0.0.1:0",
         "--trust-domain",
         trust_domain,
+        *analytics_flags(analytics, extra),
     ]
     if db:
         args += ["--db", db]
@@ -220,7 +223,17 @@ def start_server(
     )
 
 
-def start_replica(data_dir: Path, first: Server, *extra: str) -> Server:
+def analytics_flags(analytics: str, extra: tuple[str, ...]) -> list[str]:
+    """``--analytics MODE`` unless ``extra`` already says. Servers in tests run the
+    detectors in a thread (``thread``) unless the test is about analytics: the default, a
+    process of its own, costs each server start another interpreter (about 0.5 s of
+    CPU), which over the suite's hundreds of servers is a minute of its 10. The default
+    is what the analytics tests run (``analytics="process"``: tests/server/
+    test_analytics*.py, test_anomaly_*.py) and what the demo and benches start."""
+    return [] if "--analytics" in extra else ["--analytics", analytics]
+
+
+def start_replica(data_dir: Path, first: Server, *extra: str, analytics: str = "thread") -> Server:
     """Another replica on ``first``'s PostgreSQL database, with its master key: the admin
     credential already exists in the shared database, so it writes no admin.token.
     ``extra``: more flags (the ``--issuer`` the replicas share)."""
@@ -229,6 +242,7 @@ def start_replica(data_dir: Path, first: Server, *extra: str) -> Server:
     shutil.copy(first.data_dir / "master.key", data_dir / "master.key")
     args = ["server", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0"]
     args += ["--trust-domain", TRUST_DOMAIN, "--db", first.db, *extra]
+    args += analytics_flags(analytics, extra)
     process = Process(trustmesh_cmd(*args), data_dir.parent / f"{data_dir.name}.replica.log")
     line = process.wait_line("trustmesh server listening on ")
     assert "admin credential written" not in line

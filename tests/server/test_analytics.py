@@ -116,7 +116,7 @@ def test_an_escalating_apply_is_a_finding_people_acknowledge_and_resolve(tmp_pat
     ``policy.published`` entry, a row of ``get anomalies`` (table, wide, json), the
     counter. Auditors read it but cannot acknowledge or resolve it; an approver
     acknowledges, an admin resolves with a note; a second resolve is a conflict."""
-    server = start_server(tmp_path / "cp")
+    server = start_server(tmp_path / "cp", analytics="process")
     try:
         boot = server.admin_token
         rita = add(server, boot, "rita", "auditor")
@@ -194,7 +194,7 @@ def test_a_quarantining_policy_suspends_the_workload_an_escalating_approval_name
     """With ``escalation: {quarantine: true}``, an approved access request that gives
     workload web the secret-reader role is a finding whose subject is web, and web is
     suspended by ``system`` in the finding's transaction: its exchange is refused."""
-    server = start_server(tmp_path / "cp")
+    server = start_server(tmp_path / "cp", analytics="process")
     origin = serve_cluster("analytics")
     try:
         boot = server.admin_token
@@ -264,8 +264,8 @@ def test_one_runner_across_replicas_survives_a_kill_and_reports_nothing_twice(
     killed (SIGKILL, its lease left to lapse), the other takes over from the stored
     cursor and records the next change's finding; a restarted replica joins. Each
     finding exactly once, in the table and in the log."""
-    first = start_server(tmp_path / "a", database_for("postgresql", request))
-    second = start_replica(tmp_path / "b", first)
+    first = start_server(tmp_path / "a", database_for("postgresql", request), analytics="process")
+    second = start_replica(tmp_path / "b", first, analytics="process")
     third: Server | None = None
     try:
         boot = first.admin_token
@@ -279,7 +279,9 @@ def test_one_runner_across_replicas_survives_a_kill_and_reports_nothing_twice(
         holder.process.stop(signal.SIGKILL)
         apply(survivor, ada, bind("db-secrets", "secret-reader", "db"))
         eventually(lambda: len(anomalies(survivor, rita)) == 2, "the survivor's finding")
-        third = start_replica(tmp_path / "c", first if holder is second else second)
+        third = start_replica(
+            tmp_path / "c", first if holder is second else second, analytics="process"
+        )
         apply(third, ada, WILDCARD + bind("web-everything", "everything"))
         found = eventually(lambda: len(a := anomalies(third, rita)) == 3 and a, "the third finding")
         time.sleep(4)  # several rounds of both runners' loops

@@ -112,7 +112,7 @@ def logged_keys(server: Server) -> list[str]:
 def test_a_killed_analytics_process_is_restarted_and_reports_nothing_twice(
     tmp_path: Path, sim_cluster: SimulatedCluster
 ) -> None:
-    server = start_server(tmp_path / "cp")
+    server = start_server(tmp_path / "cp", analytics="process")
     try:
         fed = register_federation(server, sim_cluster)
         server.apply(POLICY)
@@ -151,7 +151,7 @@ def test_sigterm_stops_the_analytics_process_and_releases_its_lease(
 ) -> None:
     expected = 1 if workers == 1 else workers + 1  # --workers 1 serves in the one process
     before = child_pids()
-    server = start_server(tmp_path / "cp", None, "--workers", str(workers))
+    server = start_server(tmp_path / "cp", None, "--workers", str(workers), analytics="process")
     try:
         children = eventually(
             lambda: len(c := spawned_children(server)) == expected and c,

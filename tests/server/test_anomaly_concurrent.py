@@ -86,7 +86,7 @@ def test_one_token_from_two_places_at_two_clusters_is_reported_and_from_one_is_n
     sim_cluster: SimulatedCluster,
     receivers: Receivers,
 ) -> None:
-    server = start_server(tmp_path / "cp")
+    server = start_server(tmp_path / "cp", analytics="process")
     agents: list[Agent] = []
     try:
         metadata = httpx.get(server.url + "/.well-known/ssf-configuration", timeout=10).json()

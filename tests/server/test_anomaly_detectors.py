@@ -105,7 +105,7 @@ def plane_with(tmp_path: Path, receivers: Receivers) -> Iterator[Callable[[str],
     clusters: list[SimulatedCluster] = []
 
     def start(detectors: str) -> Plane:
-        server = start_server(tmp_path / "cp")
+        server = start_server(tmp_path / "cp", analytics="process")
         started.append(server)
         server.apply(
             anomaly_policy(detectors) + "---\n" + good_receiver(receivers, server, tmp_path)

@@ -39,7 +39,7 @@ def receivers() -> Iterator[Receivers]:
 def test_forged_tokens_and_a_denial_storm_reach_people_receivers_and_the_agents(
     tmp_path: Path, sim_cluster: SimulatedCluster, receivers: Receivers
 ) -> None:
-    server = start_server(tmp_path / "cp")
+    server = start_server(tmp_path / "cp", analytics="process")
     agent = None
     try:
         fed = register_federation(server, sim_cluster)
