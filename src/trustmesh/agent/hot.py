@@ -58,8 +58,10 @@ MAX_AUTHORIZE_BODY = 64 * 1024
 AUTHORIZE_PATH = "/v1/authorize"
 # The patterns Starlette compiled for the routes these surfaces replace ("$" also
 # matches before a final newline, as it did there).
-_AUTHORIZE = re.compile("^/v1/authorize$")
-_EXT_AUTHZ = re.compile("^" + envoy.PREFIX + "/(.*)$")
+# whole paths (fullmatch): "$" would also match before a final newline, and "." would
+# not match a newline, which sent an ext_authz check for /ext_authz/%0a… to a 404
+_AUTHORIZE = re.compile(re.escape("/v1/authorize"))
+_EXT_AUTHZ = re.compile(re.escape(envoy.PREFIX) + "/.*", re.DOTALL)
 _NO_STORE = {"Cache-Control": "no-store"}
 _NAMESPACE = envoy.NAMESPACE_HEADER.encode()
 _SOURCE = envoy.SOURCE_HEADER.encode()
@@ -226,10 +228,10 @@ class HotSurfaces:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             path = scope["path"]
-            if _AUTHORIZE.match(path):
+            if _AUTHORIZE.fullmatch(path):
                 await self._asgi(self._authorize_later, True, scope, receive, send)
                 return
-            if _EXT_AUTHZ.match(path):
+            if _EXT_AUTHZ.fullmatch(path):
                 await self._asgi(self._ext_authz_later, False, scope, receive, send)
                 return
         await self.rest(scope, receive, send)
@@ -261,11 +263,11 @@ class HotSurfaces:
 
     # -- fast paths (common/serving.py) ------------------------------------------------
     def route(self, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> FastRoute | None:
-        if _AUTHORIZE.match(path):
+        if _AUTHORIZE.fullmatch(path):
             if method == "POST" and _acceptable(headers, MAX_AUTHORIZE_BODY):
                 return self._authorize_with_body
             return self._authorize_at_once  # refused before any body is read
-        if _EXT_AUTHZ.match(path):
+        if _EXT_AUTHZ.fullmatch(path):
             return self._ext_authz_route
         return None
 
