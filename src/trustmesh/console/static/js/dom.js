@@ -124,3 +124,18 @@ export function announce(text) {
 export function errorBox(error) {
   return h("p", { class: "error", role: "alert" }, error && error.message ? error.message : String(error));
 }
+
+// A page's status line: the message, its kind (info, ok, error) for the style, and the
+// role that makes a screen reader say it (an error at once, the rest politely).
+export function showStatus(el, message, kind = "info") {
+  if (!el) return;
+  el.textContent = message;
+  el.dataset.kind = kind;
+  el.setAttribute("role", kind === "error" ? "alert" : "status");
+}
+
+// What went wrong, as the server said it, with the HTTP status when there was one.
+export function failureText(error) {
+  const status = error && error.status ? ` (${error.status})` : "";
+  return `${(error && error.message) || String(error)}${status}`;
+}

@@ -5,7 +5,16 @@
 // The page hides what a role cannot do; the server refuses it anyway (403), and the page
 // shows the server's message.
 
-import { absoluteTime, countdown, h, pager, table, timeAgo } from "../dom.js";
+import {
+  absoluteTime,
+  countdown,
+  failureText,
+  h,
+  pager,
+  showStatus,
+  table,
+  timeAgo,
+} from "../dom.js";
 
 const STATES = ["pending", "approved", "denied", "expired"];
 const PAGE = 20;
@@ -39,16 +48,10 @@ function subjectText(subject) {
 }
 
 function show(message, kind = "info") {
-  if (!statusEl) return;
-  statusEl.textContent = message;
-  statusEl.dataset.kind = kind;
-  statusEl.setAttribute("role", kind === "error" ? "alert" : "status");
+  showStatus(statusEl, message, kind);
 }
 
-function failure(error) {
-  const status = error && error.status ? ` (${error.status})` : "";
-  return `${(error && error.message) || String(error)}${status}`;
-}
+const failure = failureText;
 
 function stopTimers() {
   for (const stop of stops) stop();

@@ -4,7 +4,7 @@
 // `anomalies` server-sent event, without a reload. Everything the server sends is
 // hostile: text goes in with textContent (dom.js's h) only.
 
-import { absoluteTime, h, pager, timeAgo } from "../dom.js";
+import { absoluteTime, failureText, h, pager, showStatus, timeAgo } from "../dom.js";
 
 export const DETECTORS = ["new_edge", "denial_burst", "refusal_burst", "wrong_cluster",
   "escalation", "dormant_use", "concurrent_use"];
@@ -25,16 +25,10 @@ let again = false;
 const when = absoluteTime;
 
 function show(message, kind = "info") {
-  if (!statusEl) return;
-  statusEl.textContent = message;
-  statusEl.dataset.kind = kind;
-  statusEl.setAttribute("role", kind === "error" ? "alert" : "status");
+  showStatus(statusEl, message, kind);
 }
 
-function failure(error) {
-  const status = error && error.status ? ` (${error.status})` : "";
-  return `${(error && error.message) || String(error)}${status}`;
-}
+const failure = failureText;
 
 function mayAct() {
   return role === "admin" || role === "approver";
