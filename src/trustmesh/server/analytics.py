@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -160,7 +160,6 @@ class AnalyticsRunner:
         replica: str,
         *,
         lease_seconds: float = LEASE_SECONDS,
-        on_finding: Callable[[Finding], None] | None = None,
     ) -> None:
         self.db = db
         self.detectors = list(detectors)
@@ -170,7 +169,6 @@ class AnalyticsRunner:
         self.clock = clock
         self.replica = replica
         self.lease_seconds = lease_seconds
-        self.on_finding = on_finding
         self.cursor: int | None = None  # None: state not loaded (not the holder)
         self.behind = False  # the last round read a full batch: the next need not wait
 
@@ -276,8 +274,6 @@ class AnalyticsRunner:
                     "anomaly %s (%s): %s", anomaly.id, anomaly.finding.detector,
                     anomaly.finding.summary,
                 )  # fmt: skip
-                if self.on_finding is not None:
-                    self.on_finding(anomaly.finding)
         return recorded
 
     def _recordable(self, finding: Finding) -> bool:
